@@ -1,0 +1,251 @@
+"""Every request, reply and event of the npud protocol: the one source of truth.
+
+A request is a msgpack map ``{"op": str, "seq": int, "args": map}``; the reply
+carries the same ``seq`` and either ``{"ok": true, "result": map}`` or
+``{"ok": false, "error": {"code", "message", "retryable"}}``.  Events are maps
+``{"event": str, "data": map}`` that the daemon sends unprompted.  The tables
+below give, for each op, the exact fields of ``args`` and ``result``; the
+decoder refuses anything else before a handler runs, and docs/PROTOCOL.md is
+generated from (and tested against) these tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .types import Any_, Array, Bin, Bool, F, Float, Int, MapOf, Str, Struct, Type
+
+PROTOCOL_VERSION = (1, 0)
+"""(major, minor).  A major bump breaks compatibility; a minor bump only adds."""
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+MAX_INLINE_BYTES = 16 * MiB
+"""Largest payload (buffer data, command stream, tensor) carried inside one message."""
+
+MAX_MESSAGE_BYTES = MAX_INLINE_BYTES + 64 * KiB
+"""Largest frame the daemon answers; a larger one gets EMSGSIZE."""
+
+HARD_FRAME_LIMIT = 2 * MAX_MESSAGE_BYTES
+"""ZMQ_MAXMSGSIZE: a peer sending a frame larger than this is disconnected by libzmq
+before the daemon ever buffers it (the daemon stays up; the client library refuses
+such frames locally with EMSGSIZE, so well-behaved clients never meet it)."""
+
+MAX_SEQ = 2**32 - 1
+MAX_BUFFER_BYTES = 1 << 40  # absolute ceiling of one allocation; configured limits are lower
+MAX_BINDINGS = 256
+DTYPES = ("float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool")
+MAX_RANK = 8
+
+U32 = Int(0, 2**32 - 1)
+U64 = Int(0, 2**64 - 1)
+HANDLE = Int(1, 2**32 - 1)
+DEVICE_INDEX = Int(0, 255)
+TIMEOUT_MS = Int(0, 24 * 3600 * 1000)
+
+TENSOR = Struct("tensor", {
+    "dtype": F(Str(16, DTYPES), "element type"),
+    "shape": F(Array(Int(0, 2**31 - 1), MAX_RANK), "dimensions, outermost first (C order)"),
+    "data": F(Bin(MAX_INLINE_BYTES), "the elements, little-endian, C order (inline form)", optional=True),
+    "buffer": F(HANDLE, "buffer handle holding the elements (by-reference form)", optional=True),
+    "offset": F(U64, "byte offset into `buffer`", optional=True),
+}, doc="A tensor: exactly one of `data` (inline, small) or `buffer` (+`offset`, large) is present, "
+       "and the byte size must equal the product of `shape` times the dtype's size.")
+
+BINDING = Struct("binding", {
+    "handle": F(HANDLE, "buffer to map into the job's address space"),
+    "va": F(U64, "device virtual address, a multiple of the device's page size"),
+    "writable": F(Bool(), "whether the job may write the buffer"),
+})
+
+DEVICE = Struct("device", {
+    "index": F(DEVICE_INDEX, "device number used in requests"),
+    "name": F(Str(64), "configured name, e.g. npu0"),
+    "preset": F(Str(64), "the named parameter set it was created from"),
+    "state": F(Str(16, ("ok", "resetting", "down")), "device process health"),
+    "params": F(MapOf(Any_()), "architecture parameters (cores, MAC array, SRAM, clock, ...)"),
+    "memory_total": F(U64, "bytes of device memory"),
+    "memory_used": F(U64, "bytes allocated in buffer objects"),
+    "jobs_queued": F(U32, "jobs waiting to run"),
+    "jobs_running": F(U32, "jobs executing now"),
+    "jobs_completed": F(U64, "jobs finished successfully since start"),
+    "jobs_failed": F(U64, "jobs that failed since start"),
+    "busy_ms": F(Float(), "wall time the device process spent executing jobs"),
+    "resets": F(U32, "device process restarts"),
+})
+
+CLIENT = Struct("client", {
+    "session": F(Str(64), "session id"),
+    "pid": F(Int(0, 2**31), "process id as the daemon sees it (0 if unknown; PID namespaces differ)"),
+    "uid": F(Int(-1, 2**32), "user id from the kernel (-1 if unknown)"),
+    "name": F(Str(64), "name the client gave in HELLO"),
+    "command": F(Str(256), "process command line as the daemon reads it from /proc"),
+    "attached": F(Bool(), "whether the companion socket (fd passing, liveness) is connected"),
+    "buffers": F(U32, "buffer objects held"),
+    "memory": F(U64, "bytes of buffer objects held"),
+    "jobs_submitted": F(U64, "jobs submitted"),
+    "jobs_completed": F(U64, "jobs completed"),
+    "jobs_failed": F(U64, "jobs failed"),
+    "connected_s": F(Float(), "seconds since HELLO"),
+})
+
+LIMITS = Struct("limits", {
+    "max_message_bytes": F(U64, "largest request frame answered"),
+    "max_inline_bytes": F(U64, "largest inline payload"),
+    "max_buffer_bytes": F(U64, "largest single allocation"),
+    "memory_quota": F(U64, "bytes of buffer objects this session may hold"),
+})
+
+JOB_STATE = Str(16, ("queued", "running", "done", "failed"))
+
+
+@dataclass(frozen=True)
+class Op:
+    """One request type: its name, argument and result structs, and what it does."""
+
+    name: str
+    doc: str
+    args: Struct
+    result: Struct
+    needs_session: bool = True
+    errors: tuple[str, ...] = ()
+
+
+def _op(name: str, doc: str, args: dict, result: dict, **kw) -> Op:
+    return Op(name, doc, Struct(f"{name}.args", args), Struct(f"{name}.result", result), **kw)
+
+
+OPS: dict[str, Op] = {op.name: op for op in [
+    _op("hello", "Open a session. Must be the first request; negotiates the protocol version.", {
+        "protocol": F(Array(U32, 2, 2), "[major, minor] the client speaks"),
+        "client_name": F(Str(64), "free-form name shown by npuctl"),
+        "pid": F(Int(0, 2**31), "the client's pid as it knows it (informational; identity comes from the kernel)"),
+    }, {
+        "session": F(Str(64), "session id"),
+        "protocol": F(Array(U32, 2, 2), "[major, minor] the daemon speaks"),
+        "daemon_version": F(Str(64), "npud release"),
+        "lease_ms": F(U32, "a session that sends nothing for this long and has no companion socket is closed"),
+        "attach_path": F(Str(4096), "path of the companion Unix SOCK_SEQPACKET socket (empty if none)"),
+        "attach_token": F(Bin(32, 32), "secret to present on the companion socket"),
+        "limits": F(LIMITS, "limits in force for this session"),
+    }, needs_session=False, errors=("EPROTO",)),
+    _op("bye", "Close the session and free everything it holds.", {}, {}),
+    _op("ping", "Round trip; renews the session lease.", {}, {}),
+    _op("version", "Daemon and protocol versions.", {}, {
+        "daemon_version": F(Str(64), "npud release"),
+        "protocol": F(Array(U32, 2, 2), "[major, minor]"),
+    }, needs_session=False),
+    _op("devices", "List the devices.", {}, {"devices": F(Array(DEVICE, 256), "one entry per device")}),
+    _op("alloc", "Allocate a buffer object on a device.", {
+        "device": F(DEVICE_INDEX, "device index"),
+        "size": F(Int(1, MAX_BUFFER_BYTES), "bytes; rounded up to the device page size"),
+    }, {
+        "handle": F(HANDLE, "this session's name for the buffer"),
+        "size": F(U64, "usable size in bytes (as requested)"),
+    }, errors=("ENODEV", "EINVAL", "EDQUOT", "ENOMEM")),
+    _op("free", "Free a buffer object.", {"handle": F(HANDLE, "buffer")}, {},
+        errors=("ENOENT", "EBUSY")),
+    _op("write", "Copy bytes into a buffer.", {
+        "handle": F(HANDLE, "buffer"),
+        "offset": F(U64, "byte offset"),
+        "data": F(Bin(MAX_INLINE_BYTES), "bytes to write"),
+    }, {}, errors=("ENOENT", "EINVAL")),
+    _op("read", "Copy bytes out of a buffer.", {
+        "handle": F(HANDLE, "buffer"),
+        "offset": F(U64, "byte offset"),
+        "size": F(Int(0, MAX_INLINE_BYTES), "bytes to read"),
+    }, {"data": F(Bin(MAX_INLINE_BYTES), "the bytes")}, errors=("ENOENT", "EINVAL")),
+    _op("map", "Send the buffer's memfd over the companion socket, tagged with this request's seq.", {
+        "handle": F(HANDLE, "buffer"),
+    }, {
+        "size": F(U64, "usable size in bytes"),
+        "mapped_size": F(U64, "size of the memfd (page-rounded); map this many bytes"),
+    }, errors=("ENOENT", "ENOTCONN")),
+    _op("submit", "Submit a command stream to run on a device with the given buffers mapped.", {
+        "device": F(DEVICE_INDEX, "device index"),
+        "stream": F(Bin(MAX_INLINE_BYTES, 1), "binary command stream (docs/ISA.md)"),
+        "bindings": F(Array(BINDING, MAX_BINDINGS), "buffers the job may touch, and where"),
+    }, {"job": F(U64, "job id, this session's name for the job")},
+        errors=("ENODEV", "ENOENT", "EINVAL", "EAGAIN")),
+    _op("wait", "Wait for a job to finish, up to a timeout.", {
+        "job": F(U64, "job id"),
+        "timeout_ms": F(TIMEOUT_MS, "how long to wait"),
+    }, {
+        "state": F(JOB_STATE, "job state"),
+        "stats": F(MapOf(Any_()), "modeled cycles and counters (empty unless done)"),
+        "error": F(MapOf(Any_()), "the job's error {code, message, retryable} if it failed",
+                   optional=True),
+    }, errors=("ENOENT", "ETIMEDOUT")),
+    _op("status", "Everything npuctl status shows.", {}, {
+        "daemon_version": F(Str(64), "npud release"),
+        "protocol": F(Array(U32, 2, 2), "[major, minor]"),
+        "pid": F(Int(0, 2**31), "daemon pid"),
+        "uptime_s": F(Float(), "seconds since start"),
+        "endpoint": F(Str(4096), "endpoint the daemon serves"),
+        "devices": F(Array(DEVICE, 256), "devices"),
+        "clients": F(Array(CLIENT, 65536), "sessions"),
+    }),
+    _op("clients", "List the sessions.", {}, {"clients": F(Array(CLIENT, 65536), "sessions")}),
+]}
+
+EVENTS: dict[str, Struct] = {
+    "shutdown": Struct("shutdown", {
+        "reason": F(Str(256), "why the daemon is stopping"),
+    }, doc="The daemon is stopping; outstanding requests are answered with ESHUTDOWN."),
+}
+
+REQUEST = Struct("request", {
+    "op": F(Str(32), "operation name (one of the ops below)"),
+    "seq": F(Int(0, MAX_SEQ), "the client's number for this request, echoed in the reply"),
+    "args": F(MapOf(Any_()), "the op's arguments"),
+})
+
+ERROR = Struct("error", {
+    "code": F(Str(16), "stable error code (docs/PROTOCOL.md#errors)"),
+    "message": F(Str(4096), "what went wrong and what to do"),
+    "retryable": F(Bool(), "whether repeating the request can succeed"),
+})
+
+REPLY = Struct("reply", {
+    "seq": F(Int(0, MAX_SEQ), "the request's seq (0 if it could not be read)"),
+    "ok": F(Bool(), "true: `result` follows; false: `error` follows"),
+    "result": F(MapOf(Any_()), "the op's result", optional=True),
+    "error": F(ERROR, "what went wrong", optional=True),
+})
+
+EVENT = Struct("event", {
+    "event": F(Str(32), "event name"),
+    "data": F(MapOf(Any_()), "the event's fields"),
+})
+
+DTYPE_SIZES = {"float32": 4, "float16": 2, "int8": 1, "uint8": 1, "int16": 2, "int32": 4,
+               "int64": 8, "bool": 1}
+
+ALL_STRUCTS: tuple[Type, ...] = (REQUEST, REPLY, EVENT, ERROR, TENSOR, BINDING, DEVICE, CLIENT, LIMITS)
+
+# --- The companion socket -------------------------------------------------------
+# ZeroMQ cannot carry file descriptors, so each local session also connects a Unix
+# SOCK_SEQPACKET socket (path from HELLO's `attach_path`).  Every packet is one
+# msgpack map.  The client speaks first with ATTACH_HELLO; the daemon answers with
+# ATTACH_REPLY; from then on the daemon sends FD_MESSAGE packets, each carrying one
+# memfd in SCM_RIGHTS ancillary data, and the client sends nothing.  The socket's
+# closing tells the daemon that the client process is gone (the kernel closes it
+# even on SIGKILL), so the session's resources are freed at once.
+
+MAX_ATTACH_PACKET = 4096
+
+ATTACH_HELLO = Struct("attach.hello", {
+    "session": F(Str(64), "session id from HELLO"),
+    "token": F(Bin(32, 32), "attach_token from HELLO"),
+})
+
+ATTACH_REPLY = Struct("attach.reply", {
+    "ok": F(Bool(), "whether the session is now attached"),
+    "error": F(ERROR, "why not", optional=True),
+})
+
+FD_MESSAGE = Struct("attach.fd", {
+    "tag": F(Int(0, MAX_SEQ), "seq of the `map` request this fd answers"),
+    "handle": F(HANDLE, "the buffer"),
+    "size": F(U64, "bytes to map (the memfd's size)"),
+})
