@@ -1,0 +1,115 @@
+"""The emulated NPU: SRAM per core, hardware contexts with page tables, and
+the command processor that runs validated programs on the engines."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import DeviceConfig
+from .engines import EXECUTORS
+from .errors import DeviceError
+from .mmu import Mapping, PageTable
+from .timing import JobStats
+from .validator import Program, validate
+
+__all__ = ["Context", "Device", "JobStats", "Mapping"]
+
+
+class Context:
+    """A hardware context: one address space (page table) on one device."""
+
+    def __init__(self, device: "Device", hw_id: int) -> None:
+        self.device = device
+        self.hw_id = hw_id
+        self._pt = PageTable(device.config.page_size)
+        self.closed = False
+
+    def map(self, va: int, buffer, *, writable: bool) -> None:
+        """Map a whole buffer (page-aligned length) at page-aligned `va`.
+        ValueError on misalignment or overlap with an existing mapping."""
+        self._check_open()
+        self._pt.map(va, buffer, writable=writable)
+
+    def unmap(self, va: int) -> None:
+        """Remove the mapping starting at `va`; drops the emulator's reference to its buffer."""
+        self._check_open()
+        self._pt.unmap(va)
+
+    def mappings(self) -> list[Mapping]:
+        return self._pt.mappings()
+
+    def close(self) -> None:
+        """Release the hardware context and every mapping (idempotent)."""
+        if not self.closed:
+            self.closed = True
+            self._pt = PageTable(self.device.config.page_size)
+            self.device._release(self)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError("context is closed")
+
+    def __repr__(self) -> str:
+        return f"<Context {self.hw_id} of {self.device.config.preset}>"
+
+
+class _Job:
+    """What engines may touch while running one job."""
+    __slots__ = ("sram", "mmu")
+
+    def __init__(self, sram, mmu) -> None:
+        self.sram, self.mmu = sram, mmu
+
+
+class Device:
+    """One emulated NPU.  Devices share nothing: host as many as you like."""
+
+    def __init__(self, config: DeviceConfig) -> None:
+        self.config = config
+        self._hash = config.target_hash()
+        self._sram = [np.zeros(config.sram_bytes, dtype=np.uint8) for _ in range(config.cores)]
+        self._free_ids = list(range(config.hw_contexts))
+
+    def create_context(self) -> Context:
+        """A fresh context with an empty page table; DeviceError(EBUSY) when
+        all ``hw_contexts`` are in use (close one first)."""
+        if not self._free_ids:
+            raise DeviceError(f"all {self.config.hw_contexts} hardware contexts are in use",
+                              code="EBUSY")
+        return Context(self, self._free_ids.pop(0))
+
+    def _release(self, ctx: Context) -> None:
+        self._free_ids.append(ctx.hw_id)
+        self._free_ids.sort()
+
+    def execute(self, ctx: Context, program_or_stream) -> JobStats:
+        """Run one job in `ctx`.  Bytes are validated first against
+        ``ctx.mappings()`` (StreamError on refusal).  Returns the job's
+        counters; raises PageFault (EFAULT) or DeviceError if the job fails,
+        after which the device and every context remain usable."""
+        if not isinstance(ctx, Context) or ctx.device is not self or ctx.closed:
+            raise DeviceError("context does not belong to this device or is closed", code="EINVAL")
+        if isinstance(program_or_stream, Program):
+            program = program_or_stream
+            if program.target_hash != self._hash:
+                raise DeviceError("program was validated for another target", code="EINVAL")
+        else:
+            program = validate(program_or_stream, self.config, ctx.mappings())
+        # SRAM starts every job zeroed: nothing leaks between jobs or contexts.
+        for s in self._sram:
+            s.fill(0)
+        job = _Job(self._sram, ctx._pt)
+        cmd = None
+        try:
+            with np.errstate(all="ignore"):
+                for cmd in program.commands:
+                    fn = EXECUTORS.get(cmd.op.name)
+                    if fn is not None:
+                        fn(job, cmd)
+        except DeviceError:
+            raise
+        except Exception as e:  # an emulator bug must fail the job, not the device
+            raise DeviceError(f"internal error in command {cmd.index} ({cmd.op.name}): "
+                              f"{type(e).__name__}: {e}", code="EIO",
+                              command_index=cmd.index) from e
+        return program.stats.copy()

@@ -1,0 +1,37 @@
+"""Helpers shared by the engines."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..isa import DType, Tile
+
+
+def view(sram: np.ndarray, t: Tile) -> np.ndarray:
+    """The SRAM bytes of tile `t` as a (writable) numpy array of its dtype and shape."""
+    return np.ndarray(t.shape, DType(t.dtype).np, buffer=sram, offset=t.addr)
+
+
+def vec(sram: np.ndarray, addr: int, dtype, n: int) -> np.ndarray:
+    return np.ndarray((n,), np.dtype(dtype), buffer=sram, offset=addr)
+
+
+_LIMITS = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255),
+           np.dtype(np.int32): (-(1 << 31), (1 << 31) - 1)}
+
+
+def store(out: np.ndarray, value: np.ndarray) -> None:
+    """Write `value` into `out`, converting the way the hardware does:
+    floats -> integers round half to even and saturate; integers saturate;
+    anything -> float is an IEEE conversion."""
+    if out.dtype.kind == "f" or value.dtype == out.dtype:
+        np.copyto(out, value, casting="unsafe")
+        return
+    lo, hi = _LIMITS[out.dtype]
+    if value.dtype.kind == "f":
+        value = np.rint(value)
+        # NaN has no integer value; hardware converts it to 0.
+        value = np.nan_to_num(value, nan=0.0, posinf=hi, neginf=lo)
+    if value.dtype.kind == "f" or np.iinfo(value.dtype).min < lo or np.iinfo(value.dtype).max > hi:
+        value = np.clip(value, lo, hi)
+    np.copyto(out, value, casting="unsafe")

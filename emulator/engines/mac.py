@@ -1,0 +1,145 @@
+"""The MAC engine: batched matmul and 2-D convolution, SRAM to SRAM.
+
+Every GEMM runs on float32 BLAS.  Integer GEMMs are still exact: an int8 or
+uint8 activation times an int8 weight is at most 128*128 = 2**14 (from
+-128*-128) or 255*128 = 32640 in magnitude, and every value a BLAS kernel
+forms while summing K such products -- whatever its blocking, order or use of
+FMA -- is a sum of a subset of them, so it is bounded by K times the largest
+product.  float32 holds every integer of magnitude <= 2**24 exactly, so a
+chunk of K <= 2**24 // max|product| (1024 for int8 x int8, 514 for
+uint8 x int8) is computed exactly.  Chunks are summed in int64 and the total
+wraps to the int32 accumulator, as 32-bit hardware accumulators do.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from ..isa import FLAG_ACCUMULATE, NONE_ADDR
+from .common import vec, view
+
+F32_EXACT = 1 << 24
+
+
+def k_chunk(x_dtype: np.dtype) -> int:
+    """Largest K whose float32 dot products of `x_dtype` x int8 are exact."""
+    max_x = 128 if x_dtype == np.int8 else 255
+    return F32_EXACT // (max_x * 128)
+
+
+def gemm(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x @ w (numpy matmul broadcasting).  Float inputs -> float32 result;
+    int8/uint8 x int8 -> exact int64 result."""
+    if x.dtype.kind == "f":
+        return np.matmul(x.astype(np.float32, copy=False), w.astype(np.float32, copy=False))
+    xf = x.astype(np.float32)
+    wf = w.astype(np.float32)
+    k = x.shape[-1]
+    step = k_chunk(x.dtype)
+    if k <= step:
+        return np.matmul(xf, wf).astype(np.int64)
+    acc = None
+    for k0 in range(0, k, step):
+        part = np.matmul(xf[..., k0:k0 + step], wf[..., k0:k0 + step, :]).astype(np.int64)
+        acc = part if acc is None else acc + part
+    return acc
+
+
+def _epilogue(job, cmd, out: np.ndarray, result: np.ndarray, n: int) -> None:
+    """out (+)= result (+ bias), converting to out's dtype (int32 wraps)."""
+    a = cmd.args
+    sram = job.sram[cmd.core]
+    if a.bias != NONE_ADDR:
+        bias = vec(sram, a.bias, np.int32 if out.dtype == np.int32 else np.float32, n)
+        result = result + bias
+    if a.flags & FLAG_ACCUMULATE:
+        result = result + out
+    np.copyto(out, result, casting="unsafe")
+
+
+def matmul(job, cmd) -> None:
+    a = cmd.args
+    sram = job.sram[cmd.core]
+    x, w, out = view(sram, a.a), view(sram, a.w), view(sram, a.out)
+    if (out.dtype == np.float32 and x.dtype == np.float32 and a.bias == NONE_ADDR
+            and not a.flags & FLAG_ACCUMULATE):
+        np.matmul(x, w, out=out)
+        return
+    _epilogue(job, cmd, out, gemm(x, w), out.shape[3])
+
+
+def conv2d(job, cmd) -> None:
+    a = cmd.args
+    sram = job.sram[cmd.core]
+    x, w, out = view(sram, a.x), view(sram, a.w), view(sram, a.out)
+    n, oh, ow, cout = out.shape
+    kh, kw, cg, _ = w.shape
+    g = a.groups
+    (sh, sw), (dh, dw) = a.stride, a.dilation
+    pt, pb, pl, pr = a.pad
+    is_int = x.dtype.kind != "f"
+    work = np.float32 if not is_int else np.float32
+    if pt or pb or pl or pr:
+        xp = np.full((n, x.shape[1] + pt + pb, x.shape[2] + pl + pr, x.shape[3]),
+                     a.x_zp, dtype=work)
+        xp[:, pt:pt + x.shape[1], pl:pl + x.shape[2], :] = x
+    else:
+        xp = x.astype(work, copy=False)
+    s = xp.strides
+    # windows[n, i, j, p, q, c] = xp[n, i*sh + p*dh, j*sw + q*dw, c]
+    windows = as_strided(xp, (n, oh, ow, kh, kw, xp.shape[3]),
+                         (s[0], s[1] * sh, s[2] * sw, s[1] * dh, s[2] * dw, s[3]), writeable=False)
+    m = n * oh * ow
+    if cg == 1 and g > 1:
+        result = _depthwise(windows, w, g, cout, is_int)
+    elif g == 1:
+        cols = windows.reshape(m, kh * kw * cg)
+        wk = w.reshape(kh * kw * cg, cout)
+        result = _gemm_prepared(cols, wk, x.dtype)
+    else:
+        cog = cout // g
+        cols = windows.reshape(m, kh, kw, g, cg).transpose(3, 0, 1, 2, 4).reshape(g, m, kh * kw * cg)
+        wk = w.reshape(kh, kw, cg, g, cog).transpose(3, 0, 1, 2, 4).reshape(g, kh * kw * cg, cog)
+        result = _gemm_prepared(cols, wk, x.dtype).transpose(1, 0, 2).reshape(m, cout)
+    if is_int and a.x_zp:
+        # Padding held x_zp, so sum((x - zp) * w) = sum(x * w) - zp * sum(w).
+        wsum = w.astype(np.int64).reshape(kh * kw * cg, g, cout // g).sum(axis=0)
+        result = result - a.x_zp * wsum.reshape(cout)
+    _epilogue(job, cmd, out, result.reshape(out.shape), cout)
+
+
+def _gemm_prepared(cols: np.ndarray, wk: np.ndarray, x_dtype) -> np.ndarray:
+    """GEMM of float32 im2col columns; exact int64 when the source was integer."""
+    if x_dtype.kind == "f":
+        return np.matmul(cols, wk.astype(np.float32, copy=False))
+    wf = wk.astype(np.float32)
+    k = cols.shape[-1]
+    step = k_chunk(x_dtype)
+    if k <= step:
+        return np.matmul(cols, wf).astype(np.int64)
+    acc = None
+    for k0 in range(0, k, step):
+        part = np.matmul(cols[..., k0:k0 + step], wf[..., k0:k0 + step, :]).astype(np.int64)
+        acc = part if acc is None else acc + part
+    return acc
+
+
+def _depthwise(windows: np.ndarray, w: np.ndarray, g: int, cout: int, is_int: bool) -> np.ndarray:
+    """Per-channel convolution (one input channel per group): a
+    multiply-accumulate per kernel tap, no GEMM."""
+    n, oh, ow, kh, kw, cin = windows.shape
+    mult = cout // g
+    acc_t = np.int64 if is_int else np.float32
+    wt = w.reshape(kh, kw, cin, mult).astype(acc_t)
+    acc = np.zeros((n, oh, ow, cin, mult), dtype=acc_t)
+    for p in range(kh):
+        for q in range(kw):
+            tap = windows[:, :, :, p, q, :]
+            if is_int:
+                tap = tap.astype(np.int64)
+            acc += tap[..., None] * wt[p, q]
+    return acc.reshape(n * oh * ow, cout)
+
+
+EXECUTORS = {"matmul": matmul, "conv2d": conv2d}
