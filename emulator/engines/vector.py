@@ -37,8 +37,14 @@ def _wide(x: np.ndarray) -> np.ndarray:
 _BINARY = {
     BinaryFunc.ADD: np.add, BinaryFunc.SUB: np.subtract, BinaryFunc.MUL: np.multiply,
     BinaryFunc.DIV: np.divide, BinaryFunc.MAX: np.maximum, BinaryFunc.MIN: np.minimum,
-    BinaryFunc.POW: np.power, BinaryFunc.SQDIFF: lambda a, b: np.square(a - b),
+    BinaryFunc.POW: np.power, BinaryFunc.SQDIFF: lambda a, b: np.square(_bounded(a - b)),
 }
+
+
+def _bounded(d: np.ndarray) -> np.ndarray:
+    # |int32 - int32| can reach 2**32, whose square overflows int64; any
+    # |d| >= 2**31 saturates the int32 result anyway.
+    return np.clip(d, -(1 << 31), 1 << 31) if d.dtype == np.int64 else d
 
 
 def vbinary(job, cmd) -> None:
