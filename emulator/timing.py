@@ -121,7 +121,10 @@ def schedule(commands, footprints, config) -> JobStats:
     st = JobStats(commands=len(commands))
     free = {(c, e): 0 for c in range(config.cores) for e in QUEUES}
     sems = [deque() for _ in range(32)]
-    inflight: list[tuple] = []   # (end, core, engine, lo, hi, write)
+    # Per queue, its SRAM accesses in completion order (a queue finishes its
+    # commands in order, so `end` only grows): a hazard check walks back only
+    # over accesses still in flight.
+    recent = {q: [] for q in free}
     for cmd, fp in zip(commands, footprints):
         op = cmd.op
         if op.engine == Engine.CTRL:
@@ -150,14 +153,23 @@ def schedule(commands, footprints, config) -> JobStats:
             st.dma_bytes_in += math.prod(cmd.args.shape) * DType(cmd.args.dtype).size
         elif op.name == "dma_store":
             st.dma_bytes_out += math.prod(cmd.args.shape) * DType(cmd.args.dtype).size
-        horizon = min(free.values())
-        inflight = [f for f in inflight if f[0] > horizon]
-        for core, lo, hi, write in fp:
-            for f_end, f_core, f_eng, f_lo, f_hi, f_write in inflight:
-                if (f_core == core and f_eng != op.engine and f_end > start
-                        and lo < f_hi and f_lo < hi and (write or f_write)):
-                    st.hazards += 1
-                    break
-        inflight.extend((end, core, op.engine, lo, hi, write) for core, lo, hi, write in fp)
+        if _races(recent, fp, op.engine, start):
+            st.hazards += 1
+        recent[q].extend((end, core, lo, hi, write) for core, lo, hi, write in fp)
     st.cycles = max(free.values())
     return st
+
+
+def _races(recent, footprint, engine, start: int) -> bool:
+    """Does an access of this command overlap a conflicting access that
+    another engine of the same SRAM has not finished by `start`?"""
+    for core, lo, hi, write in footprint:
+        for e in QUEUES:
+            if e == engine:
+                continue
+            for f_end, _, f_lo, f_hi, f_write in reversed(recent[(core, e)]):
+                if f_end <= start:
+                    break
+                if lo < f_hi and f_lo < hi and (write or f_write):
+                    return True
+    return False
