@@ -69,6 +69,7 @@ class Device:
         self._hash = config.target_hash()
         self._sram = [np.zeros(config.sram_bytes, dtype=np.uint8) for _ in range(config.cores)]
         self._free_ids = list(range(config.hw_contexts))
+        self._dirty = [0] * config.cores   # SRAM bytes the last job may have written
 
     def create_context(self) -> Context:
         """A fresh context with an empty page table; DeviceError(EBUSY) when
@@ -96,8 +97,11 @@ class Device:
         else:
             program = validate(program_or_stream, self.config, ctx.mappings())
         # SRAM starts every job zeroed: nothing leaks between jobs or contexts.
-        for s in self._sram:
-            s.fill(0)
+        # Only what the previous job could have written needs clearing.
+        for core, s in enumerate(self._sram):
+            if self._dirty[core]:
+                s[:self._dirty[core]] = 0
+        self._dirty = list(program.sram_used)
         job = _Job(self._sram, ctx._pt)
         cmd = None
         try:

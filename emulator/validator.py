@@ -35,6 +35,7 @@ class Program:
     target_hash: bytes
     stats: JobStats           # modeled cost; identical for every run
     footprints: tuple         # per command: ((core, lo, hi, is_write), ...) SRAM bytes
+    sram_used: tuple          # per core: end of the highest SRAM byte any command writes
 
 
 def validate(stream: bytes, config: DeviceConfig, mappings: list[Mapping]) -> Program:
@@ -70,7 +71,13 @@ def validate(stream: bytes, config: DeviceConfig, mappings: list[Mapping]) -> Pr
         raise StreamError(f"header: record count {count} but the stream holds {len(commands)}")
     commands = tuple(commands)
     footprints = tuple(footprints)
-    return Program(commands, target, schedule(commands, footprints, config), footprints)
+    used = [0] * config.cores
+    for fp in footprints:
+        for core, _, hi, write in fp:
+            if write and hi > used[core]:
+                used[core] = hi
+    return Program(commands, target, schedule(commands, footprints, config), footprints,
+                   tuple(used))
 
 
 class _Checker:

@@ -7,9 +7,12 @@ import numpy as np
 from ..isa import DType, Tile
 
 
+_NP = {d: d.np for d in DType}
+
+
 def view(sram: np.ndarray, t: Tile) -> np.ndarray:
     """The SRAM bytes of tile `t` as a (writable) numpy array of its dtype and shape."""
-    return np.ndarray(t.shape, DType(t.dtype).np, buffer=sram, offset=t.addr)
+    return np.ndarray(t.shape, _NP[t.dtype], buffer=sram, offset=t.addr)
 
 
 def vec(sram: np.ndarray, addr: int, dtype, n: int) -> np.ndarray:
