@@ -32,6 +32,8 @@ NONE_ADDR = 0xFFFF_FFFF       # "no operand" for optional SRAM addresses
 NUM_SEMAPHORES = 32
 MAX_RANK = 4                  # tiles and DMA descriptors are 4-D (leading 1s)
 VA_BITS = 48
+PADDED_INPUT_LIMIT = 4        # conv2d/pool: padded input elements <= this x SRAM bytes
+MAX_POOL_WINDOW = 4096        # pool: kernel elements, except global pooling
 
 
 class DType(enum.IntEnum):

@@ -159,6 +159,14 @@ class _Checker:
             self.fail(f"{an} is {a.name.lower()} but {bn} is {b.name.lower()}: "
                       "use requant or vunary copy to convert between integer and float")
 
+    def padded_limit(self, elements: int) -> None:
+        # Padding is free in the encoding but not in the engine: a tiny tile
+        # with 65535-element pads must not make the device allocate gigabytes.
+        limit = isa.PADDED_INPUT_LIMIT * self.sram
+        if elements > limit:
+            self.fail(f"pad: padded input of {elements} elements exceeds {limit} "
+                      f"({isa.PADDED_INPUT_LIMIT} x SRAM bytes)")
+
     def axes(self, mask: int) -> None:
         if mask == 0 or mask >> isa.MAX_RANK:
             self.fail(f"axes: bitmask 0x{mask:x} must name at least one of dims 0..3")
@@ -282,6 +290,7 @@ class _Checker:
             self.fail(f"w: dilated kernel {kh}x{kw} larger than the padded input")
         if out.shape != (n, oh, ow, cout):
             self.fail(f"out: shape {list(out.shape)}, expected {[n, oh, ow, cout]}")
+        self.padded_limit(n * (h + pt + pb) * (wd + pl + pr) * cin)
         if x.dtype.is_float:
             if a.x_zp != 0:
                 self.fail("x_zp: must be 0 for float convolution")
@@ -415,6 +424,11 @@ class _Checker:
             self.fail(f"kernel: {kh}x{kw} larger than the padded input")
         if out.shape != (n, oh, ow, c):
             self.fail(f"out: shape {list(out.shape)}, expected {[n, oh, ow, c]}")
+        if (kh, kw) != (h, w) or any(a.pad):
+            if kh * kw > isa.MAX_POOL_WINDOW:
+                self.fail(f"kernel: {kh}x{kw} window exceeds {isa.MAX_POOL_WINDOW} elements "
+                          "(only global pooling may be larger)")
+            self.padded_limit(n * (h + pt + pb) * (w + pl + pr) * c)
 
 
 def _coalesce(ranges):

@@ -20,6 +20,7 @@ from ..isa import FLAG_ACCUMULATE, NONE_ADDR
 from .common import vec, view
 
 F32_EXACT = 1 << 24
+IM2COL_ELEMENTS = 1 << 24   # largest im2col matrix built at once (64 MiB of float32)
 
 
 def k_chunk(x_dtype: np.dtype) -> int:
@@ -93,20 +94,31 @@ def conv2d(job, cmd) -> None:
     m = n * oh * ow
     if cg == 1 and g > 1:
         result = _depthwise(windows, w, g, cout, is_int)
-    elif g == 1:
-        cols = windows.reshape(m, kh * kw * cg)
-        wk = w.reshape(kh * kw * cg, cout)
-        result = _gemm_prepared(cols, wk, x.dtype)
     else:
-        cog = cout // g
-        cols = windows.reshape(m, kh, kw, g, cg).transpose(3, 0, 1, 2, 4).reshape(g, m, kh * kw * cg)
-        wk = w.reshape(kh, kw, cg, g, cog).transpose(3, 0, 1, 2, 4).reshape(g, kh * kw * cg, cog)
-        result = _gemm_prepared(cols, wk, x.dtype).transpose(1, 0, 2).reshape(m, cout)
+        # im2col a band of output rows at a time, so the column matrix stays
+        # bounded however large the kernel (a realistic tile is one band).
+        k = kh * kw * cg * g
+        rows = max(1, IM2COL_ELEMENTS // max(1, n * ow * k))
+        bands = [_im2col_gemm(windows[:, i:i + rows], w, g, x.dtype) for i in range(0, oh, rows)]
+        result = bands[0] if len(bands) == 1 else np.concatenate(
+            [b.reshape(n, -1, ow, cout) for b in bands], axis=1).reshape(m, cout)
     if is_int and a.x_zp:
         # Padding held x_zp, so sum((x - zp) * w) = sum(x * w) - zp * sum(w).
         wsum = w.astype(np.int64).reshape(kh * kw * cg, g, cout // g).sum(axis=0)
         result = result - a.x_zp * wsum.reshape(cout)
     _epilogue(job, cmd, out, result.reshape(out.shape), cout)
+
+
+def _im2col_gemm(windows: np.ndarray, w: np.ndarray, g: int, x_dtype) -> np.ndarray:
+    n, oh, ow, kh, kw, _ = windows.shape
+    cg, cout = w.shape[2], w.shape[3]
+    m = n * oh * ow
+    if g == 1:
+        return _gemm_prepared(windows.reshape(m, kh * kw * cg), w.reshape(kh * kw * cg, cout), x_dtype)
+    cog = cout // g
+    cols = windows.reshape(m, kh, kw, g, cg).transpose(3, 0, 1, 2, 4).reshape(g, m, kh * kw * cg)
+    wk = w.reshape(kh, kw, cg, g, cog).transpose(3, 0, 1, 2, 4).reshape(g, kh * kw * cg, cog)
+    return _gemm_prepared(cols, wk, x_dtype).transpose(1, 0, 2).reshape(m, cout)
 
 
 def _gemm_prepared(cols: np.ndarray, wk: np.ndarray, x_dtype) -> np.ndarray:

@@ -206,3 +206,14 @@ def test_matmul_property(b, m, k, n, int8, seed):
         a = rng.standard_normal((b, m, k)).astype(np.float32)
         w = rng.standard_normal((b, k, n)).astype(np.float32)
         np.testing.assert_allclose(mm(a, w, np.float32), ref_mm(a, w), rtol=1e-4, atol=1e-4)
+
+
+def test_conv_im2col_in_bands_matches(monkeypatch):
+    import emulator.engines.mac as mac
+    monkeypatch.setattr(mac, "IM2COL_ELEMENTS", 60)   # force one output row per band
+    rng = np.random.default_rng(11)
+    for g, cin, cout in [(1, 3, 4), (2, 4, 6)]:
+        x = rng.integers(-128, 128, (2, 7, 6, cin), dtype=np.int8)
+        w = rng.integers(-128, 128, (3, 3, cin // g, cout), dtype=np.int8)
+        got, ref = conv(x, w, groups=g, pad=(1, 1, 1, 1), stride=(2, 1), x_zp=-7)
+        np.testing.assert_array_equal(got, ref)
