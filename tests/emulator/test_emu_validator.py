@@ -236,11 +236,11 @@ def test_implementation_limits_refuse_resource_bombs():
     # A one-element input with 65535-element pads would need gigabytes of padding.
     b = sb()
     b.conv2d(tile(0, "int8", (1, 1, 1, 1)), tile(64, "int8", (3, 3, 1, 1)),
-             tile(128, "int32", (1, 2, 2, 1)), dilation=(65535, 65535),
+             tile(128, "int32", (1, 1, 1, 1)), dilation=(65535, 65535),
              pad=(65535, 65535, 65535, 65535), stride=(65535, 65535))
     refuse(b.end(), "padded input")
     b = sb()
-    b.pool("max", F(0, (1, 1, 1, 1)), F(64, (1, 2, 2, 1)), kernel=(65535, 65535),
+    b.pool("max", F(0, (1, 1, 1, 1)), F(64, (1, 1, 1, 1)), kernel=(65535, 65535),
            stride=(65535, 65535), pad=(65534, 65534, 65534, 65534))
     refuse(b.end(), "window exceeds")
     b = sb()   # global pooling is exempt from the window limit
