@@ -3,6 +3,8 @@ the command processor that runs validated programs on the engines."""
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from .config import DeviceConfig
@@ -23,6 +25,8 @@ class Context:
         self.hw_id = hw_id
         self._pt = PageTable(device.config.page_size)
         self.closed = False
+        # A context dropped without close() still returns its hardware slot.
+        self._release = weakref.finalize(self, device._release_id, hw_id)
 
     def map(self, va: int, buffer, *, writable: bool) -> None:
         """Map a whole buffer (page-aligned length) at page-aligned `va`.
@@ -43,7 +47,7 @@ class Context:
         if not self.closed:
             self.closed = True
             self._pt = PageTable(self.device.config.page_size)
-            self.device._release(self)
+            self._release()
 
     def _check_open(self) -> None:
         if self.closed:
@@ -79,8 +83,8 @@ class Device:
                               code="EBUSY")
         return Context(self, self._free_ids.pop(0))
 
-    def _release(self, ctx: Context) -> None:
-        self._free_ids.append(ctx.hw_id)
+    def _release_id(self, hw_id: int) -> None:
+        self._free_ids.append(hw_id)
         self._free_ids.sort()
 
     def execute(self, ctx: Context, program_or_stream) -> JobStats:

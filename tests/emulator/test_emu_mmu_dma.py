@@ -227,3 +227,11 @@ def test_several_devices_are_independent():
     # a stream built for one target is refused by the other
     with pytest.raises(StreamError, match="target hash"):
         b.dev.execute(b.ctx, a.builder().end().build())
+
+
+def test_dropped_context_returns_its_slot():
+    rig = Rig()
+    for _ in range(3 * rig.cfg.hw_contexts):
+        ctx = rig.dev.create_context()
+        ctx.map(0x10000, rig.bo(4096), writable=True)
+        del ctx
