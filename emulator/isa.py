@@ -57,10 +57,10 @@ class DType(enum.IntEnum):
 
     @classmethod
     def parse(cls, x) -> "DType":
-        """Accept a DType, its value, its name ("int8"), or a numpy dtype."""
+        """Accept a DType, its value, its name ("int8", "fp32"), or a numpy dtype ("float32")."""
         if isinstance(x, DType):
             return x
-        if isinstance(x, str):
+        if isinstance(x, str) and x.upper() in cls.__members__:
             return cls[x.upper()]
         if isinstance(x, int):
             return cls(x)

@@ -1,0 +1,22 @@
+"""npu: the client library of npud.
+
+    import npu
+    with npu.connect() as client:          # or npu.local() for a private daemon
+        buf = client.alloc(1 << 20)
+        buf.map(np.float32)[:] = 1.0       # in place: no copies
+"""
+
+from ipc_schema.endpoint import default_endpoint
+
+from .buffer import Buffer
+from .client import Client, Job, connect
+from .errors import (Busy, Cancelled, ConnectionLost, DeviceFault, InternalError, InvalidArgument,
+                     NotFound, NpuError, OutOfMemory, PermissionDenied, ProtocolMismatch, Timeout)
+from .local import local
+from .protocol import Device
+
+__all__ = [
+    "Buffer", "Busy", "Cancelled", "Client", "ConnectionLost", "Device", "DeviceFault",
+    "InternalError", "InvalidArgument", "Job", "NotFound", "NpuError", "OutOfMemory",
+    "PermissionDenied", "ProtocolMismatch", "Timeout", "connect", "default_endpoint", "local",
+]

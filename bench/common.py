@@ -1,0 +1,59 @@
+"""Shared helpers of the benchmarks: timing, interleaved comparison, reporting.
+
+Benchmarks never assert absolute times.  Each compares a candidate with a
+baseline measured in the same run, interleaving rounds of the two so that a
+noisy neighbour hurts both alike, and reports the ratio of medians.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass
+class Ratio:
+    name: str
+    candidate_s: float
+    baseline_s: float
+    unit: str
+    per: float
+    goal: str
+    higher_is_better: bool = False
+
+    @property
+    def ratio(self) -> float:
+        return self.candidate_s / self.baseline_s
+
+    def line(self) -> str:
+        return (f"{self.name:<44} {self.candidate_s * self.per:10.2f} {self.unit:<6} vs baseline "
+                f"{self.baseline_s * self.per:10.2f} {self.unit:<6} ratio {self.ratio:5.2f}x  (goal {self.goal})")
+
+
+def time_per_call(fn: Callable[[], object], n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n
+
+
+def compare(candidate: Callable[[], object], baseline: Callable[[], object], *, n: int,
+            rounds: int = 7, warmup: int = 1) -> tuple[float, float]:
+    """Median seconds per call of candidate and baseline, measured in interleaved rounds."""
+    for _ in range(warmup):
+        time_per_call(candidate, max(1, n // 10))
+        time_per_call(baseline, max(1, n // 10))
+    cand, base = [], []
+    for _ in range(rounds):
+        cand.append(time_per_call(candidate, n))
+        base.append(time_per_call(baseline, n))
+    return statistics.median(cand), statistics.median(base)
+
+
+def report(title: str, ratios: list[Ratio]) -> None:
+    print(f"## {title}")
+    for r in ratios:
+        print(r.line())
+    print()

@@ -1,0 +1,96 @@
+"""Buffers: device memory a client owns, read and written in place when mapped."""
+
+from __future__ import annotations
+
+import mmap
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ipc_schema.errors import ErrorCode
+
+from .errors import error
+from .protocol import as_bytes
+
+if TYPE_CHECKING:
+    from .client import Client
+
+
+class Buffer:
+    """A buffer object on a device.  ``handle`` is this session's name for it."""
+
+    def __init__(self, client: "Client", handle: int, size: int, device: int):
+        self.client = client
+        self.handle = handle
+        self.size = size
+        self.device = device
+        self._mm: mmap.mmap | None = None
+        self._freed = False
+
+    def __repr__(self) -> str:
+        return f"<npu.Buffer handle={self.handle} size={self.size} device={self.device}>"
+
+    def map(self, dtype: Any = np.uint8, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """A writable numpy view of the buffer's memory itself: no copies.
+
+        Needs a local daemon (the memfd arrives over the companion socket).  The
+        view stays valid after ``free()``, but then no longer reaches the device.
+        """
+        self._check()
+        if self._mm is None:
+            if not self.client.attached:
+                raise error(ErrorCode.ENOTCONN, "map needs a local daemon with the companion socket; "
+                                                "use read()/write() instead")
+            self._mm = self.client._map(self.handle)
+        array = np.frombuffer(self._mm, dtype=np.uint8, count=self.size)
+        array = array.view(dtype) if np.dtype(dtype) != np.uint8 else array
+        return array.reshape(shape) if shape is not None else array
+
+    def write(self, data: Any, offset: int = 0) -> None:
+        """Copy bytes (or a numpy array's bytes) into the buffer at ``offset``."""
+        self._check()
+        view = as_bytes(data)
+        if offset < 0 or offset + view.nbytes > self.size:
+            raise error(ErrorCode.EINVAL, f"write of {view.nbytes} bytes at offset {offset} runs past the "
+                                          f"end of the {self.size}-byte buffer")
+        if self._mapped_io():
+            self._mm[offset:offset + view.nbytes] = view
+            return
+        chunk = self.client.limits["max_inline_bytes"]
+        for start in range(0, view.nbytes, chunk) or [0]:
+            self.client._request("write", {"handle": self.handle, "offset": offset + start,
+                                           "data": bytes(view[start:start + chunk])})
+
+    def read(self, nbytes: int | None = None, offset: int = 0) -> bytes:
+        """Copy ``nbytes`` (default: to the end) out of the buffer from ``offset``."""
+        self._check()
+        nbytes = self.size - offset if nbytes is None else nbytes
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
+            raise error(ErrorCode.EINVAL, f"read of {nbytes} bytes at offset {offset} runs past the "
+                                          f"end of the {self.size}-byte buffer")
+        if self._mapped_io():
+            return self._mm[offset:offset + nbytes]
+        chunk = self.client.limits["max_inline_bytes"]
+        parts = [self.client._request("read", {"handle": self.handle, "offset": offset + start,
+                                               "size": min(chunk, nbytes - start)})["data"]
+                 for start in range(0, nbytes, chunk)]
+        return b"".join(parts)
+
+    def free(self) -> None:
+        """Release the buffer.  Jobs still using it keep it alive until they finish."""
+        if self._freed:
+            return
+        self.client._request("free", {"handle": self.handle})
+        self._freed = True
+        self._mm = None
+
+    def _mapped_io(self) -> bool:
+        # A local client moves data through the mapping: one memcpy instead of
+        # three socket copies (and no message size limit).
+        if self._mm is None and self.client.attached and self.client.map_io:
+            self.map()
+        return self._mm is not None
+
+    def _check(self) -> None:
+        if self._freed:
+            raise error(ErrorCode.ENOENT, f"buffer {self.handle} was freed")

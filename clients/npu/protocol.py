@@ -1,0 +1,138 @@
+"""What the sync and async clients share: building requests, reading replies,
+the companion socket's packets, and mapping memfds.  No I/O of its own."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ipc_schema import codec
+from ipc_schema.endpoint import ipc_path
+from ipc_schema.errors import ErrorCode, RequestError
+from ipc_schema.schema import ATTACH_REPLY, FD_MESSAGE, MAX_MESSAGE_BYTES, PROTOCOL_VERSION
+from ipc_schema.types import FieldError
+
+from .errors import NpuError, error, from_info
+
+HELLO_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device as the daemon describes it; ``params`` holds the architecture parameters."""
+
+    index: int
+    name: str
+    preset: str
+    state: str
+    params: dict[str, Any]
+    memory_total: int
+    memory_used: int
+    info: dict[str, Any]
+
+    @classmethod
+    def from_wire(cls, d: dict) -> "Device":
+        return cls(d["index"], d["name"], d["preset"], d["state"], d["params"], d["memory_total"],
+                   d["memory_used"], d)
+
+    def __getattr__(self, name: str) -> Any:
+        # Parameters read as attributes too: device.cores, device.sram_bytes, ...
+        try:
+            return self.__dict__["params"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def not_running(endpoint: str, detail: str = "") -> NpuError:
+    return error(ErrorCode.ECONNREFUSED,
+                 f"npud is not running at {endpoint}{detail}; start it with `npud --endpoint {endpoint}` "
+                 "(or `systemctl start npud`), or set NPUD_ENDPOINT")
+
+
+def check_reachable(endpoint: str) -> None:
+    """Fail fast, with a useful message, when an ipc endpoint has no socket file."""
+    path = ipc_path(endpoint)
+    if path is not None and not os.path.exists(path):
+        raise not_running(endpoint)
+
+
+def hello_args(name: str) -> dict:
+    return {"protocol": list(PROTOCOL_VERSION), "client_name": name[:64], "pid": os.getpid()}
+
+
+def check_hello(result: dict) -> None:
+    try:
+        codec.check_version(result["protocol"], side="the daemon")
+    except RequestError as exc:
+        raise from_info(exc.info) from None
+
+
+def encode(op: str, seq: int, args: dict, limit: int = MAX_MESSAGE_BYTES) -> bytes:
+    frame = codec.encode_request(op, seq, args)
+    if len(frame) > limit:
+        raise error(ErrorCode.EMSGSIZE, f"{op} request of {len(frame)} bytes exceeds the daemon's limit "
+                                        f"of {limit}; use a mapped buffer for bulk data")
+    return frame
+
+
+def decode(frame: bytes, op: str | None):
+    """A Reply or an ``(event, data)`` pair; a malformed frame raises ProtocolMismatch."""
+    try:
+        return codec.decode_reply(frame, op)
+    except RequestError as exc:
+        raise from_info(exc.info) from None
+
+
+def result_or_raise(reply: codec.Reply) -> dict:
+    if reply.error is not None:
+        raise from_info(reply.error)
+    return reply.result
+
+
+def attach_reply(packet: bytes) -> None:
+    try:
+        reply = ATTACH_REPLY.check(codec.unpack(packet), "attach")
+    except (RequestError, FieldError) as exc:
+        raise error(ErrorCode.EPROTO, f"bad companion-socket reply: {exc}") from None
+    if not reply["ok"]:
+        err = reply.get("error", {"code": "EPROTO", "message": "refused", "retryable": False})
+        raise error(err["code"], f"companion socket refused: {err['message']}", err["retryable"])
+
+
+def fd_message(packet: bytes) -> dict:
+    try:
+        return FD_MESSAGE.check(codec.unpack(packet), "fd")
+    except (RequestError, FieldError) as exc:
+        raise error(ErrorCode.EPROTO, f"bad fd packet: {exc}") from None
+
+
+def recv_fd_packet(sock: socket.socket) -> tuple[dict, int]:
+    """Blocking: one fd packet from the companion socket."""
+    data, fds, _flags, _addr = socket.recv_fds(sock, 4096, 1)
+    if not data:
+        raise error(ErrorCode.ENOTCONN, "the daemon closed the companion socket")
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise error(ErrorCode.EPROTO, "fd packet without exactly one file descriptor")
+    return fd_message(data), fds[0]
+
+
+def map_fd(fd: int, size: int) -> mmap.mmap:
+    """Map a buffer's memfd read-write, prefaulted, and close the fd."""
+    try:
+        return mmap.mmap(fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+
+
+def as_bytes(data: Any) -> memoryview:
+    """A flat byte view of bytes, bytearray, memoryview or a (contiguous) numpy array."""
+    if isinstance(data, np.ndarray):
+        data = np.ascontiguousarray(data)
+    return memoryview(data).cast("B")

@@ -1,0 +1,116 @@
+"""The companion socket: fd passing to clients, and knowing when a client is gone.
+
+See ipc_schema/schema.py (ATTACH_*) for the packets.  The client presents its
+session id and secret token; the kernel tells us its uid and pid
+(SO_PEERCRED), which become the session's identity.  The connection then stays
+open for the life of the session: when the client process exits, however it
+exits, the kernel closes it and the session is closed at once.
+"""
+
+from __future__ import annotations
+
+import array
+import hmac
+import logging
+import os
+import socket
+import struct
+from typing import TYPE_CHECKING
+
+import trio
+
+from ipc_schema import codec
+from ipc_schema.errors import ErrorCode, ErrorInfo, RequestError
+from ipc_schema.schema import ATTACH_HELLO, MAX_ATTACH_PACKET
+from ipc_schema.types import FieldError
+
+if TYPE_CHECKING:
+    from .memory import BufferObject
+    from .server import Daemon
+    from .sessions import Session
+
+log = logging.getLogger("npud.attach")
+
+HELLO_TIMEOUT_S = 5.0
+
+
+def listen(path: str) -> socket.socket:
+    """Bind the companion socket (or adopt it from systemd later)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.bind(path)
+    os.chmod(path, 0o660)
+    sock.listen(128)
+    return sock
+
+
+async def serve(daemon: "Daemon", listener: socket.socket) -> None:
+    listener = trio.socket.from_stdlib_socket(listener)
+    async with trio.open_nursery() as nursery:
+        while True:
+            conn, _ = await listener.accept()
+            nursery.start_soon(_attach, daemon, conn)
+
+
+def _peer_credentials(conn) -> tuple[int, int]:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return pid, uid
+
+
+async def _refuse(conn, error: ErrorInfo) -> None:
+    try:
+        await conn.send(codec.pack({"ok": False, "error": error.to_wire()}))
+    except OSError:
+        pass
+    conn.close()
+
+
+async def _attach(daemon: "Daemon", conn) -> None:
+    with trio.move_on_after(HELLO_TIMEOUT_S) as timeout:
+        packet = await conn.recv(MAX_ATTACH_PACKET)
+    if timeout.cancelled_caught or not packet:
+        conn.close()
+        return
+    try:
+        hello = ATTACH_HELLO.check(codec.unpack(packet), "attach")
+    except (RequestError, FieldError) as exc:
+        await _refuse(conn, ErrorInfo.of(ErrorCode.EPROTO, f"bad attach packet: {exc}"))
+        return
+    session = daemon.sessions.by_id(hello["session"])
+    if session is None or not hmac.compare_digest(session.token, hello["token"]):
+        await _refuse(conn, ErrorInfo.of(ErrorCode.EPERM, "unknown session or wrong attach token"))
+        return
+    if session.attach is not None:
+        await _refuse(conn, ErrorInfo.of(ErrorCode.EINVAL, "this session is already attached"))
+        return
+    session.pid, session.uid = _peer_credentials(conn)
+    session.attach = conn
+    try:
+        await conn.send(codec.pack({"ok": True}))
+        with session.attach_scope:  # cancelled by close_session: this task owns conn
+            # The client never speaks again; anything but EOF is ignored.
+            while await conn.recv(MAX_ATTACH_PACKET):
+                pass
+    except OSError:
+        pass
+    finally:
+        session.attach = None
+        conn.close()
+    daemon.close_session(session, "client went away (companion socket closed)")
+
+
+async def send_fd(session: "Session", tag: int, handle: int, bo: "BufferObject") -> None:
+    """Send a buffer's memfd to the session's client, tagged with the map request's seq."""
+    packet = codec.pack({"tag": tag, "handle": handle, "size": bo.mapped_size})
+    async with session.attach_lock:
+        conn = session.attach
+        if conn is None:
+            raise RequestError(ErrorCode.ENOTCONN, "the companion socket closed")
+        try:
+            await conn.sendmsg([packet], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [bo.fd]))])
+        except OSError as exc:
+            raise RequestError(ErrorCode.ENOTCONN, f"cannot pass the buffer's fd: {exc.strerror}") from None

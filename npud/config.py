@@ -1,0 +1,181 @@
+"""The daemon's configuration: a TOML file, overridden by command-line flags.
+
+Example (every key optional)::
+
+    endpoint = "ipc:///run/npud/npud.sock"
+    log_level = "info"                 # debug, info, warning, error
+
+    [limits]
+    memory_quota = "1GiB"              # per session, bytes of buffer objects
+    max_buffer_bytes = "512MiB"        # one allocation
+    max_sessions = 1024
+    lease_ms = 10000                   # idle sessions without a companion socket expire
+    max_jobs_in_flight = 256           # per session
+
+    [[devices]]
+    name = "npu0"
+    preset = "edge"                    # a preset from emulator.config.PRESETS
+    [devices.params]                   # overrides of the preset's parameters
+    sram_bytes = 524288
+
+A value that is wrong is reported with its key and what was expected; the
+daemon refuses to start rather than guess.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ipc_schema.endpoint import default_endpoint
+from ipc_schema.schema import MAX_BUFFER_BYTES
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key."""
+
+
+def parse_size(value: Any, key: str) -> int:
+    """Bytes from an int or a string like "512MiB" / "1G"."""
+    if type(value) is int and value >= 0:
+        return value
+    if isinstance(value, str) and (m := _SIZE.match(value)):
+        return int(m.group(1)) * _UNITS[m.group(2)[:1].lower()]
+    raise ConfigError(f"{key}: expected a size such as 1048576 or \"512MiB\", got {value!r}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory_quota: int = 1 << 30
+    max_buffer_bytes: int = 512 << 20
+    max_sessions: int = 1024
+    lease_ms: int = 10_000
+    max_jobs_in_flight: int = 256
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    name: str
+    preset: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    endpoint: str = field(default_factory=default_endpoint)
+    log_level: str = "info"
+    limits: Limits = Limits()
+    devices: tuple[DeviceSpec, ...] = (DeviceSpec("npu0", "edge"),)
+    shutdown_grace_s: float = 5.0
+
+
+def _check_keys(table: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _positive_int(value: Any, key: str) -> int:
+    if type(value) is not int or value <= 0:
+        raise ConfigError(f"{key}: expected a positive integer, got {value!r}")
+    return value
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    _check_keys(data, {"endpoint", "log_level", "limits", "devices", "shutdown_grace_s"}, "config")
+    config = Config()
+    if "endpoint" in data:
+        if not isinstance(data["endpoint"], str) or "://" not in data["endpoint"]:
+            raise ConfigError(f"endpoint: expected a ZeroMQ endpoint like ipc:///path, got {data['endpoint']!r}")
+        config = replace(config, endpoint=data["endpoint"])
+    if "log_level" in data:
+        config = replace(config, log_level=_log_level(data["log_level"]))
+    if "shutdown_grace_s" in data:
+        grace = data["shutdown_grace_s"]
+        if type(grace) not in (int, float) or not 0 <= grace <= 600:
+            raise ConfigError(f"shutdown_grace_s: expected seconds in [0, 600], got {grace!r}")
+        config = replace(config, shutdown_grace_s=float(grace))
+    if "limits" in data:
+        config = replace(config, limits=_limits(data["limits"]))
+    if "devices" in data:
+        config = replace(config, devices=parse_devices(data["devices"]))
+    return config
+
+
+def _log_level(value: Any) -> str:
+    if value not in LOG_LEVELS:
+        raise ConfigError(f"log_level: expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return value
+
+
+def _limits(table: Any) -> Limits:
+    if not isinstance(table, dict):
+        raise ConfigError("limits: expected a table")
+    _check_keys(table, set(Limits.__dataclass_fields__), "limits")
+    out = {}
+    for key, value in table.items():
+        if key in ("memory_quota", "max_buffer_bytes"):
+            out[key] = parse_size(value, f"limits.{key}")
+            if not 0 < out[key] <= MAX_BUFFER_BYTES:
+                raise ConfigError(f"limits.{key}: must be between 1 byte and 1 TiB")
+        else:
+            out[key] = _positive_int(value, f"limits.{key}")
+    return Limits(**out)
+
+
+def parse_devices(items: Any) -> tuple[DeviceSpec, ...]:
+    from emulator.config import PRESETS, make_config  # the device model owns its parameters
+
+    if not isinstance(items, list) or not items:
+        raise ConfigError("devices: expected a non-empty array of [[devices]] tables")
+    if len(items) > 16:
+        raise ConfigError(f"devices: at most 16 devices, got {len(items)}")
+    specs = []
+    for i, item in enumerate(items):
+        where = f"devices[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: expected a table")
+        _check_keys(item, {"name", "preset", "params"}, where)
+        preset = item.get("preset", "edge")
+        if preset not in PRESETS:
+            raise ConfigError(f"{where}.preset: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+        params = item.get("params", {})
+        if not isinstance(params, dict):
+            raise ConfigError(f"{where}.params: expected a table")
+        params = {k: parse_size(v, f"{where}.params.{k}") if isinstance(v, str) else v
+                  for k, v in params.items()}
+        try:
+            make_config(preset, **params)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}.params: {exc}") from None
+        name = item.get("name", f"npu{i}")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            raise ConfigError(f"{where}.name: expected 1-64 characters of [A-Za-z0-9_.-], got {name!r}")
+        specs.append(DeviceSpec(name, preset, params))
+    if len({s.name for s in specs}) != len(specs):
+        raise ConfigError("devices: device names must be unique")
+    return tuple(specs)
+
+
+def load(path: str | Path | None) -> Config:
+    """Read a config file (or the defaults when path is None)."""
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

@@ -1,0 +1,198 @@
+"""The daemon's side of one device: its device process, its memory and its job queue.
+
+``DeviceHost`` starts the device process (emulator/device_process.py) and
+supervises it: if the process dies, the job it was running fails with EIO
+(retryable), the process is restarted and the reset counted.  One task, the
+runner, owns the socket to the process; everything else reaches the device
+by putting work in the runner's queue.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import socket
+import sys
+import time
+from collections.abc import Callable
+
+import msgpack
+import trio
+
+from emulator.config import DeviceConfig
+from ipc_schema.errors import ErrorCode, ErrorInfo
+
+from .jobs import Job
+from .memory import BufferObject, DeviceMemory
+
+log = logging.getLogger("npud.device")
+
+MAX_REPLY = 1 << 20
+STOP_TIMEOUT_S = 2.0
+
+
+class DeviceLost(Exception):
+    """The device process exited or broke the protocol."""
+
+
+class DeviceHost:
+    def __init__(self, index: int, name: str, preset: str, config: DeviceConfig,
+                 on_job_done: Callable[[Job], None]):
+        self.index = index
+        self.name = name
+        self.preset = preset
+        self.config = config
+        self.memory = DeviceMemory(index, config.memory_bytes, config.page_size)
+        self.state = "down"
+        self.resets = 0
+        self.jobs_completed = 0
+        self.jobs_failed = 0
+        self.busy_s = 0.0
+        self.running: Job | None = None
+        self._on_job_done = on_job_done
+        self._send, self._recv = trio.open_memory_channel[Job | BufferObject](float("inf"))
+        self._queued = 0
+        self._process: trio.Process | None = None
+        self._sock: trio.socket.SocketType | None = None
+        self._imported: set[int] = set()
+
+    # --- what the rest of the daemon calls -------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        """Queue a job (its buffers already referenced); never blocks."""
+        self._queued += 1
+        self._send.send_nowait(job)
+
+    def forget(self, bo: BufferObject) -> None:
+        """A buffer's last reference is gone: unmap it in the device, then free it."""
+        self._send.send_nowait(bo)
+
+    @property
+    def jobs_queued(self) -> int:
+        return self._queued
+
+    def info(self) -> dict:
+        return {
+            "index": self.index, "name": self.name, "preset": self.preset, "state": self.state,
+            "params": self.config.to_dict(), "memory_total": self.memory.total,
+            "memory_used": self.memory.used, "jobs_queued": self._queued,
+            "jobs_running": int(self.running is not None), "jobs_completed": self.jobs_completed,
+            "jobs_failed": self.jobs_failed, "busy_ms": self.busy_s * 1e3, "resets": self.resets,
+        }
+
+    # --- the runner --------------------------------------------------------------------
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Own the device process until cancelled; reports started once it is up."""
+        await self._start_process()
+        task_status.started()
+        try:
+            async for item in self._recv:
+                if isinstance(item, Job):
+                    self._queued -= 1
+                    await self._run_job(item)
+                else:
+                    await self._release(item)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._stop_process()
+                self.memory.close()
+
+    async def _start_process(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        config_hex = msgpack.packb(self.config.to_dict()).hex()
+        try:
+            self._process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "emulator.device_process", "--sock-fd", str(theirs.fileno()),
+                 "--config", config_hex],
+                pass_fds=(theirs.fileno(),))
+        finally:
+            theirs.close()
+        self._sock = trio.socket.from_stdlib_socket(ours)
+        self._imported.clear()
+        self.state = "ok"
+        log.info("device %d (%s, preset %s) started as pid %d", self.index, self.name,
+                 self.preset, self._process.pid)
+
+    async def _stop_process(self) -> None:
+        if self._process is None:
+            return
+        try:
+            await self._sock.send(msgpack.packb({"op": "shutdown"}))
+        except OSError:
+            pass
+        with trio.move_on_after(STOP_TIMEOUT_S):
+            await self._process.wait()
+        if self._process.returncode is None:
+            self._process.kill()
+            await self._process.wait()
+        self._sock.close()
+        self._process = None
+        self.state = "down"
+
+    async def _reset(self, why: str) -> None:
+        log.error("device %d: %s; restarting its process", self.index, why)
+        self.state = "resetting"
+        self.resets += 1
+        if self._process is not None and self._process.returncode is None:
+            self._process.kill()
+        await self._stop_process()
+        await self._start_process()
+
+    async def _call(self, request: dict, fd: int | None = None) -> dict:
+        data = msgpack.packb(request, use_bin_type=True)
+        try:
+            if fd is None:
+                await self._sock.send(data)
+            else:
+                await self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                   array.array("i", [fd]))])
+            reply = await self._sock.recv(MAX_REPLY)
+        except OSError as exc:
+            raise DeviceLost(f"device process connection failed: {exc}") from None
+        if not reply:
+            await self._process.wait()
+            raise DeviceLost(f"device process exited with status {self._process.returncode}")
+        return msgpack.unpackb(reply, raw=False)
+
+    async def _run_job(self, job: Job) -> None:
+        if job.state != "queued":
+            return  # cancelled while queued (its session closed)
+        job.state = "running"
+        self.running = job
+        started = time.perf_counter()
+        try:
+            for bo, _va, _w in job.bindings:
+                if bo.id not in self._imported:
+                    await self._call({"op": "import", "bo": bo.id}, fd=bo.fd)
+                    self._imported.add(bo.id)
+            reply = await self._call({
+                "op": "run", "job": job.id, "stream": job.stream,
+                "bindings": [[bo.id, va, writable] for bo, va, writable in job.bindings]})
+        except DeviceLost as exc:
+            reply = {"ok": False, "error": {"code": "EIO", "retryable": True,
+                                            "message": f"{exc}; the job was lost, submit it again"}}
+            await self._reset(str(exc))
+        finally:
+            self.busy_s += time.perf_counter() - started
+            self.running = None
+        if reply["ok"]:
+            self.jobs_completed += 1
+            job.finish(stats={**reply["stats"], "wall_ms": reply["wall_ms"]})
+        else:
+            self.jobs_failed += 1
+            err = reply["error"]
+            code = ErrorCode(err["code"]) if err["code"] in ErrorCode.__members__ else ErrorCode.EIO
+            where = f" (command {err['command']})" if err.get("command") is not None else ""
+            job.finish(error=ErrorInfo.of(code, f"job {job.id} failed{where}: {err['message']}",
+                                          err.get("retryable")))
+        self._on_job_done(job)
+
+    async def _release(self, bo: BufferObject) -> None:
+        if bo.id in self._imported:
+            self._imported.discard(bo.id)
+            try:
+                await self._call({"op": "release", "bo": bo.id})
+            except DeviceLost as exc:
+                await self._reset(str(exc))
+        self.memory.release(bo)

@@ -1,0 +1,55 @@
+"""``npud``: the daemon's command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+import trio
+
+from . import __version__, log
+from .config import LOG_LEVELS, ConfigError, load, parse_devices
+from .server import AlreadyRunning, Daemon
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="npud", description="npud: the NPU daemon. Runs in the foreground until SIGTERM/SIGINT.")
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    parser.add_argument("--endpoint", help="ZeroMQ endpoint to serve (default: $NPUD_ENDPOINT, "
+                                           "else ipc://$XDG_RUNTIME_DIR/npud/npud.sock, "
+                                           "else ipc:///tmp/npud-$UID/npud.sock)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS)
+    parser.add_argument("--device", metavar="PRESET", action="append",
+                        help="create a device from this preset (repeatable; replaces the config's devices)")
+    parser.add_argument("--version", action="version", version=f"npud {__version__}")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load(args.config)
+        if args.device:
+            config = dataclasses.replace(config, devices=parse_devices(
+                [{"name": f"npu{i}", "preset": p} for i, p in enumerate(args.device)]))
+    except ConfigError as exc:
+        print(f"npud: {exc}", file=sys.stderr)
+        return 2
+    if args.endpoint:
+        config = dataclasses.replace(config, endpoint=args.endpoint)
+    if args.log_level:
+        config = dataclasses.replace(config, log_level=args.log_level)
+    log.setup(config.log_level)
+    try:
+        trio.run(Daemon(config).serve)
+    except AlreadyRunning as exc:
+        logging.getLogger("npud").error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Buffer objects: sealed memfds owned by the daemon, like GEM objects on an integrated NPU.
+
+A ``BufferObject`` is device memory.  The daemon maps it (for ``read``/``write``
+requests), the device process maps it (to execute jobs), and its owning client
+may map it (``map``: the fd travels over the companion socket).  Its size is
+sealed, so no mapper can shrink it under another's feet.
+
+``DeviceMemory`` accounts one device's memory and keeps a small pool of freed
+memfds for reuse, because fresh pages cost as much as copying the data over a
+socket.  A buffer that was ever handed to a client is never pooled: the client
+may keep its mapping after ``free``, and a recycled buffer would then leak the
+next owner's data to it.  Pooled buffers are zeroed before reuse.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import mmap
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ipc_schema.errors import ErrorCode, RequestError
+
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+_ids = itertools.count(1)
+POOL_MAX_BUFFER = 16 << 20  # larger buffers are rare and costly to zero on the event loop
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclass(eq=False)
+class BufferObject:
+    """One memfd of ``mapped_size`` bytes, of which the first ``size`` are the client's."""
+
+    id: int
+    device: int
+    size: int
+    mapped_size: int
+    fd: int
+    mm: mmap.mmap
+    exported: bool = False   # its fd was sent to a client
+    refs: int = 1            # the owner's handle + one per job that binds it
+    released: bool = field(default=False, repr=False)
+
+    def view(self) -> memoryview:
+        return memoryview(self.mm)[: self.size]
+
+    def close(self) -> None:
+        self.mm.close()
+        os.close(self.fd)
+
+
+def _create_memfd(device: int, mapped_size: int) -> tuple[int, mmap.mmap]:
+    fd = os.memfd_create(f"npud-bo-dev{device}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, mapped_size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        mm = mmap.mmap(fd, mapped_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, mm
+
+
+class DeviceMemory:
+    """Allocation and accounting of one device's memory."""
+
+    def __init__(self, device: int, total: int, page_size: int, pool_bytes: int = 256 << 20):
+        self.device = device
+        self.total = total
+        self.page_size = page_size
+        self.used = 0
+        self._pool: dict[int, list[tuple[int, mmap.mmap]]] = {}
+        self._pool_bytes = 0
+        self._pool_limit = pool_bytes
+
+    def allocate(self, size: int) -> BufferObject:
+        """A zero-filled buffer of ``size`` bytes, or ENOMEM when the device is full."""
+        mapped = round_up(size, self.page_size)
+        if self.used + mapped > self.total:
+            raise RequestError(
+                ErrorCode.ENOMEM,
+                f"device {self.device} has {self.total - self.used} bytes free of {self.total}; "
+                f"cannot allocate {mapped}")
+        pooled = self._pool.get(mapped)
+        if pooled:
+            fd, mm = pooled.pop()
+            self._pool_bytes -= mapped
+        else:
+            try:
+                fd, mm = _create_memfd(self.device, mapped)
+            except OSError as exc:
+                raise RequestError(ErrorCode.ENOMEM, f"host cannot back {mapped} bytes: {exc.strerror}") from None
+        self.used += mapped
+        return BufferObject(next(_ids), self.device, size, mapped, fd, mm)
+
+    def release(self, bo: BufferObject) -> None:
+        """Return a buffer's memory; called once its last reference is dropped."""
+        if bo.released:
+            return
+        bo.released = True
+        self.used -= bo.mapped_size
+        if (bo.exported or bo.mapped_size > POOL_MAX_BUFFER
+                or self._pool_bytes + bo.mapped_size > self._pool_limit):
+            bo.close()
+            return
+        # Zero now, while the pages are hot, so that reuse can never show old data.
+        np.frombuffer(bo.mm, dtype=np.uint8)[:] = 0
+        self._pool.setdefault(bo.mapped_size, []).append((bo.fd, bo.mm))
+        self._pool_bytes += bo.mapped_size
+
+    def close(self) -> None:
+        for entries in self._pool.values():
+            for fd, mm in entries:
+                mm.close()
+                os.close(fd)
+        self._pool.clear()
+        self._pool_bytes = 0

@@ -1,0 +1,270 @@
+"""The daemon core: one ROUTER socket, its owner task, and the request dispatcher.
+
+Every frame is decoded and validated (ipc_schema.codec) before a handler runs;
+every failure becomes an error reply to the request that caused it, and the
+session stays usable.  Handlers that finish without waiting run inline in the
+socket's owner task (the fast path for ping, alloc, ...); handlers that wait
+(for a job, for the device) run as tasks of their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+import zmq
+
+from emulator.config import make_config
+from ipc_schema import codec
+from ipc_schema.endpoint import attach_path_for, ipc_path
+from ipc_schema.errors import ErrorCode, ErrorInfo, RequestError
+from ipc_schema.schema import HARD_FRAME_LIMIT, PROTOCOL_VERSION
+from ipc_schema.trio_zmq import OwnedSocket
+
+from . import __version__, attach, handlers, sdnotify
+from .config import Config
+from .devices import DeviceHost
+from .jobs import Job
+from .memory import BufferObject
+from .sessions import Session, SessionTable
+
+log = logging.getLogger("npud")
+
+
+class AlreadyRunning(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Call:
+    """Who sent the request being handled."""
+
+    routing_id: bytes
+    session: Session | None
+    seq: int
+
+
+class Daemon:
+    def __init__(self, config: Config):
+        self.config = config
+        self.endpoint = config.endpoint
+        self.sessions = SessionTable()
+        self.devices = [DeviceHost(i, spec.name, spec.preset, make_config(spec.preset, **spec.params),
+                                   self._job_done)
+                        for i, spec in enumerate(config.devices)]
+        self.started = time.monotonic()
+        self.stopping = False
+        self.attach_path = attach_path_for(self.endpoint)
+        self._zsock: OwnedSocket | None = None
+        self._nursery: trio.Nursery | None = None
+        self._in_flight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self.version = (__version__, list(PROTOCOL_VERSION))
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def serve(self, *, handle_signals: bool = True, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until SIGTERM/SIGINT (or cancellation), then shut down cleanly."""
+        ctx = zmq.Context.instance()
+        sock = self._bind(ctx)
+        attach_listener = attach.listen(self.attach_path) if self.attach_path else None
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for device in self.devices:
+                    await nursery.start(device.run)
+                self._zsock = OwnedSocket(sock, self._on_frames)
+                nursery.start_soon(self._zsock.run)
+                if attach_listener is not None:
+                    nursery.start_soon(attach.serve, self, attach_listener)
+                nursery.start_soon(self._expire_leases)
+                log.info("npud %s serving %s with %d device(s)", __version__, self.endpoint,
+                         len(self.devices))
+                sdnotify.notify(f"READY=1\nSTATUS=serving {self.endpoint}\nMAINPID={os.getpid()}")
+                task_status.started(self)
+                if handle_signals:
+                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                        async for signum in signals:
+                            log.info("received %s, shutting down", signal.Signals(signum).name)
+                            break
+                else:
+                    await trio.sleep_forever()
+                await self._shutdown(nursery)
+        finally:
+            sock.close(linger=1000)
+            if attach_listener is not None:
+                attach_listener.close()
+            for path in (ipc_path(self.endpoint), self.attach_path):
+                if path:
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        pass
+            log.info("npud stopped")
+
+    def _bind(self, ctx: zmq.Context) -> zmq.Socket:
+        path = ipc_path(self.endpoint)
+        if path:
+            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+            if _someone_listens(path):
+                raise AlreadyRunning(f"another npud is already serving {self.endpoint}; "
+                                     "stop it or choose another --endpoint")
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # know when a peer is gone instead of dropping silently
+        sock.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_LIMIT)
+        sock.setsockopt(zmq.SNDHWM, 10_000)
+        sock.setsockopt(zmq.RCVHWM, 10_000)
+        sock.bind(self.endpoint)
+        if path:
+            os.chmod(path, 0o660)
+        return sock
+
+    async def _shutdown(self, nursery: trio.Nursery) -> None:
+        self.stopping = True
+        sdnotify.notify("STOPPING=1")
+        for session in self.sessions:
+            self._zsock.send([session.routing_id, codec.encode_event(
+                "shutdown", {"reason": "npud is stopping"})])
+        with trio.move_on_after(self.config.shutdown_grace_s):
+            await self._idle.wait()
+        for session in self.sessions:
+            self.close_session(session, "daemon shutdown")
+        await trio.sleep(0.05)  # let the owner task flush the last replies
+        nursery.cancel_scope.cancel()
+
+    # --- requests --------------------------------------------------------------------
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        routing_id = frames[0]
+        if len(frames) != 2:
+            self._reply_error(routing_id, None, ErrorInfo.of(
+                ErrorCode.EPROTO, f"expected one frame per request, got {len(frames) - 1}"))
+            return
+        try:
+            request = codec.decode_request(frames[1])
+            session = self.sessions.by_routing(routing_id)
+            if self.stopping:
+                raise RequestError(ErrorCode.ESHUTDOWN, "npud is shutting down; reconnect once it is back")
+            if request.op.needs_session:
+                if session is None:
+                    raise RequestError(ErrorCode.ENOTCONN,
+                                       "no session on this connection: send hello first "
+                                       "(or the session expired; reconnect)")
+                session.last_seen = time.monotonic()
+            handler, waits = handlers.HANDLERS[request.op.name]
+        except RequestError as exc:
+            self._reply_error(routing_id, exc.seq, exc.info)
+            return
+        call = Call(routing_id, session, request.seq)
+        if waits:
+            self._nursery.start_soon(self._run_waiting, handler, call, request)
+            return
+        try:
+            result = handler(self, call, request.args)
+        except RequestError as exc:
+            self._reply_error(routing_id, request.seq, exc.info)
+        except Exception:
+            log.exception("handler %s failed", request.op.name)
+            self._reply_error(routing_id, request.seq, ErrorInfo.of(
+                ErrorCode.EINTERNAL, f"internal error while handling {request.op.name}"))
+        else:
+            self._zsock.send([routing_id, codec.encode_result(request.seq, result)])
+
+    async def _run_waiting(self, handler: Callable, call: Call, request: codec.Request) -> None:
+        routing_id = call.routing_id
+        self._in_flight += 1
+        self._idle = trio.Event() if self._in_flight == 1 else self._idle
+        try:
+            result = await handler(self, call, request.args)
+        except RequestError as exc:
+            self._reply_error(routing_id, request.seq, exc.info)
+        except trio.Cancelled:
+            self._reply_error(routing_id, request.seq, ErrorInfo.of(
+                ErrorCode.ESHUTDOWN, f"npud stopped before {request.op.name} finished; retry once it is back"))
+            raise
+        except Exception:
+            log.exception("handler %s failed", request.op.name)
+            self._reply_error(routing_id, request.seq, ErrorInfo.of(
+                ErrorCode.EINTERNAL, f"internal error while handling {request.op.name}"))
+        else:
+            self._zsock.send([routing_id, codec.encode_result(request.seq, result)])
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    def _reply_error(self, routing_id: bytes, seq: int | None, error: ErrorInfo) -> None:
+        self._zsock.send([routing_id, codec.encode_error(seq, error)])
+
+    # --- resources -------------------------------------------------------------------
+
+    def device(self, index: int) -> DeviceHost:
+        if index >= len(self.devices):
+            raise RequestError(ErrorCode.ENODEV, f"no device {index}; this daemon has "
+                                                 f"{len(self.devices)} (see `npuctl devices`)")
+        return self.devices[index]
+
+    def unref(self, bo: BufferObject) -> None:
+        bo.refs -= 1
+        if bo.refs == 0:
+            self.devices[bo.device].forget(bo)
+
+    def _job_done(self, job: Job) -> None:
+        session = self.sessions.by_id(job.session_id)
+        for bo, _va, _w in job.bindings:
+            self.unref(bo)
+        job.bindings = []
+        if session is not None:
+            session.jobs_in_flight -= 1
+            if job.error:
+                session.jobs_failed += 1
+            else:
+                session.jobs_completed += 1
+
+    def close_session(self, session: Session, why: str) -> None:
+        """Free everything a session holds; safe to call twice."""
+        if session.closed:
+            return
+        session.closed = True
+        self.sessions.remove(session)
+        for job in session.jobs.values():
+            if job.state == "queued":
+                job.finish(error=ErrorInfo.of(ErrorCode.ECANCELED, "the session closed"))
+                self._job_done(job)
+        for bo in session.buffers.values():
+            self.unref(bo)
+        session.buffers.clear()
+        session.memory = 0
+        session.attach_scope.cancel()  # the companion socket's task closes it
+        log.info("session %s (%s, pid %d) closed: %s", session.id, session.name, session.pid, why)
+
+    async def _expire_leases(self) -> None:
+        lease_s = self.config.limits.lease_ms / 1000
+        while True:
+            await trio.sleep(min(1.0, lease_s / 4))
+            now = time.monotonic()
+            for session in self.sessions:
+                if session.attach is None and now - session.last_seen > lease_s:
+                    self.close_session(session, "lease expired")
+
+
+def _someone_listens(path: str) -> bool:
+    """Whether a live process accepts connections on this Unix socket path."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except (FileNotFoundError, ConnectionRefusedError):
+        return False
+    except OSError:
+        return False
+    finally:
+        probe.close()

@@ -1,0 +1,114 @@
+"""Sessions: what one connected client holds, and the table that finds it.
+
+A session is born with HELLO and keyed by the ZeroMQ routing id of the
+connection that sent it.  Its names for buffers and jobs (handles) are its own:
+handle 1 of one session and handle 1 of another are different objects, and no
+request can name another session's.  A session ends with BYE, when its
+companion socket closes (the client process is gone), or when it has neither a
+companion socket nor sent anything for a lease period.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import trio
+
+from .jobs import Job
+from .memory import BufferObject
+
+FINISHED_JOBS_KEPT = 1024  # per session, so that `wait` after completion still answers
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    routing_id: bytes
+    name: str
+    claimed_pid: int
+    token: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    created: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+    uid: int = -1            # from the kernel (SO_PEERCRED on the companion socket)
+    pid: int = 0
+    attach: trio.socket.SocketType | None = None
+    attach_lock: trio.Lock = field(default_factory=trio.Lock)
+    attach_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    buffers: dict[int, BufferObject] = field(default_factory=dict)
+    memory: int = 0
+    jobs: OrderedDict[int, Job] = field(default_factory=OrderedDict)
+    jobs_in_flight: int = 0
+    jobs_submitted: int = 0
+    jobs_completed: int = 0
+    jobs_failed: int = 0
+    closed: bool = False
+    _next_handle: int = 1
+    _next_job: int = 1
+
+    def new_handle(self) -> int:
+        handle, self._next_handle = self._next_handle, self._next_handle + 1
+        return handle
+
+    def new_job_id(self) -> int:
+        job_id, self._next_job = self._next_job, self._next_job + 1
+        return job_id
+
+    def remember_job(self, job: Job) -> None:
+        self.jobs[job.id] = job
+        while len(self.jobs) > FINISHED_JOBS_KEPT + self.jobs_in_flight:
+            oldest_id, oldest = next(iter(self.jobs.items()))
+            if oldest.state not in ("done", "failed"):
+                break
+            del self.jobs[oldest_id]
+
+    def command(self) -> str:
+        """The client's command line as this daemon's PID namespace shows it."""
+        if self.pid <= 0:
+            return ""
+        try:
+            with open(f"/proc/{self.pid}/cmdline", "rb") as f:
+                return f.read(4096).replace(b"\0", b" ").decode("utf-8", "replace").strip()[:256]
+        except OSError:
+            return ""
+
+    def info(self) -> dict:
+        return {
+            "session": self.id, "pid": self.pid, "uid": self.uid, "name": self.name,
+            "command": self.command(), "attached": self.attach is not None,
+            "buffers": len(self.buffers), "memory": self.memory,
+            "jobs_submitted": self.jobs_submitted, "jobs_completed": self.jobs_completed,
+            "jobs_failed": self.jobs_failed, "connected_s": time.monotonic() - self.created,
+        }
+
+
+class SessionTable:
+    def __init__(self):
+        self._by_routing: dict[bytes, Session] = {}
+        self._by_id: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __iter__(self):
+        return iter(list(self._by_id.values()))
+
+    def create(self, routing_id: bytes, name: str, claimed_pid: int) -> Session:
+        session = Session(id=f"s{os.getpid():x}-{secrets.token_hex(6)}", routing_id=routing_id,
+                          name=name, claimed_pid=claimed_pid)
+        self._by_routing[routing_id] = session
+        self._by_id[session.id] = session
+        return session
+
+    def by_routing(self, routing_id: bytes) -> Session | None:
+        return self._by_routing.get(routing_id)
+
+    def by_id(self, session_id: str) -> Session | None:
+        return self._by_id.get(session_id)
+
+    def remove(self, session: Session) -> None:
+        self._by_routing.pop(session.routing_id, None)
+        self._by_id.pop(session.id, None)
