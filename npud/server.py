@@ -152,12 +152,13 @@ class Daemon:
             request = codec.decode_request(frames[1])
             session = self.sessions.by_routing(routing_id)
             if self.stopping:
-                raise RequestError(ErrorCode.ESHUTDOWN, "npud is shutting down; reconnect once it is back")
+                raise RequestError(ErrorCode.ESHUTDOWN, "npud is shutting down; reconnect once it is back",
+                                   seq=request.seq)
             if request.op.needs_session:
                 if session is None:
                     raise RequestError(ErrorCode.ENOTCONN,
                                        "no session on this connection: send hello first "
-                                       "(or the session expired; reconnect)")
+                                       "(or the session expired; reconnect)", seq=request.seq)
                 session.last_seen = time.monotonic()
             handler, waits = handlers.HANDLERS[request.op.name]
         except RequestError as exc:

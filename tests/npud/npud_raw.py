@@ -1,0 +1,50 @@
+"""A raw ZeroMQ DEALER peer for poking the daemon with frames the client library would never send."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import msgpack
+import zmq
+
+from ipc_schema.schema import PROTOCOL_VERSION
+
+
+class RawPeer:
+    def __init__(self, endpoint: str):
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.seq = itertools.count(1)
+
+    def send_frames(self, *frames: bytes) -> None:
+        self.sock.send_multipart(list(frames))
+
+    def recv(self, timeout: float = 5.0) -> dict:
+        if not self.sock.poll(int(timeout * 1000)):
+            raise TimeoutError("no reply from the daemon")
+        return msgpack.unpackb(self.sock.recv(), raw=False)
+
+    def request(self, op: str, args: dict | None = None, seq: int | None = None, **kw) -> dict:
+        seq = next(self.seq) if seq is None else seq
+        self.send_frames(msgpack.packb({"op": op, "seq": seq, "args": args or {}}, use_bin_type=True))
+        while True:
+            reply = self.recv(**kw)
+            if "event" not in reply:
+                assert reply["seq"] == seq, reply
+                return reply
+
+    def hello(self, version=PROTOCOL_VERSION, name: str = "raw") -> dict:
+        return self.request("hello", {"protocol": list(version), "client_name": name, "pid": os.getpid()})
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+def error_of(reply: dict) -> dict:
+    assert reply["ok"] is False, reply
+    err = reply["error"]
+    assert set(err) == {"code", "message", "retryable"}
+    assert isinstance(err["message"], str) and err["message"]
+    return err

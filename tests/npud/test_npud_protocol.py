@@ -1,0 +1,179 @@
+"""The daemon's gate, over the wire: every malformed request gets an error reply, and the
+session that sent it stays usable.  Frames are sent with a plain DEALER, not the library."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+import npu
+from ipc_schema.schema import HARD_FRAME_LIMIT, MAX_MESSAGE_BYTES, PROTOCOL_VERSION
+from npud_raw import RawPeer, error_of
+
+
+@pytest.fixture
+def peer(daemon):
+    p = RawPeer(daemon.endpoint)
+    assert p.hello()["ok"]
+    yield p
+    p.close()
+
+
+def still_usable(peer: RawPeer) -> None:
+    reply = peer.request("ping")
+    assert reply["ok"] is True and reply["result"] == {}
+    reply = peer.request("alloc", {"device": 0, "size": 4096})
+    assert reply["ok"], reply
+    assert peer.request("free", {"handle": reply["result"]["handle"]})["ok"]
+
+
+def pack(obj) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def expect_error(peer, frame: bytes, code: str, *, seq: int, words=()) -> dict:
+    peer.send_frames(frame)
+    reply = peer.recv()
+    assert reply["seq"] == seq
+    err = error_of(reply)
+    assert err["code"] == code, err
+    assert err["retryable"] is False
+    for w in words:
+        assert w in err["message"], (w, err["message"])
+    still_usable(peer)
+    return err
+
+
+def test_not_msgpack(peer):
+    expect_error(peer, b"\xc1\xc1garbage", "EPROTO", seq=0, words=["msgpack"])
+
+
+def test_not_a_map(peer):
+    expect_error(peer, pack(["ping", 1, {}]), "EPROTO", seq=0, words=["map"])
+
+
+def test_missing_seq(peer):
+    expect_error(peer, pack({"op": "ping", "args": {}}), "EPROTO", seq=0, words=["seq"])
+
+
+def test_unknown_op(peer):
+    expect_error(peer, pack({"op": "reboot", "seq": 11, "args": {}}), "EINVAL", seq=11, words=["reboot"])
+
+
+@pytest.mark.parametrize("op,args,words", [
+    ("alloc", {"device": 0}, ["args.size", "missing"]),
+    ("alloc", {"device": 0, "size": 64, "color": "red"}, ["args", "color"]),
+    ("alloc", {"device": 0, "size": True}, ["args.size", "bool"]),
+    ("alloc", {"device": "0", "size": 64}, ["args.device", "str"]),
+    ("write", {"handle": 1, "offset": 0, "data": "text"}, ["args.data", "expected bin, got str"]),
+    ("alloc", {"device": 0, "size": 0}, ["args.size", "out of range"]),
+    ("alloc", {"device": 0, "size": 2**41}, ["args.size", "out of range"]),
+    ("read", {"handle": 0, "offset": 0, "size": 1}, ["args.handle", "out of range"]),
+    ("wait", {"job": 1, "timeout_ms": -1}, ["args.timeout_ms", "out of range"]),
+    ("submit", {"device": 0, "stream": b"", "bindings": []}, ["args.stream"]),
+    ("ping", {"x": 1}, ["args", "'x'"]),
+])
+def test_field_errors_name_the_field(peer, op, args, words):
+    expect_error(peer, pack({"op": op, "seq": 21, "args": args}), "EINVAL", seq=21, words=[op, *words])
+
+
+def test_envelope_extra_field(peer):
+    expect_error(peer, pack({"op": "ping", "seq": 5, "args": {}, "trace": 1}), "EINVAL", seq=5,
+                 words=["trace"])
+
+
+def test_multi_frame_request(peer):
+    peer.send_frames(pack({"op": "ping", "seq": 3, "args": {}}), b"second")
+    err = error_of(peer.recv())
+    assert err["code"] == "EPROTO" and "one frame" in err["message"]
+    still_usable(peer)
+
+
+def test_oversize_frame_gets_emsgsize(peer):
+    frame = pack({"op": "write", "seq": 8, "args": {"handle": 1, "offset": 0,
+                                                    "data": bytes(MAX_MESSAGE_BYTES)}})
+    assert MAX_MESSAGE_BYTES < len(frame) < HARD_FRAME_LIMIT
+    peer.send_frames(frame)
+    err = error_of(peer.recv(timeout=10))
+    assert err["code"] == "EMSGSIZE" and str(MAX_MESSAGE_BYTES) in err["message"]
+    still_usable(peer)
+
+
+def test_frame_above_hard_limit_drops_only_that_connection(daemon, peer):
+    other = npu.connect(daemon.endpoint)
+    try:
+        buf = other.alloc(4096)
+        buf.write(b"still here")
+        peer.send_frames(bytes(HARD_FRAME_LIMIT + 1))
+        with pytest.raises(TimeoutError):
+            peer.recv(timeout=0.5)  # libzmq dropped the connection: no reply at all
+        assert daemon.process.poll() is None
+        other.ping()
+        assert buf.read(10) == b"still here"
+        # a fresh connection works too
+        fresh = RawPeer(daemon.endpoint)
+        assert fresh.hello()["ok"]
+        fresh.close()
+    finally:
+        other.close()
+
+
+def test_client_library_refuses_oversize_locally(client):
+    buf = npu.connect.__globals__["Client"]  # noqa: F841  (the class; keep flake quiet)
+    with pytest.raises(npu.InvalidArgument) as info:
+        client._request("write", {"handle": 1, "offset": 0, "data": bytes(MAX_MESSAGE_BYTES)})
+    assert info.value.code == "EMSGSIZE" and str(MAX_MESSAGE_BYTES) in info.value.message
+    client.ping()
+
+
+# --- HELLO ----------------------------------------------------------------------------
+
+def test_requests_before_hello_are_enotconn(daemon):
+    p = RawPeer(daemon.endpoint)
+    try:
+        for op, args in [("ping", {}), ("alloc", {"device": 0, "size": 1}), ("status", {})]:
+            err = error_of(p.request(op, args))
+            assert err["code"] == "ENOTCONN" and "hello" in err["message"] and err["retryable"] is True
+        # version needs no session
+        assert p.request("version")["result"]["protocol"] == list(PROTOCOL_VERSION)
+        assert p.hello()["ok"]
+        assert p.request("ping")["ok"]
+    finally:
+        p.close()
+
+
+def test_second_hello_is_einval(peer):
+    err = error_of(peer.hello())
+    assert err["code"] == "EINVAL" and "already has session" in err["message"]
+    still_usable(peer)
+
+
+def test_hello_other_major_refused_naming_both_versions(daemon):
+    major, minor = PROTOCOL_VERSION
+    p = RawPeer(daemon.endpoint)
+    try:
+        err = error_of(p.hello(version=(major + 1, 0)))
+        assert err["code"] == "EPROTO"
+        assert f"{major + 1}.0" in err["message"] and f"{major}.{minor}" in err["message"]
+        # no session was opened
+        assert error_of(p.request("ping"))["code"] == "ENOTCONN"
+        # a different minor is accepted
+        reply = p.hello(version=(major, minor + 7))
+        assert reply["ok"] and reply["result"]["protocol"] == [major, minor]
+    finally:
+        p.close()
+
+
+def test_hello_result_shape(daemon):
+    p = RawPeer(daemon.endpoint)
+    try:
+        r = p.hello()["result"]
+        assert r["attach_path"].endswith(".fds") and len(r["attach_token"]) == 32
+        assert r["limits"]["max_message_bytes"] == MAX_MESSAGE_BYTES
+        assert r["lease_ms"] > 0
+        sessions = [c["session"] for c in p.request("clients")["result"]["clients"]]
+        assert r["session"] in sessions
+        assert p.request("bye")["ok"]
+        assert error_of(p.request("ping"))["code"] == "ENOTCONN"
+    finally:
+        p.close()
