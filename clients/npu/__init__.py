@@ -8,6 +8,7 @@
 
 from ipc_schema.endpoint import default_endpoint
 
+from .aio import AsyncBuffer, AsyncClient, connect_async
 from .buffer import Buffer
 from .client import Client, Job, connect
 from .errors import (Busy, Cancelled, ConnectionLost, DeviceFault, InternalError, InvalidArgument,
@@ -16,7 +17,7 @@ from .local import local
 from .protocol import Device
 
 __all__ = [
-    "Buffer", "Busy", "Cancelled", "Client", "ConnectionLost", "Device", "DeviceFault",
+    "AsyncBuffer", "AsyncClient", "Buffer", "Busy", "Cancelled", "Client", "ConnectionLost", "Device", "DeviceFault",
     "InternalError", "InvalidArgument", "Job", "NotFound", "NpuError", "OutOfMemory",
-    "PermissionDenied", "ProtocolMismatch", "Timeout", "connect", "default_endpoint", "local",
+    "PermissionDenied", "ProtocolMismatch", "Timeout", "connect", "connect_async", "default_endpoint", "local",
 ]

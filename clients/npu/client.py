@@ -82,14 +82,17 @@ class Client:
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while True:
-            # A blocking recv with RCVTIMEO costs one syscall less than poll + recv.
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms != self._rcvtimeo:
-                self._rcvtimeo = max(remaining_ms, 0)
-                self._sock.setsockopt(zmq.RCVTIMEO, self._rcvtimeo)
+            # A blocking recv with RCVTIMEO costs one syscall less than poll + recv;
+            # the option is only touched when the timeout changes.
+            remaining_ms = max(int((deadline - time.monotonic()) * 1000), 0)
+            if abs(remaining_ms - self._rcvtimeo) > 100:
+                self._rcvtimeo = remaining_ms
+                self._sock.setsockopt(zmq.RCVTIMEO, remaining_ms)
             try:
                 frame = self._sock.recv(copy=True)
             except zmq.Again:
+                if time.monotonic() < deadline:
+                    continue
                 if unreachable:
                     raise protocol.not_running(self.endpoint, " (no answer to hello)") from None
                 raise error(ErrorCode.ETIMEDOUT, f"no reply to {op} within {timeout:.1f} s") from None
