@@ -1,0 +1,1 @@
+"""npu-emu: the reference emulated NPU (see docs/ISA.md)."""
