@@ -32,7 +32,15 @@ STOP_TIMEOUT_S = 2.0
 
 
 class DeviceLost(Exception):
-    """The device process exited or broke the protocol."""
+    """The device process exited or broke the protocol.
+
+    ``delivered`` is False when the request never reached the process (it was
+    already dead), so the job being run is innocent and may simply be run again.
+    """
+
+    def __init__(self, message: str, *, delivered: bool = True):
+        super().__init__(message)
+        self.delivered = delivered
 
 
 class DeviceHost:
@@ -147,6 +155,9 @@ class DeviceHost:
             else:
                 await self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                    array.array("i", [fd]))])
+        except OSError as exc:
+            raise DeviceLost(f"device process connection failed: {exc}", delivered=False) from None
+        try:
             reply = await self._sock.recv(MAX_REPLY)
         except OSError as exc:
             raise DeviceLost(f"device process connection failed: {exc}") from None
@@ -162,13 +173,15 @@ class DeviceHost:
         self.running = job
         started = time.perf_counter()
         try:
-            for bo, _va, _w in job.bindings:
-                if bo.id not in self._imported:
-                    await self._call({"op": "import", "bo": bo.id}, fd=bo.fd)
-                    self._imported.add(bo.id)
-            reply = await self._call({
-                "op": "run", "job": job.id, "stream": job.stream,
-                "bindings": [[bo.id, va, writable] for bo, va, writable in job.bindings]})
+            try:
+                reply = await self._execute(job)
+            except DeviceLost as exc:
+                if exc.delivered:
+                    raise
+                # The process died before this job reached it (e.g. killed while idle):
+                # the job is innocent, so restart the device and run it there.
+                await self._reset(str(exc))
+                reply = await self._execute(job)
         except DeviceLost as exc:
             reply = {"ok": False, "error": {"code": "EIO", "retryable": True,
                                             "message": f"{exc}; the job was lost, submit it again"}}
@@ -187,6 +200,19 @@ class DeviceHost:
             job.finish(error=ErrorInfo.of(code, f"job {job.id} failed{where}: {err['message']}",
                                           err.get("retryable")))
         self._on_job_done(job)
+
+    async def _execute(self, job: Job) -> dict:
+        for bo, _va, _w in job.bindings:
+            if bo.id not in self._imported:
+                try:
+                    await self._call({"op": "import", "bo": bo.id}, fd=bo.fd)
+                except DeviceLost as exc:
+                    exc.delivered = False  # the job itself never started
+                    raise
+                self._imported.add(bo.id)
+        return await self._call({
+            "op": "run", "job": job.id, "stream": job.stream,
+            "bindings": [[bo.id, va, writable] for bo, va, writable in job.bindings]})
 
     async def _release(self, bo: BufferObject) -> None:
         if bo.id in self._imported:

@@ -1,0 +1,166 @@
+"""Jobs run in the device process: results, stats, refusals, and recovery from a dead device."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+import npu
+from emulator.assembler import StreamBuilder, tile
+from emulator.config import make_config
+
+CFG = make_config("edge")
+A, B, O = 0x10000, 0x20000, 0x30000
+
+
+def add_stream(n: int, out_va: int = O) -> bytes:
+    sb = StreamBuilder(CFG)
+    sb.dma_load(0, A, "float32", (n,))
+    sb.dma_load(n * 4, B, "float32", (n,))
+    sb.sync("dma", "vector")
+    sb.add(tile(0, "float32", (n,)), tile(n * 4, "float32", (n,)), tile(2 * n * 4, "float32", (n,)))
+    sb.sync("vector", "dma")
+    sb.dma_store(2 * n * 4, out_va, "float32", (n,))
+    sb.end()
+    return sb.build()
+
+
+def run_add(c, n: int = 1024, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x, y = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    a, b, out = (c.alloc(n * 4) for _ in range(3))
+    a.write(x)
+    b.write(y)
+    job = c.submit(add_stream(n), [(a, A, False), (b, B, False), (out, O, True)])
+    assert job.wait(10) is job
+    got = np.frombuffer(out.read(), np.float32)
+    assert np.array_equal(got, x + y)
+    for buf in (a, b, out):
+        buf.free()
+    return job
+
+
+def device0(c):
+    return next(d for d in c.devices() if d.index == 0)
+
+
+@pytest.mark.parametrize("map_io", [True, False])
+def test_elementwise_add(make_client, map_io):
+    c = make_client(map_io=map_io)
+    before = device0(c).info["jobs_completed"]
+    n = 2048
+    job = run_add(c, n)
+    assert job.state == "done"
+    s = job.stats
+    assert s["cycles"] > 0 and s["commands"] == 9
+    assert s["dma_bytes_in"] == 2 * n * 4 and s["dma_bytes_out"] == n * 4
+    assert s["wall_ms"] > 0
+    assert device0(c).info["jobs_completed"] == before + 1
+    me = next(x for x in c.clients() if x["session"] == c.session)
+    assert me["jobs_submitted"] == 1 and me["jobs_completed"] == 1 and me["jobs_failed"] == 0
+
+
+def test_wait_timeout_zero_on_finished_job_and_unknown_job(client):
+    job = run_add(client, 64)
+    assert npu.Job(client, job.id).wait(0).state == "done"  # finished jobs are remembered
+    with pytest.raises(npu.NotFound) as info:
+        npu.Job(client, 999).wait(0.1)
+    assert info.value.code == "ENOENT" and "999" in info.value.message
+
+
+def expect_refused(c, stream, bindings, *words, code="EINVAL"):
+    with pytest.raises(npu.NpuError) as info:
+        c.submit(stream, bindings)
+    assert info.value.code == code, info.value
+    for w in words:
+        assert w in info.value.message, (w, info.value.message)
+    run_add(c, 256, seed=len(words))  # the device keeps working
+    return info.value
+
+
+def test_invalid_stream_refused(client):
+    buf = client.alloc(4096)
+    e = expect_refused(client, b"\x00" * 64, [(buf, A, True)], "command stream refused", "header")
+    assert e.retryable is False
+    good = add_stream(16)
+    expect_refused(client, good[:-8], [(buf, A, True)], "command stream refused")
+    expect_refused(client, good + b"\x00" * 16, [(buf, A, True)], "command stream refused")
+
+
+def test_dma_outside_bindings_refused(client):
+    n = 1024
+    a, b, out = (client.alloc(n * 4) for _ in range(3))
+    # the store goes to an address no binding covers
+    stream = add_stream(n, out_va=0x900000)
+    expect_refused(client, stream, [(a, A, False), (b, B, False), (out, O, True)], "command stream refused")
+
+
+def test_store_into_read_only_binding_refused(client):
+    n = 1024
+    a, b, out = (client.alloc(n * 4) for _ in range(3))
+    expect_refused(client, add_stream(n), [(a, A, False), (b, B, False), (out, O, False)],
+                   "command stream refused")
+    assert out.read() == bytes(n * 4)
+
+
+def test_binding_errors(client):
+    n = 1024
+    a, b, out = (client.alloc(n * 4) for _ in range(3))
+    s = add_stream(n)
+    expect_refused(client, s, [(a, A + 8, False), (b, B, False), (out, O, True)],
+                   "bindings[0]", "page size")
+    big = client.alloc(0x20000)
+    expect_refused(client, s, [(big, A, False), (b, B, False), (out, O, True)], "overlaps")
+    ghost = npu.Buffer(client, 4242, 4096, 0)
+    expect_refused(client, s, [(a, A, False), (ghost, B, False), (out, O, True)], "4242", code="ENOENT")
+    with pytest.raises(npu.NotFound) as info:
+        client.submit(s, [(a, A, False)], device=3)
+    assert info.value.code == "ENODEV"
+
+
+def test_freed_buffer_stays_alive_for_its_job(client):
+    run_add(client, 128)  # fine: buffers freed after the job
+    me = next(x for x in client.clients() if x["session"] == client.session)
+    assert me["buffers"] == 0 and me["memory"] == 0
+
+
+def device_children(daemon_pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == daemon_pid and b"emulator.device_process" in cmd:
+            kids.append(int(entry))
+    return kids
+
+
+def test_killed_device_process_is_restarted(daemon, client):
+    run_add(client, 256)
+    resets = device0(client).info["resets"]
+    [pid] = device_children(daemon.process.pid)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        time.sleep(0.01)
+    # the next job is innocent: it runs, on a restarted device process
+    run_add(client, 512, seed=7)
+    info = device0(client).info
+    assert info["resets"] == resets + 1 and info["state"] == "ok"
+    [new_pid] = device_children(daemon.process.pid)
+    assert new_pid != pid
+    run_add(client, 512, seed=8)
