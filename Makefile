@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+RUNTIME := $(VENV)/.installed-runtime
+TESTING := $(VENV)/.installed-test
 
 .PHONY: demo test bench clean
 
@@ -10,17 +11,23 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e '.[test]'
+# The demo needs only the runtime dependencies; tests add the oracles.
+$(RUNTIME): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e .
 	touch $@
 
-demo: $(STAMP)
+$(TESTING): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(RUNTIME) $@
+
+demo: $(RUNTIME)
 	$(PY) -m examples.demo
 
-test: $(STAMP)
+# pytest exits 5 when it collected no tests: make fails then too, as it should.
+test: $(TESTING)
 	$(PY) -m pytest -q -p no:cacheprovider
 
-bench: $(STAMP)
+bench: $(TESTING)
 	$(PY) -m bench
 
 clean:

@@ -23,6 +23,7 @@ from ipc_schema.schema import MAX_INLINE_BYTES, OPS, PROTOCOL_VERSION
 
 from . import __version__
 from .jobs import Job
+from .memory import round_up
 
 if TYPE_CHECKING:
     from .server import Call, Daemon
@@ -118,14 +119,15 @@ def alloc(daemon, call, args):
     if size > limits.max_buffer_bytes:
         raise RequestError(ErrorCode.EINVAL, f"cannot allocate {size} bytes: one buffer may be at most "
                                              f"{limits.max_buffer_bytes} bytes (limits.max_buffer_bytes)")
-    if session.memory + size > limits.memory_quota:
-        raise RequestError(ErrorCode.EDQUOT, f"allocating {size} bytes would bring this session to "
-                                             f"{session.memory + size} of its {limits.memory_quota}-byte "
-                                             "quota; free buffers first")
+    charged = round_up(size, device.config.page_size)  # quotas count real device memory
+    if session.memory + charged > limits.memory_quota:
+        raise RequestError(ErrorCode.EDQUOT, f"allocating {size} bytes ({charged} with page rounding) would "
+                                             f"bring this session to {session.memory + charged} bytes of "
+                                             f"its {limits.memory_quota}-byte quota; free buffers first")
     bo = device.memory.allocate(size)
     handle = session.new_handle()
     session.buffers[handle] = bo
-    session.memory += bo.size
+    session.memory += bo.mapped_size
     return {"handle": handle, "size": bo.size}
 
 
@@ -134,7 +136,7 @@ def free(daemon, call, args):
     session = call.session
     bo = _buffer(session, args["handle"])
     del session.buffers[args["handle"]]
-    session.memory -= bo.size
+    session.memory -= bo.mapped_size
     daemon.unref(bo)  # jobs still using it keep it alive until they finish
     return {}
 
