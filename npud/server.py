@@ -27,7 +27,7 @@ from ipc_schema.errors import ErrorCode, ErrorInfo, RequestError
 from ipc_schema.schema import HARD_FRAME_LIMIT, PROTOCOL_VERSION
 from ipc_schema.trio_zmq import OwnedSocket
 
-from . import __version__, attach, handlers, sdnotify
+from . import __version__, attach, handlers, systemd
 from .config import Config
 from .devices import DeviceHost
 from .jobs import Job
@@ -73,11 +73,22 @@ class Daemon:
     async def serve(self, *, handle_signals: bool = True, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until SIGTERM/SIGINT (or cancellation), then shut down cleanly."""
         ctx = zmq.Context.instance()
-        sock = self._bind(ctx)
-        attach_listener = attach.listen(self.attach_path) if self.attach_path else None
+        activated = systemd.activated_sockets()  # socket activation: adopt, else bind our own
+        owned_paths = []  # the socket files we created (an inherited socket's file is its unit's)
+        sock = self._bind(ctx, activated.zmq_fd, activated.zmq_path)
+        if activated.zmq_fd is None and ipc_path(self.endpoint):
+            owned_paths.append(ipc_path(self.endpoint))
+        if activated.attach is not None:
+            self.attach_path = activated.attach_path
+        attach_listener = attach.listen(self.attach_path, activated.attach) if self.attach_path else None
+        if attach_listener is not None and activated.attach is None:
+            owned_paths.append(self.attach_path)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                watchdog = systemd.watchdog_interval()
+                if watchdog:  # first, so that slow device start-up is not mistaken for a hang
+                    nursery.start_soon(systemd.run_watchdog, watchdog)
                 for device in self.devices:
                     await nursery.start(device.run)
                 self._zsock = OwnedSocket(sock, self._on_frames)
@@ -87,7 +98,8 @@ class Daemon:
                 nursery.start_soon(self._expire_leases)
                 log.info("npud %s serving %s with %d device(s)", __version__, self.endpoint,
                          len(self.devices))
-                sdnotify.notify(f"READY=1\nSTATUS=serving {self.endpoint}\nMAINPID={os.getpid()}")
+                systemd.notify(f"READY=1\nSTATUS={self._status_line()}\nMAINPID={os.getpid()}")
+                nursery.start_soon(self._report_status)
                 task_status.started(self)
                 if handle_signals:
                     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -101,7 +113,7 @@ class Daemon:
             sock.close(linger=1000)
             if attach_listener is not None:
                 attach_listener.close()
-            for path in (ipc_path(self.endpoint), self.attach_path):
+            for path in owned_paths:
                 if path:
                     try:
                         os.unlink(path)
@@ -109,9 +121,22 @@ class Daemon:
                         pass
             log.info("npud stopped")
 
-    def _bind(self, ctx: zmq.Context) -> zmq.Socket:
+    def _bind(self, ctx: zmq.Context, fd: int | None = None, fd_path: str | None = None) -> zmq.Socket:
+        """The ROUTER socket: bound to our endpoint, or to ``fd``, a listening socket systemd passed.
+
+        With ZMQ_USE_FD, libzmq neither creates, binds nor unlinks the socket: it
+        accepts on ``fd`` (and closes it with the ROUTER); bind() only names the
+        endpoint.  Connections queued on it before we started are accepted then.
+        """
+        if fd is not None:
+            endpoint = f"ipc://{fd_path}"
+            if endpoint != self.endpoint:
+                log.info("serving the socket systemd passed, %s (not the configured %s)", endpoint,
+                         self.endpoint)
+                self.endpoint = endpoint
+                self.attach_path = attach_path_for(endpoint)
         path = ipc_path(self.endpoint)
-        if path:
+        if path and fd is None:
             os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
             if _someone_listens(path):
                 raise AlreadyRunning(f"another npud is already serving {self.endpoint}; "
@@ -122,14 +147,17 @@ class Daemon:
         sock.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_LIMIT)
         sock.setsockopt(zmq.SNDHWM, 10_000)
         sock.setsockopt(zmq.RCVHWM, 10_000)
+        if fd is not None:
+            os.set_blocking(fd, False)  # systemd passes blocking sockets; libzmq's poller expects not
+            sock.setsockopt(zmq.USE_FD, fd)
         sock.bind(self.endpoint)
-        if path:
+        if path and fd is None:
             os.chmod(path, 0o660)
         return sock
 
     async def _shutdown(self, nursery: trio.Nursery) -> None:
         self.stopping = True
-        sdnotify.notify("STOPPING=1")
+        systemd.notify("STOPPING=1\nSTATUS=stopping")
         for session in self.sessions:
             self._zsock.send([session.routing_id, codec.encode_event(
                 "shutdown", {"reason": "npud is stopping"})])
@@ -139,6 +167,21 @@ class Daemon:
             self.close_session(session, "daemon shutdown")
         await trio.sleep(0.05)  # let the owner task flush the last replies
         nursery.cancel_scope.cancel()
+
+    def _status_line(self) -> str:
+        jobs = sum(session.jobs_in_flight for session in self.sessions)
+        return (f"serving {self.endpoint}: {len(self.sessions)} client(s), "
+                f"{len(self.devices)} device(s), {jobs} job(s) in flight")
+
+    async def _report_status(self) -> None:
+        """Keep systemctl status's STATUS= line current (sent only when it changes)."""
+        last = self._status_line()
+        while True:
+            await trio.sleep(1.0)
+            line = self._status_line()
+            if line != last and not self.stopping:
+                systemd.notify(f"STATUS={line}")
+                last = line
 
     # --- requests --------------------------------------------------------------------
 
@@ -195,10 +238,9 @@ class Daemon:
             log.exception("handler %s failed", request.op.name)
             self._reply_error(routing_id, request.seq, ErrorInfo.of(
                 ErrorCode.EINTERNAL, f"internal error while handling {request.op.name}"))
-        else:
-            self._zsock.send([routing_id, codec.encode_result(request.seq, result)])
         finally:
             self._in_flight -= 1
+            self._zsock.send([call.routing_id, reply])
             if self._in_flight == 0:
                 self._idle.set()
 

@@ -1,0 +1,126 @@
+"""Render docs/PROTOCOL.md from the schema: ``python -m ipc_schema.docgen > docs/PROTOCOL.md``.
+
+The prose below explains the transport; every table is generated from
+ipc_schema.schema and ipc_schema.errors, and a test checks that the committed
+file equals this output, so the document cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+from .errors import ErrorCode
+from .schema import (ATTACH_HELLO, ATTACH_REPLY, BINDING, CLIENT, DEVICE, ERROR, EVENT, EVENTS,
+                     FD_MESSAGE, HARD_FRAME_LIMIT, LIMITS, MAX_ATTACH_PACKET, MAX_INLINE_BYTES,
+                     MAX_MESSAGE_BYTES, OPS, PROTOCOL_VERSION, REPLY, REQUEST, TENSOR)
+from .types import Struct
+
+INTRO = f"""\
+# The npud protocol, version {PROTOCOL_VERSION[0]}.{PROTOCOL_VERSION[1]}
+
+This document is generated from `ipc_schema/schema.py` by
+`python -m ipc_schema.docgen`; a test keeps it identical.  It is enough to
+write a client in any language with a ZeroMQ and a msgpack library.
+
+## Transport
+
+- The daemon binds a ZeroMQ **ROUTER** socket; a client connects a **DEALER**
+  (or any socket that can talk to a ROUTER) to the daemon's endpoint.
+- Endpoint rules, shared by npud, the client library and npuctl: an explicit
+  endpoint; else `$NPUD_ENDPOINT`; else `ipc://$XDG_RUNTIME_DIR/npud/npud.sock`;
+  else `ipc:///tmp/npud-$UID/npud.sock`.  The system service listens on
+  `ipc:///run/npud/npud.sock`.
+- Every request is **one frame** holding one msgpack map (a request of several
+  frames is refused with `EPROTO`).  Every reply and event is one frame too.
+  Strings are msgpack str (UTF-8); byte payloads are msgpack bin.
+- Frames larger than {MAX_MESSAGE_BYTES} bytes are answered with `EMSGSIZE`.  Frames
+  larger than {HARD_FRAME_LIMIT} bytes (`ZMQ_MAXMSGSIZE`) make libzmq drop the
+  connection before the daemon sees them; the client library refuses such
+  frames locally with `EMSGSIZE`.  Inline payloads (buffer data, command
+  streams, tensors) are at most {MAX_INLINE_BYTES} bytes: move bulk data
+  through mapped buffers.
+
+## Requests, replies and events
+
+A request names its op, carries a client-chosen `seq` (echoed in the reply,
+so a client may pipeline requests) and the op's `args`.  A reply has the
+request's `seq` and either a `result` or an `error`.  An error carries a stable
+`code` (table below), a message for a person, and `retryable`: whether sending
+the same request again can succeed.  A request that fails validation is
+answered with an error and changes nothing; the session stays usable.
+Replies to one connection may arrive in any order (ops that wait, like
+`wait`, finish later than ops sent after them): match them by `seq`.
+
+Events are frames the daemon sends unprompted; they have an `event` key
+instead of `seq`.  A client must ignore events it does not know.
+
+## Sessions
+
+`hello` must come first on a connection and opens a session tied to that
+connection (its ZeroMQ routing id).  The protocol major versions must match;
+otherwise `hello` fails with `EPROTO` naming both versions.  Within a major
+version, a newer minor only adds ops and optional fields.
+
+Buffer handles and job ids are the session's own names: no request can name
+another session's objects (a foreign or stale handle is `ENOENT`).
+
+A session ends with `bye`, when its companion socket closes, or — for a
+session without one — after `lease_ms` without any request (send `ping` to
+keep it).  Everything it held is freed then.
+
+## The companion socket (local clients)
+
+ZeroMQ cannot carry file descriptors, so a local client also connects the Unix
+`SOCK_SEQPACKET` socket named by `hello`'s `attach_path` and sends one
+`attach.hello` packet with the session id and `attach_token`.  The daemon
+answers with `attach.reply`, learns the client's uid and pid from the kernel
+(`SO_PEERCRED`), and from then on sends `attach.fd` packets, each with one
+memfd in `SCM_RIGHTS` ancillary data, in answer to `map` requests (the packet
+is sent before the `map` reply, tagged with the request's `seq`).  The client
+never writes to it again.  When the client process exits, the kernel closes
+the socket and the daemon frees the session at once.  Packets are at most
+{MAX_ATTACH_PACKET} bytes.  Map the received fd with `MAP_SHARED` for its full
+`size` (page-rounded); the first `size` bytes of the `map` reply are the
+buffer's.
+"""
+
+
+def _struct_table(struct: Struct) -> str:
+    rows = ["| field | type | required | meaning |", "| --- | --- | --- | --- |"]
+    for name, f in struct.fields.items():
+        rows.append(f"| `{name}` | {f.type.describe()} | {'no' if f.optional else 'yes'} | {f.doc} |")
+    if not struct.fields:
+        rows.append("| | (empty map) | | |")
+    return "\n".join(rows)
+
+
+def _section(title: str, struct: Struct) -> str:
+    doc = f"\n{struct.doc}\n" if struct.doc else ""
+    return f"### `{struct.name}`\n{doc}\n{_struct_table(struct)}\n"
+
+
+def render() -> str:
+    parts = [INTRO, "## Envelopes\n"]
+    for struct in (REQUEST, REPLY, ERROR, EVENT):
+        parts.append(_section(struct.name, struct))
+    parts.append("## Errors\n\n| code | retryable by default | meaning |\n| --- | --- | --- |")
+    parts += [f"| `{c.value}` | {'yes' if c.retryable else 'no'} | {c.meaning} |" for c in ErrorCode]
+    parts.append("\n## Ops\n")
+    for op in OPS.values():
+        parts.append(f"### `{op.name}`\n\n{op.doc}"
+                     + ("" if op.needs_session else " Allowed before `hello`.")
+                     + (f" Errors it may return besides validation errors: "
+                        f"{', '.join(f'`{e}`' for e in op.errors)}." if op.errors else "")
+                     + f"\n\n**args**\n\n{_struct_table(op.args)}\n\n**result**\n\n{_struct_table(op.result)}\n")
+    parts.append("## Events\n")
+    for name, struct in EVENTS.items():
+        parts.append(_section(name, struct))
+    parts.append("## Shared structures\n")
+    for struct in (DEVICE, CLIENT, LIMITS, BINDING, TENSOR):
+        parts.append(_section(struct.name, struct))
+    parts.append("## Companion socket packets\n")
+    for struct in (ATTACH_HELLO, ATTACH_REPLY, FD_MESSAGE):
+        parts.append(_section(struct.name, struct))
+    return "\n".join(parts).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    print(render(), end="")

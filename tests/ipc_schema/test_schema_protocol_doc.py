@@ -1,0 +1,24 @@
+"""docs/PROTOCOL.md is generated from the schema and must stay identical to it."""
+
+from pathlib import Path
+
+from ipc_schema import docgen
+from ipc_schema.errors import ErrorCode
+from ipc_schema.schema import OPS
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
+
+
+def test_protocol_doc_matches_schema():
+    assert DOC.read_text() == docgen.render(), (
+        "docs/PROTOCOL.md is stale: run `python -m ipc_schema.docgen > docs/PROTOCOL.md`")
+
+
+def test_every_op_field_and_error_code_is_documented():
+    text = DOC.read_text()
+    for op in OPS.values():
+        assert f"### `{op.name}`" in text
+        for field in (*op.args.fields, *op.result.fields):
+            assert f"| `{field}` |" in text, (op.name, field)
+    for code in ErrorCode:
+        assert f"| `{code.value}` |" in text
