@@ -34,8 +34,14 @@ log = logging.getLogger("npud.attach")
 HELLO_TIMEOUT_S = 5.0
 
 
-def listen(path: str) -> socket.socket:
-    """Bind the companion socket (or adopt it from systemd later)."""
+def listen(path: str, inherited: socket.socket | None = None) -> socket.socket:
+    """Bind the companion socket, or adopt the listening one socket activation passed.
+
+    An inherited socket (``ListenSequentialPacket=`` in npud.socket) is already
+    bound and listening, with the mode and group its unit chose: it is used as is.
+    """
+    if inherited is not None:
+        return inherited
     try:
         os.unlink(path)
     except FileNotFoundError:
