@@ -25,11 +25,16 @@ class Ratio:
 
     @property
     def ratio(self) -> float:
+        """Time ratio (ours / baseline), or for throughput, bandwidth ratio (baseline / ours)."""
+        if self.higher_is_better:
+            return self.baseline_s / self.candidate_s
         return self.candidate_s / self.baseline_s
 
     def line(self) -> str:
-        return (f"{self.name:<44} {self.candidate_s * self.per:10.2f} {self.unit:<6} vs baseline "
-                f"{self.baseline_s * self.per:10.2f} {self.unit:<6} ratio {self.ratio:5.2f}x  (goal {self.goal})")
+        kind = "bandwidth" if self.higher_is_better else "time"
+        return (f"{self.name:<46} {self.candidate_s * self.per:9.2f} {self.unit} vs baseline "
+                f"{self.baseline_s * self.per:9.2f} {self.unit}  {kind} ratio {self.ratio:5.2f}x  "
+                f"(goal {self.goal})")
 
 
 def time_per_call(fn: Callable[[], object], n: int) -> float:

@@ -76,6 +76,24 @@ class Buffer:
                  for start in range(0, nbytes, chunk)]
         return b"".join(parts)
 
+    def read_into(self, out: Any, offset: int = 0) -> None:
+        """Copy ``len(out)`` bytes from ``offset`` into a writable buffer or array: no allocation."""
+        self._check()
+        target = as_bytes(out)
+        if target.readonly:
+            raise error(ErrorCode.EINVAL, "read_into needs a writable buffer")
+        if offset < 0 or offset + target.nbytes > self.size:
+            raise error(ErrorCode.EINVAL, f"read of {target.nbytes} bytes at offset {offset} runs past the "
+                                          f"end of the {self.size}-byte buffer")
+        if self._mapped_io():
+            target[:] = memoryview(self._mm)[offset:offset + target.nbytes]
+            return
+        chunk = self.client.limits["max_inline_bytes"]
+        for start in range(0, target.nbytes, chunk):
+            n = min(chunk, target.nbytes - start)
+            target[start:start + n] = self.client._request(
+                "read", {"handle": self.handle, "offset": offset + start, "size": n})["data"]
+
     def free(self) -> None:
         """Release the buffer.  Jobs still using it keep it alive until they finish."""
         if self._freed:
