@@ -72,6 +72,8 @@ class Client:
     def _send(self, op: str, args: dict) -> int:
         if self._closed:
             raise error(ErrorCode.ENOTCONN, "this client is closed")
+        if self._daemon_stopping:  # the daemon said it is stopping: fail fast once it is gone
+            protocol.check_reachable(self.endpoint)
         seq = next(self._seq)
         limit = self.limits["max_message_bytes"] if self.limits else protocol.MAX_MESSAGE_BYTES
         self._sock.send(protocol.encode(op, seq, args, limit), copy=False)
@@ -85,12 +87,16 @@ class Client:
             # A blocking recv with RCVTIMEO costs one syscall less than poll + recv;
             # the option is only touched when the timeout changes.
             remaining_ms = max(int((deadline - time.monotonic()) * 1000), 0)
+            if self._daemon_stopping:  # poll: the daemon may be gone for good
+                remaining_ms = min(remaining_ms, 250)
             if abs(remaining_ms - self._rcvtimeo) > 100:
                 self._rcvtimeo = remaining_ms
                 self._sock.setsockopt(zmq.RCVTIMEO, remaining_ms)
             try:
                 frame = self._sock.recv(copy=True)
             except zmq.Again:
+                if self._daemon_stopping:
+                    protocol.check_reachable(self.endpoint)  # ECONNREFUSED naming the endpoint
                 if time.monotonic() < deadline:
                     continue
                 if unreachable:
