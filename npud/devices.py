@@ -10,6 +10,7 @@ by putting work in the runner's queue.
 from __future__ import annotations
 
 import array
+import errno
 import logging
 import socket
 import sys
@@ -28,6 +29,7 @@ from .memory import BufferObject, DeviceMemory
 log = logging.getLogger("npud.device")
 
 MAX_REPLY = 1 << 20
+CHANNEL_BYTES = 32 << 20  # the device process accepts packets up to this size
 STOP_TIMEOUT_S = 2.0
 
 
@@ -41,6 +43,10 @@ class DeviceLost(Exception):
     def __init__(self, message: str, *, delivered: bool = True):
         super().__init__(message)
         self.delivered = delivered
+
+
+class ChannelLimit(Exception):
+    """A request is larger than one packet of the device socket can carry on this host."""
 
 
 class DeviceHost:
@@ -108,6 +114,10 @@ class DeviceHost:
 
     async def _start_process(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # One packet carries a whole command stream; the default buffer (~208 KiB)
+        # caps packets far below the streams the protocol allows.  The kernel clamps
+        # this to net.core.wmem_max; larger streams fail their job with EINVAL.
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * CHANNEL_BYTES)
         config_hex = msgpack.packb(self.config.to_dict()).hex()
         try:
             self._process = await trio.lowlevel.open_process(
@@ -156,6 +166,10 @@ class DeviceHost:
                 await self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                    array.array("i", [fd]))])
         except OSError as exc:
+            if exc.errno == errno.EMSGSIZE:
+                raise ChannelLimit(f"a {len(data)}-byte {request['op']} request exceeds what this host's "
+                                   "device socket carries in one packet (raise net.core.wmem_max, "
+                                   "or submit a shorter command stream)") from None
             raise DeviceLost(f"device process connection failed: {exc}", delivered=False) from None
         try:
             reply = await self._sock.recv(MAX_REPLY)
@@ -186,6 +200,8 @@ class DeviceHost:
             reply = {"ok": False, "error": {"code": "EIO", "retryable": True,
                                             "message": f"{exc}; the job was lost, submit it again"}}
             await self._reset(str(exc))
+        except ChannelLimit as exc:  # the device is fine: only this job cannot reach it
+            reply = {"ok": False, "error": {"code": "EINVAL", "retryable": False, "message": str(exc)}}
         finally:
             self.busy_s += time.perf_counter() - started
             self.running = None

@@ -238,6 +238,9 @@ async def wait(daemon, call, args):
                                              "kept for the last 1024)")
     with trio.move_on_after(args["timeout_ms"] / 1000):
         await job.done.wait()
+    if daemon.stopping and job.state in ("queued", "running"):  # woken by the shutdown
+        raise RequestError(ErrorCode.ESHUTDOWN, f"npud stopped before job {job.id} finished; "
+                                                "submit it again once it is back")
     if not job.done.is_set():
         raise RequestError(ErrorCode.ETIMEDOUT, f"job {job.id} is still {job.state} after "
                                                 f"{args['timeout_ms']} ms")

@@ -163,6 +163,13 @@ class Daemon:
                 "shutdown", {"reason": "npud is stopping"})])
         with trio.move_on_after(self.config.shutdown_grace_s):
             await self._idle.wait()
+        # Jobs that did not finish in the grace period never will: wake their waits now,
+        # while the socket's owner task still runs, so each is answered ESHUTDOWN.
+        for session in self.sessions:
+            for job in session.jobs.values():
+                job.done.set()
+        with trio.move_on_after(1.0):
+            await self._idle.wait()
         for session in self.sessions:
             self.close_session(session, "daemon shutdown")
         await trio.sleep(0.05)  # let the owner task flush the last replies
@@ -280,7 +287,9 @@ class Daemon:
         self.sessions.remove(session)
         for job in session.jobs.values():
             if job.state == "queued":
-                job.finish(error=ErrorInfo.of(ErrorCode.ECANCELED, "the session closed"))
+                job.finish(error=ErrorInfo.of(ErrorCode.ESHUTDOWN, "npud stopped before the job ran; "
+                                              "submit it again once it is back") if self.stopping
+                           else ErrorInfo.of(ErrorCode.ECANCELED, "the session closed"))
                 self._job_done(job)
         for bo in session.buffers.values():
             self.unref(bo)

@@ -164,3 +164,18 @@ def test_killed_device_process_is_restarted(daemon, client):
     [new_pid] = device_children(daemon.process.pid)
     assert new_pid != pid
     run_add(client, 512, seed=8)
+
+
+def test_stream_larger_than_default_socket_buffer_runs(client):
+    """A 1 MiB command stream is far below the protocol's limit and must reach the device
+    (the device socket's default ~208 KiB packet limit once failed it with EIO and reset
+    the device twice)."""
+    resets = device0(client).info["resets"]
+    sb = StreamBuilder(CFG)
+    for _ in range(15000):
+        sb.matmul(tile(0, "float32", (1, 8)), tile(64, "float32", (8, 8)), tile(512, "float32", (1, 8)))
+    stream = sb.end().build()
+    assert len(stream) > 1 << 20
+    job = client.submit(stream, [])
+    assert job.wait(30).state == "done" and job.stats["commands"] == 15001
+    assert device0(client).info["resets"] == resets

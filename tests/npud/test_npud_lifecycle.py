@@ -127,50 +127,59 @@ def long_stream(cfg, n: int = 2000) -> bytes:
 
 def test_sigterm_is_clean(tmp_path):
     cfg = tmp_path / "grace.toml"
-    cfg.write_text("shutdown_grace_s = 0.5\n")
+    cfg.write_text("shutdown_grace_s = 0.3\n")
     d = LocalDaemon("--config", str(cfg))
     path, fds = ipc_path(d.endpoint), attach_path_for(d.endpoint)
     try:
         assert os.path.exists(path) and os.path.exists(fds)
         devices = child_pids(d.process.pid)
         assert devices, "no device process"
-        c = npu.connect(d.endpoint, timeout=30)
+        edge = make_config("edge")
+        running_client = npu.connect(d.endpoint, timeout=30)
+        queued_client = npu.connect(d.endpoint, timeout=30)
         idle = npu.connect(d.endpoint, timeout=30)
-        stream = long_stream(make_config("edge"))
-        jobs = [c.submit(stream, []) for _ in range(8)]  # several seconds of queued work
+        running = running_client.submit(long_stream(edge, 30000), [])  # over a second of work
+        queued = queued_client.submit(long_stream(edge, 10), [])      # stuck behind it
         outcome = {}
 
-        def waiter():
+        def waiter(name, job):
             try:
-                outcome["result"] = jobs[-1].wait(60)
+                outcome[name] = job.wait(60)
             except npu.NpuError as exc:
-                outcome["error"] = exc
-        t = threading.Thread(target=waiter)
-        t.start()
-        time.sleep(0.3)  # the wait is blocked in the daemon now
+                outcome[name] = exc
+        threads = [threading.Thread(target=waiter, args=("running", running)),
+                   threading.Thread(target=waiter, args=("queued", queued))]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)  # both waits are blocked in the daemon now
         t0 = time.monotonic()
         d.process.send_signal(signal.SIGTERM)
         assert d.process.wait(15) == 0
-        t.join(10)
-        assert not t.is_alive(), "a client blocked in wait hangs after SIGTERM"
+        for t in threads:
+            t.join(10)
+            assert not t.is_alive(), "a client blocked in wait hangs after SIGTERM"
         assert time.monotonic() - t0 < 10
-        if "error" in outcome:
-            assert outcome["error"].code == "ESHUTDOWN", outcome["error"]
-            assert outcome["error"].retryable is True
-        else:
-            assert outcome["result"].state == "done"
+        for name in ("running", "queued"):
+            got = outcome[name]
+            if isinstance(got, npu.NpuError):  # the daemon's error reply, not a client-side timeout
+                assert got.code == "ESHUTDOWN" and got.retryable is True, (name, got)
+            else:
+                assert got.state == "done", (name, got)
+        assert isinstance(outcome["queued"], npu.NpuError) or isinstance(outcome["running"], npu.NpuError), \
+            "the test's jobs were too short to be interrupted"
         assert not os.path.exists(path) and not os.path.exists(fds)
         assert all(not os.path.exists(f"/proc/{pid}") for pid in devices), "device process survived"
         # afterwards: a clear error naming the endpoint
         with pytest.raises(npu.ConnectionLost) as info:
             npu.connect(d.endpoint)
         assert info.value.code == "ECONNREFUSED" and d.endpoint in info.value.message
-        for lib in (c, idle):  # one saw the shutdown event already, one has it still queued
+        for lib in (running_client, idle):  # one saw the shutdown event already, one has it queued
             t1 = time.monotonic()
             with pytest.raises(npu.ConnectionLost) as info:
                 lib.ping()
             assert info.value.code == "ECONNREFUSED" and d.endpoint in info.value.message
             assert time.monotonic() - t1 < 3, "the client waited for its timeout"
+        for lib in (running_client, queued_client, idle):
             lib.close()
     finally:
         d.stop()
