@@ -82,3 +82,54 @@ def test_bye_frees_buffers(make_client, client):
     c.close()
     assert sum(d.memory_used for d in client.devices()) == used - (1 << 20)
     assert c.session not in {x["session"] for x in client.clients()}
+
+
+def _fake_daemon(endpoint: str, protocol_version: list[int], ready: "threading.Event") -> None:
+    """Answer one hello the way a daemon speaking ``protocol_version`` would."""
+    import secrets
+
+    import zmq
+
+    from ipc_schema import codec
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(endpoint)
+    ready.set()
+    try:
+        if not sock.poll(5000):
+            return
+        routing_id, frame = sock.recv_multipart()
+        request = codec.decode_request(frame)
+        sock.send_multipart([routing_id, codec.encode_result(request.seq, {
+            "session": "s-fake", "protocol": protocol_version, "daemon_version": "9.9",
+            "lease_ms": 1000, "attach_path": "", "attach_token": secrets.token_bytes(32),
+            "limits": {"max_message_bytes": MAX_MESSAGE_BYTES, "max_inline_bytes": 1 << 20,
+                       "max_buffer_bytes": 1 << 20, "memory_quota": 1 << 20}})])
+        sock.poll(500)  # let the reply go out (and swallow a bye)
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("delta,ok", [((1, 0), False), ((0, 3), True)])
+def test_client_refuses_daemon_of_another_major(tmp_path, delta, ok):
+    import threading
+    major, minor = PROTOCOL_VERSION
+    theirs = [major + delta[0], minor + delta[1]]
+    ep = f"ipc://{tmp_path}/fake.sock"
+    ready = threading.Event()
+    t = threading.Thread(target=_fake_daemon, args=(ep, theirs, ready))
+    t.start()
+    ready.wait(5)
+    try:
+        if ok:
+            c = npu.connect(ep, timeout=2)
+            assert c.session == "s-fake" and not c.attached
+            c._closed = True  # nothing to say bye to
+            c._sock.close()
+        else:
+            with pytest.raises(npu.ProtocolMismatch) as info:
+                npu.connect(ep, timeout=2)
+            assert info.value.code == "EPROTO"
+            assert f"{theirs[0]}.{theirs[1]}" in info.value.message and f"{major}.{minor}" in info.value.message
+    finally:
+        t.join(10)

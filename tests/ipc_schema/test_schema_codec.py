@@ -211,7 +211,7 @@ def test_check_version_major_mismatch_names_both_versions():
 
 
 def test_decode_reply_of_hello_from_other_major_is_refused_by_client_check():
-    from npu import ProtocolMismatch, protocol as _  # noqa: F401
+    from npu import ProtocolMismatch
     from npu.protocol import check_hello
     major, minor = PROTOCOL_VERSION
     with pytest.raises(ProtocolMismatch) as info:
