@@ -14,8 +14,8 @@ from typing import Any
 import msgpack
 
 from .errors import ErrorCode, ErrorInfo, RequestError
-from .schema import (DTYPE_SIZES, EVENTS, MAX_MESSAGE_BYTES, OPS, PROTOCOL_VERSION, REPLY,
-                     REQUEST, TENSOR, Op)
+from .schema import (DTYPE_SIZES, EVENTS, MAX_MESSAGE_BYTES, MAX_SEQ, OPS, PROTOCOL_VERSION,
+                     REPLY, REQUEST, TENSOR, Op)
 from .types import FieldError
 
 
@@ -61,7 +61,7 @@ def decode_request(frame: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Request:
     seq = message.get("seq")
     seq = seq if type(seq) is int and 0 <= seq < 2**32 else None
     try:
-        envelope = REQUEST.check(message, "")
+        envelope = REQUEST.check(message, "request")
     except FieldError as exc:
         raise RequestError(ErrorCode.EPROTO if seq is None else ErrorCode.EINVAL,
                             f"bad request envelope: {exc}", seq=seq) from None

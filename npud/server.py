@@ -230,24 +230,26 @@ class Daemon:
             self._zsock.send([routing_id, codec.encode_result(request.seq, result)])
 
     async def _run_waiting(self, handler: Callable, call: Call, request: codec.Request) -> None:
-        routing_id = call.routing_id
+        """Run a handler that waits; its one reply is always sent, even on shutdown."""
         self._in_flight += 1
         self._idle = trio.Event() if self._in_flight == 1 else self._idle
+        reply = codec.encode_error(request.seq, ErrorInfo.of(
+            ErrorCode.EINTERNAL, f"{request.op.name} was interrupted"))
         try:
-            result = await handler(self, call, request.args)
+            reply = codec.encode_result(request.seq, await handler(self, call, request.args))
         except RequestError as exc:
-            self._reply_error(routing_id, request.seq, exc.info)
+            reply = codec.encode_error(request.seq, exc.info)
         except trio.Cancelled:
-            self._reply_error(routing_id, request.seq, ErrorInfo.of(
+            reply = codec.encode_error(request.seq, ErrorInfo.of(
                 ErrorCode.ESHUTDOWN, f"npud stopped before {request.op.name} finished; retry once it is back"))
             raise
         except Exception:
             log.exception("handler %s failed", request.op.name)
-            self._reply_error(routing_id, request.seq, ErrorInfo.of(
+            reply = codec.encode_error(request.seq, ErrorInfo.of(
                 ErrorCode.EINTERNAL, f"internal error while handling {request.op.name}"))
         finally:
-            self._in_flight -= 1
             self._zsock.send([call.routing_id, reply])
+            self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
 
