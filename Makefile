@@ -82,7 +82,7 @@ uninstall:
 	for unit in $(NPUD_UNITS); do \
 	  rm -f $(DESTDIR)$(SYSTEMDDIR)/system/$$unit $(DESTDIR)$(SYSTEMDDIR)/user/$$unit; done
 	rm -f $(DESTDIR)$(SYSUSERSDIR)/npud.conf $(DESTDIR)$(TMPFILESDIR)/npud.conf
-	rm -rf $(DESTDIR)$(PREFIX)
+	[ ! -e $(DESTDIR)$(PREFIX)/pyvenv.cfg ] || rm -rf $(DESTDIR)$(PREFIX)  # only ever a venv we made
 	@if [ "$(PURGE)" = 1 ]; then rm -rf $(DESTDIR)$(SYSCONFDIR)/npud; fi
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 

@@ -9,6 +9,7 @@ socket's owner task (the fast path for ping, alloc, ...); handlers that wait
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -98,16 +99,18 @@ class Daemon:
                 nursery.start_soon(self._expire_leases)
                 log.info("npud %s serving %s with %d device(s)", __version__, self.endpoint,
                          len(self.devices))
-                systemd.notify(f"READY=1\nSTATUS={self._status_line()}\nMAINPID={os.getpid()}")
-                nursery.start_soon(self._report_status)
-                task_status.started(self)
-                if handle_signals:
-                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                # SIGTERM is caught before READY=1 goes out: a stop right after it shuts down cleanly.
+                with (trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) if handle_signals
+                      else contextlib.nullcontext()) as signals:
+                    systemd.notify(f"READY=1\nSTATUS={self._status_line()}\nMAINPID={os.getpid()}")
+                    nursery.start_soon(self._report_status)
+                    task_status.started(self)
+                    if signals is not None:
                         async for signum in signals:
                             log.info("received %s, shutting down", signal.Signals(signum).name)
                             break
-                else:
-                    await trio.sleep_forever()
+                    else:
+                        await trio.sleep_forever()
                 await self._shutdown(nursery)
         finally:
             sock.close(linger=1000)
