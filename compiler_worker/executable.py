@@ -1,0 +1,148 @@
+"""The executable: a versioned, self-describing, integrity-checked binary.
+
+Layout (little-endian)::
+
+    header   magic "NPUX" | u16 format_version | u16 flags (0)
+             | char compiler_version[16] (ASCII, NUL padded) | u8 target_hash[8]
+             | u32 section_count
+    table    section_count x (char tag[4] | u64 offset | u64 size)   offsets from file start
+    payload  the sections, each 16-byte aligned, in table order
+    trailer  u8 digest[32] = BLAKE2b-256 of every byte before it
+
+Sections: ``STRM`` command stream (npu-emu binary, docs/ISA.md), ``WGHT``
+weights blob (float32, mapped read-only at the weights region's VA),
+``IOTB`` I/O table (JSON), ``MEMO`` memory layout (JSON), ``RPRT`` per-op
+report (JSON), ``META`` compile metadata (JSON).  Field by field in
+docs/COMPILER.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+
+from .errors import ExecutableFormatError
+
+MAGIC = b"NPUX"
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<4sHH16s8sI")
+ENTRY = struct.Struct("<4sQQ")
+DIGEST = 32
+SECTIONS = (b"STRM", b"WGHT", b"IOTB", b"MEMO", b"RPRT", b"META")
+MAX_SECTIONS = 64
+
+
+@dataclass
+class Report:
+    """Per-op performance report: ``rows`` (dicts) and ``table`` (text)."""
+    rows: list
+    table: str
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __str__(self) -> str:
+        return self.table
+
+
+@dataclass
+class Executable:
+    stream: bytes
+    weights: bytes
+    io: dict                       # {"inputs": [...], "outputs": [...]}
+    memory: dict                   # {"regions": [...], "arena_bytes", "naive_bytes", ...}
+    ops: list                      # per-op report rows
+    meta: dict = field(default_factory=dict)
+    compiler_version: str = ""
+    target_hash: bytes = b"\0" * 8
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def inputs(self) -> list:
+        return self.io["inputs"]
+
+    @property
+    def outputs(self) -> list:
+        return self.io["outputs"]
+
+    # --- serialisation -------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        payloads = [bytes(self.stream), bytes(self.weights), _js(self.io), _js(self.memory),
+                    _js(self.ops), _js(self.meta)]
+        cv = self.compiler_version.encode("ascii")[:16]
+        head = HEADER.pack(MAGIC, self.format_version, 0, cv.ljust(16, b"\0"),
+                           bytes(self.target_hash), len(payloads))
+        pos = HEADER.size + ENTRY.size * len(payloads)
+        table, body = [], []
+        for tag, data in zip(SECTIONS, payloads):
+            pad = -pos % 16
+            body.append(b"\0" * pad)
+            pos += pad
+            table.append(ENTRY.pack(tag, pos, len(data)))
+            body.append(data)
+            pos += len(data)
+        blob = head + b"".join(table) + b"".join(body)
+        return blob + hashlib.blake2b(blob, digest_size=DIGEST).digest()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Executable":
+        data = bytes(data)
+        if len(data) < HEADER.size + DIGEST:
+            raise ExecutableFormatError(f"executable of {len(data)} bytes is truncated")
+        magic, ver, flags, cv, th, count = HEADER.unpack_from(data)
+        if magic != MAGIC:
+            raise ExecutableFormatError(f"bad magic {magic!r}: not an npud executable")
+        if ver != FORMAT_VERSION:
+            raise ExecutableFormatError(f"unsupported executable format version {ver} "
+                                        f"(this compiler reads {FORMAT_VERSION})")
+        body, digest = data[:-DIGEST], data[-DIGEST:]
+        if hashlib.blake2b(body, digest_size=DIGEST).digest() != digest:
+            raise ExecutableFormatError("executable is corrupt: integrity digest mismatch")
+        if flags != 0:
+            raise ExecutableFormatError(f"reserved flags 0x{flags:x} set")
+        if count > MAX_SECTIONS or HEADER.size + count * ENTRY.size > len(body):
+            raise ExecutableFormatError(f"bad section count {count}")
+        sections = {}
+        for i in range(count):
+            tag, off, size = ENTRY.unpack_from(data, HEADER.size + i * ENTRY.size)
+            if off + size > len(body):
+                raise ExecutableFormatError(f"section {tag!r} lies outside the file")
+            sections[tag] = body[off:off + size]
+        missing = [t.decode() for t in SECTIONS if t not in sections]
+        if missing:
+            raise ExecutableFormatError(f"missing section(s) {', '.join(missing)}")
+        try:
+            io, mem, ops, meta = (json.loads(sections[t]) for t in (b"IOTB", b"MEMO", b"RPRT", b"META"))
+        except ValueError as e:
+            raise ExecutableFormatError(f"malformed metadata section: {e}") from None
+        return cls(sections[b"STRM"], sections[b"WGHT"], io, mem, ops, meta,
+                   cv.rstrip(b"\0").decode("ascii", "replace"), th, ver)
+
+    # --- reporting ---------------------------------------------------------------
+    def report(self) -> Report:
+        rows = [dict(r) for r in self.ops]
+        hdr = ("op", "node", "output shape", "MACs", "cycles", "SRAM B", "DMA B", "cmds")
+        lines = [[r["op"], r["node"], "x".join(map(str, r["outputs"][0])) if r["outputs"] else "",
+                  f"{r['macs']:,}", f"{r['cycles']:,}", f"{r['sram_bytes']:,}",
+                  f"{r['dma_bytes']:,}", str(r["commands"])] for r in rows]
+        tot = ["TOTAL", "", "", f"{sum(r['macs'] for r in rows):,}",
+               f"{sum(r['cycles'] for r in rows):,}",
+               f"{max((r['sram_bytes'] for r in rows), default=0):,}",
+               f"{sum(r['dma_bytes'] for r in rows):,}", str(sum(r["commands"] for r in rows))]
+        widths = [max(len(str(x[i])) for x in [hdr, tot] + lines) for i in range(len(hdr))]
+
+        def fmt(cols):
+            return "  ".join(str(c).ljust(w) if i < 3 else str(c).rjust(w)
+                             for i, (c, w) in enumerate(zip(cols, widths)))
+        mem = self.memory
+        out = [fmt(hdr), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines] + \
+            [fmt(["-" * w for w in widths]), fmt(tot),
+             f"arena {mem.get('arena_bytes', 0):,} bytes (naive sum {mem.get('naive_bytes', 0):,}), "
+             f"weights {mem.get('weights_bytes', 0):,} bytes, stream {len(self.stream):,} bytes"]
+        return Report(rows, "\n".join(out))
+
+
+def _js(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()

@@ -1,0 +1,96 @@
+"""Pass 2: constant folding.
+
+Any node whose inputs are all constant is evaluated with numpy
+(:mod:`compiler_worker.numpy_ops`), Shape/Size of a statically shaped tensor
+become constants, so Shape -> Gather -> Concat -> Reshape chains and
+ConstantOfShape disappear.  Shape inference is re-run after a round that
+changed something, since folded shapes unlock more static shapes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import CompileError
+from ..numpy_ops import evaluate
+from .import_onnx import MAX_ELEMENTS, check_shape, infer
+
+MAX_ROUNDS = 4
+
+
+def run(ctx) -> None:
+    g = ctx.graph
+    for _ in range(MAX_ROUNDS):
+        if not fold_once(g):
+            break
+        g.prune()
+        infer(g)
+    for t in g.tensors.values():
+        if t.shape is not None and t.const is None:
+            check_shape(t.shape, f"tensor {t.name!r}")
+
+
+def fold_once(g) -> bool:
+    changed = False
+    keep = []
+    for n in g.nodes:
+        vals = [g.const(i) if i else None for i in n.inputs]
+        out = None
+        if n.op in ("Shape", "Size") and n.domain in ("", "ai.onnx"):
+            t = g.tensors[n.inputs[0]]
+            if t.shape is not None:
+                out = evaluate(n, [np.empty(t.shape, np.uint8) if t.const is None else t.const])
+        elif all(v is not None for i, v in zip(n.inputs, vals) if i) and n.op not in ("RandomNormal",
+                                                                                      "RandomUniform"):
+            if n.op in ("ConstantOfShape", "Expand", "Tile", "Range"):
+                _check_size(n, vals)
+            try:
+                out = evaluate(n, vals)
+            except NotImplementedError:
+                out = None
+            except MemoryError:
+                raise CompileError("constant folding needs too much memory",
+                                   node=n.name, op=n.op) from None
+            except Exception as e:
+                raise CompileError(f"constant folding failed: {type(e).__name__}: {e}",
+                                   node=n.name, op=n.op) from None
+        if out is None:
+            keep.append(n)
+            continue
+        for name, v in zip(n.outputs, out):
+            if not name:
+                continue
+            if v.size > MAX_ELEMENTS:
+                raise CompileError(f"folded constant {name!r} has an absurd shape "
+                                   f"{list(v.shape)}", node=n.name, op=n.op)
+            t = g.t(name)
+            t.const = np.ascontiguousarray(v)
+            t.shape = tuple(v.shape)
+            t.dtype = v.dtype
+        changed = True
+    g.nodes = keep
+    return changed
+
+
+def _check_size(n, vals) -> None:
+    """Refuse a fold whose result would be absurdly large before allocating it."""
+    try:
+        if n.op == "ConstantOfShape":
+            shape = [int(x) for x in vals[0].reshape(-1)]
+        elif n.op == "Expand":
+            shape = list(np.broadcast_shapes(vals[0].shape, tuple(int(x) for x in vals[1])))
+        elif n.op == "Tile":
+            shape = [a * int(b) for a, b in zip(vals[0].shape, vals[1])]
+        else:
+            start, limit, delta = (float(np.asarray(v).reshape(())) for v in vals[:3])
+            shape = [max(0, int(np.ceil((limit - start) / delta))) if delta else 1 << 62]
+    except Exception as e:
+        raise CompileError(f"invalid parameters: {e}", node=n.name, op=n.op) from None
+    if any(d < 0 for d in shape):
+        raise CompileError(f"negative dimension in shape {shape}", node=n.name, op=n.op)
+    total = 1
+    for d in shape:
+        total *= d
+    if total > MAX_ELEMENTS:
+        raise CompileError(f"output has an absurd shape {shape} ({total} elements)",
+                           node=n.name, op=n.op)

@@ -1,0 +1,71 @@
+"""Pass 4: legalise every node against the support table
+(:mod:`compiler_worker.support`).  Collects *every* violation: ``check_model``
+returns them all, ``compile_model`` raises them together."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import CompileError, CompileErrors
+from ..support import SUPPORT
+
+
+def run(ctx) -> None:
+    errors = collect(ctx.graph)
+    ctx.errors = errors
+    if errors and not ctx.check_only:
+        raise CompileErrors(errors)
+
+
+def collect(g) -> list[CompileError]:
+    errors = []
+    for n in g.nodes:
+        why = _check(n, g)
+        if why:
+            errors.append(CompileError(why, node=n.name, op=n.op))
+    for o in g.outputs:
+        t = g.tensors[o]
+        if t.const is None and (t.dtype is None or np.dtype(t.dtype) != np.float32):
+            if not any(o in n.outputs for n in g.nodes):
+                errors.append(CompileError(f"graph output {o!r} is not float32"))
+    for i in g.inputs:
+        t = g.tensors[i]
+        if t.dtype is None or np.dtype(t.dtype) != np.float32:
+            if any(i in n.inputs for n in g.nodes) or i in g.outputs:
+                errors.append(CompileError(f"graph input {i!r} has dtype {t.dtype}; only float32 "
+                                           "inputs are supported"))
+    return errors
+
+
+def _check(n, g) -> str | None:
+    if n.domain not in ("", "ai.onnx"):
+        return f"operator domain {n.domain!r} is not supported"
+    spec = SUPPORT.get(n.op)
+    if spec is None:
+        return f"operator {n.op} is not supported by the npu-emu backend"
+    if n.attrs.get("_nonconst"):
+        return f"parameter(s) {', '.join(n.attrs['_nonconst'])} must be constant (dynamic shapes are not supported)"
+    for i in spec.const_inputs:
+        if n.input(i) and g.const(n.input(i)) is None:
+            return f"input {i} ({n.input(i)!r}) must be constant"
+    for name in list(n.inputs) + list(n.outputs):
+        if not name:
+            continue
+        t = g.tensors.get(name)
+        if t is None or t.const is not None:
+            continue
+        if t.shape is None:
+            return f"tensor {name!r} has no static shape (shape inference could not resolve it)"
+        if t.dtype is None or np.dtype(t.dtype) != np.float32:
+            if n.op in ("Dropout",) and name in n.outputs[1:]:
+                continue
+            return f"tensor {name!r} has dtype {t.dtype}; only float32 activations are supported"
+        if name in n.inputs[:1] and not spec.ranks[0] <= len(t.shape) <= spec.ranks[1]:
+            return f"input rank {len(t.shape)} is outside the supported {spec.ranks}"
+        if 0 in t.shape:
+            return f"tensor {name!r} is empty (shape {list(t.shape)})"
+    for desc, check in spec.checks:
+        why = check(n, g)
+        if why:
+            return why
+    return None

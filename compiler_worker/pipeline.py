@@ -1,0 +1,53 @@
+"""The compiler driver: the pass list, run in order (like Vela's compiler
+driver).  Each pass is a module under :mod:`compiler_worker.passes` with a
+``run(ctx)`` that reads and extends the :class:`CompileContext`."""
+
+from __future__ import annotations
+
+import time
+
+from .passes import (canonicalize, emit, fold, import_onnx, layout, legalize, memory,
+                     tiling)
+
+COMPILER_VERSION = "0.1.0"
+
+PASSES = [
+    ("import", import_onnx.run),         # ONNX bytes -> IR, shape inference, sanity checks
+    ("fold", fold.run),                  # constant folding with numpy
+    ("canonicalize", canonicalize.run),  # BN folding, Gemm -> MatMul, epilogue fusion
+    ("legalize", legalize.run),          # support table; every unsupported node reported
+    ("layout", layout.run),              # NHWC for conv/pool; IR -> lowered ops
+    ("tiling", tiling.run),              # tile/stripe every op to fit SRAM
+    ("memory", memory.run),              # regions, liveness-based arena, weights blob
+    ("emit", emit.run),                  # command stream + per-op report
+]
+
+
+class CompileContext:
+    def __init__(self, model_bytes, config, options=None, check_only=False) -> None:
+        self.model_bytes = model_bytes
+        self.config = config
+        self.options = dict(options or {})
+        self.check_only = check_only
+        self.graph = None
+        self.errors = []
+        self.timings: dict[str, float] = {}
+
+
+def run(ctx: CompileContext, until: str | None = None) -> CompileContext:
+    for name, fn in PASSES:
+        t0 = time.perf_counter()
+        fn(ctx)
+        ctx.timings[name] = time.perf_counter() - t0
+        if name == until:
+            break
+    return ctx
+
+
+def run_from(ctx: CompileContext, start: str) -> CompileContext:
+    names = [n for n, _ in PASSES]
+    for name, fn in PASSES[names.index(start):]:
+        t0 = time.perf_counter()
+        fn(ctx)
+        ctx.timings[name] = time.perf_counter() - t0
+    return ctx

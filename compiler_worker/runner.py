@@ -1,0 +1,72 @@
+"""Run an executable on the in-process emulator (tests now; the daemon mirrors it).
+
+:class:`EmulatorSession` maps the executable's regions once (page-aligned
+anonymous memory; weights read-only, arena and outputs read-write, inputs
+read-only), validates the stream once, then runs any number of times.
+:func:`run_on_emulator` is the one-shot form.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+
+from emulator.config import DeviceConfig
+from emulator.device import Device, JobStats
+from emulator.validator import validate
+
+from .executable import Executable
+
+
+class EmulatorSession:
+    def __init__(self, exe: Executable, config: DeviceConfig, device: Device | None = None) -> None:
+        if bytes(exe.target_hash) != config.target_hash():
+            raise ValueError(f"executable was compiled for target {bytes(exe.target_hash).hex()}, "
+                             f"not {config.preset} ({config.target_hash().hex()})")
+        self.exe = exe
+        self.device = device or Device(config)
+        self.ctx = self.device.create_context()
+        ps = config.page_size
+        self.mem: dict[str, np.ndarray] = {}
+        self._maps = []
+        for r in exe.memory["regions"]:
+            size = max(ps, -(-r["size"] // ps) * ps)
+            buf = mmap.mmap(-1, size)
+            self._maps.append(buf)
+            arr = np.frombuffer(buf, dtype=np.uint8)
+            self.mem[r["name"]] = arr
+            if r["kind"] == "weights":
+                arr[:len(exe.weights)] = np.frombuffer(exe.weights, dtype=np.uint8)
+            self.ctx.map(r["va"], arr, writable=bool(r["writable"]))
+        self.program = validate(exe.stream, config, self.ctx.mappings())
+
+    def run(self, feeds: dict) -> tuple[dict, JobStats]:
+        for e in self.exe.inputs:
+            if e["name"] not in feeds:
+                raise KeyError(f"missing input {e['name']!r}")
+            x = np.asarray(feeds[e["name"]])
+            if tuple(x.shape) != tuple(e["shape"]):
+                raise ValueError(f"input {e['name']!r}: shape {list(x.shape)}, expected {e['shape']}")
+            dst = self.mem[f"input:{e['name']}"][:e["size"]].view(np.float32)
+            np.copyto(dst, x.reshape(-1), casting="same_kind")
+        stats = self.device.execute(self.ctx, self.program)
+        outs = {}
+        for e in self.exe.outputs:
+            src = self.mem[f"output:{e['name']}"][:e["size"]].view(np.float32)
+            outs[e["name"]] = src.reshape(e["shape"]).copy()
+        return outs, stats
+
+    def close(self) -> None:
+        self.ctx.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.close()
+
+
+def run_on_emulator(exe: Executable, feeds: dict, config: DeviceConfig) -> tuple[dict, JobStats]:
+    with EmulatorSession(exe, config) as s:
+        return s.run(feeds)

@@ -1,0 +1,188 @@
+"""The declarative support table: which ONNX ops the npu-emu backend
+compiles, with which dtypes, ranks and attributes.
+
+Each entry names the lowering (``kernel``) and a tuple of checks; a check
+is ``(description, predicate)`` where ``predicate(node, graph)`` returns
+``None`` when the node is fine or a reason string.  ``legalise`` reports
+every violation (see :mod:`compiler_worker.passes.legalize`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class OpSupport:
+    op: str
+    kernel: str
+    group: int
+    ranks: tuple = (0, 8)           # rank range of the activation inputs
+    checks: tuple = ()
+    const_inputs: tuple = ()        # input indices that must be constant
+    note: str = ""
+
+
+def _attr_in(name, allowed, default):
+    def check(n, g):
+        v = n.attrs.get(name, default)
+        if isinstance(v, bytes):
+            v = v.decode()
+        return None if v in allowed else f"attribute {name}={v!r} is not supported (supported: {allowed})"
+    return (f"{name} in {allowed}", check)
+
+
+def _rank(i, ranks):
+    def check(n, g):
+        t = g.tensors.get(n.input(i))
+        if t is None or t.shape is None:
+            return None
+        return None if len(t.shape) in ranks else f"input {i} has rank {len(t.shape)}; supported ranks: {ranks}"
+    return (f"input {i} rank in {ranks}", check)
+
+
+def _pads_lt_kernel(n, g):
+    k = n.attrs.get("kernel_shape", [])
+    p = n.attrs.get("pads", [0] * 2 * len(k))
+    for i, kk in enumerate(k):
+        if p[i] >= kk or p[i + len(k)] >= kk:
+            return f"pads {p} must be smaller than the kernel {k}"
+    return None
+
+
+def _no_dilation(n, g):
+    d = n.attrs.get("dilations", [1, 1])
+    return None if all(x == 1 for x in d) else f"pooling dilations {d} are not supported"
+
+
+def _no_ceil_with_pad_count(n, g):
+    if n.attrs.get("ceil_mode", 0) and n.attrs.get("count_include_pad", 0):
+        return "ceil_mode together with count_include_pad is not supported"
+    return None
+
+
+def _positive_steps(n, g):
+    steps = n.attrs.get("steps")
+    if steps and any(s <= 0 for s in steps):
+        return f"negative Slice steps {steps} are not supported"
+    return None
+
+
+def _pad_constant(n, g):
+    mode = n.attrs.get("mode", "constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode != "constant":
+        return f"Pad mode {mode!r} is not supported (only constant)"
+    if any(p < 0 for p in n.attrs.get("pads", [])):
+        return "negative pads are not supported"
+    return None
+
+
+def _cast_float(n, g):
+    from .numpy_ops import onnx_dtype_to_np
+    return None if onnx_dtype_to_np(n.attrs.get("to", 1)) == np.float32 else \
+        "Cast of an activation to a type other than float32 is not supported"
+
+
+def _gelu(n, g):
+    a = n.attrs.get("approximate", "none")
+    a = a.decode() if isinstance(a, bytes) else a
+    return None if a == "none" else f"Gelu approximate={a!r} is not supported"
+
+
+def _softmax_axis(n, g):
+    return None
+
+
+def _layernorm_stash(n, g):
+    return None if len([o for o in n.outputs if o]) == 1 else \
+        "LayerNormalization's optional Mean/InvStdDev outputs are not supported"
+
+
+def _dropout_eval(n, g):
+    return None if not n.attrs.get("training_mode", 0) else "Dropout in training mode is not supported"
+
+
+def _bn_inference(n, g):
+    if n.attrs.get("training_mode", 0):
+        return "BatchNormalization in training mode is not supported"
+    return None
+
+
+def _conv_2d(n, g):
+    w = g.tensors.get(n.input(1))
+    if w is None or w.const is None:
+        return "Conv weights must be constant"
+    if w.const.ndim != 4:
+        return f"only 2-D convolution is supported (weights of rank {w.const.ndim})"
+    return None
+
+
+def _gather_const(n, g):
+    t = g.tensors.get(n.input(1))
+    if t is None or t.const is None:
+        return "Gather indices must be constant"
+    if t.const.size > 1024:
+        return "Gather with more than 1024 indices is not supported"
+    return None
+
+
+def _ew(op, kernel="eltwise", group=1, **kw):
+    return OpSupport(op, kernel, group, **kw)
+
+
+_POOL = (_pads_lt_kernel, _no_dilation, _no_ceil_with_pad_count)
+
+SUPPORT: dict[str, OpSupport] = {s.op: s for s in [
+    # group 1
+    OpSupport("Conv", "conv", 1, checks=(("2-D, constant weights", _conv_2d),
+                                         _rank(0, (4,)))),
+    OpSupport("MatMul", "matmul", 1, ranks=(1, 6)),
+    OpSupport("Gemm", "matmul", 1, note="lowered to MatMul + bias"),
+    _ew("Add"), _ew("Sub"), _ew("Mul"), _ew("Div"),
+    _ew("Relu", "unary"), _ew("Clip", "unary"), _ew("Sigmoid", "unary"), _ew("Tanh", "unary"),
+    OpSupport("MaxPool", "pool", 1, checks=tuple((f.__name__, f) for f in _POOL) + (
+        _rank(0, (4,)), ("single output", lambda n, g: None if len([o for o in n.outputs if o]) == 1
+                         else "MaxPool's Indices output is not supported"))),
+    OpSupport("AveragePool", "pool", 1, checks=tuple((f.__name__, f) for f in _POOL) + (_rank(0, (4,)),)),
+    OpSupport("GlobalAveragePool", "pool", 1, checks=(_rank(0, (4,)),)),
+    OpSupport("BatchNormalization", "eltwise", 1, checks=(("inference mode", _bn_inference),),
+              const_inputs=(1, 2, 3, 4), note="folded into the preceding Conv, else Mul+Add"),
+    OpSupport("Flatten", "alias", 1), OpSupport("Reshape", "alias", 1),
+    OpSupport("Transpose", "copy", 1),
+    OpSupport("Concat", "copy", 1),
+    OpSupport("Softmax", "softmax", 1),
+    OpSupport("Identity", "alias", 1),
+    OpSupport("Dropout", "alias", 1, checks=(("inference mode", _dropout_eval),)),
+    OpSupport("Constant", "const", 1),
+    # group 2
+    _ew("LeakyRelu", "unary", 2), _ew("HardSigmoid", "unary", 2), _ew("HardSwish", "unary", 2),
+    _ew("Erf", "unary", 2), OpSupport("Gelu", "unary", 2, checks=(("exact form", _gelu),)),
+    _ew("Exp", "unary", 2), _ew("Log", "unary", 2), _ew("Sqrt", "unary", 2),
+    _ew("Reciprocal", "unary", 2), _ew("Neg", "unary", 2), _ew("Abs", "unary", 2),
+    _ew("Pow", group=2),
+    OpSupport("LayerNormalization", "norm", 2, checks=(("one output", _layernorm_stash),),
+              const_inputs=(1, 2)),
+    OpSupport("ReduceMean", "reduce", 2), OpSupport("ReduceSum", "reduce", 2),
+    OpSupport("ReduceMax", "reduce", 2), OpSupport("ReduceMin", "reduce", 2),
+    OpSupport("Split", "copy", 2), OpSupport("Slice", "copy", 2, checks=(("positive steps", _positive_steps),)),
+    OpSupport("Gather", "copy", 2, checks=(("constant indices", _gather_const),)),
+    OpSupport("Squeeze", "alias", 2), OpSupport("Unsqueeze", "alias", 2),
+    OpSupport("Pad", "copy", 2, checks=(("constant mode", _pad_constant),)),
+    OpSupport("Shape", "const", 2, note="folded"), OpSupport("ConstantOfShape", "const", 2, note="folded"),
+    OpSupport("Cast", "alias", 2, checks=(("to float32", _cast_float),)),
+    _ew("Sum", group=2), _ew("Min", group=2), _ew("Max", group=2),
+    OpSupport("GlobalMaxPool", "pool", 2, checks=(_rank(0, (4,)),)),
+    OpSupport("LogSoftmax", "softmax", 2),
+    # group 3
+    OpSupport("InstanceNormalization", "norm", 3, checks=(_rank(0, (4,)),), const_inputs=(1, 2)),
+    OpSupport("Expand", "copy", 3),
+]}
+
+
+def table_rows() -> list[tuple]:
+    """(op, group, kernel, checks, note) for docs and `npuctl`."""
+    return [(s.op, s.group, s.kernel, ", ".join(c[0] for c in s.checks), s.note)
+            for s in sorted(SUPPORT.values(), key=lambda s: (s.group, s.op))]
