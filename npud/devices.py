@@ -79,6 +79,7 @@ class DeviceHost:
 
     def forget(self, bo: BufferObject) -> None:
         """A buffer's last reference is gone: unmap it in the device, then free it."""
+        self.memory.uncharge(bo)  # its memory is available again now, not once the runner gets to it
         self._send.send_nowait(bo)
 
     @property

@@ -46,6 +46,7 @@ class BufferObject:
     exported: bool = False   # its fd was sent to a client
     refs: int = 1            # the owner's handle + one per job that binds it
     released: bool = field(default=False, repr=False)
+    uncharged: bool = field(default=False, repr=False)  # no longer counted in DeviceMemory.used
 
     def view(self) -> memoryview:
         return memoryview(self.mm)[: self.size]
@@ -99,12 +100,19 @@ class DeviceMemory:
         self.used += mapped
         return BufferObject(next(_ids), self.device, size, mapped, fd, mm)
 
+    def uncharge(self, bo: BufferObject) -> None:
+        """Stop counting a buffer whose last reference is gone, before its (asynchronous)
+        release, so that memory freed by ``free`` can be allocated again at once."""
+        if not bo.uncharged:
+            bo.uncharged = True
+            self.used -= bo.mapped_size
+
     def release(self, bo: BufferObject) -> None:
         """Return a buffer's memory; called once its last reference is dropped."""
         if bo.released:
             return
         bo.released = True
-        self.used -= bo.mapped_size
+        self.uncharge(bo)
         if (bo.exported or bo.mapped_size > POOL_MAX_BUFFER
                 or self._pool_bytes + bo.mapped_size > self._pool_limit):
             bo.close()

@@ -91,7 +91,8 @@ def test_device_memory_exhaustion_is_enomem_retryable(small_daemon):
         assert info.value.code == "ENOMEM" and info.value.retryable is True
         assert "device 0" in info.value.message
         ba.free()
-        assert c.alloc(4096).size == 4096  # the retry succeeds once memory is freed
+        assert c.alloc(4096).size == 4096  # memory freed by free() is available at once
+        assert device0(a).memory_used == total - MiB + 4096
 
 
 def test_max_buffer_from_config(small_daemon):
