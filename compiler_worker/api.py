@@ -52,7 +52,7 @@ def compile_model(model_bytes: bytes, config: DeviceConfig, options: dict | None
         "opset": ctx.graph.opset,
         "options": {k: v for k, v in options.items()},
         "pass_seconds": {k: round(v, 6) for k, v in ctx.timings.items()},
-        "commands": len(ctx.stream),
+        "commands": sum(r["commands"] for r in ctx.report) + 1,
     }
     return Executable(ctx.stream, ctx.weights, ctx.io_table, ctx.memory, ctx.report, meta,
                       COMPILER_VERSION, config.target_hash())

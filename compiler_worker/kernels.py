@@ -403,6 +403,11 @@ def _band_rows(ohb, sh, dh, kh):
     return (ohb - 1) * sh + dh * (kh - 1) + 1
 
 
+def _subsampled(p, w) -> bool:
+    return (w.shape[2] == 1 and w.shape[3] == 1 and not any(p["pads"])
+            and tuple(p["stride"]) != (1, 1))
+
+
 def plan_conv(op: LOp, cx: Ctx):
     p = op.p
     x = cx.pt[p["x"]]
@@ -418,6 +423,9 @@ def plan_conv(op: LOp, cx: Ctx):
     cog = Cout // g
     nres = epi_slots(p["epilogue"])
     S = cx.S - ALIGN * 8
+    if _subsampled(p, w):
+        # a strided 1x1 convolution: DMA gathers only the pixels it reads
+        H, W, sh, sw = OH, OW, 1, 1
     cands = []
     if g == 1:
         cbs = sorted({max(1, -(-Cout // d)) for d in (1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128, 256, 512)},
@@ -451,14 +459,19 @@ def plan_conv(op: LOp, cx: Ctx):
         ncb = -(-Cout // cb)
         nkb = -(-(C if g == 1 else g) // (kb if g == 1 else gb))
         nb = -(-OH // ohb)
-        in_rows = nb * _band_rows(ohb, sh, dh, KH)
-        dma = ncb * N * min(in_rows, H + (nb - 1) * KH) * W * C * 4
-        dma += w.size * 4 * (1 if nkb == 1 else N * nb)
+        in_rows = min(nb * _band_rows(ohb, sh, dh, KH), H + (nb - 1) * KH)
+        dma = ncb * N * in_rows * W * C * 4 + w.size * 4 * (1 if nkb == 1 else N * nb)
         cmds = ncb * N * nb * (2 * nkb + 3)
-        # efficiency: a narrow GEMM (few output channels) wastes BLAS time
-        eff = 1.0 if cb >= 64 or cb == Cout else 64 / cb
+        # modeled emulator wall time: command overhead, im2col copies (redone
+        # per output-channel block), GEMM at a rate that drops for narrow or
+        # shallow GEMMs, partial-sum accumulation, DMA copies
+        pointwise = KH == 1 and KW == 1 and not any(p["pads"])
+        im2col = 0 if pointwise else ncb * N * OH * OW * KH * KW * C
+        kk = KH * KW * (kb if g == 1 else cg)
+        eff = min(1.0, cb / 128) ** 0.5 * min(1.0, kk / 256) ** 0.5 if g == 1 else 0.5
         flops = N * OH * OW * Cout * KH * KW * cg * 2
-        score = dma * 1e-10 + cmds * 8e-6 + flops * 1e-11 * eff
+        acc = (nkb - 1) * N * OH * OW * Cout if g == 1 else 0
+        score = cmds * 6e-6 + im2col * 0.7e-9 + flops / (130e9 * eff) + acc * 1e-9 + dma * 0.15e-9
         if best is None or score < best[0]:
             best = (score, cb, kb, gb, ohb)
     if best is None:
@@ -493,6 +506,9 @@ def emit_conv(op: LOp, em: Emitter):
     pt_, pl_, pb_, pr_ = p["pads"]
     cb, kb, gb, ohb = pl["cb"], pl["kb"], pl["gb"], pl["ohb"]
     xst = cstrides(x.shape)
+    if _subsampled(p, w):
+        xst = (xst[0], xst[1] * sh, xst[2] * sw, 1)
+        H, W, sh, sw = OH, OW, 1, 1
     ost = cstrides((N, OH, OW, Cout))
     wsz = al(KH * KW * (cg if g > 1 else kb) * cb * 4)
     W0, BIAS = 0, wsz

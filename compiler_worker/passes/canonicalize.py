@@ -65,6 +65,7 @@ def run(ctx) -> None:
     fold_batchnorm(g)
     g.prune()
     fuse_epilogues(g)
+    g.toposort()      # a fused residual operand may come from a later node
     g.prune()
 
 
@@ -237,7 +238,7 @@ def fuse_epilogues(g) -> None:
             out = n.outputs[0]
             t = g.tensors[out]
             c = _single_consumer(g, out, consumers)
-            if c is None or c.domain not in ("", "ai.onnx") or t.shape is None:
+            if c is None or id(c) in removed or c.domain not in ("", "ai.onnx") or t.shape is None:
                 break
             if c.op in ACTIVATIONS and (c.op != "Gelu" or c.attrs.get("approximate", "none")
                                         in ("none", b"none")):
