@@ -115,8 +115,16 @@ def lower_gemm(g) -> None:
         c = n.input(2)
         alpha = float(n.attrs.get("alpha", 1.0))
         beta = float(n.attrs.get("beta", 1.0))
+        yt = g.tensors[n.outputs[0]]
+
+        def fresh(base, shape):
+            t = g.fresh(base)
+            g.tensors[t].shape = tuple(shape) if shape is not None else None
+            g.tensors[t].dtype = np.dtype(np.float32)
+            return t
         if n.attrs.get("transA", 0):
-            t = g.fresh(n.name + "_At")
+            sa = g.tensors[a].shape
+            t = fresh(n.name + "_At", sa[::-1] if sa else None)
             new.append(Node(n.name + "_transA", "Transpose", [a], [t], {"perm": [1, 0]}))
             a = t
         bv = g.const(b)
@@ -127,15 +135,16 @@ def lower_gemm(g) -> None:
             b = g.add_const(n.name + "_B", np.ascontiguousarray(bv))
             alpha = 1.0
         elif n.attrs.get("transB", 0):
-            t = g.fresh(n.name + "_Bt")
+            sb = g.tensors[b].shape
+            t = fresh(n.name + "_Bt", sb[::-1] if sb else None)
             new.append(Node(n.name + "_transB", "Transpose", [b], [t], {"perm": [1, 0]}))
             b = t
         y = n.outputs[0]
-        mm_out = y if (not c and alpha == 1.0) else g.fresh(n.name + "_mm")
+        mm_out = y if (not c and alpha == 1.0) else fresh(n.name + "_mm", yt.shape)
         new.append(Node(n.name, "MatMul", [a, b], [mm_out], {"_from": "Gemm"}))
         cur = mm_out
         if alpha != 1.0:
-            nxt = y if not c else g.fresh(n.name + "_alpha")
+            nxt = y if not c else fresh(n.name + "_alpha", yt.shape)
             k = g.add_const(n.name + "_alpha_c", np.array(alpha, np.float32))
             new.append(Node(n.name + "_alpha", "Mul", [cur, k], [nxt]))
             cur = nxt
@@ -144,7 +153,7 @@ def lower_gemm(g) -> None:
             if cv is not None:
                 c = g.add_const(n.name + "_C", (cv * np.float32(beta)).astype(np.float32))
             elif beta != 1.0:
-                t = g.fresh(n.name + "_betaC")
+                t = fresh(n.name + "_betaC", g.tensors[c].shape)
                 k = g.add_const(n.name + "_beta_c", np.array(beta, np.float32))
                 new.append(Node(n.name + "_beta", "Mul", [c, k], [t]))
                 c = t
@@ -152,8 +161,6 @@ def lower_gemm(g) -> None:
         for t in n.outputs:
             g.t(t)
     g.nodes = new
-    from .import_onnx import infer
-    infer(g)
 
 
 def fold_batchnorm(g) -> None:

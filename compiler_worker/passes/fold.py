@@ -64,7 +64,7 @@ def fold_once(g) -> bool:
                 raise CompileError(f"folded constant {name!r} has an absurd shape "
                                    f"{list(v.shape)}", node=n.name, op=n.op)
             t = g.t(name)
-            t.const = np.ascontiguousarray(v)
+            t.const = np.asarray(v, order="C")
             t.shape = tuple(v.shape)
             t.dtype = v.dtype
         changed = True

@@ -154,7 +154,7 @@ def to_model(graph: Graph) -> onnx.ModelProto:
         if t.const is None:
             continue
         if t.const.size <= SMALL_CONST:
-            inits.append(numpy_helper.from_array(np.ascontiguousarray(t.const), name))
+            inits.append(numpy_helper.from_array(np.asarray(t.const, order="C"), name))
         else:
             ins.append(helper.make_tensor_value_info(
                 name, helper.np_dtype_to_tensor_dtype(t.const.dtype), list(t.const.shape)))

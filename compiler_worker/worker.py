@@ -1,0 +1,90 @@
+"""A compiler worker: one process that compiles models for the daemon, one at a time.
+
+Started and supervised by npud (npud/compilers.py).  It connects a DEALER to
+the daemon's private compile endpoint with its name as routing id, announces
+``{"op": "ready"}``, then answers each request with one reply::
+
+    {"id": n, "op": "compile", "model": bin, "config": map, "options": map}
+        -> {"id": n, "ok": true, "executable": bin, "seconds": float}
+    {"id": n, "op": "check", "model": bin, "config": map}
+        -> {"id": n, "ok": true, "problems": [{"node", "op", "reason"}, ...]}
+    any failure
+        -> {"id": n, "ok": false, "error": {"code", "message", "node", "op"}}
+
+Only workers parse models.  A worker runs with an address-space limit
+(RLIMIT_AS) and no core dumps, so a model that blows up memory fails here,
+not in the daemon; a crash or hang costs one compile and the daemon starts a
+fresh worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+
+import msgpack
+import zmq
+
+from emulator.config import DeviceConfig
+
+from .api import check_model, compile_model
+from .errors import CompileError
+
+
+def _limit_resources(memory_bytes: int) -> None:
+    if memory_bytes > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _error(exc: BaseException) -> dict:
+    if isinstance(exc, CompileError):
+        return {"code": "EINVAL", "message": f"compile error: {exc}", "node": exc.node or "",
+                "op": exc.op or ""}
+    if isinstance(exc, MemoryError):
+        return {"code": "ENOMEM", "message": "the compiler ran out of memory (its RLIMIT_AS); "
+                                             "the model is too large for the configured limit",
+                "node": "", "op": ""}
+    return {"code": "EINVAL", "message": f"cannot compile this model: {type(exc).__name__}: {exc}",
+            "node": "", "op": ""}
+
+
+def handle(request: dict) -> dict:
+    config = DeviceConfig.from_dict(request["config"])
+    started = time.perf_counter()
+    try:
+        if request["op"] == "check":
+            problems = [{"node": e.node or "", "op": e.op or "", "reason": e.reason}
+                        for e in check_model(request["model"], config)]
+            return {"ok": True, "problems": problems}
+        exe = compile_model(request["model"], config, request.get("options") or None)
+        return {"ok": True, "executable": exe.to_bytes(), "seconds": time.perf_counter() - started}
+    except Exception as exc:  # MemoryError too: every failure is this compile's, not the worker's
+        return {"ok": False, "error": _error(exc)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="npud compiler worker (started by npud)")
+    parser.add_argument("--endpoint", required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--memory-limit", type=int, default=0, help="RLIMIT_AS in bytes (0: none)")
+    args = parser.parse_args(argv)
+    _limit_resources(args.memory_limit)
+    sock = zmq.Context().socket(zmq.DEALER)
+    sock.setsockopt(zmq.ROUTING_ID, args.name.encode())
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.connect(args.endpoint)
+    sock.send(msgpack.packb({"op": "ready"}))
+    while True:
+        request = msgpack.unpackb(sock.recv(), raw=False)
+        if request.get("op") == "exit":
+            return 0
+        reply = handle(request)
+        reply["id"] = request["id"]
+        sock.send(msgpack.packb(reply, use_bin_type=True))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
