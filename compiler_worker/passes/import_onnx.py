@@ -80,6 +80,7 @@ def import_model(model_bytes: bytes, options: dict) -> Graph:
         inputs.append(vi.name)
     nodes = []
     seen_names = set()
+    produced = {o for n in g.node for o in n.output if o}
     for i, n in enumerate(g.node):
         name = n.name or f"{n.op_type}_{i}"
         while name in seen_names:
@@ -100,7 +101,7 @@ def import_model(model_bytes: bytes, options: dict) -> Graph:
             if o and o not in tensors:
                 tensors[o] = Tensor(o)
         for x in n.input:
-            if x and x not in tensors:
+            if x and x not in tensors and x not in produced:
                 raise CompileError(f"input {x!r} is not a graph input, initializer or the "
                                    "output of any node", node=name, op=n.op_type)
     outputs = [o.name for o in g.output]

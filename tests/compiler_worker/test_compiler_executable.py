@@ -1,0 +1,89 @@
+"""The executable container: round trip, integrity, layout, report."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from compiler_testmodels import small_cnn
+from compiler_worker import (COMPILER_VERSION, EmulatorSession, Executable, ExecutableFormatError,
+                             compile_model, run_on_emulator)
+from emulator.config import make_config
+
+CFG = make_config("edge")
+
+
+@pytest.fixture(scope="module")
+def exe():
+    return compile_model(small_cnn(), CFG, {"name": "cnn"})
+
+
+def test_round_trip(exe):
+    data = exe.to_bytes()
+    assert data[:4] == b"NPUX"
+    back = Executable.from_bytes(data)
+    assert back.stream == exe.stream and back.weights == exe.weights
+    assert back.io == exe.io and back.memory == exe.memory and back.ops == exe.ops
+    assert back.compiler_version == COMPILER_VERSION and back.target_hash == CFG.target_hash()
+    assert back.meta["model_name"] == "cnn" and back.to_bytes() == data
+    x = np.random.default_rng(0).standard_normal((2, 3, 20, 20)).astype(np.float32)
+    a, _ = run_on_emulator(exe, {"x": x}, CFG)
+    b, _ = run_on_emulator(back, {"x": x}, CFG)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.mark.parametrize("where", [0, 5, 100, -40, -1])
+def test_corruption_is_detected(exe, where):
+    data = bytearray(exe.to_bytes())
+    data[where] ^= 0x40
+    with pytest.raises(ExecutableFormatError, match="magic|corrupt|version"):
+        Executable.from_bytes(bytes(data))
+
+
+def test_truncation_is_detected(exe):
+    data = exe.to_bytes()
+    for n in (0, 10, len(data) // 2, len(data) - 1):
+        with pytest.raises(ExecutableFormatError):
+            Executable.from_bytes(data[:n])
+
+
+def test_memory_layout(exe):
+    regions = exe.memory["regions"]
+    kinds = [r["kind"] for r in regions]
+    assert kinds[:2] == ["weights", "arena"] and "input" in kinds and "output" in kinds
+    ps = CFG.page_size
+    spans = sorted((r["va"], r["va"] + r["size"]) for r in regions)
+    for (a0, a1), (b0, _) in zip(spans, spans[1:]):
+        assert a1 <= b0
+    for r in regions:
+        assert r["va"] % ps == 0
+        assert r["writable"] == (r["kind"] in ("arena", "output"))
+    io = exe.inputs[0]
+    assert io["name"] == "x" and io["dtype"] == "float32" and io["shape"] == [2, 3, 20, 20]
+    assert io["size"] == 2 * 3 * 20 * 20 * 4
+    assert exe.memory["arena_bytes"] < exe.memory["naive_bytes"]
+
+
+def test_report(exe):
+    rep = exe.report()
+    assert rep.rows and {"op", "node", "inputs", "outputs", "macs", "cycles", "sram_bytes",
+                         "dma_bytes", "commands"} <= set(rep.rows[0])
+    conv = [r for r in rep.rows if r["op"] == "Conv"]
+    assert conv[0]["macs"] == 2 * 20 * 20 * 16 * 27
+    assert all(r["sram_bytes"] <= CFG.sram_bytes for r in rep.rows)
+    assert "TOTAL" in rep.table and "arena" in str(rep)
+    x = np.random.default_rng(0).standard_normal((2, 3, 20, 20)).astype(np.float32)
+    _, stats = run_on_emulator(exe, {"x": x}, CFG)
+    assert stats.macs == sum(r["macs"] for r in rep.rows)
+    assert stats.dma_bytes_in + stats.dma_bytes_out == sum(r["dma_bytes"] for r in rep.rows)
+
+
+def test_target_mismatch_and_bad_feeds(exe):
+    with pytest.raises(ValueError, match="compiled for target"):
+        EmulatorSession(exe, make_config("server"))
+    with EmulatorSession(exe, CFG) as s:
+        with pytest.raises(KeyError):
+            s.run({})
+        with pytest.raises(ValueError, match="shape"):
+            s.run({"x": np.zeros((1, 3, 20, 20), np.float32)})
