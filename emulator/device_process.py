@@ -8,13 +8,18 @@ with one command queue does, and answers every request with one packet::
 
     {"op": "import", "bo": id}  + memfd   -> {"ok": true}
     {"op": "release", "bo": id}           -> {"ok": true}
-    {"op": "run", "job": id, "stream": bin, "bindings": [[bo, va, writable], ...]}
+    {"op": "load_program", "program": id, "mappings": [[va, size, writable], ...]}  + memfd of the stream
+        -> {"ok": true} | {"ok": false, "error": {...}}
+    {"op": "unload_program", "program": id} -> {"ok": true}
+    {"op": "run", "job": id, "stream": bin | "program": id, "bindings": [[bo, va, writable], ...]}
         -> {"ok": true, "stats": {...}, "wall_ms": float}
          | {"ok": false, "error": {"code", "message", "command"}}
     {"op": "shutdown"}                    -> exits
 
 A fault fails only the job that caused it: each job runs in a fresh hardware
-context whose page table holds just that job's bindings.
+context whose page table holds just that job's bindings.  A loaded program
+(a model's stream) is validated once and run many times: the MMU still checks
+every access against each run's own bindings.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import msgpack
 from emulator.config import DeviceConfig
 from emulator.device import Device
 from emulator.errors import DeviceError
+from emulator.validator import Mapping, Program, validate
 
 MAX_PACKET = 32 << 20
 
@@ -40,6 +46,7 @@ class DeviceProcess:
         self.sock = sock
         self.device = Device(config)
         self.buffers: dict[int, mmap.mmap] = {}
+        self.programs: dict[int, Program] = {}
 
     def serve(self) -> None:
         while True:
@@ -76,6 +83,24 @@ class DeviceProcess:
                 pass  # a view is still alive somewhere; the mapping goes with it
         return {"ok": True}
 
+    def _op_load_program(self, request, fds):
+        # The stream arrives as a memfd: a model's stream can exceed one packet.
+        try:
+            with open(fds[0], "rb", closefd=True) as f:
+                stream = f.read()
+            for extra in fds[1:]:
+                os.close(extra)
+            self.programs[request["program"]] = validate(
+                stream, self.device.config,
+                [Mapping(va, size, writable) for va, size, writable in request["mappings"]])
+        except DeviceError as exc:
+            return {"ok": False, "error": {"code": exc.code, "message": exc.message, "command": None}}
+        return {"ok": True}
+
+    def _op_unload_program(self, request, fds):
+        self.programs.pop(request["program"], None)
+        return {"ok": True}
+
     def _op_run(self, request, fds):
         started = time.perf_counter()
         ctx = None
@@ -83,7 +108,8 @@ class DeviceProcess:
             ctx = self.device.create_context()
             for bo, va, writable in request["bindings"]:
                 ctx.map(va, self.buffers[bo], writable=writable)
-            stats = self.device.execute(ctx, request["stream"])
+            work = self.programs[request["program"]] if "program" in request else request["stream"]
+            stats = self.device.execute(ctx, work)
         except DeviceError as exc:
             return {"ok": False, "error": {"code": exc.code, "message": exc.message,
                                            "command": exc.command_index}}

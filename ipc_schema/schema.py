@@ -98,6 +98,38 @@ LIMITS = Struct("limits", {
 
 JOB_STATE = Str(16, ("queued", "running", "done", "failed"))
 
+TENSOR_INFO = Struct("tensor_info", {
+    "name": F(Str(256), "tensor name in the model"),
+    "dtype": F(Str(16, DTYPES), "element type"),
+    "shape": F(Array(Int(0, 2**31 - 1), MAX_RANK), "dimensions"),
+    "size": F(U64, "bytes; the buffer bound to it must hold at least this many"),
+})
+
+MODEL_SOURCE = {
+    "model": F(Bin(MAX_INLINE_BYTES, 1), "the ONNX model's bytes (inline form)", optional=True),
+    "model_buffer": F(HANDLE, "a buffer holding the model's bytes (for models over max_inline_bytes)",
+                      optional=True),
+    "model_size": F(U64, "bytes of the model in `model_buffer`", optional=True),
+}
+
+COMPILE_OPTIONS = Struct("compile_options", {
+    "input_shapes": F(MapOf(Array(Int(1, 2**31 - 1), MAX_RANK), 64),
+                      "shapes for inputs with symbolic dimensions (default 1 for each)", optional=True),
+    "name": F(Str(256), "name recorded in the executable", optional=True),
+})
+
+PROBLEM = Struct("problem", {
+    "node": F(Str(1024), "node name (empty for model-level problems)"),
+    "op": F(Str(256), "operator type (empty for model-level problems)"),
+    "reason": F(Str(4096), "why it cannot compile"),
+})
+
+CACHE_ENTRY = Struct("cache_entry", {
+    "key": F(Str(128), "content hash of model, options, compiler and target"),
+    "size": F(U64, "bytes on disk"),
+    "age_s": F(Float(), "seconds since it was written"),
+})
+
 
 @dataclass(frozen=True)
 class Op:
@@ -176,6 +208,46 @@ OPS: dict[str, Op] = {op.name: op for op in [
         "error": F(MapOf(Any_()), "the job's error {code, message, retryable} if it failed",
                    optional=True),
     }, errors=("ENOENT", "ETIMEDOUT")),
+    _op("load", "Compile (or fetch from the compile cache) a model for a device and load it into "
+                "this session. Exactly one of `model` or `model_buffer` (+`model_size`).", {
+        "device": F(DEVICE_INDEX, "device index"),
+        **MODEL_SOURCE,
+        "options": F(COMPILE_OPTIONS, "compile options", optional=True),
+    }, {
+        "model": F(HANDLE, "this session's name for the loaded model"),
+        "inputs": F(Array(TENSOR_INFO, 1024), "inputs, in the order `run_model` takes their buffers"),
+        "outputs": F(Array(TENSOR_INFO, 1024), "outputs, in the order `run_model` takes their buffers"),
+        "cached": F(Bool(), "whether the executable came from the compile cache"),
+        "compile_ms": F(Float(), "time to compile, or to read the cache entry"),
+        "weights_bytes": F(U64, "device memory holding the weights (charged to the session)"),
+        "arena_bytes": F(U64, "device memory for intermediate tensors (charged to the session)"),
+    }, errors=("ENODEV", "EINVAL", "ETIMEDOUT", "EIO", "ENOMEM", "EDQUOT")),
+    _op("check", "List every reason a model cannot compile for a device (empty: it compiles).", {
+        "device": F(DEVICE_INDEX, "device index"),
+        **MODEL_SOURCE,
+    }, {"problems": F(Array(PROBLEM, 4096), "one entry per unsupported node or model-level problem")},
+        errors=("ENODEV", "EINVAL", "ETIMEDOUT", "EIO")),
+    _op("run_model", "Run a loaded model: inputs are read from, outputs written to, the given buffers.", {
+        "model": F(HANDLE, "loaded model"),
+        "inputs": F(Array(HANDLE, 1024), "one buffer per input, in `load`'s order"),
+        "outputs": F(Array(HANDLE, 1024), "one buffer per output, in `load`'s order"),
+    }, {"job": F(U64, "job id, for `wait`")}, errors=("ENOENT", "EINVAL", "EAGAIN")),
+    _op("report", "The loaded model's per-op report: op, shapes, MACs, modeled cycles, SRAM, DMA bytes.", {
+        "model": F(HANDLE, "loaded model"),
+    }, {
+        "rows": F(Array(MapOf(Any_()), 1 << 20), "one row per op"),
+        "table": F(Str(1 << 24), "the same as a text table"),
+    }, errors=("ENOENT",)),
+    _op("unload", "Unload a model and free its device memory (after jobs using it finish).", {
+        "model": F(HANDLE, "loaded model"),
+    }, {}, errors=("ENOENT",)),
+    _op("cache_list", "The compile cache's entries.", {}, {
+        "directory": F(Str(4096), "where the cache lives"),
+        "entries": F(Array(CACHE_ENTRY, 1 << 20), "entries"),
+    }),
+    _op("cache_clear", "Delete every compile cache entry.", {}, {
+        "removed": F(U64, "entries deleted"),
+    }),
     _op("status", "Everything npuctl status shows.", {}, {
         "daemon_version": F(Str(64), "npud release"),
         "protocol": F(Array(U32, 2, 2), "[major, minor]"),
@@ -221,7 +293,8 @@ EVENT = Struct("event", {
 DTYPE_SIZES = {"float32": 4, "float16": 2, "int8": 1, "uint8": 1, "int16": 2, "int32": 4,
                "int64": 8, "bool": 1}
 
-ALL_STRUCTS: tuple[Type, ...] = (REQUEST, REPLY, EVENT, ERROR, TENSOR, BINDING, DEVICE, CLIENT, LIMITS)
+ALL_STRUCTS: tuple[Type, ...] = (REQUEST, REPLY, EVENT, ERROR, TENSOR, BINDING, DEVICE, CLIENT, LIMITS,
+                                  TENSOR_INFO, COMPILE_OPTIONS, PROBLEM, CACHE_ENTRY)
 
 # --- The companion socket -------------------------------------------------------
 # ZeroMQ cannot carry file descriptors, so each local session also connects a Unix

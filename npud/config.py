@@ -5,6 +5,11 @@ Example (every key optional)::
     endpoint = "ipc:///run/npud/npud.sock"
     log_level = "info"                 # debug, info, warning, error
 
+    cache_dir = "/var/cache/npud"      # compile cache (default: $CACHE_DIRECTORY, else ~/.cache/npud)
+    compile_workers = 2                # compiler worker processes
+    compile_timeout_s = 120            # a compile taking longer fails and its worker is replaced
+    compile_memory_bytes = "4GiB"      # each worker's address-space limit (RLIMIT_AS)
+
     [limits]
     memory_quota = "1GiB"              # per session, bytes of buffer objects
     max_buffer_bytes = "512MiB"        # one allocation
@@ -74,6 +79,10 @@ class Config:
     limits: Limits = Limits()
     devices: tuple[DeviceSpec, ...] = (DeviceSpec("npu0", "edge"),)
     shutdown_grace_s: float = 5.0
+    cache_dir: str = ""                    # "" = compile_cache.default_directory()
+    compile_workers: int = 2
+    compile_timeout_s: float = 120.0
+    compile_memory_bytes: int = 4 << 30    # each worker's RLIMIT_AS
 
 
 def _check_keys(table: dict, allowed: set[str], where: str) -> None:
@@ -89,7 +98,8 @@ def _positive_int(value: Any, key: str) -> int:
 
 
 def from_dict(data: dict[str, Any]) -> Config:
-    _check_keys(data, {"endpoint", "log_level", "limits", "devices", "shutdown_grace_s"}, "config")
+    _check_keys(data, {"endpoint", "log_level", "limits", "devices", "shutdown_grace_s", "cache_dir",
+                       "compile_workers", "compile_timeout_s", "compile_memory_bytes"}, "config")
     config = Config()
     if "endpoint" in data:
         if not isinstance(data["endpoint"], str) or "://" not in data["endpoint"]:
@@ -102,6 +112,26 @@ def from_dict(data: dict[str, Any]) -> Config:
         if type(grace) not in (int, float) or not 0 <= grace <= 600:
             raise ConfigError(f"shutdown_grace_s: expected seconds in [0, 600], got {grace!r}")
         config = replace(config, shutdown_grace_s=float(grace))
+    if "cache_dir" in data:
+        if not isinstance(data["cache_dir"], str) or not data["cache_dir"]:
+            raise ConfigError(f"cache_dir: expected a directory path, got {data['cache_dir']!r}")
+        config = replace(config, cache_dir=data["cache_dir"])
+    if "compile_workers" in data:
+        workers = data["compile_workers"]
+        if type(workers) is not int or not 1 <= workers <= 64:
+            raise ConfigError(f"compile_workers: expected 1 to 64 worker processes, got {workers!r}")
+        config = replace(config, compile_workers=workers)
+    if "compile_timeout_s" in data:
+        timeout = data["compile_timeout_s"]
+        if type(timeout) not in (int, float) or not 0 < timeout <= 86400:
+            raise ConfigError(f"compile_timeout_s: expected seconds in (0, 86400], got {timeout!r}")
+        config = replace(config, compile_timeout_s=float(timeout))
+    if "compile_memory_bytes" in data:
+        limit = parse_size(data["compile_memory_bytes"], "compile_memory_bytes")
+        if limit and limit < 256 << 20:
+            raise ConfigError("compile_memory_bytes: at least 256MiB (a worker must load Python and onnx), "
+                              "or 0 for no limit")
+        config = replace(config, compile_memory_bytes=limit)
     if "limits" in data:
         config = replace(config, limits=_limits(data["limits"]))
     if "devices" in data:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import array
 import errno
+import itertools
 import logging
+import os
 import socket
 import sys
 import time
@@ -69,6 +71,9 @@ class DeviceHost:
         self._process: trio.Process | None = None
         self._sock: trio.socket.SocketType | None = None
         self._imported: set[int] = set()
+        self.programs: dict[int, tuple[bytes, list]] = {}
+        self._loaded: set[int] = set()     # programs the current device process holds
+        self._program_ids = itertools.count(1)
 
     # --- what the rest of the daemon calls -------------------------------------------
 
@@ -76,6 +81,16 @@ class DeviceHost:
         """Queue a job (its buffers already referenced); never blocks."""
         self._queued += 1
         self._send.send_nowait(job)
+
+    def add_program(self, stream: bytes, mappings: list[tuple[int, int, bool]]) -> int:
+        """Register a validated stream (a model's) for jobs to run by id."""
+        program = next(self._program_ids)
+        self.programs[program] = (stream, mappings)
+        return program
+
+    def remove_program(self, program: int) -> None:
+        self.programs.pop(program, None)
+        self._send.send_nowait(("unload_program", program))
 
     def forget(self, bo: BufferObject) -> None:
         """A buffer's last reference is gone: unmap it in the device, then free it."""
@@ -106,6 +121,8 @@ class DeviceHost:
                 if isinstance(item, Job):
                     self._queued -= 1
                     await self._run_job(item)
+                elif isinstance(item, tuple):
+                    await self._unload_program(item[1])
                 else:
                     await self._release(item)
         finally:
@@ -129,6 +146,7 @@ class DeviceHost:
             theirs.close()
         self._sock = trio.socket.from_stdlib_socket(ours)
         self._imported.clear()
+        self._loaded.clear()
         self.state = "ok"
         log.info("device %d (%s, preset %s) started as pid %d", self.index, self.name,
                  self.preset, self._process.pid)
@@ -227,9 +245,43 @@ class DeviceHost:
                     exc.delivered = False  # the job itself never started
                     raise
                 self._imported.add(bo.id)
-        return await self._call({
-            "op": "run", "job": job.id, "stream": job.stream,
-            "bindings": [[bo.id, va, writable] for bo, va, writable in job.bindings]})
+        run = {"op": "run", "job": job.id,
+               "bindings": [[bo.id, va, writable] for bo, va, writable in job.bindings]}
+        if job.program is None:
+            run["stream"] = job.stream
+        else:
+            if job.program not in self._loaded:
+                reply = await self._load_program(job.program)
+                if not reply["ok"]:
+                    return reply
+            run["program"] = job.program
+        return await self._call(run)
+
+    async def _load_program(self, program: int) -> dict:
+        stream, mappings = self.programs[program]
+        fd = os.memfd_create("npud-program", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, stream)
+            os.lseek(fd, 0, os.SEEK_SET)
+            try:
+                reply = await self._call({"op": "load_program", "program": program,
+                                          "mappings": [list(m) for m in mappings]}, fd=fd)
+            except DeviceLost as exc:
+                exc.delivered = False  # no job ran
+                raise
+        finally:
+            os.close(fd)
+        if reply["ok"]:
+            self._loaded.add(program)
+        return reply
+
+    async def _unload_program(self, program: int) -> None:
+        if program in self._loaded:
+            self._loaded.discard(program)
+            try:
+                await self._call({"op": "unload_program", "program": program})
+            except DeviceLost as exc:
+                await self._reset(str(exc))
 
     async def _release(self, bo: BufferObject) -> None:
         if bo.id in self._imported:

@@ -24,6 +24,7 @@ from ipc_schema.schema import MAX_INLINE_BYTES, OPS, PROTOCOL_VERSION
 from . import __version__
 from .jobs import Job
 from .memory import round_up
+from .models import check_layout, instantiate
 
 if TYPE_CHECKING:
     from .server import Call, Daemon
@@ -190,26 +191,16 @@ async def map_(daemon, call, args):
 async def submit(daemon, call, args):
     session = call.session
     device = daemon.device(args["device"])
-    if session.jobs_in_flight >= daemon.config.limits.max_jobs_in_flight:
-        raise RequestError(ErrorCode.EAGAIN, f"this session has {session.jobs_in_flight} jobs in flight, "
-                                             "the limit; wait for some to finish")
-    page = device.config.page_size
-    bindings, mappings, spans = [], [], []
+    _check_admission(daemon, session)
+    bindings, mappings = [], []
     for i, b in enumerate(args["bindings"]):
         bo = _buffer(session, b["handle"])
         if bo.device != device.index:
             raise RequestError(ErrorCode.EINVAL, f"bindings[{i}]: buffer {b['handle']} lives on device "
                                                  f"{bo.device}, not {device.index}")
-        if b["va"] % page:
-            raise RequestError(ErrorCode.EINVAL, f"bindings[{i}]: va {b['va']:#x} is not a multiple of "
-                                                 f"the page size {page}")
-        spans.append((b["va"], b["va"] + bo.mapped_size, i))
         bindings.append((bo, b["va"], b["writable"]))
         mappings.append(Mapping(b["va"], bo.mapped_size, b["writable"]))
-    spans.sort()
-    for (_, end, i), (start, _, j) in zip(spans, spans[1:]):
-        if start < end:
-            raise RequestError(ErrorCode.EINVAL, f"bindings[{j}] overlaps bindings[{i}] in the address space")
+    check_layout([(m.va, m.size, f"bindings[{i}]") for i, m in enumerate(mappings)], device.config.page_size)
     stream = args["stream"]
     try:
         if len(stream) >= THREAD_THRESHOLD:
@@ -220,14 +211,24 @@ async def submit(daemon, call, args):
         raise RequestError(ErrorCode.EINVAL, f"command stream refused: {exc.message}") from None
     if session.closed:
         raise RequestError(ErrorCode.ENOTCONN, "the session closed")
+    return {"job": _queue_job(daemon, session, device, stream, bindings)}
+
+
+def _check_admission(daemon, session) -> None:
+    if session.jobs_in_flight >= daemon.config.limits.max_jobs_in_flight:
+        raise RequestError(ErrorCode.EAGAIN, f"this session has {session.jobs_in_flight} jobs in flight, "
+                                             "the limit; wait for some to finish")
+
+
+def _queue_job(daemon, session, device, stream: bytes, bindings, program: int | None = None) -> int:
     for bo, _va, _w in bindings:
         bo.refs += 1
-    job = Job(session.new_job_id(), session.id, device.index, stream, bindings)
+    job = Job(session.new_job_id(), session.id, device.index, stream, bindings, program=program)
     session.jobs_in_flight += 1
     session.jobs_submitted += 1
     session.remember_job(job)
     device.submit(job)
-    return {"job": job.id}
+    return job.id
 
 
 @handler("wait", waits=True)
@@ -248,3 +249,95 @@ async def wait(daemon, call, args):
     if job.error is not None:
         result["error"] = job.error.to_wire()
     return result
+
+
+# --- models --------------------------------------------------------------------------
+
+
+def _model_bytes(session: "Session", args) -> bytes:
+    if ("model" in args) == ("model_buffer" in args):
+        raise RequestError(ErrorCode.EINVAL, "give exactly one of model (inline bytes) or model_buffer")
+    if "model" in args:
+        if "model_size" in args:
+            raise RequestError(ErrorCode.EINVAL, "model_size goes with model_buffer only")
+        return args["model"]
+    bo = _buffer(session, args["model_buffer"])
+    size = args.get("model_size", bo.size)
+    return bytes(bo.view()[_span(bo, 0, size, "model_size")])
+
+
+def _model(session: "Session", model_id: int):
+    model = session.models.get(model_id)
+    if model is None:
+        raise RequestError(ErrorCode.ENOENT, f"no loaded model {model_id} in this session")
+    return model
+
+
+@handler("load", waits=True)
+async def load(daemon, call, args):
+    session = call.session
+    device = daemon.device(args["device"])
+    exe, cached, ms = await daemon.loader.executable(_model_bytes(session, args), args.get("options", {}),
+                                                     device.config)
+    if session.closed:
+        raise RequestError(ErrorCode.ENOTCONN, "the session closed")
+    model = await instantiate(session, device, exe, session.new_handle(), daemon.config.limits.memory_quota)
+    if session.closed:  # it went away while the stream was being validated
+        daemon.unload_model(model)
+        raise RequestError(ErrorCode.ENOTCONN, "the session closed")
+    session.models[model.id] = model
+    return model.info(cached, ms)
+
+
+@handler("check", waits=True)
+async def check(daemon, call, args):
+    device = daemon.device(args["device"])
+    return {"problems": await daemon.loader.check(_model_bytes(call.session, args), device.config)}
+
+
+@handler("run_model")
+def run_model(daemon, call, args):
+    session = call.session
+    model = _model(session, args["model"])
+    _check_admission(daemon, session)
+    bindings = list(model.fixed)
+    for kind, entries, handles, writable in (("inputs", model.inputs, args["inputs"], False),
+                                             ("outputs", model.outputs, args["outputs"], True)):
+        if len(handles) != len(entries):
+            raise RequestError(ErrorCode.EINVAL, f"the model has {len(entries)} {kind}, "
+                                                 f"got {len(handles)} buffers")
+        for entry, handle in zip(entries, handles):
+            bo = _buffer(session, handle)
+            region = model.regions[f"{kind[:-1]}:{entry['name']}"]
+            if bo.device != model.device or bo.size < entry["size"] or bo.mapped_size > round_up(
+                    max(region["size"], 1), daemon.devices[model.device].config.page_size):
+                raise RequestError(ErrorCode.EINVAL, f"{kind[:-1]} {entry['name']!r} needs a buffer of "
+                                                     f"{entry['size']} bytes on device {model.device}; "
+                                                     f"buffer {handle} has {bo.size} on device {bo.device}")
+            bindings.append((bo, entry["va"], writable))
+    return {"job": _queue_job(daemon, session, daemon.devices[model.device], b"", bindings, model.program)}
+
+
+@handler("report")
+def report(daemon, call, args):
+    rep = _model(call.session, args["model"]).exe.report()
+    return {"rows": list(rep.rows), "table": rep.table}
+
+
+@handler("unload")
+def unload(daemon, call, args):
+    model = _model(call.session, args["model"])
+    del call.session.models[model.id]
+    call.session.memory -= daemon.unload_model(model)
+    return {}
+
+
+@handler("cache_list", waits=True)
+async def cache_list(daemon, call, args):
+    return {"directory": str(daemon.loader.cache.directory),
+            "entries": await trio.to_thread.run_sync(daemon.loader.cache.entries)}
+
+
+@handler("cache_clear", waits=True)
+async def cache_clear(daemon, call, args):
+    return {"removed": await trio.to_thread.run_sync(daemon.loader.cache.clear)}

@@ -19,8 +19,9 @@ class Job:
     id: int                      # the session's name for it
     session_id: str
     device: int
-    stream: bytes
+    stream: bytes                # empty when `program` names a loaded program
     bindings: list[tuple["BufferObject", int, bool]]   # (buffer, va, writable)
+    program: int | None = None   # a model's program, validated once at load
     state: str = "queued"        # queued -> running -> done | failed
     stats: dict[str, Any] = field(default_factory=dict)
     error: ErrorInfo | None = None

@@ -22,6 +22,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                            "else ipc://$XDG_RUNTIME_DIR/npud/npud.sock, "
                                            "else ipc:///tmp/npud-$UID/npud.sock)")
     parser.add_argument("--log-level", choices=LOG_LEVELS)
+    parser.add_argument("--cache-dir", metavar="DIR", help="compile cache directory")
     parser.add_argument("--device", metavar="PRESET", action="append",
                         help="create a device from this preset (repeatable; replaces the config's devices)")
     parser.add_argument("--version", action="version", version=f"npud {__version__}")
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(config, endpoint=args.endpoint)
     if args.log_level:
         config = dataclasses.replace(config, log_level=args.log_level)
+    if args.cache_dir:
+        config = dataclasses.replace(config, cache_dir=args.cache_dir)
     log.setup(config.log_level)
     try:
         trio.run(Daemon(config).serve)

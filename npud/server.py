@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,7 +32,10 @@ from ipc_schema.trio_zmq import OwnedSocket
 from . import __version__, attach, handlers, systemd
 from .config import Config
 from .devices import DeviceHost
+from .compile_cache import CompileCache, default_directory
+from .compilers import CompilerPool
 from .jobs import Job
+from .models import LoadedModel, ModelLoader
 from .memory import BufferObject
 from .sessions import Session, SessionTable
 
@@ -59,6 +63,9 @@ class Daemon:
         self.devices = [DeviceHost(i, spec.name, spec.preset, make_config(spec.preset, **spec.params),
                                    self._job_done)
                         for i, spec in enumerate(config.devices)]
+        self.loader = ModelLoader(
+            CompilerPool(config.compile_workers, config.compile_memory_bytes, config.compile_timeout_s),
+            CompileCache(Path(config.cache_dir) if config.cache_dir else default_directory()))
         self.started = time.monotonic()
         self.stopping = False
         self.attach_path = attach_path_for(self.endpoint)
@@ -92,6 +99,7 @@ class Daemon:
                     nursery.start_soon(systemd.run_watchdog, watchdog)
                 for device in self.devices:
                     await nursery.start(device.run)
+                await nursery.start(self.loader.pool.run)
                 self._zsock = OwnedSocket(sock, self._on_frames)
                 nursery.start_soon(self._zsock.run)
                 if attach_listener is not None:
@@ -272,6 +280,16 @@ class Daemon:
         if bo.refs == 0:
             self.devices[bo.device].forget(bo)
 
+    def unload_model(self, model: LoadedModel) -> int:
+        """Drop a model's buffers and program; jobs still running keep the buffers alive."""
+        self.devices[model.device].remove_program(model.program)
+        session_charge = 0
+        for bo, _va, _w in model.fixed:
+            session_charge += bo.mapped_size
+            self.unref(bo)
+        model.fixed = []
+        return session_charge
+
     def _job_done(self, job: Job) -> None:
         session = self.sessions.by_id(job.session_id)
         for bo, _va, _w in job.bindings:
@@ -296,6 +314,9 @@ class Daemon:
                                               "submit it again once it is back") if self.stopping
                            else ErrorInfo.of(ErrorCode.ECANCELED, "the session closed"))
                 self._job_done(job)
+        for model in session.models.values():
+            self.unload_model(model)
+        session.models.clear()
         for bo in session.buffers.values():
             self.unref(bo)
         session.buffers.clear()

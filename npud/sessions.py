@@ -15,11 +15,15 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
 from .jobs import Job
 from .memory import BufferObject
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 FINISHED_JOBS_KEPT = 1024  # per session, so that `wait` after completion still answers
 
@@ -39,6 +43,7 @@ class Session:
     attach_lock: trio.Lock = field(default_factory=trio.Lock)
     attach_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     buffers: dict[int, BufferObject] = field(default_factory=dict)
+    models: dict[int, "LoadedModel"] = field(default_factory=dict)
     memory: int = 0
     jobs: OrderedDict[int, Job] = field(default_factory=OrderedDict)
     jobs_in_flight: int = 0

@@ -14,10 +14,11 @@ from .client import Client, Job, connect
 from .errors import (Busy, Cancelled, ConnectionLost, DeviceFault, InternalError, InvalidArgument,
                      NotFound, NpuError, OutOfMemory, PermissionDenied, ProtocolMismatch, Timeout)
 from .local import local
+from .model import Model, ModelJob, Report, TensorInfo
 from .protocol import Device
 
 __all__ = [
     "AsyncBuffer", "AsyncClient", "Buffer", "Busy", "Cancelled", "Client", "ConnectionLost", "Device", "DeviceFault",
-    "InternalError", "InvalidArgument", "Job", "NotFound", "NpuError", "OutOfMemory",
+    "InternalError", "InvalidArgument", "Job", "Model", "ModelJob", "Report", "TensorInfo", "NotFound", "NpuError", "OutOfMemory",
     "PermissionDenied", "ProtocolMismatch", "Timeout", "connect", "connect_async", "default_endpoint", "local",
 ]

@@ -24,6 +24,7 @@ from ipc_schema.schema import HARD_FRAME_LIMIT
 from . import protocol
 from .buffer import Buffer
 from .errors import NpuError, error
+from .model import Model, model_bytes
 from .protocol import Device
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -153,6 +154,28 @@ class Client:
         """A zero-filled buffer of ``nbytes`` bytes on ``device``."""
         result = self._request("alloc", {"device": device, "size": nbytes})
         return Buffer(self, result["handle"], result["size"], device)
+
+    def load(self, model: Any, device: int = 0, **options) -> "Model":
+        """Compile (or fetch from the daemon's compile cache) and load an ONNX model.
+
+        ``model`` is a path, bytes or an ``onnx.ModelProto``.  Options:
+        ``input_shapes={name: shape}`` for symbolic dimensions, ``name``.
+        """
+        data = model_bytes(model)
+        args: dict[str, Any] = {"device": device, "options": options}
+        if len(data) <= self.limits["max_inline_bytes"]:
+            return Model(self, device, self._request("load", {**args, "model": data}))
+        staging = self.alloc(len(data), device)  # too big for a message: hand it over in a buffer
+        try:
+            staging.write(data)
+            info = self._request("load", {**args, "model_buffer": staging.handle, "model_size": len(data)})
+        finally:
+            staging.free()
+        return Model(self, device, info)
+
+    def check(self, model: Any, device: int = 0) -> list[dict[str, str]]:
+        """Every reason the model cannot compile for the device: [{node, op, reason}], empty if none."""
+        return self._request("check", {"device": device, "model": model_bytes(model)})["problems"]
 
     def submit(self, stream: bytes, bindings: list[tuple[Buffer, int, bool]], device: int = 0) -> "Job":
         """Run a command stream with ``(buffer, va, writable)`` bindings; returns at once."""

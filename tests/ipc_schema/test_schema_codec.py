@@ -38,6 +38,10 @@ def test_every_op_decodes_with_valid_args():
         "write": {"handle": 1, "offset": 0, "data": b""}, "read": {"handle": 1, "offset": 0, "size": 0},
         "map": {"handle": 1}, "submit": {"device": 0, "stream": b"x", "bindings": []},
         "wait": {"job": 1, "timeout_ms": 0},
+        "load": {"device": 0, "model": b"onnx", "options": {"input_shapes": {"x": [1, 3]}}},
+        "check": {"device": 0, "model_buffer": 1, "model_size": 10},
+        "run_model": {"model": 1, "inputs": [2], "outputs": [3]},
+        "report": {"model": 1}, "unload": {"model": 1},
     }
     for name in OPS:
         req = codec.decode_request(codec.encode_request(name, 1, samples.get(name, {})))

@@ -1,0 +1,175 @@
+"""The compiler worker pool: supervised processes that turn models into executables.
+
+The daemon never parses a model.  ``CompilerPool`` starts ``size`` worker
+processes (compiler_worker/worker.py), each connected over ZeroMQ to a ROUTER
+the pool binds on a private ipc endpoint, and hands each compile to an idle
+worker.  A worker that crashes, exceeds its memory limit or its time limit
+fails that one compile with a clear error and is replaced; other compiles
+carry on.  One task owns the ROUTER; one task per worker supervises it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+import msgpack
+import trio
+import zmq
+
+from ipc_schema.errors import ErrorCode, RequestError
+from ipc_schema.trio_zmq import OwnedSocket
+
+log = logging.getLogger("npud.compile")
+
+READY_TIMEOUT_S = 60.0
+
+
+@dataclass(eq=False)
+class _Pending:
+    request: dict
+    timeout_s: float
+    done: trio.Event = field(default_factory=trio.Event)
+    reply: dict | None = None
+
+
+class CompilerPool:
+    def __init__(self, size: int, memory_limit: int, timeout_s: float):
+        self.size = size
+        self.memory_limit = memory_limit
+        self.timeout_s = timeout_s
+        self.restarts = 0
+        self.compiles = 0
+        self._dir = tempfile.mkdtemp(prefix="npud-compile-")
+        self.endpoint = f"ipc://{self._dir}/workers.sock"
+        self._queue_send, self._queue_recv = trio.open_memory_channel[_Pending](float("inf"))
+        self._waiting: dict[bytes, _Pending] = {}
+        self._ready: dict[bytes, trio.Event] = {}
+        self._owned: OwnedSocket | None = None
+        self._ids = itertools.count(1)
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        sock = zmq.Context.instance().socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.bind(self.endpoint)
+        os.chmod(self._dir, 0o700)
+        self._owned = OwnedSocket(sock, self._on_frames)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._owned.run)
+                for i in range(self.size):
+                    nursery.start_soon(self._supervise, f"w{i}".encode())
+                task_status.started()
+        finally:
+            sock.close()
+            try:
+                os.unlink(self.endpoint[len("ipc://"):])
+                os.rmdir(self._dir)
+            except OSError:
+                pass
+
+    async def compile(self, request: dict) -> dict:
+        """Send ``request`` to a worker; its reply, or RequestError if the worker failed."""
+        pending = _Pending(request, self.timeout_s)
+        self._queue_send.send_nowait(pending)
+        await pending.done.wait()
+        return pending.reply
+
+    def _on_frames(self, frames: list) -> None:
+        name, payload = frames[0], frames[-1]
+        try:
+            message = msgpack.unpackb(payload, raw=False)
+        except Exception:
+            log.error("compiler worker %s sent a malformed message", name.decode(errors="replace"))
+            return
+        if message.get("op") == "ready":
+            event = self._ready.get(name)
+            if event is not None:
+                event.set()
+            return
+        pending = self._waiting.get(name)
+        if pending is not None and message.get("id") == pending.request["id"]:
+            pending.reply = message
+            pending.done.set()
+
+    async def _supervise(self, name: bytes) -> None:
+        """Keep one worker alive and feed it compiles, one at a time."""
+        while True:
+            self._ready[name] = trio.Event()
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "compiler_worker.worker", "--endpoint", self.endpoint,
+                 "--name", name.decode(), "--memory-limit", str(self.memory_limit)])
+            try:
+                with trio.move_on_after(READY_TIMEOUT_S):
+                    await self._ready[name].wait()
+                if not self._ready[name].is_set():
+                    log.error("compiler worker %s did not start; retrying in 1 s", name.decode())
+                    await trio.sleep(1.0)  # a worker that cannot start must not spin the CPU
+                while self._ready[name].is_set():
+                    pending = await self._queue_recv.receive()
+                    if process.poll() is not None:
+                        self._queue_send.send_nowait(pending)  # died while idle: not this compile's fault
+                        break
+                    if not await self._run_one(name, process, pending):
+                        break
+            finally:
+                with trio.CancelScope(shield=True):
+                    if process.returncode is None:
+                        process.kill()
+                    await process.wait()
+            self.restarts += 1
+            log.warning("compiler worker %s exited (status %s); starting a new one",
+                        name.decode(), process.returncode)
+
+    async def _run_one(self, name: bytes, process: trio.Process, pending: _Pending) -> bool:
+        """Run one compile on this worker; False if the worker must be replaced."""
+        pending.request["id"] = next(self._ids)
+        self._waiting[name] = pending
+        self._owned.send([name, msgpack.packb(pending.request, use_bin_type=True)])
+        died = False
+        try:
+            with trio.move_on_after(pending.timeout_s):
+                async with trio.open_nursery() as nursery:
+                    async def watch():
+                        nonlocal died
+                        await process.wait()
+                        died = True
+                        pending.done.set()
+                    nursery.start_soon(watch)
+                    await pending.done.wait()
+                    nursery.cancel_scope.cancel()
+        finally:
+            del self._waiting[name]
+        self.compiles += 1
+        if pending.reply is not None:
+            return True
+        if died:
+            how = (f"was killed by signal {-process.returncode}" if process.returncode < 0
+                   else f"exited with status {process.returncode}")
+            pending.reply = _failure(ErrorCode.EIO, f"the compiler worker {how} while compiling "
+                                                    "this model (a crash or its memory limit); retry, "
+                                                    "or report the model")
+        else:
+            pending.reply = _failure(ErrorCode.ETIMEDOUT, f"compiling took longer than the "
+                                                          f"{pending.timeout_s:.0f} s limit; the worker was "
+                                                          "stopped (raise compile_timeout_s for huge models)")
+        pending.done.set()
+        return False
+
+
+def _failure(code: ErrorCode, message: str) -> dict:
+    return {"ok": False, "error": {"code": code.value, "message": message, "node": "", "op": ""}}
+
+
+def raise_for(reply: dict) -> dict:
+    """The reply of a successful compile, or RequestError with the worker's error."""
+    if reply["ok"]:
+        return reply
+    err = reply["error"]
+    code = ErrorCode(err["code"]) if err["code"] in ErrorCode.__members__ else ErrorCode.EIO
+    raise RequestError(code, err["message"])

@@ -1,0 +1,149 @@
+"""Models: from ONNX bytes to a loaded executable a session can run.
+
+``ModelLoader.executable`` answers from the compile cache or sends the model
+to a compiler worker (the daemon never parses a model); identical compiles in
+flight at the same time are done once.  ``instantiate`` turns an executable
+into a ``LoadedModel`` for one session: it checks the executable's memory
+layout and command stream as it would any client's (the worker's output is not
+trusted either), allocates the weights and arena as buffer objects charged to
+the session, and registers the stream with the device as a program validated
+once for all runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import trio
+
+from compiler_worker.errors import ExecutableFormatError
+from compiler_worker.executable import Executable
+from emulator.config import DeviceConfig
+from emulator.errors import StreamError
+from emulator.validator import Mapping, validate
+from ipc_schema.errors import ErrorCode, RequestError
+
+from .compile_cache import CompileCache, cache_key
+from .compilers import CompilerPool, raise_for
+from .memory import BufferObject, round_up
+
+if TYPE_CHECKING:
+    from .devices import DeviceHost
+    from .sessions import Session
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    id: int
+    device: int
+    exe: Executable
+    program: int
+    fixed: list[tuple[BufferObject, int, bool]]      # weights and arena: (buffer, va, writable)
+    inputs: list[dict]                               # I/O table entries, in binding order
+    outputs: list[dict]
+    regions: dict[str, dict] = field(default_factory=dict)
+
+    def info(self, cached: bool, compile_ms: float) -> dict:
+        def tensor(e):
+            return {"name": e["name"], "dtype": e["dtype"], "shape": list(e["shape"]), "size": e["size"]}
+        weights = sum(bo.mapped_size for bo, _va, w in self.fixed if not w)
+        arena = sum(bo.mapped_size for bo, _va, w in self.fixed if w)
+        return {"model": self.id, "inputs": [tensor(e) for e in self.inputs],
+                "outputs": [tensor(e) for e in self.outputs], "cached": cached,
+                "compile_ms": compile_ms, "weights_bytes": weights, "arena_bytes": arena}
+
+
+class ModelLoader:
+    def __init__(self, pool: CompilerPool, cache: CompileCache):
+        self.pool = pool
+        self.cache = cache
+        self._in_flight: dict[str, trio.Event] = {}
+
+    async def executable(self, model: bytes, options: dict, config: DeviceConfig) -> tuple[Executable, bool, float]:
+        """(executable, came from the cache, milliseconds it took)."""
+        started = time.perf_counter()
+        key = cache_key(model, options, config)
+        while key in self._in_flight:  # the same compile is under way: wait for its entry
+            await self._in_flight[key].wait()
+        exe = await trio.to_thread.run_sync(self.cache.get, key)
+        if exe is not None:
+            return exe, True, (time.perf_counter() - started) * 1e3
+        self._in_flight[key] = done = trio.Event()
+        try:
+            reply = raise_for(await self.pool.compile(
+                {"op": "compile", "model": model, "config": config.to_dict(), "options": options}))
+            data = reply["executable"]
+            try:
+                exe = await trio.to_thread.run_sync(Executable.from_bytes, data)
+            except ExecutableFormatError as exc:
+                raise RequestError(ErrorCode.EIO, f"the compiler produced an unreadable executable: {exc}")
+            await trio.to_thread.run_sync(self.cache.put, key, data)
+        finally:
+            del self._in_flight[key]
+            done.set()
+        return exe, False, (time.perf_counter() - started) * 1e3
+
+    async def check(self, model: bytes, config: DeviceConfig) -> list[dict]:
+        return raise_for(await self.pool.compile(
+            {"op": "check", "model": model, "config": config.to_dict()}))["problems"]
+
+
+def check_layout(spans: list[tuple[int, int, str]], page: int) -> None:
+    """Refuse unaligned or overlapping (va, size, name) spans of an address space."""
+    ordered = sorted((va, va + round_up(max(size, 1), page), name) for va, size, name in spans)
+    for va, _end, name in ordered:
+        if va % page:
+            raise RequestError(ErrorCode.EINVAL, f"{name}: va {va:#x} is not a multiple of the page size {page}")
+    for (_, end, first), (start, _, second) in zip(ordered, ordered[1:]):
+        if start < end:
+            raise RequestError(ErrorCode.EINVAL, f"{second} overlaps {first} in the address space")
+
+
+async def instantiate(session: "Session", device: "DeviceHost", exe: Executable, model_id: int,
+                      quota: int) -> LoadedModel:
+    config = device.config
+    if bytes(exe.target_hash) != config.target_hash():
+        raise RequestError(ErrorCode.EIO, "the executable was built for another target")
+    regions = {r["name"]: r for r in exe.memory["regions"]}
+    page = config.page_size
+    check_layout([(r["va"], r["size"], f"region {name}") for name, r in regions.items()], page)
+    fixed_regions = [r for r in regions.values() if r["kind"] not in ("input", "output")]
+    charge = sum(round_up(max(r["size"], 1), page) for r in fixed_regions)
+    if session.memory + charge > quota:
+        raise RequestError(ErrorCode.EDQUOT, f"this model needs {charge} bytes of device memory for its "
+                                             f"weights and arena; the session holds {session.memory} of "
+                                             f"its {quota}-byte quota")
+    mappings = [Mapping(r["va"], round_up(max(r["size"], 1), page), bool(r["writable"]))
+                for r in regions.values()]
+    try:
+        await trio.to_thread.run_sync(validate, exe.stream, config, mappings)
+    except StreamError as exc:
+        raise RequestError(ErrorCode.EIO, f"the compiler produced a stream the device refuses: "
+                                          f"{exc.message}") from None
+    fixed = []
+    try:
+        for r in fixed_regions:
+            bo = device.memory.allocate(max(r["size"], 1))
+            fixed.append((bo, r["va"], bool(r["writable"])))
+            if r["kind"] == "weights":
+                weights = memoryview(exe.weights)
+                if len(weights) > bo.size:
+                    raise RequestError(ErrorCode.EIO, "the executable's weights exceed their region")
+                bo.view()[: len(weights)] = weights
+    except BaseException:
+        for bo, _va, _w in fixed:
+            device.memory.release(bo)  # never seen by the device: no unmap needed
+        raise
+    session.memory += sum(bo.mapped_size for bo, _va, _w in fixed)
+    program = device.add_program(exe.stream, [(m.va, m.size, m.writable) for m in mappings])
+    by_tensor = {(r["kind"], r.get("tensor")): r for r in regions.values()}
+    for entry in (*exe.inputs, *exe.outputs):
+        kind = "input" if entry in exe.inputs else "output"
+        region = by_tensor.get((kind, entry["name"]))
+        if region is None or region["va"] != entry["va"] or region["size"] < entry["size"]:
+            raise RequestError(ErrorCode.EIO, f"the executable's I/O table does not match its layout "
+                                              f"({kind} {entry['name']!r})")
+    return LoadedModel(model_id, device.index, exe, program, fixed, list(exe.inputs),
+                       list(exe.outputs), regions)
