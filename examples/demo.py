@@ -1,12 +1,9 @@
 """The bundled example: `make demo`.
 
-Starts a private npud, runs a job end to end on the reference NPU, checks the
-result against numpy, and shows what `npuctl status` sees while it runs.
-
-The job: out = relu(a + b) over a 64x256 float32 tensor, as a command stream
-for the reference NPU: DMA both inputs into SRAM, add and relu on the vector
-engine, DMA the result back.  The inputs and the output are buffer objects the
-demo writes and reads in place through their mappings.
+Starts a private npud, compiles a small CNN built in this repository
+(examples/tiny_cnn.py) for the reference NPU, runs it, checks the answer
+against a plain numpy computation of the same network, prints the compiler's
+per-layer report and what `npuctl status` shows, and stops the daemon.
 """
 
 from __future__ import annotations
@@ -17,55 +14,35 @@ import sys
 import numpy as np
 
 import npu
-from emulator.assembler import StreamBuilder, tile
-from emulator.config import DeviceConfig
 
-SHAPE = (64, 256)
-VA_A, VA_B, VA_OUT = 0x10000, 0x20000, 0x30000
-
-
-def relu_add_stream(config) -> bytes:
-    nbytes = int(np.prod(SHAPE)) * 4
-    a, b, out = (tile(i * nbytes, "float32", SHAPE) for i in range(3))
-    sb = StreamBuilder(config)
-    sb.dma_load(a.addr, VA_A, "float32", SHAPE)
-    sb.dma_load(b.addr, VA_B, "float32", SHAPE)
-    sb.sync("dma", "vector")
-    sb.add(a, b, out)
-    sb.relu(out, out)
-    sb.sync("vector", "dma")
-    sb.dma_store(out.addr, VA_OUT, "float32", SHAPE)
-    sb.end()
-    return sb.build()
+from . import tiny_cnn
 
 
 def main() -> int:
-    rng = np.random.default_rng(0)
-    a_host = rng.standard_normal(SHAPE, dtype=np.float32)
-    b_host = rng.standard_normal(SHAPE, dtype=np.float32)
+    x = np.random.default_rng(0).standard_normal(tiny_cnn.INPUT_SHAPE).astype(np.float32)
     with npu.local() as client:
         device = client.devices()[0]
         print(f"npud {client.daemon_version} at {client.endpoint}")
         print(f"device {device.index}: {device.name} (preset {device.preset}), {device.cores} core(s), "
               f"{device.mac_rows}x{device.mac_cols} MACs, {device.sram_bytes // 1024} KiB SRAM\n")
 
-        nbytes = a_host.nbytes
-        a, b, out = (client.alloc(nbytes) for _ in range(3))
-        a.map(np.float32, SHAPE)[:] = a_host          # written in place: no copies
-        b.map(np.float32, SHAPE)[:] = b_host
-        stream = relu_add_stream(DeviceConfig.from_dict(device.params))
-        job = client.submit(stream, [(a, VA_A, False), (b, VA_B, False), (out, VA_OUT, True)])
-        job.wait(timeout=30)
+        model = client.load(tiny_cnn.build(), name="tiny_cnn")
+        how = "from the compile cache" if model.cached else "compiled by a worker"
+        print(f"loaded {model} {how} in {model.compile_ms:.0f} ms")
+        print(f"  weights {model.weights_bytes} B, activation arena {model.arena_bytes} B of device memory\n")
+        print(model.report(), "\n")
 
-        result = out.map(np.float32, SHAPE)
-        expected = np.maximum(a_host + b_host, 0)
-        ok = np.array_equal(result, expected)
-        print(f"job {job.id}: out = relu(a + b), {SHAPE[0]}x{SHAPE[1]} float32")
-        print(f"  result matches numpy: {ok}")
-        print(f"  out[0, :6] = {np.array2string(result[0, :6], precision=3)}")
-        print(f"  modeled cycles {job.stats['cycles']}, DMA in {job.stats['dma_bytes_in']} B, "
-              f"out {job.stats['dma_bytes_out']} B, {job.stats['commands']} commands, "
-              f"wall {job.stats['wall_ms']:.2f} ms\n")
+        job = model.submit(x)
+        probs = job.result(timeout=60)["probs"]
+        expected = tiny_cnn.reference(x)
+        ok = np.allclose(probs, expected, rtol=1e-3, atol=1e-5)
+        top = np.argsort(probs[0])[::-1][:3]
+        print("class probabilities, top 3: " + ", ".join(f"{i}: {probs[0, i]:.4f}" for i in top))
+        print(f"matches numpy's computation of the same network: {ok} "
+              f"(max abs difference {np.abs(probs - expected).max():.2e})")
+        print(f"modeled on the NPU: {job.stats['cycles']} cycles, {job.stats['macs']} MACs, "
+              f"DMA {job.stats['dma_bytes_in']} B in / {job.stats['dma_bytes_out']} B out; "
+              f"emulated in {job.stats['wall_ms']:.1f} ms\n")
 
         print("$ npuctl status")
         sys.stdout.flush()
