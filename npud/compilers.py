@@ -1,7 +1,7 @@
 """The compiler worker pool: supervised processes that turn models into executables.
 
-The daemon never parses a model.  ``CompilerPool`` starts ``size`` worker
-processes (compiler_worker/worker.py), each connected over ZeroMQ to a ROUTER
+The daemon never parses a model.  ``CompilerPool`` runs up to ``size`` worker
+processes (compiler_worker/worker.py), started on first use, each connected over ZeroMQ to a ROUTER
 the pool binds on a private ipc endpoint, and hands each compile to an idle
 worker.  A worker that crashes, exceeds its memory limit or its time limit
 fails that one compile with a clear error and is replaced; other compiles
@@ -98,33 +98,55 @@ class CompilerPool:
             pending.done.set()
 
     async def _supervise(self, name: bytes) -> None:
-        """Keep one worker alive and feed it compiles, one at a time."""
-        while True:
-            self._ready[name] = trio.Event()
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "compiler_worker.worker", "--endpoint", self.endpoint,
-                 "--name", name.decode(), "--memory-limit", str(self.memory_limit)])
-            try:
-                with trio.move_on_after(READY_TIMEOUT_S):
-                    await self._ready[name].wait()
-                if not self._ready[name].is_set():
-                    log.error("compiler worker %s did not start; retrying in 1 s", name.decode())
-                    await trio.sleep(1.0)  # a worker that cannot start must not spin the CPU
-                while self._ready[name].is_set():
-                    pending = await self._queue_recv.receive()
-                    if process.poll() is not None:
-                        self._queue_send.send_nowait(pending)  # died while idle: not this compile's fault
-                        break
-                    if not await self._run_one(name, process, pending):
-                        break
-            finally:
+        """Feed one worker compiles, one at a time; start it on first use, replace it when it fails.
+
+        Workers start lazily: a daemon that never compiles never pays for them.
+        """
+        process: trio.Process | None = None
+        try:
+            while True:
+                pending = await self._queue_recv.receive()
+                if process is not None and process.poll() is not None:
+                    await self._retire(name, process)  # died while idle: not this compile's fault
+                    process = None
+                if process is None:
+                    process = await self._start(name)
+                    if process is None:
+                        pending.reply = _failure(ErrorCode.EIO, "the compiler worker did not start; "
+                                                                "see npud's log")
+                        pending.done.set()
+                        await trio.sleep(1.0)  # a worker that cannot start must not spin the CPU
+                        continue
+                if not await self._run_one(name, process, pending):
+                    await self._retire(name, process)
+                    process = None
+        finally:
+            if process is not None:
                 with trio.CancelScope(shield=True):
-                    if process.returncode is None:
-                        process.kill()
+                    process.kill()
                     await process.wait()
-            self.restarts += 1
-            log.warning("compiler worker %s exited (status %s); starting a new one",
-                        name.decode(), process.returncode)
+
+    async def _start(self, name: bytes) -> trio.Process | None:
+        self._ready[name] = trio.Event()
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "compiler_worker.worker", "--endpoint", self.endpoint,
+             "--name", name.decode(), "--memory-limit", str(self.memory_limit)])
+        with trio.move_on_after(READY_TIMEOUT_S):
+            await self._ready[name].wait()
+        if self._ready[name].is_set():
+            return process
+        log.error("compiler worker %s did not announce itself within %.0f s", name.decode(), READY_TIMEOUT_S)
+        await self._retire(name, process)
+        return None
+
+    async def _retire(self, name: bytes, process: trio.Process) -> None:
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
+        self.restarts += 1
+        log.warning("compiler worker %s exited (status %s); a new one starts with the next compile",
+                    name.decode(), process.returncode)
 
     async def _run_one(self, name: bytes, process: trio.Process, pending: _Pending) -> bool:
         """Run one compile on this worker; False if the worker must be replaced."""
