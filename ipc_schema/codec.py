@@ -96,20 +96,21 @@ def decode_reply(frame: bytes, op: str | None = None) -> Reply | tuple[str, dict
     """Decode a daemon frame: a Reply, or ``(event_name, data)`` for an event.
 
     With ``op`` given, a successful result is checked against that op's schema,
-    so a client never acts on a reply the protocol does not allow.
+    so a client never acts on a reply the protocol does not allow; fields it
+    does not know (from a daemon of a newer minor version) are dropped.
     """
     message = unpack(frame)
     if type(message) is dict and "event" in message:
         name, data = message.get("event"), message.get("data")
         if name not in EVENTS or type(data) is not dict:
             raise RequestError(ErrorCode.EPROTO, f"malformed event from daemon: {message!r:.200}")
-        return name, EVENTS[name].check(data, name)
+        return name, EVENTS[name].check(data, name, strict=False)
     try:
-        reply = REPLY.check(message, "reply")
+        reply = REPLY.check(message, "reply", strict=False)
         if reply["ok"]:
             result = reply.get("result", {})
             if op is not None:
-                result = OPS[op].result.check(result, f"{op}.result")
+                result = OPS[op].result.check(result, f"{op}.result", strict=False)
             return Reply(reply["seq"], result, None)
         err = reply.get("error")
         if err is None:

@@ -1,7 +1,10 @@
 """Field types of the wire protocol: what a value must be, and the limits it must keep.
 
 Each type validates a decoded msgpack value and raises ``FieldError`` naming the
-path of the offending field.  The same objects render themselves for
+path of the offending field.  ``strict=False`` reads a newer peer's messages:
+fields this side does not know are dropped instead of refused, which is what
+lets a minor protocol version add fields (the daemon checks requests strictly;
+clients read replies leniently).  The same objects render themselves for
 docs/PROTOCOL.md (``describe()``), so the documentation cannot drift from the
 checks.
 """
@@ -27,7 +30,7 @@ def _kind(value: Any) -> str:
 
 
 class Type:
-    def check(self, value: Any, path: str) -> Any:  # pragma: no cover - interface
+    def check(self, value: Any, path: str, strict: bool = True) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
 
     def describe(self) -> str:  # pragma: no cover - interface
@@ -39,7 +42,7 @@ class Int(Type):
     min: int = 0
     max: int = 2**63 - 1
 
-    def check(self, value, path):
+    def check(self, value, path, strict=True):
         # bool is an int in Python but a distinct type in msgpack: refuse it.
         if type(value) is not int:
             raise FieldError(path, f"expected int, got {_kind(value)}")
@@ -53,7 +56,7 @@ class Int(Type):
 
 @dataclass(frozen=True)
 class Float(Type):
-    def check(self, value, path):
+    def check(self, value, path, strict=True):
         if type(value) not in (float, int):
             raise FieldError(path, f"expected float, got {_kind(value)}")
         return float(value)
@@ -64,7 +67,7 @@ class Float(Type):
 
 @dataclass(frozen=True)
 class Bool(Type):
-    def check(self, value, path):
+    def check(self, value, path, strict=True):
         if type(value) is not bool:
             raise FieldError(path, f"expected bool, got {_kind(value)}")
         return value
@@ -78,7 +81,7 @@ class Str(Type):
     max_len: int = 256
     choices: tuple[str, ...] = ()
 
-    def check(self, value, path):
+    def check(self, value, path, strict=True):
         if type(value) is not str:
             raise FieldError(path, f"expected str, got {_kind(value)}")
         if len(value) > self.max_len:
@@ -98,7 +101,7 @@ class Bin(Type):
     max_len: int
     min_len: int = 0
 
-    def check(self, value, path):
+    def check(self, value, path, strict=True):
         if type(value) is not bytes:
             raise FieldError(path, f"expected bin, got {_kind(value)}")
         if not self.min_len <= len(value) <= self.max_len:
@@ -117,12 +120,12 @@ class Array(Type):
     max_len: int
     min_len: int = 0
 
-    def check(self, value, path):
+    def check(self, value, path, strict=True):
         if type(value) is not list:
             raise FieldError(path, f"expected array, got {_kind(value)}")
         if not self.min_len <= len(value) <= self.max_len:
             raise FieldError(path, f"{len(value)} items is outside [{self.min_len}, {self.max_len}]")
-        return [self.item.check(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [self.item.check(v, f"{path}[{i}]", strict) for i, v in enumerate(value)]
 
     def describe(self):
         return f"array of {self.item.describe()} ({self.min_len}..{self.max_len} items)"
@@ -132,7 +135,7 @@ class Array(Type):
 class Any_(Type):
     """Any msgpack value: only in replies, for open-ended maps such as counters."""
 
-    def check(self, value, path):
+    def check(self, value, path, strict=True):
         return value
 
     def describe(self):
@@ -156,11 +159,11 @@ class Struct(Type):
     fields: dict[str, F] = field(default_factory=dict)
     doc: str = ""
 
-    def check(self, value, path):
+    def check(self, value, path, strict=True):
         if type(value) is not dict:
             raise FieldError(path, f"expected map ({self.name}), got {_kind(value)}")
         extra = [k for k in value if k not in self.fields]
-        if extra:
+        if extra and strict:
             raise FieldError(path, f"unknown field {extra[0]!r} (allowed: {', '.join(self.fields) or 'none'})")
         out = {}
         for name, f in self.fields.items():
@@ -169,7 +172,7 @@ class Struct(Type):
                 if not f.optional:
                     raise FieldError(sub, "missing required field")
                 continue
-            out[name] = f.type.check(value[name], sub)
+            out[name] = f.type.check(value[name], sub, strict)
         return out
 
     def describe(self):
@@ -183,7 +186,7 @@ class MapOf(Type):
     value: Type
     max_len: int = 256
 
-    def check(self, value, path):
+    def check(self, value, path, strict=True):
         if type(value) is not dict:
             raise FieldError(path, f"expected map, got {_kind(value)}")
         if len(value) > self.max_len:
@@ -192,7 +195,7 @@ class MapOf(Type):
         for k, v in value.items():
             if type(k) is not str:
                 raise FieldError(path, f"key {k!r} is not a string")
-            out[k] = self.value.check(v, f"{path}.{k}")
+            out[k] = self.value.check(v, f"{path}.{k}", strict)
         return out
 
     def describe(self):

@@ -82,7 +82,8 @@ class AsyncClient:
                                              f"{self.timeout if timeout is None else timeout:.1f} s")
         reply = box[0]
         if reply.error is None and reply.result is not None:
-            protocol.codec.OPS[op].result.check(reply.result, f"{op}.result")
+            reply = protocol.codec.Reply(reply.seq, protocol.codec.OPS[op].result.check(
+                reply.result, f"{op}.result", strict=False), None)
         return protocol.result_or_raise(reply)
 
     # --- the API (mirrors npu.Client) ------------------------------------------------

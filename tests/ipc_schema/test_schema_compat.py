@@ -1,0 +1,51 @@
+"""Minor versions only add: requests are checked strictly, replies read leniently."""
+
+import msgpack
+import pytest
+
+from ipc_schema import codec
+from ipc_schema.errors import ErrorCode, RequestError
+from ipc_schema.schema import DEVICE
+from ipc_schema.types import Array, Bool, Float, Int, MapOf, Str, Struct
+
+
+def _sample(t):
+    """The smallest valid value of a schema type."""
+    if isinstance(t, Struct):
+        return {name: _sample(f.type) for name, f in t.fields.items() if not f.optional}
+    if isinstance(t, Int):
+        return t.min
+    if isinstance(t, Str):
+        return t.choices[0] if t.choices else ""
+    return {Float: 0.0, Bool: False, MapOf: {}, Array: []}.get(type(t))
+
+
+def _device(**extra):
+    return {**_sample(DEVICE), **extra}
+
+
+def test_a_newer_daemons_extra_fields_are_dropped_not_refused():
+    frame = codec.pack({"seq": 4, "ok": True, "trace_id": 9,
+                        "result": {"devices": [_device(util_pct=12.5)], "generation": 2}})
+    reply = codec.decode_reply(frame, "devices")
+    assert reply.seq == 4
+    assert set(reply.result) == {"devices"}
+    assert "util_pct" not in reply.result["devices"][0]
+
+
+def test_lenient_reading_still_refuses_missing_or_mistyped_fields():
+    device = _device()
+    del device["index"]
+    with pytest.raises(RequestError) as err:
+        codec.decode_reply(codec.pack({"seq": 1, "ok": True, "result": {"devices": [device]}}), "devices")
+    assert err.value.info.code is ErrorCode.EPROTO and "index" in err.value.info.message
+    with pytest.raises(RequestError):
+        codec.decode_reply(codec.pack({"seq": 1, "ok": True,
+                                       "result": {"devices": [_device(index="x")]}}), "devices")
+
+
+def test_requests_with_unknown_fields_are_still_refused():
+    frame = msgpack.packb({"op": "alloc", "seq": 2, "args": {"device": 0, "size": 8, "hint": 1}})
+    with pytest.raises(RequestError) as err:
+        codec.decode_request(frame)
+    assert err.value.info.code is ErrorCode.EINVAL and "hint" in err.value.info.message
