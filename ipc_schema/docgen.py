@@ -8,7 +8,8 @@ file equals this output, so the document cannot drift from the code.
 from __future__ import annotations
 
 from .errors import ErrorCode
-from .schema import (ATTACH_HELLO, ATTACH_REPLY, BINDING, CACHE_ENTRY, CLIENT, COMPILE_OPTIONS,
+from .schema import (ATTACH_HELLO, ATTACH_REPLY, BINDING, BUFFER_INFO, CACHE_ENTRY, CLIENT, COMPILE_OPTIONS,
+                     JOB_INFO, LAYER, TRACE_EVENT, TRACE_MODEL,
                      DEVICE, ERROR, EVENT, EVENTS, PROBLEM, TENSOR_INFO,
                      FD_MESSAGE, HARD_FRAME_LIMIT, LIMITS, MAX_ATTACH_PACKET, MAX_INLINE_BYTES,
                      MAX_MESSAGE_BYTES, OPS, PROTOCOL_VERSION, REPLY, REQUEST, TENSOR)
@@ -116,7 +117,7 @@ def render() -> str:
         parts.append(_section(name, struct))
     parts.append("## Shared structures\n")
     for struct in (DEVICE, CLIENT, LIMITS, BINDING, TENSOR, TENSOR_INFO, COMPILE_OPTIONS, PROBLEM,
-                   CACHE_ENTRY):
+                   CACHE_ENTRY, JOB_INFO, TRACE_EVENT, TRACE_MODEL, LAYER, BUFFER_INFO):
         parts.append(_section(struct.name, struct))
     parts.append("## Companion socket packets\n")
     for struct in (ATTACH_HELLO, ATTACH_REPLY, FD_MESSAGE):

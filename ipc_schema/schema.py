@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .types import Any_, Array, Bin, Bool, F, Float, Int, MapOf, Str, Struct, Type
 
-PROTOCOL_VERSION = (1, 0)
+PROTOCOL_VERSION = (1, 1)
 """(major, minor).  A major bump breaks compatibility; a minor bump only adds."""
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -70,8 +70,15 @@ DEVICE = Struct("device", {
     "jobs_running": F(U32, "jobs executing now"),
     "jobs_completed": F(U64, "jobs finished successfully since start"),
     "jobs_failed": F(U64, "jobs that failed since start"),
-    "busy_ms": F(Float(), "wall time the device process spent executing jobs"),
+    "busy_ms": F(Float(), "wall time the device process spent executing jobs (including the running "
+                         "job's time so far); utilisation over an interval is its growth over the interval"),
     "resets": F(U32, "device process restarts"),
+    "util_pct": F(Float(), "percent of the last `util_window_s` seconds (sampled every 0.5 s) the device "
+                           "spent executing jobs"),
+    "util_window_s": F(Float(), "the window `util_pct` covers"),
+    "modeled_cycles": F(U64, "modeled cycles of the jobs completed since start"),
+    "modeled_busy_ms": F(Float(), "`modeled_cycles` at the device clock: what those jobs would take on "
+                                  "the modeled hardware"),
 })
 
 CLIENT = Struct("client", {
@@ -87,6 +94,12 @@ CLIENT = Struct("client", {
     "jobs_completed": F(U64, "jobs completed"),
     "jobs_failed": F(U64, "jobs failed"),
     "connected_s": F(Float(), "seconds since HELLO"),
+    "jobs_in_flight": F(U32, "jobs queued or running"),
+    "models": F(U32, "models loaded"),
+    "busy_ms": F(Float(), "device time its jobs took, all devices (including running jobs so far)"),
+    "util_pct": F(Float(), "percent of the last 5 s a device spent on its jobs (summed over devices, "
+                           "so up to 100 per device)"),
+    "modeled_cycles": F(U64, "modeled cycles of its completed jobs"),
 })
 
 LIMITS = Struct("limits", {
@@ -128,6 +141,62 @@ CACHE_ENTRY = Struct("cache_entry", {
     "key": F(Str(128), "content hash of model, options, compiler and target"),
     "size": F(U64, "bytes on disk"),
     "age_s": F(Float(), "seconds since it was written"),
+})
+
+
+SESSION_ID = Str(64)
+SESSION_FILTER = F(SESSION_ID, "only this session (default: every session)", optional=True)
+DEVICE_FILTER = F(DEVICE_INDEX, "only this device (default: every device)", optional=True)
+
+JOB_INFO = Struct("job_info", {
+    "session": F(SESSION_ID, "session that submitted it"),
+    "pid": F(Int(0, 2**31), "that client's pid as the daemon sees it (0 if unknown)"),
+    "client": F(Str(64), "that client's name"),
+    "job": F(U64, "job id (the session's name for it)"),
+    "device": F(DEVICE_INDEX, "device it runs on"),
+    "state": F(JOB_STATE, "job state"),
+    "model": F(U32, "the session's id of the loaded model it runs (0: a raw command stream)"),
+    "model_name": F(Str(256), "that model's name, from its executable (empty if none)"),
+    "submitted_s": F(Float(), "when it was queued, seconds since the daemon started (status `uptime_s` "
+                              "is the same clock)"),
+    "started_s": F(Float(), "when the device began it (absent while queued, or if it never ran)",
+                   optional=True),
+    "finished_s": F(Float(), "when it finished (absent while queued or running)", optional=True),
+    "wall_ms": F(Float(), "finished_s - started_s in milliseconds (absent unless it ran and finished)",
+                 optional=True),
+    "cycles": F(U64, "modeled cycles (0 unless done)"),
+    "error": F(Str(16), "error code if it failed", optional=True),
+}, doc="One job as `jobs` and `trace` report it.")
+
+TRACE_EVENT = Struct("trace_event", {
+    "seq": F(U64, "event number, increasing; pass the last one seen as `since`"),
+    **JOB_INFO.fields,
+}, doc="A finished job (done, failed or cancelled) from the daemon's trace ring.")
+
+LAYER = Struct("layer", {
+    "node": F(Str(1024), "node name in the model"),
+    "op": F(Str(256), "operator type"),
+    "cycles": F(U64, "modeled cycles of the op (its share of a job's time)"),
+})
+
+TRACE_MODEL = Struct("trace_model", {
+    "session": F(SESSION_ID, "session that loaded it"),
+    "model": F(U32, "the session's id for it"),
+    "name": F(Str(256), "model name from the executable"),
+    "layers": F(Array(LAYER, 1 << 16), "its ops in execution order, with modeled cycles"),
+}, doc="The per-op rows of a model that trace events reference, so a job can be split into layers.")
+
+BUFFER_INFO = Struct("buffer_info", {
+    "session": F(SESSION_ID, "session holding it"),
+    "pid": F(Int(0, 2**31), "that client's pid as the daemon sees it (0 if unknown)"),
+    "device": F(DEVICE_INDEX, "device whose memory it is"),
+    "handle": F(U32, "the session's handle (0 for a loaded model's weights or arena)"),
+    "kind": F(Str(16, ("buffer", "weights", "arena")), "a client buffer, or part of a loaded model"),
+    "model": F(U32, "the loaded model it belongs to (0 for client buffers)"),
+    "size": F(U64, "usable bytes"),
+    "mapped_size": F(U64, "device memory it takes (page-rounded); what quotas count"),
+    "exported": F(Bool(), "its memfd was sent to the client (`map`), which may have it mapped"),
+    "jobs": F(U32, "jobs holding a reference to it now"),
 })
 
 
@@ -258,6 +327,52 @@ OPS: dict[str, Op] = {op.name: op for op in [
         "clients": F(Array(CLIENT, 65536), "sessions"),
     }),
     _op("clients", "List the sessions.", {}, {"clients": F(Array(CLIENT, 65536), "sessions")}),
+    _op("jobs", "Recent and current jobs of every session (each session keeps its last 1024 finished "
+                "jobs), oldest first.", {
+        "session": SESSION_FILTER,
+        "device": DEVICE_FILTER,
+        "limit": F(Int(1, 65536), "at most this many, the most recent (default 1024)", optional=True),
+    }, {
+        "now_s": F(Float(), "the daemon's clock now, seconds since it started"),
+        "jobs": F(Array(JOB_INFO, 65536), "jobs"),
+    }, errors=("ENOENT", "ENODEV")),
+    _op("buffers", "Buffer objects of every session: client buffers and loaded models' weights and arenas.", {
+        "session": SESSION_FILTER,
+        "device": DEVICE_FILTER,
+    }, {"buffers": F(Array(BUFFER_INFO, 1 << 20), "buffers, by session then handle")},
+        errors=("ENOENT", "ENODEV")),
+    _op("trace", "Finished jobs from the daemon's trace ring (the last 16384, every session and device), "
+                 "after a cursor.", {
+        "since": F(U64, "return events with `seq` greater than this (0: all retained); "
+                        "use the previous reply's `next`"),
+        "limit": F(Int(0, 65536), "at most this many (default 16384; 0 just reads the cursor)",
+                   optional=True),
+    }, {
+        "now_s": F(Float(), "the daemon's clock now, seconds since it started"),
+        "next": F(U64, "the cursor for the next call"),
+        "dropped": F(U64, "events after `since` already overwritten (the ring is bounded)"),
+        "capacity": F(U32, "events the ring holds"),
+        "events": F(Array(TRACE_EVENT, 65536), "events, oldest first"),
+        "models": F(Array(TRACE_MODEL, 65536), "the models the events run"),
+    }),
+    _op("kill_client", "Admin: close a session as if it had sent bye (its jobs are cancelled, its memory "
+                       "freed). Allowed to root and the daemon's own uid.", {
+        "session": F(SESSION_ID, "session to close"),
+    }, {
+        "session": F(SESSION_ID, "the closed session"),
+        "pid": F(Int(0, 2**31), "its pid as the daemon saw it"),
+        "buffers": F(U32, "buffer objects freed"),
+        "memory": F(U64, "bytes freed"),
+    }, errors=("EPERM", "ENOENT")),
+    _op("reset_device", "Admin: restart a device's process, as after a crash: a running job fails with "
+                        "EIO (retryable), queued jobs run on the new process. Answers once it is back. "
+                        "Allowed to root and the daemon's own uid.", {
+        "device": F(DEVICE_INDEX, "device index"),
+    }, {
+        "device": F(DEVICE_INDEX, "device index"),
+        "resets": F(U32, "its restart count now"),
+        "state": F(Str(16, ("ok", "resetting", "down")), "its state now"),
+    }, errors=("EPERM", "ENODEV", "ETIMEDOUT")),
 ]}
 
 EVENTS: dict[str, Struct] = {
@@ -294,7 +409,8 @@ DTYPE_SIZES = {"float32": 4, "float16": 2, "int8": 1, "uint8": 1, "int16": 2, "i
                "int64": 8, "bool": 1}
 
 ALL_STRUCTS: tuple[Type, ...] = (REQUEST, REPLY, EVENT, ERROR, TENSOR, BINDING, DEVICE, CLIENT, LIMITS,
-                                  TENSOR_INFO, COMPILE_OPTIONS, PROBLEM, CACHE_ENTRY)
+                                  TENSOR_INFO, COMPILE_OPTIONS, PROBLEM, CACHE_ENTRY, JOB_INFO, TRACE_EVENT,
+                                  LAYER, TRACE_MODEL, BUFFER_INFO)
 
 # --- The companion socket -------------------------------------------------------
 # ZeroMQ cannot carry file descriptors, so each local session also connects a Unix

@@ -25,7 +25,7 @@ import trio
 from emulator.config import DeviceConfig
 from ipc_schema.errors import ErrorCode, ErrorInfo
 
-from .jobs import Job
+from .jobs import BusyWindow, Job
 from .memory import BufferObject, DeviceMemory
 
 log = logging.getLogger("npud.device")
@@ -33,6 +33,7 @@ log = logging.getLogger("npud.device")
 MAX_REPLY = 1 << 20
 CHANNEL_BYTES = 32 << 20  # the device process accepts packets up to this size
 STOP_TIMEOUT_S = 2.0
+UTIL_WINDOW_S = 5.0   # util_pct is the busy share of (about) the last this many seconds
 
 
 class DeviceLost(Exception):
@@ -64,7 +65,11 @@ class DeviceHost:
         self.jobs_completed = 0
         self.jobs_failed = 0
         self.busy_s = 0.0
+        self.modeled_cycles = 0      # modeled cycles of the jobs completed since start
+        self.usage = BusyWindow(UTIL_WINDOW_S)
         self.running: Job | None = None
+        self._reset_requested: str | None = None   # an admin asked for a reset (reset_device)
+        self._reset_done = trio.Event()
         self._on_job_done = on_job_done
         self._send, self._recv = trio.open_memory_channel[Job | BufferObject](float("inf"))
         self._queued = 0
@@ -101,14 +106,45 @@ class DeviceHost:
     def jobs_queued(self) -> int:
         return self._queued
 
+    def busy_now(self, now: float) -> float:
+        """Seconds spent executing jobs, counting the running job's time so far."""
+        running = self.running
+        return self.busy_s + (now - running.started if running is not None and running.started else 0.0)
+
+    def modeled_busy_ms(self) -> float:
+        """The completed jobs' modeled cycles at this device's clock."""
+        return self.modeled_cycles / (self.config.clock_mhz * 1e3)
+
+    async def reset_now(self, why: str) -> None:
+        """Restart the device process (admin reset); returns once it is back.
+
+        A running job fails with EIO (retryable), as on any reset; queued jobs run
+        on the new process.  Any reset that happens meanwhile satisfies the request.
+        """
+        if self._reset_requested is None:
+            self._reset_requested = why
+            self._reset_done = trio.Event()
+        done = self._reset_done
+        if self.running is not None and self._process is not None and self._process.returncode is None:
+            self._process.kill()   # the runner sees the device lost, fails the job and resets
+        else:
+            self._send.send_nowait(("reset", why))  # wakes an idle runner
+        await done.wait()
+
     def info(self) -> dict:
         return {
             "index": self.index, "name": self.name, "preset": self.preset, "state": self.state,
             "params": self.config.to_dict(), "memory_total": self.memory.total,
             "memory_used": self.memory.used, "jobs_queued": self._queued,
             "jobs_running": int(self.running is not None), "jobs_completed": self.jobs_completed,
-            "jobs_failed": self.jobs_failed, "busy_ms": self.busy_s * 1e3, "resets": self.resets,
+            "jobs_failed": self.jobs_failed, "busy_ms": self.busy_now(time.monotonic()) * 1e3,
+            "resets": self.resets,
+            **self.usage_info(time.monotonic()),
         }
+
+    def usage_info(self, now: float) -> dict:
+        return {"util_pct": self.usage.pct(now, self.busy_now(now)), "util_window_s": UTIL_WINDOW_S,
+                "modeled_cycles": self.modeled_cycles, "modeled_busy_ms": self.modeled_busy_ms()}
 
     # --- the runner --------------------------------------------------------------------
 
@@ -118,6 +154,10 @@ class DeviceHost:
         task_status.started()
         try:
             async for item in self._recv:
+                if self._reset_requested is not None:
+                    await self._reset(self._reset_requested)
+                if isinstance(item, tuple) and item[0] == "reset":
+                    continue
                 if isinstance(item, Job):
                     self._queued -= 1
                     await self._run_job(item)
@@ -175,6 +215,8 @@ class DeviceHost:
             self._process.kill()
         await self._stop_process()
         await self._start_process()
+        self._reset_requested = None
+        self._reset_done.set()
 
     async def _call(self, request: dict, fd: int | None = None) -> dict:
         data = msgpack.packb(request, use_bin_type=True)
@@ -203,6 +245,7 @@ class DeviceHost:
         if job.state != "queued":
             return  # cancelled while queued (its session closed)
         job.state = "running"
+        job.started = time.monotonic()
         self.running = job
         started = time.perf_counter()
         try:
@@ -222,10 +265,12 @@ class DeviceHost:
         except ChannelLimit as exc:  # the device is fine: only this job cannot reach it
             reply = {"ok": False, "error": {"code": "EINVAL", "retryable": False, "message": str(exc)}}
         finally:
-            self.busy_s += time.perf_counter() - started
+            job.busy_s = time.perf_counter() - started
+            self.busy_s += job.busy_s
             self.running = None
         if reply["ok"]:
             self.jobs_completed += 1
+            self.modeled_cycles += int(reply["stats"].get("cycles", 0))
             job.finish(stats={**reply["stats"], "wall_ms": reply["wall_ms"]})
         else:
             self.jobs_failed += 1

@@ -21,7 +21,7 @@ from ipc_schema import codec
 from ipc_schema.errors import ErrorCode, RequestError
 from ipc_schema.schema import MAX_INLINE_BYTES, OPS, PROTOCOL_VERSION
 
-from . import __version__
+from . import __version__, policy
 from .jobs import Job
 from .memory import round_up
 from .models import check_layout, instantiate
@@ -101,7 +101,8 @@ def devices(daemon, call, args):
 
 @handler("clients")
 def clients(daemon, call, args):
-    return {"clients": [s.info() for s in daemon.sessions]}
+    now = time.monotonic()
+    return {"clients": [{**s.info(), **s.usage_info(now, daemon.devices)} for s in daemon.sessions]}
 
 
 @handler("status")
@@ -220,10 +221,15 @@ def _check_admission(daemon, session) -> None:
                                              "the limit; wait for some to finish")
 
 
-def _queue_job(daemon, session, device, stream: bytes, bindings, program: int | None = None) -> int:
+def _queue_job(daemon, session, device, stream: bytes, bindings, program: int | None = None,
+               model=None) -> int:
     for bo, _va, _w in bindings:
         bo.refs += 1
-    job = Job(session.new_job_id(), session.id, device.index, stream, bindings, program=program)
+    job = Job(session.new_job_id(), session.id, device.index, stream, bindings, program=program,
+              pid=session.pid, client=session.name)
+    if model is not None:  # what `jobs` and `trace` show of it
+        job.model, job.layers = model.id, model.exe.ops
+        job.model_name = str(model.exe.meta.get("model_name", ""))[:256]
     session.jobs_in_flight += 1
     session.jobs_submitted += 1
     session.remember_job(job)
@@ -315,7 +321,8 @@ def run_model(daemon, call, args):
                                                      f"{entry['size']} bytes on device {model.device}; "
                                                      f"buffer {handle} has {bo.size} on device {bo.device}")
             bindings.append((bo, entry["va"], writable))
-    return {"job": _queue_job(daemon, session, daemon.devices[model.device], b"", bindings, model.program)}
+    return {"job": _queue_job(daemon, session, daemon.devices[model.device], b"", bindings, model.program,
+                              model=model)}
 
 
 @handler("report")
@@ -341,3 +348,95 @@ async def cache_list(daemon, call, args):
 @handler("cache_clear", waits=True)
 async def cache_clear(daemon, call, args):
     return {"removed": await trio.to_thread.run_sync(daemon.loader.cache.clear)}
+
+
+# --- inspection and administration (npuctl) ----------------------------------------
+
+
+def _sessions(daemon, args) -> list:
+    if "device" in args:
+        daemon.device(args["device"])  # ENODEV for a device that does not exist
+    if "session" not in args:
+        return list(daemon.sessions)
+    session = daemon.sessions.by_id(args["session"])
+    if session is None:
+        raise RequestError(ErrorCode.ENOENT, f"no session {args['session']!r} (see `npuctl clients`)")
+    return [session]
+
+
+@handler("jobs")
+def jobs(daemon, call, args):
+    device = args.get("device")
+    records = []
+    for session in _sessions(daemon, args):
+        for job in session.jobs.values():
+            if device is None or job.device == device:
+                record = daemon.job_record(job)
+                record.pop("layers", None)
+                records.append(record)
+    records.sort(key=lambda r: r["submitted_s"])
+    return {"now_s": time.monotonic() - daemon.started, "jobs": records[-args.get("limit", 1024):]}
+
+
+@handler("buffers")
+def buffers(daemon, call, args):
+    device = args.get("device")
+    out = []
+
+    def add(session, bo, handle, kind, model):
+        if device is None or bo.device == device:
+            out.append({"session": session.id, "pid": session.pid, "device": bo.device, "handle": handle,
+                        "kind": kind, "model": model, "size": bo.size, "mapped_size": bo.mapped_size,
+                        "exported": bo.exported, "jobs": max(0, bo.refs - 1)})
+    for session in _sessions(daemon, args):
+        for handle, bo in sorted(session.buffers.items()):
+            add(session, bo, handle, "buffer", 0)
+        for model in session.models.values():
+            for bo, _va, writable in model.fixed:
+                add(session, bo, 0, "arena" if writable else "weights", model.id)
+    return {"buffers": out}
+
+
+@handler("trace")
+def trace(daemon, call, args):
+    events, dropped = daemon.trace.since(args["since"], args.get("limit", daemon.trace.capacity))
+    out, models = [], {}
+    for event in events:
+        event = dict(event)
+        layers = event.pop("layers", None)
+        if layers is not None and (event["session"], event["model"]) not in models:
+            models[(event["session"], event["model"])] = {
+                "session": event["session"], "model": event["model"], "name": event["model_name"],
+                "layers": [{"node": str(r.get("node", ""))[:1024], "op": str(r.get("op", ""))[:256],
+                            "cycles": int(r.get("cycles", 0))} for r in layers]}
+        out.append(event)
+    return {"now_s": time.monotonic() - daemon.started,
+            "next": out[-1]["seq"] if out else daemon.trace.last_seq, "dropped": dropped, "capacity": daemon.trace.capacity, "events": out,
+            "models": list(models.values())}
+
+
+@handler("kill_client")
+def kill_client(daemon, call, args):
+    policy.check_admin(call.session, "kill_client")
+    target = daemon.sessions.by_id(args["session"])
+    if target is None:
+        raise RequestError(ErrorCode.ENOENT, f"no session {args['session']!r} (see `npuctl clients`)")
+    result = {"session": target.id, "pid": target.pid, "buffers": len(target.buffers),
+              "memory": target.memory}
+    who = f"uid {call.session.uid}, pid {call.session.pid}"
+    daemon.close_session(target, f"killed by an admin ({who})")
+    return result
+
+
+RESET_TIMEOUT_S = 30.0
+
+
+@handler("reset_device", waits=True)
+async def reset_device(daemon, call, args):
+    policy.check_admin(call.session, "reset_device")
+    device = daemon.device(args["device"])
+    with trio.move_on_after(RESET_TIMEOUT_S):
+        await device.reset_now(f"reset requested by an admin (uid {call.session.uid}, pid {call.session.pid})")
+        return {"device": device.index, "resets": device.resets, "state": device.state}
+    raise RequestError(ErrorCode.ETIMEDOUT, f"device {device.index} did not come back within "
+                                            f"{RESET_TIMEOUT_S:.0f} s; see the daemon's log")

@@ -34,12 +34,15 @@ from .config import Config
 from .devices import DeviceHost
 from .compile_cache import CompileCache, default_directory
 from .compilers import CompilerPool
-from .jobs import Job
+from .jobs import Job, TraceRing
 from .models import LoadedModel, ModelLoader
 from .memory import BufferObject
 from .sessions import Session, SessionTable
 
 log = logging.getLogger("npud")
+
+TRACE_CAPACITY = 16384     # finished jobs kept for `trace` (a few MiB at most)
+SAMPLE_PERIOD_S = 0.5      # how often utilisation windows are sampled
 
 
 class AlreadyRunning(RuntimeError):
@@ -68,6 +71,7 @@ class Daemon:
             CompileCache(Path(config.cache_dir) if config.cache_dir else default_directory()))
         self.started = time.monotonic()
         self.stopping = False
+        self.trace = TraceRing(TRACE_CAPACITY)
         self.attach_path = attach_path_for(self.endpoint)
         self._zsock: OwnedSocket | None = None
         self._nursery: trio.Nursery | None = None
@@ -105,6 +109,7 @@ class Daemon:
                 if attach_listener is not None:
                     nursery.start_soon(attach.serve, self, attach_listener)
                 nursery.start_soon(self._expire_leases)
+                nursery.start_soon(self._sample_usage)
                 log.info("npud %s serving %s with %d device(s)", __version__, self.endpoint,
                          len(self.devices))
                 # SIGTERM is caught before READY=1 goes out: a stop right after it shuts down cleanly.
@@ -301,6 +306,28 @@ class Daemon:
                 session.jobs_failed += 1
             else:
                 session.jobs_completed += 1
+            session.busy_s += job.busy_s
+            session.modeled_cycles += int(job.stats.get("cycles", 0))
+        self.trace.add(self.job_record(job))
+
+    def job_record(self, job: Job) -> dict:
+        """A job as the `jobs` and `trace` ops show it (times in seconds since the daemon started)."""
+        rel = self.started
+        record = {"session": job.session_id, "pid": job.pid, "client": job.client, "job": job.id,
+                  "device": job.device, "state": job.state, "model": job.model,
+                  "model_name": job.model_name, "submitted_s": job.submitted - rel,
+                  "cycles": int(job.stats.get("cycles", 0))}
+        if job.started:
+            record["started_s"] = job.started - rel
+        if job.finished:
+            record["finished_s"] = job.finished - rel
+            if job.started:
+                record["wall_ms"] = (job.finished - job.started) * 1e3
+        if job.error is not None:
+            record["error"] = job.error.code.value
+        if job.layers is not None:
+            record["layers"] = job.layers  # a shared reference: not part of the wire record
+        return record
 
     def close_session(self, session: Session, why: str) -> None:
         """Free everything a session holds; safe to call twice."""
@@ -323,6 +350,16 @@ class Daemon:
         session.memory = 0
         session.attach_scope.cancel()  # the companion socket's task closes it
         log.info("session %s (%s, pid %d) closed: %s", session.id, session.name, session.pid, why)
+
+    async def _sample_usage(self) -> None:
+        """Feed the utilisation windows of devices and sessions (util_pct)."""
+        while True:
+            await trio.sleep(SAMPLE_PERIOD_S)
+            now = time.monotonic()
+            for device in self.devices:
+                device.usage.sample(now, device.busy_now(now))
+            for session in self.sessions:
+                session.usage.sample(now, session.busy_now(now, self.devices))
 
     async def _expire_leases(self) -> None:
         lease_s = self.config.limits.lease_ms / 1000

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .jobs import Job
+from .jobs import BusyWindow, Job
 from .memory import BufferObject
 
 if TYPE_CHECKING:
     from .models import LoadedModel
 
 FINISHED_JOBS_KEPT = 1024  # per session, so that `wait` after completion still answers
+UTIL_WINDOW_S = 5.0        # as npud.devices.UTIL_WINDOW_S
 
 
 @dataclass(eq=False)
@@ -50,6 +51,9 @@ class Session:
     jobs_submitted: int = 0
     jobs_completed: int = 0
     jobs_failed: int = 0
+    busy_s: float = 0.0          # device time its finished jobs took, all devices
+    modeled_cycles: int = 0      # modeled cycles of its completed jobs
+    usage: BusyWindow = field(default_factory=lambda: BusyWindow(UTIL_WINDOW_S))
     closed: bool = False
     _next_handle: int = 1
     _next_job: int = 1
@@ -79,6 +83,21 @@ class Session:
                 return f.read(4096).replace(b"\0", b" ").decode("utf-8", "replace").strip()[:256]
         except OSError:
             return ""
+
+    def busy_now(self, now: float, devices) -> float:
+        """Device seconds its jobs took, counting its running jobs' time so far."""
+        busy = self.busy_s
+        for device in devices:
+            job = device.running
+            if job is not None and job.session_id == self.id and job.started:
+                busy += now - job.started
+        return busy
+
+    def usage_info(self, now: float, devices) -> dict:
+        busy = self.busy_now(now, devices)
+        return {"busy_ms": busy * 1e3, "util_pct": self.usage.pct(now, busy, 100.0 * max(1, len(devices))),
+                "modeled_cycles": self.modeled_cycles, "jobs_in_flight": self.jobs_in_flight,
+                "models": len(self.models)}
 
     def info(self) -> dict:
         return {

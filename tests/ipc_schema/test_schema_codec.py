@@ -42,6 +42,7 @@ def test_every_op_decodes_with_valid_args():
         "check": {"device": 0, "model_buffer": 1, "model_size": 10},
         "run_model": {"model": 1, "inputs": [2], "outputs": [3]},
         "report": {"model": 1}, "unload": {"model": 1},
+        "trace": {"since": 0}, "kill_client": {"session": "s1"}, "reset_device": {"device": 0},
     }
     for name in OPS:
         req = codec.decode_request(codec.encode_request(name, 1, samples.get(name, {})))
