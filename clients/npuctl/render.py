@@ -42,9 +42,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, empty: st
 
 def devices_table(devices: list[dict]) -> str:
     return table(
-        ["IDX", "NAME", "PRESET", "STATE", "MEMORY USED / TOTAL", "QUEUED", "RUNNING", "DONE", "FAILED",
-         "BUSY", "RESETS"],
-        [[d["index"], d["name"], d["preset"], d["state"],
+        ["IDX", "NAME", "PRESET", "STATE", "UTIL", "MEMORY USED / TOTAL", "QUEUED", "RUNNING", "DONE",
+         "FAILED", "BUSY", "RESETS"],
+        [[d["index"], d["name"], d["preset"], d["state"], f"{d['util_pct']:.0f}%",
           f"{human_bytes(d['memory_used'])} / {human_bytes(d['memory_total'])}", d["jobs_queued"],
           d["jobs_running"], d["jobs_completed"], d["jobs_failed"], f"{d['busy_ms'] / 1000:.1f}s",
           d["resets"]] for d in devices])
@@ -58,18 +58,52 @@ def device_params(device: dict) -> str:
 
 def clients_table(clients: list[dict]) -> str:
     return table(
-        ["PID", "UID", "NAME", "SESSION", "BUFFERS", "MEMORY", "SUBMITTED", "DONE", "FAILED", "CONNECTED",
-         "COMMAND"],
-        [[c["pid"], c["uid"], c["name"], c["session"], c["buffers"], human_bytes(c["memory"]),
-          c["jobs_submitted"], c["jobs_completed"], c["jobs_failed"], human_duration(c["connected_s"]),
-          c["command"][:60]] for c in clients],
+        ["PID", "USER", "NAME", "SESSION", "MEMORY", "BUFS", "UTIL", "SUBMITTED", "DONE", "FAILED",
+         "CONNECTED", "COMMAND"],
+        [[c["pid"], c["user"], c["name"], c["session"], human_bytes(c["memory"]), c["buffers"],
+          f"{c['util_pct']:.0f}%", c["jobs_submitted"], c["jobs_completed"], c["jobs_failed"],
+          human_duration(c["connected_s"]), c["command"][:60]] for c in clients],
         empty="(no clients)")
+
+
+PROCESS_NOTE = "Processes (pid and command as the daemon sees them; PID namespaces may differ)"
 
 
 def status(s: dict) -> str:
     header = (f"npud {s['daemon_version']} (protocol {s['protocol'][0]}.{s['protocol'][1]})  "
               f"pid {s['pid']}  up {human_duration(s['uptime_s'])}  endpoint {s['endpoint']}")
+    window = s["devices"][0]["util_window_s"] if s["devices"] else 5
     return "\n\n".join([
-        header, devices_table(s["devices"]),
-        "Processes (pid and command as the daemon sees them; PID namespaces may differ)\n"
-        + clients_table(s["clients"])])
+        header, f"Devices (UTIL: share of the last {window:g} s spent executing jobs)\n"
+        + devices_table(s["devices"]), PROCESS_NOTE + "\n" + clients_table(s["clients"])])
+
+
+def jobs_table(result: dict) -> str:
+    now = result["now_s"]
+    rows = []
+    for j in result["jobs"]:
+        queued = (j.get("started_s", j.get("finished_s", now)) - j["submitted_s"]) * 1e3
+        rows.append([j["pid"], j["client"], j["session"], j["job"], j["device"], j["state"],
+                     f"{j['model']} {j['model_name']}".strip() if j["model"] else "-",
+                     f"{now - j['submitted_s']:.1f}s ago", f"{queued:.2f}",
+                     f"{j['wall_ms']:.2f}" if "wall_ms" in j else "-", j["cycles"], j.get("error", "")])
+    return table(["PID", "CLIENT", "SESSION", "JOB", "DEV", "STATE", "MODEL", "SUBMITTED", "QUEUE MS",
+                  "WALL MS", "CYCLES", "ERROR"], rows, empty="(no jobs)")
+
+
+def mem_tables(data: dict) -> str:
+    rows = [[b["pid"], b["session"], b["device"], b["handle"] or "-", b["kind"], b["model"] or "-",
+             b["size"], b["mapped_size"], "yes" if b["exported"] else "no", b["jobs"]] for b in data["buffers"]]
+    totals = [[t["pid"], t["session"], t["device"], t["buffers"], human_bytes(t["bytes"]),
+               human_bytes(t["mapped_bytes"]), t["exported"]] for t in data["totals"]]
+    return ("Buffer objects (EXPORTED: its memfd was sent to the client, which may have it mapped)\n"
+            + table(["PID", "SESSION", "DEV", "HANDLE", "KIND", "MODEL", "SIZE", "MAPPED SIZE", "EXPORTED",
+                     "JOBS"], rows, empty="(no buffers)")
+            + "\n\nPer client and device\n"
+            + table(["PID", "SESSION", "DEV", "BUFFERS", "BYTES", "DEVICE MEMORY", "EXPORTED"], totals,
+                    empty="(none)"))
+
+
+def cache_table(data: dict) -> str:
+    rows = [[e["key"][:16], human_bytes(e["size"]), human_duration(e["age_s"])] for e in data["entries"]]
+    return f"compile cache {data['directory']}\n" + table(["KEY", "SIZE", "AGE"], rows, empty="(empty)")
