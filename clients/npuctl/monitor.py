@@ -97,8 +97,9 @@ def _line(cells: list[tuple[str, int]]) -> str:
 
 
 def monitor(client, own_session: str, kind: str, *, interval: float, count: int | None, stamp: str,
-            fmt: str | None, as_json: bool, out=sys.stdout) -> int:
+            fmt: str | None, as_json: bool, out=None) -> int:
     """dmon or pmon: print until ``count`` samples were shown (or forever)."""
+    out = sys.stdout if out is None else out
     sampler = Sampler(client, own_session)
     fields = [(DEVICE_FIELDS if kind == "dmon" else CLIENT_FIELDS)[n] for n in
               (DMON_FIELDS if kind == "dmon" else PMON_FIELDS)]
@@ -179,8 +180,9 @@ def top_frame(status: dict, sort: str, reverse: bool, width: int, height: int, i
 
 
 def top(client, own_session: str, *, interval: float, sort: str, iterations: int | None,
-        stdin=None, out=sys.stdout) -> int:
+        stdin=None, out=None) -> int:
     stdin = sys.stdin if stdin is None else stdin
+    out = sys.stdout if out is None else out
     fd = stdin.fileno()
     is_tty = os.isatty(fd)
     saved = None
