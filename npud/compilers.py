@@ -161,7 +161,8 @@ class CompilerPool:
                         nonlocal died
                         await process.wait()
                         died = True
-                        pending.done.set()
+                        # not pending.done: its waiter would wake before the failure reply is set
+                        nursery.cancel_scope.cancel()
                     nursery.start_soon(watch)
                     await pending.done.wait()
                     nursery.cancel_scope.cancel()
@@ -178,7 +179,7 @@ class CompilerPool:
                                                     "or report the model")
         else:
             pending.reply = _failure(ErrorCode.ETIMEDOUT, f"compiling took longer than the "
-                                                          f"{pending.timeout_s:.0f} s limit; the worker was "
+                                                          f"{pending.timeout_s:g} s limit; the worker was "
                                                           "stopped (raise compile_timeout_s for huge models)")
         pending.done.set()
         return False

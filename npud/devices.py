@@ -94,7 +94,7 @@ class DeviceHost:
         return program
 
     def remove_program(self, program: int) -> None:
-        self.programs.pop(program, None)
+        # The runner drops it in queue order: jobs queued before the unload still run it.
         self._send.send_nowait(("unload_program", program))
 
     def forget(self, bo: BufferObject) -> None:
@@ -321,6 +321,7 @@ class DeviceHost:
         return reply
 
     async def _unload_program(self, program: int) -> None:
+        self.programs.pop(program, None)
         if program in self._loaded:
             self._loaded.discard(program)
             try:

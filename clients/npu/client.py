@@ -161,21 +161,22 @@ class Client:
         ``model`` is a path, bytes or an ``onnx.ModelProto``.  Options:
         ``input_shapes={name: shape}`` for symbolic dimensions, ``name``.
         """
-        data = model_bytes(model)
-        args: dict[str, Any] = {"device": device, "options": options}
-        if len(data) <= self.limits["max_inline_bytes"]:
-            return Model(self, device, self._request("load", {**args, "model": data}))
-        staging = self.alloc(len(data), device)  # too big for a message: hand it over in a buffer
-        try:
-            staging.write(data)
-            info = self._request("load", {**args, "model_buffer": staging.handle, "model_size": len(data)})
-        finally:
-            staging.free()
-        return Model(self, device, info)
+        return Model(self, device, self._with_model("load", model, {"device": device, "options": options}))
 
     def check(self, model: Any, device: int = 0) -> list[dict[str, str]]:
         """Every reason the model cannot compile for the device: [{node, op, reason}], empty if none."""
-        return self._request("check", {"device": device, "model": model_bytes(model)})["problems"]
+        return self._with_model("check", model, {"device": device})["problems"]
+
+    def _with_model(self, op: str, model: Any, args: dict[str, Any]) -> dict[str, Any]:
+        data = model_bytes(model)
+        if len(data) <= self.limits["max_inline_bytes"]:
+            return self._request(op, {**args, "model": data})
+        staging = self.alloc(len(data), args["device"])  # too big for a message: hand it over in a buffer
+        try:
+            staging.write(data)
+            return self._request(op, {**args, "model_buffer": staging.handle, "model_size": len(data)})
+        finally:
+            staging.free()
 
     def submit(self, stream: bytes, bindings: list[tuple[Buffer, int, bool]], device: int = 0) -> "Job":
         """Run a command stream with ``(buffer, va, writable)`` bindings; returns at once."""

@@ -174,7 +174,11 @@ class ModelJob:
                     out = np.empty(info.shape, info.dtype)
                     buf.read_into(out)
                     self._outputs[info.name] = out
-            self.model._idle_sets.append(self._io)  # the buffers may serve the next run
+            if self.model._unloaded:  # unloaded while this job ran: nothing will reuse them
+                for buf in (*self._io[0], *self._io[1]):
+                    buf.free()
+            else:
+                self.model._idle_sets.append(self._io)  # the buffers may serve the next run
         if self._error is not None:
             raise self._error
         return self
