@@ -172,6 +172,9 @@ class StreamBuilder:
                          if len(tuple(offset)) == isa.MAX_RANK else
                          (0,) * (isa.MAX_RANK - len(tuple(offset))) + tuple(offset))
 
+    def select(self, cond, a, b, out, *, core: int = 0):
+        return self.emit("select", core=core, cond=cond, a=a, b=b, out=out)
+
     def fill(self, out, value: float, *, core: int = 0):
         return self.emit("fill", core=core, out=out, value=value)
 

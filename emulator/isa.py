@@ -91,6 +91,9 @@ class BinaryFunc(enum.IntEnum):
     MIN = 5
     POW = 6
     SQDIFF = 7    # (a - b)^2
+    EQ = 8        # comparisons: 1 where true, 0 where false (in out's dtype)
+    LT = 9
+    GT = 10
 
 
 class UnaryFunc(enum.IntEnum):
@@ -111,6 +114,7 @@ class UnaryFunc(enum.IntEnum):
     ABS = 14
     HARDSWISH = 15
     HARDSIGMOID = 16  # clip(p0 * x + p1, 0, 1)
+    GELU_TANH = 17    # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
 
 
 # Functions defined for integer tiles (exactly, with saturation to the output
@@ -118,7 +122,9 @@ class UnaryFunc(enum.IntEnum):
 INTEGER_UNARY = frozenset({UnaryFunc.COPY, UnaryFunc.RELU, UnaryFunc.CLIP,
                            UnaryFunc.NEG, UnaryFunc.ABS})
 INTEGER_BINARY = frozenset({BinaryFunc.ADD, BinaryFunc.SUB, BinaryFunc.MUL,
-                            BinaryFunc.MAX, BinaryFunc.MIN, BinaryFunc.SQDIFF})
+                            BinaryFunc.MAX, BinaryFunc.MIN, BinaryFunc.SQDIFF,
+                            BinaryFunc.EQ, BinaryFunc.LT, BinaryFunc.GT})
+COMPARE_BINARY = frozenset({BinaryFunc.EQ, BinaryFunc.LT, BinaryFunc.GT})
 
 
 class ReduceFunc(enum.IntEnum):
@@ -299,6 +305,9 @@ OPCODES: tuple[OpSpec, ...] = (
     _op(0x39, "fill", Engine.VECTOR,
         "Set every element of `out` to `value` (converted, saturating).",
         ("out", TILE), ("value", F32)),
+    _op(0x3A, "select", Engine.VECTOR,
+        "Element-wise out = a where cond != 0 else b, numpy broadcasting of all three.",
+        ("cond", TILE), ("a", TILE), ("b", TILE), ("out", TILE)),
     # pooling engine
     _op(0x40, "pool", Engine.POOL,
         "2-D max/average pooling over NHWC; global pooling is a window covering H x W.",

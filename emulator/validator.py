@@ -319,6 +319,23 @@ class _Checker:
         if out.shape != tuple(shape):
             self.fail(f"out: shape {list(out.shape)}, expected the broadcast shape {shape}")
 
+    def _select(self, a) -> None:
+        c = self.tile("cond", a.cond)
+        x = self.tile("a", a.a)
+        y = self.tile("b", a.b)
+        out = self.tile("out", a.out, write=True)
+        if x.dtype != y.dtype:
+            self.fail(f"b dtype {y.dtype.name.lower()} != a dtype {x.dtype.name.lower()}")
+        self.same_class(x.dtype, out.dtype)
+        shape = []
+        for d, dims in enumerate(zip(c.shape, x.shape, y.shape)):
+            m = max(dims)
+            if any(q not in (1, m) for q in dims):
+                self.fail(f"cond/a/b: dim {d} ({', '.join(map(str, dims))}) does not broadcast")
+            shape.append(m)
+        if out.shape != tuple(shape):
+            self.fail(f"out: shape {list(out.shape)}, expected the broadcast shape {shape}")
+
     def _vunary(self, a) -> None:
         f = self.enum("func", UnaryFunc, a.func)
         x = self.tile("a", a.a)

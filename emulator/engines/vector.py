@@ -38,7 +38,9 @@ _BINARY = {
     BinaryFunc.ADD: np.add, BinaryFunc.SUB: np.subtract, BinaryFunc.MUL: np.multiply,
     BinaryFunc.DIV: np.divide, BinaryFunc.MAX: np.maximum, BinaryFunc.MIN: np.minimum,
     BinaryFunc.POW: np.power, BinaryFunc.SQDIFF: lambda a, b: np.square(_bounded(a - b)),
+    BinaryFunc.EQ: np.equal, BinaryFunc.LT: np.less, BinaryFunc.GT: np.greater,
 }
+_COMPARE = frozenset({BinaryFunc.EQ, BinaryFunc.LT, BinaryFunc.GT})
 
 
 def _bounded(d: np.ndarray) -> np.ndarray:
@@ -51,7 +53,11 @@ def vbinary(job, cmd) -> None:
     a = cmd.args
     sram = job.sram[cmd.core]
     x, y, out = view(sram, a.a), view(sram, a.b), view(sram, a.out)
-    f = _BINARY[BinaryFunc(a.func)]
+    func = BinaryFunc(a.func)
+    f = _BINARY[func]
+    if func in _COMPARE:   # compared in the operands' own type: exact for every dtype
+        store(out, f(x, y).astype(np.uint8))
+        return
     if x.dtype == np.float32 and out.dtype == np.float32 and f is not _BINARY[BinaryFunc.SQDIFF]:
         f(x, y, out=out)   # numpy resolves any aliasing between x, y and out
         return
@@ -115,10 +121,21 @@ def vunary(job, cmd) -> None:
         r = np.abs(w)
     elif f == UnaryFunc.HARDSWISH:
         r = w * np.clip(w + np.float32(3), 0, 6) / np.float32(6)
+    elif f == UnaryFunc.GELU_TANH:
+        v = w.astype(np.float64)
+        r = 0.5 * v * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (v + 0.044715 * v ** 3)))
     elif f == UnaryFunc.HARDSIGMOID:
         r = np.clip(np.float32(p0) * w + np.float32(p1), 0, 1)
     else:  # pragma: no cover - the validator admits only the functions above
         raise AssertionError(f)
+    store(out, r)
+
+
+def select(job, cmd) -> None:
+    a = cmd.args
+    sram = job.sram[cmd.core]
+    c, x, y, out = view(sram, a.cond), view(sram, a.a), view(sram, a.b), view(sram, a.out)
+    r = np.where(c != 0, x, y)       # reads every input before out is written
     store(out, r)
 
 
@@ -218,4 +235,5 @@ def fill(job, cmd) -> None:
 
 EXECUTORS = {"vbinary": vbinary, "vunary": vunary, "lut": lut, "reduce": reduce,
              "softmax": softmax, "norm": norm, "requant": requant,
-             "transpose": transpose, "copy_region": copy_region, "fill": fill}
+             "transpose": transpose, "copy_region": copy_region, "fill": fill,
+             "select": select}
