@@ -180,7 +180,7 @@ def epi_slots(steps) -> int:
 # --- element-wise ---------------------------------------------------------------------------
 def plan_eltwise(op: LOp, cx: Ctx):
     out = cx.pt[op.outs[0]]
-    nmain = 1 if op.kind == "unary" else 2
+    nmain = {"unary": 1, "select": 3}.get(op.kind, 2)
     mains = op.ins[:nmain]
     oshape = out.shape
     shapes = [cx.pt[m].shape for m in mains]
@@ -201,8 +201,9 @@ def plan_eltwise(op: LOp, cx: Ctx):
         groups = [[1, tuple(True for _ in shapes)]]
     cshape = [g[0] for g in groups]
     opshapes = [[g[0] if g[1][k] else 1 for g in groups] for k in range(len(shapes))]
-    nfull = sum(1 for s in opshapes if s == cshape)
-    bpe = ESIZE * (1 + nfull + epi_slots(steps))
+    # every operand's slot may be as large as the block (a broadcast operand is
+    # only smaller along its size-1 dims), so count them all
+    bpe = ESIZE * (1 + len(opshapes) + epi_slots(steps))
     block = choose_block(cshape, bpe, cx.S - ALIGN * 8)
     op.plan = {"cshape": cshape, "opshapes": opshapes, "block": block,
                "sram": bpe * math.prod(block)}
@@ -240,6 +241,8 @@ def emit_eltwise(op: LOp, em: Emitter):
         ooff = sum(o * t for o, t in zip(origin, ost))
         if op.kind == "unary":
             em.vec("vunary", op.p["func"], tiles_in[0], ot, op.p.get("p0", 0.0), op.p.get("p1", 0.0))
+        elif op.kind == "select":
+            em.vec("select", tiles_in[0], tiles_in[1], tiles_in[2], ot)
         else:
             em.vec("vbinary", op.p["func"], tiles_in[0], tiles_in[1], ot)
         emit_epilogue(em, steps, out_addr, tshape, ep_slot,
@@ -778,9 +781,9 @@ def emit_norm(op: LOp, em: Emitter):
             em.store(O0, op.outs[0], n * st[0] + c0, sh, st)
 
 
-PLAN = {"eltwise": plan_eltwise, "unary": plan_eltwise, "copy": plan_copy, "fill": plan_fill,
+PLAN = {"eltwise": plan_eltwise, "unary": plan_eltwise, "select": plan_eltwise, "copy": plan_copy, "fill": plan_fill,
         "matmul": plan_matmul, "conv": plan_conv, "pool": plan_pool, "softmax": plan_softmax,
         "reduce": plan_reduce, "norm": plan_norm}
-EMIT = {"eltwise": emit_eltwise, "unary": emit_eltwise, "copy": emit_copy, "fill": emit_fill,
+EMIT = {"eltwise": emit_eltwise, "unary": emit_eltwise, "select": emit_eltwise, "copy": emit_copy, "fill": emit_fill,
         "matmul": emit_matmul, "conv": emit_conv, "pool": emit_pool, "softmax": emit_softmax,
         "reduce": emit_reduce, "norm": emit_norm}

@@ -89,7 +89,15 @@ def _cast_float(n, g):
 def _gelu(n, g):
     a = n.attrs.get("approximate", "none")
     a = a.decode() if isinstance(a, bytes) else a
-    return None if a == "none" else f"Gelu approximate={a!r} is not supported"
+    return None if a in ("none", "tanh") else f"Gelu approximate={a!r} is not supported"
+
+
+def _float_operands(n, g):
+    for name in n.inputs[1:] if n.op == "Where" else n.inputs:
+        t = g.tensors.get(name)
+        if t is not None and t.dtype is not None and np.dtype(t.dtype) != np.float32:
+            return f"{n.op} of {t.dtype} operands is not supported (float32 only)"
+    return None
 
 
 def _softmax_axis(n, g):
@@ -98,7 +106,7 @@ def _softmax_axis(n, g):
 
 def _layernorm_stash(n, g):
     return None if len([o for o in n.outputs if o]) == 1 else \
-        "LayerNormalization's optional Mean/InvStdDev outputs are not supported"
+        "LayerNormalization's optional Mean/InvStdDev outputs are not supported"   # decomposed before
 
 
 def _dropout_eval(n, g):
@@ -159,7 +167,7 @@ SUPPORT: dict[str, OpSupport] = {s.op: s for s in [
     OpSupport("Constant", "const", 1),
     # group 2
     _ew("LeakyRelu", "unary", 2), _ew("HardSigmoid", "unary", 2), _ew("HardSwish", "unary", 2),
-    _ew("Erf", "unary", 2), OpSupport("Gelu", "unary", 2, checks=(("exact form", _gelu),)),
+    _ew("Erf", "unary", 2), OpSupport("Gelu", "unary", 2, checks=(("exact or tanh form", _gelu),)),
     _ew("Exp", "unary", 2), _ew("Log", "unary", 2), _ew("Sqrt", "unary", 2),
     _ew("Reciprocal", "unary", 2), _ew("Neg", "unary", 2), _ew("Abs", "unary", 2),
     _ew("Pow", group=2),
@@ -179,6 +187,18 @@ SUPPORT: dict[str, OpSupport] = {s.op: s for s in [
     # group 3
     OpSupport("InstanceNormalization", "norm", 3, checks=(_rank(0, (4,)),), const_inputs=(1, 2)),
     OpSupport("Expand", "copy", 3),
+    OpSupport("Resize", "decomposed", 3, note="nearest/linear: Gathers with constant indices, "
+              "constant weights (passes/decompose.py)"),
+    OpSupport("LRN", "decomposed", 3, note="Mul, 1x1 Conv with a band matrix, Pow, Div"),
+    OpSupport("ConvTranspose", "decomposed", 3, note="2-D: zero insertion (data movement) + Conv"),
+    OpSupport("Equal", "eltwise", 3, checks=(("float32 operands", _float_operands),),
+              note="vbinary eq; the bool result is a 0/1 float32 mask"),
+    OpSupport("Less", "eltwise", 3, checks=(("float32 operands", _float_operands),),
+              note="vbinary lt"),
+    OpSupport("Greater", "eltwise", 3, checks=(("float32 operands", _float_operands),),
+              note="vbinary gt"),
+    OpSupport("Where", "select", 3, checks=(("float32 operands", _float_operands),),
+              note="select; the condition is a mask"),
 ]}
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir import Node
+from . import decompose
 from ..numpy_ops import param
 
 # activation op -> (UnaryFunc name, p0, p1 from attrs)
@@ -31,7 +32,8 @@ ACTIVATIONS = {
                               float(n.attrs.get("beta", 0.5))),
     "HardSwish": lambda n: ("HARDSWISH", 0.0, 0.0),
     "Erf": lambda n: ("ERF", 0.0, 0.0),
-    "Gelu": lambda n: ("GELU", 0.0, 0.0),
+    "Gelu": lambda n: (("GELU_TANH" if n.attrs.get("approximate", "none") in ("tanh", b"tanh")
+                        else "GELU"), 0.0, 0.0),
     "Exp": lambda n: ("EXP", 0.0, 0.0),
     "Log": lambda n: ("LOG", 0.0, 0.0),
     "Sqrt": lambda n: ("SQRT", 0.0, 0.0),
@@ -41,7 +43,7 @@ ACTIVATIONS = {
     "Clip": lambda n: ("CLIP", float(n.attrs.get("min", -np.inf)), float(n.attrs.get("max", np.inf))),
 }
 BINARY = {"Add": "ADD", "Sub": "SUB", "Mul": "MUL", "Div": "DIV", "Pow": "POW",
-          "Max": "MAX", "Min": "MIN", "Sum": "ADD"}
+          "Max": "MAX", "Min": "MIN", "Sum": "ADD", "Equal": "EQ", "Less": "LT", "Greater": "GT"}
 ALIASES = {"Identity", "Dropout", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 
 # inputs that must be constant, moved into attrs: op -> [(input index, attr name)]
@@ -61,6 +63,7 @@ PARAMS = {
 def run(ctx) -> None:
     g = ctx.graph
     normalise_params(g)
+    decompose.run(g)
     lower_gemm(g)
     fold_batchnorm(g)
     g.prune()
@@ -248,7 +251,7 @@ def fuse_epilogues(g) -> None:
             if c is None or id(c) in removed or c.domain not in ("", "ai.onnx") or t.shape is None:
                 break
             if c.op in ACTIVATIONS and (c.op != "Gelu" or c.attrs.get("approximate", "none")
-                                        in ("none", b"none")):
+                                        in ("none", b"none", "tanh", b"tanh")):
                 if c.op == "Clip" and c.attrs.get("_nonconst"):
                     break
                 ep.append(("act",) + ACTIVATIONS[c.op](c))

@@ -1,6 +1,6 @@
 """Pass 1: import.  ONNX bytes -> IR, with shape inference.
 
-Refuses malformed bytes, unsupported opsets (default domain 11..21), graphs
+Refuses malformed bytes, unsupported opsets (default domain 11..25), graphs
 with subgraph attributes, cycles, non-static or absurd shapes, each with a
 CompileError that says what is wrong.
 """
@@ -15,7 +15,7 @@ from ..errors import CompileError
 from ..ir import Graph, Node, Tensor
 from ..numpy_ops import onnx_dtype_to_np
 
-MIN_OPSET, MAX_OPSET = 11, 21
+MIN_OPSET, MAX_OPSET = 11, 25   # 22..25 changed supported ops only by adding types (see tests)
 MAX_ELEMENTS = 1 << 30          # per tensor: an absurd shape is refused, not allocated
 SMALL_CONST = 4096              # constants this small go to shape inference with data
 

@@ -180,6 +180,9 @@ class Lowerer:
         return steps
 
     # --- kernels ------------------------------------------------------------------------
+    def _decomposed(self, n):
+        raise n.fail("operator survived decomposition")
+
     def _const(self, n):
         raise n.fail("constant node survived folding")
 
@@ -190,6 +193,10 @@ class Lowerer:
         self.layout[o] = IDENT
         t = self.new(o, lshape, alias=src, logical=lshape)
         self.cache[(o, IDENT, len(lshape))] = t.name
+        if n.op == "Dropout" and len(n.outputs) > 1 and n.outputs[1]:
+            # inference mode: the mask is all true (a 1.0 mask on the device)
+            mask = self.define(n.outputs[1], IDENT)
+            self.ops.append(LOp("fill", n.name, n.op, [], [mask.name], {"value": 1.0}))
 
     def _conv(self, n):
         x = self.get(n.inputs[0], NHWC)
@@ -257,6 +264,15 @@ class Lowerer:
                                 [s[2] for s in steps if s[0] == "bin"], [dst],
                                 {"func": func, "epilogue": steps}))
             cur = dst
+
+    def _select(self, n):
+        """Where(cond, a, b): one select per tile; the condition is a 0/1 mask."""
+        oshape = self.shape(n.outputs[0])
+        r = len(oshape)
+        lay = self.follow_layout(n.inputs[:3], r)
+        operands = [self.get(x, lay, r) for x in n.inputs[:3]]
+        out = self.define(n.outputs[0], lay)
+        self.ops.append(LOp("select", n.name, n.op, operands, [out.name], {"epilogue": []}))
 
     def _unary(self, n):
         x = n.inputs[0]

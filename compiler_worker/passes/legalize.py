@@ -9,6 +9,9 @@ import numpy as np
 from ..errors import CompileError, CompileErrors
 from ..support import SUPPORT
 
+# bool tensors live on the device as float32 masks (1.0 true, 0.0 false)
+DEVICE_DTYPES = (np.dtype(np.float32), np.dtype(np.bool_))
+
 
 def run(ctx) -> None:
     errors = collect(ctx.graph)
@@ -25,15 +28,15 @@ def collect(g) -> list[CompileError]:
             errors.append(CompileError(why, node=n.name, op=n.op))
     for o in g.outputs:
         t = g.tensors[o]
-        if t.const is None and (t.dtype is None or np.dtype(t.dtype) != np.float32):
+        if t.const is None and (t.dtype is None or np.dtype(t.dtype) not in DEVICE_DTYPES):
             if not any(o in n.outputs for n in g.nodes):
                 errors.append(CompileError(f"graph output {o!r} is not float32"))
     for i in g.inputs:
         t = g.tensors[i]
-        if t.dtype is None or np.dtype(t.dtype) != np.float32:
+        if t.dtype is None or np.dtype(t.dtype) not in DEVICE_DTYPES:
             if any(i in n.inputs for n in g.nodes) or i in g.outputs:
                 errors.append(CompileError(f"graph input {i!r} has dtype {t.dtype}; only float32 "
-                                           "inputs are supported"))
+                                           "(and bool) inputs are supported"))
     return errors
 
 
@@ -56,7 +59,7 @@ def _check(n, g) -> str | None:
             continue
         if t.shape is None:
             return f"tensor {name!r} has no static shape (shape inference could not resolve it)"
-        if t.dtype is None or np.dtype(t.dtype) != np.float32:
+        if t.dtype is None or np.dtype(t.dtype) not in DEVICE_DTYPES:
             if n.op in ("Dropout",) and name in n.outputs[1:]:
                 continue
             return f"tensor {name!r} has dtype {t.dtype}; only float32 activations are supported"

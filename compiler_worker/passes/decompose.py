@@ -1,0 +1,280 @@
+"""Decompositions (part of canonicalisation): ops the device runs as a few
+simpler ops, with every table (indices, weights, band matrices) computed at
+compile time.
+
+* ``Resize`` (nearest, linear; 2 taps per axis) -> per resized axis a
+  ``Gather`` with constant indices (nearest), or two Gathers weighted by
+  constant per-position coefficients (``Mul``) and summed (``Add``): linear
+  interpolation is separable, so N-linear = one linear pass per axis.
+* ``LRN`` -> ``x / (bias + alpha/size * sum_window(x^2))^beta``: the window sum
+  over channels is a 1x1 ``Conv`` with a constant band matrix (on the MAC).
+* ``ConvTranspose`` (2-D) -> zero insertion (``Reshape``/``Pad``/``Reshape``/
+  ``Slice`` per strided axis: data movement only) and a ``Conv`` with the
+  flipped, transposed weights and padding ``dilation*(k-1) - pad``.
+* ``LayerNormalization`` with its optional Mean/InvStdDev outputs -> the
+  normalisation itself plus ``ReduceMean``/``Sub``/``Mul``/``ReduceMean``/
+  ``Add``/``Sqrt``/``Reciprocal`` for the two statistics.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..ir import Node
+
+
+def run(g) -> None:
+    new = []
+    for n in g.nodes:
+        if n.domain not in ("", "ai.onnx"):
+            new.append(n)
+            continue
+        fn = {"Resize": _resize, "LRN": _lrn, "ConvTranspose": _conv_transpose,
+              "LayerNormalization": _layernorm_stats}.get(n.op)
+        out = fn(g, n) if fn else None
+        new.extend([n] if out is None else out)
+    g.nodes = new
+
+
+def _s(v):
+    return v.decode() if isinstance(v, bytes) else v
+
+
+class _B:
+    """Builds nodes of one decomposition with fresh, typed intermediate tensors."""
+
+    def __init__(self, g, n):
+        self.g, self.n, self.nodes, self.k = g, n, [], 0
+
+    def t(self, shape, dtype=np.float32):
+        name = self.g.fresh(f"{self.n.name}/t")
+        self.g.tensors[name].shape = tuple(int(s) for s in shape)
+        self.g.tensors[name].dtype = np.dtype(dtype)
+        return name
+
+    def c(self, value):
+        return self.g.add_const(f"{self.n.name}/c", np.asarray(value))
+
+    def op(self, op, ins, out, **attrs):
+        self.k += 1
+        self.nodes.append(Node(f"{self.n.name}/{op}{self.k}", op, list(ins), [out], attrs))
+        return out
+
+
+# --- Resize ---------------------------------------------------------------------------------
+def _src_coord(x, scale, in_len, out_len, mode):
+    if mode == "half_pixel":
+        return (x + 0.5) / scale - 0.5
+    if mode == "half_pixel_symmetric":
+        adj = out_len / (scale * in_len)
+        center = in_len / 2
+        return center * (1 - adj) + (x + 0.5) / scale - 0.5
+    if mode == "pytorch_half_pixel":
+        return (x + 0.5) / scale - 0.5 if out_len > 1 else np.zeros_like(x)
+    if mode == "align_corners":     # ONNX divides by the unrounded in_len * scale - 1
+        return x * (in_len - 1) / (in_len * scale - 1) if out_len > 1 else np.zeros_like(x)
+    if mode == "asymmetric":
+        return x / scale
+    if mode == "tf_half_pixel_for_nearest":
+        return (x + 0.5) / scale
+    raise ValueError(mode)
+
+
+def _nearest(xo, mode):
+    if mode == "round_prefer_floor":
+        return np.where(xo - np.floor(xo) == 0.5, np.floor(xo), np.round(xo))
+    if mode == "round_prefer_ceil":
+        return np.where(xo - np.floor(xo) == 0.5, np.ceil(xo), np.round(xo))
+    if mode == "floor":
+        return np.floor(xo)
+    if mode == "ceil":
+        return np.ceil(xo)
+    raise ValueError(mode)
+
+
+def _resize(g, n):
+    a = n.attrs
+    mode = _s(a.get("mode", "nearest"))
+    ctm = _s(a.get("coordinate_transformation_mode", "half_pixel"))
+    nmode = _s(a.get("nearest_mode", "round_prefer_floor"))
+    if mode not in ("nearest", "linear"):
+        raise n.fail(f"Resize mode {mode!r} is not supported (nearest, linear)")
+    if a.get("antialias", 0):
+        raise n.fail("Resize with antialias is not supported")
+    if ctm == "tf_crop_and_resize":
+        raise n.fail("Resize coordinate_transformation_mode 'tf_crop_and_resize' is not supported")
+    if a.get("_nonconst"):
+        return None      # legalisation reports the dynamic parameters
+    x, y = n.inputs[0], n.outputs[0]
+    ins, outs = g.tensors[x].shape, g.tensors[y].shape
+    if ins is None or outs is None:
+        return None
+    r = len(ins)
+    axes = [ax % r for ax in a.get("axes", range(r))]
+    scales = [1.0] * r
+    if a.get("scales"):
+        for ax, s in zip(axes, a["scales"]):
+            scales[ax] = float(s)
+    elif a.get("sizes"):
+        sizes = dict(zip(axes, a["sizes"]))
+        policy = _s(a.get("keep_aspect_ratio_policy", "stretch"))
+        ratios = {ax: sizes[ax] / ins[ax] for ax in axes}
+        if policy == "not_larger":
+            ratios = {ax: min(ratios.values()) for ax in axes}
+        elif policy == "not_smaller":
+            ratios = {ax: max(ratios.values()) for ax in axes}
+        for ax in axes:
+            scales[ax] = ratios[ax]
+    else:
+        raise n.fail("Resize needs scales or sizes")
+    b = _B(g, n)
+    cur, shape = x, list(ins)
+    todo = [ax for ax in range(r) if not (outs[ax] == ins[ax] and scales[ax] == 1.0)]
+    if not todo:
+        return [Node(n.name, "Identity", [x], [y])]
+    for i, ax in enumerate(todo):
+        in_len, out_len = ins[ax], outs[ax]
+        xo = _src_coord(np.arange(out_len, dtype=np.float64), scales[ax], in_len, out_len, ctm)
+        shape[ax] = out_len
+        last = i == len(todo) - 1
+        dst = y if last else b.t(shape)
+        if mode == "nearest":
+            idx = np.clip(_nearest(xo, nmode), 0, in_len - 1).astype(np.int64)
+            b.op("Gather", [cur, b.c(idx)], dst, axis=ax)
+        else:
+            i0 = np.floor(xo)
+            w1 = (xo - i0).astype(np.float32)
+            lo = np.clip(i0, 0, in_len - 1).astype(np.int64)
+            hi = np.clip(i0 + 1, 0, in_len - 1).astype(np.int64)
+            bshape = [1] * r
+            bshape[ax] = out_len
+            g0, g1 = b.t(shape), b.t(shape)
+            m0, m1 = b.t(shape), b.t(shape)
+            b.op("Gather", [cur, b.c(lo)], g0, axis=ax)
+            b.op("Gather", [cur, b.c(hi)], g1, axis=ax)
+            b.op("Mul", [g0, b.c((1 - w1).reshape(bshape))], m0)
+            b.op("Mul", [g1, b.c(w1.reshape(bshape))], m1)
+            b.op("Add", [m0, m1], dst)
+        cur = dst
+    return b.nodes
+
+
+# --- LRN --------------------------------------------------------------------------------------
+def _lrn(g, n):
+    x, y = n.inputs[0], n.outputs[0]
+    shape = g.tensors[x].shape
+    if shape is None or len(shape) != 4:
+        raise n.fail("LRN is supported on 4-D (NCHW) inputs")
+    a = n.attrs
+    alpha, beta = float(a.get("alpha", 1e-4)), float(a.get("beta", 0.75))
+    bias, size = float(a.get("bias", 1.0)), int(a["size"])
+    c = shape[1]
+    band = np.zeros((c, c, 1, 1), np.float32)
+    lo_off, hi_off = (size - 1) // 2, -(-(size - 1) // 2)
+    for o in range(c):
+        band[o, max(0, o - lo_off):min(c - 1, o + hi_off) + 1, 0, 0] = alpha / size
+    b = _B(g, n)
+    sq, den, pw = b.t(shape), b.t(shape), b.t(shape)
+    b.op("Mul", [x, x], sq)
+    b.op("Conv", [sq, b.c(band), b.c(np.full(c, bias, np.float32))], den,
+         kernel_shape=[1, 1], pads=[0, 0, 0, 0], strides=[1, 1])
+    b.op("Pow", [den, b.c(np.array(beta, np.float32))], pw)
+    b.op("Div", [x, pw], y)
+    return b.nodes
+
+
+# --- ConvTranspose --------------------------------------------------------------------------
+def _conv_transpose(g, n):
+    x, y = n.inputs[0], n.outputs[0]
+    w = g.const(n.input(1))
+    if w is None:
+        raise n.fail("ConvTranspose weights must be constant")
+    if w.ndim != 4:
+        raise n.fail(f"only 2-D ConvTranspose is supported (weights of rank {w.ndim})")
+    xs, ys = g.tensors[x].shape, g.tensors[y].shape
+    if xs is None or ys is None:
+        return None
+    a = n.attrs
+    grp = int(a.get("group", 1))
+    cin, cog, kh, kw = w.shape
+    k = [kh, kw]
+    s = list(a.get("strides", [1, 1]))
+    d = list(a.get("dilations", [1, 1]))
+    op_ = list(a.get("output_padding", [0, 0]))
+    auto = _s(a.get("auto_pad", "NOTSET"))
+    pads = list(a.get("pads", [0, 0, 0, 0]))
+    if "output_shape" in a or auto in ("SAME_UPPER", "SAME_LOWER"):
+        oshape = list(a["output_shape"])[-2:] if "output_shape" in a else [xs[2] * s[0], xs[3] * s[1]]
+        for i in range(2):
+            total = s[i] * (xs[2 + i] - 1) + op_[i] + (k[i] - 1) * d[i] + 1 - oshape[i]
+            if auto == "SAME_UPPER":
+                pads[i], pads[i + 2] = total // 2, total - total // 2
+            else:
+                pads[i], pads[i + 2] = total - total // 2, total // 2
+    elif auto == "VALID":
+        pads = [0, 0, 0, 0]
+    cpads = [d[0] * (kh - 1) - pads[0], d[1] * (kw - 1) - pads[1],
+             d[0] * (kh - 1) - pads[2] + op_[0], d[1] * (kw - 1) - pads[3] + op_[1]]
+    if min(cpads) < 0:
+        raise n.fail(f"ConvTranspose pads {pads} larger than dilation*(kernel-1) are not supported")
+    # flipped, transposed weights: [Cout, Cin/g, kh, kw]
+    cig = cin // grp
+    wt = np.empty((cog * grp, cig, kh, kw), np.float32)
+    for gi in range(grp):
+        blk = w[gi * cig:(gi + 1) * cig]                  # [cig, cog, kh, kw]
+        wt[gi * cog:(gi + 1) * cog] = blk.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]
+    b = _B(g, n)
+    cur, shape = x, list(xs)
+    for ax in (2, 3):
+        st = s[ax - 2]
+        if st == 1:
+            continue
+        ln = shape[ax]
+        s5 = shape[:ax + 1] + [1] + shape[ax + 1:]
+        p5 = shape[:ax + 1] + [st] + shape[ax + 1:]
+        flat = shape[:ax] + [ln * st] + shape[ax + 1:]
+        cut = shape[:ax] + [(ln - 1) * st + 1] + shape[ax + 1:]
+        r5, pd, fl, sl = b.t(s5), b.t(p5), b.t(flat), b.t(cut)
+        b.op("Reshape", [cur], r5, shape=s5)
+        padv = [0] * 10
+        padv[5 + ax + 1] = st - 1
+        b.op("Pad", [r5], pd, pads=padv, mode="constant", value=0.0)
+        b.op("Reshape", [pd], fl, shape=flat)
+        b.op("Slice", [fl], sl, starts=[0], ends=[(ln - 1) * st + 1], axes=[ax], steps=[1])
+        cur, shape = sl, cut
+    bias = g.const(n.input(2)) if n.input(2) else None
+    ins = [cur, b.c(wt)] + ([b.c(np.asarray(bias, np.float32))] if bias is not None else [])
+    b.op("Conv", ins, y, kernel_shape=[kh, kw], pads=cpads, strides=[1, 1], dilations=d, group=grp)
+    return b.nodes
+
+
+# --- LayerNormalization statistics ------------------------------------------------------------
+def _layernorm_stats(g, n):
+    outs = n.outputs
+    if len(outs) < 2 or not any(outs[1:]):
+        return None
+    x = n.inputs[0]
+    xs = g.tensors[x].shape
+    if xs is None:
+        return None
+    r = len(xs)
+    axis = n.attrs.get("axis", -1) % r
+    if int(n.attrs.get("stash_type", 1)) != 1:
+        raise n.fail("LayerNormalization stash_type other than float32 is not supported")
+    axes = list(range(axis, r))
+    sshape = list(xs[:axis]) + [1] * (r - axis)
+    eps = float(n.attrs.get("epsilon", 1e-5))
+    b = _B(g, n)
+    main = Node(n.name, n.op, list(n.inputs), [outs[0]], dict(n.attrs))
+    mean = outs[1] if outs[1] else b.t(sshape)
+    b.op("ReduceMean", [x], mean, axes=axes, keepdims=1)
+    if len(outs) > 2 and outs[2]:
+        dv, sq, var, ve, sd = b.t(xs), b.t(xs), b.t(sshape), b.t(sshape), b.t(sshape)
+        b.op("Sub", [x, mean], dv)
+        b.op("Mul", [dv, dv], sq)
+        b.op("ReduceMean", [sq], var, axes=axes, keepdims=1)
+        b.op("Add", [var, b.c(np.array(eps, np.float32))], ve)
+        b.op("Sqrt", [ve], sd)
+        b.op("Reciprocal", [sd], outs[2])
+    return [main] + b.nodes
+

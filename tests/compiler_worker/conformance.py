@@ -1,0 +1,209 @@
+"""ONNX backend conformance: the one list of covered ops and the one exclusion table.
+
+``test_compiler_onnx_backend.py`` runs ONNX's own backend test suite
+(``onnx.backend.test.BackendTest``) against ``npu.onnx_backend`` with include
+patterns built from :data:`OPS` and exclude patterns from :data:`EXCLUDE`;
+``docs/CONFORMANCE.md`` is rendered from both by :func:`render_doc` (a test
+keeps the file in sync; regenerate it with
+``.venv/bin/python tests/compiler_worker/conformance.py``).
+
+Selection rule: a node test is *selected* for op X when its graph's first
+node other than Constant is an X (an ``*_expanded`` test: the op of the test
+it expands) and every node of its graph is an op of :data:`OPS` (so the
+``*_expanded`` variants, which spell an op as a subgraph of simpler ops,
+count for X when all their ops are covered).  A selected test either runs
+or matches an :data:`EXCLUDE` pattern, whose reason says why it is out of
+scope.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections import defaultdict
+
+# The coverage target: fp32, opsets 11-21.
+OPS = [
+    "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Pow", "Sqrt",
+    "Reciprocal", "Neg", "Abs", "Exp", "Log", "Relu", "LeakyRelu", "Clip", "Sigmoid",
+    "HardSigmoid", "HardSwish", "Tanh", "Erf", "Gelu", "Softmax", "LogSoftmax", "MaxPool",
+    "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LRN", "BatchNormalization",
+    "LayerNormalization", "InstanceNormalization", "ReduceMean", "ReduceSum", "ReduceMax",
+    "ReduceMin", "Flatten", "Reshape", "Transpose", "Concat", "Split", "Slice", "Gather",
+    "Squeeze", "Unsqueeze", "Expand", "Pad", "Resize", "Shape", "Constant", "ConstantOfShape",
+    "Cast", "Identity", "Dropout", "Sum", "Where", "Equal", "Less", "Greater", "Min", "Max",
+]
+
+# The light real models shipped inside the onnx package (onnx/backend/test/data/light):
+# BackendTest names them test_<model>; each compares with its stored _output_0.pb.
+REAL_MODELS = ["resnet50", "densenet121", "inception_v1", "inception_v2", "vgg19", "squeezenet",
+               "shufflenet", "bvlc_alexnet", "zfnet512"]
+
+# test name (without the _cpu suffix) regex -> reason it is out of scope.
+EXCLUDE: dict[str, str] = {
+    # dtypes: the device computes float32 (bool as a float32 mask); integer/half/double
+    # activations are out of scope for this target
+    r"test_(add|sub|mul|div|max|min|equal|greater|less)_(u?int(8|16|32|64)|float16|float64)(_trunc)?":
+        "integer, float16 or float64 operands (the compiler is float32-only)",
+    r"test_equal(_bcast)?": "int32 operands (the compiler is float32-only)",
+    r"test_equal_string(_broadcast)?": "string tensors",
+    r"test_clip_default_int8_.*": "int8 operands (the compiler is float32-only)",
+    r"test_maxpool_2d_uint8": "uint8 operands (the compiler is float32-only)",
+    r"test_pow_types_.*": "integer base or exponent (the compiler is float32-only)",
+    r"test_where_long_example": "int64 values (the compiler is float32-only)",
+    r"test_cast_.*": "every Cast test converts to or from a non-float32 type (float16, double, "
+                     "bfloat16, float8, int4/2...); Cast is supported as float32 -> float32 only",
+    r"test_identity_(sequence|opt)": "sequence and optional types (tensors only)",
+    # training-time semantics
+    r"test_training_dropout.*": "Dropout in training mode (random masks; inference only)",
+    r"test_batchnorm_.*_training_mode": "BatchNormalization in training mode (inference only)",
+    # geometry the engines do not have
+    r"test_(averagepool|maxpool)_(1d|3d)_.*": "1-D/3-D pooling (the pool engine is 2-D, NHWC)",
+    r"test_convtranspose_(1d|3d)": "1-D/3-D ConvTranspose (2-D only)",
+    r"test_(averagepool|maxpool)_2d_dilations": "dilated pooling (the pool engine has no dilation)",
+    r"test_averagepool_2d_ceil_last_window_starts_on_pad":
+        "ceil_mode together with count_include_pad (the divisor of the ceil window is not modeled)",
+    r"test_maxpool_with_argmax_.*": "MaxPool's Indices output",
+    r"test_slice_neg_steps": "negative Slice steps (DMA strides are unsigned)",
+    r"test_(edge|reflect|wrap)_pad": "Pad modes other than constant",
+    r"test_resize_.*cubic.*": "Resize mode cubic (nearest and linear only)",
+    r"test_resize_.*antialias": "Resize with antialias",
+    r"test_resize_tf_crop_and_resize.*": "Resize tf_crop_and_resize (roi, extrapolation)",
+    r"test_gather_(0|1|2d_indices|negative_indices)":
+        "Gather indices are a graph input: only constant indices are compiled (dynamic Gather "
+        "is not implemented)",
+    # zero-sized tensors
+    r"test_reduce_(max|min|sum)_empty_set.*|test_reshape_allowzero_reordered|"
+    r"test_slice_start_out_of_bounds|test_split_zero_size_splits_opset1[38]|"
+    r"test_constantofshape_int_shape_zero|test_shape_start_greater_than_end":
+        "zero-sized tensors (an input or output with a 0 dimension); the compiler refuses empty "
+        "tensors",
+}
+
+
+def node_ops(model) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def main_op(ops: list[str]) -> str | None:
+    """The op a (non-expanded) node test is about: its first node other than Constant."""
+    rest = [o for o in ops if o != "Constant"]
+    return rest[0] if rest else (ops[0] if ops else None)
+
+
+def classify(node_cases) -> dict[str, dict[str, list[str]]]:
+    """{op: {"selected": [names], "excluded": [names], "other_ops": [names]}} from
+    (name, model) pairs of node tests; "other_ops" lists tests of the op that use
+    ops outside OPS (not selected).  An ``*_expanded`` test counts for the op of
+    the test it expands."""
+    covered = set(OPS)
+    cases = dict(node_cases)
+    out: dict[str, dict[str, list[str]]] = {op: defaultdict(list) for op in OPS}
+    for name, model in sorted(node_cases):
+        ops = node_ops(model)
+        base = re.sub(r"_expanded(_ver\d+)?$", "", name)
+        if base != name:
+            if base not in cases:
+                continue
+            op = main_op(node_ops(cases[base]))
+        else:
+            op = main_op(ops)
+        if op not in covered:
+            continue
+        slot = out[op]
+        if not set(ops) <= covered:
+            slot["other_ops"].append(name)
+        elif excluded(name):
+            slot["excluded"].append(name)
+        else:
+            slot["selected"].append(name)
+    return out
+
+
+def excluded(name: str) -> str | None:
+    for pat, why in EXCLUDE.items():
+        if re.fullmatch(pat, name):
+            return why
+    return None
+
+
+def node_cases():
+    """(name, model) of every ONNX node test (no device suffix)."""
+    from onnx.backend.test.loader import load_model_tests
+    return [(t.name, t.model) for t in load_model_tests(kind="node")]
+
+
+def render_table() -> str:
+    lines = ["| Excluded tests (regex) | Reason |", "|---|---|"]
+    for pat, why in EXCLUDE.items():
+        lines.append(f"| `{pat}` | {why} |")
+    return "\n".join(lines)
+
+
+COMMAND = ".venv/bin/python -m pytest -q -p no:cacheprovider tests/compiler_worker/test_compiler_onnx_backend.py"
+
+
+def render_doc(classes) -> str:
+    import onnx
+    rows = ["| Op | Run (all pass) | Excluded | Not selected (other ops) |", "|---|---:|---:|---:|"]
+    tot = [0, 0, 0]
+    for op in OPS:
+        c = classes[op]
+        n = [len(c["selected"]), len(c["excluded"]), len(c["other_ops"])]
+        tot = [a + b for a, b in zip(tot, n)]
+        rows.append(f"| {op} | {n[0]} | {n[1]} | {n[2]} |")
+    rows.append(f"| **total** | **{tot[0]}** | **{tot[1]}** | **{tot[2]}** |")
+    return f"""# ONNX backend conformance
+
+`npu.onnx_backend` (clients/npu/onnx_backend.py) implements
+`onnx.backend.base.Backend`; `{COMMAND.split()[-1]}` runs ONNX's own backend
+test suite (`onnx.backend.test.BackendTest`, onnx {onnx.__version__}) against it
+through one private daemon: every test model is compiled by the daemon's compiler
+workers and run as a command stream on the emulated NPU, then compared with ONNX's
+reference outputs exactly as `BackendTest` does (same shapes, same dtype,
+`rtol`/`atol` of the test).
+
+Reproduce (part of `make test`):
+
+```sh
+{COMMAND}
+```
+
+This file is generated from `tests/compiler_worker/conformance.py` (the op list and
+the exclusion table) and kept in sync by a test; regenerate it with
+`.venv/bin/python tests/compiler_worker/conformance.py`.
+
+## Selection
+
+A node test counts for op X when the first node of its graph other than
+`Constant` is an X (an `*_expanded` test counts for the op of the test it expands). It is
+*selected* when every node of its graph is an op of the list (so `*_expanded`
+variants, which spell X as a subgraph, count when all of their ops are covered),
+and then it either runs or matches an exclusion below. Tests of X that use other
+ops (e.g. `CastLike` inside an expanded function body) are listed as "not
+selected". Every test that runs passes: the suite fails otherwise.
+
+## Node tests per op
+
+{chr(10).join(rows)}
+
+## Real models
+
+The nine light models shipped in the onnx package (`onnx/backend/test/data/light`,
+no network): {", ".join(f"`test_{m}`" for m in REAL_MODELS)}. Each runs with the
+test's generated input and is compared with the stored `_output_0.pb`
+(rtol 1e-3, atol 1e-7). All nine pass.
+
+## Exclusions
+
+{render_table()}
+"""
+
+
+if __name__ == "__main__":
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "CONFORMANCE.md")
+    doc = render_doc(classify(node_cases()))
+    with open(path, "w") as f:
+        f.write(doc)
+    print(f"wrote {os.path.normpath(path)}", file=sys.stderr)
