@@ -13,6 +13,8 @@ wraps to the int32 accumulator, as 32-bit hardware accumulators do.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
@@ -21,6 +23,7 @@ from .common import vec, view
 
 F32_EXACT = 1 << 24
 IM2COL_ELEMENTS = 1 << 24   # largest im2col matrix built at once (64 MiB of float32)
+SCRATCH_MAX = 1 << 24       # largest work buffer kept between commands (elements)
 
 
 def k_chunk(x_dtype: np.dtype) -> int:
@@ -70,10 +73,33 @@ def matmul(job, cmd) -> None:
     _epilogue(job, cmd, out, gemm(x, w), out.shape[3])
 
 
+class _Scratch(threading.local):
+    """float32 work buffers reused from command to command (fresh pages cost a page fault each)."""
+
+    def __init__(self):
+        self.buffers: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        size = int(np.prod(shape))
+        buf = self.buffers.get(name)
+        if buf is None or buf.size < size:
+            if size > SCRATCH_MAX:
+                return np.empty(shape, np.float32)
+            buf = self.buffers[name] = np.empty(max(size, 1 << 16), np.float32)
+        return buf[:size].reshape(shape)
+
+
+_scratch = _Scratch()
+
+
 def conv2d(job, cmd) -> None:
     a = cmd.args
     sram = job.sram[cmd.core]
     x, w, out = view(sram, a.x), view(sram, a.w), view(sram, a.out)
+    if (x.dtype == w.dtype == out.dtype == np.float32 and a.groups == 1
+            and not np.may_share_memory(out, x) and not np.may_share_memory(out, w)):
+        _conv2d_f32(job, cmd, x, w, out)
+        return
     n, oh, ow, cout = out.shape
     kh, kw, cg, _ = w.shape
     g = a.groups
@@ -107,6 +133,63 @@ def conv2d(job, cmd) -> None:
         wsum = w.astype(np.int64).reshape(kh * kw * cg, g, cout // g).sum(axis=0)
         result = result - a.x_zp * wsum.reshape(cout)
     _epilogue(job, cmd, out, result.reshape(out.shape), cout)
+
+
+def _conv2d_f32(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+    """The float32, ungrouped fast path: GEMMs straight into the output tile.
+
+    1x1 stride-1 unpadded convolutions are a plain GEMM on the input tile; the
+    others copy their im2col matrix (one strided copy of a window view, which
+    measured faster than a copy per kernel tap) into a reused scratch buffer.
+    The GEMM writes ``out`` directly (through a scratch buffer when
+    accumulating) and the bias is added in place: no temporaries the size of
+    the output, no epilogue copies.
+    """
+    a = cmd.args
+    n, oh, ow, cout = out.shape
+    cin = x.shape[3]
+    kh, kw = w.shape[0], w.shape[1]
+    k = kh * kw * cin
+    w2 = w.reshape(k, cout)
+    accumulate = bool(a.flags & FLAG_ACCUMULATE)
+    bias = vec(job.sram[cmd.core], a.bias, np.float32, cout) if a.bias != NONE_ADDR else None
+    pointwise = kh == kw == 1 and a.stride == (1, 1) and not any(a.pad)
+    rows = oh if pointwise else max(1, min(oh, IM2COL_ELEMENTS // max(1, ow * k)))
+    windows = None if pointwise else _windows(x, a, oh, ow, kh, kw)
+    for b in range(n):
+        for i0 in range(0, oh, rows):
+            i1 = min(oh, i0 + rows)
+            m = (i1 - i0) * ow
+            dst = out[b, i0:i1].reshape(m, cout)
+            if pointwise:
+                cols = x[b, i0:i1].reshape(m, cin)
+            else:
+                cols6 = _scratch.get("cols", (i1 - i0, ow, kh, kw, cin))
+                np.copyto(cols6, windows[b, i0:i1])
+                cols = cols6.reshape(m, k)
+            if accumulate:
+                tmp = _scratch.get("acc", (m, cout))
+                np.matmul(cols, w2, out=tmp)
+                dst += tmp
+            else:
+                np.matmul(cols, w2, out=dst)
+            if bias is not None:
+                dst += bias
+
+
+def _windows(x: np.ndarray, a, oh: int, ow: int, kh: int, kw: int) -> np.ndarray:
+    """windows[n, i, j, p, q, c] = padded x[n, i*sh + p*dh, j*sw + q*dw, c] (zero padding)."""
+    (sh, sw), (dh, dw) = a.stride, a.dilation
+    pt, pb, pl, pr = a.pad
+    n, h, wd, c = x.shape
+    if pt or pb or pl or pr:
+        xp = np.zeros((n, h + pt + pb, wd + pl + pr, c), np.float32)
+        xp[:, pt:pt + h, pl:pl + wd, :] = x
+    else:
+        xp = x
+    s = xp.strides
+    return as_strided(xp, (n, oh, ow, kh, kw, c),
+                      (s[0], s[1] * sh, s[2] * sw, s[1] * dh, s[2] * dw, s[3]), writeable=False)
 
 
 def _im2col_gemm(windows: np.ndarray, w: np.ndarray, g: int, x_dtype) -> np.ndarray:
