@@ -28,6 +28,11 @@ def collect(g) -> list[CompileError]:
             errors.append(CompileError(why, node=n.name, op=n.op))
     for o in g.outputs:
         t = g.tensors[o]
+        if t.shape is not None and 0 in t.shape:
+            # Folding can leave an empty constant as an output, which no node checks.
+            errors.append(CompileError(f"graph output {o!r} is empty (shape {list(t.shape)}); "
+                                       "empty tensors are not supported"))
+            continue
         if t.const is None and (t.dtype is None or np.dtype(t.dtype) not in DEVICE_DTYPES):
             if not any(o in n.outputs for n in g.nodes):
                 errors.append(CompileError(f"graph output {o!r} is not float32"))

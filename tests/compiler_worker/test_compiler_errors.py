@@ -119,3 +119,14 @@ def test_symbolic_batch_dim_and_input_shapes_option():
     assert exe.inputs[0]["shape"] == [1, 3]
     exe = compile_model(mb, CFG, {"input_shapes": {"x": [4, 3]}})
     assert exe.inputs[0]["shape"] == [4, 3] and exe.outputs[0]["shape"] == [4, 3]
+
+
+def test_an_empty_graph_output_left_by_folding_is_a_compile_error_not_a_crash():
+    # Shape with start > end folds to an empty constant output.
+    graph = helper.make_graph(
+        [helper.make_node("Shape", ["x"], ["y"], start=3, end=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, [0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    with pytest.raises(CompileError, match="graph output 'y' is empty"):
+        compile_model(model.SerializeToString(), make_config("edge"))
