@@ -16,7 +16,10 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from compiler_worker.executable import Executable
@@ -27,6 +30,13 @@ from emulator.config import DeviceConfig
 log = logging.getLogger("npud.cache")
 
 SUFFIX = ".npux"
+MEMORY_BYTES = 256 << 20   # executables also kept in memory, most recently used first
+HASH_CHUNK = 16 << 20
+HASH_THREADS = min(2, os.cpu_count() or 1)
+
+
+def _identity(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def default_directory(env=None) -> Path:
@@ -57,9 +67,36 @@ def compiler_fingerprint() -> str:
     return f"{COMPILER_VERSION}+{h.hexdigest()[:16]}"
 
 
-def cache_key(model: bytes, options: dict, config: DeviceConfig) -> str:
+def model_digest(model, copy_to: bytearray | None = None) -> bytes:
+    """SHA-256 over the SHA-256 of each 16 MiB chunk of ``model`` (and its length).
+
+    The chunks are hashed by two threads (hashlib releases the GIL), so a
+    100 MB model costs ~30 ms, not ~60.  With ``copy_to`` each chunk is first
+    copied there and the copy is hashed while it is in cache: the digest is
+    the copy's, whatever the source's owner does to it meanwhile.
+    """
+    view = memoryview(model).cast("B")
+    n = len(view)
+
+    def chunk(start: int) -> bytes:
+        part = view[start:start + HASH_CHUNK]
+        if copy_to is not None:
+            copy_to[start:start + len(part)] = part
+            part = memoryview(copy_to)[start:start + len(part)]
+        return hashlib.sha256(part).digest()
+    starts = range(0, max(n, 1), HASH_CHUNK)
+    if len(starts) > 1:
+        with ThreadPoolExecutor(HASH_THREADS) as pool:
+            digests = list(pool.map(chunk, starts))
+    else:
+        digests = [chunk(0)]
+    return hashlib.sha256(n.to_bytes(8, "little") + b"".join(digests)).digest()
+
+
+def cache_key(model, options: dict, config: DeviceConfig, digest: bytes | None = None) -> str:
+    """The entry's name; ``digest`` is ``model_digest(model)`` if the caller has it already."""
     h = hashlib.sha256()
-    for part in (hashlib.sha256(model).digest(),
+    for part in (digest or model_digest(model),
                  json.dumps(options, sort_keys=True).encode(),
                  compiler_fingerprint().encode(),
                  json.dumps(config.to_dict(), sort_keys=True).encode()):
@@ -69,11 +106,24 @@ def cache_key(model: bytes, options: dict, config: DeviceConfig) -> str:
 
 
 class CompileCache:
-    def __init__(self, directory: Path):
+    """The on-disk cache, with the most recently used executables also kept in memory.
+
+    An in-memory entry is used only while its file is the one it was read from
+    or written to (same inode, size and modification time), so deleting,
+    replacing or corrupting a file on disk is noticed at the next lookup, and
+    an entry whose file could not be written is never served.  ``get`` and
+    ``put`` may run in worker threads.
+    """
+
+    def __init__(self, directory: Path, memory_bytes: int = MEMORY_BYTES):
         self.directory = Path(directory)
         self.hits = 0
         self.misses = 0
         self.discarded = 0
+        self.memory_bytes = memory_bytes
+        self._memo: OrderedDict[str, tuple[tuple, Executable, int]] = OrderedDict()
+        self._memo_size = 0
+        self._lock = threading.Lock()
 
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}{SUFFIX}"
@@ -82,8 +132,17 @@ class CompileCache:
         """The cached executable, or None (missing, unreadable or corrupt: then deleted)."""
         path = self._path(key)
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                ident = _identity(os.fstat(f.fileno()))
+                with self._lock:
+                    memo = self._memo.get(key)
+                    if memo is not None and memo[0] == ident:
+                        self._memo.move_to_end(key)
+                        self.hits += 1
+                        return memo[1]
+                data = f.read()
         except FileNotFoundError:
+            self._forget(key)
             self.misses += 1
             return None
         except OSError as exc:
@@ -94,15 +153,39 @@ class CompileCache:
             exe = Executable.from_bytes(data)
         except ExecutableFormatError as exc:
             log.warning("discarding corrupt cache entry %s: %s", path.name, exc)
+            self._forget(key)
             self.discarded += 1
             self.misses += 1
             path.unlink(missing_ok=True)
             return None
+        self._remember(key, ident, exe, len(data))
         self.hits += 1
         return exe
 
-    def put(self, key: str, data: bytes) -> None:
-        """Store an entry atomically; a full or read-only disk only costs the caching."""
+    def _remember(self, key: str, ident: tuple, exe: Executable, size: int) -> None:
+        with self._lock:
+            old = self._memo.pop(key, None)
+            if old is not None:
+                self._memo_size -= old[2]
+            if size > self.memory_bytes:
+                return
+            self._memo[key] = (ident, exe, size)
+            self._memo_size += size
+            while self._memo_size > self.memory_bytes:
+                _, (_, _, dropped) = self._memo.popitem(last=False)
+                self._memo_size -= dropped
+
+    def _forget(self, key: str | None = None) -> None:
+        with self._lock:
+            if key is None:
+                self._memo.clear()
+                self._memo_size = 0
+            elif key in self._memo:
+                self._memo_size -= self._memo.pop(key)[2]
+
+    def put(self, key: str, data: bytes, exe: Executable | None = None) -> None:
+        """Store an entry atomically (and ``exe``, its parsed form, in memory); a full or
+        read-only disk only costs the caching."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=SUFFIX)
@@ -115,6 +198,8 @@ class CompileCache:
             except BaseException:
                 os.unlink(tmp)
                 raise
+            if exe is not None:
+                self._remember(key, _identity(os.stat(self._path(key))), exe, len(data))
         except OSError as exc:
             log.warning("cannot store compile cache entry in %s: %s", self.directory, exc)
 
@@ -130,6 +215,7 @@ class CompileCache:
         return out
 
     def clear(self) -> int:
+        self._forget()
         removed = 0
         for path in self.directory.glob(f"*{SUFFIX}"):
             try:

@@ -24,6 +24,7 @@ from ipc_schema.schema import MAX_INLINE_BYTES, OPS, PROTOCOL_VERSION
 from . import __version__, policy
 from .jobs import Job
 from .memory import round_up
+from .compile_cache import model_digest
 from .models import check_layout, instantiate
 
 if TYPE_CHECKING:
@@ -260,16 +261,25 @@ async def wait(daemon, call, args):
 # --- models --------------------------------------------------------------------------
 
 
-def _model_bytes(session: "Session", args) -> bytes:
+def _model_source(session: "Session", args):
+    """(inline bytes, None) or (None, (buffer, span)) for the model of a load/check."""
     if ("model" in args) == ("model_buffer" in args):
         raise RequestError(ErrorCode.EINVAL, "give exactly one of model (inline bytes) or model_buffer")
     if "model" in args:
         if "model_size" in args:
             raise RequestError(ErrorCode.EINVAL, "model_size goes with model_buffer only")
-        return args["model"]
+        return args["model"], None
     bo = _buffer(session, args["model_buffer"])
-    size = args.get("model_size", bo.size)
-    return bytes(bo.view()[_span(bo, 0, size, "model_size")])
+    return None, (bo, _span(bo, 0, args.get("model_size", bo.size), "model_size"))
+
+
+async def _copy_model(bo, span: slice) -> tuple[bytes | bytearray, bytes | None]:
+    """A private copy of a model in a buffer (its client may change the buffer meanwhile),
+    and the copy's compile-cache digest when it was worth computing on the way."""
+    if span.stop - span.start < THREAD_THRESHOLD:
+        return bytes(bo.view()[span]), None
+    data = bytearray(span.stop - span.start)
+    return data, await trio.to_thread.run_sync(model_digest, bo.view()[span], data)
 
 
 def _model(session: "Session", model_id: int):
@@ -283,8 +293,18 @@ def _model(session: "Session", model_id: int):
 async def load(daemon, call, args):
     session = call.session
     device = daemon.device(args["device"])
-    exe, cached, ms = await daemon.loader.executable(_model_bytes(session, args), args.get("options", {}),
-                                                     device.config)
+    data, source = _model_source(session, args)
+    if source is None:
+        exe, cached, ms = await daemon.loader.executable(data, args.get("options", {}), device.config)
+    else:
+        bo, span = source
+        bo.refs += 1  # a concurrent free must not unmap it under the hashing or the copy
+        try:
+            exe, cached, ms = await daemon.loader.executable(
+                bo.view()[span], args.get("options", {}), device.config,
+                private_copy=lambda: _copy_model(bo, span))
+        finally:
+            daemon.unref(bo)
     if session.closed:
         raise RequestError(ErrorCode.ENOTCONN, "the session closed")
     model = await instantiate(session, device, exe, session.new_handle(), daemon.config.limits.memory_quota)
@@ -298,7 +318,15 @@ async def load(daemon, call, args):
 @handler("check", waits=True)
 async def check(daemon, call, args):
     device = daemon.device(args["device"])
-    return {"problems": await daemon.loader.check(_model_bytes(call.session, args), device.config)}
+    data, source = _model_source(call.session, args)
+    if source is not None:
+        bo, span = source
+        bo.refs += 1
+        try:
+            data, _digest = await _copy_model(bo, span)
+        finally:
+            daemon.unref(bo)
+    return {"problems": await daemon.loader.check(data, device.config)}
 
 
 @handler("run_model")

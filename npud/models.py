@@ -12,6 +12,7 @@ once for all runs.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -25,7 +26,7 @@ from emulator.errors import StreamError
 from emulator.validator import Mapping, validate
 from ipc_schema.errors import ErrorCode, RequestError
 
-from .compile_cache import CompileCache, cache_key
+from .compile_cache import CompileCache, cache_key, model_digest
 from .compilers import CompilerPool, raise_for
 from .memory import BufferObject, round_up
 
@@ -55,19 +56,35 @@ class LoadedModel:
                 "compile_ms": compile_ms, "weights_bytes": weights, "arena_bytes": arena}
 
 
+HASH_IN_THREAD_BYTES = 1 << 20
+
+
 class ModelLoader:
     def __init__(self, pool: CompilerPool, cache: CompileCache):
         self.pool = pool
         self.cache = cache
         self._in_flight: dict[str, trio.Event] = {}
 
-    async def executable(self, model: bytes, options: dict, config: DeviceConfig) -> tuple[Executable, bool, float]:
-        """(executable, came from the cache, milliseconds it took)."""
+    async def executable(self, model, options: dict, config: DeviceConfig, digest: bytes | None = None,
+                         private_copy=None) -> tuple[Executable, bool, float]:
+        """(executable, came from the cache, milliseconds it took).
+
+        ``digest`` is ``model_digest(model)`` if the caller computed it already.
+        ``model`` may be memory its client can still change (a buffer); then
+        ``private_copy`` is an async function returning ``(copy, digest)``, and
+        only a cache miss pays for the copy: a hit serves an entry compiled from
+        bytes with that very digest, whatever the client did meanwhile, while a
+        compile must hash exactly the bytes it compiles.
+        """
         started = time.perf_counter()
-        key = cache_key(model, options, config)
-        while key in self._in_flight:  # the same compile is under way: wait for its entry
-            await self._in_flight[key].wait()
-        exe = await trio.to_thread.run_sync(self.cache.get, key)
+        if digest is None and len(model) >= HASH_IN_THREAD_BYTES:  # ~0.5 ms per MB: not on the event loop
+            digest = await trio.to_thread.run_sync(model_digest, model)
+        key = cache_key(model, options, config, digest)
+        exe = await self._lookup(key)
+        if exe is None and private_copy is not None:
+            model, digest = await private_copy()
+            key = cache_key(model, options, config, digest)
+            exe = await self._lookup(key)
         if exe is not None:
             return exe, True, (time.perf_counter() - started) * 1e3
         self._in_flight[key] = done = trio.Event()
@@ -79,15 +96,24 @@ class ModelLoader:
                 exe = await trio.to_thread.run_sync(Executable.from_bytes, data)
             except ExecutableFormatError as exc:
                 raise RequestError(ErrorCode.EIO, f"the compiler produced an unreadable executable: {exc}")
-            await trio.to_thread.run_sync(self.cache.put, key, data)
+            await trio.to_thread.run_sync(self.cache.put, key, data, exe)
         finally:
             del self._in_flight[key]
             done.set()
         return exe, False, (time.perf_counter() - started) * 1e3
 
+    async def _lookup(self, key: str) -> Executable | None:
+        while key in self._in_flight:  # the same compile is under way: wait for its entry
+            await self._in_flight[key].wait()
+        return await trio.to_thread.run_sync(self.cache.get, key)
+
     async def check(self, model: bytes, config: DeviceConfig) -> list[dict]:
         return raise_for(await self.pool.compile(
             {"op": "check", "model": model, "config": config.to_dict()}))["problems"]
+
+
+def _copy_into(dst: memoryview, src: memoryview) -> None:
+    dst[: len(src)] = src
 
 
 def check_layout(spans: list[tuple[int, int, str]], page: int) -> None:
@@ -117,24 +143,47 @@ async def instantiate(session: "Session", device: "DeviceHost", exe: Executable,
                                              f"its {quota}-byte quota")
     mappings = [Mapping(r["va"], round_up(max(r["size"], 1), page), bool(r["writable"]))
                 for r in regions.values()]
-    try:
-        await trio.to_thread.run_sync(validate, exe.stream, config, mappings)
-    except StreamError as exc:
-        raise RequestError(ErrorCode.EIO, f"the compiler produced a stream the device refuses: "
-                                          f"{exc.message}") from None
+    # An executable object (the compile cache keeps them in memory) is validated once per target
+    # and layout; its stream cannot change.
+    validated = exe.__dict__.setdefault("_npud_validated", set())
+    checked = (json.dumps(config.to_dict(), sort_keys=True), tuple((m.va, m.size, m.writable) for m in mappings))
+    if checked not in validated:
+        try:
+            await trio.to_thread.run_sync(validate, exe.stream, config, mappings)
+        except StreamError as exc:
+            raise RequestError(ErrorCode.EIO, f"the compiler produced a stream the device refuses: "
+                                              f"{exc.message}") from None
+        validated.add(checked)
+    # Weights are mapped read-only, so every load of one executable on a device shares one
+    # buffer: a cache hit copies no weights.  (Each session is still charged for them.)
+    shared = exe.__dict__.setdefault("_npud_weights", {})
     fixed = []
     try:
         for r in fixed_regions:
-            bo = device.memory.allocate(max(r["size"], 1))
+            size = max(r["size"], 1)
+            if r["kind"] == "weights" and not r["writable"]:
+                bo = shared.get(device.index)
+                if bo is not None and bo.refs > 0 and not bo.uncharged and bo.size == size:
+                    bo.refs += 1
+                    fixed.append((bo, r["va"], False))
+                    continue
+            bo = device.memory.allocate(size)
             fixed.append((bo, r["va"], bool(r["writable"])))
             if r["kind"] == "weights":
                 weights = memoryview(exe.weights)
                 if len(weights) > bo.size:
                     raise RequestError(ErrorCode.EIO, "the executable's weights exceed their region")
-                bo.view()[: len(weights)] = weights
+                if len(weights) >= HASH_IN_THREAD_BYTES:  # a ResNet-50 is 100 MB: not on the event loop
+                    await trio.to_thread.run_sync(_copy_into, bo.view(), weights)
+                else:
+                    bo.view()[: len(weights)] = weights
+                if not r["writable"]:
+                    shared[device.index] = bo
     except BaseException:
         for bo, _va, _w in fixed:
-            device.memory.release(bo)  # never seen by the device: no unmap needed
+            bo.refs -= 1
+            if bo.refs == 0:
+                device.memory.release(bo)  # never seen by the device: no unmap needed
         raise
     session.memory += sum(bo.mapped_size for bo, _va, _w in fixed)
     program = device.add_program(exe.stream, [(m.va, m.size, m.writable) for m in mappings])

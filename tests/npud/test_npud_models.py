@@ -447,3 +447,21 @@ def test_session_closing_while_its_model_job_starts(daemon, client):
             model.submit(np.zeros(model.inputs[0].shape, np.float32))
         c.close()
     check_runs(client.load(data), data)  # the daemon is still there
+
+
+def test_loads_of_one_executable_share_their_weights(make_client):
+    a, b = make_client(), make_client()
+    data = small_cnn(seed=43)
+    base = memory_used(a)
+    first = a.load(data)
+    one = memory_used(a) - base
+    second = b.load(data)
+    assert second.cached
+    two = memory_used(a) - base
+    assert two - one == one - first.weights_bytes  # the second load added its arena only
+    first.unload()  # the weights stay while the other load uses them
+    check_runs(second, data)
+    assert b.clients() and [s["memory"] for s in b.clients() if s["session"] == b.session][0] >= \
+        second.weights_bytes + second.arena_bytes  # each session is charged in full
+    second.unload()
+    assert memory_used(a) == base
