@@ -183,9 +183,17 @@ class CompileCache:
             elif key in self._memo:
                 self._memo_size -= self._memo.pop(key)[2]
 
-    def put(self, key: str, data: bytes, exe: Executable | None = None) -> None:
+    def remember(self, key: str, ident: tuple, exe: Executable, size: int) -> None:
+        """Keep ``exe`` in memory as the parsed form of the entry file ``put`` identified."""
+        self._remember(key, ident, exe, size)
+
+    def discard(self, key: str) -> None:
+        self._forget(key)
+        self._path(key).unlink(missing_ok=True)
+
+    def put(self, key: str, data: bytes, exe: Executable | None = None) -> tuple | None:
         """Store an entry atomically (and ``exe``, its parsed form, in memory); a full or
-        read-only disk only costs the caching."""
+        read-only disk only costs the caching.  The stored file's identity, or None."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=SUFFIX)
@@ -198,10 +206,13 @@ class CompileCache:
             except BaseException:
                 os.unlink(tmp)
                 raise
+            ident = _identity(os.stat(self._path(key)))
             if exe is not None:
-                self._remember(key, _identity(os.stat(self._path(key))), exe, len(data))
+                self._remember(key, ident, exe, len(data))
+            return ident
         except OSError as exc:
             log.warning("cannot store compile cache entry in %s: %s", self.directory, exc)
+            return None
 
     def entries(self) -> list[dict]:
         out = []

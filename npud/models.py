@@ -92,11 +92,22 @@ class ModelLoader:
             reply = raise_for(await self.pool.compile(
                 {"op": "compile", "model": model, "config": config.to_dict(), "options": options}))
             data = reply["executable"]
-            try:
-                exe = await trio.to_thread.run_sync(Executable.from_bytes, data)
-            except ExecutableFormatError as exc:
-                raise RequestError(ErrorCode.EIO, f"the compiler produced an unreadable executable: {exc}")
-            await trio.to_thread.run_sync(self.cache.put, key, data, exe)
+            stored, error = None, None
+
+            async def store():  # written while the executable is parsed: both take ~0.1 s per 100 MB
+                nonlocal stored
+                stored = await trio.to_thread.run_sync(self.cache.put, key, data)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(store)
+                try:
+                    exe = await trio.to_thread.run_sync(Executable.from_bytes, data)
+                except ExecutableFormatError as exc:
+                    error = exc
+            if error is not None:
+                await trio.to_thread.run_sync(self.cache.discard, key)
+                raise RequestError(ErrorCode.EIO, f"the compiler produced an unreadable executable: {error}")
+            if stored is not None:
+                self.cache.remember(key, stored, exe, len(data))
         finally:
             del self._in_flight[key]
             done.set()
