@@ -369,12 +369,14 @@ def unload(daemon, call, args):
 
 @handler("cache_list", waits=True)
 async def cache_list(daemon, call, args):
+    await daemon.loader.settled()
     return {"directory": str(daemon.loader.cache.directory),
             "entries": await trio.to_thread.run_sync(daemon.loader.cache.entries)}
 
 
 @handler("cache_clear", waits=True)
 async def cache_clear(daemon, call, args):
+    await daemon.loader.settled()
     return {"removed": await trio.to_thread.run_sync(daemon.loader.cache.clear)}
 
 
