@@ -179,9 +179,11 @@ class CompilerPool:
         if died:
             how = (f"was killed by signal {-process.returncode}" if process.returncode < 0
                    else f"exited with status {process.returncode}")
+            limit = (f" or its memory limit of {self.memory_limit >> 20} MiB (compile_memory_bytes)"
+                     if self.memory_limit else "")
             pending.reply = _failure(ErrorCode.EIO, f"the compiler worker {how} while compiling "
-                                                    "this model (a crash or its memory limit); retry, "
-                                                    "or report the model")
+                                                    f"this model (a crash{limit}); retry, or report "
+                                                    "the model")
         else:
             pending.reply = _failure(ErrorCode.ETIMEDOUT, f"compiling took longer than the "
                                                           f"{pending.timeout_s:g} s limit; the worker was "
