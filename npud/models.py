@@ -110,8 +110,7 @@ class ModelLoader:
                       (time.perf_counter() - received) * 1e3)
         finally:
             if not storing:
-                del self._in_flight[key]
-                done.set()
+                self._done(key, done)
         return exe, False, (time.perf_counter() - started) * 1e3
 
     async def _store(self, key: str, data: bytes, exe: Executable, done: trio.Event) -> None:
@@ -123,9 +122,13 @@ class ModelLoader:
         except Exception:  # a system task must not raise; put already logs disk errors
             log.exception("storing compile cache entry %s failed", key)
         finally:
-            del self._in_flight[key]
             self._storing.discard(done)
-            done.set()
+            self._done(key, done)
+
+    def _done(self, key: str, done: trio.Event) -> None:
+        if self._in_flight.get(key) is done:
+            del self._in_flight[key]
+        done.set()
 
     async def settled(self) -> None:
         """Wait until every cache entry being written is on disk."""
@@ -133,9 +136,14 @@ class ModelLoader:
             await event.wait()
 
     async def _lookup(self, key: str) -> Executable | None:
-        while key in self._in_flight:  # the same compile is under way: wait for its entry
-            await self._in_flight[key].wait()
-        return await trio.to_thread.run_sync(self.cache.get, key)
+        """The cached executable, or None and no compile of ``key`` under way: the caller
+        must then mark its own compile in flight before it awaits anything."""
+        while True:
+            while key in self._in_flight:  # the same compile is under way: wait for its entry
+                await self._in_flight[key].wait()
+            exe = await trio.to_thread.run_sync(self.cache.get, key)
+            if exe is not None or key not in self._in_flight:  # else one started while we read
+                return exe
 
     async def check(self, model: bytes, config: DeviceConfig) -> list[dict]:
         return raise_for(await self.pool.compile(

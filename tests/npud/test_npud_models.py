@@ -467,3 +467,25 @@ def test_loads_of_one_executable_share_their_weights(make_client):
         second.weights_bytes + second.arena_bytes  # each session is charged in full
     second.unload()
     assert memory_used(a) == base
+
+
+def test_identical_loads_at_once_compile_once(daemon):
+    data = chain(600)  # ~0.2 s of compiling: the loads overlap
+    results, errors = [], []
+
+    def load():
+        try:
+            with npu.connect(daemon.endpoint) as c:
+                m = c.load(data)
+                results.append(m.cached)
+                x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+                np.testing.assert_allclose(m.run(x)[m.outputs[0].name], reference(data, x), rtol=RTOL, atol=ATOL)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(results) == [False, True, True]  # one compile; the others waited for its entry
