@@ -25,6 +25,7 @@ from .lowered import ESIZE, LOp, PTensor, cstrides
 
 ALIGN = 64
 F32 = "float32"
+I8, I32 = "int8", "int32"
 
 
 def al(x: int) -> int:
@@ -55,21 +56,27 @@ class Emitter:
         self.last = eng
 
     def va(self, name: str, elem_off: int = 0) -> int:
-        return self.pt[name].va + elem_off * ESIZE
+        t = self.pt[name]
+        return t.va + elem_off * t.esize
 
     def load(self, sram: int, name: str, off: int, shape, strides) -> None:
+        """DMA a strided region of tensor `name` (in its own dtype) into SRAM."""
         self._q("dma")
+        t = self.pt[name]
+        es = t.esize
         shape = pad4(shape)
-        st = (0,) * (4 - len(strides)) + tuple(int(s) * ESIZE for s in strides)
-        self.dma_bytes += math.prod(shape) * ESIZE
-        self.sb.dma_load(sram, self.va(name, off), F32, shape, st)
+        st = (0,) * (4 - len(strides)) + tuple(int(s) * es for s in strides)
+        self.dma_bytes += math.prod(shape) * es
+        self.sb.dma_load(sram, self.va(name, off), t.dtype, shape, st)
 
     def store(self, sram: int, name: str, off: int, shape, strides) -> None:
         self._q("dma")
+        t = self.pt[name]
+        es = t.esize
         shape = pad4(shape)
-        st = (0,) * (4 - len(strides)) + tuple(int(s) * ESIZE for s in strides)
-        self.dma_bytes += math.prod(shape) * ESIZE
-        self.sb.dma_store(sram, self.va(name, off), F32, shape, st)
+        st = (0,) * (4 - len(strides)) + tuple(int(s) * es for s in strides)
+        self.dma_bytes += math.prod(shape) * es
+        self.sb.dma_store(sram, self.va(name, off), t.dtype, shape, st)
 
     def mac(self, fn, *a, **k):
         self._q("mac")
@@ -88,8 +95,8 @@ class Emitter:
         return self.sb.build()
 
 
-def T(addr, shape):
-    return mk_tile(addr, F32, pad4(shape))
+def T(addr, shape, dtype=F32):
+    return mk_tile(addr, dtype, pad4(shape))
 
 
 def tiles(shape, block):
@@ -147,13 +154,14 @@ class Ctx:
         self.S = config.sram_bytes
         self.pt = pt
 
-    def add_const(self, name: str, value: np.ndarray) -> str:
+    def add_const(self, name: str, value: np.ndarray, dtype="float32") -> str:
         base, i = name, 0
         while name in self.pt:
             i += 1
             name = f"{base}#{i}"
-        v = np.ascontiguousarray(value, np.float32)
-        self.pt[name] = PTensor(name, tuple(v.shape), kind="const", const=v, logical=tuple(v.shape))
+        v = np.ascontiguousarray(value, np.dtype(dtype))
+        self.pt[name] = PTensor(name, tuple(v.shape), kind="const", const=v, logical=tuple(v.shape),
+                                dtype=np.dtype(dtype).name)
         return name
 
 
@@ -180,7 +188,7 @@ def epi_slots(steps) -> int:
 # --- element-wise ---------------------------------------------------------------------------
 def plan_eltwise(op: LOp, cx: Ctx):
     out = cx.pt[op.outs[0]]
-    nmain = {"unary": 1, "select": 3}.get(op.kind, 2)
+    nmain = op.p.get("nmain") or {"unary": 1, "select": 3}.get(op.kind, 2)
     mains = op.ins[:nmain]
     oshape = out.shape
     shapes = [cx.pt[m].shape for m in mains]
@@ -278,7 +286,7 @@ def plan_fill(op: LOp, cx: Ctx):
 
 def emit_fill(op: LOp, em: Emitter):
     chunk, n = op.plan["chunk"], op.plan["n"]
-    em.vec("fill", T(0, (chunk,)), float(op.p["value"]))
+    em.vec("fill", T(0, (chunk,), em.pt[op.outs[0]].dtype), float(op.p["value"]))
     for o in range(0, n, chunk):
         c = min(chunk, n - o)
         em.store(0, op.outs[0], o, (c,), (1,))
@@ -426,6 +434,8 @@ def plan_conv(op: LOp, cx: Ctx):
     cog = Cout // g
     nres = epi_slots(p["epilogue"])
     S = cx.S - ALIGN * 8
+    q = p.get("q")
+    rs = q is not None and bool(np.any(np.asarray(q["w_zp"]) != 0))
     if _subsampled(p, w):
         # a strided 1x1 convolution: DMA gathers only the pixels it reads
         H, W, sh, sw = OH, OW, 1, 1
@@ -453,6 +463,8 @@ def plan_conv(op: LOp, cx: Ctx):
         while lo <= hi:
             mid = (lo + hi) // 2
             need = al(_band_rows(mid, sh, dh, KH) * W * kb * 4) + mid * OW * cb * 4 * (1 + nres) + ALIGN * 2
+            if q is not None:
+                need += _qconv_extra(mid, OW, cb, KH, KW, kb, rs)
             if need <= rest:
                 ohb, lo = mid, mid + 1
             else:
@@ -482,19 +494,42 @@ def plan_conv(op: LOp, cx: Ctx):
                            "smallest tiles", node=op.node, op=op.op)
     _, cb, kb, gb, ohb = best
     whwio = np.ascontiguousarray(w.transpose(2, 3, 1, 0))    # [KH,KW,cg,Cout]
+    wdt = I8 if q is not None else F32
     blocks = {}
     for co in range(0, Cout, cb):
         ce = min(Cout, co + cb)
         if g == 1:
             for ci in range(0, C, kb):
                 blocks[(co, ci)] = cx.add_const(f"{op.node}.w[{co}:{ce},{ci}]",
-                                                whwio[:, :, ci:ci + kb, co:ce])
+                                                whwio[:, :, ci:ci + kb, co:ce], wdt)
         else:
-            blocks[(co, 0)] = cx.add_const(f"{op.node}.w[{co}:{ce}]", whwio[:, :, :, co:ce])
-    bias = cx.add_const(op.node + ".bias", p["bias"])
-    op.plan = {"cb": cb, "kb": kb, "gb": gb, "ohb": ohb, "blocks": blocks, "bias": bias,
-               "sram": al(KH * KW * (cg if g > 1 else kb) * cb * 4) + al(cb * 4)
-               + al(_band_rows(ohb, sh, dh, KH) * W * kb * 4) + ohb * OW * cb * 4 * (1 + nres)}
+            blocks[(co, 0)] = cx.add_const(f"{op.node}.w[{co}:{ce}]", whwio[:, :, :, co:ce], wdt)
+    sram = (al(KH * KW * (cg if g > 1 else kb) * cb * 4) + al(cb * 4)
+            + al(_band_rows(ohb, sh, dh, KH) * W * kb * 4) + ohb * OW * cb * 4 * (1 + nres))
+    if q is None:
+        bias = cx.add_const(op.node + ".bias", p["bias"])
+        op.plan = {"cb": cb, "kb": kb, "gb": gb, "ohb": ohb, "blocks": blocks, "bias": bias,
+                   "sram": sram}
+        return
+    b32 = np.asarray(p["bias"], np.int64)
+    if np.any(np.abs(b32) >= 1 << 31):
+        raise CompileError("int32 bias overflows", node=op.node, op=op.op)
+    op.plan = {"cb": cb, "kb": kb, "gb": gb, "ohb": ohb, "blocks": blocks, "rs": rs,
+               "bias": cx.add_const(op.node + ".bias32", b32.astype(np.int32), I32),
+               "scale": None if q["scale"] is None else cx.add_const(op.node + ".scale", q["scale"]),
+               "zw": cx.add_const(op.node + ".zw", np.asarray(q["w_zp"], np.int32), I32) if rs else None,
+               "ones": cx.add_const(op.node + ".ones", np.ones(KH * KW * kb, np.int8), I8) if rs else None,
+               "sram": sram + _qconv_extra(ohb, OW, cb, KH, KW, kb, rs)}
+
+
+def _qconv_extra(ohb, OW, cb, KH, KW, kb, rs) -> int:
+    """SRAM beyond the float plan for an int8 convolution: the requantised
+    output tile, scale/zero-point vectors, and the window sums for a non-zero
+    weight zero point (ones kernel, sums, product)."""
+    extra = al(ohb * OW * cb) + 2 * al(cb * 4) + ALIGN * 2
+    if rs:
+        extra += al(KH * KW * kb) + al(ohb * OW * 4) + al(ohb * OW * cb * 4)
+    return extra
 
 
 def emit_conv(op: LOp, em: Emitter):
@@ -520,9 +555,24 @@ def emit_conv(op: LOp, em: Emitter):
     EP = O0 + al(ohb * OW * cb * 4)
     steps = p["epilogue"]
     nk = len(range(0, C, kb)) if g == 1 else 1
+    q = p.get("q")
+    if q is not None:     # int8: x int8/uint8 (x_zp), w int8, out int32 -> requant
+        xdt, odt, adt, x_zp = x.dtype, em.pt[op.outs[0]].dtype, I32, int(q["x_zp"])
+        Q8 = EP + al(ohb * OW * cb * 4) * epi_slots(steps)
+        SC = Q8 + al(ohb * OW * cb)
+        ZW = SC + al(cb * 4)
+        ONES = ZW + al(cb * 4)
+        RS = ONES + al(KH * KW * kb)
+        TMP = RS + al(ohb * OW * 4)
+    else:
+        xdt, adt, x_zp = F32, F32, 0
     for co in range(0, Cout, cb):
         cs = min(cb, Cout - co)
         em.load(BIAS, pl["bias"], co, (cs,), (1,))
+        if q is not None and pl["scale"]:
+            em.load(SC, pl["scale"], co, (cs,), (1,))
+        if q is not None and pl["rs"]:
+            em.load(ZW, pl["zw"], co, (cs,), (1,))
         if g == 1:
             ci_list = [(ci, min(kb, C - ci)) for ci in range(0, C, kb)]
             groups_here = 1
@@ -540,7 +590,7 @@ def emit_conv(op: LOp, em: Emitter):
                 r1 = (o1 - 1) * sh - pt_ + dh * (KH - 1) + 1
                 lo, hi = max(r0, 0), min(r1, H)
                 ptop, pbot = lo - r0, r1 - hi
-                otile = T(O0, (1, o1 - o0, OW, cs))
+                otile = T(O0, (1, o1 - o0, OW, cs), adt)
                 for j, (ci, ks) in enumerate(ci_list):
                     if nk > 1:
                         wn = pl["blocks"][(co, ci)]
@@ -548,18 +598,35 @@ def emit_conv(op: LOp, em: Emitter):
                     xs = (1, hi - lo, W, ks)
                     if hi > lo:
                         em.load(X0, p["x"], n * xst[0] + lo * xst[1] + ci, xs, xst)
-                        xt = T(X0, xs)
+                        xt = T(X0, xs, xdt)
                         pads = (ptop, pbot, pl_, pr_)
-                    else:   # the band lies entirely in padding: a 1-row zero tile
-                        em.vec("fill", T(X0, (1, 1, W, ks)), 0.0)
-                        xt = T(X0, (1, 1, W, ks))
+                    else:   # the band lies entirely in padding: a 1-row tile of the zero point
+                        em.vec("fill", T(X0, (1, 1, W, ks), xdt), float(x_zp))
+                        xt = T(X0, (1, 1, W, ks), xdt)
                         pads = (ptop, r1 - r0 - 1 - ptop, pl_, pr_)
-                    wt = T(W0, (KH, KW, cg if g > 1 else ks, cs))
+                    wt = T(W0, (KH, KW, cg if g > 1 else ks, cs), I8 if q is not None else F32)
                     em.mac("conv2d", xt, wt, otile, bias=BIAS if j == 0 else None,
                            stride=(sh, sw), pad=pads, dilation=(dh, dw),
-                           groups=groups_here if g > 1 else 1, accumulate=j > 0)
+                           groups=groups_here if g > 1 else 1, x_zp=x_zp, accumulate=j > 0)
+                    if q is not None and pl["rs"]:   # window sums of (x - x_zp)
+                        em.load(ONES, pl["ones"], 0, (KH, KW, ks, 1), cstrides((KH, KW, ks, 1)))
+                        em.mac("conv2d", xt, T(ONES, (KH, KW, ks, 1), I8),
+                               T(RS, (1, o1 - o0, OW, 1), I32), stride=(sh, sw), pad=pads,
+                               dilation=(dh, dw), x_zp=x_zp, accumulate=j > 0)
                 ooff = n * ost[0] + o0 * ost[1] + co
                 tsh = (1, o1 - o0, OW, cs)
+                if q is not None:
+                    if pl["rs"]:   # - w_zp[o] * sum over the window of (x - x_zp)
+                        em.vec("vbinary", "MUL", T(RS, (1, o1 - o0, OW, 1), I32),
+                               T(ZW, (1, 1, 1, cs), I32), T(TMP, tsh, I32))
+                        em.vec("vbinary", "SUB", otile, T(TMP, tsh, I32), otile)
+                    if pl["scale"] is None:           # ConvInteger: the int32 accumulator
+                        em.store(O0, op.outs[0], ooff, tsh, ost)
+                    else:
+                        em.vec("requant", otile, T(Q8, tsh, odt), scale_addr=SC, zp=q["y_zp"],
+                               lo=q["lo"], hi=q["hi"])
+                        em.store(Q8, op.outs[0], ooff, tsh, ost)
+                    continue
                 emit_epilogue(em, steps, O0, tsh, EP,
                               lambda name, sl: em.load(sl, name, ooff, tsh, ost))
                 em.store(O0, op.outs[0], ooff, tsh, ost)
@@ -611,6 +678,10 @@ def emit_pool(op: LOp, em: Emitter):
     eh, ew = p["extra"]
     cb, ohb = pl["cb"], pl["ohb"]
     xst = cstrides(x.shape)
+    dt = x.dtype
+
+    def T(dtype, addr, shape):
+        return mk_tile(addr, dtype, pad4(shape))
     ost = cstrides((N, OH, OW, C))
     X0 = 0
     O0 = al(_band_rows(ohb, sh, 1, kh) * W * cb * 4) if not p["global"] else al(H * W * cb * 4)
@@ -619,7 +690,7 @@ def emit_pool(op: LOp, em: Emitter):
             cs = min(cb, C - c0)
             if p["global"]:
                 em.load(X0, op.ins[0], n * xst[0] + c0, (1, H, W, cs), xst)
-                em.pool(p["func"], T(X0, (1, H, W, cs)), T(O0, (1, 1, 1, cs)), kernel=(H, W))
+                em.pool(p["func"], T(dt, X0, (1, H, W, cs)), T(dt, O0, (1, 1, 1, cs)), kernel=(H, W))
                 em.store(O0, op.outs[0], n * ost[0] + c0, (1, 1, 1, cs), ost)
                 continue
             for o0 in range(0, OH, ohb):
@@ -630,7 +701,7 @@ def emit_pool(op: LOp, em: Emitter):
                 xs = (1, hi - lo, W, cs)
                 em.load(X0, op.ins[0], n * xst[0] + lo * xst[1] + c0, xs, xst)
                 tsh = (1, o1 - o0, OW, cs)
-                em.pool(p["func"], T(X0, xs), T(O0, tsh), kernel=(kh, kw), stride=(sh, sw),
+                em.pool(p["func"], T(dt, X0, xs), T(dt, O0, tsh), kernel=(kh, kw), stride=(sh, sw),
                         pad=(lo - r0, r1 - hi, pl_, pr_ + ew),
                         count_include_pad=bool(p["count_include_pad"]))
                 em.store(O0, op.outs[0], n * ost[0] + o0 * ost[1] + c0, tsh, ost)
@@ -787,3 +858,223 @@ PLAN = {"eltwise": plan_eltwise, "unary": plan_eltwise, "select": plan_eltwise, 
 EMIT = {"eltwise": emit_eltwise, "unary": emit_eltwise, "select": emit_eltwise, "copy": emit_copy, "fill": emit_fill,
         "matmul": emit_matmul, "conv": emit_conv, "pool": emit_pool, "softmax": emit_softmax,
         "reduce": emit_reduce, "norm": emit_norm}
+
+
+# --- quantised: Q/DQ islands, conversions, int8 matmul, dynamic quantisation --------------
+
+
+def plan_qelt(op: LOp, cx: Ctx):
+    """QuantizeLinear/DequantizeLinear: element-wise with broadcast constant
+    scale/zero-point operands (per-tensor or per-axis); planned like eltwise,
+    with one extra 4-byte slot per element for the intermediate."""
+    plan_eltwise(op, cx)
+    n = len(op.plan["opshapes"])
+    bpe = ESIZE * (n + 2)
+    op.plan["block"] = choose_block(op.plan["cshape"], bpe, cx.S - ALIGN * 8)
+    op.plan["sram"] = bpe * math.prod(op.plan["block"])
+
+
+def emit_qelt(op: LOp, em: Emitter):
+    pl = op.plan
+    cshape, block, opshapes = pl["cshape"], pl["block"], pl["opshapes"]
+    nmain = len(opshapes)
+    slots, addr = [], 0
+    for s in opshapes:
+        slots.append(addr)
+        addr += al(math.prod(b if x != 1 else 1 for b, x in zip(block, s)) * ESIZE)
+    O0 = addr
+    E0 = addr + al(math.prod(block) * ESIZE)
+    out = em.pt[op.outs[0]]
+    ost = cstrides(cshape)
+    last = [None] * nmain
+    for origin, size in tiles(cshape, block):
+        tshape = sub4(size)
+        tin = []
+        for k, (name, s) in enumerate(zip(op.ins[:nmain], opshapes)):
+            st = cstrides(s)
+            off = sum(o * t for o, t, x in zip(origin, st, s) if x != 1)
+            ts = sub4([z if x != 1 else 1 for z, x in zip(size, s)])
+            if last[k] != (off, tuple(ts)):
+                em.load(slots[k], name, off, ts, sub4(st))
+                last[k] = (off, tuple(ts))
+            tin.append(T(slots[k], ts, em.pt[name].dtype))
+        ooff = sum(o * t for o, t in zip(origin, ost))
+        f32 = T(O0, tshape)
+        if op.kind == "dequant":      # (float(x) - zp) * scale, as ONNX computes it
+            em.vec("vunary", "COPY", tin[0], f32)
+            em.vec("vbinary", "SUB", f32, tin[1], f32)
+            em.vec("vbinary", "MUL", f32, tin[2], f32)
+            em.store(O0, op.outs[0], ooff, tshape, sub4(ost))
+            continue
+        # quantise: saturate(round_half_even(x / scale) + zp), the division in float32
+        em.vec("vbinary", "DIV", tin[0], tin[1], f32)
+        if op.p["zp"] is not None:
+            em.vec("requant", f32, T(E0, tshape, out.dtype), scale=1.0, zp=op.p["zp"])
+            em.store(E0, op.outs[0], ooff, tshape, sub4(ost))
+        else:                         # per-axis zero points: add them in int32, then saturate
+            em.vec("requant", f32, T(E0, tshape, I32), scale=1.0, zp=0)
+            em.vec("vbinary", "ADD", T(E0, tshape, I32), tin[2], T(O0, tshape, out.dtype))
+            em.store(O0, op.outs[0], ooff, tshape, sub4(ost))
+
+
+def plan_cvt(op: LOp, cx: Ctx):
+    n = cx.pt[op.outs[0]].numel
+    chunk = max(1, min(n, (cx.S - ALIGN * 4) // (ESIZE * 2)))
+    op.plan = {"chunk": chunk, "n": n, "sram": chunk * ESIZE * 2}
+
+
+def emit_cvt(op: LOp, em: Emitter):
+    """Exact dtype conversion of a dense tensor (integer graph inputs/outputs)."""
+    chunk, n = op.plan["chunk"], op.plan["n"]
+    src, dst = em.pt[op.ins[0]], em.pt[op.outs[0]]
+    O0 = al(chunk * ESIZE)
+    for o in range(0, n, chunk):
+        c = min(chunk, n - o)
+        em.load(0, op.ins[0], o, (c,), (1,))
+        em.vec("vunary", "COPY", T(0, (c,), src.dtype), T(O0, (c,), dst.dtype))
+        em.store(O0, op.outs[0], o, (c,), (1,))
+
+
+def plan_dynq(op: LOp, cx: Ctx):
+    n = cx.pt[op.ins[0]].numel
+    need = al(n * 4) * 3 + ALIGN * 16
+    if need > cx.S:
+        raise CompileError(f"DynamicQuantizeLinear of {n} elements does not fit SRAM (the "
+                           "whole tensor's min/max are needed at once)", node=op.node, op=op.op)
+    op.plan = {"n": n, "sram": need}
+
+
+def emit_dynq(op: LOp, em: Emitter):
+    """ONNX DynamicQuantizeLinear (uint8): scale = (max(x,0) - min(x,0)) / 255,
+    zp = saturate(round(-min(x,0) / scale)), y = saturate(round(x / scale) + zp)."""
+    n = op.plan["n"]
+    X, Y = 0, al(n * 4)
+    S_ = Y + al(n * 4)                       # scalar slots, 64 bytes apart
+    MX, MN, ZERO, K255, SC, ZP8, ZP32 = (S_ + ALIGN * i for i in range(7))
+    one = (1, 1, 1, 1)
+    xt = T(X, (1, 1, 1, n))
+    em.load(X, op.ins[0], 0, (1, 1, 1, n), (n, n, n, 1))
+    em.vec("reduce", "MAX", 0xF, xt, T(MX, one))
+    em.vec("reduce", "MIN", 0xF, xt, T(MN, one))
+    em.vec("fill", T(ZERO, one), 0.0)
+    em.vec("fill", T(K255, one), 255.0)
+    em.vec("vbinary", "MAX", T(MX, one), T(ZERO, one), T(MX, one))
+    em.vec("vbinary", "MIN", T(MN, one), T(ZERO, one), T(MN, one))
+    em.vec("vbinary", "SUB", T(MX, one), T(MN, one), T(SC, one))
+    em.vec("vbinary", "DIV", T(SC, one), T(K255, one), T(SC, one))
+    em.vec("vbinary", "SUB", T(ZERO, one), T(MN, one), T(MX, one))       # -min
+    em.vec("vbinary", "DIV", T(MX, one), T(SC, one), T(MX, one))
+    em.vec("requant", T(MX, one), T(ZP8, one, "uint8"), scale=1.0, zp=0)
+    em.vec("vunary", "COPY", T(ZP8, one, "uint8"), T(ZP32, one, I32))
+    # y: the tensor as [1,1,n,1] so the one-element zero-point vector is "per channel"
+    col = (1, 1, n, 1)
+    em.vec("vbinary", "DIV", T(X, col), T(SC, one), T(Y, col))
+    em.vec("requant", T(Y, col), T(X, col, "uint8"), scale=1.0, zp_addr=ZP32)
+    y, ys, yz = op.outs
+    em.store(X, y, 0, (1, 1, 1, n), (n, n, n, 1))
+    em.store(SC, ys, 0, one, (1, 1, 1, 1))
+    em.store(ZP8, yz, 0, one, (1, 1, 1, 1))
+
+
+def _qmm_size(b, rs, xbytes=1):
+    mb, nb, kb = b["m"], b["n"], b["k"]
+    size = (al(mb * kb * xbytes) + al(kb * nb) + al(mb * nb * 4) + al(mb * nb) + 3 * al(nb * 4))
+    if rs:
+        size += al(kb) + al(mb * 4) + al(mb * nb * 4)
+    return size
+
+
+def plan_qmatmul(op: LOp, cx: Ctx):
+    """int8 MAC GEMM: a [.., M, K] int8/uint8 x w [K, N] (or [B, K, N]) int8 ->
+    int32 (+ bias with the zero-point corrections) -> requant to int8/uint8."""
+    q = op.p["q"]
+    sa = op.p["a_shape"]
+    w = np.asarray(q["w"])
+    k, n = w.shape[-2], w.shape[-1]
+    batched = w.ndim == 3
+    bsz = w.shape[0] if batched else 1
+    m = math.prod(sa[:-1]) // bsz
+    za = int(q["x_zp"])
+    zw = np.asarray(q["w_zp"], np.int64).reshape(n)
+    w3 = w.reshape(bsz, k, n).astype(np.int64)
+    # sum_k (a - za)(w - zw) = a.w - za sum_k w - zw sum_k a + K za zw
+    bias = (np.asarray(q["bias"], np.int64).reshape(1, n) - za * w3.sum(axis=1) + k * za * zw)
+    if np.any(np.abs(bias) >= 1 << 31):
+        raise CompileError("int32 bias with zero-point corrections overflows", node=op.node, op=op.op)
+    rs = bool(np.any(zw != 0))
+    blk = {"m": m, "n": n, "k": k}
+    budget = cx.S - ALIGN * 8
+    while _qmm_size(blk, rs) > budget:
+        key = max(("m", "n", "k"), key=lambda x: blk[x] * (2 if x == "k" else 1))
+        if blk[key] == 1:
+            raise CompileError("matmul tile does not fit SRAM", node=op.node, op=op.op)
+        blk[key] = -(-blk[key] // 2)
+    op.plan = {
+        "m": m, "n": n, "k": k, "bsz": bsz, "batched_a": len(sa) == 3 and batched, "blk": blk, "rs": rs,
+        "w": cx.add_const(op.node + ".w8", w.reshape(bsz, k, n), I8),
+        "bias": cx.add_const(op.node + ".bias32", bias.astype(np.int32), I32),
+        "scale": None if q["scale"] is None else cx.add_const(op.node + ".scale", q["scale"]),
+        "zw": cx.add_const(op.node + ".zw", zw.astype(np.int32), I32) if rs else None,
+        "ones": cx.add_const(op.node + ".ones", np.ones(blk["k"], np.int8), I8) if rs else None,
+        "sram": _qmm_size(blk, rs)}
+
+
+def emit_qmatmul(op: LOp, em: Emitter):
+    pl, q = op.plan, op.p["q"]
+    m, n, k, bsz, blk = pl["m"], pl["n"], pl["k"], pl["bsz"], pl["blk"]
+    mb, nb, kb = blk["m"], blk["n"], blk["k"]
+    xdt = em.pt[op.ins[0]].dtype
+    odt = em.pt[op.outs[0]].dtype
+    A0 = 0
+    W0 = A0 + al(mb * kb)
+    ACC = W0 + al(kb * nb)
+    O8 = ACC + al(mb * nb * 4)
+    BIAS = O8 + al(mb * nb)
+    SC = BIAS + al(nb * 4)
+    ZW = SC + al(nb * 4)
+    ONES = ZW + al(nb * 4)
+    RS = ONES + al(kb)
+    TMP = RS + al(mb * 4)
+    last_ones = None
+    for b in range(bsz):
+        for n0 in range(0, n, nb):
+            ns = min(nb, n - n0)
+            em.load(BIAS, pl["bias"], b * n + n0, (ns,), (1,))
+            if pl["scale"]:
+                em.load(SC, pl["scale"], n0, (ns,), (1,))
+            if pl["rs"]:
+                em.load(ZW, pl["zw"], n0, (ns,), (1,))
+            for m0 in range(0, m, mb):
+                ms = min(mb, m - m0)
+                acc = T(ACC, (ms, ns), I32)
+                for k0 in range(0, k, kb):
+                    ks = min(kb, k - k0)
+                    arow = (b * m + m0) if bsz > 1 else m0
+                    em.load(A0, op.ins[0], arow * k + k0, (ms, ks), (k, 1))
+                    em.load(W0, pl["w"], b * k * n + k0 * n + n0, (ks, ns), (n, 1))
+                    at = T(A0, (ms, ks), xdt)
+                    em.mac("matmul", at, T(W0, (ks, ns), I8), acc,
+                           bias=BIAS if k0 == 0 else None, accumulate=k0 > 0)
+                    if pl["rs"]:
+                        if last_ones != ks:
+                            em.load(ONES, pl["ones"], 0, (ks, 1), (1, 1))
+                            last_ones = ks
+                        em.mac("matmul", at, T(ONES, (ks, 1), I8), T(RS, (ms, 1), I32),
+                               accumulate=k0 > 0)
+                if pl["rs"]:      # - zw[n] * sum_k a[m, k]
+                    em.vec("vbinary", "MUL", T(RS, (ms, 1), I32), T(ZW, (1, ns), I32),
+                           T(TMP, (ms, ns), I32))
+                    em.vec("vbinary", "SUB", acc, T(TMP, (ms, ns), I32), acc)
+                ooff = (b * m + m0) * n + n0
+                if q["scale"] is None:          # MatMulInteger: the int32 accumulator
+                    em.store(ACC, op.outs[0], ooff, (ms, ns), (n, 1))
+                    continue
+                em.vec("requant", acc, T(O8, (ms, ns), odt), scale_addr=SC, zp=q["y_zp"],
+                       lo=q["lo"], hi=q["hi"])
+                em.store(O8, op.outs[0], ooff, (ms, ns), (n, 1))
+
+
+PLAN.update({"quant": plan_qelt, "dequant": plan_qelt, "cvt": plan_cvt, "dynq": plan_dynq,
+             "qmatmul": plan_qmatmul})
+EMIT.update({"quant": emit_qelt, "dequant": emit_qelt, "cvt": emit_cvt, "dynq": emit_dynq,
+             "qmatmul": emit_qmatmul})

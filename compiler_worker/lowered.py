@@ -18,7 +18,7 @@ import numpy as np
 
 NCHW = (0, 1, 2, 3)
 NHWC = (0, 2, 3, 1)
-ESIZE = 4   # every activation is float32
+ESIZE = 4   # float32, the default element type (float activations and constants)
 
 
 @dataclass
@@ -30,14 +30,19 @@ class PTensor:
     alias: str | None = None            # shares the bytes of this PTensor
     logical: tuple | None = None
     va: int | None = None
+    dtype: str = "float32"              # float32, or int8/uint8/int32 on the quantised path
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
     @property
+    def esize(self) -> int:
+        return np.dtype(self.dtype).itemsize
+
+    @property
     def nbytes(self) -> int:
-        return self.numel * ESIZE
+        return self.numel * self.esize
 
 
 @dataclass

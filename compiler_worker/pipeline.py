@@ -9,7 +9,7 @@ import time
 from .passes import (canonicalize, emit, fold, import_onnx, layout, legalize, memory,
                      tiling)
 
-COMPILER_VERSION = "0.1.0"
+COMPILER_VERSION = "0.2.0"
 
 PASSES = [
     ("import", import_onnx.run),         # ONNX bytes -> IR, shape inference, sanity checks

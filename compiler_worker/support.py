@@ -23,6 +23,7 @@ class OpSupport:
     checks: tuple = ()
     const_inputs: tuple = ()        # input indices that must be constant
     note: str = ""
+    int8: bool = False              # may carry int8/uint8 (and int32) tensors
 
 
 def _attr_in(name, allowed, default):
@@ -199,7 +200,26 @@ SUPPORT: dict[str, OpSupport] = {s.op: s for s in [
               note="vbinary gt"),
     OpSupport("Where", "select", 3, checks=(("float32 operands", _float_operands),),
               note="select; the condition is a mask"),
+    # quantised (issue 5): int8/uint8 tensors, int32 accumulation
+    OpSupport("QuantizeLinear", "quant", 4, int8=True,
+              note="float32 -> int8/uint8, per-tensor or per-axis: vbinary div + requant"),
+    OpSupport("DequantizeLinear", "dequant", 4, int8=True,
+              note="int8/uint8/int32 -> float32, per-tensor or per-axis (a constant one is folded)"),
+    OpSupport("QLinearConv", "qconv", 4, int8=True,
+              note="int8 MAC, int32 accumulator and bias, per-channel requant epilogue; also "
+                   "every QDQ Conv (+Relu/Clip folded into the requant bounds)"),
+    OpSupport("ConvInteger", "qconv", 4, int8=True, note="int8 MAC, int32 output"),
+    OpSupport("QLinearMatMul", "qmatmul", 4, int8=True,
+              note="int8 MAC + requant; also every QDQ MatMul/Gemm (+Relu/Clip)"),
+    OpSupport("MatMulInteger", "qmatmul", 4, int8=True, note="int8 MAC, int32 output"),
+    OpSupport("DynamicQuantizeLinear", "dynq", 4, int8=True,
+              note="min/max reductions, scale and zero point computed on the device"),
 ]}
+
+# data movement that commutes with quantisation: runs on int8 tensors as well
+for _op in ("MaxPool", "GlobalMaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze",
+            "Concat", "Slice", "Split", "Identity"):
+    SUPPORT[_op] = OpSupport(**{**SUPPORT[_op].__dict__, "int8": True})
 
 
 def table_rows() -> list[tuple]:

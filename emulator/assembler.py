@@ -160,9 +160,11 @@ class StreamBuilder:
                          gamma=_addr(gamma), beta=_addr(beta), out=out)
 
     def requant(self, a, out, *, scale: float = 1.0, zp: int = 0, scale_addr=None,
-                zp_addr=None, core: int = 0):
+                zp_addr=None, lo: int = -(1 << 31), hi: int = (1 << 31) - 1, core: int = 0):
+        """`lo`/`hi`: clamp bounds in the output's integer domain (a fused
+        Relu/Clip); the defaults clamp nothing beyond the output type."""
         return self.emit("requant", core=core, a=a, out=out, scale=scale, zp=zp,
-                         scale_addr=_addr(scale_addr), zp_addr=_addr(zp_addr))
+                         scale_addr=_addr(scale_addr), zp_addr=_addr(zp_addr), lo=lo, hi=hi)
 
     def transpose(self, a, out, perm, *, core: int = 0):
         return self.emit("transpose", core=core, perm=tuple(perm), a=a, out=out)

@@ -291,10 +291,10 @@ OPCODES: tuple[OpSpec, ...] = (
         "`axes`, gamma/beta (fp32, optional) along the last dim.",
         ("axes", U8), ("eps", F32), ("a", TILE), ("gamma", U32), ("beta", U32), ("out", TILE)),
     _op(0x36, "requant", Engine.VECTOR,
-        "out = saturate(round_half_even(a * scale) + zp); scale/zp immediate or "
-        "per channel (last dim) from SRAM.",
+        "out = saturate(clamp(round_half_even(a * scale) + zp, lo, hi)); scale/zp "
+        "immediate or per channel (last dim) from SRAM; [lo, hi] folds Relu/Clip.",
         ("a", TILE), ("out", TILE), ("scale", F32), ("zp", I32),
-        ("scale_addr", U32), ("zp_addr", U32)),
+        ("scale_addr", U32), ("zp_addr", U32), ("lo", I32), ("hi", I32)),
     _op(0x37, "transpose", Engine.VECTOR,
         "out = a.transpose(perm).",
         ("perm", PERM4), ("a", TILE), ("out", TILE)),

@@ -395,6 +395,8 @@ class _Checker:
         c = x.shape[3]
         self.vector("scale_addr", a.scale_addr, DType.FP32, c)
         self.vector("zp_addr", a.zp_addr, DType.INT32, c)
+        if a.lo > a.hi:
+            self.fail(f"lo: clamp bounds [{a.lo}, {a.hi}] are empty")
 
     def _transpose(self, a) -> None:
         if sorted(a.perm) != [0, 1, 2, 3]:

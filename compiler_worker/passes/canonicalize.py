@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir import Node
-from . import decompose
+from . import decompose, quantize
 from ..numpy_ops import param
 
 # activation op -> (UnaryFunc name, p0, p1 from attrs)
@@ -63,6 +63,7 @@ PARAMS = {
 def run(ctx) -> None:
     g = ctx.graph
     normalise_params(g)
+    quantize.run(g)
     decompose.run(g)
     lower_gemm(g)
     fold_batchnorm(g)

@@ -15,7 +15,7 @@ from ..errors import CompileError
 from ..ir import Graph, Node, Tensor
 from ..numpy_ops import onnx_dtype_to_np
 
-MIN_OPSET, MAX_OPSET = 11, 25   # 22..25 changed supported ops only by adding types (see tests)
+MIN_OPSET, MAX_OPSET = 11, 28   # 22..28 changed supported ops only by adding types (see tests)
 MAX_ELEMENTS = 1 << 30          # per tensor: an absurd shape is refused, not allocated
 SMALL_CONST = 4096              # constants this small go to shape inference with data
 

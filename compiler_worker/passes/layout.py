@@ -20,6 +20,7 @@ from ..support import SUPPORT
 from .canonicalize import ACTIVATIONS, BINARY
 
 IDENT = None   # "logical" layout marker
+INT_DTYPES = (np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int32))
 
 
 def run(ctx) -> None:
@@ -55,42 +56,54 @@ class Lowerer:
         t = self.pt[name] = PTensor(name, tuple(int(s) for s in shape), **kw)
         return t
 
-    def define(self, name, layout) -> PTensor:
+    def dtype(self, name) -> str:
+        """Device dtype of IR tensor `name`: int8/uint8/int32 on the quantised path,
+        float32 otherwise (bool is a float32 mask)."""
+        dt = self.g.tensors[name].dtype
+        if dt is not None and np.dtype(dt) in INT_DTYPES:
+            return np.dtype(dt).name
+        return "float32"
+
+    def define(self, name, layout, dtype=None) -> PTensor:
         """The primary PTensor for the IR output `name`, in `layout`."""
         lshape = self.shape(name)
         perm = _perm_for(len(lshape), layout)
         self.layout[name] = layout
-        t = self.new(name, [lshape[p] for p in perm], logical=lshape)
+        t = self.new(name, [lshape[p] for p in perm], logical=lshape,
+                     dtype=dtype or self.dtype(name))
         self.cache[(name, layout, len(lshape))] = t.name
         return t
 
-    def get(self, name, layout=IDENT, rank=None) -> str:
+    def get(self, name, layout=IDENT, rank=None, dtype="float32") -> str:
         """PTensor name holding IR tensor `name` in `layout`, its shape left-padded
-        with 1s to `rank` first (broadcasting operands)."""
+        with 1s to `rank` first (broadcasting operands).  Constants are
+        materialised in `dtype`."""
         t = self.g.tensors[name]
         lshape = tuple(t.shape)
         rank = len(lshape) if rank is None else rank
-        key = (name, layout, rank)
+        key = (name, layout, rank) if t.const is None or dtype == "float32" else \
+            (name, layout, rank, dtype)
         if key in self.cache:
             return self.cache[key]
         padded = (1,) * (rank - len(lshape)) + lshape
         perm = _perm_for(rank, layout)
         pshape = [padded[p] for p in perm]
         if t.const is not None:
-            val = np.asarray(t.const, np.float32).reshape(padded).transpose(perm)
+            val = np.asarray(t.const, dtype).reshape(padded).transpose(perm)
             pt = self.new(f"{name}@c", pshape, kind="const", const=np.ascontiguousarray(val),
-                          logical=padded)
+                          logical=padded, dtype=dtype)
         else:
             src_layout = self.layout[name]
             src = self.cache[(name, src_layout, len(lshape))]
             if src_layout == layout or (len(lshape) == 4 and rank == 4 and self._same_bytes(lshape)) \
                     or (rank != len(lshape) and src_layout is IDENT and layout is IDENT):
-                pt = self.new(f"{name}@{rank}", pshape, alias=src, logical=padded)
+                pt = self.new(f"{name}@{rank}", pshape, alias=src, logical=padded,
+                              dtype=self.pt[src].dtype)
             else:
                 if rank != len(lshape):
                     src = self.get(name, src_layout)
                 pt = self.new(f"{name}@{'nhwc' if layout == NHWC else 'nchw'}", pshape,
-                              logical=padded)
+                              logical=padded, dtype=self.pt[src].dtype)
                 sperm = _perm_for(rank, src_layout)
                 st = cstrides(self.pt[src].shape)
                 # out dim j holds logical axis perm[j], which is src dim sperm.index(perm[j])
@@ -109,9 +122,18 @@ class Lowerer:
     def lower(self) -> None:
         g = self.g
         for name in g.inputs:
+            if self.dtype(name) != "float32":
+                # graph I/O is float32 on the device (exact integer values for an
+                # integer input); converted to the integer type on the device
+                src = self.new(name + "@in", self.shape(name), kind="input",
+                               logical=self.shape(name))
+                t = self.define(name, IDENT)
+                self.ops.append(LOp("cvt", f"{name}:input", "Cast", [src.name], [t.name], {}))
+                self.io["inputs"].append((name, src.name))
+                continue
             t = self.define(name, IDENT)
             t.kind = "input"
-            self.io["inputs"].append(name)
+            self.io["inputs"].append((name, t.name))
         for n in g.nodes:
             spec = SUPPORT[n.op]
             fn = getattr(self, "_" + spec.kernel)
@@ -120,6 +142,13 @@ class Lowerer:
         claimed = set()
         for o in g.outputs:
             t = g.tensors[o]
+            if t.const is None and self.dtype(o) != "float32":
+                # an integer output: converted to float32 (exact) into its region
+                src = self.get(o, IDENT)
+                out = self.new(o + "@out", self.shape(o), kind="output", logical=self.shape(o))
+                self.ops.append(LOp("cvt", f"{o}:output", "Cast", [src], [out.name], {}))
+                self.io["outputs"].append((o, out.name))
+                continue
             if t.const is not None or o in g.inputs or o in claimed:
                 src = self.get(o, IDENT)
                 out = self.new(o + "@out", self.shape(o) if t.shape is not None else t.const.shape,
@@ -191,7 +220,7 @@ class Lowerer:
         o = n.outputs[0]
         lshape = self.shape(o)
         self.layout[o] = IDENT
-        t = self.new(o, lshape, alias=src, logical=lshape)
+        t = self.new(o, lshape, alias=src, logical=lshape, dtype=self.pt[src].dtype)
         self.cache[(o, IDENT, len(lshape))] = t.name
         if n.op == "Dropout" and len(n.outputs) > 1 and n.outputs[1]:
             # inference mode: the mask is all true (a 1.0 mask on the device)
@@ -217,6 +246,82 @@ class Lowerer:
             "w": w, "bias": bias, "stride": strides, "dil": dil, "pads": pads,
             "group": int(n.attrs.get("group", 1)), "x": x,
             "epilogue": self.epilogue(n, NHWC, 3)}))
+
+    # --- quantised ------------------------------------------------------------------------
+    def _qconv(self, n):
+        q = dict(n.attrs["_q"])
+        x = self.get(n.inputs[0], NHWC)
+        w = q["w"]                                   # OIHW int8
+        if w.ndim != 4:
+            raise n.fail(f"only 2-D convolution is supported (weights of rank {w.ndim})")
+        cout = w.shape[0]
+        g = int(n.attrs.get("group", 1))
+        if g > 1 and np.any(q["w_zp"] != 0):
+            raise n.fail("a non-zero weight zero point with group > 1 is not supported")
+        ls = self.shape(n.inputs[0])
+        kh, kw = w.shape[2], w.shape[3]
+        strides = list(n.attrs.get("strides", [1, 1]))
+        dil = list(n.attrs.get("dilations", [1, 1]))
+        pads = _resolve_pads(n, ls[2:], [kh, kw], strides, dil)
+        out = self.define(n.outputs[0], NHWC)
+        self.ops.append(LOp("conv", n.name, n.op, [x], [out.name], {
+            "w": w, "bias": np.asarray(q["bias"], np.int64), "stride": strides, "dil": dil,
+            "pads": pads, "group": g, "x": x, "epilogue": [], "q": q}))
+
+    def _qmatmul(self, n):
+        q = n.attrs["_q"]
+        a = n.inputs[0]
+        pa = self.get(a, IDENT)
+        sa = self.shape(a)
+        out = self.define(n.outputs[0], IDENT)
+        w = q["w"]
+        if w.ndim > 3 or (w.ndim == 3 and (len(sa) != 3 or sa[0] != w.shape[0])):
+            raise n.fail(f"QLinearMatMul/MatMulInteger of {list(sa)} x {list(w.shape)}: "
+                         "batched weights must match a rank-3 input's batch")
+        self.ops.append(LOp("qmatmul", n.name, n.op, [pa], [out.name],
+                            {"a_shape": (1,) + tuple(sa) if len(sa) == 1 else tuple(sa), "q": q}))
+
+    def _qdq_operand(self, n, values, axis, shape, lay, dtype):
+        """A constant broadcast along `axis` of a tensor of logical `shape`."""
+        r = len(shape)
+        bshape = [1] * r
+        if values.size > 1:
+            bshape[axis] = values.size
+        name = self.g.add_const(f"{n.name}.q", np.asarray(values).reshape(bshape if r else ()))
+        return self.get(name, lay, r, dtype=dtype)
+
+    def _quant(self, n):
+        qp = n.attrs["_qp"]
+        x = n.inputs[0]
+        shape = self.shape(x)
+        lay = self.follow_layout([x], len(shape))
+        src = self.get(x, lay)
+        out = self.define(n.outputs[0], lay)
+        ins = [src, self._qdq_operand(n, qp["scale"], qp["axis"], shape, lay, "float32")]
+        per_axis_zp = qp["zp"].size > 1 and np.any(qp["zp"] != qp["zp"][0])
+        if per_axis_zp:
+            ins.append(self._qdq_operand(n, qp["zp"].astype(np.int32), qp["axis"], shape, lay,
+                                         "int32"))
+        self.ops.append(LOp("quant", n.name, n.op, ins, [out.name], {
+            "nmain": len(ins), "zp": None if per_axis_zp else int(qp["zp"][0])}))
+
+    def _dequant(self, n):
+        qp = n.attrs["_qp"]
+        x = n.inputs[0]
+        shape = self.shape(x)
+        lay = self.follow_layout([x], len(shape))
+        src = self.get(x, lay)
+        out = self.define(n.outputs[0], lay, "float32")
+        ins = [src, self._qdq_operand(n, qp["zp"].astype(np.float32), qp["axis"], shape, lay,
+                                      "float32"),
+               self._qdq_operand(n, qp["scale"], qp["axis"], shape, lay, "float32")]
+        self.ops.append(LOp("dequant", n.name, n.op, ins, [out.name], {"nmain": 3}))
+
+    def _dynq(self, n):
+        x = n.inputs[0]
+        src = self.get(x, IDENT)
+        outs = [self.define(o, IDENT).name for o in n.outputs]
+        self.ops.append(LOp("dynq", n.name, n.op, [src], outs, {}))
 
     def _pool(self, n):
         x = self.get(n.inputs[0], NHWC)

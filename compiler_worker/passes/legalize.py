@@ -11,6 +11,8 @@ from ..support import SUPPORT
 
 # bool tensors live on the device as float32 masks (1.0 true, 0.0 false)
 DEVICE_DTYPES = (np.dtype(np.float32), np.dtype(np.bool_))
+# the quantised path: int8/uint8 activations, int32 accumulators (ops with int8=True)
+INT_DTYPES = (np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int32))
 
 
 def run(ctx) -> None:
@@ -33,15 +35,15 @@ def collect(g) -> list[CompileError]:
             errors.append(CompileError(f"graph output {o!r} is empty (shape {list(t.shape)}); "
                                        "empty tensors are not supported"))
             continue
-        if t.const is None and (t.dtype is None or np.dtype(t.dtype) not in DEVICE_DTYPES):
+        if t.const is None and (t.dtype is None or np.dtype(t.dtype) not in DEVICE_DTYPES + INT_DTYPES):
             if not any(o in n.outputs for n in g.nodes):
                 errors.append(CompileError(f"graph output {o!r} is not float32"))
     for i in g.inputs:
         t = g.tensors[i]
-        if t.dtype is None or np.dtype(t.dtype) not in DEVICE_DTYPES:
+        if t.dtype is None or np.dtype(t.dtype) not in DEVICE_DTYPES + INT_DTYPES:
             if any(i in n.inputs for n in g.nodes) or i in g.outputs:
                 errors.append(CompileError(f"graph input {i!r} has dtype {t.dtype}; only float32 "
-                                           "(and bool) inputs are supported"))
+                                           "(and bool), int8, uint8 and int32 inputs are supported"))
     return errors
 
 
@@ -67,7 +69,10 @@ def _check(n, g) -> str | None:
         if t.dtype is None or np.dtype(t.dtype) not in DEVICE_DTYPES:
             if n.op in ("Dropout",) and name in n.outputs[1:]:
                 continue
-            return f"tensor {name!r} has dtype {t.dtype}; only float32 activations are supported"
+            if spec.int8 and t.dtype is not None and np.dtype(t.dtype) in INT_DTYPES:
+                continue
+            return f"tensor {name!r} has dtype {t.dtype}; only float32 activations are supported" + \
+                (" (and int8/uint8 on the quantised path)" if spec.int8 else "")
         if name in n.inputs[:1] and not spec.ranks[0] <= len(t.shape) <= spec.ranks[1]:
             return f"input rank {len(t.shape)} is outside the supported {spec.ranks}"
         if 0 in t.shape:

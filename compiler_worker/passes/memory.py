@@ -11,7 +11,7 @@ simultaneously live tensor occupies (greedy by size, as TFLite/Vela do).
 
 from __future__ import annotations
 
-from ..lowered import ESIZE
+import numpy as np
 
 BASE_VA = 0x10_0000
 VA_ALIGN = 0x1_0000          # 64 KiB: a multiple of every supported page size up to 64 KiB
@@ -61,7 +61,7 @@ def run(ctx) -> None:
     for name, t in pt.items():
         if t.kind == "const" and not t.alias:
             woff[name] = len(blob)
-            data = t.const.astype("<f4", copy=False).tobytes()
+            data = t.const.astype(np.dtype(t.dtype).newbyteorder("<"), copy=False).tobytes()
             blob += data
             blob += bytes(_up(len(blob), TENSOR_ALIGN) - len(blob))
     regions = []
@@ -77,8 +77,8 @@ def run(ctx) -> None:
     wreg = region("weights", "weights", len(blob), False)
     areg = region("arena", "arena", arena_size, True)
     io_in, io_out = [], []
-    for name in ctx.io["inputs"]:
-        t = pt[name]
+    for name, pname in ctx.io["inputs"]:
+        t = pt[pname]
         r = region(f"input:{name}", "input", t.nbytes, False, tensor=name)
         t.va = r["va"]
         io_in.append({"name": name, "dtype": "float32", "shape": list(t.logical or t.shape),

@@ -211,6 +211,8 @@ def requant(job, cmd) -> None:
           if a.zp_addr != 0xFFFF_FFFF else np.float64(a.zp))
     # One IEEE double product and one rounding: bit-exact across hosts.
     r = np.rint(x.astype(np.float64) * scale) + zp
+    if a.lo > -(1 << 31) or a.hi < (1 << 31) - 1:
+        r = np.clip(r, a.lo, a.hi)
     store(out, r)
 
 

@@ -139,3 +139,32 @@ def transformer_block(seq=16, d=32, heads=4, seed=0):
                                                  b.const((4 * d,), 0.1)])])
     h = b.op("Add", [b.op("MatMul", [h, b.const((4 * d, d))]), b.const((d,), 0.1)])
     return b.model([b.op("Add", [x2, h])])
+
+
+def quantize_qdq(model_bytes, calib, per_channel=True, activation_type="QUInt8",
+                 weight_type="QInt8", **extra):
+    """QDQ model bytes from onnxruntime.quantization.quantize_static, calibrated
+    on `calib` (a list of feed dicts)."""
+    import os
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(calib)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = os.path.join(d, "f.onnx"), os.path.join(d, "q.onnx")
+        m = onnx.load_from_string(model_bytes)
+        onnx.save(m, src)
+        quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        activation_type=getattr(QuantType, activation_type),
+                        weight_type=getattr(QuantType, weight_type), extra_options=extra or None)
+        with open(dst, "rb") as f:
+            return f.read()

@@ -10,7 +10,9 @@ from compiler_worker.passes.import_onnx import MAX_OPSET
 from compiler_worker.support import SUPPORT
 
 # attributes added after opset 21 that cannot change what the compiler accepts
-HARMLESS = {"Cast": {"round_mode"}}   # rounding into float8 types; Cast compiles only to float32
+HARMLESS = {"Cast": {"round_mode"},   # rounding into float8 types; Cast compiles only to float32
+            # refused unless float32 (passes/quantize.py _check_qdq)
+            "DequantizeLinear": {"output_dtype"}, "QuantizeLinear": {"precision"}}
 
 FOLDED = ["Cast", "ConstantOfShape", "Dropout", "Flatten", "Identity", "Pad", "Reshape", "Shape",
           "Size", "Squeeze", "Transpose", "Unsqueeze", "Where", "Equal", "Less", "Greater"]

@@ -137,6 +137,7 @@ def test_dma_may_span_adjacent_mappings_and_broadcast_loads():
     (lambda b: b.norm(F(0, (4,)), F(64, (4,)), eps=-1.0), "negative"),
     (lambda b: b.requant(tile(0, "int32", (4,)), F(64, (4,))), "not allowed"),
     (lambda b: b.requant(tile(0, "int32", (4,)), tile(64, "int8", (4,)), scale=float("inf")), "scale"),
+    (lambda b: b.requant(tile(0, "int32", (4,)), tile(64, "int8", (4,)), lo=5, hi=4), "lo"),
     (lambda b: b.transpose(F(0, (2, 3)), F(64, (3, 2)), (0, 1, 3, 3)), "permutation"),
     (lambda b: b.transpose(F(0, (2, 3)), F(64, (2, 3)), (0, 1, 3, 2)), "expected"),
     (lambda b: b.copy_region(F(0, (2, 3)), F(64, (2, 4)), (0, 2)), "exceeds"),

@@ -230,6 +230,19 @@ def test_requant_per_channel(dtype):
     np.testing.assert_array_equal(got, ref_requant(x, scale, zp, dtype))
 
 
+def test_requant_clamp_bounds_fold_relu_and_clip():
+    x = np.array([-300, -40, -1, 0, 1, 37, 90, 2000], np.int32)
+    # a fused Relu: lo = zp; a fused Clip(0, 6) with scale 0.1, zp -5: [-5, 55]
+    got = run_op("requant", [x], [(np.int8, x.shape)], lambda sb, i, o: sb.requant(
+        i[0], o[0], scale=0.5, zp=-5, lo=-5, hi=55))[0].ravel()
+    want = np.clip(ref_requant(x, np.float32(0.5), -5, np.int8), -5, 55)
+    np.testing.assert_array_equal(got, want)
+    # bounds wider than the type still saturate to the type
+    got = run_op("requant", [x], [(np.uint8, x.shape)], lambda sb, i, o: sb.requant(
+        i[0], o[0], scale=1.0, zp=3, lo=-1000, hi=1000))[0].ravel()
+    np.testing.assert_array_equal(got, ref_requant(x, np.float32(1.0), 3, np.uint8))
+
+
 def test_transpose_copy_region_fill():
     x = np.arange(2 * 3 * 4 * 5, dtype=np.int32).reshape(2, 3, 4, 5)
     perm = (0, 3, 1, 2)
