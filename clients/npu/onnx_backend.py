@@ -24,7 +24,9 @@ What the backend does on the host, and nothing more:
   pads, Clip's bounds, Resize's scales/sizes, Reduce/Squeeze/Unsqueeze axes,
   Expand's shape, Split's sizes, ConstantOfShape's shape, Dropout's ratio)
   or weight slots (Conv/ConvTranspose weights and bias, BatchNormalization,
-  LayerNormalization and InstanceNormalization parameters) is baked into the model as an initializer with the value given to
+  LayerNormalization and InstanceNormalization parameters, quantisation scales
+  and zero points, QLinearConv/QLinearMatMul/ConvInteger/MatMulInteger
+  weights) is baked into the model as an initializer with the value given to
   ``run``, and the specialised model is compiled (once per distinct value;
   the daemon's compile cache makes repeats cheap).  The compiler only
   accepts such parameters and weights as constants (as NPU compilers do:
@@ -69,6 +71,10 @@ PARAMETER_INPUTS: dict[str, tuple[int, ...]] = {
     # weights: the compiler folds them into the executable's weights blob
     "Conv": (1, 2), "ConvTranspose": (1, 2), "BatchNormalization": (1, 2, 3, 4),
     "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2),
+    # quantisation parameters (scales, zero points) and integer weights
+    "QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2),
+    "QLinearConv": (1, 2, 3, 4, 5, 6, 7, 8), "QLinearMatMul": (1, 2, 3, 4, 5, 6, 7),
+    "ConvInteger": (1, 2, 3), "MatMulInteger": (1, 2, 3),
 }
 DAEMON_DEVICE = "server"       # the private daemon's device preset
 

@@ -81,6 +81,11 @@ def params(g, n, scale_name, zp_name, qtype, axis_dim=None, what="", allow_int32
         if z is None:
             raise n.fail(f"{what}zero point {zp_name!r} must be a constant")
         z = np.asarray(z)
+        lo, hi = _RANGE[qtype]
+        zi = z.reshape(-1).astype(np.int64)
+        if z.dtype.kind in "iu" and (np.any(zi < lo) or np.any(zi > hi)):
+            raise n.fail(f"{what}zero point {int(zi[(zi < lo) | (zi > hi)][0])} is out of range "
+                         f"for {qtype} [{lo}, {hi}]")
         if z.dtype != qtype:
             raise n.fail(f"{what}zero point has type {z.dtype}, expected {qtype} (the quantised type)")
         if z.ndim > 1:
