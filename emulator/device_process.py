@@ -8,13 +8,34 @@ with one command queue does, and answers every request with one packet::
 
     {"op": "import", "bo": id}  + memfd   -> {"ok": true}
     {"op": "release", "bo": id}           -> {"ok": true}
-    {"op": "load_program", "program": id, "mappings": [[va, size, writable], ...]}  + memfd of the stream
-        -> {"ok": true} | {"ok": false, "error": {...}}
+    {"op": "load_program", "program": id, "mappings": [[va, size, writable], ...],
+     "boundaries": [command index, ...]}  + memfd of the stream
+        -> {"ok": true, "segments": [[first command, end], ...], "segment_cycles": [int, ...]}
+         | {"ok": false, "error": {...}}
     {"op": "unload_program", "program": id} -> {"ok": true}
-    {"op": "run", "job": id, "stream": bin | "program": id, "bindings": [[bo, va, writable], ...]}
-        -> {"ok": true, "stats": {...}, "wall_ms": float}
+    {"op": "run", "job": id, "stream": bin | "program": id, "bindings": [[bo, va, writable], ...],
+     "from": segment, "until": segment, "fault": "hang" | "crash" | "slow", "slow_ms": int}
+        -> {"ok": true, "done": bool, "next": segment, "segments": n, "cycles": int,
+            "stats": {...}, "wall_ms": float}
          | {"ok": false, "error": {"code", "message", "command"}}
+    {"op": "preempt"}                     -> no reply of its own (see below)
     {"op": "shutdown"}                    -> exits
+
+Preemption at layer boundaries.  A loaded program is cut into segments at the
+``boundaries`` the daemon proposes (the compiler's layer boundaries) that are
+safe: no SRAM byte is read after the boundary before being written after it,
+so that running the segments as separate executes (SRAM is cleared between
+them; layers talk through device memory) computes exactly what one execute
+does.  ``run`` executes segments ``from`` .. ``until`` (default: to the end)
+and, between two segments, looks for a ``preempt`` packet: if one came, it
+stops there and answers with ``done: false`` and the segment to resume from.
+A ``preempt`` that arrives after the run finished is ignored, so the daemon
+may send one at any time while a run is in flight and always gets exactly one
+reply to the run.
+
+``fault`` is the daemon's test-mode fault injection (``npud --test-mode``):
+``hang`` never answers, ``crash`` kills the process, ``slow`` sleeps
+``slow_ms`` before each segment.
 
 A fault fails only the job that caused it: each job runs in a fresh hardware
 context whose page table holds just that job's bindings.  A loaded program
@@ -25,8 +46,10 @@ every access against each run's own bindings.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import mmap
 import os
+import signal
 import socket
 import sys
 import time
@@ -36,6 +59,8 @@ import msgpack
 from emulator.config import DeviceConfig
 from emulator.device import Device
 from emulator.errors import DeviceError
+from emulator.isa import Engine
+from emulator.timing import command_cost
 from emulator.validator import Mapping, Program, validate
 
 MAX_PACKET = 32 << 20
@@ -47,6 +72,8 @@ class DeviceProcess:
         self.device = Device(config)
         self.buffers: dict[int, mmap.mmap] = {}
         self.programs: dict[int, Program] = {}
+        self.segments: dict[int, list[Program]] = {}   # a loaded program cut at its safe boundaries
+        self.cycles: dict[int, list[int]] = {}         # modeled cycles of each segment
 
     def serve(self) -> None:
         while True:
@@ -60,8 +87,20 @@ class DeviceProcess:
             op = request["op"]
             if op == "shutdown":
                 return
+            if op == "preempt":
+                continue  # the run it meant to stop had already finished
             reply = getattr(self, f"_op_{op}")(request, fds)
             self.sock.send(msgpack.packb(reply, use_bin_type=True))
+
+    def _preempted(self) -> bool:
+        """Whether the daemon asked (with a ``preempt`` packet) to stop at this boundary."""
+        try:
+            data = self.sock.recv(MAX_PACKET, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        if not data:
+            return False  # the daemon is gone; serve() sees it next
+        return msgpack.unpackb(data, raw=False).get("op") == "preempt"
 
     def _op_import(self, request, fds):
         fd = fds[0]
@@ -90,26 +129,58 @@ class DeviceProcess:
                 stream = f.read()
             for extra in fds[1:]:
                 os.close(extra)
-            self.programs[request["program"]] = validate(
-                stream, self.device.config,
-                [Mapping(va, size, writable) for va, size, writable in request["mappings"]])
+            program = validate(stream, self.device.config,
+                               [Mapping(va, size, writable) for va, size, writable in request["mappings"]])
         except DeviceError as exc:
             return {"ok": False, "error": {"code": exc.code, "message": exc.message, "command": None}}
-        return {"ok": True}
+        pid = request["program"]
+        self.programs[pid] = program
+        spans = segment_spans(program, request.get("boundaries", []))
+        self.segments[pid] = [dataclasses.replace(program, commands=program.commands[a:b]) for a, b in spans]
+        costs = [command_cost(c, self.device.config)[0] if c.op.engine != Engine.CTRL else 0
+                 for c in program.commands]
+        self.cycles[pid] = [sum(costs[a:b]) for a, b in spans]
+        return {"ok": True, "segments": [list(span) for span in spans], "segment_cycles": self.cycles[pid]}
 
     def _op_unload_program(self, request, fds):
         self.programs.pop(request["program"], None)
+        self.segments.pop(request["program"], None)
+        self.cycles.pop(request["program"], None)
         return {"ok": True}
 
     def _op_run(self, request, fds):
         started = time.perf_counter()
+        fault = request.get("fault")
+        if fault == "hang":
+            while True:          # a command that never completes: only a reset gets the device back
+                time.sleep(3600)
+        if fault == "crash":
+            os.kill(os.getpid(), signal.SIGSEGV)
         ctx = None
+        done, segment, ran, cycles = True, 0, 0, 0
         try:
             ctx = self.device.create_context()
             for bo, va, writable in request["bindings"]:
                 ctx.map(va, self.buffers[bo], writable=writable)
-            work = self.programs[request["program"]] if "program" in request else request["stream"]
-            stats = self.device.execute(ctx, work)
+            if "program" in request:
+                pid = request["program"]
+                segments = self.segments[pid]
+                segment = request.get("from", 0)
+                until = min(request.get("until", len(segments)), len(segments))
+                while segment < until:
+                    if ran and self._preempted():
+                        break
+                    if fault == "slow":
+                        time.sleep(request.get("slow_ms", 0) / 1000)
+                    stats = self.device.execute(ctx, segments[segment])
+                    cycles += self.cycles[pid][segment]
+                    segment += 1
+                    ran += 1
+                done = segment >= len(segments)
+                stats = self.programs[pid].stats.copy()
+            else:
+                stats = self.device.execute(ctx, request["stream"])
+                cycles, ran = stats.cycles, 1
         except DeviceError as exc:
             return {"ok": False, "error": {"code": exc.code, "message": exc.message,
                                            "command": exc.command_index}}
@@ -120,8 +191,61 @@ class DeviceProcess:
         finally:
             if ctx is not None:
                 ctx.close()  # unmaps everything and frees the hardware context slot
-        return {"ok": True, "stats": stats.to_dict(),
-                "wall_ms": (time.perf_counter() - started) * 1e3}
+        return {"ok": True, "done": done, "next": segment, "segments": ran, "cycles": cycles,
+                "stats": stats.to_dict() if done else {}, "wall_ms": (time.perf_counter() - started) * 1e3}
+
+
+def segment_spans(program: Program, boundaries: list[int]) -> list[tuple[int, int]]:
+    """[first, end) command ranges of the program cut at those of ``boundaries`` that are safe.
+
+    A boundary before command i is safe when nothing the commands from i on read
+    from SRAM was written before i: running from i with SRAM cleared then
+    computes the same.  One backward pass keeps, per core, the SRAM ranges read
+    before being written ("live in") from each command on; a boundary is safe
+    where that set is empty.
+    """
+    n = len(program.commands)
+    wanted = sorted({b for b in boundaries if 0 < b < n})
+    if not wanted:
+        return [(0, n)]
+    live: dict[int, list[tuple[int, int]]] = {}
+    safe = set()
+    want = set(wanted)
+    for i in range(n - 1, 0, -1):
+        fp = program.footprints[i]
+        for core, lo, hi, write in fp:
+            if write and hi > lo:
+                live[core] = _subtract(live.get(core, []), lo, hi)
+        for core, lo, hi, write in fp:
+            if not write and hi > lo:
+                live[core] = _add(live.get(core, []), lo, hi)
+        if i in want and not any(live.values()):
+            safe.add(i)
+    cuts = [0, *sorted(safe), n]
+    return list(zip(cuts, cuts[1:]))
+
+
+def _subtract(spans, lo, hi):
+    out = []
+    for a, b in spans:
+        if b <= lo or a >= hi:
+            out.append((a, b))
+            continue
+        if a < lo:
+            out.append((a, lo))
+        if b > hi:
+            out.append((hi, b))
+    return out
+
+
+def _add(spans, lo, hi):
+    out = []
+    for a, b in sorted([*spans, (lo, hi)]):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

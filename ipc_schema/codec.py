@@ -116,7 +116,8 @@ def decode_reply(frame: bytes, op: str | None = None) -> Reply | tuple[str, dict
         if err is None:
             raise FieldError("reply.error", "missing on a failed reply")
         code = ErrorCode(err["code"]) if err["code"] in ErrorCode.__members__ else ErrorCode.EINTERNAL
-        return Reply(reply["seq"], None, ErrorInfo(code, err["message"], err["retryable"]))
+        return Reply(reply["seq"], None, ErrorInfo(code, err["message"], err["retryable"],
+                                                   err.get("retry_after_ms")))
     except FieldError as exc:
         raise RequestError(ErrorCode.EPROTO, f"malformed reply from daemon: {exc}") from None
 

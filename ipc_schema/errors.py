@@ -40,6 +40,8 @@ class ErrorCode(str, Enum):
     ECANCELED = ("ECANCELED", False, "the operation was cancelled")
     ESHUTDOWN = ("ESHUTDOWN", True, "the daemon is shutting down")
     EINTERNAL = ("EINTERNAL", False, "a bug in the daemon; the session is still usable, please report it")
+    ETIME = ("ETIME", True, "the job missed its deadline: retryable if transient (the device was busy), "
+                            "not if persistent (it cannot finish in that time even on an idle device)")
 
 
 @dataclass(frozen=True)
@@ -49,13 +51,18 @@ class ErrorInfo:
     code: ErrorCode
     message: str
     retryable: bool
+    retry_after_ms: int | None = None   # a hint: when a retry is likely to succeed
 
     @classmethod
-    def of(cls, code: ErrorCode, message: str, retryable: bool | None = None) -> "ErrorInfo":
-        return cls(code, message, code.retryable if retryable is None else retryable)
+    def of(cls, code: ErrorCode, message: str, retryable: bool | None = None,
+           retry_after_ms: int | None = None) -> "ErrorInfo":
+        return cls(code, message, code.retryable if retryable is None else retryable, retry_after_ms)
 
     def to_wire(self) -> dict:
-        return {"code": self.code.value, "message": self.message, "retryable": self.retryable}
+        wire = {"code": self.code.value, "message": self.message, "retryable": self.retryable}
+        if self.retry_after_ms is not None:
+            wire["retry_after_ms"] = self.retry_after_ms
+        return wire
 
 
 class RequestError(Exception):
@@ -66,7 +73,7 @@ class RequestError(Exception):
     """
 
     def __init__(self, code: ErrorCode, message: str, *, seq: int | None = None,
-                 retryable: bool | None = None):
+                 retryable: bool | None = None, retry_after_ms: int | None = None):
         super().__init__(message)
-        self.info = ErrorInfo.of(code, message, retryable)
+        self.info = ErrorInfo.of(code, message, retryable, retry_after_ms)
         self.seq = seq

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .types import Any_, Array, Bin, Bool, F, Float, Int, MapOf, Str, Struct, Type
 
-PROTOCOL_VERSION = (1, 1)
+PROTOCOL_VERSION = (1, 2)
 """(major, minor).  A major bump breaks compatibility; a minor bump only adds."""
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -42,6 +42,10 @@ U64 = Int(0, 2**64 - 1)
 HANDLE = Int(1, 2**32 - 1)
 DEVICE_INDEX = Int(0, 255)
 TIMEOUT_MS = Int(0, 24 * 3600 * 1000)
+PRIORITY_NAMES = ("low", "normal", "high", "realtime")
+PRIORITY = Str(16, PRIORITY_NAMES)
+MAX_DEPENDENCIES = 256
+FENCE_TOKEN = Str(64)
 
 TENSOR = Struct("tensor", {
     "dtype": F(Str(16, DTYPES), "element type"),
@@ -79,6 +83,9 @@ DEVICE = Struct("device", {
     "modeled_cycles": F(U64, "modeled cycles of the jobs completed since start"),
     "modeled_busy_ms": F(Float(), "`modeled_cycles` at the device clock: what those jobs would take on "
                                   "the modeled hardware"),
+    "cores": F(U32, "device processes running jobs in parallel (one per modeled core)", optional=True),
+    "hangs": F(U32, "jobs that hung or crashed a device process since start", optional=True),
+    "banned_contexts": F(U32, "contexts banned on this device for hanging it repeatedly", optional=True),
 })
 
 CLIENT = Struct("client", {
@@ -100,6 +107,9 @@ CLIENT = Struct("client", {
     "util_pct": F(Float(), "percent of the last 5 s a device spent on its jobs (summed over devices, "
                            "so up to 100 per device)"),
     "modeled_cycles": F(U64, "modeled cycles of its completed jobs"),
+    "priority": F(PRIORITY, "priority of its default context", optional=True),
+    "contexts": F(U32, "contexts it created (besides its default one)", optional=True),
+    "banned_contexts": F(U32, "of its contexts, those banned for hanging a device", optional=True),
 })
 
 LIMITS = Struct("limits", {
@@ -166,6 +176,9 @@ JOB_INFO = Struct("job_info", {
                  optional=True),
     "cycles": F(U64, "modeled cycles (0 unless done)"),
     "error": F(Str(16), "error code if it failed", optional=True),
+    "priority": F(PRIORITY, "its context's priority", optional=True),
+    "context": F(U32, "the session's id of its context (0: the default one)", optional=True),
+    "preemptions": F(U32, "times it was stopped at a layer boundary for a more urgent job", optional=True),
 }, doc="One job as `jobs` and `trace` report it.")
 
 TRACE_EVENT = Struct("trace_event", {
@@ -198,6 +211,33 @@ BUFFER_INFO = Struct("buffer_info", {
     "exported": F(Bool(), "its memfd was sent to the client (`map`), which may have it mapped"),
     "jobs": F(U32, "jobs holding a reference to it now"),
 })
+
+JOB_OPTIONS = {
+    "context": F(U32, "context to run in (`context_create`; 0 or absent: the session's default context, "
+                      "priority normal)", optional=True),
+    "after": F(Array(U64, MAX_DEPENDENCIES), "jobs (this session's ids, or ids from `fence_import`) that must "
+                                             "finish first; if one fails, this job fails with its cause",
+               optional=True),
+    "deadline_ms": F(Int(1, 24 * 3600 * 1000), "finish within this many ms of submission, or fail with ETIME "
+                                               "(not retryable if it cannot even on an idle device)",
+                     optional=True),
+    "timeout_ms": F(Int(1, 24 * 3600 * 1000), "device time after which the job is aborted as hung "
+                                              "(default: the daemon's job_timeout_ms)", optional=True),
+}
+
+JOB_SUBMITTED = {
+    "job": F(U64, "job id, this session's name for the job"),
+    "context": F(U32, "the context it runs in (0: the default one)", optional=True),
+    "point": F(U64, "its fence point on that context's timeline (signalled once it and every earlier point "
+                    "of the timeline finished)", optional=True),
+}
+
+JOB_STATUS = Struct("job_status", {
+    "job": F(U64, "job id"),
+    "state": F(JOB_STATE, "job state"),
+    "stats": F(MapOf(Any_()), "modeled cycles and counters (empty unless done)"),
+    "error": F(MapOf(Any_()), "the job's error {code, message, retryable} if it failed", optional=True),
+}, doc="A job's state as `wait_jobs` reports it.")
 
 
 @dataclass(frozen=True)
@@ -266,8 +306,8 @@ OPS: dict[str, Op] = {op.name: op for op in [
         "device": F(DEVICE_INDEX, "device index"),
         "stream": F(Bin(MAX_INLINE_BYTES, 1), "binary command stream (docs/ISA.md)"),
         "bindings": F(Array(BINDING, MAX_BINDINGS), "buffers the job may touch, and where"),
-    }, {"job": F(U64, "job id, this session's name for the job")},
-        errors=("ENODEV", "ENOENT", "EINVAL", "EAGAIN")),
+        **JOB_OPTIONS,
+    }, JOB_SUBMITTED, errors=("ENODEV", "ENOENT", "EINVAL", "EAGAIN", "EPERM", "ETIME")),
     _op("wait", "Wait for a job to finish, up to a timeout.", {
         "job": F(U64, "job id"),
         "timeout_ms": F(TIMEOUT_MS, "how long to wait"),
@@ -300,7 +340,51 @@ OPS: dict[str, Op] = {op.name: op for op in [
         "model": F(HANDLE, "loaded model"),
         "inputs": F(Array(HANDLE, 1024), "one buffer per input, in `load`'s order"),
         "outputs": F(Array(HANDLE, 1024), "one buffer per output, in `load`'s order"),
-    }, {"job": F(U64, "job id, for `wait`")}, errors=("ENOENT", "EINVAL", "EAGAIN")),
+        **JOB_OPTIONS,
+    }, JOB_SUBMITTED, errors=("ENOENT", "EINVAL", "EAGAIN", "EPERM", "ETIME")),
+    _op("context_create", "Create a context: a run queue of this session's with a priority and a fair-share "
+                          "weight. realtime is allowed only where policy says so.", {
+        "priority": F(PRIORITY, "scheduling class: strict priority between classes (with a starvation "
+                                "guard), preemption at layer boundaries"),
+        "weight": F(Int(1, 1000), "fair-share weight against contexts of the same class (default 1)",
+                    optional=True),
+    }, {
+        "context": F(U32, "this session's id for it"),
+        "priority": F(PRIORITY, "its priority"),
+        "weight": F(U32, "its weight"),
+    }, errors=("EPERM", "EAGAIN")),
+    _op("wait_jobs", "Wait until all (or any) of some jobs finished, up to a timeout. Never fails for a "
+                     "failed job: each job's state and error are in the result.", {
+        "jobs": F(Array(U64, 4096, 1), "job ids"),
+        "all": F(Bool(), "true: wait for every job; false: for the first one"),
+        "timeout_ms": F(TIMEOUT_MS, "how long to wait"),
+    }, {
+        "jobs": F(Array(JOB_STATUS, 4096), "every job's state now, in the order asked"),
+        "ready": F(Bool(), "whether the condition (all or any finished) holds"),
+    }, errors=("ENOENT",)),
+    _op("cancel", "Cancel a job: a queued job fails with ECANCELED at once, a running model job at its next "
+                  "layer boundary (a raw command stream runs to its end). Its dependents fail too.", {
+        "job": F(U64, "job id"),
+    }, {"state": F(JOB_STATE, "the job's state now (a job that already finished keeps its outcome)")},
+        errors=("ENOENT",)),
+    _op("fence_export", "A token naming a job's completion fence, for another session's `fence_import`.", {
+        "job": F(U64, "job id"),
+    }, {"token": F(FENCE_TOKEN, "unguessable token; valid while this session lives")}, errors=("ENOENT",)),
+    _op("fence_import", "Make another session's exported fence a job id of this session: it can be waited "
+                        "for and named in `after`, but not cancelled.", {
+        "token": F(FENCE_TOKEN, "token from `fence_export`"),
+    }, {
+        "job": F(U64, "this session's id for the fence"),
+        "state": F(JOB_STATE, "the fenced job's state now"),
+    }, errors=("ENOENT",)),
+    _op("inject_fault", "Test mode only (`npud --test-mode`; EPERM otherwise): make this session's next job "
+                        "on a device hang, crash the device process, or run slowly (each layer segment "
+                        "sleeps `slow_ms`).", {
+        "device": F(DEVICE_INDEX, "device index"),
+        "kind": F(Str(16, ("hang", "crash", "slow")), "the fault"),
+        "slow_ms": F(Int(0, 60_000), "for slow: sleep per layer segment", optional=True),
+        "count": F(Int(1, 1000), "how many of the session's next jobs it hits (default 1)", optional=True),
+    }, {}, errors=("EPERM", "ENODEV")),
     _op("report", "The loaded model's per-op report: op, shapes, MACs, modeled cycles, SRAM, DMA bytes.", {
         "model": F(HANDLE, "loaded model"),
     }, {
@@ -364,8 +448,8 @@ OPS: dict[str, Op] = {op.name: op for op in [
         "buffers": F(U32, "buffer objects freed"),
         "memory": F(U64, "bytes freed"),
     }, errors=("EPERM", "ENOENT")),
-    _op("reset_device", "Admin: restart a device's process, as after a crash: a running job fails with "
-                        "EIO (retryable), queued jobs run on the new process. Answers once it is back. "
+    _op("reset_device", "Admin: restart a device's processes; jobs running on them are innocent and run "
+                        "again from their start, queued jobs run on the new processes. Answers once they are back. "
                         "Allowed to root and the daemon's own uid.", {
         "device": F(DEVICE_INDEX, "device index"),
     }, {
@@ -391,6 +475,8 @@ ERROR = Struct("error", {
     "code": F(Str(16), "stable error code (docs/PROTOCOL.md#errors)"),
     "message": F(Str(4096), "what went wrong and what to do"),
     "retryable": F(Bool(), "whether repeating the request can succeed"),
+    "retry_after_ms": F(U32, "a hint: milliseconds after which a retry is likely to succeed (admission "
+                             "limits)", optional=True),
 })
 
 REPLY = Struct("reply", {
@@ -410,7 +496,7 @@ DTYPE_SIZES = {"float32": 4, "float16": 2, "int8": 1, "uint8": 1, "int16": 2, "i
 
 ALL_STRUCTS: tuple[Type, ...] = (REQUEST, REPLY, EVENT, ERROR, TENSOR, BINDING, DEVICE, CLIENT, LIMITS,
                                   TENSOR_INFO, COMPILE_OPTIONS, PROBLEM, CACHE_ENTRY, JOB_INFO, TRACE_EVENT,
-                                  LAYER, TRACE_MODEL, BUFFER_INFO)
+                                  LAYER, TRACE_MODEL, BUFFER_INFO, JOB_STATUS)
 
 # --- The companion socket -------------------------------------------------------
 # ZeroMQ cannot carry file descriptors, so each local session also connects a Unix

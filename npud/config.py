@@ -17,6 +17,14 @@ Example (every key optional)::
     lease_ms = 10000                   # idle sessions without a companion socket expire
     max_jobs_in_flight = 256           # per session
 
+    [scheduling]
+    job_timeout_ms = 30000             # a job running longer is aborted and its device process reset
+    ban_after_hangs = 3                # a context whose jobs hang (or crash the device) this often is banned
+    starvation_ms = 1000               # a lower-priority job runnable this long runs next anyway
+    max_queued_per_device = 4096       # more queued jobs are refused with EAGAIN and a retry hint
+    max_contexts = 64                  # per session
+    device_processes = 0               # per device, running jobs in parallel; 0: the preset's cores
+
     [[devices]]
     name = "npu0"
     preset = "edge"                    # a preset from emulator.config.PRESETS
@@ -66,6 +74,16 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Scheduling:
+    job_timeout_ms: int = 30_000
+    ban_after_hangs: int = 3
+    starvation_ms: int = 1000
+    max_queued_per_device: int = 4096
+    max_contexts: int = 64
+    device_processes: int = 0
+
+
+@dataclass(frozen=True)
 class DeviceSpec:
     name: str
     preset: str
@@ -83,6 +101,8 @@ class Config:
     compile_workers: int = 2
     compile_timeout_s: float = 120.0
     compile_memory_bytes: int = 4 << 30    # each worker's RLIMIT_AS
+    scheduling: Scheduling = Scheduling()
+    test_mode: bool = False                # `npud --test-mode`: fault injection (inject_fault) allowed
 
 
 def _check_keys(table: dict, allowed: set[str], where: str) -> None:
@@ -99,7 +119,7 @@ def _positive_int(value: Any, key: str) -> int:
 
 def from_dict(data: dict[str, Any]) -> Config:
     _check_keys(data, {"endpoint", "log_level", "limits", "devices", "shutdown_grace_s", "cache_dir",
-                       "compile_workers", "compile_timeout_s", "compile_memory_bytes"}, "config")
+                       "compile_workers", "compile_timeout_s", "compile_memory_bytes", "scheduling"}, "config")
     config = Config()
     if "endpoint" in data:
         if not isinstance(data["endpoint"], str) or "://" not in data["endpoint"]:
@@ -136,7 +156,24 @@ def from_dict(data: dict[str, Any]) -> Config:
         config = replace(config, limits=_limits(data["limits"]))
     if "devices" in data:
         config = replace(config, devices=parse_devices(data["devices"]))
+    if "scheduling" in data:
+        config = replace(config, scheduling=_scheduling(data["scheduling"]))
     return config
+
+
+def _scheduling(table: Any) -> Scheduling:
+    if not isinstance(table, dict):
+        raise ConfigError("scheduling: expected a table")
+    _check_keys(table, set(Scheduling.__dataclass_fields__), "scheduling")
+    out = {}
+    for key, value in table.items():
+        if key == "device_processes":
+            if type(value) is not int or not 0 <= value <= 64:
+                raise ConfigError(f"scheduling.device_processes: expected 0 (the preset's cores) to 64, got {value!r}")
+            out[key] = value
+        else:
+            out[key] = _positive_int(value, f"scheduling.{key}")
+    return Scheduling(**out)
 
 
 def _log_level(value: Any) -> str:

@@ -1,10 +1,26 @@
-"""The daemon's side of one device: its device process, its memory and its job queue.
+"""The daemon's side of one device: its device processes, its memory and its run queues.
 
-``DeviceHost`` starts the device process (emulator/device_process.py) and
-supervises it: if the process dies, the job it was running fails with EIO
-(retryable), the process is restarted and the reset counted.  One task, the
-runner, owns the socket to the process; everything else reaches the device
-by putting work in the runner's queue.
+A device has one device process (emulator/device_process.py) per modeled core
+(``cores`` of its preset): the cores run jobs in parallel, and all of them
+map the same buffer objects.  ``DeviceHost`` supervises them: one runner
+task per core owns that core's socket, picks the next job from the device's
+``Scheduler`` (npud/scheduler.py: priorities, fair share, starvation guard)
+and runs it.
+
+* **Preemption.**  A model's job runs as layer segments; when a job of a
+  higher class becomes runnable and no core is free, the host asks the core
+  running the lowest-class job to stop at its next layer boundary.  The
+  stopped job keeps its place (and its model's arena) and resumes there.
+* **Watchdog.**  A job that runs past its timeout is aborted: its core's
+  process is killed and restarted (a reset, counted), the job fails with
+  ETIMEDOUT and its context's hang count grows; a context that reaches
+  ``ban_after_hangs`` is banned: its jobs fail with EPERM, everyone else's run.
+  A process that crashes is treated the same way (the job fails with EIO).
+  Jobs that were not to blame -- queued, preempted, or running on a core an
+  admin reset -- are run again.
+* **Deadlines.**  A job that cannot finish by its deadline fails with ETIME:
+  not retryable (persistent) if it cannot even on an idle device, retryable
+  (transient) if the load made it miss.
 """
 
 from __future__ import annotations
@@ -18,6 +34,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import msgpack
 import trio
@@ -27,6 +44,7 @@ from ipc_schema.errors import ErrorCode, ErrorInfo
 
 from .jobs import BusyWindow, Job
 from .memory import BufferObject, DeviceMemory
+from .scheduler import Scheduler
 
 log = logging.getLogger("npud.device")
 
@@ -34,6 +52,19 @@ MAX_REPLY = 1 << 20
 CHANNEL_BYTES = 32 << 20  # the device process accepts packets up to this size
 STOP_TIMEOUT_S = 2.0
 UTIL_WINDOW_S = 5.0   # util_pct is the busy share of (about) the last this many seconds
+EWMA = 0.3            # weight of the newest run in a program's expected wall time
+
+
+@dataclass(frozen=True)
+class SchedulingParams:
+    """The scheduling knobs of a device (npud/config.py [scheduling])."""
+
+    job_timeout_s: float = 30.0
+    ban_after_hangs: int = 3
+    starvation_s: float = 1.0
+    max_queued: int = 4096
+    cores: int = 0            # device processes; 0: the preset's modeled cores
+    test_mode: bool = False
 
 
 class DeviceLost(Exception):
@@ -48,44 +79,95 @@ class DeviceLost(Exception):
         self.delivered = delivered
 
 
+class Hung(Exception):
+    """The device process did not answer within the job's timeout."""
+
+
 class ChannelLimit(Exception):
     """A request is larger than one packet of the device socket can carry on this host."""
 
 
+class Core:
+    """One device process: one modeled core that runs one job at a time."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.process: trio.Process | None = None
+        self.sock: trio.socket.SocketType | None = None
+        self.raw: socket.socket | None = None        # the same socket, for a non-blocking preempt
+        self.imported: set[int] = set()
+        self.loaded: set[int] = set()
+        self.job: Job | None = None                  # running now
+        self.in_run = False                          # a run request is in flight
+        self.preempt_sent = False
+        self.wakeup = trio.Event()
+        self.control: list = []                      # ("release", bo) / ("unload", program)
+        self.reset_pending = ""                      # an admin asked for a reset
+        self.state = "down"
+
+    def preempt(self) -> None:
+        """Ask the device process to stop the running job at its next layer boundary."""
+        if self.in_run and not self.preempt_sent and self.raw is not None:
+            try:
+                self.raw.send(msgpack.packb({"op": "preempt"}), socket.MSG_DONTWAIT)
+                self.preempt_sent = True
+            except OSError:
+                pass  # the process is gone or its queue is full: the run ends anyway
+
+
 class DeviceHost:
     def __init__(self, index: int, name: str, preset: str, config: DeviceConfig,
-                 on_job_done: Callable[[Job], None]):
+                 on_job_done: Callable[[Job], None], params: SchedulingParams | None = None):
         self.index = index
         self.name = name
         self.preset = preset
         self.config = config
+        self.params = params or SchedulingParams()
         self.memory = DeviceMemory(index, config.memory_bytes, config.page_size)
-        self.state = "down"
         self.resets = 0
+        self.hangs = 0
+        self.banned: set = set()                    # contexts banned on this device
         self.jobs_completed = 0
         self.jobs_failed = 0
         self.busy_s = 0.0
         self.modeled_cycles = 0      # modeled cycles of the jobs completed since start
         self.usage = BusyWindow(UTIL_WINDOW_S)
-        self.running: Job | None = None
-        self._reset_requested: str | None = None   # an admin asked for a reset (reset_device)
+        self.sched = Scheduler(self.params.starvation_s)
+        self.cores = [Core(i) for i in range(self.params.cores or config.cores)]
         self._reset_done = trio.Event()
+        self._reset_done.set()
         self._on_job_done = on_job_done
-        self._send, self._recv = trio.open_memory_channel[Job | BufferObject](float("inf"))
-        self._queued = 0
-        self._process: trio.Process | None = None
-        self._sock: trio.socket.SocketType | None = None
-        self._imported: set[int] = set()
         self.programs: dict[int, tuple[bytes, list]] = {}
-        self._loaded: set[int] = set()     # programs the current device process holds
+        self._program_users: dict[int, int] = {}    # unfinished jobs of each program
+        self._program_removed: set[int] = set()
+        self._boundaries: dict[int, list[int]] = {}
+        self._wall: dict[int, float] = {}           # program -> expected wall seconds (EWMA)
+        self._release_pending: dict[int, int] = {}  # bo id -> cores still to unmap it
         self._program_ids = itertools.count(1)
 
     # --- what the rest of the daemon calls -------------------------------------------
 
+    @property
+    def state(self) -> str:
+        states = {core.state for core in self.cores}
+        return "ok" if states == {"ok"} else "resetting" if "resetting" in states else "down" \
+            if states == {"down"} else "resetting"
+
+    @property
+    def running(self) -> Job | None:
+        """A running job (the first core's), for code that predates several cores."""
+        return next((core.job for core in self.cores if core.job is not None), None)
+
+    def running_jobs(self) -> list[Job]:
+        return [core.job for core in self.cores if core.job is not None]
+
     def submit(self, job: Job) -> None:
-        """Queue a job (its buffers already referenced); never blocks."""
-        self._queued += 1
-        self._send.send_nowait(job)
+        """Make a job runnable (its buffers referenced, its dependencies done); never blocks."""
+        if job.program is not None:
+            self._program_users[job.program] = self._program_users.get(job.program, 0) + 1
+        job.device = self.index
+        self.sched.push(job)
+        self._kick(job)
 
     def add_program(self, stream: bytes, mappings: list[tuple[int, int, bool]]) -> int:
         """Register a validated stream (a model's) for jobs to run by id."""
@@ -94,83 +176,346 @@ class DeviceHost:
         return program
 
     def remove_program(self, program: int) -> None:
-        # The runner drops it in queue order: jobs queued before the unload still run it.
-        self._send.send_nowait(("unload_program", program))
+        # Jobs queued before the unload still run it: it goes when the last one finishes.
+        self._program_removed.add(program)
+        if not self._program_users.get(program):
+            self._drop_program(program)
 
     def forget(self, bo: BufferObject) -> None:
-        """A buffer's last reference is gone: unmap it in the device, then free it."""
-        self.memory.uncharge(bo)  # its memory is available again now, not once the runner gets to it
-        self._send.send_nowait(bo)
+        """A buffer's last reference is gone: unmap it in the device processes, then free it."""
+        self.memory.uncharge(bo)  # its memory is available again now, not once the runners get to it
+        holders = [core for core in self.cores if bo.id in core.imported]
+        if not holders:
+            self.memory.release(bo)
+            return
+        self._release_pending[bo.id] = len(holders)
+        for core in holders:
+            core.control.append(("release", bo))
+            core.wakeup.set()
 
     @property
     def jobs_queued(self) -> int:
-        return self._queued
+        return len(self.sched)
+
+    def estimate_s(self, job: Job) -> float:
+        """Device time a job is expected to take on an idle device (measured, else modeled)."""
+        modeled = job.estimate_s
+        measured = self._wall.get(job.program, 0.0) if job.program is not None else 0.0
+        return max(modeled, measured)
 
     def busy_now(self, now: float) -> float:
-        """Seconds spent executing jobs, counting the running job's time so far."""
-        running = self.running
-        return self.busy_s + (now - running.started if running is not None and running.started else 0.0)
+        """Seconds spent executing jobs per core, counting the running jobs' time so far."""
+        total = self.busy_s + sum(now - core.job.started for core in self.cores
+                                  if core.job is not None and core.in_run and core.job.started)
+        return total / len(self.cores)
 
     def modeled_busy_ms(self) -> float:
         """The completed jobs' modeled cycles at this device's clock."""
         return self.modeled_cycles / (self.config.clock_mhz * 1e3)
 
     async def reset_now(self, why: str) -> None:
-        """Restart the device process (admin reset); returns once it is back.
+        """Restart every device process (admin reset); returns once they are back.
 
-        A running job fails with EIO (retryable), as on any reset; queued jobs run
-        on the new process.  Any reset that happens meanwhile satisfies the request.
+        Jobs running on them are innocent: they run again from their start.
         """
-        if self._reset_requested is None:
-            self._reset_requested = why
-            self._reset_done = trio.Event()
-        done = self._reset_done
-        if self.running is not None and self._process is not None and self._process.returncode is None:
-            self._process.kill()   # the runner sees the device lost, fails the job and resets
-        else:
-            self._send.send_nowait(("reset", why))  # wakes an idle runner
-        await done.wait()
+        self._reset_done = trio.Event()
+        for core in self.cores:
+            core.reset_pending = why
+            if core.in_run and core.process is not None and core.process.returncode is None:
+                core.process.kill()   # the runner sees the device lost, requeues the job and resets
+            core.wakeup.set()
+        await self._reset_done.wait()
 
     def info(self) -> dict:
+        now = time.monotonic()
         return {
             "index": self.index, "name": self.name, "preset": self.preset, "state": self.state,
             "params": self.config.to_dict(), "memory_total": self.memory.total,
-            "memory_used": self.memory.used, "jobs_queued": self._queued,
-            "jobs_running": int(self.running is not None), "jobs_completed": self.jobs_completed,
-            "jobs_failed": self.jobs_failed, "busy_ms": self.busy_now(time.monotonic()) * 1e3,
-            "resets": self.resets,
-            **self.usage_info(time.monotonic()),
+            "memory_used": self.memory.used, "jobs_queued": self.jobs_queued,
+            "jobs_running": len(self.running_jobs()), "jobs_completed": self.jobs_completed,
+            "jobs_failed": self.jobs_failed, "busy_ms": self.busy_now(now) * 1e3,
+            "resets": self.resets, "cores": len(self.cores), "hangs": self.hangs,
+            "banned_contexts": len(self.banned),
+            **self.usage_info(now),
         }
 
     def usage_info(self, now: float) -> dict:
         return {"util_pct": self.usage.pct(now, self.busy_now(now)), "util_window_s": UTIL_WINDOW_S,
                 "modeled_cycles": self.modeled_cycles, "modeled_busy_ms": self.modeled_busy_ms()}
 
-    # --- the runner --------------------------------------------------------------------
+    # --- scheduling ------------------------------------------------------------------
+
+    def _kick(self, job: Job) -> None:
+        """A job became runnable: wake an idle core, else preempt a lower-priority one."""
+        idle = [core for core in self.cores if core.job is None]
+        if idle:
+            waiting = [core for core in idle if not core.wakeup.is_set()]
+            (waiting or idle)[0].wakeup.set()
+            return
+        victims = [core for core in self.cores if core.job is not None and core.in_run
+                   and core.job.program is not None and not core.preempt_sent
+                   and core.job.context.priority < job.context.priority]
+        if victims:
+            min(victims, key=lambda c: c.job.context.priority).preempt()
+
+    def _finish(self, job: Job, *, stats: dict | None = None, error: ErrorInfo | None = None) -> None:
+        self.sched.finished(job)
+        if job.program is not None:
+            users = self._program_users.get(job.program, 1) - 1
+            self._program_users[job.program] = users
+            if users <= 0:
+                self._program_users.pop(job.program, None)
+                if job.program in self._program_removed:
+                    self._drop_program(job.program)
+        if error is None:
+            self.jobs_completed += 1
+            self.modeled_cycles += int((stats or {}).get("cycles", 0))
+        else:
+            self.jobs_failed += 1
+        job.finish(stats=stats, error=error)
+        self._on_job_done(job)
+        if error is None and job.program is not None and job.preemptions == 0:
+            wall = job.busy_s
+            old = self._wall.get(job.program)
+            self._wall[job.program] = wall if old is None else (1 - EWMA) * old + EWMA * wall
+
+    def _drop_program(self, program: int) -> None:
+        self.programs.pop(program, None)
+        self._program_removed.discard(program)
+        self._boundaries.pop(program, None)
+        self._wall.pop(program, None)
+        for core in self.cores:
+            if program in core.loaded:
+                core.control.append(("unload", program))
+                core.wakeup.set()
+
+    def ban(self, ctx, why: str) -> None:
+        if ctx.banned:
+            return
+        ctx.banned = why
+        self.banned.add(ctx)
+        log.error("device %d: context %d of session %s banned: %s", self.index, ctx.id, ctx.session_id, why)
+        for job in self.sched.drop_context(ctx):
+            self._finish(job, error=_banned_error(job, ctx))
+
+    # --- the runners -------------------------------------------------------------------
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Own the device process until cancelled; reports started once it is up."""
-        await self._start_process()
-        task_status.started()
+        """Own the device processes until cancelled; reports started once they are up."""
         try:
-            async for item in self._recv:
-                if self._reset_requested is not None:
-                    await self._reset(self._reset_requested)
-                if isinstance(item, tuple) and item[0] == "reset":
-                    continue
-                if isinstance(item, Job):
-                    self._queued -= 1
-                    await self._run_job(item)
-                elif isinstance(item, tuple):
-                    await self._unload_program(item[1])
-                else:
-                    await self._release(item)
+            for core in self.cores:
+                await self._start_process(core)
+            async with trio.open_nursery() as nursery:
+                for core in self.cores:
+                    nursery.start_soon(self._core_loop, core)
+                task_status.started()
         finally:
             with trio.CancelScope(shield=True):
-                await self._stop_process()
+                for core in self.cores:
+                    await self._stop_process(core)
                 self.memory.close()
 
-    async def _start_process(self) -> None:
+    async def _core_loop(self, core: Core) -> None:
+        while True:
+            core.wakeup = trio.Event()
+            if core.reset_pending:
+                await self._reset(core, core.reset_pending)
+                continue
+            if core.control:
+                await self._do_control(core, core.control.pop(0))
+                continue
+            job = self.sched.pick(time.monotonic())
+            if job is None:
+                await core.wakeup.wait()
+                continue
+            await self._run_job(core, job)
+
+    async def _do_control(self, core: Core, item) -> None:
+        kind, what = item
+        try:
+            if kind == "release":
+                if what.id in core.imported:
+                    core.imported.discard(what.id)
+                    await self._call(core, {"op": "release", "bo": what.id})
+            elif what in core.loaded:
+                core.loaded.discard(what)
+                await self._call(core, {"op": "unload_program", "program": what})
+        except DeviceLost as exc:
+            await self._reset(core, str(exc))
+        finally:
+            if kind == "release":
+                left = self._release_pending.get(what.id, 1) - 1
+                if left <= 0:
+                    self._release_pending.pop(what.id, None)
+                    self.memory.release(what)
+                else:
+                    self._release_pending[what.id] = left
+
+    async def _run_job(self, core: Core, job: Job) -> None:
+        now = time.monotonic()
+        if job.context.banned:
+            return self._finish(job, error=_banned_error(job, job.context))
+        if job.cancel or (job.session is not None and job.session.closed):
+            return self._finish(job, error=ErrorInfo.of(ErrorCode.ECANCELED, job.cancel or "the session closed"))
+        if job.deadline:
+            left = self.estimate_s(job) * (1 - job.segment / max(1, len(self._boundaries.get(job.program, [])) + 1))
+            if now + left > job.deadline:
+                return self._finish(job, error=ErrorInfo.of(
+                    ErrorCode.ETIME, f"job {job.id} missed its deadline: {max(0.0, job.deadline - now) * 1e3:.1f} ms "
+                    f"were left and it needs about {left * 1e3:.1f} ms (transient: the device was busy; "
+                    "retry, or give it a later deadline or a higher priority)", True))
+        if job.state == "queued":
+            job.state = "running"
+            job.started = now
+        core.job = job
+        started = time.perf_counter()
+        reply = None
+        try:
+            try:
+                reply = await self._execute(core, job)
+            except DeviceLost as exc:
+                if exc.delivered:
+                    raise
+                # The process died before this job reached it (e.g. killed while idle):
+                # the job is innocent, so restart the process and run it there.
+                await self._reset(core, str(exc))
+                reply = await self._execute(core, job)
+        except DeviceLost as exc:
+            if core.reset_pending:        # an admin reset killed it: the job is innocent
+                reply = "requeue"
+            else:
+                reply = _fault_reply(job, f"the device process crashed while running it ({exc})", "EIO")
+                self._blame(job, f"crashed device {self.index}'s process")
+            await self._reset(core, core.reset_pending or str(exc))
+        except Hung:
+            reply = _fault_reply(job, f"it ran past its timeout and was aborted; device {self.index}'s process "
+                                      "was reset", "ETIMEDOUT", retryable=False)
+            self._blame(job, f"hung device {self.index} (ran past its timeout)")
+            await self._reset(core, f"job {job.id} of session {job.session_id} hung")
+        except ChannelLimit as exc:  # the device is fine: only this job cannot reach it
+            reply = {"ok": False, "error": {"code": "EINVAL", "retryable": False, "message": str(exc)}}
+        finally:
+            wall = time.perf_counter() - started
+            job.busy_s += wall
+            self.busy_s += wall
+            core.job = None
+            core.in_run = False
+            core.preempt_sent = False
+        if reply == "requeue":
+            job.segment = 0
+            self.sched.push(job, front=True)
+            return
+        if reply["ok"] and not reply.get("done", True):   # preempted at a layer boundary
+            job.segment = reply["next"]
+            job.preemptions += 1
+            if job.cancel or (job.session is not None and job.session.closed):
+                return self._finish(job, error=ErrorInfo.of(ErrorCode.ECANCELED,
+                                                            job.cancel or "the session closed"))
+            if job.deadline and time.monotonic() > job.deadline:
+                return self._finish(job, error=ErrorInfo.of(
+                    ErrorCode.ETIME, f"job {job.id} missed its deadline after {job.segment} layer segment(s) "
+                    "(transient: the device was busy; retry, or give it a later deadline or a higher priority)",
+                    True))
+            self.sched.push(job, front=True)
+            self._kick(job)
+            return
+        if reply["ok"]:
+            stats = {**reply["stats"], "wall_ms": job.busy_s * 1e3, "preemptions": job.preemptions,
+                     "queue_ms": (job.started - job.submitted) * 1e3}
+            self._finish(job, stats=stats)
+        else:
+            err = reply["error"]
+            code = ErrorCode(err["code"]) if err["code"] in ErrorCode.__members__ else ErrorCode.EIO
+            where = f" (command {err['command']})" if err.get("command") is not None else ""
+            self._finish(job, error=ErrorInfo.of(code, f"job {job.id} failed{where}: {err['message']}",
+                                                 err.get("retryable")))
+
+    def _blame(self, job: Job, what: str) -> None:
+        ctx = job.context
+        ctx.hangs += 1
+        self.hangs += 1
+        if ctx.hangs >= self.params.ban_after_hangs:
+            self.ban(ctx, f"its jobs {what} {ctx.hangs} times (ban_after_hangs = {self.params.ban_after_hangs})")
+
+    async def _execute(self, core: Core, job: Job) -> dict:
+        for bo, _va, _w in job.bindings:
+            if bo.id not in core.imported:
+                try:
+                    await self._call(core, {"op": "import", "bo": bo.id}, fd=bo.fd)
+                except DeviceLost as exc:
+                    exc.delivered = False  # the job itself never started
+                    raise
+                core.imported.add(bo.id)
+        run = {"op": "run", "job": job.id,
+               "bindings": [[bo.id, va, writable] for bo, va, writable in job.bindings]}
+        if job.program is None:
+            run["stream"] = job.stream
+        else:
+            if job.program not in core.loaded:
+                reply = await self._load_program(core, job)
+                if not reply["ok"]:
+                    return reply
+            run["program"] = job.program
+            run["from"] = job.segment
+        if job.fault:
+            run.update(job.fault)
+            if job.fault["fault"] != "slow":
+                job.fault = None   # a hang or crash hits one run; slow lasts for all its layers
+        data = msgpack.packb(run, use_bin_type=True)
+        await self._send(core, data, run["op"])
+        core.in_run = True
+        core.preempt_sent = False
+        if self.sched.highest_waiting() > job.context.priority and job.program is not None:
+            core.preempt()   # someone more urgent arrived while we were getting ready
+        timeout_at = time.monotonic() + (job.timeout_s or self.params.job_timeout_s)
+        while True:
+            wake_at = timeout_at
+            if job.deadline and not core.preempt_sent and job.program is not None:
+                wake_at = min(wake_at, job.deadline)
+            with trio.move_on_after(max(0.0, wake_at - time.monotonic())):
+                reply = await self._recv(core)
+                break
+            if time.monotonic() >= timeout_at:
+                raise Hung()
+            core.preempt()   # the deadline passed: stop at the next boundary
+        core.in_run = False
+        spent = reply.get("wall_ms", 0.0) / 1e3
+        if job.timeout_s:
+            job.timeout_s = max(job.timeout_s - spent, 1e-3)
+        cycles = int(reply.get("cycles", 0))
+        job.cycles_run += cycles
+        self.sched.charge(job.context, cycles)
+        return reply
+
+    async def _load_program(self, core: Core, job: Job) -> dict:
+        program = job.program
+        stream, mappings = self.programs[program]
+        if program not in self._boundaries:
+            bounds, total = [], 0
+            for row in job.layers or []:
+                total += int(row.get("commands", 0))
+                bounds.append(total)
+            self._boundaries[program] = bounds
+        fd = os.memfd_create("npud-program", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, stream)
+            os.lseek(fd, 0, os.SEEK_SET)
+            try:
+                reply = await self._call(core, {"op": "load_program", "program": program,
+                                                "mappings": [list(m) for m in mappings],
+                                                "boundaries": self._boundaries[program][:-1]}, fd=fd)
+            except DeviceLost as exc:
+                exc.delivered = False  # no job ran
+                raise
+        finally:
+            os.close(fd)
+        if reply["ok"]:
+            core.loaded.add(program)
+        return reply
+
+    # --- device processes --------------------------------------------------------------
+
+    async def _start_process(self, core: Core) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # One packet carries a whole command stream; the default buffer (~208 KiB)
         # caps packets far below the streams the protocol allows.  The kernel clamps
@@ -178,162 +523,93 @@ class DeviceHost:
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * CHANNEL_BYTES)
         config_hex = msgpack.packb(self.config.to_dict()).hex()
         try:
-            self._process = await trio.lowlevel.open_process(
+            core.process = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "emulator.device_process", "--sock-fd", str(theirs.fileno()),
                  "--config", config_hex],
                 pass_fds=(theirs.fileno(),))
         finally:
             theirs.close()
-        self._sock = trio.socket.from_stdlib_socket(ours)
-        self._imported.clear()
-        self._loaded.clear()
-        self.state = "ok"
-        log.info("device %d (%s, preset %s) started as pid %d", self.index, self.name,
-                 self.preset, self._process.pid)
+        core.raw = ours
+        core.sock = trio.socket.from_stdlib_socket(ours)
+        core.imported.clear()
+        core.loaded.clear()
+        core.state = "ok"
+        log.info("device %d (%s, preset %s) core %d started as pid %d", self.index, self.name,
+                 self.preset, core.index, core.process.pid)
 
-    async def _stop_process(self) -> None:
-        if self._process is None:
+    async def _stop_process(self, core: Core) -> None:
+        if core.process is None:
             return
         try:
-            await self._sock.send(msgpack.packb({"op": "shutdown"}))
+            core.raw.send(msgpack.packb({"op": "shutdown"}), socket.MSG_DONTWAIT)
         except OSError:
             pass
         with trio.move_on_after(STOP_TIMEOUT_S):
-            await self._process.wait()
-        if self._process.returncode is None:
-            self._process.kill()
-            await self._process.wait()
-        self._sock.close()
-        self._process = None
-        self.state = "down"
+            await core.process.wait()
+        if core.process.returncode is None:
+            core.process.kill()
+            await core.process.wait()
+        core.sock.close()
+        core.process = None
+        core.raw = None
+        core.state = "down"
 
-    async def _reset(self, why: str) -> None:
-        log.error("device %d: %s; restarting its process", self.index, why)
-        self.state = "resetting"
+    async def _reset(self, core: Core, why: str) -> None:
+        log.error("device %d core %d: %s; restarting its process", self.index, core.index, why)
+        core.state = "resetting"
         self.resets += 1
-        if self._process is not None and self._process.returncode is None:
-            self._process.kill()
-        await self._stop_process()
-        await self._start_process()
-        self._reset_requested = None
-        self._reset_done.set()
+        if core.process is not None and core.process.returncode is None:
+            core.process.kill()
+        await self._stop_process(core)
+        await self._start_process(core)
+        # Buffers that were waiting for this core to unmap them are unmapped now.
+        for kind, what in core.control:
+            if kind == "release":
+                left = self._release_pending.get(what.id, 1) - 1
+                if left <= 0:
+                    self._release_pending.pop(what.id, None)
+                    self.memory.release(what)
+                else:
+                    self._release_pending[what.id] = left
+        core.control.clear()
+        core.reset_pending = ""
+        if not any(c.reset_pending for c in self.cores):
+            self._reset_done.set()
 
-    async def _call(self, request: dict, fd: int | None = None) -> dict:
-        data = msgpack.packb(request, use_bin_type=True)
+    async def _send(self, core: Core, data: bytes, op: str, fd: int | None = None) -> None:
         try:
             if fd is None:
-                await self._sock.send(data)
+                await core.sock.send(data)
             else:
-                await self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                   array.array("i", [fd]))])
+                await core.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                  array.array("i", [fd]))])
         except OSError as exc:
             if exc.errno == errno.EMSGSIZE:
-                raise ChannelLimit(f"a {len(data)}-byte {request['op']} request exceeds what this host's "
+                raise ChannelLimit(f"a {len(data)}-byte {op} request exceeds what this host's "
                                    "device socket carries in one packet (raise net.core.wmem_max, "
                                    "or submit a shorter command stream)") from None
             raise DeviceLost(f"device process connection failed: {exc}", delivered=False) from None
+
+    async def _recv(self, core: Core) -> dict:
         try:
-            reply = await self._sock.recv(MAX_REPLY)
+            reply = await core.sock.recv(MAX_REPLY)
         except OSError as exc:
             raise DeviceLost(f"device process connection failed: {exc}") from None
         if not reply:
-            await self._process.wait()
-            raise DeviceLost(f"device process exited with status {self._process.returncode}")
+            await core.process.wait()
+            raise DeviceLost(f"device process exited with status {core.process.returncode}")
         return msgpack.unpackb(reply, raw=False)
 
-    async def _run_job(self, job: Job) -> None:
-        if job.state != "queued":
-            return  # cancelled while queued (its session closed)
-        job.state = "running"
-        job.started = time.monotonic()
-        self.running = job
-        started = time.perf_counter()
-        try:
-            try:
-                reply = await self._execute(job)
-            except DeviceLost as exc:
-                if exc.delivered:
-                    raise
-                # The process died before this job reached it (e.g. killed while idle):
-                # the job is innocent, so restart the device and run it there.
-                await self._reset(str(exc))
-                reply = await self._execute(job)
-        except DeviceLost as exc:
-            reply = {"ok": False, "error": {"code": "EIO", "retryable": True,
-                                            "message": f"{exc}; the job was lost, submit it again"}}
-            await self._reset(str(exc))
-        except ChannelLimit as exc:  # the device is fine: only this job cannot reach it
-            reply = {"ok": False, "error": {"code": "EINVAL", "retryable": False, "message": str(exc)}}
-        finally:
-            job.busy_s = time.perf_counter() - started
-            self.busy_s += job.busy_s
-            self.running = None
-        if reply["ok"]:
-            self.jobs_completed += 1
-            self.modeled_cycles += int(reply["stats"].get("cycles", 0))
-            job.finish(stats={**reply["stats"], "wall_ms": reply["wall_ms"]})
-        else:
-            self.jobs_failed += 1
-            err = reply["error"]
-            code = ErrorCode(err["code"]) if err["code"] in ErrorCode.__members__ else ErrorCode.EIO
-            where = f" (command {err['command']})" if err.get("command") is not None else ""
-            job.finish(error=ErrorInfo.of(code, f"job {job.id} failed{where}: {err['message']}",
-                                          err.get("retryable")))
-        self._on_job_done(job)
+    async def _call(self, core: Core, request: dict, fd: int | None = None) -> dict:
+        await self._send(core, msgpack.packb(request, use_bin_type=True), request["op"], fd)
+        return await self._recv(core)
 
-    async def _execute(self, job: Job) -> dict:
-        for bo, _va, _w in job.bindings:
-            if bo.id not in self._imported:
-                try:
-                    await self._call({"op": "import", "bo": bo.id}, fd=bo.fd)
-                except DeviceLost as exc:
-                    exc.delivered = False  # the job itself never started
-                    raise
-                self._imported.add(bo.id)
-        run = {"op": "run", "job": job.id,
-               "bindings": [[bo.id, va, writable] for bo, va, writable in job.bindings]}
-        if job.program is None:
-            run["stream"] = job.stream
-        else:
-            if job.program not in self._loaded:
-                reply = await self._load_program(job.program)
-                if not reply["ok"]:
-                    return reply
-            run["program"] = job.program
-        return await self._call(run)
 
-    async def _load_program(self, program: int) -> dict:
-        stream, mappings = self.programs[program]
-        fd = os.memfd_create("npud-program", os.MFD_CLOEXEC)
-        try:
-            os.write(fd, stream)
-            os.lseek(fd, 0, os.SEEK_SET)
-            try:
-                reply = await self._call({"op": "load_program", "program": program,
-                                          "mappings": [list(m) for m in mappings]}, fd=fd)
-            except DeviceLost as exc:
-                exc.delivered = False  # no job ran
-                raise
-        finally:
-            os.close(fd)
-        if reply["ok"]:
-            self._loaded.add(program)
-        return reply
+def _fault_reply(job: Job, what: str, code: str, retryable: bool | None = None) -> dict:
+    return {"ok": False, "error": {"code": code, "message": f"{what}; submit it again if it is not to blame",
+                                   "retryable": retryable, "command": None}}
 
-    async def _unload_program(self, program: int) -> None:
-        self.programs.pop(program, None)
-        if program in self._loaded:
-            self._loaded.discard(program)
-            try:
-                await self._call({"op": "unload_program", "program": program})
-            except DeviceLost as exc:
-                await self._reset(str(exc))
 
-    async def _release(self, bo: BufferObject) -> None:
-        if bo.id in self._imported:
-            self._imported.discard(bo.id)
-            try:
-                await self._call({"op": "release", "bo": bo.id})
-            except DeviceLost as exc:
-                await self._reset(str(exc))
-        self.memory.release(bo)
+def _banned_error(job: Job, ctx) -> ErrorInfo:
+    return ErrorInfo.of(ErrorCode.EPERM, f"job {job.id} cannot run: context {ctx.id} of this session was banned "
+                                         f"because {ctx.banned}; create a new context, and fix the jobs that hang")

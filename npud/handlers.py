@@ -18,11 +18,12 @@ import trio
 from emulator.errors import StreamError
 from emulator.validator import Mapping, validate
 from ipc_schema import codec
-from ipc_schema.errors import ErrorCode, RequestError
+from ipc_schema.errors import ErrorCode, ErrorInfo, RequestError
 from ipc_schema.schema import MAX_INLINE_BYTES, OPS, PROTOCOL_VERSION
 
-from . import __version__, policy
+from . import __version__, fences, policy
 from .jobs import Job
+from .scheduler import NORMAL, PRIORITIES, Context
 from .memory import round_up
 from .compile_cache import model_digest
 from .models import check_layout, instantiate
@@ -103,7 +104,15 @@ def devices(daemon, call, args):
 @handler("clients")
 def clients(daemon, call, args):
     now = time.monotonic()
-    return {"clients": [{**s.info(), **s.usage_info(now, daemon.devices)} for s in daemon.sessions]}
+    return {"clients": [{**s.info(), **s.usage_info(now, daemon.devices), **_context_info(s)}
+                        for s in daemon.sessions]}
+
+
+def _context_info(session) -> dict:
+    default = session.contexts.get(0)
+    return {"priority": default.priority_name if default is not None else "normal",
+            "contexts": len([c for c in session.contexts if c]),
+            "banned_contexts": sum(1 for c in session.contexts.values() if c.banned)}
 
 
 @handler("status")
@@ -204,46 +213,108 @@ async def submit(daemon, call, args):
         mappings.append(Mapping(b["va"], bo.mapped_size, b["writable"]))
     check_layout([(m.va, m.size, f"bindings[{i}]") for i, m in enumerate(mappings)], device.config.page_size)
     stream = args["stream"]
+    ctx, deps = _job_options(daemon, session, device, args)
     try:
         if len(stream) >= THREAD_THRESHOLD:
-            await trio.to_thread.run_sync(validate, stream, device.config, mappings)
+            program = await trio.to_thread.run_sync(validate, stream, device.config, mappings)
         else:
-            validate(stream, device.config, mappings)
+            program = validate(stream, device.config, mappings)
     except StreamError as exc:
         raise RequestError(ErrorCode.EINVAL, f"command stream refused: {exc.message}") from None
     if session.closed:
         raise RequestError(ErrorCode.ENOTCONN, "the session closed")
-    return {"job": _queue_job(daemon, session, device, stream, bindings)}
+    _check_admission(daemon, session, device)  # again: the validation let others in meanwhile
+    estimate = program.stats.cycles / (device.config.clock_mhz * 1e6)
+    return _queue_job(daemon, session, device, stream, bindings, ctx=ctx, deps=deps, args=args,
+                      estimate_s=estimate)
 
 
-def _check_admission(daemon, session) -> None:
-    if session.jobs_in_flight >= daemon.config.limits.max_jobs_in_flight:
+def _check_admission(daemon, session, device=None) -> None:
+    limit = daemon.config.limits.max_jobs_in_flight
+    if session.jobs_in_flight >= limit:
         raise RequestError(ErrorCode.EAGAIN, f"this session has {session.jobs_in_flight} jobs in flight, "
-                                             "the limit; wait for some to finish")
+                                             f"the limit (limits.max_jobs_in_flight); wait for some to finish",
+                           retry_after_ms=_retry_hint(daemon, device))
+    if device is not None and device.jobs_queued >= device.params.max_queued:
+        raise RequestError(ErrorCode.EAGAIN, f"device {device.index} has {device.jobs_queued} jobs queued, "
+                                             "the limit (scheduling.max_queued_per_device); retry later",
+                           retry_after_ms=_retry_hint(daemon, device))
+
+
+def _retry_hint(daemon, device) -> int:
+    """Milliseconds until a job's worth of room is likely: the recent mean device time of a job."""
+    devices = [device] if device is not None else daemon.devices
+    done = sum(d.jobs_completed + d.jobs_failed for d in devices)
+    busy = sum(d.busy_s * len(d.cores) for d in devices)
+    per_job = busy / done if done else 0.01
+    return max(1, min(60_000, int(per_job * 1e3 + 0.5)))
+
+
+def _context(session, context_id: int) -> Context:
+    ctx = session.contexts.get(context_id)
+    if ctx is None:
+        if context_id:
+            raise RequestError(ErrorCode.ENOENT, f"no context {context_id} in this session (context_create)")
+        ctx = session.contexts[0] = Context(0, session.id, NORMAL)
+    return ctx
+
+
+def _job_ref(daemon, session, job_id: int) -> Job:
+    job = session.jobs.get(job_id) or session.imported.get(job_id)
+    if job is None:
+        raise RequestError(ErrorCode.ENOENT, f"no job {job_id} in this session (finished jobs are kept for the "
+                                             "last 1024)")
+    return job
+
+
+def _job_options(daemon, session, device, args) -> tuple[Context, list[Job]]:
+    """The context and dependencies a submit names, checked (no side effects)."""
+    _check_admission(daemon, session, device)
+    ctx = _context(session, args.get("context", 0))
+    if ctx.banned:
+        raise RequestError(ErrorCode.EPERM, f"context {ctx.id} of this session is banned: {ctx.banned}; "
+                                            "create a new context, and fix the jobs that hang")
+    deps = [_job_ref(daemon, session, j) for j in args.get("after", [])]
+    return ctx, deps
 
 
 def _queue_job(daemon, session, device, stream: bytes, bindings, program: int | None = None,
-               model=None) -> int:
-    for bo, _va, _w in bindings:
-        bo.refs += 1
+               model=None, *, ctx: Context, deps: list[Job], args, estimate_s: float = 0.0) -> dict:
     job = Job(session.new_job_id(), session.id, device.index, stream, bindings, program=program,
               pid=session.pid, client=session.name)
     if model is not None:  # what `jobs` and `trace` show of it
         job.model, job.layers = model.id, model.exe.ops
         job.model_name = str(model.exe.meta.get("model_name", ""))[:256]
+    job.session, job.context, job.estimate_s = session, ctx, estimate_s
+    job.timeout_s = args.get("timeout_ms", 0) / 1000
+    if "deadline_ms" in args:
+        job.deadline = job.submitted + args["deadline_ms"] / 1000
+        need = device.estimate_s(job)
+        if need > args["deadline_ms"] / 1000:
+            raise RequestError(ErrorCode.ETIME, f"this job needs about {need * 1e3:.1f} ms of device time, more "
+                                                f"than its {args['deadline_ms']} ms deadline even on an idle "
+                                                "device (persistent: a retry cannot help)", retryable=False)
+    faults = session.faults.get(device.index)
+    if faults:
+        job.fault = faults.pop(0)
+    for bo, _va, _w in bindings:
+        bo.refs += 1
+    job.point = ctx.next_point()
     session.jobs_in_flight += 1
     session.jobs_submitted += 1
     session.remember_job(job)
-    device.submit(job)
-    return job.id
+    failed = fences.depend(daemon, job, deps)
+    if failed is not None:
+        job.finish(error=failed)
+        daemon._job_done(job)
+    elif job.waiting_on == 0:
+        device.submit(job)
+    return {"job": job.id, "context": ctx.id, "point": job.point}
 
 
 @handler("wait", waits=True)
 async def wait(daemon, call, args):
-    job = call.session.jobs.get(args["job"])
-    if job is None:
-        raise RequestError(ErrorCode.ENOENT, f"no job {args['job']} in this session (finished jobs are "
-                                             "kept for the last 1024)")
+    job = _job_ref(daemon, call.session, args["job"])
     with trio.move_on_after(args["timeout_ms"] / 1000):
         await job.done.wait()
     if daemon.stopping and job.state in ("queued", "running"):  # woken by the shutdown
@@ -333,7 +404,8 @@ async def check(daemon, call, args):
 def run_model(daemon, call, args):
     session = call.session
     model = _model(session, args["model"])
-    _check_admission(daemon, session)
+    device = daemon.devices[model.device]
+    ctx, deps = _job_options(daemon, session, device, args)
     bindings = list(model.fixed)
     for kind, entries, handles, writable in (("inputs", model.inputs, args["inputs"], False),
                                              ("outputs", model.outputs, args["outputs"], True)):
@@ -349,8 +421,113 @@ def run_model(daemon, call, args):
                                                      f"{entry['size']} bytes on device {model.device}; "
                                                      f"buffer {handle} has {bo.size} on device {bo.device}")
             bindings.append((bo, entry["va"], writable))
-    return {"job": _queue_job(daemon, session, daemon.devices[model.device], b"", bindings, model.program,
-                              model=model)}
+    modeled = sum(int(r.get("cycles", 0)) for r in model.exe.ops) / (device.config.clock_mhz * 1e6)
+    return _queue_job(daemon, session, device, b"", bindings, model.program, model=model, ctx=ctx, deps=deps,
+                      args=args, estimate_s=modeled)
+
+
+# --- contexts, fences, cancellation, fault injection (npud/scheduler.py, npud/fences.py) ---
+
+
+@handler("context_create")
+def context_create(daemon, call, args):
+    session = call.session
+    priority = args["priority"]
+    _check_priority(session, priority)
+    if len(session.contexts) >= daemon.config.scheduling.max_contexts:
+        raise RequestError(ErrorCode.EAGAIN, f"this session has {len(session.contexts)} contexts, the limit "
+                                             "(scheduling.max_contexts)")
+    _context(session, 0)
+    ctx = Context(session.new_handle(), session.id, PRIORITIES.index(priority), args.get("weight", 1))
+    session.contexts[ctx.id] = ctx
+    return {"context": ctx.id, "priority": priority, "weight": ctx.weight}
+
+
+def _check_priority(session, priority: str) -> None:
+    """realtime only where policy allows it (npud/policy.py decides; root and the daemon's user by default)."""
+    check = getattr(policy, "check_priority", None)
+    if check is not None:
+        check(session, priority)
+    elif priority == "realtime":
+        reason = policy.admin_refusal(session, "realtime priority")
+        if reason is not None:
+            raise RequestError(ErrorCode.EPERM, reason.replace("is an admin operation", "is reserved by policy"))
+
+
+def _status(job: Job) -> dict:
+    out = {"job": job.id, "state": job.state, "stats": job.stats}
+    if job.error is not None:
+        out["error"] = job.error.to_wire()
+    return out
+
+
+@handler("wait_jobs", waits=True)
+async def wait_jobs(daemon, call, args):
+    jobs = [_job_ref(daemon, call.session, j) for j in args["jobs"]]
+
+    def ready() -> bool:
+        finished = [job.done.is_set() for job in jobs]
+        return all(finished) if args["all"] else any(finished)
+    with trio.move_on_after(args["timeout_ms"] / 1000):
+        while not ready():
+            pending = [job for job in jobs if not job.done.is_set()]
+            if args["all"]:
+                await pending[0].done.wait()
+            else:
+                async with trio.open_nursery() as nursery:
+                    for job in pending:
+                        nursery.start_soon(_first, job, nursery.cancel_scope)
+    if daemon.stopping and not ready():
+        raise RequestError(ErrorCode.ESHUTDOWN, "npud stopped before the jobs finished; submit them again once "
+                                                "it is back")
+    return {"jobs": [_status(job) for job in jobs], "ready": ready()}
+
+
+async def _first(job: Job, scope: trio.CancelScope) -> None:
+    await job.done.wait()
+    scope.cancel()
+
+
+@handler("cancel")
+def cancel(daemon, call, args):
+    job = call.session.jobs.get(args["job"])
+    if job is None:
+        raise RequestError(ErrorCode.ENOENT, f"no job {args['job']} in this session")
+    if job.state in ("queued", "running"):
+        fences.fail(daemon, job, ErrorInfo.of(ErrorCode.ECANCELED, f"job {job.id} was cancelled"))
+    return {"state": job.state}
+
+
+@handler("fence_export")
+def fence_export(daemon, call, args):
+    job = call.session.jobs.get(args["job"])
+    if job is None:
+        raise RequestError(ErrorCode.ENOENT, f"no job {args['job']} in this session")
+    return {"token": fences.export(daemon, job)}
+
+
+@handler("fence_import")
+def fence_import(daemon, call, args):
+    job = daemon.fence_tokens.get(args["token"])
+    if job is None:
+        raise RequestError(ErrorCode.ENOENT, "no such fence token (wrong, or its session closed)")
+    session = call.session
+    for local_id, known in session.imported.items():
+        if known is job:
+            return {"job": local_id, "state": job.state}
+    local_id = session.new_job_id()
+    session.imported[local_id] = job
+    return {"job": local_id, "state": job.state}
+
+
+@handler("inject_fault")
+def inject_fault(daemon, call, args):
+    if not daemon.config.test_mode:
+        raise RequestError(ErrorCode.EPERM, "fault injection is for tests: start npud with --test-mode")
+    device = daemon.device(args["device"])
+    fault = {"fault": args["kind"], "slow_ms": args.get("slow_ms", 0)}
+    call.session.faults.setdefault(device.index, []).extend(dict(fault) for _ in range(args.get("count", 1)))
+    return {}
 
 
 @handler("report")

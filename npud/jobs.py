@@ -36,6 +36,21 @@ class Job:
     layers: list | None = None   # the model's per-op report rows (shared, not copied)
     pid: int = 0                 # the submitting client, as npuctl shows it
     client: str = ""
+    # --- scheduling (npud/scheduler.py) and fences (npud/fences.py) ---
+    session: Any = None          # the Session object (its `closed` cancels the job at a boundary)
+    context: Any = None          # the scheduler Context it runs in (priority, weight, bans)
+    point: int = 0               # its point on the context's timeline
+    segment: int = 0             # next segment of its program to run (preemption resumes here)
+    preemptions: int = 0
+    timeout_s: float = 0.0       # device time it may still take before it is aborted as hung
+    deadline: float = 0.0        # time.monotonic() by which it must finish (0: none)
+    estimate_s: float = 0.0      # expected device time on an idle device
+    fault: dict | None = None    # test-mode fault injection for this job
+    waiting_on: int = 0          # unfinished jobs it depends on
+    dependents: list = field(default_factory=list)
+    cancel: str = ""             # why it is to stop at its next layer boundary
+    ready_since: float = 0.0     # when it last became runnable (the starvation guard's clock)
+    cycles_run: int = 0          # modeled cycles of the segments it has run
 
     def finish(self, stats: dict[str, Any] | None = None, error: ErrorInfo | None = None) -> None:
         self.state = "failed" if error else "done"

@@ -25,6 +25,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", metavar="DIR", help="compile cache directory")
     parser.add_argument("--device", metavar="PRESET", action="append",
                         help="create a device from this preset (repeatable; replaces the config's devices)")
+    parser.add_argument("--test-mode", action="store_true",
+                        help="allow test-only fault injection (the inject_fault op); never in production")
     parser.add_argument("--version", action="version", version=f"npud {__version__}")
     return parser.parse_args(argv)
 
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(config, log_level=args.log_level)
     if args.cache_dir:
         config = dataclasses.replace(config, cache_dir=args.cache_dir)
+    if args.test_mode:
+        config = dataclasses.replace(config, test_mode=True)
     log.setup(config.log_level)
     try:
         trio.run(Daemon(config).serve)

@@ -29,9 +29,9 @@ from ipc_schema.errors import ErrorCode, ErrorInfo, RequestError
 from ipc_schema.schema import HARD_FRAME_LIMIT, PROTOCOL_VERSION
 from ipc_schema.trio_zmq import OwnedSocket
 
-from . import __version__, attach, handlers, systemd
+from . import __version__, attach, fences, handlers, systemd
 from .config import Config
-from .devices import DeviceHost
+from .devices import DeviceHost, SchedulingParams
 from .compile_cache import CompileCache, default_directory
 from .compilers import CompilerPool
 from .jobs import Job, TraceRing
@@ -63,9 +63,14 @@ class Daemon:
         self.config = config
         self.endpoint = config.endpoint
         self.sessions = SessionTable()
+        sched = config.scheduling
+        params = SchedulingParams(job_timeout_s=sched.job_timeout_ms / 1000, ban_after_hangs=sched.ban_after_hangs,
+                                  starvation_s=sched.starvation_ms / 1000, max_queued=sched.max_queued_per_device,
+                                  cores=sched.device_processes, test_mode=config.test_mode)
         self.devices = [DeviceHost(i, spec.name, spec.preset, make_config(spec.preset, **spec.params),
-                                   self._job_done)
+                                   self._job_done, params)
                         for i, spec in enumerate(config.devices)]
+        self.fence_tokens: dict[str, Job] = {}   # fence_export tokens (npud/fences.py)
         self.loader = ModelLoader(
             CompilerPool(config.compile_workers, config.compile_memory_bytes, config.compile_timeout_s),
             CompileCache(Path(config.cache_dir) if config.cache_dir else default_directory()))
@@ -309,6 +314,7 @@ class Daemon:
             session.busy_s += job.busy_s
             session.modeled_cycles += int(job.stats.get("cycles", 0))
         self.trace.add(self.job_record(job))
+        fences.job_finished(self, job)
 
     def job_record(self, job: Job) -> dict:
         """A job as the `jobs` and `trace` ops show it (times in seconds since the daemon started)."""
@@ -327,6 +333,9 @@ class Daemon:
             record["error"] = job.error.code.value
         if job.layers is not None:
             record["layers"] = job.layers  # a shared reference: not part of the wire record
+        if job.context is not None:
+            record.update(priority=job.context.priority_name, context=job.context.id,
+                          preemptions=job.preemptions)
         return record
 
     def close_session(self, session: Session, why: str) -> None:
@@ -335,12 +344,9 @@ class Daemon:
             return
         session.closed = True
         self.sessions.remove(session)
-        for job in session.jobs.values():
-            if job.state == "queued":
-                job.finish(error=ErrorInfo.of(ErrorCode.ESHUTDOWN, "npud stopped before the job ran; "
-                                              "submit it again once it is back") if self.stopping
-                           else ErrorInfo.of(ErrorCode.ECANCELED, "the session closed"))
-                self._job_done(job)
+        fences.cancel_session(self, session, ErrorInfo.of(
+            ErrorCode.ESHUTDOWN, "npud stopped before the job ran; submit it again once it is back")
+            if self.stopping else ErrorInfo.of(ErrorCode.ECANCELED, "the session closed"))
         for model in session.models.values():
             self.unload_model(model)
         session.models.clear()

@@ -21,6 +21,7 @@ import trio
 
 from .jobs import BusyWindow, Job
 from .memory import BufferObject
+from .scheduler import Context
 
 if TYPE_CHECKING:
     from .models import LoadedModel
@@ -55,6 +56,9 @@ class Session:
     modeled_cycles: int = 0      # modeled cycles of its completed jobs
     usage: BusyWindow = field(default_factory=lambda: BusyWindow(UTIL_WINDOW_S))
     closed: bool = False
+    contexts: dict[int, Context] = field(default_factory=dict)   # 0: the default context (normal)
+    imported: dict[int, Job] = field(default_factory=dict)       # fence_import: other sessions' jobs
+    faults: dict[int, list] = field(default_factory=dict)        # inject_fault (test mode): device -> faults
     _next_handle: int = 1
     _next_job: int = 1
 
@@ -88,9 +92,9 @@ class Session:
         """Device seconds its jobs took, counting its running jobs' time so far."""
         busy = self.busy_s
         for device in devices:
-            job = device.running
-            if job is not None and job.session_id == self.id and job.started:
-                busy += now - job.started
+            for job in device.running_jobs():
+                if job.session_id == self.id and job.started:
+                    busy += now - job.started
         return busy
 
     def usage_info(self, now: float, devices) -> dict:

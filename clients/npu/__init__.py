@@ -10,9 +10,10 @@ from ipc_schema.endpoint import default_endpoint
 
 from .aio import AsyncBuffer, AsyncClient, connect_async
 from .buffer import Buffer
-from .client import Client, Job, connect
+from .client import Client, Context, Job, connect
 from .errors import (Busy, Cancelled, ConnectionLost, DeviceFault, InternalError, InvalidArgument,
-                     NotFound, NpuError, OutOfMemory, PermissionDenied, ProtocolMismatch, Timeout)
+                     MissedDeadline, NotFound, NpuError, OutOfMemory, PermissionDenied, ProtocolMismatch, Timeout)
+from .fences import wait
 from .local import local
 from .model import Model, ModelJob, Report, TensorInfo
 from .protocol import Device
@@ -21,4 +22,5 @@ __all__ = [
     "AsyncBuffer", "AsyncClient", "Buffer", "Busy", "Cancelled", "Client", "ConnectionLost", "Device", "DeviceFault",
     "InternalError", "InvalidArgument", "Job", "Model", "ModelJob", "Report", "TensorInfo", "NotFound", "NpuError", "OutOfMemory",
     "PermissionDenied", "ProtocolMismatch", "Timeout", "connect", "connect_async", "default_endpoint", "local",
+    "Context", "MissedDeadline", "wait",
 ]

@@ -23,7 +23,7 @@ from ipc_schema.schema import HARD_FRAME_LIMIT
 
 from . import protocol
 from .buffer import Buffer
-from .errors import NpuError, error
+from .errors import NpuError, error, from_wire
 from .model import Model, model_bytes
 from .protocol import Device
 
@@ -35,6 +35,7 @@ class Client:
 
     def __init__(self, endpoint: str | None = None, *, name: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT_S, map_io: bool = True):
+        self._init_args = {k: v for k, v in locals().items() if k not in ("self", "endpoint")}  # reconnect()
         self.endpoint = resolve(endpoint)
         self.timeout = timeout
         self._seq = itertools.count(1)
@@ -63,6 +64,28 @@ class Client:
         except BaseException:
             self._sock.close()
             raise
+
+    def reconnect(self) -> None:
+        """Open a new session (after the daemon restarted, or the session was closed).
+
+        Everything the old session held is gone: buffers, models, jobs, contexts.
+        Load models again -- the daemon's compile cache makes that fast.
+        """
+        if not self._closed:
+            try:
+                self._request("bye", {}, timeout=0.5)
+            except NpuError:
+                pass
+            self._sock.close()
+            if self._attach is not None:
+                self._attach.close()
+            for _message, fd in self._fd_backlog.values():
+                os.close(fd)
+        on_close, daemon = self._on_close, getattr(self, "daemon", None)
+        Client.__init__(self, self.endpoint, **self._init_args)
+        self._on_close = on_close
+        if daemon is not None:
+            self.daemon = daemon
 
     # --- plumbing --------------------------------------------------------------------
 
@@ -110,6 +133,11 @@ class Client:
                 continue
             if reply.seq != seq:
                 continue  # the late reply to a request that timed out earlier
+            if reply.error is not None and reply.error.code == ErrorCode.ENOTCONN and op != "hello":
+                raise error(ErrorCode.ENOTCONN, f"{op}: the session with npud at {self.endpoint} is gone (the "
+                                                f"daemon restarted, or the session was closed or expired: "
+                                                f"{reply.error.message}); call client.reconnect() and load "
+                                                "models again")
             return protocol.result_or_raise(reply)
 
     def _map(self, handle: int) -> mmap.mmap:
@@ -178,11 +206,37 @@ class Client:
         finally:
             staging.free()
 
-    def submit(self, stream: bytes, bindings: list[tuple[Buffer, int, bool]], device: int = 0) -> "Job":
-        """Run a command stream with ``(buffer, va, writable)`` bindings; returns at once."""
+    def submit(self, stream: bytes, bindings: list[tuple[Buffer, int, bool]], device: int = 0,
+               **options) -> "Job":
+        """Run a command stream with ``(buffer, va, writable)`` bindings; returns at once.
+
+        Options (as for ``Model.submit``): ``context``, ``after``, ``deadline``, ``timeout``.
+        """
         args = {"device": device, "stream": bytes(stream),
-                "bindings": [{"handle": b.handle, "va": va, "writable": w} for b, va, w in bindings]}
-        return Job(self, self._request("submit", args)["job"])
+                "bindings": [{"handle": b.handle, "va": va, "writable": w} for b, va, w in bindings],
+                **job_options(**options)}
+        result = self._request("submit", args)
+        return Job(self, result["job"], result.get("context", 0), result.get("point", 0))
+
+    def context(self, priority: str = "normal", weight: int = 1) -> "Context":
+        """A new context: jobs submitted with ``context=`` it run at its priority and fair-share weight.
+
+        Priorities: low, normal, high, realtime (realtime only where the daemon's policy allows).
+        """
+        result = self._request("context_create", {"priority": priority, "weight": weight})
+        return Context(self, result["context"], result["priority"], result["weight"])
+
+    def import_fence(self, token: str) -> "Job":
+        """Another client's exported fence (``job.export_fence()``) as a job to wait for or name in ``after``."""
+        result = self._request("fence_import", {"token": token})
+        job = Job(self, result["job"])
+        job.state = result["state"] if result["state"] in ("queued", "running") else "queued"
+        return job
+
+    def inject_fault(self, kind: str, device: int = 0, *, slow_ms: int = 0, count: int = 1) -> None:
+        """Test mode only (``npud --test-mode``): make this session's next job(s) hang, crash the
+        device process, or run slowly (``slow_ms`` per layer)."""
+        self._request("inject_fault", {"device": device, "kind": kind, "slow_ms": slow_ms, "count": count})
 
     def close(self) -> None:
         """End the session (its buffers are freed) and close the sockets."""
@@ -209,25 +263,77 @@ class Client:
         self.close()
 
 
-class Job:
-    """A submitted command stream."""
+class Context:
+    """A context of this client's session: a priority and a fair-share weight for the jobs run in it."""
 
-    def __init__(self, client: Client, job_id: int):
+    def __init__(self, client: Client, context_id: int, priority: str, weight: int):
+        self.client, self.id, self.priority, self.weight = client, context_id, priority, weight
+
+    def __repr__(self) -> str:
+        return f"<npu.Context {self.id} {self.priority} weight {self.weight}>"
+
+
+def job_options(*, context: Any = None, after: Any = (), deadline: float | None = None,
+                timeout: float | None = None) -> dict[str, Any]:
+    """Wire fields of a submit: ``context`` (a Context or id), ``after`` (jobs that must finish first),
+    ``deadline`` (seconds from now to finish, or fail with MissedDeadline), ``timeout`` (device
+    seconds before the job is aborted as hung)."""
+    out: dict[str, Any] = {}
+    if context is not None:
+        out["context"] = context if isinstance(context, int) else context.id
+    if after:
+        out["after"] = [j if isinstance(j, int) else j.id for j in after]
+    if deadline is not None:
+        out["deadline_ms"] = max(1, int(deadline * 1000))
+    if timeout is not None:
+        out["timeout_ms"] = max(1, int(timeout * 1000))
+    return out
+
+
+class Job:
+    """A submitted command stream (or an imported fence): a fence point on its context's timeline."""
+
+    def __init__(self, client: Client, job_id: int, context: int = 0, point: int = 0):
         self.client = client
         self.id = job_id
         self.state = "queued"
         self.stats: dict[str, Any] = {}
+        self.fence = (context, point)   # (context id, point on its timeline)
+        self._error: NpuError | None = None
+
+    def _settle(self, result: dict) -> None:
+        if result["state"] not in ("done", "failed") or self.finished:
+            return
+        self.state, self.stats = result["state"], result["stats"]
+        if "error" in result:
+            self._error = from_wire(result["error"])
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "failed")
+
+    @property
+    def error(self) -> NpuError | None:
+        """The job's error once it failed (None while it runs or if it succeeded)."""
+        return self._error
 
     def wait(self, timeout: float | None = None) -> "Job":
         """Block until the job finishes; raises the job's error if it failed, Timeout if not done."""
-        timeout = self.client.timeout if timeout is None else timeout
-        result = self.client._request("wait", {"job": self.id, "timeout_ms": int(timeout * 1000)},
-                                      timeout=timeout + self.client.timeout)
-        self.state, self.stats = result["state"], result["stats"]
-        if "error" in result:
-            err = result["error"]
-            raise error(err["code"], err["message"], err["retryable"])
+        if not self.finished:
+            timeout = self.client.timeout if timeout is None else timeout
+            self._settle(self.client._request("wait", {"job": self.id, "timeout_ms": int(timeout * 1000)},
+                                              timeout=timeout + self.client.timeout))
+        if self._error is not None:
+            raise self._error
         return self
+
+    def cancel(self) -> str:
+        """Cancel: queued, it fails at once; running, at its next layer boundary.  Returns the state now."""
+        return self.client._request("cancel", {"job": self.id})["state"]
+
+    def export_fence(self) -> str:
+        """A token another client can ``import_fence`` to wait for this job or run after it."""
+        return self.client._request("fence_export", {"job": self.id})["token"]
 
 
 def _attach(path: str, session: str, token: bytes) -> socket.socket:

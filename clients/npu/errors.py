@@ -13,12 +13,14 @@ from ipc_schema.errors import ErrorCode, ErrorInfo
 class NpuError(Exception):
     """Base of every error the library raises."""
 
-    def __init__(self, code: ErrorCode | str, message: str, retryable: bool | None = None):
+    def __init__(self, code: ErrorCode | str, message: str, retryable: bool | None = None,
+                 retry_after: float | None = None):
         code = ErrorCode(code)
         super().__init__(f"{code.value}: {message}")
         self.code = code.value
         self.message = message
         self.retryable = code.retryable if retryable is None else retryable
+        self.retry_after = retry_after   # seconds after which a retry is likely to succeed (a hint), or None
 
 
 class InvalidArgument(NpuError):
@@ -49,6 +51,14 @@ class Timeout(NpuError):
     """The operation did not finish in time (ETIMEDOUT)."""
 
 
+class MissedDeadline(Timeout):
+    """The job missed its deadline (ETIME): ``transient`` (retry may help) or persistent."""
+
+    @property
+    def transient(self) -> bool:
+        return self.retryable
+
+
 class DeviceFault(NpuError):
     """The device faulted or failed while running a job (EFAULT, EIO)."""
 
@@ -71,16 +81,23 @@ _FAMILY = {
     "ENOMEM": OutOfMemory, "EDQUOT": OutOfMemory, "EAGAIN": Busy, "EBUSY": Busy,
     "ETIMEDOUT": Timeout, "EFAULT": DeviceFault, "EIO": DeviceFault,
     "ENOTCONN": ConnectionLost, "ECONNREFUSED": ConnectionLost, "ESHUTDOWN": ConnectionLost,
-    "ECANCELED": Cancelled, "EINTERNAL": InternalError,
+    "ECANCELED": Cancelled, "EINTERNAL": InternalError, "ETIME": MissedDeadline,
 }
 assert set(_FAMILY) == set(ErrorCode.__members__), "every error code needs a family"
 
 
-def error(code: ErrorCode | str, message: str, retryable: bool | None = None) -> NpuError:
+def error(code: ErrorCode | str, message: str, retryable: bool | None = None,
+          retry_after_ms: int | None = None) -> NpuError:
     """The exception for an error code."""
     code = ErrorCode(code)
-    return _FAMILY[code.value](code, message, retryable)
+    return _FAMILY[code.value](code, message, retryable,
+                               None if retry_after_ms is None else retry_after_ms / 1000)
+
+
+def from_wire(err: dict) -> NpuError:
+    """The exception for an error map as replies and job results carry it."""
+    return error(err["code"], err["message"], err["retryable"], err.get("retry_after_ms"))
 
 
 def from_info(info: ErrorInfo) -> NpuError:
-    return error(info.code, info.message, info.retryable)
+    return error(info.code, info.message, info.retryable, info.retry_after_ms)

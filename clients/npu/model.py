@@ -17,7 +17,7 @@ import numpy as np
 
 from ipc_schema.errors import ErrorCode
 
-from .errors import error
+from .errors import error, from_wire
 
 if TYPE_CHECKING:
     from .buffer import Buffer
@@ -85,8 +85,17 @@ class Model:
         """Run once and return the outputs by name."""
         return self.submit(feeds).result(timeout)
 
-    def submit(self, feeds: Any) -> "ModelJob":
-        """Start a run and return at once; ``feeds`` is a dict by input name, or one array."""
+    def submit(self, feeds: Any, **options) -> "ModelJob":
+        """Start a run and return at once; ``feeds`` is a dict by input name, or one array.
+
+        Options: ``context`` (``client.context(priority, weight)``: its priority and fair share),
+        ``after`` (jobs, also imported fences, that must finish first; if one fails this run fails
+        with its cause), ``deadline`` (seconds: finish by then or fail with ``MissedDeadline``),
+        ``timeout`` (device seconds before the run is aborted as hung).
+        """
+        from .client import job_options
+
+        wire = job_options(**options)
         if self._unloaded:
             raise error(ErrorCode.ENOENT, "this model was unloaded")
         feeds = self._normalise(feeds)
@@ -94,13 +103,15 @@ class Model:
         try:
             for info, buf in zip(self.inputs, inputs):
                 buf.write(feeds[info.name])
-            job_id = self.client._request("run_model", {
+            result = self.client._request("run_model", {
                 "model": self.id, "inputs": [b.handle for b in inputs],
-                "outputs": [b.handle for b in outputs]})["job"]
+                "outputs": [b.handle for b in outputs], **wire})
         except BaseException:
             self._idle_sets.append((inputs, outputs))
             raise
-        return ModelJob(self, job_id, (inputs, outputs))
+        job = ModelJob(self, result["job"], (inputs, outputs))
+        job.fence = (result.get("context", 0), result.get("point", 0))
+        return job
 
     def report(self) -> Report:
         """Per-op table: op, shapes, MACs, modeled cycles, SRAM and DMA bytes."""
@@ -151,37 +162,61 @@ class ModelJob:
 
     def __init__(self, model: Model, job_id: int, io):
         self.model = model
+        self.client = model.client
         self.id = job_id
         self.stats: dict[str, Any] = {}
+        self.state = "queued"
+        self.fence = (0, 0)    # (context id, point on its timeline)
         self._io = io
         self._outputs: dict[str, np.ndarray] | None = None
         self._error: Exception | None = None
 
+    @property
+    def finished(self) -> bool:
+        return self._outputs is not None or self._error is not None
+
+    @property
+    def error(self) -> Exception | None:
+        return self._error
+
+    def cancel(self) -> str:
+        """Cancel: queued, it fails at once; running, at its next layer boundary.  Returns the state now."""
+        return self.client._request("cancel", {"job": self.id})["state"]
+
+    def export_fence(self) -> str:
+        """A token another client can ``import_fence`` to wait for this run or run after it."""
+        return self.client._request("fence_export", {"job": self.id})["token"]
+
     def wait(self, timeout: float | None = None) -> "ModelJob":
         """Block until the run finishes; raises its error if it failed."""
-        if self._outputs is None and self._error is None:
+        if not self.finished:
             client = self.model.client
             timeout = client.timeout if timeout is None else timeout
-            result = client._request("wait", {"job": self.id, "timeout_ms": int(timeout * 1000)},
-                                     timeout=timeout + client.timeout)
-            self.stats = result["stats"]
-            if "error" in result:
-                err = result["error"]
-                self._error = error(err["code"], err["message"], err["retryable"])
-            else:
-                self._outputs = {}
-                for info, buf in zip(self.model.outputs, self._io[1]):
-                    out = np.empty(info.shape, info.dtype)
-                    buf.read_into(out)
-                    self._outputs[info.name] = out
-            if self.model._unloaded:  # unloaded while this job ran: nothing will reuse them
-                for buf in (*self._io[0], *self._io[1]):
-                    buf.free()
-            else:
-                self.model._idle_sets.append(self._io)  # the buffers may serve the next run
+            self._settle(client._request("wait", {"job": self.id, "timeout_ms": int(timeout * 1000)},
+                                         timeout=timeout + client.timeout))
         if self._error is not None:
             raise self._error
         return self
+
+    def _settle(self, result: dict) -> None:
+        """Take a finished job's outcome (from wait or wait_jobs): outputs, or its error."""
+        if result["state"] not in ("done", "failed") or self.finished:
+            return
+        self.state = result["state"]
+        self.stats = result["stats"]
+        if "error" in result:
+            self._error = from_wire(result["error"])
+        else:
+            self._outputs = {}
+            for info, buf in zip(self.model.outputs, self._io[1]):
+                out = np.empty(info.shape, info.dtype)
+                buf.read_into(out)
+                self._outputs[info.name] = out
+        if self.model._unloaded:  # unloaded while this job ran: nothing will reuse them
+            for buf in (*self._io[0], *self._io[1]):
+                buf.free()
+        else:
+            self.model._idle_sets.append(self._io)  # the buffers may serve the next run
 
     def result(self, timeout: float | None = None) -> dict[str, np.ndarray]:
         return self.wait(timeout)._outputs

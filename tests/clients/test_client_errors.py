@@ -15,9 +15,9 @@ FAMILY = {
     "ENOMEM": npu.OutOfMemory, "EDQUOT": npu.OutOfMemory, "EAGAIN": npu.Busy, "EBUSY": npu.Busy,
     "ETIMEDOUT": npu.Timeout, "EFAULT": npu.DeviceFault, "EIO": npu.DeviceFault,
     "ENOTCONN": npu.ConnectionLost, "ECONNREFUSED": npu.ConnectionLost, "ESHUTDOWN": npu.ConnectionLost,
-    "ECANCELED": npu.Cancelled, "EINTERNAL": npu.InternalError,
+    "ECANCELED": npu.Cancelled, "EINTERNAL": npu.InternalError, "ETIME": npu.MissedDeadline,
 }
-RETRYABLE = {"ENOMEM", "EAGAIN", "EBUSY", "ETIMEDOUT", "EIO", "ENOTCONN", "ECONNREFUSED", "ESHUTDOWN"}
+RETRYABLE = {"ENOMEM", "EAGAIN", "EBUSY", "ETIMEDOUT", "EIO", "ENOTCONN", "ECONNREFUSED", "ESHUTDOWN", "ETIME"}
 
 
 def test_table_covers_every_code():

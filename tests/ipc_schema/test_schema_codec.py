@@ -43,6 +43,10 @@ def test_every_op_decodes_with_valid_args():
         "run_model": {"model": 1, "inputs": [2], "outputs": [3]},
         "report": {"model": 1}, "unload": {"model": 1},
         "trace": {"since": 0}, "kill_client": {"session": "s1"}, "reset_device": {"device": 0},
+        "context_create": {"priority": "high", "weight": 2},
+        "wait_jobs": {"jobs": [1, 2], "all": False, "timeout_ms": 0}, "cancel": {"job": 1},
+        "fence_export": {"job": 1}, "fence_import": {"token": "t"},
+        "inject_fault": {"device": 0, "kind": "hang"},
     }
     for name in OPS:
         req = codec.decode_request(codec.encode_request(name, 1, samples.get(name, {})))

@@ -1,0 +1,106 @@
+"""Fences: how jobs wait for each other, and how a failure travels.
+
+Every job is a point on its context's timeline (``Context.issued``/``signalled``)
+and carries its own completion fence (``Job.done``).  A job may name others in
+``after``: it stays out of every run queue until they all finished, and if one
+of them failed it fails too, with that cause -- never silently, never with
+zero outputs.  The chain goes on through its own dependents.
+
+Another session's job can be named once its owner exported a fence token
+(``fence_export``) and the waiter imported it (``fence_import``): the token
+is unguessable and dies with the exporting session.
+
+Cancelling: a job not yet on a device core fails at once; one running on a
+core stops at its next layer boundary (npud/devices.py).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING
+
+from ipc_schema.errors import ErrorCode, ErrorInfo
+
+if TYPE_CHECKING:
+    from .jobs import Job
+    from .server import Daemon
+    from .sessions import Session
+
+MAX_TOKENS = 65536
+
+
+def depend(daemon: "Daemon", job: "Job", deps: list["Job"]) -> ErrorInfo | None:
+    """Make ``job`` wait for ``deps``; the error it must fail with if one already failed."""
+    for dep in deps:
+        if dep.state == "failed":
+            return _cause(job, dep)
+    for dep in deps:
+        if dep.state != "done":
+            dep.dependents.append(job)
+            job.waiting_on += 1
+    return None
+
+
+def _cause(job: "Job", dep: "Job") -> ErrorInfo:
+    err = dep.error
+    what = f"job {dep.id} of session {dep.session_id}" if dep.session_id != job.session_id else f"job {dep.id}"
+    return ErrorInfo.of(ErrorCode.ECANCELED, f"job {job.id} did not run: {what}, which it depends on, failed: "
+                                             f"{err.code.value}: {err.message}", err.retryable)
+
+
+def job_finished(daemon: "Daemon", job: "Job") -> None:
+    """A job finished (any outcome): signal its timeline and release or fail its dependents."""
+    if job.context is not None and job.point:
+        job.context.point_finished(job.point)
+    dependents, job.dependents = job.dependents, []
+    for dep in dependents:
+        if dep.state != "queued":
+            continue
+        if job.state == "failed":
+            fail(daemon, dep, _cause(dep, job))
+        else:
+            dep.waiting_on -= 1
+            if dep.waiting_on == 0:
+                daemon.devices[dep.device].submit(dep)
+
+
+def fail(daemon: "Daemon", job: "Job", error: ErrorInfo) -> bool:
+    """Fail a job that is not on a device core now; False if it is (it stops at a boundary instead)."""
+    device = daemon.devices[job.device]
+    if job in device.running_jobs():
+        job.cancel = job.cancel or error.message
+        for core in device.cores:
+            if core.job is job:
+                core.preempt()
+        return False
+    if job.state not in ("queued", "running"):
+        return True
+    if job.ready_since:
+        device._finish(job, error=error)   # it is in a run queue (queued, or preempted)
+    else:
+        job.finish(error=error)            # still waiting for its dependencies
+        daemon._job_done(job)
+    return True
+
+
+def cancel_session(daemon: "Daemon", session: "Session", error: ErrorInfo) -> None:
+    """A session closed: its jobs stop (queued ones at once), its exported fences die."""
+    for job in list(session.jobs.values()):
+        if job.state == "queued":
+            fail(daemon, job, error)
+        elif job.state == "running":   # preempted, or on a core: it stops at its next layer boundary
+            fail(daemon, job, ErrorInfo.of(ErrorCode.ECANCELED, "the session closed"))
+    for token in [t for t, j in daemon.fence_tokens.items() if j.session_id == session.id]:
+        del daemon.fence_tokens[token]
+    session.imported.clear()
+
+
+def export(daemon: "Daemon", job: "Job") -> str:
+    for token, known in daemon.fence_tokens.items():
+        if known is job:
+            return token
+    if len(daemon.fence_tokens) >= MAX_TOKENS:   # the oldest go first
+        del daemon.fence_tokens[next(iter(daemon.fence_tokens))]
+    token = secrets.token_urlsafe(24)
+    daemon.fence_tokens[token] = job
+    return token
