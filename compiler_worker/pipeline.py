@@ -14,7 +14,7 @@ COMPILER_VERSION = "0.2.0"
 PASSES = [
     ("import", import_onnx.run),         # ONNX bytes -> IR, shape inference, sanity checks
     ("fold", fold.run),                  # constant folding with numpy
-    ("canonicalize", canonicalize.run),  # BN folding, Gemm -> MatMul, epilogue fusion
+    ("canonicalize", canonicalize.run),  # DQ-op-Q -> int8 ops, BN folding, Gemm -> MatMul, epilogues
     ("legalize", legalize.run),          # support table; every unsupported node reported
     ("layout", layout.run),              # NHWC for conv/pool; IR -> lowered ops
     ("tiling", tiling.run),              # tile/stripe every op to fit SRAM

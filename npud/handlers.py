@@ -235,6 +235,7 @@ def _check_admission(daemon, session, device=None) -> None:
         raise RequestError(ErrorCode.EAGAIN, f"this session has {session.jobs_in_flight} jobs in flight, "
                                              f"the limit (limits.max_jobs_in_flight); wait for some to finish",
                            retry_after_ms=_retry_hint(daemon, device))
+    policy.check_jobs(daemon.sessions, session, _retry_hint(daemon, device))  # the user's, all its sessions
     if device is not None and device.jobs_queued >= device.params.max_queued:
         raise RequestError(ErrorCode.EAGAIN, f"device {device.index} has {device.jobs_queued} jobs queued, "
                                              "the limit (scheduling.max_queued_per_device); retry later",

@@ -100,6 +100,10 @@ def conv2d(job, cmd) -> None:
             and not np.may_share_memory(out, x) and not np.may_share_memory(out, w)):
         _conv2d_f32(job, cmd, x, w, out)
         return
+    if (x.dtype.kind in "iu" and out.dtype == np.int32 and a.groups == 1
+            and not np.may_share_memory(out, x) and not np.may_share_memory(out, w)):
+        _conv2d_int(job, cmd, x, w, out)
+        return
     n, oh, ow, cout = out.shape
     kh, kw, cg, _ = w.shape
     g = a.groups
@@ -177,14 +181,70 @@ def _conv2d_f32(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None
                 dst += bias
 
 
-def _windows(x: np.ndarray, a, oh: int, ow: int, kh: int, kw: int) -> np.ndarray:
-    """windows[n, i, j, p, q, c] = padded x[n, i*sh + p*dh, j*sw + q*dw, c] (zero padding)."""
+def _conv2d_int(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+    """The integer, ungrouped fast path (int8/uint8 x int8 -> int32): the same
+    float32 im2col GEMM as :func:`_conv2d_f32`, exact by K-chunking (see the
+    module docstring), written straight into the int32 output tile.  The
+    zero-point correction ``-x_zp * sum(w)`` and the bias are one int32 vector
+    added per output pixel; int32 adds wrap, as the accumulator does."""
+    a = cmd.args
+    n, oh, ow, cout = out.shape
+    cin = x.shape[3]
+    kh, kw = w.shape[0], w.shape[1]
+    k = kh * kw * cin
+    w2 = _scratch.get("w_int", (k, cout))
+    np.copyto(w2, w.reshape(k, cout), casting="unsafe")
+    corr = np.zeros(cout, np.int64)
+    if a.x_zp:
+        corr -= a.x_zp * w.reshape(k, cout).sum(axis=0, dtype=np.int64)
+    if a.bias != NONE_ADDR:
+        corr += vec(job.sram[cmd.core], a.bias, np.int32, cout)
+    corr32 = corr.astype(np.int32)     # wraps modulo 2**32, as the accumulator does
+    accumulate = bool(a.flags & FLAG_ACCUMULATE)
+    step = k_chunk(x.dtype)
+    pointwise = kh == kw == 1 and a.stride == (1, 1) and not any(a.pad)
+    rows = oh if pointwise else max(1, min(oh, IM2COL_ELEMENTS // max(1, ow * k)))
+    if pointwise:
+        xf = _scratch.get("x_int", x.shape)
+        np.copyto(xf, x, casting="unsafe")
+    else:
+        windows = _windows(x, a, oh, ow, kh, kw, fill=a.x_zp, name="xpad_int")
+    for b in range(n):
+        for i0 in range(0, oh, rows):
+            i1 = min(oh, i0 + rows)
+            m = (i1 - i0) * ow
+            dst = out[b, i0:i1].reshape(m, cout)
+            if pointwise:
+                cols = xf[b, i0:i1].reshape(m, cin)
+            else:
+                cols6 = _scratch.get("cols", (i1 - i0, ow, kh, kw, cin))
+                np.copyto(cols6, windows[b, i0:i1])
+                cols = cols6.reshape(m, k)
+            tmp = _scratch.get("acc", (m, cout))
+            for j, k0 in enumerate(range(0, k, step)):
+                np.matmul(cols[:, k0:k0 + step], w2[k0:k0 + step], out=tmp)
+                if j == 0 and not accumulate:
+                    np.copyto(dst, tmp, casting="unsafe")     # exact: |tmp| <= 2**24
+                else:
+                    dst += tmp.astype(np.int32)
+            dst += corr32
+
+
+def _windows(x: np.ndarray, a, oh: int, ow: int, kh: int, kw: int, fill=0,
+             name=None) -> np.ndarray:
+    """windows[n, i, j, p, q, c] = padded x[n, i*sh + p*dh, j*sw + q*dw, c]
+    (padding holds `fill`), float32; `name`: pad into that reused scratch buffer."""
     (sh, sw), (dh, dw) = a.stride, a.dilation
     pt, pb, pl, pr = a.pad
     n, h, wd, c = x.shape
-    if pt or pb or pl or pr:
-        xp = np.zeros((n, h + pt + pb, wd + pl + pr, c), np.float32)
-        xp[:, pt:pt + h, pl:pl + wd, :] = x
+    if pt or pb or pl or pr or x.dtype != np.float32:
+        shape = (n, h + pt + pb, wd + pl + pr, c)
+        xp = np.zeros(shape, np.float32) if name is None else _scratch.get(name, shape)
+        if pt or pb or pl or pr:
+            if fill or name is not None:
+                xp[:, :pt], xp[:, pt + h:] = fill, fill
+                xp[:, :, :pl], xp[:, :, pl + wd:] = fill, fill
+        np.copyto(xp[:, pt:pt + h, pl:pl + wd, :], x, casting="unsafe")
     else:
         xp = x
     s = xp.strides

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..isa import BinaryFunc, ReduceFunc, UnaryFunc
+from .common import _LIMITS as _RANGE
 from .common import store, vec, view
 
 # Abramowitz & Stegun 7.1.26: |error| < 1.5e-7, below fp32 resolution near 1.
@@ -210,10 +211,22 @@ def requant(job, cmd) -> None:
     zp = (vec(sram, a.zp_addr, np.int32, c).astype(np.float64)
           if a.zp_addr != 0xFFFF_FFFF else np.float64(a.zp))
     # One IEEE double product and one rounding: bit-exact across hosts.
-    r = np.rint(x.astype(np.float64) * scale) + zp
-    if a.lo > -(1 << 31) or a.hi < (1 << 31) - 1:
-        r = np.clip(r, a.lo, a.hi)
-    store(out, r)
+    r = np.multiply(x, scale, dtype=np.float64)
+    np.rint(r, out=r)
+    lo, hi = _RANGE[out.dtype]
+    lo, hi = max(lo, a.lo), min(hi, a.hi)
+    if x.dtype.kind == "f":
+        r += zp
+        np.nan_to_num(r, copy=False, nan=0.0)   # NaN has no integer value: 0 (then clamped)
+        np.clip(r, lo, hi, out=r)
+        np.copyto(out, r, casting="unsafe")
+    elif np.ndim(zp):
+        r += zp
+        np.clip(r, lo, hi, out=r)
+        np.copyto(out, r, casting="unsafe")
+    else:   # clamp before adding the (integer) zero point: one pass fewer
+        np.clip(r, lo - zp, hi - zp, out=r)
+        np.add(r, zp, out=out, casting="unsafe")
 
 
 def transpose(job, cmd) -> None:
