@@ -91,7 +91,8 @@ DEVICE = Struct("device", {
 CLIENT = Struct("client", {
     "session": F(Str(64), "session id"),
     "pid": F(Int(0, 2**31), "process id as the daemon sees it (0 if unknown; PID namespaces differ)"),
-    "uid": F(Int(-1, 2**32), "user id from the kernel (-1 if unknown)"),
+    "uid": F(Int(-1, 2**32), "user id: from the kernel (ipc), or the policy's entry for the client's CURVE "
+                             "key (tcp); -1 if unknown"),
     "name": F(Str(64), "name the client gave in HELLO"),
     "command": F(Str(256), "process command line as the daemon reads it from /proc"),
     "attached": F(Bool(), "whether the companion socket (fd passing, liveness) is connected"),
@@ -269,7 +270,7 @@ OPS: dict[str, Op] = {op.name: op for op in [
         "attach_path": F(Str(4096), "path of the companion Unix SOCK_SEQPACKET socket (empty if none)"),
         "attach_token": F(Bin(32, 32), "secret to present on the companion socket"),
         "limits": F(LIMITS, "limits in force for this session"),
-    }, needs_session=False, errors=("EPROTO",)),
+    }, needs_session=False, errors=("EPROTO", "EPERM")),
     _op("bye", "Close the session and free everything it holds.", {}, {}),
     _op("ping", "Round trip; renews the session lease.", {}, {}),
     _op("version", "Daemon and protocol versions.", {}, {
@@ -398,9 +399,10 @@ OPS: dict[str, Op] = {op.name: op for op in [
         "directory": F(Str(4096), "where the cache lives"),
         "entries": F(Array(CACHE_ENTRY, 1 << 20), "entries"),
     }),
-    _op("cache_clear", "Delete every compile cache entry.", {}, {
+    _op("cache_clear", "Admin: delete every compile cache entry. Allowed to root, the daemon's own uid and "
+                       "the policy's [admin] or [admin.cache_clear].", {}, {
         "removed": F(U64, "entries deleted"),
-    }),
+    }, errors=("EPERM",)),
     _op("status", "Everything npuctl status shows.", {}, {
         "daemon_version": F(Str(64), "npud release"),
         "protocol": F(Array(U32, 2, 2), "[major, minor]"),
@@ -440,7 +442,7 @@ OPS: dict[str, Op] = {op.name: op for op in [
         "models": F(Array(TRACE_MODEL, 65536), "the models the events run"),
     }),
     _op("kill_client", "Admin: close a session as if it had sent bye (its jobs are cancelled, its memory "
-                       "freed). Allowed to root and the daemon's own uid.", {
+                       "freed). Allowed to root, the daemon's own uid and the policy's [admin].", {
         "session": F(SESSION_ID, "session to close"),
     }, {
         "session": F(SESSION_ID, "the closed session"),
@@ -450,7 +452,7 @@ OPS: dict[str, Op] = {op.name: op for op in [
     }, errors=("EPERM", "ENOENT")),
     _op("reset_device", "Admin: restart a device's processes; jobs running on them are innocent and run "
                         "again from their start, queued jobs run on the new processes. Answers once they are back. "
-                        "Allowed to root and the daemon's own uid.", {
+                        "Allowed to root, the daemon's own uid and the policy's [admin].", {
         "device": F(DEVICE_INDEX, "device index"),
     }, {
         "device": F(DEVICE_INDEX, "device index"),

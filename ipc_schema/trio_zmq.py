@@ -28,8 +28,11 @@ _COPY_THRESHOLD = 65536  # below this, copying a frame is cheaper than tracking 
 
 
 class OwnedSocket:
-    def __init__(self, sock: zmq.Socket, on_frames: Callable[[list], None]):
+    def __init__(self, sock: zmq.Socket, on_frames: Callable[[list], None], *, copy: bool = True):
+        """``copy=False`` hands ``on_frames`` zmq.Frame objects, whose ``get()`` reads message
+        properties such as the ``User-Id`` a ZAP handler gave the connection."""
         self._sock = sock
+        self._copy = copy
         self._fd = sock.getsockopt(zmq.FD)
         self._router = sock.type == zmq.ROUTER
         self._on_frames = on_frames
@@ -71,7 +74,7 @@ class OwnedSocket:
         received = 0
         sock = self._sock
         while received < RECV_BATCH and sock.getsockopt(_EVENTS) & _POLLIN:
-            self._on_frames(sock.recv_multipart(_NOBLOCK))
+            self._on_frames(sock.recv_multipart(_NOBLOCK, copy=self._copy))
             received += 1
         return received
 

@@ -2,7 +2,8 @@
 
 See ipc_schema/schema.py (ATTACH_*) for the packets.  The client presents its
 session id and secret token; the kernel tells us its uid and pid
-(SO_PEERCRED), which become the session's identity.  The connection then stays
+(SO_PEERCRED), which must agree with the session's identity (the uid the ZAP
+handler learned from the kernel on the ZeroMQ connection, npud/auth.py).  The connection then stays
 open for the life of the session: when the client process exits, however it
 exits, the kernel closes it and the session is closed at once.
 """
@@ -93,7 +94,20 @@ async def _attach(daemon: "Daemon", conn) -> None:
     if session.attach is not None:
         await _refuse(conn, ErrorInfo.of(ErrorCode.EINVAL, "this session is already attached"))
         return
-    session.pid, session.uid = _peer_credentials(conn)
+    pid, uid = _peer_credentials(conn)
+    identity = session.identity
+    if identity is not None and identity.kind != "ipc":
+        await _refuse(conn, ErrorInfo.of(ErrorCode.EPERM, "the companion socket is for ipc sessions; "
+                                         f"this session is {identity.describe()}"))
+        return
+    if session.uid >= 0 and uid != session.uid:
+        # The ZAP handler's identity (SO_PEERCRED of the ZeroMQ connection) and this socket's
+        # must agree: a token handed to another user does not carry the session over.
+        await _refuse(conn, ErrorInfo.of(ErrorCode.EPERM, f"the companion socket's peer is uid {uid}, "
+                                         f"but the session belongs to uid {session.uid}"))
+        return
+    if session.uid < 0:  # no ZAP identity (not expected): the kernel's word from this socket
+        session.pid, session.uid = pid, uid
     session.attach = conn
     try:
         await conn.send(codec.pack({"ok": True}))

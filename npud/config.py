@@ -10,6 +10,9 @@ Example (every key optional)::
     compile_timeout_s = 120            # a compile taking longer fails and its worker is replaced
     compile_memory_bytes = "4GiB"      # each worker's address-space limit (RLIMIT_AS)
 
+    policy = "/etc/npud/policy.toml"   # who may connect, quotas, admins, CURVE keys (npud/policy.py)
+    tcp_endpoint = "tcp://127.0.0.1:7787"  # off unless set; CURVE-only (needs [curve])
+
     [limits]
     memory_quota = "1GiB"              # per session, bytes of buffer objects
     max_buffer_bytes = "512MiB"        # one allocation
@@ -24,6 +27,9 @@ Example (every key optional)::
     max_queued_per_device = 4096       # more queued jobs are refused with EAGAIN and a retry hint
     max_contexts = 64                  # per session
     device_processes = 0               # per device, running jobs in parallel; 0: the preset's cores
+
+    [curve]                            # the server's CURVE key pair, for tcp_endpoint
+    secret_key_file = "/etc/npud/curve/server.key_secret"  # zmq.auth certificate (npud --generate-keys)
 
     [[devices]]
     name = "npu0"
@@ -103,6 +109,9 @@ class Config:
     compile_memory_bytes: int = 4 << 30    # each worker's RLIMIT_AS
     scheduling: Scheduling = Scheduling()
     test_mode: bool = False                # `npud --test-mode`: fault injection (inject_fault) allowed
+    policy: str = ""                       # policy file (npud/policy.py); "" = the default policy
+    tcp_endpoint: str = ""                 # "" = no tcp; else CURVE-only, needs curve_secret_key_file
+    curve_secret_key_file: str = ""        # [curve] secret_key_file: the server's zmq.auth certificate
 
 
 def _check_keys(table: dict, allowed: set[str], where: str) -> None:
@@ -119,7 +128,8 @@ def _positive_int(value: Any, key: str) -> int:
 
 def from_dict(data: dict[str, Any]) -> Config:
     _check_keys(data, {"endpoint", "log_level", "limits", "devices", "shutdown_grace_s", "cache_dir",
-                       "compile_workers", "compile_timeout_s", "compile_memory_bytes", "scheduling"}, "config")
+                       "compile_workers", "compile_timeout_s", "compile_memory_bytes", "scheduling",
+                       "policy", "tcp_endpoint", "curve"}, "config")
     config = Config()
     if "endpoint" in data:
         if not isinstance(data["endpoint"], str) or "://" not in data["endpoint"]:
@@ -158,6 +168,34 @@ def from_dict(data: dict[str, Any]) -> Config:
         config = replace(config, devices=parse_devices(data["devices"]))
     if "scheduling" in data:
         config = replace(config, scheduling=_scheduling(data["scheduling"]))
+    config = _security(data, config)
+    return config
+
+
+def _security(data: dict[str, Any], config: Config) -> Config:
+    """policy, tcp_endpoint and [curve]: the identity and policy keys (the files are read at start)."""
+    if "policy" in data:
+        if not isinstance(data["policy"], str) or not data["policy"]:
+            raise ConfigError(f"policy: expected the path of a policy file, got {data['policy']!r}")
+        config = replace(config, policy=data["policy"])
+    if "curve" in data:
+        curve = data["curve"]
+        if not isinstance(curve, dict):
+            raise ConfigError("curve: expected a table")
+        _check_keys(curve, {"secret_key_file"}, "curve")
+        path = curve.get("secret_key_file")
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"curve.secret_key_file: expected the path of the server's zmq.auth secret "
+                              f"certificate, got {path!r}")
+        config = replace(config, curve_secret_key_file=path)
+    if "tcp_endpoint" in data:
+        endpoint = data["tcp_endpoint"]
+        if not isinstance(endpoint, str) or not re.fullmatch(r"tcp://[^\s/]+:\d{1,5}", endpoint):
+            raise ConfigError(f"tcp_endpoint: expected tcp://HOST:PORT, got {endpoint!r}")
+        if not config.curve_secret_key_file:
+            raise ConfigError("tcp_endpoint: tcp is CURVE-only; set [curve] secret_key_file too "
+                              "(keys: npud --generate-keys DIR)")
+        config = replace(config, tcp_endpoint=endpoint)
     return config
 
 

@@ -69,14 +69,17 @@ def hello(daemon: "Daemon", call: "Call", args):
     if len(daemon.sessions) >= daemon.config.limits.max_sessions:
         raise RequestError(ErrorCode.EAGAIN, f"npud serves at most {daemon.config.limits.max_sessions} "
                                              "sessions; retry later")
-    session = daemon.sessions.create(call.routing_id, args["client_name"], args["pid"])
+    session = daemon.sessions.create(call.routing_id, args["client_name"], args["pid"], identity=call.identity)
     limits = daemon.config.limits
     return {
         "session": session.id, "protocol": list(PROTOCOL_VERSION), "daemon_version": __version__,
-        "lease_ms": limits.lease_ms, "attach_path": daemon.attach_path or "",
+        "lease_ms": limits.lease_ms,
+        "attach_path": (daemon.attach_path or "") if call.identity is None or call.identity.kind == "ipc" else "",
         "attach_token": session.token,
         "limits": {"max_message_bytes": codec.MAX_MESSAGE_BYTES, "max_inline_bytes": MAX_INLINE_BYTES,
-                   "max_buffer_bytes": limits.max_buffer_bytes, "memory_quota": limits.memory_quota},
+                   "max_buffer_bytes": limits.max_buffer_bytes,
+                   "memory_quota": min(limits.memory_quota, policy.active().quota_for(session.uid).memory
+                                       or limits.memory_quota)},
     }
 
 
@@ -136,6 +139,7 @@ def alloc(daemon, call, args):
         raise RequestError(ErrorCode.EDQUOT, f"allocating {size} bytes ({charged} with page rounding) would "
                                              f"bring this session to {session.memory + charged} bytes of "
                                              f"its {limits.memory_quota}-byte quota; free buffers first")
+    policy.check_memory(daemon.sessions, session, charged)  # the user's quota, all its sessions
     bo = device.memory.allocate(size)
     handle = session.new_handle()
     session.buffers[handle] = bo
@@ -379,7 +383,10 @@ async def load(daemon, call, args):
             daemon.unref(bo)
     if session.closed:
         raise RequestError(ErrorCode.ENOTCONN, "the session closed")
-    model = await instantiate(session, device, exe, session.new_handle(), daemon.config.limits.memory_quota)
+    quota, used = policy.memory_limit(daemon.sessions, session)  # the user's quota, all its sessions
+    model = await instantiate(session, device, exe, session.new_handle(), daemon.config.limits.memory_quota
+                              if quota is None else min(daemon.config.limits.memory_quota,
+                                                        session.memory + max(0, quota - used)))
     if session.closed:  # it went away while the stream was being validated
         daemon.unload_model(model)
         raise RequestError(ErrorCode.ENOTCONN, "the session closed")
@@ -554,6 +561,7 @@ async def cache_list(daemon, call, args):
 
 @handler("cache_clear", waits=True)
 async def cache_clear(daemon, call, args):
+    policy.check_admin(call.session, "cache_clear")
     await daemon.loader.settled()
     return {"removed": await trio.to_thread.run_sync(daemon.loader.cache.clear)}
 

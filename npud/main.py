@@ -27,14 +27,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="create a device from this preset (repeatable; replaces the config's devices)")
     parser.add_argument("--test-mode", action="store_true",
                         help="allow test-only fault injection (the inject_fault op); never in production")
+    parser.add_argument("--policy", metavar="FILE", help="policy file (overrides the config's `policy`)")
+    parser.add_argument("--generate-keys", metavar="DIR",
+                        help="write a CURVE key pair (DIR/server.key, DIR/server.key_secret; see --key-name) "
+                             "as zmq.auth certificates, then exit")
+    parser.add_argument("--key-name", metavar="NAME", default="server",
+                        help="file name of the pair --generate-keys writes (default: server)")
     parser.add_argument("--version", action="version", version=f"npud {__version__}")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.generate_keys:
+        from .auth import generate_keys
+
+        try:
+            public_file, secret_file = generate_keys(args.generate_keys, args.key_name)
+        except OSError as exc:
+            print(f"npud: --generate-keys: {exc}", file=sys.stderr)
+            return 2
+        print(f"public key: {public_file}\nsecret key: {secret_file} (keep it private)")
+        return 0
     try:
         config = load(args.config)
+        if args.policy:
+            config = dataclasses.replace(config, policy=args.policy)
         if args.device:
             config = dataclasses.replace(config, devices=parse_devices(
                 [{"name": f"npu{i}", "preset": p} for i, p in enumerate(args.device)]))
@@ -51,7 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(config, test_mode=True)
     log.setup(config.log_level)
     try:
-        trio.run(Daemon(config).serve)
+        daemon = Daemon(config)   # reads the policy file and the CURVE key: ConfigError names the key
+    except ConfigError as exc:
+        print(f"npud: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(daemon.serve)
     except AlreadyRunning as exc:
         logging.getLogger("npud").error("%s", exc)
         return 1

@@ -29,7 +29,8 @@ from ipc_schema.errors import ErrorCode, ErrorInfo, RequestError
 from ipc_schema.schema import HARD_FRAME_LIMIT, PROTOCOL_VERSION
 from ipc_schema.trio_zmq import OwnedSocket
 
-from . import __version__, attach, fences, handlers, systemd
+from . import __version__, attach, auth, fences, handlers, systemd
+from . import policy as policy_mod
 from .config import Config
 from .devices import DeviceHost, SchedulingParams
 from .compile_cache import CompileCache, default_directory
@@ -56,11 +57,18 @@ class Call:
     routing_id: bytes
     session: Session | None
     seq: int
+    identity: policy_mod.Identity | None = None   # from the ZAP handler: the kernel's uid/gid/pid, or a CURVE key
 
 
 class Daemon:
     def __init__(self, config: Config):
         self.config = config
+        self.policy = policy_mod.load(config.policy)    # ConfigError naming the key: npud exits 2
+        policy_mod.set_active(self.policy)              # for the handlers' policy.check_* calls
+        self.curve_keys = (auth.load_server_secret(config.curve_secret_key_file) if config.tcp_endpoint
+                           else None)
+        self.tcp_endpoint = ""                          # the tcp endpoint bound, if any
+        self.zap: auth.ZapHandler | None = None
         self.endpoint = config.endpoint
         self.sessions = SessionTable()
         sched = config.scheduling
@@ -92,7 +100,14 @@ class Daemon:
         ctx = zmq.Context.instance()
         activated = systemd.activated_sockets()  # socket activation: adopt, else bind our own
         owned_paths = []  # the socket files we created (an inherited socket's file is its unit's)
-        sock = self._bind(ctx, activated.zmq_fd, activated.zmq_path)
+        # The ZAP handler's socket is bound before anything can connect: libzmq asks it about every
+        # connection (ZAP_ENFORCE_DOMAIN refuses them while no handler is bound).
+        self.zap = auth.ZapHandler(ctx, self.policy)
+        try:
+            sock = self._bind(ctx, activated.zmq_fd, activated.zmq_path)
+        except BaseException:
+            self.zap.close()
+            raise
         if activated.zmq_fd is None and ipc_path(self.endpoint):
             owned_paths.append(ipc_path(self.endpoint))
         if activated.attach is not None:
@@ -103,13 +118,14 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self.zap.run)
                 watchdog = systemd.watchdog_interval()
                 if watchdog:  # first, so that slow device start-up is not mistaken for a hang
                     nursery.start_soon(systemd.run_watchdog, watchdog)
                 for device in self.devices:
                     await nursery.start(device.run)
                 await nursery.start(self.loader.pool.run)
-                self._zsock = OwnedSocket(sock, self._on_frames)
+                self._zsock = OwnedSocket(sock, self._on_frames, copy=False)  # frames carry User-Id
                 nursery.start_soon(self._zsock.run)
                 if attach_listener is not None:
                     nursery.start_soon(attach.serve, self, attach_listener)
@@ -132,6 +148,7 @@ class Daemon:
                 await self._shutdown(nursery)
         finally:
             sock.close(linger=1000)
+            self.zap.close()
             if attach_listener is not None:
                 attach_listener.close()
             for path in owned_paths:
@@ -168,12 +185,31 @@ class Daemon:
         sock.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_LIMIT)
         sock.setsockopt(zmq.SNDHWM, 10_000)
         sock.setsockopt(zmq.RCVHWM, 10_000)
+        # Every connection goes through the ZAP handler (npud/auth.py): over ipc it receives the
+        # peer's uid/gid/pid from the kernel; without a handler, connections are refused.
+        sock.setsockopt(zmq.ZAP_DOMAIN, auth.ZAP_DOMAIN)
+        sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         if fd is not None:
             os.set_blocking(fd, False)  # systemd passes blocking sockets; libzmq's poller expects not
             sock.setsockopt(zmq.USE_FD, fd)
         sock.bind(self.endpoint)
         if path and fd is None:
             os.chmod(path, 0o660)
+        if self.config.tcp_endpoint:
+            # Options are copied into each listener at bind(): the ipc one above stays NULL
+            # (kernel identity), this one is CURVE-only.
+            if fd is not None:
+                sock.setsockopt(zmq.USE_FD, -1)
+            public, secret = self.curve_keys
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+            try:
+                sock.bind(self.config.tcp_endpoint)
+            except zmq.ZMQError as exc:
+                sock.close(linger=0)
+                raise AlreadyRunning(f"cannot listen on tcp_endpoint {self.config.tcp_endpoint}: {exc}") from None
+            self.tcp_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            log.info("serving %s (CURVE, server public key %s)", self.tcp_endpoint, public.decode())
         return sock
 
     async def _shutdown(self, nursery: trio.Nursery) -> None:
@@ -213,7 +249,9 @@ class Daemon:
 
     # --- requests --------------------------------------------------------------------
 
-    def _on_frames(self, frames: list[bytes]) -> None:
+    def _on_frames(self, frames: list) -> None:
+        user_id = _user_id(frames[-1])   # what the ZAP handler said this connection is
+        frames = [f.bytes if isinstance(f, zmq.Frame) else f for f in frames]
         routing_id = frames[0]
         if len(frames) != 2:
             self._reply_error(routing_id, None, ErrorInfo.of(
@@ -222,6 +260,7 @@ class Daemon:
         try:
             request = codec.decode_request(frames[1])
             session = self.sessions.by_routing(routing_id)
+            identity = self._authorise(user_id, session, request)
             if self.stopping:
                 raise RequestError(ErrorCode.ESHUTDOWN, "npud is shutting down; reconnect once it is back",
                                    seq=request.seq)
@@ -235,7 +274,7 @@ class Daemon:
         except RequestError as exc:
             self._reply_error(routing_id, exc.seq, exc.info)
             return
-        call = Call(routing_id, session, request.seq)
+        call = Call(routing_id, session, request.seq, identity)
         if waits:
             self._nursery.start_soon(self._run_waiting, handler, call, request)
             return
@@ -249,6 +288,21 @@ class Daemon:
                 ErrorCode.EINTERNAL, f"internal error while handling {request.op.name}"))
         else:
             self._zsock.send([routing_id, codec.encode_result(request.seq, result)])
+
+    def _authorise(self, user_id: str, session: Session | None, request: codec.Request):
+        """Every request is judged on the identity of the connection it came on, never on what the
+        client claims: a session's requests must come with the identity it was opened with; a
+        request without a session (hello, version) from an identity the policy refuses gets EPERM."""
+        if session is not None:
+            if user_id != session.user_id:
+                raise RequestError(ErrorCode.EPERM, "this connection's identity is not the one its session "
+                                   "was opened with", seq=request.seq)
+            return session.identity
+        identity = policy_mod.Identity.parse(user_id) if user_id else None
+        refusal = self.policy.connect_refusal(identity)
+        if refusal is not None:
+            raise RequestError(ErrorCode.EPERM, refusal, seq=request.seq)
+        return identity
 
     async def _run_waiting(self, handler: Callable, call: Call, request: codec.Request) -> None:
         """Run a handler that waits; its one reply is always sent, even on shutdown."""
@@ -375,6 +429,16 @@ class Daemon:
             for session in self.sessions:
                 if session.attach is None and now - session.last_seen > lease_s:
                     self.close_session(session, "lease expired")
+
+
+def _user_id(frame) -> str:
+    """The User-Id property of a received message ("" if none: not a frame, or no ZAP answer)."""
+    if not isinstance(frame, zmq.Frame):
+        return ""
+    try:
+        return frame.get("User-Id") or ""
+    except zmq.ZMQError:
+        return ""
 
 
 def _someone_listens(path: str) -> bool:

@@ -15,7 +15,7 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -39,8 +39,11 @@ class Session:
     token: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     created: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
-    uid: int = -1            # from the kernel (SO_PEERCRED on the companion socket)
+    uid: int = -1            # from the kernel (the ZAP handler's SO_PEERCRED), or a CURVE key's policy entry
     pid: int = 0
+    gid: int = -1
+    identity: Any = None     # npud.policy.Identity of the connection that sent HELLO
+    user_id: str = ""        # its ZAP User-Id: every request of the session must carry the same
     attach: trio.socket.SocketType | None = None
     attach_lock: trio.Lock = field(default_factory=trio.Lock)
     attach_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -124,9 +127,12 @@ class SessionTable:
     def __iter__(self):
         return iter(list(self._by_id.values()))
 
-    def create(self, routing_id: bytes, name: str, claimed_pid: int) -> Session:
+    def create(self, routing_id: bytes, name: str, claimed_pid: int, identity=None) -> Session:
         session = Session(id=f"s{os.getpid():x}-{secrets.token_hex(6)}", routing_id=routing_id,
                           name=name, claimed_pid=claimed_pid)
+        if identity is not None:   # what the kernel (or a CURVE key) says, not what HELLO claims
+            session.identity, session.user_id = identity, identity.user_id()
+            session.uid, session.gid, session.pid = identity.uid, identity.gid, identity.pid
         self._by_routing[routing_id] = session
         self._by_id[session.id] = session
         return session
@@ -136,6 +142,10 @@ class SessionTable:
 
     def by_id(self, session_id: str) -> Session | None:
         return self._by_id.get(session_id)
+
+    def of_uid(self, uid: int) -> list[Session]:
+        """Every session of a user (per-uid quotas add these up)."""
+        return [s for s in self._by_id.values() if s.uid == uid]
 
     def remove(self, session: Session) -> None:
         self._by_routing.pop(session.routing_id, None)

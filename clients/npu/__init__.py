@@ -10,7 +10,7 @@ from ipc_schema.endpoint import default_endpoint
 
 from .aio import AsyncBuffer, AsyncClient, connect_async
 from .buffer import Buffer
-from .client import Client, Context, Job, connect
+from .client import Client, Context, Job, connect, curve_keys
 from .errors import (Busy, Cancelled, ConnectionLost, DeviceFault, InternalError, InvalidArgument,
                      MissedDeadline, NotFound, NpuError, OutOfMemory, PermissionDenied, ProtocolMismatch, Timeout)
 from .fences import wait
@@ -21,6 +21,6 @@ from .protocol import Device
 __all__ = [
     "AsyncBuffer", "AsyncClient", "Buffer", "Busy", "Cancelled", "Client", "ConnectionLost", "Device", "DeviceFault",
     "InternalError", "InvalidArgument", "Job", "Model", "ModelJob", "Report", "TensorInfo", "NotFound", "NpuError", "OutOfMemory",
-    "PermissionDenied", "ProtocolMismatch", "Timeout", "connect", "connect_async", "default_endpoint", "local",
-    "Context", "MissedDeadline", "wait",
+    "PermissionDenied", "ProtocolMismatch", "Timeout", "connect", "connect_async", "curve_keys", "default_endpoint",
+    "local", "Context", "MissedDeadline", "wait",
 ]

@@ -178,13 +178,23 @@ class AsyncBuffer:
 
 @asynccontextmanager
 async def connect_async(endpoint: str | None = None, *, name: str | None = None,
-                        timeout: float = DEFAULT_TIMEOUT_S):
-    """``async with npu.connect_async() as client:`` — a session for trio code."""
+                        timeout: float = DEFAULT_TIMEOUT_S, curve: tuple | None = None):
+    """``async with npu.connect_async() as client:`` — a session for trio code.
+
+    ``curve=(client_public, client_secret, server_public)``: as for ``npu.connect``
+    (a refused key shows as no answer to hello here).
+    """
     endpoint = resolve(endpoint)
     protocol.check_reachable(endpoint)
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_LIMIT)
+    if curve is not None:
+        try:
+            protocol.set_curve(sock, curve)
+        except BaseException:
+            sock.close()
+            raise
     sock.connect(endpoint)
     client = AsyncClient(endpoint, sock, timeout)
     try:

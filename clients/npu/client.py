@@ -34,7 +34,7 @@ class Client:
     """A session with npud.  Use as a context manager, or call ``close()``."""
 
     def __init__(self, endpoint: str | None = None, *, name: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT_S, map_io: bool = True):
+                 timeout: float = DEFAULT_TIMEOUT_S, map_io: bool = True, curve: tuple | None = None):
         self._init_args = {k: v for k, v in locals().items() if k not in ("self", "endpoint")}  # reconnect()
         self.endpoint = resolve(endpoint)
         self.timeout = timeout
@@ -51,10 +51,17 @@ class Client:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_LIMIT)
         self._rcvtimeo = -1
-        self._sock.connect(self.endpoint)
+        monitor = None
         try:
-            hello = self._request("hello", protocol.hello_args(name or _program_name()),
-                                  timeout=protocol.HELLO_TIMEOUT_S, unreachable=True)
+            if curve is not None:
+                protocol.set_curve(self._sock, curve)
+            if not self.endpoint.startswith("ipc://"):  # tcp: learn of a refused handshake at once
+                monitor = self._sock.get_monitor_socket(protocol.HANDSHAKE_EVENTS)
+            self._sock.connect(self.endpoint)
+            seq = self._send("hello", protocol.hello_args(name or _program_name()))
+            if monitor is not None:
+                protocol.wait_handshake(monitor, self.endpoint, curve is not None, protocol.HELLO_TIMEOUT_S)
+            hello = self._await("hello", seq, timeout=protocol.HELLO_TIMEOUT_S, unreachable=True)
             protocol.check_hello(hello)
             self.session = hello["session"]
             self.limits = hello["limits"]
@@ -62,8 +69,13 @@ class Client:
             if hello["attach_path"]:
                 self._attach = _attach(hello["attach_path"], self.session, hello["attach_token"])
         except BaseException:
+            if monitor is not None:
+                monitor.close(linger=0)
             self._sock.close()
             raise
+        if monitor is not None:
+            self._sock.disable_monitor()
+            monitor.close(linger=0)
 
     def reconnect(self) -> None:
         """Open a new session (after the daemon restarted, or the session was closed).
@@ -358,5 +370,22 @@ def _program_name() -> str:
 
 
 def connect(endpoint: str | None = None, **kwargs) -> Client:
-    """Open a session with the daemon at ``endpoint`` (default: see ipc_schema.endpoint)."""
+    """Open a session with the daemon at ``endpoint`` (default: see ipc_schema.endpoint).
+
+    Over tcp, npud accepts CURVE only: pass ``curve=(client_public, client_secret,
+    server_public)`` (Z85 keys) or ``curve=npu.curve_keys(client_secret_file,
+    server_public_file)``; a refused key raises PermissionDenied (EPERM).
+    """
     return Client(endpoint, **kwargs)
+
+
+def curve_keys(client_secret_file: str, server_public_file: str) -> tuple[bytes, bytes, bytes]:
+    """``(client_public, client_secret, server_public)`` from zmq.auth certificate files
+    (``npud --generate-keys DIR --key-name NAME`` writes them)."""
+    import zmq.auth
+
+    client_public, client_secret = zmq.auth.load_certificate(client_secret_file)
+    server_public, _ = zmq.auth.load_certificate(server_public_file)
+    if not client_secret:
+        raise error(ErrorCode.EINVAL, f"{client_secret_file} holds no secret key (use the .key_secret file)")
+    return client_public, client_secret, server_public

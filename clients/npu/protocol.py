@@ -6,10 +6,12 @@ from __future__ import annotations
 import mmap
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import zmq
 
 from ipc_schema import codec
 from ipc_schema.endpoint import ipc_path
@@ -59,6 +61,54 @@ def check_reachable(endpoint: str) -> None:
     path = ipc_path(endpoint)
     if path is not None and not os.path.exists(path):
         raise not_running(endpoint)
+
+
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+def set_curve(sock: zmq.Socket, curve: tuple) -> None:
+    """CURVE client keys on a socket: (client_public, client_secret, server_public), Z85."""
+    try:
+        client_public, client_secret, server_public = (k.encode("ascii") if isinstance(k, str) else bytes(k)
+                                                       for k in curve)
+        sock.setsockopt(zmq.CURVE_SERVERKEY, server_public)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, client_public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, client_secret)
+    except (TypeError, ValueError, zmq.ZMQError) as exc:
+        raise error(ErrorCode.EINVAL, "curve: expected (client_public, client_secret, server_public) "
+                                      f"as 40-character Z85 keys: {exc}") from None
+
+
+def handshake_refusal(event: int, value: int, endpoint: str, with_curve: bool) -> NpuError | None:
+    """The error for a failed ZeroMQ handshake (a socket monitor event), or None."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return error(ErrorCode.EPERM, f"npud at {endpoint} refused this client's CURVE key (ZAP status "
+                                      f"{value}): the key is not in its policy's [[curve_clients]]")
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        return error(ErrorCode.EPERM, f"the handshake with {endpoint} failed ({'CURVE' if with_curve else 'no'} "
+                                      "security): npud's tcp endpoints accept CURVE clients only; pass "
+                                      "curve=(client_public, client_secret, server_public)")
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+        return error(ErrorCode.EPERM, f"the CURVE handshake with {endpoint} failed: is the server's public "
+                                      "key the right one?")
+    return None
+
+
+def wait_handshake(monitor: zmq.Socket, endpoint: str, with_curve: bool, timeout: float) -> None:
+    """Block until the socket's handshake succeeds (return), fails (raise EPERM) or ``timeout``."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        if not monitor.poll(int(remaining * 1000) + 1):
+            return
+        event = recv_monitor_message(monitor)
+        if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            return
+        refusal = handshake_refusal(event["event"], event["value"], endpoint, with_curve)
+        if refusal is not None:
+            raise refusal
 
 
 def hello_args(name: str) -> dict:

@@ -26,6 +26,10 @@ def _common(defaults: bool) -> argparse.ArgumentParser:
     common.add_argument("--endpoint", help="daemon endpoint (default: $NPUD_ENDPOINT, "
                                            "else ipc://$XDG_RUNTIME_DIR/npud/npud.sock, "
                                            "else ipc:///tmp/npud-$UID/npud.sock)")
+    common.add_argument("--curve-key", metavar="FILE",
+                        help="tcp endpoints: this client's zmq.auth secret certificate (NAME.key_secret)")
+    common.add_argument("--server-key", metavar="FILE",
+                        help="tcp endpoints: the daemon's public certificate (server.key)")
     common.add_argument("--json", action="store_true", help="machine-readable output, same fields",
                         **({"default": False} if defaults else {}))
     return common
@@ -132,7 +136,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _connect(args) -> npu.Client:
-    return npu.connect(args.endpoint, name="npuctl", timeout=30.0)
+    curve_key, server_key = getattr(args, "curve_key", None), getattr(args, "server_key", None)
+    if bool(curve_key) != bool(server_key):
+        raise npu.InvalidArgument("EINVAL", "--curve-key and --server-key go together")
+    curve = npu.curve_keys(curve_key, server_key) if curve_key else None
+    return npu.connect(args.endpoint, name="npuctl", timeout=30.0, curve=curve)
 
 
 def _status(client) -> dict:
