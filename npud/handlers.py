@@ -260,7 +260,7 @@ def _context(session, context_id: int) -> Context:
     if ctx is None:
         if context_id:
             raise RequestError(ErrorCode.ENOENT, f"no context {context_id} in this session (context_create)")
-        ctx = session.contexts[0] = Context(0, session.id, NORMAL)
+        ctx = session.contexts[0] = Context(0, session.id, NORMAL, policy.weight_for(session, 1))
     return ctx
 
 
@@ -446,7 +446,8 @@ def context_create(daemon, call, args):
         raise RequestError(ErrorCode.EAGAIN, f"this session has {len(session.contexts)} contexts, the limit "
                                              "(scheduling.max_contexts)")
     _context(session, 0)
-    ctx = Context(session.new_handle(), session.id, PRIORITIES.index(priority), args.get("weight", 1))
+    ctx = Context(session.new_handle(), session.id, PRIORITIES.index(priority),
+                  policy.weight_for(session, args.get("weight", 1)))  # times the user's share (policy)
     session.contexts[ctx.id] = ctx
     return {"context": ctx.id, "priority": priority, "weight": ctx.weight}
 

@@ -97,6 +97,20 @@ def test_per_uid_quotas_memory_edquot_and_jobs_eagain(tmp_path):
         d.stop()
 
 
+def test_priority_ceiling_and_share_through_the_daemon(tmp_path):
+    uid = os.getuid()
+    d = daemon_with(tmp_path, f'[quotas.users."{uid}"]\npriority_ceiling = "normal"\nshare = 3\n')
+    try:
+        with npu.connect(d.endpoint) as c:
+            with pytest.raises(npu.PermissionDenied) as info:
+                c.context("high")
+            assert info.value.code == "EPERM" and "ceiling" in info.value.message
+            ctx = c._request("context_create", {"priority": "normal", "weight": 2})
+            assert ctx["weight"] == 6, "the context's weight is the asked weight times the user's share"
+    finally:
+        d.stop()
+
+
 def test_policy_priority_ceiling_and_share_decisions():
     p = policy_mod.from_dict({"quotas": {"default": {"priority_ceiling": "normal", "share": 2},
                                          "users": {"1000": {"priority_ceiling": "realtime", "share": 5}}}})
