@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .types import Any_, Array, Bin, Bool, F, Float, Int, MapOf, Str, Struct, Type
 
-PROTOCOL_VERSION = (1, 2)
+PROTOCOL_VERSION = (1, 3)
 """(major, minor).  A major bump breaks compatibility; a minor bump only adds."""
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -319,15 +319,22 @@ OPS: dict[str, Op] = {op.name: op for op in [
                    optional=True),
     }, errors=("ENOENT", "ETIMEDOUT")),
     _op("load", "Compile (or fetch from the compile cache) a model for a device and load it into "
-                "this session. Exactly one of `model` or `model_buffer` (+`model_size`).", {
+                "this session. Exactly one of `model`, `model_buffer` (+`model_size`) or `model_digest`.", {
         "device": F(DEVICE_INDEX, "device index"),
         **MODEL_SOURCE,
+        "model_digest": F(Bin(32, 32), "load without sending the model: the `model_digest` an earlier load of "
+                                       "the same bytes returned.  Honoured only for a user who has sent those "
+                                       "bytes to this daemon before and while the executable is cached; "
+                                       "otherwise ENOENT: send the bytes", optional=True),
         "options": F(COMPILE_OPTIONS, "compile options", optional=True),
     }, {
         "model": F(HANDLE, "this session's name for the loaded model"),
         "inputs": F(Array(TENSOR_INFO, 1024), "inputs, in the order `run_model` takes their buffers"),
         "outputs": F(Array(TENSOR_INFO, 1024), "outputs, in the order `run_model` takes their buffers"),
         "cached": F(Bool(), "whether the executable came from the compile cache"),
+        "model_digest": F(Bin(32, 32), "the model's digest: SHA-256 of (its length as 8 little-endian bytes "
+                                       "followed by the SHA-256 of each 16 MiB chunk); pass it to later loads",
+                          optional=True),
         "compile_ms": F(Float(), "time to compile, or to read the cache entry"),
         "weights_bytes": F(U64, "device memory holding the weights (charged to the session)"),
         "arena_bytes": F(U64, "device memory for intermediate tensors (charged to the session)"),

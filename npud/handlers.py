@@ -369,18 +369,7 @@ def _model(session: "Session", model_id: int):
 async def load(daemon, call, args):
     session = call.session
     device = daemon.device(args["device"])
-    data, source = _model_source(session, args)
-    if source is None:
-        exe, cached, ms = await daemon.loader.executable(data, args.get("options", {}), device.config)
-    else:
-        bo, span = source
-        bo.refs += 1  # a concurrent free must not unmap it under the hashing or the copy
-        try:
-            exe, cached, ms = await daemon.loader.executable(
-                bo.view()[span], args.get("options", {}), device.config,
-                private_copy=lambda: _copy_model(bo, span))
-        finally:
-            daemon.unref(bo)
+    exe, cached, ms, digest = await _executable(daemon, session, device, args)
     if session.closed:
         raise RequestError(ErrorCode.ENOTCONN, "the session closed")
     quota, used = policy.memory_limit(daemon.sessions, session)  # the user's quota, all its sessions
@@ -391,7 +380,33 @@ async def load(daemon, call, args):
         daemon.unload_model(model)
         raise RequestError(ErrorCode.ENOTCONN, "the session closed")
     session.models[model.id] = model
-    return model.info(cached, ms)
+    return {**model.info(cached, ms), "model_digest": digest}
+
+
+async def _executable(daemon, session, device, args):
+    """(executable, cached, ms, model digest) for a load's model, however it was given."""
+    options = args.get("options", {})
+    if "model_digest" in args:
+        if "model" in args or "model_buffer" in args:
+            raise RequestError(ErrorCode.EINVAL, "give exactly one of model, model_buffer or model_digest")
+        digest = args["model_digest"]
+        return (*await daemon.loader.by_digest(digest, options, device.config, session.uid), digest)
+    data, source = _model_source(session, args)
+    if source is None:
+        digest = (await trio.to_thread.run_sync(model_digest, data) if len(data) >= THREAD_THRESHOLD
+                  else model_digest(data))
+        result = await daemon.loader.executable(data, options, device.config, digest)
+    else:
+        bo, span = source
+        bo.refs += 1  # a concurrent free must not unmap it under the hashing or the copy
+        try:
+            digest = await trio.to_thread.run_sync(model_digest, bo.view()[span])
+            result = await daemon.loader.executable(bo.view()[span], options, device.config, digest,
+                                                    private_copy=lambda: _copy_model(bo, span))
+        finally:
+            daemon.unref(bo)
+    daemon.loader.presented(digest, session.uid)  # this user has shown it holds the model
+    return (*result, digest)
 
 
 @handler("check", waits=True)

@@ -66,6 +66,9 @@ class ModelLoader:
         self.pool = pool
         self.cache = cache
         self._in_flight: dict[str, trio.Event] = {}
+        # Which users have sent the bytes behind a digest: a digest alone must not let one
+        # user run another's model (knowing a hash is not having the model).
+        self._presented: dict[bytes, set[int]] = {}
         self._storing: set[trio.Event] = set()
 
     async def executable(self, model, options: dict, config: DeviceConfig, digest: bytes | None = None,
@@ -112,6 +115,23 @@ class ModelLoader:
             if not storing:
                 self._done(key, done)
         return exe, False, (time.perf_counter() - started) * 1e3
+
+    def presented(self, digest: bytes, uid: int) -> None:
+        """Record that ``uid`` sent the bytes whose digest this is."""
+        if uid >= 0:
+            self._presented.setdefault(digest, set()).add(uid)
+
+    async def by_digest(self, digest: bytes, options: dict, config: DeviceConfig,
+                        uid: int) -> tuple[Executable, bool, float]:
+        """A cached executable for a model known only by its digest, for a user who has sent it."""
+        started = time.perf_counter()
+        exe = None
+        if uid >= 0 and uid in self._presented.get(digest, ()):
+            exe = await self._lookup(cache_key(None, options, config, digest))
+        if exe is None:
+            raise RequestError(ErrorCode.ENOENT, "no cached executable of that model digest for this user "
+                                                 "and these options: send the model's bytes")
+        return exe, True, (time.perf_counter() - started) * 1e3
 
     async def _store(self, key: str, data: bytes, exe: Executable, done: trio.Event) -> None:
         self._storing.add(done)

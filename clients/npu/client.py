@@ -23,7 +23,7 @@ from ipc_schema.schema import HARD_FRAME_LIMIT
 
 from . import protocol
 from .buffer import Buffer
-from .errors import NpuError, error, from_wire
+from .errors import NotFound, NpuError, error, from_wire
 from .model import Model, model_bytes
 from .protocol import Device
 
@@ -46,6 +46,7 @@ class Client:
         self._daemon_stopping = False
         self.limits: dict[str, int] = {}
         self.map_io = map_io
+        self._digests: dict[tuple, tuple] = {}  # model file -> (its version, the daemon's digest of it)
         protocol.check_reachable(self.endpoint)
         self._sock = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -201,7 +202,18 @@ class Client:
         ``model`` is a path, bytes or an ``onnx.ModelProto``.  Options:
         ``input_shapes={name: shape}`` for symbolic dimensions, ``name``.
         """
-        return Model(self, device, self._with_model("load", model, {"device": device, "options": options}))
+        args = {"device": device, "options": options}
+        file, version = _file_identity(model)
+        known = self._digests.get(file) if file else None
+        if known is not None and known[0] == version:
+            try:  # the daemon may still hold it compiled: then the bytes need not travel at all
+                return Model(self, device, self._request("load", {**args, "model_digest": known[1]}))
+            except NotFound:
+                del self._digests[file]
+        info = self._with_model("load", model, args)
+        if file and "model_digest" in info:
+            self._digests[file] = (version, info["model_digest"])
+        return Model(self, device, info)
 
     def check(self, model: Any, device: int = 0) -> list[dict[str, str]]:
         """Every reason the model cannot compile for the device: [{node, op, reason}], empty if none."""
@@ -363,6 +375,18 @@ def _attach(path: str, session: str, token: bytes) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _file_identity(model: Any) -> tuple[tuple | None, tuple | None]:
+    """((device, inode), (size, mtime)) of a model file: which file, and which version of its
+    contents, cheaply.  (None, None) when ``model`` is not a path."""
+    if not isinstance(model, (str, os.PathLike)):
+        return None, None
+    try:
+        st = os.stat(model)
+    except OSError:
+        return None, None
+    return (st.st_dev, st.st_ino), (st.st_size, st.st_mtime_ns)
 
 
 def _program_name() -> str:

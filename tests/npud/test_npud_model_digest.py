@@ -1,0 +1,115 @@
+"""Loading by digest: a repeated load of a model file sends 32 bytes, not the model.
+
+A digest alone never lets a user run a model it has not sent itself.
+"""
+
+import os
+import tempfile
+
+import numpy as np
+import onnx
+import pytest
+
+import npu
+from examples import tiny_cnn
+from npu.local import LocalDaemon
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    d = LocalDaemon("--cache-dir", tempfile.mkdtemp(prefix="npud-digest-"))
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    path = tmp_path / "cnn.onnx"
+    onnx.save(tiny_cnn.build(), path)
+    return path
+
+
+def _load_by_digest(client, digest, **extra):
+    return client._request("load", {"device": 0, "model_digest": digest, **extra})
+
+
+def test_a_repeated_load_of_a_file_sends_only_its_digest(daemon, model_path):
+    with npu.connect(daemon.endpoint) as client:
+        first = client.load(model_path)
+        assert len(client._digests) == 1
+        _version, digest = next(iter(client._digests.values()))
+        second = client.load(model_path)
+        assert second.cached
+        x = np.random.default_rng(0).standard_normal(tiny_cnn.INPUT_SHAPE).astype(np.float32)
+        np.testing.assert_allclose(second.run(x)["probs"], first.run(x)["probs"])
+        # The same digest by hand loads the model without any bytes.
+        info = _load_by_digest(client, digest)
+        assert info["cached"] and info["model_digest"] == digest
+
+
+def test_a_changed_file_is_sent_again(daemon, model_path):
+    with npu.connect(daemon.endpoint) as client:
+        client.load(model_path)
+        [(_, old)] = client._digests.values()
+        onnx.save(tiny_cnn.build(seed=8), model_path)   # other weights, same path
+        st = os.stat(model_path)
+        os.utime(model_path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        model = client.load(model_path)
+        assert not model.cached            # new bytes: compiled, not served by the old digest
+        [(_, new)] = client._digests.values()   # the file's entry was replaced, not added to
+        assert new != old
+
+
+def test_an_unknown_digest_or_options_mismatch_asks_for_the_bytes(daemon, model_path):
+    with npu.connect(daemon.endpoint) as client:
+        with pytest.raises(npu.NotFound, match="send the model's bytes"):
+            _load_by_digest(client, b"\x01" * 32)
+        client.load(model_path)
+        _version, digest = next(iter(client._digests.values()))
+        with pytest.raises(npu.NotFound):   # compiled with other options: another cache entry
+            _load_by_digest(client, digest, options={"name": "other"})
+
+
+@pytest.mark.parametrize("args, problem", [
+    ({"model_digest": b"\x00" * 31}, "model_digest"),
+    ({"model_digest": "ab" * 16}, "model_digest"),
+    ({"model_digest": b"\x00" * 32, "model": b"x"}, "exactly one of"),
+])
+def test_malformed_digest_loads_are_refused(daemon, args, problem):
+    with npu.connect(daemon.endpoint) as client:
+        with pytest.raises(npu.InvalidArgument, match=problem):
+            client._request("load", {"device": 0, **args})
+        client.ping()  # the session is still usable
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
+def test_another_user_cannot_load_by_digest_alone(daemon, model_path):
+    with npu.connect(daemon.endpoint) as client:
+        client.load(model_path)
+        _version, digest = next(iter(client._digests.values()))
+    os.chmod(os.path.dirname(daemon.endpoint[len("ipc://"):]), 0o755)
+    for path in (daemon.endpoint[len("ipc://"):], daemon.endpoint[len("ipc://"):-len(".sock")] + ".fds"):
+        os.chmod(path, 0o666)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: nobody, who has never sent this model
+        os.close(read)
+        code = "unexpected"
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            with npu.connect(daemon.endpoint) as other:
+                try:
+                    _load_by_digest(other, digest)
+                    code = "loaded"
+                except npu.NotFound:
+                    code = "refused"
+        except BaseException as exc:  # report, never raise, in a forked child
+            code = f"error {exc!r}"
+        os.write(write, code.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        outcome = f.read()
+    os.waitpid(pid, 0)
+    assert outcome == "refused"
