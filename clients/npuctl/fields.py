@@ -47,6 +47,10 @@ DEVICE_FIELDS: dict[str, Field] = {f.name: f for f in [
     _f("modeled.busy.ms", "ms", "modeled.cycles at the device clock", lambda d: round(d["modeled_busy_ms"], 6)),
     _f("clock.mhz", "MHz", "modeled clock", lambda d: d["params"].get("clock_mhz", 0)),
     _f("cores", "", "modeled cores", lambda d: d["params"].get("cores", 0)),
+    _f("processes", "", "device processes running jobs in parallel", lambda d: d.get("cores", 1)),
+    _f("hangs", "", "jobs that hung or crashed a device process since start", lambda d: d.get("hangs", 0)),
+    _f("contexts.banned", "", "contexts banned for hanging the device repeatedly",
+       lambda d: d.get("banned_contexts", 0)),
 ]}
 
 CLIENT_FIELDS: dict[str, Field] = {f.name: f for f in [
@@ -71,6 +75,11 @@ CLIENT_FIELDS: dict[str, Field] = {f.name: f for f in [
     _f("jobs.failed", "", "jobs failed (including cancelled)", lambda c: c["jobs_failed"]),
     _f("jobs.inflight", "", "jobs queued or running now", lambda c: c["jobs_in_flight"]),
     _f("connected.s", "s", "seconds since it connected", lambda c: round(c["connected_s"], 1)),
+    _f("priority", "", "priority of its default context: low, normal, high or realtime",
+       lambda c: c.get("priority", "normal")),
+    _f("contexts", "", "contexts it created besides its default one", lambda c: c.get("contexts", 0)),
+    _f("contexts.banned", "", "of its contexts, those banned for hanging a device",
+       lambda c: c.get("banned_contexts", 0)),
 ]}
 
 

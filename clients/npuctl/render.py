@@ -43,11 +43,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, empty: st
 def devices_table(devices: list[dict]) -> str:
     return table(
         ["IDX", "NAME", "PRESET", "STATE", "UTIL", "MEMORY USED / TOTAL", "QUEUED", "RUNNING", "DONE",
-         "FAILED", "BUSY", "RESETS"],
+         "FAILED", "BUSY", "RESETS", "BANNED"],
         [[d["index"], d["name"], d["preset"], d["state"], f"{d['util_pct']:.0f}%",
           f"{human_bytes(d['memory_used'])} / {human_bytes(d['memory_total'])}", d["jobs_queued"],
           d["jobs_running"], d["jobs_completed"], d["jobs_failed"], f"{d['busy_ms'] / 1000:.1f}s",
-          d["resets"]] for d in devices])
+          d["resets"], d.get("banned_contexts", 0)] for d in devices])
 
 
 def device_params(device: dict) -> str:
@@ -58,12 +58,22 @@ def device_params(device: dict) -> str:
 
 def clients_table(clients: list[dict]) -> str:
     return table(
-        ["PID", "USER", "NAME", "SESSION", "MEMORY", "BUFS", "UTIL", "SUBMITTED", "DONE", "FAILED",
+        ["PID", "USER", "NAME", "SESSION", "PRIO", "MEMORY", "BUFS", "UTIL", "SUBMITTED", "DONE", "FAILED",
          "CONNECTED", "COMMAND"],
-        [[c["pid"], c["user"], c["name"], c["session"], human_bytes(c["memory"]), c["buffers"],
+        [[c["pid"], c["user"], c["name"], c["session"], _priority(c), human_bytes(c["memory"]), c["buffers"],
           f"{c['util_pct']:.0f}%", c["jobs_submitted"], c["jobs_completed"], c["jobs_failed"],
           human_duration(c["connected_s"]), c["command"][:60]] for c in clients],
         empty="(no clients)")
+
+
+def _priority(c: dict) -> str:
+    """The default context's priority; `+N` more contexts, `!N` of them banned."""
+    text = c.get("priority", "normal")
+    if c.get("contexts"):
+        text += f"+{c['contexts']}"
+    if c.get("banned_contexts"):
+        text += f"!{c['banned_contexts']}"
+    return text
 
 
 PROCESS_NOTE = "Processes (pid and command as the daemon sees them; PID namespaces may differ)"
