@@ -344,12 +344,16 @@ class DeviceHost:
             await self._reset(core, str(exc))
         finally:
             if kind == "release":
-                left = self._release_pending.get(what.id, 1) - 1
-                if left <= 0:
-                    self._release_pending.pop(what.id, None)
-                    self.memory.release(what)
-                else:
-                    self._release_pending[what.id] = left
+                self._core_released(what)
+
+    def _core_released(self, bo: BufferObject) -> None:
+        """One core has unmapped ``bo``; the memory goes once every core has."""
+        left = self._release_pending.get(bo.id, 1) - 1
+        if left <= 0:
+            self._release_pending.pop(bo.id, None)
+            self.memory.release(bo)
+        else:
+            self._release_pending[bo.id] = left
 
     async def _run_job(self, core: Core, job: Job) -> None:
         now = time.monotonic()
@@ -565,12 +569,7 @@ class DeviceHost:
         # Buffers that were waiting for this core to unmap them are unmapped now.
         for kind, what in core.control:
             if kind == "release":
-                left = self._release_pending.get(what.id, 1) - 1
-                if left <= 0:
-                    self._release_pending.pop(what.id, None)
-                    self.memory.release(what)
-                else:
-                    self._release_pending[what.id] = left
+                self._core_released(what)
         core.control.clear()
         core.reset_pending = ""
         if not any(c.reset_pending for c in self.cores):

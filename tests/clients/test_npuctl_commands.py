@@ -20,29 +20,16 @@ import onnx
 import pytest
 
 import npu
-from emulator.assembler import StreamBuilder, tile
 from emulator.config import make_config
 from npu.local import LocalDaemon
 from npuctl import fields
 from npuctl.main import main as npuctl_main
+from streams import A, B, O, add_stream
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "compiler_worker"))
 from compiler_testmodels import mlp  # noqa: E402
 
 CFG = make_config("edge")
-A, B, O = 0x10000, 0x20000, 0x30000
-
-
-def add_stream(n: int) -> bytes:
-    sb = StreamBuilder(CFG)
-    sb.dma_load(0, A, "float32", (n,))
-    sb.dma_load(n * 4, B, "float32", (n,))
-    sb.sync("dma", "vector")
-    sb.add(tile(0, "float32", (n,)), tile(n * 4, "float32", (n,)), tile(2 * n * 4, "float32", (n,)))
-    sb.sync("vector", "dma")
-    sb.dma_store(2 * n * 4, O, "float32", (n,))
-    sb.end()
-    return sb.build()
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 import npu
-from emulator.assembler import StreamBuilder, tile
 from emulator.config import DeviceConfig, PRESETS
 from npu.local import LocalDaemon
+from streams import A, B, O, add_stream
 
 
 @pytest.fixture(scope="module")
@@ -14,18 +14,6 @@ def two_devices():
     d = LocalDaemon("--device", "edge", "--device", "server")
     yield d
     d.stop()
-
-
-def _add_stream(config: DeviceConfig, n: int) -> bytes:
-    sb = StreamBuilder(config)
-    sb.dma_load(0, 0x10000, "float32", (n,))
-    sb.dma_load(4 * n, 0x20000, "float32", (n,))
-    sb.sync("dma", "vector")
-    sb.add(tile(0, "float32", (n,)), tile(4 * n, "float32", (n,)), tile(8 * n, "float32", (n,)))
-    sb.sync("vector", "dma")
-    sb.dma_store(8 * n, 0x30000, "float32", (n,))
-    sb.end()
-    return sb.build()
 
 
 def test_devices_report_their_presets(two_devices):
@@ -43,8 +31,8 @@ def test_each_device_runs_jobs_with_its_own_memory(two_devices):
             a, b, out = (c.alloc(4 * n, device=d.index) for _ in range(3))
             a.map(np.float32)[:] = np.arange(n)
             b.map(np.float32)[:] = d.index + 1
-            stream = _add_stream(DeviceConfig.from_dict(d.params), n)
-            c.submit(stream, [(a, 0x10000, False), (b, 0x20000, False), (out, 0x30000, True)],
+            stream = add_stream(n, DeviceConfig.from_dict(d.params))
+            c.submit(stream, [(a, A, False), (b, B, False), (out, O, True)],
                      device=d.index).wait(30)
             assert np.array_equal(out.map(np.float32), np.arange(n) + d.index + 1)
         used = {d.index: d.memory_used for d in c.devices()}
@@ -56,14 +44,14 @@ def test_buffers_cannot_be_bound_on_another_device(two_devices):
         edge_buf = c.alloc(4096, device=0)
         config = DeviceConfig.from_dict(c.devices()[1].params)
         with pytest.raises(npu.InvalidArgument, match="lives on device 0"):
-            c.submit(_add_stream(config, 16), [(edge_buf, 0x10000, False)], device=1)
+            c.submit(add_stream(16, config), [(edge_buf, A, False)], device=1)
 
 
 def test_a_stream_for_one_target_is_refused_by_another(two_devices):
     with npu.connect(two_devices.endpoint) as c:
         edge, server = (DeviceConfig.from_dict(d.params) for d in c.devices())
         bufs = [c.alloc(4096, device=1) for _ in range(3)]
-        bindings = list(zip(bufs, (0x10000, 0x20000, 0x30000), (False, False, True)))
+        bindings = list(zip(bufs, (A, B, O), (False, False, True)))
         with pytest.raises(npu.InvalidArgument, match="(?i)target"):
-            c.submit(_add_stream(edge, 16), bindings, device=1)
-        c.submit(_add_stream(server, 16), bindings, device=1).wait(30)
+            c.submit(add_stream(16, edge), bindings, device=1)
+        c.submit(add_stream(16, server), bindings, device=1).wait(30)

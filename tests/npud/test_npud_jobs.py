@@ -12,21 +12,9 @@ import pytest
 import npu
 from emulator.assembler import StreamBuilder, tile
 from emulator.config import make_config
+from streams import A, B, O, add_stream
 
 CFG = make_config("edge")
-A, B, O = 0x10000, 0x20000, 0x30000
-
-
-def add_stream(n: int, out_va: int = O) -> bytes:
-    sb = StreamBuilder(CFG)
-    sb.dma_load(0, A, "float32", (n,))
-    sb.dma_load(n * 4, B, "float32", (n,))
-    sb.sync("dma", "vector")
-    sb.add(tile(0, "float32", (n,)), tile(n * 4, "float32", (n,)), tile(2 * n * 4, "float32", (n,)))
-    sb.sync("vector", "dma")
-    sb.dma_store(2 * n * 4, out_va, "float32", (n,))
-    sb.end()
-    return sb.build()
 
 
 def run_add(c, n: int = 1024, seed: int = 0):
@@ -95,7 +83,7 @@ def test_dma_outside_bindings_refused(client):
     n = 1024
     a, b, out = (client.alloc(n * 4) for _ in range(3))
     # the store goes to an address no binding covers
-    stream = add_stream(n, out_va=0x900000)
+    stream = add_stream(n, CFG, out_va=0x900000)
     expect_refused(client, stream, [(a, A, False), (b, B, False), (out, O, True)], "command stream refused")
 
 
