@@ -103,7 +103,7 @@ def main() -> None:
         row(f"matmul int8 {m}x{k}x{n} (exact)", best(run8), t_emu, "emulator fp32")
         if m * k * n <= 256 * 512 * 256:
             t_int = best(lambda: a8.astype(np.int32) @ w8.astype(np.int32), repeat=3)
-            row(f"  numpy integer matmul, same shape", t_int, t_np, "np.matmul fp32")
+            row("  numpy integer matmul, same shape", t_int, t_np, "np.matmul fp32")
 
     # --- conv ----------------------------------------------------------------------------
     for h, c, co, dt in [(56, 64, 64, np.float32), (28, 128, 128, np.float32),

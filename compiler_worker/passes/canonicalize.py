@@ -20,7 +20,6 @@ import numpy as np
 
 from ..ir import Node
 from . import decompose, quantize
-from ..numpy_ops import param
 
 # activation op -> (UnaryFunc name, p0, p1 from attrs)
 ACTIVATIONS = {

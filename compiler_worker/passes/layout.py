@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import CompileError
-from ..lowered import NCHW, NHWC, LOp, PTensor, cstrides
+from ..lowered import NHWC, LOp, PTensor, cstrides
 from ..support import SUPPORT
 from .canonicalize import ACTIVATIONS, BINARY
 

@@ -5,7 +5,6 @@ import re
 import subprocess
 import sys
 
-import numpy as np
 
 from emulator import isa
 from emulator.assembler import StreamBuilder
@@ -13,7 +12,6 @@ from emulator.config import make_config
 from emulator.disasm import disassemble
 from emulator.engines import EXECUTORS
 from emulator.isa import tile
-from emulator.timing import command_cost
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DOC = (ROOT / "docs" / "ISA.md").read_text()

@@ -6,8 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from emulator.engines.mac import k_chunk
-from emulator.isa import tile
-from emu_harness import Rig, run_op
+from emu_harness import run_op
 
 
 def ref_conv(x, w, stride, pad, dilation, groups, x_zp=0):

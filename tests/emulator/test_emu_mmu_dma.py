@@ -1,6 +1,5 @@
 """DMA through the MMU: strided transfers, page faults, isolation, recovery."""
 
-import mmap
 
 import numpy as np
 import pytest

@@ -18,10 +18,9 @@ import zmq.auth
 
 import npu
 from ipc_schema import codec
-from ipc_schema.endpoint import attach_path_for
 from npu.local import LocalDaemon
-from npud_asuser import needs_root, npu_error, open_to_everyone, run_as
-from npud_raw import RawPeer, error_of
+from npud_asuser import needs_root, open_to_everyone, run_as
+from npud_raw import RawPeer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
