@@ -25,6 +25,9 @@ run, in interleaved rounds where the two can interleave:
 * **Small model** (the test suite's 4x32 MLP): ``Model.run`` through the
   daemon vs onnxruntime in-process: the daemon round trip overhead (write the
   input into its mapped buffer, ``run_model``, ``wait``, read the output).
+* **Reusable execution** (``Model.execution()``): ``Execution.run(x)`` vs
+  ``Model.run(x)`` for that MLP, same input: buffers bound once, the request
+  encoded once, the outputs returned as views instead of copies.
 
 Nothing here asserts a time.  The device process's BLAS uses all cores unless
 ``OPENBLAS_NUM_THREADS`` says otherwise (exported to the daemon); on a busy
@@ -147,6 +150,13 @@ def run(rounds: int = 5) -> list[Ratio]:
                                    n=200, rounds=rounds)
             ratios.append(Ratio("MLP 4x32 Model.run vs ORT in-process", npu_s, ort_s, "us", 1e6,
                                 "none: daemon round trip"))
+            with small_model.execution() as execution:
+                out = small_model.outputs[0].name
+                np.testing.assert_array_equal(execution.run(xs)[out], small_model.run(xs)[out])
+                ex_s, run_s = compare(lambda: execution.run(xs), lambda: small_model.run(xs), n=200,
+                                      rounds=rounds)
+            ratios.append(Ratio("MLP 4x32 Execution.run vs Model.run", ex_s, run_s, "us", 1e6,
+                                "< 1x: no per-run setup"))
             ping_s, _ = compare(client.ping, lambda: None, n=500, rounds=rounds)
             print(f"(for scale: Client.ping() round trip {ping_s * 1e6:.0f} us; "
                   f"cold compiles {', '.join(f'{t * 1e3:.0f}' for t in colds)} ms)")

@@ -13,6 +13,7 @@ from .buffer import Buffer
 from .client import Client, Context, Job, connect, curve_keys
 from .errors import (Busy, Cancelled, ConnectionLost, DeviceFault, InternalError, InvalidArgument,
                      MissedDeadline, NotFound, NpuError, OutOfMemory, PermissionDenied, ProtocolMismatch, Timeout)
+from .execution import Execution, ExecutionJob
 from .fences import wait
 from .local import local
 from .model import Model, ModelJob, Report, TensorInfo
@@ -20,7 +21,7 @@ from .protocol import Device
 
 __all__ = [
     "AsyncBuffer", "AsyncClient", "Buffer", "Busy", "Cancelled", "Client", "ConnectionLost", "Device", "DeviceFault",
-    "InternalError", "InvalidArgument", "Job", "Model", "ModelJob", "Report", "TensorInfo", "NotFound", "NpuError", "OutOfMemory",
+    "Execution", "ExecutionJob", "InternalError", "InvalidArgument", "Job", "Model", "ModelJob", "Report", "TensorInfo", "NotFound", "NpuError", "OutOfMemory",
     "PermissionDenied", "ProtocolMismatch", "Timeout", "connect", "connect_async", "curve_keys", "default_endpoint",
     "local", "Context", "MissedDeadline", "wait",
 ]

@@ -106,12 +106,16 @@ class Client:
                  unreachable: bool = False) -> dict:
         return self._await(op, self._send(op, args), timeout=timeout, unreachable=unreachable)
 
-    def _send(self, op: str, args: dict) -> int:
+    def _send(self, op: str, args: dict, frame=None) -> int:
+        """Send a request; ``frame(seq) -> bytes``, if given, is its pre-encoded form (Execution)."""
         if self._closed:
             raise error(ErrorCode.ENOTCONN, "this client is closed")
         if self._daemon_stopping:  # the daemon said it is stopping: fail fast once it is gone
             protocol.check_reachable(self.endpoint)
         seq = next(self._seq)
+        if frame is not None:
+            self._sock.send(frame(seq), copy=False)
+            return seq
         limit = self.limits["max_message_bytes"] if self.limits else protocol.MAX_MESSAGE_BYTES
         self._sock.send(protocol.encode(op, seq, args, limit), copy=False)
         return seq

@@ -22,6 +22,7 @@ from .errors import error, from_wire
 if TYPE_CHECKING:
     from .buffer import Buffer
     from .client import Client
+    from .execution import Execution
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,17 @@ class Model:
         job = ModelJob(self, result["job"], (inputs, outputs))
         job.fence = (result.get("context", 0), result.get("point", 0))
         return job
+
+    def execution(self, context: Any = None, **options) -> "Execution":
+        """A reusable execution: buffers bound and mapped once, the run request encoded once, inputs
+        filled in place (``clients/npu/execution.py``).  Options as for ``submit``, fixed for its runs."""
+        from .client import job_options
+        from .execution import Execution
+
+        wire = job_options(context=context, **options)
+        if self._unloaded:
+            raise error(ErrorCode.ENOENT, "this model was unloaded")
+        return Execution(self, wire)
 
     def report(self) -> Report:
         """Per-op table: op, shapes, MACs, modeled cycles, SRAM and DMA bytes."""

@@ -1,0 +1,220 @@
+"""Reusable executions: ``model.execution() -> Execution``, bound once, run many times.
+
+Like an NNAPI burst or an IREE binding table: the input and output buffers are
+allocated and mapped once, ``execution.inputs[name]`` / ``execution.outputs[name]``
+are numpy views of them (fill the inputs in place: no copies at all), and the
+``run_model`` request is encoded once -- each run only splices in its sequence
+number.  Per run there is no allocation, no mapping and no request building.
+
+``run()`` returns the output *views*, not copies: zero-copy, but the next run of
+the same execution overwrites them (``.copy()`` what must outlive it).  One run
+is in flight per execution at a time; a second ``submit`` before the first
+finished raises ``npu.Busy`` (make a second execution to overlap runs).
+
+Without a local daemon (no companion socket, so no mapping) the views are plain
+arrays the execution copies to and from its buffers around each run.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ipc_schema import codec
+from ipc_schema.errors import ErrorCode
+
+from .errors import NpuError, error
+from .model import ModelJob
+
+if TYPE_CHECKING:
+    from .buffer import Buffer
+    from .model import Model, TensorInfo
+
+_PREFIX = b"\x83" + codec.pack("op") + codec.pack("run_model") + codec.pack("seq")
+
+
+class Execution:
+    """One model's bound input/output buffers and pre-encoded run request."""
+
+    def __init__(self, model: "Model", wire: dict[str, Any]):
+        self.model = model
+        self.client = model.client
+        self._wire = wire
+        self._closed = False
+        self._job: ExecutionJob | None = None
+        self._mapped = self.client.attached
+        self._infos = {t.name: t for t in (*model.inputs, *model.outputs)}
+        self._kinds = {**{t.name: "input" for t in model.inputs}, **{t.name: "output" for t in model.outputs}}
+        self._buffers: dict[str, "Buffer"] = {}
+        self._owned: dict[str, "Buffer"] = {}   # allocated here: freed by rebind() and close()
+        self.inputs: dict[str, np.ndarray] = {}
+        self.outputs: dict[str, np.ndarray] = {}
+        try:
+            for name, info in self._infos.items():
+                buf = self.client.alloc(max(info.size, 1), model.device)
+                self._owned[name] = buf
+                self._bind(name, buf)
+        except BaseException:
+            self._free_owned()
+            raise
+        self._encode()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "running" if self.busy else "idle"
+        return f"<npu.Execution of model {self.model.id} ({state})>"
+
+    @property
+    def busy(self) -> bool:
+        """Whether a run is in flight (as far as this client knows without asking)."""
+        return self._job is not None and not self._job.finished
+
+    def run(self, feeds: Any = None, timeout: float | None = None) -> dict[str, np.ndarray]:
+        """Run once (``feeds``, if given, are copied into the bound inputs first) and return the
+        output views by name: overwritten by this execution's next run."""
+        return self.submit(feeds).result(timeout)
+
+    def submit(self, feeds: Any = None) -> "ExecutionJob":
+        """Start a run and return at once: ``job.wait()``, ``job.result()`` (the output views)."""
+        self._check()
+        self._check_idle("submit")
+        if feeds is not None:
+            self._feed(feeds)
+        if not self._mapped:
+            for t in self.model.inputs:
+                self._buffers[t.name].write(self.inputs[t.name])
+        client = self.client
+        result = client._await("run_model", client._send("run_model", None, frame=self._frame))
+        job = ExecutionJob(self, result["job"])
+        job.fence = (result.get("context", 0), result.get("point", 0))
+        self._job = job
+        return job
+
+    def rebind(self, name: str, buffer: "Buffer") -> None:
+        """Bind a caller-owned buffer (same client, the model's device, large enough) to an input or
+        output; ``inputs[name]`` / ``outputs[name]`` then view it.  The caller keeps owning it."""
+        from .buffer import Buffer
+
+        self._check()
+        if name not in self._infos:
+            raise error(ErrorCode.EINVAL, f"the model has no input or output {name!r} (inputs "
+                                          f"{[t.name for t in self.model.inputs]}, outputs "
+                                          f"{[t.name for t in self.model.outputs]})")
+        if not isinstance(buffer, Buffer):
+            raise error(ErrorCode.EINVAL, f"rebind takes an npu.Buffer, not {type(buffer).__name__}")
+        info = self._infos[name]
+        if buffer.client is not self.client:
+            raise error(ErrorCode.EINVAL, f"buffer {buffer.handle} belongs to another client")
+        if buffer._freed:
+            raise error(ErrorCode.ENOENT, f"buffer {buffer.handle} was freed")
+        if buffer.device != self.model.device:
+            raise error(ErrorCode.EINVAL, f"{self._kinds[name]} {name!r} needs a buffer on device "
+                                          f"{self.model.device}; buffer {buffer.handle} is on device {buffer.device}")
+        if buffer.size < info.size:
+            raise error(ErrorCode.EINVAL, f"{self._kinds[name]} {name!r} needs {info.size} bytes "
+                                          f"({info.dtype}{list(info.shape)}); buffer {buffer.handle} has {buffer.size}")
+        self._check_idle("rebind")
+        self._bind(name, buffer)
+        owned = self._owned.pop(name, None)
+        if owned is not None and owned is not buffer:
+            owned.free()
+        self._encode()
+
+    def close(self) -> None:
+        """Free the buffers this execution allocated (a run in flight keeps them until it ends)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._free_owned()
+
+    def __enter__(self) -> "Execution":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- internals ----------------------------------------------------------------
+
+    def _bind(self, name: str, buf: "Buffer") -> None:
+        info: TensorInfo = self._infos[name]
+        if self._mapped:
+            view = buf.map()[:info.size].view(info.dtype).reshape(info.shape)
+        else:
+            view = np.zeros(info.shape, info.dtype)
+        self._buffers[name] = buf
+        (self.inputs if self._kinds[name] == "input" else self.outputs)[name] = view
+
+    def _encode(self) -> None:
+        args = {"model": self.model.id, "inputs": [self._buffers[t.name].handle for t in self.model.inputs],
+                "outputs": [self._buffers[t.name].handle for t in self.model.outputs], **self._wire}
+        suffix = codec.pack("args") + codec.pack(args)
+        self._frame = lambda seq: b"".join((_PREFIX, codec.pack(seq), suffix))
+
+    def _feed(self, feeds: Any) -> None:
+        if not isinstance(feeds, dict):
+            if len(self.model.inputs) != 1:
+                raise error(ErrorCode.EINVAL, f"this model has {len(self.model.inputs)} inputs: pass a dict")
+            feeds = {self.model.inputs[0].name: feeds}
+        for name, value in feeds.items():
+            if self._kinds.get(name) != "input":
+                raise error(ErrorCode.EINVAL, f"the model has no input {name!r}")
+            info, x = self._infos[name], np.asarray(value)
+            if x.shape != info.shape:
+                raise error(ErrorCode.EINVAL, f"input {name!r} has shape {list(x.shape)}, the model "
+                                              f"expects {list(info.shape)}")
+            if not np.can_cast(x.dtype, info.dtype, casting="same_kind"):
+                raise error(ErrorCode.EINVAL, f"input {name!r} is {x.dtype}, the model expects {info.dtype}")
+        for name, value in feeds.items():
+            np.copyto(self.inputs[name], value, casting="same_kind")
+
+    def _collect(self) -> dict[str, np.ndarray]:
+        if not self._mapped:
+            for t in self.model.outputs:
+                self._buffers[t.name].read_into(self.outputs[t.name])
+        return dict(self.outputs)
+
+    def _check(self) -> None:
+        if self._closed:
+            raise error(ErrorCode.ENOENT, "this execution was closed")
+        if self.model._unloaded:
+            raise error(ErrorCode.ENOENT, "this execution's model was unloaded")
+
+    def _check_idle(self, what: str) -> None:
+        job = self._job
+        if job is None or job.finished:
+            return
+        try:
+            job.wait(0)    # maybe it finished and nobody asked yet: one poll
+        except NpuError:
+            pass
+        if not job.finished:
+            raise error(ErrorCode.EBUSY, f"cannot {what}: this execution's run (job {job.id}) is still in "
+                                         "flight; wait for it, or use another execution to overlap runs")
+
+    def _free_owned(self) -> None:
+        owned, self._owned = list(self._owned.values()), {}
+        for buf in owned:
+            try:
+                buf.free()
+            except NpuError:
+                pass   # the session is gone, and its buffers with it
+
+
+class ExecutionJob(ModelJob):
+    """One run of an Execution; its result is the execution's output views."""
+
+    def __init__(self, execution: Execution, job_id: int):
+        super().__init__(execution.model, job_id, None)
+        self.execution = execution
+
+    def _settle(self, result: dict) -> None:
+        if result["state"] not in ("done", "failed") or self.finished:
+            return
+        self.state = result["state"]
+        self.stats = result["stats"]
+        if "error" in result:
+            from .errors import from_wire
+
+            self._error = from_wire(result["error"])
+        else:
+            self._outputs = self.execution._collect()
