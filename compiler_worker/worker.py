@@ -11,6 +11,10 @@ the daemon's private compile endpoint with its name as routing id, announces
     any failure
         -> {"id": n, "ok": false, "error": {"code", "message", "node", "op"}}
 
+A compile request may carry ``"slow_s": float``: with ``--test-mode`` (npud
+--test-mode, inject_fault slow_compile) the worker sleeps that long before
+compiling, so tests can hit the compile timeout; without it the field is ignored.
+
 Only workers parse models.  A worker runs with an address-space limit
 (RLIMIT_AS) and no core dumps, so a model that blows up memory fails here,
 not in the daemon; a crash or hang costs one compile and the daemon starts a
@@ -51,9 +55,11 @@ def _error(exc: BaseException) -> dict:
             "node": "", "op": ""}
 
 
-def handle(request: dict) -> dict:
+def handle(request: dict, test_mode: bool = False) -> dict:
     config = DeviceConfig.from_dict(request["config"])
     started = time.perf_counter()
+    if test_mode and request.get("slow_s"):
+        time.sleep(float(request["slow_s"]))  # an injected slow compile
     try:
         if request["op"] == "check":
             problems = [{"node": e.node or "", "op": e.op or "", "reason": e.reason}
@@ -70,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--endpoint", required=True)
     parser.add_argument("--name", required=True)
     parser.add_argument("--memory-limit", type=int, default=0, help="RLIMIT_AS in bytes (0: none)")
+    parser.add_argument("--test-mode", action="store_true", help="honour slow_s (npud --test-mode only)")
     args = parser.parse_args(argv)
     _limit_resources(args.memory_limit)
     sock = zmq.Context().socket(zmq.DEALER)
@@ -81,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         request = msgpack.unpackb(sock.recv(), raw=False)
         if request.get("op") == "exit":
             return 0
-        reply = handle(request)
+        reply = handle(request, args.test_mode)
         reply["id"] = request["id"]
         sock.send(msgpack.packb(reply, use_bin_type=True))
 

@@ -387,11 +387,14 @@ OPS: dict[str, Op] = {op.name: op for op in [
     }, errors=("ENOENT",)),
     _op("inject_fault", "Test mode only (`npud --test-mode`; EPERM otherwise): make this session's next job "
                         "on a device hang, crash the device process, or run slowly (each layer segment "
-                        "sleeps `slow_ms`).", {
+                        "sleeps `slow_ms`); or make its next compile for the device (a `load` that misses "
+                        "the cache) sleep `slow_ms` in the compiler worker first (`slow_compile`).", {
         "device": F(DEVICE_INDEX, "device index"),
-        "kind": F(Str(16, ("hang", "crash", "slow")), "the fault"),
-        "slow_ms": F(Int(0, 60_000), "for slow: sleep per layer segment", optional=True),
-        "count": F(Int(1, 1000), "how many of the session's next jobs it hits (default 1)", optional=True),
+        "kind": F(Str(16, ("hang", "crash", "slow", "slow_compile")), "the fault"),
+        "slow_ms": F(Int(0, 60_000), "for slow: sleep per layer segment; for slow_compile (required, > 0): "
+                                     "sleep before compiling", optional=True),
+        "count": F(Int(1, 1000), "how many of the session's next jobs (slow_compile: compiles) it hits "
+                                 "(default 1)", optional=True),
     }, {}, errors=("EPERM", "ENODEV")),
     _op("report", "The loaded model's per-op report: op, shapes, MACs, modeled cycles, SRAM, DMA bytes.", {
         "model": F(HANDLE, "loaded model"),

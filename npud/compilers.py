@@ -39,8 +39,9 @@ class _Pending:
 
 
 class CompilerPool:
-    def __init__(self, size: int, memory_limit: int, timeout_s: float):
+    def __init__(self, size: int, memory_limit: int, timeout_s: float, test_mode: bool = False):
         self.size = size
+        self.test_mode = test_mode  # workers honour a request's slow_s (inject_fault slow_compile)
         self.memory_limit = memory_limit
         self.timeout_s = timeout_s
         self.restarts = 0
@@ -131,7 +132,8 @@ class CompilerPool:
         self._ready[name] = trio.Event()
         process = await trio.lowlevel.open_process(
             [sys.executable, "-m", "compiler_worker.worker", "--endpoint", self.endpoint,
-             "--name", name.decode(), "--memory-limit", str(self.memory_limit)])
+             "--name", name.decode(), "--memory-limit", str(self.memory_limit)]
+            + (["--test-mode"] if self.test_mode else []))
         with trio.move_on_after(READY_TIMEOUT_S):
             await self._ready[name].wait()
         if self._ready[name].is_set():

@@ -395,14 +395,16 @@ async def _executable(daemon, session, device, args):
     if source is None:
         digest = (await trio.to_thread.run_sync(model_digest, data) if len(data) >= THREAD_THRESHOLD
                   else model_digest(data))
-        result = await daemon.loader.executable(data, options, device.config, digest)
+        result = await daemon.loader.executable(data, options, device.config, digest,
+                                                compile_faults=session.compile_faults.get(device.index))
     else:
         bo, span = source
         bo.refs += 1  # a concurrent free must not unmap it under the hashing or the copy
         try:
             digest = await trio.to_thread.run_sync(model_digest, bo.view()[span])
             result = await daemon.loader.executable(bo.view()[span], options, device.config, digest,
-                                                    private_copy=lambda: _copy_model(bo, span))
+                                                    private_copy=lambda: _copy_model(bo, span),
+                                                    compile_faults=session.compile_faults.get(device.index))
         finally:
             daemon.unref(bo)
     daemon.loader.presented(digest, session.uid)  # this user has shown it holds the model
@@ -550,7 +552,12 @@ def inject_fault(daemon, call, args):
         raise RequestError(ErrorCode.EPERM, "fault injection is for tests: start npud with --test-mode")
     device = daemon.device(args["device"])
     fault = {"fault": args["kind"], "slow_ms": args.get("slow_ms", 0)}
-    call.session.faults.setdefault(device.index, []).extend(dict(fault) for _ in range(args.get("count", 1)))
+    faults = call.session.faults
+    if args["kind"] == "slow_compile":  # the next compiles sleep in the worker (compiler_worker --test-mode)
+        if fault["slow_ms"] <= 0:
+            raise RequestError(ErrorCode.EINVAL, "inject_fault: slow_compile needs slow_ms > 0")
+        faults = call.session.compile_faults
+    faults.setdefault(device.index, []).extend(dict(fault) for _ in range(args.get("count", 1)))
     return {}
 
 

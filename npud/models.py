@@ -72,7 +72,7 @@ class ModelLoader:
         self._storing: set[trio.Event] = set()
 
     async def executable(self, model, options: dict, config: DeviceConfig, digest: bytes | None = None,
-                         private_copy=None) -> tuple[Executable, bool, float]:
+                         private_copy=None, compile_faults: list | None = None) -> tuple[Executable, bool, float]:
         """(executable, came from the cache, milliseconds it took).
 
         ``digest`` is ``model_digest(model)`` if the caller computed it already.
@@ -80,7 +80,8 @@ class ModelLoader:
         ``private_copy`` is an async function returning ``(copy, digest)``, and
         only a cache miss pays for the copy: a hit serves an entry compiled from
         bytes with that very digest, whatever the client did meanwhile, while a
-        compile must hash exactly the bytes it compiles.
+        compile must hash exactly the bytes it compiles.  ``compile_faults`` (test mode): the
+        session's pending slow_compile faults; a compile takes the first.
         """
         started = time.perf_counter()
         if digest is None and len(model) >= HASH_IN_THREAD_BYTES:  # ~0.5 ms per MB: not on the event loop
@@ -96,8 +97,10 @@ class ModelLoader:
         self._in_flight[key] = done = trio.Event()
         storing = False
         try:
-            reply = raise_for(await self.pool.compile(
-                {"op": "compile", "model": model, "config": config.to_dict(), "options": options}))
+            request = {"op": "compile", "model": model, "config": config.to_dict(), "options": options}
+            if compile_faults:
+                request["slow_s"] = compile_faults.pop(0)["slow_ms"] / 1000
+            reply = raise_for(await self.pool.compile(request))
             received = time.perf_counter()
             data = reply["executable"]
             try:

@@ -80,7 +80,8 @@ class Daemon:
                         for i, spec in enumerate(config.devices)]
         self.fence_tokens: dict[str, Job] = {}   # fence_export tokens (npud/fences.py)
         self.loader = ModelLoader(
-            CompilerPool(config.compile_workers, config.compile_memory_bytes, config.compile_timeout_s),
+            CompilerPool(config.compile_workers, config.compile_memory_bytes, config.compile_timeout_s,
+                         config.test_mode),
             CompileCache(Path(config.cache_dir) if config.cache_dir else default_directory()))
         self.started = time.monotonic()
         self.stopping = False

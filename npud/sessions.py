@@ -62,6 +62,7 @@ class Session:
     contexts: dict[int, Context] = field(default_factory=dict)   # 0: the default context (normal)
     imported: dict[int, Job] = field(default_factory=dict)       # fence_import: other sessions' jobs
     faults: dict[int, list] = field(default_factory=dict)        # inject_fault (test mode): device -> faults
+    compile_faults: dict[int, list] = field(default_factory=dict)  # slow_compile (test mode): device -> faults
     _next_handle: int = 1
     _next_job: int = 1
 

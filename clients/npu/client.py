@@ -263,7 +263,8 @@ class Client:
 
     def inject_fault(self, kind: str, device: int = 0, *, slow_ms: int = 0, count: int = 1) -> None:
         """Test mode only (``npud --test-mode``): make this session's next job(s) hang, crash the
-        device process, or run slowly (``slow_ms`` per layer)."""
+        device process, or run slowly (``slow_ms`` per layer); ``slow_compile``: its next compile(s)
+        sleep ``slow_ms`` in the compiler worker first."""
         self._request("inject_fault", {"device": device, "kind": kind, "slow_ms": slow_ms, "count": count})
 
     def close(self) -> None:
