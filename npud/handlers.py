@@ -140,7 +140,7 @@ def alloc(daemon, call, args):
                                              f"bring this session to {session.memory + charged} bytes of "
                                              f"its {limits.memory_quota}-byte quota; free buffers first")
     policy.check_memory(daemon.sessions, session, charged)  # the user's quota, all its sessions
-    bo = device.memory.allocate(size)
+    bo = _allocate(daemon, device, size)
     handle = session.new_handle()
     session.buffers[handle] = bo
     session.memory += bo.mapped_size
@@ -244,6 +244,19 @@ def _check_admission(daemon, session, device=None) -> None:
         raise RequestError(ErrorCode.EAGAIN, f"device {device.index} has {device.jobs_queued} jobs queued, "
                                              "the limit (scheduling.max_queued_per_device); retry later",
                            retry_after_ms=_retry_hint(daemon, device))
+
+
+def _allocate(daemon, device, size: int):
+    """Device memory, or ENOMEM with a retry hint when running or queued jobs hold memory that
+    their completion will free (a quota overrun, EDQUOT, is the client's to fix: no hint)."""
+    try:
+        return device.memory.allocate(size)
+    except RequestError as exc:
+        if exc.info.code is not ErrorCode.ENOMEM or not (device.jobs_queued or device.running_jobs()):
+            raise
+        raise RequestError(ErrorCode.ENOMEM, f"{exc.info.message}; jobs in flight hold memory that is "
+                                             "freed as they finish", retry_after_ms=_retry_hint(daemon, device)
+                           ) from None
 
 
 def _retry_hint(daemon, device) -> int:
