@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 RUNTIME := $(VENV)/.installed-runtime
 TESTING := $(VENV)/.installed-test
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean fuzz
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ test: $(TESTING)
 
 bench: $(TESTING)
 	$(PY) -m bench
+
+# Long fuzzing (docs/RELIABILITY.md): FUZZ_SECONDS per target of mutation fuzzing, then the same
+# of coverage-guided fuzzing with atheris if it installs (an optional extra).  Findings land in
+# fuzz/findings/; the summary table is printed at the end.
+FUZZ_SECONDS ?= 60
+fuzz: $(TESTING)
+	-$(PY) -m pip install --quiet -e '.[fuzz]'
+	$(PY) -m fuzz.run --seconds $(FUZZ_SECONDS) --atheris
 
 clean:
 	rm -rf $(VENV) build *.egg-info

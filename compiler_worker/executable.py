@@ -102,6 +102,10 @@ class Executable:
             raise ExecutableFormatError("executable is corrupt: integrity digest mismatch")
         if flags != 0:
             raise ExecutableFormatError(f"reserved flags 0x{flags:x} set")
+        try:
+            compiler_version = cv.rstrip(b"\0").decode("ascii")
+        except UnicodeDecodeError:  # found by fuzzing: it loaded, then to_bytes() failed
+            raise ExecutableFormatError(f"compiler version {cv!r} is not ASCII") from None
         if count > MAX_SECTIONS or HEADER.size + count * ENTRY.size > len(body):
             raise ExecutableFormatError(f"bad section count {count}")
         sections = {}
@@ -118,7 +122,7 @@ class Executable:
         except ValueError as e:
             raise ExecutableFormatError(f"malformed metadata section: {e}") from None
         return cls(sections[b"STRM"], sections[b"WGHT"], io, mem, ops, meta,
-                   cv.rstrip(b"\0").decode("ascii", "replace"), th, ver)
+                   compiler_version, th, ver)
 
     # --- reporting ---------------------------------------------------------------
     def report(self) -> Report:
