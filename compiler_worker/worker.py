@@ -24,6 +24,7 @@ fresh worker.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import time
@@ -35,6 +36,8 @@ from emulator.config import DeviceConfig
 
 from .api import check_model, compile_model
 from .errors import CompileError
+
+PARENT_CHECK_MS = 500
 
 
 def _limit_resources(memory_bytes: int) -> None:
@@ -84,7 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     sock.setsockopt(zmq.LINGER, 1000)
     sock.connect(args.endpoint)
     sock.send(msgpack.packb({"op": "ready"}))
+    daemon = os.getppid()
     while True:
+        # A ZeroMQ socket never reports that its peer is gone, so while idle the worker checks
+        # that the daemon still exists: a worker of a SIGKILLed daemon must not live on.
+        # (PR_SET_PDEATHSIG would fire when the *thread* that spawned us exits, and trio spawns
+        # processes from worker threads that retire after 10 s idle.)
+        while not sock.poll(PARENT_CHECK_MS):
+            if os.getppid() != daemon:
+                return 1
         request = msgpack.unpackb(sock.recv(), raw=False)
         if request.get("op") == "exit":
             return 0
