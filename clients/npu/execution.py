@@ -207,14 +207,8 @@ class ExecutionJob(ModelJob):
         super().__init__(execution.model, job_id, None)
         self.execution = execution
 
-    def _settle(self, result: dict) -> None:
-        if result["state"] not in ("done", "failed") or self.finished:
-            return
-        self.state = result["state"]
-        self.stats = result["stats"]
-        if "error" in result:
-            from .errors import from_wire
+    def _collect(self) -> dict:
+        return self.execution._collect()  # the bound output views, overwritten by the next run
 
-            self._error = from_wire(result["error"])
-        else:
-            self._outputs = self.execution._collect()
+    def _release(self) -> None:
+        pass  # the execution owns its buffers for all its runs

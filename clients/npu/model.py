@@ -219,11 +219,19 @@ class ModelJob:
         if "error" in result:
             self._error = from_wire(result["error"])
         else:
-            self._outputs = {}
-            for info, buf in zip(self.model.outputs, self._io[1]):
-                out = np.empty(info.shape, info.dtype)
-                buf.read_into(out)
-                self._outputs[info.name] = out
+            self._outputs = self._collect()
+        self._release()
+
+    def _collect(self) -> dict[str, np.ndarray]:
+        """The finished run's outputs (copies: the buffers serve the next run)."""
+        outputs = {}
+        for info, buf in zip(self.model.outputs, self._io[1]):
+            out = np.empty(info.shape, info.dtype)
+            buf.read_into(out)
+            outputs[info.name] = out
+        return outputs
+
+    def _release(self) -> None:
         if self.model._unloaded:  # unloaded while this job ran: nothing will reuse them
             for buf in (*self._io[0], *self._io[1]):
                 buf.free()
