@@ -160,25 +160,15 @@ def _conv2d_f32(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None
     pointwise = kh == kw == 1 and a.stride == (1, 1) and not any(a.pad)
     rows = oh if pointwise else max(1, min(oh, IM2COL_ELEMENTS // max(1, ow * k)))
     windows = None if pointwise else _windows(x, a, oh, ow, kh, kw)
-    for b in range(n):
-        for i0 in range(0, oh, rows):
-            i1 = min(oh, i0 + rows)
-            m = (i1 - i0) * ow
-            dst = out[b, i0:i1].reshape(m, cout)
-            if pointwise:
-                cols = x[b, i0:i1].reshape(m, cin)
-            else:
-                cols6 = _scratch.get("cols", (i1 - i0, ow, kh, kw, cin))
-                np.copyto(cols6, windows[b, i0:i1])
-                cols = cols6.reshape(m, k)
-            if accumulate:
-                tmp = _scratch.get("acc", (m, cout))
-                np.matmul(cols, w2, out=tmp)
-                dst += tmp
-            else:
-                np.matmul(cols, w2, out=dst)
-            if bias is not None:
-                dst += bias
+    for dst, cols, m in _tiles(x, windows, out, rows, pointwise, kh, kw):
+        if accumulate:
+            tmp = _scratch.get("acc", (m, cout))
+            np.matmul(cols, w2, out=tmp)
+            dst += tmp
+        else:
+            np.matmul(cols, w2, out=dst)
+        if bias is not None:
+            dst += bias
 
 
 def _conv2d_int(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
@@ -204,30 +194,40 @@ def _conv2d_int(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None
     step = k_chunk(x.dtype)
     pointwise = kh == kw == 1 and a.stride == (1, 1) and not any(a.pad)
     rows = oh if pointwise else max(1, min(oh, IM2COL_ELEMENTS // max(1, ow * k)))
+    src, windows = x, None
     if pointwise:
-        xf = _scratch.get("x_int", x.shape)
-        np.copyto(xf, x, casting="unsafe")
+        src = _scratch.get("x_int", x.shape)  # float32: the GEMM operand itself
+        np.copyto(src, x, casting="unsafe")
     else:
         windows = _windows(x, a, oh, ow, kh, kw, fill=a.x_zp, name="xpad_int")
+    for dst, cols, m in _tiles(src, windows, out, rows, pointwise, kh, kw):
+        tmp = _scratch.get("acc", (m, cout))
+        for j, k0 in enumerate(range(0, k, step)):
+            np.matmul(cols[:, k0:k0 + step], w2[k0:k0 + step], out=tmp)
+            if j == 0 and not accumulate:
+                np.copyto(dst, tmp, casting="unsafe")     # exact: |tmp| <= 2**24
+            else:
+                dst += tmp.astype(np.int32)
+        dst += corr32
+
+
+def _tiles(src: np.ndarray, windows, out: np.ndarray, rows: int, pointwise: bool, kh: int, kw: int):
+    """The GEMM tiles of a convolution: ``(dst, cols, m)`` per band of ``rows`` output rows of each
+    image, ``dst`` the (m, cout) slice of ``out`` to write and ``cols`` the (m, k) operand: the
+    input itself for a pointwise convolution, else its windows copied into reused scratch."""
+    n, oh, ow, cout = out.shape
+    cin = src.shape[3]
     for b in range(n):
         for i0 in range(0, oh, rows):
             i1 = min(oh, i0 + rows)
             m = (i1 - i0) * ow
             dst = out[b, i0:i1].reshape(m, cout)
             if pointwise:
-                cols = xf[b, i0:i1].reshape(m, cin)
+                yield dst, src[b, i0:i1].reshape(m, cin), m
             else:
                 cols6 = _scratch.get("cols", (i1 - i0, ow, kh, kw, cin))
                 np.copyto(cols6, windows[b, i0:i1])
-                cols = cols6.reshape(m, k)
-            tmp = _scratch.get("acc", (m, cout))
-            for j, k0 in enumerate(range(0, k, step)):
-                np.matmul(cols[:, k0:k0 + step], w2[k0:k0 + step], out=tmp)
-                if j == 0 and not accumulate:
-                    np.copyto(dst, tmp, casting="unsafe")     # exact: |tmp| <= 2**24
-                else:
-                    dst += tmp.astype(np.int32)
-            dst += corr32
+                yield dst, cols6.reshape(m, kh * kw * cin), m
 
 
 def _windows(x: np.ndarray, a, oh: int, ow: int, kh: int, kw: int, fill=0,
