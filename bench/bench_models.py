@@ -50,18 +50,9 @@ import onnx
 import npu
 from npu.local import LocalDaemon
 
-from .common import Ratio, compare, report
+from .common import Ratio, compare, ort_session, report
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "compiler_worker"))
-
-
-def _ort_session(model: bytes):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def _median_time(fn, n: int) -> float:
@@ -86,7 +77,7 @@ def run(rounds: int = 5) -> list[Ratio]:
     try:
         with npu.connect(daemon.endpoint, timeout=120) as client:
             # cold compile: every round empties the cache first
-            ort_create_s = _median_time(lambda: _ort_session(resnet50), 3)
+            ort_create_s = _median_time(lambda: ort_session(resnet50), 3)
             colds = []
             for _ in range(3):
                 client._request("cache_clear", {})
@@ -132,10 +123,10 @@ def run(rounds: int = 5) -> list[Ratio]:
                 assert m.cached
                 m.unload()
             ratios.append(Ratio("small CNN cache-hit load vs ORT session", _median_time(cached_small_load, 21),
-                                _median_time(lambda: _ort_session(cnn), 21), "ms", 1e3, "<= 20 ms absolute"))
+                                _median_time(lambda: ort_session(cnn), 21), "ms", 1e3, "<= 20 ms absolute"))
 
             model = client.load(resnet50)
-            session = _ort_session(resnet50)
+            session = ort_session(resnet50)
             want = session.run(None, {"x": x})[0]
             got = model.run(x)[model.outputs[0].name]
             np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-2)
@@ -145,7 +136,7 @@ def run(rounds: int = 5) -> list[Ratio]:
             model.unload()
 
             small_model = client.load(small)
-            small_session = _ort_session(small)
+            small_session = ort_session(small)
             npu_s, ort_s = compare(lambda: small_model.run(xs), lambda: small_session.run(None, {"x": xs}),
                                    n=200, rounds=rounds)
             ratios.append(Ratio("MLP 4x32 Model.run vs ORT in-process", npu_s, ort_s, "us", 1e6,

@@ -33,18 +33,9 @@ import numpy as np
 import npu
 from npu.local import LocalDaemon
 
-from .common import Ratio, compare, report
+from .common import Ratio, compare, ort_session, report
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "compiler_worker"))
-
-
-def _ort_session(model: bytes):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def models(seed: int = 0) -> tuple[bytes, bytes]:
@@ -76,7 +67,7 @@ def run(rounds: int = 5) -> list[Ratio]:
     try:
         with npu.connect(daemon.endpoint, timeout=120) as client:
             mf, mq = client.load(fp32), client.load(int8)
-            sq = _ort_session(int8)
+            sq = ort_session(int8)
             ref = sq.run(None, {"x": x})[0]
             got = mq.run(x)[mq.outputs[0].name]
             from test_compiler_quant import output_step
@@ -92,7 +83,7 @@ def run(rounds: int = 5) -> list[Ratio]:
                                 rounds=rounds)
             ratios.append(Ratio("ResNet-50 int8 Model.run vs ORT QDQ 1 thread", q_s2, o_s, "ms",
                                 1e3, "<= 1.3x"))
-            so_f = _ort_session(fp32)
+            so_f = ort_session(fp32)
             of_s, _ = compare(lambda: so_f.run(None, {"x": x}), lambda: None, n=3, rounds=3)
             print(f"(modeled device time per run: int8 {cq:,} cycles vs fp32 {cf:,} cycles = "
                   f"{cq / cf:.2f}x; int8 MACs {macs_q:,}; ORT fp32 {of_s * 1e3:.1f} ms, ORT QDQ "

@@ -62,3 +62,13 @@ def report(title: str, ratios: list[Ratio]) -> None:
     for r in ratios:
         print(r.line())
     print()
+
+
+def ort_session(model: bytes):
+    """The onnxruntime baseline: one intra-op and one inter-op thread, CPU only."""
+    import onnxruntime as ort  # a test-and-bench oracle, never a runtime dependency
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])

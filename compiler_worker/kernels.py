@@ -61,22 +61,20 @@ class Emitter:
 
     def load(self, sram: int, name: str, off: int, shape, strides) -> None:
         """DMA a strided region of tensor `name` (in its own dtype) into SRAM."""
-        self._q("dma")
-        t = self.pt[name]
-        es = t.esize
-        shape = pad4(shape)
-        st = (0,) * (4 - len(strides)) + tuple(int(s) * es for s in strides)
-        self.dma_bytes += math.prod(shape) * es
-        self.sb.dma_load(sram, self.va(name, off), t.dtype, shape, st)
+        self._dma(self.sb.dma_load, sram, name, off, shape, strides)
 
     def store(self, sram: int, name: str, off: int, shape, strides) -> None:
+        """DMA an SRAM tile out to a strided region of tensor `name`."""
+        self._dma(self.sb.dma_store, sram, name, off, shape, strides)
+
+    def _dma(self, emit, sram: int, name: str, off: int, shape, strides) -> None:
         self._q("dma")
         t = self.pt[name]
         es = t.esize
         shape = pad4(shape)
         st = (0,) * (4 - len(strides)) + tuple(int(s) * es for s in strides)
         self.dma_bytes += math.prod(shape) * es
-        self.sb.dma_store(sram, self.va(name, off), t.dtype, shape, st)
+        emit(sram, self.va(name, off), t.dtype, shape, st)
 
     def mac(self, fn, *a, **k):
         self._q("mac")
@@ -457,7 +455,6 @@ def plan_conv(op: LOp, cx: Ctx):
         rest = S - wbytes - al(cb * 4)
         if rest <= 0:
             continue
-        per_out_row = al(OW * cb * 4) * (1 + nres)
         ohb = 0
         lo, hi = 1, OH
         while lo <= hi:
@@ -542,7 +539,7 @@ def emit_conv(op: LOp, em: Emitter):
     sh, sw = p["stride"]
     dh, dw = p["dil"]
     pt_, pl_, pb_, pr_ = p["pads"]
-    cb, kb, gb, ohb = pl["cb"], pl["kb"], pl["gb"], pl["ohb"]
+    cb, kb, ohb = pl["cb"], pl["kb"], pl["ohb"]
     xst = cstrides(x.shape)
     if _subsampled(p, w):
         xst = (xst[0], xst[1] * sh, xst[2] * sw, 1)
