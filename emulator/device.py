@@ -87,11 +87,16 @@ class Device:
         self._free_ids.append(hw_id)
         self._free_ids.sort()
 
-    def execute(self, ctx: Context, program_or_stream) -> JobStats:
+    def execute(self, ctx: Context, program_or_stream, *, continues: bool = False) -> JobStats:
         """Run one job in `ctx`.  Bytes are validated first against
         ``ctx.mappings()`` (StreamError on refusal).  Returns the job's
         counters; raises PageFault (EFAULT) or DeviceError if the job fails,
-        after which the device and every context remain usable."""
+        after which the device and every context remain usable.
+
+        ``continues=True`` runs the next part of the job that the previous
+        ``execute`` ran, in the same context (a model's layers, run one
+        segment at a time so that they can be preempted): its SRAM is not
+        cleared, because nothing of another job or context can be in it."""
         if not isinstance(ctx, Context) or ctx.device is not self or ctx.closed:
             raise DeviceError("context does not belong to this device or is closed", code="EINVAL")
         if isinstance(program_or_stream, Program):
@@ -102,10 +107,13 @@ class Device:
             program = validate(program_or_stream, self.config, ctx.mappings())
         # SRAM starts every job zeroed: nothing leaks between jobs or contexts.
         # Only what the previous job could have written needs clearing.
-        for core, s in enumerate(self._sram):
-            if self._dirty[core]:
-                s[:self._dirty[core]] = 0
-        self._dirty = list(program.sram_used)
+        if continues:
+            self._dirty = [max(a, b) for a, b in zip(self._dirty, program.sram_used)]
+        else:
+            for core, s in enumerate(self._sram):
+                if self._dirty[core]:
+                    s[:self._dirty[core]] = 0
+            self._dirty = list(program.sram_used)
         job = _Job(self._sram, ctx._pt)
         cmd = None
         try:

@@ -172,7 +172,10 @@ class DeviceProcess:
                         break
                     if fault == "slow":
                         time.sleep(request.get("slow_ms", 0) / 1000)
-                    stats = self.device.execute(ctx, segments[segment])
+                    # Later segments of this run continue the same job: no SRAM clearing per
+                    # layer (a resumed run after preemption starts fresh, as another job may
+                    # have run in between).
+                    stats = self.device.execute(ctx, segments[segment], continues=ran > 0)
                     cycles += self.cycles[pid][segment]
                     segment += 1
                     ran += 1
