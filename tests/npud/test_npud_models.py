@@ -251,7 +251,9 @@ def test_compile_over_the_time_limit_times_out_and_the_worker_is_replaced(slow_l
 
 
 def test_compile_over_the_memory_limit_fails_clearly(memory_limit):
-    with npu.connect(memory_limit.endpoint) as c:
+    # A worker near its address-space limit can crawl on a loaded machine: wait for the
+    # daemon's answer (its compile time limit is 120 s), not the client's default 30 s.
+    with npu.connect(memory_limit.endpoint, timeout=150) as c:
         with pytest.raises(npu.NpuError) as err:
             c.load(resnet())  # 100 MB of weights: several copies do not fit in 300 MiB
         assert err.value.code in ("EIO", "ENOMEM")
