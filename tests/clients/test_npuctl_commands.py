@@ -33,8 +33,8 @@ CFG = make_config("edge")
 
 
 @pytest.fixture(scope="module")
-def daemon():
-    cache = tempfile.mkdtemp(prefix="npuctl-cache-")
+def daemon(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("cache"))
     d = LocalDaemon("--device", "edge", "--device", "edge", "--cache-dir", cache)
     yield d
     d.stop()

@@ -17,8 +17,10 @@ import onnx.backend.test
 import conformance
 import npu.onnx_backend as backend
 
-# BackendTest writes the light models' test data under $ONNX_HOME: keep it out of $HOME
-os.environ.setdefault("ONNX_HOME", tempfile.mkdtemp(prefix="npu-onnx-home-"))
+# BackendTest writes the light models' test data under $ONNX_HOME: keep it out of $HOME, and
+# let the directory object's finaliser remove it when the test run ends.
+_onnx_home = tempfile.TemporaryDirectory(prefix="npu-onnx-home-")
+os.environ.setdefault("ONNX_HOME", _onnx_home.name)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")    # the node-test generators warn about their own casts

@@ -5,6 +5,7 @@ daemon restart; fault injection only in test mode; malformed input for the new o
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,6 +175,7 @@ def test_daemon_restart_clear_error_reconnect_and_cache_intact(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
+        shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 def test_fault_injection_needs_test_mode():

@@ -4,7 +4,6 @@ A digest alone never lets a user run a model it has not sent itself.
 """
 
 import os
-import tempfile
 
 import numpy as np
 import onnx
@@ -16,8 +15,8 @@ from npu.local import LocalDaemon
 
 
 @pytest.fixture(scope="module")
-def daemon():
-    d = LocalDaemon("--cache-dir", tempfile.mkdtemp(prefix="npud-digest-"))
+def daemon(tmp_path_factory):
+    d = LocalDaemon("--cache-dir", str(tmp_path_factory.mktemp("cache")))
     yield d
     d.stop()
 
