@@ -56,13 +56,12 @@ from typing import TYPE_CHECKING, Any
 from ipc_schema.errors import ErrorCode, RequestError
 
 from .config import ConfigError, parse_size
+from .scheduler import PRIORITIES
 
 if TYPE_CHECKING:
     from .sessions import Session
 
 ADMIN_OPS = ("kill_client", "reset_device", "cache_clear")
-# The scheduler's priority classes (npud/scheduler.py PRIORITIES), lowest first.
-PRIORITIES = ("low", "normal", "high", "realtime")
 DEFAULT_CEILING = "high"           # realtime only where the policy grants it
 MAX_ID = 2**32 - 2                 # (uid_t)-1 is "no user"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")

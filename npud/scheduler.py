@@ -31,7 +31,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-PRIORITIES = ("low", "normal", "high", "realtime")
+from ipc_schema.schema import PRIORITY_NAMES
+
+# A context's class is an index into this tuple: a higher index runs first.
+PRIORITIES = PRIORITY_NAMES
 NORMAL = PRIORITIES.index("normal")
 _context_ids = itertools.count(1)
 
