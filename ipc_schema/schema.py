@@ -74,8 +74,9 @@ DEVICE = Struct("device", {
     "jobs_running": F(U32, "jobs executing now"),
     "jobs_completed": F(U64, "jobs finished successfully since start"),
     "jobs_failed": F(U64, "jobs that failed since start"),
-    "busy_ms": F(Float(), "wall time the device process spent executing jobs (including the running "
-                         "job's time so far); utilisation over an interval is its growth over the interval"),
+    "busy_ms": F(Float(), "wall time the device spent executing jobs, averaged over its cores (each core "
+                         "is a device process; running jobs count their time so far), so utilisation over "
+                         "an interval is its growth divided by the interval"),
     "resets": F(U32, "device process restarts"),
     "util_pct": F(Float(), "percent of the last `util_window_s` seconds (sampled every 0.5 s) the device "
                            "spent executing jobs"),
