@@ -20,6 +20,7 @@ import onnx
 import pytest
 
 import npu
+from asuser import needs_root, open_to_everyone, run_as
 from emulator.config import make_config
 from npu.local import LocalDaemon
 from npuctl import fields
@@ -395,37 +396,23 @@ def test_reset_device(capsys, daemon, work):
     assert code == 1 and "no device" in err
 
 
-@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as another uid")
+def _npuctl_admin_as_nobody(endpoint: str, victim: str) -> dict:
+    """In the child run by run_as: npuctl's admin commands and a status, with their stderr."""
+    err = io.StringIO()
+    sys.stderr = err
+    codes = [npuctl_main(["--endpoint", endpoint, "reset", "0"]),
+             npuctl_main(["--endpoint", endpoint, "kill-client", victim]),
+             npuctl_main(["--endpoint", endpoint, "status", "--json"])]
+    return {"codes": codes, "err": err.getvalue()}
+
+
+@needs_root
 def test_admin_ops_refused_for_other_uids(daemon):
     """A client running as nobody (uid from SO_PEERCRED) gets EPERM with a reason, exit 1."""
-    os.chmod(daemon.dir, 0o711)
-    for name in os.listdir(daemon.dir):  # the ZeroMQ socket and the companion socket
-        os.chmod(os.path.join(daemon.dir, name), 0o666)
+    open_to_everyone(daemon)
     with npu.connect(daemon.endpoint) as c:
-        victim = c.session
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: become nobody, then run npuctl
-            try:
-                os.close(read)
-                os.setgid(65534)
-                os.setuid(65534)
-                err = io.StringIO()
-                sys.stderr = err
-                codes = [npuctl_main(["--endpoint", daemon.endpoint, "reset", "0"]),
-                         npuctl_main(["--endpoint", daemon.endpoint, "kill-client", victim]),
-                         npuctl_main(["--endpoint", daemon.endpoint, "status", "--json"])]
-                os.write(write, json.dumps({"codes": codes, "err": err.getvalue()}).encode())
-            finally:
-                os._exit(0)
-        os.close(write)
-        chunks = []
-        while chunk := os.read(read, 65536):
-            chunks.append(chunk)
-        os.close(read)
-        os.waitpid(pid, 0)
+        report = run_as(65534, 65534, _npuctl_admin_as_nobody, daemon.endpoint, c.session)
         c.ping()  # not killed
-    report = json.loads(b"".join(chunks))
     assert report["codes"] == [1, 1, 0], report["err"]
     lines = report["err"].splitlines()
     assert len(lines) == 2 and all("admin operation" in line and "uid 65534" in line for line in lines)

@@ -19,7 +19,7 @@ import zmq.auth
 import npu
 from ipc_schema import codec
 from npu.local import LocalDaemon
-from npud_asuser import needs_root, open_to_everyone, run_as
+from asuser import needs_root, open_to_everyone, run_as
 from npud_raw import RawPeer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

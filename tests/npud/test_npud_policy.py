@@ -15,7 +15,7 @@ from emulator.config import make_config
 from npu.local import LocalDaemon
 from npud import policy as policy_mod
 from npud.config import ConfigError
-from npud_asuser import needs_root, npu_error, open_to_everyone, run_as
+from asuser import needs_root, npu_error, open_to_everyone, run_as
 from npud_raw import RawPeer, error_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
