@@ -47,7 +47,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from ipc_schema.endpoint import default_endpoint
 from ipc_schema.schema import MAX_BUFFER_BYTES
@@ -55,6 +55,7 @@ from ipc_schema.schema import MAX_BUFFER_BYTES
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -273,14 +274,23 @@ def load(path: str | Path | None) -> Config:
     """Read a config file (or the defaults when path is None)."""
     if path is None:
         return Config()
+    return load_toml(path, "config file", from_dict)
+
+
+def load_toml(path: str | Path, what: str, parse: Callable[[dict], T]) -> T:
+    """``parse`` applied to the TOML file at ``path``.
+
+    Every failure, unreadable, not TOML or refused by ``parse``, is a ConfigError whose message
+    starts with the file's name, so the operator knows which file to fix.
+    """
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     try:
-        return from_dict(data)
+        return parse(data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None

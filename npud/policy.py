@@ -48,14 +48,13 @@ import grp
 import os
 import pwd
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ipc_schema.errors import ErrorCode, RequestError
 
-from .config import ConfigError, parse_size
+from .config import ConfigError, load_toml, parse_size
 from .scheduler import PRIORITIES
 
 if TYPE_CHECKING:
@@ -465,13 +464,6 @@ def load(path: str | Path | None) -> Policy:
     if not path:
         return DEFAULT
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError(f"policy: cannot read policy file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"policy: {path}: not valid TOML: {exc}") from None
-    try:
-        return from_dict(data, str(path))
+        return load_toml(path, "policy file", lambda data: from_dict(data, str(path)))
     except ConfigError as exc:
-        raise ConfigError(f"policy: {path}: {exc}") from None
+        raise ConfigError(f"policy: {exc}") from None
