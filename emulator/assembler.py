@@ -174,6 +174,15 @@ class StreamBuilder:
                          if len(tuple(offset)) == isa.MAX_RANK else
                          (0,) * (isa.MAX_RANK - len(tuple(offset))) + tuple(offset))
 
+    def qbinary(self, func, a, b, out, *, a_scale: float, a_zp: int, b_scale: float, b_zp: int,
+                y_scale: float, y_zp: int, lo: int = -(1 << 31), hi: int = (1 << 31) - 1,
+                core: int = 0):
+        """Quantised element-wise `func` (add, sub, mul, max, min) of int8/uint8
+        tiles; `lo`/`hi` as for :meth:`requant`."""
+        return self.emit("qbinary", core=core, func=int(_enum(BinaryFunc, func)), a=a, b=b,
+                         out=out, a_scale=a_scale, a_zp=a_zp, b_scale=b_scale, b_zp=b_zp,
+                         y_scale=y_scale, y_zp=y_zp, lo=lo, hi=hi)
+
     def select(self, cond, a, b, out, *, core: int = 0):
         return self.emit("select", core=core, cond=cond, a=a, b=b, out=out)
 

@@ -125,6 +125,9 @@ INTEGER_BINARY = frozenset({BinaryFunc.ADD, BinaryFunc.SUB, BinaryFunc.MUL,
                             BinaryFunc.MAX, BinaryFunc.MIN, BinaryFunc.SQDIFF,
                             BinaryFunc.EQ, BinaryFunc.LT, BinaryFunc.GT})
 COMPARE_BINARY = frozenset({BinaryFunc.EQ, BinaryFunc.LT, BinaryFunc.GT})
+# Functions `qbinary` applies between its dequantised operands.
+QUANT_BINARY = frozenset({BinaryFunc.ADD, BinaryFunc.SUB, BinaryFunc.MUL, BinaryFunc.MAX,
+                          BinaryFunc.MIN})
 
 
 class ReduceFunc(enum.IntEnum):
@@ -308,6 +311,12 @@ OPCODES: tuple[OpSpec, ...] = (
     _op(0x3A, "select", Engine.VECTOR,
         "Element-wise out = a where cond != 0 else b, numpy broadcasting of all three.",
         ("cond", TILE), ("a", TILE), ("b", TILE), ("out", TILE)),
+    _op(0x3B, "qbinary", Engine.VECTOR,
+        "Quantised element-wise out = Q(func(DQ(a), DQ(b))) with numpy broadcasting: "
+        "ONNX's DequantizeLinear -> op -> QuantizeLinear in float32, fused; [lo, hi] folds Relu/Clip.",
+        ("func", U8, BinaryFunc), ("a", TILE), ("b", TILE), ("out", TILE),
+        ("a_scale", F32), ("a_zp", I32), ("b_scale", F32), ("b_zp", I32),
+        ("y_scale", F32), ("y_zp", I32), ("lo", I32), ("hi", I32)),
     # pooling engine
     _op(0x40, "pool", Engine.POOL,
         "2-D max/average pooling over NHWC; global pooling is a window covering H x W.",

@@ -113,6 +113,8 @@ def command_cost(cmd: Command, config) -> tuple[int, int]:
         passes = 3 + (TRANSCENDENTAL_CYCLES if name == "softmax" else 1)
     elif name == "vbinary" and a.func in (3, 6):  # div, pow
         passes = TRANSCENDENTAL_CYCLES
+    elif name == "qbinary":   # two dequantisations, the op and a quantisation (a division)
+        passes = TRANSCENDENTAL_CYCLES
     return COMMAND_CYCLES + passes * -(-work // vb), 0
 
 

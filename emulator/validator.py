@@ -319,6 +319,32 @@ class _Checker:
         if out.shape != tuple(shape):
             self.fail(f"out: shape {list(out.shape)}, expected the broadcast shape {shape}")
 
+    def _qbinary(self, a) -> None:
+        f = self.enum("func", BinaryFunc, a.func)
+        if f not in isa.QUANT_BINARY:
+            self.fail(f"func: {f.name.lower()} is not one of qbinary's add, sub, mul, max, min")
+        q8 = (DType.INT8, DType.UINT8)
+        x = self.tile("a", a.a, allowed=q8)
+        y = self.tile("b", a.b, allowed=q8)
+        out = self.tile("out", a.out, write=True, allowed=q8)
+        for name, scale, zp, t in (("a", a.a_scale, a.a_zp, x), ("b", a.b_scale, a.b_zp, y),
+                                   ("y", a.y_scale, a.y_zp, out)):
+            self.finite(f"{name}_scale", scale)
+            if not scale > 0:
+                self.fail(f"{name}_scale: {scale} is not positive")
+            lo, hi = (-128, 127) if t.dtype == DType.INT8 else (0, 255)
+            if not lo <= zp <= hi:
+                self.fail(f"{name}_zp: {zp} outside the {t.dtype.name.lower()} range")
+        if a.lo > a.hi:
+            self.fail(f"lo: clamp bounds [{a.lo}, {a.hi}] are empty")
+        shape = []
+        for d, (p, q) in enumerate(zip(x.shape, y.shape)):
+            if p != q and 1 not in (p, q):
+                self.fail(f"b: dim {d} ({q}) does not broadcast against a's ({p})")
+            shape.append(max(p, q))
+        if out.shape != tuple(shape):
+            self.fail(f"out: shape {list(out.shape)}, expected the broadcast shape {shape}")
+
     def _select(self, a) -> None:
         c = self.tile("cond", a.cond)
         x = self.tile("a", a.a)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from ..isa import DType, Tile
@@ -38,3 +40,25 @@ def store(out: np.ndarray, value: np.ndarray) -> None:
     if value.dtype.kind == "f" or np.iinfo(value.dtype).min < lo or np.iinfo(value.dtype).max > hi:
         value = np.clip(value, lo, hi)
     np.copyto(out, value, casting="unsafe")
+
+
+SCRATCH_MAX = 1 << 24       # largest work buffer kept between commands (elements)
+
+
+class Scratch(threading.local):
+    """float32 work buffers reused from command to command (fresh pages cost a page fault each)."""
+
+    def __init__(self):
+        self.buffers: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        size = int(np.prod(shape))
+        buf = self.buffers.get(name)
+        if buf is None or buf.size < size:
+            if size > SCRATCH_MAX:
+                return np.empty(shape, np.float32)
+            buf = self.buffers[name] = np.empty(max(size, 1 << 16), np.float32)
+        return buf[:size].reshape(shape)
+
+
+scratch = Scratch()

@@ -13,17 +13,15 @@ wraps to the int32 accumulator, as 32-bit hardware accumulators do.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ..isa import FLAG_ACCUMULATE, NONE_ADDR
+from .common import scratch as _scratch
 from .common import vec, view
 
 F32_EXACT = 1 << 24
 IM2COL_ELEMENTS = 1 << 24   # largest im2col matrix built at once (64 MiB of float32)
-SCRATCH_MAX = 1 << 24       # largest work buffer kept between commands (elements)
 
 
 def k_chunk(x_dtype: np.dtype) -> int:
@@ -73,23 +71,6 @@ def matmul(job, cmd) -> None:
     _epilogue(job, cmd, out, gemm(x, w), out.shape[3])
 
 
-class _Scratch(threading.local):
-    """float32 work buffers reused from command to command (fresh pages cost a page fault each)."""
-
-    def __init__(self):
-        self.buffers: dict[str, np.ndarray] = {}
-
-    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        size = int(np.prod(shape))
-        buf = self.buffers.get(name)
-        if buf is None or buf.size < size:
-            if size > SCRATCH_MAX:
-                return np.empty(shape, np.float32)
-            buf = self.buffers[name] = np.empty(max(size, 1 << 16), np.float32)
-        return buf[:size].reshape(shape)
-
-
-_scratch = _Scratch()
 
 
 def conv2d(job, cmd) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..isa import BinaryFunc, ReduceFunc, UnaryFunc
 from .common import _LIMITS as _RANGE
-from .common import store, vec, view
+from .common import scratch, store, vec, view
 
 # Abramowitz & Stegun 7.1.26: |error| < 1.5e-7, below fp32 resolution near 1.
 _P = 0.3275911
@@ -229,6 +229,43 @@ def requant(job, cmd) -> None:
         np.add(r, zp, out=out, casting="unsafe")
 
 
+# Dequantised magnitudes are at most 255 * scale; below this scale none can
+# overflow float32, so no inf - inf (or 0 * inf) NaN can arise.
+_NO_INF_SCALE = 2.0 ** 100
+
+
+def _dequant(x: np.ndarray, scale: float, zp: int, out: np.ndarray) -> np.ndarray:
+    """float32((x - zp) * scale): ONNX DequantizeLinear (the subtraction is exact)."""
+    if zp:
+        np.subtract(x, np.float32(zp), out=out, dtype=np.float32)
+        return np.multiply(out, np.float32(scale), out=out)
+    return np.multiply(x, np.float32(scale), out=out, dtype=np.float32)
+
+
+def qbinary(job, cmd) -> None:
+    """out = Q(func(DQ(a), DQ(b))), every step in float32 exactly as ONNX's
+    DequantizeLinear -> op -> QuantizeLinear computes it (Q divides by its
+    scale), so it is bit-identical to running the three as separate float
+    commands; [lo, hi] clamps the result (a fused Relu/Clip)."""
+    a = cmd.args
+    sram = job.sram[cmd.core]
+    x, y, out = view(sram, a.a), view(sram, a.b), view(sram, a.out)
+    dx = _dequant(x, a.a_scale, a.a_zp, scratch.get("qb_a", x.shape))
+    dy = _dequant(y, a.b_scale, a.b_zp, scratch.get("qb_b", y.shape))
+    r = dx if dx.shape == out.shape else scratch.get("qb_r", out.shape)
+    _BINARY[BinaryFunc(a.func)](dx, dy, out=r)
+    np.divide(r, np.float32(a.y_scale), out=r)
+    np.rint(r, out=r)
+    lo, hi = _RANGE[out.dtype]
+    lo, hi = max(lo, a.lo) - a.y_zp, min(hi, a.hi) - a.y_zp
+    if max(a.a_scale, a.b_scale) >= _NO_INF_SCALE:
+        # NaN has no integer value: 0 after the zero point is added, as requant maps it
+        np.copyto(r, np.float32(-a.y_zp), where=np.isnan(r))
+    # clamp, then add the (integer) zero point: clamp(round(v) + zp) in one pass fewer
+    np.clip(r, lo, hi, out=r)
+    np.add(r, np.float32(a.y_zp), out=out, casting="unsafe")
+
+
 def transpose(job, cmd) -> None:
     a = cmd.args
     sram = job.sram[cmd.core]
@@ -251,4 +288,4 @@ def fill(job, cmd) -> None:
 EXECUTORS = {"vbinary": vbinary, "vunary": vunary, "lut": lut, "reduce": reduce,
              "softmax": softmax, "norm": norm, "requant": requant,
              "transpose": transpose, "copy_region": copy_region, "fill": fill,
-             "select": select}
+             "select": select, "qbinary": qbinary}
