@@ -222,6 +222,26 @@ for _op in ("MaxPool", "GlobalMaxPool", "Reshape", "Flatten", "Transpose", "Sque
     SUPPORT[_op] = OpSupport(**{**SUPPORT[_op].__dict__, "int8": True})
 
 
+def _qdq_only(n, g):
+    """Integer operands only as a fused QDQ pattern (passes/quantize.py): the
+    device's integer adds saturate where ONNX's wrap."""
+    if "_q" in n.attrs:
+        return None
+    for i in n.inputs:
+        t = g.tensors.get(i) if i else None
+        if t is not None and t.const is None and t.dtype is not None and np.dtype(t.dtype).kind in "iu":
+            return (f"{n.op} of integer tensors is supported only between DequantizeLinear and "
+                    "QuantizeLinear (a QDQ pattern)")
+    return None
+
+
+# binary ops between DequantizeLinear and QuantizeLinear: qbinary on the int8 tensors
+for _op in ("Add", "Sub", "Mul", "Max", "Min"):
+    _s = SUPPORT[_op]
+    SUPPORT[_op] = OpSupport(**{**_s.__dict__, "int8": True,
+                                "checks": _s.checks + (("integer only as QDQ", _qdq_only),)})
+
+
 def table_rows() -> list[tuple]:
     """(op, group, kernel, checks, note) for docs and `npuctl`."""
     return [(s.op, s.group, s.kernel, ", ".join(c[0] for c in s.checks), s.note)

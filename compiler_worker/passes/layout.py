@@ -345,6 +345,8 @@ class Lowerer:
             "global": n.op.startswith("Global")}))
 
     def _eltwise(self, n):
+        if "_q" in n.attrs:
+            return self._qbinary(n)
         op = n.op
         nbin = len([s for s in n.attrs.get("_epilogue", []) if s[0] == "bin"])
         arity = len(n.inputs) - nbin
@@ -369,6 +371,19 @@ class Lowerer:
                                 [s[2] for s in steps if s[0] == "bin"], [dst],
                                 {"func": func, "epilogue": steps}))
             cur = dst
+
+    def _qbinary(self, n):
+        """A fused QDQ binary (passes/quantize.py): inputs a, a_scale, a_zp, b, ..."""
+        if n.attrs.get("_epilogue"):
+            raise n.fail("an activation or binary op applied directly to a quantised tensor "
+                         "is not supported")
+        a, b = n.inputs[0], n.inputs[3]
+        r = len(self.shape(n.outputs[0]))
+        lay = self.follow_layout([a, b], r)
+        operands = [self.get(x, lay, r) for x in (a, b)]
+        out = self.define(n.outputs[0], lay)
+        self.ops.append(LOp("qbinary", n.name, n.op, operands, [out.name],
+                            {"func": BINARY[n.op], "q": n.attrs["_q"]}))
 
     def _select(self, n):
         """Where(cond, a, b): one select per tile; the condition is a 0/1 mask."""
