@@ -914,6 +914,43 @@ def emit_qelt(op: LOp, em: Emitter):
             em.store(O0, op.outs[0], ooff, tshape, sub4(ost))
 
 
+def plan_qbinary(op: LOp, cx: Ctx):
+    """A fused QDQ binary: planned like eltwise, with 1-byte elements (the
+    engine's float32 intermediates are not SRAM tiles)."""
+    plan_eltwise(op, cx)
+    bpe = 1 + len(op.plan["opshapes"])
+    op.plan["block"] = choose_block(op.plan["cshape"], bpe, cx.S - ALIGN * 8)
+    op.plan["sram"] = bpe * math.prod(op.plan["block"]) + ALIGN * 3
+
+
+def emit_qbinary(op: LOp, em: Emitter):
+    pl, q = op.plan, op.p["q"]
+    cshape, block, opshapes = pl["cshape"], pl["block"], pl["opshapes"]
+    slots, addr = [], 0
+    for s in opshapes:
+        slots.append(addr)
+        addr += al(math.prod(b if x != 1 else 1 for b, x in zip(block, s)))
+    O0 = addr
+    ost = cstrides(cshape)
+    odt = em.pt[op.outs[0]].dtype
+    last = [None] * len(opshapes)
+    for origin, size in tiles(cshape, block):
+        tin = []
+        for k, (name, s) in enumerate(zip(op.ins, opshapes)):
+            st = cstrides(s)
+            off = sum(o * t for o, t, x in zip(origin, st, s) if x != 1)
+            ts = sub4([z if x != 1 else 1 for z, x in zip(size, s)])
+            if last[k] != (off, tuple(ts)):
+                em.load(slots[k], name, off, ts, sub4(st))
+                last[k] = (off, tuple(ts))
+            tin.append(T(slots[k], ts, em.pt[name].dtype))
+        ooff = sum(o * t for o, t in zip(origin, ost))
+        em.vec("qbinary", op.p["func"], tin[0], tin[1], T(O0, sub4(size), odt),
+               a_scale=q["a_scale"], a_zp=q["a_zp"], b_scale=q["b_scale"], b_zp=q["b_zp"],
+               y_scale=q["y_scale"], y_zp=q["y_zp"], lo=q["lo"], hi=q["hi"])
+        em.store(O0, op.outs[0], ooff, sub4(size), sub4(ost))
+
+
 def plan_cvt(op: LOp, cx: Ctx):
     n = cx.pt[op.outs[0]].numel
     chunk = max(1, min(n, (cx.S - ALIGN * 4) // (ESIZE * 2)))
@@ -1072,6 +1109,6 @@ def emit_qmatmul(op: LOp, em: Emitter):
 
 
 PLAN.update({"quant": plan_qelt, "dequant": plan_qelt, "cvt": plan_cvt, "dynq": plan_dynq,
-             "qmatmul": plan_qmatmul})
+             "qmatmul": plan_qmatmul, "qbinary": plan_qbinary})
 EMIT.update({"quant": emit_qelt, "dequant": emit_qelt, "cvt": emit_cvt, "dynq": emit_dynq,
-             "qmatmul": emit_qmatmul})
+             "qmatmul": emit_qmatmul, "qbinary": emit_qbinary})

@@ -12,6 +12,13 @@ standard integer operators become int8 MAC work.
   Slice/Split/Identity -> Q`` with the same (per-tensor) scale and zero point
   on both sides runs on the int8 tensor directly (these ops commute with
   quantisation).
+* ``DQ(a), DQ(b) -> Add/Sub/Mul/Max/Min -> [Relu/Clip...] -> Q`` with per-tensor
+  parameters (a QDQ residual Add) becomes one node of the same op carrying
+  ``attrs['_q']``, lowered to the NPU's ``qbinary``: the float32 DQ/op/Q chain
+  in one pass over the int8 tensors, bit-identical to the float island it
+  replaces.  Its inputs are ``a, a_scale, a_zp, b, b_scale, b_zp, y_scale,
+  y_zp`` (the QLinearAdd signature), so epilogue fusion, which absorbs only
+  two-input binaries, never mistakes it for a float residual Add.
 * ``DequantizeLinear`` of a constant becomes a float constant; every other
   ``DequantizeLinear``/``QuantizeLinear`` stays and is lowered on its own:
   the boundaries of the float islands, which run in float on the NPU.
@@ -47,6 +54,7 @@ def run(g) -> None:
             _normalise_integer_op(g, n)
     _fuse_mac(g)
     _fuse_passthrough(g)
+    _fuse_binary(g)
     _fold_const_dq(g)
     for n in g.nodes:
         if n.op in ("QuantizeLinear", "DequantizeLinear") and "_qp" not in n.attrs:
@@ -398,6 +406,74 @@ def _fuse_passthrough(g) -> None:
         removed.add(id(qn))
     if removed:
         g.nodes = [n for n in g.nodes if id(n) not in removed]
+        g.prune()
+
+
+QBINARY = ("Add", "Sub", "Mul", "Max", "Min")
+
+
+def _clamp_chain(g, q, producers, consumers):
+    """(the node before the Relu/Clip chain that ends at Q `q`, the chain), every
+    link single-consumer; None if a Clip bound is not constant."""
+    chain = []
+    cur = producers.get(q.inputs[0])
+    while cur is not None and cur.op in ("Relu", "Clip") and \
+            _single(g, cur.outputs[0], consumers) is not None:
+        if cur.op == "Clip" and cur.attrs.get("_nonconst"):
+            return None, []
+        chain.insert(0, cur)
+        cur = producers.get(cur.inputs[0])
+    return cur, chain
+
+
+def _clamp_bounds(chain, sy: float, zy: int, lo: int, hi: int) -> tuple[int, int]:
+    """Relu/Clip between an op and its Q as bounds in the quantised domain:
+    round(bound / y_scale) + y_zp, the float32 division ONNX's Q does."""
+    for c in chain:
+        a, b = (0.0, np.inf) if c.op == "Relu" else (float(c.attrs.get("min", -np.inf)),
+                                                      float(c.attrs.get("max", np.inf)))
+        if np.isfinite(a):
+            lo = max(lo, int(np.rint(np.float32(a) / np.float32(sy))) + zy)
+        if np.isfinite(b):
+            hi = min(hi, int(np.rint(np.float32(b) / np.float32(sy))) + zy)
+    return min(lo, hi), hi
+
+
+def _fuse_binary(g) -> None:
+    """DQ(a), DQ(b) -> Add/Sub/Mul/Max/Min -> [Relu/Clip...] -> Q, all per-tensor:
+    one node of the op with attrs['_q'] (lowered to qbinary)."""
+    producers, consumers = g.producers(), g.consumers()
+    removed, replace = set(), {}
+    for q in g.nodes:
+        if q.op != "QuantizeLinear" or id(q) in removed:
+            continue
+        p, chain = _clamp_chain(g, q, producers, consumers)
+        if p is None or p.op not in QBINARY or len(p.inputs) != 2 or id(p) in removed:
+            continue
+        if _single(g, p.outputs[0], consumers) is not (chain[0] if chain else q):
+            continue
+        dqs = [_dq_of(g, x, producers) for x in p.inputs]
+        if any(d is None or g.const(d.inputs[0]) is not None for d in dqs):
+            continue
+        try:
+            pq = _per_tensor(g, q)
+            pa, pb = (_per_tensor(g, d) for d in dqs)
+        except CompileError:
+            continue        # reported when the Q/DQ are lowered on their own
+        if pq is None or pa is None or pb is None:
+            continue
+        sy, zy, ydt = pq
+        lo, hi = _clamp_bounds(chain, sy, zy, *_RANGE[ydt])
+        node = Node(p.name, p.op, [dqs[0].inputs[0], dqs[0].input(1), dqs[0].input(2),
+                                   dqs[1].inputs[0], dqs[1].input(1), dqs[1].input(2),
+                                   q.input(1), q.input(2)], [q.outputs[0]])
+        node.attrs["_q"] = {"a_scale": pa[0], "a_zp": pa[1], "b_scale": pb[0], "b_zp": pb[1],
+                            "y_scale": sy, "y_zp": zy, "lo": lo, "hi": hi}
+        node.attrs["_from"] = f"QDQ {p.op}" + "".join(f"+{c.op}" for c in chain)
+        removed.update({id(p), id(q)} | {id(c) for c in chain})
+        replace[id(q)] = node
+    if replace:
+        g.nodes = [replace.get(id(n), n) for n in g.nodes if id(n) not in removed or id(n) in replace]
         g.prune()
 
 
