@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 RUNTIME := $(VENV)/.installed-runtime
 TESTING := $(VENV)/.installed-test
 
-.PHONY: demo test bench clean fuzz
+.PHONY: demo test bench clean fuzz soak
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,13 @@ FUZZ_SECONDS ?= 60
 fuzz: $(TESTING)
 	-$(PY) -m pip install --quiet -e '.[fuzz]'
 	$(PY) -m fuzz.run --seconds $(FUZZ_SECONDS) --atheris
+
+# The load soak (docs/RELIABILITY.md, "Load (soak)"): SOAK_CLIENTS sessions mixing compiles, jobs and
+# buffer traffic against a private daemon for SOAK_SECONDS; fails on a lost, duplicated or wrong completion.
+SOAK_SECONDS ?= 300
+SOAK_CLIENTS ?= 64
+soak: $(TESTING)
+	$(PY) -m bench soak --seconds $(SOAK_SECONDS) --clients $(SOAK_CLIENTS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
