@@ -44,6 +44,15 @@ log = logging.getLogger("npud")
 
 TRACE_CAPACITY = 16384     # finished jobs kept for `trace` (a few MiB at most)
 SAMPLE_PERIOD_S = 0.5      # how often utilisation windows are sampled
+# What one connection may make the daemon hold: bytes of its replies not yet written to its
+# connection plus the payloads of its requests being handled (a write's data, a read's result).
+# ZeroMQ's high-water mark counts messages, so without this a client that sends reads and never
+# reads the replies makes the daemon hold up to SNDHWM x 16 MiB.  Four maximal messages.
+HELD_BYTES_PER_CONNECTION = 64 << 20
+WAITING_PER_CONNECTION = 1024  # handlers that wait (tasks) one connection may have running
+BULK_FRAME_BYTES = 4096        # requests this large count their frame against the budget above
+# Ops that give resources back: a connection over its budget may still send them.
+RELEASING_OPS = frozenset({"bye", "free", "cancel", "unload"})
 
 
 class AlreadyRunning(RuntimeError):
@@ -90,6 +99,7 @@ class Daemon:
         self._zsock: OwnedSocket | None = None
         self._nursery: trio.Nursery | None = None
         self._in_flight = 0
+        self._waiting: dict[bytes, list[int]] = {}   # routing id -> [tasks, payload bytes held]
         self._idle = trio.Event()
         self._idle.set()
         self.version = (__version__, list(PROTOCOL_VERSION))
@@ -272,12 +282,13 @@ class Daemon:
                                        "(or the session expired; reconnect)", seq=request.seq)
                 session.last_seen = time.monotonic()
             handler, waits = handlers.HANDLERS[request.op.name]
+            bulk = self._admit(routing_id, request, waits, len(frames[1]))
         except RequestError as exc:
             self._reply_error(routing_id, exc.seq, exc.info)
             return
         call = Call(routing_id, session, request.seq, identity)
         if waits:
-            self._nursery.start_soon(self._run_waiting, handler, call, request)
+            self._nursery.start_soon(self._run_waiting, handler, call, request, bulk)
             return
         try:
             result = handler(self, call, request.args)
@@ -305,8 +316,39 @@ class Daemon:
             raise RequestError(ErrorCode.EPERM, refusal, seq=request.seq)
         return identity
 
-    async def _run_waiting(self, handler: Callable, call: Call, request: codec.Request) -> None:
-        """Run a handler that waits; its one reply is always sent, even on shutdown."""
+    def _admit(self, routing_id: bytes, request: codec.Request, waits: bool, size: int) -> int:
+        """Refuse (EAGAIN) a request that would take its connection past what the daemon holds
+        for one connection; otherwise the payload bytes its handler will hold, charged to the
+        connection here when the handler waits (``_run_waiting`` releases them).  A request is
+        always admitted when its connection holds nothing, so a lone maximal message is never
+        refused."""
+        name = request.op.name
+        bulk = size if size >= BULK_FRAME_BYTES else 0
+        if name == "read":
+            bulk += request.args["size"]
+        waiting = self._waiting.get(routing_id)
+        held = self._zsock.queued_bytes(routing_id) + (waiting[1] if waiting else 0)
+        if name in RELEASING_OPS:
+            pass
+        elif held and held + bulk > HELD_BYTES_PER_CONNECTION:
+            raise RequestError(ErrorCode.EAGAIN, f"this connection already has {held} bytes of replies and "
+                               f"payloads held by npud (at most {HELD_BYTES_PER_CONNECTION}): read the "
+                               "replies it was sent, then retry", seq=request.seq, retry_after_ms=100)
+        elif waits and waiting and waiting[0] >= WAITING_PER_CONNECTION:
+            raise RequestError(ErrorCode.EAGAIN, f"this connection has {waiting[0]} requests still being "
+                               f"handled (at most {WAITING_PER_CONNECTION}); retry once some are answered",
+                               seq=request.seq, retry_after_ms=10)
+        if waits:  # charged now, not when its task starts: the rest of this batch must see it
+            if waiting is None:
+                waiting = self._waiting[routing_id] = [0, 0]
+            waiting[0] += 1
+            waiting[1] += bulk
+        return bulk
+
+    async def _run_waiting(self, handler: Callable, call: Call, request: codec.Request, bulk: int = 0) -> None:
+        """Run a handler that waits (admitted and charged by ``_admit``); its one reply is always
+        sent, even on shutdown."""
+        waiting = self._waiting[call.routing_id]
         self._in_flight += 1
         self._idle = trio.Event() if self._in_flight == 1 else self._idle
         reply = codec.encode_error(request.seq, ErrorInfo.of(
@@ -324,7 +366,11 @@ class Daemon:
             reply = codec.encode_error(request.seq, ErrorInfo.of(
                 ErrorCode.EINTERNAL, f"internal error while handling {request.op.name}"))
         finally:
-            self._zsock.send([call.routing_id, reply])
+            self._zsock.send([call.routing_id, reply])  # counted in queued_bytes from here on
+            waiting[0] -= 1
+            waiting[1] -= bulk
+            if not waiting[0]:
+                del self._waiting[call.routing_id]
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
