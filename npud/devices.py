@@ -144,6 +144,7 @@ class DeviceHost:
         self._wall: dict[int, float] = {}           # program -> expected wall seconds (EWMA)
         self._release_pending: dict[int, int] = {}  # bo id -> cores still to unmap it
         self._program_ids = itertools.count(1)
+        self._nursery: trio.Nursery | None = None   # the runners', for the process watchers
 
     # --- what the rest of the daemon calls -------------------------------------------
 
@@ -306,10 +307,13 @@ class DeviceHost:
             for core in self.cores:
                 await self._start_process(core)
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 for core in self.cores:
+                    nursery.start_soon(self._watch, core, core.process)
                     nursery.start_soon(self._core_loop, core)
                 task_status.started()
         finally:
+            self._nursery = None
             with trio.CancelScope(shield=True):
                 for core in self.cores:
                     await self._stop_process(core)
@@ -329,6 +333,15 @@ class DeviceHost:
                 await core.wakeup.wait()
                 continue
             await self._run_job(core, job)
+
+    async def _watch(self, core: Core, process: trio.Process) -> None:
+        """Restart a core's process that dies while the core is idle at once, not when the next
+        job finds it dead: that job would wait for the restart, and `devices` would say "ok"
+        meanwhile.  A death during a job is the runner's to handle (it knows whom to blame)."""
+        await process.wait()
+        if core.process is process and core.job is None and not core.reset_pending:
+            core.reset_pending = f"its process exited with status {process.returncode} while idle"
+            core.wakeup.set()
 
     async def _do_control(self, core: Core, item) -> None:
         kind, what = item
@@ -538,6 +551,8 @@ class DeviceHost:
         core.imported.clear()
         core.loaded.clear()
         core.state = "ok"
+        if self._nursery is not None:
+            self._nursery.start_soon(self._watch, core, core.process)
         log.info("device %d (%s, preset %s) core %d started as pid %d", self.index, self.name,
                  self.preset, core.index, core.process.pid)
 
