@@ -33,6 +33,10 @@ SUFFIX = ".npux"
 MEMORY_BYTES = 256 << 20   # executables also kept in memory, most recently used first
 HASH_CHUNK = 16 << 20
 HASH_THREADS = min(2, os.cpu_count() or 1)
+TMP_PREFIX = ".tmp-"
+# A temporary file this old was left by a writer that died (a SIGKILLed daemon, a power cut);
+# younger ones may be another daemon's, sharing the directory, still writing.
+STALE_TMP_S = 600.0
 
 
 def _identity(st: os.stat_result) -> tuple:
@@ -124,6 +128,28 @@ class CompileCache:
         self._memo: OrderedDict[str, tuple[tuple, Executable, int]] = OrderedDict()
         self._memo_size = 0
         self._lock = threading.Lock()
+        self.remove_stale_temporaries()
+
+    def remove_stale_temporaries(self, older_than_s: float = STALE_TMP_S) -> int:
+        """Delete temporary files that writers which died mid-``put`` left behind (they hold
+        disk space nothing would ever free, and no lookup reads them); returns how many."""
+        removed = 0
+        now = time.time()
+        try:
+            paths = list(self.directory.glob(f"{TMP_PREFIX}*{SUFFIX}"))
+        except OSError:
+            return 0
+        for path in paths:
+            try:
+                if now - path.stat().st_mtime > older_than_s:
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                pass
+        if removed:
+            log.warning("removed %d temporary file(s) that a writer which died left in %s", removed,
+                        self.directory)
+        return removed
 
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}{SUFFIX}"
@@ -196,7 +222,7 @@ class CompileCache:
         read-only disk only costs the caching.  The stored file's identity, or None."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=SUFFIX)
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=TMP_PREFIX, suffix=SUFFIX)
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
