@@ -434,6 +434,7 @@ def plan_conv(op: LOp, cx: Ctx):
     S = cx.S - ALIGN * 8
     q = p.get("q")
     rs = q is not None and bool(np.any(np.asarray(q["w_zp"]) != 0))
+    eb = _xw_bytes(q)
     if _subsampled(p, w):
         # a strided 1x1 convolution: DMA gathers only the pixels it reads
         H, W, sh, sw = OH, OW, 1, 1
@@ -451,7 +452,7 @@ def plan_conv(op: LOp, cx: Ctx):
             cands.append((gb * cog, gb * cg, gb))
     best = None
     for cb, kb, gb in cands:
-        wbytes = al(KH * KW * (cg if g > 1 else kb) * cb * 4)
+        wbytes = al(KH * KW * (cg if g > 1 else kb) * cb * eb)
         rest = S - wbytes - al(cb * 4)
         if rest <= 0:
             continue
@@ -459,7 +460,7 @@ def plan_conv(op: LOp, cx: Ctx):
         lo, hi = 1, OH
         while lo <= hi:
             mid = (lo + hi) // 2
-            need = al(_band_rows(mid, sh, dh, KH) * W * kb * 4) + mid * OW * cb * 4 * (1 + nres) + ALIGN * 2
+            need = al(_band_rows(mid, sh, dh, KH) * W * kb * eb) + mid * OW * cb * 4 * (1 + nres) + ALIGN * 2
             if q is not None:
                 need += _qconv_extra(mid, OW, cb, KH, KW, kb, rs)
             if need <= rest:
@@ -472,7 +473,7 @@ def plan_conv(op: LOp, cx: Ctx):
         nkb = -(-(C if g == 1 else g) // (kb if g == 1 else gb))
         nb = -(-OH // ohb)
         in_rows = min(nb * _band_rows(ohb, sh, dh, KH), H + (nb - 1) * KH)
-        dma = ncb * N * in_rows * W * C * 4 + w.size * 4 * (1 if nkb == 1 else N * nb)
+        dma = (ncb * N * in_rows * W * C + w.size * (1 if nkb == 1 else N * nb)) * eb
         cmds = ncb * N * nb * (2 * nkb + 3)
         # modeled emulator wall time: command overhead, im2col copies (redone
         # per output-channel block), GEMM at a rate that drops for narrow or
@@ -501,8 +502,8 @@ def plan_conv(op: LOp, cx: Ctx):
                                                 whwio[:, :, ci:ci + kb, co:ce], wdt)
         else:
             blocks[(co, 0)] = cx.add_const(f"{op.node}.w[{co}:{ce}]", whwio[:, :, :, co:ce], wdt)
-    sram = (al(KH * KW * (cg if g > 1 else kb) * cb * 4) + al(cb * 4)
-            + al(_band_rows(ohb, sh, dh, KH) * W * kb * 4) + ohb * OW * cb * 4 * (1 + nres))
+    sram = (al(KH * KW * (cg if g > 1 else kb) * cb * eb) + al(cb * 4)
+            + al(_band_rows(ohb, sh, dh, KH) * W * kb * eb) + ohb * OW * cb * 4 * (1 + nres))
     if q is None:
         bias = cx.add_const(op.node + ".bias", p["bias"])
         op.plan = {"cb": cb, "kb": kb, "gb": gb, "ohb": ohb, "blocks": blocks, "bias": bias,
@@ -517,6 +518,12 @@ def plan_conv(op: LOp, cx: Ctx):
                "zw": cx.add_const(op.node + ".zw", np.asarray(q["w_zp"], np.int32), I32) if rs else None,
                "ones": cx.add_const(op.node + ".ones", np.ones(KH * KW * kb, np.int8), I8) if rs else None,
                "sram": sram + _qconv_extra(ohb, OW, cb, KH, KW, kb, rs)}
+
+
+def _xw_bytes(q) -> int:
+    """SRAM bytes per input and weight element: float32, or int8/uint8 for a
+    quantised convolution (whose accumulator is still 4 bytes)."""
+    return 4 if q is None else 1
 
 
 def _qconv_extra(ohb, OW, cb, KH, KW, kb, rs) -> int:
@@ -545,10 +552,11 @@ def emit_conv(op: LOp, em: Emitter):
         xst = (xst[0], xst[1] * sh, xst[2] * sw, 1)
         H, W, sh, sw = OH, OW, 1, 1
     ost = cstrides((N, OH, OW, Cout))
-    wsz = al(KH * KW * (cg if g > 1 else kb) * cb * 4)
+    eb = _xw_bytes(p.get("q"))
+    wsz = al(KH * KW * (cg if g > 1 else kb) * cb * eb)
     W0, BIAS = 0, wsz
     X0 = BIAS + al(cb * 4)
-    O0 = X0 + al(_band_rows(ohb, sh, dh, KH) * W * kb * 4)
+    O0 = X0 + al(_band_rows(ohb, sh, dh, KH) * W * kb * eb)
     EP = O0 + al(ohb * OW * cb * 4)
     steps = p["epilogue"]
     nk = len(range(0, C, kb)) if g == 1 else 1

@@ -34,8 +34,10 @@ def pool(job, cmd) -> None:
         return
     if x.dtype.kind == "f":
         acc_t, fill = np.float32, (-np.inf if is_max else 0)
+    elif is_max:    # exact in the input's own type: no widening
+        acc_t, fill = x.dtype, np.iinfo(x.dtype).min
     else:
-        acc_t, fill = np.int64, (np.iinfo(x.dtype).min if is_max else 0)
+        acc_t, fill = np.int64, 0
     if pt or pb or pl or pr:
         xp = np.full((n, h + pt + pb, w + pl + pr, c), fill, dtype=acc_t)
         xp[:, pt:pt + h, pl:pl + w, :] = x

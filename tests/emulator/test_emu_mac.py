@@ -103,6 +103,23 @@ def test_conv_int8_large_k_is_exact_at_extremes():
     np.testing.assert_array_equal(got, ref)
 
 
+@pytest.mark.parametrize("x_zp,pad,kh", [(0, (1, 1, 1, 1), 3), (255, (1, 1, 1, 1), 3),
+                                         (0, (0, 0, 0, 0), 1), (97, (0, 0, 0, 0), 1)])
+def test_conv_uint8_large_k_is_exact_at_extremes(x_zp, pad, kh):
+    # uint8 activations are centred to x - 128 for the GEMM; at the extremes
+    # (255 and 0 against -128 and 127) with K = 2304 (3x3) or 2048 (1x1) the
+    # chunks, the centring correction and the zero point must all stay exact.
+    cin = 2304 // 9 if kh == 3 else 2048
+    x = np.full((1, 3, 3, cin), 255, np.uint8)
+    x[0, 1] = 0
+    w = np.full((kh, kh, cin, 3), -128, np.int8)
+    w[..., 1] = 127
+    w[:, :, 1::2, 2] = 127
+    got, ref = conv(x, w, x_zp=x_zp, pad=pad, preset="server")
+    np.testing.assert_array_equal(got, ref)
+    assert np.abs(ref).max() > 2**24
+
+
 def test_conv_accumulate_and_fp16():
     rng = np.random.default_rng(9)
     x = rng.standard_normal((1, 5, 5, 4)).astype(np.float16)
