@@ -270,7 +270,7 @@ def test_slow_consumer_and_flooder_do_not_stall_others(tmp_path):
                 slow.send(msgpack.packb({"op": "read", "seq": 100 + i,
                                          "args": {"handle": handle, "offset": 0, "size": READ_BYTES}}))
             sent = time.perf_counter() - t0
-            during = sorted(add_once(good, 20 + i) for i in range(20))
+            during = sorted(add_once(good, 20 + i) for i in range(12))
             assert device_info(good)["state"] == "ok"
             flooder.kill()
             flooder.wait()
@@ -296,7 +296,7 @@ def test_slow_consumer_and_flooder_do_not_stall_others(tmp_path):
             assert good._request("ping", {}) == {}
             cell("slow consumer + flooder", slow_reads=READS, read_bytes=READ_BYTES, send_s=round(sent, 3),
                  slow_answered_with_data=data, slow_refused_eagain=refused,
-                 daemon_peak_rss_growth_mib=round(rss_growth), others_job_p50_ms=ms(during[10]),
+                 daemon_peak_rss_growth_mib=round(rss_growth), others_job_p50_ms=ms(during[6]),
                  others_job_max_ms=ms(during[-1]), baseline_p50_ms=ms(baseline[5]))
             # Without the per-connection budget the daemon held every reply: READS MiB.
             assert refused > 0 and data >= 1
