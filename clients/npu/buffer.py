@@ -16,6 +16,21 @@ if TYPE_CHECKING:
     from .client import Client
 
 
+def check_range(verb: str, offset: int, nbytes: int, size: int) -> None:
+    """EINVAL unless ``nbytes`` bytes at ``offset`` lie inside a ``size``-byte buffer."""
+    if offset < 0 or nbytes < 0 or offset + nbytes > size:
+        raise error(ErrorCode.EINVAL, f"{verb} of {nbytes} bytes at offset {offset} runs past the "
+                                      f"end of the {size}-byte buffer")
+
+
+def writable_bytes(out: Any) -> memoryview:
+    """A flat byte view of ``out`` to copy into (read_into), or EINVAL if it is read-only."""
+    target = as_bytes(out)
+    if target.readonly:
+        raise error(ErrorCode.EINVAL, "read_into needs a writable buffer")
+    return target
+
+
 class Buffer:
     """A buffer object on a device.  ``handle`` is this session's name for it."""
 
@@ -50,9 +65,7 @@ class Buffer:
         """Copy bytes (or a numpy array's bytes) into the buffer at ``offset``."""
         self._check()
         view = as_bytes(data)
-        if offset < 0 or offset + view.nbytes > self.size:
-            raise error(ErrorCode.EINVAL, f"write of {view.nbytes} bytes at offset {offset} runs past the "
-                                          f"end of the {self.size}-byte buffer")
+        check_range("write", offset, view.nbytes, self.size)
         if self._mapped_io():
             self._mm[offset:offset + view.nbytes] = view
             return
@@ -65,9 +78,7 @@ class Buffer:
         """Copy ``nbytes`` (default: to the end) out of the buffer from ``offset``."""
         self._check()
         nbytes = self.size - offset if nbytes is None else nbytes
-        if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
-            raise error(ErrorCode.EINVAL, f"read of {nbytes} bytes at offset {offset} runs past the "
-                                          f"end of the {self.size}-byte buffer")
+        check_range("read", offset, nbytes, self.size)
         if self._mapped_io():
             return self._mm[offset:offset + nbytes]
         chunk = self.client.limits["max_inline_bytes"]
@@ -79,12 +90,8 @@ class Buffer:
     def read_into(self, out: Any, offset: int = 0) -> None:
         """Copy ``len(out)`` bytes from ``offset`` into a writable buffer or array: no allocation."""
         self._check()
-        target = as_bytes(out)
-        if target.readonly:
-            raise error(ErrorCode.EINVAL, "read_into needs a writable buffer")
-        if offset < 0 or offset + target.nbytes > self.size:
-            raise error(ErrorCode.EINVAL, f"read of {target.nbytes} bytes at offset {offset} runs past the "
-                                          f"end of the {self.size}-byte buffer")
+        target = writable_bytes(out)
+        check_range("read", offset, target.nbytes, self.size)
         if self._mapped_io():
             target[:] = memoryview(self._mm)[offset:offset + target.nbytes]
             return

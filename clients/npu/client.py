@@ -23,8 +23,9 @@ from ipc_schema.schema import HARD_FRAME_LIMIT
 
 from . import protocol
 from .buffer import Buffer
-from .errors import NotFound, NpuError, error, from_wire
-from .model import Model, model_bytes
+from .errors import NotFound, NpuError, error
+from .jobs import Job
+from .model import Model, ModelDigests, model_bytes
 from .protocol import Device
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -46,7 +47,7 @@ class Client:
         self._daemon_stopping = False
         self.limits: dict[str, int] = {}
         self.map_io = map_io
-        self._digests: dict[tuple, tuple] = {}  # model file -> (its version, the daemon's digest of it)
+        self._digests = ModelDigests()
         protocol.check_reachable(self.endpoint)
         self._sock = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -150,12 +151,7 @@ class Client:
                 continue
             if reply.seq != seq:
                 continue  # the late reply to a request that timed out earlier
-            if reply.error is not None and reply.error.code == ErrorCode.ENOTCONN and op != "hello":
-                raise error(ErrorCode.ENOTCONN, f"{op}: the session with npud at {self.endpoint} is gone (the "
-                                                f"daemon restarted, or the session was closed or expired: "
-                                                f"{reply.error.message}); call client.reconnect() and load "
-                                                "models again")
-            return protocol.result_or_raise(reply)
+            return protocol.result_or_raise(reply, op, self.endpoint)
 
     def _map(self, handle: int) -> mmap.mmap:
         seq = self._send("map", {"handle": handle})
@@ -207,16 +203,14 @@ class Client:
         ``input_shapes={name: shape}`` for symbolic dimensions, ``name``.
         """
         args = {"device": device, "options": options}
-        file, version = _file_identity(model)
-        known = self._digests.get(file) if file else None
-        if known is not None and known[0] == version:
+        file = self._digests.lookup(model)
+        if file.digest is not None:
             try:  # the daemon may still hold it compiled: then the bytes need not travel at all
-                return Model(self, device, self._request("load", {**args, "model_digest": known[1]}))
+                return Model(self, device, self._request("load", {**args, "model_digest": file.digest}))
             except NotFound:
-                del self._digests[file]
+                self._digests.forget(file)
         info = self._with_model("load", model, args)
-        if file and "model_digest" in info:
-            self._digests[file] = (version, info["model_digest"])
+        self._digests.remember(file, info)
         return Model(self, device, info)
 
     def check(self, model: Any, device: int = 0) -> list[dict[str, str]]:
@@ -319,52 +313,6 @@ def job_options(*, context: Any = None, after: Any = (), deadline: float | None 
     return out
 
 
-class Job:
-    """A submitted command stream (or an imported fence): a fence point on its context's timeline."""
-
-    def __init__(self, client: Client, job_id: int, context: int = 0, point: int = 0):
-        self.client = client
-        self.id = job_id
-        self.state = "queued"
-        self.stats: dict[str, Any] = {}
-        self.fence = (context, point)   # (context id, point on its timeline)
-        self._error: NpuError | None = None
-
-    def _settle(self, result: dict) -> None:
-        if result["state"] not in ("done", "failed") or self.finished:
-            return
-        self.state, self.stats = result["state"], result["stats"]
-        if "error" in result:
-            self._error = from_wire(result["error"])
-
-    @property
-    def finished(self) -> bool:
-        return self.state in ("done", "failed")
-
-    @property
-    def error(self) -> NpuError | None:
-        """The job's error once it failed (None while it runs or if it succeeded)."""
-        return self._error
-
-    def wait(self, timeout: float | None = None) -> "Job":
-        """Block until the job finishes; raises the job's error if it failed, Timeout if not done."""
-        if not self.finished:
-            timeout = self.client.timeout if timeout is None else timeout
-            self._settle(self.client._request("wait", {"job": self.id, "timeout_ms": int(timeout * 1000)},
-                                              timeout=timeout + self.client.timeout))
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def cancel(self) -> str:
-        """Cancel: queued, it fails at once; running, at its next layer boundary.  Returns the state now."""
-        return self.client._request("cancel", {"job": self.id})["state"]
-
-    def export_fence(self) -> str:
-        """A token another client can ``import_fence`` to wait for this job or run after it."""
-        return self.client._request("fence_export", {"job": self.id})["token"]
-
-
 def _attach(path: str, session: str, token: bytes) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
@@ -380,18 +328,6 @@ def _attach(path: str, session: str, token: bytes) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-def _file_identity(model: Any) -> tuple[tuple | None, tuple | None]:
-    """((device, inode), (size, mtime)) of a model file: which file, and which version of its
-    contents, cheaply.  (None, None) when ``model`` is not a path."""
-    if not isinstance(model, (str, os.PathLike)):
-        return None, None
-    try:
-        st = os.stat(model)
-    except OSError:
-        return None, None
-    return (st.st_dev, st.st_ino), (st.st_size, st.st_mtime_ns)
 
 
 def _program_name() -> str:

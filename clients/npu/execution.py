@@ -145,8 +145,8 @@ class Execution:
         (self.inputs if self._kinds[name] == "input" else self.outputs)[name] = view
 
     def _encode(self) -> None:
-        args = {"model": self.model.id, "inputs": [self._buffers[t.name].handle for t in self.model.inputs],
-                "outputs": [self._buffers[t.name].handle for t in self.model.outputs], **self._wire}
+        args = self.model._run_args([self._buffers[t.name] for t in self.model.inputs],
+                                    [self._buffers[t.name] for t in self.model.outputs], self._wire)
         suffix = codec.pack("args") + codec.pack(args)
         self._frame = lambda seq: b"".join((_PREFIX, codec.pack(seq), suffix))
 

@@ -17,10 +17,10 @@ import numpy as np
 
 from ipc_schema.errors import ErrorCode
 
-from .errors import error, from_wire
+from .errors import error
+from .jobs import Job, ModelRunRecord
 
 if TYPE_CHECKING:
-    from .buffer import Buffer
     from .client import Client
     from .execution import Execution
 
@@ -61,10 +61,49 @@ def model_bytes(model: Any) -> bytes:
     raise error(ErrorCode.EINVAL, f"a model is a path, bytes or onnx.ModelProto, not {type(model).__name__}")
 
 
-class Model:
-    """A model loaded on a device for this session."""
+@dataclass(frozen=True)
+class ModelFile:
+    """A model given by path: which file (device, inode), which version of it (size, mtime), and
+    the daemon's digest of that version if this client loaded it before."""
 
-    def __init__(self, client: "Client", device: int, info: dict):
+    key: tuple | None
+    version: tuple | None
+    digest: bytes | None = None
+
+
+class ModelDigests:
+    """The daemon's digests of model files this client loaded, so loading one again sends 32 bytes
+    instead of the file (protocol 1.3).  A file changed since (size or mtime) is sent again."""
+
+    def __init__(self):
+        self._known: dict[tuple, tuple[tuple, bytes]] = {}
+
+    def lookup(self, model: Any) -> ModelFile:
+        if not isinstance(model, (str, os.PathLike)):
+            return ModelFile(None, None)
+        try:
+            st = os.stat(model)
+        except OSError:
+            return ModelFile(None, None)
+        key, version = (st.st_dev, st.st_ino), (st.st_size, st.st_mtime_ns)
+        known = self._known.get(key)
+        return ModelFile(key, version, known[1] if known is not None and known[0] == version else None)
+
+    def remember(self, file: ModelFile, info: dict) -> None:
+        """Note the digest a load of ``file`` returned."""
+        if file.key is not None and "model_digest" in info:
+            self._known[file.key] = (file.version, info["model_digest"])
+
+    def forget(self, file: ModelFile) -> None:
+        """The daemon no longer knows the digest (evicted, or restarted)."""
+        self._known.pop(file.key, None)
+
+
+class LoadedModel:
+    """What the daemon said about a loaded model, and the checks on feeds; the sync ``Model`` and
+    the trio ``AsyncModel`` add the I/O."""
+
+    def __init__(self, client: Any, device: int, info: dict):
         self.client = client
         self.device = device
         self.id = info["model"]
@@ -74,13 +113,50 @@ class Model:
         self.compile_ms = info["compile_ms"]
         self.weights_bytes = info["weights_bytes"]
         self.arena_bytes = info["arena_bytes"]
-        self._idle_sets: list[tuple[list["Buffer"], list["Buffer"]]] = []
+        self._idle_sets: list[tuple[list, list]] = []
         self._unloaded = False
 
     def __repr__(self) -> str:
         def sig(ts):
             return ", ".join(f"{t.name}: {t.dtype}{list(t.shape)}" for t in ts)
-        return f"<npu.Model {self.id} ({sig(self.inputs)}) -> ({sig(self.outputs)})>"
+        return f"<npu.{type(self).__name__} {self.id} ({sig(self.inputs)}) -> ({sig(self.outputs)})>"
+
+    def _check_loaded(self) -> None:
+        if self._unloaded:
+            raise error(ErrorCode.ENOENT, "this model was unloaded")
+
+    def _normalise(self, feeds: Any) -> dict[str, np.ndarray]:
+        """``feeds`` (a dict by input name, or one array) checked against the inputs and cast."""
+        if not isinstance(feeds, dict):
+            if len(self.inputs) != 1:
+                raise error(ErrorCode.EINVAL, f"this model has {len(self.inputs)} inputs "
+                                              f"({', '.join(t.name for t in self.inputs)}): pass a dict")
+            feeds = {self.inputs[0].name: feeds}
+        missing = [t.name for t in self.inputs if t.name not in feeds]
+        extra = sorted(set(feeds) - {t.name for t in self.inputs})
+        if missing or extra:
+            raise error(ErrorCode.EINVAL, f"feeds do not match the model's inputs: missing {missing}, "
+                                          f"unknown {extra}")
+        out = {}
+        for t in self.inputs:
+            x = np.asarray(feeds[t.name])
+            if x.shape != t.shape:
+                raise error(ErrorCode.EINVAL, f"input {t.name!r} has shape {list(x.shape)}, the model "
+                                              f"expects {list(t.shape)}")
+            if not np.can_cast(x.dtype, t.dtype, casting="same_kind"):
+                raise error(ErrorCode.EINVAL, f"input {t.name!r} is {x.dtype}, the model expects {t.dtype}")
+            out[t.name] = np.ascontiguousarray(x, dtype=t.dtype)
+        return out
+
+    def _run_args(self, inputs: list, outputs: list, wire: dict) -> dict:
+        return {"model": self.id, "inputs": [b.handle for b in inputs],
+                "outputs": [b.handle for b in outputs], **wire}
+
+
+class Model(LoadedModel):
+    """A model loaded on a device for this session."""
+
+    client: "Client"
 
     def run(self, feeds: Any, timeout: float | None = None) -> dict[str, np.ndarray]:
         """Run once and return the outputs by name."""
@@ -97,22 +173,17 @@ class Model:
         from .client import job_options
 
         wire = job_options(**options)
-        if self._unloaded:
-            raise error(ErrorCode.ENOENT, "this model was unloaded")
+        self._check_loaded()
         feeds = self._normalise(feeds)
         inputs, outputs = self._idle_sets.pop() if self._idle_sets else self._new_set()
         try:
             for info, buf in zip(self.inputs, inputs):
                 buf.write(feeds[info.name])
-            result = self.client._request("run_model", {
-                "model": self.id, "inputs": [b.handle for b in inputs],
-                "outputs": [b.handle for b in outputs], **wire})
+            result = self.client._request("run_model", self._run_args(inputs, outputs, wire))
         except BaseException:
             self._idle_sets.append((inputs, outputs))
             raise
-        job = ModelJob(self, result["job"], (inputs, outputs))
-        job.fence = (result.get("context", 0), result.get("point", 0))
-        return job
+        return ModelJob(self, result["job"], (inputs, outputs), result.get("context", 0), result.get("point", 0))
 
     def execution(self, context: Any = None, **options) -> "Execution":
         """A reusable execution: buffers bound and mapped once, the run request encoded once, inputs
@@ -121,8 +192,7 @@ class Model:
         from .execution import Execution
 
         wire = job_options(context=context, **options)
-        if self._unloaded:
-            raise error(ErrorCode.ENOENT, "this model was unloaded")
+        self._check_loaded()
         return Execution(self, wire)
 
     def report(self) -> Report:
@@ -146,79 +216,15 @@ class Model:
             return [self.client.alloc(max(t.size, 1), self.device) for t in infos]
         return alloc(self.inputs), alloc(self.outputs)
 
-    def _normalise(self, feeds: Any) -> dict[str, np.ndarray]:
-        if not isinstance(feeds, dict):
-            if len(self.inputs) != 1:
-                raise error(ErrorCode.EINVAL, f"this model has {len(self.inputs)} inputs "
-                                              f"({', '.join(t.name for t in self.inputs)}): pass a dict")
-            feeds = {self.inputs[0].name: feeds}
-        missing = [t.name for t in self.inputs if t.name not in feeds]
-        extra = sorted(set(feeds) - {t.name for t in self.inputs})
-        if missing or extra:
-            raise error(ErrorCode.EINVAL, f"feeds do not match the model's inputs: missing {missing}, "
-                                          f"unknown {extra}")
-        out = {}
-        for t in self.inputs:
-            x = np.asarray(feeds[t.name])
-            if x.shape != t.shape:
-                raise error(ErrorCode.EINVAL, f"input {t.name!r} has shape {list(x.shape)}, the model "
-                                              f"expects {list(t.shape)}")
-            if not np.can_cast(x.dtype, t.dtype, casting="same_kind"):
-                raise error(ErrorCode.EINVAL, f"input {t.name!r} is {x.dtype}, the model expects {t.dtype}")
-            out[t.name] = np.ascontiguousarray(x, dtype=t.dtype)
-        return out
 
-
-class ModelJob:
+class ModelJob(ModelRunRecord, Job):
     """One run of a model: ``wait()``, then ``result()`` (outputs) and ``stats``."""
-
-    def __init__(self, model: Model, job_id: int, io):
-        self.model = model
-        self.client = model.client
-        self.id = job_id
-        self.stats: dict[str, Any] = {}
-        self.state = "queued"
-        self.fence = (0, 0)    # (context id, point on its timeline)
-        self._io = io
-        self._outputs: dict[str, np.ndarray] | None = None
-        self._error: Exception | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self._outputs is not None or self._error is not None
-
-    @property
-    def error(self) -> Exception | None:
-        return self._error
-
-    def cancel(self) -> str:
-        """Cancel: queued, it fails at once; running, at its next layer boundary.  Returns the state now."""
-        return self.client._request("cancel", {"job": self.id})["state"]
-
-    def export_fence(self) -> str:
-        """A token another client can ``import_fence`` to wait for this run or run after it."""
-        return self.client._request("fence_export", {"job": self.id})["token"]
-
-    def wait(self, timeout: float | None = None) -> "ModelJob":
-        """Block until the run finishes; raises its error if it failed."""
-        if not self.finished:
-            client = self.model.client
-            timeout = client.timeout if timeout is None else timeout
-            self._settle(client._request("wait", {"job": self.id, "timeout_ms": int(timeout * 1000)},
-                                         timeout=timeout + client.timeout))
-        if self._error is not None:
-            raise self._error
-        return self
 
     def _settle(self, result: dict) -> None:
         """Take a finished job's outcome (from wait or wait_jobs): outputs, or its error."""
-        if result["state"] not in ("done", "failed") or self.finished:
+        if not self._take(result):
             return
-        self.state = result["state"]
-        self.stats = result["stats"]
-        if "error" in result:
-            self._error = from_wire(result["error"])
-        else:
+        if self._error is None:
             self._outputs = self._collect()
         self._release()
 

@@ -138,10 +138,18 @@ def decode(frame: bytes, op: str | None):
         raise from_info(exc.info) from None
 
 
-def result_or_raise(reply: codec.Reply) -> dict:
-    if reply.error is not None:
-        raise from_info(reply.error)
-    return reply.result
+RECONNECT_HINT = "call client.reconnect() and load models again"
+
+
+def result_or_raise(reply: codec.Reply, op: str, endpoint: str, recover: str = RECONNECT_HINT) -> dict:
+    """The reply's result, or its error raised; a lost session says how to ``recover``."""
+    if reply.error is None:
+        return reply.result
+    if reply.error.code == ErrorCode.ENOTCONN and op != "hello":
+        raise error(ErrorCode.ENOTCONN, f"{op}: the session with npud at {endpoint} is gone (the daemon "
+                                        f"restarted, or the session was closed or expired: "
+                                        f"{reply.error.message}); {recover}")
+    raise from_info(reply.error)
 
 
 def attach_reply(packet: bytes) -> None:

@@ -215,11 +215,11 @@ def test_curve_unknown_key_no_key_and_wrong_server_key_are_refused(curve_daemon)
                              zmq.auth.load_certificate(f"{keys}/stranger.key")[0]),
     }
     for what, curve in attempts.items():
-        t0 = time.monotonic()
+        # EPERM comes from the socket monitor; a missed refusal would end as ECONNREFUSED
+        # ("no answer to hello") when the hello timeout runs out.
         with pytest.raises(npu.PermissionDenied) as info:
             npu.connect(curve_daemon.tcp, curve=curve, timeout=5)
         assert info.value.code == "EPERM", what
-        assert time.monotonic() - t0 < 3, f"{what}: refusal took the whole hello timeout"
     with pytest.raises(npu.PermissionDenied) as info:
         npu.connect(curve_daemon.tcp, curve=attempts["unknown key"])
     assert "CURVE key" in info.value.message
@@ -230,6 +230,21 @@ def test_curve_unknown_key_no_key_and_wrong_server_key_are_refused(curve_daemon)
 
 
 @needs_root
+async def test_trio_client_curve_accepted_and_refused(curve_daemon):
+    keys = curve_daemon.keys
+    known = npu.curve_keys(f"{keys}/known.key_secret", f"{keys}/server.key")
+    async with npu.connect_async(curve_daemon.tcp, curve=known) as c:
+        await c.ping()
+        assert not c.attached      # tcp: no companion socket, data travels in messages
+        buf = await c.alloc(1 << 17)
+        await buf.write(b"\x07" * buf.size)
+        assert await buf.read(4, offset=buf.size - 4) == b"\x07" * 4
+    for curve in (npu.curve_keys(f"{keys}/stranger.key_secret", f"{keys}/server.key"), None):
+        with pytest.raises(npu.PermissionDenied, match="CURVE"):
+            async with npu.connect_async(curve_daemon.tcp, curve=curve, timeout=5):
+                pass
+
+
 def test_zap_refusal_is_logged_and_counted_in_the_daemon(curve_daemon):
     """A raw DEALER without CURVE on the tcp endpoint never gets a message through."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
