@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import CompileError
 from ..numpy_ops import evaluate
 from .import_onnx import MAX_ELEMENTS, check_shape, infer
+from .legalize import shape_problem
 
 MAX_ROUNDS = 4
 
@@ -42,6 +43,9 @@ def fold_once(g) -> bool:
                 out = evaluate(n, [np.empty(t.shape, np.uint8) if t.const is None else t.const])
         elif all(v is not None for i, v in zip(n.inputs, vals) if i) and n.op not in ("RandomNormal",
                                                                                       "RandomUniform"):
+            why = shape_problem(n, g)
+            if why:   # numpy would fail with its own words, or worse, broadcast its way through
+                raise CompileError(why, node=n.name, op=n.op)
             if n.op in ("ConstantOfShape", "Expand", "Tile", "Range"):
                 _check_size(n, vals)
             try:

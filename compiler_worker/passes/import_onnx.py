@@ -1,15 +1,19 @@
 """Pass 1: import.  ONNX bytes -> IR, with shape inference.
 
-Refuses malformed bytes, unsupported opsets (default domain 11..25), graphs
-with subgraph attributes, cycles, non-static or absurd shapes, each with a
-CompileError that says what is wrong.
+Refuses malformed bytes, unsupported opsets (default domain 11..28), graphs
+with subgraph attributes, nodes that break their ONNX schema (input/output
+counts, empty required inputs, missing, unknown or mistyped attributes),
+unknown element types, cycles, non-static or absurd shapes, each with a
+CompileError that says what is wrong.  Later passes rely on these checks:
+they index a node's required inputs and read its attributes as the schema
+types them.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper, shape_inference
+from onnx import defs, helper, numpy_helper, shape_inference
 
 from ..errors import CompileError
 from ..ir import Graph, Node, Tensor
@@ -23,6 +27,7 @@ SMALL_CONST = 4096              # constants this small go to shape inference wit
 def run(ctx) -> None:
     ctx.graph = import_model(ctx.model_bytes, ctx.options)
     infer(ctx.graph)
+    check_types(ctx.graph)
 
 
 def import_model(model_bytes: bytes, options: dict) -> Graph:
@@ -46,12 +51,10 @@ def import_model(model_bytes: bytes, options: dict) -> Graph:
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise CompileError(f"unsupported opset {opset} (supported: {MIN_OPSET}..{MAX_OPSET})")
 
+    check_names(g)
     tensors: dict[str, Tensor] = {}
     for init in g.initializer:
-        try:
-            arr = numpy_helper.to_array(init)
-        except Exception as e:
-            raise CompileError(f"malformed model: initializer {init.name!r}: {e}") from None
+        arr = _initializer(init)
         tensors[init.name] = Tensor(init.name, tuple(arr.shape), arr.dtype, arr)
     overrides = dict((options or {}).get("input_shapes", {}) or {})
     inputs = []
@@ -61,7 +64,9 @@ def import_model(model_bytes: bytes, options: dict) -> Graph:
         tt = vi.type.tensor_type
         if not vi.type.HasField("tensor_type"):
             raise CompileError(f"graph input {vi.name!r} is not a tensor")
-        dtype = onnx_dtype_to_np(tt.elem_type) if tt.elem_type else None
+        if not tt.elem_type:
+            raise CompileError(f"graph input {vi.name!r} has no element type")
+        dtype = _elem_type(tt.elem_type, f"graph input {vi.name!r}")
         if vi.name in overrides:
             shape = tuple(int(d) for d in overrides[vi.name])
         else:
@@ -91,6 +96,8 @@ def import_model(model_bytes: bytes, options: dict) -> Graph:
             if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
                 raise CompileError("control flow (subgraph attributes) is not supported",
                                    node=name, op=n.op_type)
+        check_node_schema(n, name, opset)
+        for a in n.attribute:
             attrs[a.name] = helper.get_attribute_value(a)
         node = Node(name, n.op_type, list(n.input), list(n.output), attrs, n.domain)
         if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
@@ -114,6 +121,188 @@ def import_model(model_bytes: bytes, options: dict) -> Graph:
     graph.toposort()
     graph.prune()
     return graph
+
+
+def _initializer(init: onnx.TensorProto) -> np.ndarray:
+    """An initializer's value; CompileError naming it when its type is unknown or its data does
+    not hold the number of values its dims declare."""
+    what = f"initializer {init.name!r}"
+    dtype = _elem_type(init.data_type, what)
+    want = 1
+    for d in init.dims:
+        want *= int(d)
+    if dtype.kind in "fiub" and init.data_location != onnx.TensorProto.EXTERNAL:
+        if init.HasField("raw_data"):
+            have, held = len(init.raw_data) / dtype.itemsize, f"{len(init.raw_data)} bytes of {dtype}"
+        else:   # typed storage: one entry per value for these kinds (float16 in int32_data too)
+            have = len(getattr(init, helper.tensor_dtype_to_field(init.data_type)))
+            held = f"{have} {dtype} values"
+        if have != want:
+            raise CompileError(f"malformed model: {what} has dims {list(init.dims)} ({want} "
+                               f"values) but its data is {held}")
+    try:
+        return numpy_helper.to_array(init)
+    except Exception as e:  # noqa: BLE001 -- onnx's own decoding errors, reported as the cause
+        raise CompileError(f"malformed model: {what} cannot be decoded: {e}") from None
+
+
+def check_names(g: onnx.GraphProto) -> None:
+    """Refuse names the rest of the compiler cannot key on: graph inputs, outputs and
+    initializers with an empty name (an empty name means "omitted" in a node's input list),
+    and any name, op type or domain that is not valid UTF-8 (protobuf hands those over as
+    bytes, not str)."""
+    _utf8(g.name, "the graph's name")
+    for what, items in (("graph input", g.input), ("graph output", g.output),
+                        ("initializer", g.initializer)):
+        for i, item in enumerate(items):
+            _utf8(item.name, f"{what} {i}'s name")
+            if not item.name:
+                raise CompileError(f"malformed model: {what} {i} has an empty name")
+    for i, n in enumerate(g.node):
+        _utf8(n.name, f"node {i}'s name")
+        where = f"node {i} ({n.name!r})" if n.name else f"node {i}"
+        _utf8(n.op_type, f"{where}'s op type")
+        _utf8(n.domain, f"{where}'s domain")
+        for kind, names in (("input", n.input), ("output", n.output)):
+            for j, x in enumerate(names):
+                _utf8(x, f"{where}'s {kind} {j}")
+        for a in n.attribute:
+            _utf8(a.name, f"an attribute name of {where}")
+
+
+def _utf8(value, what: str) -> None:
+    if not isinstance(value, str):
+        raise CompileError(f"malformed model: {what} is not valid UTF-8 ({bytes(value)[:40]!r})")
+
+
+def _elem_type(code: int, what: str) -> np.dtype:
+    """The numpy dtype of an ONNX element type code; CompileError naming `what` for a code ONNX
+    does not define (UNDEFINED included)."""
+    try:
+        return onnx_dtype_to_np(code)
+    except (KeyError, TypeError, ValueError):
+        raise CompileError(f"{what} has unknown or unsupported element type {code}") from None
+
+
+# attributes whose value is an element type code: checked like a graph input's type
+DTYPE_ATTRS = {"Cast": "to", "EyeLike": "dtype", "RandomNormal": "dtype", "RandomUniform": "dtype",
+               "RandomNormalLike": "dtype", "RandomUniformLike": "dtype"}
+_ATTR_TYPE = onnx.AttributeProto.AttributeType
+
+
+def _schema(op_type: str, domain: str, opset: int):
+    """The ONNX schema of a default-domain op at `opset`, or None (unknown ops and other domains
+    are legalisation's to refuse, with the support table's message)."""
+    if domain not in ("", "ai.onnx") or not op_type:
+        return None
+    try:
+        return defs.get_schema(op_type, opset, "")
+    except defs.SchemaError:
+        return None
+
+
+def _attr_type_name(code: int) -> str:
+    return _ATTR_TYPE.Name(code) if code in _ATTR_TYPE.values() else str(code)
+
+
+def _count(lo: int, hi: int, what: str) -> str:
+    """'exactly 2 inputs', '2 to 3 inputs' or 'at least 1 inputs' (variadic: hi is INT_MAX)."""
+    if lo == hi:
+        return f"exactly {lo} {what}"
+    if hi >= 1 << 30:
+        return f"at least {lo} {what}"
+    return f"{lo} to {hi} {what}"
+
+
+def check_node_schema(n: onnx.NodeProto, name: str, opset: int) -> None:
+    """Refuse a node that its ONNX schema at `opset` rejects: wrong number of inputs or outputs,
+    an empty name for a required input, a required attribute missing, an attribute the op
+    does not define, or one of the wrong type.  Nodes without a schema pass unchecked."""
+    schema = _schema(n.op_type, n.domain, opset)
+    if schema is None:
+        return
+
+    def fail(reason: str) -> CompileError:
+        return CompileError(reason, node=name, op=n.op_type)
+
+    formal = [f"{p.name}" if p.option != defs.OpSchema.FormalParameterOption.Optional
+              else f"[{p.name}]" for p in schema.inputs]
+    if not schema.min_input <= len(n.input) <= schema.max_input:
+        raise fail(f"has {len(n.input)} input(s); {n.op_type}-{schema.since_version} takes "
+                   f"{_count(schema.min_input, schema.max_input, 'input(s)')} "
+                   f"({', '.join(formal)})")
+    if not schema.min_output <= len(n.output) <= schema.max_output:
+        raise fail(f"has {len(n.output)} output(s); {n.op_type}-{schema.since_version} produces "
+                   f"{_count(schema.min_output, schema.max_output, 'output(s)')}")
+    for i, x in enumerate(n.input):
+        p = schema.inputs[min(i, len(schema.inputs) - 1)]
+        if not x and p.option != defs.OpSchema.FormalParameterOption.Optional:
+            raise fail(f"input {i} ({p.name}) has an empty name, but {p.name} is required")
+    if n.output and not n.output[0]:
+        raise fail("output 0 has an empty name")
+    given = {}
+    for a in n.attribute:
+        spec = schema.attributes.get(a.name)
+        if spec is None:
+            raise fail(f"attribute {a.name!r} is not defined for {n.op_type}-"
+                       f"{schema.since_version}")
+        if a.type != int(spec.type):
+            raise fail(f"attribute {a.name!r} has type {_attr_type_name(a.type)}; "
+                       f"{n.op_type} expects {_attr_type_name(int(spec.type))}")
+        given[a.name] = a
+    for attr_name, spec in schema.attributes.items():
+        if spec.required and attr_name not in given:
+            raise fail(f"required attribute {attr_name!r} is missing")
+    dtype_attr = DTYPE_ATTRS.get(n.op_type)
+    if dtype_attr in given:
+        code = given[dtype_attr].i
+        try:
+            onnx_dtype_to_np(code)
+        except (KeyError, TypeError, ValueError):
+            raise fail(f"attribute {dtype_attr}={code} is not an ONNX element type") from None
+
+
+def _type_str(dtype) -> str | None:
+    """'tensor(float)' for float32 etc., as ONNX schemas spell types; None if ONNX has no name."""
+    try:
+        code = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        return f"tensor({onnx.TensorProto.DataType.Name(code).lower()})"
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+# The quantiser (passes/quantize.py) checks these ops' scale/zero-point types itself, with
+# messages in its own terms ("zero point has type int8, expected uint8").
+OWN_TYPE_CHECKS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
+                   "QLinearMatMul", "ConvInteger", "MatMulInteger"}
+
+
+def check_types(graph: Graph) -> None:
+    """Refuse a node whose inputs have types its ONNX schema does not allow (Reshape's shape must
+    be int64, Add's operands must have one type...), once shape inference has typed the
+    activations.  Inputs of unknown type and nodes without a schema are not judged."""
+    for n in graph.nodes:
+        schema = _schema(n.op, n.domain, graph.opset)
+        if schema is None or not schema.inputs or n.op in OWN_TYPE_CHECKS:
+            continue
+        allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+        bound: dict = {}
+        for i, x in enumerate(n.inputs):
+            t = graph.tensors.get(x) if x else None
+            actual = _type_str(t.dtype) if t is not None and t.dtype is not None else None
+            if actual is None:
+                continue
+            p = schema.inputs[min(i, len(schema.inputs) - 1)]
+            ok = allowed.get(p.type_str, {p.type_str})
+            if actual not in ok:
+                raise n.fail(f"input {i} ({p.name}) {x!r} has type {actual}; {n.op} allows "
+                             f"{', '.join(sorted(ok))}")
+            if p.type_str in allowed and (p.option != defs.OpSchema.FormalParameterOption.Variadic
+                                          or p.is_homogeneous):
+                first = bound.setdefault(p.type_str, (x, actual))
+                if first[1] != actual:
+                    raise n.fail(f"inputs {first[0]!r} ({first[1]}) and {x!r} ({actual}) must "
+                                 f"have the same type ({p.type_str})")
 
 
 def _constant_tensor(node: Node) -> Tensor:
@@ -187,6 +376,6 @@ def infer(graph: Graph) -> None:
             continue
         tt = vi.type.tensor_type
         if tt.elem_type and t.dtype is None:
-            t.dtype = onnx_dtype_to_np(tt.elem_type)
+            t.dtype = _elem_type(tt.elem_type, f"tensor {vi.name!r}")
         if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
             t.shape = tuple(int(d.dim_value) for d in tt.shape.dim)

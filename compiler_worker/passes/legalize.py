@@ -1,6 +1,15 @@
-"""Pass 4: legalise every node against the support table
-(:mod:`compiler_worker.support`).  Collects *every* violation: ``check_model``
-returns them all, ``compile_model`` raises them together."""
+"""Pass 4: legalise every node: first against ONNX's own shape and attribute
+rules for the ops the lowering reads closely (:func:`shape_problem`: Conv
+weights and bias against the input, Gemm/MatMul dimensions, broadcasting,
+axes in range...), then against the support table
+(:mod:`compiler_worker.support`).  Collects *every* violation:
+``check_model`` returns them all, ``compile_model`` raises them together.
+
+Canonicalisation runs before this pass and asks :func:`shape_problem` before
+it rewrites a node (Gemm -> MatMul, BatchNormalization folding, epilogue
+fusion), so an invalid node reaches this pass as the op the user wrote and is
+reported here under its own name.
+"""
 
 from __future__ import annotations
 
@@ -53,6 +62,9 @@ def _check(n, g) -> str | None:
     spec = SUPPORT.get(n.op)
     if spec is None:
         return f"operator {n.op} is not supported by the npu-emu backend"
+    why = shape_problem(n, g)
+    if why:
+        return why
     if n.attrs.get("_nonconst"):
         return f"parameter(s) {', '.join(n.attrs['_nonconst'])} must be constant (dynamic shapes are not supported)"
     for i in spec.const_inputs:
@@ -82,3 +94,215 @@ def _check(n, g) -> str | None:
         if why:
             return why
     return None
+
+
+# --- ONNX shape and attribute rules ---------------------------------------------------------
+#
+# Shape inference runs in non-strict mode (a model with one op it cannot infer still
+# compiles), so it does not refuse an inconsistent node; these rules do, for the ops whose
+# lowering indexes shapes and attributes.  Each returns None or a reason naming the input.
+
+def shape_problem(n, g) -> str | None:
+    """Why node `n` is invalid ONNX given its inputs' static shapes and its attributes, or None.
+    Tensors of unknown shape are not judged (the support checks report those), nor nodes
+    the quantiser rewrote (``_q``: their inputs are operands plus quantisation parameters)."""
+    if n.domain not in ("", "ai.onnx") or "_q" in n.attrs:
+        return None
+    rule = SHAPE_RULES.get(n.op)
+    return rule(n, g) if rule else None
+
+
+def _shape(g, name):
+    t = g.tensors.get(name) if name else None
+    return None if t is None or t.shape is None else tuple(int(d) for d in t.shape)
+
+
+def _desc(name, shape) -> str:
+    return f"input {name!r} {list(shape)}"
+
+
+def _broadcast(operands: list) -> str | None:
+    """None if the (description, shape) pairs broadcast together (multidirectional, as numpy),
+    else which two disagree on which dimension.  Unknown shapes (None) are skipped."""
+    known = [(d, s) for d, s in operands if s is not None]
+    for axis in range(1, max((len(s) for _, s in known), default=0) + 1):
+        first = None
+        for d, s in known:
+            if len(s) < axis or s[-axis] == 1:
+                continue
+            if first is None:
+                first = (d, s)
+            elif s[-axis] != first[1][-axis]:
+                return (f"{first[0]} and {d} cannot be broadcast together "
+                        f"(dimension {-axis}: {first[1][-axis]} vs {s[-axis]})")
+    return None
+
+
+def _broadcasting(n, g) -> str | None:
+    shapes = [(x, _shape(g, x)) for x in n.inputs if x]
+    return _broadcast([(_desc(x, s) if s is not None else x, s) for x, s in shapes])
+
+
+def _axis(n, g, name: str, extra: int = 0, default: int = 0) -> str | None:
+    """Attribute `name` (default `default`) must be an axis of input 0, in [-r, r-1+extra]."""
+    s = _shape(g, n.input(0))
+    if s is None:
+        return None
+    a = n.attrs.get(name, default)
+    r = len(s)
+    if not isinstance(a, int) or not -r <= a <= r - 1 + extra:
+        return (f"attribute {name}={a} is out of range for {_desc(n.input(0), s)} "
+                f"(valid: {-r}..{r - 1 + extra})")
+    return None
+
+
+def _axis_rule(name: str, extra: int = 0, default=0):
+    def rule(n, g):
+        d = default(n, g) if callable(default) else default
+        return _axis(n, g, name, extra, d)
+    return rule
+
+
+def _spatial_attrs(n, nsp: int, kernel=None) -> str | None:
+    """Conv/pooling attributes: kernel_shape (matching `kernel` when weights give it), positive
+    strides and dilations, non-negative pads, each with one entry per spatial axis."""
+    k = n.attrs.get("kernel_shape")
+    if k is not None:
+        if len(k) != nsp or any(v < 1 for v in k):
+            return f"kernel_shape {list(k)} must have {nsp} positive entries"
+        if kernel is not None and tuple(k) != tuple(kernel):
+            return f"kernel_shape {list(k)} does not match the weights' spatial shape {list(kernel)}"
+    for name, lo, count in (("strides", 1, nsp), ("dilations", 1, nsp), ("pads", 0, 2 * nsp)):
+        v = n.attrs.get(name)
+        if v is None:
+            continue
+        if len(v) != count or any(x < lo for x in v):
+            adj = "positive" if lo else "non-negative"
+            return f"{name} {list(v)} must have {count} {adj} entries"
+    return None
+
+
+def _conv(n, g) -> str | None:
+    x, w, b = (_shape(g, n.input(i)) for i in range(3))
+    if x is None or w is None:
+        return None
+    if len(x) < 3:
+        return f"{_desc(n.input(0), x)} has rank {len(x)}; Conv needs rank 3 or more (N, C, spatial...)"
+    if len(w) != len(x):
+        return (f"input {n.input(1)!r} has rank {len(w)}, Conv of a rank-{len(x)} input needs "
+                f"rank-{len(x)} weights (M, C/group, kernel...)")
+    group = n.attrs.get("group", 1)
+    if not isinstance(group, int) or group < 1 or x[1] % group or w[0] % group:
+        return (f"group={group} must be positive and divide the input channels ({x[1]}) and the "
+                f"output channels ({w[0]})")
+    if w[1] * group != x[1]:
+        return (f"weights {n.input(1)!r} {list(w)} expect {w[1] * group} input channels "
+                f"(C/group={w[1]}, group={group}) but {_desc(n.input(0), x)} has {x[1]}")
+    if b is not None and b != (w[0],):
+        return f"bias {n.input(2)!r} has shape {list(b)}; Conv needs a 1-D bias of {w[0]} (M) values"
+    return _spatial_attrs(n, len(x) - 2, w[2:])
+
+
+def _pool(n, g) -> str | None:
+    x = _shape(g, n.input(0))
+    if x is None or len(x) < 3:
+        return None if x is None else \
+            f"{_desc(n.input(0), x)} has rank {len(x)}; {n.op} needs rank 3 or more"
+    return _spatial_attrs(n, len(x) - 2)
+
+
+def _gemm(n, g) -> str | None:
+    a, b, c = (_shape(g, n.input(i)) for i in range(3))
+    for name, s in ((n.input(0), a), (n.input(1), b)):
+        if s is not None and len(s) != 2:
+            return f"{_desc(name, s)} has rank {len(s)}; Gemm needs rank-2 A and B"
+    if a is None or b is None:
+        return None
+    m, ka = a[::-1] if n.attrs.get("transA", 0) else a
+    kb, nn = b[::-1] if n.attrs.get("transB", 0) else b
+    if ka != kb:
+        return (f"inner dimensions differ: A {n.input(0)!r} {list(a)} (transA="
+                f"{n.attrs.get('transA', 0)}) gives K={ka}, B {n.input(1)!r} {list(b)} (transB="
+                f"{n.attrs.get('transB', 0)}) gives K={kb}")
+    if c is not None and (len(c) > 2 or any(d not in (1, t) for d, t in zip(c[::-1], (nn, m)))):
+        return f"bias C {n.input(2)!r} {list(c)} does not broadcast to the output [{m}, {nn}]"
+    return None
+
+
+def _matmul(n, g) -> str | None:
+    a, b = _shape(g, n.input(0)), _shape(g, n.input(1))
+    if a is None or b is None:
+        return None
+    for name, s in ((n.input(0), a), (n.input(1), b)):
+        if len(s) == 0:
+            return f"{_desc(name, s)} is a scalar; MatMul needs rank 1 or more"
+    ka, kb = a[-1], (b[0] if len(b) == 1 else b[-2])
+    if ka != kb:
+        return (f"inner dimensions differ: {_desc(n.input(0), a)} has K={ka}, "
+                f"{_desc(n.input(1), b)} has K={kb}")
+    return _broadcast([(f"the batch dimensions {list(a[:-2])} of {_desc(n.input(0), a)}", a[:-2]),
+                       (f"those {list(b[:-2])} of {_desc(n.input(1), b)}", b[:-2])])
+
+
+def _batchnorm(n, g) -> str | None:
+    x = _shape(g, n.input(0))
+    if x is None or len(x) < 2:
+        return None if x is None else f"{_desc(n.input(0), x)} has rank {len(x)}; needs (N, C, ...)"
+    for i, what in enumerate(("scale", "B", "mean", "var"), start=1):
+        s = _shape(g, n.input(i))
+        if s is not None and s != (x[1],):
+            return f"{what} {n.input(i)!r} has shape {list(s)}; needs {x[1]} values (C)"
+    return None
+
+
+def _concat(n, g) -> str | None:
+    why = _axis(n, g, "axis")
+    if why:
+        return why
+    ins = [(x, _shape(g, x)) for x in n.inputs if x]
+    if any(s is None for _, s in ins):
+        return None
+    (x0, s0), r = ins[0], len(ins[0][1])
+    ax = n.attrs.get("axis", 0) % max(r, 1)
+    for x, s in ins[1:]:
+        if len(s) != r or any(d != e for i, (d, e) in enumerate(zip(s, s0)) if i != ax):
+            return (f"{_desc(x, s)} does not match {_desc(x0, s0)} outside the concatenation "
+                    f"axis {ax}")
+    return None
+
+
+def _transpose(n, g) -> str | None:
+    s = _shape(g, n.input(0))
+    perm = n.attrs.get("perm")
+    if s is None or perm is None:
+        return None
+    if sorted(perm) != list(range(len(s))):
+        return f"perm {list(perm)} is not a permutation of the {len(s)} axes of {_desc(n.input(0), s)}"
+    return None
+
+
+def _reshape(n, g) -> str | None:
+    s = _shape(g, n.input(1))
+    if s is not None and len(s) != 1:
+        return f"shape {n.input(1)!r} has rank {len(s)}; Reshape needs a 1-D shape tensor"
+    return None
+
+
+def _softmax_default(n, g):
+    return -1 if g.opset >= 13 else 1
+
+
+_BROADCASTING = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Equal", "Less",
+                 "Greater", "LessOrEqual", "GreaterOrEqual", "Where", "And", "Or", "Xor", "PRelu")
+
+SHAPE_RULES = {
+    **{op: _broadcasting for op in _BROADCASTING},
+    "Conv": _conv, "Gemm": _gemm, "MatMul": _matmul, "BatchNormalization": _batchnorm,
+    "MaxPool": _pool, "AveragePool": _pool, "LpPool": _pool,
+    "Concat": _concat, "Transpose": _transpose, "Reshape": _reshape,
+    "Softmax": _axis_rule("axis", default=_softmax_default),
+    "LogSoftmax": _axis_rule("axis", default=_softmax_default),
+    "Split": _axis_rule("axis"), "Gather": _axis_rule("axis"),
+    "Flatten": _axis_rule("axis", extra=1, default=1),
+    "LayerNormalization": _axis_rule("axis", default=-1),
+}
