@@ -143,7 +143,7 @@ class Session:
         self.nprng = np.random.default_rng([plan.seed, plan.client_id])
         self.tally = Tally()
         self.client = TappedClient(plan.endpoint, name=f"soak{plan.client_id}", map_io=plan.map_io,
-                                   timeout=plan.wait_timeout)
+                                   timeout=min(30.0, plan.wait_timeout))
         self.streams = {n: accumulate_stream(n, plan.preset) for n in JOB_SIZES}
         self.models = 0
         self.files: list[tuple[str, tuple]] = []
@@ -435,7 +435,7 @@ class SoakResult:
     clients: int
     procs: int
     seconds: float
-    tally: object
+    tally: Tally
     samples: list
     warmup_s: float
     cpu: dict[str, float] = field(default_factory=dict)   # CPU seconds during the run, by process kind
@@ -443,17 +443,28 @@ class SoakResult:
     load_after: tuple = ()
     cache_entries: int = 0
     cache_bytes: int = 0
+    daemon_died: str = ""      # how and when the daemon ended before the soak did, if it did
 
-    @property
-    def ok(self) -> bool:
-        return not self.tally.problems()
+    def problems(self) -> list[str]:
+        """``Tally.problems()``, plus the daemon's death: empty when the soak passed."""
+        return ([self.daemon_died] if self.daemon_died else []) + self.tally.problems()
+
+
+class DaemonDied(Exception):
+    """The daemon exited while the soak was running."""
 
 
 def run_soak(*, clients: int = 64, seconds: float = 300.0, procs: int = 8, wait_timeout: float = 60.0,
              sample_every: float = 1.0, seed: int = 0, mix: dict[str, int] | None = None,
-             daemon_args: tuple[str, ...] = ()) -> SoakResult:
+             daemon_nofile: int = 0, daemon_args: tuple[str, ...] = ()) -> SoakResult:
     """Start a private daemon, run the soak for ``seconds`` after every client connected, and
-    return what it saw.  Raises only if the daemon or a generator process could not run at all."""
+    return what it saw.  If the daemon dies, the clients are stopped and the result says so
+    (``daemon_died``) with whatever the clients had counted; raises only if a load generator
+    process fails.
+
+    ``daemon_nofile`` > 0 lowers the daemon's soft limit of open files to that (systemd gives
+    services 1024 unless the unit says otherwise).
+    """
     from npu.local import LocalDaemon
 
     tmp = tempfile.mkdtemp(prefix="npud-soak-")
@@ -463,11 +474,21 @@ def run_soak(*, clients: int = 64, seconds: float = 300.0, procs: int = 8, wait_
     cache = os.path.join(tmp, "cache")
     load_before = loadavg()
     daemon = LocalDaemon("--config", cfg, "--cache-dir", cache, *daemon_args)
+    if daemon_nofile:
+        hard = resource.prlimit(daemon.process.pid, resource.RLIMIT_NOFILE)[1]
+        resource.prlimit(daemon.process.pid, resource.RLIMIT_NOFILE, (daemon_nofile, hard))
     ctx = mp.get_context("spawn")     # fresh interpreters: no forked ZeroMQ state or threads
     procs = max(1, min(procs, clients))
     progress = ctx.RawArray("q", clients)
     sampler = Sampler(daemon.process.pid, sample_every, progress=lambda: sum(progress)).start()
-    workers = []
+    workers: list = []
+    tally, gen_cpu, died, warmup_s, cpu0, cpu1 = Tally(), 0.0, "", 0.0, {}, {}
+    stop_at = ctx.RawValue("d", 0.0)
+
+    def alive() -> None:
+        if daemon.process.poll() is not None:
+            raise DaemonDied(f"the daemon exited with status {daemon.process.returncode} "
+                             f"{time.monotonic() - sampler.t0:.0f} s after it started (its stderr is above)")
     try:
         import npu
 
@@ -477,25 +498,26 @@ def run_soak(*, clients: int = 64, seconds: float = 300.0, procs: int = 8, wait_
                              seed=seed, mix=dict(mix or MIX)) for i in range(clients)]
         ready, results = ctx.Queue(), ctx.Queue()
         go = ctx.Event()
-        stop_at = ctx.RawValue("d", 0.0)
         for p in range(procs):
             worker = ctx.Process(target=_generator, args=(p, plans[p::procs], ready, go, stop_at, progress, results),
                                  name=f"soak-gen{p}", daemon=True)
             worker.start()
             workers.append(worker)
-        _await_all(ready, procs, workers, timeout=120.0 + clients)
+        _await_all(ready, procs, workers, 120.0 + clients, alive)
         warmup_s = time.monotonic() - sampler.t0
         cpu0 = sampler.cpu_by_kind()
         stop_at.value = time.monotonic() + seconds
         go.set()
-        tally, gen_cpu = Tally(), 0.0
-        for _, _index, part, cpu in _await_all(results, procs, workers, timeout=seconds + 2 * wait_timeout + 60):
+        for _, _index, part, cpu in _await_all(results, procs, workers, seconds + 2 * wait_timeout + 60, alive):
             tally.merge(part)
             gen_cpu += cpu
         for worker in workers:
             worker.join(10)
         sampler.sample()
         cpu1 = sampler.cpu_by_kind()
+    except DaemonDied as exc:
+        died = str(exc)
+        stop_at.value = time.monotonic()   # the clients stop; what they counted is lost with them
     finally:
         for worker in workers:
             if worker.is_alive():
@@ -508,17 +530,19 @@ def run_soak(*, clients: int = 64, seconds: float = 300.0, procs: int = 8, wait_
     cpu = {kind: cpu1.get(kind, 0.0) - cpu0.get(kind, 0.0) for kind in cpu1}
     cpu["generators"] = gen_cpu
     return SoakResult(clients, procs, seconds, tally, sampler.samples, warmup_s, cpu, load_before, loadavg(),
-                      len(entries), sum(entries))
+                      len(entries), sum(entries), died)
 
 
-def _await_all(q, n: int, workers, timeout: float) -> list:
-    """``n`` messages from ``q``; raises if a generator process died first or time ran out."""
+def _await_all(q, n: int, workers, timeout: float, alive) -> list:
+    """``n`` messages from ``q``; raises if a generator process died first or time ran out, and
+    whatever ``alive()`` raises (checked every second)."""
     got = []
     deadline = time.monotonic() + timeout
     while len(got) < n:
         try:
             got.append(q.get(timeout=1.0))
         except queue.Empty:
+            alive()
             dead = [w.name for w in workers if w.exitcode not in (None, 0)]
             if dead:
                 raise RuntimeError(f"load generator process(es) {', '.join(dead)} died") from None
@@ -542,6 +566,9 @@ def render(r: SoakResult, rows: int = 12) -> str:
     out = [f"## Load soak: {r.clients} clients in {r.procs} processes, {r.seconds:.0f} s "
            f"(warm-up {r.warmup_s:.0f} s); load average before {r.load_before[0]:.2f}, "
            f"after {r.load_after[0]:.2f} (1 min)", ""]
+    if r.daemon_died:
+        out += [f"**The daemon died: {r.daemon_died}.**  The counts below are what clients had reported "
+                "by then (those of unfinished generator processes are lost).", ""]
     out += ["| kind | ops | ops ok | jobs | correct | wrong | failed | lost | late |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for kind in MIX:
@@ -644,12 +671,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mix", type=parse_mix, default=None,
                         help="weights of the ops, e.g. run=1,compile=1 (default: " +
                              ",".join(f"{k}={v}" for k, v in MIX.items()) + ")")
+    parser.add_argument("--daemon-nofile", type=int, default=0,
+                        help="lower the daemon's soft limit of open files to this (systemd's default: 1024)")
     args = parser.parse_args(argv or [])     # None: run by `python -m bench soak`, defaults
     result = run_soak(clients=args.clients, seconds=args.seconds, procs=args.procs,
                       wait_timeout=args.wait_timeout, sample_every=args.sample_every, seed=args.seed,
-                      mix=args.mix)
+                      mix=args.mix, daemon_nofile=args.daemon_nofile)
     print(render(result))
-    problems = result.tally.problems()
+    problems = result.problems()
     print()
     print("verdict: " + ("no lost, duplicated or wrong completions; no unexpected errors" if not problems
                          else "FAILED: " + "; ".join(problems)))

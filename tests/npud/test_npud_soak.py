@@ -23,7 +23,7 @@ from ipc_schema.errors import ErrorCode, ErrorInfo
 def test_short_soak_loses_duplicates_and_corrupts_nothing():
     result = bench_soak.run_soak(clients=16, procs=2, seconds=8.0, wait_timeout=20.0, sample_every=2.0)
     tally = result.tally
-    assert tally.problems() == [], bench_soak.render(result)
+    assert result.problems() == [], bench_soak.render(result)   # includes the daemon dying
     assert sum(tally.per_client_ops) > 0 and len(tally.per_client_ops) == 16   # every client worked
     for kind in bench_soak.MIX:                                            # every op kind ran and was checked
         assert tally.ops_ok[kind] > 0, kind
