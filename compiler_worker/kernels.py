@@ -571,6 +571,8 @@ def emit_conv(op: LOp, em: Emitter):
         TMP = RS + al(ohb * OW * 4)
     else:
         xdt, adt, x_zp = F32, F32, 0
+    # one K block, a requant and no weight zero point: qconv2d, conv + requant in one command
+    fused = q is not None and nk == 1 and pl["scale"] is not None and not pl["rs"]
     for co in range(0, Cout, cb):
         cs = min(cb, Cout - co)
         em.load(BIAS, pl["bias"], co, (cs,), (1,))
@@ -610,6 +612,12 @@ def emit_conv(op: LOp, em: Emitter):
                         xt = T(X0, (1, 1, W, ks), xdt)
                         pads = (ptop, r1 - r0 - 1 - ptop, pl_, pr_)
                     wt = T(W0, (KH, KW, cg if g > 1 else ks, cs), I8 if q is not None else F32)
+                    if fused:    # requantised in the MAC's output stage: no int32 tile
+                        em.mac("qconv2d", xt, wt, T(Q8, (1, o1 - o0, OW, cs), odt), bias=BIAS,
+                               scale_addr=SC, stride=(sh, sw), pad=pads, dilation=(dh, dw),
+                               groups=groups_here if g > 1 else 1, x_zp=x_zp, y_zp=q["y_zp"],
+                               lo=q["lo"], hi=q["hi"])
+                        continue
                     em.mac("conv2d", xt, wt, otile, bias=BIAS if j == 0 else None,
                            stride=(sh, sw), pad=pads, dilation=(dh, dw),
                            groups=groups_here if g > 1 else 1, x_zp=x_zp, accumulate=j > 0)
@@ -620,6 +628,9 @@ def emit_conv(op: LOp, em: Emitter):
                                dilation=(dh, dw), x_zp=x_zp, accumulate=j > 0)
                 ooff = n * ost[0] + o0 * ost[1] + co
                 tsh = (1, o1 - o0, OW, cs)
+                if fused:
+                    em.store(Q8, op.outs[0], ooff, tsh, ost)
+                    continue
                 if q is not None:
                     if pl["rs"]:   # - w_zp[o] * sum over the window of (x - x_zp)
                         em.vec("vbinary", "MUL", T(RS, (1, o1 - o0, OW, 1), I32),

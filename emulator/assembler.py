@@ -121,6 +121,15 @@ class StreamBuilder:
                          groups=groups, x_zp=x_zp,
                          flags=isa.FLAG_ACCUMULATE if accumulate else 0)
 
+    def qconv2d(self, x, w, out, *, scale_addr, bias=None, stride=(1, 1), pad=(0, 0, 0, 0),
+                dilation=(1, 1), groups=1, x_zp=0, y_zp=0, lo: int = -(1 << 31),
+                hi: int = (1 << 31) - 1, core: int = 0):
+        """conv2d then requant (per-channel scale) in one command; `lo`/`hi` as for requant."""
+        return self.emit("qconv2d", core=core, x=x, w=w, out=out, bias=_addr(bias),
+                         stride=tuple(stride), pad=tuple(pad), dilation=tuple(dilation),
+                         groups=groups, x_zp=x_zp, scale_addr=_addr(scale_addr), y_zp=y_zp,
+                         lo=lo, hi=hi)
+
     # --- vector ---------------------------------------------------------------
     def vbinary(self, func, a, b, out, *, core: int = 0):
         return self.emit("vbinary", core=core, func=int(_enum(BinaryFunc, func)), a=a, b=b, out=out)

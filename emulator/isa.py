@@ -273,6 +273,13 @@ OPCODES: tuple[OpSpec, ...] = (
         ("x", TILE), ("w", TILE), ("out", TILE), ("bias", U32),
         ("stride", Kind("u16x2", "HH")), ("pad", PAD4), ("dilation", Kind("u16x2", "HH")),
         ("groups", U16), ("x_zp", I32), ("flags", U8)),
+    _op(0x22, "qconv2d", Engine.MAC,
+        "Quantised 2-D convolution: conv2d's int32 accumulator requantised to int8/uint8 "
+        "in the MAC's output stage (per-channel scale at scale_addr, y_zp, [lo, hi]).",
+        ("x", TILE), ("w", TILE), ("out", TILE), ("bias", U32),
+        ("stride", Kind("u16x2", "HH")), ("pad", PAD4), ("dilation", Kind("u16x2", "HH")),
+        ("groups", U16), ("x_zp", I32), ("scale_addr", U32), ("y_zp", I32), ("lo", I32),
+        ("hi", I32)),
     # vector engine
     _op(0x30, "vbinary", Engine.VECTOR,
         "Element-wise out = func(a, b) with numpy broadcasting.",

@@ -86,7 +86,7 @@ def command_cost(cmd: Command, config) -> tuple[int, int]:
         k = a.a.shape[3]
         macs = b0 * b1 * m * n * k
         return COMMAND_CYCLES + _array_cycles(config, a.a.dtype, b0 * b1, m, n, k), macs
-    if name == "conv2d":
+    if name in ("conv2d", "qconv2d"):   # qconv2d requantises in the array's output stage
         n, oh, ow, cout = a.out.shape
         kh, kw, cg, _ = a.w.shape
         g = a.groups

@@ -272,6 +272,24 @@ class _Checker:
         out = self.tile("out", a.out, write=True)
         bias_dt = self.mac_dtypes(x, w, out, "x")
         self.flags(a.flags, isa.CONV_FLAGS)
+        self.conv_geometry(a, x, w, out)
+        self.vector("bias", a.bias, bias_dt, out.shape[3])
+
+    def _qconv2d(self, a) -> None:
+        q8 = (DType.INT8, DType.UINT8)
+        x = self.tile("x", a.x, allowed=q8)
+        w = self.tile("w", a.w, allowed=(DType.INT8,))
+        out = self.tile("out", a.out, write=True, allowed=q8)
+        self.conv_geometry(a, x, w, out)
+        self.vector("bias", a.bias, DType.INT32, out.shape[3])
+        if a.scale_addr == NONE_ADDR:
+            self.fail("scale_addr: the per-channel scale is required")
+        self.vector("scale_addr", a.scale_addr, DType.FP32, out.shape[3])
+        if a.lo > a.hi:
+            self.fail(f"lo: clamp bounds [{a.lo}, {a.hi}] are empty")
+
+    def conv_geometry(self, a, x: Tile, w: Tile, out: Tile) -> None:
+        """Shapes, stride, dilation, groups, padding and x_zp of a convolution."""
         n, h, wd, cin = x.shape
         kh, kw, cg, cout = w.shape
         (sh, sw), (dh, dw), g = a.stride, a.dilation, a.groups
@@ -298,7 +316,6 @@ class _Checker:
             lo, hi = (-128, 127) if x.dtype == DType.INT8 else (0, 255)
             if not lo <= a.x_zp <= hi:
                 self.fail(f"x_zp: {a.x_zp} outside the {x.dtype.name.lower()} range")
-        self.vector("bias", a.bias, bias_dt, cout)
 
     # --- vector ------------------------------------------------------------------------
     def _vbinary(self, a) -> None:

@@ -17,8 +17,10 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ..isa import FLAG_ACCUMULATE, NONE_ADDR
+from .common import _LIMITS
 from .common import scratch as _scratch
 from .common import vec, view
+from .vector import requantize
 
 F32_EXACT = 1 << 24
 IM2COL_ELEMENTS = 1 << 24   # largest im2col matrix built at once (64 MiB of float32)
@@ -55,7 +57,7 @@ def _epilogue(job, cmd, out: np.ndarray, result: np.ndarray, n: int) -> None:
     if a.bias != NONE_ADDR:
         bias = vec(sram, a.bias, np.int32 if out.dtype == np.int32 else np.float32, n)
         result = result + bias
-    if a.flags & FLAG_ACCUMULATE:
+    if getattr(a, "flags", 0) & FLAG_ACCUMULATE:
         result = result + out
     np.copyto(out, result, casting="unsafe")
 
@@ -76,7 +78,30 @@ def matmul(job, cmd) -> None:
 def conv2d(job, cmd) -> None:
     a = cmd.args
     sram = job.sram[cmd.core]
+    _conv(job, cmd, view(sram, a.x), view(sram, a.w), view(sram, a.out))
+
+
+def qconv2d(job, cmd) -> None:
+    """conv2d's int32 accumulator, then requant of it with the per-channel
+    scale: by definition the two commands in sequence (docs/ISA.md).  The
+    ungrouped fast path requantises each GEMM tile as it leaves the GEMM."""
+    a = cmd.args
+    sram = job.sram[cmd.core]
     x, w, out = view(sram, a.x), view(sram, a.w), view(sram, a.out)
+    c = out.shape[3]
+    scale = vec(sram, a.scale_addr, np.float32, c).astype(np.float64)   # a copy: out may alias it
+    lo, hi = _LIMITS[out.dtype]
+    rq = (scale, float(a.y_zp), max(lo, a.lo), min(hi, a.hi))
+    if (a.groups == 1 and not np.may_share_memory(out, x) and not np.may_share_memory(out, w)
+            and _conv2d_int(job, cmd, x, w, out, rq)):
+        return
+    acc = _scratch.get("qconv_acc", out.shape).view(np.int32)
+    _conv(job, cmd, x, w, acc)
+    requantize(acc, out, *rq)
+
+
+def _conv(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+    a = cmd.args
     if (x.dtype == w.dtype == out.dtype == np.float32 and a.groups == 1
             and not np.may_share_memory(out, x) and not np.may_share_memory(out, w)):
         _conv2d_f32(job, cmd, x, w, out)
@@ -152,12 +177,17 @@ def _conv2d_f32(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None
             dst += bias
 
 
-def _conv2d_int(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+def _conv2d_int(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray, rq=None) -> bool:
     """The integer, ungrouped fast path (int8/uint8 x int8 -> int32): the same
     float32 im2col GEMM as :func:`_conv2d_f32`, exact by K-chunking (see the
     module docstring), written straight into the int32 output tile.  The
     zero-point correction ``-x_zp * sum(w)`` and the bias are one int32 vector
-    added per output pixel; int32 adds wrap, as the accumulator does."""
+    added per output pixel; int32 adds wrap, as the accumulator does.
+
+    With ``rq = (scale, zp, lo, hi)`` (qconv2d) ``out`` is the 8-bit tile: each
+    GEMM tile is summed with the correction in float64 (exact integers) and
+    requantised as :func:`requantize` does, skipping the int32 tile.  That
+    needs an accumulator that cannot wrap; if one could, returns False."""
     a = cmd.args
     n, oh, ow, cout = out.shape
     cin = x.shape[3]
@@ -170,8 +200,14 @@ def _conv2d_int(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None
         corr -= a.x_zp * w.reshape(k, cout).sum(axis=0, dtype=np.int64)
     if a.bias != NONE_ADDR:
         corr += vec(job.sram[cmd.core], a.bias, np.int32, cout)
+    if rq is not None:
+        max_product = (255 if x.dtype == np.uint8 else 128) * 128
+        if k * max_product + int(np.abs(corr).max(initial=0)) >= 1 << 31:
+            return False
+        corr64 = corr.astype(np.float64)
+        scale, zp, lo, hi = rq
     corr32 = corr.astype(np.int32)     # wraps modulo 2**32, as the accumulator does
-    accumulate = bool(a.flags & FLAG_ACCUMULATE)
+    accumulate = bool(getattr(a, "flags", 0) & FLAG_ACCUMULATE)
     step = k_chunk(x.dtype)
     pointwise = kh == kw == 1 and a.stride == (1, 1) and not any(a.pad)
     rows = oh if pointwise else max(1, min(oh, IM2COL_ELEMENTS // max(1, ow * k)))
@@ -183,6 +219,20 @@ def _conv2d_int(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None
         windows = _windows(x, a, oh, ow, kh, kw, fill=a.x_zp, name="xpad_int")
     for dst, cols, m in _tiles(src, windows, out, rows, pointwise, kh, kw):
         tmp = _scratch.get("acc", (m, cout))
+        if rq is not None:
+            if k <= step:
+                np.matmul(cols, w2, out=tmp)
+                _requant_rows(tmp, None, corr64, scale, zp, lo, hi, dst)
+                continue
+            acc = _scratch.get("acc64", (m, 2 * cout)).view(np.float64)
+            for j, k0 in enumerate(range(0, k, step)):
+                np.matmul(cols[:, k0:k0 + step], w2[k0:k0 + step], out=tmp)
+                if j == 0:
+                    np.add(tmp, corr64, out=acc)
+                else:
+                    acc += tmp
+            _requant_rows(acc, acc, None, scale, zp, lo, hi, dst)
+            continue
         for j, k0 in enumerate(range(0, k, step)):
             np.matmul(cols[:, k0:k0 + step], w2[k0:k0 + step], out=tmp)
             if j == 0 and not accumulate:
@@ -190,6 +240,28 @@ def _conv2d_int(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None
             else:
                 dst += tmp.astype(np.int32)
         dst += corr32
+    return True
+
+
+EPILOGUE_ELEMENTS = 1 << 16   # requantised at once: the float64 block stays in cache
+
+
+def _requant_rows(src, acc, corr64, scale, zp: float, lo: int, hi: int, dst) -> None:
+    """dst = requantize(src (+ corr64)) a block of rows at a time: ``src`` holds
+    exact integers (float32 GEMM output, or float64 sums); the sums are exact
+    in float64, then :func:`requantize`'s one double product, clamp and round."""
+    m, cout = dst.shape
+    rows = max(1, EPILOGUE_ELEMENTS // cout)
+    buf = _scratch.get("epi64", (min(rows, m), 2 * cout)).view(np.float64)
+    for i in range(0, m, rows):
+        s = src[i:i + rows]
+        b = acc[i:i + rows] if acc is not None else buf[:s.shape[0]]
+        if corr64 is not None:
+            np.add(s, corr64, out=b)
+        np.multiply(b, scale, out=b)
+        np.clip(b, lo - zp, hi - zp, out=b)
+        np.rint(b, out=b)
+        np.add(b, zp, out=dst[i:i + rows], casting="unsafe")
 
 
 def _tiles(src: np.ndarray, windows, out: np.ndarray, rows: int, pointwise: bool, kh: int, kw: int):
@@ -278,4 +350,4 @@ def _depthwise(windows: np.ndarray, w: np.ndarray, g: int, cout: int, is_int: bo
     return acc.reshape(n * oh * ow, cout)
 
 
-EXECUTORS = {"matmul": matmul, "conv2d": conv2d}
+EXECUTORS = {"matmul": matmul, "conv2d": conv2d, "qconv2d": qconv2d}

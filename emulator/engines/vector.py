@@ -210,11 +210,16 @@ def requant(job, cmd) -> None:
              if a.scale_addr != 0xFFFF_FFFF else np.float64(np.float32(a.scale)))
     zp = (vec(sram, a.zp_addr, np.int32, c).astype(np.float64)
           if a.zp_addr != 0xFFFF_FFFF else np.float64(a.zp))
+    lo, hi = _RANGE[out.dtype]
+    requantize(x, out, scale, zp, max(lo, a.lo), min(hi, a.hi))
+
+
+def requantize(x: np.ndarray, out: np.ndarray, scale, zp, lo: int, hi: int) -> None:
+    """out = clamp(round_half_even(x * scale) + zp, lo, hi): `scale` float64
+    (an fp32 value, scalar or per channel), `zp` float64 (an integer)."""
     # One IEEE double product and one rounding: bit-exact across hosts.
     r = np.multiply(x, scale, dtype=np.float64)
     np.rint(r, out=r)
-    lo, hi = _RANGE[out.dtype]
-    lo, hi = max(lo, a.lo), min(hi, a.hi)
     if x.dtype.kind == "f":
         r += zp
         np.nan_to_num(r, copy=False, nan=0.0)   # NaN has no integer value: 0 (then clamped)
