@@ -239,7 +239,8 @@ def _qdq_only(n, g):
 for _op in ("Add", "Sub", "Mul", "Max", "Min"):
     _s = SUPPORT[_op]
     SUPPORT[_op] = OpSupport(**{**_s.__dict__, "int8": True,
-                                "checks": _s.checks + (("integer only as QDQ", _qdq_only),)})
+                                "checks": _s.checks + (("integer only as QDQ", _qdq_only),),
+                                "note": "int8: a QDQ pattern becomes `qbinary`"})
 
 
 def table_rows() -> list[tuple]:
