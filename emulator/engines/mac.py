@@ -13,6 +13,9 @@ wraps to the int32 accumulator, as 32-bit hardware accumulators do.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
@@ -38,7 +41,7 @@ def gemm(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     if x.dtype.kind == "f":
         return np.matmul(x.astype(np.float32, copy=False), w.astype(np.float32, copy=False))
     xf = x.astype(np.float32)
-    wf = w.astype(np.float32)
+    wf = _weights.get(w)[0] if w.dtype == np.int8 else w.astype(np.float32)
     k = x.shape[-1]
     step = k_chunk(x.dtype)
     if k <= step:
@@ -193,11 +196,11 @@ def _conv2d_int(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray, rq=None
     cin = x.shape[3]
     kh, kw = w.shape[0], w.shape[1]
     k = kh * kw * cin
-    w2 = _scratch.get("w_int", (k, cout))
-    np.copyto(w2, w.reshape(k, cout), casting="unsafe")
+    wf, wsum = _weights.get(w)
+    w2 = wf.reshape(k, cout)
     corr = np.zeros(cout, np.int64)
     if a.x_zp:
-        corr -= a.x_zp * w.reshape(k, cout).sum(axis=0, dtype=np.int64)
+        corr -= a.x_zp * wsum
     if a.bias != NONE_ADDR:
         corr += vec(job.sram[cmd.core], a.bias, np.int32, cout)
     if rq is not None:
@@ -262,6 +265,49 @@ def _requant_rows(src, acc, corr64, scale, zp: float, lo: int, hi: int, dst) -> 
         np.clip(b, lo - zp, hi - zp, out=b)
         np.rint(b, out=b)
         np.add(b, zp, out=dst[i:i + rows], casting="unsafe")
+
+
+class _WeightCache(threading.local):
+    """float32 copies of int8 weight tiles, reused while a tile's bytes are unchanged.
+
+    Integer GEMMs run on float32 BLAS, so every int8 weight tile is converted,
+    and a model brings the same weights back every inference.  An entry is
+    found by its shape and a sample of its bytes, and used only if the whole
+    tile still equals, byte for byte, the int8 copy it was made from (one
+    comparison, a fraction of a conversion): a changed tile is never served a
+    stale conversion.  Least recently used entries go beyond LIMIT bytes."""
+
+    LIMIT = 256 << 20
+
+    def __init__(self):
+        self.entries: OrderedDict = OrderedDict()
+        self.bytes = 0
+
+    def get(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(read-only float32 copy of int8 `w`, its int64 sums over all but the last dim)."""
+        flat = w.reshape(-1)
+        key = (w.shape, flat[::max(1, flat.size // 61)].tobytes())
+        hit = self.entries.get(key)
+        if hit is not None and np.array_equal(hit[0], flat):
+            self.entries.move_to_end(key)
+            return hit[1], hit[2]
+        wf = w.astype(np.float32)
+        wf.flags.writeable = False
+        sums = w.reshape(-1, w.shape[-1]).sum(axis=0, dtype=np.int64)
+        if hit is not None:
+            self._drop(key)
+        if flat.size * 5 <= self.LIMIT:
+            self.entries[key] = (flat.copy(), wf, sums)
+            self.bytes += flat.size * 5
+            while self.bytes > self.LIMIT:
+                self._drop(next(iter(self.entries)))
+        return wf, sums
+
+    def _drop(self, key) -> None:
+        self.bytes -= self.entries.pop(key)[0].size * 5
+
+
+_weights = _WeightCache()
 
 
 def _tiles(src: np.ndarray, windows, out: np.ndarray, rows: int, pointwise: bool, kh: int, kw: int):

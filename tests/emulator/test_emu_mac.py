@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from emulator.engines.mac import k_chunk
-from emu_harness import run_op
+from emu_harness import Rig, run_op
 
 
 def ref_conv(x, w, stride, pad, dilation, groups, x_zp=0):
@@ -233,3 +233,25 @@ def test_conv_im2col_in_bands_matches(monkeypatch):
         w = rng.integers(-128, 128, (3, 3, cin // g, cout), dtype=np.int8)
         got, ref = conv(x, w, groups=g, pad=(1, 1, 1, 1), stride=(2, 1), x_zp=-7)
         np.testing.assert_array_equal(got, ref)
+
+
+def test_converted_weights_are_never_stale():
+    # The MAC keeps float32 conversions of int8 weight tiles between commands.
+    # Tiles that differ only where the cache's lookup sample does not look (and
+    # the same tile rewritten in SRAM between two jobs) must still use their own
+    # weights.
+    rng = np.random.default_rng(12)
+    x = rng.integers(-128, 128, (1, 5, 5, 64), dtype=np.int8)
+    w = rng.integers(-128, 128, (3, 3, 64, 8), dtype=np.int8)
+    w2 = w.copy()
+    w2.reshape(-1)[1] ^= 0x55                       # not a sampled byte
+    rig = Rig("server")
+    for wk in (w, w2, w, w2):
+        got, ref = conv(x, wk, pad=(1, 1, 1, 1), preset="server")
+        np.testing.assert_array_equal(got, ref)
+    for wk in (w, w2):
+        got = run_op("matmul", [x.reshape(25, 64)[:, :64], wk.reshape(576, 8)[:64]],
+                     [(np.int32, (25, 8))], lambda sb, i, o: sb.matmul(i[0], i[1], o[0]),
+                     rig=rig)[0].reshape(25, 8)
+        np.testing.assert_array_equal(got, x.reshape(25, 64).astype(np.int64)
+                                      @ wk.reshape(576, 8)[:64].astype(np.int64))
