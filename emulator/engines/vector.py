@@ -255,6 +255,20 @@ def qbinary(job, cmd) -> None:
     a = cmd.args
     sram = job.sram[cmd.core]
     x, y, out = view(sram, a.a), view(sram, a.b), view(sram, a.out)
+    if x.shape == y.shape == out.shape:
+        # element by element: blocks whose float32 intermediates stay in cache
+        xs, ys, os_ = x.reshape(-1), y.reshape(-1), out.reshape(-1)
+        for i in range(0, xs.size, _QBINARY_BLOCK):
+            _qbinary(a, xs[i:i + _QBINARY_BLOCK], ys[i:i + _QBINARY_BLOCK],
+                     os_[i:i + _QBINARY_BLOCK])
+    else:
+        _qbinary(a, x, y, out)
+
+
+_QBINARY_BLOCK = 1 << 16
+
+
+def _qbinary(a, x: np.ndarray, y: np.ndarray, out: np.ndarray) -> None:
     dx = _dequant(x, a.a_scale, a.a_zp, scratch.get("qb_a", x.shape))
     dy = _dequant(y, a.b_scale, a.b_zp, scratch.get("qb_b", y.shape))
     r = dx if dx.shape == out.shape else scratch.get("qb_r", out.shape)

@@ -128,3 +128,16 @@ def test_qbinary_validation(kw, match):
     sb.qbinary(args.pop("func"), a, b, o, **args)
     with pytest.raises(StreamError, match=match):
         rig.run(sb.end())
+
+
+def test_qbinary_in_blocks(monkeypatch):
+    # same-shape operands run a block of elements at a time, the last block partial
+    from emulator.engines import vector
+    monkeypatch.setattr(vector, "_QBINARY_BLOCK", 100)
+    rng = np.random.default_rng(21)
+    a = rng.integers(0, 256, (1, 7, 9, 13)).astype(np.uint8)
+    b = rng.integers(-128, 128, (1, 7, 9, 13)).astype(np.int8)
+    kw = (0.02, 3, 0.07, -4, 0.05, 100)
+    np.testing.assert_array_equal(qbin("add", a, b, np.uint8, *kw, lo=100),
+                                  ref("add", a, kw[0], kw[1], b, kw[2], kw[3], kw[4], kw[5],
+                                      np.uint8, lo=100))
