@@ -183,8 +183,12 @@ def _conv2d_f32(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None
 def _conv2d_int(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray, rq=None) -> bool:
     """The integer, ungrouped fast path (int8/uint8 x int8 -> int32): the same
     float32 im2col GEMM as :func:`_conv2d_f32`, exact by K-chunking (see the
-    module docstring), written straight into the int32 output tile.  The
-    zero-point correction ``-x_zp * sum(w)`` and the bias are one int32 vector
+    module docstring), written straight into the int32 output tile.
+
+    uint8 inputs are centred (``x - 128``, padding ``x_zp - 128``) as they are
+    converted to float32, so every activation is in the int8 range and the
+    chunks are as long as int8's (1024): ``sum((x - zp) w) = sum((x - 128) w)
+    - (zp - 128) sum(w)``.  That correction and the bias are one int32 vector
     added per output pixel; int32 adds wrap, as the accumulator does.
 
     With ``rq = (scale, zp, lo, hi)`` (qconv2d) ``out`` is the 8-bit tile: each
@@ -198,28 +202,30 @@ def _conv2d_int(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray, rq=None
     k = kh * kw * cin
     wf, wsum = _weights.get(w)
     w2 = wf.reshape(k, cout)
+    centre = 128 if x.dtype == np.uint8 else 0
+    x_zp = a.x_zp - centre
     corr = np.zeros(cout, np.int64)
-    if a.x_zp:
-        corr -= a.x_zp * wsum
+    if x_zp:
+        corr -= x_zp * wsum
     if a.bias != NONE_ADDR:
         corr += vec(job.sram[cmd.core], a.bias, np.int32, cout)
     if rq is not None:
-        max_product = (255 if x.dtype == np.uint8 else 128) * 128
+        max_product = 128 * 128
         if k * max_product + int(np.abs(corr).max(initial=0)) >= 1 << 31:
             return False
         corr64 = corr.astype(np.float64)
         scale, zp, lo, hi = rq
     corr32 = corr.astype(np.int32)     # wraps modulo 2**32, as the accumulator does
     accumulate = bool(getattr(a, "flags", 0) & FLAG_ACCUMULATE)
-    step = k_chunk(x.dtype)
+    step = k_chunk(np.dtype(np.int8))
     pointwise = kh == kw == 1 and a.stride == (1, 1) and not any(a.pad)
     rows = oh if pointwise else max(1, min(oh, IM2COL_ELEMENTS // max(1, ow * k)))
     src, windows = x, None
     if pointwise:
         src = _scratch.get("x_int", x.shape)  # float32: the GEMM operand itself
-        np.copyto(src, x, casting="unsafe")
+        np.subtract(x, np.float32(centre), out=src)
     else:
-        windows = _windows(x, a, oh, ow, kh, kw, fill=a.x_zp, name="xpad_int")
+        windows = _windows(x, a, oh, ow, kh, kw, fill=x_zp, name="xpad_int", shift=centre)
     for dst, cols, m in _tiles(src, windows, out, rows, pointwise, kh, kw):
         tmp = _scratch.get("acc", (m, cout))
         if rq is not None:
@@ -330,8 +336,8 @@ def _tiles(src: np.ndarray, windows, out: np.ndarray, rows: int, pointwise: bool
 
 
 def _windows(x: np.ndarray, a, oh: int, ow: int, kh: int, kw: int, fill=0,
-             name=None) -> np.ndarray:
-    """windows[n, i, j, p, q, c] = padded x[n, i*sh + p*dh, j*sw + q*dw, c]
+             name=None, shift=0) -> np.ndarray:
+    """windows[n, i, j, p, q, c] = padded (x - shift)[n, i*sh + p*dh, j*sw + q*dw, c]
     (padding holds `fill`), float32; `name`: pad into that reused scratch buffer."""
     (sh, sw), (dh, dw) = a.stride, a.dilation
     pt, pb, pl, pr = a.pad
@@ -343,7 +349,10 @@ def _windows(x: np.ndarray, a, oh: int, ow: int, kh: int, kw: int, fill=0,
             if fill or name is not None:
                 xp[:, :pt], xp[:, pt + h:] = fill, fill
                 xp[:, :, :pl], xp[:, :, pl + wd:] = fill, fill
-        np.copyto(xp[:, pt:pt + h, pl:pl + wd, :], x, casting="unsafe")
+        if shift:
+            np.subtract(x, np.float32(shift), out=xp[:, pt:pt + h, pl:pl + wd, :])
+        else:
+            np.copyto(xp[:, pt:pt + h, pl:pl + wd, :], x, casting="unsafe")
     else:
         xp = x
     s = xp.strides
