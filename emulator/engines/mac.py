@@ -294,7 +294,7 @@ class _WeightCache(threading.local):
         flat = w.reshape(-1)
         key = (w.shape, flat[::max(1, flat.size // 61)].tobytes())
         hit = self.entries.get(key)
-        if hit is not None and np.array_equal(hit[0], flat):
+        if hit is not None and _same_bytes(hit[0], flat):
             self.entries.move_to_end(key)
             return hit[1], hit[2]
         wf = w.astype(np.float32)
@@ -314,6 +314,13 @@ class _WeightCache(threading.local):
 
 
 _weights = _WeightCache()
+
+
+def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    """a == b for 1-D int8 arrays, compared 8 bytes at a time (twice as fast)."""
+    n8 = a.size // 8 * 8
+    return bool(np.array_equal(a[:n8].view(np.uint64), b[:n8].view(np.uint64))
+                and np.array_equal(a[n8:], b[n8:]))
 
 
 def _tiles(src: np.ndarray, windows, out: np.ndarray, rows: int, pointwise: bool, kh: int, kw: int):

@@ -255,3 +255,15 @@ def test_converted_weights_are_never_stale():
                      rig=rig)[0].reshape(25, 8)
         np.testing.assert_array_equal(got, x.reshape(25, 64).astype(np.int64)
                                       @ wk.reshape(576, 8)[:64].astype(np.int64))
+
+
+def test_converted_weights_differing_in_the_last_bytes():
+    # 3*3*7*3 = 189 bytes: compared 8 at a time plus a 5-byte tail
+    rng = np.random.default_rng(13)
+    x = rng.integers(-128, 128, (1, 4, 4, 7), dtype=np.int8)
+    w = rng.integers(-128, 128, (3, 3, 7, 3), dtype=np.int8)
+    w2 = w.copy()
+    w2.reshape(-1)[-1] ^= 0x7F
+    for wk in (w, w2, w):
+        got, ref = conv(x, wk, pad=(1, 1, 1, 1))
+        np.testing.assert_array_equal(got, ref)
