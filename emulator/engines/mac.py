@@ -13,9 +13,6 @@ wraps to the int32 accumulator, as 32-bit hardware accumulators do.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
@@ -41,7 +38,7 @@ def gemm(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     if x.dtype.kind == "f":
         return np.matmul(x.astype(np.float32, copy=False), w.astype(np.float32, copy=False))
     xf = x.astype(np.float32)
-    wf = _weights.get(w)[0] if w.dtype == np.int8 else w.astype(np.float32)
+    wf = w.astype(np.float32)
     k = x.shape[-1]
     step = k_chunk(x.dtype)
     if k <= step:
@@ -187,8 +184,8 @@ def _conv2d_int(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray, rq=None
 
     uint8 inputs are centred (``x - 128``, padding ``x_zp - 128``) as they are
     converted to float32, so every activation is in the int8 range and the
-    chunks are as long as int8's (1024): ``sum((x - zp) w) = sum((x - 128) w)
-    - (zp - 128) sum(w)``.  That correction and the bias are one int32 vector
+    exact K-chunks are int8's (1024 long):
+    ``sum((x - zp) w) = sum((x - 128) w) - (zp - 128) sum(w)``.  That correction and the bias are one int32 vector
     added per output pixel; int32 adds wrap, as the accumulator does.
 
     With ``rq = (scale, zp, lo, hi)`` (qconv2d) ``out`` is the 8-bit tile: each
@@ -200,13 +197,13 @@ def _conv2d_int(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray, rq=None
     cin = x.shape[3]
     kh, kw = w.shape[0], w.shape[1]
     k = kh * kw * cin
-    wf, wsum = _weights.get(w)
+    wf, chunks = _convert(w)
     w2 = wf.reshape(k, cout)
     centre = 128 if x.dtype == np.uint8 else 0
     x_zp = a.x_zp - centre
     corr = np.zeros(cout, np.int64)
     if x_zp:
-        corr -= x_zp * wsum
+        corr -= x_zp * _column_sums(w2)
     if a.bias != NONE_ADDR:
         corr += vec(job.sram[cmd.core], a.bias, np.int32, cout)
     if rq is not None:
@@ -217,7 +214,6 @@ def _conv2d_int(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray, rq=None
         scale, zp, lo, hi = rq
     corr32 = corr.astype(np.int32)     # wraps modulo 2**32, as the accumulator does
     accumulate = bool(getattr(a, "flags", 0) & FLAG_ACCUMULATE)
-    step = k_chunk(np.dtype(np.int8))
     pointwise = kh == kw == 1 and a.stride == (1, 1) and not any(a.pad)
     rows = oh if pointwise else max(1, min(oh, IM2COL_ELEMENTS // max(1, ow * k)))
     src, windows = x, None
@@ -229,21 +225,21 @@ def _conv2d_int(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray, rq=None
     for dst, cols, m in _tiles(src, windows, out, rows, pointwise, kh, kw):
         tmp = _scratch.get("acc", (m, cout))
         if rq is not None:
-            if k <= step:
+            if len(chunks) == 1:
                 np.matmul(cols, w2, out=tmp)
                 _requant_rows(tmp, None, corr64, scale, zp, lo, hi, dst)
                 continue
             acc = _scratch.get("acc64", (m, 2 * cout)).view(np.float64)
-            for j, k0 in enumerate(range(0, k, step)):
-                np.matmul(cols[:, k0:k0 + step], w2[k0:k0 + step], out=tmp)
+            for j, (k0, k1) in enumerate(chunks):
+                np.matmul(cols[:, k0:k1], w2[k0:k1], out=tmp)
                 if j == 0:
                     np.add(tmp, corr64, out=acc)
                 else:
                     acc += tmp
             _requant_rows(acc, acc, None, scale, zp, lo, hi, dst)
             continue
-        for j, k0 in enumerate(range(0, k, step)):
-            np.matmul(cols[:, k0:k0 + step], w2[k0:k0 + step], out=tmp)
+        for j, (k0, k1) in enumerate(chunks):
+            np.matmul(cols[:, k0:k1], w2[k0:k1], out=tmp)
             if j == 0 and not accumulate:
                 np.copyto(dst, tmp, casting="unsafe")     # exact: |tmp| <= 2**24
             else:
@@ -273,54 +269,34 @@ def _requant_rows(src, acc, corr64, scale, zp: float, lo: int, hi: int, dst) -> 
         np.add(b, zp, out=dst[i:i + rows], casting="unsafe")
 
 
-class _WeightCache(threading.local):
-    """float32 copies of int8 weight tiles, reused while a tile's bytes are unchanged.
-
-    Integer GEMMs run on float32 BLAS, so every int8 weight tile is converted,
-    and a model brings the same weights back every inference.  An entry is
-    found by its shape and a sample of its bytes, and used only if the whole
-    tile still equals, byte for byte, the int8 copy it was made from (one
-    comparison, a fraction of a conversion): a changed tile is never served a
-    stale conversion.  Least recently used entries go beyond LIMIT bytes."""
-
-    LIMIT = 256 << 20
-
-    def __init__(self):
-        self.entries: OrderedDict = OrderedDict()
-        self.bytes = 0
-
-    def get(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(read-only float32 copy of int8 `w`, its int64 sums over all but the last dim)."""
-        flat = w.reshape(-1)
-        key = (w.shape, flat[::max(1, flat.size // 61)].tobytes())
-        hit = self.entries.get(key)
-        if hit is not None and _same_bytes(hit[0], flat):
-            self.entries.move_to_end(key)
-            return hit[1], hit[2]
-        wf = w.astype(np.float32)
-        wf.flags.writeable = False
-        sums = w.reshape(-1, w.shape[-1]).sum(axis=0, dtype=np.int64)
-        if hit is not None:
-            self._drop(key)
-        if flat.size * 5 <= self.LIMIT:
-            self.entries[key] = (flat.copy(), wf, sums)
-            self.bytes += flat.size * 5
-            while self.bytes > self.LIMIT:
-                self._drop(next(iter(self.entries)))
-        return wf, sums
-
-    def _drop(self, key) -> None:
-        self.bytes -= self.entries.pop(key)[0].size * 5
+def _convert(w: np.ndarray) -> tuple[np.ndarray, tuple]:
+    """int8 weights `w` seen as [K, N]: a float32 copy in reused scratch (hot in
+    cache for the GEMM), and the K-chunks exact against activations of
+    magnitude <= 128 (int8, or centred uint8): 1024 long."""
+    wf = _scratch.get("w_int", w.shape)
+    np.copyto(wf, w, casting="unsafe")
+    k = w.size // w.shape[-1]
+    step = F32_EXACT // (128 * 128)
+    return wf, tuple((k0, min(k, k0 + step)) for k0 in range(0, k, step))
 
 
-_weights = _WeightCache()
+def _column_sums(w2: np.ndarray) -> np.ndarray:
+    """int64 sums over K of float32-held int8 weights [K, N]: a GEMV, exact
+    while every partial sum (at most 128 K) stays within 2**24."""
+    k = w2.shape[0]
+    if k <= F32_EXACT // 128:
+        return (_ones(k) @ w2).astype(np.int64)
+    return w2.sum(axis=0, dtype=np.float64).astype(np.int64)
 
 
-def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
-    """a == b for 1-D int8 arrays, compared 8 bytes at a time (twice as fast)."""
-    n8 = a.size // 8 * 8
-    return bool(np.array_equal(a[:n8].view(np.uint64), b[:n8].view(np.uint64))
-                and np.array_equal(a[n8:], b[n8:]))
+_ONES = np.ones(1, np.float32)
+
+
+def _ones(k: int) -> np.ndarray:
+    global _ONES
+    if _ONES.size < k:
+        _ONES = np.ones(k, np.float32)
+    return _ONES[:k]
 
 
 def _tiles(src: np.ndarray, windows, out: np.ndarray, rows: int, pointwise: bool, kh: int, kw: int):
