@@ -258,15 +258,19 @@ def _requant_rows(src, acc, corr64, scale, zp: float, lo: int, hi: int, dst) -> 
     m, cout = dst.shape
     rows = max(1, EPILOGUE_ELEMENTS // cout)
     buf = _scratch.get("epi64", (min(rows, m), 2 * cout)).view(np.float64)
+    # (mixed-type ufuncs cast through buffers: a same-type pass plus a copy is faster)
     for i in range(0, m, rows):
         s = src[i:i + rows]
         b = acc[i:i + rows] if acc is not None else buf[:s.shape[0]]
         if corr64 is not None:
-            np.add(s, corr64, out=b)
+            np.copyto(b, s)
+            b += corr64
         np.multiply(b, scale, out=b)
         np.clip(b, lo - zp, hi - zp, out=b)
         np.rint(b, out=b)
-        np.add(b, zp, out=dst[i:i + rows], casting="unsafe")
+        if zp:
+            b += zp
+        np.copyto(dst[i:i + rows], b, casting="unsafe")
 
 
 def _convert(w: np.ndarray) -> tuple[np.ndarray, tuple]:
