@@ -46,6 +46,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK if fields else 0.0
 
 
+def schedstat(pid: int) -> tuple[float, float]:
+    """Seconds the process's main thread spent on a CPU and waiting runnable for one (0, 0 if gone).
+
+    Their sum over a wall-clock interval near 1 means the thread never went idle: for the
+    daemon's event loop, that it was the bottleneck (and the wait part, that the machine was
+    short of CPU for it).
+    """
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            run_ns, wait_ns = f.read().split()[:2]
+    except OSError:
+        return 0.0, 0.0
+    return int(run_ns) / 1e9, int(wait_ns) / 1e9
+
+
 def children(parent: int) -> dict[int, str]:
     """The direct children of ``parent``: pid -> "device", "compiler" or "other"."""
     out = {}

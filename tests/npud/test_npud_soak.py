@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench import bench_soak
+from bench import bench_soak, soak_workload
 from bench.soak_ledger import ReplyLedger, Tally
 from ipc_schema import codec
 from ipc_schema.errors import ErrorCode, ErrorInfo
@@ -25,7 +25,7 @@ def test_short_soak_loses_duplicates_and_corrupts_nothing():
     tally = result.tally
     assert result.problems() == [], bench_soak.render(result)   # includes the daemon dying
     assert sum(tally.per_client_ops) > 0 and len(tally.per_client_ops) == 16   # every client worked
-    for kind in bench_soak.MIX:                                            # every op kind ran and was checked
+    for kind in soak_workload.MIX:                          # every op kind ran and was checked
         assert tally.ops_ok[kind] > 0, kind
     outcomes = sum(n for counts in (tally.correct, tally.wrong, tally.failed)
                    for kind, n in counts.items() if kind != "buffers")     # buffer checks are not jobs
@@ -41,28 +41,28 @@ def _twice_stream(n: int, preset: str) -> bytes:
     from emulator.config import make_config
 
     sb = StreamBuilder(make_config(preset))
-    sb.dma_load(0, bench_soak.VA_SRC, "float32", (n,))
-    sb.dma_load(n * 4, bench_soak.VA_DST, "float32", (n,))
+    sb.dma_load(0, soak_workload.VA_SRC, "float32", (n,))
+    sb.dma_load(n * 4, soak_workload.VA_DST, "float32", (n,))
     sb.sync("dma", "vector")
     sb.add(tile(0, "float32", (n,)), tile(n * 4, "float32", (n,)), tile(2 * n * 4, "float32", (n,)))
     sb.add(tile(0, "float32", (n,)), tile(2 * n * 4, "float32", (n,)), tile(n * 4, "float32", (n,)))
     sb.sync("vector", "dma")
-    sb.dma_store(n * 4, bench_soak.VA_DST, "float32", (n,))
+    sb.dma_store(n * 4, soak_workload.VA_DST, "float32", (n,))
     sb.end()
     return sb.build()
 
 
 def test_a_session_against_a_real_daemon_flags_doubled_jobs_and_foreign_outputs(daemon, tmp_path):
-    plan = bench_soak.SessionPlan(0, daemon.endpoint, str(tmp_path), "edge", map_io=True, wait_timeout=20.0)
-    session = bench_soak.Session(plan, shared=[])
+    plan = soak_workload.SessionPlan(0, daemon.endpoint, str(tmp_path), "edge", map_io=True, wait_timeout=20.0)
+    session = soak_workload.Session(plan, shared=[])
     try:
         session.op_job()
         session.op_run()
         assert session.tally.wrong == {} and session.tally.correct == {"job": 1, "run": 1}
 
-        session.streams = {n: _twice_stream(n, "edge") for n in bench_soak.JOB_SIZES}
+        session.streams = {n: _twice_stream(n, "edge") for n in soak_workload.JOB_SIZES}
         session.op_job()
-        _, session.weights = bench_soak.tiny_mlp(seed=12345, hidden=16)    # as if another model answered
+        _, session.weights = soak_workload.tiny_mlp(seed=12345, hidden=16)    # as if another model answered
         session.op_run()
         assert session.tally.wrong == {"job": 1, "run": 1}
     finally:
@@ -71,18 +71,18 @@ def test_a_session_against_a_real_daemon_flags_doubled_jobs_and_foreign_outputs(
 
 
 def test_a_corrupted_model_output_is_wrong():
-    _, weights = bench_soak.tiny_mlp(seed=1, hidden=16)
+    _, weights = soak_workload.tiny_mlp(seed=1, hidden=16)
     x = np.random.default_rng(2).standard_normal((4, 16)).astype(np.float32)
-    want = bench_soak.mlp_reference(weights, x)
+    want = soak_workload.mlp_reference(weights, x)
     corrupted = want.copy()
     corrupted[1, 3] += 1e-2
-    other_input = bench_soak.mlp_reference(weights, x + 0.5)   # another job's result
-    assert bench_soak.outputs_match(want.copy(), want)
-    assert not bench_soak.outputs_match(corrupted, want)
-    assert not bench_soak.outputs_match(other_input, want)
+    other_input = soak_workload.mlp_reference(weights, x + 0.5)   # another job's result
+    assert soak_workload.outputs_match(want.copy(), want)
+    assert not soak_workload.outputs_match(corrupted, want)
+    assert not soak_workload.outputs_match(other_input, want)
 
     tally = Tally()
-    tally.check("run", bench_soak.outputs_match(corrupted, want), "corrupted")
+    tally.check("run", soak_workload.outputs_match(corrupted, want), "corrupted")
     assert tally.wrong["run"] == 1 and any("wrong" in p for p in tally.problems())
 
 
