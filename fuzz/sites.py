@@ -18,6 +18,7 @@ import random
 import sys
 import time
 import traceback
+from pathlib import Path
 
 from compiler_worker.api import compile_model
 from compiler_worker.errors import CompileError
@@ -61,6 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--show", type=int, default=1, help="tracebacks printed per site")
     p.add_argument("--wrapped", action="store_true",
                    help="also count CompileErrors that wrap a Python exception")
+    p.add_argument("--corpus", type=Path, help="classify this directory's files, not mutants")
     p.add_argument("--replay", type=int, default=None, help="print iteration I's outcome only")
     args = p.parse_args(argv)
     _fn, seeds_of, case = targets.TARGETS["onnx"]
@@ -69,8 +71,15 @@ def main(argv=None) -> int:
     sites: collections.Counter = collections.Counter()
     shown: dict = collections.defaultdict(list)
     started, n = time.monotonic(), 0
-    while time.monotonic() - started < args.seconds:
-        (model,) = case(rng, seeds)
+    corpus = iter(sorted(args.corpus.iterdir())) if args.corpus else None
+    while corpus is not None or time.monotonic() - started < args.seconds:
+        if corpus is not None:
+            path = next(corpus, None)
+            if path is None:
+                break
+            model = path.read_bytes()
+        else:
+            (model,) = case(rng, seeds)
         n += 1
         if args.replay is not None and n != args.replay:
             continue

@@ -123,6 +123,10 @@ def import_model(model_bytes: bytes, options: dict) -> Graph:
     return graph
 
 
+_PACKED_4BIT = {getattr(onnx.TensorProto, t) for t in ("INT4", "UINT4", "FLOAT4E2M1")
+                if hasattr(onnx.TensorProto, t)}
+
+
 def _initializer(init: onnx.TensorProto) -> np.ndarray:
     """An initializer's value; CompileError naming it when its type is unknown or its data does
     not hold the number of values its dims declare."""
@@ -131,15 +135,21 @@ def _initializer(init: onnx.TensorProto) -> np.ndarray:
     want = 1
     for d in init.dims:
         want *= int(d)
-    if dtype.kind in "fiub" and init.data_location != onnx.TensorProto.EXTERNAL:
-        if init.HasField("raw_data"):
-            have, held = len(init.raw_data) / dtype.itemsize, f"{len(init.raw_data)} bytes of {dtype}"
-        else:   # typed storage: one entry per value for these kinds (float16 in int32_data too)
-            have = len(getattr(init, helper.tensor_dtype_to_field(init.data_type)))
-            held = f"{have} {dtype} values"
-        if have != want:
-            raise CompileError(f"malformed model: {what} has dims {list(init.dims)} ({want} "
-                               f"values) but its data is {held}")
+    have = None
+    if init.data_location == onnx.TensorProto.EXTERNAL or dtype.kind == "O":
+        pass            # external data and strings: onnx's own decoding judges them
+    elif init.HasField("raw_data"):
+        per_byte = 2 if init.data_type in _PACKED_4BIT else 1
+        have = len(init.raw_data) * per_byte / dtype.itemsize
+        held = f"{len(init.raw_data)} bytes of {dtype}"
+        if per_byte == 2 and have == want + 1:
+            have = want     # an odd count of 4-bit values pads the last byte
+    elif dtype.kind in "fiub":   # typed storage: one entry per value (float16 in int32_data too)
+        have = len(getattr(init, helper.tensor_dtype_to_field(init.data_type)))
+        held = f"{have} {dtype} values"
+    if have is not None and have != want:
+        raise CompileError(f"malformed model: {what} has dims {list(init.dims)} ({want} "
+                           f"values) but its data is {held}")
     try:
         return numpy_helper.to_array(init)
     except Exception as e:  # noqa: BLE001 -- onnx's own decoding errors, reported as the cause
@@ -178,10 +188,9 @@ def _utf8(value, what: str) -> None:
 def _elem_type(code: int, what: str) -> np.dtype:
     """The numpy dtype of an ONNX element type code; CompileError naming `what` for a code ONNX
     does not define (UNDEFINED included)."""
-    try:
-        return onnx_dtype_to_np(code)
-    except (KeyError, TypeError, ValueError):
-        raise CompileError(f"{what} has unknown or unsupported element type {code}") from None
+    if code == onnx.TensorProto.UNDEFINED or code not in onnx.TensorProto.DataType.values():
+        raise CompileError(f"{what} has unknown or unsupported element type {code}")
+    return onnx_dtype_to_np(code)
 
 
 # attributes whose value is an element type code: checked like a graph input's type

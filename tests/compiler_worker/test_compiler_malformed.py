@@ -136,6 +136,27 @@ def test_an_unknown_element_type():
     assert refused(mb, "cast", "Cast").reason == "attribute to=33 is not an ONNX element type"
 
 
+def test_a_graph_input_without_element_type():
+    mb = model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [4], elem=0)], [vi("y", None)])
+    assert refused(mb).reason == "graph input 'x' has no element type"
+
+
+@pytest.mark.parametrize("data_type, reason", [
+    (TensorProto.FLOAT, "malformed model: initializer 'w' has dims [8, 16] (128 values) but its "
+                        "data is 256 bytes of float32"),
+    (TensorProto.FLOAT8E4M3FN, "malformed model: initializer 'w' has dims [8, 16] (128 values) but "
+                               "its data is 256 bytes of float8_e4m3fn"),
+])
+def test_initializer_data_that_does_not_fill_its_dims(data_type, reason):
+    """Was numpy's "cannot reshape array of size N into shape ..." inside onnx's decoder."""
+    init = numpy_helper.from_array(np.zeros((4, 16), np.float32), "w")
+    init.dims[0] = 8
+    init.data_type = data_type
+    mb = model([helper.make_node("Gemm", ["x", "w"], ["y"], name="fc", transB=1)],
+               [vi("x", [2, 16])], [vi("y", None)], [init])
+    assert refused(mb).reason == reason
+
+
 @pytest.mark.parametrize("good, bad, what", [
     (b"Softmax", b"Sof\x80\x00ax", "node 2's op type"),
     (b"\x12\x01s", b"\x12\x01\xff", "node 0's output 0"),
