@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import CompileError
 from ..numpy_ops import evaluate
-from .import_onnx import MAX_ELEMENTS, check_shape, infer
+from .import_onnx import MAX_ELEMENTS, check_shape, infer, inference_errors
 from .legalize import shape_problem
 
 MAX_ROUNDS = 4
@@ -29,6 +29,10 @@ def run(ctx) -> None:
     for t in g.tensors.values():
         if t.shape is not None and t.const is None:
             check_shape(t.shape, f"tensor {t.name!r}")
+    if any(g.tensors[o].shape is None for n in g.nodes for o in n.outputs if o):
+        # the last graph that is still plain ONNX: why inference gave up, for legalisation's
+        # "no static shape" errors (canonicalisation rewrites nodes out of ONNX form)
+        g.meta["inference_errors"] = inference_errors(g)
 
 
 def fold_once(g) -> bool:

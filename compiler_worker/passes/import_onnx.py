@@ -11,6 +11,8 @@ types them.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 from onnx import defs, helper, numpy_helper, shape_inference
@@ -368,6 +370,26 @@ def to_model(graph: Graph) -> onnx.ModelProto:
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", graph.opset)])
     m.ir_version = 8
     return m
+
+
+_INFERENCE_ERROR = re.compile(r"\(op_type:[^,]*, node name: (.*?)\): \[\w+\] (.*)")
+
+
+def inference_errors(graph: Graph) -> dict[str, str]:
+    """What ONNX shape inference in strict mode says is wrong, per node name.  For reasons only:
+    compiling infers in non-strict mode (one op it cannot infer must not stop the rest), so a
+    node it could not infer is merely left without shapes.  Errors that only repeat an
+    upstream failure ("expected to have type but instead is null") are left out."""
+    try:
+        shape_inference.infer_shapes(to_model(graph), strict_mode=True, data_prop=True)
+    except Exception as e:  # noqa: BLE001 -- the message is the product here
+        found = {}
+        for line in str(e).splitlines():
+            m = _INFERENCE_ERROR.search(line)
+            if m and "instead is null" not in m.group(2):
+                found.setdefault(m.group(1), m.group(2).strip())
+        return found
+    return {}
 
 
 def infer(graph: Graph) -> None:

@@ -31,10 +31,17 @@ def run(ctx) -> None:
         raise CompileErrors(errors)
 
 
+NO_STATIC_SHAPE = "has no static shape"
+UNRESOLVED = "(shape inference could not resolve it)"
+
+
 def collect(g) -> list[CompileError]:
     errors = []
+    inferred = g.meta.get("inference_errors", {})   # recorded by fold, on the ONNX-form graph
     for n in g.nodes:
         why = _check(n, g)
+        if why and NO_STATIC_SHAPE in why and n.name in inferred:
+            why = why.replace(UNRESOLVED, f"(ONNX shape inference: {inferred[n.name]})")
         if why:
             errors.append(CompileError(why, node=n.name, op=n.op))
     for o in g.outputs:
@@ -77,7 +84,7 @@ def _check(n, g) -> str | None:
         if t is None or t.const is not None:
             continue
         if t.shape is None:
-            return f"tensor {name!r} has no static shape (shape inference could not resolve it)"
+            return f"tensor {name!r} {NO_STATIC_SHAPE} {UNRESOLVED}"
         if t.dtype is None or np.dtype(t.dtype) not in DEVICE_DTYPES:
             if n.op in ("Dropout",) and name in n.outputs[1:]:
                 continue
@@ -244,11 +251,18 @@ def _matmul(n, g) -> str | None:
                        (f"those {list(b[:-2])} of {_desc(n.input(1), b)}", b[:-2])])
 
 
-def _batchnorm(n, g) -> str | None:
+def _per_channel(*params):
+    """A rule: inputs 1.. (named `params`) hold one value per channel (dim 1) of input 0."""
+    def rule(n, g) -> str | None:
+        return _channel_params(n, g, params)
+    return rule
+
+
+def _channel_params(n, g, params) -> str | None:
     x = _shape(g, n.input(0))
     if x is None or len(x) < 2:
         return None if x is None else f"{_desc(n.input(0), x)} has rank {len(x)}; needs (N, C, ...)"
-    for i, what in enumerate(("scale", "B", "mean", "var"), start=1):
+    for i, what in enumerate(params, start=1):
         s = _shape(g, n.input(i))
         if s is not None and s != (x[1],):
             return f"{what} {n.input(i)!r} has shape {list(s)}; needs {x[1]} values (C)"
@@ -285,6 +299,11 @@ def _reshape(n, g) -> str | None:
     s = _shape(g, n.input(1))
     if s is not None and len(s) != 1:
         return f"shape {n.input(1)!r} has rank {len(s)}; Reshape needs a 1-D shape tensor"
+    x, y = _shape(g, n.input(0)), _shape(g, n.outputs[0])
+    if x is not None and y is not None and int(np.prod(x)) != int(np.prod(y)):
+        # non-strict inference takes the requested shape as given; an alias must not lie
+        return (f"cannot reshape {_desc(n.input(0), x)} ({int(np.prod(x))} values) into "
+                f"{list(y)} ({int(np.prod(y))} values)")
     return None
 
 
@@ -297,7 +316,8 @@ _BROADCASTING = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean",
 
 SHAPE_RULES = {
     **{op: _broadcasting for op in _BROADCASTING},
-    "Conv": _conv, "Gemm": _gemm, "MatMul": _matmul, "BatchNormalization": _batchnorm,
+    "Conv": _conv, "Gemm": _gemm, "MatMul": _matmul, "BatchNormalization": _per_channel("scale", "B", "mean", "var"),
+    "InstanceNormalization": _per_channel("scale", "B"),
     "MaxPool": _pool, "AveragePool": _pool, "LpPool": _pool,
     "Concat": _concat, "Transpose": _transpose, "Reshape": _reshape,
     "Softmax": _axis_rule("axis", default=_softmax_default),

@@ -254,6 +254,43 @@ def test_concat_inputs_that_disagree_off_the_axis():
         "input 'b' [2, 15] does not match input 'x' [4, 16] outside the concatenation axis 0"
 
 
+def test_a_reshape_that_changes_the_number_of_values():
+    """Non-strict shape inference takes the requested shape as given: this compiled, to an
+    alias whose output region was smaller than its input."""
+    mb = model([helper.make_node("Reshape", ["x", "s"], ["y"], name="rs")], [vi("x", [4, 16])],
+               [vi("y", None)], [numpy_helper.from_array(np.array([5, 5], np.int64), "s")])
+    assert refused(mb, "rs", "Reshape").reason == \
+        "cannot reshape input 'x' [4, 16] (64 values) into [5, 5] (25 values)"
+
+
+def test_instance_normalization_parameters_of_the_wrong_length():
+    """Was ValueError: cannot reshape array of size 3 into shape (4,) (layout._norm)."""
+    mb = model([helper.make_node("InstanceNormalization", ["x", "g", "b"], ["y"], name="in")],
+               [vi("x", [1, 4, 8, 8])], [vi("y", None)], [const("g", (3,)), const("b", (4,))])
+    assert refused(mb, "in", "InstanceNormalization").reason == \
+        "scale 'g' has shape [3]; needs 4 values (C)"
+
+
+def test_an_unresolved_shape_says_why_in_onnx_words():
+    mb = model([helper.make_node("Split", ["x", "s"], ["y", "z"], name="sp", axis=1)],
+               [vi("x", [4, 16])], [vi("y", None), vi("z", None)],
+               [numpy_helper.from_array(np.array([5, 5], np.int64), "s")])
+    assert refused(mb, "sp", "Split").reason == (
+        "tensor 'y' has no static shape (ONNX shape inference: Mismatch between the sum of "
+        "'split' (10) and the split dimension of the input (16))")
+
+
+def test_the_type_constraints_of_the_schema():
+    mb = model([helper.make_node("Reshape", ["x", "s"], ["y"], name="rs")], [vi("x", [4, 16])],
+               [vi("y", None)], [const("s", (2,))])
+    assert refused(mb, "rs", "Reshape").reason == \
+        "input 1 (shape) 's' has type tensor(float); Reshape allows tensor(int64)"
+    mb = model([helper.make_node("Add", ["x", "b"], ["y"], name="add")], [vi("x", [4])],
+               [vi("y", None)], [numpy_helper.from_array(np.ones(4, np.int64), "b")])
+    assert refused(mb, "add", "Add").reason == \
+        "inputs 'x' (tensor(float)) and 'b' (tensor(int64)) must have the same type (T)"
+
+
 def test_every_problem_is_listed_by_check_model():
     nodes = [helper.make_node("Add", ["x", "b"], ["s"], name="add"),
              helper.make_node("Softmax", ["s"], ["y"], name="sm", axis=3)]
