@@ -17,6 +17,9 @@ pre-processed float model.  Same-run ratios, interleaved rounds:
 * Modeled device time (the timing model's cycles per job, at the server
   preset's clock) of int8 vs fp32, and the int8 vs onnxruntime agreement (in
   output quantisation steps).
+* In process (``EmulatorSession``, no daemon): CPU time per inference of each
+  model and per command kind (the emulator's engines), the steadiest view of
+  where the int8 run's time goes on a shared machine.
 
 Nothing here asserts a time.
 """
@@ -98,8 +101,59 @@ def run(rounds: int = 5) -> list[Ratio]:
     return ratios
 
 
+def engine_profile(fp32: bytes, int8: bytes, rounds: int = 5) -> None:
+    """Median CPU (thread) time per inference in process, in total and per
+    command kind, int8 against its fp32 twin in interleaved rounds."""
+    import collections
+    import statistics
+    import time
+
+    from compiler_worker import EmulatorSession, compile_model
+    from emulator.config import make_config
+    from emulator.engines import EXECUTORS
+
+    cfg = make_config("server")
+    x = np.random.default_rng(7).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    sessions = {"fp32": EmulatorSession(compile_model(fp32, cfg), cfg),
+                "int8": EmulatorSession(compile_model(int8, cfg), cfg)}
+    spent: dict = {k: collections.defaultdict(list) for k in sessions}
+    orig = dict(EXECUTORS)
+    current: dict = {}
+
+    def timed(name, fn):
+        def run_timed(job, cmd):
+            t = time.thread_time()
+            fn(job, cmd)
+            current[name] = current.get(name, 0.0) + time.thread_time() - t
+        return run_timed
+
+    try:
+        EXECUTORS.update({k: timed(k, f) for k, f in orig.items()})
+        for s in sessions.values():
+            s.run({"x": x})
+        for _ in range(rounds):
+            for k, s in sessions.items():
+                current.clear()
+                t = time.thread_time()
+                s.run({"x": x})
+                spent[k]["total"].append(time.thread_time() - t)
+                for name, v in current.items():
+                    spent[k][name].append(v)
+    finally:
+        EXECUTORS.update(orig)
+        for s in sessions.values():
+            s.close()
+    med = {k: {n: statistics.median(v) * 1e3 for n, v in d.items()} for k, d in spent.items()}
+    print(f"in process, CPU ms per inference (median of {rounds}): int8 {med['int8']['total']:.1f} "
+          f"vs fp32 {med['fp32']['total']:.1f} = {med['int8']['total'] / med['fp32']['total']:.2f}x")
+    for k in ("int8", "fp32"):
+        parts = sorted(((v, n) for n, v in med[k].items() if n != "total" and v >= 0.05), reverse=True)
+        print(f"  {k}: " + ", ".join(f"{n} {v:.1f}" for v, n in parts))
+
+
 def main() -> None:
     report("Quantised (int8) ResNet-50 through the daemon", run())
+    engine_profile(*models())
 
 
 if __name__ == "__main__":
