@@ -19,8 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir import Node
-from . import decompose, quantize
-from .legalize import shape_problem
+from . import decompose, legalize, quantize
 
 # activation op -> (UnaryFunc name, p0, p1 from attrs)
 ACTIVATIONS = {
@@ -62,6 +61,7 @@ PARAMS = {
 
 def run(ctx) -> None:
     g = ctx.graph
+    legalize.validate(g)   # every rewrite below may assume nodes valid by ONNX's shape rules
     normalise_params(g)
     quantize.run(g)
     decompose.run(g)
@@ -112,8 +112,8 @@ def _single_consumer(g, name, consumers):
 def lower_gemm(g) -> None:
     new = []
     for n in g.nodes:
-        if n.op != "Gemm" or n.domain not in ("", "ai.onnx") or shape_problem(n, g):
-            new.append(n)   # an invalid Gemm stays one, for legalisation to report as written
+        if n.op != "Gemm" or n.domain not in ("", "ai.onnx"):
+            new.append(n)
             continue
         a, b = n.inputs[0], n.inputs[1]
         c = n.input(2)
@@ -172,7 +172,7 @@ def fold_batchnorm(g) -> None:
     consumers = g.consumers()
     new = []
     for n in g.nodes:
-        if n.op != "BatchNormalization" or n.attrs.get("training_mode", 0) or shape_problem(n, g):
+        if n.op != "BatchNormalization" or n.attrs.get("training_mode", 0):
             new.append(n)
             continue
         vals = [g.const(i) for i in n.inputs[1:5]]
@@ -188,7 +188,7 @@ def fold_batchnorm(g) -> None:
         if (p is not None and p.op == "Conv" and _single_consumer(g, x, consumers) is n
                 and g.const(p.inputs[1]) is not None and (len(p.inputs) < 3 or not p.inputs[2]
                                                           or g.const(p.inputs[2]) is not None)
-                and "_epilogue" not in p.attrs and not shape_problem(p, g)):
+                and "_epilogue" not in p.attrs):
             w = g.const(p.inputs[1]).astype(np.float64)
             b = g.const(p.inputs[2]).astype(np.float64) if p.input(2) else np.zeros(w.shape[0])
             w2 = (w * scale.reshape(-1, *[1] * (w.ndim - 1))).astype(np.float32)

@@ -5,10 +5,11 @@ axes in range...), then against the support table
 (:mod:`compiler_worker.support`).  Collects *every* violation:
 ``check_model`` returns them all, ``compile_model`` raises them together.
 
-Canonicalisation runs before this pass and asks :func:`shape_problem` before
-it rewrites a node (Gemm -> MatMul, BatchNormalization folding, epilogue
-fusion), so an invalid node reaches this pass as the op the user wrote and is
-reported here under its own name.
+The ONNX rules run first of all at the start of canonicalisation
+(:func:`validate`, on the graph as the user wrote it, before any rewrite
+reads the shapes), so an invalid node is reported under its own name and op,
+not as the Conv a ConvTranspose became; they run again here for the nodes
+the rewrites created.
 """
 
 from __future__ import annotations
@@ -109,6 +110,14 @@ def _check(n, g) -> str | None:
 # compiles), so it does not refuse an inconsistent node; these rules do, for the ops whose
 # lowering indexes shapes and attributes.  Each returns None or a reason naming the input.
 
+def validate(g) -> None:
+    """Raise CompileErrors listing every node that breaks its ONNX shape/attribute rule."""
+    errors = [CompileError(why, node=n.name, op=n.op) for n in g.nodes
+              for why in [shape_problem(n, g)] if why]
+    if errors:
+        raise CompileErrors(errors)
+
+
 def shape_problem(n, g) -> str | None:
     """Why node `n` is invalid ONNX given its inputs' static shapes and its attributes, or None.
     Tensors of unknown shape are not judged (the support checks report those), nor nodes
@@ -208,6 +217,39 @@ def _conv(n, g) -> str | None:
     if b is not None and b != (w[0],):
         return f"bias {n.input(2)!r} has shape {list(b)}; Conv needs a 1-D bias of {w[0]} (M) values"
     return _spatial_attrs(n, len(x) - 2, w[2:])
+
+
+def _conv_transpose(n, g) -> str | None:
+    x, w, b = (_shape(g, n.input(i)) for i in range(3))
+    if x is None or w is None:
+        return None
+    if len(x) < 3 or len(w) != len(x):
+        return (f"input {n.input(1)!r} has rank {len(w)}, ConvTranspose of {_desc(n.input(0), x)} "
+                f"needs rank-{len(x)} weights (C, M/group, kernel...)")
+    group = n.attrs.get("group", 1)
+    if not isinstance(group, int) or group < 1 or x[1] % group:
+        return f"group={group} must be positive and divide the input channels ({x[1]})"
+    if w[0] != x[1]:
+        return (f"weights {n.input(1)!r} {list(w)} expect {w[0]} input channels but "
+                f"{_desc(n.input(0), x)} has {x[1]}")
+    if b is not None and b != (w[1] * group,):
+        return (f"bias {n.input(2)!r} has shape {list(b)}; ConvTranspose needs a 1-D bias of "
+                f"{w[1] * group} (M) values")
+    why = _spatial_attrs(n, len(x) - 2, w[2:])
+    if why:
+        return why
+    nsp = len(x) - 2
+    s, d = n.attrs.get("strides", [1] * nsp), n.attrs.get("dilations", [1] * nsp)
+    op_ = n.attrs.get("output_padding", [0] * nsp)
+    if len(op_) != nsp or any(not 0 <= p < max(si, di) for p, si, di in zip(op_, s, d)):
+        return (f"output_padding {list(op_)} must have {nsp} entries, each smaller than its "
+                f"stride or dilation")
+    return None
+
+
+def _lrn(n, g) -> str | None:
+    size = n.attrs.get("size")
+    return None if isinstance(size, int) and size >= 1 else f"size={size} must be a positive integer"
 
 
 def _pool(n, g) -> str | None:
@@ -316,7 +358,7 @@ _BROADCASTING = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean",
 
 SHAPE_RULES = {
     **{op: _broadcasting for op in _BROADCASTING},
-    "Conv": _conv, "Gemm": _gemm, "MatMul": _matmul, "BatchNormalization": _per_channel("scale", "B", "mean", "var"),
+    "Conv": _conv, "ConvTranspose": _conv_transpose, "LRN": _lrn, "Gemm": _gemm, "MatMul": _matmul, "BatchNormalization": _per_channel("scale", "B", "mean", "var"),
     "InstanceNormalization": _per_channel("scale", "B"),
     "MaxPool": _pool, "AveragePool": _pool, "LpPool": _pool,
     "Concat": _concat, "Transpose": _transpose, "Reshape": _reshape,

@@ -291,8 +291,24 @@ def test_the_type_constraints_of_the_schema():
         "inputs 'x' (tensor(float)) and 'b' (tensor(int64)) must have the same type (T)"
 
 
-def test_every_problem_is_listed_by_check_model():
+def test_conv_transpose_is_reported_as_written_not_as_its_decomposition():
+    """Once decomposed it would be a Conv named 'up/Conv1' with a bias named 'up/c_1'."""
+    mb = model([helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], name="up")],
+               [vi("x", [1, 4, 8, 8])], [vi("y", None)], [const("w", (4, 2, 3, 3)), const("b", (5,))])
+    assert refused(mb, "up", "ConvTranspose").reason == \
+        "bias 'b' has shape [5]; ConvTranspose needs a 1-D bias of 2 (M) values"
+
+
+def test_lrn_size_zero():
+    """Was ZeroDivisionError in the LRN decomposition (alpha / size)."""
+    mb = model([helper.make_node("LRN", ["x"], ["y"], name="lrn", size=0)], [vi("x", [1, 4, 8, 8])],
+               [vi("y", None)])
+    assert refused(mb, "lrn", "LRN").reason == "size=0 must be a positive integer"
+
+
+def test_every_invalid_node_is_listed_by_check_model():
     nodes = [helper.make_node("Add", ["x", "b"], ["s"], name="add"),
-             helper.make_node("Softmax", ["s"], ["y"], name="sm", axis=3)]
+             helper.make_node("Softmax", ["x"], ["t"], name="sm", axis=3),
+             helper.make_node("Concat", ["s", "t"], ["y"], name="cat", axis=0)]
     mb = model(nodes, [vi("x", [4, 16])], [vi("y", None)], [const("b", (17,))])
     assert [(e.node, e.op) for e in check_model(mb, CFG)] == [("add", "Add"), ("sm", "Softmax")]
