@@ -22,6 +22,7 @@ import zmq
 import npu
 from npu.local import LocalDaemon
 from ipc_schema.schema import PROTOCOL_VERSION
+from npud.server import WAITING_PER_CONNECTION
 from sched_models import deep_mlp, device_pids, feeds, reference, write_config
 from streams import A, B, O, add_stream
 
@@ -347,7 +348,7 @@ def test_slow_consumer_and_flooder_do_not_stall_others(tmp_path):
 
 
 WAITS = 3000
-WAITING_CAP = 1024   # npud.server.WAITING_PER_CONNECTION
+WAITING_CAP = WAITING_PER_CONNECTION
 
 
 def test_waiting_requests_are_capped_per_connection(tdaemon):
