@@ -296,19 +296,35 @@ def test_cache_hits_and_misses(daemon, client, make_client, cache_dir):
         assert e["age_s"] >= 0
 
 
+def stored(path: Path, unlike: bytes | None = None, timeout: float = 60.0) -> bytes:
+    """The cache entry at ``path`` once the daemon has written it (and, with ``unlike``, replaced
+    those bytes).  The daemon stores entries after it replies to the load, so a test that reads
+    the file at once can find it missing or old."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            data = path.read_bytes()
+            if data and data != unlike:
+                return data
+        except FileNotFoundError:
+            pass
+        assert time.monotonic() < deadline, f"{path} was not (re)written within {timeout} s"
+        time.sleep(0.02)
+
+
 def test_corrupt_cache_entry_is_discarded_and_recompiled(client, cache_dir):
     client._request("cache_clear", {})
     data = mlp(seed=22)
     assert not client.load(data).cached
     (entry,) = cache_entries(client)
     path = cache_dir / f"{entry['key']}.npux"
-    raw = bytearray(path.read_bytes())
+    raw = bytearray(stored(path))
     raw[len(raw) // 2] ^= 0x40  # one flipped bit in the middle of the command stream or weights
     path.write_bytes(bytes(raw))
     model = client.load(data)
     assert not model.cached  # discarded, compiled again, never run
     check_runs(model, data)
-    assert path.read_bytes() != bytes(raw)  # replaced by a good entry
+    stored(path, unlike=bytes(raw))  # replaced by a good entry
     assert client.load(data).cached
     path.write_bytes(b"NPUX")  # truncated
     assert not client.load(data).cached
