@@ -11,6 +11,7 @@ exits, the kernel closes it and the session is closed at once.
 from __future__ import annotations
 
 import array
+import errno
 import hmac
 import logging
 import os
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("npud.attach")
 
 HELLO_TIMEOUT_S = 5.0
+ACCEPT_RETRY_S = 0.1
+_RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 def listen(path: str, inherited: socket.socket | None = None) -> socket.socket:
@@ -58,7 +61,15 @@ async def serve(daemon: "Daemon", listener: socket.socket) -> None:
     listener = trio.socket.from_stdlib_socket(listener)
     async with trio.open_nursery() as nursery:
         while True:
-            conn, _ = await listener.accept()
+            try:
+                conn, _ = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _RESOURCE_ERRNOS:
+                    raise
+                # Out of descriptors (or memory): the client waits in the backlog, npud stays up.
+                log.error("cannot accept a companion connection: %s; retrying in %.1f s", exc, ACCEPT_RETRY_S)
+                await trio.sleep(ACCEPT_RETRY_S)
+                continue
             nursery.start_soon(_attach, daemon, conn)
 
 

@@ -130,10 +130,14 @@ class CompilerPool:
 
     async def _start(self, name: bytes) -> trio.Process | None:
         self._ready[name] = trio.Event()
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "compiler_worker.worker", "--endpoint", self.endpoint,
-             "--name", name.decode(), "--memory-limit", str(self.memory_limit)]
-            + (["--test-mode"] if self.test_mode else []))
+        try:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "compiler_worker.worker", "--endpoint", self.endpoint,
+                 "--name", name.decode(), "--memory-limit", str(self.memory_limit)]
+                + (["--test-mode"] if self.test_mode else []))
+        except OSError as exc:   # out of file descriptors or processes: fail this compile, not npud
+            log.error("cannot start compiler worker %s: %s", name.decode(), exc)
+            return None
         with trio.move_on_after(READY_TIMEOUT_S):
             await self._ready[name].wait()
         if self._ready[name].is_set():

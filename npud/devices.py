@@ -43,6 +43,7 @@ from emulator.config import DeviceConfig
 from ipc_schema.errors import ErrorCode, ErrorInfo
 
 from .jobs import BusyWindow, Job
+from .fds import FdBudget
 from .memory import BufferObject, DeviceMemory
 from .scheduler import Scheduler
 
@@ -51,6 +52,7 @@ log = logging.getLogger("npud.device")
 MAX_REPLY = 1 << 20
 CHANNEL_BYTES = 32 << 20  # the device process accepts packets up to this size
 STOP_TIMEOUT_S = 2.0
+RESTART_RETRY_S = 1.0   # a device process that cannot start is retried this often
 UTIL_WINDOW_S = 5.0   # util_pct is the busy share of (about) the last this many seconds
 EWMA = 0.3            # weight of the newest run in a program's expected wall time
 
@@ -83,8 +85,13 @@ class Hung(Exception):
     """The device process did not answer within the job's timeout."""
 
 
-class ChannelLimit(Exception):
-    """A request is larger than one packet of the device socket can carry on this host."""
+class HostLimit(Exception):
+    """The host cannot carry this job to the device (a stream larger than one packet of the device
+    socket, or no file descriptor left for its program).  The device is fine; only this job fails."""
+
+    def __init__(self, message: str, code: str = "EINVAL", retryable: bool = False):
+        super().__init__(message)
+        self.code, self.retryable = code, retryable
 
 
 class Core:
@@ -117,13 +124,14 @@ class Core:
 
 class DeviceHost:
     def __init__(self, index: int, name: str, preset: str, config: DeviceConfig,
-                 on_job_done: Callable[[Job], None], params: SchedulingParams | None = None):
+                 on_job_done: Callable[[Job], None], params: SchedulingParams | None = None,
+                 fds: FdBudget | None = None):
         self.index = index
         self.name = name
         self.preset = preset
         self.config = config
         self.params = params or SchedulingParams()
-        self.memory = DeviceMemory(index, config.memory_bytes, config.page_size)
+        self.memory = DeviceMemory(index, config.memory_bytes, config.page_size, fds=fds)
         self.resets = 0
         self.hangs = 0
         self.banned: set = set()                    # contexts banned on this device
@@ -409,8 +417,8 @@ class DeviceHost:
                                       "was reset", "ETIMEDOUT", retryable=False)
             self._blame(job, f"hung device {self.index} (ran past its timeout)")
             await self._reset(core, f"job {job.id} of session {job.session_id} hung")
-        except ChannelLimit as exc:  # the device is fine: only this job cannot reach it
-            reply = {"ok": False, "error": {"code": "EINVAL", "retryable": False, "message": str(exc)}}
+        except HostLimit as exc:  # the device is fine: only this job cannot reach it
+            reply = {"ok": False, "error": {"code": exc.code, "retryable": exc.retryable, "message": str(exc)}}
         finally:
             wall = time.perf_counter() - started
             job.busy_s += wall
@@ -513,7 +521,11 @@ class DeviceHost:
                 total += int(row.get("commands", 0))
                 bounds.append(total)
             self._boundaries[program] = bounds
-        fd = os.memfd_create("npud-program", os.MFD_CLOEXEC)
+        try:
+            fd = os.memfd_create("npud-program", os.MFD_CLOEXEC)
+        except OSError as exc:
+            raise HostLimit(f"npud cannot pass the job's program to the device now ({exc.strerror}); "
+                            "retry once buffers are freed", "ENOMEM", retryable=True) from None
         try:
             os.write(fd, stream)
             os.lseek(fd, 0, os.SEEK_SET)
@@ -580,7 +592,14 @@ class DeviceHost:
         if core.process is not None and core.process.returncode is None:
             core.process.kill()
         await self._stop_process(core)
-        await self._start_process(core)
+        while True:
+            try:
+                await self._start_process(core)
+                break
+            except OSError as exc:   # out of descriptors or processes for now: the core waits, npud stays
+                log.error("device %d core %d: cannot start its process (%s); retrying in %.0f s",
+                          self.index, core.index, exc, RESTART_RETRY_S)
+                await trio.sleep(RESTART_RETRY_S)
         # Buffers that were waiting for this core to unmap them are unmapped now.
         for kind, what in core.control:
             if kind == "release":
@@ -599,7 +618,7 @@ class DeviceHost:
                                                   array.array("i", [fd]))])
         except OSError as exc:
             if exc.errno == errno.EMSGSIZE:
-                raise ChannelLimit(f"a {len(data)}-byte {op} request exceeds what this host's "
+                raise HostLimit(f"a {len(data)}-byte {op} request exceeds what this host's "
                                    "device socket carries in one packet (raise net.core.wmem_max, "
                                    "or submit a shorter command stream)") from None
             raise DeviceLost(f"device process connection failed: {exc}", delivered=False) from None

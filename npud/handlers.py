@@ -140,6 +140,10 @@ def alloc(daemon, call, args):
                                              f"bring this session to {session.memory + charged} bytes of "
                                              f"its {limits.memory_quota}-byte quota; free buffers first")
     policy.check_memory(daemon.sessions, session, charged)  # the user's quota, all its sessions
+    if len(session.buffers) >= daemon.fds.max_per_session:
+        raise RequestError(ErrorCode.EDQUOT, f"this session holds {len(session.buffers)} buffers, the most one "
+                                             f"session may (npud's open-file limit allows {daemon.fds.max_buffers} "
+                                             "in all); free buffers first")
     bo = _allocate(daemon, device, size)
     handle = session.new_handle()
     session.buffers[handle] = bo

@@ -9,7 +9,7 @@ import sys
 
 import trio
 
-from . import __version__, log
+from . import __version__, fds, log
 from .config import LOG_LEVELS, ConfigError, load, parse_devices
 from .server import AlreadyRunning, Daemon
 
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.test_mode:
         config = dataclasses.replace(config, test_mode=True)
     log.setup(config.log_level)
+    fds.raise_soft_limit()        # buffers hold descriptors: see npud/fds.py
     try:
         daemon = Daemon(config)   # reads the policy file and the CURVE key: ConfigError names the key
     except ConfigError as exc:

@@ -24,6 +24,8 @@ import numpy as np
 
 from ipc_schema.errors import ErrorCode, RequestError
 
+from .fds import FdBudget
+
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _ids = itertools.count(1)
 POOL_MAX_BUFFER = 16 << 20  # larger buffers are rare and costly to zero on the event loop
@@ -71,8 +73,10 @@ def _create_memfd(device: int, mapped_size: int) -> tuple[int, mmap.mmap]:
 class DeviceMemory:
     """Allocation and accounting of one device's memory."""
 
-    def __init__(self, device: int, total: int, page_size: int, pool_bytes: int = 256 << 20):
+    def __init__(self, device: int, total: int, page_size: int, pool_bytes: int = 256 << 20,
+                 fds: FdBudget | None = None):
         self.device = device
+        self.fds = fds if fds is not None else FdBudget.current()  # shared by the daemon's devices
         self.total = total
         self.page_size = page_size
         self.used = 0
@@ -93,10 +97,17 @@ class DeviceMemory:
             fd, mm = pooled.pop()
             self._pool_bytes -= mapped
         else:
+            if self.fds.full:
+                self._shrink_pool()
+            if self.fds.full:
+                raise RequestError(
+                    ErrorCode.ENOMEM, f"npud holds {self.fds.buffers} buffers, as many as its open-file limit "
+                    f"({self.fds.nofile}) allows; retry after buffers are freed (or raise LimitNOFILE)")
             try:
                 fd, mm = _create_memfd(self.device, mapped)
             except OSError as exc:
                 raise RequestError(ErrorCode.ENOMEM, f"host cannot back {mapped} bytes: {exc.strerror}") from None
+            self.fds.buffers += 1
         self.used += mapped
         return BufferObject(next(_ids), self.device, size, mapped, fd, mm)
 
@@ -113,9 +124,10 @@ class DeviceMemory:
             return
         bo.released = True
         self.uncharge(bo)
-        if (bo.exported or bo.mapped_size > POOL_MAX_BUFFER
+        if (bo.exported or bo.mapped_size > POOL_MAX_BUFFER or self.fds.full
                 or self._pool_bytes + bo.mapped_size > self._pool_limit):
             bo.close()
+            self.fds.buffers -= 1
             return
         # Zero now, while the pages are hot, so that reuse can never show old data.
         np.frombuffer(bo.mm, dtype=np.uint8)[:] = 0
@@ -123,9 +135,14 @@ class DeviceMemory:
         self._pool_bytes += bo.mapped_size
 
     def close(self) -> None:
+        self._shrink_pool()
+
+    def _shrink_pool(self) -> None:
+        """Close every pooled memfd: their descriptors are wanted for new buffers."""
         for entries in self._pool.values():
             for fd, mm in entries:
                 mm.close()
                 os.close(fd)
+                self.fds.buffers -= 1
         self._pool.clear()
         self._pool_bytes = 0

@@ -40,11 +40,11 @@ def notify(state: str, env: Mapping[str, str] | None = None) -> bool:
         return False
     if address.startswith("@"):
         address = "\0" + address[1:]  # abstract namespace
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        try:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.sendto(state.encode(), address)
-        except OSError:
-            return False
+    except OSError:   # no descriptor left, or systemd gone: a missed status line is harmless
+        return False
     return True
 
 

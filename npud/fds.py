@@ -1,0 +1,60 @@
+"""How many file descriptors npud's buffers may hold.
+
+Every buffer object holds two descriptors in the daemon (its memfd, and the
+duplicate CPython's ``mmap`` keeps), so buffers are what can run the daemon out
+of them, and a daemon that cannot open a descriptor cannot start a compiler
+worker, load a program or accept a client.  So at start the soft
+``RLIMIT_NOFILE`` is raised to the hard limit (systemd's advice for services
+that need many descriptors: the soft 1024 exists for ``select()``, which npud
+does not use), and buffers may hold at most ``BUFFER_SHARE`` of it.  The rest is
+for sessions, compiler workers, device processes and program streams.  One
+session may hold at most ``SESSION_SHARE`` of the buffers, so a single client
+cannot take them all.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+
+log = logging.getLogger("npud")
+
+FDS_PER_BUFFER = 2
+BUFFER_SHARE = 0.75
+SESSION_SHARE = 0.5
+
+
+def raise_soft_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit where allowed; returns the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20   # what Linux's nr_open allows by default
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return soft if soft != resource.RLIM_INFINITY else hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+        return soft
+    return hard
+
+
+class FdBudget:
+    """The count of buffer objects open in the daemon (in use or pooled) against their share
+    of the open-file limit."""
+
+    def __init__(self, nofile: int):
+        self.nofile = nofile
+        self.max_buffers = max(1, int(nofile * BUFFER_SHARE) // FDS_PER_BUFFER)
+        self.max_per_session = max(1, int(self.max_buffers * SESSION_SHARE))
+        self.buffers = 0
+
+    @property
+    def full(self) -> bool:
+        return self.buffers >= self.max_buffers
+
+    @classmethod
+    def current(cls) -> "FdBudget":
+        """A budget for the process's soft limit as it is now (without raising it)."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return cls(soft if soft != resource.RLIM_INFINITY else 1 << 20)
