@@ -79,7 +79,9 @@ def row(name, t_emu, t_base, base_name):
 
 def main() -> None:
     rng = np.random.default_rng(0)
+    from emulator.engines import int_gemm
     print(f"npu-emu benchmark; numpy {np.__version__}; config 'server' with 16 MiB SRAM")
+    print(f"integer GEMM: {int_gemm.describe()}")
     print(f"{'case':<44s} {'emulator':>12s} {'baseline':>12s} {'ratio':>7s}")
 
     # --- matmul -----------------------------------------------------------------------

@@ -63,6 +63,8 @@ def run(rounds: int = 5) -> list[Ratio]:
     import logging
     logging.getLogger().setLevel(logging.ERROR)     # quantize_static's pre-processing advice
     fp32, int8 = models()
+    from emulator.engines import int_gemm
+    print(f"(integer GEMM: {int_gemm.describe()})")
     x = np.random.default_rng(7).standard_normal((1, 3, 224, 224)).astype(np.float32)
     cache = tempfile.mkdtemp(prefix="npud-bench-cache-")
     daemon = LocalDaemon("--device", "server", "--cache-dir", cache)

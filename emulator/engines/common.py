@@ -60,5 +60,12 @@ class Scratch(threading.local):
             buf = self.buffers[name] = np.empty(max(size, 1 << 16), np.float32)
         return buf[:size].reshape(shape)
 
+    def typed(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """Like :meth:`get`, an array of `dtype` (the float32 buffer's bytes)."""
+        dtype = np.dtype(dtype)
+        size = int(np.prod(shape))
+        words = -(-size * dtype.itemsize // 4)
+        return self.get(name, (words,)).view(dtype)[:size].reshape(shape)
+
 
 scratch = Scratch()

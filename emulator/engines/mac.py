@@ -9,6 +9,11 @@ product.  float32 holds every integer of magnitude <= 2**24 exactly, so a
 chunk of K <= 2**24 // max|product| (1024 for int8 x int8, 514 for
 uint8 x int8) is computed exactly.  Chunks are summed in int64 and the total
 wraps to the int32 accumulator, as 32-bit hardware accumulators do.
+
+That numpy computation is the definition.  When oneDNN is installed and passes
+its self-test (int_gemm.py), ungrouped integer convolutions and integer
+matmuls instead run one exact u8 x s8 -> s32 GEMM on the 8-bit operands
+themselves; the tests hold both paths to the same bits.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ..isa import FLAG_ACCUMULATE, NONE_ADDR
+from . import int_gemm
 from .common import _LIMITS
 from .common import scratch as _scratch
 from .common import vec, view
@@ -34,9 +40,13 @@ def k_chunk(x_dtype: np.dtype) -> int:
 
 def gemm(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """x @ w (numpy matmul broadcasting).  Float inputs -> float32 result;
-    int8/uint8 x int8 -> exact int64 result."""
+    int8/uint8 x int8 -> the exact integer result, int64 (or int32 from the
+    native GEMM, whose K bound keeps every sum within int32)."""
     if x.dtype.kind == "f":
         return np.matmul(x.astype(np.float32, copy=False), w.astype(np.float32, copy=False))
+    native = int_gemm.get()
+    if native is not None and 0 < x.shape[-1] <= int_gemm.MAX_K and x.size and w.size:
+        return _gemm_native(x, w, native)
     xf = x.astype(np.float32)
     wf = w.astype(np.float32)
     k = x.shape[-1]
@@ -48,6 +58,29 @@ def gemm(x: np.ndarray, w: np.ndarray) -> np.ndarray:
         part = np.matmul(xf[..., k0:k0 + step], wf[..., k0:k0 + step, :]).astype(np.int64)
         acc = part if acc is None else acc + part
     return acc
+
+
+def _as_u8(x: np.ndarray, name: str) -> tuple[np.ndarray, int]:
+    """8-bit activations as the native GEMM's uint8 operand and the shift to add
+    to their zero point: int8 is flipped (``x ^ 0x80 = x + 128``) into scratch."""
+    if x.dtype == np.uint8:
+        return x, 0
+    u = _scratch.typed(name, x.shape, np.uint8)
+    np.bitwise_xor(x.view(np.uint8), np.uint8(0x80), out=u)
+    return u, 128
+
+
+def _gemm_native(x: np.ndarray, w: np.ndarray, native) -> np.ndarray:
+    """Integer x @ w with numpy's batch broadcasting, one native GEMM per batch."""
+    xu, zp = _as_u8(x, "mm_u8")
+    batch = np.broadcast_shapes(x.shape[:-2], w.shape[:-2])
+    m, n = x.shape[-2], w.shape[-1]
+    xb = np.broadcast_to(xu, batch + xu.shape[-2:])
+    wb = np.broadcast_to(w, batch + w.shape[-2:])
+    out = np.empty(batch + (m, n), np.int32)
+    for idx in np.ndindex(*batch):
+        native(xb[idx], wb[idx], out[idx], zp)
+    return out
 
 
 def _epilogue(job, cmd, out: np.ndarray, result: np.ndarray, n: int) -> None:
@@ -197,6 +230,9 @@ def _conv2d_int(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray, rq=None
     cin = x.shape[3]
     kh, kw = w.shape[0], w.shape[1]
     k = kh * kw * cin
+    native = int_gemm.get()
+    if native is not None and 0 < k <= int_gemm.MAX_K and out.size:
+        return _conv2d_native(job, cmd, x, w, out, rq, native)
     wf, chunks = _convert(w)
     w2 = wf.reshape(k, cout)
     centre = 128 if x.dtype == np.uint8 else 0
@@ -248,13 +284,85 @@ def _conv2d_int(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray, rq=None
     return True
 
 
+def _conv2d_native(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray, rq, native) -> bool:
+    """:func:`_conv2d_int` on the native exact GEMM: im2col of the 8-bit input
+    itself (a quarter of float32's bytes; 1x1 stride-1 unpadded convolutions use
+    the input tile as it is), one GEMM per tile into int32 with the input zero
+    point as the GEMM's own offset (padding holds it, so it contributes zero),
+    then the same epilogues: an int32 bias add (wrapping, as the accumulator
+    does), or with ``rq`` the float64 requantisation of each tile, refused
+    (False) when the accumulator could wrap."""
+    a = cmd.args
+    sram = job.sram[cmd.core]
+    n, oh, ow, cout = out.shape
+    cin = x.shape[3]
+    kh, kw = w.shape[0], w.shape[1]
+    k = kh * kw * cin
+    w2 = w.reshape(k, cout)
+    bias = vec(sram, a.bias, np.int32, cout) if a.bias != NONE_ADDR else None
+    if rq is not None:
+        corr = 0 if bias is None else int(np.abs(bias.astype(np.int64)).max(initial=0))
+        if k * int_gemm.MAX_PRODUCT + corr >= 1 << 31:
+            return False
+        corr64 = None if bias is None else bias.astype(np.float64)
+        scale, y_zp, lo, hi = rq
+    accumulate = bool(getattr(a, "flags", 0) & FLAG_ACCUMULATE)
+    pointwise = kh == kw == 1 and a.stride == (1, 1) and not any(a.pad)
+    rows = oh if pointwise else max(1, min(oh, IM2COL_ELEMENTS // max(1, ow * k)))
+    if pointwise:
+        src, shift = _as_u8(x, "x_u8")
+        windows, zp = None, a.x_zp + shift
+    else:
+        src, windows, zp = x, *_windows_u8(x, a, oh, ow, kh, kw)
+    for dst, cols, m in _tiles(src, windows, out, rows, pointwise, kh, kw, np.uint8):
+        if rq is not None:
+            acc = _scratch.typed("acc_i32", (m, cout), np.int32)
+            native(cols, w2, acc, zp)
+            _requant_rows(acc, None, corr64, scale, y_zp, lo, hi, dst)
+            continue
+        if accumulate:
+            acc = _scratch.typed("acc_i32", (m, cout), np.int32)
+            native(cols, w2, acc, zp)
+            dst += acc
+        else:
+            native(cols, w2, dst, zp)
+        if bias is not None:
+            dst += bias
+    return True
+
+
+def _windows_u8(x: np.ndarray, a, oh: int, ow: int, kh: int, kw: int):
+    """(windows, zp): the convolution windows of the padded input as uint8 (int8
+    flipped by ``^ 0x80``), padding holding the input zero point, and that zero
+    point in the same uint8 domain."""
+    (sh, sw), (dh, dw) = a.stride, a.dilation
+    pt, pb, pl, pr = a.pad
+    n, h, wd, c = x.shape
+    zp = a.x_zp + (128 if x.dtype == np.int8 else 0)
+    if pt or pb or pl or pr or x.dtype != np.uint8:
+        xp = _scratch.typed("xpad_u8", (n, h + pt + pb, wd + pl + pr, c), np.uint8)
+        xp[:, :pt], xp[:, pt + h:] = zp, zp
+        xp[:, :, :pl], xp[:, :, pl + wd:] = zp, zp
+        inner = xp[:, pt:pt + h, pl:pl + wd, :]
+        if x.dtype == np.int8:
+            np.bitwise_xor(x.view(np.uint8), np.uint8(0x80), out=inner)
+        else:
+            np.copyto(inner, x)
+    else:
+        xp = x
+    s = xp.strides
+    return as_strided(xp, (n, oh, ow, kh, kw, c),
+                      (s[0], s[1] * sh, s[2] * sw, s[1] * dh, s[2] * dw, s[3]), writeable=False), zp
+
+
 EPILOGUE_ELEMENTS = 1 << 16   # requantised at once: the float64 block stays in cache
 
 
 def _requant_rows(src, acc, corr64, scale, zp: float, lo: int, hi: int, dst) -> None:
     """dst = requantize(src (+ corr64)) a block of rows at a time: ``src`` holds
-    exact integers (float32 GEMM output, or float64 sums); the sums are exact
-    in float64, then :func:`requantize`'s one double product, clamp and round."""
+    exact integers (float32 GEMM output, int32, or float64 sums, then ``acc`` is
+    ``src``); the sums are exact in float64, then :func:`requantize`'s one
+    double product, clamp and round."""
     m, cout = dst.shape
     rows = max(1, EPILOGUE_ELEMENTS // cout)
     buf = _scratch.get("epi64", (min(rows, m), 2 * cout)).view(np.float64)
@@ -262,8 +370,9 @@ def _requant_rows(src, acc, corr64, scale, zp: float, lo: int, hi: int, dst) -> 
     for i in range(0, m, rows):
         s = src[i:i + rows]
         b = acc[i:i + rows] if acc is not None else buf[:s.shape[0]]
-        if corr64 is not None:
+        if acc is None:
             np.copyto(b, s)
+        if corr64 is not None:
             b += corr64
         np.multiply(b, scale, out=b)
         np.clip(b, lo - zp, hi - zp, out=b)
@@ -303,10 +412,12 @@ def _ones(k: int) -> np.ndarray:
     return _ONES[:k]
 
 
-def _tiles(src: np.ndarray, windows, out: np.ndarray, rows: int, pointwise: bool, kh: int, kw: int):
+def _tiles(src: np.ndarray, windows, out: np.ndarray, rows: int, pointwise: bool, kh: int, kw: int,
+           dtype=np.float32):
     """The GEMM tiles of a convolution: ``(dst, cols, m)`` per band of ``rows`` output rows of each
     image, ``dst`` the (m, cout) slice of ``out`` to write and ``cols`` the (m, k) operand: the
-    input itself for a pointwise convolution, else its windows copied into reused scratch."""
+    input itself for a pointwise convolution, else its windows copied into reused scratch
+    (of `dtype`)."""
     n, oh, ow, cout = out.shape
     cin = src.shape[3]
     for b in range(n):
@@ -317,7 +428,7 @@ def _tiles(src: np.ndarray, windows, out: np.ndarray, rows: int, pointwise: bool
             if pointwise:
                 yield dst, src[b, i0:i1].reshape(m, cin), m
             else:
-                cols6 = _scratch.get("cols", (i1 - i0, ow, kh, kw, cin))
+                cols6 = _scratch.typed("cols", (i1 - i0, ow, kh, kw, cin), dtype)
                 np.copyto(cols6, windows[b, i0:i1])
                 yield dst, cols6.reshape(m, kh * kw * cin), m
 
