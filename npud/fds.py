@@ -39,22 +39,33 @@ def raise_soft_limit() -> int:
     return hard
 
 
+def soft_limit() -> int:
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
 class FdBudget:
     """The count of buffer objects open in the daemon (in use or pooled) against their share
-    of the open-file limit."""
+    of the open-file limit: ``nofile``, or the process's soft limit read at each check (one
+    syscall, next to the memfd_create it guards), so that a limit lowered from outside
+    (``prlimit``) is honoured too."""
 
-    def __init__(self, nofile: int):
-        self.nofile = nofile
-        self.max_buffers = max(1, int(nofile * BUFFER_SHARE) // FDS_PER_BUFFER)
-        self.max_per_session = max(1, int(self.max_buffers * SESSION_SHARE))
+    def __init__(self, nofile: int | None = None):
+        self._nofile = nofile
         self.buffers = 0
+
+    @property
+    def nofile(self) -> int:
+        return self._nofile if self._nofile is not None else soft_limit()
+
+    @property
+    def max_buffers(self) -> int:
+        return max(1, int(self.nofile * BUFFER_SHARE) // FDS_PER_BUFFER)
+
+    @property
+    def max_per_session(self) -> int:
+        return max(1, int(self.max_buffers * SESSION_SHARE))
 
     @property
     def full(self) -> bool:
         return self.buffers >= self.max_buffers
-
-    @classmethod
-    def current(cls) -> "FdBudget":
-        """A budget for the process's soft limit as it is now (without raising it)."""
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        return cls(soft if soft != resource.RLIM_INFINITY else 1 << 20)

@@ -76,7 +76,7 @@ class DeviceMemory:
     def __init__(self, device: int, total: int, page_size: int, pool_bytes: int = 256 << 20,
                  fds: FdBudget | None = None):
         self.device = device
-        self.fds = fds if fds is not None else FdBudget.current()  # shared by the daemon's devices
+        self.fds = fds if fds is not None else FdBudget()  # shared by the daemon's devices
         self.total = total
         self.page_size = page_size
         self.used = 0

@@ -85,7 +85,7 @@ class Daemon:
         params = SchedulingParams(job_timeout_s=sched.job_timeout_ms / 1000, ban_after_hangs=sched.ban_after_hangs,
                                   starvation_s=sched.starvation_ms / 1000, max_queued=sched.max_queued_per_device,
                                   cores=sched.device_processes, test_mode=config.test_mode)
-        self.fds = FdBudget.current()   # the devices' buffers share one count against the open-file limit
+        self.fds = FdBudget()   # the devices' buffers share one count against the open-file limit
         self.devices = [DeviceHost(i, spec.name, spec.preset, make_config(spec.preset, **spec.params),
                                    self._job_done, params, self.fds)
                         for i, spec in enumerate(config.devices)]
