@@ -39,9 +39,10 @@ MAX_K = (2**31 - 1) // MAX_PRODUCT      # 65793
 _D = ctypes.c_int64
 
 
-def reference(a: np.ndarray, b: np.ndarray, a_zp: int = 0) -> np.ndarray:
-    """(a - a_zp) @ b in int64: the definition every backend must equal."""
-    return (a.astype(np.int64) - a_zp) @ b.astype(np.int64)
+def reference(a: np.ndarray, b: np.ndarray, a_zp: int = 0, co=None) -> np.ndarray:
+    """(a - a_zp) @ b (+ co) in int64: the definition every backend must equal."""
+    r = (a.astype(np.int64) - a_zp) @ b.astype(np.int64)
+    return r if co is None else r + co
 
 
 class OneDNN:
@@ -64,10 +65,13 @@ class OneDNN:
         self._threads = _threads()
         self._local = threading.local()
 
-    def __call__(self, a: np.ndarray, b: np.ndarray, c: np.ndarray, a_zp: int = 0) -> None:
-        """c[:] = (a - a_zp) @ b, exactly, for a [M, K] uint8, b [K, N] int8,
-        c [M, N] int32, each with unit column stride (rows may be strided),
-        K <= MAX_K and 0 <= a_zp <= 255.  (int8 activations are flipped to
+    def __call__(self, a: np.ndarray, b: np.ndarray, c: np.ndarray, a_zp: int = 0,
+                 co: np.ndarray | None = None) -> None:
+        """c[:] = (a - a_zp) @ b (+ co), exactly, for a [M, K] uint8, b [K, N]
+        int8, c [M, N] int32, each with unit column stride (rows may be
+        strided), K <= MAX_K and 0 <= a_zp <= 255; co, an optional contiguous
+        int32 [N] added to every row, only where no result can leave int32
+        (whether oneDNN would wrap or saturate is not relied on).  (int8 activations are flipped to
         uint8 by the caller, ``a ^ 0x80 = a + 128``, zero point likewise.)"""
         m, k = a.shape
         n = b.shape[1]
@@ -81,9 +85,9 @@ class OneDNN:
             self._gomp.omp_set_num_threads(self._threads)
             self._local.threads = self._threads
         status = self._fn(
-            b"N", b"N", b"F", m, n, k, 1.0, a.ctypes.data, lda, a_zp,
+            b"N", b"N", b"F" if co is None else b"R", m, n, k, 1.0, a.ctypes.data, lda, a_zp,
             b.ctypes.data, ldb, 0, 0.0, c.ctypes.data, ldc,
-            self._co.ctypes.data)
+            (self._co if co is None else co).ctypes.data)
         if status != 0:
             raise RuntimeError(f"oneDNN integer GEMM failed with status {status}")
 
@@ -154,7 +158,7 @@ def _open() -> tuple[OneDNN | None, str]:
 
 
 def self_test(gemm) -> str | None:
-    """Run `gemm` (called as ``gemm(a, b, c, a_zp)``, see :meth:`OneDNN.__call__`)
+    """Run `gemm` (called as ``gemm(a, b, c, a_zp[, co])``, see :meth:`OneDNN.__call__`)
     on the cases that break inexact kernels and compare with :func:`reference`;
     returns why it failed, or None when every result is exact."""
     rng = np.random.default_rng(20261125)
@@ -186,6 +190,18 @@ def self_test(gemm) -> str | None:
                               np.full(c.shape, constant, np.int64)):
             return (f"uint8 x int8 GEMM {a.shape[0]}x{a.shape[1]}x{b.shape[1]} "
                     f"(a_zp {zp}) differs from int64 numpy")
+    # A per-column offset, up to where the sum meets int32's bounds.
+    k = 4608
+    a = np.full((5, k), 255, np.uint8)
+    b = np.full((k, 6), -128, np.int8)
+    b[:, 1::2] = 127
+    worst = (reference(a[:1], b[:, :2]))[0]
+    co = np.array([-2**31 - worst[0], 2**31 - 1 - worst[1], 12345, -1, 0, 7], np.int32)
+    for zp in (0, 200):
+        c = np.full((5, 6), -1, np.int32)
+        gemm(a, b, c, zp, co)
+        if not np.array_equal(c, reference(a, b, zp, co)):
+            return f"uint8 x int8 GEMM with a column offset (a_zp {zp}) differs from int64 numpy"
     # Strided operands, as the MAC engine passes them: a row pitch wider than K
     # (a slice of a larger tile), b and c column blocks of wider matrices.
     a_wide = rng.integers(0, 256, (37, 300), dtype=np.uint8)
@@ -225,7 +241,7 @@ def _load() -> tuple:
 
 
 def get():
-    """The exact integer GEMM (callable as ``gemm(a, b, c, a_zp)``), or None
+    """The exact integer GEMM (callable as ``gemm(a, b, c, a_zp, co=None)``), or None
     when the numpy reference must be used."""
     state = _state if _state is not None else _load()
     return state[0]

@@ -304,7 +304,7 @@ def _conv2d_native(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray, rq, 
         corr = 0 if bias is None else int(np.abs(bias.astype(np.int64)).max(initial=0))
         if k * int_gemm.MAX_PRODUCT + corr >= 1 << 31:
             return False
-        corr64 = None if bias is None else bias.astype(np.float64)
+        co = None if bias is None else np.ascontiguousarray(bias)  # in the GEMM: no sum can wrap
         scale, y_zp, lo, hi = rq
     accumulate = bool(getattr(a, "flags", 0) & FLAG_ACCUMULATE)
     pointwise = kh == kw == 1 and a.stride == (1, 1) and not any(a.pad)
@@ -317,8 +317,8 @@ def _conv2d_native(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray, rq, 
     for dst, cols, m in _tiles(src, windows, out, rows, pointwise, kh, kw, np.uint8):
         if rq is not None:
             acc = _scratch.typed("acc_i32", (m, cout), np.int32)
-            native(cols, w2, acc, zp)
-            _requant_rows(acc, None, corr64, scale, y_zp, lo, hi, dst)
+            native(cols, w2, acc, zp, co)
+            _requant_rows(acc, None, None, scale, y_zp, lo, hi, dst)
             continue
         if accumulate:
             acc = _scratch.typed("acc_i32", (m, cout), np.int32)
@@ -355,6 +355,11 @@ def _windows_u8(x: np.ndarray, a, oh: int, ow: int, kh: int, kw: int):
                       (s[0], s[1] * sh, s[2] * sw, s[1] * dh, s[2] * dw, s[3]), writeable=False), zp
 
 
+try:    # np.clip's own checks cost ~5 us per block: call the ufunc it wraps
+    from numpy._core.umath import clip as _clip
+except ImportError:     # numpy < 2
+    _clip = np.clip
+
 EPILOGUE_ELEMENTS = 1 << 16   # requantised at once: the float64 block stays in cache
 
 
@@ -375,7 +380,7 @@ def _requant_rows(src, acc, corr64, scale, zp: float, lo: int, hi: int, dst) -> 
         if corr64 is not None:
             b += corr64
         np.multiply(b, scale, out=b)
-        np.clip(b, lo - zp, hi - zp, out=b)
+        _clip(b, lo - zp, hi - zp, out=b)
         np.rint(b, out=b)
         if zp:
             b += zp

@@ -143,6 +143,21 @@ def test_qconv2d_bit_identical(path, geom, xdt, x_zp, odt):
     np.testing.assert_array_equal(got, two_commands(x, w, bias, scale, odt, **kw))
 
 
+def test_qconv2d_largest_bias_the_fused_epilogue_takes(path):
+    # the bias goes into the native GEMM (its column offset) only when no sum can
+    # leave int32: here exactly at that bound, with the extremes driving the sums to it
+    rng = np.random.default_rng(4)
+    x, w, geom = _operands(rng, np.uint8, GEOMETRIES[0], n=1)
+    k = w.shape[0] * w.shape[1] * w.shape[2]
+    bias = np.full(w.shape[3], 2**31 - 1 - k * int_gemm.MAX_PRODUCT, np.int32)
+    bias[1::2] *= -1
+    scale = np.full(w.shape[3], 2.0 ** -25, np.float32)
+    kw = dict(x_zp=0, y_zp=100, **geom)
+    got = same_as_reference(lambda: fused(x, w, bias, scale, np.uint8, **kw))
+    np.testing.assert_array_equal(got, two_commands(x, w, bias, scale, np.uint8, **kw))
+    assert 0 < got.min() and got.max() < 255
+
+
 def test_qconv2d_accumulator_that_could_wrap(path):
     # |bias| near 2**31: the fused epilogue is refused, conv2d's wrapping int32 tile and requant run
     rng = np.random.default_rng(3)
@@ -176,11 +191,11 @@ def test_matmul_bit_identical(path, adt, a_shape, w_shape):
 
 # --- the self-test that admits a library -----------------------------------------------
 
-def _exact(a, b, c, a_zp=0):
-    c[...] = int_gemm.reference(a, b, a_zp)
+def _exact(a, b, c, a_zp=0, co=None):
+    c[...] = int_gemm.reference(a, b, a_zp, co)
 
 
-def _saturating(a, b, c, a_zp=0):
+def _saturating(a, b, c, a_zp=0, co=None):
     # what a non-VNNI kernel does: int16-saturated pair sums (vpmaddubsw)
     x = a.astype(np.int64) - a_zp
     if x.shape[1] % 2:
@@ -188,22 +203,26 @@ def _saturating(a, b, c, a_zp=0):
         b = np.pad(b, ((0, 1), (0, 0)))
     p = x[:, :, None] * b.astype(np.int64)[None]
     pairs = np.clip(p[:, 0::2] + p[:, 1::2], -2**15, 2**15 - 1)
-    c[...] = pairs.sum(axis=1)
+    c[...] = np.clip(pairs.sum(axis=1) + (0 if co is None else co), -2**31, 2**31 - 1)
 
 
-def _wrong_at_long_k(a, b, c, a_zp=0):
-    _exact(a, b, c, a_zp)
+def _wrong_at_long_k(a, b, c, a_zp=0, co=None):
+    _exact(a, b, c, a_zp, co)
     if a.shape[1] > 4096:
         c.flat[-1] += 1
 
 
-def _writes_outside(a, b, c, a_zp=0):
+def _ignores_the_offset(a, b, c, a_zp=0, co=None):
     _exact(a, b, c, a_zp)
+
+
+def _writes_outside(a, b, c, a_zp=0, co=None):
+    _exact(a, b, c, a_zp, co)
     if c.base is not None and c.base.shape != c.shape:     # c is a column block of a wider matrix
         c.base[..., 0] += 1
 
 
-def _raises(a, b, c, a_zp=0):
+def _raises(a, b, c, a_zp=0, co=None):
     raise RuntimeError("oneDNN integer GEMM failed with status 2")
 
 
@@ -211,7 +230,8 @@ def test_self_test_accepts_an_exact_gemm():
     assert int_gemm.self_test(_exact) is None
 
 
-@pytest.mark.parametrize("fake", [_saturating, _wrong_at_long_k, _writes_outside])
+@pytest.mark.parametrize("fake", [_saturating, _wrong_at_long_k, _ignores_the_offset,
+                                  _writes_outside])
 def test_self_test_refuses_an_inexact_gemm(fake):
     assert "differs" in int_gemm.self_test(fake)
 
@@ -274,9 +294,9 @@ def test_the_native_gemm_is_the_one_used(monkeypatch):
     # the bit-identity tests above prove nothing if the MAC engine never calls it
     calls = []
 
-    def counting(a, b, c, a_zp=0):
+    def counting(a, b, c, a_zp=0, co=None):
         calls.append(a.shape)
-        NATIVE(a, b, c, a_zp)
+        NATIVE(a, b, c, a_zp, co)
     monkeypatch.setattr(int_gemm, "_state", (counting, "counting (test)"))
     rng = np.random.default_rng(0)
     for geom, taken in ((GEOMETRIES[0], True), (GEOMETRIES[1], True), (GEOMETRIES[5], False)):
