@@ -15,7 +15,9 @@ if TYPE_CHECKING:
     from .memory import BufferObject
 
 
-@dataclass(eq=False)
+# Sessions keep their last FINISHED_JOBS_KEPT jobs, so a job's size is paid a thousand times per
+# busy session: slots save the per-instance dict.
+@dataclass(eq=False, slots=True)
 class Job:
     id: int                      # the session's name for it
     session_id: str

@@ -408,6 +408,7 @@ class Daemon:
         for bo, _va, _w in job.bindings:
             self.unref(bo)
         job.bindings = []
+        job.stream = b""    # the session keeps the finished job (for a late wait), not its stream
         if session is not None:
             session.jobs_in_flight -= 1
             if job.error:
