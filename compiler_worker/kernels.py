@@ -215,36 +215,48 @@ def plan_eltwise(op: LOp, cx: Ctx):
                "sram": bpe * math.prod(block)}
 
 
+def _operand_slots(opshapes, block, esize: int) -> tuple[list[int], int]:
+    """SRAM slots for the operands of a broadcasting element-wise op (a broadcast dimension
+    takes one element of the block); their addresses and the first free address after them."""
+    slots, addr = [], 0
+    for s in opshapes:
+        slots.append(addr)
+        addr += al(math.prod(b if x != 1 else 1 for b, x in zip(block, s)) * esize)
+    return slots, addr
+
+
+def _broadcast_tiles(op: LOp, em: Emitter, slots: list[int], opshapes, cshape, block,
+                     native: bool = True):
+    """Walk ``cshape`` in ``block`` tiles, loading each operand's part of the tile into its slot
+    (an operand broadcast along the walk is loaded once, not per tile).  Yields the tile's
+    origin, size, operand tiles and the output offset.  Operand tiles have their tensor's element
+    type (``native``) or float32, as the float element-wise kernels read them."""
+    ost = cstrides(cshape)
+    last = [None] * len(opshapes)
+    for origin, size in tiles(cshape, block):
+        operands = []
+        for k, (name, s) in enumerate(zip(op.ins, opshapes)):
+            st = cstrides(s)
+            off = sum(o * t for o, t, x in zip(origin, st, s) if x != 1)
+            ts = sub4([z if x != 1 else 1 for z, x in zip(size, s)])
+            if last[k] != (off, tuple(ts)):
+                em.load(slots[k], name, off, ts, sub4(st))
+                last[k] = (off, tuple(ts))
+            operands.append(T(slots[k], ts, em.pt[name].dtype if native else F32))
+        yield origin, size, operands, sum(o * t for o, t in zip(origin, ost))
+
+
 def emit_eltwise(op: LOp, em: Emitter):
     pl = op.plan
     cshape, block = pl["cshape"], pl["block"]
     opshapes = pl["opshapes"]
-    nmain = len(opshapes)
-    bsz = math.prod(block) * ESIZE
-    slots, addr = [], 0
-    for s in opshapes:
-        slots.append(addr)
-        addr += al(math.prod(b if x != 1 else 1 for b, x in zip(block, s)) * ESIZE)
-    out_addr = addr
-    addr += al(bsz)
-    ep_slot = addr
-    last = [None] * nmain
+    slots, out_addr = _operand_slots(opshapes, block, ESIZE)
+    ep_slot = out_addr + al(math.prod(block) * ESIZE)
     steps = op.p.get("epilogue", [])
     ost = cstrides(cshape)
-    for origin, size in tiles(cshape, block):
+    for origin, size, tiles_in, ooff in _broadcast_tiles(op, em, slots, opshapes, cshape, block, native=False):
         tshape = sub4(size)
-        tiles_in = []
-        for k, (name, s) in enumerate(zip(op.ins[:nmain], opshapes)):
-            st = cstrides(s)
-            off = sum(o * t for o, t, x in zip(origin, st, s) if x != 1)
-            ts = sub4([z if x != 1 else 1 for z, x in zip(size, s)])
-            key = (off, tuple(ts))
-            if last[k] != key:
-                em.load(slots[k], name, off, ts, sub4(st))
-                last[k] = key
-            tiles_in.append(T(slots[k], ts))
         ot = T(out_addr, tshape)
-        ooff = sum(o * t for o, t in zip(origin, ost))
         if op.kind == "unary":
             em.vec("vunary", op.p["func"], tiles_in[0], ot, op.p.get("p0", 0.0), op.p.get("p1", 0.0))
         elif op.kind == "select":
@@ -893,28 +905,12 @@ def plan_qelt(op: LOp, cx: Ctx):
 def emit_qelt(op: LOp, em: Emitter):
     pl = op.plan
     cshape, block, opshapes = pl["cshape"], pl["block"], pl["opshapes"]
-    nmain = len(opshapes)
-    slots, addr = [], 0
-    for s in opshapes:
-        slots.append(addr)
-        addr += al(math.prod(b if x != 1 else 1 for b, x in zip(block, s)) * ESIZE)
-    O0 = addr
-    E0 = addr + al(math.prod(block) * ESIZE)
+    slots, O0 = _operand_slots(opshapes, block, ESIZE)
+    E0 = O0 + al(math.prod(block) * ESIZE)
     out = em.pt[op.outs[0]]
     ost = cstrides(cshape)
-    last = [None] * nmain
-    for origin, size in tiles(cshape, block):
+    for origin, size, tin, ooff in _broadcast_tiles(op, em, slots, opshapes, cshape, block):
         tshape = sub4(size)
-        tin = []
-        for k, (name, s) in enumerate(zip(op.ins[:nmain], opshapes)):
-            st = cstrides(s)
-            off = sum(o * t for o, t, x in zip(origin, st, s) if x != 1)
-            ts = sub4([z if x != 1 else 1 for z, x in zip(size, s)])
-            if last[k] != (off, tuple(ts)):
-                em.load(slots[k], name, off, ts, sub4(st))
-                last[k] = (off, tuple(ts))
-            tin.append(T(slots[k], ts, em.pt[name].dtype))
-        ooff = sum(o * t for o, t in zip(origin, ost))
         f32 = T(O0, tshape)
         if op.kind == "dequant":      # (float(x) - zp) * scale, as ONNX computes it
             em.vec("vunary", "COPY", tin[0], f32)
@@ -945,25 +941,10 @@ def plan_qbinary(op: LOp, cx: Ctx):
 def emit_qbinary(op: LOp, em: Emitter):
     pl, q = op.plan, op.p["q"]
     cshape, block, opshapes = pl["cshape"], pl["block"], pl["opshapes"]
-    slots, addr = [], 0
-    for s in opshapes:
-        slots.append(addr)
-        addr += al(math.prod(b if x != 1 else 1 for b, x in zip(block, s)))
-    O0 = addr
+    slots, O0 = _operand_slots(opshapes, block, 1)
     ost = cstrides(cshape)
     odt = em.pt[op.outs[0]].dtype
-    last = [None] * len(opshapes)
-    for origin, size in tiles(cshape, block):
-        tin = []
-        for k, (name, s) in enumerate(zip(op.ins, opshapes)):
-            st = cstrides(s)
-            off = sum(o * t for o, t, x in zip(origin, st, s) if x != 1)
-            ts = sub4([z if x != 1 else 1 for z, x in zip(size, s)])
-            if last[k] != (off, tuple(ts)):
-                em.load(slots[k], name, off, ts, sub4(st))
-                last[k] = (off, tuple(ts))
-            tin.append(T(slots[k], ts, em.pt[name].dtype))
-        ooff = sum(o * t for o, t in zip(origin, ost))
+    for origin, size, tin, ooff in _broadcast_tiles(op, em, slots, opshapes, cshape, block):
         em.vec("qbinary", op.p["func"], tin[0], tin[1], T(O0, sub4(size), odt),
                a_scale=q["a_scale"], a_zp=q["a_zp"], b_scale=q["b_scale"], b_zp=q["b_zp"],
                y_scale=q["y_scale"], y_zp=q["y_zp"], lo=q["lo"], hi=q["hi"])
