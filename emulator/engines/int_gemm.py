@@ -68,11 +68,17 @@ class OneDNN:
     def __call__(self, a: np.ndarray, b: np.ndarray, c: np.ndarray, a_zp: int = 0,
                  co: np.ndarray | None = None) -> None:
         """c[:] = (a - a_zp) @ b (+ co), exactly, for a [M, K] uint8, b [K, N]
-        int8, c [M, N] int32, each with unit column stride (rows may be
-        strided), K <= MAX_K and 0 <= a_zp <= 255; co, an optional contiguous
-        int32 [N] added to every row, only where no result can leave int32
-        (whether oneDNN would wrap or saturate is not relied on).  (int8 activations are flipped to
-        uint8 by the caller, ``a ^ 0x80 = a + 128``, zero point likewise.)"""
+        int8, c [M, N] int32 with unit column stride (rows may be strided),
+        K <= MAX_K and 0 <= a_zp <= 255.  co, an optional contiguous int32 [N]
+        added to every row, is for callers that know no result leaves int32
+        (whether oneDNN would then wrap or saturate is not relied on).  int8
+        activations are the caller's to flip to uint8 (``a ^ 0x80 = a + 128``,
+        the zero point likewise)."""
+        if a.dtype != np.uint8 or b.dtype != np.int8 or c.dtype != np.int32:
+            raise TypeError(f"expected uint8 x int8 -> int32, got {a.dtype} x {b.dtype} -> {c.dtype}")
+        if co is not None and (co.dtype != np.int32 or co.shape != (b.shape[1],)
+                               or not co.flags.c_contiguous):
+            raise ValueError("co: a contiguous int32 vector of N offsets")
         m, k = a.shape
         n = b.shape[1]
         a, lda = _rows(a)
