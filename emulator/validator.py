@@ -159,6 +159,16 @@ class _Checker:
             self.fail(f"{an} is {a.name.lower()} but {bn} is {b.name.lower()}: "
                       "use requant or vunary copy to convert between integer and float")
 
+    def broadcast_out(self, x: Tile, y: Tile, out: Tile) -> None:
+        """``out`` has the shape ``x`` and ``y`` broadcast to (numpy's rule), or the command fails."""
+        shape = []
+        for d, (p, q) in enumerate(zip(x.shape, y.shape)):
+            if p != q and 1 not in (p, q):
+                self.fail(f"b: dim {d} ({q}) does not broadcast against a's ({p})")
+            shape.append(max(p, q))
+        if out.shape != tuple(shape):
+            self.fail(f"out: shape {list(out.shape)}, expected the broadcast shape {shape}")
+
     def padded_limit(self, elements: int) -> None:
         # Padding is free in the encoding but not in the engine: a tiny tile
         # with 65535-element pads must not make the device allocate gigabytes.
@@ -328,13 +338,7 @@ class _Checker:
         self.same_class(x.dtype, out.dtype)
         if not x.dtype.is_float and f not in isa.INTEGER_BINARY:
             self.fail(f"func: {f.name.lower()} needs float operands")
-        shape = []
-        for d, (p, q) in enumerate(zip(x.shape, y.shape)):
-            if p != q and 1 not in (p, q):
-                self.fail(f"b: dim {d} ({q}) does not broadcast against a's ({p})")
-            shape.append(max(p, q))
-        if out.shape != tuple(shape):
-            self.fail(f"out: shape {list(out.shape)}, expected the broadcast shape {shape}")
+        self.broadcast_out(x, y, out)
 
     def _qbinary(self, a) -> None:
         f = self.enum("func", BinaryFunc, a.func)
@@ -354,13 +358,7 @@ class _Checker:
                 self.fail(f"{name}_zp: {zp} outside the {t.dtype.name.lower()} range")
         if a.lo > a.hi:
             self.fail(f"lo: clamp bounds [{a.lo}, {a.hi}] are empty")
-        shape = []
-        for d, (p, q) in enumerate(zip(x.shape, y.shape)):
-            if p != q and 1 not in (p, q):
-                self.fail(f"b: dim {d} ({q}) does not broadcast against a's ({p})")
-            shape.append(max(p, q))
-        if out.shape != tuple(shape):
-            self.fail(f"out: shape {list(out.shape)}, expected the broadcast shape {shape}")
+        self.broadcast_out(x, y, out)
 
     def _select(self, a) -> None:
         c = self.tile("cond", a.cond)
