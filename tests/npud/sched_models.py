@@ -34,6 +34,15 @@ def write_config(path: Path, text: str) -> str:
     return str(path)
 
 
+def daemon_in_test_mode(tmp: Path, config: str):
+    """A private npud with fault injection (``--test-mode``), ``config`` as its npud.toml and its
+    own compile cache, both under ``tmp``.  The caller stops it."""
+    from npu.local import LocalDaemon
+
+    return LocalDaemon("--test-mode", "--config", write_config(tmp / "npud.toml", config),
+                       "--cache-dir", str(tmp / "cache"))
+
+
 def feeds(model, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(model.inputs[0].shape).astype(np.float32)
 

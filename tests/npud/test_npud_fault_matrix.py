@@ -20,10 +20,9 @@ import pytest
 import zmq
 
 import npu
-from npu.local import LocalDaemon
 from ipc_schema.schema import PROTOCOL_VERSION
 from npud.server import WAITING_PER_CONNECTION
-from sched_models import deep_mlp, device_pids, feeds, reference, write_config
+from sched_models import daemon_in_test_mode, deep_mlp, device_pids, feeds, reference
 from streams import A, B, O, add_stream
 
 N = 1024
@@ -44,9 +43,7 @@ def ms(seconds: float) -> float:
 
 @pytest.fixture(scope="module")
 def tdaemon(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("matrix")
-    d = LocalDaemon("--test-mode", "--config", write_config(tmp / "npud.toml", CONFIG),
-                    "--cache-dir", str(tmp / "cache"))
+    d = daemon_in_test_mode(tmp_path_factory.mktemp("matrix"), CONFIG)
     yield d
     d.stop()
 
@@ -275,8 +272,7 @@ def test_slow_consumer_and_flooder_do_not_stall_others(tmp_path):
     the first (the rest is refused with EAGAIN, retryable), and a third client's jobs complete
     correctly with bounded latency throughout.  When the slow client reads again, every request
     it sent has exactly one reply: the data of a read, or EAGAIN."""
-    d = LocalDaemon("--test-mode", "--config", write_config(tmp_path / "npud.toml", CONFIG),
-                    "--cache-dir", str(tmp_path / "cache"))
+    d = daemon_in_test_mode(tmp_path, CONFIG)
     flooder = None
     slow = zmq.Context.instance().socket(zmq.DEALER)
     try:

@@ -20,7 +20,7 @@ import npu
 from npu.local import LocalDaemon
 
 from npud_raw import RawPeer, error_of
-from sched_models import deep_mlp, device_pids, feeds, reference, write_config
+from sched_models import daemon_in_test_mode, deep_mlp, device_pids, feeds, reference
 
 CONFIG = """
 [scheduling]
@@ -32,9 +32,7 @@ device_processes = 1
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("faults")
-    d = LocalDaemon("--test-mode", "--config", write_config(tmp / "npud.toml", CONFIG),
-                    "--cache-dir", str(tmp / "cache"))
+    d = daemon_in_test_mode(tmp_path_factory.mktemp("faults"), CONFIG)
     yield d
     d.stop()
 
@@ -123,8 +121,8 @@ def test_killed_client_has_its_jobs_cancelled_and_memory_freed(daemon):
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:
                 jobs = [j for j in watcher._request("jobs", {})["jobs"] if j["session"] == session]
-                if device0(watcher)["memory_used"] == used and not any(c["session"] == session
-                                                                     for c in watcher.clients()):
+                if not jobs and device0(watcher)["memory_used"] == used and not any(
+                        c["session"] == session for c in watcher.clients()):
                     break
                 time.sleep(0.05)
             assert device0(watcher)["memory_used"] == used

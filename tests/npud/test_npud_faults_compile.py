@@ -15,7 +15,7 @@ import npu
 from npu.local import LocalDaemon
 
 from npud_raw import RawPeer, error_of
-from sched_models import deep_mlp, feeds, reference, write_config
+from sched_models import daemon_in_test_mode, deep_mlp, feeds, reference
 
 CONFIG = """
 compile_workers = 2
@@ -26,9 +26,7 @@ SLOW_MS = 2500   # an injected compile delay: under the time limit, far over a s
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("compile-faults")
-    d = LocalDaemon("--test-mode", "--config", write_config(tmp / "npud.toml", CONFIG),
-                    "--cache-dir", str(tmp / "cache"))
+    d = daemon_in_test_mode(tmp_path_factory.mktemp("compile-faults"), CONFIG)
     yield d
     d.stop()
 

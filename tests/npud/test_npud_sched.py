@@ -12,7 +12,7 @@ import pytest
 import npu
 from npu.local import LocalDaemon
 
-from sched_models import deep_mlp, feeds, reference, write_config
+from sched_models import daemon_in_test_mode, deep_mlp, feeds, reference, write_config
 
 CONFIG = """
 [limits]
@@ -27,9 +27,7 @@ device_processes = 1
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sched")
-    d = LocalDaemon("--test-mode", "--config", write_config(tmp / "npud.toml", CONFIG),
-                    "--cache-dir", str(tmp / "cache"))
+    d = daemon_in_test_mode(tmp_path_factory.mktemp("sched"), CONFIG)
     yield d
     d.stop()
 
