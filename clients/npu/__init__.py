@@ -14,7 +14,7 @@ from .client import Client, Context, connect, curve_keys
 from .errors import (Busy, Cancelled, ConnectionLost, DeviceFault, InternalError, InvalidArgument,
                      MissedDeadline, NotFound, NpuError, OutOfMemory, PermissionDenied, ProtocolMismatch, Timeout)
 from .execution import Execution, ExecutionJob
-from .fences import wait
+from .fences import wait, wait_async
 from .jobs import Job
 from .local import local
 from .model import Model, ModelJob, Report, TensorInfo
@@ -24,5 +24,5 @@ __all__ = [
     "AsyncBuffer", "AsyncClient", "AsyncJob", "AsyncModel", "AsyncModelJob", "Buffer", "Busy", "Cancelled", "Client", "ConnectionLost", "Device", "DeviceFault",
     "Execution", "ExecutionJob", "InternalError", "InvalidArgument", "Job", "Model", "ModelJob", "Report", "TensorInfo", "NotFound", "NpuError", "OutOfMemory",
     "PermissionDenied", "ProtocolMismatch", "Timeout", "connect", "connect_async", "curve_keys", "default_endpoint",
-    "local", "Context", "MissedDeadline", "wait",
+    "local", "Context", "MissedDeadline", "wait", "wait_async",
 ]

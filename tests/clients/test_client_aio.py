@@ -159,6 +159,27 @@ def _bound(client):
     return [(bufs[0], A, False), (bufs[1], B, False), (bufs[2], O, True)]
 
 
+async def test_wait_async_waits_for_all_or_any_in_one_request(daemon, cnn_path):
+    async with npu.connect_async(daemon.endpoint) as c:
+        model = await c.load(cnn_path)
+        x = np.zeros((1, 3, 32, 32), np.float32)
+        runs = [await model.submit(x) for _ in range(3)]
+        job, out = await add_job(c, 4.0)
+        done = await npu.wait_async([*runs, job], all=True, timeout=30)
+        assert done == [*runs, job] and all(j.finished for j in done)
+        for r in runs:
+            assert (await r.result()).keys() == {t.name for t in model.outputs}
+        assert np.all(np.frombuffer(await out.read(), np.float32) == 5.0)
+        assert await npu.wait_async(done, all=False) == done          # already finished: no request
+        assert await npu.wait_async([]) == []
+        with npu.connect(daemon.endpoint) as other:
+            with pytest.raises(npu.InvalidArgument, match="one client"):
+                await npu.wait_async([job, other.submit(add_stream(N), _bound(other))])
+        more = [await model.submit(x) for _ in range(2)]
+        first = await npu.wait_async(more, all=False, timeout=30)
+        assert first and all(j.finished for j in first)
+
+
 async def test_lost_session_says_to_open_a_new_one(daemon):
     async with npu.connect_async(daemon.endpoint) as c:
         with npu.connect(daemon.endpoint) as admin:
