@@ -329,9 +329,21 @@ class AsyncModel(LoadedModel):
         try:
             for info, buf in zip(self.inputs, inputs):
                 await buf.write(feeds[info.name])
-            result = await self.client._request("run_model", self._run_args(inputs, outputs, wire))
         except BaseException:
             self._idle_sets.append((inputs, outputs))
+            raise
+        try:
+            result = await self.client._request("run_model", self._run_args(inputs, outputs, wire))
+        except NpuError as exc:
+            if exc.code != "ETIMEDOUT":   # the daemon answered: no job uses the set
+                self._idle_sets.append((inputs, outputs))
+                raise
+            await self._discard((inputs, outputs))
+            raise
+        except BaseException:
+            # Cancelled after the request left: a job may be running on these buffers, so they
+            # must not serve another run (freeing is safe: the daemon keeps them for the job).
+            await self._discard((inputs, outputs))
             raise
         return AsyncModelJob(self, result["job"], (inputs, outputs), result.get("context", 0),
                              result.get("point", 0))
@@ -345,17 +357,31 @@ class AsyncModel(LoadedModel):
         """Free the model's device memory (weights, arena, I/O buffers)."""
         if self._unloaded:
             return
-        self._unloaded = True
-        for inputs, outputs in self._idle_sets:
-            for buf in (*inputs, *outputs):
-                await buf.free()
-        self._idle_sets.clear()
-        await self.client._request("unload", {"model": self.id})
+        with trio.CancelScope(shield=True):   # half an unload would leak the model in the daemon
+            self._unloaded = True
+            sets, self._idle_sets = self._idle_sets, []
+            for io in sets:
+                await self._discard(io)
+            await self.client._request("unload", {"model": self.id})
 
     async def _new_set(self) -> tuple[list[AsyncBuffer], list[AsyncBuffer]]:
-        inputs = [await self.client.alloc(max(t.size, 1), self.device) for t in self.inputs]
-        outputs = [await self.client.alloc(max(t.size, 1), self.device) for t in self.outputs]
-        return inputs, outputs
+        made: list[AsyncBuffer] = []
+        try:
+            for t in (*self.inputs, *self.outputs):
+                made.append(await self.client.alloc(max(t.size, 1), self.device))
+        except BaseException:
+            await self._discard((made, []))
+            raise
+        return made[:len(self.inputs)], made[len(self.inputs):]
+
+    async def _discard(self, io) -> None:
+        """Free an input/output set (shielded: it must not leak when the caller is cancelled)."""
+        with trio.CancelScope(shield=True):
+            for buf in (*io[0], *io[1]):
+                try:
+                    await buf.free()
+                except NpuError:
+                    pass   # the session is gone, and its buffers with it
 
 
 class AsyncModelJob(ModelRunRecord, AsyncJob):
@@ -366,22 +392,21 @@ class AsyncModelJob(ModelRunRecord, AsyncJob):
         return self._outputs
 
     async def _settle(self, result: dict) -> None:
+        # Until the outputs are read the job keeps its buffer set: a read cancelled half-way
+        # leaves the job unfinished, and the next wait() reads again from the same set.
         if not self._take(result):
             return
-        try:
-            if self._error is None:
-                outputs = {}
-                for info, buf in zip(self.model.outputs, self._io[1]):
-                    outputs[info.name] = np.empty(info.shape, info.dtype)
-                    await buf.read_into(outputs[info.name])
-                self._outputs = outputs
-        finally:
-            if self.model._unloaded:  # unloaded while this job ran: nothing will reuse the buffers
-                with trio.CancelScope(shield=True):
-                    for buf in (*self._io[0], *self._io[1]):
-                        await buf.free()
-            else:
-                self.model._idle_sets.append(self._io)
+        if self._error is None:
+            outputs = {}
+            for info, buf in zip(self.model.outputs, self._io[1]):
+                outputs[info.name] = np.empty(info.shape, info.dtype)
+                await buf.read_into(outputs[info.name])
+            self._outputs = outputs
+        io, self._io = self._io, None
+        if self.model._unloaded:  # unloaded while this job ran: nothing will reuse the buffers
+            await self.model._discard(io)
+        else:
+            self.model._idle_sets.append(io)
 
 
 @asynccontextmanager
@@ -452,6 +477,8 @@ async def connect_async(endpoint: str | None = None, *, name: str | None = None,
 async def _hello(client: AsyncClient, name: str | None, monitor: zmq.Socket | None, with_curve: bool) -> dict:
     """The hello reply; EPERM as soon as the socket monitor reports a refused handshake."""
     refusals: list[NpuError] = []
+    failure: list[NpuError] = []
+    hello = None
     async with trio.open_nursery() as nursery:
         if monitor is not None:
             def on_event(frames: list) -> None:
@@ -464,13 +491,14 @@ async def _hello(client: AsyncClient, name: str | None, monitor: zmq.Socket | No
         try:
             hello = await client._request("hello", protocol.hello_args(name or _program_name()),
                                           timeout=protocol.HELLO_TIMEOUT_S)
-        except NpuError as exc:
-            if exc.code == "ETIMEDOUT":
-                raise protocol.not_running(client.endpoint, " (no answer to hello)") from None
-            raise
+        except NpuError as exc:   # raised below, outside this nursery, so not wrapped in a group
+            failure.append(protocol.not_running(client.endpoint, " (no answer to hello)")
+                           if exc.code == "ETIMEDOUT" else exc)
         nursery.cancel_scope.cancel()
     if refusals:
         raise refusals[0]
+    if failure:
+        raise failure[0]
     return hello
 
 

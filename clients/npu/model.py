@@ -17,7 +17,7 @@ import numpy as np
 
 from ipc_schema.errors import ErrorCode
 
-from .errors import error
+from .errors import NpuError, error
 from .jobs import Job, ModelRunRecord
 
 if TYPE_CHECKING:
@@ -180,6 +180,12 @@ class Model(LoadedModel):
             for info, buf in zip(self.inputs, inputs):
                 buf.write(feeds[info.name])
             result = self.client._request("run_model", self._run_args(inputs, outputs, wire))
+        except NpuError as exc:
+            if exc.code == "ETIMEDOUT":   # no answer: a job may be running on these buffers
+                self._discard((inputs, outputs))
+            else:
+                self._idle_sets.append((inputs, outputs))
+            raise
         except BaseException:
             self._idle_sets.append((inputs, outputs))
             raise
@@ -205,11 +211,19 @@ class Model(LoadedModel):
         if self._unloaded:
             return
         self._unloaded = True
-        for inputs, outputs in self._idle_sets:
-            for buf in (*inputs, *outputs):
-                buf.free()
-        self._idle_sets.clear()
+        sets, self._idle_sets = self._idle_sets, []
+        for io in sets:
+            self._discard(io)
         self.client._request("unload", {"model": self.id})
+
+    def _discard(self, io) -> None:
+        """Free an input/output set that must not serve another run (the daemon keeps the
+        buffers for any job still using them)."""
+        for buf in (*io[0], *io[1]):
+            try:
+                buf.free()
+            except NpuError:
+                pass   # the session is gone, and its buffers with it
 
     def _new_set(self):
         def alloc(infos):

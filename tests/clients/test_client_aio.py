@@ -194,6 +194,60 @@ async def test_errors_leave_the_session_block_unwrapped(daemon):
             await c.import_fence("not-a-token")
 
 
+async def test_no_answer_to_hello_is_a_plain_npu_error(monkeypatch):
+    import zmq
+
+    from npu import protocol
+    monkeypatch.setattr(protocol, "HELLO_TIMEOUT_S", 0.5)
+    silent = zmq.Context.instance().socket(zmq.ROUTER)   # accepts connections, never answers
+    try:
+        port = silent.bind_to_random_port("tcp://127.0.0.1")
+        with pytest.raises(npu.ConnectionLost, match="no answer to hello"):
+            async with npu.connect_async(f"tcp://127.0.0.1:{port}", timeout=0.5):
+                pass
+    finally:
+        silent.close(linger=0)
+
+
+async def test_a_cancelled_result_keeps_the_buffer_set_until_it_is_read():
+    """A read cancelled half-way must not return the run's buffers to the pool (twice, or while
+    the next wait still reads them)."""
+    class Output:
+        name, shape, dtype = "y", (4,), np.dtype(np.float32)
+
+    class SlowOnce:
+        reads = 0
+
+        async def read_into(self, out):
+            SlowOnce.reads += 1
+            if SlowOnce.reads == 1:
+                await trio.sleep_forever()
+            out[:] = 7
+
+    class Client:
+        timeout = 1.0
+
+        async def _request(self, op, args, timeout=None):
+            return {"state": "done", "stats": {}}
+
+    class Model:
+        client, outputs, _unloaded = Client(), [Output()], False
+
+        def __init__(self):
+            self._idle_sets = []
+
+    model = Model()
+    io = ([SlowOnce()], [SlowOnce()])
+    job = npu.AsyncModelJob(model, 1, io)
+    with trio.move_on_after(0.05):
+        await job.result()
+    assert not job.finished and model._idle_sets == []
+    assert (await job.result())["y"].tolist() == [7.0] * 4
+    assert model._idle_sets == [io]
+    await job.result()                      # finished: nothing read or returned again
+    assert model._idle_sets == [io] and SlowOnce.reads == 2
+
+
 async def test_closed_client_refuses_requests(daemon):
     async with npu.connect_async(daemon.endpoint) as c:
         pass
