@@ -556,6 +556,9 @@ class DeviceHost:
                 [sys.executable, "-m", "emulator.device_process", "--sock-fd", str(theirs.fileno()),
                  "--config", config_hex],
                 pass_fds=(theirs.fileno(),))
+        except BaseException:
+            ours.close()   # _reset retries while descriptors are short: do not leak one per try
+            raise
         finally:
             theirs.close()
         core.raw = ours

@@ -25,18 +25,30 @@ SESSION_SHARE = 0.5
 
 
 def raise_soft_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit where allowed; returns the soft limit now."""
+    """Raise the soft RLIMIT_NOFILE to the hard limit where allowed; returns the soft limit now.
+
+    An infinite hard limit is kept as it is (children inherit it); the soft one then goes to the
+    kernel's per-process ceiling, fs.nr_open."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20   # what Linux's nr_open allows by default
-    if soft == resource.RLIM_INFINITY or soft >= hard:
-        return soft if soft != resource.RLIM_INFINITY else hard
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ValueError, OSError) as exc:
-        log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    target = _nr_open() if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft >= target:
         return soft
-    return hard
+    if soft == resource.RLIM_INFINITY:
+        return target
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+        return soft
+    return target
+
+
+def _nr_open() -> int:
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 20   # Linux's default fs.nr_open
 
 
 def soft_limit() -> int:
@@ -53,6 +65,15 @@ class FdBudget:
     def __init__(self, nofile: int | None = None):
         self._nofile = nofile
         self.buffers = 0
+        self._pools: list = []   # the DeviceMemory objects whose reuse pools hold descriptors
+
+    def register(self, memory) -> None:
+        self._pools.append(memory)
+
+    def make_room(self) -> None:
+        """Close every device's pooled buffers: descriptors are wanted for new ones, on any device."""
+        for memory in self._pools:
+            memory.shrink_pool()
 
     @property
     def nofile(self) -> int:

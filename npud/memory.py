@@ -77,6 +77,7 @@ class DeviceMemory:
                  fds: FdBudget | None = None):
         self.device = device
         self.fds = fds if fds is not None else FdBudget()  # shared by the daemon's devices
+        self.fds.register(self)
         self.total = total
         self.page_size = page_size
         self.used = 0
@@ -98,7 +99,7 @@ class DeviceMemory:
             self._pool_bytes -= mapped
         else:
             if self.fds.full:
-                self._shrink_pool()
+                self.fds.make_room()
             if self.fds.full:
                 raise RequestError(
                     ErrorCode.ENOMEM, f"npud holds {self.fds.buffers} buffers, as many as its open-file limit "
@@ -135,9 +136,9 @@ class DeviceMemory:
         self._pool_bytes += bo.mapped_size
 
     def close(self) -> None:
-        self._shrink_pool()
+        self.shrink_pool()
 
-    def _shrink_pool(self) -> None:
+    def shrink_pool(self) -> None:
         """Close every pooled memfd: their descriptors are wanted for new buffers."""
         for entries in self._pool.values():
             for fd, mm in entries:

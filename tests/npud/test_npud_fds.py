@@ -31,6 +31,27 @@ def test_budget_shares():
     assert b.full
 
 
+def test_buffers_pooled_on_one_device_make_room_for_another():
+    from npud.memory import DeviceMemory
+
+    budget = FdBudget(40)
+    dev0 = DeviceMemory(0, 1 << 30, 4096, fds=budget)
+    dev1 = DeviceMemory(1, 1 << 30, 4096, fds=budget)
+    for bo in [dev1.allocate(4096) for _ in range(budget.max_buffers)]:
+        dev1.release(bo)   # pooled (but the first: released while the budget was full, closed)
+    assert budget.buffers == budget.max_buffers - 1     # no buffer in use, the pool holds them
+    held = [dev0.allocate(4096) for _ in range(budget.max_buffers)]   # the pool gives way
+    assert budget.buffers == budget.max_buffers
+    from ipc_schema.errors import RequestError
+    with pytest.raises(RequestError, match="open-file limit"):
+        dev0.allocate(4096)                 # now every buffer is in use: refused
+    for bo in held:
+        dev0.release(bo)
+    dev0.close()
+    dev1.close()
+    assert budget.buffers == 0
+
+
 def test_soft_limit_is_raised_to_the_hard_one():
     script = ("import resource\n"
               "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 512))\n"
@@ -39,6 +60,17 @@ def test_soft_limit_is_raised_to_the_hard_one():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert out.stdout.split() == ["512", "512"], out.stderr
+    # An infinite hard limit stays infinite (children inherit it); the soft one goes to nr_open.
+    script = ("import resource\n"
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.RLIM_INFINITY))\n"
+              "from npud.fds import raise_soft_limit\n"
+              "print(raise_soft_limit(), *resource.getrlimit(resource.RLIMIT_NOFILE))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    if "not allowed" in out.stderr or "ValueError" in out.stderr:
+        return   # raising the hard limit to infinity needs CAP_SYS_RESOURCE
+    nr_open = int(open("/proc/sys/fs/nr_open").read())
+    assert out.stdout.split() == [str(nr_open), str(nr_open), str(resource.RLIM_INFINITY)], out.stderr
     assert raise_soft_limit() == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
