@@ -76,11 +76,19 @@ class OneDNN:
         the zero point likewise)."""
         if a.dtype != np.uint8 or b.dtype != np.int8 or c.dtype != np.int32:
             raise TypeError(f"expected uint8 x int8 -> int32, got {a.dtype} x {b.dtype} -> {c.dtype}")
-        if co is not None and (co.dtype != np.int32 or co.shape != (b.shape[1],)
-                               or not co.flags.c_contiguous):
-            raise ValueError("co: a contiguous int32 vector of N offsets")
+        if a.ndim != 2 or b.ndim != 2 or c.ndim != 2:
+            raise ValueError(f"expected 2-D operands, got {a.ndim}-D x {b.ndim}-D -> {c.ndim}-D")
         m, k = a.shape
         n = b.shape[1]
+        if b.shape[0] != k or c.shape != (m, n) or not 0 < k <= MAX_K:
+            raise ValueError(f"shapes {a.shape} x {b.shape} -> {c.shape} do not make a GEMM with "
+                             f"0 < K <= {MAX_K}")
+        if not c.flags.writeable:
+            raise ValueError("the int32 output is read-only")
+        if not 0 <= a_zp <= 255:
+            raise ValueError(f"a_zp {a_zp} is not a uint8 zero point")
+        if co is not None and (co.dtype != np.int32 or co.shape != (n,) or not co.flags.c_contiguous):
+            raise ValueError("co: a contiguous int32 vector of N offsets")
         a, lda = _rows(a)
         b, ldb = _rows(b)
         ldc = c.strides[0] // 4 if m > 1 else n

@@ -299,7 +299,9 @@ def _conv2d_native(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray, rq, 
     kh, kw = w.shape[0], w.shape[1]
     k = kh * kw * cin
     w2 = w.reshape(k, cout)
-    bias = vec(sram, a.bias, np.int32, cout) if a.bias != NONE_ADDR else None
+    # A copy: the bias may lie inside the output tile this conv overwrites (the numpy path
+    # copies it too, and both must give the same bits).
+    bias = vec(sram, a.bias, np.int32, cout).copy() if a.bias != NONE_ADDR else None
     if rq is not None:
         corr = 0 if bias is None else int(np.abs(bias.astype(np.int64)).max(initial=0))
         if k * int_gemm.MAX_PRODUCT + corr >= 1 << 31:

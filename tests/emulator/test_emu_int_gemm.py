@@ -307,3 +307,42 @@ def test_the_native_gemm_is_the_one_used(monkeypatch):
     calls.clear()
     mm(np.ones((1, 1, 4, 8), np.int8), np.ones((1, 1, 8, 2), np.int8), np.int32)
     assert calls
+
+
+def test_conv2d_bias_inside_its_own_output_tile(path):
+    """The bias may lie in the output tile the conv overwrites: both paths read it before."""
+    from emu_harness import run_op
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(-128, 128, (2, 4, 4, 8)).astype(np.int8)
+    w = rng.integers(-128, 128, (1, 1, 8, 16)).astype(np.int8)
+    out0 = rng.integers(-1000, 1000, (2, 4, 4, 16)).astype(np.int32)   # its first row is the bias
+
+    def emit(sb, i, o):
+        sb.conv2d(i[0], i[1], o[0], bias=o[0].addr, x_zp=3)
+
+    got = same_as_reference(lambda: run_op("conv2d", [x, w], [out0.copy()], emit, preset="server")[0])
+    expected = np.einsum("nhwc,co->nhwo", x.astype(np.int64) - 3, w[0, 0].astype(np.int64)) + out0[0, 0, 0]
+    np.testing.assert_array_equal(got, expected.astype(np.int32))
+
+
+@pytest.mark.skipif(NATIVE is None, reason=f"oneDNN only: {int_gemm.describe()}")
+@pytest.mark.parametrize("a, b, c, a_zp, why", [
+    (np.ones((4, 8), np.uint8), np.ones((3, 5), np.int8), np.zeros((4, 5), np.int32), 0, "do not make"),
+    (np.ones((4, 8), np.uint8), np.ones((8, 5), np.int8), np.zeros((2, 5), np.int32), 0, "do not make"),
+    (np.ones((4, 0), np.uint8), np.ones((0, 5), np.int8), np.zeros((4, 5), np.int32), 0, "do not make"),
+    (np.ones((4, 8), np.uint8), np.ones((8, 5), np.int8), np.zeros((4, 5), np.int32), 300, "zero point"),
+    (np.ones((2, 4, 8), np.uint8), np.ones((8, 5), np.int8), np.zeros((4, 5), np.int32), 0, "2-D"),
+    (np.ones((4, 8), np.int8), np.ones((8, 5), np.int8), np.zeros((4, 5), np.int32), 0, "uint8 x int8"),
+])
+def test_the_native_gemm_refuses_what_would_reach_past_its_arrays(a, b, c, a_zp, why):
+    with pytest.raises((ValueError, TypeError), match=why):
+        NATIVE(a, b, c, a_zp)
+
+
+@pytest.mark.skipif(NATIVE is None, reason=f"oneDNN only: {int_gemm.describe()}")
+def test_the_native_gemm_refuses_a_read_only_output():
+    c = np.zeros((4, 5), np.int32)
+    c.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        NATIVE(np.ones((4, 8), np.uint8), np.ones((8, 5), np.int8), c)
