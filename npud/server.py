@@ -329,13 +329,21 @@ class Daemon:
         if name == "read":
             bulk += request.args["size"]
         waiting = self._waiting.get(routing_id)
-        held = self._zsock.queued_bytes(routing_id) + (waiting[1] if waiting else 0)
+        unread = self._zsock.queued_bytes(routing_id)
+        in_flight = waiting[1] if waiting else 0
+        held = unread + in_flight
         if name in RELEASING_OPS:
             pass
         elif held and held + bulk > HELD_BYTES_PER_CONNECTION:
-            raise RequestError(ErrorCode.EAGAIN, f"this connection already has {held} bytes of replies and "
-                               f"payloads held by npud (at most {HELD_BYTES_PER_CONNECTION}): read the "
-                               "replies it was sent, then retry", seq=request.seq, retry_after_ms=100)
+            # Name the cause: a peer that stopped reading must read; one with many large requests
+            # under way only has to wait for them (the next attempt usually passes).
+            cause = ("read the replies it was sent, then retry" if unread >= in_flight else
+                     "retry when some of its requests have been answered, or use fewer large requests "
+                     "at once (a local client can map the buffer instead)")
+            raise RequestError(ErrorCode.EAGAIN, f"this connection already has {held} bytes held by npud "
+                               f"({unread} in replies not yet read, {in_flight} in requests being handled; "
+                               f"at most {HELD_BYTES_PER_CONNECTION}): {cause}", seq=request.seq,
+                               retry_after_ms=100 if unread >= in_flight else 10)
         elif waits and waiting and waiting[0] >= WAITING_PER_CONNECTION:
             raise RequestError(ErrorCode.EAGAIN, f"this connection has {waiting[0]} requests still being "
                                f"handled (at most {WAITING_PER_CONNECTION}); retry once some are answered",
