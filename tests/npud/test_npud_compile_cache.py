@@ -20,7 +20,8 @@ def entry(seed: int) -> tuple[bytes, Executable]:
     return data, Executable.from_bytes(data)
 
 
-def test_memory_cost_is_at_least_what_a_parsed_entry_allocates():
+def test_memory_cost_is_near_what_a_parsed_entry_allocates_not_its_file_size():
+    # Within 20 %: allocator overheads vary between Python builds; the file size is ~30 % low.
     data, exe = entry(1)
     tracemalloc.start()
     parsed = [Executable.from_bytes(data) for _ in range(50)]
