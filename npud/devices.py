@@ -283,7 +283,7 @@ class DeviceHost:
             self.jobs_failed += 1
         job.finish(stats=stats, error=error)
         self._on_job_done(job)
-        if error is None and job.program is not None and job.preemptions == 0:
+        if error is None and job.program in self.programs and job.preemptions == 0:
             wall = job.busy_s
             old = self._wall.get(job.program)
             self._wall[job.program] = wall if old is None else (1 - EWMA) * old + EWMA * wall

@@ -426,6 +426,7 @@ class Daemon:
             session.busy_s += job.busy_s
             session.modeled_cycles += int(job.stats.get("cycles", 0))
         self.trace.add(self.job_record(job))
+        job.layers = None   # the trace event keeps them; a kept job must not pin an unloaded model's report
         fences.job_finished(self, job)
 
     def job_record(self, job: Job) -> dict:
