@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -59,6 +60,7 @@ class LoadedModel:
 
 log = logging.getLogger("npud.models")
 HASH_IN_THREAD_BYTES = 1 << 20
+PRESENTED_KEPT = 65536   # model digests remembered as sent (~0.3 KiB each)
 
 
 class ModelLoader:
@@ -67,8 +69,11 @@ class ModelLoader:
         self.cache = cache
         self._in_flight: dict[str, trio.Event] = {}
         # Which users have sent the bytes behind a digest: a digest alone must not let one
-        # user run another's model (knowing a hash is not having the model).
-        self._presented: dict[bytes, set[int]] = {}
+        # user run another's model (knowing a hash is not having the model).  Least recently
+        # presented first, at most PRESENTED_KEPT: a forgotten digest only costs its user one
+        # upload of the bytes (ENOENT, then the client sends them), and the soak's stream of new
+        # models made the table grow without end.
+        self._presented: OrderedDict[bytes, set[int]] = OrderedDict()
         self._storing: set[trio.Event] = set()
 
     async def executable(self, model, options: dict, config: DeviceConfig, digest: bytes | None = None,
@@ -123,6 +128,9 @@ class ModelLoader:
         """Record that ``uid`` sent the bytes whose digest this is."""
         if uid >= 0:
             self._presented.setdefault(digest, set()).add(uid)
+            self._presented.move_to_end(digest)
+            while len(self._presented) > PRESENTED_KEPT:
+                self._presented.popitem(last=False)
 
     async def by_digest(self, digest: bytes, options: dict, config: DeviceConfig,
                         uid: int) -> tuple[Executable, bool, float]:

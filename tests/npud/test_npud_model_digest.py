@@ -112,3 +112,20 @@ def test_another_user_cannot_load_by_digest_alone(daemon, model_path):
         outcome = f.read()
     os.waitpid(pid, 0)
     assert outcome == "refused"
+
+
+async def test_presented_digests_are_bounded_least_recent_first(monkeypatch):
+    """The table of digests a user has sent forgets the least recently presented past its bound;
+    a forgotten digest is ENOENT, which makes the client send the bytes again."""
+    from ipc_schema.errors import RequestError
+    from npud import models
+
+    monkeypatch.setattr(models, "PRESENTED_KEPT", 3)
+    loader = models.ModelLoader(pool=None, cache=None)
+    for i in range(5):
+        loader.presented(bytes([i]) * 32, uid=1000)
+    loader.presented(bytes([2]) * 32, uid=1001)          # presented again: the most recent now
+    assert list(loader._presented) == [bytes([3]) * 32, bytes([4]) * 32, bytes([2]) * 32]
+    with pytest.raises(RequestError) as info:
+        await loader.by_digest(bytes([0]) * 32, {}, None, uid=1000)
+    assert info.value.info.code.value == "ENOENT" and "send the model's bytes" in info.value.info.message
