@@ -77,3 +77,82 @@ def test_an_infinite_hard_limit_is_kept_and_the_soft_one_goes_to_nr_open(monkeyp
     nr_open = int(open("/proc/sys/fs/nr_open").read())
     assert raise_soft_limit() == nr_open
     assert calls == [(nr_open, resource.RLIM_INFINITY)]     # the hard limit is left as it was
+
+
+@pytest.fixture
+def small_daemon():
+    """npud whose open-file limit is NOFILE, soft and hard."""
+    sock_dir = tempfile.mkdtemp(prefix="npud-fds-")
+    endpoint = f"ipc://{sock_dir}/npud.sock"
+    script = ("import os, resource, sys\n"
+              f"resource.setrlimit(resource.RLIMIT_NOFILE, ({NOFILE}, {NOFILE}))\n"
+              "os.execv(sys.executable, [sys.executable, '-m', 'npud.main'] + sys.argv[1:])\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, "--endpoint", endpoint, "--log-level", "error",
+                             "--cache-dir", os.path.join(sock_dir, "cache")],
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                npu.connect(endpoint, timeout=2).close()
+                break
+            except npu.ConnectionLost:
+                assert proc.poll() is None and time.monotonic() < deadline, "npud did not start"
+                time.sleep(0.1)
+        proc.endpoint = endpoint
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        subprocess.run(["rm", "-rf", sock_dir])
+
+
+def hog(client, limit: int = 10_000) -> tuple[list, npu.NpuError]:
+    """Allocate 4 KiB buffers until the daemon refuses; the buffers and the refusal."""
+    bufs = []
+    while len(bufs) < limit:
+        try:
+            bufs.append(client.alloc(4096))
+        except npu.NpuError as exc:
+            return bufs, exc
+    raise AssertionError(f"{limit} buffers and no refusal")
+
+
+def retrying(call, timeout: float = 20.0):
+    """``call()``, retried while it fails with a retryable ENOMEM: the devices unmap a closed
+    session's buffers asynchronously, so their descriptors come back a moment later."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except npu.OutOfMemory as exc:
+            assert exc.retryable and time.monotonic() < deadline, exc
+            time.sleep(0.05)
+
+
+def test_buffer_hogs_get_errors_and_the_daemon_and_others_go_on(small_daemon):
+    budget = FdBudget(NOFILE)
+    with npu.connect(small_daemon.endpoint) as bystander:
+        model = bystander.load(deep_mlp(layers=2))
+        x = feeds(model)
+        model.run(x)                  # its input/output buffers exist from here on
+        first = npu.connect(small_daemon.endpoint, map_io=False)
+        bufs1, refusal = hog(first)
+        assert refusal.code == "EDQUOT" and "open-file limit" in refusal.message
+        assert len(bufs1) == budget.max_per_session
+        second = npu.connect(small_daemon.endpoint, map_io=False)
+        bufs2, refusal = hog(second)
+        assert refusal.code == "ENOMEM" and refusal.retryable and "open-file limit" in refusal.message
+        # Every buffer the daemon holds counts: the bystander's model took some before the hogs.
+        assert len(bufs1) + len(bufs2) < budget.max_buffers
+        with pytest.raises(npu.OutOfMemory, match="open-file limit"):
+            bystander.load(deep_mlp(layers=3))       # a new model's buffers: refused, not fatal
+        np.testing.assert_allclose(model.run(x)[model.outputs[0].name], reference(x, layers=2),
+                                   rtol=1e-4, atol=1e-5)  # what was loaded still runs
+        second.close()                                # its buffers are freed with its session
+        other = retrying(lambda: bystander.load(deep_mlp(layers=3)))
+        y = feeds(other)
+        np.testing.assert_allclose(retrying(lambda: other.run(y))[other.outputs[0].name], reference(y, layers=3),
+                                   rtol=1e-4, atol=1e-5)
+        first.close()
+    assert small_daemon.poll() is None
