@@ -235,17 +235,19 @@ class Lowerer:
         bias = np.zeros(cout, np.float32) if b is None else np.asarray(b, np.float32).reshape(cout)
         if "_bias_value" in n.attrs:
             bias = bias + n.attrs["_bias_value"]
-        ls = self.shape(n.inputs[0])
-        kh, kw = w.shape[2], w.shape[3]
-        strides = list(n.attrs.get("strides", [1, 1]))
-        dil = list(n.attrs.get("dilations", [1, 1]))
-        pads = _resolve_pads(n, ls[2:], [kh, kw], strides, dil)
+        strides, dil, pads = self._conv_window(n, w.shape[2:4])
         out = self.define(n.outputs[0], NHWC)
         self.ops.append(LOp("conv", n.name, n.op, [x] + [s[2] for s in self.epilogue(n, NHWC, 3)
                                                           if s[0] == "bin"], [out.name], {
             "w": w, "bias": bias, "stride": strides, "dil": dil, "pads": pads,
             "group": int(n.attrs.get("group", 1)), "x": x,
             "epilogue": self.epilogue(n, NHWC, 3)}))
+
+    def _conv_window(self, n, kernel) -> tuple[list[int], list[int], list[int]]:
+        """A 2-D convolution's strides, dilations and resolved pads (auto_pad applied)."""
+        strides = list(n.attrs.get("strides", [1, 1]))
+        dil = list(n.attrs.get("dilations", [1, 1]))
+        return strides, dil, _resolve_pads(n, self.shape(n.inputs[0])[2:], list(kernel), strides, dil)
 
     # --- quantised ------------------------------------------------------------------------
     def _qconv(self, n):
@@ -254,15 +256,10 @@ class Lowerer:
         w = q["w"]                                   # OIHW int8
         if w.ndim != 4:
             raise n.fail(f"only 2-D convolution is supported (weights of rank {w.ndim})")
-        cout = w.shape[0]
         g = int(n.attrs.get("group", 1))
         if g > 1 and np.any(q["w_zp"] != 0):
             raise n.fail("a non-zero weight zero point with group > 1 is not supported")
-        ls = self.shape(n.inputs[0])
-        kh, kw = w.shape[2], w.shape[3]
-        strides = list(n.attrs.get("strides", [1, 1]))
-        dil = list(n.attrs.get("dilations", [1, 1]))
-        pads = _resolve_pads(n, ls[2:], [kh, kw], strides, dil)
+        strides, dil, pads = self._conv_window(n, w.shape[2:4])
         out = self.define(n.outputs[0], NHWC)
         self.ops.append(LOp("conv", n.name, n.op, [x], [out.name], {
             "w": w, "bias": np.asarray(q["bias"], np.int64), "stride": strides, "dil": dil,
@@ -456,7 +453,6 @@ class Lowerer:
         src = self.get(x, lay)
         perm = _perm_for(r, lay)
         paxes = [perm.index(a) for a in axes]
-        oshape = self.shape(n.outputs[0])
         if keep:
             out = self.define(n.outputs[0], lay)
         else:
@@ -576,7 +572,6 @@ class Lowerer:
             raise n.fail(f"Gather index out of range for axis of size {ls[axis]}")
         src = self.get(x, IDENT)
         out = self.define(n.outputs[0], IDENT)
-        sst = cstrides(ls)
         # output viewed as [pre, len(idx), post]
         pre = int(np.prod(ls[:axis]))
         post = int(np.prod(ls[axis + 1:]))
