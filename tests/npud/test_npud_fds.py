@@ -156,3 +156,24 @@ def test_buffer_hogs_get_errors_and_the_daemon_and_others_go_on(small_daemon):
                                    rtol=1e-4, atol=1e-5)
         first.close()
     assert small_daemon.poll() is None
+
+
+async def test_a_compiler_worker_that_cannot_start_fails_that_compile_only(monkeypatch, tmp_path):
+    """Out of descriptors (or processes) when a worker starts: that compile gets EIO naming the
+    log, and the pool goes on (it retries the start on the next compile)."""
+    import trio
+
+    from npud import compilers
+
+    async def no_process(*args, **kwargs):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(compilers.trio.lowlevel, "open_process", no_process)
+    pool = compilers.CompilerPool(1, 1 << 30, 30.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        for _ in range(2):
+            reply = await pool.compile({"op": "compile", "model": b"", "config": {}, "options": {}})
+            assert reply["ok"] is False and reply["error"]["code"] == "EIO", reply
+            assert "did not start" in reply["error"]["message"]
+        nursery.cancel_scope.cancel()

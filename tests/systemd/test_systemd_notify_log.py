@@ -32,6 +32,13 @@ def test_systemd_notify_sends_and_is_a_noop_without_socket(notify):
     assert not systemd.notify("READY=1", {})
 
 
+def test_systemd_notify_without_a_descriptor_is_skipped_not_raised(notify, monkeypatch):
+    def no_descriptors(*args, **kwargs):
+        raise OSError(24, "Too many open files")
+    monkeypatch.setattr(systemd.socket, "socket", no_descriptors)
+    assert not systemd.notify("STATUS=x", {"NOTIFY_SOCKET": notify.path})
+
+
 def test_systemd_notify_abstract_socket():
     name = f"npud-test-{os.getpid()}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
