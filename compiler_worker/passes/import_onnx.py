@@ -1,9 +1,10 @@
 """Pass 1: import.  ONNX bytes -> IR, with shape inference.
 
-Refuses malformed bytes, unsupported opsets (default domain 11..28), graphs
-with subgraph attributes, nodes that break their ONNX schema (input/output
-counts, empty required inputs, missing, unknown or mistyped attributes),
-unknown element types, cycles, non-static or absurd shapes, each with a
+Reads plain ONNX bytes or a model container, and refuses references to external data files
+before anything is decoded (compiler_worker/external_data.py).  Refuses malformed bytes,
+unsupported opsets (default domain 11..28), graphs with subgraph attributes, nodes that
+break their ONNX schema (input/output counts, empty required inputs, missing, unknown or
+mistyped attributes), unknown element types, cycles, non-static or absurd shapes, each with a
 CompileError that says what is wrong.  Later passes rely on these checks:
 they index a node's required inputs and read its attributes as the schema
 types them.
@@ -17,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import defs, helper, numpy_helper, shape_inference
 
+from .. import external_data
 from ..errors import CompileError
 from ..ir import Graph, Node, Tensor
 from ..numpy_ops import onnx_dtype_to_np
@@ -37,10 +39,9 @@ def import_model(model_bytes: bytes, options: dict) -> Graph:
         raise CompileError(f"model must be bytes, not {type(model_bytes).__name__}")
     if len(model_bytes) == 0:
         raise CompileError("malformed model: empty input")
-    try:
-        model = onnx.load_from_string(bytes(model_bytes))
-    except Exception as e:  # protobuf DecodeError and friends
-        raise CompileError(f"malformed model: not an ONNX protobuf ({type(e).__name__}: {e})") from None
+    model, container_data = external_data.parse(model_bytes)
+    # Before any tensor is decoded: onnx would open a named external file itself.
+    external_data.resolve(model, container_data)
     g = model.graph
     if len(g.node) == 0 and len(g.output) == 0:
         raise CompileError("malformed model: the graph has no nodes and no outputs")
@@ -138,8 +139,8 @@ def _initializer(init: onnx.TensorProto) -> np.ndarray:
     for d in init.dims:
         want *= int(d)
     have = None
-    if init.data_location == onnx.TensorProto.EXTERNAL or dtype.kind == "O":
-        pass            # external data and strings: onnx's own decoding judges them
+    if dtype.kind == "O":
+        pass            # strings: onnx's own decoding judges them (external data is resolved at import)
     elif init.HasField("raw_data"):
         per_byte = 2 if init.data_type in _PACKED_4BIT else 1
         have = len(init.raw_data) * per_byte / dtype.itemsize

@@ -1,0 +1,72 @@
+"""External data, the compiler's side: data comes from the bytes sent, never from a file.
+
+A model that names external data files (ONNX's ``data_location = EXTERNAL``) would make
+whoever decodes it open those paths with its own permissions; the compiler runs for the
+daemon, so that is a file-disclosure hole.  The client library resolves a model's external
+data next to the model file with the user's permissions and sends it inline, or in a model
+container (ipc_schema/model_container.py) when it is too large for one protobuf.  Here:
+
+- ``parse(model_bytes)`` reads plain ONNX bytes or a container;
+- ``resolve(model, data)`` walks every tensor the model holds (initializers, sparse
+  initializers, node attributes, subgraphs and functions), copies each container reference's
+  bytes in, and refuses any other external reference with a CompileError naming the tensor:
+  without opening, stat-ing or measuring anything on the file system.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from ipc_schema import model_container
+
+from .errors import CompileError
+
+REFUSAL = ("its data is in an external file ({location!r}), and npud never opens files a model "
+           "names. Pass the model's path to Client.load (the client reads the external data next "
+           "to the model, with your permissions, as onnx.load does), or embed the data "
+           "(onnx.load, then onnx.save without save_as_external_data)")
+
+
+def parse(model_bytes) -> tuple[onnx.ModelProto, memoryview | None]:
+    """The ModelProto in ``model_bytes`` and, for a container, its data section.  External
+    references are left as they are: call ``resolve`` before decoding any tensor."""
+    data = None
+    if model_container.is_container(model_bytes):
+        try:
+            model_bytes, data = model_container.unpack(model_bytes)
+        except model_container.ContainerError as e:
+            raise CompileError(f"malformed model: {e}") from None
+    try:
+        model = onnx.load_from_string(bytes(model_bytes))
+    except Exception as e:  # protobuf DecodeError and friends
+        raise CompileError(f"malformed model: not an ONNX protobuf ({type(e).__name__}: {e})") from None
+    return model, data
+
+
+def resolve(model: onnx.ModelProto, data: memoryview | None) -> None:
+    """Make every tensor of ``model`` self-contained, or raise CompileError naming the first one
+    whose data lies anywhere but in ``data`` (a container's data section)."""
+    for what, tensor in model_container.all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        entries = {e.key: e.value for e in tensor.external_data}
+        location = entries.get("location", "")
+        if location != model_container.CONTAINER_LOCATION or data is None:
+            raise CompileError(f"{what} {tensor.name!r}: " + REFUSAL.format(location=location))
+        tensor.raw_data = _slice(data, entries, f"{what} {tensor.name!r}")
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+
+
+def _slice(data: memoryview, entries: dict[str, str], what: str) -> bytes:
+    """The bytes a container reference names; CompileError if they are not all in ``data``."""
+    try:
+        offset = int(entries.get("offset", "0"))
+        length = int(entries["length"])
+    except (KeyError, ValueError):
+        raise CompileError(f"malformed model: {what} refers to the container without a valid "
+                           "offset and length") from None
+    if offset < 0 or length < 0 or offset + length > len(data):
+        raise CompileError(f"malformed model: {what} refers to bytes {offset}..{offset + length} "
+                           f"of a {len(data)}-byte container data section")
+    return bytes(data[offset:offset + length])
