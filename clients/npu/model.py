@@ -17,6 +17,7 @@ import numpy as np
 
 from ipc_schema.errors import ErrorCode
 
+from . import model_source
 from .errors import NpuError, error
 from .jobs import Job, ModelRunRecord
 
@@ -47,17 +48,15 @@ class Report:
 
 
 def model_bytes(model: Any) -> bytes:
-    """The serialised ONNX model from a path, bytes or an ``onnx.ModelProto``."""
+    """The serialised ONNX model from a path, bytes or an ``onnx.ModelProto``.  A path's external
+    data is read here, next to the model, and sent with it (model_source.py): the daemon never
+    opens a file a model names.  Bytes and ModelProtos are sent as they are."""
     if isinstance(model, (bytes, bytearray, memoryview)):
         return bytes(model)
     if isinstance(model, (str, os.PathLike)):
-        try:
-            with open(model, "rb") as f:
-                return f.read()
-        except OSError as exc:
-            raise error(ErrorCode.EINVAL, f"cannot read model file {model}: {exc.strerror}") from None
+        return model_source.read_model_file(model)
     if hasattr(model, "SerializeToString"):
-        return model.SerializeToString()
+        return model_source.serialise(model)
     raise error(ErrorCode.EINVAL, f"a model is a path, bytes or onnx.ModelProto, not {type(model).__name__}")
 
 
@@ -73,10 +72,11 @@ class ModelFile:
 
 class ModelDigests:
     """The daemon's digests of model files this client loaded, so loading one again sends 32 bytes
-    instead of the file (protocol 1.3).  A file changed since (size or mtime) is sent again."""
+    instead of the file (protocol 1.3).  A file changed since (size or mtime), or one of its
+    external data files, is sent again."""
 
     def __init__(self):
-        self._known: dict[tuple, tuple[tuple, bytes]] = {}
+        self._known: dict[tuple, tuple[tuple, bytes, tuple[str, ...]]] = {}
 
     def lookup(self, model: Any) -> ModelFile:
         if not isinstance(model, (str, os.PathLike)):
@@ -87,12 +87,19 @@ class ModelDigests:
             return ModelFile(None, None)
         key, version = (st.st_dev, st.st_ino), (st.st_size, st.st_mtime_ns)
         known = self._known.get(key)
-        return ModelFile(key, version, known[1] if known is not None and known[0] == version else None)
+        if known is None or known[0][:2] != version:
+            return ModelFile(key, version)
+        current = version + model_source.versions(known[2])
+        return ModelFile(key, current, known[1] if known[0] == current else None)
 
     def remember(self, file: ModelFile, info: dict) -> None:
         """Note the digest a load of ``file`` returned."""
         if file.key is not None and "model_digest" in info:
-            self._known[file.key] = (file.version, info["model_digest"])
+            externals = model_source.external_files(file.key, file.version[:2])
+            if externals is None:
+                return  # read before this version was: do not vouch for it
+            self._known[file.key] = (file.version[:2] + model_source.versions(externals),
+                                     info["model_digest"], externals)
 
     def forget(self, file: ModelFile) -> None:
         """The daemon no longer knows the digest (evicted, or restarted)."""

@@ -1,0 +1,126 @@
+"""A model file and its external data, read by the client, sent as one self-contained model.
+
+ONNX stores the weights of large models in external data files that the model names by
+path, relative to the model.  The daemon never opens a path a client names (it would do so
+with the service's permissions), so the client reads them here, with the user's permissions,
+through onnx's own checked opener (it refuses locations that are absolute, contain ``..`` or
+lead out of the model's directory through a symlink), exactly as ``onnx.load(path)`` does.
+
+What is sent: plain ONNX bytes with the data inlined when they fit one protobuf (< 2 GiB),
+otherwise a model container (ipc_schema/model_container.py) whose data section holds the
+tensors that did not fit.  A model file without external data is sent as read, unparsed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+from ipc_schema import model_container
+from ipc_schema.errors import ErrorCode
+
+from .errors import error
+
+LOCATION_KEY = b"\x0a\x08location"
+"""How protobuf encodes the key of an external data entry (field 1, 8 bytes, "location"):
+every model with external data contains it, so a file without it is sent unparsed."""
+
+
+_READ: OrderedDict[tuple, tuple[str, ...]] = OrderedDict()
+"""(device, inode, size, mtime) of model files read here -> the external data files each named,
+so that a client's digest memo (model.ModelDigests) also notices a changed data file."""
+_READ_LIMIT = 256
+
+
+def read_model_file(path) -> bytes:
+    """The bytes to send for the model file at ``path``: the file itself, or, if it names
+    external data, the model with that data read from beside it."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read()
+    except OSError as exc:
+        raise error(ErrorCode.EINVAL, f"cannot read model file {path}: {exc.strerror}") from None
+    externals: tuple[str, ...] = ()
+    if LOCATION_KEY in data:
+        import onnx  # only models with external data pay for parsing here
+
+        try:
+            model = onnx.load_from_string(data)
+        except Exception:  # noqa: BLE001 -- not ONNX after all: the compiler says what is wrong
+            model = None
+        if model is not None and _external_tensors(model):
+            base_dir = os.path.dirname(os.path.abspath(path))
+            externals = tuple(sorted({os.path.join(base_dir, _location(t)) for t in _external_tensors(model)}))
+            data = self_contained(model, base_dir, what=str(path))
+    _READ[(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)] = externals
+    while len(_READ) > _READ_LIMIT:
+        _READ.popitem(last=False)
+    return data
+
+
+def external_files(key: tuple, version: tuple) -> tuple[str, ...] | None:
+    """The external data files of the model file ``key`` (device, inode) at ``version`` (size,
+    mtime), as ``read_model_file`` found them; None if it did not read that version."""
+    return _READ.get(key + version)
+
+
+def versions(paths: tuple[str, ...]) -> tuple:
+    """(size, mtime) of each file, None for one that is gone: a changed tuple means changed data."""
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+def self_contained(model, base_dir: str, *, what: str = "the model",
+                   limit: int = model_container.PROTOBUF_LIMIT) -> bytes:
+    """``model`` (an onnx.ModelProto, changed in place) with its external data read from
+    ``base_dir``: plain ONNX bytes while they stay under ``limit``, else a model container."""
+    from onnx import external_data_helper
+
+    size = model.ByteSize()
+    chunks: list[bytes] = []
+    offset = 0
+    for tensor in _external_tensors(model):
+        try:
+            external_data_helper.load_external_data_for_tensor(tensor, base_dir)
+        except Exception as exc:  # noqa: BLE001 -- OSError, ValueError, onnx's ValidationError
+            raise error(ErrorCode.EINVAL, f"cannot read the external data of tensor {tensor.name!r} "
+                                          f"of {what}: {exc}") from None
+        n = len(tensor.raw_data)
+        if size + n + 16 <= limit:   # 16: the field's tag and length, generously
+            size += n + 16
+            continue
+        chunk = tensor.raw_data     # past protobuf's limit: into the container's data section
+        external_data_helper.set_external_data(tensor, model_container.CONTAINER_LOCATION, offset, n)
+        tensor.ClearField("raw_data")
+        chunks.append(chunk)
+        offset += n
+        size += 64                  # the external data entries
+    proto = model.SerializeToString()
+    return model_container.pack(proto, chunks) if chunks else proto
+
+
+def serialise(model) -> bytes:
+    """An onnx.ModelProto's bytes; EINVAL with the remedy if it is too large for one protobuf."""
+    try:
+        return model.SerializeToString()
+    except ValueError as exc:   # protobuf refuses messages over 2 GiB
+        raise error(ErrorCode.EINVAL, f"the model is too large to serialise ({exc}): save it with "
+                                      "external data (onnx.save(..., save_as_external_data=True)) "
+                                      "and pass its path") from None
+
+
+def _location(tensor) -> str:
+    return next((e.value for e in tensor.external_data if e.key == "location"), "")
+
+
+def _external_tensors(model) -> list:
+    from onnx import TensorProto
+
+    return [t for _, t in model_container.all_tensors(model) if t.data_location == TensorProto.EXTERNAL]
