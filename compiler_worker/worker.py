@@ -2,7 +2,8 @@
 
 Started and supervised by npud (npud/compilers.py).  It connects a DEALER to
 the daemon's private compile endpoint with its name as routing id, announces
-``{"op": "ready"}``, then answers each request with one reply::
+``{"op": "ready", "confinement": str}`` (what compiler_worker/sandbox.py did, for the
+log), then answers each request with one reply::
 
     {"id": n, "op": "compile", "model": bin, "config": map, "options": map}
         -> {"id": n, "ok": true, "executable": bin, "seconds": float}
@@ -18,7 +19,8 @@ compiling, so tests can hit the compile timeout; without it the field is ignored
 Only workers parse models.  A worker runs with an address-space limit
 (RLIMIT_AS) and no core dumps, so a model that blows up memory fails here,
 not in the daemon; a crash or hang costs one compile and the daemon starts a
-fresh worker.
+fresh worker.  It confines itself before it reads a request (compiler_worker/sandbox.py):
+an empty, deleted working directory and, with Landlock, no file but its own code.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import zmq
 
 from emulator.config import DeviceConfig
 
-from .api import check_model, compile_model
+from . import sandbox
 from .errors import CompileError
 
 PARENT_CHECK_MS = 500
@@ -59,6 +61,8 @@ def _error(exc: BaseException) -> dict:
 
 
 def handle(request: dict, test_mode: bool = False) -> dict:
+    from .api import check_model, compile_model   # after sandbox.confine(): see main()
+
     config = DeviceConfig.from_dict(request["config"])
     started = time.perf_counter()
     if test_mode and request.get("slow_s"):
@@ -82,11 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-mode", action="store_true", help="honour slow_s (npud --test-mode only)")
     args = parser.parse_args(argv)
     _limit_resources(args.memory_limit)
+    # Before any thread starts (ZeroMQ's I/O thread, BLAS's) and before the compiler is imported:
+    # Landlock confines only the calling thread and those it starts later.
+    confinement = sandbox.confine()
+    from . import api  # noqa: F401 -- the compiler, imported from inside the confinement
     sock = zmq.Context().socket(zmq.DEALER)
     sock.setsockopt(zmq.ROUTING_ID, args.name.encode())
     sock.setsockopt(zmq.LINGER, 1000)
     sock.connect(args.endpoint)
-    sock.send(msgpack.packb({"op": "ready"}))
+    sock.send(msgpack.packb({"op": "ready", "confinement": confinement}))
     daemon = os.getppid()
     while True:
         # A ZeroMQ socket never reports that its peer is gone, so while idle the worker checks

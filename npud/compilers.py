@@ -90,6 +90,8 @@ class CompilerPool:
             log.error("compiler worker %s sent a malformed message", name.decode(errors="replace"))
             return
         if message.get("op") == "ready":
+            log.info("compiler worker %s started, confined to %s", name.decode(errors="replace"),
+                     str(message.get("confinement", "?"))[:2000])
             event = self._ready.get(name)
             if event is not None:
                 event.set()
