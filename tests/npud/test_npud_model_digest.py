@@ -36,7 +36,7 @@ def test_a_repeated_load_of_a_file_sends_only_its_digest(daemon, model_path):
     with npu.connect(daemon.endpoint) as client:
         first = client.load(model_path)
         assert len(client._digests._known) == 1
-        _version, digest = next(iter(client._digests._known.values()))
+        _version, digest, _externals = next(iter(client._digests._known.values()))
         second = client.load(model_path)
         assert second.cached
         x = np.random.default_rng(0).standard_normal(tiny_cnn.INPUT_SHAPE).astype(np.float32)
@@ -49,13 +49,13 @@ def test_a_repeated_load_of_a_file_sends_only_its_digest(daemon, model_path):
 def test_a_changed_file_is_sent_again(daemon, model_path):
     with npu.connect(daemon.endpoint) as client:
         client.load(model_path)
-        [(_, old)] = client._digests._known.values()
+        [(_, old, _)] = client._digests._known.values()
         onnx.save(tiny_cnn.build(seed=8), model_path)   # other weights, same path
         st = os.stat(model_path)
         os.utime(model_path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
         model = client.load(model_path)
         assert not model.cached            # new bytes: compiled, not served by the old digest
-        [(_, new)] = client._digests._known.values()   # the file's entry was replaced, not added to
+        [(_, new, _)] = client._digests._known.values()   # the file's entry was replaced, not added to
         assert new != old
 
 
@@ -64,7 +64,7 @@ def test_an_unknown_digest_or_options_mismatch_asks_for_the_bytes(daemon, model_
         with pytest.raises(npu.NotFound, match="send the model's bytes"):
             _load_by_digest(client, b"\x01" * 32)
         client.load(model_path)
-        _version, digest = next(iter(client._digests._known.values()))
+        _version, digest, _externals = next(iter(client._digests._known.values()))
         with pytest.raises(npu.NotFound):   # compiled with other options: another cache entry
             _load_by_digest(client, digest, options={"name": "other"})
 
@@ -85,7 +85,7 @@ def test_malformed_digest_loads_are_refused(daemon, args, problem):
 def test_another_user_cannot_load_by_digest_alone(daemon, model_path):
     with npu.connect(daemon.endpoint) as client:
         client.load(model_path)
-        _version, digest = next(iter(client._digests._known.values()))
+        _version, digest, _externals = next(iter(client._digests._known.values()))
     os.chmod(os.path.dirname(daemon.endpoint[len("ipc://"):]), 0o755)
     for path in (daemon.endpoint[len("ipc://"):], daemon.endpoint[len("ipc://"):-len(".sock")] + ".fds"):
         os.chmod(path, 0o666)
