@@ -21,6 +21,7 @@ import trio
 
 from .jobs import BusyWindow, Job
 from .memory import BufferObject
+from .ordering import Sequencer
 from .scheduler import Context
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ class Session:
     imported: dict[int, Job] = field(default_factory=dict)       # fence_import: other sessions' jobs
     faults: dict[int, list] = field(default_factory=dict)        # inject_fault (test mode): device -> faults
     compile_faults: dict[int, list] = field(default_factory=dict)  # slow_compile (test mode): device -> faults
+    order: Sequencer = field(default_factory=Sequencer)  # its requests on one object run in the order sent
     _next_handle: int = 1
     _next_job: int = 1
 
