@@ -155,9 +155,7 @@ def hello(daemon: "Daemon", call: "Call", args):
     if session is not None:
         raise RequestError(ErrorCode.EINVAL, f"this connection already has session {session.id}; "
                                              "send bye before hello")
-    if len(daemon.sessions) >= daemon.config.limits.max_sessions:
-        raise RequestError(ErrorCode.EAGAIN, f"npud serves at most {daemon.config.limits.max_sessions} "
-                                             "sessions; retry later")
+    policy.check_sessions(daemon.sessions, call.identity, daemon.config.limits)
     session = daemon.sessions.create(call.routing_id, args["client_name"], args["pid"], identity=call.identity)
     limits = daemon.config.limits
     return {
