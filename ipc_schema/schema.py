@@ -300,12 +300,15 @@ OPS: dict[str, Op] = {op.name: op for op in [
         "offset": F(U64, "byte offset"),
         "size": F(Int(0, MAX_INLINE_BYTES), "bytes to read"),
     }, {"data": F(Bin(MAX_INLINE_BYTES), "the bytes")}, errors=("ENOENT", "EINVAL")),
-    _op("map", "Send the buffer's memfd over the companion socket, tagged with this request's seq.", {
+    _op("map", "Send the buffer's memfd over the companion socket, tagged with this request's seq. "
+               "EOPNOTSUPP (the session lives on) if the session has no companion socket: a tcp session, "
+               "or a local one that has not attached; ENOTCONN only if the socket closed, which ends "
+               "the session.", {
         "handle": F(HANDLE, "buffer"),
     }, {
         "size": F(U64, "usable size in bytes"),
         "mapped_size": F(U64, "size of the memfd (page-rounded); map this many bytes"),
-    }, errors=("ENOENT", "ENOTCONN")),
+    }, errors=("ENOENT", "EOPNOTSUPP", "ENOTCONN")),
     _op("submit", "Submit a command stream to run on a device with the given buffers mapped.", {
         "device": F(DEVICE_INDEX, "device index"),
         "stream": F(Bin(MAX_INLINE_BYTES, 1), "binary command stream (docs/ISA.md)"),

@@ -294,8 +294,13 @@ async def map_(daemon, call, args):
 
     bo = _buffer(session, args["handle"])
     if session.attach is None:
-        raise RequestError(ErrorCode.ENOTCONN, "map needs the companion socket: connect to attach_path "
-                                               "and present attach_token first (local clients only)")
+        # Not ENOTCONN: that says the session is gone, and a client would drop this live one.
+        if session.identity is not None and session.identity.kind != "ipc":
+            raise RequestError(ErrorCode.EOPNOTSUPP, "map passes the buffer's file descriptor over the companion "
+                                                     "Unix socket, which a tcp session has none of; use read "
+                                                     "and write (the session is fine)")
+        raise RequestError(ErrorCode.EOPNOTSUPP, "map needs the companion socket: connect to attach_path and "
+                                                 "present attach_token first (the session is fine)")
     bo.exported = True
     await send_fd(session, call.seq, args["handle"], bo)
     return {"size": bo.size, "mapped_size": bo.mapped_size}

@@ -153,7 +153,8 @@ class Daemon:
             owned_paths.append(ipc_path(self.endpoint))
         if activated.attach is not None:
             self.attach_path = activated.attach_path
-        attach_listener = attach.listen(self.attach_path, activated.attach) if self.attach_path else None
+        attach_listener = (attach.listen(self.attach_path, activated.attach, self.config.limits.max_sessions)
+                           if self.attach_path else None)
         if attach_listener is not None and activated.attach is None:
             owned_paths.append(self.attach_path)
         try:
@@ -226,6 +227,7 @@ class Daemon:
         sock.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_LIMIT)
         sock.setsockopt(zmq.SNDHWM, 10_000)
         sock.setsockopt(zmq.RCVHWM, 10_000)
+        sock.setsockopt(zmq.BACKLOG, attach.backlog_for(self.config.limits.max_sessions))  # libzmq's is 100
         # Every connection goes through the ZAP handler (npud/auth.py): over ipc it receives the
         # peer's uid/gid/pid from the kernel; without a handler, connections are refused.
         sock.setsockopt(zmq.ZAP_DOMAIN, auth.ZAP_DOMAIN)
