@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import time
 
-import msgpack
 import pytest
 
 from emulator.assembler import StreamBuilder, tile
 from emulator.config import make_config
+from ipc_schema.schema import PROTOCOL_VERSION
 from npud.ordering import Sequencer
 from npud.server import WAITING_PER_CONNECTION
-from npud_raw import RawPeer, error_of
+from npud_raw import RawPeer, error_of, session_peer
 from sched_models import daemon_in_test_mode, deep_mlp
 
 PAIRS = 1000
@@ -29,14 +29,8 @@ def daemon(tmp_path_factory):
 
 @pytest.fixture
 def peer(daemon):
-    p = RawPeer(daemon.endpoint)
-    assert p.hello()["ok"]
-    yield p
-    p.close()
-
-
-def send(peer: RawPeer, seq: int, op: str, args: dict | None = None) -> None:
-    peer.send_frames(msgpack.packb({"op": op, "seq": seq, "args": args or {}}, use_bin_type=True))
+    with session_peer(daemon.endpoint) as p:
+        yield p
 
 
 def replies(peer: RawPeer, n: int, timeout: float = 30.0) -> list[dict]:
@@ -59,8 +53,8 @@ def test_pipelined_write_read_pairs_read_back_the_new_value(peer):
     handle = alloc(peer, 4096)
     for i in range(PAIRS):
         value = i.to_bytes(4, "little")
-        send(peer, 2 * i + 100, "write", {"handle": handle, "offset": 0, "data": value})
-        send(peer, 2 * i + 101, "read", {"handle": handle, "offset": 0, "size": 4})
+        peer.send("write", seq=2 * i + 100, args={"handle": handle, "offset": 0, "data": value})
+        peer.send("read", seq=2 * i + 101, args={"handle": handle, "offset": 0, "size": 4})
     by_seq = {r["seq"]: r for r in replies(peer, 2 * PAIRS)}
     assert all(r["ok"] for r in by_seq.values()), [r for r in by_seq.values() if not r["ok"]][:3]
     stale = [i for i in range(PAIRS) if by_seq[2 * i + 101]["result"]["data"] != i.to_bytes(4, "little")]
@@ -72,9 +66,9 @@ def test_large_writes_then_reads_and_free_keep_their_order(peer):
     handle = alloc(peer, BIG)
     n = 12
     for i in range(n):
-        send(peer, 1000 + 2 * i, "write", {"handle": handle, "offset": 0, "data": bytes([i + 1]) * BIG})
-        send(peer, 1001 + 2 * i, "read", {"handle": handle, "offset": BIG - 8, "size": 8})
-    send(peer, 2000, "free", {"handle": handle})
+        peer.send("write", seq=1000 + 2 * i, args={"handle": handle, "offset": 0, "data": bytes([i + 1]) * BIG})
+        peer.send("read", seq=1001 + 2 * i, args={"handle": handle, "offset": BIG - 8, "size": 8})
+    peer.send("free", seq=2000, args={"handle": handle})
     by_seq = {r["seq"]: r for r in replies(peer, 2 * n + 1)}
     assert all(r["ok"] for r in by_seq.values()), [r for r in by_seq.values() if not r["ok"]][:3]
     for i in range(n):
@@ -84,10 +78,10 @@ def test_large_writes_then_reads_and_free_keep_their_order(peer):
 
 def test_bye_waits_for_earlier_requests_and_hello_after_it_opens_a_new_session(peer):
     handle = alloc(peer, BIG)
-    send(peer, 10, "write", {"handle": handle, "offset": 0, "data": b"\x07" * BIG})
-    send(peer, 11, "bye")
-    send(peer, 12, "ping")
-    send(peer, 13, "hello", {"protocol": [1, 3], "client_name": "again", "pid": 1})
+    peer.send("write", seq=10, args={"handle": handle, "offset": 0, "data": b"\x07" * BIG})
+    peer.send("bye", seq=11)
+    peer.send("ping", seq=12)
+    peer.send("hello", seq=13, args={"protocol": list(PROTOCOL_VERSION), "client_name": "again", "pid": 1})
     by_seq = {r["seq"]: r for r in replies(peer, 4)}
     assert by_seq[10]["ok"], by_seq[10]
     assert by_seq[11]["ok"], by_seq[11]
@@ -110,9 +104,9 @@ def slow_stream(segments: int) -> bytes:
 def test_ping_and_unrelated_read_overtake_a_slow_load(peer):
     handle = alloc(peer, 4096)
     assert peer.request("inject_fault", {"device": 0, "kind": "slow_compile", "slow_ms": 1500})["ok"]
-    send(peer, 50, "load", {"device": 0, "model": deep_mlp(layers=2, seed=4242)})
-    send(peer, 51, "ping")
-    send(peer, 52, "read", {"handle": handle, "offset": 0, "size": 4})
+    peer.send("load", seq=50, args={"device": 0, "model": deep_mlp(layers=2, seed=4242)})
+    peer.send("ping", seq=51)
+    peer.send("read", seq=52, args={"handle": handle, "offset": 0, "size": 4})
     started = time.monotonic()
     order = [r["seq"] for r in replies(peer, 3)]
     assert order.index(51) < order.index(50) and order.index(52) < order.index(50), order
@@ -127,9 +121,9 @@ def test_wait_does_not_hold_up_a_write_of_another_buffer_nor_a_cancel_of_its_job
     assert sub["ok"], sub
     job = sub["result"]["job"]
     other = alloc(peer, 4096)
-    send(peer, 60, "wait", {"job": job, "timeout_ms": 20_000})
-    send(peer, 61, "write", {"handle": other, "offset": 0, "data": b"abcd"})
-    send(peer, 62, "cancel", {"job": job})
+    peer.send("wait", seq=60, args={"job": job, "timeout_ms": 20_000})
+    peer.send("write", seq=61, args={"handle": other, "offset": 0, "data": b"abcd"})
+    peer.send("cancel", seq=62, args={"job": job})
     first = replies(peer, 2)
     assert sorted(r["seq"] for r in first) == [61, 62], first
     wait = replies(peer, 1, timeout=10)[0]
@@ -144,10 +138,10 @@ def test_requests_queued_behind_a_slow_one_count_against_the_connection_cap(peer
     handle = alloc(peer, len(model))
     assert peer.request("write", {"handle": handle, "offset": 0, "data": model})["ok"]
     assert peer.request("inject_fault", {"device": 0, "kind": "slow_compile", "slow_ms": 1500})["ok"]
-    send(peer, 3000, "load", {"device": 0, "model_buffer": handle})
+    peer.send("load", seq=3000, args={"device": 0, "model_buffer": handle})
     for i in range(1100):
-        send(peer, 3001 + i, "read", {"handle": handle, "offset": 0, "size": 8})
-    send(peer, 5000, "ping")
+        peer.send("read", seq=3001 + i, args={"handle": handle, "offset": 0, "size": 8})
+    peer.send("ping", seq=5000)
     got = replies(peer, 1102)
     by_seq = {r["seq"]: r for r in got}
     refused = [r for r in got if not r["ok"]]
