@@ -70,8 +70,10 @@ A request starts once every earlier conflicting request of its session has been
 answered; `wait` and `wait_jobs` only watch, so they count as done once they
 have started (a `cancel` sent after a `wait` of the same job is not held up
 until the wait ends).  `bye` takes effect once every earlier request of its
-session has been answered (waits aside: `bye` cancels their jobs), and requests
-sent after `bye` are handled after it (a `hello` then opens a new session).
+session on its objects has been answered (waits aside: `bye` cancels their
+jobs; a `load` of inline bytes is not waited for, and fails with `ENOTCONN` if
+it ends after `bye`), and requests sent after `bye` are handled after it (a
+`hello` then opens a new session).
 Nothing else is ordered: a slow `load` does not hold up a `ping` or a `read` of
 another buffer, a `wait` does not hold up a `write`, and loads may finish (and
 get their model handles) in any order.  Use a handle only once the reply that

@@ -15,8 +15,11 @@ Two refinements:
 
 - an *observer* (``wait``, ``wait_jobs``) takes effect when it starts (it only
   looks at a job): the requests behind it may run as soon as it has started;
-- a *barrier* (``bye``) runs once every earlier request of the session that is
-  still registered has finished, and every later request waits for it.
+- a *barrier* (``bye``) runs once every earlier request in the queues has
+  finished, and every later request waits for it.  Requests that touch none of
+  the session's objects (a load of inline bytes, cache and device ops) are
+  never entered, so they do not hold up ``bye``: everything the session holds
+  is freed then anyway, and a compile can take minutes.
 """
 
 from __future__ import annotations

@@ -339,8 +339,8 @@ class Daemon:
         self._in_flight += 1   # admitted and charged (``_admit``) until ``_finish``
         self._idle = trio.Event() if self._in_flight == 1 else self._idle
         pending = _Pending(spec, call, request, bulk, waits, order)
-        if order is None:
-            self._start(pending)
+        if order is None or not (keys or spec.barrier or order.barrier_pending):
+            self._start(pending)      # touches none of the session's objects: nothing to order
         elif order.barrier_pending:   # sent after bye: dispatched afresh once bye is done
             order.hold(lambda: self._resume(pending, user_id, size))
         else:

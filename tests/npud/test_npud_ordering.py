@@ -89,6 +89,18 @@ def test_bye_waits_for_earlier_requests_and_hello_after_it_opens_a_new_session(p
     assert by_seq[13]["ok"], by_seq[13]
 
 
+def test_bye_does_not_wait_for_a_compile(peer):
+    """A load of inline bytes touches none of the session's objects: bye (which frees everything)
+    is answered at once, and the load then fails with ENOTCONN instead of loading into a closed
+    session."""
+    assert peer.request("inject_fault", {"device": 0, "kind": "slow_compile", "slow_ms": 1500})["ok"]
+    peer.send("load", seq=20, args={"device": 0, "model": deep_mlp(layers=2, seed=4444)})
+    peer.send("bye", seq=21)
+    first, second = replies(peer, 2)
+    assert first["seq"] == 21 and first["ok"], first
+    assert second["seq"] == 20 and error_of(second)["code"] == "ENOTCONN", second
+
+
 # --- independence: what touches other objects is not held up --------------------------------------
 
 
