@@ -51,6 +51,35 @@ answered with an error and changes nothing; the session stays usable.
 Replies to one connection may arrive in any order (ops that wait, like
 `wait`, finish later than ops sent after them): match them by `seq`.
 
+## Order
+
+A client may send many requests before reading any reply.  Requests of one
+session that touch the same object take effect in the order they were sent;
+independent requests overlap.  Two requests *conflict* when both name:
+
+- the same handle: a buffer (`write`, `read`, `map`, `free`, `submit`'s
+  `bindings`, `run_model`'s `inputs` and `outputs`, the `model_buffer` of
+  `load` and `check`) or a loaded model (`run_model`, `report`, `unload`);
+- the same job id (`wait`, `wait_jobs`, `cancel`, `fence_export`, the `after`
+  of `submit` and `run_model`);
+- the session's job list: `submit`, `run_model`, `fence_import` and
+  `inject_fault` conflict with each other, so job ids and fence points follow
+  the order sent, and a request naming a job id not assigned yet waits for them.
+
+A request starts once every earlier conflicting request of its session has been
+answered; `wait` and `wait_jobs` only watch, so they count as done once they
+have started (a `cancel` sent after a `wait` of the same job is not held up
+until the wait ends).  `bye` takes effect once every earlier request of its
+session on its objects has been answered (waits aside: `bye` cancels their
+jobs; a `load` of inline bytes is not waited for, and fails with `ENOTCONN` if
+it ends after `bye`), and requests sent after `bye` are handled after it (a
+`hello` then opens a new session).
+Nothing else is ordered: a slow `load` does not hold up a `ping` or a `read` of
+another buffer, a `wait` does not hold up a `write`, and loads may finish (and
+get their model handles) in any order.  Use a handle only once the reply that
+created it has arrived.  Requests queued behind others count against the
+connection's limit of requests in progress (`EAGAIN`, retryable).
+
 Events are frames the daemon sends unprompted; they have an `event` key
 instead of `seq`.  A client must ignore events it does not know.
 

@@ -28,7 +28,8 @@ class ErrorCode(str, Enum):
     ENOENT = ("ENOENT", False, "the named object (buffer, job, device) does not exist for this session")
     EPERM = ("EPERM", False, "policy does not allow this caller to do this")
     ENOMEM = ("ENOMEM", True, "not enough device memory right now; retry after memory is freed")
-    EDQUOT = ("EDQUOT", False, "the session's memory quota would be exceeded; free buffers first")
+    EDQUOT = ("EDQUOT", False, "a quota would be exceeded (memory of the session or its user, or the user's "
+                               "sessions); free buffers or close sessions first")
     EAGAIN = ("EAGAIN", True, "a limit is reached for now; retry later")
     EBUSY = ("EBUSY", True, "the object is in use (for example by a running job)")
     ETIMEDOUT = ("ETIMEDOUT", True, "the operation did not finish within its timeout")
@@ -42,6 +43,7 @@ class ErrorCode(str, Enum):
     EINTERNAL = ("EINTERNAL", False, "a bug in the daemon; the session is still usable, please report it")
     ETIME = ("ETIME", True, "the job missed its deadline: retryable if transient (the device was busy), "
                             "not if persistent (it cannot finish in that time even on an idle device)")
+    EOPNOTSUPP = ("EOPNOTSUPP", False, "the operation is not supported on this session or endpoint")
 
 
 @dataclass(frozen=True)

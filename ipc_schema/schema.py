@@ -259,7 +259,9 @@ def _op(name: str, doc: str, args: dict, result: dict, **kw) -> Op:
 
 
 OPS: dict[str, Op] = {op.name: op for op in [
-    _op("hello", "Open a session. Must be the first request; negotiates the protocol version.", {
+    _op("hello", "Open a session. Must be the first request; negotiates the protocol version. EAGAIN "
+                 "(retryable): the daemon has all the sessions it serves, or all but those it keeps for admins; "
+                 "EDQUOT (not retryable): the user has its quota of sessions open and must close some.", {
         "protocol": F(Array(U32, 2, 2), "[major, minor] the client speaks"),
         "client_name": F(Str(64), "free-form name shown by npuctl"),
         "pid": F(Int(0, 2**31), "the client's pid as it knows it (informational; identity comes from the kernel)"),
@@ -271,7 +273,7 @@ OPS: dict[str, Op] = {op.name: op for op in [
         "attach_path": F(Str(4096), "path of the companion Unix SOCK_SEQPACKET socket (empty if none)"),
         "attach_token": F(Bin(32, 32), "secret to present on the companion socket"),
         "limits": F(LIMITS, "limits in force for this session"),
-    }, needs_session=False, errors=("EPROTO", "EPERM")),
+    }, needs_session=False, errors=("EPROTO", "EPERM", "EAGAIN", "EDQUOT")),
     _op("bye", "Close the session and free everything it holds.", {}, {}),
     _op("ping", "Round trip; renews the session lease.", {}, {}),
     _op("version", "Daemon and protocol versions.", {}, {
@@ -298,12 +300,15 @@ OPS: dict[str, Op] = {op.name: op for op in [
         "offset": F(U64, "byte offset"),
         "size": F(Int(0, MAX_INLINE_BYTES), "bytes to read"),
     }, {"data": F(Bin(MAX_INLINE_BYTES), "the bytes")}, errors=("ENOENT", "EINVAL")),
-    _op("map", "Send the buffer's memfd over the companion socket, tagged with this request's seq.", {
+    _op("map", "Send the buffer's memfd over the companion socket, tagged with this request's seq. "
+               "EOPNOTSUPP (the session lives on) if the session has no companion socket: a tcp session, "
+               "or a local one that has not attached; ENOTCONN only if the socket closed, which ends "
+               "the session.", {
         "handle": F(HANDLE, "buffer"),
     }, {
         "size": F(U64, "usable size in bytes"),
         "mapped_size": F(U64, "size of the memfd (page-rounded); map this many bytes"),
-    }, errors=("ENOENT", "ENOTCONN")),
+    }, errors=("ENOENT", "EOPNOTSUPP", "ENOTCONN")),
     _op("submit", "Submit a command stream to run on a device with the given buffers mapped.", {
         "device": F(DEVICE_INDEX, "device index"),
         "stream": F(Bin(MAX_INLINE_BYTES, 1), "binary command stream (docs/ISA.md)"),

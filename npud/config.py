@@ -17,6 +17,7 @@ Example (every key optional)::
     memory_quota = "1GiB"              # per session, bytes of buffer objects
     max_buffer_bytes = "512MiB"        # one allocation
     max_sessions = 1024
+    admin_sessions = 16                # of max_sessions, kept for admins (who may kill_client)
     lease_ms = 10000                   # idle sessions without a companion socket expire
     max_jobs_in_flight = 256           # per session
 
@@ -76,6 +77,7 @@ class Limits:
     memory_quota: int = 1 << 30
     max_buffer_bytes: int = 512 << 20
     max_sessions: int = 1024
+    admin_sessions: int = 16     # of max_sessions, only admins may open (as Linux keeps pids for root)
     lease_ms: int = 10_000
     max_jobs_in_flight: int = 256
 
@@ -231,9 +233,17 @@ def _limits(table: Any) -> Limits:
             out[key] = parse_size(value, f"limits.{key}")
             if not 0 < out[key] <= MAX_BUFFER_BYTES:
                 raise ConfigError(f"limits.{key}: must be between 1 byte and 1 TiB")
+        elif key == "admin_sessions":
+            if type(value) is not int or value < 0:
+                raise ConfigError(f"limits.admin_sessions: expected 0 or a positive integer, got {value!r}")
+            out[key] = value
         else:
             out[key] = _positive_int(value, f"limits.{key}")
-    return Limits(**out)
+    limits = Limits(**out)
+    if limits.admin_sessions >= limits.max_sessions:
+        raise ConfigError(f"limits.admin_sessions: {limits.admin_sessions} must be less than limits.max_sessions "
+                          f"({limits.max_sessions}), or no one but admins could connect")
+    return limits
 
 
 def parse_devices(items: Any) -> tuple[DeviceSpec, ...]:

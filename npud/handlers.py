@@ -2,16 +2,21 @@
 
 Each handler takes ``(daemon, call, args)`` -- ``call`` says who asked (the
 connection's routing id, its session, the request's seq) -- and returns the
-result map or raises ``RequestError``.  ``HANDLERS`` maps op names to
-``(function, waits)``: plain functions run inline in the socket's owner task
-and must not block; ``waits=True`` ones are coroutines run as tasks.
+result map or raises ``RequestError``.  ``HANDLERS`` maps op names to a
+``Handler``: one that does not wait runs inline in the socket's owner task and
+must not block; one that waits (for a job, a compile, a copy on a thread)
+returns an awaitable, run as a task.  ``touches`` names the objects a request
+works on, so that requests of one session on the same object take effect in the
+order sent (npud/ordering.py, docs/PROTOCOL.md "Order").
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -32,17 +37,101 @@ if TYPE_CHECKING:
     from .server import Call, Daemon
     from .sessions import Session
 
-HANDLERS: dict[str, tuple[Any, bool]] = {}
 THREAD_THRESHOLD = 1 << 20  # bytes of copying/validation worth moving off the event loop
 
+# Keys of what a request touches (npud/ordering.py).  Buffers, models and contexts share one
+# handle space per session, jobs have their own ids; JOBS stands for the session's job list.
+JOBS = ("jobs",)
 
-def handler(name: str, *, waits: bool = False):
+
+@dataclass(frozen=True)
+class Handler:
+    """How one op is run.  ``waits``: whether it returns an awaitable (a task), or a function of
+    the args saying so per request.  ``touches(session, args)``: the keys of the objects it works
+    on (None: nothing a later request of the session could observe out of order).  ``observes``:
+    it takes effect when it starts (it only watches), so later requests on its objects need not
+    wait for its end.  ``barrier``: it takes effect after every earlier request of the session."""
+
+    fn: Callable
+    waits: bool | Callable[[dict], bool] = False
+    touches: Callable[["Session", dict], tuple] | None = None
+    observes: bool = False
+    barrier: bool = False
+
+    def waits_for(self, args: dict) -> bool:
+        return self.waits(args) if callable(self.waits) else self.waits
+
+
+HANDLERS: dict[str, Handler] = {}
+
+
+def handler(name: str, *, waits: bool | Callable[[dict], bool] = False, touches=None, observes: bool = False,
+            barrier: bool = False):
     assert name in OPS, name
 
     def register(fn):
-        HANDLERS[name] = (fn, waits)
+        HANDLERS[name] = Handler(fn, waits, touches, observes, barrier)
         return fn
     return register
+
+
+# --- what requests touch --------------------------------------------------------------
+
+
+def _handle_key(handle: int) -> tuple:
+    return ("h", handle)
+
+
+def _the_buffer(session, args) -> tuple:
+    return (_handle_key(args["handle"]),)
+
+
+def _the_model(session, args) -> tuple:
+    return (_handle_key(args["model"]),)
+
+
+def _job_keys(session, job_ids) -> list:
+    """A job's key; and the job list's, for an id the session has not assigned yet (a client that
+    predicts the id of a job it submitted but whose reply it has not read)."""
+    keys = [("j", j) for j in job_ids]
+    if any(j not in session.jobs and j not in session.imported for j in job_ids):
+        keys.append(JOBS)
+    return keys
+
+
+def _the_job(session, args) -> tuple:
+    return tuple(_job_keys(session, (args["job"],)))
+
+
+def _the_jobs(session, args) -> tuple:
+    return tuple(_job_keys(session, args["jobs"]))
+
+
+def _new_job(session, args) -> tuple:
+    """A request that makes a job (job ids and fence points follow the order sent) from buffers
+    and a model, after other jobs."""
+    keys = [JOBS, *_job_keys(session, args.get("after", ()))]
+    keys += [_handle_key(b["handle"]) for b in args.get("bindings", ())]
+    keys += [_handle_key(h) for h in (*args.get("inputs", ()), *args.get("outputs", ()))]
+    if "model" in args:
+        keys.append(_handle_key(args["model"]))
+    return tuple(keys)
+
+
+def _model_buffer(session, args) -> tuple:
+    return (_handle_key(args["model_buffer"]),) if "model_buffer" in args else ()
+
+
+def _the_job_list(session, args) -> tuple:
+    return (JOBS,)
+
+
+def _big_write(args) -> bool:
+    return len(args["data"]) >= THREAD_THRESHOLD
+
+
+def _big_read(args) -> bool:
+    return args["size"] >= THREAD_THRESHOLD
 
 
 def _buffer(session: "Session", handle: int):
@@ -66,9 +155,7 @@ def hello(daemon: "Daemon", call: "Call", args):
     if session is not None:
         raise RequestError(ErrorCode.EINVAL, f"this connection already has session {session.id}; "
                                              "send bye before hello")
-    if len(daemon.sessions) >= daemon.config.limits.max_sessions:
-        raise RequestError(ErrorCode.EAGAIN, f"npud serves at most {daemon.config.limits.max_sessions} "
-                                             "sessions; retry later")
+    policy.check_sessions(daemon.sessions, call.identity, daemon.config.limits)
     session = daemon.sessions.create(call.routing_id, args["client_name"], args["pid"], identity=call.identity)
     limits = daemon.config.limits
     return {
@@ -83,7 +170,7 @@ def hello(daemon: "Daemon", call: "Call", args):
     }
 
 
-@handler("bye")
+@handler("bye", barrier=True)
 def bye(daemon, call, args):
     daemon.close_session(call.session, "bye")
     return {}
@@ -151,7 +238,7 @@ def alloc(daemon, call, args):
     return {"handle": handle, "size": bo.size}
 
 
-@handler("free")
+@handler("free", touches=_the_buffer)
 def free(daemon, call, args):
     session = call.session
     bo = _buffer(session, args["handle"])
@@ -161,52 +248,65 @@ def free(daemon, call, args):
     return {}
 
 
-@handler("write", waits=True)
-async def write(daemon, call, args):
-    session = call.session
-    bo = _buffer(session, args["handle"])
+@handler("write", waits=_big_write, touches=_the_buffer)
+def write(daemon, call, args):
+    """Copy inline; a large write returns a coroutine that copies on a thread."""
+    bo = _buffer(call.session, args["handle"])
     data = args["data"]
     span = _span(bo, args["offset"], len(data), "write")
-    if len(data) >= THREAD_THRESHOLD:
-        bo.refs += 1  # a concurrent free must not unmap it under the copy
-        try:
-            await trio.to_thread.run_sync(bo.view().__setitem__, span, data)
-        finally:
-            daemon.unref(bo)
-    else:
+    if not _big_write(args):
         bo.view()[span] = data
-    return {}
+        return {}
+
+    async def copy():
+        await _off_loop(daemon, bo, bo.view().__setitem__, span, data)
+        return {}
+    return copy()
 
 
-@handler("read", waits=True)
-async def read(daemon, call, args):
-    session = call.session
-    bo = _buffer(session, args["handle"])
+@handler("read", waits=_big_read, touches=_the_buffer)
+def read(daemon, call, args):
+    """Copy inline; a large read returns a coroutine that copies on a thread."""
+    bo = _buffer(call.session, args["handle"])
     span = _span(bo, args["offset"], args["size"], "read")
-    if args["size"] >= THREAD_THRESHOLD:
-        bo.refs += 1
-        try:
-            return {"data": await trio.to_thread.run_sync(bytes, bo.view()[span])}
-        finally:
-            daemon.unref(bo)
-    return {"data": bytes(bo.view()[span])}
+    if not _big_read(args):
+        return {"data": bytes(bo.view()[span])}
+
+    async def copy():
+        return {"data": await _off_loop(daemon, bo, bytes, bo.view()[span])}
+    return copy()
 
 
-@handler("map", waits=True)
+async def _off_loop(daemon, bo, fn, *args):
+    """``fn(*args)`` on a thread, holding a reference to ``bo`` so that the session closing
+    meanwhile cannot unmap it under the copy."""
+    bo.refs += 1
+    try:
+        return await trio.to_thread.run_sync(fn, *args)
+    finally:
+        daemon.unref(bo)
+
+
+@handler("map", waits=True, touches=_the_buffer)
 async def map_(daemon, call, args):
     session = call.session
     from .attach import send_fd
 
     bo = _buffer(session, args["handle"])
     if session.attach is None:
-        raise RequestError(ErrorCode.ENOTCONN, "map needs the companion socket: connect to attach_path "
-                                               "and present attach_token first (local clients only)")
+        # Not ENOTCONN: that says the session is gone, and a client would drop this live one.
+        if session.identity is not None and session.identity.kind != "ipc":
+            raise RequestError(ErrorCode.EOPNOTSUPP, "map passes the buffer's file descriptor over the companion "
+                                                     "Unix socket, which a tcp session has none of; use read "
+                                                     "and write (the session is fine)")
+        raise RequestError(ErrorCode.EOPNOTSUPP, "map needs the companion socket: connect to attach_path and "
+                                                 "present attach_token first (the session is fine)")
     bo.exported = True
     await send_fd(session, call.seq, args["handle"], bo)
     return {"size": bo.size, "mapped_size": bo.mapped_size}
 
 
-@handler("submit", waits=True)
+@handler("submit", waits=True, touches=_new_job)
 async def submit(daemon, call, args):
     session = call.session
     device = daemon.device(args["device"])
@@ -334,7 +434,7 @@ def _queue_job(daemon, session, device, stream: bytes, bindings, program: int | 
     return {"job": job.id, "context": ctx.id, "point": job.point}
 
 
-@handler("wait", waits=True)
+@handler("wait", waits=True, touches=_the_job, observes=True)
 async def wait(daemon, call, args):
     job = _job_ref(daemon, call.session, args["job"])
     with trio.move_on_after(args["timeout_ms"] / 1000):
@@ -382,7 +482,7 @@ def _model(session: "Session", model_id: int):
     return model
 
 
-@handler("load", waits=True)
+@handler("load", waits=True, touches=_model_buffer)
 async def load(daemon, call, args):
     session = call.session
     device = daemon.device(args["device"])
@@ -428,7 +528,7 @@ async def _executable(daemon, session, device, args):
     return (*result, digest)
 
 
-@handler("check", waits=True)
+@handler("check", waits=True, touches=_model_buffer)
 async def check(daemon, call, args):
     device = daemon.device(args["device"])
     data, source = _model_source(call.session, args)
@@ -442,7 +542,7 @@ async def check(daemon, call, args):
     return {"problems": await daemon.loader.check(data, device.config)}
 
 
-@handler("run_model")
+@handler("run_model", touches=_new_job)
 def run_model(daemon, call, args):
     session = call.session
     model = _model(session, args["model"])
@@ -504,7 +604,7 @@ def _status(job: Job) -> dict:
     return out
 
 
-@handler("wait_jobs", waits=True)
+@handler("wait_jobs", waits=True, touches=_the_jobs, observes=True)
 async def wait_jobs(daemon, call, args):
     jobs = [_job_ref(daemon, call.session, j) for j in args["jobs"]]
 
@@ -531,7 +631,7 @@ async def _first(job: Job, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-@handler("cancel")
+@handler("cancel", touches=_the_job)
 def cancel(daemon, call, args):
     job = call.session.jobs.get(args["job"])
     if job is None:
@@ -541,7 +641,7 @@ def cancel(daemon, call, args):
     return {"state": job.state}
 
 
-@handler("fence_export")
+@handler("fence_export", touches=_the_job)
 def fence_export(daemon, call, args):
     job = call.session.jobs.get(args["job"])
     if job is None:
@@ -549,7 +649,7 @@ def fence_export(daemon, call, args):
     return {"token": fences.export(daemon, job)}
 
 
-@handler("fence_import")
+@handler("fence_import", touches=_the_job_list)
 def fence_import(daemon, call, args):
     job = daemon.fence_tokens.get(args["token"])
     if job is None:
@@ -563,7 +663,7 @@ def fence_import(daemon, call, args):
     return {"job": local_id, "state": job.state}
 
 
-@handler("inject_fault")
+@handler("inject_fault", touches=_the_job_list)
 def inject_fault(daemon, call, args):
     if not daemon.config.test_mode:
         raise RequestError(ErrorCode.EPERM, "fault injection is for tests: start npud with --test-mode")
@@ -578,13 +678,13 @@ def inject_fault(daemon, call, args):
     return {}
 
 
-@handler("report")
+@handler("report", touches=_the_model)
 def report(daemon, call, args):
     rep = _model(call.session, args["model"]).exe.report()
     return {"rows": list(rep.rows), "table": rep.table}
 
 
-@handler("unload")
+@handler("unload", touches=_the_model)
 def unload(daemon, call, args):
     model = _model(call.session, args["model"])
     del call.session.models[model.id]

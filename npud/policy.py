@@ -24,6 +24,7 @@ The policy file (TOML; ``policy = "/etc/npud/policy.toml"`` in the config)::
     [quotas.default]              # every uid without a table of its own
     memory = "4GiB"               # bytes of buffer objects, all of the uid's sessions together
     jobs_in_flight = 64           # queued or running jobs, all of the uid's sessions together
+    sessions = 64                 # open sessions (default: a quarter of [limits] max_sessions)
     priority_ceiling = "high"     # highest scheduling priority its contexts may ask for
     share = 1                     # its weight in the devices' fair share
 
@@ -39,7 +40,13 @@ The policy file (TOML; ``policy = "/etc/npud/policy.toml"`` in the config)::
 Everything is checked when the file is loaded; a mistake is a ``ConfigError``
 naming the key, and npud refuses to start.  Without a policy file, anyone who
 can open the socket may connect, admin ops are for root and the daemon's own
-uid, and only the config's per-session ``[limits]`` apply.
+uid, and only the config's per-session ``[limits]`` apply, with the default
+per-uid session quota.
+
+Sessions: one user may hold at most its ``sessions`` quota (root and the
+daemon's own uid are exempt unless ``[quotas.users]`` has a table for them), and
+the last ``[limits] admin_sessions`` of ``max_sessions`` are kept for admins,
+so that no user can fill the daemon and lock out the admin who would end it.
 """
 
 from __future__ import annotations
@@ -152,6 +159,7 @@ def groups_of(uid: int, gid: int = -1) -> frozenset[int]:
 class Quota:
     memory: int | None = None          # bytes over all the uid's sessions (None: only [limits])
     jobs_in_flight: int | None = None  # over all the uid's sessions (None: only [limits])
+    sessions: int | None = None        # open sessions (None: a quarter of [limits] max_sessions)
     priority_ceiling: str = DEFAULT_CEILING
     share: int = 1
 
@@ -211,6 +219,14 @@ class Policy:
 
     def quota_for(self, uid: int) -> Quota:
         return self.quotas.get(uid, self.default_quota)
+
+    def session_quota(self, uid: int, max_sessions: int) -> int | None:
+        """How many sessions ``uid`` may hold at once (None: no per-uid cap).  Root and the daemon's
+        own user have none unless the policy gives them a table of their own."""
+        if uid < 0 or (uid in (0, self.daemon_uid) and uid not in self.quotas):
+            return None
+        quota = self.quota_for(uid).sessions
+        return quota if quota is not None else max(1, max_sessions // 4)
 
     def priority_ceiling(self, uid: int) -> int:
         """The highest priority class (an index into PRIORITIES) ``uid``'s contexts may use."""
@@ -305,6 +321,31 @@ def check_jobs(sessions, session: "Session", retry_after_ms: int, policy: Policy
                            retry_after_ms=retry_after_ms)
 
 
+def check_sessions(sessions, identity: Identity | None, limits, policy: Policy | None = None) -> None:
+    """Refuse a new session (hello) past ``limits.max_sessions``, into the ``limits.admin_sessions``
+    kept for admins (who may kill_client) unless ``identity`` is one, or past its user's session
+    quota.  A full daemon is EAGAIN (retryable: other users' sessions end); a full quota is EDQUOT,
+    not retryable: only the user can end its own sessions (its processes, or ``npuctl kill-client``)."""
+    policy = policy or _active
+    uid, gid = (identity.uid, identity.gid) if identity is not None else (-1, -1)
+    total, most = len(sessions), limits.max_sessions
+    if total >= most:
+        raise RequestError(ErrorCode.EAGAIN, f"npud serves at most {most} sessions (limits.max_sessions) and all "
+                                             "are open; retry later", retry_after_ms=1000)
+    if total >= most - limits.admin_sessions and policy.admin_refusal(uid, gid, "kill_client") is not None:
+        raise RequestError(ErrorCode.EAGAIN, f"npud serves at most {most} sessions and {total} are open; the "
+                                             f"last {limits.admin_sessions} are kept for admins "
+                                             "(limits.admin_sessions); retry later", retry_after_ms=1000)
+    quota = policy.session_quota(uid, most)
+    if quota is not None and sessions.count_of_uid(uid) >= quota:
+        where = (f"[quotas] sessions in {policy.source}" if policy.quota_for(uid).sessions is not None
+                 else f"the default, a quarter of limits.max_sessions; set [quotas] sessions in "
+                      f"{policy.source or 'a policy file'} to change it")
+        raise RequestError(ErrorCode.EDQUOT, f"uid {uid} already has {quota} sessions open, its quota ({where}); "
+                                             "close some first: each npu.connect holds one until close() or "
+                                             "its process exits (`npuctl clients` lists them)")
+
+
 # --- loading -----------------------------------------------------------------------------
 
 
@@ -362,7 +403,7 @@ def _grant(table: Any, where: str, extra: set[str] = frozenset()) -> Grant:
 
 
 def _quota(table: Any, where: str, base: Quota) -> Quota:
-    table = _check_keys(table, {"memory", "jobs_in_flight", "priority_ceiling", "share"}, where)
+    table = _check_keys(table, {"memory", "jobs_in_flight", "sessions", "priority_ceiling", "share"}, where)
     out = dict(base.__dict__)
     if "memory" in table:
         memory = parse_size(table["memory"], f"{where}.memory")
@@ -374,6 +415,11 @@ def _quota(table: Any, where: str, base: Quota) -> Quota:
         if type(jobs) is not int or not 1 <= jobs <= 1_000_000:
             raise ConfigError(f"{where}.jobs_in_flight: expected a positive integer, got {jobs!r}")
         out["jobs_in_flight"] = jobs
+    if "sessions" in table:
+        sessions = table["sessions"]
+        if type(sessions) is not int or not 1 <= sessions <= 1_000_000:
+            raise ConfigError(f"{where}.sessions: expected a positive integer, got {sessions!r}")
+        out["sessions"] = sessions
     if "priority_ceiling" in table:
         if table["priority_ceiling"] not in PRIORITIES:
             raise ConfigError(f"{where}.priority_ceiling: expected one of {', '.join(PRIORITIES)}, "

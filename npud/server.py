@@ -3,8 +3,11 @@
 Every frame is decoded and validated (ipc_schema.codec) before a handler runs;
 every failure becomes an error reply to the request that caused it, and the
 session stays usable.  Handlers that finish without waiting run inline in the
-socket's owner task (the fast path for ping, alloc, ...); handlers that wait
-(for a job, for the device) run as tasks of their own.
+socket's owner task (the fast path for ping, alloc, small reads and writes, ...);
+handlers that wait (for a job, for the device, for a copy on a thread) run as
+tasks of their own.  A request that touches an object an earlier request of its
+session is still working on waits for it (npud/ordering.py), so pipelined
+requests on one object take effect in the order sent.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from .compilers import CompilerPool
 from .jobs import Job, TraceRing
 from .models import LoadedModel, ModelLoader
 from .memory import BufferObject
+from .ordering import Sequencer, Ticket
 from .sessions import Session, SessionTable
 
 log = logging.getLogger("npud")
@@ -50,7 +54,7 @@ SAMPLE_PERIOD_S = 0.5      # how often utilisation windows are sampled
 # ZeroMQ's high-water mark counts messages, so without this a client that sends reads and never
 # reads the replies makes the daemon hold up to SNDHWM x 16 MiB.  Four maximal messages.
 HELD_BYTES_PER_CONNECTION = 64 << 20
-WAITING_PER_CONNECTION = 1024  # handlers that wait (tasks) one connection may have running
+WAITING_PER_CONNECTION = 1024  # requests not answered inline (tasks, queued) one connection may have
 BULK_FRAME_BYTES = 4096        # requests this large count their frame against the budget above
 # Ops that give resources back: a connection over its budget may still send them.
 RELEASING_OPS = frozenset({"bye", "free", "cancel", "unload"})
@@ -68,6 +72,30 @@ class Call:
     session: Session | None
     seq: int
     identity: policy_mod.Identity | None = None   # from the ZAP handler: the kernel's uid/gid/pid, or a CURVE key
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A request admitted but not answered inline: charged to its connection until it finishes."""
+
+    spec: handlers.Handler
+    call: Call
+    request: codec.Request
+    bulk: int                          # payload bytes charged to the connection
+    waits: bool                        # runs as a task
+    order: Sequencer | None            # its session's queues, when it has a session
+    ticket: Ticket | None = None       # its place in them, once entered
+
+    def launch(self, start: Callable[["_Pending"], None]) -> Callable[[Ticket], None]:
+        """The sequencer's callback: remember the ticket, then ``start`` this request."""
+        def go(ticket: Ticket) -> None:
+            self.ticket = ticket
+            start(self)
+        return go
+
+
+async def _leave(order: Sequencer, ticket: Ticket) -> None:
+    order.leave(ticket)
 
 
 class Daemon:
@@ -125,7 +153,8 @@ class Daemon:
             owned_paths.append(ipc_path(self.endpoint))
         if activated.attach is not None:
             self.attach_path = activated.attach_path
-        attach_listener = attach.listen(self.attach_path, activated.attach) if self.attach_path else None
+        attach_listener = (attach.listen(self.attach_path, activated.attach, self.config.limits.max_sessions)
+                           if self.attach_path else None)
         if attach_listener is not None and activated.attach is None:
             owned_paths.append(self.attach_path)
         try:
@@ -198,6 +227,7 @@ class Daemon:
         sock.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_LIMIT)
         sock.setsockopt(zmq.SNDHWM, 10_000)
         sock.setsockopt(zmq.RCVHWM, 10_000)
+        sock.setsockopt(zmq.BACKLOG, attach.backlog_for(self.config.limits.max_sessions))  # libzmq's is 100
         # Every connection goes through the ZAP handler (npud/auth.py): over ipc it receives the
         # peer's uid/gid/pid from the kernel; without a handler, connections are refused.
         sock.setsockopt(zmq.ZAP_DOMAIN, auth.ZAP_DOMAIN)
@@ -272,6 +302,16 @@ class Daemon:
             return
         try:
             request = codec.decode_request(frames[1])
+        except RequestError as exc:
+            self._reply_error(routing_id, exc.seq, exc.info)
+            return
+        self._dispatch(routing_id, user_id, request, len(frames[1]))
+
+    def _dispatch(self, routing_id: bytes, user_id: str, request: codec.Request, size: int) -> None:
+        """Authorise and admit a decoded request, then answer it inline, or start it as a task, or
+        queue it behind the earlier requests of its session that touch the same objects
+        (npud/ordering.py)."""
+        try:
             session = self.sessions.by_routing(routing_id)
             identity = self._authorise(user_id, session, request)
             if self.stopping:
@@ -283,25 +323,28 @@ class Daemon:
                                        "no session on this connection: send hello first "
                                        "(or the session expired; reconnect)", seq=request.seq)
                 session.last_seen = time.monotonic()
-            handler, waits = handlers.HANDLERS[request.op.name]
-            bulk = self._admit(routing_id, request, waits, len(frames[1]))
+            spec = handlers.HANDLERS[request.op.name]
+            waits = spec.waits_for(request.args)
+            order = session.order if session is not None else None
+            keys = spec.touches(session, request.args) if order is not None and spec.touches else ()
+            queued = order is not None and order.must_wait(keys, spec.barrier)
+            bulk = self._admit(routing_id, request, waits or queued, size)
         except RequestError as exc:
             self._reply_error(routing_id, exc.seq, exc.info)
             return
         call = Call(routing_id, session, request.seq, identity)
-        if waits:
-            self._nursery.start_soon(self._run_waiting, handler, call, request, bulk)
+        if not (waits or queued):
+            self._zsock.send([routing_id, self._answer(spec, call, request)])
             return
-        try:
-            result = handler(self, call, request.args)
-        except RequestError as exc:
-            self._reply_error(routing_id, request.seq, exc.info)
-        except Exception:
-            log.exception("handler %s failed", request.op.name)
-            self._reply_error(routing_id, request.seq, ErrorInfo.of(
-                ErrorCode.EINTERNAL, f"internal error while handling {request.op.name}"))
+        self._in_flight += 1   # admitted and charged (``_admit``) until ``_finish``
+        self._idle = trio.Event() if self._in_flight == 1 else self._idle
+        pending = _Pending(spec, call, request, bulk, waits, order)
+        if order is None or not (keys or spec.barrier or order.barrier_pending):
+            self._start(pending)      # touches none of the session's objects: nothing to order
+        elif order.barrier_pending:   # sent after bye: dispatched afresh once bye is done
+            order.hold(lambda: self._resume(pending, user_id, size))
         else:
-            self._zsock.send([routing_id, codec.encode_result(request.seq, result)])
+            order.enter(keys, pending.launch(self._start), spec.barrier)
 
     def _authorise(self, user_id: str, session: Session | None, request: codec.Request):
         """Every request is judged on the identity of the connection it came on, never on what the
@@ -318,10 +361,11 @@ class Daemon:
             raise RequestError(ErrorCode.EPERM, refusal, seq=request.seq)
         return identity
 
-    def _admit(self, routing_id: bytes, request: codec.Request, waits: bool, size: int) -> int:
+    def _admit(self, routing_id: bytes, request: codec.Request, deferred: bool, size: int) -> int:
         """Refuse (EAGAIN) a request that would take its connection past what the daemon holds
         for one connection; otherwise the payload bytes its handler will hold, charged to the
-        connection here when the handler waits (``_run_waiting`` releases them).  A request is
+        connection here when it is not answered inline (a task, or queued behind earlier
+        requests; ``_finish`` releases them).  A request is
         always admitted when its connection holds nothing, so a lone maximal message is never
         refused."""
         name = request.op.name
@@ -344,27 +388,63 @@ class Daemon:
                                f"({unread} in replies not yet read, {in_flight} in requests being handled; "
                                f"at most {HELD_BYTES_PER_CONNECTION}): {cause}", seq=request.seq,
                                retry_after_ms=100 if unread >= in_flight else 10)
-        elif waits and waiting and waiting[0] >= WAITING_PER_CONNECTION:
+        elif deferred and waiting and waiting[0] >= WAITING_PER_CONNECTION:
             raise RequestError(ErrorCode.EAGAIN, f"this connection has {waiting[0]} requests still being "
                                f"handled (at most {WAITING_PER_CONNECTION}); retry once some are answered",
                                seq=request.seq, retry_after_ms=10)
-        if waits:  # charged now, not when its task starts: the rest of this batch must see it
+        if deferred:  # charged now, not when it starts: the rest of this batch must see it
             if waiting is None:
                 waiting = self._waiting[routing_id] = [0, 0]
             waiting[0] += 1
             waiting[1] += bulk
         return bulk
 
-    async def _run_waiting(self, handler: Callable, call: Call, request: codec.Request, bulk: int = 0) -> None:
-        """Run a handler that waits (admitted and charged by ``_admit``); its one reply is always
-        sent, even on shutdown."""
-        waiting = self._waiting[call.routing_id]
-        self._in_flight += 1
-        self._idle = trio.Event() if self._in_flight == 1 else self._idle
+    def _start(self, pending: "_Pending") -> None:
+        """Run an admitted request whose turn has come: as a task if it waits, else inline."""
+        session = pending.call.session
+        if session is not None and session.closed:   # killed, or its lease or client gone, meanwhile
+            seq = pending.request.seq
+            self._zsock.send([pending.call.routing_id, codec.encode_error(seq, ErrorInfo.of(
+                ErrorCode.ESHUTDOWN, "npud stopped before this request ran; retry once it is back")
+                if self.stopping else ErrorInfo.of(
+                ErrorCode.ENOTCONN, "the session closed before this request ran (kill_client, its lease "
+                                    "expired or its companion socket closed); reconnect"))])
+            self._finish(pending)
+        elif pending.waits:
+            self._nursery.start_soon(self._run_waiting, pending)
+        else:
+            self._zsock.send([pending.call.routing_id, self._answer(pending.spec, pending.call, pending.request)])
+            self._finish(pending)
+
+    def _resume(self, pending: "_Pending", user_id: str, size: int) -> None:
+        """A request held behind bye: uncharge it and dispatch it again (to the session open now,
+        if any: hello may have opened a new one)."""
+        self._finish(pending)
+        self._dispatch(pending.call.routing_id, user_id, pending.request, size)
+
+    def _answer(self, spec: handlers.Handler, call: Call, request: codec.Request) -> bytes:
+        """Run an inline handler; its encoded reply."""
+        try:
+            return codec.encode_result(request.seq, spec.fn(self, call, request.args))
+        except RequestError as exc:
+            return codec.encode_error(request.seq, exc.info)
+        except Exception:
+            log.exception("handler %s failed", request.op.name)
+            return codec.encode_error(request.seq, ErrorInfo.of(
+                ErrorCode.EINTERNAL, f"internal error while handling {request.op.name}"))
+
+    async def _run_waiting(self, pending: "_Pending") -> None:
+        """Run a handler that waits; its one reply is always sent, even on shutdown."""
+        request, call = pending.request, pending.call
         reply = codec.encode_error(request.seq, ErrorInfo.of(
             ErrorCode.EINTERNAL, f"{request.op.name} was interrupted"))
         try:
-            reply = codec.encode_result(request.seq, await handler(self, call, request.args))
+            if pending.spec.observes and pending.ticket is not None:
+                self._observing(pending)
+            result = pending.spec.fn(self, call, request.args)
+            if not isinstance(result, dict):
+                result = await result
+            reply = codec.encode_result(request.seq, result)
         except RequestError as exc:
             reply = codec.encode_error(request.seq, exc.info)
         except trio.Cancelled:
@@ -377,13 +457,30 @@ class Daemon:
                 ErrorCode.EINTERNAL, f"internal error while handling {request.op.name}"))
         finally:
             self._zsock.send([call.routing_id, reply])  # counted in queued_bytes from here on
-            waiting[0] -= 1
-            waiting[1] -= bulk
-            if not waiting[0]:
-                del self._waiting[call.routing_id]
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
+            self._finish(pending)
+
+    def _observing(self, pending: "_Pending") -> None:
+        """An observer (wait) takes effect when it first looks at its job: the requests it holds
+        up may run once this task has reached its first pause, not before (a cancel sent after a
+        wait must not be seen by that wait's first look)."""
+        if pending.order.holds_up(pending.ticket):
+            self._nursery.start_soon(_leave, pending.order, pending.ticket)
+        else:
+            pending.order.leave(pending.ticket)
+
+    def _finish(self, pending: "_Pending") -> None:
+        """Release what ``_dispatch`` charged a request that was not answered inline, and start
+        the requests of its session that were waiting for it."""
+        waiting = self._waiting[pending.call.routing_id]
+        waiting[0] -= 1
+        waiting[1] -= pending.bulk
+        if not waiting[0]:
+            del self._waiting[pending.call.routing_id]
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+        if pending.ticket is not None:
+            pending.order.leave(pending.ticket)
 
     def _reply_error(self, routing_id: bytes, seq: int | None, error: ErrorInfo) -> None:
         self._zsock.send([routing_id, codec.encode_error(seq, error)])

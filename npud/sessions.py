@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ import trio
 
 from .jobs import BusyWindow, Job
 from .memory import BufferObject
+from .ordering import Sequencer
 from .scheduler import Context
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ class Session:
     imported: dict[int, Job] = field(default_factory=dict)       # fence_import: other sessions' jobs
     faults: dict[int, list] = field(default_factory=dict)        # inject_fault (test mode): device -> faults
     compile_faults: dict[int, list] = field(default_factory=dict)  # slow_compile (test mode): device -> faults
+    order: Sequencer = field(default_factory=Sequencer)  # its requests on one object run in the order sent
     _next_handle: int = 1
     _next_job: int = 1
 
@@ -121,6 +123,8 @@ class SessionTable:
     def __init__(self):
         self._by_routing: dict[bytes, Session] = {}
         self._by_id: dict[str, Session] = {}
+        self._per_uid: Counter[int] = Counter()
+        self._counted_as: dict[str, int] = {}   # the uid each session is counted under (attach may learn it later)
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -136,6 +140,8 @@ class SessionTable:
             session.uid, session.gid, session.pid = identity.uid, identity.gid, identity.pid
         self._by_routing[routing_id] = session
         self._by_id[session.id] = session
+        self._per_uid[session.uid] += 1
+        self._counted_as[session.id] = session.uid
         return session
 
     def by_routing(self, routing_id: bytes) -> Session | None:
@@ -148,6 +154,14 @@ class SessionTable:
         """Every session of a user (per-uid quotas add these up)."""
         return [s for s in self._by_id.values() if s.uid == uid]
 
+    def count_of_uid(self, uid: int) -> int:
+        """How many sessions a user has open (the per-uid session quota counts these)."""
+        return self._per_uid[uid]
+
     def remove(self, session: Session) -> None:
         self._by_routing.pop(session.routing_id, None)
-        self._by_id.pop(session.id, None)
+        if self._by_id.pop(session.id, None) is not None:
+            uid = self._counted_as.pop(session.id)
+            self._per_uid[uid] -= 1
+            if not self._per_uid[uid]:
+                del self._per_uid[uid]

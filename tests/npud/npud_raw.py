@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 
@@ -26,9 +27,14 @@ class RawPeer:
             raise TimeoutError("no reply from the daemon")
         return msgpack.unpackb(self.sock.recv(), raw=False)
 
-    def request(self, op: str, args: dict | None = None, seq: int | None = None, **kw) -> dict:
+    def send(self, op: str, args: dict | None = None, seq: int | None = None) -> int:
+        """Send a request without waiting for its reply (pipelining); its seq."""
         seq = next(self.seq) if seq is None else seq
         self.send_frames(msgpack.packb({"op": op, "seq": seq, "args": args or {}}, use_bin_type=True))
+        return seq
+
+    def request(self, op: str, args: dict | None = None, seq: int | None = None, **kw) -> dict:
+        seq = self.send(op, args, seq)
         while True:
             reply = self.recv(**kw)
             if "event" not in reply:
@@ -40,6 +46,17 @@ class RawPeer:
 
     def close(self) -> None:
         self.sock.close(0)
+
+
+@contextlib.contextmanager
+def session_peer(endpoint: str):
+    """A RawPeer with a session open (hello answered), closed on exit."""
+    peer = RawPeer(endpoint)
+    try:
+        assert peer.hello()["ok"]
+        yield peer
+    finally:
+        peer.close()
 
 
 def error_of(reply: dict) -> dict:

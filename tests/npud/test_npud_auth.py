@@ -19,7 +19,7 @@ import zmq.auth
 import npu
 from ipc_schema import codec
 from npu.local import LocalDaemon
-from asuser import needs_root, open_to_everyone, run_as
+from asuser import needs_root, npu_error, open_to_everyone, run_as
 from npud_raw import RawPeer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -203,6 +203,21 @@ def test_curve_client_with_a_known_key_connects(curve_daemon):
     # the ipc endpoint of the same daemon still serves local clients by kernel uid
     with npu.connect(curve_daemon.endpoint) as local:
         assert {x["session"]: x["uid"] for x in local.clients()}[local.session] == os.getuid()
+
+
+def test_map_over_tcp_is_eopnotsupp_and_the_session_still_works(curve_daemon):
+    """A tcp session has no companion socket: map is not supported there (EOPNOTSUPP, not ENOTCONN,
+    which would tell the client its session is gone)."""
+    keys = curve_daemon.keys
+    with npu.connect(curve_daemon.tcp, curve=npu.curve_keys(f"{keys}/known.key_secret",
+                                                           f"{keys}/server.key")) as c:
+        buf = c.alloc(4096)
+        err = npu_error(c._request, "map", {"handle": buf.handle})
+        assert err is not None and err["code"] == "EOPNOTSUPP" and err["retryable"] is False, err
+        assert "tcp" in err["message"] and "read and write" in err["message"]
+        buf.write(b"\x09" * 16)
+        assert buf.read(16) == b"\x09" * 16
+        assert {x["session"] for x in c.clients()} >= {c.session}, "the session is alive"
 
 
 def test_curve_unknown_key_no_key_and_wrong_server_key_are_refused(curve_daemon):

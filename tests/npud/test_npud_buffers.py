@@ -232,13 +232,15 @@ def test_reused_memory_never_leaks_data(make_client, map_io):
                 again.free()
 
 
-def test_map_without_companion_socket_is_enotconn(daemon):
+def test_map_without_companion_socket_is_eopnotsupp_and_the_session_lives(daemon):
+    """Not ENOTCONN, which says the session is gone (a client would drop this live one)."""
     from npud_raw import RawPeer, error_of
     p = RawPeer(daemon.endpoint)
     try:
         assert p.hello()["ok"]
         handle = p.request("alloc", {"device": 0, "size": 4096})["result"]["handle"]
         err = error_of(p.request("map", {"handle": handle}))
-        assert err["code"] == "ENOTCONN" and "companion" in err["message"]
+        assert err["code"] == "EOPNOTSUPP" and "companion" in err["message"] and err["retryable"] is False
+        assert p.request("read", {"handle": handle, "offset": 0, "size": 4})["ok"]
     finally:
         p.close()

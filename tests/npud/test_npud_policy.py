@@ -155,6 +155,86 @@ def test_admin_ops_allowed_and_denied_per_policy(tmp_path):
         d.stop()
 
 
+# --- sessions: a per-uid quota, and slots kept for admins -------------------------------------------
+
+SESSION_LIMITS = "[limits]\nmax_sessions = 24\nadmin_sessions = 4\nlease_ms = 600000\n"
+
+
+def open_sessions(endpoint: str, at_most: int) -> dict:
+    """Open raw sessions (no companion socket: they outlive this process until their lease ends)
+    until one is refused; how many opened and the refusal."""
+    opened, refusal = 0, None
+    for _ in range(at_most):
+        peer = RawPeer(endpoint)
+        reply = peer.hello(name="hog")
+        peer.close()
+        if not reply["ok"]:
+            refusal = reply["error"]
+            break
+        opened += 1
+    return {"opened": opened, "refusal": refusal}
+
+
+@needs_root
+def test_one_uid_cannot_lock_out_the_admin_who_would_end_it(tmp_path):
+    """No policy file: uid 65534 gets the default session quota (a quarter of max_sessions) and then
+    EDQUOT, not retryable, naming the quota and what to do; root still connects, lists and kills its
+    sessions, and the user can then open one again."""
+    (tmp_path / "npud.toml").write_text(SESSION_LIMITS)
+    d = LocalDaemon("--config", str(tmp_path / "npud.toml"))
+    open_to_everyone(d)
+    try:
+        hog = run_as(65534, 65534, open_sessions, d.endpoint, 30)
+        assert hog["opened"] == 24 // 4, hog
+        err = hog["refusal"]
+        assert err["code"] == "EDQUOT" and err["retryable"] is False, err
+        for words in ("uid 65534", "6 sessions", "quota", "max_sessions", "close", "npuctl clients"):
+            assert words in err["message"], (words, err["message"])
+        with npu.connect(d.endpoint) as admin:
+            hogs = [x["session"] for x in admin.clients() if x["uid"] == 65534]
+            assert len(hogs) == 6
+            admin._request("kill_client", {"session": hogs[0]})
+            assert len([x for x in admin.clients() if x["uid"] == 65534]) == 5
+        again = run_as(65534, 65534, open_sessions, d.endpoint, 2)
+        assert again["opened"] == 1 and again["refusal"]["code"] == "EDQUOT", again
+    finally:
+        d.stop()
+
+
+@needs_root
+def test_the_last_sessions_are_kept_for_admins(tmp_path):
+    """With a quota as large as the daemon, one user fills every slot but the four kept for admins
+    (EAGAIN, retryable: others' sessions end); a policy [admin] user and root still get in."""
+    d = daemon_with(tmp_path, "[quotas.default]\nsessions = 1000\n[admin]\nusers = [65533]\n", SESSION_LIMITS)
+    try:
+        hog = run_as(65534, 65534, open_sessions, d.endpoint, 30)
+        assert hog["opened"] == 24 - 4, hog
+        err = hog["refusal"]
+        assert err["code"] == "EAGAIN" and err["retryable"] is True, err
+        assert "kept for admins" in err["message"] and "admin_sessions" in err["message"], err
+        assert run_as(65532, 65532, open_sessions, d.endpoint, 1)["refusal"]["code"] == "EAGAIN"
+        assert run_as(65533, 65533, open_sessions, d.endpoint, 1) == {"opened": 1, "refusal": None}
+        with npu.connect(d.endpoint) as admin:
+            hogs = [x["session"] for x in admin.clients() if x["uid"] == 65534]
+            assert len(hogs) == 20
+            admin._request("kill_client", {"session": hogs[0]})
+        full = run_as(65533, 65533, open_sessions, d.endpoint, 10)   # 19 of the hog's, 1 of its own
+        assert full["opened"] == 4 and full["refusal"]["code"] == "EAGAIN", full
+        assert "all are open" in full["refusal"]["message"], full
+    finally:
+        d.stop()
+
+
+def test_session_quota_decisions():
+    policy = policy_mod.from_dict({"quotas": {"default": {"sessions": 8}, "users": {"65533": {"sessions": 2},
+                                                                                       "0": {"memory": "1GiB"}}}})
+    assert policy.session_quota(65534, 1024) == 8
+    assert policy.session_quota(65533, 1024) == 2
+    assert policy.session_quota(0, 1024) == 8, "root's own table inherits the default's quota"
+    assert policy_mod.DEFAULT.session_quota(65534, 1024) == 256, "default: a quarter of max_sessions"
+    assert policy_mod.DEFAULT.session_quota(0, 1024) is None, "root has no per-uid cap by default"
+
+
 @needs_root
 def test_without_a_policy_cache_clear_is_admin_only(daemon):
     open_to_everyone(daemon)
@@ -211,6 +291,8 @@ def test_without_a_policy_cache_clear_is_admin_only(daemon):
     ({"curve_clients": [{"name": "x", "user": 0, "public_key": "A" * 40},
                         {"name": "x", "user": 0, "public_key": "B" * 40}]}, ["curve_clients[1].name", "twice"]),
     ({"curve_clients": [{"name": "x", "user": 0, "public_key": "A" * 40, "uid": 5}]}, ["curve_clients[0]", "uid"]),
+    ({"quotas": {"default": {"sessions": 0}}}, ["quotas.default.sessions", "positive"]),
+    ({"quotas": {"users": {"65534": {"sessions": "many"}}}}, ["quotas.users.65534.sessions"]),
 ])
 def test_policy_file_errors_name_the_key(data, words):
     with pytest.raises(ConfigError) as info:
@@ -225,6 +307,8 @@ def test_policy_file_errors_name_the_key(data, words):
     ('policy = "{dir}/policy.toml"\n', "not toml [\n", ["policy", "TOML"]),
     ('policy = "{dir}/policy.toml"\n', "[quotas.default]\nmemory = -4\n", ["policy", "quotas.default.memory"]),
     ('policy = "{dir}/policy.toml"\n', "colour = 1\n", ["policy", "colour"]),
+    ('[limits]\nmax_sessions = 8\nadmin_sessions = 8\n', None, ["limits.admin_sessions", "less than"]),
+    ('[limits]\nadmin_sessions = -1\n', None, ["limits.admin_sessions"]),
     ('tcp_endpoint = "udp://127.0.0.1:5"\n[curve]\nsecret_key_file = "/x"\n', None, ["tcp_endpoint"]),
     ('tcp_endpoint = "tcp://127.0.0.1:5"\n', None, ["tcp_endpoint", "CURVE", "[curve]"]),
     ('tcp_endpoint = 5\n', None, ["tcp_endpoint"]),

@@ -8,15 +8,13 @@ import pytest
 
 import npu
 from ipc_schema.schema import HARD_FRAME_LIMIT, MAX_MESSAGE_BYTES, PROTOCOL_VERSION
-from npud_raw import RawPeer, error_of
+from npud_raw import RawPeer, error_of, session_peer
 
 
 @pytest.fixture
 def peer(daemon):
-    p = RawPeer(daemon.endpoint)
-    assert p.hello()["ok"]
-    yield p
-    p.close()
+    with session_peer(daemon.endpoint) as p:
+        yield p
 
 
 def still_usable(peer: RawPeer) -> None:
