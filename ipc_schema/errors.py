@@ -42,6 +42,7 @@ class ErrorCode(str, Enum):
     EINTERNAL = ("EINTERNAL", False, "a bug in the daemon; the session is still usable, please report it")
     ETIME = ("ETIME", True, "the job missed its deadline: retryable if transient (the device was busy), "
                             "not if persistent (it cannot finish in that time even on an idle device)")
+    EOPNOTSUPP = ("EOPNOTSUPP", False, "the operation is not supported on this session or endpoint")
 
 
 @dataclass(frozen=True)
