@@ -24,7 +24,8 @@ class NpuError(Exception):
 
 
 class InvalidArgument(NpuError):
-    """The request was malformed or out of range (EINVAL, EMSGSIZE)."""
+    """The request was malformed or out of range (EINVAL, EMSGSIZE), or the operation is not
+    supported on this session (EOPNOTSUPP: ``map`` without a companion socket, e.g. over tcp)."""
 
 
 class ProtocolMismatch(NpuError):
@@ -79,7 +80,7 @@ _FAMILY = {
     "EINVAL": InvalidArgument, "EMSGSIZE": InvalidArgument, "EPROTO": ProtocolMismatch,
     "ENOENT": NotFound, "ENODEV": NotFound, "EPERM": PermissionDenied,
     "ENOMEM": OutOfMemory, "EDQUOT": OutOfMemory, "EAGAIN": Busy, "EBUSY": Busy,
-    "ETIMEDOUT": Timeout, "EFAULT": DeviceFault, "EIO": DeviceFault,
+    "ETIMEDOUT": Timeout, "EOPNOTSUPP": InvalidArgument, "EFAULT": DeviceFault, "EIO": DeviceFault,
     "ENOTCONN": ConnectionLost, "ECONNREFUSED": ConnectionLost, "ESHUTDOWN": ConnectionLost,
     "ECANCELED": Cancelled, "EINTERNAL": InternalError, "ETIME": MissedDeadline,
 }

@@ -81,18 +81,23 @@ def set_curve(sock: zmq.Socket, curve: tuple) -> None:
 
 
 def handshake_refusal(event: int, value: int, endpoint: str, with_curve: bool) -> NpuError | None:
-    """The error for a failed ZeroMQ handshake (a socket monitor event), or None."""
-    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-        return error(ErrorCode.EPERM, f"npud at {endpoint} refused this client's CURVE key (ZAP status "
-                                      f"{value}): the key is not in its policy's [[curve_clients]]")
-    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+    """The error for a failed ZeroMQ handshake (a socket monitor event), or None.
+
+    A client without CURVE keys is told that the endpoint wants CURVE whichever way its
+    handshake failed: libzmq reports a NULL client meeting a CURVE server as a protocol
+    failure or, depending on timing, with no detail at all."""
+    if event not in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+        return None
+    if not with_curve or event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
         return error(ErrorCode.EPERM, f"the handshake with {endpoint} failed ({'CURVE' if with_curve else 'no'} "
                                       "security): npud's tcp endpoints accept CURVE clients only; pass "
                                       "curve=(client_public, client_secret, server_public)")
-    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
-        return error(ErrorCode.EPERM, f"the CURVE handshake with {endpoint} failed: is the server's public "
-                                      "key the right one?")
-    return None
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return error(ErrorCode.EPERM, f"npud at {endpoint} refused this client's CURVE key (ZAP status "
+                                      f"{value}): the key is not in its policy's [[curve_clients]]")
+    return error(ErrorCode.EPERM, f"the CURVE handshake with {endpoint} failed: is the server's public "
+                                  "key the right one?")
 
 
 def wait_handshake(monitor: zmq.Socket, endpoint: str, with_curve: bool, timeout: float) -> None:

@@ -16,6 +16,7 @@ FAMILY = {
     "ETIMEDOUT": npu.Timeout, "EFAULT": npu.DeviceFault, "EIO": npu.DeviceFault,
     "ENOTCONN": npu.ConnectionLost, "ECONNREFUSED": npu.ConnectionLost, "ESHUTDOWN": npu.ConnectionLost,
     "ECANCELED": npu.Cancelled, "EINTERNAL": npu.InternalError, "ETIME": npu.MissedDeadline,
+    "EOPNOTSUPP": npu.InvalidArgument,
 }
 RETRYABLE = {"ENOMEM", "EAGAIN", "EBUSY", "ETIMEDOUT", "EIO", "ENOTCONN", "ECONNREFUSED", "ESHUTDOWN", "ETIME"}
 
@@ -71,3 +72,36 @@ def test_daemon_errors_arrive_as_families(client):
     assert info.value.code == "ETIMEDOUT" and info.value.retryable is True
     assert f"job {job.id}" in info.value.message
     assert job.wait(30).state == "done"
+
+
+@pytest.mark.parametrize("event", ["HANDSHAKE_FAILED_PROTOCOL", "HANDSHAKE_FAILED_NO_DETAIL",
+                                   "HANDSHAKE_FAILED_AUTH"])
+def test_a_client_without_curve_is_told_the_endpoint_wants_curve(event):
+    """However libzmq reports a NULL client meeting a CURVE server, the advice is to use CURVE,
+    not to check the server's key (which this client never set)."""
+    import zmq
+
+    from npu.protocol import handshake_refusal
+    refusal = handshake_refusal(getattr(zmq, "EVENT_" + event), 0, "tcp://h:1", with_curve=False)
+    assert isinstance(refusal, npu.PermissionDenied)
+    assert "accept CURVE clients only" in refusal.message and "public key" not in refusal.message
+
+
+def test_a_client_without_curve_against_a_curve_server_says_so_every_time():
+    """A real CURVE server (a bare ROUTER, no daemon): three tries, three right answers."""
+    import zmq
+
+    ctx = zmq.Context.instance()
+    server = ctx.socket(zmq.ROUTER)
+    server.setsockopt(zmq.LINGER, 0)
+    public, secret = zmq.curve_keypair()
+    server.setsockopt(zmq.CURVE_SERVER, 1)
+    server.setsockopt(zmq.CURVE_SECRETKEY, secret)
+    try:
+        port = server.bind_to_random_port("tcp://127.0.0.1")
+        for _ in range(3):
+            with pytest.raises(npu.PermissionDenied) as info:
+                npu.connect(f"tcp://127.0.0.1:{port}", timeout=5)
+            assert "accept CURVE clients only" in info.value.message
+    finally:
+        server.close(linger=0)
