@@ -111,6 +111,17 @@ the socket and the daemon frees the session at once.  Packets are at most
 {MAX_ATTACH_PACKET} bytes.  Map the received fd with `MAP_SHARED` for its full
 `size` (page-rounded); the first `size` bytes of the `map` reply are the
 buffer's.
+
+## Models and their data
+
+`load` and `check` take a model's bytes (inline in `model`, or in `model_buffer`): either
+plain ONNX, self-contained, or a *model container* for models over protobuf's 2 GiB limit
+(layout in `ipc_schema/model_container.py`: the magic `NPUDMDL\\0`, a version, the ModelProto's
+length, the ModelProto, then a data section; tensors kept out of the protobuf name
+`location = "\\0npud-container"` with `offset` and `length` into that section).  npud never
+opens a file a model names: a tensor whose data lives in an external file is refused with
+`EINVAL` naming it.  A client reads such data itself, next to the model and with its user's
+permissions, and sends it inline or in a container (the `npu` library does so for a path).
 """
 
 
