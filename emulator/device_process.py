@@ -56,6 +56,7 @@ import time
 
 import msgpack
 
+from emulator import lifeline
 from emulator.config import DeviceConfig
 from emulator.device import Device
 from emulator.errors import DeviceError
@@ -98,8 +99,8 @@ class DeviceProcess:
             data = self.sock.recv(MAX_PACKET, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False
-        if not data:
-            return False  # the daemon is gone; serve() sees it next
+        if not data:   # the daemon is gone: nobody will read this run's result
+            raise SystemExit("npud closed the device socket mid-run")
         return msgpack.unpackb(data, raw=False).get("op") == "preempt"
 
     def _op_import(self, request, fds):
@@ -256,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sock-fd", type=int, required=True)
     parser.add_argument("--config", required=True, help="device parameters, msgpack as hex")
     args = parser.parse_args(argv)
+    lifeline.die_with_parent()
     config = DeviceConfig.from_dict(msgpack.unpackb(bytes.fromhex(args.config), raw=False))
     sock = socket.socket(fileno=args.sock_fd)
     DeviceProcess(sock, config).serve()

@@ -21,6 +21,7 @@ import msgpack
 import trio
 import zmq
 
+from emulator import lifeline
 from ipc_schema.errors import ErrorCode, RequestError
 from ipc_schema.trio_zmq import OwnedSocket
 
@@ -131,7 +132,7 @@ class CompilerPool:
     async def _start(self, name: bytes) -> trio.Process | None:
         self._ready[name] = trio.Event()
         try:
-            process = await trio.lowlevel.open_process(
+            process = await lifeline.open_process(
                 [sys.executable, "-m", "compiler_worker.worker", "--endpoint", self.endpoint,
                  "--name", name.decode(), "--memory-limit", str(self.memory_limit)]
                 + (["--test-mode"] if self.test_mode else []))

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import msgpack
 import trio
 
+from emulator import lifeline
 from emulator.config import DeviceConfig
 from ipc_schema.errors import ErrorCode, ErrorInfo
 
@@ -552,7 +553,7 @@ class DeviceHost:
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * CHANNEL_BYTES)
         config_hex = msgpack.packb(self.config.to_dict()).hex()
         try:
-            core.process = await trio.lowlevel.open_process(
+            core.process = await lifeline.open_process(
                 [sys.executable, "-m", "emulator.device_process", "--sock-fd", str(theirs.fileno()),
                  "--config", config_hex],
                 pass_fds=(theirs.fileno(),))
