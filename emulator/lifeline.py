@@ -58,8 +58,11 @@ def die_with_parent() -> None:
     # The signal's owner (F_SETOWN) belongs to the open file, and the inherited one is shared by
     # all of the daemon's children: the last to arm would take every signal.  Re-opening the
     # pipe through /proc gives this process an open file of its own.
-    fd = os.open(f"/proc/self/fd/{inherited}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    os.close(inherited)
+    try:
+        fd = os.open(f"/proc/self/fd/{inherited}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        os.close(inherited)
+    except OSError:   # no /proc: the shared file still signals the last child that armed
+        fd = inherited
     signal.signal(signal.SIGIO, signal.SIG_DFL)   # the default action ends the process
     fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
