@@ -16,6 +16,9 @@ and runs it.
   ETIMEDOUT and its context's hang count grows; a context that reaches
   ``ban_after_hangs`` is banned: its jobs fail with EPERM, everyone else's run.
   A process that crashes is treated the same way (the job fails with EIO).
+  Every other exchange (import, load, release, unload) has a deadline too
+  (``exchange_timeout_s``): a process that stopped answering while idle is
+  found by the next job, reset, and that job -- innocent -- runs on the new one.
   Jobs that were not to blame -- queued, preempted, or running on a core an
   admin reset -- are run again.
 * **Deadlines.**  A job that cannot finish by its deadline fails with ETIME:
@@ -56,6 +59,7 @@ STOP_TIMEOUT_S = 2.0
 RESTART_RETRY_S = 1.0   # a device process that cannot start is retried this often
 UTIL_WINDOW_S = 5.0   # util_pct is the busy share of (about) the last this many seconds
 EWMA = 0.3            # weight of the newest run in a program's expected wall time
+EXCHANGE_MIN_S = 1.0  # the least time a device process has to answer anything but a run
 
 
 @dataclass(frozen=True)
@@ -69,12 +73,24 @@ class SchedulingParams:
     cores: int = 0            # device processes; 0: the preset's modeled cores
     test_mode: bool = False
 
+    @property
+    def exchange_timeout_s(self) -> float:
+        """How long the device process may take over an import, a program load, a release or an
+        unload before it counts as hung: the run watchdog's limit, and at least EXCHANGE_MIN_S.
 
-class DeviceLost(Exception):
-    """The device process exited or broke the protocol.
+        An import only maps a memfd (constant time, whatever the buffer's size: a 500 MB weights
+        buffer costs what a page does) and a load reads and validates one command stream, linear
+        in its length, so the watchdog's 30 s default is generous even on a loaded machine; the
+        floor keeps a tight ``job_timeout_ms`` from resetting a device that is merely slow."""
+        return max(self.job_timeout_s, EXCHANGE_MIN_S)
 
-    ``delivered`` is False when the request never reached the process (it was
-    already dead), so the job being run is innocent and may simply be run again.
+
+class DeviceFault(Exception):
+    """The device process failed an exchange; its core must be reset.
+
+    ``delivered`` is False when the job's run request never reached the process
+    (it failed before: dead already, or silent while importing the job's buffers
+    or loading its program), so the job is innocent and may simply be run again.
     """
 
     def __init__(self, message: str, *, delivered: bool = True):
@@ -82,8 +98,13 @@ class DeviceLost(Exception):
         self.delivered = delivered
 
 
-class Hung(Exception):
-    """The device process did not answer within the job's timeout."""
+class DeviceLost(DeviceFault):
+    """The device process exited or broke the protocol."""
+
+
+class Hung(DeviceFault):
+    """The device process did not answer in time: a run within the job's timeout, anything
+    else within ``SchedulingParams.exchange_timeout_s``."""
 
 
 class HostLimit(Exception):
@@ -362,7 +383,7 @@ class DeviceHost:
             elif what in core.loaded:
                 core.loaded.discard(what)
                 await self._call(core, {"op": "unload_program", "program": what})
-        except DeviceLost as exc:
+        except DeviceFault as exc:
             await self._reset(core, str(exc))
         finally:
             if kind == "release":
@@ -399,11 +420,11 @@ class DeviceHost:
         try:
             try:
                 reply = await self._execute(core, job)
-            except DeviceLost as exc:
+            except DeviceFault as exc:
                 if exc.delivered:
                     raise
-                # The process died before this job reached it (e.g. killed while idle):
-                # the job is innocent, so restart the process and run it there.
+                # The process died or hung before this job reached it (e.g. killed or stopped
+                # while idle): the job is innocent, so restart the process and run it there.
                 await self._reset(core, str(exc))
                 reply = await self._execute(core, job)
         except DeviceLost as exc:
@@ -413,11 +434,16 @@ class DeviceHost:
                 reply = _fault_reply(job, f"the device process crashed while running it ({exc})", "EIO")
                 self._blame(job, f"crashed device {self.index}'s process")
             await self._reset(core, core.reset_pending or str(exc))
-        except Hung:
-            reply = _fault_reply(job, f"it ran past its timeout and was aborted; device {self.index}'s process "
-                                      "was reset", "ETIMEDOUT", retryable=False)
-            self._blame(job, f"hung device {self.index} (ran past its timeout)")
-            await self._reset(core, f"job {job.id} of session {job.session_id} hung")
+        except Hung as exc:
+            if exc.delivered:
+                reply = _fault_reply(job, f"it ran past its timeout and was aborted; device {self.index}'s "
+                                          "process was reset", "ETIMEDOUT", retryable=False)
+                self._blame(job, f"hung device {self.index} (ran past its timeout)")
+                await self._reset(core, f"job {job.id} of session {job.session_id} hung")
+            else:   # silent twice, on two processes, before the job ran: the device, not the job
+                reply = _fault_reply(job, f"device {self.index}'s process stopped answering before it could "
+                                          f"run ({exc}) and again after a reset", "ETIMEDOUT", retryable=True)
+                await self._reset(core, str(exc))
         except HostLimit as exc:  # the device is fine: only this job cannot reach it
             reply = {"ok": False, "error": {"code": exc.code, "retryable": exc.retryable, "message": str(exc)}}
         finally:
@@ -468,7 +494,7 @@ class DeviceHost:
             if bo.id not in core.imported:
                 try:
                     await self._call(core, {"op": "import", "bo": bo.id}, fd=bo.fd)
-                except DeviceLost as exc:
+                except DeviceFault as exc:
                     exc.delivered = False  # the job itself never started
                     raise
                 core.imported.add(bo.id)
@@ -498,11 +524,11 @@ class DeviceHost:
             wake_at = timeout_at
             if job.deadline and not core.preempt_sent and job.program is not None:
                 wake_at = min(wake_at, job.deadline)
-            with trio.move_on_after(max(0.0, wake_at - time.monotonic())):
-                reply = await self._recv(core)
+            reply = await self._reply_by(core, wake_at)
+            if reply is not None:
                 break
             if time.monotonic() >= timeout_at:
-                raise Hung()
+                raise Hung(f"job {job.id} ran past its timeout")
             core.preempt()   # the deadline passed: stop at the next boundary
         core.in_run = False
         spent = reply.get("wall_ms", 0.0) / 1e3
@@ -534,7 +560,7 @@ class DeviceHost:
                 reply = await self._call(core, {"op": "load_program", "program": program,
                                                 "mappings": [list(m) for m in mappings],
                                                 "boundaries": self._boundaries[program][:-1]}, fd=fd)
-            except DeviceLost as exc:
+            except DeviceFault as exc:
                 exc.delivered = False  # no job ran
                 raise
         finally:
@@ -637,9 +663,23 @@ class DeviceHost:
             raise DeviceLost(f"device process exited with status {core.process.returncode}")
         return msgpack.unpackb(reply, raw=False)
 
+    async def _reply_by(self, core: Core, at: float) -> dict | None:
+        """The process's next reply, or None if it sends none by ``at`` (``time.monotonic()``).
+
+        The one way an exchange with a device process is timed: every wait for a reply ends."""
+        with trio.move_on_after(max(0.0, at - time.monotonic())):
+            return await self._recv(core)
+        return None
+
     async def _call(self, core: Core, request: dict, fd: int | None = None) -> dict:
+        """Send a request other than ``run`` and return its reply; Hung if it takes longer than
+        ``exchange_timeout_s`` (a process stopped, or stuck, while the core was idle)."""
         await self._send(core, msgpack.packb(request, use_bin_type=True), request["op"], fd)
-        return await self._recv(core)
+        limit = self.params.exchange_timeout_s
+        reply = await self._reply_by(core, time.monotonic() + limit)
+        if reply is None:
+            raise Hung(f"its process did not answer {request['op']} within {limit:g} s")
+        return reply
 
 
 def _fault_reply(job: Job, what: str, code: str, retryable: bool | None = None) -> dict:
