@@ -1,7 +1,13 @@
-"""Nothing outlives a SIGKILLed daemon: its device processes and compiler workers exit too."""
+"""Nothing outlives a SIGKILLed daemon: its device processes and compiler workers exit too, even busy,
+and the next daemon removes the compile endpoint directory it left."""
 
 import os
+import shutil
 import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 
 import msgpack
@@ -9,6 +15,7 @@ import msgpack
 import npu
 from examples import tiny_cnn
 from npu.local import LocalDaemon
+from npud.compilers import remove_stale_dirs
 
 from npud_raw import RawPeer
 from sched_models import daemon_in_test_mode, deep_mlp, feeds
@@ -95,3 +102,49 @@ def test_busy_worker_and_device_process_exit_within_a_second_of_a_killed_daemon(
         assert not survivors, f"busy children outlived the daemon by 5 s: {survivors}"
     finally:
         daemon.stop()
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_compile_dirs_are_removed_only_when_their_daemon_is_dead(tmp_path):
+    dead = _dead_pid()
+    stale = tmp_path / f"npud-compile-{dead}-abc_123"
+    alive = tmp_path / f"npud-compile-{os.getpid()}-def"       # a daemon still running
+    listening = tmp_path / f"npud-compile-{dead}-ghi"          # a pid of another namespace, serving
+    legacy = tmp_path / "npud-compile-jkl"                      # no pid: cannot tell, kept
+    for d in (stale, alive, listening, legacy):
+        d.mkdir()
+    (stale / "workers.sock").touch()
+    (tmp_path / f"npud-compile-{dead}-file").touch()            # not a directory
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(listening / "workers.sock"))
+    server.listen()
+    try:
+        assert remove_stale_dirs(str(tmp_path)) == [str(stale)]
+    finally:
+        server.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [alive.name, listening.name, legacy.name, f"npud-compile-{dead}-file"])
+
+
+def test_a_restarted_daemon_removes_the_compile_dir_a_killed_one_left():
+    tmpdir = tempfile.mkdtemp(prefix="npud-t-")          # short: the endpoint path must fit sun_path
+    try:
+        first = LocalDaemon(env={"TMPDIR": tmpdir})
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait()
+        first.stop()
+        left = [p for p in os.listdir(tmpdir) if p.startswith(f"npud-compile-{first.process.pid}-")]
+        assert len(left) == 1
+        second = LocalDaemon(env={"TMPDIR": tmpdir})
+        try:
+            now = [p for p in os.listdir(tmpdir) if p.startswith("npud-compile-")]
+            assert len(now) == 1 and now[0].startswith(f"npud-compile-{second.process.pid}-")
+        finally:
+            second.stop()
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
