@@ -32,7 +32,6 @@ import time
 import msgpack
 import zmq
 
-from emulator import lifeline
 from emulator.config import DeviceConfig
 
 from .api import check_model, compile_model
@@ -82,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-limit", type=int, default=0, help="RLIMIT_AS in bytes (0: none)")
     parser.add_argument("--test-mode", action="store_true", help="honour slow_s (npud --test-mode only)")
     args = parser.parse_args(argv)
-    lifeline.die_with_parent()   # within milliseconds of the daemon's death, even mid-compile
     _limit_resources(args.memory_limit)
     sock = zmq.Context().socket(zmq.DEALER)
     sock.setsockopt(zmq.ROUTING_ID, args.name.encode())

@@ -56,7 +56,6 @@ import time
 
 import msgpack
 
-from emulator import lifeline
 from emulator.config import DeviceConfig
 from emulator.device import Device
 from emulator.errors import DeviceError
@@ -257,7 +256,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sock-fd", type=int, required=True)
     parser.add_argument("--config", required=True, help="device parameters, msgpack as hex")
     args = parser.parse_args(argv)
-    lifeline.die_with_parent()
     config = DeviceConfig.from_dict(msgpack.unpackb(bytes.fromhex(args.config), raw=False))
     sock = socket.socket(fileno=args.sock_fd)
     DeviceProcess(sock, config).serve()

@@ -12,16 +12,20 @@ the kernel for ``SIGIO`` on it (``O_ASYNC``).  When the daemon exits, however it
 kernel closes the write end and signals every reader; ``SIGIO``'s default action ends the
 process, in the kernel, whatever its main thread is doing (numpy, a sleep, a syscall).
 
-Daemon side: ``open_process`` (trio's, with the read end passed on).  Child side:
-``die_with_parent()`` first thing in ``main()``.
+``open_process(module, args)`` starts ``python -m emulator.lifeline module args``: this
+module arms the lifeline before it imports ``module`` and runs it as ``__main__``, because a
+child's own imports (numpy, onnx) take a second or more on a loaded machine, and a child
+still importing when the daemon died would live that long.  ``module`` needs no change.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import runpy
 import select
 import signal
+import sys
 
 ENV = "NPUD_LIFELINE_FD"
 _pipe: tuple[int, int] | None = None   # (read end, write end), open for this process's lifetime
@@ -35,13 +39,13 @@ def _lifeline() -> int:
     return _pipe[0]
 
 
-async def open_process(argv: list[str], pass_fds: tuple[int, ...] = ()):
-    """``trio.lowlevel.open_process(argv)`` for a child that calls ``die_with_parent()``."""
+async def open_process(module: str, args: list[str], pass_fds: tuple[int, ...] = ()):
+    """``python -m module *args`` as a trio process that dies with this one."""
     import trio   # the children import this module too, and need no trio
 
     fd = _lifeline()
-    return await trio.lowlevel.open_process(argv, pass_fds=(*pass_fds, fd),
-                                            env={**os.environ, ENV: str(fd)})
+    return await trio.lowlevel.open_process([sys.executable, "-m", "emulator.lifeline", module, *args],
+                                            pass_fds=(*pass_fds, fd), env={**os.environ, ENV: str(fd)})
 
 
 def die_with_parent() -> None:
@@ -49,7 +53,8 @@ def die_with_parent() -> None:
 
     A process started without a lifeline (by hand, for debugging) is left as it is.  If the
     daemon is already gone when this runs, the process exits here: no window is left open.
-    Call it before dropping privileges or entering a sandbox that forbids ``fcntl``.
+    ``main`` below calls it before anything else; it must run before a sandbox that forbids
+    ``fcntl`` or ``/proc``.
     """
     value = os.environ.pop(ENV, None)
     if value is None:
@@ -70,3 +75,15 @@ def die_with_parent() -> None:
     poller.register(fd, select.POLLIN)
     if poller.poll(0):   # hang-up: the daemon died before the signal was armed
         raise SystemExit("npud, which started this process, has exited")
+
+
+def main(argv: list[str]) -> None:
+    """``python -m emulator.lifeline MODULE ARG...``: arm the lifeline, then run MODULE as
+    ``python -m MODULE ARG...`` would (its exit status is the process's)."""
+    die_with_parent()
+    sys.argv = argv
+    runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

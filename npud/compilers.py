@@ -17,7 +17,6 @@ import re
 import shutil
 import socket
 import stat
-import sys
 import tempfile
 from dataclasses import dataclass, field
 
@@ -139,8 +138,8 @@ class CompilerPool:
         self._ready[name] = trio.Event()
         try:
             process = await lifeline.open_process(
-                [sys.executable, "-m", "compiler_worker.worker", "--endpoint", self.endpoint,
-                 "--name", name.decode(), "--memory-limit", str(self.memory_limit)]
+                "compiler_worker.worker", ["--endpoint", self.endpoint, "--name", name.decode(),
+                                           "--memory-limit", str(self.memory_limit)]
                 + (["--test-mode"] if self.test_mode else []))
         except OSError as exc:   # out of file descriptors or processes: fail this compile, not npud
             log.error("cannot start compiler worker %s: %s", name.decode(), exc)

@@ -34,7 +34,6 @@ import itertools
 import logging
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -580,8 +579,7 @@ class DeviceHost:
         config_hex = msgpack.packb(self.config.to_dict()).hex()
         try:
             core.process = await lifeline.open_process(
-                [sys.executable, "-m", "emulator.device_process", "--sock-fd", str(theirs.fileno()),
-                 "--config", config_hex],
+                "emulator.device_process", ["--sock-fd", str(theirs.fileno()), "--config", config_hex],
                 pass_fds=(theirs.fileno(),))
         except BaseException:
             ours.close()   # _reset retries while descriptors are short: do not leak one per try

@@ -9,20 +9,27 @@ import sys
 import textwrap
 import time
 
-BUSY_CHILD = "from emulator import lifeline; lifeline.die_with_parent(); print('armed', flush=True)\n" \
-             "while True: sum(range(10000))"
+import pytest
 
-PARENT = textwrap.dedent(f"""
+BUSY = "print('armed', flush=True)\nwhile True:\n    sum(range(10000))\n"
+
+PARENT = textwrap.dedent("""
     import sys, trio
     from emulator import lifeline
 
     async def main():
-        kids = [await lifeline.open_process([sys.executable, "-c", {BUSY_CHILD!r}]) for _ in range(3)]
+        kids = [await lifeline.open_process("busy_child", []) for _ in range(3)]
         print(*(k.pid for k in kids), flush=True)
         await trio.sleep_forever()
 
     trio.run(main)
 """)
+
+
+@pytest.fixture
+def env(tmp_path):
+    (tmp_path / "busy_child.py").write_text(BUSY)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
 
 
 def _alive(pid: int) -> bool:
@@ -33,13 +40,9 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-
-
-def test_every_busy_child_dies_with_its_parent():
+def test_every_busy_child_dies_with_its_parent(env):
     """Three children, so a signal owner shared through one open file would leave two alive."""
-    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True, env=_env())
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True, env=env)
     kids = [int(p) for p in parent.stdout.readline().split()]
     try:
         armed = 0
@@ -59,16 +62,20 @@ def test_every_busy_child_dies_with_its_parent():
                 os.kill(k, signal.SIGKILL)
 
 
-def test_a_child_whose_parent_died_before_it_armed_exits_at_once():
+def test_a_child_whose_parent_died_before_it_armed_exits_before_its_module_runs(env):
     read_end, write_end = os.pipe()
     os.close(write_end)                       # the "daemon" is already gone
-    child = subprocess.run([sys.executable, "-c", BUSY_CHILD], pass_fds=(read_end,), timeout=30,
-                           env={**_env(), "NPUD_LIFELINE_FD": str(read_end)}, capture_output=True, text=True)
+    child = subprocess.run([sys.executable, "-m", "emulator.lifeline", "busy_child"], pass_fds=(read_end,),
+                           env={**env, "NPUD_LIFELINE_FD": str(read_end)}, capture_output=True, text=True,
+                           timeout=30)
     os.close(read_end)
     assert child.returncode == 1 and "has exited" in child.stderr and "armed" not in child.stdout
 
 
-def test_a_child_started_by_hand_has_no_lifeline():
-    out = subprocess.run([sys.executable, "-c", "from emulator import lifeline; lifeline.die_with_parent(); "
-                          "print('ran')"], env=_env(), capture_output=True, text=True, timeout=30)
-    assert out.stdout.strip() == "ran"
+def test_the_module_runs_as_main_with_its_arguments_and_exit_status(env):
+    out = subprocess.run([sys.executable, "-m", "emulator.lifeline", "json.tool", "--compact"],
+                         input='{"a": [1, 2]}', env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.strip() == '{"a":[1,2]}'   # no lifeline given: runs as is
+    bad = subprocess.run([sys.executable, "-m", "emulator.lifeline", "json.tool"], input="{",
+                         env=env, capture_output=True, text=True, timeout=30)
+    assert bad.returncode != 0 and "Expecting" in bad.stderr
