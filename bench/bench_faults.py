@@ -30,7 +30,7 @@ import numpy as np
 import npu
 from npu.local import LocalDaemon
 
-from .soak_proc import children, loadavg
+from .soak_proc import alive, children, loadavg
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "compiler_worker"))
 
@@ -75,14 +75,6 @@ def start_daemon(workdir: str) -> LocalDaemon:
 def kid(daemon: LocalDaemon, kind: str) -> int | None:
     """The pid of the daemon's (first) child of that kind ("device", "compiler"), if any."""
     return next((pid for pid, what in children(daemon.process.pid).items() if what == kind), None)
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def device(c) -> dict:

@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from bench.soak_proc import alive as _alive
+
 BUSY = "print('armed', flush=True)\nwhile True:\n    sum(range(10000))\n"
 
 PARENT = textwrap.dedent("""
@@ -30,14 +32,6 @@ PARENT = textwrap.dedent("""
 def env(tmp_path):
     (tmp_path / "busy_child.py").write_text(BUSY)
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_every_busy_child_dies_with_its_parent(env):

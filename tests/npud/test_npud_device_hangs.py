@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import npu
+from bench.soak_proc import alive
 from emulator.config import DeviceConfig
 from streams import A, B, O, add_stream
 
@@ -40,15 +41,9 @@ def _stop_the_idle_device(daemon) -> int:
 
 def _wait_gone(pid: int, bound_s: float = 5.0) -> bool:
     deadline = time.monotonic() + bound_s
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except OSError:
-            return True
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
-    return False
+    return not alive(pid)
 
 
 def test_stopped_idle_device_is_reset_and_a_job_on_new_buffers_completes(daemon):

@@ -13,6 +13,7 @@ import time
 import msgpack
 
 import npu
+from bench.soak_proc import alive as _alive, children
 from examples import tiny_cnn
 from npu.local import LocalDaemon
 from npud.compilers import remove_stale_dirs
@@ -22,24 +23,7 @@ from sched_models import daemon_in_test_mode, deep_mlp, feeds
 
 
 def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        kids.append(int(entry))
-            except (OSError, ValueError, IndexError):
-                pass
-    return kids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return list(children(pid))
 
 
 def test_workers_and_device_processes_exit_with_a_killed_daemon(tmp_path):
@@ -90,10 +74,9 @@ def test_busy_worker_and_device_process_exit_within_a_second_of_a_killed_daemon(
             peer.send_frames(msgpack.packb({"op": "load", "seq": 99, "args": {
                 "device": 0, "options": {}, "model": deep_mlp(layers=2, seed=7)}}, use_bin_type=True))
             time.sleep(1.0)                                        # both are busy now
-            kids = _children(daemon.process.pid)
-            busy = {p: open(f"/proc/{p}/cmdline", "rb").read() for p in kids}
-            assert any(b"compiler_worker.worker" in c for c in busy.values())
-            assert any(b"emulator.device_process" in c for c in busy.values())
+            busy = children(daemon.process.pid)
+            assert sorted(busy.values()) == ["compiler", "device"]
+            kids = list(busy)
             daemon.process.send_signal(signal.SIGKILL)
             daemon.process.wait()
             survivors, taken = _gone_within(kids, 5.0)
