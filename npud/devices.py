@@ -440,8 +440,9 @@ class DeviceHost:
                 self._blame(job, f"hung device {self.index} (ran past its timeout)")
                 await self._reset(core, f"job {job.id} of session {job.session_id} hung")
             else:   # silent twice, on two processes, before the job ran: the device, not the job
-                reply = _fault_reply(job, f"device {self.index}'s process stopped answering before it could "
-                                          f"run ({exc}) and again after a reset", "ETIMEDOUT", retryable=True)
+                reply = _fault_reply(job, f"device {self.index}'s process did not answer while the job was "
+                                          f"being prepared, again after a reset ({exc})", "ETIMEDOUT",
+                                     retryable=True)
                 await self._reset(core, str(exc))
         except HostLimit as exc:  # the device is fine: only this job cannot reach it
             reply = {"ok": False, "error": {"code": exc.code, "retryable": exc.retryable, "message": str(exc)}}

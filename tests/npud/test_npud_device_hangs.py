@@ -91,3 +91,27 @@ def test_stopped_idle_device_is_reset_when_a_buffer_is_released(daemon):
             time.sleep(0.05)
         info = c.devices()[0].info
         assert info["state"] == "ok" and info["resets"] == resets + 1
+
+
+def test_a_device_silent_again_after_its_reset_fails_the_job_retryable_and_blames_nobody(daemon):
+    n = 64
+    with npu.connect(daemon.endpoint) as c:
+        before = c.devices()[0].info
+        first = _stop_the_idle_device(daemon)
+        bufs = [c.alloc(4 * n) for _ in range(3)]
+        job = c.submit(add_stream(n, DeviceConfig.from_dict(c.devices()[0].params)),
+                       list(zip(bufs, (A, B, O), (False, False, True))))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:      # stop the new process too, while it is still starting
+            pids = [p for p in device_pids(daemon.process.pid) if p != first]
+            if pids:
+                os.kill(pids[0], signal.SIGSTOP)
+                break
+            time.sleep(0.002)
+        with pytest.raises(npu.Timeout) as info:
+            job.wait(TIMEOUT_MS / 1000 * 8)
+        assert info.value.retryable and "again after a reset" in info.value.message
+        after = c.devices()[0].info
+        assert after["resets"] == before["resets"] + 2 and after["hangs"] == before["hangs"]
+        c.submit(add_stream(n, DeviceConfig.from_dict(c.devices()[0].params)),
+                 list(zip(bufs, (A, B, O), (False, False, True)))).wait(TIMEOUT_MS / 1000 * 4)
