@@ -19,6 +19,8 @@ and runs it.
   Every other exchange (import, load, release, unload) has a deadline too
   (``exchange_timeout_s``): a process that stopped answering while idle is
   found by the next job, reset, and that job -- innocent -- runs on the new one.
+  A new process is sent nothing before it says ``ready`` (START_TIMEOUT_S), so
+  no deadline pays for its start.
   Jobs that were not to blame -- queued, preempted, or running on a core an
   admin reset -- are run again.
 * **Deadlines.**  A job that cannot finish by its deadline fails with ETIME:
@@ -55,6 +57,7 @@ log = logging.getLogger("npud.device")
 MAX_REPLY = 1 << 20
 CHANNEL_BYTES = 32 << 20  # the device process accepts packets up to this size
 STOP_TIMEOUT_S = 2.0
+START_TIMEOUT_S = 60.0  # a new device process has this long to say it is ready (imports, on a loaded machine)
 RESTART_RETRY_S = 1.0   # a device process that cannot start is retried this often
 UTIL_WINDOW_S = 5.0   # util_pct is the busy share of (about) the last this many seconds
 EWMA = 0.3            # weight of the newest run in a program's expected wall time
@@ -125,6 +128,7 @@ class Core:
         self.raw: socket.socket | None = None        # the same socket, for a non-blocking preempt
         self.imported: set[int] = set()
         self.loaded: set[int] = set()
+        self.started = False                         # its process has said it is ready
         self.job: Job | None = None                  # running now
         self.in_run = False                          # a run request is in flight
         self.preempt_sent = False
@@ -590,6 +594,7 @@ class DeviceHost:
         core.raw = ours
         core.sock = trio.socket.from_stdlib_socket(ours)
         core.imported.clear()
+        core.started = False
         core.loaded.clear()
         core.state = "ok"
         if self._nursery is not None:
@@ -638,7 +643,18 @@ class DeviceHost:
         if not any(c.reset_pending for c in self.cores):
             self._reset_done.set()
 
+    async def _started(self, core: Core) -> None:
+        """Wait for a new process's ``ready``, so that no request's deadline pays for its start."""
+        reply = await self._reply_by(core, time.monotonic() + START_TIMEOUT_S)
+        if reply is None:
+            raise Hung(f"its process did not start within {START_TIMEOUT_S:g} s", delivered=False)
+        if reply.get("op") != "ready":
+            raise DeviceLost(f"its process broke the protocol: {reply!r} before ready", delivered=False)
+        core.started = True
+
     async def _send(self, core: Core, data: bytes, op: str, fd: int | None = None) -> None:
+        if not core.started:
+            await self._started(core)
         try:
             if fd is None:
                 await core.sock.send(data)

@@ -33,7 +33,12 @@ def daemon(tmp_path_factory):
     d.stop()
 
 
-def _stop_the_idle_device(daemon) -> int:
+def _stop_the_idle_device(daemon, c) -> int:
+    """SIGSTOP the device process once it has started (a job ran on it) and is idle."""
+    n = 16
+    bufs = [c.alloc(4 * n) for _ in range(3)]
+    c.submit(add_stream(n, DeviceConfig.from_dict(c.devices()[0].params)),
+             list(zip(bufs, (A, B, O), (False, False, True)))).wait(60)
     (pid,) = device_pids(daemon.process.pid)
     os.kill(pid, signal.SIGSTOP)
     return pid
@@ -50,7 +55,7 @@ def test_stopped_idle_device_is_reset_and_a_job_on_new_buffers_completes(daemon)
     n = 256
     with npu.connect(daemon.endpoint) as c:
         before = c.devices()[0].info
-        stopped = _stop_the_idle_device(daemon)
+        stopped = _stop_the_idle_device(daemon, c)
         a, b, out = (c.alloc(4 * n) for _ in range(3))          # new buffers: the job imports them
         a.map(np.float32)[:] = np.arange(n)
         b.map(np.float32)[:] = 2
@@ -71,7 +76,7 @@ def test_stopped_idle_device_is_reset_before_a_model_job(daemon):
     with npu.connect(daemon.endpoint) as c:
         model = c.load(deep_mlp(layers=3, seed=11))
         resets = c.devices()[0].info["resets"]
-        stopped = _stop_the_idle_device(daemon)
+        stopped = _stop_the_idle_device(daemon, c)
         x = feeds(model, 3)
         out = model.run(x, timeout=TIMEOUT_MS / 1000 * 6)[model.outputs[0].name]
         np.testing.assert_allclose(out, reference(x, model_seed=11, layers=3), rtol=1e-4, atol=1e-5)
@@ -83,7 +88,7 @@ def test_stopped_idle_device_is_reset_when_a_buffer_is_released(daemon):
         model = c.load(deep_mlp(layers=2, seed=12))
         model.run(feeds(model))                   # the device maps the model's buffers
         resets = c.devices()[0].info["resets"]
-        stopped = _stop_the_idle_device(daemon)
+        stopped = _stop_the_idle_device(daemon, c)
         model.unload()                            # its buffers are released in the device process
         assert _wait_gone(stopped, TIMEOUT_MS / 1000 * 6)
         deadline = time.monotonic() + 10
@@ -92,26 +97,3 @@ def test_stopped_idle_device_is_reset_when_a_buffer_is_released(daemon):
         info = c.devices()[0].info
         assert info["state"] == "ok" and info["resets"] == resets + 1
 
-
-def test_a_device_silent_again_after_its_reset_fails_the_job_retryable_and_blames_nobody(daemon):
-    n = 64
-    with npu.connect(daemon.endpoint) as c:
-        before = c.devices()[0].info
-        first = _stop_the_idle_device(daemon)
-        bufs = [c.alloc(4 * n) for _ in range(3)]
-        job = c.submit(add_stream(n, DeviceConfig.from_dict(c.devices()[0].params)),
-                       list(zip(bufs, (A, B, O), (False, False, True))))
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:      # stop the new process too, while it is still starting
-            pids = [p for p in device_pids(daemon.process.pid) if p != first]
-            if pids:
-                os.kill(pids[0], signal.SIGSTOP)
-                break
-            time.sleep(0.002)
-        with pytest.raises(npu.Timeout) as info:
-            job.wait(TIMEOUT_MS / 1000 * 8)
-        assert info.value.retryable and "again after a reset" in info.value.message
-        after = c.devices()[0].info
-        assert after["resets"] == before["resets"] + 2 and after["hangs"] == before["hangs"]
-        c.submit(add_stream(n, DeviceConfig.from_dict(c.devices()[0].params)),
-                 list(zip(bufs, (A, B, O), (False, False, True)))).wait(TIMEOUT_MS / 1000 * 4)
