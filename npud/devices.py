@@ -645,7 +645,11 @@ class DeviceHost:
 
     async def _started(self, core: Core) -> None:
         """Wait for a new process's ``ready``, so that no request's deadline pays for its start."""
-        reply = await self._reply_by(core, time.monotonic() + START_TIMEOUT_S)
+        try:
+            reply = await self._reply_by(core, time.monotonic() + START_TIMEOUT_S)
+        except DeviceLost as exc:
+            exc.delivered = False   # nothing was sent to it: whatever job is at hand is innocent
+            raise
         if reply is None:
             raise Hung(f"its process did not start within {START_TIMEOUT_S:g} s", delivered=False)
         if reply.get("op") != "ready":

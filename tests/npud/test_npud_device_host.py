@@ -7,6 +7,7 @@ import sys
 
 import trio
 
+from emulator.assembler import StreamBuilder
 from emulator.config import make_config
 from ipc_schema.errors import ErrorCode
 from npud import devices
@@ -69,3 +70,35 @@ async def test_a_slow_start_is_not_a_hang(monkeypatch):
             await job.done.wait()
         nursery.cancel_scope.cancel()
     assert job.error is None and host.resets == 0
+
+
+def empty_stream() -> bytes:
+    sb = StreamBuilder(make_config("edge"))
+    sb.end()
+    return sb.build()
+
+
+# Dies before it is ready (as a process killed during its start).
+DIES = "import sys\nsys.exit(3)\n"
+
+
+async def test_a_job_that_finds_its_process_dead_before_ready_is_innocent(monkeypatch):
+    """Even a job with nothing to import, whose first exchange is its run."""
+    starts = []
+
+    async def dies_once(module: str, args: list[str], pass_fds: tuple[int, ...] = ()):
+        code = DIES if not starts else "from emulator.device_process import main\nimport sys\nmain(sys.argv[1:])\n"
+        starts.append(module)
+        return await trio.lowlevel.open_process([sys.executable, "-c", code, *args], pass_fds=pass_fds)
+
+    monkeypatch.setattr(devices.lifeline, "open_process", dies_once)
+    host = DeviceHost(0, "edge", "edge", make_config("edge"), lambda job: None, SchedulingParams(cores=1))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run)
+        ctx = Context(1, "s")
+        job = Job(1, "s", 0, empty_stream(), [], context=ctx)
+        host.submit(job)
+        with trio.fail_after(30):
+            await job.done.wait()
+        nursery.cancel_scope.cancel()
+    assert job.error is None and ctx.hangs == 0 and host.resets == 1
