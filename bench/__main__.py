@@ -17,7 +17,8 @@ import sys
 import bench
 
 LONG = {"soak": "minutes of 64 clients; run `python -m bench soak` (make soak), figures in docs/RELIABILITY.md",
-        "model_churn": "minutes of new models; run `python -m bench model_churn --trace`, docs/RELIABILITY.md"}
+        "model_churn": "minutes of new models; run `python -m bench model_churn --trace`, docs/RELIABILITY.md",
+        "faults": "a minute of kills and hangs; run `python -m bench faults`, figures in docs/RELIABILITY.md"}
 
 
 def main(argv: list[str]) -> int:

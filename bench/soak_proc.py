@@ -61,6 +61,12 @@ def schedstat(pid: int) -> tuple[float, float]:
     return int(run_ns) / 1e9, int(wait_ns) / 1e9
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs: it exists and is not a zombie (an orphan's reaper may be slow to reap)."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
 def children(parent: int) -> dict[int, str]:
     """The direct children of ``parent``: pid -> "device", "compiler" or "other"."""
     out = {}

@@ -3,8 +3,9 @@
 This is the "hardware" side of the daemon/device boundary.  It talks to the
 daemon over one Unix SOCK_SEQPACKET socket (inherited as a file descriptor):
 each packet is a msgpack map, and ``import`` packets carry a buffer object's
-memfd in SCM_RIGHTS.  It executes one request at a time, exactly as a device
-with one command queue does, and answers every request with one packet::
+memfd in SCM_RIGHTS.  Once started (its imports done, its device built) it
+sends ``{"op": "ready"}``; then it executes one request at a time, exactly as a
+device with one command queue does, and answers every request with one packet::
 
     {"op": "import", "bo": id}  + memfd   -> {"ok": true}
     {"op": "release", "bo": id}           -> {"ok": true}
@@ -76,6 +77,7 @@ class DeviceProcess:
         self.cycles: dict[int, list[int]] = {}         # modeled cycles of each segment
 
     def serve(self) -> None:
+        self.sock.send(msgpack.packb({"op": "ready"}))
         while True:
             try:
                 data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_PACKET, 4)
@@ -98,8 +100,8 @@ class DeviceProcess:
             data = self.sock.recv(MAX_PACKET, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False
-        if not data:
-            return False  # the daemon is gone; serve() sees it next
+        if not data:   # the daemon is gone: nobody will read this run's result
+            raise SystemExit("npud closed the device socket mid-run")
         return msgpack.unpackb(data, raw=False).get("op") == "preempt"
 
     def _op_import(self, request, fds):

@@ -13,7 +13,10 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import sys
+import re
+import shutil
+import socket
+import stat
 import tempfile
 from dataclasses import dataclass, field
 
@@ -21,12 +24,14 @@ import msgpack
 import trio
 import zmq
 
+from emulator import lifeline
 from ipc_schema.errors import ErrorCode, RequestError
 from ipc_schema.trio_zmq import OwnedSocket
 
 log = logging.getLogger("npud.compile")
 
 READY_TIMEOUT_S = 60.0
+DIR_PREFIX = "npud-compile-"   # then the daemon's pid: a later daemon can tell a dead one's directory
 THREAD_BYTES = 1 << 20  # models whose message is built off the event loop
 
 
@@ -46,7 +51,8 @@ class CompilerPool:
         self.timeout_s = timeout_s
         self.restarts = 0
         self.compiles = 0
-        self._dir = tempfile.mkdtemp(prefix="npud-compile-")
+        remove_stale_dirs(tempfile.gettempdir())
+        self._dir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-")
         self.endpoint = f"ipc://{self._dir}/workers.sock"
         self._queue_send, self._queue_recv = trio.open_memory_channel[_Pending](float("inf"))
         self._waiting: dict[bytes, _Pending] = {}
@@ -133,9 +139,9 @@ class CompilerPool:
     async def _start(self, name: bytes) -> trio.Process | None:
         self._ready[name] = trio.Event()
         try:
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "compiler_worker.worker", "--endpoint", self.endpoint,
-                 "--name", name.decode(), "--memory-limit", str(self.memory_limit)]
+            process = await lifeline.open_process(
+                "compiler_worker.worker", ["--endpoint", self.endpoint, "--name", name.decode(),
+                                           "--memory-limit", str(self.memory_limit)]
                 + (["--test-mode"] if self.test_mode else []))
         except OSError as exc:   # out of file descriptors or processes: fail this compile, not npud
             log.error("cannot start compiler worker %s: %s", name.decode(), exc)
@@ -198,6 +204,53 @@ class CompilerPool:
                                                           "stopped (raise compile_timeout_s for huge models)")
         pending.done.set()
         return False
+
+
+def remove_stale_dirs(parent: str) -> list[str]:
+    """Remove the endpoint directories that SIGKILLed daemons of this user left in ``parent``.
+
+    Several daemons may share ``parent`` (tests run many at once), so a directory goes only if it
+    is this user's, its name carries the pid of a process that no longer exists, and nothing
+    listens on its endpoint (a pid can be another pid namespace's).  Returns the paths removed.
+    """
+    removed = []
+    for entry in os.scandir(parent):
+        match = re.fullmatch(re.escape(DIR_PREFIX) + r"(\d+)-\w+", entry.name)
+        try:
+            if match is None or not _owned_dir(entry) or _pid_exists(int(match[1])) \
+                    or _listening(os.path.join(entry.path, "workers.sock")):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry.path)
+    if removed:
+        log.info("removed %d compile endpoint directories of dead daemons", len(removed))
+    return removed
+
+
+def _owned_dir(entry: os.DirEntry) -> bool:
+    info = entry.stat(follow_symlinks=False)
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True   # someone else's process
+    return True
+
+
+def _listening(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+        return True
 
 
 def encode_request(request: dict) -> bytes:

@@ -22,7 +22,8 @@ Example (every key optional)::
     max_jobs_in_flight = 256           # per session
 
     [scheduling]
-    job_timeout_ms = 30000             # a job running longer is aborted and its device process reset
+    job_timeout_ms = 30000             # a job running longer is aborted and its device process reset;
+                                       # also the deadline (>= 1 s) of a device's import, load, release
     ban_after_hangs = 3                # a context whose jobs hang (or crash the device) this often is banned
     starvation_ms = 1000               # a lower-priority job runnable this long runs next anyway
     max_queued_per_device = 4096       # more queued jobs are refused with EAGAIN and a retry hint

@@ -16,6 +16,11 @@ and runs it.
   ETIMEDOUT and its context's hang count grows; a context that reaches
   ``ban_after_hangs`` is banned: its jobs fail with EPERM, everyone else's run.
   A process that crashes is treated the same way (the job fails with EIO).
+  Every other exchange (import, load, release, unload) has a deadline too
+  (``exchange_timeout_s``): a process that stopped answering while idle is
+  found by the next job, reset, and that job -- innocent -- runs on the new one.
+  A new process is sent nothing before it says ``ready`` (START_TIMEOUT_S), so
+  no deadline pays for its start.
   Jobs that were not to blame -- queued, preempted, or running on a core an
   admin reset -- are run again.
 * **Deadlines.**  A job that cannot finish by its deadline fails with ETIME:
@@ -31,7 +36,6 @@ import itertools
 import logging
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +43,7 @@ from dataclasses import dataclass
 import msgpack
 import trio
 
+from emulator import lifeline
 from emulator.config import DeviceConfig
 from ipc_schema.errors import ErrorCode, ErrorInfo
 
@@ -52,9 +57,11 @@ log = logging.getLogger("npud.device")
 MAX_REPLY = 1 << 20
 CHANNEL_BYTES = 32 << 20  # the device process accepts packets up to this size
 STOP_TIMEOUT_S = 2.0
+START_TIMEOUT_S = 60.0  # a new device process has this long to say it is ready (imports, on a loaded machine)
 RESTART_RETRY_S = 1.0   # a device process that cannot start is retried this often
 UTIL_WINDOW_S = 5.0   # util_pct is the busy share of (about) the last this many seconds
 EWMA = 0.3            # weight of the newest run in a program's expected wall time
+EXCHANGE_MIN_S = 1.0  # the least time a device process has to answer anything but a run
 
 
 @dataclass(frozen=True)
@@ -68,12 +75,24 @@ class SchedulingParams:
     cores: int = 0            # device processes; 0: the preset's modeled cores
     test_mode: bool = False
 
+    @property
+    def exchange_timeout_s(self) -> float:
+        """How long the device process may take over an import, a program load, a release or an
+        unload before it counts as hung: the run watchdog's limit, and at least EXCHANGE_MIN_S.
 
-class DeviceLost(Exception):
-    """The device process exited or broke the protocol.
+        An import only maps a memfd (constant time, whatever the buffer's size: a 500 MB weights
+        buffer costs what a page does) and a load reads and validates one command stream, linear
+        in its length, so the watchdog's 30 s default is generous even on a loaded machine; the
+        floor keeps a tight ``job_timeout_ms`` from resetting a device that is merely slow."""
+        return max(self.job_timeout_s, EXCHANGE_MIN_S)
 
-    ``delivered`` is False when the request never reached the process (it was
-    already dead), so the job being run is innocent and may simply be run again.
+
+class DeviceFault(Exception):
+    """The device process failed an exchange; its core must be reset.
+
+    ``delivered`` is False when the job's run request never reached the process
+    (it failed before: dead already, or silent while importing the job's buffers
+    or loading its program), so the job is innocent and may simply be run again.
     """
 
     def __init__(self, message: str, *, delivered: bool = True):
@@ -81,8 +100,13 @@ class DeviceLost(Exception):
         self.delivered = delivered
 
 
-class Hung(Exception):
-    """The device process did not answer within the job's timeout."""
+class DeviceLost(DeviceFault):
+    """The device process exited or broke the protocol."""
+
+
+class Hung(DeviceFault):
+    """The device process did not answer in time: a run within the job's timeout, anything
+    else within ``SchedulingParams.exchange_timeout_s``."""
 
 
 class HostLimit(Exception):
@@ -104,6 +128,7 @@ class Core:
         self.raw: socket.socket | None = None        # the same socket, for a non-blocking preempt
         self.imported: set[int] = set()
         self.loaded: set[int] = set()
+        self.started = False                         # its process has said it is ready
         self.job: Job | None = None                  # running now
         self.in_run = False                          # a run request is in flight
         self.preempt_sent = False
@@ -361,7 +386,7 @@ class DeviceHost:
             elif what in core.loaded:
                 core.loaded.discard(what)
                 await self._call(core, {"op": "unload_program", "program": what})
-        except DeviceLost as exc:
+        except DeviceFault as exc:
             await self._reset(core, str(exc))
         finally:
             if kind == "release":
@@ -398,11 +423,11 @@ class DeviceHost:
         try:
             try:
                 reply = await self._execute(core, job)
-            except DeviceLost as exc:
+            except DeviceFault as exc:
                 if exc.delivered:
                     raise
-                # The process died before this job reached it (e.g. killed while idle):
-                # the job is innocent, so restart the process and run it there.
+                # The process died or hung before this job reached it (e.g. killed or stopped
+                # while idle): the job is innocent, so restart the process and run it there.
                 await self._reset(core, str(exc))
                 reply = await self._execute(core, job)
         except DeviceLost as exc:
@@ -412,11 +437,17 @@ class DeviceHost:
                 reply = _fault_reply(job, f"the device process crashed while running it ({exc})", "EIO")
                 self._blame(job, f"crashed device {self.index}'s process")
             await self._reset(core, core.reset_pending or str(exc))
-        except Hung:
-            reply = _fault_reply(job, f"it ran past its timeout and was aborted; device {self.index}'s process "
-                                      "was reset", "ETIMEDOUT", retryable=False)
-            self._blame(job, f"hung device {self.index} (ran past its timeout)")
-            await self._reset(core, f"job {job.id} of session {job.session_id} hung")
+        except Hung as exc:
+            if exc.delivered:
+                reply = _fault_reply(job, f"it ran past its timeout and was aborted; device {self.index}'s "
+                                          "process was reset", "ETIMEDOUT", retryable=False)
+                self._blame(job, f"hung device {self.index} (ran past its timeout)")
+                await self._reset(core, f"job {job.id} of session {job.session_id} hung")
+            else:   # silent twice, on two processes, before the job ran: the device, not the job
+                reply = _fault_reply(job, f"device {self.index}'s process did not answer while the job was "
+                                          f"being prepared, again after a reset ({exc})", "ETIMEDOUT",
+                                     retryable=True)
+                await self._reset(core, str(exc))
         except HostLimit as exc:  # the device is fine: only this job cannot reach it
             reply = {"ok": False, "error": {"code": exc.code, "retryable": exc.retryable, "message": str(exc)}}
         finally:
@@ -467,7 +498,7 @@ class DeviceHost:
             if bo.id not in core.imported:
                 try:
                     await self._call(core, {"op": "import", "bo": bo.id}, fd=bo.fd)
-                except DeviceLost as exc:
+                except DeviceFault as exc:
                     exc.delivered = False  # the job itself never started
                     raise
                 core.imported.add(bo.id)
@@ -497,11 +528,11 @@ class DeviceHost:
             wake_at = timeout_at
             if job.deadline and not core.preempt_sent and job.program is not None:
                 wake_at = min(wake_at, job.deadline)
-            with trio.move_on_after(max(0.0, wake_at - time.monotonic())):
-                reply = await self._recv(core)
+            reply = await self._reply_by(core, wake_at)
+            if reply is not None:
                 break
             if time.monotonic() >= timeout_at:
-                raise Hung()
+                raise Hung(f"job {job.id} ran past its timeout")
             core.preempt()   # the deadline passed: stop at the next boundary
         core.in_run = False
         spent = reply.get("wall_ms", 0.0) / 1e3
@@ -533,7 +564,7 @@ class DeviceHost:
                 reply = await self._call(core, {"op": "load_program", "program": program,
                                                 "mappings": [list(m) for m in mappings],
                                                 "boundaries": self._boundaries[program][:-1]}, fd=fd)
-            except DeviceLost as exc:
+            except DeviceFault as exc:
                 exc.delivered = False  # no job ran
                 raise
         finally:
@@ -552,9 +583,8 @@ class DeviceHost:
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * CHANNEL_BYTES)
         config_hex = msgpack.packb(self.config.to_dict()).hex()
         try:
-            core.process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "emulator.device_process", "--sock-fd", str(theirs.fileno()),
-                 "--config", config_hex],
+            core.process = await lifeline.open_process(
+                "emulator.device_process", ["--sock-fd", str(theirs.fileno()), "--config", config_hex],
                 pass_fds=(theirs.fileno(),))
         except BaseException:
             ours.close()   # _reset retries while descriptors are short: do not leak one per try
@@ -564,6 +594,7 @@ class DeviceHost:
         core.raw = ours
         core.sock = trio.socket.from_stdlib_socket(ours)
         core.imported.clear()
+        core.started = False
         core.loaded.clear()
         core.state = "ok"
         if self._nursery is not None:
@@ -612,7 +643,22 @@ class DeviceHost:
         if not any(c.reset_pending for c in self.cores):
             self._reset_done.set()
 
+    async def _started(self, core: Core) -> None:
+        """Wait for a new process's ``ready``, so that no request's deadline pays for its start."""
+        try:
+            reply = await self._reply_by(core, time.monotonic() + START_TIMEOUT_S)
+        except DeviceLost as exc:
+            exc.delivered = False   # nothing was sent to it: whatever job is at hand is innocent
+            raise
+        if reply is None:
+            raise Hung(f"its process did not start within {START_TIMEOUT_S:g} s", delivered=False)
+        if reply.get("op") != "ready":
+            raise DeviceLost(f"its process broke the protocol: {reply!r} before ready", delivered=False)
+        core.started = True
+
     async def _send(self, core: Core, data: bytes, op: str, fd: int | None = None) -> None:
+        if not core.started:
+            await self._started(core)
         try:
             if fd is None:
                 await core.sock.send(data)
@@ -636,9 +682,23 @@ class DeviceHost:
             raise DeviceLost(f"device process exited with status {core.process.returncode}")
         return msgpack.unpackb(reply, raw=False)
 
+    async def _reply_by(self, core: Core, at: float) -> dict | None:
+        """The process's next reply, or None if it sends none by ``at`` (``time.monotonic()``).
+
+        The one way an exchange with a device process is timed: every wait for a reply ends."""
+        with trio.move_on_after(max(0.0, at - time.monotonic())):
+            return await self._recv(core)
+        return None
+
     async def _call(self, core: Core, request: dict, fd: int | None = None) -> dict:
+        """Send a request other than ``run`` and return its reply; Hung if it takes longer than
+        ``exchange_timeout_s`` (a process stopped, or stuck, while the core was idle)."""
         await self._send(core, msgpack.packb(request, use_bin_type=True), request["op"], fd)
-        return await self._recv(core)
+        limit = self.params.exchange_timeout_s
+        reply = await self._reply_by(core, time.monotonic() + limit)
+        if reply is None:
+            raise Hung(f"its process did not answer {request['op']} within {limit:g} s")
+        return reply
 
 
 def _fault_reply(job: Job, what: str, code: str, retryable: bool | None = None) -> dict:

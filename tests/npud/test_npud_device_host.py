@@ -1,0 +1,87 @@
+"""DeviceHost in-process, against fake device processes that misbehave in ways a real one cannot
+be made to on cue."""
+
+from __future__ import annotations
+
+import sys
+
+import trio
+
+from emulator.assembler import StreamBuilder
+from emulator.config import make_config
+from ipc_schema.errors import ErrorCode
+from npud import devices
+from npud.devices import DeviceHost, SchedulingParams
+from npud.jobs import Job
+from npud.scheduler import Context
+from streams import A, B, O, add_stream
+
+REAL = "import sys\nfrom emulator.device_process import main\nmain(sys.argv[1:])\n"
+# Says it is ready, then never answers anything (as a process stopped right after its start).
+SILENT = ("import msgpack, socket, sys, time\n"
+          "sock = socket.socket(fileno=int(sys.argv[2]))\n"
+          "sock.send(msgpack.packb({'op': 'ready'}))\n"
+          "time.sleep(3600)\n")
+SLOW_START = "import time\ntime.sleep(2.5)\n" + REAL   # slower than every deadline, as on a loaded machine
+DIES = "import sys\nsys.exit(3)\n"                      # as a process killed during its start
+
+
+def fake_processes(*codes: str):
+    """An ``open_process`` for DeviceHost whose n-th process runs ``codes[n]`` (the last one after)."""
+    started = []
+
+    async def open_process(module: str, args: list[str], pass_fds: tuple[int, ...] = ()):
+        code = codes[min(len(started), len(codes) - 1)]
+        started.append(module)
+        return await trio.lowlevel.open_process([sys.executable, "-c", code, *args], pass_fds=pass_fds)
+    return open_process
+
+
+async def run_job(monkeypatch, processes, job: Job, params: SchedulingParams) -> DeviceHost:
+    """Run ``job`` on a one-core host whose device processes are ``processes``; the host, after."""
+    monkeypatch.setattr(devices.lifeline, "open_process", processes)
+    host = DeviceHost(0, "edge", "edge", make_config("edge"), lambda job: None, params)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run)
+        job.bindings = [(host.memory.allocate(4096), va, w) for va, w in job.bindings]
+        host.submit(job)
+        with trio.fail_after(30):
+            await job.done.wait()
+        nursery.cancel_scope.cancel()
+    return host
+
+
+def add_job(ctx: Context) -> Job:
+    """A job adding two buffers; its bindings are (va, writable) until run_job allocates them."""
+    return Job(1, "s", 0, add_stream(16), [(A, False), (B, False), (O, True)], context=ctx)
+
+
+async def test_a_device_silent_before_and_after_a_reset_fails_the_job_retryable_and_blames_nobody(monkeypatch):
+    ctx = Context(1, "s")
+    job = add_job(ctx)
+    host = await run_job(monkeypatch, fake_processes(SILENT), job, SchedulingParams(job_timeout_s=0.2, cores=1))
+    assert job.error.code == ErrorCode.ETIMEDOUT and job.error.retryable, job.error
+    assert "again after a reset" in job.error.message and "import" in job.error.message
+    assert host.resets == 2 and host.hangs == 0 and ctx.hangs == 0   # the device's fault, nobody's hang
+
+
+async def test_a_slow_start_is_not_a_hang(monkeypatch):
+    """No request's deadline pays for its process's start: the host waits for ``ready`` first."""
+    job = add_job(Context(1, "s"))
+    host = await run_job(monkeypatch, fake_processes(SLOW_START), job,
+                         SchedulingParams(job_timeout_s=0.2, cores=1))    # deadlines of 1 s (the floor)
+    assert job.error is None and host.resets == 0
+
+
+def empty_stream() -> bytes:
+    sb = StreamBuilder(make_config("edge"))
+    sb.end()
+    return sb.build()
+
+
+async def test_a_job_that_finds_its_process_dead_before_ready_is_innocent(monkeypatch):
+    """Even a job with nothing to import, whose first exchange is its run."""
+    ctx = Context(1, "s")
+    job = Job(1, "s", 0, empty_stream(), [], context=ctx)
+    host = await run_job(monkeypatch, fake_processes(DIES, REAL), job, SchedulingParams(cores=1))
+    assert job.error is None and ctx.hangs == 0 and host.resets == 1
