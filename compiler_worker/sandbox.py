@@ -56,13 +56,13 @@ class _PathBeneathAttr(ctypes.Structure):
 def confine() -> str:
     """Confine this process as the module says; return what was done, for the log.  Never
     raises: a kernel without Landlock leaves the worker with the empty directory only."""
-    _leave_for_empty_directory()
+    started_in = _leave_for_empty_directory()
     threads = _thread_count()
     try:
         abi = landlock_abi()
         if abi < 1:
             return "an empty working directory; no Landlock in this kernel (or refused by a seccomp filter)"
-        readable = readable_paths()
+        readable = readable_paths(exclude=started_in)
         restrict(abi, readable)
     except OSError as exc:
         return f"an empty working directory; Landlock failed: {exc}"
@@ -70,10 +70,16 @@ def confine() -> str:
     return f"Landlock ABI {abi}: read-only {', '.join(readable)}; nothing else{note}"
 
 
-def _leave_for_empty_directory() -> None:
+def _leave_for_empty_directory() -> str | None:
+    """Move into a deleted directory; return the one we started in (None if unknown)."""
+    try:
+        started_in = os.path.realpath(os.getcwd())
+    except OSError:
+        started_in = None
     path = tempfile.mkdtemp(prefix="npud-worker-")
     os.chdir(path)
     os.rmdir(path)   # relative paths now resolve in a deleted directory: to nothing
+    return started_in
 
 
 def _thread_count() -> int:
@@ -103,10 +109,12 @@ def landlock_abi() -> int:
     return max(int(result), 0)
 
 
-def readable_paths() -> list[str]:
+def readable_paths(exclude: str | None = None) -> list[str]:
     """What the worker keeps reading: the import path, its packages' directories (an editable
-    install maps them from elsewhere) and the system libraries.  Never the root directory."""
-    paths = [p for p in sys.path if p and os.path.isabs(p)]
+    install maps them from elsewhere) and the system libraries.  Never the root directory, nor
+    ``exclude``: the directory the worker started in, which ``python -m`` puts on the import
+    path and which may be the daemon's state directory (its packages are listed on their own)."""
+    paths = [p for p in sys.path if p and os.path.isabs(p) and os.path.realpath(p) != exclude]
     for name in PACKAGES:
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.submodule_search_locations:

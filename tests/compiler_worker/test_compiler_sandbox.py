@@ -18,6 +18,7 @@ CHILD = textwrap.dedent("""
     import json, os, socket, sys
     from compiler_worker import sandbox
     probes = json.loads(sys.argv[1])
+    sys.path.insert(0, os.getcwd())   # as `python -m` does: the directory it started in
     said = sandbox.confine()
     result = {"said": said}
     def attempt(kind, target):
