@@ -52,7 +52,7 @@ def job_finished(daemon: "Daemon", job: "Job") -> None:
     """A job finished (any outcome): signal its timeline and release or fail its dependents."""
     if job.context is not None and job.point:
         job.context.point_finished(job.point)
-    dependents, job.dependents = job.dependents, []
+    dependents, job.dependents = job.dependents, ()   # a finished job gains no dependents (depend)
     for dep in dependents:
         if dep.state != "queued":
             continue
