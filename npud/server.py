@@ -93,7 +93,8 @@ class Daemon:
         self.loader = ModelLoader(
             CompilerPool(config.compile_workers, config.compile_memory_bytes, config.compile_timeout_s,
                          config.test_mode),
-            CompileCache(Path(config.cache_dir) if config.cache_dir else default_directory()))
+            CompileCache(Path(config.cache_dir) if config.cache_dir else default_directory(),
+                         config.cache_memory_bytes))
         self.started = time.monotonic()
         self.stopping = False
         self.trace = TraceRing(TRACE_CAPACITY)
