@@ -38,7 +38,7 @@ from .compile_cache import CompileCache, default_directory
 from .compilers import CompilerPool
 from .jobs import Job, TraceRing
 from .models import LoadedModel, ModelLoader
-from .memory import BufferObject
+from .memory import BufferObject, HeapTrimmer
 from .sessions import Session, SessionTable
 
 log = logging.getLogger("npud")
@@ -98,6 +98,7 @@ class Daemon:
         self.started = time.monotonic()
         self.stopping = False
         self.trace = TraceRing(TRACE_CAPACITY)
+        self.heap = HeapTrimmer()   # the C heap's free pages go back once no session is left
         self.attach_path = attach_path_for(self.endpoint)
         self._zsock: OwnedSocket | None = None
         self._nursery: trio.Nursery | None = None
@@ -480,6 +481,7 @@ class Daemon:
                 device.usage.sample(now, device.busy_now(now))
             for session in self.sessions:
                 session.usage.sample(now, session.busy_now(now, self.devices))
+            self.heap.tick(now, len(self.sessions) > 0)
 
     async def _expire_leases(self) -> None:
         lease_s = self.config.limits.lease_ms / 1000

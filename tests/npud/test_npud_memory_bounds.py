@@ -152,3 +152,20 @@ def test_trace_ring_memory_is_allocated_once_not_per_event():
     assert grown < 1 << 20, f"10,000 events grew the heap by {grown} bytes"
     event = ring.since(9_999, 1)[0][0]
     assert event["job"] == 109_999 and event["wall_ms"] == 10_000.0 and event["client"] == client
+
+
+def test_heap_is_trimmed_once_per_idle_period_after_being_busy():
+    from npud.memory import HeapTrimmer, _libc_malloc_trim
+
+    calls = []
+    heap = HeapTrimmer(idle_s=5.0, trim=calls.append)
+    assert not heap.tick(0.0, busy=False) and not heap.tick(100.0, busy=False)   # never busy: nothing owed
+    heap.tick(101.0, busy=True)
+    assert not heap.tick(102.0, busy=False) and not heap.tick(106.9, busy=False)  # idle < 5 s
+    assert heap.tick(107.0, busy=False) and calls == [0]
+    assert not heap.tick(200.0, busy=False) and calls == [0]                      # once per idle period
+    heap.tick(201.0, busy=True)
+    assert not heap.tick(202.0, busy=False)
+    heap.tick(203.0, busy=True)          # busy again before 5 s idle: the clock restarts
+    assert not heap.tick(207.5, busy=False) and heap.tick(212.5, busy=False) and calls == [0, 0]
+    assert _libc_malloc_trim() is not None   # glibc here: the daemon really trims
