@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -230,14 +231,16 @@ async def instantiate(session: "Session", device: "DeviceHost", exe: Executable,
                                               f"{exc.message}") from None
         validated.add(checked)
     # Weights are mapped read-only, so every load of one executable on a device shares one
-    # buffer: a cache hit copies no weights.  (Each session is still charged for them.)
+    # buffer: a cache hit copies no weights.  (Each session is still charged for them.)  The
+    # executable refers to it weakly: a cached entry must not keep a released buffer's record.
     shared = exe.__dict__.setdefault("_npud_weights", {})
     fixed = []
     try:
         for r in fixed_regions:
             size = max(r["size"], 1)
             if r["kind"] == "weights" and not r["writable"]:
-                bo = shared.get(device.index)
+                ref = shared.get(device.index)
+                bo = ref() if ref is not None else None
                 if bo is not None and bo.refs > 0 and not bo.uncharged and bo.size == size:
                     bo.refs += 1
                     fixed.append((bo, r["va"], False))
@@ -253,7 +256,7 @@ async def instantiate(session: "Session", device: "DeviceHost", exe: Executable,
                 else:
                     bo.view()[: len(weights)] = weights
                 if not r["writable"]:
-                    shared[device.index] = bo
+                    shared[device.index] = weakref.ref(bo)
     except BaseException:
         for bo, _va, _w in fixed:
             bo.refs -= 1

@@ -118,6 +118,7 @@ def test_a_closed_session_leaves_no_session_job_or_model_record(probed):
     assert after["Job"] == 0, str(after)
     assert after["LoadedModel"] == 0, str(after)
     assert after["Context"] == 0, str(after)   # no fair-share clock or ban kept for a closed session
+    assert after["BufferObject"] == 0, str(after)   # nor a cached executable its released weights
 
 
 def test_the_in_memory_cache_budget_is_a_config_key():
