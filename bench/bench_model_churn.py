@@ -29,11 +29,11 @@ import npu
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "compiler_worker"))
 
-# The daemon under test: npud.main with the cache cap applied and, with --trace, a SIGUSR1
-# handler that writes a tracemalloc snapshot (numbered) into the directory given.
+# The daemon under test: npud.main (the cache cap is its config's cache_memory_bytes) and, with
+# --trace, a SIGUSR1 handler that writes a tracemalloc snapshot (numbered) into the directory given.
 DAEMON = """
 import os, signal, sys, tracemalloc
-cache_bytes, snap_dir, trace = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
+snap_dir, trace = sys.argv[1], sys.argv[2] == "1"
 if trace:
     tracemalloc.start(8)
 marks = [0]
@@ -42,10 +42,8 @@ def snapshot(signum, frame):
     if trace:
         tracemalloc.take_snapshot().dump(os.path.join(snap_dir, f"snap{marks[0]}.bin"))
 signal.signal(signal.SIGUSR1, snapshot)
-import npud.compile_cache as cc
-cc.CompileCache.__init__.__defaults__ = (cache_bytes,)
 from npud.main import main
-sys.exit(main(sys.argv[4:]))
+sys.exit(main(sys.argv[3:]))
 """
 
 
@@ -65,8 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv or [])
     work = tempfile.mkdtemp(prefix="npud-churn-")
     endpoint = f"ipc://{work}/npud.sock"
-    daemon = subprocess.Popen([sys.executable, "-c", DAEMON, str(args.cache_mib << 20), work,
-                               "1" if args.trace else "0", "--endpoint", endpoint, "--cache-dir",
+    config = os.path.join(work, "npud.toml")
+    with open(config, "w") as f:
+        f.write(f"cache_memory_bytes = {args.cache_mib << 20}\n")
+    daemon = subprocess.Popen([sys.executable, "-c", DAEMON, work, "1" if args.trace else "0",
+                               "--config", config, "--endpoint", endpoint, "--cache-dir",
                                os.path.join(work, "cache"), "--log-level", "error"])
     try:
         deadline = time.monotonic() + 30

@@ -47,10 +47,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from bench import soak_report
+from bench import soak_probe, soak_report
 from bench.soak_ledger import Tally
 from bench.soak_proc import Sampler, loadavg, schedstat
 from bench.soak_workload import MIX, SHARED_MODELS, Session, SessionPlan, tiny_mlp
+from npud.compile_cache import MEMORY_BYTES
 
 DAEMON_CONFIG = """\
 compile_workers = 2
@@ -144,6 +145,9 @@ class SoakResult:
     daemon_died: str = ""      # how and when the daemon ended before the soak did, if it did
     loop_run_s: float = 0.0    # the daemon's event-loop thread during the run: seconds on a CPU
     loop_wait_s: float = 0.0   # ... and seconds runnable but waiting for a CPU
+    marks: list = field(default_factory=list)   # (label, soak_probe record) with --probe
+    linger: list = field(default_factory=list)  # samples after every client closed, before any trim
+    cache_budget: int = 0      # the daemon's in-memory compile-cache budget (cache_memory_bytes)
 
     def problems(self) -> list[str]:
         """``Tally.problems()``, plus the daemon's death: empty when the soak passed."""
@@ -156,7 +160,8 @@ class DaemonDied(Exception):
 
 def run_soak(*, clients: int = 64, seconds: float = 300.0, procs: int = 8, wait_timeout: float = 60.0,
              sample_every: float = 1.0, seed: int = 0, mix: dict[str, int] | None = None,
-             daemon_nofile: int = 0, daemon_args: tuple[str, ...] = ()) -> SoakResult:
+             daemon_nofile: int = 0, daemon_args: tuple[str, ...] = (), probe: bool = False,
+             trace: int = 0, linger_s: float = 0.0, cache_mib: int = 0) -> SoakResult:
     """Start a private daemon, run the soak for ``seconds`` after every client connected, and
     return what it saw.  If the daemon dies, the clients are stopped and the result says so
     (``daemon_died``) with whatever the clients had counted; raises only if a load generator
@@ -164,16 +169,39 @@ def run_soak(*, clients: int = 64, seconds: float = 300.0, procs: int = 8, wait_
 
     ``daemon_nofile`` > 0 lowers the daemon's soft limit of open files to that (systemd gives
     services 1024 unless the unit says otherwise).
+
+    ``cache_mib`` > 0 sets the daemon's in-memory compile-cache budget (``cache_memory_bytes``;
+    default 256 MiB).  ``linger_s`` > 0: after every client closed, the daemon is left idle that long (sampled as
+    ``linger``).  ``probe``: the daemon records its memory (``soak_probe``) at idle, after the
+    clients connected, at half and 90 % of the run, after ``linger_s`` and after a
+    ``malloc_trim(0)`` (``marks``); with ``trace`` > 0 under tracemalloc keeping that many frames, with a snapshot at each mark
+    (the snapshots stay in ``probe_dir``, printed by ``render_probe``).
     """
     from npu.local import LocalDaemon
 
     tmp = tempfile.mkdtemp(prefix="npud-soak-")
     cfg = os.path.join(tmp, "npud.toml")
     with open(cfg, "w") as f:
-        f.write(DAEMON_CONFIG)
+        f.write(DAEMON_CONFIG.replace("[limits]", f"cache_memory_bytes = {cache_mib << 20}\n[limits]")
+                if cache_mib else DAEMON_CONFIG)
     cache = os.path.join(tmp, "cache")
     load_before = loadavg()
-    daemon = LocalDaemon("--config", cfg, "--cache-dir", cache, *daemon_args)
+    probe_dir = os.path.join(tmp, "probe")
+    env = None
+    if probe or trace:
+        os.mkdir(probe_dir)
+        env = soak_probe.probe_env(probe_dir, trace > 0, trace)
+    daemon = LocalDaemon("--config", cfg, "--cache-dir", cache, *daemon_args, env=env)
+    marks: list = []
+    timers: list[threading.Timer] = []
+
+    def mark(label: str) -> None:
+        if env is not None and daemon.process.poll() is None:
+            try:
+                marks.append((label, soak_probe.mark(daemon.process.pid, probe_dir)))
+            except (TimeoutError, ProcessLookupError) as exc:
+                print(f"probe: no mark {label!r}: {exc}", file=sys.stderr)
+    mark("idle")
     if daemon_nofile:
         hard = resource.prlimit(daemon.process.pid, resource.RLIMIT_NOFILE)[1]
         resource.prlimit(daemon.process.pid, resource.RLIMIT_NOFILE, (daemon_nofile, hard))
@@ -182,7 +210,7 @@ def run_soak(*, clients: int = 64, seconds: float = 300.0, procs: int = 8, wait_
     progress = ctx.RawArray("q", clients)
     sampler = Sampler(daemon.process.pid, sample_every, progress=lambda: sum(progress)).start()
     workers: list = []
-    tally, gen_cpu, died, warmup_s, cpu0, cpu1 = Tally(), 0.0, "", 0.0, {}, {}
+    tally, gen_cpu, died, warmup_s, cpu0, cpu1, linger = Tally(), 0.0, "", 0.0, {}, {}, []
     sched0 = sched1 = (0.0, 0.0)
     stop_at = ctx.RawValue("d", 0.0)
 
@@ -207,8 +235,15 @@ def run_soak(*, clients: int = 64, seconds: float = 300.0, procs: int = 8, wait_
         _await_all(ready, procs, workers, 120.0 + clients, alive)
         warmup_s = time.monotonic() - sampler.t0
         cpu0, sched0 = sampler.cpu_by_kind(), schedstat(daemon.process.pid)
+        mark("connected")
         stop_at.value = time.monotonic() + seconds
         go.set()
+        if env is not None:
+            timers = [threading.Timer(f * seconds, mark, args=(label,)) for f, label in
+                      ((0.5, "half"), (0.9, "90%"))]
+            for timer in timers:
+                timer.daemon = True
+                timer.start()
         for _, _index, part, cpu in _await_all(results, procs, workers, seconds + 2 * wait_timeout + 60, alive):
             tally.merge(part)
             gen_cpu += cpu
@@ -217,10 +252,19 @@ def run_soak(*, clients: int = 64, seconds: float = 300.0, procs: int = 8, wait_
         sched1 = schedstat(daemon.process.pid)
         sampler.sample()
         cpu1 = sampler.cpu_by_kind()
+        for timer in timers:
+            timer.join()
+        linger = _linger(sampler, linger_s)
+        mark("closed")
+        if env is not None:
+            soak_probe.trim(daemon.process.pid, probe_dir)
+            mark("trimmed")
     except DaemonDied as exc:
         died = str(exc)
         stop_at.value = time.monotonic()   # the clients stop; what they counted is lost with them
     finally:
+        for timer in timers:
+            timer.cancel()
         for worker in workers:
             if worker.is_alive():
                 worker.kill()
@@ -228,11 +272,35 @@ def run_soak(*, clients: int = 64, seconds: float = 300.0, procs: int = 8, wait_
         entries = [os.path.getsize(os.path.join(cache, name)) for name in os.listdir(cache)
                    if name.endswith(".npux")] if os.path.isdir(cache) else []
         daemon.stop()
+        if trace and marks:
+            print(render_probe(probe_dir, marks))
         shutil.rmtree(tmp, ignore_errors=True)
     cpu = {kind: cpu1.get(kind, 0.0) - cpu0.get(kind, 0.0) for kind in cpu1}
     cpu["generators"] = gen_cpu
     return SoakResult(clients, procs, seconds, tally, sampler.samples, warmup_s, cpu, load_before, loadavg(),
-                      len(entries), sum(entries), died, sched1[0] - sched0[0], sched1[1] - sched0[1])
+                      len(entries), sum(entries), died, sched1[0] - sched0[0], sched1[1] - sched0[1],
+                      marks, linger, cache_budget=(cache_mib << 20) or MEMORY_BYTES)
+
+
+def _linger(sampler: Sampler, seconds: float) -> list:
+    """Samples of the idle daemon for ``seconds`` after the clients left (the sampler keeps going)."""
+    start = len(sampler.samples)
+    time.sleep(seconds)
+    sampler.sample()
+    return sampler.samples[start:]
+
+
+def render_probe(directory: str, marks: list, top: int = 15) -> str:
+    """What grew in the daemon's heap between the tracemalloc snapshots of ``marks``: idle ->
+    the last mark under load, and idle -> after the clients left (and after the trim)."""
+    n = {label: record["n"] for label, record in marks if "n" in record and "traced" in record}
+    out = []
+    under_load = "90%" if "90%" in n else "half"
+    for a, b in (("idle", under_load), (under_load, "closed"), ("idle", "trimmed")):
+        if a in n and b in n:
+            out.append(f"tracemalloc, {a} -> {b} (by traceback, innermost frame first):")
+            out.extend("  " + line for line in soak_probe.compare(directory, n[a], n[b], top))
+    return "\n".join(out)
 
 
 def _await_all(q, n: int, workers, timeout: float, alive) -> list:
@@ -283,11 +351,24 @@ def main(argv: list[str] | None = None) -> int:
                              ",".join(f"{k}={v}" for k, v in MIX.items()) + ")")
     parser.add_argument("--daemon-nofile", type=int, default=0,
                         help="lower the daemon's soft limit of open files to this (systemd's default: 1024)")
+    parser.add_argument("--cache-mib", type=int, default=0,
+                        help="the daemon's in-memory compile-cache budget in MiB (default: its own, 256)")
+    parser.add_argument("--linger", type=float, default=10.0,
+                        help="seconds the daemon is watched idle after every client closed (default 10)")
+    parser.add_argument("--probe", action="store_true",
+                        help="the daemon records its memory and glibc's at marks, then malloc_trim(0) (soak_probe)")
+    parser.add_argument("--trace", type=int, default=0, metavar="FRAMES",
+                        help="--probe, with the daemon under tracemalloc keeping FRAMES frames: what grew, "
+                             "by traceback (slow: the daemon runs several times slower)")
+    parser.add_argument("--samples-csv", default="", help="write every /proc sample to this CSV file")
     args = parser.parse_args(argv or [])     # None: run by `python -m bench soak`, defaults
     result = run_soak(clients=args.clients, seconds=args.seconds, procs=args.procs,
                       wait_timeout=args.wait_timeout, sample_every=args.sample_every, seed=args.seed,
-                      mix=args.mix, daemon_nofile=args.daemon_nofile)
+                      mix=args.mix, daemon_nofile=args.daemon_nofile, probe=args.probe or args.trace > 0,
+                      trace=args.trace, linger_s=args.linger, cache_mib=args.cache_mib)
     print(render(result))
+    if args.samples_csv:
+        soak_report.write_csv(result, args.samples_csv)
     problems = result.problems()
     print()
     print("verdict: " + ("no lost, duplicated or wrong completions; no unexpected errors" if not problems

@@ -62,7 +62,26 @@ def render(r: "SoakResult", kinds, rows: int = 12) -> str:
             f"{100 * r.loop_run_s / wall:.0f} % of the time and runnable but waiting for one "
             f"{100 * r.loop_wait_s / wall:.0f} % (busy {100 * (r.loop_run_s + r.loop_wait_s) / wall:.0f} %)."]
     out += _memory_table(r, rows)
+    out += _marks_table(r)
     return "\n".join(out)
+
+
+def _marks_table(r: "SoakResult") -> list[str]:
+    """The daemon's own view at each probe mark: anonymous memory; pymalloc's arenas (Python's
+    small objects) and the bytes live in them; glibc's heap, in use and free but kept; and
+    what tracemalloc traces (every live Python allocation), when tracing."""
+    if not r.marks:
+        return []
+    out = ["", "| mark | daemon anon MiB | pymalloc arenas MiB | of which live MiB | malloc in use MiB | "
+               "malloc free, kept MiB | malloc mmapped MiB | traced MiB |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for label, m in r.marks:
+        info, py = m.get("malloc", {}), m.get("pymalloc", {})
+        traced = f"{m['traced'] / 2**20:.1f}" if "traced" in m else "-"
+        mib = [f"{v / 2**20:.1f}" if v is not None else "-" for v in
+               (py.get("total"), py.get("in_blocks"), info.get("in_use"), info.get("free"), info.get("mmapped"))]
+        out.append(f"| {label} | {m['anon_kib'] / 1024:.1f} | " + " | ".join(mib) + f" | {traced} |")
+    return out
 
 
 def _memory_table(r: "SoakResult", rows: int) -> list[str]:
@@ -88,7 +107,10 @@ def _memory_table(r: "SoakResult", rows: int) -> list[str]:
         rate = f"{(s.ops - prev.ops) / (s.t - prev.t):.0f}" if prev and s.t > prev.t else "-"
         out.append(row(f"{s.t - began:.0f}", s, rate))
         prev = s
-    out.append(row("closed", samples[-1], "-"))
+    for s in r.linger:
+        out.append(row(f"closed +{s.t - ended:.0f}", s, "-"))
+    if not r.linger:
+        out.append(row("closed", samples[-1], "-"))
     if len(run) >= 4:
         quarter, end = run[len(run) // 4], run[-1]
         tail = run[len(run) // 2:]
@@ -105,5 +127,19 @@ def _memory_table(r: "SoakResult", rows: int) -> list[str]:
                     f"{end.device_kib / 1024:.1f} MiB; compiler workers {quarter.compiler_kib / 1024:.1f} -> "
                     f"{end.compiler_kib / 1024:.1f} MiB; daemon fds {quarter.daemon_fds} -> {end.daemon_fds}.  "
                     f"Compile cache at the end: {r.cache_entries} entries, {r.cache_bytes / 1024:.0f} KiB on disk "
-                    "(the daemon keeps up to 256 MiB of them in memory)."]
+                    f"(the daemon keeps up to {r.cache_budget / 2**20:.0f} MiB of them in memory)."]
     return out
+
+
+def write_csv(r: "SoakResult", path: str) -> None:
+    """Every /proc sample, one row each (t: seconds since the run's clock started)."""
+    import csv
+    import dataclasses
+
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        names = [fl.name for fl in dataclasses.fields(r.samples[0])] if r.samples else []
+        writer.writerow(names)
+        for s in r.samples:
+            writer.writerow([round(getattr(s, n) - (r.warmup_s if n == "t" else 0), 2) if n == "t"
+                             else getattr(s, n) for n in names])

@@ -6,6 +6,7 @@ Example (every key optional)::
     log_level = "info"                 # debug, info, warning, error
 
     cache_dir = "/var/cache/npud"      # compile cache (default: $CACHE_DIRECTORY, else ~/.cache/npud)
+    cache_memory_bytes = "256MiB"      # parsed executables kept in the daemon's memory (0: none)
     compile_workers = 2                # compiler worker processes
     compile_timeout_s = 120            # a compile taking longer fails and its worker is replaced
     compile_memory_bytes = "4GiB"      # each worker's address-space limit (RLIMIT_AS)
@@ -108,6 +109,7 @@ class Config:
     devices: tuple[DeviceSpec, ...] = (DeviceSpec("npu0", "edge"),)
     shutdown_grace_s: float = 5.0
     cache_dir: str = ""                    # "" = compile_cache.default_directory()
+    cache_memory_bytes: int = 256 << 20    # compile_cache.MEMORY_BYTES: the in-memory cache's budget
     compile_workers: int = 2
     compile_timeout_s: float = 120.0
     compile_memory_bytes: int = 4 << 30    # each worker's RLIMIT_AS
@@ -132,6 +134,7 @@ def _positive_int(value: Any, key: str) -> int:
 
 def from_dict(data: dict[str, Any]) -> Config:
     _check_keys(data, {"endpoint", "log_level", "limits", "devices", "shutdown_grace_s", "cache_dir",
+                       "cache_memory_bytes",
                        "compile_workers", "compile_timeout_s", "compile_memory_bytes", "scheduling",
                        "policy", "tcp_endpoint", "curve"}, "config")
     config = Config()
@@ -150,6 +153,8 @@ def from_dict(data: dict[str, Any]) -> Config:
         if not isinstance(data["cache_dir"], str) or not data["cache_dir"]:
             raise ConfigError(f"cache_dir: expected a directory path, got {data['cache_dir']!r}")
         config = replace(config, cache_dir=data["cache_dir"])
+    if "cache_memory_bytes" in data:
+        config = replace(config, cache_memory_bytes=parse_size(data["cache_memory_bytes"], "cache_memory_bytes"))
     if "compile_workers" in data:
         workers = data["compile_workers"]
         if type(workers) is not int or not 1 <= workers <= 64:

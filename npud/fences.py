@@ -52,7 +52,7 @@ def job_finished(daemon: "Daemon", job: "Job") -> None:
     """A job finished (any outcome): signal its timeline and release or fail its dependents."""
     if job.context is not None and job.point:
         job.context.point_finished(job.point)
-    dependents, job.dependents = job.dependents, []
+    dependents, job.dependents = job.dependents, ()   # a finished job gains no dependents (depend)
     for dep in dependents:
         if dep.state != "queued":
             continue
@@ -84,7 +84,8 @@ def fail(daemon: "Daemon", job: "Job", error: ErrorInfo) -> bool:
 
 
 def cancel_session(daemon: "Daemon", session: "Session", error: ErrorInfo) -> None:
-    """A session closed: its jobs stop (queued ones at once), its exported fences die."""
+    """A session closed: its jobs stop (queued ones at once), its exported fences die, and the
+    devices forget its contexts (fair-share clocks, bans): nothing keyed by them outlives it."""
     for job in list(session.jobs.values()):
         if job.state == "queued":
             fail(daemon, job, error)
@@ -93,6 +94,10 @@ def cancel_session(daemon: "Daemon", session: "Session", error: ErrorInfo) -> No
     for token in [t for t, j in daemon.fence_tokens.items() if j.session_id == session.id]:
         del daemon.fence_tokens[token]
     session.imported.clear()
+    contexts = list(session.contexts.values())
+    for device in daemon.devices:
+        device.sched.forget(contexts)
+        device.banned.difference_update(contexts)
 
 
 def export(daemon: "Daemon", job: "Job") -> str:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections import deque
+from array import array
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import msgpack
 import trio
 
 from ipc_schema.errors import ErrorInfo
@@ -26,7 +28,7 @@ class Job:
     bindings: list[tuple["BufferObject", int, bool]]   # (buffer, va, writable)
     program: int | None = None   # a model's program, validated once at load
     state: str = "queued"        # queued -> running -> done | failed
-    stats: dict[str, Any] = field(default_factory=dict)
+    packed_stats: bytes = b""    # its stats, msgpack-encoded (see `stats`)
     error: ErrorInfo | None = None
     submitted: float = field(default_factory=time.monotonic)
     finished: float = 0.0
@@ -54,12 +56,31 @@ class Job:
     ready_since: float = 0.0     # when it last became runnable (the starvation guard's clock)
     cycles_run: int = 0          # modeled cycles of the segments it has run
 
+    @property
+    def stats(self) -> dict[str, Any]:
+        """The device's counters of the finished job ({} before it finished or if it failed).
+
+        A session keeps its last 1024 finished jobs: as a dict (and a nested one) with keys
+        of their own these took ~460 bytes a job, packed ~150."""
+        return msgpack.unpackb(self.packed_stats) if self.packed_stats else {}
+
     def finish(self, stats: dict[str, Any] | None = None, error: ErrorInfo | None = None) -> None:
+        """Record the outcome and wake every waiter.  The job's own event is then replaced by one
+        shared, already set event: a kept job need not carry an event (~270 bytes) of its own.
+        It lets go of its session (needed only while it may run): a session and its kept jobs
+        referencing each other were a cycle, freed only by a full garbage collection, minutes
+        after the session closed."""
         self.state = "failed" if error else "done"
-        self.stats = stats or {}
+        self.session = None
+        self.packed_stats = msgpack.packb(stats) if stats else b""
         self.error = error
         self.finished = time.monotonic()
         self.done.set()
+        self.done = FINISHED
+
+
+FINISHED = trio.Event()   # the `done` of every finished job (set: waiting on it returns at once)
+FINISHED.set()
 
 
 class BusyWindow:
@@ -87,26 +108,131 @@ class BusyWindow:
         return max(0.0, min(ceiling, 100.0 * (busy_now - b0) / (now - t0)))
 
 
+# What `trace` shows of a layer (npud/handlers.py trace); the rest of a model's per-op report
+# stays with the executable.
+LAYER_NODE_CHARS = 1024
+LAYER_OP_CHARS = 256
+RECENT_REPORTS = 64   # per-op reports whose compact form the ring remembers (events of one model share it)
+
+
+def compact_layers(rows) -> bytes:
+    """A per-op report as ``trace`` shows it: (node, op, cycles) per layer, msgpack-encoded in one
+    object.  Holds no reference to the report, so the ring does not keep an unloaded model's
+    report (or its strings) alive."""
+    return msgpack.packb([(str(r.get("node", ""))[:LAYER_NODE_CHARS], str(r.get("op", ""))[:LAYER_OP_CHARS],
+                           int(r.get("cycles", 0))) for r in rows])
+
+
+# Room per event in the ring's columns; an event with more values of a kind is kept as a dict.
+RING_FLOATS, RING_INTS, RING_OBJECTS = 6, 10, 10
+_INT64 = (-(1 << 63), 1 << 63)
+
+
 class TraceRing:
     """The last ``capacity`` finished jobs, for `npuctl trace`: bounded memory, numbered events.
 
-    Each event is a small dict (the model's layer rows are shared references to
-    the executable's report, not copies).  ``since(seq)`` returns the events
-    after ``seq`` and how many of those were already overwritten.
+    The events live in columns allocated once: floats and integers in arrays, other values
+    (strings the daemon holds anyway, a model's ``compact_layers``) as references in a list, and
+    each event's keys as a tuple shared by every event of that shape.  So recording an event
+    allocates nothing that outlives it: long-lived small objects made under load were what kept
+    the allocator's arenas from being returned once the clients left.  A model's layers are never
+    its own report.  ``since(seq)`` returns the events after ``seq`` as dicts (layers as a list of
+    {node, op, cycles}) and how many of those were already overwritten.
     """
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._events: deque[dict] = deque(maxlen=capacity)
+        self._seq = array("q", bytes(8 * capacity))
+        self._floats = array("d", bytes(8 * RING_FLOATS * capacity))
+        self._ints = array("q", bytes(8 * RING_INTS * capacity))
+        self._objects: list = [None] * (RING_OBJECTS * capacity)
+        self._shapes: list = [None] * capacity                 # per slot: its event's shape
+        self._known: dict[tuple, tuple] = {}                   # shapes seen, shared
+        # id(report) -> (report, its compact form), newest last: an id is reused only after its
+        # report is freed, and the entry holds the report, so a hit is that very report.
+        self._recent: OrderedDict[int, tuple[object, bytes]] = OrderedDict()
         self.last_seq = 0
 
     def add(self, event: dict) -> None:
         self.last_seq += 1
-        event["seq"] = self.last_seq
-        self._events.append(event)
+        slot = (self.last_seq - 1) % self.capacity
+        self._seq[slot] = self.last_seq
+        if "layers" in event:
+            event = {**event, "layers": self._compact(event["layers"])}
+        shape = tuple((key, _kind(value)) for key, value in event.items())
+        counts = [sum(1 for _k, kind in shape if kind == want) for want in "fio"]
+        if counts[0] > RING_FLOATS or counts[1] > RING_INTS or counts[2] > RING_OBJECTS:
+            self._shapes[slot] = dict(event)    # an odd event: kept as it is
+            return
+        shape = self._known.setdefault(shape, shape)
+        if len(self._known) > 256:   # shapes are few; never let odd ones pile up
+            self._known = {shape: shape}
+        self._shapes[slot] = shape
+        f, i, o = slot * RING_FLOATS, slot * RING_INTS, slot * RING_OBJECTS
+        for (key, kind), value in zip(shape, event.values()):
+            if kind == "f":
+                self._floats[f] = value
+                f += 1
+            elif kind == "i":
+                self._ints[i] = value
+                i += 1
+            else:
+                self._objects[o] = value
+                o += 1
+        end = (slot + 1) * RING_OBJECTS
+        while o < end and self._objects[o] is not None:   # what an earlier event left in the slot
+            self._objects[o] = None
+            o += 1
+
+    def _compact(self, layers) -> bytes:
+        if isinstance(layers, bytes):
+            return layers
+        hit = self._recent.get(id(layers))
+        if hit is not None and hit[0] is layers:
+            self._recent.move_to_end(id(layers))
+            return hit[1]
+        compact = compact_layers(layers)
+        self._recent[id(layers)] = (layers, compact)
+        if len(self._recent) > RECENT_REPORTS:
+            self._recent.popitem(last=False)
+        return compact
+
+    def _event(self, slot: int) -> dict:
+        shape = self._shapes[slot]
+        if isinstance(shape, dict):
+            event = dict(shape)
+        else:
+            f, i, o = slot * RING_FLOATS, slot * RING_INTS, slot * RING_OBJECTS
+            event = {}
+            for key, kind in shape:
+                if kind == "f":
+                    event[key], f = self._floats[f], f + 1
+                elif kind == "i":
+                    event[key], i = self._ints[i], i + 1
+                else:
+                    event[key], o = self._objects[o], o + 1
+        if "layers" in event:
+            event["layers"] = [{"node": node, "op": op, "cycles": cycles}
+                               for node, op, cycles in msgpack.unpackb(event["layers"])]
+        event["seq"] = self._seq[slot]
+        return event
 
     def since(self, seq: int, limit: int) -> tuple[list[dict], int]:
-        first = self._events[0]["seq"] if self._events else self.last_seq + 1
+        first = max(1, self.last_seq - self.capacity + 1)
         dropped = max(0, first - seq - 1) if seq < self.last_seq else 0
-        out = [e for e in self._events if e["seq"] > seq][:limit]
-        return out, dropped
+        start = max(seq + 1, first)
+        stop = min(self.last_seq, start + max(0, limit) - 1)
+        return [self._event((n - 1) % self.capacity) for n in range(start, stop + 1)], dropped
+
+    def held_reports(self) -> int:
+        """How many models' own per-op reports the ring keeps alive (at most ``RECENT_REPORTS``)."""
+        return len(self._recent)
+
+
+def _kind(value) -> str:
+    """The column a value goes to: "f" (a float), "i" (a 64-bit integer) or "o" (a reference)."""
+    if type(value) is float:
+        return "f"
+    if type(value) is int and _INT64[0] <= value < _INT64[1]:
+        return "i"
+    return "o"

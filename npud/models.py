@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -60,7 +62,7 @@ class LoadedModel:
 
 log = logging.getLogger("npud.models")
 HASH_IN_THREAD_BYTES = 1 << 20
-PRESENTED_KEPT = 65536   # model digests remembered as sent (~0.3 KiB each)
+PRESENTED_KEPT = 65536   # model digests remembered as sent (~0.2 KiB each: <= 13 MiB)
 
 
 class ModelLoader:
@@ -73,7 +75,8 @@ class ModelLoader:
         # presented first, at most PRESENTED_KEPT: a forgotten digest only costs its user one
         # upload of the bytes (ENOENT, then the client sends them), and the soak's stream of new
         # models made the table grow without end.
-        self._presented: OrderedDict[bytes, set[int]] = OrderedDict()
+        # The users are a tuple (one user, nearly always: 48 bytes, where a set took 216).
+        self._presented: OrderedDict[bytes, tuple[int, ...]] = OrderedDict()
         self._storing: set[trio.Event] = set()
 
     async def executable(self, model, options: dict, config: DeviceConfig, digest: bytes | None = None,
@@ -127,7 +130,9 @@ class ModelLoader:
     def presented(self, digest: bytes, uid: int) -> None:
         """Record that ``uid`` sent the bytes whose digest this is."""
         if uid >= 0:
-            self._presented.setdefault(digest, set()).add(uid)
+            users = self._presented.get(digest, ())
+            if uid not in users:
+                self._presented[digest] = users + (uid,)
             self._presented.move_to_end(digest)
             while len(self._presented) > PRESENTED_KEPT:
                 self._presented.popitem(last=False)
@@ -215,7 +220,9 @@ async def instantiate(session: "Session", device: "DeviceHost", exe: Executable,
     # An executable object (the compile cache keeps them in memory) is validated once per target
     # and layout; its stream cannot change.
     validated = exe.__dict__.setdefault("_npud_validated", set())
-    checked = (json.dumps(config.to_dict(), sort_keys=True), tuple((m.va, m.size, m.writable) for m in mappings))
+    # (interned: every cached executable's set would otherwise hold its own copy of the config's text)
+    checked = (sys.intern(json.dumps(config.to_dict(), sort_keys=True)),
+               tuple((m.va, m.size, m.writable) for m in mappings))
     if checked not in validated:
         try:
             await trio.to_thread.run_sync(validate, exe.stream, config, mappings)
@@ -224,14 +231,16 @@ async def instantiate(session: "Session", device: "DeviceHost", exe: Executable,
                                               f"{exc.message}") from None
         validated.add(checked)
     # Weights are mapped read-only, so every load of one executable on a device shares one
-    # buffer: a cache hit copies no weights.  (Each session is still charged for them.)
+    # buffer: a cache hit copies no weights.  (Each session is still charged for them.)  The
+    # executable refers to it weakly: a cached entry must not keep a released buffer's record.
     shared = exe.__dict__.setdefault("_npud_weights", {})
     fixed = []
     try:
         for r in fixed_regions:
             size = max(r["size"], 1)
             if r["kind"] == "weights" and not r["writable"]:
-                bo = shared.get(device.index)
+                ref = shared.get(device.index)
+                bo = ref() if ref is not None else None
                 if bo is not None and bo.refs > 0 and not bo.uncharged and bo.size == size:
                     bo.refs += 1
                     fixed.append((bo, r["va"], False))
@@ -247,7 +256,7 @@ async def instantiate(session: "Session", device: "DeviceHost", exe: Executable,
                 else:
                     bo.view()[: len(weights)] = weights
                 if not r["writable"]:
-                    shared[device.index] = bo
+                    shared[device.index] = weakref.ref(bo)
     except BaseException:
         for bo, _va, _w in fixed:
             bo.refs -= 1

@@ -156,6 +156,13 @@ class Scheduler:
         if job.program is not None and self.owner.get(job.program) is job:
             del self.owner[job.program]
 
+    def forget(self, contexts) -> None:
+        """Contexts whose session closed: drop their fair-share clocks (those with jobs still
+        queued keep theirs until the jobs leave; ``charge`` bounds what remains)."""
+        for ctx in contexts:
+            if ctx not in self.queues:
+                self.vtime.pop(ctx, None)
+
     def drop_context(self, ctx: Context) -> list:
         """Remove a context's queued jobs (it was banned); returns them."""
         queue = self.queues.pop(ctx, deque())

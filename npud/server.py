@@ -41,7 +41,7 @@ from .compile_cache import CompileCache, default_directory
 from .compilers import CompilerPool
 from .jobs import Job, TraceRing
 from .models import LoadedModel, ModelLoader
-from .memory import BufferObject
+from .memory import BufferObject, HeapTrimmer
 from .ordering import Sequencer, Ticket
 from .sessions import Session, SessionTable
 
@@ -121,10 +121,12 @@ class Daemon:
         self.loader = ModelLoader(
             CompilerPool(config.compile_workers, config.compile_memory_bytes, config.compile_timeout_s,
                          config.test_mode),
-            CompileCache(Path(config.cache_dir) if config.cache_dir else default_directory()))
+            CompileCache(Path(config.cache_dir) if config.cache_dir else default_directory(),
+                         config.cache_memory_bytes))
         self.started = time.monotonic()
         self.stopping = False
         self.trace = TraceRing(TRACE_CAPACITY)
+        self.heap = HeapTrimmer()   # the C heap's free pages go back once no session is left
         self.attach_path = attach_path_for(self.endpoint)
         self._zsock: OwnedSocket | None = None
         self._nursery: trio.Nursery | None = None
@@ -576,6 +578,7 @@ class Daemon:
                 device.usage.sample(now, device.busy_now(now))
             for session in self.sessions:
                 session.usage.sample(now, session.busy_now(now, self.devices))
+            self.heap.tick(now, len(self.sessions) > 0)
 
     async def _expire_leases(self) -> None:
         lease_s = self.config.limits.lease_ms / 1000

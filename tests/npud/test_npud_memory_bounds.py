@@ -1,0 +1,172 @@
+"""What the daemon keeps per session, per job and per model is bounded, and goes with its owner.
+
+The soak (docs/RELIABILITY.md, "Load (soak)") showed the daemon's memory growing under load and
+staying up after every client left; these pin the bounds that fixed it.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+
+import numpy as np
+import pytest
+import trio
+
+import npu
+from bench import soak_probe
+from examples import tiny_cnn
+from npu.local import LocalDaemon
+from npud.jobs import FINISHED, RECENT_REPORTS, Job, TraceRing
+from streams import A, B, O, add_stream
+
+
+class Report(list):
+    """A model's per-op report (a list the test can take a weak reference to)."""
+
+
+def report(model: int) -> Report:
+    return Report([{"node": f"m{model}/fc", "op": "Gemm", "cycles": 100 + model, "commands": 4,
+                    "bytes": 1 << 20, "notes": "x" * 200}])
+
+
+def test_trace_ring_holds_no_model_report_beyond_a_few_recent_ones():
+    ring = TraceRing(1000)
+    reports = [report(m) for m in range(RECENT_REPORTS * 3)]
+    refs = [weakref.ref(r) for r in reports]
+    for m, rows in enumerate(reports):
+        for _ in range(3):   # events of one model share one compact copy of its layers
+            ring.add({"session": "s1", "model": m, "model_name": "mlp", "layers": rows})
+    del reports, rows
+    assert ring.held_reports() <= RECENT_REPORTS
+    assert sum(ref() is not None for ref in refs) <= RECENT_REPORTS   # the rest were freed
+    events, dropped = ring.since(0, 10_000)
+    assert dropped == 0 and len(events) == 3 * 3 * RECENT_REPORTS
+    assert events[0]["layers"] == [{"node": "m0/fc", "op": "Gemm", "cycles": 100}]
+    assert events[-1]["layers"] == [{"node": f"m{3 * RECENT_REPORTS - 1}/fc", "op": "Gemm",
+                                     "cycles": 100 + 3 * RECENT_REPORTS - 1}]
+    assert events[0]["session"] == "s1" and events[0]["seq"] == 1
+
+
+def test_a_finished_job_keeps_its_stats_but_not_its_session_or_own_event():
+    async def main():
+        session = type("S", (), {})()
+        job = Job(1, "s1", 0, b"stream", [], session=session)
+        waiter_woken = trio.Event()
+
+        async def waiter():
+            await job.done.wait()
+            waiter_woken.set()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            job.finish({"cycles": 42, "engine_busy": {"mac": 7}, "wall_ms": 1.5})
+        assert waiter_woken.is_set()
+        assert job.done is FINISHED and job.done.is_set()
+        assert job.session is None
+        assert job.stats == {"cycles": 42, "engine_busy": {"mac": 7}, "wall_ms": 1.5}
+        failed = Job(2, "s1", 0, b"", [])
+        assert failed.stats == {}
+    import trio.testing  # noqa: F401  (wait_all_tasks_blocked)
+    trio.run(main)
+
+
+@pytest.fixture
+def probed(tmp_path):
+    """A daemon whose cyclic garbage collector is off (so only what reference counting frees is
+    freed) and which counts its live objects on demand (bench/soak_probe.py)."""
+    probe_dir = tmp_path / "probe"
+    probe_dir.mkdir()
+    d = LocalDaemon("--cache-dir", str(tmp_path / "cache"),
+                    env=soak_probe.probe_env(str(probe_dir), trace=False, nogc=True))
+    yield d, str(probe_dir)
+    d.stop()
+
+
+def _work(c) -> None:
+    """A model loaded and run, raw jobs on buffers: what a client leaves records of."""
+    model = c.load(tiny_cnn.build())
+    x = np.zeros(tiny_cnn.INPUT_SHAPE, np.float32)
+    for _ in range(5):
+        model.run(x)
+    a, b, out = (c.alloc(4096) for _ in range(3))
+    npu.wait([c.submit(add_stream(64), [(a, A, False), (b, B, False), (out, O, True)]) for _ in range(20)])
+
+
+def test_a_closed_session_leaves_no_session_job_or_model_record(probed):
+    daemon, probe_dir = probed
+    with npu.connect(daemon.endpoint) as watcher:
+        clients = [npu.connect(daemon.endpoint) for _ in range(3)]
+        for c in clients:
+            _work(c)
+        during = soak_probe.mark(daemon.process.pid, probe_dir)["alive"]
+        assert during["Session"] == 4 and during["Job"] >= 3 * 25 and during["LoadedModel"] == 3
+        for c in clients:
+            c.close()
+        deadline = time.monotonic() + 10
+        while len(watcher.clients()) > 1:
+            assert time.monotonic() < deadline, "the closed sessions are still listed"
+            time.sleep(0.05)
+        # The daemon's periodic loops (lease expiry, usage sampling: each second) hold the last
+        # session they looked at until their next round; nothing else may hold a closed one.
+        while True:
+            after = soak_probe.mark(daemon.process.pid, probe_dir)["alive"]
+            if after["Session"] == 1 or time.monotonic() > deadline + 5:
+                break
+            time.sleep(0.25)
+    assert after["Session"] == 1, str(after)   # the watcher's
+    assert after["Job"] == 0, str(after)
+    assert after["LoadedModel"] == 0, str(after)
+    assert after["Context"] == 0, str(after)   # no fair-share clock or ban kept for a closed session
+    assert after["BufferObject"] == 0, str(after)   # nor a cached executable its released weights
+
+
+def test_the_in_memory_cache_budget_is_a_config_key():
+    from npud import compile_cache
+    from npud.config import ConfigError, from_dict
+
+    assert from_dict({}).cache_memory_bytes == compile_cache.MEMORY_BYTES
+    assert from_dict({"cache_memory_bytes": "16MiB"}).cache_memory_bytes == 16 << 20
+    assert from_dict({"cache_memory_bytes": 0}).cache_memory_bytes == 0
+    with pytest.raises(ConfigError, match="cache_memory_bytes"):
+        from_dict({"cache_memory_bytes": "lots"})
+
+
+def test_trace_ring_memory_is_allocated_once_not_per_event():
+    import tracemalloc
+
+    session, client = "s1234-abcdef012345", "soak client"
+    tracemalloc.start()
+    try:
+        ring = TraceRing(10_000)
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(10_000):
+            ring.add({"session": session, "pid": 4242, "client": client, "job": 100_000 + n, "device": 0,
+                      "state": "done", "model": 0, "model_name": "", "submitted_s": n * 0.01,
+                      "cycles": 123_456 + n, "started_s": n * 0.01 + 0.001, "finished_s": n * 0.01 + 0.002,
+                      "wall_ms": 1.0 + n, "priority": "normal", "context": 0, "preemptions": 0})
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # Before: 6.6 MB (a dict per event).  Now the columns (allocated in TraceRing()) and up to
+    # ~0.3 MB of CPython's free lists of small tuples, which fill as temporaries are freed.
+    assert grown < 1 << 20, f"10,000 events grew the heap by {grown} bytes"
+    event = ring.since(9_999, 1)[0][0]
+    assert event["job"] == 109_999 and event["wall_ms"] == 10_000.0 and event["client"] == client
+
+
+def test_heap_is_trimmed_once_per_idle_period_after_being_busy():
+    from npud.memory import HeapTrimmer, _libc_malloc_trim
+
+    calls = []
+    heap = HeapTrimmer(idle_s=5.0, trim=calls.append)
+    assert not heap.tick(0.0, busy=False) and not heap.tick(100.0, busy=False)   # never busy: nothing owed
+    heap.tick(101.0, busy=True)
+    assert not heap.tick(102.0, busy=False) and not heap.tick(106.9, busy=False)  # idle < 5 s
+    assert heap.tick(107.0, busy=False) and calls == [0]
+    assert not heap.tick(200.0, busy=False) and calls == [0]                      # once per idle period
+    heap.tick(201.0, busy=True)
+    assert not heap.tick(202.0, busy=False)
+    heap.tick(203.0, busy=True)          # busy again before 5 s idle: the clock restarts
+    assert not heap.tick(207.5, busy=False) and heap.tick(212.5, busy=False) and calls == [0, 0]
+    assert _libc_malloc_trim() is not None   # glibc here: the daemon really trims
