@@ -33,7 +33,7 @@ class Ticket:
 
     __slots__ = ("keys", "launch", "barrier", "blocked", "launched", "left")
 
-    def __init__(self, keys: tuple, launch: Callable[["Ticket"], None], barrier: bool):
+    def __init__(self, keys: tuple, launch: Callable[["Ticket"], None] | None, barrier: bool):
         self.keys = keys
         self.launch = launch
         self.barrier = barrier
@@ -155,6 +155,7 @@ class Sequencer:
             while self._ready:
                 ticket = self._ready.popleft()
                 ticket.launched = True
-                ticket.launch(ticket)
+                launch, ticket.launch = ticket.launch, None   # the callback holds the request, which
+                launch(ticket)                                # holds the ticket: break the cycle
         finally:
             self._draining = False
