@@ -51,6 +51,8 @@ DEFAULT_TIMEOUT_S = 30.0
 # without traffic (ZeroMQ heartbeats every HEARTBEAT_IVL_MS keep an idle session's connection checked).
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 5000
+# Plain ints: pyzmq's flag enums cost microseconds per operation on the hot path.
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 # After the companion socket's end, replies the daemon sent just before it died are still taken.
 LAST_REPLIES_MS = 50
 
@@ -74,7 +76,9 @@ class Client(ClientOps):
         self._attach: socket.socket | None = None
         self._monitor: zmq.Socket | None = None
         self._on_close: list = []
-        self._cv = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()    # the session's state (and the socket, while nobody pumps)
+        self._cv = threading.Condition(self._lock)
+        self._sleepers = 0               # threads waiting on _cv
         self._outbox: list[bytes] = []   # frames of other threads, for the pump to send
         self._pumping = False            # a thread owns the sockets and receives for everyone
         protocol.check_reachable(self.endpoint)
@@ -82,9 +86,7 @@ class Client(ClientOps):
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_LIMIT)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._poller = zmq.Poller()
-        self._poller.register(self._sock, zmq.POLLIN)
-        self._poller.register(self._wake_r, zmq.POLLIN)
+        self._poll_items = [(self._sock, _POLLIN), (self._wake_r, _POLLIN)]  # for zmq.zmq_poll
         try:
             self._hello(name, curve)
         except BaseException:
@@ -101,7 +103,7 @@ class Client(ClientOps):
             self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         self._monitor = self._sock.get_monitor_socket(protocol.HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED)
         self._sock.connect(self.endpoint)
-        with self._cv:
+        with self._lock:
             seq, frame = self._core.start(Call("hello", protocol.hello_args(name or _program_name())))
             self._sock.send(frame)
         if tcp:  # learn of a refused handshake at once
@@ -118,12 +120,13 @@ class Client(ClientOps):
         self.daemon_version = hello["daemon_version"]
         if hello["attach_path"]:
             self._attach = _attach(hello["attach_path"], self.session, hello["attach_token"])
-            self._poller.register(self._attach, zmq.POLLIN)
+            self._attach_fd = self._attach.fileno()
+            self._poll_items.append((self._attach_fd, _POLLIN))
             self._sock.disable_monitor()   # the companion socket's end tells of the session's
             self._monitor.close(linger=0)
             self._monitor = None
         else:
-            self._poller.register(self._monitor, zmq.POLLIN)
+            self._poll_items.append((self._monitor, _POLLIN))
 
     def reconnect(self) -> None:
         """Open a new session (after the daemon restarted, or the session was closed or lost).
@@ -163,7 +166,7 @@ class Client(ClientOps):
     def _call(self, call: Call) -> Any:
         """Send one request and wait for its reply (and its fd, for ``map``)."""
         timeout = self.timeout if call.timeout is None else call.timeout
-        with self._cv:
+        with self._lock:
             seq, frame = self._core.start(call)
             self._send_locked(frame)
         try:
@@ -171,18 +174,18 @@ class Client(ClientOps):
             if not call.fd:
                 return result
             self._wait_for(lambda: self._core.has_fd(seq), time.monotonic() + timeout)
-            with self._cv:
+            with self._lock:
                 if not self._core.has_fd(seq):
                     raise self._core.give_up(seq, call.op, timeout)
                 return self._core.take_fd(seq)
         except BaseException:
-            with self._cv:
+            with self._lock:
                 self._core.abandon(seq)
             raise
 
     def _reply(self, seq: int, op: str, timeout: float) -> dict:
         self._wait_for(lambda: self._core.answered(seq), time.monotonic() + timeout)
-        with self._cv:
+        with self._lock:
             if not self._core.answered(seq):
                 raise self._core.give_up(seq, op, timeout)
             return self._core.finish(seq)
@@ -200,32 +203,36 @@ class Client(ClientOps):
 
     def _wait_for(self, ready, deadline: float) -> None:
         """Until ``ready()``, the session's loss or the deadline: pumping if no thread is."""
-        with self._cv:
+        with self._lock:
             while not ready() and self._core.lost is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return
                 if self._pumping:
-                    self._cv.wait(remaining)
+                    self._sleepers += 1
+                    try:
+                        self._cv.wait(remaining)
+                    finally:
+                        self._sleepers -= 1
                     continue
                 self._pumping = True
                 try:
-                    self._cv.release()
+                    self._lock.release()
                     try:
                         self._pump(ready, deadline)
                     finally:
-                        self._cv.acquire()
+                        self._lock.acquire()
                 finally:
                     for frame in self._outbox:   # queued after the pump's last look
                         self._sock.send(frame, copy=False)
                     self._outbox.clear()
                     self._pumping = False
-                    self._cv.notify_all()        # the next waiter becomes the pump
+                    self._wake_sleepers()        # the next waiter becomes the pump
 
     def _pump(self, ready, deadline: float) -> None:
         """Own the sockets (this thread only): send what others queued, receive for everyone."""
         while True:
-            with self._cv:
+            with self._lock:
                 if ready() or self._core.lost is not None:
                     return
                 outbox, self._outbox = self._outbox, []
@@ -234,10 +241,14 @@ class Client(ClientOps):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
-            events = dict(self._poller.poll(int(remaining * 1000) + 1))
-            with self._cv:
+            events = dict(zmq.zmq_poll(self._poll_items, int(remaining * 1000) + 1))
+            with self._lock:
                 self._take(events)
-                self._cv.notify_all()
+                self._wake_sleepers()
+
+    def _wake_sleepers(self) -> None:
+        if self._sleepers:   # (lock held) notify_all costs microseconds even with nobody waiting
+            self._cv.notify_all()
 
     def _take(self, events: dict) -> None:
         """File what arrived (cv held, sockets owned): replies by seq, fds by tag, the session's end."""
@@ -248,7 +259,7 @@ class Client(ClientOps):
                     pass
             except BlockingIOError:
                 pass
-        if self._attach is not None and self._attach.fileno() in events:  # poll names it by fd
+        if self._attach is not None and self._attach_fd in events:
             self._read_companion()
         if self._monitor is not None and self._monitor in events:
             while True:
@@ -263,8 +274,8 @@ class Client(ClientOps):
 
     def _drain(self) -> None:
         sock, core = self._sock, self._core
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            core.feed(sock.recv(zmq.NOBLOCK))
+        while sock.getsockopt(_EVENTS) & _POLLIN:
+            core.feed(sock.recv(_NOBLOCK))
 
     def _read_companion(self) -> None:
         while self._core.lost is None:
@@ -280,7 +291,8 @@ class Client(ClientOps):
                 self._core.feed_fd(data, protocol.fds_of(ancdata))
             except NpuError as exc:
                 self._core.session_lost(f"the companion socket broke the protocol: {exc.message}")
-        self._poller.unregister(self._attach)   # at its end it stays readable: stop polling it
+        # at its end it stays readable: stop polling it
+        self._poll_items = [item for item in self._poll_items if item[0] != self._attach_fd]
 
     # --- plumbing kept for tools and tests ------------------------------------------------
 
@@ -290,7 +302,7 @@ class Client(ClientOps):
 
     def _send(self, op: str, args: dict) -> int:
         """Send a request without waiting for its reply; its seq."""
-        with self._cv:
+        with self._lock:
             seq, frame = self._core.start(Call(op, args))
             self._send_locked(frame)
         return seq

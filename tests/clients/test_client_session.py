@@ -155,66 +155,59 @@ def test_companion_connect_waits_out_a_full_backlog(tmp_path):
     assert served, "the client never got through"
 
 
-@pytest.fixture
-def test_daemon():
-    d = LocalDaemon("--test-mode")
-    yield d
-    d.stop()
-
-
-def test_every_blocked_call_raises_connection_lost_when_the_daemon_is_killed(test_daemon, tmp_path):
-    """SIGKILL (no shutdown event, the socket file left behind): ping, job.wait and load blocked in
-    threads sharing one sync client, and a trio client's ping and wait, all raise ConnectionLost
-    within seconds -- not after their 30 s timeouts."""
-    d = test_daemon
+def test_every_blocked_call_raises_connection_lost_when_the_daemon_is_killed(daemon_to_kill, tmp_path):
+    """SIGKILL (no shutdown event, the socket file left behind): job.wait, ping and load blocked in
+    threads sharing one sync client, and a trio client's wait and ping, all raise ConnectionLost
+    within seconds -- not after their 30 s timeouts.  The daemon is SIGSTOPped first, so that every
+    call is surely waiting on it when it dies."""
+    d = daemon_to_kill
     model_path = tmp_path / "cnn.onnx"
     onnx.save(tiny_cnn.build(), model_path)
     c = npu.connect(d.endpoint, timeout=30)
     model = c.load(model_path)
-    x = np.random.default_rng(0).standard_normal(model.inputs[0].shape).astype(np.float32)
-    c.inject_fault("hang")
-    hung = model.submit(x)                      # a job that never finishes
+    job = model.submit(np.zeros(model.inputs[0].shape, np.float32))   # its result is asked for below
+    token = job.export_fence()
     outcome: dict[str, object] = {}
+    started, stopped = threading.Event(), threading.Event()
+    killed_at = [0.0]
 
     def blocked(name, call):
         try:
             outcome[name] = call()
-        except BaseException as exc:   # noqa: BLE001 - the test reports what each call raised
+        except npu.NpuError as exc:
             outcome[name] = exc
         outcome[name + " s"] = time.monotonic() - killed_at[0]
 
     async def trio_client():
         async with npu.connect_async(d.endpoint, timeout=30) as ac:
-            imported = await ac.import_fence(hung.export_fence())
+            imported = await ac.import_fence(token)
             started.set()
+            await trio.to_thread.run_sync(stopped.wait)
+
+            async def one(name, call):
+                try:
+                    outcome[name] = await call()
+                except npu.NpuError as exc:
+                    outcome[name] = exc
+                outcome[name + " s"] = time.monotonic() - killed_at[0]
             async with trio.open_nursery() as nursery:
-                async def one(name, call):
-                    try:
-                        outcome[name] = await call()
-                    except npu.NpuError as exc:
-                        outcome[name] = exc
-                    outcome[name + " s"] = time.monotonic() - killed_at[0]
                 nursery.start_soon(one, "trio wait", lambda: imported.wait(60))
-                await trio.sleep(0.2)
                 nursery.start_soon(one, "trio ping", ac.ping)
 
-    started = threading.Event()
-    killed_at = [0.0]
-    threads = [threading.Thread(target=blocked, args=("wait", lambda: hung.wait(60))),
-               threading.Thread(target=trio.run, args=(trio_client,))]
-    for t in threads:
-        t.start()
+    threads = [threading.Thread(target=trio.run, args=(trio_client,))]
+    threads[0].start()
     assert started.wait(20)
-    time.sleep(0.3)
     os.kill(d.process.pid, signal.SIGSTOP)      # from now on nothing is answered
-    more = [threading.Thread(target=blocked, args=("ping", c.ping)),
-            threading.Thread(target=blocked, args=("load", lambda: c.load(tiny_cnn.build(), name="again")))]
-    for t in more:
+    stopped.set()
+    threads += [threading.Thread(target=blocked, args=("wait", lambda: job.wait(60))),
+                threading.Thread(target=blocked, args=("ping", c.ping)),
+                threading.Thread(target=blocked, args=("load", lambda: c.load(tiny_cnn.build(), name="again")))]
+    for t in threads[1:]:
         t.start()
     time.sleep(0.5)
     killed_at[0] = time.monotonic()
     os.kill(d.process.pid, signal.SIGKILL)
-    for t in threads + more:
+    for t in threads:
         t.join(15)
         assert not t.is_alive(), "a call still blocked after the daemon's death"
     for name in ("wait", "ping", "load", "trio wait", "trio ping"):
@@ -224,6 +217,28 @@ def test_every_blocked_call_raises_connection_lost_when_the_daemon_is_killed(tes
     with pytest.raises(npu.ConnectionLost):     # the socket file is left: still refused at once
         npu.connect(d.endpoint, timeout=30)
     c._closed = True
+
+
+@pytest.fixture
+def daemon_to_kill():
+    """A private daemon the test kills; its device processes are reaped whatever happens."""
+    d = LocalDaemon()
+    kids = [int(e) for e in os.listdir("/proc") if e.isdigit() and _parent(int(e)) == d.process.pid]
+    yield d
+    d.stop()
+    for pid in kids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
 
 
 def test_one_client_shared_by_8_threads_100_runs_each(daemon, tmp_path):
