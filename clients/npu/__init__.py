@@ -8,9 +8,10 @@
 
 from ipc_schema.endpoint import default_endpoint
 
-from .aio import AsyncBuffer, AsyncClient, AsyncJob, AsyncModel, AsyncModelJob, connect_async
+from .aio import (AsyncBuffer, AsyncClient, AsyncExecution, AsyncExecutionJob, AsyncJob, AsyncModel, AsyncModelJob,
+                  connect_async)
 from .buffer import Buffer
-from .client import Client, Context, connect, curve_keys
+from .client import Client, connect, curve_keys
 from .errors import (Busy, Cancelled, ConnectionLost, DeviceFault, InternalError, InvalidArgument,
                      MissedDeadline, NotFound, NpuError, OutOfMemory, PermissionDenied, ProtocolMismatch, Timeout)
 from .execution import Execution, ExecutionJob
@@ -19,9 +20,10 @@ from .jobs import Job
 from .local import local
 from .model import Model, ModelJob, Report, TensorInfo
 from .protocol import Device
+from .session import Context
 
 __all__ = [
-    "AsyncBuffer", "AsyncClient", "AsyncJob", "AsyncModel", "AsyncModelJob", "Buffer", "Busy", "Cancelled", "Client", "ConnectionLost", "Device", "DeviceFault",
+    "AsyncBuffer", "AsyncClient", "AsyncExecution", "AsyncExecutionJob", "AsyncJob", "AsyncModel", "AsyncModelJob", "Buffer", "Busy", "Cancelled", "Client", "ConnectionLost", "Device", "DeviceFault",
     "Execution", "ExecutionJob", "InternalError", "InvalidArgument", "Job", "Model", "ModelJob", "Report", "TensorInfo", "NotFound", "NpuError", "OutOfMemory",
     "PermissionDenied", "ProtocolMismatch", "Timeout", "connect", "connect_async", "curve_keys", "default_endpoint",
     "local", "Context", "MissedDeadline", "wait", "wait_async",

@@ -9,8 +9,9 @@ import numpy as np
 
 from ipc_schema.errors import ErrorCode
 
+from .core import Call, blocking
 from .errors import error
-from .protocol import as_bytes
+from .protocol import as_bytes, map_fd
 
 if TYPE_CHECKING:
     from .client import Client
@@ -31,10 +32,11 @@ def writable_bytes(out: Any) -> memoryview:
     return target
 
 
-class Buffer:
-    """A buffer object on a device.  ``handle`` is this session's name for it."""
+class BufferOps:
+    """A buffer object on a device; ``handle`` is this session's name for it.  Its operations,
+    written once; ``Buffer`` runs them blocking, ``npu.AsyncBuffer`` awaited."""
 
-    def __init__(self, client: "Client", handle: int, size: int, device: int):
+    def __init__(self, client: Any, handle: int, size: int, device: int):
         self.client = client
         self.handle = handle
         self.size = size
@@ -43,79 +45,94 @@ class Buffer:
         self._freed = False
 
     def __repr__(self) -> str:
-        return f"<npu.Buffer handle={self.handle} size={self.size} device={self.device}>"
+        return f"<npu.{type(self).__name__} handle={self.handle} size={self.size} device={self.device}>"
 
-    def map(self, dtype: Any = np.uint8, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    def map(self, dtype: Any = np.uint8, shape: tuple[int, ...] | None = None):
         """A writable numpy view of the buffer's memory itself: no copies.
 
-        Needs a local daemon (the memfd arrives over the companion socket).  The
-        view stays valid after ``free()``, but then no longer reaches the device.
+        Needs a local daemon (the memfd arrives over the companion socket); otherwise
+        InvalidArgument (EOPNOTSUPP).  The view stays valid after ``free()``, but then no
+        longer reaches the device.
         """
         self._check()
         if self._mm is None:
             if not self.client.attached:
-                raise error(ErrorCode.ENOTCONN, "map needs a local daemon with the companion socket; "
-                                                "use read()/write() instead")
-            self._mm = self.client._map(self.handle)
+                raise error(ErrorCode.EOPNOTSUPP, "map needs a local daemon with the companion socket "
+                                                  "(this session has none, e.g. over tcp); use read()/write() "
+                                                  "instead")
+            message, fd = yield Call("map", {"handle": self.handle}, fd=True)
+            self._mm = map_fd(fd, message["size"])
         array = np.frombuffer(self._mm, dtype=np.uint8, count=self.size)
         array = array.view(dtype) if np.dtype(dtype) != np.uint8 else array
         return array.reshape(shape) if shape is not None else array
 
-    def write(self, data: Any, offset: int = 0) -> None:
+    def write(self, data: Any, offset: int = 0):
         """Copy bytes (or a numpy array's bytes) into the buffer at ``offset``."""
         self._check()
         view = as_bytes(data)
         check_range("write", offset, view.nbytes, self.size)
-        if self._mapped_io():
+        if (yield from self._mapped_io()):
             self._mm[offset:offset + view.nbytes] = view
             return
         chunk = self.client.limits["max_inline_bytes"]
         for start in range(0, view.nbytes, chunk) or [0]:
-            self.client._request("write", {"handle": self.handle, "offset": offset + start,
-                                           "data": bytes(view[start:start + chunk])})
+            yield Call("write", {"handle": self.handle, "offset": offset + start,
+                                 "data": bytes(view[start:start + chunk])})
 
-    def read(self, nbytes: int | None = None, offset: int = 0) -> bytes:
+    def read(self, nbytes: int | None = None, offset: int = 0):
         """Copy ``nbytes`` (default: to the end) out of the buffer from ``offset``."""
         self._check()
         nbytes = self.size - offset if nbytes is None else nbytes
         check_range("read", offset, nbytes, self.size)
-        if self._mapped_io():
+        if (yield from self._mapped_io()):
             return self._mm[offset:offset + nbytes]
-        chunk = self.client.limits["max_inline_bytes"]
-        parts = [self.client._request("read", {"handle": self.handle, "offset": offset + start,
-                                               "size": min(chunk, nbytes - start)})["data"]
-                 for start in range(0, nbytes, chunk)]
-        return b"".join(parts)
+        out = bytearray(nbytes)
+        yield from self._read_messages(memoryview(out), offset)
+        return bytes(out)
 
-    def read_into(self, out: Any, offset: int = 0) -> None:
+    def read_into(self, out: Any, offset: int = 0):
         """Copy ``len(out)`` bytes from ``offset`` into a writable buffer or array: no allocation."""
         self._check()
         target = writable_bytes(out)
         check_range("read", offset, target.nbytes, self.size)
-        if self._mapped_io():
+        if (yield from self._mapped_io()):
             target[:] = memoryview(self._mm)[offset:offset + target.nbytes]
             return
-        chunk = self.client.limits["max_inline_bytes"]
-        for start in range(0, target.nbytes, chunk):
-            n = min(chunk, target.nbytes - start)
-            target[start:start + n] = self.client._request(
-                "read", {"handle": self.handle, "offset": offset + start, "size": n})["data"]
+        yield from self._read_messages(target, offset)
 
-    def free(self) -> None:
+    def free(self):
         """Release the buffer.  Jobs still using it keep it alive until they finish."""
         if self._freed:
             return
-        self.client._request("free", {"handle": self.handle})
+        yield Call("free", {"handle": self.handle})
         self._freed = True
         self._mm = None
 
-    def _mapped_io(self) -> bool:
+    def _read_messages(self, target: memoryview, offset: int):
+        chunk = self.client.limits["max_inline_bytes"]
+        for start in range(0, target.nbytes, chunk):
+            n = min(chunk, target.nbytes - start)
+            target[start:start + n] = (yield Call("read", {"handle": self.handle, "offset": offset + start,
+                                                          "size": n}))["data"]
+
+    def _mapped_io(self):
         # A local client moves data through the mapping: one memcpy instead of
         # three socket copies (and no message size limit).
         if self._mm is None and self.client.attached and self.client.map_io:
-            self.map()
+            yield from BufferOps.map(self)
         return self._mm is not None
 
     def _check(self) -> None:
         if self._freed:
             raise error(ErrorCode.ENOENT, f"buffer {self.handle} was freed")
+
+
+class Buffer(BufferOps):
+    """A buffer object on a device.  ``handle`` is this session's name for it."""
+
+    client: "Client"
+    map = blocking(BufferOps.map)
+    write = blocking(BufferOps.write)
+    read = blocking(BufferOps.read)
+    read_into = blocking(BufferOps.read_into)
+    free = blocking(BufferOps.free)

@@ -1,21 +1,37 @@
 """The synchronous client: ``npu.connect()``.
 
 One ZeroMQ DEALER socket and, for local daemons, the companion Unix socket
-(fd passing and liveness).  A ``Client`` belongs to the thread that uses it,
-like the socket under it; use ``npu.connect_async`` from trio code.
+(fd passing and liveness).  The API's operations are written once (core.py,
+session.py, buffer.py, model.py, jobs.py, execution.py); this module is the
+blocking transport under them.
+
+A ``Client`` may be shared between threads, as onnxruntime's
+``InferenceSession.run`` may: a ZeroMQ socket must only ever be used by one
+thread at a time, so whichever thread waits for a reply first becomes the
+*pump* -- it alone sends and receives, files every reply under its sequence
+number and wakes the threads waiting for theirs (a ``threading.Condition``);
+other threads queue their requests for it and wake it through a pipe.  When
+its own reply is in, another waiting thread takes over.
+
+The session is known gone (``ConnectionLost``, at once, in every waiting
+thread) when the companion socket reaches its end -- the kernel closes it
+when the daemon dies, however it dies -- or, for a session without one (tcp),
+when the connection closes (a socket monitor's ``EVENT_DISCONNECTED``; a
+daemon host that vanishes without closing it is noticed by ZeroMQ heartbeats
+within ``HEARTBEAT_TIMEOUT_MS``).  Use ``npu.connect_async`` from trio code.
 """
 
 from __future__ import annotations
 
-import itertools
-import mmap
 import os
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from ipc_schema.endpoint import resolve
 from ipc_schema.errors import ErrorCode
@@ -23,261 +39,318 @@ from ipc_schema.schema import HARD_FRAME_LIMIT
 
 from . import protocol
 from .buffer import Buffer
-from .errors import NotFound, NpuError, error
+from .core import Call, Core, Operation, blocking
+from .errors import NpuError, error
+from .execution import Execution
 from .jobs import Job
-from .model import Model, ModelDigests, model_bytes
-from .protocol import Device
+from .model import Model
+from .session import ClientOps, Context, job_options  # noqa: F401  (Context, job_options: public here)
 
 DEFAULT_TIMEOUT_S = 30.0
+# tcp: a daemon host that vanishes without closing the connection is noticed after this long
+# without traffic (ZeroMQ heartbeats every HEARTBEAT_IVL_MS keep an idle session's connection checked).
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 5000
+# Plain ints: pyzmq's flag enums cost microseconds per operation on the hot path.
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
+# After the companion socket's end, replies the daemon sent just before it died are still taken.
+LAST_REPLIES_MS = 50
 
 
-class Client:
-    """A session with npud.  Use as a context manager, or call ``close()``."""
+class Client(ClientOps):
+    """A session with npud.  Use as a context manager, or call ``close()``.  Threads may share it."""
+
+    _buffer_class = Buffer
+    _model_class = Model
+    _job_class = Job
+    _execution_class = Execution
 
     def __init__(self, endpoint: str | None = None, *, name: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT_S, map_io: bool = True, curve: tuple | None = None):
         self._init_args = {k: v for k, v in locals().items() if k not in ("self", "endpoint")}  # reconnect()
         self.endpoint = resolve(endpoint)
         self.timeout = timeout
-        self._seq = itertools.count(1)
-        self._closed = False
-        self._fd_backlog: dict[int, tuple[dict, int]] = {}
-        self._attach: socket.socket | None = None
-        self._on_close: list = []
-        self._daemon_stopping = False
-        self.limits: dict[str, int] = {}
         self.map_io = map_io
-        self._digests = ModelDigests()
+        self._core = Core(self.endpoint, protocol.RECONNECT_HINT)
+        self._init_ops()
+        self._attach: socket.socket | None = None
+        self._monitor: zmq.Socket | None = None
+        self._on_close: list = []
+        self._lock = threading.Lock()    # the session's state (and the socket, while nobody pumps)
+        self._cv = threading.Condition(self._lock)
+        self._sleepers = 0               # threads waiting on _cv
+        self._outbox: list[bytes] = []   # frames of other threads, for the pump to send
+        self._pumping = False            # a thread owns the sockets and receives for everyone
         protocol.check_reachable(self.endpoint)
         self._sock = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_LIMIT)
-        self._rcvtimeo = -1
-        monitor = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._poll_items = [(self._sock, _POLLIN), (self._wake_r, _POLLIN)]  # for zmq.zmq_poll
         try:
-            if curve is not None:
-                protocol.set_curve(self._sock, curve)
-            if not self.endpoint.startswith("ipc://"):  # tcp: learn of a refused handshake at once
-                monitor = self._sock.get_monitor_socket(protocol.HANDSHAKE_EVENTS)
-            self._sock.connect(self.endpoint)
-            seq = self._send("hello", protocol.hello_args(name or _program_name()))
-            if monitor is not None:
-                protocol.wait_handshake(monitor, self.endpoint, curve is not None, protocol.HELLO_TIMEOUT_S)
-            hello = self._await("hello", seq, timeout=protocol.HELLO_TIMEOUT_S, unreachable=True)
-            protocol.check_hello(hello)
-            self.session = hello["session"]
-            self.limits = hello["limits"]
-            self.daemon_version = hello["daemon_version"]
-            if hello["attach_path"]:
-                self._attach = _attach(hello["attach_path"], self.session, hello["attach_token"])
+            self._hello(name, curve)
         except BaseException:
-            if monitor is not None:
-                monitor.close(linger=0)
-            self._sock.close()
+            self._close_sockets()
             raise
-        if monitor is not None:
-            self._sock.disable_monitor()
-            monitor.close(linger=0)
+
+    def _hello(self, name: str | None, curve: tuple | None) -> None:
+        """Connect, say hello, attach the companion socket; watch the connection if there is none."""
+        tcp = not self.endpoint.startswith("ipc://")
+        if curve is not None:
+            protocol.set_curve(self._sock, curve)
+        if tcp:
+            self._sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+            self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        self._monitor = self._sock.get_monitor_socket(protocol.HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED)
+        self._sock.connect(self.endpoint)
+        with self._lock:
+            seq, frame = self._core.start(Call("hello", protocol.hello_args(name or _program_name())))
+            self._sock.send(frame)
+        if tcp:  # learn of a refused handshake at once
+            protocol.wait_handshake(self._monitor, self.endpoint, curve is not None, protocol.HELLO_TIMEOUT_S)
+        try:
+            hello = self._reply(seq, "hello", protocol.HELLO_TIMEOUT_S)
+        except NpuError as exc:
+            if exc.code == "ETIMEDOUT":
+                raise protocol.not_running(self.endpoint, " (no answer to hello)") from None
+            raise
+        protocol.check_hello(hello)
+        self.session = hello["session"]
+        self.limits = hello["limits"]
+        self.daemon_version = hello["daemon_version"]
+        if hello["attach_path"]:
+            self._attach = _attach(hello["attach_path"], self.session, hello["attach_token"])
+            self._attach_fd = self._attach.fileno()
+            self._poll_items.append((self._attach_fd, _POLLIN))
+            self._sock.disable_monitor()   # the companion socket's end tells of the session's
+            self._monitor.close(linger=0)
+            self._monitor = None
+        else:
+            self._poll_items.append((self._monitor, _POLLIN))
 
     def reconnect(self) -> None:
-        """Open a new session (after the daemon restarted, or the session was closed).
+        """Open a new session (after the daemon restarted, or the session was closed or lost).
 
         Everything the old session held is gone: buffers, models, jobs, contexts.
-        Load models again -- the daemon's compile cache makes that fast.
+        Load models again -- the daemon's compile cache makes that fast, and a model
+        file this client loaded before travels as its digest only.
         """
-        if not self._closed:
+        if not self._core.closed:
             try:
                 self._request("bye", {}, timeout=0.5)
             except NpuError:
                 pass
-            self._sock.close()
-            if self._attach is not None:
-                self._attach.close()
-            for _message, fd in self._fd_backlog.values():
-                os.close(fd)
-        on_close, daemon = self._on_close, getattr(self, "daemon", None)
+            self._close_sockets()
+        on_close, daemon, digests = self._on_close, getattr(self, "daemon", None), self._digests
         Client.__init__(self, self.endpoint, **self._init_args)
-        self._on_close = on_close
+        self._on_close, self._digests = on_close, digests
         if daemon is not None:
             self.daemon = daemon
 
-    # --- plumbing --------------------------------------------------------------------
+    # --- the transport: operations (core.py) run here ------------------------------------
 
-    def _request(self, op: str, args: dict, *, timeout: float | None = None,
-                 unreachable: bool = False) -> dict:
-        return self._await(op, self._send(op, args), timeout=timeout, unreachable=unreachable)
+    def _run(self, operation: Operation) -> Any:
+        """Run an operation to its end: each Call it yields is sent and its result sent back in
+        (or its error thrown in, so the operation can clean up)."""
+        value, failure = None, None
+        while True:
+            try:
+                call = operation.send(value) if failure is None else operation.throw(failure)
+            except StopIteration as stop:
+                return stop.value
+            try:
+                value, failure = self._call(call), None
+            except BaseException as exc:   # KeyboardInterrupt too: the operation cleans up
+                value, failure = None, exc
 
-    def _send(self, op: str, args: dict, frame=None) -> int:
-        """Send a request; ``frame(seq) -> bytes``, if given, is its pre-encoded form (Execution)."""
-        if self._closed:
-            raise error(ErrorCode.ENOTCONN, "this client is closed")
-        if self._daemon_stopping:  # the daemon said it is stopping: fail fast once it is gone
-            protocol.check_reachable(self.endpoint)
-        seq = next(self._seq)
-        if frame is not None:
-            self._sock.send(frame(seq), copy=False)
-            return seq
-        limit = self.limits["max_message_bytes"] if self.limits else protocol.MAX_MESSAGE_BYTES
-        self._sock.send(protocol.encode(op, seq, args, limit), copy=False)
+    def _call(self, call: Call) -> Any:
+        """Send one request and wait for its reply (and its fd, for ``map``)."""
+        timeout = self.timeout if call.timeout is None else call.timeout
+        with self._lock:
+            seq, frame = self._core.start(call)
+            self._send_locked(frame)
+        try:
+            result = self._reply(seq, call.op, timeout)
+            if not call.fd:
+                return result
+            self._wait_for(lambda: self._core.has_fd(seq), time.monotonic() + timeout)
+            with self._lock:
+                if not self._core.has_fd(seq):
+                    raise self._core.give_up(seq, call.op, timeout)
+                return self._core.take_fd(seq)
+        except BaseException:
+            with self._lock:
+                self._core.abandon(seq)
+            raise
+
+    def _reply(self, seq: int, op: str, timeout: float) -> dict:
+        self._wait_for(lambda: self._core.answered(seq), time.monotonic() + timeout)
+        with self._lock:
+            if not self._core.answered(seq):
+                raise self._core.give_up(seq, op, timeout)
+            return self._core.finish(seq)
+
+    def _send_locked(self, frame: bytes) -> None:
+        """Send now, or hand the frame to the pump (the only thread that may touch the socket then)."""
+        if not self._pumping:
+            self._sock.send(frame, copy=False)
+            return
+        self._outbox.append(frame)
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full: the pump is awake anyway
+
+    def _wait_for(self, ready, deadline: float) -> None:
+        """Until ``ready()``, the session's loss or the deadline: pumping if no thread is."""
+        with self._lock:
+            while not ready() and self._core.lost is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                if self._pumping:
+                    self._sleepers += 1
+                    try:
+                        self._cv.wait(remaining)
+                    finally:
+                        self._sleepers -= 1
+                    continue
+                self._pumping = True
+                try:
+                    self._lock.release()
+                    try:
+                        self._pump(ready, deadline)
+                    finally:
+                        self._lock.acquire()
+                finally:
+                    for frame in self._outbox:   # queued after the pump's last look
+                        self._sock.send(frame, copy=False)
+                    self._outbox.clear()
+                    self._pumping = False
+                    self._wake_sleepers()        # the next waiter becomes the pump
+
+    def _pump(self, ready, deadline: float) -> None:
+        """Own the sockets (this thread only): send what others queued, receive for everyone."""
+        while True:
+            with self._lock:
+                if ready() or self._core.lost is not None:
+                    return
+                outbox, self._outbox = self._outbox, []
+            for frame in outbox:
+                self._sock.send(frame, copy=False)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            events = dict(zmq.zmq_poll(self._poll_items, int(remaining * 1000) + 1))
+            with self._lock:
+                self._take(events)
+                self._wake_sleepers()
+
+    def _wake_sleepers(self) -> None:
+        if self._sleepers:   # (lock held) notify_all costs microseconds even with nobody waiting
+            self._cv.notify_all()
+
+    def _take(self, events: dict) -> None:
+        """File what arrived (cv held, sockets owned): replies by seq, fds by tag, the session's end."""
+        self._drain()
+        if self._wake_r in events:
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        if self._attach is not None and self._attach_fd in events:
+            self._read_companion()
+        if self._monitor is not None and self._monitor in events:
+            while True:
+                try:
+                    event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if event["event"] == zmq.EVENT_DISCONNECTED:  # a new connection would be a new session
+                    self._core.session_lost("the connection closed")
+        if self._core.lost is not None and self._sock.poll(LAST_REPLIES_MS):
+            self._drain()
+
+    def _drain(self) -> None:
+        sock, core = self._sock, self._core
+        while sock.getsockopt(_EVENTS) & _POLLIN:
+            core.feed(sock.recv(_NOBLOCK))
+
+    def _read_companion(self) -> None:
+        while self._core.lost is None:
+            try:
+                # (socket.recv_fds would drop the flag: Python 3.11 does not pass it on)
+                data, ancdata, _flags, _addr = self._attach.recvmsg(4096, protocol.FD_SPACE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._core.session_lost(f"its companion socket failed: {exc}")
+                return
+            try:
+                self._core.feed_fd(data, protocol.fds_of(ancdata))
+            except NpuError as exc:
+                self._core.session_lost(f"the companion socket broke the protocol: {exc.message}")
+        # at its end it stays readable: stop polling it
+        self._poll_items = [item for item in self._poll_items if item[0] != self._attach_fd]
+
+    # --- plumbing kept for tools and tests ------------------------------------------------
+
+    def _request(self, op: str, args: dict, *, timeout: float | None = None) -> dict:
+        """Any request; its result (npuctl and tests use ops the API does not wrap)."""
+        return self._run(self._request_op(op, args, timeout))
+
+    def _send(self, op: str, args: dict) -> int:
+        """Send a request without waiting for its reply; its seq."""
+        with self._lock:
+            seq, frame = self._core.start(Call(op, args))
+            self._send_locked(frame)
         return seq
 
-    def _await(self, op: str, seq: int, *, timeout: float | None = None,
-               unreachable: bool = False) -> dict:
-        timeout = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        while True:
-            # A blocking recv with RCVTIMEO costs one syscall less than poll + recv;
-            # the option is only touched when the timeout changes.
-            remaining_ms = max(int((deadline - time.monotonic()) * 1000), 0)
-            if self._daemon_stopping:  # poll: the daemon may be gone for good
-                remaining_ms = min(remaining_ms, 250)
-            if abs(remaining_ms - self._rcvtimeo) > 100:
-                self._rcvtimeo = remaining_ms
-                self._sock.setsockopt(zmq.RCVTIMEO, remaining_ms)
-            try:
-                frame = self._sock.recv(copy=True)
-            except zmq.Again:
-                if self._daemon_stopping:
-                    protocol.check_reachable(self.endpoint)  # ECONNREFUSED naming the endpoint
-                if time.monotonic() < deadline:
-                    continue
-                if unreachable:
-                    raise protocol.not_running(self.endpoint, " (no answer to hello)") from None
-                raise error(ErrorCode.ETIMEDOUT, f"no reply to {op} within {timeout:.1f} s") from None
-            reply = protocol.decode(frame, op)
-            if isinstance(reply, tuple):  # an event
-                if reply[0] == "shutdown":
-                    self._daemon_stopping = True
-                continue
-            if reply.seq != seq:
-                continue  # the late reply to a request that timed out earlier
-            return protocol.result_or_raise(reply, op, self.endpoint)
-
-    def _map(self, handle: int) -> mmap.mmap:
-        seq = self._send("map", {"handle": handle})
-        self._await("map", seq)
-        message, fd = self._receive_fd(seq)
-        return protocol.map_fd(fd, message["size"])
-
-    def _receive_fd(self, tag: int) -> tuple[dict, int]:
-        if tag in self._fd_backlog:
-            return self._fd_backlog.pop(tag)
-        while True:
-            message, fd = protocol.recv_fd_packet(self._attach)
-            if message["tag"] == tag:
-                return message, fd
-            self._fd_backlog[message["tag"]] = (message, fd)
-
     @property
-    def attached(self) -> bool:
-        """Whether buffers can be mapped (the daemon is local and the companion socket is up)."""
-        return self._attach is not None
+    def _closed(self) -> bool:
+        return self._core.closed
 
-    # --- the API -----------------------------------------------------------------------
+    @_closed.setter
+    def _closed(self, value: bool) -> None:
+        self._core.closed = value
 
-    def ping(self) -> None:
-        self._request("ping", {})
+    # --- the API (session.py) ---------------------------------------------------------------
 
-    def version(self) -> dict[str, Any]:
-        """``{"daemon_version": str, "protocol": [major, minor]}``."""
-        return self._request("version", {})
-
-    def devices(self) -> list[Device]:
-        return [Device.from_wire(d) for d in self._request("devices", {})["devices"]]
-
-    def status(self) -> dict[str, Any]:
-        return self._request("status", {})
-
-    def clients(self) -> list[dict[str, Any]]:
-        return self._request("clients", {})["clients"]
-
-    def alloc(self, nbytes: int, device: int = 0) -> Buffer:
-        """A zero-filled buffer of ``nbytes`` bytes on ``device``."""
-        result = self._request("alloc", {"device": device, "size": nbytes})
-        return Buffer(self, result["handle"], result["size"], device)
-
-    def load(self, model: Any, device: int = 0, **options) -> "Model":
-        """Compile (or fetch from the daemon's compile cache) and load an ONNX model.
-
-        ``model`` is a path, bytes or an ``onnx.ModelProto``.  Options:
-        ``input_shapes={name: shape}`` for symbolic dimensions, ``name``.
-        """
-        args = {"device": device, "options": options}
-        file = self._digests.lookup(model)
-        if file.digest is not None:
-            try:  # the daemon may still hold it compiled: then the bytes need not travel at all
-                return Model(self, device, self._request("load", {**args, "model_digest": file.digest}))
-            except NotFound:
-                self._digests.forget(file)
-        info = self._with_model("load", model, args)
-        self._digests.remember(file, info)
-        return Model(self, device, info)
-
-    def check(self, model: Any, device: int = 0) -> list[dict[str, str]]:
-        """Every reason the model cannot compile for the device: [{node, op, reason}], empty if none."""
-        return self._with_model("check", model, {"device": device})["problems"]
-
-    def _with_model(self, op: str, model: Any, args: dict[str, Any]) -> dict[str, Any]:
-        data = model_bytes(model)
-        if len(data) <= self.limits["max_inline_bytes"]:
-            return self._request(op, {**args, "model": data})
-        staging = self.alloc(len(data), args["device"])  # too big for a message: hand it over in a buffer
-        try:
-            staging.write(data)
-            return self._request(op, {**args, "model_buffer": staging.handle, "model_size": len(data)})
-        finally:
-            staging.free()
-
-    def submit(self, stream: bytes, bindings: list[tuple[Buffer, int, bool]], device: int = 0,
-               **options) -> "Job":
-        """Run a command stream with ``(buffer, va, writable)`` bindings; returns at once.
-
-        Options (as for ``Model.submit``): ``context``, ``after``, ``deadline``, ``timeout``.
-        """
-        args = {"device": device, "stream": bytes(stream),
-                "bindings": [{"handle": b.handle, "va": va, "writable": w} for b, va, w in bindings],
-                **job_options(**options)}
-        result = self._request("submit", args)
-        return Job(self, result["job"], result.get("context", 0), result.get("point", 0))
-
-    def context(self, priority: str = "normal", weight: int = 1) -> "Context":
-        """A new context: jobs submitted with ``context=`` it run at its priority and fair-share weight.
-
-        Priorities: low, normal, high, realtime (realtime only where the daemon's policy allows).
-        """
-        result = self._request("context_create", {"priority": priority, "weight": weight})
-        return Context(self, result["context"], result["priority"], result["weight"])
-
-    def import_fence(self, token: str) -> "Job":
-        """Another client's exported fence (``job.export_fence()``) as a job to wait for or name in ``after``."""
-        result = self._request("fence_import", {"token": token})
-        job = Job(self, result["job"])
-        job.state = result["state"] if result["state"] in ("queued", "running") else "queued"
-        return job
-
-    def inject_fault(self, kind: str, device: int = 0, *, slow_ms: int = 0, count: int = 1) -> None:
-        """Test mode only (``npud --test-mode``): make this session's next job(s) hang, crash the
-        device process, or run slowly (``slow_ms`` per layer); ``slow_compile``: its next compile(s)
-        sleep ``slow_ms`` in the compiler worker first."""
-        self._request("inject_fault", {"device": device, "kind": kind, "slow_ms": slow_ms, "count": count})
+    ping = blocking(ClientOps.ping)
+    version = blocking(ClientOps.version)
+    devices = blocking(ClientOps.devices)
+    status = blocking(ClientOps.status)
+    clients = blocking(ClientOps.clients)
+    alloc = blocking(ClientOps.alloc)
+    load = blocking(ClientOps.load)
+    check = blocking(ClientOps.check)
+    submit = blocking(ClientOps.submit)
+    context = blocking(ClientOps.context)
+    import_fence = blocking(ClientOps.import_fence)
+    inject_fault = blocking(ClientOps.inject_fault)
 
     def close(self) -> None:
         """End the session (its buffers are freed) and close the sockets."""
-        if self._closed:
+        if self._core.closed:
             return
         try:
             self._request("bye", {}, timeout=2.0)
         except NpuError:
             pass  # the daemon is gone or already forgot us: nothing left to free
         finally:
-            self._closed = True
-            self._sock.close()
-            if self._attach is not None:
-                self._attach.close()
-            for _message, fd in self._fd_backlog.values():
-                os.close(fd)
+            self._close_sockets()
             for callback in self._on_close:
                 callback()
+
+    def _close_sockets(self) -> None:
+        self._core.close()
+        self._sock.close()
+        for sock in (self._attach, self._monitor):
+            if sock is not None:
+                sock.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
 
     def __enter__(self) -> "Client":
         return self
@@ -286,48 +359,31 @@ class Client:
         self.close()
 
 
-class Context:
-    """A context of this client's session: a priority and a fair-share weight for the jobs run in it."""
-
-    def __init__(self, client: Client, context_id: int, priority: str, weight: int):
-        self.client, self.id, self.priority, self.weight = client, context_id, priority, weight
-
-    def __repr__(self) -> str:
-        return f"<npu.Context {self.id} {self.priority} weight {self.weight}>"
-
-
-def job_options(*, context: Any = None, after: Any = (), deadline: float | None = None,
-                timeout: float | None = None) -> dict[str, Any]:
-    """Wire fields of a submit: ``context`` (a Context or id), ``after`` (jobs that must finish first),
-    ``deadline`` (seconds from now to finish, or fail with MissedDeadline), ``timeout`` (device
-    seconds before the job is aborted as hung)."""
-    out: dict[str, Any] = {}
-    if context is not None:
-        out["context"] = context if isinstance(context, int) else context.id
-    if after:
-        out["after"] = [j if isinstance(j, int) else j.id for j in after]
-    if deadline is not None:
-        out["deadline_ms"] = max(1, int(deadline * 1000))
-    if timeout is not None:
-        out["timeout_ms"] = max(1, int(timeout * 1000))
-    return out
-
-
 def _attach(path: str, session: str, token: bytes) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        sock.settimeout(protocol.HELLO_TIMEOUT_S)
-        sock.connect(path)
-        sock.send(protocol.codec.pack({"session": session, "token": token}))
-        protocol.attach_reply(sock.recv(4096))
-        sock.settimeout(None)
-    except OSError as exc:
-        sock.close()
-        raise error(ErrorCode.ENOTCONN, f"cannot attach the companion socket {path}: {exc}") from None
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    """The companion socket, attached to ``session``; a full listen backlog is waited out."""
+    deadline = time.monotonic() + protocol.HELLO_TIMEOUT_S
+    retries = protocol.attach_retries(deadline)
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(protocol.HELLO_TIMEOUT_S)
+            sock.connect(path)
+            sock.send(protocol.codec.pack({"session": session, "token": token}))
+            protocol.attach_reply(sock.recv(4096))
+            sock.settimeout(None)
+            return sock
+        except BlockingIOError as exc:   # EAGAIN: the backlog is full for now
+            sock.close()
+            delay = next(retries, None)
+            if delay is None:
+                raise protocol.attach_refused(path, exc) from None
+            time.sleep(delay)
+        except OSError as exc:
+            sock.close()
+            raise protocol.attach_refused(path, exc) from None
+        except BaseException:
+            sock.close()
+            raise
 
 
 def _program_name() -> str:

@@ -13,6 +13,9 @@ finished raises ``npu.Busy`` (make a second execution to overlap runs).
 
 Without a local daemon (no companion socket, so no mapping) the views are plain
 arrays the execution copies to and from its buffers around each run.
+
+The operations are written once (``ExecutionOps``); ``Execution`` runs them
+blocking, the trio client's ``AsyncExecution`` awaited.
 """
 
 from __future__ import annotations
@@ -24,83 +27,88 @@ import numpy as np
 from ipc_schema import codec
 from ipc_schema.errors import ErrorCode
 
+from .buffer import BufferOps
+from .core import Call, blocking
 from .errors import NpuError, error
-from .model import ModelJob
+from .jobs import JobRecord
+from .model import ModelJob, ModelRun
 
 if TYPE_CHECKING:
-    from .buffer import Buffer
-    from .model import Model, TensorInfo
+    from .model import LoadedModel, TensorInfo
 
 _PREFIX = b"\x83" + codec.pack("op") + codec.pack("run_model") + codec.pack("seq")
 
 
-class Execution:
-    """One model's bound input/output buffers and pre-encoded run request."""
+class ExecutionOps:
+    """One model's bound input/output buffers and pre-encoded run request, and its operations."""
 
-    def __init__(self, model: "Model", wire: dict[str, Any]):
+    _job_class: type   # the client's kind of ExecutionRun
+
+    def __init__(self, model: "LoadedModel", wire: dict[str, Any]):
         self.model = model
         self.client = model.client
         self._wire = wire
         self._closed = False
-        self._job: ExecutionJob | None = None
+        self._job: ExecutionRun | None = None
         self._mapped = self.client.attached
         self._infos = {t.name: t for t in (*model.inputs, *model.outputs)}
         self._kinds = {**{t.name: "input" for t in model.inputs}, **{t.name: "output" for t in model.outputs}}
-        self._buffers: dict[str, "Buffer"] = {}
-        self._owned: dict[str, "Buffer"] = {}   # allocated here: freed by rebind() and close()
+        self._buffers: dict[str, BufferOps] = {}
+        self._owned: dict[str, BufferOps] = {}   # allocated here: freed by rebind() and close()
         self.inputs: dict[str, np.ndarray] = {}
         self.outputs: dict[str, np.ndarray] = {}
+
+    def _open(self):
+        """Allocate, map and bind a buffer per input and output; encode the request."""
         try:
             for name, info in self._infos.items():
-                buf = self.client.alloc(max(info.size, 1), model.device)
+                buf = yield from self.client._alloc_op(max(info.size, 1), self.model.device)
                 self._owned[name] = buf
-                self._bind(name, buf)
+                yield from self._bind(name, buf)
         except BaseException:
-            self._free_owned()
+            yield from self._free_owned()
             raise
         self._encode()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "running" if self.busy else "idle"
-        return f"<npu.Execution of model {self.model.id} ({state})>"
+        return f"<npu.{type(self).__name__} of model {self.model.id} ({state})>"
 
     @property
     def busy(self) -> bool:
         """Whether a run is in flight (as far as this client knows without asking)."""
         return self._job is not None and not self._job.finished
 
-    def run(self, feeds: Any = None, timeout: float | None = None) -> dict[str, np.ndarray]:
+    def run(self, feeds: Any = None, timeout: float | None = None):
         """Run once (``feeds``, if given, are copied into the bound inputs first) and return the
         output views by name: overwritten by this execution's next run."""
-        return self.submit(feeds).result(timeout)
+        job = yield from ExecutionOps.submit(self, feeds)
+        return (yield from ModelRun.result(job, timeout))
 
-    def submit(self, feeds: Any = None) -> "ExecutionJob":
+    def submit(self, feeds: Any = None):
         """Start a run and return at once: ``job.wait()``, ``job.result()`` (the output views)."""
         self._check()
-        self._check_idle("submit")
+        yield from self._check_idle("submit")
         if feeds is not None:
             self._feed(feeds)
         if not self._mapped:
             for t in self.model.inputs:
-                self._buffers[t.name].write(self.inputs[t.name])
-        client = self.client
-        result = client._await("run_model", client._send("run_model", None, frame=self._frame))
-        job = ExecutionJob(self, result["job"])
+                yield from BufferOps.write(self._buffers[t.name], self.inputs[t.name])
+        result = yield Call("run_model", frame=self._frame)
+        job = self._job_class(self, result["job"])
         job.fence = (result.get("context", 0), result.get("point", 0))
         self._job = job
         return job
 
-    def rebind(self, name: str, buffer: "Buffer") -> None:
+    def rebind(self, name: str, buffer: BufferOps):
         """Bind a caller-owned buffer (same client, the model's device, large enough) to an input or
         output; ``inputs[name]`` / ``outputs[name]`` then view it.  The caller keeps owning it."""
-        from .buffer import Buffer
-
         self._check()
         if name not in self._infos:
             raise error(ErrorCode.EINVAL, f"the model has no input or output {name!r} (inputs "
                                           f"{[t.name for t in self.model.inputs]}, outputs "
                                           f"{[t.name for t in self.model.outputs]})")
-        if not isinstance(buffer, Buffer):
+        if not isinstance(buffer, BufferOps):
             raise error(ErrorCode.EINVAL, f"rebind takes an npu.Buffer, not {type(buffer).__name__}")
         info = self._infos[name]
         if buffer.client is not self.client:
@@ -113,32 +121,26 @@ class Execution:
         if buffer.size < info.size:
             raise error(ErrorCode.EINVAL, f"{self._kinds[name]} {name!r} needs {info.size} bytes "
                                           f"({info.dtype}{list(info.shape)}); buffer {buffer.handle} has {buffer.size}")
-        self._check_idle("rebind")
-        self._bind(name, buffer)
+        yield from self._check_idle("rebind")
+        yield from self._bind(name, buffer)
         owned = self._owned.pop(name, None)
         if owned is not None and owned is not buffer:
-            owned.free()
+            yield from BufferOps.free(owned)
         self._encode()
 
-    def close(self) -> None:
+    def close(self):
         """Free the buffers this execution allocated (a run in flight keeps them until it ends)."""
         if self._closed:
             return
         self._closed = True
-        self._free_owned()
-
-    def __enter__(self) -> "Execution":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        yield from self._free_owned()
 
     # --- internals ----------------------------------------------------------------
 
-    def _bind(self, name: str, buf: "Buffer") -> None:
+    def _bind(self, name: str, buf: BufferOps):
         info: TensorInfo = self._infos[name]
         if self._mapped:
-            view = buf.map()[:info.size].view(info.dtype).reshape(info.shape)
+            view = (yield from BufferOps.map(buf))[:info.size].view(info.dtype).reshape(info.shape)
         else:
             view = np.zeros(info.shape, info.dtype)
         self._buffers[name] = buf
@@ -167,10 +169,10 @@ class Execution:
         for name, value in feeds.items():
             np.copyto(self.inputs[name], value, casting="same_kind")
 
-    def _collect(self) -> dict[str, np.ndarray]:
+    def _collect(self):
         if not self._mapped:
             for t in self.model.outputs:
-                self._buffers[t.name].read_into(self.outputs[t.name])
+                yield from BufferOps.read_into(self._buffers[t.name], self.outputs[t.name])
         return dict(self.outputs)
 
     def _check(self) -> None:
@@ -179,36 +181,56 @@ class Execution:
         if self.model._unloaded:
             raise error(ErrorCode.ENOENT, "this execution's model was unloaded")
 
-    def _check_idle(self, what: str) -> None:
+    def _check_idle(self, what: str):
         job = self._job
         if job is None or job.finished:
             return
         try:
-            job.wait(0)    # maybe it finished and nobody asked yet: one poll
+            yield from JobRecord.wait(job, 0)    # maybe it finished and nobody asked yet: one poll
         except NpuError:
             pass
         if not job.finished:
             raise error(ErrorCode.EBUSY, f"cannot {what}: this execution's run (job {job.id}) is still in "
                                          "flight; wait for it, or use another execution to overlap runs")
 
-    def _free_owned(self) -> None:
+    def _free_owned(self):
         owned, self._owned = list(self._owned.values()), {}
         for buf in owned:
             try:
-                buf.free()
+                yield from BufferOps.free(buf)
             except NpuError:
                 pass   # the session is gone, and its buffers with it
 
 
-class ExecutionJob(ModelJob):
-    """One run of an Execution; its result is the execution's output views."""
+class ExecutionRun(ModelRun):
+    """One run of an execution; its result is the execution's output views."""
 
-    def __init__(self, execution: Execution, job_id: int):
+    def __init__(self, execution: ExecutionOps, job_id: int):
         super().__init__(execution.model, job_id, None)
         self.execution = execution
 
-    def _collect(self) -> dict:
-        return self.execution._collect()  # the bound output views, overwritten by the next run
+    def _collect(self):
+        return (yield from self.execution._collect())  # the bound output views, overwritten by the next run
 
-    def _release(self) -> None:
-        pass  # the execution owns its buffers for all its runs
+    def _release(self):
+        yield from ()  # the execution owns its buffers for all its runs
+
+
+class ExecutionJob(ExecutionRun, ModelJob):
+    """One run of an Execution; its result is the execution's output views."""
+
+
+class Execution(ExecutionOps):
+    """One model's bound input/output buffers and pre-encoded run request."""
+
+    _job_class = ExecutionJob
+    run = blocking(ExecutionOps.run)
+    submit = blocking(ExecutionOps.submit)
+    rebind = blocking(ExecutionOps.rebind)
+    close = blocking(ExecutionOps.close)
+
+    def __enter__(self) -> "Execution":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -15,6 +15,7 @@ from typing import Any
 
 from ipc_schema.errors import ErrorCode
 
+from .core import Call
 from .errors import error
 
 
@@ -24,25 +25,25 @@ def wait(jobs: Sequence[Any], all: bool = True, timeout: float | None = None) ->
     Raises ``npu.Timeout`` if that does not happen within ``timeout`` seconds (default: the
     client's timeout).
     """
-    jobs, pending, request = _plan(jobs, all, timeout)
-    if request is not None:
-        args, reply_timeout = request
-        result = jobs[0].client._request("wait_jobs", args, timeout=reply_timeout)
-        for job, status in zip(pending, result["jobs"]):
-            job._settle(status)
-        _check_ready(jobs, result, all, args)
-    return [job for job in jobs if job.finished]
+    jobs = list(jobs)
+    return jobs[0].client._run(_wait(jobs, all, timeout)) if jobs else []
 
 
 async def wait_async(jobs: Sequence[Any], all: bool = True, timeout: float | None = None) -> list[Any]:
     """``npu.wait`` for the trio client's jobs (``AsyncJob``, ``AsyncModelJob``): one ``wait_jobs``
     request however many jobs there are."""
+    jobs = list(jobs)
+    return (await jobs[0].client._run(_wait(jobs, all, timeout))) if jobs else []
+
+
+def _wait(jobs: list, all: bool, timeout: float | None):
+    """The operation of both: one ``wait_jobs`` request, if one is needed at all."""
     jobs, pending, request = _plan(jobs, all, timeout)
     if request is not None:
         args, reply_timeout = request
-        result = await jobs[0].client._request("wait_jobs", args, timeout=reply_timeout)
+        result = yield Call("wait_jobs", args, timeout=reply_timeout)
         for job, status in zip(pending, result["jobs"]):
-            await job._settle(status)
+            yield from job._settle(status)
         _check_ready(jobs, result, all, args)
     return [job for job in jobs if job.finished]
 

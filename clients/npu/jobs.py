@@ -1,8 +1,9 @@
 """Jobs: what ``submit``, ``run_model`` and ``import_fence`` return.
 
 A job is a fence point on its context's timeline.  ``JobRecord`` holds what the
-daemon reported about it (state, stats, error); ``Job`` adds the synchronous
-waiting, cancelling and exporting (the trio client's ``AsyncJob`` adds its own).
+daemon reported about it (state, stats, error) and its operations (waiting,
+cancelling, exporting), written once; ``Job`` runs them blocking, the trio
+client's ``AsyncJob`` awaited.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .core import Call, blocking
 from .errors import NpuError, from_wire
 
 if TYPE_CHECKING:
@@ -18,8 +20,8 @@ if TYPE_CHECKING:
 
 
 class JobRecord:
-    """A job as the daemon reported it: id, fence point, state, stats and error.  The clients'
-    job classes add waiting, cancelling and exporting, each in its own I/O style."""
+    """A job as the daemon reported it: id, fence point, state, stats and error, and its
+    operations (``wait``, ``cancel``, ``export_fence``) as the clients' job classes run them."""
 
     def __init__(self, client: Any, job_id: int, context: int = 0, point: int = 0):
         self.client = client
@@ -48,10 +50,29 @@ class JobRecord:
             self._error = from_wire(result["error"])
         return True
 
-    def _wait_args(self, timeout: float | None) -> tuple[dict, float]:
-        """The ``wait`` request's arguments and how long to wait for its reply."""
-        timeout = self.client.timeout if timeout is None else timeout
-        return {"job": self.id, "timeout_ms": int(timeout * 1000)}, timeout + self.client.timeout
+    def _settle(self, result: dict):
+        """Take a ``wait`` / ``wait_jobs`` result (an operation: a model run reads its outputs)."""
+        self._take(result)
+        yield from ()
+
+    def wait(self, timeout: float | None = None):
+        """Until the job finishes; raises the job's error if it failed, Timeout if not done in time."""
+        if not self.finished:
+            timeout = self.client.timeout if timeout is None else timeout
+            result = yield Call("wait", {"job": self.id, "timeout_ms": int(timeout * 1000)},
+                                timeout=timeout + self.client.timeout)
+            yield from self._settle(result)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def cancel(self):
+        """Cancel: queued, it fails at once; running, at its next layer boundary.  Returns the state now."""
+        return (yield Call("cancel", {"job": self.id}))["state"]
+
+    def export_fence(self):
+        """A token another client can ``import_fence`` to wait for this job or run after it."""
+        return (yield Call("fence_export", {"job": self.id}))["token"]
 
 
 class ModelRunRecord(JobRecord):
@@ -73,23 +94,6 @@ class Job(JobRecord):
     """A submitted command stream (or an imported fence): a fence point on its context's timeline."""
 
     client: "Client"
-
-    def _settle(self, result: dict) -> None:
-        self._take(result)
-
-    def wait(self, timeout: float | None = None) -> "Job":
-        """Block until the job finishes; raises the job's error if it failed, Timeout if not done."""
-        if not self.finished:
-            args, reply_timeout = self._wait_args(timeout)
-            self._settle(self.client._request("wait", args, timeout=reply_timeout))
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def cancel(self) -> str:
-        """Cancel: queued, it fails at once; running, at its next layer boundary.  Returns the state now."""
-        return self.client._request("cancel", {"job": self.id})["state"]
-
-    def export_fence(self) -> str:
-        """A token another client can ``import_fence`` to wait for this job or run after it."""
-        return self.client._request("fence_export", {"job": self.id})["token"]
+    wait = blocking(JobRecord.wait)
+    cancel = blocking(JobRecord.cancel)
+    export_fence = blocking(JobRecord.export_fence)

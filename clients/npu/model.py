@@ -4,7 +4,10 @@ Inputs and outputs travel through buffer objects bound to the job, never in
 messages: ``submit`` copies each feed into its input buffer (through the
 mapping, for a local client) and the outputs are read back from theirs.  A
 model keeps a pool of input/output buffer sets, so several jobs of one model
-can be in flight at once without overwriting each other's tensors.
+can be in flight at once without overwriting each other's tensors (and several
+threads can share one model).  The operations are written once (``LoadedModel``,
+``ModelRun``); ``Model``/``ModelJob`` run them blocking, the trio client's
+``AsyncModel``/``AsyncModelJob`` awaited.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ import numpy as np
 from ipc_schema.errors import ErrorCode
 
 from . import model_source
+from .buffer import BufferOps
+from .core import Call, blocking
 from .errors import NpuError, error
-from .jobs import Job, ModelRunRecord
+from .jobs import Job, JobRecord, ModelRunRecord
 
 if TYPE_CHECKING:
     from .client import Client
-    from .execution import Execution
 
 
 @dataclass(frozen=True)
@@ -107,8 +111,10 @@ class ModelDigests:
 
 
 class LoadedModel:
-    """What the daemon said about a loaded model, and the checks on feeds; the sync ``Model`` and
-    the trio ``AsyncModel`` add the I/O."""
+    """What the daemon said about a loaded model, the checks on feeds, and the model's operations
+    (run, submit, execution, report, unload) as ``Model`` and ``AsyncModel`` run them."""
+
+    _job_class: type          # the client's kind of ModelRun
 
     def __init__(self, client: Any, device: int, info: dict):
         self.client = client
@@ -160,16 +166,12 @@ class LoadedModel:
                 "outputs": [b.handle for b in outputs], **wire}
 
 
-class Model(LoadedModel):
-    """A model loaded on a device for this session."""
-
-    client: "Client"
-
-    def run(self, feeds: Any, timeout: float | None = None) -> dict[str, np.ndarray]:
+    def run(self, feeds: Any, timeout: float | None = None):
         """Run once and return the outputs by name."""
-        return self.submit(feeds).result(timeout)
+        job = yield from LoadedModel.submit(self, feeds)
+        return (yield from ModelRun.result(job, timeout))
 
-    def submit(self, feeds: Any, **options) -> "ModelJob":
+    def submit(self, feeds: Any, **options):
         """Start a run and return at once; ``feeds`` is a dict by input name, or one array.
 
         Options: ``context`` (``client.context(priority, weight)``: its priority and fair share),
@@ -177,96 +179,142 @@ class Model(LoadedModel):
         with its cause), ``deadline`` (seconds: finish by then or fail with ``MissedDeadline``),
         ``timeout`` (device seconds before the run is aborted as hung).
         """
-        from .client import job_options
+        from .session import job_options
 
         wire = job_options(**options)
         self._check_loaded()
         feeds = self._normalise(feeds)
-        inputs, outputs = self._idle_sets.pop() if self._idle_sets else self._new_set()
+        io = yield from self._take_set()
         try:
-            for info, buf in zip(self.inputs, inputs):
-                buf.write(feeds[info.name])
-            result = self.client._request("run_model", self._run_args(inputs, outputs, wire))
+            for info, buf in zip(self.inputs, io[0]):
+                yield from BufferOps.write(buf, feeds[info.name])
+        except BaseException:
+            self._idle_sets.append(io)   # no job uses the set yet
+            raise
+        try:
+            result = yield Call("run_model", self._run_args(*io, wire))
         except NpuError as exc:
-            if exc.code == "ETIMEDOUT":   # no answer: a job may be running on these buffers
-                self._discard((inputs, outputs))
-            else:
-                self._idle_sets.append((inputs, outputs))
+            if exc.code != "ETIMEDOUT":   # the daemon answered: no job uses the set
+                self._idle_sets.append(io)
+                raise
+            yield from self._discard(io)
             raise
         except BaseException:
-            self._idle_sets.append((inputs, outputs))
+            # Interrupted after the request left: a job may be running on these buffers, so they
+            # must not serve another run (freeing is safe: the daemon keeps them for the job).
+            yield from self._discard(io)
             raise
-        return ModelJob(self, result["job"], (inputs, outputs), result.get("context", 0), result.get("point", 0))
+        return self._job_class(self, result["job"], io, result.get("context", 0), result.get("point", 0))
 
-    def execution(self, context: Any = None, **options) -> "Execution":
+    def execution(self, context: Any = None, **options):
         """A reusable execution: buffers bound and mapped once, the run request encoded once, inputs
         filled in place (``clients/npu/execution.py``).  Options as for ``submit``, fixed for its runs."""
-        from .client import job_options
-        from .execution import Execution
+        from .session import job_options
 
         wire = job_options(context=context, **options)
         self._check_loaded()
-        return Execution(self, wire)
+        execution = self.client._execution_class(self, wire)
+        yield from execution._open()
+        return execution
 
-    def report(self) -> Report:
+    def report(self):
         """Per-op table: op, shapes, MACs, modeled cycles, SRAM and DMA bytes."""
-        result = self.client._request("report", {"model": self.id})
+        result = yield Call("report", {"model": self.id})
         return Report(result["rows"], result["table"])
 
-    def unload(self) -> None:
+    def unload(self):
         """Free the model's device memory (weights, arena, I/O buffers)."""
         if self._unloaded:
             return
         self._unloaded = True
         sets, self._idle_sets = self._idle_sets, []
-        for io in sets:
-            self._discard(io)
-        self.client._request("unload", {"model": self.id})
+        try:
+            for io in sets:
+                yield from self._discard(io)
+        finally:  # even when interrupted: half an unload would leak the model in the daemon
+            yield Call("unload", {"model": self.id})
 
-    def _discard(self, io) -> None:
+    def _take_set(self):
+        """An idle input/output set, or a new one."""
+        try:
+            return self._idle_sets.pop()   # atomic: threads sharing the model never get one set twice
+        except IndexError:
+            pass
+        made: list = []
+        try:
+            for t in (*self.inputs, *self.outputs):
+                made.append((yield from self.client._alloc_op(max(t.size, 1), self.device)))
+        except BaseException:
+            yield from self._discard((made, []))
+            raise
+        return made[:len(self.inputs)], made[len(self.inputs):]
+
+    def _discard(self, io):
         """Free an input/output set that must not serve another run (the daemon keeps the
         buffers for any job still using them)."""
         for buf in (*io[0], *io[1]):
             try:
-                buf.free()
+                yield from BufferOps.free(buf)
             except NpuError:
                 pass   # the session is gone, and its buffers with it
 
-    def _new_set(self):
-        def alloc(infos):
-            return [self.client.alloc(max(t.size, 1), self.device) for t in infos]
-        return alloc(self.inputs), alloc(self.outputs)
 
+class ModelRun(ModelRunRecord):
+    """One run of a model, its operations: ``wait()``, then ``result()`` (outputs) and ``stats``."""
 
-class ModelJob(ModelRunRecord, Job):
-    """One run of a model: ``wait()``, then ``result()`` (outputs) and ``stats``."""
+    def _settle(self, result: dict):
+        """Take a finished job's outcome (from wait or wait_jobs): outputs, or its error.
 
-    def _settle(self, result: dict) -> None:
-        """Take a finished job's outcome (from wait or wait_jobs): outputs, or its error."""
+        Until the outputs are read the job keeps its buffer set: a read interrupted half-way
+        leaves the job unfinished, and the next wait() reads again from the same set."""
         if not self._take(result):
             return
         if self._error is None:
-            self._outputs = self._collect()
-        self._release()
+            self._outputs = yield from self._collect()
+        yield from self._release()
 
-    def _collect(self) -> dict[str, np.ndarray]:
+    def _collect(self):
         """The finished run's outputs (copies: the buffers serve the next run)."""
         outputs = {}
         for info, buf in zip(self.model.outputs, self._io[1]):
             out = np.empty(info.shape, info.dtype)
-            buf.read_into(out)
+            yield from BufferOps.read_into(buf, out)
             outputs[info.name] = out
         return outputs
 
-    def _release(self) -> None:
+    def _release(self):
+        io, self._io = self._io, None
+        if io is None:
+            return
         if self.model._unloaded:  # unloaded while this job ran: nothing will reuse them
-            for buf in (*self._io[0], *self._io[1]):
-                buf.free()
+            yield from self.model._discard(io)
         else:
-            self.model._idle_sets.append(self._io)  # the buffers may serve the next run
+            self.model._idle_sets.append(io)  # the buffers may serve the next run
 
-    def result(self, timeout: float | None = None) -> dict[str, np.ndarray]:
-        return self.wait(timeout)._outputs
+    def result(self, timeout: float | None = None):
+        """Wait for the run and return its outputs by name (raises its error if it failed)."""
+        yield from JobRecord.wait(self, timeout)
+        return self._outputs
+
+
+class Model(LoadedModel):
+    """A model loaded on a device for this session."""
+
+    client: "Client"
+    run = blocking(LoadedModel.run)
+    submit = blocking(LoadedModel.submit)
+    execution = blocking(LoadedModel.execution)
+    report = blocking(LoadedModel.report)
+    unload = blocking(LoadedModel.unload)
+
+
+class ModelJob(ModelRun, Job):
+    """One run of a model: ``wait()``, then ``result()`` (outputs) and ``stats``."""
+
+    result = blocking(ModelRun.result)
+
+
+Model._job_class = ModelJob
 
 
 def _tensor(t: dict) -> TensorInfo:

@@ -57,10 +57,43 @@ def not_running(endpoint: str, detail: str = "") -> NpuError:
 
 
 def check_reachable(endpoint: str) -> None:
-    """Fail fast, with a useful message, when an ipc endpoint has no socket file."""
+    """Fail fast, with a useful message, when nothing listens at an ipc endpoint: no socket file,
+    or one left behind by a daemon that was killed (connecting to it is refused)."""
     path = ipc_path(endpoint)
-    if path is not None and not os.path.exists(path):
+    if path is None:
+        return
+    if not os.path.exists(path):
         raise not_running(endpoint)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe.setblocking(False)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        raise not_running(endpoint, " (its socket file is left from a daemon that exited)") from None
+    except OSError:
+        pass   # EAGAIN (a full backlog) and the like: something listens, hello will tell the rest
+    finally:
+        probe.close()
+
+
+# The companion socket's listen backlog may be full for a moment (many clients connecting at
+# once): connecting then fails with EAGAIN, and is retried after these pauses.
+ATTACH_FIRST_RETRY_S = 0.001
+ATTACH_MAX_RETRY_S = 0.1
+
+
+def attach_retries(deadline: float):
+    """The pauses before each retry of a companion-socket connect refused with EAGAIN: doubling
+    from ATTACH_FIRST_RETRY_S to ATTACH_MAX_RETRY_S, until ``deadline`` (time.monotonic)."""
+    delay = ATTACH_FIRST_RETRY_S
+    while time.monotonic() + delay < deadline:
+        yield delay
+        delay = min(2 * delay, ATTACH_MAX_RETRY_S)
+
+
+def attach_refused(path: str, exc: BaseException) -> NpuError:
+    busy = " (its listen backlog stayed full)" if isinstance(exc, BlockingIOError) else ""
+    return error(ErrorCode.ENOTCONN, f"cannot attach the companion socket {path}: {exc}{busy}")
 
 
 HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -174,16 +207,13 @@ def fd_message(packet: bytes) -> dict:
         raise error(ErrorCode.EPROTO, f"bad fd packet: {exc}") from None
 
 
-def recv_fd_packet(sock: socket.socket) -> tuple[dict, int]:
-    """Blocking: one fd packet from the companion socket."""
-    data, fds, _flags, _addr = socket.recv_fds(sock, 4096, 1)
-    if not data:
-        raise error(ErrorCode.ENOTCONN, "the daemon closed the companion socket")
-    if len(fds) != 1:
-        for fd in fds:
-            os.close(fd)
-        raise error(ErrorCode.EPROTO, "fd packet without exactly one file descriptor")
-    return fd_message(data), fds[0]
+FD_SPACE = socket.CMSG_SPACE(4)   # ancillary room for the one fd of a companion-socket packet
+
+
+def fds_of(ancdata: list) -> list[int]:
+    """The file descriptors in a ``recvmsg``'s SCM_RIGHTS ancillary data."""
+    return [fd for level, kind, raw in ancdata if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+            for fd in np.frombuffer(raw[: len(raw) - len(raw) % 4], dtype=np.int32).tolist()]
 
 
 def map_fd(fd: int, size: int) -> mmap.mmap:

@@ -215,19 +215,18 @@ async def test_a_cancelled_result_keeps_the_buffer_set_until_it_is_read():
     class Output:
         name, shape, dtype = "y", (4,), np.dtype(np.float32)
 
-    class SlowOnce:
-        reads = 0
-
-        async def read_into(self, out):
-            SlowOnce.reads += 1
-            if SlowOnce.reads == 1:
-                await trio.sleep_forever()
-            out[:] = 7
-
     class Client:
-        timeout = 1.0
+        """The trio transport's driver over a fake daemon whose first read never answers."""
+        timeout, attached, map_io, limits = 1.0, False, False, {"max_inline_bytes": 1 << 20}
+        reads = 0
+        _run = npu.AsyncClient._run
 
-        async def _request(self, op, args, timeout=None):
+        async def _call(self, call):
+            if call.op == "read":
+                Client.reads += 1
+                if Client.reads == 1:
+                    await trio.sleep_forever()
+                return {"data": np.full(4, 7, np.float32).tobytes()}
             return {"state": "done", "stats": {}}
 
     class Model:
@@ -237,7 +236,7 @@ async def test_a_cancelled_result_keeps_the_buffer_set_until_it_is_read():
             self._idle_sets = []
 
     model = Model()
-    io = ([SlowOnce()], [SlowOnce()])
+    io = ([npu.AsyncBuffer(model.client, 1, 16, 0)], [npu.AsyncBuffer(model.client, 2, 16, 0)])
     job = npu.AsyncModelJob(model, 1, io)
     with trio.move_on_after(0.05):
         await job.result()
@@ -245,7 +244,7 @@ async def test_a_cancelled_result_keeps_the_buffer_set_until_it_is_read():
     assert (await job.result())["y"].tolist() == [7.0] * 4
     assert model._idle_sets == [io]
     await job.result()                      # finished: nothing read or returned again
-    assert model._idle_sets == [io] and SlowOnce.reads == 2
+    assert model._idle_sets == [io] and Client.reads == 2
 
 
 async def test_closed_client_refuses_requests(daemon):
