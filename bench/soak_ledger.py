@@ -3,7 +3,7 @@
 Two levels, because the client library hides one of them:
 
 - ``ReplyLedger`` sees every frame a session receives, before the library
-  drops what it does not expect.  ``npu.Client._await`` skips a reply whose
+  drops what it does not expect.  The client's core (``npu/core.py``) drops a reply whose
   seq it is not waiting for (taking it for the late answer to a request that
   timed out), so a reply the daemon sent twice, or a completion it reported
   twice, never reaches the caller; only a tap on the socket can count them.
@@ -187,9 +187,10 @@ class TappedClient(npu.Client):
         super().__init__(*args, **kwargs)
         self.ledger = ReplyLedger()
         self._sock = _TappedSocket(self._sock, self.ledger)
+        start = self._core.start   # where every request of both clients gets its seq (npu/core.py)
 
-    def _send(self, op: str, args: dict, frame=None) -> int:
-        seq = super()._send(op, args, frame)
-        if hasattr(self, "ledger"):
-            self.ledger.sent(seq, op, args)
-        return seq
+        def tapped_start(call):
+            seq, frame = start(call)
+            self.ledger.sent(seq, call.op, call.args or {})
+            return seq, frame
+        self._core.start = tapped_start
