@@ -102,7 +102,7 @@ def cancel_session(daemon: "Daemon", session: "Session", error: ErrorInfo) -> No
 
 def export(daemon: "Daemon", job: "Job") -> str:
     for token, known in daemon.fence_tokens.items():
-        if known is job:
+        if known.id == job.id and known.session_id == job.session_id:   # a Job, or its KeptJob since
             return token
     if len(daemon.fence_tokens) >= MAX_TOKENS:   # the oldest go first
         del daemon.fence_tokens[next(iter(daemon.fence_tokens))]

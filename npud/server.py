@@ -527,6 +527,8 @@ class Daemon:
         self.trace.add(self.job_record(job))
         job.layers = None   # the trace event keeps them; a kept job must not pin an unloaded model's report
         fences.job_finished(self, job)
+        if session is not None:
+            session.keep_finished(job)
 
     def job_record(self, job: Job) -> dict:
         """A job as the `jobs` and `trace` ops show it (times in seconds since the daemon started)."""

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .jobs import BusyWindow, Job
+from .jobs import BusyWindow, Job, KeptJob
 from .memory import BufferObject
 from .ordering import Sequencer
 from .scheduler import Context
@@ -51,7 +51,7 @@ class Session:
     buffers: dict[int, BufferObject] = field(default_factory=dict)
     models: dict[int, "LoadedModel"] = field(default_factory=dict)
     memory: int = 0
-    jobs: OrderedDict[int, Job] = field(default_factory=OrderedDict)
+    jobs: OrderedDict[int, Job | KeptJob] = field(default_factory=OrderedDict)   # finished ones as KeptJob
     jobs_in_flight: int = 0
     jobs_submitted: int = 0
     jobs_completed: int = 0
@@ -83,6 +83,12 @@ class Session:
             if oldest.state not in ("done", "failed"):
                 break
             del self.jobs[oldest_id]
+
+    def keep_finished(self, job: Job) -> None:
+        """Keep a finished job as its compact record (npud/jobs.py KeptJob), in the same place in
+        the order; a job the session no longer keeps stays forgotten."""
+        if self.jobs.get(job.id) is job:
+            self.jobs[job.id] = KeptJob(job)
 
     def command(self) -> str:
         """The client's command line as this daemon's PID namespace shows it."""

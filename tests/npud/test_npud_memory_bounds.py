@@ -6,7 +6,9 @@ staying up after every client left; these pin the bounds that fixed it.
 
 from __future__ import annotations
 
+import gc
 import time
+import tracemalloc
 import weakref
 
 import numpy as np
@@ -16,8 +18,11 @@ import trio
 import npu
 from bench import soak_probe
 from examples import tiny_cnn
+from ipc_schema.errors import ErrorCode, ErrorInfo
 from npu.local import LocalDaemon
-from npud.jobs import FINISHED, RECENT_REPORTS, Job, TraceRing
+from npud.jobs import FINISHED, RECENT_REPORTS, Job, KeptJob, TraceRing
+from npud.server import Daemon
+from npud.sessions import FINISHED_JOBS_KEPT, Session
 from streams import A, B, O, add_stream
 
 
@@ -71,6 +76,61 @@ def test_a_finished_job_keeps_its_stats_but_not_its_session_or_own_event():
     trio.run(main)
 
 
+STATS = {"cycles": 123456, "wall_ms": 0.25, "engine_busy": {"mac": 100000, "dma": 20000, "vec": 3000}}
+
+
+def _finished_job(session: Session, ok: bool = True) -> Job:
+    """A model's job as the daemon finishes it (npud/server.py _job_done), kept by ``session``."""
+    job = Job(session.new_job_id(), session.id, 0, b"\0" * 256, [(object(), 0x1000, True)], program=7,
+              model=3, model_name="tiny_cnn", layers=[{"node": "fc", "op": "Gemm"}], pid=4242,
+              client=session.name, session=session)
+    session.jobs_in_flight += 1
+    session.remember_job(job)
+    job.state, job.started, job.preemptions = "running", time.monotonic(), 1
+    job.finish(stats=STATS if ok else None,
+               error=None if ok else ErrorInfo.of(ErrorCode.ECANCELED, "the session closed"))
+    session.jobs_in_flight -= 1
+    job.bindings, job.stream, job.layers = [], b"", None
+    session.keep_finished(job)
+    return job
+
+
+def test_kept_finished_jobs_are_compact_and_hold_nothing_of_the_run():
+    session = Session("s1", b"r", "client", 1)
+    bound = 450   # bytes per kept job, its entry in `Session.jobs` included (measured ~340; a kept Job ~690)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for _ in range(FINISHED_JOBS_KEPT):
+            _finished_job(session)
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    grown = sum(d.size_diff for d in after.compare_to(before, "filename"))
+    assert len(session.jobs) == FINISHED_JOBS_KEPT
+    assert all(type(k) is KeptJob for k in session.jobs.values())
+    assert grown / FINISHED_JOBS_KEPT < bound, f"{grown / FINISHED_JOBS_KEPT:.0f} bytes per kept job"
+    kept = next(iter(session.jobs.values()))
+    held = gc.get_referents(kept)
+    assert not any(isinstance(o, (list, Session, Job)) for o in held), held   # no bindings, stream, session
+    assert kept.layers is None and kept.session is None and kept.dependents == ()
+
+
+def test_a_kept_job_reads_like_the_finished_job_it_replaces():
+    session = Session("s1", b"r", "client", 1)
+    daemon = type("D", (), {"started": 0.0})()
+    for ok in (True, False):
+        job = _finished_job(session, ok)
+        kept = session.jobs[job.id]
+        assert type(kept) is KeptJob
+        assert Daemon.job_record(daemon, kept) == Daemon.job_record(daemon, job)
+        for name in ("id", "session_id", "state", "stats", "packed_stats", "error", "device", "pid", "model",
+                     "model_name", "client", "submitted", "started", "finished", "preemptions", "context"):
+            assert getattr(kept, name) == getattr(job, name), name
+        assert kept.done is FINISHED and kept.done.is_set()
+
+
 @pytest.fixture
 def probed(tmp_path):
     """A daemon whose cyclic garbage collector is off (so only what reference counting frees is
@@ -100,7 +160,8 @@ def test_a_closed_session_leaves_no_session_job_or_model_record(probed):
         for c in clients:
             _work(c)
         during = soak_probe.mark(daemon.process.pid, probe_dir)["alive"]
-        assert during["Session"] == 4 and during["Job"] >= 3 * 25 and during["LoadedModel"] == 3
+        # (finished jobs are kept as npud.jobs.KeptJob, which the probe does not count)
+        assert during["Session"] == 4 and during["LoadedModel"] == 3
         for c in clients:
             c.close()
         deadline = time.monotonic() + 10
@@ -170,3 +231,32 @@ def test_heap_is_trimmed_once_per_idle_period_after_being_busy():
     heap.tick(203.0, busy=True)          # busy again before 5 s idle: the clock restarts
     assert not heap.tick(207.5, busy=False) and heap.tick(212.5, busy=False) and calls == [0, 0]
     assert _libc_malloc_trim() is not None   # glibc here: the daemon really trims
+
+
+@pytest.fixture
+def test_daemon(tmp_path):
+    """A private npud with fault injection (``--test-mode``)."""
+    d = LocalDaemon("--test-mode", "--cache-dir", str(tmp_path / "cache"))
+    yield d
+    d.stop()
+
+
+def test_a_fence_is_one_token_before_and_after_its_job_is_kept(test_daemon):
+    """A job exported while it runs and again once the session keeps it as a KeptJob: one fence,
+    and jobs of either session can still name it."""
+    with npu.connect(test_daemon.endpoint) as c, npu.connect(test_daemon.endpoint) as other:
+        a, b, out = (c.alloc(4096) for _ in range(3))
+        binds = [(a, A, False), (b, B, False), (out, O, True)]
+        c.inject_fault("slow", slow_ms=300)
+        job = c.submit(add_stream(64), binds)
+        token = job.export_fence()
+        imported = other.import_fence(token)
+        job.wait(timeout=10)
+        assert job.export_fence() == token
+        assert other.import_fence(token).id == imported.id
+        assert npu.wait([imported], timeout=5)
+        after_mine = c.submit(add_stream(64), binds, after=[job])
+        x, y, z = (other.alloc(4096) for _ in range(3))
+        after_theirs = other.submit(add_stream(64), [(x, A, False), (y, B, False), (z, O, True)], after=[imported])
+        assert after_mine.wait(timeout=10) and after_theirs.wait(timeout=10)
+        assert job.wait(timeout=5) is job
