@@ -26,7 +26,6 @@ an empty, deleted working directory and, with Landlock, no file but its own code
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import sys
 import time
@@ -38,8 +37,6 @@ from emulator.config import DeviceConfig
 
 from . import sandbox
 from .errors import CompileError
-
-PARENT_CHECK_MS = 500
 
 
 def _limit_resources(memory_bytes: int) -> None:
@@ -95,15 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     sock.setsockopt(zmq.LINGER, 1000)
     sock.connect(args.endpoint)
     sock.send(msgpack.packb({"op": "ready", "confinement": confinement}))
-    daemon = os.getppid()
+    # No watch on the daemon here: the lifeline it was started through (emulator/lifeline.py)
+    # ends this process when the daemon dies, busy or idle.
     while True:
-        # A ZeroMQ socket never reports that its peer is gone, so while idle the worker checks
-        # that the daemon still exists: a worker of a SIGKILLed daemon must not live on.
-        # (PR_SET_PDEATHSIG would fire when the *thread* that spawned us exits, and trio spawns
-        # processes from worker threads that retire after 10 s idle.)
-        while not sock.poll(PARENT_CHECK_MS):
-            if os.getppid() != daemon:
-                return 1
         request = msgpack.unpackb(sock.recv(), raw=False)
         if request.get("op") == "exit":
             return 0

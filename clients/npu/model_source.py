@@ -49,10 +49,11 @@ def read_model_file(path) -> bytes:
             model = onnx.load_from_string(data)
         except Exception:  # noqa: BLE001 -- not ONNX after all: the compiler says what is wrong
             model = None
-        if model is not None and _external_tensors(model):
+        tensors = _external_tensors(model) if model is not None else []
+        if tensors:
             base_dir = os.path.dirname(os.path.abspath(path))
-            externals = tuple(sorted({os.path.join(base_dir, _location(t)) for t in _external_tensors(model)}))
-            data = self_contained(model, base_dir, what=str(path))
+            externals = tuple(sorted({os.path.join(base_dir, _location(t)) for t in tensors}))
+            data = _inline(model, tensors, base_dir, str(path), model_container.PROTOBUF_LIMIT)
     _READ[(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)] = externals
     while len(_READ) > _READ_LIMIT:
         _READ.popitem(last=False)
@@ -81,12 +82,16 @@ def self_contained(model, base_dir: str, *, what: str = "the model",
                    limit: int = model_container.PROTOBUF_LIMIT) -> bytes:
     """``model`` (an onnx.ModelProto, changed in place) with its external data read from
     ``base_dir``: plain ONNX bytes while they stay under ``limit``, else a model container."""
+    return _inline(model, _external_tensors(model), base_dir, what, limit)
+
+
+def _inline(model, tensors: list, base_dir: str, what: str, limit: int) -> bytes:
     from onnx import external_data_helper
 
     size = model.ByteSize()
     chunks: list[bytes] = []
     offset = 0
-    for tensor in _external_tensors(model):
+    for tensor in tensors:
         try:
             external_data_helper.load_external_data_for_tensor(tensor, base_dir)
         except Exception as exc:  # noqa: BLE001 -- OSError, ValueError, onnx's ValidationError
