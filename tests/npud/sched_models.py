@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 TESTS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TESTS / "compiler_worker"))
@@ -41,6 +42,17 @@ def daemon_in_test_mode(tmp: Path, config: str):
 
     return LocalDaemon("--test-mode", "--config", write_config(tmp / "npud.toml", config),
                        "--cache-dir", str(tmp / "cache"))
+
+
+def module_daemon_in_test_mode(tag: str, config: str, name: str = "daemon"):
+    """A module-scoped fixture called ``name``: one ``daemon_in_test_mode`` for the module's tests,
+    stopped after them."""
+    @pytest.fixture(scope="module", name=name)
+    def fixture(tmp_path_factory):
+        d = daemon_in_test_mode(tmp_path_factory.mktemp(tag), config)
+        yield d
+        d.stop()
+    return fixture
 
 
 def feeds(model, seed: int = 0) -> np.ndarray:

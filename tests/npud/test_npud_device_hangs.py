@@ -16,7 +16,7 @@ from bench.soak_proc import alive
 from emulator.config import DeviceConfig
 from streams import A, B, O, add_stream
 
-from sched_models import daemon_in_test_mode, deep_mlp, device_pids, feeds, reference
+from sched_models import deep_mlp, device_pids, feeds, module_daemon_in_test_mode, reference
 
 TIMEOUT_MS = 1500   # the run watchdog, and so the deadline of every other exchange
 CONFIG = f"""
@@ -26,11 +26,7 @@ device_processes = 1
 """
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
-    d = daemon_in_test_mode(tmp_path_factory.mktemp("hangs"), CONFIG)
-    yield d
-    d.stop()
+daemon = module_daemon_in_test_mode("hangs", CONFIG)
 
 
 def _stop_the_idle_device(daemon, c) -> int:

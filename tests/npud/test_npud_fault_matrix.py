@@ -22,7 +22,8 @@ import zmq
 import npu
 from ipc_schema.schema import PROTOCOL_VERSION
 from npud.server import WAITING_PER_CONNECTION
-from sched_models import daemon_in_test_mode, deep_mlp, device_pids, feeds, reference
+from sched_models import (daemon_in_test_mode, deep_mlp, device_pids, feeds, module_daemon_in_test_mode,
+                          reference)
 from streams import A, B, O, add_stream
 
 N = 1024
@@ -41,11 +42,7 @@ def ms(seconds: float) -> float:
     return round(seconds * 1e3, 1)
 
 
-@pytest.fixture(scope="module")
-def tdaemon(tmp_path_factory):
-    d = daemon_in_test_mode(tmp_path_factory.mktemp("matrix"), CONFIG)
-    yield d
-    d.stop()
+tdaemon = module_daemon_in_test_mode("matrix", CONFIG, name="tdaemon")
 
 
 class AddJob:

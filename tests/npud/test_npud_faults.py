@@ -20,7 +20,7 @@ import npu
 from npu.local import LocalDaemon
 
 from npud_raw import RawPeer, error_of
-from sched_models import daemon_in_test_mode, deep_mlp, device_pids, feeds, reference
+from sched_models import deep_mlp, device_pids, feeds, module_daemon_in_test_mode, reference
 
 CONFIG = """
 [scheduling]
@@ -30,11 +30,7 @@ device_processes = 1
 """
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
-    d = daemon_in_test_mode(tmp_path_factory.mktemp("faults"), CONFIG)
-    yield d
-    d.stop()
+daemon = module_daemon_in_test_mode("faults", CONFIG)
 
 
 def device0(c):

@@ -15,7 +15,7 @@ import npu
 from npu.local import LocalDaemon
 
 from npud_raw import RawPeer, error_of
-from sched_models import daemon_in_test_mode, deep_mlp, feeds, reference
+from sched_models import deep_mlp, feeds, module_daemon_in_test_mode, reference
 
 CONFIG = """
 compile_workers = 2
@@ -24,11 +24,7 @@ compile_timeout_s = 3
 SLOW_MS = 2500   # an injected compile delay: under the time limit, far over a small compile
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
-    d = daemon_in_test_mode(tmp_path_factory.mktemp("compile-faults"), CONFIG)
-    yield d
-    d.stop()
+daemon = module_daemon_in_test_mode("compile-faults", CONFIG)
 
 
 def worker_pids(daemon_pid: int) -> set[int]:

@@ -14,17 +14,13 @@ from ipc_schema.schema import PROTOCOL_VERSION
 from npud.ordering import Sequencer
 from npud.server import WAITING_PER_CONNECTION
 from npud_raw import RawPeer, error_of, session_peer
-from sched_models import daemon_in_test_mode, deep_mlp
+from sched_models import deep_mlp, module_daemon_in_test_mode
 
 PAIRS = 1000
 BIG = 1 << 20      # handlers copy this much off the event loop (npud.handlers.THREAD_THRESHOLD)
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
-    d = daemon_in_test_mode(tmp_path_factory.mktemp("ordering"), "compile_workers = 1\n")
-    yield d
-    d.stop()
+daemon = module_daemon_in_test_mode("ordering", "compile_workers = 1\n")
 
 
 @pytest.fixture

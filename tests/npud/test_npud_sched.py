@@ -12,7 +12,7 @@ import pytest
 import npu
 from npu.local import LocalDaemon
 
-from sched_models import daemon_in_test_mode, deep_mlp, feeds, reference, write_config
+from sched_models import deep_mlp, feeds, module_daemon_in_test_mode, reference, write_config
 
 CONFIG = """
 [limits]
@@ -25,11 +25,7 @@ device_processes = 1
 """
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
-    d = daemon_in_test_mode(tmp_path_factory.mktemp("sched"), CONFIG)
-    yield d
-    d.stop()
+daemon = module_daemon_in_test_mode("sched", CONFIG)
 
 
 @pytest.fixture
