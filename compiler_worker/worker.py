@@ -32,11 +32,14 @@ import time
 
 import msgpack
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from emulator.config import DeviceConfig
 
 from . import sandbox
 from .errors import CompileError
+
+LOST_CONNECTION = 3   # exit status: the connection to the daemon dropped (see _serve)
 
 
 def _limit_resources(memory_bytes: int) -> None:
@@ -90,18 +93,41 @@ def main(argv: list[str] | None = None) -> int:
     sock = zmq.Context().socket(zmq.DEALER)
     sock.setsockopt(zmq.ROUTING_ID, args.name.encode())
     sock.setsockopt(zmq.LINGER, 1000)
+    dropped = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)   # before connect: no event missed
     sock.connect(args.endpoint)
     sock.send(msgpack.packb({"op": "ready", "confinement": confinement}))
     # No watch on the daemon here: the lifeline it was started through (emulator/lifeline.py)
     # ends this process when the daemon dies, busy or idle.
+    return _serve(sock, dropped, args.test_mode)
+
+
+def _serve(sock: zmq.Socket, dropped: zmq.Socket, test_mode: bool) -> int:
+    """Answer requests until the daemon says exit (0) or the connection drops (LOST_CONNECTION).
+
+    A dropped connection means a request may be lost unseen: when a model does not fit the
+    worker's RLIMIT_AS, ZeroMQ's I/O thread fails to allocate the incoming message, drops the
+    connection and quietly reconnects, and the daemon would wait for an answer until its compile
+    time limit.  Exiting instead lets the daemon see the worker die and fail the compile at once,
+    naming the memory limit, and its replacement starts clean.
+    """
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(dropped, zmq.POLLIN)
     while True:
+        ready = dict(poller.poll())
+        if dropped in ready and recv_monitor_message(dropped)["event"] == zmq.EVENT_DISCONNECTED:
+            print("npud compiler worker: the connection to the daemon dropped (a request too large "
+                  "for this worker's memory limit, or the daemon closed it); exiting",
+                  file=sys.stderr, flush=True)
+            return LOST_CONNECTION
+        if sock not in ready:
+            continue
         request = msgpack.unpackb(sock.recv(), raw=False)
         if request.get("op") == "exit":
             return 0
-        reply = handle(request, args.test_mode)
+        reply = handle(request, test_mode)
         reply["id"] = request["id"]
         sock.send(msgpack.packb(reply, use_bin_type=True))
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -251,8 +251,10 @@ def test_compile_over_the_time_limit_times_out_and_the_worker_is_replaced(slow_l
 
 
 def test_compile_over_the_memory_limit_fails_clearly(memory_limit):
-    # A worker near its address-space limit can crawl on a loaded machine: wait for the
-    # daemon's answer (its compile time limit is 120 s), not the client's default 30 s.
+    # Where the limit bites varies from run to run: in the worker's Python (ENOMEM), or in
+    # ZeroMQ's I/O thread receiving the model, which drops the connection (the worker exits: EIO;
+    # tests/compiler_worker/test_compiler_worker_connection.py).  Either way the answer comes
+    # well inside the client's timeout; the daemon's own limit (120 s) would be a regression.
     with npu.connect(memory_limit.endpoint, timeout=150) as c:
         with pytest.raises(npu.NpuError) as err:
             c.load(resnet())  # 100 MB of weights: several copies do not fit in 300 MiB
