@@ -21,10 +21,10 @@ from npud_raw import RawPeer, error_of
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def daemon_with(tmp_path, policy: str, config: str = "") -> LocalDaemon:
+def daemon_with(tmp_path, policy: str, config: str = "", *args: str) -> LocalDaemon:
     (tmp_path / "policy.toml").write_text(policy)
     (tmp_path / "npud.toml").write_text(f'policy = "{tmp_path}/policy.toml"\n{config}')
-    d = LocalDaemon("--config", str(tmp_path / "npud.toml"))
+    d = LocalDaemon("--config", str(tmp_path / "npud.toml"), *args)
     open_to_everyone(d)
     return d
 
@@ -73,7 +73,8 @@ def long_stream(n: int) -> bytes:
 def test_per_uid_quotas_memory_edquot_and_jobs_eagain(tmp_path):
     uid = os.getuid()
     d = daemon_with(tmp_path, f'[quotas.default]\nmemory = "64MiB"\n'
-                              f'[quotas.users."{uid}"]\nmemory = "1MiB"\njobs_in_flight = 2\n')
+                              f'[quotas.users."{uid}"]\nmemory = "1MiB"\njobs_in_flight = 2\n',
+                    "", "--test-mode")
     try:
         with npu.connect(d.endpoint) as a, npu.connect(d.endpoint) as b:
             assert a.limits["memory_quota"] == 1 << 20
@@ -83,8 +84,11 @@ def test_per_uid_quotas_memory_edquot_and_jobs_eagain(tmp_path):
             assert info.value.code == "EDQUOT" and f"uid {uid}" in info.value.message
             assert "quota" in info.value.message and not info.value.retryable
             b.alloc(256 << 10)       # what is left fits
-            # jobs in flight: two long jobs from two sessions, the third is refused for now
-            stream = long_stream(6000)
+            # jobs in flight: two slow jobs from two sessions, the third is refused for now.  The
+            # slowness is injected (a sleep), not computed: a loaded machine cannot finish them early.
+            stream = long_stream(1)
+            for session in (a, b):
+                session.inject_fault("slow", slow_ms=1000, count=1)
             jobs = [a.submit(stream, []), b.submit(stream, [])]
             with pytest.raises(npu.Busy) as info:
                 a.submit(stream, [])

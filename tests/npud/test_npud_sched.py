@@ -187,7 +187,9 @@ def test_deadlines_persistent_and_transient(clients):
 def test_admission_limit_is_transient_with_a_retry_hint(clients):
     c = clients()
     model = c.load(deep_mlp(layers=2))
-    c.inject_fault("slow", slow_ms=30, count=16)
+    # One slow job (an injected sleep, which a loaded machine cannot shorten) holds the device
+    # while the other fifteen queue behind it: all sixteen stay in flight.
+    c.inject_fault("slow", slow_ms=1000, count=1)
     jobs = [model.submit(feeds(model)) for _ in range(16)]
     with pytest.raises(npu.Busy) as info:
         model.submit(feeds(model))
