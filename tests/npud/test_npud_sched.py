@@ -108,6 +108,11 @@ def _share(weights: tuple[int, int], clients) -> float:
     cs = [clients(name=f"fair{i}") for i in range(2)]
     models = [c.load(deep_mlp(layers=4, width=128, batch=16)) for c in cs]
     ctxs = [c.context("normal", weight=w) for c, w in zip(cs, weights)]
+    # The device must be the bottleneck, or each client gets what it can submit and the split says
+    # nothing about the scheduler: a few ms of injected sleep per layer keeps it busy even when a
+    # loaded machine slows the client threads down.
+    for c in cs:
+        c.inject_fault("slow", slow_ms=3, count=1000)
     stop, done = threading.Event(), ([], [])
     # Each client saturates from its own thread (a Client belongs to one thread).
     threads = [threading.Thread(target=_saturate, args=(m, ctx, stop, d)) for m, ctx, d in zip(models, ctxs, done)]
