@@ -201,8 +201,8 @@ def run_text(r: dict) -> str:
 
         def fmt(p):
             return "  ".join(f"{k} {p[k]:.3f}" for k in ("min", "p50", "p90", "p99", "max", "mean"))
-        of = f" of {b['requested']} (interrupted)" if b["runs"] < b["requested"] else ""
-        lines += [f"bench: {b['runs']}{of} runs, {b['runs_per_s']:.1f} runs/s",
+        of = f" of {b['requested']} runs (interrupted)" if b["runs"] < b["requested"] else " runs"
+        lines += [f"bench: {b['runs']}{of}, {b['runs_per_s']:.1f} runs/s",
                   f"  latency ms      {fmt(b['latency_ms'])}",
                   f"  device wall ms  {fmt(b['device_wall_ms'])}",
                   f"  modeled         {b['cycles']:,} cycles = {b['modeled_ms']:.3f} ms per run"]

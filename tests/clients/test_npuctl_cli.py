@@ -97,7 +97,7 @@ def test_ctrl_c_in_run_bench_prints_partial_stats_and_exits_130(daemon, onnx_pat
             wait_for(lambda: (npuctl_session(c) or {}).get("jobs_completed", 0) > 20, what="bench runs")
     code, out, err = interrupted(daemon, "run", onnx_path, "--bench", "1000000", before=some_runs)
     assert code == 130, err
-    assert "on device 0" in out and "of 1000000 (interrupted)" in out and "latency ms" in out, out
+    assert "on device 0" in out and "of 1000000 runs (interrupted)" in out and "latency ms" in out, out
     runs = int(out.split("bench: ", 1)[1].split()[0])
     assert 20 <= runs < 1000000
 

@@ -8,14 +8,13 @@ import json
 import os
 import re
 import sys
-import threading
 import time
 
-import numpy as np
 import onnx
 import pytest
 
 import npu
+from bench import util_views
 from ipc_schema.usage import util_pct
 from npu.local import LocalDaemon
 from npuctl.main import main as npuctl_main
@@ -24,64 +23,22 @@ from npud.identity import device_uuid, machine_id
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "compiler_worker"))
 from compiler_testmodels import mlp  # noqa: E402
 
-SLOW_MS = 8          # per layer: device time that sleeps, so that the jobs' length does not depend on the CPUs
-IN_FLIGHT = 4        # jobs each client keeps queued or running
 SKEW_PCT = 10.0      # the clients' shares and the device's are read a few ms apart
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    d = LocalDaemon("--device", "server", "--device", "edge", "--test-mode",
-                    "--cache-dir", str(tmp_path_factory.mktemp("cache")))
+    d = util_views.daemon(str(tmp_path_factory.mktemp("cache")))
     yield d
     d.stop()
-
-
-class Load:
-    """Clients that keep IN_FLIGHT slow jobs on their device until stopped: three on the 4-core
-    device 0 (12 jobs for 4 cores: it is saturated and each client has about a third of it), one
-    on the 1-core device 1."""
-
-    def __init__(self, endpoint: str, model_path: str):
-        self.stop = threading.Event()
-        self.errors: list[BaseException] = []
-        self.batches = [0] * 4
-        self.clients = [npu.connect(endpoint, name=f"load{i}") for i in range(4)]
-        self.threads = [threading.Thread(target=self._run, args=(i, c, 0 if i < 3 else 1, model_path))
-                        for i, c in enumerate(self.clients)]
-        for t in self.threads:
-            t.start()
-
-    def _run(self, i: int, client, device: int, model_path: str) -> None:
-        try:
-            model = client.load(model_path, device)
-            x = {model.inputs[0].name: np.ones(model.inputs[0].shape, np.float32)}
-            while not self.stop.is_set():
-                client.inject_fault("slow", device, slow_ms=SLOW_MS, count=IN_FLIGHT)
-                for job in [model.submit(x) for _ in range(IN_FLIGHT)]:
-                    job.wait(60)
-                self.batches[i] += 1
-        except BaseException as exc:  # reported by close()
-            self.errors.append(exc)
-
-    def close(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(60)
-        for c in self.clients:
-            c.close()
-        assert not self.errors, self.errors
 
 
 @pytest.fixture(scope="module")
 def load(daemon, tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "mlp.onnx"
     onnx.save(mlp(), str(path))
-    load = Load(daemon.endpoint, str(path))
-    deadline = time.monotonic() + 120
-    while min(load.batches) < 1 and not load.errors and time.monotonic() < deadline:
-        time.sleep(0.1)   # every client has its model loaded and its jobs running
-    time.sleep(2.0)       # a few utilisation samples of steady load
+    load = util_views.Load(daemon.endpoint, str(path))
+    load.steady(2.0)   # every client's jobs run; a few utilisation samples of steady load
     yield load
     load.close()
 
