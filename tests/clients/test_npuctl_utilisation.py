@@ -8,6 +8,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 
 import onnx
@@ -142,3 +143,46 @@ def test_uuid_survives_a_daemon_restart(capsys, tmp_path):
             d.stop()
         assert rows == [f"{i}, {u}" for i, u in enumerate(seen[-1])]
     assert seen[0] == seen[1] and len(set(seen[0])) == 2 and all(u.startswith("NPU-") for u in seen[0])
+
+
+# --- busy counters ------------------------------------------------------------------------------
+
+
+def test_busy_counter_never_runs_ahead_of_the_clock_or_back_across_a_preemption(tmp_path):
+    """A preempted job's wait for the more urgent one is not device time: a 1-core device's busy
+    counter grows at most as fast as the clock, and never decreases, while a low-priority job is
+    preempted, waits, and resumes."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "npud"))
+    from sched_models import deep_mlp, feeds
+    d = LocalDaemon("--device", "edge", "--test-mode", "--cache-dir", str(tmp_path))
+    samples: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def sample():
+        with npu.connect(d.endpoint, name="sampler") as c:
+            while not stop.is_set():
+                samples.append((time.monotonic(), c._request("devices", {})["devices"][0]["busy_ms"]))
+                time.sleep(0.01)
+    try:
+        with npu.connect(d.endpoint, name="low") as low_c, npu.connect(d.endpoint, name="high") as high_c:
+            low_model, high_model = low_c.load(deep_mlp(layers=8)), high_c.load(deep_mlp(layers=4))
+            low_c.inject_fault("slow", slow_ms=60)
+            high_c.inject_fault("slow", slow_ms=60)
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            low = low_model.submit(feeds(low_model), context=low_c.context("low"))
+            time.sleep(0.15)   # in its layers
+            high = high_model.submit(feeds(high_model), context=high_c.context("high"))
+            high.wait(30)
+            low.wait(30)
+            time.sleep(0.1)
+            stop.set()
+            sampler.join(30)
+            assert low.stats["preemptions"] >= 1
+    finally:
+        stop.set()
+        d.stop()
+    assert len(samples) > 20
+    for (t0, b0), (t1, b1) in zip(samples, samples[1:]):
+        assert b1 >= b0 - 1e-6, (b0, b1)                        # never back
+        assert b1 - b0 <= (t1 - t0) * 1e3 + 5.0, (t1 - t0, b1 - b0)   # one core: not faster than the clock
