@@ -186,3 +186,13 @@ def test_busy_counter_never_runs_ahead_of_the_clock_or_back_across_a_preemption(
     for (t0, b0), (t1, b1) in zip(samples, samples[1:]):
         assert b1 >= b0 - 1e-6, (b0, b1)                        # never back
         assert b1 - b0 <= (t1 - t0) * 1e3 + 5.0, (t1 - t0, b1 - b0)   # one core: not faster than the clock
+
+
+def test_retry_hint_is_the_mean_device_time_of_a_job_on_a_multicore_device():
+    """A device's busy_s is core-seconds already: 10 jobs that took 1 core-second on a 4-core device
+    took 100 ms each, not 400."""
+    from types import SimpleNamespace
+
+    from npud.handlers import _retry_hint
+    device = SimpleNamespace(jobs_completed=8, jobs_failed=2, busy_s=1.0, cores=[None] * 4)
+    assert _retry_hint(SimpleNamespace(devices=[device]), device) == 100
