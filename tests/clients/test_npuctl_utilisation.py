@@ -161,7 +161,8 @@ def test_busy_counter_never_runs_ahead_of_the_clock_or_back_across_a_preemption(
     def sample():
         with npu.connect(d.endpoint, name="sampler") as c:
             while not stop.is_set():
-                samples.append((time.monotonic(), c._request("devices", {})["devices"][0]["busy_ms"]))
+                s = c._request("status", {})   # the daemon's clock and counter, read together
+                samples.append((s["uptime_s"], s["devices"][0]["busy_ms"]))
                 time.sleep(0.01)
     try:
         with npu.connect(d.endpoint, name="low") as low_c, npu.connect(d.endpoint, name="high") as high_c:
@@ -185,7 +186,7 @@ def test_busy_counter_never_runs_ahead_of_the_clock_or_back_across_a_preemption(
     assert len(samples) > 20
     for (t0, b0), (t1, b1) in zip(samples, samples[1:]):
         assert b1 >= b0 - 1e-6, (b0, b1)                        # never back
-        assert b1 - b0 <= (t1 - t0) * 1e3 + 5.0, (t1 - t0, b1 - b0)   # one core: not faster than the clock
+        assert b1 - b0 <= (t1 - t0) * 1e3 + 3.0, (t1 - t0, b1 - b0)   # one core: not faster than the clock
 
 
 def test_retry_hint_is_the_mean_device_time_of_a_job_on_a_multicore_device():
