@@ -148,5 +148,31 @@ class Executable:
         return Report(rows, "\n".join(out))
 
 
+MAX_META_BYTES = 1 << 20
+
+
+def read_meta(f) -> dict:
+    """The META section of an executable file open for reading (binary), reading only the header,
+    the section table and that section, and checking nothing else: for listings (a damaged file
+    shows as {}); loading an executable still checks all of it."""
+    head = f.read(HEADER.size)
+    if len(head) < HEADER.size:
+        return {}
+    magic, _ver, _flags, _cv, _th, count = HEADER.unpack(head)
+    if magic != MAGIC or count > MAX_SECTIONS:
+        return {}
+    table = f.read(ENTRY.size * count)
+    for i in range(len(table) // ENTRY.size):
+        tag, off, size = ENTRY.unpack_from(table, i * ENTRY.size)
+        if tag == b"META" and size <= MAX_META_BYTES:
+            f.seek(off)
+            try:
+                meta = json.loads(f.read(size))
+            except ValueError:
+                return {}
+            return meta if isinstance(meta, dict) else {}
+    return {}
+
+
 def _js(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()

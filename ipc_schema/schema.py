@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .types import Any_, Array, Bin, Bool, F, Float, Int, MapOf, Str, Struct, Type
 
-PROTOCOL_VERSION = (1, 3)
+PROTOCOL_VERSION = (1, 4)
 """(major, minor).  A major bump breaks compatibility; a minor bump only adds."""
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -78,8 +78,8 @@ DEVICE = Struct("device", {
                          "is a device process; running jobs count their time so far), so utilisation over "
                          "an interval is its growth divided by the interval"),
     "resets": F(U32, "device process restarts"),
-    "util_pct": F(Float(), "percent of the last `util_window_s` seconds (sampled every 0.5 s) the device "
-                           "spent executing jobs"),
+    "util_pct": F(Float(), "utilisation over the last `util_window_s` seconds (sampled every 0.5 s): time "
+                           "its cores spent executing jobs / (wall time x cores), in percent, at most 100"),
     "util_window_s": F(Float(), "the window `util_pct` covers"),
     "modeled_cycles": F(U64, "modeled cycles of the jobs completed since start"),
     "modeled_busy_ms": F(Float(), "`modeled_cycles` at the device clock: what those jobs would take on "
@@ -87,7 +87,17 @@ DEVICE = Struct("device", {
     "cores": F(U32, "device processes running jobs in parallel (one per modeled core)", optional=True),
     "hangs": F(U32, "jobs that hung or crashed a device process since start", optional=True),
     "banned_contexts": F(U32, "contexts banned on this device for hanging it repeatedly", optional=True),
+    "uuid": F(Str(64), "stable identity, the same across daemon restarts: NPU- and a UUID derived from the "
+                       "host's machine-id, the device's configured name and its index", optional=True),
 })
+
+CLIENT_DEVICE = Struct("client_device", {
+    "device": F(DEVICE_INDEX, "device index"),
+    "busy_ms": F(Float(), "device time (core-milliseconds) its jobs took on this device, running ones so far"),
+    "util_pct": F(Float(), "its share of the device over the last 5 s: its jobs' busy core time / (wall "
+                           "time x the device's cores), in percent; the clients' shares add up to at most "
+                           "the device's `util_pct`"),
+}, doc="A client's use of one device.")
 
 CLIENT = Struct("client", {
     "session": F(Str(64), "session id"),
@@ -105,13 +115,15 @@ CLIENT = Struct("client", {
     "connected_s": F(Float(), "seconds since HELLO"),
     "jobs_in_flight": F(U32, "jobs queued or running"),
     "models": F(U32, "models loaded"),
-    "busy_ms": F(Float(), "device time its jobs took, all devices (including running jobs so far)"),
-    "util_pct": F(Float(), "percent of the last 5 s a device spent on its jobs (summed over devices, "
-                           "so up to 100 per device)"),
+    "busy_ms": F(Float(), "device time (core-milliseconds) its jobs took, all devices (including running "
+                          "jobs so far)"),
+    "util_pct": F(Float(), "the sum of its per-device `util_pct` in `devices` (so up to 100 per device)"),
     "modeled_cycles": F(U64, "modeled cycles of its completed jobs"),
     "priority": F(PRIORITY, "priority of its default context", optional=True),
     "contexts": F(U32, "contexts it created (besides its default one)", optional=True),
     "banned_contexts": F(U32, "of its contexts, those banned for hanging a device", optional=True),
+    "devices": F(Array(CLIENT_DEVICE, 256), "the devices it ran jobs on or holds memory on, lowest index "
+                                            "first", optional=True),
 })
 
 LIMITS = Struct("limits", {
@@ -153,6 +165,7 @@ CACHE_ENTRY = Struct("cache_entry", {
     "key": F(Str(128), "content hash of model, options, compiler and target"),
     "size": F(U64, "bytes on disk"),
     "age_s": F(Float(), "seconds since it was written"),
+    "model_name": F(Str(256), "name of the model it was compiled from (empty if it has none)", optional=True),
 })
 
 
@@ -177,6 +190,8 @@ JOB_INFO = Struct("job_info", {
     "wall_ms": F(Float(), "finished_s - started_s in milliseconds (absent unless it ran and finished)",
                  optional=True),
     "cycles": F(U64, "modeled cycles (0 unless done)"),
+    "busy_ms": F(Float(), "device time it took, its run segments only (unlike `wall_ms`, not the time a "
+                          "preempted job waited to resume); absent unless it ran", optional=True),
     "error": F(Str(16), "error code if it failed", optional=True),
     "priority": F(PRIORITY, "its context's priority", optional=True),
     "context": F(U32, "the session's id of its context (0: the default one)", optional=True),

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from compiler_worker.executable import Executable
+from compiler_worker.executable import Executable, read_meta
 from compiler_worker.errors import ExecutableFormatError
 from compiler_worker.pipeline import COMPILER_VERSION
 from emulator.config import DeviceConfig
@@ -96,6 +96,15 @@ def model_digest(model, copy_to: bytearray | None = None) -> bytes:
     else:
         digests = [chunk(0)]
     return hashlib.sha256(n.to_bytes(8, "little") + b"".join(digests)).digest()
+
+
+def _model_name(path: Path) -> str:
+    """The model name an entry's metadata records ("" if it has none or cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            return str(read_meta(f).get("model_name", ""))[:256]
+    except OSError:
+        return ""
 
 
 def cache_key(model, options: dict, config: DeviceConfig, digest: bytes | None = None) -> str:
@@ -258,8 +267,8 @@ class CompileCache:
                 st = path.stat()
             except OSError:
                 continue
-            out.append({"key": path.stem, "size": st.st_size,
-                        "age_s": max(0.0, time.time() - st.st_mtime)})
+            out.append({"key": path.stem, "size": st.st_size, "age_s": max(0.0, time.time() - st.st_mtime),
+                        "model_name": _model_name(path)})
         return out
 
     def clear(self) -> int:

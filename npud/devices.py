@@ -49,6 +49,7 @@ from ipc_schema.errors import ErrorCode, ErrorInfo
 
 from .jobs import BusyWindow, Job
 from .fds import FdBudget
+from .identity import device_uuid
 from .memory import BufferObject, DeviceMemory
 from .scheduler import Scheduler
 
@@ -130,6 +131,7 @@ class Core:
         self.loaded: set[int] = set()
         self.started = False                         # its process has said it is ready
         self.job: Job | None = None                  # running now
+        self.run_since = 0.0                         # time.monotonic() its current run segment began
         self.in_run = False                          # a run request is in flight
         self.preempt_sent = False
         self.wakeup = trio.Event()
@@ -154,6 +156,7 @@ class DeviceHost:
         self.index = index
         self.name = name
         self.preset = preset
+        self.uuid = device_uuid(name, index)
         self.config = config
         self.params = params or SchedulingParams()
         self.memory = DeviceMemory(index, config.memory_bytes, config.page_size, fds=fds)
@@ -238,10 +241,16 @@ class DeviceHost:
         return max(modeled, measured)
 
     def busy_now(self, now: float) -> float:
-        """Seconds spent executing jobs per core, counting the running jobs' time so far."""
-        total = self.busy_s + sum(now - core.job.started for core in self.cores
-                                  if core.job is not None and core.in_run and core.job.started)
-        return total / len(self.cores)
+        """Core-seconds spent executing jobs, counting the running segments' time so far.
+
+        Never decreases: a running segment counts from ``run_since``, the instant its time
+        in ``busy_s`` is measured from once it ends (so a resumed preempted job's time
+        waiting in the queue is not device time)."""
+        return self.busy_s + sum(self.running_s(now, lambda job: True))
+
+    def running_s(self, now: float, which: Callable[[Job], bool]) -> list[float]:
+        """Seconds so far of the running segments of the jobs ``which`` accepts."""
+        return [now - core.run_since for core in self.cores if core.job is not None and which(core.job)]
 
     def modeled_busy_ms(self) -> float:
         """The completed jobs' modeled cycles at this device's clock."""
@@ -263,19 +272,20 @@ class DeviceHost:
     def info(self) -> dict:
         now = time.monotonic()
         return {
-            "index": self.index, "name": self.name, "preset": self.preset, "state": self.state,
+            "index": self.index, "name": self.name, "uuid": self.uuid, "preset": self.preset, "state": self.state,
             "params": self.config.to_dict(), "memory_total": self.memory.total,
             "memory_used": self.memory.used, "jobs_queued": self.jobs_queued,
             "jobs_running": len(self.running_jobs()), "jobs_completed": self.jobs_completed,
-            "jobs_failed": self.jobs_failed, "busy_ms": self.busy_now(now) * 1e3,
+            "jobs_failed": self.jobs_failed, "busy_ms": self.busy_now(now) / len(self.cores) * 1e3,
             "resets": self.resets, "cores": len(self.cores), "hangs": self.hangs,
             "banned_contexts": len(self.banned),
             **self.usage_info(now),
         }
 
     def usage_info(self, now: float) -> dict:
-        return {"util_pct": self.usage.pct(now, self.busy_now(now)), "util_window_s": UTIL_WINDOW_S,
-                "modeled_cycles": self.modeled_cycles, "modeled_busy_ms": self.modeled_busy_ms()}
+        return {"util_pct": self.usage.pct(now, self.busy_now(now), len(self.cores)),
+                "util_window_s": UTIL_WINDOW_S, "modeled_cycles": self.modeled_cycles,
+                "modeled_busy_ms": self.modeled_busy_ms()}
 
     # --- scheduling ------------------------------------------------------------------
 
@@ -418,7 +428,7 @@ class DeviceHost:
             job.state = "running"
             job.started = now
         core.job = job
-        started = time.perf_counter()
+        core.run_since = time.monotonic()
         reply = None
         try:
             try:
@@ -451,9 +461,11 @@ class DeviceHost:
         except HostLimit as exc:  # the device is fine: only this job cannot reach it
             reply = {"ok": False, "error": {"code": exc.code, "retryable": exc.retryable, "message": str(exc)}}
         finally:
-            wall = time.perf_counter() - started
+            wall = time.monotonic() - core.run_since
             job.busy_s += wall
             self.busy_s += wall
+            if job.session is not None:
+                job.session.charge_busy(self.index, wall)
             core.job = None
             core.in_run = False
             core.preempt_sent = False

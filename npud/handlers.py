@@ -367,7 +367,7 @@ def _retry_hint(daemon, device) -> int:
     """Milliseconds until a job's worth of room is likely: the recent mean device time of a job."""
     devices = [device] if device is not None else daemon.devices
     done = sum(d.jobs_completed + d.jobs_failed for d in devices)
-    busy = sum(d.busy_s * len(d.cores) for d in devices)
+    busy = sum(d.busy_s for d in devices)   # core-seconds: a job's device time
     per_job = busy / done if done else 0.01
     return max(1, min(60_000, int(per_job * 1e3 + 0.5)))
 

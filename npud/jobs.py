@@ -13,6 +13,7 @@ import msgpack
 import trio
 
 from ipc_schema.errors import ErrorInfo
+from ipc_schema.usage import util_pct
 
 if TYPE_CHECKING:
     from .memory import BufferObject
@@ -85,8 +86,8 @@ FINISHED.set()
 
 
 # A kept job's numbers, packed ahead of its stats in one bytes object: failed, device, pid, model,
-# preemptions, submitted, started, finished.
-_KEPT_HEAD = struct.Struct("<?iiqiddd")
+# preemptions, submitted, started, finished, busy_s.
+_KEPT_HEAD = struct.Struct("<?iiqidddd")
 
 
 class KeptJob:
@@ -108,7 +109,7 @@ class KeptJob:
         self.id, self.session_id, self.client = job.id, job.session_id, job.client
         self.model_name, self.context, self.error = job.model_name, job.context, job.error
         self._packed = _KEPT_HEAD.pack(job.state == "failed", job.device, job.pid, job.model, job.preemptions,
-                                       job.submitted, job.started, job.finished) + job.packed_stats
+                                       job.submitted, job.started, job.finished, job.busy_s) + job.packed_stats
 
     def _head(self) -> tuple:
         return _KEPT_HEAD.unpack_from(self._packed)
@@ -121,16 +122,17 @@ class KeptJob:
     submitted = property(lambda self: self._head()[5])
     started = property(lambda self: self._head()[6])
     finished = property(lambda self: self._head()[7])
+    busy_s = property(lambda self: self._head()[8])
     packed_stats = property(lambda self: self._packed[_KEPT_HEAD.size:])
     stats = Job.stats
 
 
 class BusyWindow:
-    """Utilisation over a sliding window, from samples of a growing busy-seconds counter.
+    """Utilisation over a sliding window, from samples of a growing busy core-seconds counter.
 
     ``sample(now, busy)`` is called periodically (the daemon does it every
-    ``SAMPLE_PERIOD_S``); ``pct(now, busy_now)`` is the busy time since the oldest
-    sample still in the window, over the time since then, in percent.
+    ``SAMPLE_PERIOD_S``); ``pct(now, busy_now, cores)`` is the busy time since the
+    oldest sample still in the window, as ipc_schema/usage.py defines utilisation.
     """
 
     def __init__(self, window_s: float, now: float | None = None, busy: float = 0.0):
@@ -143,11 +145,11 @@ class BusyWindow:
         while len(self._samples) > 1 and now - self._samples[1][0] >= self.window_s:
             self._samples.popleft()
 
-    def pct(self, now: float, busy_now: float, ceiling: float = 100.0) -> float:
+    def pct(self, now: float, busy_now: float, cores: int = 1) -> float:
         t0, b0 = self._samples[0]
         if now - t0 <= 1e-3:
             return 0.0
-        return max(0.0, min(ceiling, 100.0 * (busy_now - b0) / (now - t0)))
+        return util_pct(busy_now - b0, now - t0, cores)
 
 
 # What `trace` shows of a layer (npud/handlers.py trace); the rest of a model's per-op report

@@ -522,7 +522,6 @@ class Daemon:
                 session.jobs_failed += 1
             else:
                 session.jobs_completed += 1
-            session.busy_s += job.busy_s
             session.modeled_cycles += int(job.stats.get("cycles", 0))
         self.trace.add(self.job_record(job))
         job.layers = None   # the trace event keeps them; a kept job must not pin an unloaded model's report
@@ -543,6 +542,8 @@ class Daemon:
             record["finished_s"] = job.finished - rel
             if job.started:
                 record["wall_ms"] = (job.finished - job.started) * 1e3
+        if job.started:
+            record["busy_ms"] = job.busy_s * 1e3
         if job.error is not None:
             record["error"] = job.error.code.value
         if job.layers is not None:
@@ -579,7 +580,8 @@ class Daemon:
             for device in self.devices:
                 device.usage.sample(now, device.busy_now(now))
             for session in self.sessions:
-                session.usage.sample(now, session.busy_now(now, self.devices))
+                for device in self.devices:
+                    session.window(device.index).sample(now, session.busy_on(device, now))
             self.heap.tick(now, len(self.sessions) > 0)
 
     async def _expire_leases(self) -> None:

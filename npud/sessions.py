@@ -56,9 +56,9 @@ class Session:
     jobs_submitted: int = 0
     jobs_completed: int = 0
     jobs_failed: int = 0
-    busy_s: float = 0.0          # device time its finished jobs took, all devices
+    busy_s: dict[int, float] = field(default_factory=dict)  # device -> core-seconds of its ended run segments
     modeled_cycles: int = 0      # modeled cycles of its completed jobs
-    usage: BusyWindow = field(default_factory=lambda: BusyWindow(UTIL_WINDOW_S))
+    usage: dict[int, BusyWindow] = field(default_factory=dict)   # device -> its utilisation window there
     closed: bool = False
     contexts: dict[int, Context] = field(default_factory=dict)   # 0: the default context (normal)
     imported: dict[int, Job] = field(default_factory=dict)       # fence_import: other sessions' jobs
@@ -100,18 +100,37 @@ class Session:
         except OSError:
             return ""
 
-    def busy_now(self, now: float, devices) -> float:
-        """Device seconds its jobs took, counting its running jobs' time so far."""
-        busy = self.busy_s
-        for device in devices:
-            for job in device.running_jobs():
-                if job.session_id == self.id and job.started:
-                    busy += now - job.started
-        return busy
+    def charge_busy(self, device: int, seconds: float) -> None:
+        """A run segment of one of its jobs on ``device`` ended after ``seconds`` of device time."""
+        self.busy_s[device] = self.busy_s.get(device, 0.0) + seconds
+
+    def busy_on(self, device, now: float) -> float:
+        """Core-seconds its jobs took on ``device``, counting its running segments so far."""
+        return self.busy_s.get(device.index, 0.0) + sum(
+            device.running_s(now, lambda job: job.session_id == self.id))
+
+    def window(self, device: int) -> BusyWindow:
+        """Its utilisation window on ``device``: it was idle there from its start until the first sample."""
+        if device not in self.usage:
+            self.usage[device] = BusyWindow(UTIL_WINDOW_S, now=self.created, busy=0.0)
+        return self.usage[device]
+
+    def devices_used(self) -> set[int]:
+        """Devices it ran jobs on or holds memory (buffers, models) on."""
+        return (set(self.busy_s) | {bo.device for bo in self.buffers.values()}
+                | {model.device for model in self.models.values()})
 
     def usage_info(self, now: float, devices) -> dict:
-        busy = self.busy_now(now, devices)
-        return {"busy_ms": busy * 1e3, "util_pct": self.usage.pct(now, busy, 100.0 * max(1, len(devices))),
+        """Busy time and utilisation per device it uses (ipc_schema/usage.py) and their sums."""
+        used = self.devices_used()
+        per_device = []
+        for device in devices:
+            busy = self.busy_on(device, now)
+            if device.index in used or busy > 0:
+                per_device.append({"device": device.index, "busy_ms": busy * 1e3,
+                                   "util_pct": self.window(device.index).pct(now, busy, len(device.cores))})
+        return {"busy_ms": sum(d["busy_ms"] for d in per_device),
+                "util_pct": sum(d["util_pct"] for d in per_device), "devices": per_device,
                 "modeled_cycles": self.modeled_cycles, "jobs_in_flight": self.jobs_in_flight,
                 "models": len(self.models)}
 

@@ -26,17 +26,18 @@ def _f(name, unit, doc, get) -> Field:
 DEVICE_FIELDS: dict[str, Field] = {f.name: f for f in [
     _f("index", "", "device number used in requests and by --device", lambda d: d["index"]),
     _f("name", "", "configured name, e.g. npu0", lambda d: d["name"]),
+    _f("uuid", "", "stable identity (NPU-...), the same across daemon restarts", lambda d: d.get("uuid", "")),
     _f("preset", "", "the parameter set it was created from", lambda d: d["preset"]),
     _f("state", "", "device process health: ok, resetting or down", lambda d: d["state"]),
-    _f("util.pct", "%", "percent of the last util.window seconds the device spent executing jobs",
-       lambda d: round(d["util_pct"], 1)),
+    _f("util.pct", "%", "utilisation over the last util.window seconds: busy time of its cores / "
+                        "(wall time x cores), at most 100", lambda d: round(d["util_pct"], 1)),
     _f("util.window", "s", "the window util.pct covers", lambda d: d["util_window_s"]),
     _f("memory.total", "B", "bytes of device memory", lambda d: d["memory_total"]),
     _f("memory.used", "B", "bytes allocated in buffer objects (client buffers and model weights/arenas)",
        lambda d: d["memory_used"]),
     _f("memory.free", "B", "memory.total - memory.used", lambda d: d["memory_total"] - d["memory_used"]),
     _f("jobs.queued", "", "jobs waiting to run", lambda d: d["jobs_queued"]),
-    _f("jobs.running", "", "jobs executing now (0 or 1)", lambda d: d["jobs_running"]),
+    _f("jobs.running", "", "jobs executing now (at most one per core)", lambda d: d["jobs_running"]),
     _f("jobs.completed", "", "jobs finished successfully since the daemon started",
        lambda d: d["jobs_completed"]),
     _f("jobs.failed", "", "jobs that failed since the daemon started", lambda d: d["jobs_failed"]),
@@ -59,6 +60,8 @@ CLIENT_FIELDS: dict[str, Field] = {f.name: f for f in [
     _f("user", "", "user name of uid (the uid if it has none)", lambda c: c["user"]),
     _f("name", "", "name the client gave when it connected", lambda c: c["name"]),
     _f("session", "", "session id (for kill-client)", lambda c: c["session"]),
+    _f("devices", "", "indices of the devices it ran jobs on or holds memory on, e.g. 0 or 0,1 (- if none)",
+       lambda c: device_list(c)),
     _f("command", "", "command line as the daemon reads it from /proc", lambda c: c["command"]),
     _f("attached", "", "whether the companion socket is connected (yes/no)",
        lambda c: "yes" if c["attached"] else "no"),
@@ -66,8 +69,8 @@ CLIENT_FIELDS: dict[str, Field] = {f.name: f for f in [
     _f("models", "", "models loaded", lambda c: c["models"]),
     _f("memory", "B", "bytes of device memory held (buffers and model weights/arenas, page-rounded)",
        lambda c: c["memory"]),
-    _f("util.pct", "%", "percent of the last 5 s a device spent on its jobs (summed over devices)",
-       lambda c: round(c["util_pct"], 1)),
+    _f("util.pct", "%", "its share of its devices over the last 5 s: its jobs' busy core time / (wall time "
+                        "x cores), summed over devices (at most 100 per device)", lambda c: round(c["util_pct"], 1)),
     _f("busy.ms", "ms", "device time its jobs took since it connected", lambda c: round(c["busy_ms"], 3)),
     _f("modeled.cycles", "", "modeled cycles of its completed jobs", lambda c: c["modeled_cycles"]),
     _f("jobs.submitted", "", "jobs submitted", lambda c: c["jobs_submitted"]),
@@ -81,6 +84,11 @@ CLIENT_FIELDS: dict[str, Field] = {f.name: f for f in [
     _f("contexts.banned", "", "of its contexts, those banned for hanging a device",
        lambda c: c.get("banned_contexts", 0)),
 ]}
+
+
+def device_list(client: dict) -> str:
+    """The devices a client uses, as `0` or `0,1`; `-` if none."""
+    return ",".join(str(d["device"]) for d in client.get("devices", [])) or "-"
 
 
 class FieldListError(ValueError):

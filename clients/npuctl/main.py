@@ -1,9 +1,12 @@
 """npuctl: inspect and administer npud, in the spirit of nvidia-smi.
 
 Exit codes: 0 ok; 1 the daemon answered with an error, or is not running
-(one line naming the endpoint tried and how to start npud), or `compile
---check` found problems; 2 usage error (bad options, unreadable files).
-Every command takes --json: the same fields as the text, machine-readable.
+(one line naming the endpoint tried and how to start npud), `compile
+--check` found problems, or `disasm` was given something it cannot list;
+2 usage error (bad options, unreadable files); 130 interrupted (Ctrl-C),
+after printing what `run --bench` or `trace --duration` had so far.
+Every command takes --json: the same fields as the text, machine-readable,
+and errors as {"error": {"code", "message", "retryable"}} on stdout.
 Reference and example output: docs/NPUCTL.md.
 """
 
@@ -16,7 +19,16 @@ import time
 
 import npu
 
-from . import fields, monitor, render, tools, tracefmt
+from . import fields, monitor, render, tools, tracefmt, version
+
+INTERRUPTED = 130   # 128 + SIGINT, as a shell reports a command Ctrl-C stopped
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors become tools.UsageError, so that main() can print them as JSON under --json."""
+
+    def error(self, message):
+        raise tools.UsageError(message, usage=self.format_usage())
 
 
 def _common(defaults: bool) -> argparse.ArgumentParser:
@@ -56,9 +68,9 @@ def _stamp(text: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="npuctl", parents=[_common(True)],
-                                     description="Inspect and administer npud.",
-                                     epilog="Exit codes: 0 ok, 1 error (daemon error or not running), 2 usage.")
+    parser = _Parser(prog="npuctl", parents=[_common(True)], description="Inspect and administer npud.",
+                     epilog="Exit codes: 0 ok, 1 error (daemon error or not running), 2 usage, 130 interrupted.")
+    parser.add_argument("--version", action="version", version=f"npuctl {version()}")
     common = _common(False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -74,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--clients", metavar="FIELDS", help="comma-separated client fields, one row per client")
     which.add_argument("--help-fields", action="store_true", help="list the fields and exit")
     q.add_argument("--format", default="csv", help="csv[,noheader][,nounits] (default csv)")
+    q.add_argument("-i", "--id", metavar="ID[,ID...]",
+                   help="only these devices (index, name or UUID); with --clients, the clients using them")
+    q.add_argument("-l", "--loop", type=_interval, metavar="SECONDS",
+                   help="print again every SECONDS until interrupted (the header once)")
 
     for name, help_ in (("dmon", "one line per device per interval"),
                         ("pmon", "one line per client per interval")):
@@ -113,6 +129,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--check", action="store_true", help="only list what cannot compile (exit 1 if anything)")
     c.add_argument("--input-shape", action="append", default=[], metavar="NAME=DxD...",
                    help="shape of an input with symbolic dimensions")
+    c.add_argument("-o", "--output", metavar="FILE.npux",
+                   help="also write the executable (for `disasm`, or to ship it)")
 
     r = add("run", "load a model and run it (random inputs unless given); --bench for latency percentiles")
     r.add_argument("model", metavar="MODEL", help="ONNX file")
@@ -169,12 +187,42 @@ def _query(args, client) -> int:
         chosen = fields.parse_list(args.device if args.device is not None else args.clients, table)
     except fields.FieldListError as exc:
         raise tools.UsageError(str(exc)) from None
-    entries = client._request("devices", {})["devices"] if args.device is not None else _others(client)
-    if args.json:
-        print(json.dumps([{f.name: f.get(e) for f in chosen} for e in entries], indent=2))
-    else:
-        print("\n".join(fields.csv_lines(chosen, entries, **fmt)))
-    return 0
+    header = fmt.pop("header")
+    while True:
+        entries = _query_entries(args, client)
+        if args.json:  # a list per sample: indented once, one line each with --loop
+            print(json.dumps([{f.name: f.get(e) for f in chosen} for e in entries],
+                             indent=None if args.loop else 2))
+        else:
+            print("\n".join(fields.csv_lines(chosen, entries, header=header, **fmt)))
+        sys.stdout.flush()
+        if not args.loop:
+            return 0
+        header = False
+        time.sleep(args.loop)
+
+
+def _query_entries(args, client) -> list[dict]:
+    """The devices (or clients) `query` reports, narrowed to those of --id."""
+    if args.device is not None:
+        devices = client._request("devices", {})["devices"]
+        return _select_devices(devices, args.id) if args.id else devices
+    clients = _others(client)
+    if not args.id:
+        return clients
+    chosen = {d["index"] for d in _select_devices(client._request("devices", {})["devices"], args.id)}
+    return [c for c in clients if chosen & {u["device"] for u in c.get("devices", [])}]
+
+
+def _select_devices(devices: list[dict], ids: str) -> list[dict]:
+    """Devices named by a comma-separated list of indices, names or UUIDs; ENODEV names an unknown one."""
+    chosen = []
+    for wanted in (i.strip() for i in ids.split(",") if i.strip()):
+        match = [d for d in devices if wanted in (str(d["index"]), d["name"], d.get("uuid"))]
+        if not match:
+            raise npu.NpuError("ENODEV", f"no device {wanted!r} (see `npuctl devices`)")
+        chosen += [d for d in match if d not in chosen]
+    return chosen
 
 
 def _mem(args, client) -> int:
@@ -194,34 +242,58 @@ def _mem(args, client) -> int:
     return 0
 
 
+class _Recording:
+    """What `trace --duration` gathered: events, models, lost events, the daemon clock's window."""
+
+    def __init__(self, client):
+        self.client = client
+        self.cursor = client._request("trace", {"since": 0, "limit": 0})["next"]
+        self.start_s = self.end_s = client._request("status", {})["uptime_s"]
+        self.events: list[dict] = []
+        self.models: dict = {}
+        self.dropped = 0
+        self.interrupted = False
+
+    def poll(self) -> None:
+        """Collect the events finished since the last poll (several polls per ring's worth)."""
+        reply = self.client._request("trace", {"since": self.cursor})
+        self.events += reply["events"]
+        self.models.update({(m["session"], m["model"]): m for m in reply["models"]})
+        self.dropped += reply["dropped"]
+        self.cursor, self.end_s = reply["next"], reply["now_s"]
+
+    def record(self, duration: float) -> None:
+        """Poll for ``duration`` seconds, or until Ctrl-C: then once more, for what finished so far."""
+        end_at = time.monotonic() + duration
+        while not self.interrupted and time.monotonic() < end_at:
+            try:
+                time.sleep(max(0.0, min(0.5, end_at - time.monotonic())))
+                self.poll()
+            except KeyboardInterrupt:
+                self.interrupted = True
+        if self.interrupted:
+            self.poll()
+
+
 def _trace(args, client) -> int:
     devices = client._request("devices", {})["devices"]
+    interrupted = False
     if args.duration is not None:
         if args.duration <= 0:
             raise tools.UsageError("--duration must be positive")
-        cursor = client._request("trace", {"since": 0, "limit": 0})["next"]
-        start = client._request("status", {})["uptime_s"]
-        end_at = time.monotonic() + args.duration
-        events, models, dropped = [], {}, 0
-        while True:  # poll well within the ring's capacity
-            time.sleep(max(0.0, min(0.5, end_at - time.monotonic())))
-            reply = client._request("trace", {"since": cursor})
-            events += reply["events"]
-            models.update({(m["session"], m["model"]): m for m in reply["models"]})
-            dropped += reply["dropped"]
-            cursor = reply["next"]
-            if time.monotonic() >= end_at:
-                break
-        duration = reply["now_s"] - start
-        models = list(models.values())
+        rec = _Recording(client)
+        rec.record(args.duration)
+        events, models, dropped, interrupted = rec.events, list(rec.models.values()), rec.dropped, rec.interrupted
+        start_s, end_s = rec.start_s, rec.end_s
     else:
         reply = client._request("trace", {"since": 0})
         events, models, dropped = reply["events"], reply["models"], reply["dropped"]
-        started = [e["started_s"] for e in events if "started_s" in e]
-        duration = (reply["now_s"] - min(started)) if started else 0.0
+        end_s = reply["now_s"]
+        start_s = min([e["started_s"] for e in events if "started_s" in e], default=end_s)
     meta = {"tool": "npuctl trace", "daemon_version": client.daemon_version, "endpoint": client.endpoint,
             "clock": "microseconds since the daemon started", "dropped_events": dropped,
-            "layer_slices": "split of each job's measured time in proportion to the ops' modeled cycles"}
+            "layer_slices": "split of each job's measured time in proportion to the ops' modeled cycles",
+            "interrupted": interrupted}
     if args.output:
         trace = tracefmt.chrome_trace(events, models, devices, meta)
         if args.output == "-":
@@ -231,8 +303,9 @@ def _trace(args, client) -> int:
             with open(args.output, "w") as f:
                 json.dump(trace, f)
     if args.summary or not args.output:
-        s = tracefmt.summary(events, devices, duration)
+        s = tracefmt.summary(events, devices, start_s, end_s)
         s["dropped"] = dropped
+        s["interrupted"] = interrupted
         if args.output and args.output != "-":
             s["output"] = args.output
         text = tracefmt.summary_text(s)
@@ -244,7 +317,7 @@ def _trace(args, client) -> int:
             _emit(args, s, text)
     elif args.output != "-":
         print(f"wrote {len(events)} job(s) to {args.output} (open in https://ui.perfetto.dev)", file=sys.stderr)
-    return 0
+    return INTERRUPTED if interrupted else 0
 
 
 def _kill(args, client) -> int:
@@ -261,10 +334,7 @@ def _kill(args, client) -> int:
 
 
 def _reset(args, client) -> int:
-    devices = client._request("devices", {})["devices"]
-    match = [d for d in devices if str(d["index"]) == args.device or d["name"] == args.device]
-    if not match:
-        raise npu.NpuError("ENODEV", f"no device {args.device!r} (see `npuctl devices`)")
+    match = _select_devices(client._request("devices", {})["devices"], args.device)
     result = client._request("reset_device", {"device": match[0]["index"]}, timeout=60.0)
     _emit(args, result, f"device {result['device']} ({match[0]['name']}) reset: state {result['state']}, "
                         f"{result['resets']} reset(s) since the daemon started")
@@ -276,7 +346,7 @@ def _dispatch(args) -> int:
     if cmd == "disasm":
         data = tools.disasm(args.file)
         _emit(args, data, "\n".join(data["header"] + data["listing"]))
-        return 0
+        return 1 if data.get("error") else 0
     if cmd == "query" and args.help_fields:
         return _query(args, None)
     with _connect(args) as client:
@@ -312,7 +382,8 @@ def _dispatch(args) -> int:
             return _trace(args, client)
         elif cmd == "compile":
             data, code = tools.compile_model(client, args.model, device=args.device, report=args.report,
-                                             check=args.check, shapes=tools.parse_shapes(args.input_shape))
+                                             check=args.check, shapes=tools.parse_shapes(args.input_shape),
+                                             output=args.output)
             _emit(args, data, tools.compile_text(data))
             return code
         elif cmd == "run":
@@ -321,6 +392,7 @@ def _dispatch(args) -> int:
             data = tools.run_model(client, args.model, device=args.device, inputs=args.inputs,
                                    bench=args.bench, seed=args.seed, save=args.save_outputs)
             _emit(args, data, tools.run_text(data))
+            return INTERRUPTED if data.get("interrupted") else 0
         elif cmd == "cache":
             if args.action == "list":
                 data = client._request("cache_list", {})
@@ -337,24 +409,31 @@ def _dispatch(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in argv   # known before parsing, so that usage errors are JSON too
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    args.command = args.command or "status"
-    try:
+        args = _parser().parse_args(argv)
+        args.command = args.command or "status"
         return _dispatch(args)
+    except SystemExit as exc:   # --help, --version
+        return int(exc.code or 0)
     except tools.UsageError as exc:
-        print(f"npuctl: {exc}", file=sys.stderr)
-        return 2
+        return _fail(as_json, "EINVAL", str(exc), False, 2, usage=exc.usage)
     except npu.NpuError as exc:
-        print(f"npuctl: {exc.message}", file=sys.stderr)
-        return 1
+        return _fail(as_json, exc.code, exc.message, exc.retryable, 1)
     except KeyboardInterrupt:
-        return 0
+        return INTERRUPTED
     except BrokenPipeError:
         return 0
+
+
+def _fail(as_json: bool, code: str, message: str, retryable: bool, status: int, usage: str = "") -> int:
+    """Report an error: one line on stderr, or under --json an error object on stdout; the exit status."""
+    if as_json:
+        print(json.dumps({"error": {"code": code, "message": message, "retryable": retryable}}))
+    else:
+        print(f"{usage}npuctl: {message}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Live views: `npuctl dmon` (a line per device per interval), `pmon` (per client) and `top`.
 
-Utilisation over an interval is computed here, from the growth of the
-daemon's ``busy_ms`` counters between two samples, divided by the time
-between them; the first sample (no previous one) shows the daemon's own
-``util_pct``, the busy share of its last 5 s.
+Utilisation over an interval is the daemon's definition (ipc_schema/usage.py)
+applied to the growth of its busy counters between two samples: busy core
+time / (the time between them x the device's cores).  The first sample (no
+previous one) shows the daemon's own ``util_pct``, over its last 5 s.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import sys
 import time
 from datetime import datetime
 
+from ipc_schema.usage import util_pct
+
 from . import render
-from .fields import CLIENT_FIELDS, DEVICE_FIELDS, _csv_cell
+from .fields import CLIENT_FIELDS, DEVICE_FIELDS, _csv_cell, device_list
 
 
 class Sampler:
@@ -26,25 +28,37 @@ class Sampler:
     def __init__(self, client, own_session: str):
         self.client = client
         self.own = own_session
-        self._last: tuple[float, dict, dict] | None = None
+        self._last: tuple[float, dict] | None = None
 
     def sample(self) -> dict:
         status = self.client.status()
         now = time.monotonic()
         status["clients"] = [with_user(c) for c in status["clients"] if c["session"] != self.own]
-        devices = {d["index"]: d["busy_ms"] for d in status["devices"]}
-        sessions = {c["session"]: c["busy_ms"] for c in status["clients"]}
+        cores = {d["index"]: d.get("cores", 1) for d in status["devices"]}
+        busy = _busy_core_ms(status, cores)
         if self._last is not None:
-            then, last_dev, last_ses = self._last
-            dt_ms = max((now - then) * 1e3, 1e-6)
+            then, last = self._last
+
+            def interval(key, device, old):
+                return util_pct((busy[key] - last[key]) / 1e3, now - then, cores.get(device, 1)) \
+                    if key in last else old
             for d in status["devices"]:
-                if d["index"] in last_dev:
-                    d["util_pct"] = max(0.0, min(100.0, 100 * (d["busy_ms"] - last_dev[d["index"]]) / dt_ms))
+                d["util_pct"] = interval(d["index"], d["index"], d["util_pct"])
             for c in status["clients"]:
-                if c["session"] in last_ses:
-                    c["util_pct"] = max(0.0, 100 * (c["busy_ms"] - last_ses[c["session"]]) / dt_ms)
-        self._last = (now, devices, sessions)
+                for u in c.get("devices", []):
+                    u["util_pct"] = interval((c["session"], u["device"]), u["device"], u["util_pct"])
+                if "devices" in c:
+                    c["util_pct"] = sum(u["util_pct"] for u in c["devices"])
+        self._last = (now, busy)
         return status
+
+
+def _busy_core_ms(status: dict, cores: dict) -> dict:
+    """Busy core-milliseconds by device index and by (session, device)."""
+    busy: dict = {d["index"]: d["busy_ms"] * cores[d["index"]] for d in status["devices"]}  # wire: per core
+    for c in status["clients"]:
+        busy.update({(c["session"], u["device"]): u["busy_ms"] for u in c.get("devices", [])})
+    return busy
 
 
 def with_user(c: dict) -> dict:
@@ -75,10 +89,10 @@ DMON_FIELDS = ["index", "name", "state", "util.pct", "memory.used", "memory.tota
 DMON_TEXT = [("dev", "idx", 3), ("name", "", 8), ("state", "", 9), ("util", "%", 5), ("mem", "MiB", 9),
              ("total", "MiB", 9), ("queue", "", 5), ("run", "", 3), ("done", "", 8), ("fail", "", 6),
              ("reset", "", 5)]
-PMON_FIELDS = ["pid", "user", "session", "name", "util.pct", "memory", "buffers", "models", "jobs.submitted",
-               "jobs.completed", "jobs.failed", "jobs.inflight", "command"]
-PMON_TEXT = [("pid", "", 7), ("user", "", 8), ("session", "", 18), ("name", "", 12), ("util", "%", 5),
-             ("mem", "MiB", 9), ("bufs", "", 5), ("mdl", "", 3), ("sub", "", 7), ("done", "", 7),
+PMON_FIELDS = ["pid", "user", "session", "devices", "name", "util.pct", "memory", "buffers", "models",
+               "jobs.submitted", "jobs.completed", "jobs.failed", "jobs.inflight", "command"]
+PMON_TEXT = [("pid", "", 7), ("user", "", 8), ("session", "", 18), ("dev", "idx", 3), ("name", "", 12),
+             ("util", "%", 5), ("mem", "MiB", 9), ("bufs", "", 5), ("mdl", "", 3), ("sub", "", 7), ("done", "", 7),
              ("fail", "", 5), ("infl", "", 4), ("command", "", 0)]
 
 
@@ -87,7 +101,7 @@ def _text_values(kind: str, e: dict) -> list[str]:
         return [str(e["index"]), e["name"], e["state"], f"{e['util_pct']:.0f}", f"{e['memory_used'] / 2**20:.1f}",
                 f"{e['memory_total'] / 2**20:.0f}", str(e["jobs_queued"]), str(e["jobs_running"]),
                 str(e["jobs_completed"]), str(e["jobs_failed"]), str(e["resets"])]
-    return [str(e["pid"]), e["user"], e["session"], e["name"][:12], f"{e['util_pct']:.0f}",
+    return [str(e["pid"]), e["user"], e["session"], device_list(e), e["name"][:12], f"{e['util_pct']:.0f}",
             f"{e['memory'] / 2**20:.1f}", str(e["buffers"]), str(e["models"]), str(e["jobs_submitted"]),
             str(e["jobs_completed"]), str(e["jobs_failed"]), str(e["jobs_in_flight"]), e["command"][:60] or "-"]
 
@@ -179,10 +193,35 @@ def top_frame(status: dict, sort: str, reverse: bool, width: int, height: int, i
     return "\n".join(lines)
 
 
+def _is_terminal(stream) -> bool:
+    try:
+        return os.isatty(stream.fileno())
+    except (AttributeError, OSError, ValueError):   # io.StringIO and the like
+        return False
+
+
+def top_batch(client, own_session: str, *, interval: float, sort: str, iterations: int | None, out) -> int:
+    """Frames one after another, whole and without escape codes or key handling, every ``interval``."""
+    sampler = Sampler(client, own_session)
+    shown = 0
+    next_at = time.monotonic()
+    while True:
+        out.write(top_frame(sampler.sample(), sort, False, 1 << 20, 1 << 20, interval) + "\n\n")
+        out.flush()
+        shown += 1
+        if iterations is not None and shown >= iterations:
+            return 0
+        next_at += interval
+        time.sleep(max(0.0, next_at - time.monotonic()))
+
+
 def top(client, own_session: str, *, interval: float, sort: str, iterations: int | None,
         stdin=None, out=None) -> int:
+    """The full-screen view on a terminal; batch mode (`top -b`) when stdout is not one."""
     stdin = sys.stdin if stdin is None else stdin
     out = sys.stdout if out is None else out
+    if not _is_terminal(out):
+        return top_batch(client, own_session, interval=interval, sort=sort, iterations=iterations, out=out)
     fd = stdin.fileno()
     is_tty = os.isatty(fd)
     saved = None

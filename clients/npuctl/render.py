@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .fields import device_list
+
 
 def human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -53,15 +55,16 @@ def devices_table(devices: list[dict]) -> str:
 def device_params(device: dict) -> str:
     p = device["params"]
     lines = [f"{k:>22}: {v}" for k, v in sorted(p.items())]
-    return f"device {device['index']} ({device['name']}, preset {device['preset']})\n" + "\n".join(lines)
+    uuid = f", {device['uuid']}" if device.get("uuid") else ""
+    return f"device {device['index']} ({device['name']}, preset {device['preset']}{uuid})\n" + "\n".join(lines)
 
 
 def clients_table(clients: list[dict]) -> str:
     return table(
-        ["PID", "USER", "NAME", "SESSION", "PRIO", "MEMORY", "BUFS", "UTIL", "SUBMITTED", "DONE", "FAILED",
+        ["PID", "USER", "NAME", "SESSION", "DEV", "PRIO", "MEMORY", "BUFS", "UTIL", "SUBMITTED", "DONE", "FAILED",
          "CONNECTED", "COMMAND"],
-        [[c["pid"], c["user"], c["name"], c["session"], _priority(c), human_bytes(c["memory"]), c["buffers"],
-          f"{c['util_pct']:.0f}%", c["jobs_submitted"], c["jobs_completed"], c["jobs_failed"],
+        [[c["pid"], c["user"], c["name"], c["session"], device_list(c), _priority(c), human_bytes(c["memory"]),
+          c["buffers"], f"{c['util_pct']:.0f}%", c["jobs_submitted"], c["jobs_completed"], c["jobs_failed"],
           human_duration(c["connected_s"]), c["command"][:60]] for c in clients],
         empty="(no clients)")
 
@@ -84,7 +87,7 @@ def status(s: dict) -> str:
               f"pid {s['pid']}  up {human_duration(s['uptime_s'])}  endpoint {s['endpoint']}")
     window = s["devices"][0]["util_window_s"] if s["devices"] else 5
     return "\n\n".join([
-        header, f"Devices (UTIL: share of the last {window:g} s spent executing jobs)\n"
+        header, f"Devices (UTIL: busy time of its cores / (wall time x cores) over the last {window:g} s)\n"
         + devices_table(s["devices"]), PROCESS_NOTE + "\n" + clients_table(s["clients"])])
 
 
@@ -115,5 +118,6 @@ def mem_tables(data: dict) -> str:
 
 
 def cache_table(data: dict) -> str:
-    rows = [[e["key"][:16], human_bytes(e["size"]), human_duration(e["age_s"])] for e in data["entries"]]
-    return f"compile cache {data['directory']}\n" + table(["KEY", "SIZE", "AGE"], rows, empty="(empty)")
+    rows = [[e["key"][:16], e.get("model_name") or "-", human_bytes(e["size"]), human_duration(e["age_s"])]
+            for e in data["entries"]]
+    return f"compile cache {data['directory']}\n" + table(["KEY", "MODEL", "SIZE", "AGE"], rows, empty="(empty)")

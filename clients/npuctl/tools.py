@@ -12,7 +12,11 @@ import npu
 
 
 class UsageError(Exception):
-    """Bad arguments or unreadable input files: exit status 2."""
+    """Bad arguments or unreadable input files: exit status 2 (``usage``: the command's usage line)."""
+
+    def __init__(self, message: str, usage: str = ""):
+        super().__init__(message)
+        self.usage = usage
 
 
 def parse_shapes(specs: list[str]) -> dict[str, list[int]]:
@@ -45,7 +49,8 @@ def _device(client, index: int) -> dict:
     raise npu.NpuError("ENODEV", f"no device {index} (see `npuctl devices`)")
 
 
-def compile_model(client, path: str, *, device: int, report: bool, check: bool, shapes: dict) -> tuple[dict, int]:
+def compile_model(client, path: str, *, device: int, report: bool, check: bool, shapes: dict,
+                  output: str | None = None) -> tuple[dict, int]:
     data = _read(path)
     if check:
         problems = client.check(data, device)
@@ -63,7 +68,30 @@ def compile_model(client, path: str, *, device: int, report: bool, check: bool, 
     if report:
         result["report"] = rep.rows
         result["report_table"] = rep.table
+    if output:
+        result["output"] = write_executable(data, dev, {"input_shapes": shapes} if shapes else {}, output)
     return result, 0
+
+
+def write_executable(model: bytes, device: dict, options: dict, path: str) -> str:
+    """Compile ``model`` here, for ``device``'s parameters as the daemon reports them, and write the
+    executable to ``path``.  The same compiler the daemon's workers run, so the same stream; the daemon
+    has no op that hands executables out (they can exceed a message), and a client may compile its own
+    model in its own process."""
+    from compiler_worker.api import compile_model as compile_here
+    from compiler_worker.errors import CompileError
+    from emulator.config import DeviceConfig
+
+    try:
+        exe = compile_here(model, DeviceConfig.from_dict(device["params"]), options or None)
+    except CompileError as exc:
+        raise npu.NpuError("EINVAL", f"cannot compile: {exc}") from None
+    try:
+        with open(path, "wb") as f:
+            f.write(exe.to_bytes())
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+    return path
 
 
 def compile_text(r: dict) -> str:
@@ -80,6 +108,8 @@ def compile_text(r: dict) -> str:
             f"{r['arena_bytes']:,} B of device memory")
     if "report_table" in r:
         text += "\n\n" + r["report_table"]
+    if "output" in r:
+        text += f"\n  executable written to {r['output']}"
     return text
 
 
@@ -138,15 +168,20 @@ def run_model(client, path: str, *, device: int, inputs: list[str], bench: int, 
             result["saved"] = save
         if bench:
             latencies, walls = [], []
-            for _ in range(bench):
-                t0 = time.perf_counter()
-                j = model.submit(feeds)
-                j.wait()
-                latencies.append((time.perf_counter() - t0) * 1e3)
-                walls.append(j.stats.get("wall_ms", 0.0))
-            result["bench"] = {"runs": bench, "latency_ms": _pcts(latencies), "device_wall_ms": _pcts(walls),
-                               "cycles": job.stats.get("cycles", 0), "modeled_ms": result["modeled_ms"],
-                               "runs_per_s": bench / (sum(latencies) / 1e3)}
+            try:
+                for _ in range(bench):
+                    t0 = time.perf_counter()
+                    j = model.submit(feeds)
+                    j.wait()
+                    latencies.append((time.perf_counter() - t0) * 1e3)
+                    walls.append(j.stats.get("wall_ms", 0.0))
+            except KeyboardInterrupt:   # Ctrl-C: the runs so far are still worth showing
+                result["interrupted"] = True
+            if latencies:
+                result["bench"] = {"runs": len(latencies), "requested": bench, "latency_ms": _pcts(latencies),
+                                   "device_wall_ms": _pcts(walls), "cycles": job.stats.get("cycles", 0),
+                                   "modeled_ms": result["modeled_ms"],
+                                   "runs_per_s": len(latencies) / (sum(latencies) / 1e3)}
     finally:
         model.unload()
     return result
@@ -166,17 +201,21 @@ def run_text(r: dict) -> str:
 
         def fmt(p):
             return "  ".join(f"{k} {p[k]:.3f}" for k in ("min", "p50", "p90", "p99", "max", "mean"))
-        lines += [f"bench: {b['runs']} runs, {b['runs_per_s']:.1f} runs/s",
+        of = f" of {b['requested']} runs (interrupted)" if b["runs"] < b["requested"] else " runs"
+        lines += [f"bench: {b['runs']}{of}, {b['runs_per_s']:.1f} runs/s",
                   f"  latency ms      {fmt(b['latency_ms'])}",
                   f"  device wall ms  {fmt(b['device_wall_ms'])}",
                   f"  modeled         {b['cycles']:,} cycles = {b['modeled_ms']:.3f} ms per run"]
+    if r.get("interrupted") and "bench" not in r:
+        lines.append("bench: interrupted before its first run")
     return "\n".join(lines)
 
 
 def disasm(path: str) -> dict:
+    """The listing of a .npux executable's stream (with its header and I/O table) or of a raw stream.
+    EINVAL if the file is neither; ``error`` says where a stream stops decoding."""
     from compiler_worker.errors import ExecutableFormatError
     from compiler_worker.executable import MAGIC, Executable
-    from emulator.disasm import disassemble
 
     data = _read(path)
     if data[:4] == MAGIC:
@@ -189,9 +228,18 @@ def disasm(path: str) -> dict:
                   *(f"; input  {t['name']} {t['dtype']}{list(t['shape'])} @ 0x{t['va']:x}" for t in exe.inputs),
                   *(f"; output {t['name']} {t['dtype']}{list(t['shape'])} @ 0x{t['va']:x}" for t in exe.outputs),
                   f"; weights {len(exe.weights)} bytes, stream {len(exe.stream)} bytes"]
-        listing = disassemble(exe.stream)
-        return {"file": path, "kind": "executable", "header": header, "listing": listing.splitlines()}
-    return {"file": path, "kind": "stream", "header": [], "listing": disassemble(data).splitlines()}
+        return {"file": path, "kind": "executable", "header": header, **_listing(path, exe.stream)}
+    return {"file": path, "kind": "stream", "header": [], **_listing(path, data)}
+
+
+def _listing(path: str, stream: bytes) -> dict:
+    from emulator.disasm import disassemble
+
+    listing = disassemble(stream).splitlines()
+    errors = [line.removeprefix("; error: ") for line in listing if line.startswith("; error:")]
+    if errors and len(listing) == 1:   # not even a stream header
+        raise npu.NpuError("EINVAL", f"{path}: neither an npux executable nor a command stream ({errors[0]})")
+    return {"listing": listing, **({"error": errors[0]} if errors else {})}
 
 
 def _read(path: str) -> bytes:

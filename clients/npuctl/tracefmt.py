@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import statistics
 
+from ipc_schema.usage import util_pct
+
 
 def _tid(threads: dict, event: dict) -> int:
     key = (event["device"], event["session"])
@@ -79,8 +81,26 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def summary(events: list[dict], devices: list[dict], duration_s: float) -> dict:
-    """Per device and per client: jobs, failures, busy time, utilisation, latency percentiles."""
+def busy_in_window(e: dict, start_s: float, end_s: float) -> float:
+    """Seconds of a job's device time inside [start_s, end_s]: its busy time (run segments only)
+    times the share of its [started, finished] span that falls inside the window."""
+    if "started_s" not in e or "finished_s" not in e:
+        return 0.0
+    busy = e.get("busy_ms", e.get("wall_ms", 0.0)) / 1e3
+    span = e["finished_s"] - e["started_s"]
+    if span <= 0:
+        return busy if start_s <= e["started_s"] <= end_s else 0.0
+    inside = max(0.0, min(end_s, e["finished_s"]) - max(start_s, e["started_s"]))
+    return busy * inside / span
+
+
+def summary(events: list[dict], devices: list[dict], start_s: float, end_s: float) -> dict:
+    """Per device and per client over [start_s, end_s] (daemon clock): jobs, failures, busy time,
+    utilisation as ipc_schema/usage.py defines it (per client: summed over its devices), latency
+    percentiles."""
+    cores = {d["index"]: d.get("cores", 1) for d in devices}
+    duration_s = end_s - start_s
+
     def group(key):
         groups: dict = {}
         for e in events:
@@ -89,17 +109,20 @@ def summary(events: list[dict], devices: list[dict], duration_s: float) -> dict:
 
     def stats(es):
         walls = [e["wall_ms"] for e in es if "wall_ms" in e]
-        busy = sum(walls)
+        busy = {}
+        for e in es:
+            busy[e["device"]] = busy.get(e["device"], 0.0) + busy_in_window(e, start_s, end_s)
         return {"jobs": len(es), "done": sum(e["state"] == "done" for e in es),
-                "failed": sum(e["state"] == "failed" for e in es), "busy_ms": round(busy, 3),
-                "util_pct": round(100 * busy / 1e3 / duration_s, 1) if duration_s > 0 else 0.0,
+                "failed": sum(e["state"] == "failed" for e in es), "busy_ms": round(sum(busy.values()) * 1e3, 3),
+                "util_pct": round(sum(util_pct(b, duration_s, cores.get(d, 1)) for d, b in busy.items()), 1),
                 "wall_ms_p50": round(_pct(walls, 50), 3), "wall_ms_p99": round(_pct(walls, 99), 3),
                 "wall_ms_mean": round(statistics.fmean(walls), 3) if walls else 0.0,
                 "cycles": sum(e["cycles"] for e in es)}
     names = {d["index"]: d["name"] for d in devices}
     per_device = [{"device": dev, "name": names.get(dev, str(dev)), **stats(es)}
                   for dev, es in sorted(group(lambda e: e["device"]).items())]
-    per_client = [{"session": s, "pid": es[0]["pid"], "client": es[0]["client"], **stats(es)}
+    per_client = [{"session": s, "pid": es[0]["pid"], "client": es[0]["client"],
+                   "devices": sorted({e["device"] for e in es}), **stats(es)}
                   for s, es in sorted(group(lambda e: e["session"]).items())]
     return {"duration_s": round(duration_s, 3), "events": len(events), "devices": per_device,
             "clients": per_client}
@@ -112,9 +135,11 @@ def summary_text(s: dict) -> str:
     def vals(x):
         return [x["jobs"], x["done"], x["failed"], x["busy_ms"], f"{x['util_pct']:.1f}%", x["wall_ms_p50"],
                 x["wall_ms_p99"], x["cycles"]]
-    return (f"trace: {s['events']} job(s) over {s['duration_s']:g} s\n\nPer device\n"
+    stopped = " (interrupted: the jobs until Ctrl-C)" if s.get("interrupted") else ""
+    return (f"trace: {s['events']} job(s) over {s['duration_s']:g} s{stopped}\n\nPer device\n"
             + table(["DEV", "NAME"] + cols, [[d["device"], d["name"]] + vals(d) for d in s["devices"]],
                     empty="(no jobs)")
             + "\n\nPer client\n"
-            + table(["PID", "CLIENT", "SESSION"] + cols,
-                    [[c["pid"], c["client"], c["session"]] + vals(c) for c in s["clients"]], empty="(no jobs)"))
+            + table(["PID", "CLIENT", "SESSION", "DEV"] + cols,
+                    [[c["pid"], c["client"], c["session"], ",".join(map(str, c["devices"]))] + vals(c)
+                     for c in s["clients"]], empty="(no jobs)"))

@@ -200,11 +200,14 @@ def test_pmon_lines_per_client(capsys, daemon, work):
     code, out, _ = ctl(capsys, daemon, "pmon", "-c", "2", "-d", "0.1", "--format", "csv,noheader")
     rows = list(csv.reader(io.StringIO(out), skipinitialspace=True))
     mine = [r for r in rows if r[2] == work.a.session]
-    assert code == 0 and len(mine) == 2 and mine[0][0] == str(os.getpid()) and mine[0][8] == "3"
+    assert code == 0 and len(mine) == 2 and mine[0][0] == str(os.getpid()) and mine[0][9] == "3"
+    assert mine[0][3] == "0"   # the device column: A works on device 0
     records = [json.loads(x) for x in ctl(capsys, daemon, "pmon", "-c", "1", "--json", "-o", "T")[1].splitlines()]
     rec_b = by_session(records, work.b.session)
     assert rec_b["jobs.submitted"] == 2 and rec_b["memory"] == 3 * 4096 and "time" in rec_b
-    assert "worker-a" in ctl(capsys, daemon, "pmon", "-c", "1")[1]
+    assert rec_b["devices"] == "1"
+    text = ctl(capsys, daemon, "pmon", "-c", "1")[1]
+    assert "worker-a" in text and text.splitlines()[0].split()[4] == "dev"
 
 
 # --- jobs, mem -----------------------------------------------------------------------------------

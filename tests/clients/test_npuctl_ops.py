@@ -113,4 +113,6 @@ def test_busy_window_utilisation():
     for t in range(2, 12):
         w.sample(float(t), 1.0)  # idle since t=1
     assert w.pct(12.0, 1.0) == 0.0  # the busy second left the window
-    assert w.pct(12.0, 100.0) == 100.0 and w.pct(12.0, 100.0, ceiling=200.0) > 100.0
+    assert w.pct(12.0, 100.0) == 100.0  # never over 100 %
+    four = BusyWindow(5.0, now=0.0, busy=0.0)  # a 4-core device: busy core-seconds over 4x the wall time
+    assert four.pct(2.0, 2.0, cores=4) == pytest.approx(25.0) and four.pct(2.0, 8.0, cores=4) == 100.0

@@ -33,6 +33,18 @@ def test_round_trip(exe):
         np.testing.assert_array_equal(a[k], b[k])
 
 
+def test_read_meta_reads_only_the_meta_section(exe):
+    """For listings (`npuctl cache list`): the META section without loading or checking the rest."""
+    import io
+
+    from compiler_worker.executable import read_meta
+    data = exe.to_bytes()
+    assert read_meta(io.BytesIO(data)) == exe.meta and read_meta(io.BytesIO(data))["model_name"] == "cnn"
+    assert read_meta(io.BytesIO(data[:-32] + bytes(32))) == exe.meta   # the digest is not checked
+    for junk in (b"", b"NPUX", b"not an executable at all", data[:30]):
+        assert read_meta(io.BytesIO(junk)) == {}
+
+
 @pytest.mark.parametrize("where", [0, 5, 100, -40, -1])
 def test_corruption_is_detected(exe, where):
     data = bytearray(exe.to_bytes())
