@@ -18,9 +18,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="npud", description="npud: the NPU daemon. Runs in the foreground until SIGTERM/SIGINT.")
     parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    parser.add_argument("--endpoint", help="ZeroMQ endpoint to serve (default: $NPUD_ENDPOINT, "
-                                           "else ipc://$XDG_RUNTIME_DIR/npud/npud.sock, "
-                                           "else ipc:///tmp/npud-$UID/npud.sock)")
+    parser.add_argument("--endpoint", help="ZeroMQ endpoint to serve (default: the config's, else "
+                                           "$NPUD_ENDPOINT, else ipc://$XDG_RUNTIME_DIR/npud/npud.sock, "
+                                           "else ipc:///tmp/npud-$UID/npud.sock: where clients look)")
     parser.add_argument("--log-level", choices=LOG_LEVELS)
     parser.add_argument("--cache-dir", metavar="DIR", help="compile cache directory")
     parser.add_argument("--device", metavar="PRESET", action="append",

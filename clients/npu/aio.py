@@ -24,7 +24,7 @@ import trio
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from ipc_schema.endpoint import resolve
+from ipc_schema.endpoint import resolve, searched
 from ipc_schema.errors import ErrorCode
 from ipc_schema.schema import HARD_FRAME_LIMIT
 from ipc_schema.trio_zmq import OwnedSocket
@@ -239,8 +239,8 @@ async def connect_async(endpoint: str | None = None, *, name: str | None = None,
     ``curve=(client_public, client_secret, server_public)``: as for ``npu.connect``; a refused
     key raises PermissionDenied (EPERM).
     """
-    endpoint = resolve(endpoint)
-    protocol.check_reachable(endpoint)
+    given, endpoint = endpoint, resolve(endpoint)
+    protocol.check_reachable(endpoint, searched(given))
     tcp = not endpoint.startswith("ipc://")
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)

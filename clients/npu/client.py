@@ -33,7 +33,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ipc_schema.endpoint import resolve
+from ipc_schema.endpoint import resolve, searched
 from ipc_schema.errors import ErrorCode
 from ipc_schema.schema import HARD_FRAME_LIMIT
 
@@ -81,7 +81,7 @@ class Client(ClientOps):
         self._sleepers = 0               # threads waiting on _cv
         self._outbox: list[bytes] = []   # frames of other threads, for the pump to send
         self._pumping = False            # a thread owns the sockets and receives for everyone
-        protocol.check_reachable(self.endpoint)
+        protocol.check_reachable(self.endpoint, searched(endpoint))
         self._sock = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_LIMIT)
