@@ -9,7 +9,10 @@ import sys
 
 import trio
 
-from . import __version__, fds, log
+from ipc_schema.schema import PROTOCOL_VERSION
+from ipc_schema.version import distribution_version
+
+from . import fds, log
 from .config import LOG_LEVELS, ConfigError, load, parse_devices
 from .server import AlreadyRunning, Daemon
 
@@ -33,7 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "as zmq.auth certificates, then exit")
     parser.add_argument("--key-name", metavar="NAME", default="server",
                         help="file name of the pair --generate-keys writes (default: server)")
-    parser.add_argument("--version", action="version", version=f"npud {__version__}")
+    parser.add_argument("--version", action="version",
+                        version=f"npud {distribution_version()} (protocol {'.'.join(map(str, PROTOCOL_VERSION))})")
     return parser.parse_args(argv)
 
 

@@ -9,6 +9,7 @@
 from typing import TYPE_CHECKING, Any
 
 from ipc_schema.endpoint import default_endpoint
+from ipc_schema.version import distribution_version
 
 from .aio import (AsyncBuffer, AsyncClient, AsyncExecution, AsyncExecutionJob, AsyncJob, AsyncModel, AsyncModelJob,
                   connect_async)
@@ -24,10 +25,20 @@ from .model import Model, ModelJob, Outputs, Report, TensorInfo
 from .protocol import Device
 from .session import Context
 
-if TYPE_CHECKING:
-    from .inference import (ExecutionMode, GraphOptimizationLevel, InferenceSession, IOBinding, ModelMetadata,
-                            NodeArg, RunOptions, SessionOptions, get_all_providers, get_available_providers,
-                            get_device)
+__version__: str = distribution_version()
+
+if TYPE_CHECKING:   # (the "X as X" form: re-exported for type checkers)
+    from .inference import ExecutionMode as ExecutionMode
+    from .inference import GraphOptimizationLevel as GraphOptimizationLevel
+    from .inference import InferenceSession as InferenceSession
+    from .inference import IOBinding as IOBinding
+    from .inference import ModelMetadata as ModelMetadata
+    from .inference import NodeArg as NodeArg
+    from .inference import RunOptions as RunOptions
+    from .inference import SessionOptions as SessionOptions
+    from .inference import get_all_providers as get_all_providers
+    from .inference import get_available_providers as get_available_providers
+    from .inference import get_device as get_device
 
 # onnxruntime's API imports onnx (seconds): only programs that use it pay for that.
 _INFERENCE = ("ExecutionMode", "GraphOptimizationLevel", "InferenceSession", "IOBinding", "ModelMetadata", "NodeArg",

@@ -218,13 +218,19 @@ class Execution(ExecutionOps):
     """One model's bound input/output buffers and pre-encoded run request."""
 
     _job_class = ExecutionJob
-    run = blocking(ExecutionOps.run)
-    submit = blocking(ExecutionOps.submit)
-    rebind = blocking(ExecutionOps.rebind)
-    close = blocking(ExecutionOps.close)
+    if TYPE_CHECKING:   # the blocking methods' types (docstrings: ExecutionOps)
+        def run(self, feeds: Any = None, timeout: float | None = None) -> Outputs: ...
+        def submit(self, feeds: Any = None) -> ExecutionJob: ...
+        def rebind(self, name: str, buffer: BufferOps) -> None: ...
+        def close(self) -> None: ...
+    else:
+        run = blocking(ExecutionOps.run)
+        submit = blocking(ExecutionOps.submit)
+        rebind = blocking(ExecutionOps.rebind)
+        close = blocking(ExecutionOps.close)
 
     def __enter__(self) -> "Execution":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
@@ -29,6 +30,11 @@ from .tensor_types import check_feeds, feed_dict, ort_calling_form
 
 if TYPE_CHECKING:
     from .client import Client
+    from .execution import Execution
+
+ModelSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Any]
+"""What ``load`` takes: a path, the model's bytes or an ``onnx.ModelProto`` (Any: onnx is not
+imported for its type)."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,7 @@ class TensorInfo:
 
     name: str
     shape: tuple[int, ...]
-    dtype: np.dtype
+    dtype: np.dtype[Any]
     size: int
 
 
@@ -303,17 +309,29 @@ class Model(LoadedModel):
     """A model loaded on a device for this session."""
 
     client: "Client"
-    run = blocking(LoadedModel.run)
-    submit = blocking(LoadedModel.submit)
-    execution = blocking(LoadedModel.execution)
-    report = blocking(LoadedModel.report)
-    unload = blocking(LoadedModel.unload)
+    if TYPE_CHECKING:   # the blocking methods' types (docstrings: LoadedModel)
+        def run(self, feeds: Any, timeout: float | None = None) -> Outputs: ...
+        def submit(self, feeds: Any, *, context: Any = None, after: Sequence[Any] = (),
+                   deadline: float | None = None, timeout: float | None = None) -> ModelJob: ...
+        def execution(self, context: Any = None, *, after: Sequence[Any] = (), deadline: float | None = None,
+                      timeout: float | None = None) -> Execution: ...
+        def report(self) -> Report: ...
+        def unload(self) -> None: ...
+    else:
+        run = blocking(LoadedModel.run)
+        submit = blocking(LoadedModel.submit)
+        execution = blocking(LoadedModel.execution)
+        report = blocking(LoadedModel.report)
+        unload = blocking(LoadedModel.unload)
 
 
 class ModelJob(ModelRun, Job):
     """One run of a model: ``wait()``, then ``result()`` (outputs) and ``stats``."""
 
-    result = blocking(ModelRun.result)
+    if TYPE_CHECKING:
+        def result(self, timeout: float | None = None) -> Outputs: ...
+    else:
+        result = blocking(ModelRun.result)
 
 
 Model._job_class = ModelJob
