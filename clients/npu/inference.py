@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import enum
 import os
+import threading
 import warnings
 import weakref
 from collections import OrderedDict
@@ -60,6 +61,7 @@ from .tensor_types import check_dtype, feed_dict, ort_type
 PROVIDER = "NpuExecutionProvider"
 IGNORED_PROVIDERS = ("CPUExecutionProvider",)   # accepted without a word: see the module's docstring
 SHAPES_KEPT = 4
+LOAD_TIMEOUT_S = 120.0   # the session's own connection: a first compile of a large model takes a while
 
 ModelSource = Union[str, "os.PathLike[str]", bytes, onnx.ModelProto]
 Dim = Union[int, str, None]
@@ -187,8 +189,9 @@ class InferenceSession:
         self._outputs = [_declared(v) for v in proto.graph.output]
         self._owns_client = client is None
         self._client = client if client is not None else connect(
-            name=getattr(self._options, "logid", "") or "npu.InferenceSession")
+            name=getattr(self._options, "logid", "") or "npu.InferenceSession", timeout=LOAD_TIMEOUT_S)
         self._models: OrderedDict[tuple[tuple[int, ...], ...], Model] = OrderedDict()
+        self._lock = threading.Lock()   # threads may share a session, as onnxruntime's: one load per shape
         self._executions: list[Execution] = []
         self._finalizer = weakref.finalize(self, _release, self._client, self._owns_client,
                                            self._models, self._executions)
@@ -301,6 +304,10 @@ class InferenceSession:
     def _model_for(self, feeds: Mapping[str, np.ndarray[Any, Any]]) -> Model:
         """The model compiled for the feeds' shapes: loaded now if it is not yet."""
         key = tuple(tuple(int(s) for s in feeds[d.arg.name].shape) for d in self._inputs)
+        with self._lock:
+            return self._model_locked(key)
+
+    def _model_locked(self, key: tuple[tuple[int, ...], ...]) -> Model:
         model = self._models.get(key)
         if model is not None:
             self._models.move_to_end(key)

@@ -16,6 +16,7 @@ import pytest
 from onnx import numpy_helper
 
 import npu
+import npu.inference
 from examples import tiny_cnn
 
 TORCH_EXPORTS = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "pytorch-converted")
@@ -212,3 +213,39 @@ def test_close_frees_the_session_models_on_a_shared_client(client):
     own = npu.InferenceSession(tiny_cnn.build())
     own.close()
     assert own.client.closed
+
+
+def test_only_the_last_shapes_stay_loaded(monkeypatch):
+    monkeypatch.setattr(npu.inference, "SHAPES_KEPT", 2)
+    rng = np.random.default_rng(3)
+    with npu.InferenceSession(symbolic_cnn()) as sess:
+        binding = sess.io_binding()
+        binding.bind_output("probs")
+        first = list(sess._models.values())[0]
+        for n in (2, 3, 1):
+            x = rng.standard_normal((n, 3, 32, 32)).astype(np.float32)
+            binding.bind_cpu_input("x", x)
+            sess.run_with_iobinding(binding)
+            np.testing.assert_allclose(sess.run(None, {"x": x})[0], tiny_cnn.reference(x), rtol=RTOL, atol=ATOL)
+            np.testing.assert_allclose(binding.get_outputs()[0], tiny_cnn.reference(x), rtol=RTOL, atol=ATOL)
+        assert len(sess._models) == 2 and first._unloaded          # batch 1 was loaded again
+        assert sorted(k[0][0] for k in sess._models) == [1, 3]
+        assert {e.model for e in sess._executions} <= set(sess._models.values())
+
+
+def test_threads_share_a_session():
+    import threading
+    rng = np.random.default_rng(4)
+    xs = [rng.standard_normal((n, 3, 32, 32)).astype(np.float32) for n in (1, 2, 1, 2, 1, 2)]
+    got: dict[int, np.ndarray] = {}
+    with npu.InferenceSession(symbolic_cnn()) as sess:
+        def run(i: int) -> None:
+            got[i] = sess.run(None, {"x": xs[i]})[0]
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(xs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(sess._models) == 2    # one load per shape, however many threads asked
+    for i, x in enumerate(xs):
+        np.testing.assert_allclose(got[i], tiny_cnn.reference(x), rtol=RTOL, atol=ATOL)
