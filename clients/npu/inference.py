@@ -193,13 +193,14 @@ class InferenceSession:
         self._models: OrderedDict[tuple[tuple[int, ...], ...], Model] = OrderedDict()
         self._lock = threading.Lock()   # threads may share a session, as onnxruntime's: one load per shape
         self._executions: list[Execution] = []
-        self._finalizer = weakref.finalize(self, _release, self._client, self._owns_client,
+        self._closing = [False]    # set by close(): only then are a shared client's models unloaded
+        self._finalizer = weakref.finalize(self, _release, self._client, self._owns_client, self._closing,
                                            self._models, self._executions)
         try:
             options = {"input_shapes": {k: list(v) for k, v in input_shapes.items()}} if input_shapes else {}
             first = self._client.load(self._source, self._device, **options)
         except BaseException:
-            self._finalizer()
+            self.close()
             raise
         self._models[tuple(t.shape for t in first.inputs)] = first
 
@@ -254,8 +255,10 @@ class InferenceSession:
         return self._client
 
     def close(self) -> None:
-        """Unload the model (and close the connection, if the session opened it).  Also happens when
-        the session is collected; a shared ``client``'s models otherwise stay until it closes."""
+        """Unload the model (and close the connection, if the session opened it).  A session that is
+        collected without ``close()`` closes its own connection, but leaves a shared ``client``'s
+        models loaded until that client closes: a collection may run inside another call on it."""
+        self._closing[0] = True
         self._finalizer()
 
     def __enter__(self) -> "InferenceSession":
@@ -504,13 +507,16 @@ def _device_id(options: Mapping[str, Any]) -> int:
                                       f"not {options['device_id']!r}") from None
 
 
-def _release(client: Client, owned: bool, models: "OrderedDict[Any, Model]", executions: list[Execution]) -> None:
-    """The session's end: its connection closed if it opened it (freeing everything there), else
-    its executions closed and its models unloaded."""
+def _release(client: Client, owned: bool, closing: list[bool], models: "OrderedDict[Any, Model]",
+             executions: list[Execution]) -> None:
+    """The session's end: its connection closed if it opened it (freeing everything there), else,
+    on ``close()``, its executions closed and its models unloaded."""
     try:
         if owned:
             client.close()
             return
+        if not closing[0]:
+            return   # collected: calls on the shared client could deadlock the call that collected
         for execution in executions:
             execution.close()
         for model in models.values():

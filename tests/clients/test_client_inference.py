@@ -249,3 +249,13 @@ def test_threads_share_a_session():
         assert len(sess._models) == 2    # one load per shape, however many threads asked
     for i, x in enumerate(xs):
         np.testing.assert_allclose(got[i], tiny_cnn.reference(x), rtol=RTOL, atol=ATOL)
+
+
+def test_a_collected_session_leaves_a_shared_client_alone(client):
+    import gc
+    sess = npu.InferenceSession(tiny_cnn.build(), client=client)
+    (model,) = sess._models.values()
+    del sess
+    gc.collect()
+    assert not model._unloaded      # no call from a collection: it may run inside another call
+    model.unload()
