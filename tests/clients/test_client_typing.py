@@ -29,6 +29,32 @@ ex = model.execution()
 ex.rebind("x", 3)                                          # line 12
 devices: list[str] = client.devices()                      # line 13
 sess.io_binding().bind_cpu_input(0, np.zeros(1))           # line 14
+
+
+async def trio_program() -> None:
+    async with npu.connect_async() as c:
+        m = await c.load("m.onnx")
+        r: int = await m.report()                          # line 20
+        await (await m.execution()).rebind("x", "buf")     # line 21
+'''
+
+RIGHT = '''\
+import numpy as np
+import npu
+
+
+async def trio_program(x: np.ndarray) -> list[str]:
+    async with npu.connect_async() as c:
+        m: npu.AsyncModel = await c.load("m.onnx")
+        outputs: npu.Outputs = await m.run(x)
+        job: npu.AsyncModelJob = await m.submit(x)
+        await job.wait(5)
+        async with await m.execution() as ex:
+            y: npu.Outputs = await ex.run(x)
+        buf: npu.AsyncBuffer = await c.alloc(64)
+        await buf.write(b"x")
+        devices: list[npu.Device] = await c.devices()
+        return [str(outputs[0].shape), str(y[0].shape), str(await m.report()), devices[0].name]
 '''
 
 
@@ -56,4 +82,10 @@ def test_misuse_is_reported(tmp_path):
     done = mypy("wrong.py", cwd=tmp_path)
     assert done.returncode == 1, done.stdout + done.stderr
     lines = {int(m) for m in re.findall(r"^wrong\.py:(\d+): error", done.stdout, re.M)}
-    assert lines == {4, 5, 6, 8, 9, 10, 12, 13, 14}, done.stdout
+    assert lines == {4, 5, 6, 8, 9, 10, 12, 13, 14, 20, 21}, done.stdout
+
+
+def test_the_trio_client_is_typed_too(tmp_path):
+    (tmp_path / "right.py").write_text(RIGHT)
+    done = mypy("right.py", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
