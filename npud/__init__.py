@@ -1,3 +1,5 @@
 """npud: the NPU daemon."""
 
-__version__ = "0.1.0"
+from ipc_schema.version import distribution_version
+
+__version__ = distribution_version()

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from ipc_schema.endpoint import default_endpoint
+from ipc_schema.endpoint import serve_endpoint
 from ipc_schema.schema import MAX_BUFFER_BYTES
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -103,7 +103,7 @@ class DeviceSpec:
 
 @dataclass(frozen=True)
 class Config:
-    endpoint: str = field(default_factory=default_endpoint)
+    endpoint: str = field(default_factory=serve_endpoint)
     log_level: str = "info"
     limits: Limits = Limits()
     devices: tuple[DeviceSpec, ...] = (DeviceSpec("npu0", "edge"),)

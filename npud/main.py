@@ -9,7 +9,10 @@ import sys
 
 import trio
 
-from . import __version__, fds, log
+from ipc_schema.schema import PROTOCOL_VERSION
+from ipc_schema.version import distribution_version
+
+from . import fds, log
 from .config import LOG_LEVELS, ConfigError, load, parse_devices
 from .server import AlreadyRunning, Daemon
 
@@ -18,9 +21,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="npud", description="npud: the NPU daemon. Runs in the foreground until SIGTERM/SIGINT.")
     parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    parser.add_argument("--endpoint", help="ZeroMQ endpoint to serve (default: $NPUD_ENDPOINT, "
-                                           "else ipc://$XDG_RUNTIME_DIR/npud/npud.sock, "
-                                           "else ipc:///tmp/npud-$UID/npud.sock)")
+    parser.add_argument("--endpoint", help="ZeroMQ endpoint to serve (default: the config's, else "
+                                           "$NPUD_ENDPOINT, else ipc://$XDG_RUNTIME_DIR/npud/npud.sock, "
+                                           "else ipc:///tmp/npud-$UID/npud.sock: where clients look)")
     parser.add_argument("--log-level", choices=LOG_LEVELS)
     parser.add_argument("--cache-dir", metavar="DIR", help="compile cache directory")
     parser.add_argument("--device", metavar="PRESET", action="append",
@@ -33,7 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "as zmq.auth certificates, then exit")
     parser.add_argument("--key-name", metavar="NAME", default="server",
                         help="file name of the pair --generate-keys writes (default: server)")
-    parser.add_argument("--version", action="version", version=f"npud {__version__}")
+    parser.add_argument("--version", action="version",
+                        version=f"npud {distribution_version()} (protocol {'.'.join(map(str, PROTOCOL_VERSION))})")
     return parser.parse_args(argv)
 
 

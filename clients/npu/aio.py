@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
+
+import numpy as np
 
 import trio
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from ipc_schema.endpoint import resolve
+from ipc_schema.endpoint import resolve, searched
 from ipc_schema.errors import ErrorCode
 from ipc_schema.schema import HARD_FRAME_LIMIT
 from ipc_schema.trio_zmq import OwnedSocket
@@ -36,8 +39,9 @@ from .core import Call, Core, Operation, awaitable
 from .errors import NpuError
 from .execution import ExecutionOps, ExecutionRun
 from .jobs import JobRecord
-from .model import LoadedModel, ModelRun
-from .session import ClientOps
+from .model import LoadedModel, ModelRun, ModelSource, Outputs, Report
+from .protocol import Device
+from .session import ClientOps, Context
 
 _RECOVER = "open a new session (npu.connect_async) and load models again"
 
@@ -47,26 +51,41 @@ class AsyncBuffer(BufferOps):
     daemon is local, through messages otherwise."""
 
     client: "AsyncClient"
-    map = awaitable(BufferOps.map)
-    write = awaitable(BufferOps.write)
-    read = awaitable(BufferOps.read)
-    read_into = awaitable(BufferOps.read_into)
-    free = awaitable(BufferOps.free)
+    if TYPE_CHECKING:   # the awaited methods' types (docstrings: BufferOps)
+        async def map(self, dtype: Any = np.uint8, shape: tuple[int, ...] | None = None) -> np.ndarray[Any, Any]: ...
+        async def write(self, data: Any, offset: int = 0) -> None: ...
+        async def read(self, nbytes: int | None = None, offset: int = 0) -> bytes | memoryview: ...
+        async def read_into(self, out: Any, offset: int = 0) -> None: ...
+        async def free(self) -> None: ...
+    else:
+        map = awaitable(BufferOps.map)
+        write = awaitable(BufferOps.write)
+        read = awaitable(BufferOps.read)
+        read_into = awaitable(BufferOps.read_into)
+        free = awaitable(BufferOps.free)
 
 
 class AsyncJob(JobRecord):
     """A submitted command stream (or an imported fence), for trio code (see npu.Job)."""
 
     client: "AsyncClient"
-    wait = awaitable(JobRecord.wait)
-    cancel = awaitable(JobRecord.cancel)
-    export_fence = awaitable(JobRecord.export_fence)
+    if TYPE_CHECKING:   # the awaited methods' types (docstrings: JobRecord)
+        async def wait(self, timeout: float | None = None) -> Self: ...
+        async def cancel(self) -> str: ...
+        async def export_fence(self) -> str: ...
+    else:
+        wait = awaitable(JobRecord.wait)
+        cancel = awaitable(JobRecord.cancel)
+        export_fence = awaitable(JobRecord.export_fence)
 
 
 class AsyncModelJob(ModelRun, AsyncJob):
     """One run of a model: ``await wait()``, then ``await result()`` (outputs) and ``stats``."""
 
-    result = awaitable(ModelRun.result)
+    if TYPE_CHECKING:
+        async def result(self, timeout: float | None = None) -> Outputs: ...
+    else:
+        result = awaitable(ModelRun.result)
 
 
 class AsyncModel(LoadedModel):
@@ -74,11 +93,20 @@ class AsyncModel(LoadedModel):
 
     client: "AsyncClient"
     _job_class = AsyncModelJob
-    run = awaitable(LoadedModel.run)
-    submit = awaitable(LoadedModel.submit)
-    execution = awaitable(LoadedModel.execution)
-    report = awaitable(LoadedModel.report)
-    unload = awaitable(LoadedModel.unload)
+    if TYPE_CHECKING:   # the awaited methods' types (docstrings: LoadedModel)
+        async def run(self, feeds: Any, timeout: float | None = None) -> Outputs: ...
+        async def submit(self, feeds: Any, *, context: Any = None, after: Sequence[Any] = (),
+                         deadline: float | None = None, timeout: float | None = None) -> AsyncModelJob: ...
+        async def execution(self, context: Any = None, *, after: Sequence[Any] = (),
+                            deadline: float | None = None, timeout: float | None = None) -> AsyncExecution: ...
+        async def report(self) -> Report: ...
+        async def unload(self) -> None: ...
+    else:
+        run = awaitable(LoadedModel.run)
+        submit = awaitable(LoadedModel.submit)
+        execution = awaitable(LoadedModel.execution)
+        report = awaitable(LoadedModel.report)
+        unload = awaitable(LoadedModel.unload)
 
 
 class AsyncExecutionJob(ExecutionRun, AsyncModelJob):
@@ -89,15 +117,21 @@ class AsyncExecution(ExecutionOps):
     """A reusable execution for trio code (see npu.Execution): ``await model.execution()``."""
 
     _job_class = AsyncExecutionJob
-    run = awaitable(ExecutionOps.run)
-    submit = awaitable(ExecutionOps.submit)
-    rebind = awaitable(ExecutionOps.rebind)
-    close = awaitable(ExecutionOps.close)
+    if TYPE_CHECKING:   # the awaited methods' types (docstrings: ExecutionOps)
+        async def run(self, feeds: Any = None, timeout: float | None = None) -> Outputs: ...
+        async def submit(self, feeds: Any = None) -> AsyncExecutionJob: ...
+        async def rebind(self, name: str, buffer: BufferOps) -> None: ...
+        async def close(self) -> None: ...
+    else:
+        run = awaitable(ExecutionOps.run)
+        submit = awaitable(ExecutionOps.submit)
+        rebind = awaitable(ExecutionOps.rebind)
+        close = awaitable(ExecutionOps.close)
 
     async def __aenter__(self) -> "AsyncExecution":
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
 
@@ -217,30 +251,46 @@ class AsyncClient(ClientOps):
 
     # --- the API (session.py) ---------------------------------------------------------------
 
-    ping = awaitable(ClientOps.ping)
-    version = awaitable(ClientOps.version)
-    devices = awaitable(ClientOps.devices)
-    status = awaitable(ClientOps.status)
-    clients = awaitable(ClientOps.clients)
-    alloc = awaitable(ClientOps.alloc)
-    load = awaitable(ClientOps.load)
-    check = awaitable(ClientOps.check)
-    submit = awaitable(ClientOps.submit)
-    context = awaitable(ClientOps.context)
-    import_fence = awaitable(ClientOps.import_fence)
-    inject_fault = awaitable(ClientOps.inject_fault)
+    if TYPE_CHECKING:   # the awaited methods' types (docstrings: session.py)
+        async def ping(self) -> None: ...
+        async def version(self) -> dict[str, Any]: ...
+        async def devices(self) -> list[Device]: ...
+        async def status(self) -> dict[str, Any]: ...
+        async def clients(self) -> list[dict[str, Any]]: ...
+        async def alloc(self, nbytes: int, device: int = 0) -> AsyncBuffer: ...
+        async def load(self, model: ModelSource, device: int = 0, **options: Any) -> AsyncModel: ...
+        async def check(self, model: ModelSource, device: int = 0) -> list[dict[str, Any]]: ...
+        async def submit(self, stream: bytes, bindings: list[tuple[AsyncBuffer, int, bool]], device: int = 0,
+                         **options: Any) -> AsyncJob: ...
+        async def context(self, priority: str = "normal", weight: int = 1) -> Context: ...
+        async def import_fence(self, token: str) -> AsyncJob: ...
+        async def inject_fault(self, kind: str, device: int = 0, *, slow_ms: int = 0, count: int = 1) -> None: ...
+    else:
+        ping = awaitable(ClientOps.ping)
+        version = awaitable(ClientOps.version)
+        devices = awaitable(ClientOps.devices)
+        status = awaitable(ClientOps.status)
+        clients = awaitable(ClientOps.clients)
+        alloc = awaitable(ClientOps.alloc)
+        load = awaitable(ClientOps.load)
+        check = awaitable(ClientOps.check)
+        submit = awaitable(ClientOps.submit)
+        context = awaitable(ClientOps.context)
+        import_fence = awaitable(ClientOps.import_fence)
+        inject_fault = awaitable(ClientOps.inject_fault)
 
 
 @asynccontextmanager
 async def connect_async(endpoint: str | None = None, *, name: str | None = None,
-                        timeout: float = DEFAULT_TIMEOUT_S, map_io: bool = True, curve: tuple | None = None):
+                        timeout: float = DEFAULT_TIMEOUT_S, map_io: bool = True,
+                        curve: tuple[bytes, bytes, bytes] | None = None) -> AsyncIterator[AsyncClient]:
     """``async with npu.connect_async() as client:`` -- a session for trio code.
 
     ``curve=(client_public, client_secret, server_public)``: as for ``npu.connect``; a refused
     key raises PermissionDenied (EPERM).
     """
-    endpoint = resolve(endpoint)
-    protocol.check_reachable(endpoint)
+    given, endpoint = endpoint, resolve(endpoint)
+    protocol.check_reachable(endpoint, searched(given))
     tcp = not endpoint.startswith("ipc://")
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)

@@ -131,8 +131,15 @@ class Buffer(BufferOps):
     """A buffer object on a device.  ``handle`` is this session's name for it."""
 
     client: "Client"
-    map = blocking(BufferOps.map)
-    write = blocking(BufferOps.write)
-    read = blocking(BufferOps.read)
-    read_into = blocking(BufferOps.read_into)
-    free = blocking(BufferOps.free)
+    if TYPE_CHECKING:   # the blocking methods' types (docstrings: BufferOps)
+        def map(self, dtype: Any = np.uint8, shape: tuple[int, ...] | None = None) -> np.ndarray[Any, Any]: ...
+        def write(self, data: Any, offset: int = 0) -> None: ...
+        def read(self, nbytes: int | None = None, offset: int = 0) -> bytes | memoryview: ...
+        def read_into(self, out: Any, offset: int = 0) -> None: ...
+        def free(self) -> None: ...
+    else:
+        map = blocking(BufferOps.map)
+        write = blocking(BufferOps.write)
+        read = blocking(BufferOps.read)
+        read_into = blocking(BufferOps.read_into)
+        free = blocking(BufferOps.free)

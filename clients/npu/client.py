@@ -28,12 +28,12 @@ import socket
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ipc_schema.endpoint import resolve
+from ipc_schema.endpoint import resolve, searched
 from ipc_schema.errors import ErrorCode
 from ipc_schema.schema import HARD_FRAME_LIMIT
 
@@ -43,7 +43,8 @@ from .core import Call, Core, Operation, blocking
 from .errors import NpuError, error
 from .execution import Execution
 from .jobs import Job
-from .model import Model
+from .model import Model, ModelSource
+from .protocol import Device
 from .session import ClientOps, Context, job_options  # noqa: F401  (Context, job_options: public here)
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -66,7 +67,8 @@ class Client(ClientOps):
     _execution_class = Execution
 
     def __init__(self, endpoint: str | None = None, *, name: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT_S, map_io: bool = True, curve: tuple | None = None):
+                 timeout: float = DEFAULT_TIMEOUT_S, map_io: bool = True,
+                 curve: tuple[bytes, bytes, bytes] | None = None) -> None:
         self._init_args = {k: v for k, v in locals().items() if k not in ("self", "endpoint")}  # reconnect()
         self.endpoint = resolve(endpoint)
         self.timeout = timeout
@@ -81,7 +83,7 @@ class Client(ClientOps):
         self._sleepers = 0               # threads waiting on _cv
         self._outbox: list[bytes] = []   # frames of other threads, for the pump to send
         self._pumping = False            # a thread owns the sockets and receives for everyone
-        protocol.check_reachable(self.endpoint)
+        protocol.check_reachable(self.endpoint, searched(endpoint))
         self._sock = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_LIMIT)
@@ -317,18 +319,33 @@ class Client(ClientOps):
 
     # --- the API (session.py) ---------------------------------------------------------------
 
-    ping = blocking(ClientOps.ping)
-    version = blocking(ClientOps.version)
-    devices = blocking(ClientOps.devices)
-    status = blocking(ClientOps.status)
-    clients = blocking(ClientOps.clients)
-    alloc = blocking(ClientOps.alloc)
-    load = blocking(ClientOps.load)
-    check = blocking(ClientOps.check)
-    submit = blocking(ClientOps.submit)
-    context = blocking(ClientOps.context)
-    import_fence = blocking(ClientOps.import_fence)
-    inject_fault = blocking(ClientOps.inject_fault)
+    if TYPE_CHECKING:   # the blocking methods' types (the operations' docstrings: session.py)
+        def ping(self) -> None: ...
+        def version(self) -> dict[str, Any]: ...
+        def devices(self) -> list[Device]: ...
+        def status(self) -> dict[str, Any]: ...
+        def clients(self) -> list[dict[str, Any]]: ...
+        def alloc(self, nbytes: int, device: int = 0) -> Buffer: ...
+        def load(self, model: ModelSource, device: int = 0, **options: Any) -> Model: ...
+        def check(self, model: ModelSource, device: int = 0) -> list[dict[str, Any]]: ...
+        def submit(self, stream: bytes, bindings: list[tuple[Buffer, int, bool]], device: int = 0,
+                   **options: Any) -> Job: ...
+        def context(self, priority: str = "normal", weight: int = 1) -> Context: ...
+        def import_fence(self, token: str) -> Job: ...
+        def inject_fault(self, kind: str, device: int = 0, *, slow_ms: int = 0, count: int = 1) -> None: ...
+    else:
+        ping = blocking(ClientOps.ping)
+        version = blocking(ClientOps.version)
+        devices = blocking(ClientOps.devices)
+        status = blocking(ClientOps.status)
+        clients = blocking(ClientOps.clients)
+        alloc = blocking(ClientOps.alloc)
+        load = blocking(ClientOps.load)
+        check = blocking(ClientOps.check)
+        submit = blocking(ClientOps.submit)
+        context = blocking(ClientOps.context)
+        import_fence = blocking(ClientOps.import_fence)
+        inject_fault = blocking(ClientOps.inject_fault)
 
     def close(self) -> None:
         """End the session (its buffers are freed) and close the sockets."""
@@ -355,7 +372,7 @@ class Client(ClientOps):
     def __enter__(self) -> "Client":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -390,14 +407,15 @@ def _program_name() -> str:
     return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
 
 
-def connect(endpoint: str | None = None, **kwargs) -> Client:
+def connect(endpoint: str | None = None, *, name: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+            map_io: bool = True, curve: tuple[bytes, bytes, bytes] | None = None) -> Client:
     """Open a session with the daemon at ``endpoint`` (default: see ipc_schema.endpoint).
 
     Over tcp, npud accepts CURVE only: pass ``curve=(client_public, client_secret,
     server_public)`` (Z85 keys) or ``curve=npu.curve_keys(client_secret_file,
     server_public_file)``; a refused key raises PermissionDenied (EPERM).
     """
-    return Client(endpoint, **kwargs)
+    return Client(endpoint, name=name, timeout=timeout, map_io=map_io, curve=curve)
 
 
 def curve_keys(client_secret_file: str, server_public_file: str) -> tuple[bytes, bytes, bytes]:

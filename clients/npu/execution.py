@@ -31,7 +31,8 @@ from .buffer import BufferOps
 from .core import Call, blocking
 from .errors import NpuError, error
 from .jobs import JobRecord
-from .model import ModelJob, ModelRun
+from .model import ModelJob, ModelRun, Outputs
+from .tensor_types import check_feeds, feed_dict, ort_calling_form
 
 if TYPE_CHECKING:
     from .model import LoadedModel, TensorInfo
@@ -82,6 +83,7 @@ class ExecutionOps:
     def run(self, feeds: Any = None, timeout: float | None = None):
         """Run once (``feeds``, if given, are copied into the bound inputs first) and return the
         output views by name: overwritten by this execution's next run."""
+        ort_calling_form(feeds, timeout, "Execution.run")
         job = yield from ExecutionOps.submit(self, feeds)
         return (yield from ModelRun.result(job, timeout))
 
@@ -153,27 +155,19 @@ class ExecutionOps:
         self._frame = lambda seq: b"".join((_PREFIX, codec.pack(seq), suffix))
 
     def _feed(self, feeds: Any) -> None:
-        if not isinstance(feeds, dict):
-            if len(self.model.inputs) != 1:
-                raise error(ErrorCode.EINVAL, f"this model has {len(self.model.inputs)} inputs: pass a dict")
-            feeds = {self.model.inputs[0].name: feeds}
-        for name, value in feeds.items():
-            if self._kinds.get(name) != "input":
-                raise error(ErrorCode.EINVAL, f"the model has no input {name!r}")
-            info, x = self._infos[name], np.asarray(value)
-            if x.shape != info.shape:
-                raise error(ErrorCode.EINVAL, f"input {name!r} has shape {list(x.shape)}, the model "
-                                              f"expects {list(info.shape)}")
-            if not np.can_cast(x.dtype, info.dtype, casting="same_kind"):
-                raise error(ErrorCode.EINVAL, f"input {name!r} is {x.dtype}, the model expects {info.dtype}")
-        for name, value in feeds.items():
-            np.copyto(self.inputs[name], value, casting="same_kind")
+        """Copy ``feeds`` (some or all inputs, by name; or one array) into the bound inputs, after
+        checking every one: a refused feed leaves the inputs as they were."""
+        names = [t.name for t in self.model.inputs]
+        feeds = feed_dict(feeds, names, "Execution.run")
+        checked = check_feeds(feeds, [(t.name, t.shape, t.dtype) for t in self.model.inputs], partial=True)
+        for name, value in checked.items():
+            np.copyto(self.inputs[name], value)
 
     def _collect(self):
         if not self._mapped:
             for t in self.model.outputs:
                 yield from BufferOps.read_into(self._buffers[t.name], self.outputs[t.name])
-        return dict(self.outputs)
+        return Outputs(self.outputs)
 
     def _check(self) -> None:
         if self._closed:
@@ -224,13 +218,19 @@ class Execution(ExecutionOps):
     """One model's bound input/output buffers and pre-encoded run request."""
 
     _job_class = ExecutionJob
-    run = blocking(ExecutionOps.run)
-    submit = blocking(ExecutionOps.submit)
-    rebind = blocking(ExecutionOps.rebind)
-    close = blocking(ExecutionOps.close)
+    if TYPE_CHECKING:   # the blocking methods' types (docstrings: ExecutionOps)
+        def run(self, feeds: Any = None, timeout: float | None = None) -> Outputs: ...
+        def submit(self, feeds: Any = None) -> ExecutionJob: ...
+        def rebind(self, name: str, buffer: BufferOps) -> None: ...
+        def close(self) -> None: ...
+    else:
+        run = blocking(ExecutionOps.run)
+        submit = blocking(ExecutionOps.submit)
+        rebind = blocking(ExecutionOps.rebind)
+        close = blocking(ExecutionOps.close)
 
     def __enter__(self) -> "Execution":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

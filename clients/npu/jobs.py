@@ -8,7 +8,7 @@ client's ``AsyncJob`` awaited.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
@@ -94,6 +94,11 @@ class Job(JobRecord):
     """A submitted command stream (or an imported fence): a fence point on its context's timeline."""
 
     client: "Client"
-    wait = blocking(JobRecord.wait)
-    cancel = blocking(JobRecord.cancel)
-    export_fence = blocking(JobRecord.export_fence)
+    if TYPE_CHECKING:   # the blocking methods' types (docstrings: JobRecord)
+        def wait(self, timeout: float | None = None) -> Self: ...
+        def cancel(self) -> str: ...
+        def export_fence(self) -> str: ...
+    else:
+        wait = blocking(JobRecord.wait)
+        cancel = blocking(JobRecord.cancel)
+        export_fence = blocking(JobRecord.export_fence)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 from ipc_schema.errors import ErrorCode
 
@@ -72,7 +73,7 @@ class LocalDaemon:
         return self.process.returncode
 
 
-def local(*daemon_args: str, **client_kwargs) -> Client:
+def local(*daemon_args: str, **client_kwargs: Any) -> Client:
     """Start a private npud and return a client connected to it; closing the client stops it.
 
     ``daemon_args`` are passed to ``npud`` (e.g. ``"--device", "server"``).

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
@@ -25,9 +26,15 @@ from .buffer import BufferOps
 from .core import Call, blocking
 from .errors import NpuError, error
 from .jobs import Job, JobRecord, ModelRunRecord
+from .tensor_types import check_feeds, feed_dict, ort_calling_form
 
 if TYPE_CHECKING:
     from .client import Client
+    from .execution import Execution
+
+ModelSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Any]
+"""What ``load`` takes: a path, the model's bytes or an ``onnx.ModelProto`` (Any: onnx is not
+imported for its type)."""
 
 
 @dataclass(frozen=True)
@@ -36,8 +43,24 @@ class TensorInfo:
 
     name: str
     shape: tuple[int, ...]
-    dtype: np.dtype
+    dtype: np.dtype[Any]
     size: int
+
+
+class Outputs(dict[str, np.ndarray]):
+    """A run's outputs by name, in the model's output order; ``outputs[i]`` is the i-th, as in the
+    list onnxruntime's ``run`` returns.  An unknown name's KeyError lists the outputs."""
+
+    def __getitem__(self, key: str | int) -> np.ndarray:   # type: ignore[override]
+        if isinstance(key, int) and not isinstance(key, bool):
+            values = list(self.values())
+            if not -len(values) <= key < len(values):
+                raise IndexError(f"output {key} of {len(values)} (outputs: {list(self)})")
+            return values[key]
+        try:
+            return super().__getitem__(key)
+        except KeyError:
+            raise KeyError(f"no output {key!r}; the outputs are {list(self)} (or index them by position)") from None
 
 
 @dataclass(frozen=True)
@@ -139,27 +162,11 @@ class LoadedModel:
             raise error(ErrorCode.ENOENT, "this model was unloaded")
 
     def _normalise(self, feeds: Any) -> dict[str, np.ndarray]:
-        """``feeds`` (a dict by input name, or one array) checked against the inputs and cast."""
-        if not isinstance(feeds, dict):
-            if len(self.inputs) != 1:
-                raise error(ErrorCode.EINVAL, f"this model has {len(self.inputs)} inputs "
-                                              f"({', '.join(t.name for t in self.inputs)}): pass a dict")
-            feeds = {self.inputs[0].name: feeds}
-        missing = [t.name for t in self.inputs if t.name not in feeds]
-        extra = sorted(set(feeds) - {t.name for t in self.inputs})
-        if missing or extra:
-            raise error(ErrorCode.EINVAL, f"feeds do not match the model's inputs: missing {missing}, "
-                                          f"unknown {extra}")
-        out = {}
-        for t in self.inputs:
-            x = np.asarray(feeds[t.name])
-            if x.shape != t.shape:
-                raise error(ErrorCode.EINVAL, f"input {t.name!r} has shape {list(x.shape)}, the model "
-                                              f"expects {list(t.shape)}")
-            if not np.can_cast(x.dtype, t.dtype, casting="same_kind"):
-                raise error(ErrorCode.EINVAL, f"input {t.name!r} is {x.dtype}, the model expects {t.dtype}")
-            out[t.name] = np.ascontiguousarray(x, dtype=t.dtype)
-        return out
+        """``feeds`` (a dict by input name, or one array) checked against the inputs: names, shapes
+        and exact dtypes (tensor_types.py); nothing is converted."""
+        feeds = feed_dict(feeds, [t.name for t in self.inputs], "Model.run")
+        checked = check_feeds(feeds, [(t.name, t.shape, t.dtype) for t in self.inputs])
+        return {name: np.ascontiguousarray(x) for name, x in checked.items()}
 
     def _run_args(self, inputs: list, outputs: list, wire: dict) -> dict:
         return {"model": self.id, "inputs": [b.handle for b in inputs],
@@ -167,7 +174,8 @@ class LoadedModel:
 
 
     def run(self, feeds: Any, timeout: float | None = None):
-        """Run once and return the outputs by name."""
+        """Run once and return the outputs by name (``Outputs``: also by position)."""
+        ort_calling_form(feeds, timeout, "Model.run")
         job = yield from LoadedModel.submit(self, feeds)
         return (yield from ModelRun.result(job, timeout))
 
@@ -275,7 +283,7 @@ class ModelRun(ModelRunRecord):
 
     def _collect(self):
         """The finished run's outputs (copies: the buffers serve the next run)."""
-        outputs = {}
+        outputs = Outputs()
         for info, buf in zip(self.model.outputs, self._io[1]):
             out = np.empty(info.shape, info.dtype)
             yield from BufferOps.read_into(buf, out)
@@ -301,17 +309,29 @@ class Model(LoadedModel):
     """A model loaded on a device for this session."""
 
     client: "Client"
-    run = blocking(LoadedModel.run)
-    submit = blocking(LoadedModel.submit)
-    execution = blocking(LoadedModel.execution)
-    report = blocking(LoadedModel.report)
-    unload = blocking(LoadedModel.unload)
+    if TYPE_CHECKING:   # the blocking methods' types (docstrings: LoadedModel)
+        def run(self, feeds: Any, timeout: float | None = None) -> Outputs: ...
+        def submit(self, feeds: Any, *, context: Any = None, after: Sequence[Any] = (),
+                   deadline: float | None = None, timeout: float | None = None) -> ModelJob: ...
+        def execution(self, context: Any = None, *, after: Sequence[Any] = (), deadline: float | None = None,
+                      timeout: float | None = None) -> Execution: ...
+        def report(self) -> Report: ...
+        def unload(self) -> None: ...
+    else:
+        run = blocking(LoadedModel.run)
+        submit = blocking(LoadedModel.submit)
+        execution = blocking(LoadedModel.execution)
+        report = blocking(LoadedModel.report)
+        unload = blocking(LoadedModel.unload)
 
 
 class ModelJob(ModelRun, Job):
     """One run of a model: ``wait()``, then ``result()`` (outputs) and ``stats``."""
 
-    result = blocking(ModelRun.result)
+    if TYPE_CHECKING:
+        def result(self, timeout: float | None = None) -> Outputs: ...
+    else:
+        result = blocking(ModelRun.result)
 
 
 Model._job_class = ModelJob

@@ -56,14 +56,15 @@ def not_running(endpoint: str, detail: str = "") -> NpuError:
                  "(or `systemctl start npud`), or set NPUD_ENDPOINT")
 
 
-def check_reachable(endpoint: str) -> None:
-    """Fail fast, with a useful message, when nothing listens at an ipc endpoint: no socket file,
-    or one left behind by a daemon that was killed (connecting to it is refused)."""
+def check_reachable(endpoint: str, searched: str = "") -> None:
+    """Fail fast, with a useful message, when nothing listens at an ipc endpoint: no socket file
+    (the message adds ``searched``: where the default search looked), or one left behind by a
+    daemon that was killed (connecting to it is refused)."""
     path = ipc_path(endpoint)
     if path is None:
         return
     if not os.path.exists(path):
-        raise not_running(endpoint)
+        raise not_running(endpoint, searched)
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     probe.setblocking(False)
     try:

@@ -71,7 +71,7 @@ def import_model(model_bytes: bytes, options: dict) -> Graph:
             raise CompileError(f"graph input {vi.name!r} has no element type")
         dtype = _elem_type(tt.elem_type, f"graph input {vi.name!r}")
         if vi.name in overrides:
-            shape = tuple(int(d) for d in overrides[vi.name])
+            shape = _override(vi, tuple(int(d) for d in overrides[vi.name]))
         else:
             if not tt.HasField("shape"):
                 raise CompileError(f"graph input {vi.name!r} has no shape (give options"
@@ -86,6 +86,10 @@ def import_model(model_bytes: bytes, options: dict) -> Graph:
         check_shape(shape, f"graph input {vi.name!r}")
         tensors[vi.name] = Tensor(vi.name, shape, dtype)
         inputs.append(vi.name)
+    unknown = sorted(set(overrides) - set(inputs))
+    if unknown:
+        raise CompileError(f"options['input_shapes'] names {unknown}, which are not inputs of the graph "
+                           f"(its inputs: {inputs})")
     nodes = []
     seen_names = set()
     produced = {o for n in g.node for o in n.output if o}
@@ -128,6 +132,20 @@ def import_model(model_bytes: bytes, options: dict) -> Graph:
 
 _PACKED_4BIT = {getattr(onnx.TensorProto, t) for t in ("INT4", "UINT4", "FLOAT4E2M1")
                 if hasattr(onnx.TensorProto, t)}
+
+
+def _override(vi, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """An ``input_shapes`` shape for graph input ``vi``: refused if it contradicts the rank or a
+    fixed dimension the model declares (only symbolic dimensions are the caller's to choose)."""
+    tt = vi.type.tensor_type
+    if not tt.HasField("shape"):
+        return shape
+    declared = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+    if len(declared) != len(shape) or any(isinstance(d, int) and d != s for d, s in zip(declared, shape)):
+        raise CompileError(f"options['input_shapes'] gives graph input {vi.name!r} the shape {list(shape)}, "
+                           f"which contradicts its declared shape {declared} (only symbolic dimensions "
+                           f"may be chosen)")
+    return shape
 
 
 def _initializer(init: onnx.TensorProto) -> np.ndarray:

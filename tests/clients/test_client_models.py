@@ -206,7 +206,7 @@ def test_bad_feeds_are_invalid_arguments(client):
                          (np.zeros((4, 31), np.float32), "shape"),
                          (np.zeros((1, 4, 32), np.float32), "shape"),
                          (np.zeros((4, 32), np.complex64), "complex64"),
-                         (np.array([["a"] * 32] * 4), "expects float32")):
+                         (np.array([["a"] * 32] * 4), r"Actual: \(tensor\(string\)\)")):
         with pytest.raises(npu.InvalidArgument, match=match):
             model.run(feeds)
     # the model still runs after the refusals (no buffer set was lost)
@@ -222,8 +222,8 @@ def test_multi_input_model_needs_a_dict(client):
     assert [t.name for t in model.inputs] == ["x", "y"]
     with pytest.raises(npu.InvalidArgument, match="pass a dict"):
         model.run(np.zeros((3, 5), np.float32))
-    feeds = {"x": np.arange(15, dtype=np.float32).reshape(3, 5), "y": np.ones((3, 5), np.float64)}
-    want = reference(data, {k: v.astype(np.float32) for k, v in feeds.items()})[0]
+    feeds = {"x": np.arange(15, dtype=np.float32).reshape(3, 5), "y": np.ones((3, 5), np.float32)}
+    want = reference(data, feeds)[0]
     np.testing.assert_allclose(model.run(feeds)[model.outputs[0].name], want, rtol=RTOL, atol=ATOL)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ipc_schema.endpoint import SYSTEM_ENDPOINT, attach_path_for, default_endpoint, ipc_path
+from ipc_schema.endpoint import SYSTEM_ENDPOINT, attach_path_for, ipc_path, serve_endpoint
 from npud.config import load
 from systemd_harness import ANALYZE, REPO, UNITS
 
@@ -106,7 +106,7 @@ def test_systemd_units_agree_with_the_endpoint_rules():
         assert keys["RemoveOnStop"] == ["yes"] and keys["Service"] == ["npud.service"]
     user_sock, user_fds = unit_keys(UNITS / "user/npud.socket"), unit_keys(UNITS / "user/npud-fds.socket")
     runtime = "/run/user/1000"
-    expected = default_endpoint({"XDG_RUNTIME_DIR": runtime})
+    expected = serve_endpoint({"XDG_RUNTIME_DIR": runtime})
     assert user_sock["ListenStream"][0].replace("%t", runtime) == ipc_path(expected)
     assert user_fds["ListenSequentialPacket"][0].replace("%t", runtime) == attach_path_for(expected)
 

@@ -1,0 +1,7 @@
+"""``python -m npud``: the daemon, as the ``npud`` command runs it."""
+
+import sys
+
+from .main import main
+
+sys.exit(main())
