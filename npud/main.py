@@ -14,7 +14,8 @@ from .config import LOG_LEVELS, ConfigError, load, parse_devices
 from .server import AlreadyRunning, Daemon
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """npud's command line (also the source of its man page and completions: npud/manpages.py)."""
     parser = argparse.ArgumentParser(
         prog="npud", description="npud: the NPU daemon. Runs in the foreground until SIGTERM/SIGINT.")
     parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
@@ -34,7 +35,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--key-name", metavar="NAME", default="server",
                         help="file name of the pair --generate-keys writes (default: server)")
     parser.add_argument("--version", action="version", version=f"npud {__version__}")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
