@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from packaging_harness import REPO, copy_checkout
 
-REPO = Path(__file__).resolve().parents[2]
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 PREFIX = "/opt/npud-test"
 needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
@@ -53,12 +53,7 @@ def staged(tmp_path_factory) -> Path:
                     "(Debian: apt-get install python3-venv)")
     base = tmp_path_factory.mktemp("install")
     src, stage = base / "src", base / "stage"
-    files = subprocess.run(["git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard", "-z"],
-                           capture_output=True, check=True).stdout.decode().split("\0")
-    for rel in filter(None, files):
-        if (REPO / rel).is_file():
-            (src / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, src / rel)
+    copy_checkout(src)
     result = make("install", f"DESTDIR={stage}", f"PREFIX={PREFIX}", cwd=src)
     assert result.returncode == 0, result.stdout + result.stderr
     return stage

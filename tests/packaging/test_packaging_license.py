@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-import subprocess
-import sys
 import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+from packaging_harness import REPO, build_wheel
 
-REPO = Path(__file__).resolve().parents[2]
 # The text of https://www.apache.org/licenses/LICENSE-2.0.txt, byte for byte as onnx, trio, sniffio
 # and pytest-trio ship it in their wheels.
 APACHE_2_0_SHA256 = "cfc7749b96f63bd31c3c42b5c471bf756814053e847c10f3eb003417bc523d30"
@@ -35,12 +33,7 @@ def test_packaging_pyproject_declares_the_license_as_spdx():
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> tuple[Path, str]:
-    """npud's wheel, built as pip builds it for an install (isolated, so with PyPI's setuptools), and the log."""
-    out = tmp_path_factory.mktemp("wheel")
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "-w", str(out), str(REPO)],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return next(out.glob("npud-*.whl")), result.stdout + result.stderr
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 @pytest.mark.slow
