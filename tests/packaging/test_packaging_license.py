@@ -6,10 +6,9 @@ import hashlib
 import re
 import tomllib
 import zipfile
-from pathlib import Path
 
 import pytest
-from packaging_harness import REPO, build_wheel
+from packaging_harness import REPO
 
 # The text of https://www.apache.org/licenses/LICENSE-2.0.txt, byte for byte as onnx, trio, sniffio
 # and pytest-trio ship it in their wheels.
@@ -29,11 +28,6 @@ def test_packaging_pyproject_declares_the_license_as_spdx():
     # setuptools reads PEP 639's string `license` and `license-files` from 77 on.
     setuptools = [r for r in project["build-system"]["requires"] if r.startswith("setuptools")]
     assert setuptools and int(re.search(r">=\s*(\d+)", setuptools[0]).group(1)) >= 77
-
-
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> tuple[Path, str]:
-    return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 @pytest.mark.slow
