@@ -2,8 +2,9 @@
 
 Example (every key optional)::
 
-    endpoint = "ipc:///run/npud/npud.sock"
+    endpoint = "ipc:///run/npud/npud.sock"   # ZeroMQ endpoint to serve (default: $NPUD_ENDPOINT, else the user's)
     log_level = "info"                 # debug, info, warning, error
+    shutdown_grace_s = 5.0             # on stop, how long running jobs may finish before ESHUTDOWN
 
     cache_dir = "/var/cache/npud"      # compile cache (default: $CACHE_DIRECTORY, else ~/.cache/npud)
     cache_memory_bytes = "256MiB"      # parsed executables kept in the daemon's memory (0: none)
@@ -17,7 +18,7 @@ Example (every key optional)::
     [limits]
     memory_quota = "1GiB"              # per session, bytes of buffer objects
     max_buffer_bytes = "512MiB"        # one allocation
-    max_sessions = 1024
+    max_sessions = 1024                # open at once, all users together
     admin_sessions = 16                # of max_sessions, kept for admins (who may kill_client)
     lease_ms = 10000                   # idle sessions without a companion socket expire
     max_jobs_in_flight = 256           # per session
@@ -35,7 +36,7 @@ Example (every key optional)::
     secret_key_file = "/etc/npud/curve/server.key_secret"  # zmq.auth certificate (npud --generate-keys)
 
     [[devices]]
-    name = "npu0"
+    name = "npu0"                      # [A-Za-z0-9_.-], unique (default: npu0, npu1, ...)
     preset = "edge"                    # a preset from emulator.config.PRESETS
     [devices.params]                   # overrides of the preset's parameters
     sram_bytes = 524288
@@ -59,6 +60,13 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 T = TypeVar("T")
+# The keys a config file may have: the top level, [curve] and each [[devices]] table ([limits] and
+# [scheduling] are the fields of Limits and Scheduling).  npud/manpages.py documents each of them.
+CONFIG_KEYS = ("endpoint", "log_level", "shutdown_grace_s", "cache_dir", "cache_memory_bytes", "compile_workers",
+               "compile_timeout_s", "compile_memory_bytes", "policy", "tcp_endpoint", "limits", "scheduling",
+               "curve", "devices")
+CURVE_KEYS = ("secret_key_file",)
+DEVICE_KEYS = ("name", "preset", "params")
 
 
 class ConfigError(ValueError):
@@ -133,10 +141,7 @@ def _positive_int(value: Any, key: str) -> int:
 
 
 def from_dict(data: dict[str, Any]) -> Config:
-    _check_keys(data, {"endpoint", "log_level", "limits", "devices", "shutdown_grace_s", "cache_dir",
-                       "cache_memory_bytes",
-                       "compile_workers", "compile_timeout_s", "compile_memory_bytes", "scheduling",
-                       "policy", "tcp_endpoint", "curve"}, "config")
+    _check_keys(data, set(CONFIG_KEYS), "config")
     config = Config()
     if "endpoint" in data:
         if not isinstance(data["endpoint"], str) or "://" not in data["endpoint"]:
@@ -191,7 +196,7 @@ def _security(data: dict[str, Any], config: Config) -> Config:
         curve = data["curve"]
         if not isinstance(curve, dict):
             raise ConfigError("curve: expected a table")
-        _check_keys(curve, {"secret_key_file"}, "curve")
+        _check_keys(curve, set(CURVE_KEYS), "curve")
         path = curve.get("secret_key_file")
         if not isinstance(path, str) or not path:
             raise ConfigError(f"curve.secret_key_file: expected the path of the server's zmq.auth secret "
@@ -264,7 +269,7 @@ def parse_devices(items: Any) -> tuple[DeviceSpec, ...]:
         where = f"devices[{i}]"
         if not isinstance(item, dict):
             raise ConfigError(f"{where}: expected a table")
-        _check_keys(item, {"name", "preset", "params"}, where)
+        _check_keys(item, set(DEVICE_KEYS), where)
         preset = item.get("preset", "edge")
         if preset not in PRESETS:
             raise ConfigError(f"{where}.preset: unknown preset {preset!r} (known: {', '.join(PRESETS)})")

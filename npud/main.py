@@ -17,7 +17,8 @@ from .config import LOG_LEVELS, ConfigError, load, parse_devices
 from .server import AlreadyRunning, Daemon
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """npud's command line (also the source of its man page and completions: npud/manpages.py)."""
     parser = argparse.ArgumentParser(
         prog="npud", description="npud: the NPU daemon. Runs in the foreground until SIGTERM/SIGINT.")
     parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
@@ -38,7 +39,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="file name of the pair --generate-keys writes (default: server)")
     parser.add_argument("--version", action="version",
                         version=f"npud {distribution_version()} (protocol {'.'.join(map(str, PROTOCOL_VERSION))})")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
