@@ -13,7 +13,8 @@ import pytest
 
 from bench.soak_proc import alive as _alive
 
-BUSY = "print('armed', flush=True)\nwhile True:\n    sum(range(10000))\n"
+# "armed" goes to stderr: the parent's pid line on stdout must not interleave with it.
+BUSY = "import sys\nprint('armed', file=sys.stderr, flush=True)\nwhile True:\n    sum(range(10000))\n"
 
 PARENT = textwrap.dedent("""
     import sys, trio
@@ -36,12 +37,15 @@ def env(tmp_path):
 
 def test_every_busy_child_dies_with_its_parent(env):
     """Three children, so a signal owner shared through one open file would leave two alive."""
-    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True, env=env)
-    kids = [int(p) for p in parent.stdout.readline().split()]
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env)
+    kids: list[int] = []
     try:
+        kids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(kids) == 3, "the parent did not start its children"
         armed = 0
-        while armed < len(kids):                  # the children share its stdout
-            line = parent.stdout.readline()
+        while armed < len(kids):                  # the children share its stderr
+            line = parent.stderr.readline()
             assert line, "a child did not arm its lifeline"
             armed += line.count("armed")
         parent.kill()
@@ -51,10 +55,11 @@ def test_every_busy_child_dies_with_its_parent(env):
             time.sleep(0.01)
         assert not [k for k in kids if _alive(k)]
     finally:
+        parent.kill()   # its lifeline then ends any child this test did not learn of
+        parent.wait()
         for k in kids:
             if _alive(k):
                 os.kill(k, signal.SIGKILL)
-
 
 def test_a_child_whose_parent_died_before_it_armed_exits_before_its_module_runs(env):
     read_end, write_end = os.pipe()
@@ -63,7 +68,7 @@ def test_a_child_whose_parent_died_before_it_armed_exits_before_its_module_runs(
                            env={**env, "NPUD_LIFELINE_FD": str(read_end)}, capture_output=True, text=True,
                            timeout=30)
     os.close(read_end)
-    assert child.returncode == 1 and "has exited" in child.stderr and "armed" not in child.stdout
+    assert child.returncode == 1 and "has exited" in child.stderr and "armed" not in child.stderr
 
 
 def test_the_module_runs_as_main_with_its_arguments_and_exit_status(env):
