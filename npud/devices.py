@@ -47,7 +47,7 @@ from emulator import lifeline
 from emulator.config import DeviceConfig
 from ipc_schema.errors import ErrorCode, ErrorInfo
 
-from .jobs import BusyWindow, Job
+from .jobs import BusyWindow, Histogram, Job
 from .fds import FdBudget
 from .memory import BufferObject, DeviceMemory
 from .scheduler import Scheduler
@@ -165,6 +165,8 @@ class DeviceHost:
         self.busy_s = 0.0
         self.modeled_cycles = 0      # modeled cycles of the jobs completed since start
         self.usage = BusyWindow(UTIL_WINDOW_S)
+        self.latency = Histogram()   # submission to outcome of every finished job: what clients wait
+        self.run_time = Histogram()  # device time of the jobs that ran
         self.sched = Scheduler(self.params.starvation_s)
         self.cores = [Core(i) for i in range(self.params.cores or config.cores)]
         self._reset_done = trio.Event()
@@ -270,6 +272,7 @@ class DeviceHost:
             "jobs_failed": self.jobs_failed, "busy_ms": self.busy_now(now) * 1e3,
             "resets": self.resets, "cores": len(self.cores), "hangs": self.hangs,
             "banned_contexts": len(self.banned),
+            "latency_ms": self.latency.info(), "run_ms": self.run_time.info(),
             **self.usage_info(now),
         }
 
@@ -307,6 +310,9 @@ class DeviceHost:
         else:
             self.jobs_failed += 1
         job.finish(stats=stats, error=error)
+        self.latency.observe((job.finished - job.submitted) * 1e3)
+        if job.started:
+            self.run_time.observe(job.busy_s * 1e3)
         self._on_job_done(job)
         if error is None and job.program in self.programs and job.preemptions == 0:
             wall = job.busy_s

@@ -167,3 +167,26 @@ def test_stream_larger_than_default_socket_buffer_runs(client):
     job = client.submit(stream, [])
     assert job.wait(30).state == "done" and job.stats["commands"] == 15001
     assert device0(client).info["resets"] == resets
+
+
+def test_histogram_buckets_are_cumulative_with_an_implicit_inf_bucket():
+    from npud.jobs import Histogram
+
+    h = Histogram((1, 10))
+    for ms in (0.5, 1.0, 3, 10, 11, -0.1):
+        h.observe(ms)
+    assert h.info() == {"bounds_ms": [1.0, 10.0], "counts": [3, 5], "count": 6, "sum_ms": 25.5}
+
+
+def test_devices_report_job_latency_and_run_time_histograms(client):
+    before = device0(client).info
+    run_add(client, 256)
+    after = device0(client).info
+    for key in ("latency_ms", "run_ms"):
+        h, old = after[key], before[key]
+        assert h["count"] == old["count"] + 1 and h["sum_ms"] > old["sum_ms"]
+        assert h["counts"] == sorted(h["counts"]) and h["counts"][-1] <= h["count"]
+        assert len(h["counts"]) == len(h["bounds_ms"]) and h["bounds_ms"] == sorted(h["bounds_ms"])
+    # the end-to-end time includes the device time
+    assert after["latency_ms"]["sum_ms"] - before["latency_ms"]["sum_ms"] >= \
+        after["run_ms"]["sum_ms"] - before["run_ms"]["sum_ms"]
