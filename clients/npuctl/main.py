@@ -16,7 +16,7 @@ import time
 
 import npu
 
-from . import fields, monitor, render, tools, tracefmt
+from . import exporter, fields, monitor, render, tools, tracefmt
 
 
 def _common(defaults: bool) -> argparse.ArgumentParser:
@@ -132,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("id", metavar="ID", help="session id, or pid (every session of that process)")
     rs = add("reset", "admin: restart a device's process")
     rs.add_argument("device", metavar="DEVICE", help="device index or name")
+    exporter.add_parser(add)   # `npuctl exporter`: clients/npuctl/exporter.py
     return parser
 
 
@@ -279,6 +280,8 @@ def _dispatch(args) -> int:
         return 0
     if cmd == "query" and args.help_fields:
         return _query(args, None)
+    if cmd == "exporter":   # connects at each scrape, and serves while npud is down
+        return exporter.serve(args, lambda: _connect(args))
     with _connect(args) as client:
         if cmd == "status":
             data = _status(client)
