@@ -334,7 +334,8 @@ class DeviceHost:
             return
         ctx.banned = why
         self.banned.add(ctx)
-        log.error("device %d: context %d of session %s banned: %s", self.index, ctx.id, ctx.session_id, why)
+        log.error("device %d: context %d of session %s banned: %s", self.index, ctx.id, ctx.session_id, why,
+                  extra={"device": self.index, "session": ctx.session_id, "context": ctx.id})
         for job in self.sched.drop_context(ctx):
             self._finish(job, error=_banned_error(job, ctx))
 
@@ -606,7 +607,7 @@ class DeviceHost:
         if self._nursery is not None:
             self._nursery.start_soon(self._watch, core, core.process)
         log.info("device %d (%s, preset %s) core %d started as pid %d", self.index, self.name,
-                 self.preset, core.index, core.process.pid)
+                 self.preset, core.index, core.process.pid, extra={"device": self.index, "core": core.index})
 
     async def _stop_process(self, core: Core) -> None:
         if core.process is None:
@@ -626,7 +627,8 @@ class DeviceHost:
         core.state = "down"
 
     async def _reset(self, core: Core, why: str) -> None:
-        log.error("device %d core %d: %s; restarting its process", self.index, core.index, why)
+        log.error("device %d core %d: %s; restarting its process", self.index, core.index, why,
+                  extra={"device": self.index, "core": core.index})
         core.state = "resetting"
         self.resets += 1
         if core.process is not None and core.process.returncode is None:

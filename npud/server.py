@@ -569,7 +569,8 @@ class Daemon:
         session.buffers.clear()
         session.memory = 0
         session.attach_scope.cancel()  # the companion socket's task closes it
-        log.info("session %s (%s, pid %d) closed: %s", session.id, session.name, session.pid, why)
+        log.info("session %s (%s, pid %d) closed: %s", session.id, session.name, session.pid, why,
+                 extra={"session": session.id, "uid": session.uid})
 
     async def _sample_usage(self) -> None:
         """Feed the utilisation windows of devices and sessions (util_pct)."""

@@ -41,8 +41,9 @@ class Notifications:
         self.messages: list[str] = []
 
     def drain(self, wait: float = 0.0) -> None:
-        self.sock.settimeout(wait if wait > 0 else None)
-        self.sock.setblocking(wait > 0)
+        # At most ``wait`` for the first datagram (0: none).  (setblocking(True) would wait forever,
+        # so a daemon that exits before READY=1 hung wait_for instead of failing it.)
+        self.sock.settimeout(max(wait, 0.0))
         try:
             while True:
                 self.messages.append(self.sock.recv(65536).decode())

@@ -82,9 +82,13 @@ async def test_systemd_watchdog_task_pings_from_the_loop(notify):
 
 # --- logging ---------------------------------------------------------------------------
 
+# No journald socket, even on a host that has one: these tests read the stream transport.
+NO_JOURNALD = {npud_log.SOCKET_ENV: "/nonexistent/journal.sock"}
+
+
 def _journal_env(stream) -> dict[str, str]:
     st = os.fstat(stream.fileno())
-    return {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+    return {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}", **NO_JOURNALD}
 
 
 def _log_through_setup(tmp_path, env_for) -> str:
@@ -137,7 +141,7 @@ def test_systemd_daemon_logs_for_the_journal(tmp_path, notify):
     stderr_path = tmp_path / "journal"
     with open(stderr_path, "w") as stderr:
         st = os.fstat(stderr.fileno())
-        env = child_env(notify, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
+        env = child_env(notify, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}", **NO_JOURNALD)
         process = subprocess.Popen([sys.executable, "-m", "npud.main", "--endpoint",
                                     f"ipc://{tmp_path}/j.sock", "--log-level", "info"],
                                    env=env, stderr=stderr)
