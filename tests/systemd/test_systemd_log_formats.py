@@ -15,7 +15,7 @@ import pytest
 
 from npud import log as npud_log
 from npud.config import ConfigError, from_dict
-from systemd_harness import Notifications, child_env, stop
+from systemd_harness import Notifications, child_env, npud_logging, stop
 
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -73,26 +73,15 @@ def journal_env(stream, socket_path: str) -> dict[str, str]:
 
 
 def log_some(tmp_path, fmt: str, env_for) -> str:
-    """Log a few records through ``setup``; what reached the stream."""
-    path = tmp_path / "stderr"
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    try:
-        with open(path, "w") as stream:
-            npud_log.setup("debug", env_for(stream), stream, fmt=fmt)
-            logger = logging.getLogger("npud.test")
-            logger.info("hello %s", "world", extra={"device": 1, "session": "s-1"})
-            logger.warning("careful")
-            try:
-                raise ValueError("boom")
-            except ValueError:
-                logger.exception("failed", extra={"msg_id": 7})
-            for handler in root.handlers:
-                handler.flush()
-    finally:
-        root.handlers[:] = saved[0]
-        root.setLevel(saved[1])
-    return path.read_text()
+    """Log a few records through npud's ``setup``; what reached the stream."""
+    with npud_logging(tmp_path / "stderr", env_for, fmt) as logger:
+        logger.info("hello %s", "world", extra={"device": 1, "session": "s-1"})
+        logger.warning("careful")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("failed", extra={"msg_id": 7})
+    return (tmp_path / "stderr").read_text()
 
 
 def test_json_lines_have_stable_keys_then_context(tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import logging
 import os
 import re
 import socket
@@ -15,7 +14,7 @@ import trio
 
 from npud import log as npud_log
 from npud import systemd
-from systemd_harness import Notifications, child_env, stop
+from systemd_harness import Notifications, child_env, npud_logging, stop
 
 
 @pytest.fixture
@@ -92,29 +91,18 @@ def _journal_env(stream) -> dict[str, str]:
 
 
 def _log_through_setup(tmp_path, env_for) -> str:
-    path = tmp_path / "stderr"
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    try:
-        with open(path, "w") as stream:
-            npud_log.setup("debug", env_for(stream), stream)
-            logger = logging.getLogger("npud.test")
-            logger.debug("dbg")
-            logger.info("hello")
-            logger.warning("careful")
-            logger.error("bad")
-            logger.critical("worse")
-            try:
-                raise ValueError("boom")
-            except ValueError:
-                logger.exception("failed")
-            logger.log(25, "between info and warning")
-            for handler in root.handlers:
-                handler.flush()
-    finally:
-        root.handlers[:] = saved[0]
-        root.setLevel(saved[1])
-    return path.read_text()
+    with npud_logging(tmp_path / "stderr", env_for) as logger:
+        logger.debug("dbg")
+        logger.info("hello")
+        logger.warning("careful")
+        logger.error("bad")
+        logger.critical("worse")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("failed")
+        logger.log(25, "between info and warning")
+    return (tmp_path / "stderr").read_text()
 
 
 def test_systemd_log_journal_format(tmp_path):
