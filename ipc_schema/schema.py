@@ -101,6 +101,14 @@ DEVICE = Struct("device", {
     "run_ms": F(HISTOGRAM, "of every job that ran: the device time it took", optional=True),
 })
 
+USER_USAGE = Struct("user_usage", {
+    "uid": F(Int(-1, 2**32), "user id (-1: unknown, or any uid past the first 4096 seen)"),
+    "jobs_completed": F(U64, "jobs of its sessions that finished successfully since the daemon started"),
+    "jobs_failed": F(U64, "jobs of its sessions that failed"),
+    "busy_ms": F(Float(), "device time those jobs took (finished jobs only)"),
+    "modeled_cycles": F(U64, "modeled cycles of its completed jobs"),
+}, doc="One user's finished jobs since the daemon started, its closed sessions' included (counters).")
+
 COMPILE_CACHE_STATS = Struct("compile_cache_stats", {
     "hits": F(U64, "loads served from the compile cache (memory or disk) since start"),
     "misses": F(U64, "loads that had to compile (no entry, or an unreadable or corrupt one)"),
@@ -446,6 +454,7 @@ OPS: dict[str, Op] = {op.name: op for op in [
         "devices": F(Array(DEVICE, 256), "devices"),
         "clients": F(Array(CLIENT, 65536), "sessions"),
         "compile_cache": F(COMPILE_CACHE_STATS, "compile cache counters", optional=True),
+        "users": F(Array(USER_USAGE, 4097), "per-uid totals of finished jobs, by uid", optional=True),
     }),
     _op("clients", "List the sessions.", {}, {"clients": F(Array(CLIENT, 65536), "sessions")}),
     _op("jobs", "Recent and current jobs of every session (each session keeps its last 1024 finished "
@@ -534,7 +543,7 @@ DTYPE_SIZES = {"float32": 4, "float16": 2, "int8": 1, "uint8": 1, "int16": 2, "i
 ALL_STRUCTS: tuple[Type, ...] = (REQUEST, REPLY, EVENT, ERROR, TENSOR, BINDING, DEVICE, CLIENT, LIMITS,
                                   TENSOR_INFO, COMPILE_OPTIONS, PROBLEM, CACHE_ENTRY, JOB_INFO, TRACE_EVENT,
                                   LAYER, TRACE_MODEL, BUFFER_INFO, JOB_STATUS, HISTOGRAM,
-                                  COMPILE_CACHE_STATS)
+                                  COMPILE_CACHE_STATS, USER_USAGE)
 
 # --- The companion socket -------------------------------------------------------
 # ZeroMQ cannot carry file descriptors, so each local session also connects a Unix

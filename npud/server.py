@@ -43,7 +43,7 @@ from .jobs import Job, TraceRing
 from .models import LoadedModel, ModelLoader
 from .memory import BufferObject, HeapTrimmer
 from .ordering import Sequencer, Ticket
-from .sessions import Session, SessionTable
+from .sessions import Session, SessionTable, UsageByUid
 
 log = logging.getLogger("npud")
 
@@ -126,6 +126,7 @@ class Daemon:
         self.started = time.monotonic()
         self.stopping = False
         self.trace = TraceRing(TRACE_CAPACITY)
+        self.usage = UsageByUid()   # per-uid totals that outlive sessions (`status` users)
         self.heap = HeapTrimmer()   # the C heap's free pages go back once no session is left
         self.attach_path = attach_path_for(self.endpoint)
         self._zsock: OwnedSocket | None = None
@@ -524,6 +525,7 @@ class Daemon:
                 session.jobs_completed += 1
             session.busy_s += job.busy_s
             session.modeled_cycles += int(job.stats.get("cycles", 0))
+            self.usage.add(session.uid, job)
         self.trace.add(self.job_record(job))
         job.layers = None   # the trace event keeps them; a kept job must not pin an unloaded model's report
         fences.job_finished(self, job)

@@ -85,6 +85,13 @@ USER_GAUGES = (
     ("npud_user_utilization_ratio", "util_pct", 0.01,
      "Device time of the last 5 s spent on the user's jobs, in devices (1 = one device fully busy)"),
 )
+# (metric, field of a `user_usage`, scale, help): totals that outlive sessions.
+USER_COUNTERS = (
+    ("npud_user_jobs_completed", "jobs_completed", 1, "Jobs of the user's sessions that finished successfully"),
+    ("npud_user_jobs_failed", "jobs_failed", 1, "Jobs of the user's sessions that failed"),
+    ("npud_user_busy_seconds", "busy_ms", 1e-3, "Device time the user's finished jobs took"),
+    ("npud_user_modeled_cycles", "modeled_cycles", 1, "Modeled cycles of the user's completed jobs"),
+)
 CACHE_COUNTERS = (
     ("npud_compile_cache_hits", "hits", "Loads served from the compile cache"),
     ("npud_compile_cache_misses", "misses", "Loads that had to compile"),
@@ -191,7 +198,7 @@ def metric_families(status: dict, own_session: str = "") -> Iterator:
     clients = [c for c in status["clients"] if c["session"] != own_session]
     yield GaugeMetricFamily("npud_sessions", "Open sessions (clients)", value=len(clients))
     yield from _device_families(status["devices"])
-    yield from _user_families(clients)
+    yield from _user_families(clients, status.get("users", []))
     cache = status.get("compile_cache")
     if cache is not None:
         for name, key, help_ in CACHE_COUNTERS:
@@ -236,15 +243,22 @@ def _histogram_family(name: str, help_: str, labels: list[str], devices: list[di
     return family
 
 
-def _user_families(clients: list[dict]) -> Iterator:
+def _user_families(clients: list[dict], usage: list[dict]) -> Iterator:
+    """Levels of each uid's open sessions (summed), then each uid's totals since npud started."""
     users: dict[int, list[dict]] = {}
     for c in clients:
         users.setdefault(c["uid"], []).append(c)
+    labels = ["uid", "user"]
     for name, key, scale, help_ in USER_GAUGES:
-        family = GaugeMetricFamily(name, help_, labels=["uid", "user"])
+        family = GaugeMetricFamily(name, help_, labels=labels)
         for uid, sessions in sorted(users.items()):
             value = len(sessions) if key is None else sum(c[key] for c in sessions) * scale
             family.add_metric([str(uid), user_name(uid)], value)
+        yield family
+    for name, key, scale, help_ in USER_COUNTERS:
+        family = CounterMetricFamily(name, help_, labels=labels)
+        for row in usage:
+            family.add_metric([str(row["uid"]), user_name(row["uid"])], row[key] * scale)
         yield family
 
 

@@ -75,14 +75,16 @@ def value(samples: dict, metric: str, **labels) -> float:
 
 @pytest.fixture(scope="module")
 def busy(daemon):
-    """The module's daemon after a model was loaded twice (a compile, then a cache hit) and a job ran,
-    with one session left open holding a 1 MiB buffer."""
+    """The module's daemon after a model was loaded twice (a compile, then a cache hit) and a job ran
+    in a session since closed, with one session left open holding a 1 MiB buffer."""
     c = npu.connect(daemon.endpoint, name="busy")
     model = mlp(seed=int.from_bytes(os.urandom(4), "little"))   # new weights: not in the cache yet
     c.load(model).unload()
     c.load(model).unload()
-    a, b, out = (c.alloc(256 * 4) for _ in range(3))
-    assert c.submit(add_stream(256), [(a, A, False), (b, B, False), (out, O, True)]).wait(30).state == "done"
+    with npu.connect(daemon.endpoint, name="gone") as gone:   # its job counts for its user after it closes
+        a, b, out = (gone.alloc(256 * 4) for _ in range(3))
+        job = gone.submit(add_stream(256), [(a, A, False), (b, B, False), (out, O, True)])
+        assert job.wait(30).state == "done"
     c.alloc(1 << 20)
     yield c
     c.close()
@@ -115,6 +117,10 @@ def test_scrape_reports_the_daemon_its_devices_and_its_users(scraped, busy):
     own = next(c for c in busy.clients() if c["session"] == busy.session)
     assert value(samples, "npud_user_sessions", **mine) == 1
     assert value(samples, "npud_user_memory_bytes", **mine) == own["memory"] >= 1 << 20
+    assert value(samples, "npud_user_jobs_in_flight", **mine) == 0
+    # Totals outlive sessions: the job ran in a session that has closed.
+    assert value(samples, "npud_user_jobs_completed_total", **mine) >= 1 and own["jobs_completed"] == 0
+    assert value(samples, "npud_user_busy_seconds_total", **mine) > 0
 
 
 @pytest.mark.parametrize("metric", ["npud_device_job_latency_seconds", "npud_device_job_run_seconds"])

@@ -190,3 +190,32 @@ def test_devices_report_job_latency_and_run_time_histograms(client):
     # the end-to-end time includes the device time
     assert after["latency_ms"]["sum_ms"] - before["latency_ms"]["sum_ms"] >= \
         after["run_ms"]["sum_ms"] - before["run_ms"]["sum_ms"]
+
+
+def test_usage_by_uid_outlives_sessions(make_client):
+    def mine(c):
+        return next(u for u in c.status()["users"] if u["uid"] == os.getuid())
+    observer = make_client()
+    before = mine(observer) if any(u["uid"] == os.getuid() for u in observer.status()["users"]) else \
+        {"jobs_completed": 0, "busy_ms": 0.0, "modeled_cycles": 0}
+    gone = make_client()
+    run_add(gone, 256)
+    gone.close()
+    after = mine(observer)
+    assert after["jobs_completed"] == before["jobs_completed"] + 1
+    assert after["busy_ms"] > before["busy_ms"] and after["modeled_cycles"] > before["modeled_cycles"]
+
+
+def test_usage_by_uid_is_bounded():
+    from types import SimpleNamespace
+
+    from npud.sessions import UsageByUid
+
+    usage = UsageByUid(limit=2)
+    for uid in (10, 11, 12, 13, 10):
+        usage.add(uid, SimpleNamespace(error=None, busy_s=0.5, stats={"cycles": 3}))
+    usage.add(12, SimpleNamespace(error="EIO", busy_s=0.0, stats={}))
+    assert usage.info() == [
+        {"uid": -1, "jobs_completed": 2, "jobs_failed": 1, "busy_ms": 1000.0, "modeled_cycles": 6},
+        {"uid": 10, "jobs_completed": 2, "jobs_failed": 0, "busy_ms": 1000.0, "modeled_cycles": 6},
+        {"uid": 11, "jobs_completed": 1, "jobs_failed": 0, "busy_ms": 500.0, "modeled_cycles": 3}]
