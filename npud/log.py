@@ -87,7 +87,8 @@ class JsonFormatter(logging.Formatter):
             entry["exc"] = self.formatException(record.exc_info)
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
-        line = json.dumps(entry, default=str, ensure_ascii=False)
+        # ASCII (other characters as \u escapes): a line any stderr encoding can carry, and still JSON.
+        line = json.dumps(entry, default=str)
         return f"<{syslog_priority(record.levelno)}>{line}" if self.priority_prefix else line
 
 

@@ -81,13 +81,15 @@ def log_some(tmp_path, fmt: str, env_for) -> str:
             raise ValueError("boom")
         except ValueError:
             logger.exception("failed", extra={"msg_id": 7})
+        logger.info("naïve %s", "café", extra={"path": tmp_path})   # not ASCII; a value JSON cannot hold
     return (tmp_path / "stderr").read_text()
 
 
 def test_json_lines_have_stable_keys_then_context(tmp_path):
     lines = log_some(tmp_path, "json", lambda stream: {}).splitlines()
     entries = [json.loads(line) for line in lines]      # one object per line, tracebacks included
-    assert len(entries) == 3
+    assert len(entries) == 4 and all(line.isascii() for line in lines)
+    assert entries[3]["msg"] == "naïve café" and entries[3]["path"] == str(tmp_path)
     first = entries[0]
     assert list(first)[:4] == ["ts", "level", "logger", "msg"] and ISO_UTC.fullmatch(first["ts"])
     assert first == {**first, "level": "info", "logger": "npud.test", "msg": "hello world", "device": 1,
@@ -100,14 +102,15 @@ def test_json_lines_have_stable_keys_then_context(tmp_path):
 def test_json_lines_on_the_journal_stream_carry_their_priority(tmp_path):
     text = log_some(tmp_path, "json", lambda stream: journal_env(stream, str(tmp_path / "no-journald")))
     lines = text.splitlines()
-    assert [line[:3] for line in lines] == ["<6>", "<4>", "<3>"]
+    assert [line[:3] for line in lines] == ["<6>", "<4>", "<3>", "<6>"]
     assert json.loads(lines[0][3:])["msg"] == "hello world"
 
 
 def test_text_under_the_journal_uses_the_native_protocol_with_fields(tmp_path, journal):
     text = log_some(tmp_path, "text", lambda stream: journal_env(stream, journal.path))
     assert text == ""                                   # nothing on the stream: every record was sent
-    hello, careful, failed = journal.entries(wait=5.0)
+    hello, careful, failed, naive = journal.entries(wait=5.0)
+    assert naive["MESSAGE"] == "npud.test: naïve café" and naive["NPUD_PATH"] == str(tmp_path)
     assert hello["MESSAGE"] == "npud.test: hello world" and hello["PRIORITY"] == "6"
     assert hello["NPUD_LOGGER"] == "npud.test" and hello["SYSLOG_IDENTIFIER"] == "npud"
     assert hello["NPUD_DEVICE"] == "1" and hello["NPUD_SESSION"] == "s-1"
