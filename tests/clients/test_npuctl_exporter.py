@@ -205,6 +205,30 @@ def test_exporter_reports_a_daemon_down_and_recovers_when_it_returns(tmp_path):
         daemon.stop()
 
 
+def test_hangs_resets_bans_and_failures_are_exported(tmp_path):
+    (tmp_path / "npud.toml").write_text("[scheduling]\nban_after_hangs = 2\ndevice_processes = 1\n")
+    daemon = LocalDaemon("--test-mode", "--config", str(tmp_path / "npud.toml"))
+    try:
+        with npu.connect(daemon.endpoint, name="hangs") as c, serving(daemon.endpoint) as base:
+            ctx = c.context("normal")
+            a, b, out = (c.alloc(256 * 4) for _ in range(3))
+            c.inject_fault("hang", count=2)
+            for _ in range(2):
+                with pytest.raises(npu.Timeout):
+                    c.submit(add_stream(256), [(a, A, False), (b, B, False), (out, O, True)], context=ctx,
+                             timeout=0.3).wait(30)
+            samples = scrape(base)
+    finally:
+        daemon.stop()
+    dev = {"device": "0", "name": "npu0"}
+    assert value(samples, "npud_device_resets_total", **dev) >= 2
+    assert value(samples, "npud_device_hangs_total", **dev) == 2
+    assert value(samples, "npud_device_banned_contexts", **dev) == 1
+    assert value(samples, "npud_device_jobs_failed_total", **dev) == 2
+    assert value(samples, "npud_device_job_latency_seconds_count", **dev) == 2     # failed jobs count too
+    assert value(samples, "npud_user_jobs_failed_total", uid=str(os.getuid())) == 2
+
+
 class FixedLink:
     """A DaemonLink stand-in that answers with a given status (or error)."""
 
