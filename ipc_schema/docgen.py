@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .errors import ErrorCode
 from .schema import (ATTACH_HELLO, ATTACH_REPLY, BINDING, BUFFER_INFO, CACHE_ENTRY, CLIENT, COMPILE_OPTIONS,
+                     COMPILE_CACHE_STATS, HISTOGRAM, USER_USAGE,
                      JOB_INFO, LAYER, TRACE_EVENT, TRACE_MODEL,
                      DEVICE, ERROR, EVENT, EVENTS, PROBLEM, TENSOR_INFO,
                      FD_MESSAGE, HARD_FRAME_LIMIT, LIMITS, MAX_ATTACH_PACKET, MAX_INLINE_BYTES,
@@ -156,8 +157,9 @@ def render() -> str:
     for name, struct in EVENTS.items():
         parts.append(_section(name, struct))
     parts.append("## Shared structures\n")
-    for struct in (DEVICE, CLIENT, LIMITS, BINDING, TENSOR, TENSOR_INFO, COMPILE_OPTIONS, PROBLEM,
-                   CACHE_ENTRY, JOB_INFO, TRACE_EVENT, TRACE_MODEL, LAYER, BUFFER_INFO):
+    for struct in (DEVICE, HISTOGRAM, CLIENT, LIMITS, BINDING, TENSOR, TENSOR_INFO, COMPILE_OPTIONS, PROBLEM,
+                   CACHE_ENTRY, COMPILE_CACHE_STATS, USER_USAGE, JOB_INFO, TRACE_EVENT, TRACE_MODEL, LAYER,
+                   BUFFER_INFO):
         parts.append(_section(struct.name, struct))
     parts.append("## Companion socket packets\n")
     for struct in (ATTACH_HELLO, ATTACH_REPLY, FD_MESSAGE):

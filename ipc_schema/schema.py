@@ -62,6 +62,15 @@ BINDING = Struct("binding", {
     "writable": F(Bool(), "whether the job may write the buffer"),
 })
 
+HISTOGRAM = Struct("histogram", {
+    "bounds_ms": F(Array(Float(), 64), "upper bounds of the buckets in ms, increasing (the +Inf bucket is "
+                                        "implicit: `count`)"),
+    "counts": F(Array(U64, 64), "counts[i]: observations of at most bounds_ms[i] (cumulative, as "
+                                "Prometheus buckets are)"),
+    "count": F(U64, "observations"),
+    "sum_ms": F(Float(), "their sum in ms"),
+}, doc="Durations counted in fixed buckets since the daemon started (a Prometheus histogram).")
+
 DEVICE = Struct("device", {
     "index": F(DEVICE_INDEX, "device number used in requests"),
     "name": F(Str(64), "configured name, e.g. npu0"),
@@ -89,6 +98,23 @@ DEVICE = Struct("device", {
     "banned_contexts": F(U32, "contexts banned on this device for hanging it repeatedly", optional=True),
     "uuid": F(Str(64), "stable identity, the same across daemon restarts: NPU- and a UUID derived from the "
                        "host's machine-id, the device's configured name and its index", optional=True),
+    "latency_ms": F(HISTOGRAM, "of every finished job (done or failed): submission to outcome, queueing "
+                               "included", optional=True),
+    "run_ms": F(HISTOGRAM, "of every job that ran: the device time it took", optional=True),
+})
+
+USER_USAGE = Struct("user_usage", {
+    "uid": F(Int(-1, 2**32), "user id (-1: unknown, or any uid past the first 4096 seen)"),
+    "jobs_completed": F(U64, "jobs of its sessions that finished successfully since the daemon started"),
+    "jobs_failed": F(U64, "jobs of its sessions that failed"),
+    "busy_ms": F(Float(), "device time those jobs took (finished jobs only)"),
+    "modeled_cycles": F(U64, "modeled cycles of its completed jobs"),
+}, doc="One user's finished jobs since the daemon started, its closed sessions' included (counters).")
+
+COMPILE_CACHE_STATS = Struct("compile_cache_stats", {
+    "hits": F(U64, "loads served from the compile cache (memory or disk) since start"),
+    "misses": F(U64, "loads that had to compile (no entry, or an unreadable or corrupt one)"),
+    "discarded": F(U64, "corrupt entries deleted"),
 })
 
 CLIENT_DEVICE = Struct("client_device", {
@@ -442,6 +468,8 @@ OPS: dict[str, Op] = {op.name: op for op in [
         "endpoint": F(Str(4096), "endpoint the daemon serves"),
         "devices": F(Array(DEVICE, 256), "devices"),
         "clients": F(Array(CLIENT, 65536), "sessions"),
+        "compile_cache": F(COMPILE_CACHE_STATS, "compile cache counters", optional=True),
+        "users": F(Array(USER_USAGE, 4097), "per-uid totals of finished jobs, by uid", optional=True),
     }),
     _op("clients", "List the sessions.", {}, {"clients": F(Array(CLIENT, 65536), "sessions")}),
     _op("jobs", "Recent and current jobs of every session (each session keeps its last 1024 finished "
@@ -529,7 +557,8 @@ DTYPE_SIZES = {"float32": 4, "float16": 2, "int8": 1, "uint8": 1, "int16": 2, "i
 
 ALL_STRUCTS: tuple[Type, ...] = (REQUEST, REPLY, EVENT, ERROR, TENSOR, BINDING, DEVICE, CLIENT, LIMITS,
                                   TENSOR_INFO, COMPILE_OPTIONS, PROBLEM, CACHE_ENTRY, JOB_INFO, TRACE_EVENT,
-                                  LAYER, TRACE_MODEL, BUFFER_INFO, JOB_STATUS)
+                                  LAYER, TRACE_MODEL, BUFFER_INFO, JOB_STATUS, HISTOGRAM,
+                                  COMPILE_CACHE_STATS, USER_USAGE)
 
 # --- The companion socket -------------------------------------------------------
 # ZeroMQ cannot carry file descriptors, so each local session also connects a Unix

@@ -149,6 +149,10 @@ class CompileCache:
         self._lock = threading.Lock()
         self.remove_stale_temporaries()
 
+    def counters(self) -> dict:
+        """Lookups since start, as `status` reports them (`compile_cache_stats`)."""
+        return {"hits": self.hits, "misses": self.misses, "discarded": self.discarded}
+
     def remove_stale_temporaries(self, older_than_s: float = STALE_TMP_S) -> int:
         """Delete temporary files that writers which died mid-``put`` left behind (they hold
         disk space nothing would ever free, and no lookup reads them); returns how many."""

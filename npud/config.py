@@ -5,6 +5,7 @@ Example (every key optional)::
     endpoint = "ipc:///run/npud/npud.sock"   # ZeroMQ endpoint to serve (default: $NPUD_ENDPOINT, else the user's)
     log_level = "info"                 # debug, info, warning, error
     shutdown_grace_s = 5.0             # on stop, how long running jobs may finish before ESHUTDOWN
+    log_format = "text"                # text (the journal's native fields under systemd), json (a line each)
 
     cache_dir = "/var/cache/npud"      # compile cache (default: $CACHE_DIRECTORY, else ~/.cache/npud)
     cache_memory_bytes = "256MiB"      # parsed executables kept in the daemon's memory (0: none)
@@ -56,13 +57,15 @@ from typing import Any, Callable, TypeVar
 from ipc_schema.endpoint import serve_endpoint
 from ipc_schema.schema import MAX_BUFFER_BYTES
 
+from .log import LOG_FORMATS
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 T = TypeVar("T")
 # The keys a config file may have: the top level, [curve] and each [[devices]] table ([limits] and
 # [scheduling] are the fields of Limits and Scheduling).  npud/manpages.py documents each of them.
-CONFIG_KEYS = ("endpoint", "log_level", "shutdown_grace_s", "cache_dir", "cache_memory_bytes", "compile_workers",
+CONFIG_KEYS = ("endpoint", "log_level", "log_format", "shutdown_grace_s", "cache_dir", "cache_memory_bytes", "compile_workers",
                "compile_timeout_s", "compile_memory_bytes", "policy", "tcp_endpoint", "limits", "scheduling",
                "curve", "devices")
 CURVE_KEYS = ("secret_key_file",)
@@ -113,6 +116,7 @@ class DeviceSpec:
 class Config:
     endpoint: str = field(default_factory=serve_endpoint)
     log_level: str = "info"
+    log_format: str = "text"
     limits: Limits = Limits()
     devices: tuple[DeviceSpec, ...] = (DeviceSpec("npu0", "edge"),)
     shutdown_grace_s: float = 5.0
@@ -149,6 +153,11 @@ def from_dict(data: dict[str, Any]) -> Config:
         config = replace(config, endpoint=data["endpoint"])
     if "log_level" in data:
         config = replace(config, log_level=_log_level(data["log_level"]))
+    if "log_format" in data:
+        if data["log_format"] not in LOG_FORMATS:
+            raise ConfigError(f"log_format: expected one of {', '.join(LOG_FORMATS)}, "
+                              f"got {data['log_format']!r}")
+        config = replace(config, log_format=data["log_format"])
     if "shutdown_grace_s" in data:
         grace = data["shutdown_grace_s"]
         if type(grace) not in (int, float) or not 0 <= grace <= 600:

@@ -47,7 +47,7 @@ from emulator import lifeline
 from emulator.config import DeviceConfig
 from ipc_schema.errors import ErrorCode, ErrorInfo
 
-from .jobs import BusyWindow, Job
+from .jobs import BusyWindow, Histogram, Job
 from .fds import FdBudget
 from .identity import device_uuid
 from .memory import BufferObject, DeviceMemory
@@ -168,6 +168,8 @@ class DeviceHost:
         self.busy_s = 0.0
         self.modeled_cycles = 0      # modeled cycles of the jobs completed since start
         self.usage = BusyWindow(UTIL_WINDOW_S)
+        self.latency = Histogram()   # submission to outcome of every finished job: what clients wait
+        self.run_time = Histogram()  # device time of the jobs that ran
         self.sched = Scheduler(self.params.starvation_s)
         self.cores = [Core(i) for i in range(self.params.cores or config.cores)]
         self._reset_done = trio.Event()
@@ -279,6 +281,7 @@ class DeviceHost:
             "jobs_failed": self.jobs_failed, "busy_ms": self.busy_now(now) / len(self.cores) * 1e3,
             "resets": self.resets, "cores": len(self.cores), "hangs": self.hangs,
             "banned_contexts": len(self.banned),
+            "latency_ms": self.latency.info(), "run_ms": self.run_time.info(),
             **self.usage_info(now),
         }
 
@@ -317,6 +320,9 @@ class DeviceHost:
         else:
             self.jobs_failed += 1
         job.finish(stats=stats, error=error)
+        self.latency.observe((job.finished - job.submitted) * 1e3)
+        if job.started:
+            self.run_time.observe(job.busy_s * 1e3)
         self._on_job_done(job)
         if error is None and job.program in self.programs and job.preemptions == 0:
             wall = job.busy_s
@@ -338,7 +344,8 @@ class DeviceHost:
             return
         ctx.banned = why
         self.banned.add(ctx)
-        log.error("device %d: context %d of session %s banned: %s", self.index, ctx.id, ctx.session_id, why)
+        log.error("device %d: context %d of session %s banned: %s", self.index, ctx.id, ctx.session_id, why,
+                  extra={"device": self.index, "session": ctx.session_id, "context": ctx.id})
         for job in self.sched.drop_context(ctx):
             self._finish(job, error=_banned_error(job, ctx))
 
@@ -612,7 +619,7 @@ class DeviceHost:
         if self._nursery is not None:
             self._nursery.start_soon(self._watch, core, core.process)
         log.info("device %d (%s, preset %s) core %d started as pid %d", self.index, self.name,
-                 self.preset, core.index, core.process.pid)
+                 self.preset, core.index, core.process.pid, extra={"device": self.index, "core": core.index})
 
     async def _stop_process(self, core: Core) -> None:
         if core.process is None:
@@ -632,7 +639,8 @@ class DeviceHost:
         core.state = "down"
 
     async def _reset(self, core: Core, why: str) -> None:
-        log.error("device %d core %d: %s; restarting its process", self.index, core.index, why)
+        log.error("device %d core %d: %s; restarting its process", self.index, core.index, why,
+                  extra={"device": self.index, "core": core.index})
         core.state = "resetting"
         self.resets += 1
         if core.process is not None and core.process.returncode is None:

@@ -209,7 +209,8 @@ def _context_info(session) -> dict:
 def status(daemon, call, args):
     return {"daemon_version": __version__, "protocol": list(PROTOCOL_VERSION), "pid": os.getpid(),
             "uptime_s": time.monotonic() - daemon.started, "endpoint": daemon.endpoint,
-            **devices(daemon, call, args), **clients(daemon, call, args)}
+            **devices(daemon, call, args), **clients(daemon, call, args),
+            "compile_cache": daemon.loader.cache.counters(), "users": daemon.usage.info()}
 
 
 @handler("alloc")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import struct
 import time
 from array import array
@@ -151,6 +152,40 @@ class BusyWindow:
             return 0.0
         return util_pct(busy_now - b0, now - t0, cores)
 
+
+
+# Upper bounds of the job-time histograms, in ms: from a tiny command stream (~0.1 ms) to the
+# watchdog's default 30 s; slower jobs fall in the implicit +Inf bucket.
+LATENCY_BOUNDS_MS = (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
+
+
+class Histogram:
+    """Counts of durations in fixed buckets since the daemon started: constant memory and O(log buckets)
+    per observation, whatever the job rate, so Prometheus can compute percentiles from it."""
+
+    def __init__(self, bounds_ms: tuple = LATENCY_BOUNDS_MS):
+        self.bounds_ms = tuple(float(b) for b in bounds_ms)
+        self._counts = [0] * len(self.bounds_ms)   # per bucket (not cumulative); +Inf is count - sum
+        self.count = 0
+        self.sum_ms = 0.0
+
+    def observe(self, ms: float) -> None:
+        """Count one duration (negative clock noise counts as 0)."""
+        ms = max(0.0, ms)
+        self.count += 1
+        self.sum_ms += ms
+        i = bisect.bisect_left(self.bounds_ms, ms)   # the first bound >= ms
+        if i < len(self._counts):
+            self._counts[i] += 1
+
+    def info(self) -> dict:
+        """The schema's `histogram`: cumulative counts per upper bound, as Prometheus buckets are."""
+        cumulative, total = [], 0
+        for n in self._counts:
+            total += n
+            cumulative.append(total)
+        return {"bounds_ms": list(self.bounds_ms), "counts": cumulative, "count": self.count,
+                "sum_ms": self.sum_ms}
 
 # What `trace` shows of a layer (npud/handlers.py trace); the rest of a model's per-op report
 # stays with the executable.

@@ -13,7 +13,7 @@ from ipc_schema.schema import PROTOCOL_VERSION
 from ipc_schema.version import distribution_version
 
 from . import fds, log
-from .config import LOG_LEVELS, ConfigError, load, parse_devices
+from .config import LOG_FORMATS, LOG_LEVELS, ConfigError, load, parse_devices
 from .server import AlreadyRunning, Daemon
 
 
@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "$NPUD_ENDPOINT, else ipc://$XDG_RUNTIME_DIR/npud/npud.sock, "
                                            "else ipc:///tmp/npud-$UID/npud.sock: where clients look)")
     parser.add_argument("--log-level", choices=LOG_LEVELS)
+    parser.add_argument("--log-format", choices=LOG_FORMATS,
+                        help="text (default; under systemd, the journal's native protocol with structured "
+                             "fields) or json (one object per line: ts, level, logger, msg, context)")
     parser.add_argument("--cache-dir", metavar="DIR", help="compile cache directory")
     parser.add_argument("--device", metavar="PRESET", action="append",
                         help="create a device from this preset (repeatable; replaces the config's devices)")
@@ -72,11 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(config, endpoint=args.endpoint)
     if args.log_level:
         config = dataclasses.replace(config, log_level=args.log_level)
+    if args.log_format:
+        config = dataclasses.replace(config, log_format=args.log_format)
     if args.cache_dir:
         config = dataclasses.replace(config, cache_dir=args.cache_dir)
     if args.test_mode:
         config = dataclasses.replace(config, test_mode=True)
-    log.setup(config.log_level)
+    log.setup(config.log_level, fmt=config.log_format)
     fds.raise_soft_limit()        # buffers hold descriptors: see npud/fds.py
     try:
         daemon = Daemon(config)   # reads the policy file and the CURVE key: ConfigError names the key

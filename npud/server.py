@@ -43,7 +43,7 @@ from .jobs import Job, TraceRing
 from .models import LoadedModel, ModelLoader
 from .memory import BufferObject, HeapTrimmer
 from .ordering import Sequencer, Ticket
-from .sessions import Session, SessionTable
+from .sessions import Session, SessionTable, UsageByUid
 
 log = logging.getLogger("npud")
 
@@ -126,6 +126,7 @@ class Daemon:
         self.started = time.monotonic()
         self.stopping = False
         self.trace = TraceRing(TRACE_CAPACITY)
+        self.usage = UsageByUid()   # per-uid totals that outlive sessions (`status` users)
         self.heap = HeapTrimmer()   # the C heap's free pages go back once no session is left
         self.attach_path = attach_path_for(self.endpoint)
         self._zsock: OwnedSocket | None = None
@@ -523,6 +524,7 @@ class Daemon:
             else:
                 session.jobs_completed += 1
             session.modeled_cycles += int(job.stats.get("cycles", 0))
+            self.usage.add(session.uid, job)
         self.trace.add(self.job_record(job))
         job.layers = None   # the trace event keeps them; a kept job must not pin an unloaded model's report
         fences.job_finished(self, job)
@@ -570,7 +572,8 @@ class Daemon:
         session.buffers.clear()
         session.memory = 0
         session.attach_scope.cancel()  # the companion socket's task closes it
-        log.info("session %s (%s, pid %d) closed: %s", session.id, session.name, session.pid, why)
+        log.info("session %s (%s, pid %d) closed: %s", session.id, session.name, session.pid, why,
+                 extra={"session": session.id, "uid": session.uid})
 
     async def _sample_usage(self) -> None:
         """Feed the utilisation windows of devices and sessions (util_pct)."""

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .models import LoadedModel
 
 FINISHED_JOBS_KEPT = 1024  # per session, so that `wait` after completion still answers
+USERS_TRACKED = 4096       # uids with usage totals of their own; jobs of any further uid count under -1
 UTIL_WINDOW_S = 5.0        # as npud.devices.UTIL_WINDOW_S
 
 
@@ -190,3 +191,27 @@ class SessionTable:
             self._per_uid[uid] -= 1
             if not self._per_uid[uid]:
                 del self._per_uid[uid]
+
+
+class UsageByUid:
+    """Each uid's finished jobs since the daemon started, its closed sessions' included: what a
+    user has used, as counters that only grow (the open sessions' figures vanish with them).
+    At most ``limit`` uids are told apart (a row is ~200 bytes); the rest are summed under -1."""
+
+    def __init__(self, limit: int = USERS_TRACKED):
+        self.limit = limit
+        self._rows: dict[int, list] = {}   # uid -> [jobs_completed, jobs_failed, busy_s, modeled_cycles]
+
+    def add(self, uid: int, job: Job) -> None:
+        """Count a finished job of a session of ``uid``."""
+        if uid not in self._rows and len(self._rows) >= self.limit:
+            uid = -1
+        row = self._rows.setdefault(uid, [0, 0, 0.0, 0])
+        row[1 if job.error else 0] += 1
+        row[2] += job.busy_s
+        row[3] += int(job.stats.get("cycles", 0))
+
+    def info(self) -> list[dict]:
+        """The schema's `user_usage` rows, by uid."""
+        return [{"uid": uid, "jobs_completed": done, "jobs_failed": failed, "busy_ms": busy * 1e3,
+                 "modeled_cycles": cycles} for uid, (done, failed, busy, cycles) in sorted(self._rows.items())]

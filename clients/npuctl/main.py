@@ -19,7 +19,7 @@ import time
 
 import npu
 
-from . import fields, monitor, render, tools, tracefmt, version
+from . import exporter, fields, monitor, render, tools, tracefmt, version
 
 INTERRUPTED = 130   # 128 + SIGINT, as a shell reports a command Ctrl-C stopped
 
@@ -150,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("id", metavar="ID", help="session id, or pid (every session of that process)")
     rs = add("reset", "admin: restart a device's process")
     rs.add_argument("device", metavar="DEVICE", help="device index or name")
+    exporter.add_parser(add)   # `npuctl exporter`: clients/npuctl/exporter.py
     return parser
 
 
@@ -349,6 +350,8 @@ def _dispatch(args) -> int:
         return 1 if data.get("error") else 0
     if cmd == "query" and args.help_fields:
         return _query(args, None)
+    if cmd == "exporter":   # connects at each scrape, and serves while npud is down
+        return exporter.serve(args, lambda: _connect(args))
     with _connect(args) as client:
         if cmd == "status":
             data = _status(client)

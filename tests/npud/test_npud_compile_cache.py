@@ -40,3 +40,14 @@ def test_in_memory_entries_are_bounded_by_their_cost(tmp_path):
     assert len(cache._memo) == 3 and cache._memo_size <= cache.memory_bytes
     assert list(cache._memo) == ["k2", "k3", "k4"]   # the most recently used kept
     assert cache.get("k0") is not None               # still on disk
+
+
+def test_counters_report_hits_and_misses(tmp_path):
+    data, exe = entry(1)
+    cache = CompileCache(tmp_path)
+    assert cache.get("k") is None
+    cache.put("k", data, exe)
+    assert cache.get("k") is not None
+    (tmp_path / "bad.npux").write_bytes(b"not an executable")
+    cache.get("bad")
+    assert cache.counters() == {"hits": 1, "misses": 2, "discarded": 1}

@@ -167,3 +167,55 @@ def test_stream_larger_than_default_socket_buffer_runs(client):
     job = client.submit(stream, [])
     assert job.wait(30).state == "done" and job.stats["commands"] == 15001
     assert device0(client).info["resets"] == resets
+
+
+def test_histogram_buckets_are_cumulative_with_an_implicit_inf_bucket():
+    from npud.jobs import Histogram
+
+    h = Histogram((1, 10))
+    for ms in (0.5, 1.0, 3, 10, 11, -0.1):
+        h.observe(ms)
+    assert h.info() == {"bounds_ms": [1.0, 10.0], "counts": [3, 5], "count": 6, "sum_ms": 25.5}
+
+
+def test_devices_report_job_latency_and_run_time_histograms(client):
+    before = device0(client).info
+    run_add(client, 256)
+    after = device0(client).info
+    for key in ("latency_ms", "run_ms"):
+        h, old = after[key], before[key]
+        assert h["count"] == old["count"] + 1 and h["sum_ms"] > old["sum_ms"]
+        assert h["counts"] == sorted(h["counts"]) and h["counts"][-1] <= h["count"]
+        assert len(h["counts"]) == len(h["bounds_ms"]) and h["bounds_ms"] == sorted(h["bounds_ms"])
+    # the end-to-end time includes the device time
+    assert after["latency_ms"]["sum_ms"] - before["latency_ms"]["sum_ms"] >= \
+        after["run_ms"]["sum_ms"] - before["run_ms"]["sum_ms"]
+
+
+def test_usage_by_uid_outlives_sessions(make_client):
+    def mine(c):
+        return next(u for u in c.status()["users"] if u["uid"] == os.getuid())
+    observer = make_client()
+    before = mine(observer) if any(u["uid"] == os.getuid() for u in observer.status()["users"]) else \
+        {"jobs_completed": 0, "busy_ms": 0.0, "modeled_cycles": 0}
+    gone = make_client()
+    run_add(gone, 256)
+    gone.close()
+    after = mine(observer)
+    assert after["jobs_completed"] == before["jobs_completed"] + 1
+    assert after["busy_ms"] > before["busy_ms"] and after["modeled_cycles"] > before["modeled_cycles"]
+
+
+def test_usage_by_uid_is_bounded():
+    from types import SimpleNamespace
+
+    from npud.sessions import UsageByUid
+
+    usage = UsageByUid(limit=2)
+    for uid in (10, 11, 12, 13, 10):
+        usage.add(uid, SimpleNamespace(error=None, busy_s=0.5, stats={"cycles": 3}))
+    usage.add(12, SimpleNamespace(error="EIO", busy_s=0.0, stats={}))
+    assert usage.info() == [
+        {"uid": -1, "jobs_completed": 2, "jobs_failed": 1, "busy_ms": 1000.0, "modeled_cycles": 6},
+        {"uid": 10, "jobs_completed": 2, "jobs_failed": 0, "busy_ms": 1000.0, "modeled_cycles": 6},
+        {"uid": 11, "jobs_completed": 1, "jobs_failed": 0, "busy_ms": 500.0, "modeled_cycles": 3}]

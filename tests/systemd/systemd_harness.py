@@ -1,7 +1,8 @@
-"""Helpers for tests/systemd: a notify socket, and npud started with inherited sockets."""
+"""Helpers for tests/systemd: a notify socket, npud started with inherited sockets, npud's logging."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -9,6 +10,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,8 +44,9 @@ class Notifications:
         self.messages: list[str] = []
 
     def drain(self, wait: float = 0.0) -> None:
-        self.sock.settimeout(wait if wait > 0 else None)
-        self.sock.setblocking(wait > 0)
+        # At most ``wait`` for the first datagram (0: none).  (setblocking(True) would wait forever,
+        # so a daemon that exits before READY=1 hung wait_for instead of failing it.)
+        self.sock.settimeout(max(wait, 0.0))
         try:
             while True:
                 self.messages.append(self.sock.recv(65536).decode())
@@ -107,3 +111,22 @@ def stop(process: subprocess.Popen, timeout: float = TIMEOUT_S) -> int:
             process.kill()
             process.wait()
     return process.returncode
+
+
+@contextmanager
+def npud_logging(path: Path, env_for: Callable, fmt: str = "text") -> Iterator[logging.Logger]:
+    """npud's logging (npud/log.py ``setup`` at debug, ``env_for(stream)`` its environment) into the
+    file ``path``; yields a logger.  The root logger's handlers and level are restored after."""
+    from npud import log as npud_log
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        with open(path, "w") as stream:
+            npud_log.setup("debug", env_for(stream), stream, fmt=fmt)
+            yield logging.getLogger("npud.test")
+            for handler in root.handlers:
+                handler.flush()
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])

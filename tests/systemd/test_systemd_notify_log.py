@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import logging
 import os
 import re
 import socket
@@ -15,7 +14,7 @@ import trio
 
 from npud import log as npud_log
 from npud import systemd
-from systemd_harness import Notifications, child_env, stop
+from systemd_harness import Notifications, child_env, npud_logging, stop
 
 
 @pytest.fixture
@@ -82,35 +81,28 @@ async def test_systemd_watchdog_task_pings_from_the_loop(notify):
 
 # --- logging ---------------------------------------------------------------------------
 
+# No journald socket, even on a host that has one: these tests read the stream transport.
+NO_JOURNALD = {npud_log.SOCKET_ENV: "/nonexistent/journal.sock"}
+
+
 def _journal_env(stream) -> dict[str, str]:
     st = os.fstat(stream.fileno())
-    return {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+    return {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}", **NO_JOURNALD}
 
 
 def _log_through_setup(tmp_path, env_for) -> str:
-    path = tmp_path / "stderr"
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    try:
-        with open(path, "w") as stream:
-            npud_log.setup("debug", env_for(stream), stream)
-            logger = logging.getLogger("npud.test")
-            logger.debug("dbg")
-            logger.info("hello")
-            logger.warning("careful")
-            logger.error("bad")
-            logger.critical("worse")
-            try:
-                raise ValueError("boom")
-            except ValueError:
-                logger.exception("failed")
-            logger.log(25, "between info and warning")
-            for handler in root.handlers:
-                handler.flush()
-    finally:
-        root.handlers[:] = saved[0]
-        root.setLevel(saved[1])
-    return path.read_text()
+    with npud_logging(tmp_path / "stderr", env_for) as logger:
+        logger.debug("dbg")
+        logger.info("hello")
+        logger.warning("careful")
+        logger.error("bad")
+        logger.critical("worse")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("failed")
+        logger.log(25, "between info and warning")
+    return (tmp_path / "stderr").read_text()
 
 
 def test_systemd_log_journal_format(tmp_path):
@@ -137,7 +129,7 @@ def test_systemd_daemon_logs_for_the_journal(tmp_path, notify):
     stderr_path = tmp_path / "journal"
     with open(stderr_path, "w") as stderr:
         st = os.fstat(stderr.fileno())
-        env = child_env(notify, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
+        env = child_env(notify, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}", **NO_JOURNALD)
         process = subprocess.Popen([sys.executable, "-m", "npud.main", "--endpoint",
                                     f"ipc://{tmp_path}/j.sock", "--log-level", "info"],
                                    env=env, stderr=stderr)
