@@ -71,6 +71,8 @@ SYSUSERSDIR ?= /usr/local/lib/sysusers.d
 TMPFILESDIR ?= /usr/local/lib/tmpfiles.d
 INSTALL ?= install
 NPUD_UNITS := npud.socket npud-fds.socket npud.service
+# System-only units (no user variant): installed, never enabled by install.
+EXTRA_UNITS := npud-exporter.service
 NPUD_COMMANDS := npud npuctl
 DOCGEN := build/docgen
 VENV_PY := $(DESTDIR)$(PREFIX)/bin/python
@@ -121,6 +123,9 @@ install-units:
 	  sed -e 's|/opt/npud/|$(PREFIX)/|g' -e 's|/etc/npud/|$(SYSCONFDIR)/npud/|g' systemd/$$unit \
 	    > $(DESTDIR)$(SYSTEMDDIR)/system/$$unit && chmod 0644 $(DESTDIR)$(SYSTEMDDIR)/system/$$unit; \
 	  $(INSTALL) -m 0644 systemd/user/$$unit $(DESTDIR)$(SYSTEMDDIR)/user/$$unit; done
+	for unit in $(EXTRA_UNITS); do \
+	  sed -e 's|/opt/npud/|$(PREFIX)/|g' systemd/$$unit > $(DESTDIR)$(SYSTEMDDIR)/system/$$unit && \
+	  chmod 0644 $(DESTDIR)$(SYSTEMDDIR)/system/$$unit; done
 	$(INSTALL) -m 0644 systemd/npud.sysusers $(DESTDIR)$(SYSUSERSDIR)/npud.conf
 	$(INSTALL) -m 0644 systemd/npud.tmpfiles $(DESTDIR)$(TMPFILESDIR)/npud.conf
 	[ -e $(DESTDIR)$(SYSCONFDIR)/npud/npud.toml ] || \
@@ -133,9 +138,10 @@ install-units:
 
 uninstall:
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
-	  systemctl disable --now npud.socket npud-fds.socket npud.service || true; fi
+	  systemctl disable --now npud-exporter.service npud.socket npud-fds.socket npud.service || true; fi
 	for unit in $(NPUD_UNITS); do \
 	  rm -f $(DESTDIR)$(SYSTEMDDIR)/system/$$unit $(DESTDIR)$(SYSTEMDDIR)/user/$$unit; done
+	for unit in $(EXTRA_UNITS); do rm -f $(DESTDIR)$(SYSTEMDDIR)/system/$$unit; done
 	rm -f $(DESTDIR)$(SYSUSERSDIR)/npud.conf $(DESTDIR)$(TMPFILESDIR)/npud.conf
 	for cmd in $(NPUD_COMMANDS); do \
 	  [ ! -L $(DESTDIR)$(BINDIR)/$$cmd ] || rm -f $(DESTDIR)$(BINDIR)/$$cmd; \

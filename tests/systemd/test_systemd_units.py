@@ -164,8 +164,9 @@ def test_systemd_make_install_units_stages_a_tree(tmp_path):
                             timeout=120)
     assert result.returncode == 0, result.stderr
     system = stage / "usr/local/lib/systemd/system"
-    assert sorted(p.name for p in system.iterdir()) == sorted(UNIT_NAMES)
+    assert sorted(p.name for p in system.iterdir()) == sorted((*UNIT_NAMES, "npud-exporter.service"))
     assert sorted(p.name for p in (stage / "usr/local/lib/systemd/user").iterdir()) == sorted(UNIT_NAMES)
+    assert unit_keys(system / "npud-exporter.service")["ExecStart"][0].startswith("/opt/npu-test/bin/npuctl exporter")
     assert unit_keys(system / "npud.service")["ExecStart"] == [
         "/opt/npu-test/bin/npud --config /etc/x/npud/npud.toml"]
     assert (stage / "etc/x/npud/npud.toml").read_text() == (UNITS / "npud.toml").read_text()
