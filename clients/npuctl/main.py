@@ -35,9 +35,9 @@ def _common(defaults: bool) -> argparse.ArgumentParser:
     # Options may come before or after the command; the command's copy must not
     # overwrite a value given before it, so only the top level has defaults.
     common = argparse.ArgumentParser(add_help=False, argument_default=None if defaults else argparse.SUPPRESS)
-    common.add_argument("--endpoint", help="daemon endpoint (default: $NPUD_ENDPOINT, "
-                                           "else ipc://$XDG_RUNTIME_DIR/npud/npud.sock, "
-                                           "else ipc:///tmp/npud-$UID/npud.sock)")
+    common.add_argument("--endpoint", help="daemon endpoint (default: $NPUD_ENDPOINT, else the first "
+                                           "existing of ipc://$XDG_RUNTIME_DIR/npud/npud.sock and "
+                                           "ipc:///run/npud/npud.sock, else ipc:///tmp/npud-$UID/npud.sock)")
     common.add_argument("--curve-key", metavar="FILE",
                         help="tcp endpoints: this client's zmq.auth secret certificate (NAME.key_secret)")
     common.add_argument("--server-key", metavar="FILE",
