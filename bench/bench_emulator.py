@@ -12,12 +12,12 @@ import time
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from emulator.assembler import StreamBuilder
-from emulator.config import make_config
-from emulator.device import Device, _Job
-from emulator.engines import EXECUTORS
-from emulator.isa import tile
-from emulator.validator import validate
+from npud.emulator.assembler import StreamBuilder
+from npud.emulator.config import make_config
+from npud.emulator.device import Device, _Job
+from npud.emulator.engines import EXECUTORS
+from npud.emulator.isa import tile
+from npud.emulator.validator import validate
 
 CFG = make_config("server", sram_bytes=16 * 1024 * 1024)  # room for large single tiles
 
@@ -79,7 +79,7 @@ def row(name, t_emu, t_base, base_name):
 
 def main() -> None:
     rng = np.random.default_rng(0)
-    from emulator.engines import int_gemm
+    from npud.emulator.engines import int_gemm
     print(f"npu-emu benchmark; numpy {np.__version__}; config 'server' with 16 MiB SRAM")
     print(f"integer GEMM: {int_gemm.describe()}")
     print(f"{'case':<44s} {'emulator':>12s} {'baseline':>12s} {'ratio':>7s}")

@@ -63,7 +63,7 @@ def run(rounds: int = 5) -> list[Ratio]:
     import logging
     logging.getLogger().setLevel(logging.ERROR)     # quantize_static's pre-processing advice
     fp32, int8 = models()
-    from emulator.engines import int_gemm
+    from npud.emulator.engines import int_gemm
     print(f"(integer GEMM: {int_gemm.describe()})")
     x = np.random.default_rng(7).standard_normal((1, 3, 224, 224)).astype(np.float32)
     cache = tempfile.mkdtemp(prefix="npud-bench-cache-")
@@ -110,9 +110,9 @@ def engine_profile(fp32: bytes, int8: bytes, rounds: int = 5) -> None:
     import statistics
     import time
 
-    from compiler_worker import EmulatorSession, compile_model
-    from emulator.config import make_config
-    from emulator.engines import EXECUTORS
+    from npud.compiler_worker import EmulatorSession, compile_model
+    from npud.emulator.config import make_config
+    from npud.emulator.engines import EXECUTORS
 
     cfg = make_config("server")
     x = np.random.default_rng(7).standard_normal((1, 3, 224, 224)).astype(np.float32)

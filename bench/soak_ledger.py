@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import npu
-from ipc_schema import codec
-from ipc_schema.errors import RequestError
+from npud.ipc_schema import codec
+from npud.ipc_schema.errors import RequestError
 
 TERMINAL = ("done", "failed")
 

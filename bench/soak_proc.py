@@ -81,7 +81,7 @@ def children(parent: int) -> dict[int, str]:
                 cmd = f.read()
         except OSError:
             continue
-        out[int(entry)] = ("device" if b"emulator.device_process" in cmd
+        out[int(entry)] = ("device" if b"npud.emulator.device_process" in cmd
                            else "compiler" if b"compiler_worker" in cmd else "other")
     return out
 

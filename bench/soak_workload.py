@@ -61,8 +61,8 @@ def accumulate_stream(n: int, preset: str) -> bytes:
 
     Running it twice would add ``src`` twice, so a job executed more than once is a wrong result.
     """
-    from emulator.assembler import StreamBuilder, tile
-    from emulator.config import make_config
+    from npud.emulator.assembler import StreamBuilder, tile
+    from npud.emulator.config import make_config
 
     sb = StreamBuilder(make_config(preset))
     sb.dma_load(0, VA_SRC, "float32", (n,))

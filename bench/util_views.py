@@ -1,5 +1,5 @@
 """Utilisation as `status`, pmon's sampler and the trace summary report it, under a load that
-saturates a 4-core device from three clients and a 1-core device from one (ipc_schema/usage.py:
+saturates a 4-core device from three clients and a 1-core device from one (npud/ipc_schema/usage.py:
 at most 100 % per device, and the clients' shares of a device add up to the device's).
 
 Jobs sleep SLOW_MS per layer in the device process (npud --test-mode's `slow` fault), so their

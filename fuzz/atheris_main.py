@@ -11,7 +11,7 @@ from pathlib import Path
 
 import atheris
 
-with atheris.instrument_imports(include=["ipc_schema", "emulator", "compiler_worker", "fuzz"]):
+with atheris.instrument_imports(include=["npud.ipc_schema", "npud.emulator", "npud.compiler_worker", "fuzz"]):
     from fuzz import targets
 
 

@@ -20,8 +20,8 @@ import time
 import traceback
 from pathlib import Path
 
-from compiler_worker.api import compile_model
-from compiler_worker.errors import CompileError
+from npud.compiler_worker.api import compile_model
+from npud.compiler_worker.errors import CompileError
 
 from . import targets
 
@@ -31,7 +31,7 @@ def _site(exc: BaseException) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
     ours = [f for f in frames if "compiler_worker" in f.filename] or frames
     f = ours[-1]
-    return f"{f.filename.split('compiler_worker/')[-1]}:{f.lineno} {f.name}"
+    return f"{f.filename.split('npud/compiler_worker/')[-1]}:{f.lineno} {f.name}"
 
 
 def _wraps_python_error(exc: CompileError) -> bool:

@@ -5,17 +5,17 @@ refuses *the documented way*; anything else -- another exception type, a
 malformed reply, a hang past its time limit -- escapes as an exception and is
 a finding.  The contracts:
 
-* ``decode_frame``: ``ipc_schema.codec.decode_request`` returns a Request or
+* ``decode_frame``: ``npud.ipc_schema.codec.decode_request`` returns a Request or
   raises ``RequestError`` with an ErrorCode and a message (docs/PROTOCOL.md).
 * ``load_executable``: ``Executable.from_bytes`` returns an Executable or
   raises ``ExecutableFormatError``.  The fuzzer re-signs every mutant (the
   digest is unkeyed BLAKE2b), so mutations get past the integrity check and
   reach the parser, as a forged cache entry would.
-* ``validate_stream``: ``emulator.validator.validate`` returns a Program or
+* ``validate_stream``: ``npud.emulator.validator.validate`` returns a Program or
   raises ``StreamError``; a Program it accepted then runs on the emulator and
   fails, if at all, only with a PageFault or a DeviceError that is not an
   emulator-internal error (code EIO "internal error").
-* ``import_onnx``: ``compiler_worker.worker.handle`` (what a worker runs per
+* ``import_onnx``: ``npud.compiler_worker.worker.handle`` (what a worker runs per
   request) returns a well-formed reply -- ok with an executable that loads, or
   an error with code EINVAL/ENOMEM and a message -- within ``ONNX_TIME_LIMIT``
   seconds and under an address-space limit, like a real worker.
@@ -33,16 +33,16 @@ import struct
 
 import msgpack
 
-from compiler_worker.errors import ExecutableFormatError
-from compiler_worker.executable import DIGEST, Executable
-from emulator.assembler import StreamBuilder, tile
-from emulator.config import make_config
-from emulator.device import Device
-from emulator.errors import DeviceError, PageFault, StreamError
-from emulator.mmu import Mapping
-from ipc_schema import codec
-from ipc_schema.errors import ErrorCode, RequestError
-from ipc_schema.schema import OPS, PROTOCOL_VERSION
+from npud.compiler_worker.errors import ExecutableFormatError
+from npud.compiler_worker.executable import DIGEST, Executable
+from npud.emulator.assembler import StreamBuilder, tile
+from npud.emulator.config import make_config
+from npud.emulator.device import Device
+from npud.emulator.errors import DeviceError, PageFault, StreamError
+from npud.emulator.mmu import Mapping
+from npud.ipc_schema import codec
+from npud.ipc_schema.errors import ErrorCode, RequestError
+from npud.ipc_schema.schema import OPS, PROTOCOL_VERSION
 
 CONFIG = make_config("edge")
 ONNX_TIME_LIMIT = 10.0          # seconds per compile; a real worker's default limit is larger
@@ -110,7 +110,7 @@ def onnx_models() -> list[bytes]:
 
 @functools.cache
 def executables() -> list[bytes]:
-    from compiler_worker.api import compile_model
+    from npud.compiler_worker.api import compile_model
     return [compile_model(m, CONFIG).to_bytes() for m in onnx_models()[:2]]
 
 
@@ -211,7 +211,7 @@ def load_executable(body: bytes) -> None:
 
 
 def validate_stream(data: bytes, mappings: list[Mapping] | None = None, execute: bool = True) -> None:
-    from emulator.validator import validate
+    from npud.emulator.validator import validate
     mappings = ADD_MAPPINGS if mappings is None else mappings
     try:
         program = validate(data, CONFIG, mappings)
@@ -260,7 +260,7 @@ def time_and_memory_limit(seconds: float, extra_bytes: int):
 
 
 def import_onnx(model: bytes, seconds: float = ONNX_TIME_LIMIT) -> dict:
-    from compiler_worker.worker import handle
+    from npud.compiler_worker.worker import handle
     request = {"id": 1, "op": "compile", "model": model, "config": CONFIG.to_dict(), "options": {}}
     with time_and_memory_limit(seconds, ONNX_MEMORY_LIMIT):
         reply = handle(request)

@@ -1,5 +1,5 @@
 """npud: the NPU daemon."""
 
-from ipc_schema.version import distribution_version
+from npud.ipc_schema.version import distribution_version
 
 __version__ = distribution_version()

@@ -1,6 +1,6 @@
 """The companion socket: fd passing to clients, and knowing when a client is gone.
 
-See ipc_schema/schema.py (ATTACH_*) for the packets.  The client presents its
+See npud/ipc_schema/schema.py (ATTACH_*) for the packets.  The client presents its
 session id and secret token; the kernel tells us its uid and pid
 (SO_PEERCRED), which must agree with the session's identity (the uid the ZAP
 handler learned from the kernel on the ZeroMQ connection, npud/auth.py).  The connection then stays
@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ipc_schema import codec
-from ipc_schema.errors import ErrorCode, ErrorInfo, RequestError
-from ipc_schema.schema import ATTACH_HELLO, MAX_ATTACH_PACKET
-from ipc_schema.types import FieldError
+from npud.ipc_schema import codec
+from npud.ipc_schema.errors import ErrorCode, ErrorInfo, RequestError
+from npud.ipc_schema.schema import ATTACH_HELLO, MAX_ATTACH_PACKET
+from npud.ipc_schema.types import FieldError
 
 if TYPE_CHECKING:
     from .memory import BufferObject

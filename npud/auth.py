@@ -18,7 +18,7 @@ credentials...``:
 The reply's user id is ``Identity.user_id()``; libzmq attaches it as the
 ``User-Id`` property of every message the connection sends, so the dispatcher
 authorises each request on it (npud/server.py).  One trio task owns the
-handler's socket (ipc_schema.trio_zmq).
+handler's socket (npud.ipc_schema.trio_zmq).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import zmq
 import zmq.auth
 from zmq.utils import z85
 
-from ipc_schema.trio_zmq import OwnedSocket
+from npud.ipc_schema.trio_zmq import OwnedSocket
 
 from .config import ConfigError
 from .policy import Identity, Policy, ipc_identity

@@ -22,10 +22,10 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from compiler_worker.executable import Executable, read_meta
-from compiler_worker.errors import ExecutableFormatError
-from compiler_worker.pipeline import COMPILER_VERSION
-from emulator.config import DeviceConfig
+from npud.compiler_worker.executable import Executable, read_meta
+from npud.compiler_worker.errors import ExecutableFormatError
+from npud.compiler_worker.pipeline import COMPILER_VERSION
+from npud.emulator.config import DeviceConfig
 
 log = logging.getLogger("npud.cache")
 
@@ -60,8 +60,8 @@ def compiler_fingerprint() -> str:
     A version string alone would let a changed compiler (a developer's tree, a
     patched package) be served executables its predecessor built.
     """
-    import compiler_worker
-    import emulator
+    from npud import compiler_worker
+    from npud import emulator
 
     h = hashlib.sha256(COMPILER_VERSION.encode())
     for package in (compiler_worker, emulator):

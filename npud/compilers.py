@@ -1,7 +1,7 @@
 """The compiler worker pool: supervised processes that turn models into executables.
 
 The daemon never parses a model.  ``CompilerPool`` runs up to ``size`` worker
-processes (compiler_worker/worker.py), started on first use, each connected over ZeroMQ to a ROUTER
+processes (npud/compiler_worker/worker.py), started on first use, each connected over ZeroMQ to a ROUTER
 the pool binds on a private ipc endpoint, and hands each compile to an idle
 worker.  A worker that crashes, exceeds its memory limit or its time limit
 fails that one compile with a clear error and is replaced; other compiles
@@ -24,9 +24,9 @@ import msgpack
 import trio
 import zmq
 
-from emulator import lifeline
-from ipc_schema.errors import ErrorCode, RequestError
-from ipc_schema.trio_zmq import OwnedSocket
+from npud.emulator import lifeline
+from npud.ipc_schema.errors import ErrorCode, RequestError
+from npud.ipc_schema.trio_zmq import OwnedSocket
 
 log = logging.getLogger("npud.compile")
 
@@ -140,7 +140,7 @@ class CompilerPool:
         self._ready[name] = trio.Event()
         try:
             process = await lifeline.open_process(
-                "compiler_worker.worker", ["--endpoint", self.endpoint, "--name", name.decode(),
+                "npud.compiler_worker.worker", ["--endpoint", self.endpoint, "--name", name.decode(),
                                            "--memory-limit", str(self.memory_limit)]
                 + (["--test-mode"] if self.test_mode else []))
         except OSError as exc:   # out of file descriptors or processes: fail this compile, not npud

@@ -38,7 +38,7 @@ Example (every key optional)::
 
     [[devices]]
     name = "npu0"                      # [A-Za-z0-9_.-], unique (default: npu0, npu1, ...)
-    preset = "edge"                    # a preset from emulator.config.PRESETS
+    preset = "edge"                    # a preset from npud.emulator.config.PRESETS
     [devices.params]                   # overrides of the preset's parameters
     sram_bytes = 524288
 
@@ -54,8 +54,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from ipc_schema.endpoint import serve_endpoint
-from ipc_schema.schema import MAX_BUFFER_BYTES
+from npud.ipc_schema.endpoint import serve_endpoint
+from npud.ipc_schema.schema import MAX_BUFFER_BYTES
 
 from .log import LOG_FORMATS
 
@@ -267,7 +267,7 @@ def _limits(table: Any) -> Limits:
 
 
 def parse_devices(items: Any) -> tuple[DeviceSpec, ...]:
-    from emulator.config import PRESETS, make_config  # the device model owns its parameters
+    from npud.emulator.config import PRESETS, make_config  # the device model owns its parameters
 
     if not isinstance(items, list) or not items:
         raise ConfigError("devices: expected a non-empty array of [[devices]] tables")

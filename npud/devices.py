@@ -1,6 +1,6 @@
 """The daemon's side of one device: its device processes, its memory and its run queues.
 
-A device has one device process (emulator/device_process.py) per modeled core
+A device has one device process (npud/emulator/device_process.py) per modeled core
 (``cores`` of its preset): the cores run jobs in parallel, and all of them
 map the same buffer objects.  ``DeviceHost`` supervises them: one runner
 task per core owns that core's socket, picks the next job from the device's
@@ -43,9 +43,9 @@ from dataclasses import dataclass
 import msgpack
 import trio
 
-from emulator import lifeline
-from emulator.config import DeviceConfig
-from ipc_schema.errors import ErrorCode, ErrorInfo
+from npud.emulator import lifeline
+from npud.emulator.config import DeviceConfig
+from npud.ipc_schema.errors import ErrorCode, ErrorInfo
 
 from .jobs import BusyWindow, Histogram, Job
 from .fds import FdBudget
@@ -603,7 +603,7 @@ class DeviceHost:
         config_hex = msgpack.packb(self.config.to_dict()).hex()
         try:
             core.process = await lifeline.open_process(
-                "emulator.device_process", ["--sock-fd", str(theirs.fileno()), "--config", config_hex],
+                "npud.emulator.device_process", ["--sock-fd", str(theirs.fileno()), "--config", config_hex],
                 pass_fds=(theirs.fileno(),))
         except BaseException:
             ours.close()   # _reset retries while descriptors are short: do not leak one per try

@@ -19,7 +19,7 @@ from __future__ import annotations
 import secrets
 from typing import TYPE_CHECKING
 
-from ipc_schema.errors import ErrorCode, ErrorInfo
+from npud.ipc_schema.errors import ErrorCode, ErrorInfo
 
 if TYPE_CHECKING:
     from .jobs import Job

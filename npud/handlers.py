@@ -1,4 +1,4 @@
-"""One function per op.  Arguments arrive validated against ipc_schema.schema.
+"""One function per op.  Arguments arrive validated against npud.ipc_schema.schema.
 
 Each handler takes ``(daemon, call, args)`` -- ``call`` says who asked (the
 connection's routing id, its session, the request's seq) -- and returns the
@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from emulator.errors import StreamError
-from emulator.validator import Mapping, validate
-from ipc_schema import codec
-from ipc_schema.errors import ErrorCode, ErrorInfo, RequestError
-from ipc_schema.schema import MAX_INLINE_BYTES, OPS, PROTOCOL_VERSION
+from npud.emulator.errors import StreamError
+from npud.emulator.validator import Mapping, validate
+from npud.ipc_schema import codec
+from npud.ipc_schema.errors import ErrorCode, ErrorInfo, RequestError
+from npud.ipc_schema.schema import MAX_INLINE_BYTES, OPS, PROTOCOL_VERSION
 
 from . import __version__, fences, policy
 from .jobs import Job

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import trio
 
-from ipc_schema.errors import ErrorInfo
-from ipc_schema.usage import util_pct
+from npud.ipc_schema.errors import ErrorInfo
+from npud.ipc_schema.usage import util_pct
 
 if TYPE_CHECKING:
     from .memory import BufferObject
@@ -133,7 +133,7 @@ class BusyWindow:
 
     ``sample(now, busy)`` is called periodically (the daemon does it every
     ``SAMPLE_PERIOD_S``); ``pct(now, busy_now, cores)`` is the busy time since the
-    oldest sample still in the window, as ipc_schema/usage.py defines utilisation.
+    oldest sample still in the window, as npud/ipc_schema/usage.py defines utilisation.
     """
 
     def __init__(self, window_s: float, now: float | None = None, busy: float = 0.0):

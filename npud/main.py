@@ -9,8 +9,8 @@ import sys
 
 import trio
 
-from ipc_schema.schema import PROTOCOL_VERSION
-from ipc_schema.version import distribution_version
+from npud.ipc_schema.schema import PROTOCOL_VERSION
+from npud.ipc_schema.version import distribution_version
 
 from . import fds, log
 from .config import LOG_FORMATS, LOG_LEVELS, ConfigError, load, parse_devices

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ipc_schema.errors import ErrorCode, RequestError
+from npud.ipc_schema.errors import ErrorCode, RequestError
 
 from .fds import FdBudget
 

@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from compiler_worker.errors import ExecutableFormatError
-from compiler_worker.executable import Executable
-from emulator.config import DeviceConfig
-from emulator.errors import StreamError
-from emulator.validator import Mapping, validate
-from ipc_schema.errors import ErrorCode, RequestError
+from npud.compiler_worker.errors import ExecutableFormatError
+from npud.compiler_worker.executable import Executable
+from npud.emulator.config import DeviceConfig
+from npud.emulator.errors import StreamError
+from npud.emulator.validator import Mapping, validate
+from npud.ipc_schema.errors import ErrorCode, RequestError
 
 from .compile_cache import CompileCache, cache_key, model_digest
 from .compilers import CompilerPool, raise_for

@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ipc_schema.errors import ErrorCode, RequestError
+from npud.ipc_schema.errors import ErrorCode, RequestError
 
 from .config import ConfigError, load_toml, parse_size
 from .scheduler import PRIORITIES

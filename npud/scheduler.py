@@ -18,7 +18,7 @@ Jobs of one loaded model share its arena (intermediate tensors), so while one
 of them has run some layers and not finished (preempted), no other job of the
 same program starts: ``owner`` holds the arena's current job.
 
-Preemption itself happens in the device (emulator/device_process.py): a model
+Preemption itself happens in the device (npud/emulator/device_process.py): a model
 job is a sequence of layer segments and the device stops at a boundary when
 asked; the device host asks when a job of a higher class becomes runnable and
 no core is free.  This module only orders work; it never waits.
@@ -31,7 +31,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ipc_schema.schema import PRIORITY_NAMES
+from npud.ipc_schema.schema import PRIORITY_NAMES
 
 # A context's class is an index into this tuple: a higher index runs first.
 PRIORITIES = PRIORITY_NAMES

@@ -1,6 +1,6 @@
 """The daemon core: one ROUTER socket, its owner task, and the request dispatcher.
 
-Every frame is decoded and validated (ipc_schema.codec) before a handler runs;
+Every frame is decoded and validated (npud.ipc_schema.codec) before a handler runs;
 every failure becomes an error reply to the request that caused it, and the
 session stays usable.  Handlers that finish without waiting run inline in the
 socket's owner task (the fast path for ping, alloc, small reads and writes, ...);
@@ -25,12 +25,12 @@ from dataclasses import dataclass
 import trio
 import zmq
 
-from emulator.config import make_config
-from ipc_schema import codec
-from ipc_schema.endpoint import attach_path_for, ipc_path
-from ipc_schema.errors import ErrorCode, ErrorInfo, RequestError
-from ipc_schema.schema import HARD_FRAME_LIMIT, PROTOCOL_VERSION
-from ipc_schema.trio_zmq import OwnedSocket
+from npud.emulator.config import make_config
+from npud.ipc_schema import codec
+from npud.ipc_schema.endpoint import attach_path_for, ipc_path
+from npud.ipc_schema.errors import ErrorCode, ErrorInfo, RequestError
+from npud.ipc_schema.schema import HARD_FRAME_LIMIT, PROTOCOL_VERSION
+from npud.ipc_schema.trio_zmq import OwnedSocket
 
 from . import __version__, attach, auth, fences, handlers, systemd
 from . import policy as policy_mod

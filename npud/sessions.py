@@ -122,7 +122,7 @@ class Session:
                 | {model.device for model in self.models.values()})
 
     def usage_info(self, now: float, devices) -> dict:
-        """Busy time and utilisation per device it uses (ipc_schema/usage.py) and their sums."""
+        """Busy time and utilisation per device it uses (npud/ipc_schema/usage.py) and their sums."""
         used = self.devices_used()
         per_device = []
         for device in devices:

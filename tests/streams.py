@@ -6,8 +6,8 @@ their bindings into SRAM, add on the vector engine, DMA the sum back.
 
 from __future__ import annotations
 
-from emulator.assembler import StreamBuilder, tile
-from emulator.config import DeviceConfig, make_config
+from npud.emulator.assembler import StreamBuilder, tile
+from npud.emulator.config import DeviceConfig, make_config
 
 A, B, O = 0x10000, 0x20000, 0x30000  # where tests bind the two inputs and the output
 

@@ -8,8 +8,8 @@
 
 from typing import TYPE_CHECKING, Any
 
-from ipc_schema.endpoint import default_endpoint
-from ipc_schema.version import distribution_version
+from npud.ipc_schema.endpoint import default_endpoint
+from npud.ipc_schema.version import distribution_version
 
 from .aio import (AsyncBuffer, AsyncClient, AsyncExecution, AsyncExecutionJob, AsyncJob, AsyncModel, AsyncModelJob,
                   connect_async)

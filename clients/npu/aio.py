@@ -7,7 +7,7 @@
 The same API as ``npu.Client`` with ``await`` in front -- the same operations,
 in fact (core.py): this module is only the trio transport under them.  Any
 number of tasks may issue requests concurrently; one background task owns the
-DEALER socket (see ipc_schema.trio_zmq) and routes each reply to the task
+DEALER socket (see npud.ipc_schema.trio_zmq) and routes each reply to the task
 waiting for its seq, another reads the companion socket (fds, and its end: the
 session's).  A session ends with the ``async with`` block; once it is lost
 (``ConnectionLost``), open a new one.
@@ -27,10 +27,10 @@ import trio
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from ipc_schema.endpoint import resolve, searched
-from ipc_schema.errors import ErrorCode
-from ipc_schema.schema import HARD_FRAME_LIMIT
-from ipc_schema.trio_zmq import OwnedSocket
+from npud.ipc_schema.endpoint import resolve, searched
+from npud.ipc_schema.errors import ErrorCode
+from npud.ipc_schema.schema import HARD_FRAME_LIMIT
+from npud.ipc_schema.trio_zmq import OwnedSocket
 
 from . import protocol
 from .buffer import BufferOps

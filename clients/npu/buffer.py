@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ipc_schema.errors import ErrorCode
+from npud.ipc_schema.errors import ErrorCode
 
 from .core import Call, blocking
 from .errors import error

@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ipc_schema.endpoint import resolve, searched
-from ipc_schema.errors import ErrorCode
-from ipc_schema.schema import HARD_FRAME_LIMIT
+from npud.ipc_schema.endpoint import resolve, searched
+from npud.ipc_schema.errors import ErrorCode
+from npud.ipc_schema.schema import HARD_FRAME_LIMIT
 
 from . import protocol
 from .buffer import Buffer
@@ -409,7 +409,7 @@ def _program_name() -> str:
 
 def connect(endpoint: str | None = None, *, name: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
             map_io: bool = True, curve: tuple[bytes, bytes, bytes] | None = None) -> Client:
-    """Open a session with the daemon at ``endpoint`` (default: see ipc_schema.endpoint).
+    """Open a session with the daemon at ``endpoint`` (default: see npud.ipc_schema.endpoint).
 
     Over tcp, npud accepts CURVE only: pass ``curve=(client_public, client_secret,
     server_public)`` (Z85 keys) or ``curve=npu.curve_keys(client_secret_file,

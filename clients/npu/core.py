@@ -25,9 +25,9 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
-from ipc_schema import codec
-from ipc_schema.errors import ErrorCode, ErrorInfo, RequestError
-from ipc_schema.types import FieldError
+from npud.ipc_schema import codec
+from npud.ipc_schema.errors import ErrorCode, ErrorInfo, RequestError
+from npud.ipc_schema.types import FieldError
 
 from . import protocol
 from .errors import NpuError, error

@@ -7,7 +7,7 @@ retry when told it may help.
 
 from __future__ import annotations
 
-from ipc_schema.errors import ErrorCode, ErrorInfo
+from npud.ipc_schema.errors import ErrorCode, ErrorInfo
 
 
 class NpuError(Exception):

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ipc_schema import codec
-from ipc_schema.errors import ErrorCode
+from npud.ipc_schema import codec
+from npud.ipc_schema.errors import ErrorCode
 
 from .buffer import BufferOps
 from .core import Call, blocking

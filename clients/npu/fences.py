@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ipc_schema.errors import ErrorCode
+from npud.ipc_schema.errors import ErrorCode
 
 from .core import Call
 from .errors import error

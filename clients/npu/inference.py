@@ -30,7 +30,7 @@ What differs, by design:
 * **Errors** are ``npu.NpuError``s (``npu.InvalidArgument`` for a bad feed), not
   onnxruntime's exception classes.
 * **Which daemon.**  The session opens its own connection (``npu.connect()``: the endpoint
-  search of ipc_schema/endpoint.py), closed with the session; ``client=`` shares one instead.
+  search of npud/ipc_schema/endpoint.py), closed with the session; ``client=`` shares one instead.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ipc_schema.errors import ErrorCode
+from npud.ipc_schema.errors import ErrorCode
 
 from .client import Client, connect
 from .errors import error

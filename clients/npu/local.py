@@ -17,7 +17,7 @@ import tempfile
 import time
 from typing import Any
 
-from ipc_schema.errors import ErrorCode
+from npud.ipc_schema.errors import ErrorCode
 
 from .client import Client
 from .errors import error

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
-from ipc_schema.errors import ErrorCode
+from npud.ipc_schema.errors import ErrorCode
 
 from . import model_source
 from .buffer import BufferOps

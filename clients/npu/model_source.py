@@ -7,7 +7,7 @@ through onnx's own checked opener (it refuses locations that are absolute, conta
 lead out of the model's directory through a symlink), exactly as ``onnx.load(path)`` does.
 
 What is sent: plain ONNX bytes with the data inlined when they fit one protobuf (< 2 GiB),
-otherwise a model container (ipc_schema/model_container.py) whose data section holds the
+otherwise a model container (npud/ipc_schema/model_container.py) whose data section holds the
 tensors that did not fit.  A model file without external data is sent as read, unparsed.
 """
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 
-from ipc_schema import model_container
-from ipc_schema.errors import ErrorCode
+from npud.ipc_schema import model_container
+from npud.ipc_schema.errors import ErrorCode
 
 from .errors import error
 

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import zmq
 
-from ipc_schema import codec
-from ipc_schema.endpoint import ipc_path
-from ipc_schema.errors import ErrorCode, RequestError
-from ipc_schema.schema import ATTACH_REPLY, FD_MESSAGE, MAX_MESSAGE_BYTES, PROTOCOL_VERSION
-from ipc_schema.types import FieldError
+from npud.ipc_schema import codec
+from npud.ipc_schema.endpoint import ipc_path
+from npud.ipc_schema.errors import ErrorCode, RequestError
+from npud.ipc_schema.schema import ATTACH_REPLY, FD_MESSAGE, MAX_MESSAGE_BYTES, PROTOCOL_VERSION
+from npud.ipc_schema.types import FieldError
 
 from .errors import NpuError, error, from_info
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ipc_schema.errors import ErrorCode
+from npud.ipc_schema.errors import ErrorCode
 
 from .errors import error
 

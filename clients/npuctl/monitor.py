@@ -1,6 +1,6 @@
 """Live views: `npuctl dmon` (a line per device per interval), `pmon` (per client) and `top`.
 
-Utilisation over an interval is the daemon's definition (ipc_schema/usage.py)
+Utilisation over an interval is the daemon's definition (npud/ipc_schema/usage.py)
 applied to the growth of its busy counters between two samples: busy core
 time / (the time between them x the device's cores).  The first sample (no
 previous one) shows the daemon's own ``util_pct``, over its last 5 s.
@@ -16,7 +16,7 @@ import sys
 import time
 from datetime import datetime
 
-from ipc_schema.usage import util_pct
+from npud.ipc_schema.usage import util_pct
 
 from . import render
 from .fields import CLIENT_FIELDS, DEVICE_FIELDS, _csv_cell, device_list

@@ -78,9 +78,9 @@ def write_executable(model: bytes, device: dict, options: dict, path: str) -> st
     executable to ``path``.  The same compiler the daemon's workers run, so the same stream; the daemon
     has no op that hands executables out (they can exceed a message), and a client may compile its own
     model in its own process."""
-    from compiler_worker.api import compile_model as compile_here
-    from compiler_worker.errors import CompileError
-    from emulator.config import DeviceConfig
+    from npud.compiler_worker.api import compile_model as compile_here
+    from npud.compiler_worker.errors import CompileError
+    from npud.emulator.config import DeviceConfig
 
     try:
         exe = compile_here(model, DeviceConfig.from_dict(device["params"]), options or None)
@@ -214,8 +214,8 @@ def run_text(r: dict) -> str:
 def disasm(path: str) -> dict:
     """The listing of a .npux executable's stream (with its header and I/O table) or of a raw stream.
     EINVAL if the file is neither; ``error`` says where a stream stops decoding."""
-    from compiler_worker.errors import ExecutableFormatError
-    from compiler_worker.executable import MAGIC, Executable
+    from npud.compiler_worker.errors import ExecutableFormatError
+    from npud.compiler_worker.executable import MAGIC, Executable
 
     data = _read(path)
     if data[:4] == MAGIC:
@@ -233,7 +233,7 @@ def disasm(path: str) -> dict:
 
 
 def _listing(path: str, stream: bytes) -> dict:
-    from emulator.disasm import disassemble
+    from npud.emulator.disasm import disassemble
 
     listing = disassemble(stream).splitlines()
     errors = [line.removeprefix("; error: ") for line in listing if line.startswith("; error:")]

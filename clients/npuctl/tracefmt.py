@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import statistics
 
-from ipc_schema.usage import util_pct
+from npud.ipc_schema.usage import util_pct
 
 
 def _tid(threads: dict, event: dict) -> int:
@@ -96,7 +96,7 @@ def busy_in_window(e: dict, start_s: float, end_s: float) -> float:
 
 def summary(events: list[dict], devices: list[dict], start_s: float, end_s: float) -> dict:
     """Per device and per client over [start_s, end_s] (daemon clock): jobs, failures, busy time,
-    utilisation as ipc_schema/usage.py defines it (per client: summed over its devices), latency
+    utilisation as npud/ipc_schema/usage.py defines it (per client: summed over its devices), latency
     percentiles."""
     cores = {d["index"]: d.get("cores", 1) for d in devices}
     duration_s = end_s - start_s

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import npu
-from ipc_schema.errors import ErrorCode, ErrorInfo, RequestError
+from npud.ipc_schema.errors import ErrorCode, ErrorInfo, RequestError
 from npu.errors import error, from_info
 
 FAMILY = {
@@ -60,8 +60,8 @@ def test_daemon_errors_arrive_as_families(client):
     with pytest.raises(npu.NotFound) as info:
         client._request("free", {"handle": 77})
     assert info.value.code == "ENOENT" and "77" in info.value.message and info.value.retryable is False
-    from emulator.assembler import StreamBuilder, tile
-    from emulator.config import make_config
+    from npud.emulator.assembler import StreamBuilder, tile
+    from npud.emulator.config import make_config
     sb = StreamBuilder(make_config("edge"))
     for _ in range(600):  # a couple of hundred milliseconds of work
         sb.matmul(tile(0, "float32", (64, 128)), tile(32768, "float32", (128, 128)),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 import npu
-from emulator.assembler import StreamBuilder
-from emulator.config import make_config
+from npud.emulator.assembler import StreamBuilder
+from npud.emulator.config import make_config
 
 
 def nop_stream() -> bytes:

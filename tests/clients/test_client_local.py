@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import npu
-from ipc_schema.endpoint import ipc_path
-from ipc_schema.schema import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
+from npud.ipc_schema.endpoint import ipc_path
+from npud.ipc_schema.schema import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 
 
 def test_local_context_manager_stops_its_daemon():
@@ -90,7 +90,7 @@ def _fake_daemon(endpoint: str, protocol_version: list[int], ready: "threading.E
 
     import zmq
 
-    from ipc_schema import codec
+    from npud.ipc_schema import codec
     sock = zmq.Context.instance().socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind(endpoint)

@@ -19,8 +19,8 @@ import zmq
 
 import npu
 from examples import tiny_cnn
-from ipc_schema import codec
-from ipc_schema.schema import MAX_MESSAGE_BYTES
+from npud.ipc_schema import codec
+from npud.ipc_schema.schema import MAX_MESSAGE_BYTES
 from npu.local import LocalDaemon
 
 LIMITS = {"max_message_bytes": MAX_MESSAGE_BYTES, "max_inline_bytes": 1 << 20,

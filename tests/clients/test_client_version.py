@@ -11,7 +11,7 @@ from pathlib import Path
 
 import npu
 import npud
-from ipc_schema import version
+from npud.ipc_schema import version
 
 ROOT = Path(__file__).resolve().parents[2]
 

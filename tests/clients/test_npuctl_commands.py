@@ -21,7 +21,7 @@ import pytest
 
 import npu
 from asuser import needs_root, open_to_everyone, run_as
-from emulator.config import make_config
+from npud.emulator.config import make_config
 from npu.local import LocalDaemon
 from npuctl import fields
 from npuctl.main import main as npuctl_main
@@ -335,7 +335,7 @@ def test_compile_report_check_run_bench(capsys, daemon, onnx_path, tmp_path):
 
 
 def test_disasm_raw_stream_and_executable(capsys, daemon, onnx_path, tmp_path):
-    from compiler_worker.api import compile_model
+    from npud.compiler_worker.api import compile_model
     raw = tmp_path / "add.bin"
     raw.write_bytes(add_stream(64))
     data = ctl_json(capsys, daemon, "disasm", str(raw))

@@ -1,4 +1,4 @@
-"""Utilisation has one definition (ipc_schema/usage.py): busy core time / (wall time x cores), at most
+"""Utilisation has one definition (npud/ipc_schema/usage.py): busy core time / (wall time x cores), at most
 100 % per device, in `status`, the per-client views (pmon's own interval) and the trace summary, with
 several clients keeping a 4-core device busy at once. And devices keep their UUIDs across restarts."""
 
@@ -16,7 +16,7 @@ import pytest
 
 import npu
 from bench import util_views
-from ipc_schema.usage import util_pct
+from npud.ipc_schema.usage import util_pct
 from npu.local import LocalDaemon
 from npuctl.main import main as npuctl_main
 from npud.identity import device_uuid, machine_id

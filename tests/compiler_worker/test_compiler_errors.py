@@ -7,8 +7,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from compiler_testmodels import Builder
-from compiler_worker import CompileError, check_model, compile_model
-from emulator.config import make_config
+from npud.compiler_worker import CompileError, check_model, compile_model
+from npud.emulator.config import make_config
 
 CFG = make_config("edge")
 

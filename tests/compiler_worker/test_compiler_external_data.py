@@ -8,9 +8,9 @@ import onnx
 import pytest
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
-from compiler_worker import CompileError, compile_model, run_on_emulator
-from emulator.config import make_config
-from ipc_schema import model_container
+from npud.compiler_worker import CompileError, compile_model, run_on_emulator
+from npud.emulator.config import make_config
+from npud.ipc_schema import model_container
 
 CONFIG = make_config("edge")
 

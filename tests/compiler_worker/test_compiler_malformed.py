@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compiler_worker import CompileError, check_model, compile_model
-from compiler_worker.worker import handle
-from emulator.config import make_config
+from npud.compiler_worker import CompileError, check_model, compile_model
+from npud.compiler_worker.worker import handle
+from npud.emulator.config import make_config
 
 CFG = make_config("edge")
 

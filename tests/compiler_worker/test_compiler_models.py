@@ -8,8 +8,8 @@ import onnxruntime as ort
 import pytest
 
 from compiler_testmodels import mlp, resnet, small_cnn, transformer_block
-from compiler_worker import EmulatorSession, compile_model, run_on_emulator
-from emulator.config import make_config
+from npud.compiler_worker import EmulatorSession, compile_model, run_on_emulator
+from npud.emulator.config import make_config
 
 
 def ort_run(model_bytes, feeds):

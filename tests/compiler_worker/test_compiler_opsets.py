@@ -6,8 +6,8 @@ element types: no input or output changed, and no attribute except Cast's round_
 import onnx.defs
 import pytest
 
-from compiler_worker.passes.import_onnx import MAX_OPSET
-from compiler_worker.support import SUPPORT
+from npud.compiler_worker.passes.import_onnx import MAX_OPSET
+from npud.compiler_worker.support import SUPPORT
 
 # attributes added after opset 21 that cannot change what the compiler accepts
 HARMLESS = {"Cast": {"round_mode"},   # rounding into float8 types; Cast compiles only to float32

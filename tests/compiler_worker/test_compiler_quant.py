@@ -14,8 +14,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from compiler_testmodels import Builder, mlp, quantize_qdq
-from compiler_worker import CompileError, compile_model, run_on_emulator
-from emulator.config import make_config
+from npud.compiler_worker import CompileError, compile_model, run_on_emulator
+from npud.emulator.config import make_config
 
 
 def ort_run(model_bytes, feeds):

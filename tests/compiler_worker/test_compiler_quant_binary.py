@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compiler_worker import CompileError, compile_model, run_on_emulator
-from compiler_worker.passes import quantize
-from emulator.config import make_config
+from npud.compiler_worker import CompileError, compile_model, run_on_emulator
+from npud.compiler_worker.passes import quantize
+from npud.emulator.config import make_config
 from test_compiler_quant import calib, ort_run, qcnn, quantize_qdq
 
 CFG = make_config("edge")

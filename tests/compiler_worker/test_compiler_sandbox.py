@@ -1,4 +1,4 @@
-"""The compiler worker's confinement (compiler_worker/sandbox.py), checked in a child process:
+"""The compiler worker's confinement (npud/compiler_worker/sandbox.py), checked in a child process:
 once confined it reads no file but its code, writes none, reaches no TCP address, and still
 compiles."""
 
@@ -12,11 +12,11 @@ import textwrap
 
 import pytest
 
-from compiler_worker import sandbox
+from npud.compiler_worker import sandbox
 
 CHILD = textwrap.dedent("""
     import json, os, socket, sys
-    from compiler_worker import sandbox
+    from npud.compiler_worker import sandbox
     probes = json.loads(sys.argv[1])
     sys.path.insert(0, os.getcwd())   # as `python -m` does: the directory it started in
     said = sandbox.confine()
@@ -35,8 +35,8 @@ CHILD = textwrap.dedent("""
     result["probes"] = [[k, t, attempt(k, t)] for k, t in probes]
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
-    from compiler_worker import compile_model
-    from emulator.config import make_config
+    from npud.compiler_worker import compile_model
+    from npud.emulator.config import make_config
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])
     w = numpy_helper.from_array(np.ones((3, 4), np.float32), "w")

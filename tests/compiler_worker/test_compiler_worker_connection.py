@@ -13,8 +13,8 @@ import msgpack
 import pytest
 import zmq
 
-from compiler_worker.worker import LOST_CONNECTION
-from emulator.config import make_config
+from npud.compiler_worker.worker import LOST_CONNECTION
+from npud.emulator.config import make_config
 
 MEMORY_LIMIT = 300 << 20
 
@@ -27,7 +27,7 @@ def daemon_end(tmp_path):
     router.setsockopt(zmq.LINGER, 0)
     endpoint = f"ipc://{tmp_path}/workers.sock"
     router.bind(endpoint)
-    worker = subprocess.Popen([sys.executable, "-m", "compiler_worker.worker", "--endpoint", endpoint,
+    worker = subprocess.Popen([sys.executable, "-m", "npud.compiler_worker.worker", "--endpoint", endpoint,
                                "--name", "w0", "--memory-limit", str(MEMORY_LIMIT)],
                               stderr=subprocess.PIPE, text=True)
     try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from emulator.engines import int_gemm
+from npud.emulator.engines import int_gemm
 
 # test_emu_int_gemm.py chooses its paths itself, case by case.
 BOTH_PATHS = {"test_emu_mac", "test_emu_qconv", "test_emu_requant"}

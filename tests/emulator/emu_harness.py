@@ -11,10 +11,10 @@ import mmap
 
 import numpy as np
 
-from emulator.assembler import StreamBuilder
-from emulator.config import make_config
-from emulator.device import Device
-from emulator.isa import BY_NAME, DType, tile
+from npud.emulator.assembler import StreamBuilder
+from npud.emulator.config import make_config
+from npud.emulator.device import Device
+from npud.emulator.isa import BY_NAME, DType, tile
 
 
 class Rig:

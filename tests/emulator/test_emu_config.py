@@ -1,6 +1,6 @@
 import pytest
 
-from emulator.config import PRESETS, DeviceConfig, make_config
+from npud.emulator.config import PRESETS, DeviceConfig, make_config
 
 
 def test_presets_exist_and_differ():

@@ -5,10 +5,10 @@ import mmap
 
 import numpy as np
 
-from emulator.assembler import StreamBuilder, tile
-from emulator.config import make_config
-from emulator.device import Device
-from emulator.validator import validate
+from npud.emulator.assembler import StreamBuilder, tile
+from npud.emulator.config import make_config
+from npud.emulator.device import Device
+from npud.emulator.validator import validate
 
 CFG = make_config("edge")
 A, OUT = 0x10000, 0x20000

@@ -7,8 +7,8 @@ import socket
 import msgpack
 import pytest
 
-from emulator.config import make_config
-from emulator.device_process import DeviceProcess
+from npud.emulator.config import make_config
+from npud.emulator.device_process import DeviceProcess
 
 
 def test_a_run_stops_at_the_next_boundary_once_the_daemon_is_gone():

@@ -1,4 +1,4 @@
-"""The native exact integer GEMM (oneDNN, emulator/engines/int_gemm.py) against
+"""The native exact integer GEMM (oneDNN, npud/emulator/engines/int_gemm.py) against
 the numpy reference path, bit for bit, on every route the MAC engine gives it:
 conv2d (int32 out, bias, accumulate), qconv2d, matmul; each case also against
 the plain int64 definition.  Every test runs on both paths; only the oneDNN
@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from emulator.engines import int_gemm
+from npud.emulator.engines import int_gemm
 from test_emu_mac import conv, mm, ref_mm
 from test_emu_qconv import fused, two_commands
 
@@ -274,7 +274,7 @@ def test_limits_follow_from_int32():
 def test_real_library_without_vnni_is_refused_or_exact(isa):
     # oneDNN's pre-VNNI int8 kernels saturate int16 pair sums; capped to such an
     # ISA the library must be refused, unless it computes every case exactly.
-    code = ("from emulator.engines import int_gemm as g\n"
+    code = ("from npud.emulator.engines import int_gemm as g\n"
             "import numpy as np\n"
             "f = g.get(); print(g.describe())\n"
             "if f is not None:\n"

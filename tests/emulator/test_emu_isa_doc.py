@@ -1,4 +1,4 @@
-"""docs/ISA.md and emulator/isa.py must agree; the disassembler must read every opcode."""
+"""docs/ISA.md and npud/emulator/isa.py must agree; the disassembler must read every opcode."""
 
 import pathlib
 import re
@@ -6,12 +6,12 @@ import subprocess
 import sys
 
 
-from emulator import isa
-from emulator.assembler import StreamBuilder
-from emulator.config import make_config
-from emulator.disasm import disassemble
-from emulator.engines import EXECUTORS
-from emulator.isa import tile
+from npud.emulator import isa
+from npud.emulator.assembler import StreamBuilder
+from npud.emulator.config import make_config
+from npud.emulator.disasm import disassemble
+from npud.emulator.engines import EXECUTORS
+from npud.emulator.isa import tile
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DOC = (ROOT / "docs" / "ISA.md").read_text()
@@ -55,6 +55,6 @@ def test_disassembler_round_trip_and_cli(tmp_path):
     assert disassemble(sb.build()[:-2]).splitlines()[-1].startswith("; error")
     path = tmp_path / "s.bin"
     path.write_bytes(sb.build())
-    out = subprocess.run([sys.executable, "-m", "emulator.disasm", str(path)], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "npud.emulator.disasm", str(path)], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     assert out == text

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from emulator.engines.mac import k_chunk
+from npud.emulator.engines.mac import k_chunk
 from emu_harness import run_op
 
 
@@ -225,7 +225,7 @@ def test_matmul_property(b, m, k, n, int8, seed):
 
 
 def test_conv_im2col_in_bands_matches(monkeypatch):
-    import emulator.engines.mac as mac
+    import npud.emulator.engines.mac as mac
     monkeypatch.setattr(mac, "IM2COL_ELEMENTS", 60)   # force one output row per band
     rng = np.random.default_rng(11)
     for g, cin, cout in [(1, 3, 4), (2, 4, 6)]:

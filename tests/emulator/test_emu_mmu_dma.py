@@ -4,9 +4,9 @@
 import numpy as np
 import pytest
 
-from emulator.errors import DeviceError, PageFault, StreamError
-from emulator.mmu import Mapping
-from emulator.validator import validate
+from npud.emulator.errors import DeviceError, PageFault, StreamError
+from npud.emulator.mmu import Mapping
+from npud.emulator.validator import validate
 from emu_harness import Rig
 
 

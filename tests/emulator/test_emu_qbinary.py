@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from emu_harness import Rig, run_op
-from emulator.errors import StreamError
-from emulator.isa import tile
+from npud.emulator.errors import StreamError
+from npud.emulator.isa import tile
 
 FUNCS = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "max": np.maximum,
          "min": np.minimum}
@@ -132,7 +132,7 @@ def test_qbinary_validation(kw, match):
 
 def test_qbinary_in_blocks(monkeypatch):
     # same-shape operands run a block of elements at a time, the last block partial
-    from emulator.engines import vector
+    from npud.emulator.engines import vector
     monkeypatch.setattr(vector, "_QBINARY_BLOCK", 100)
     rng = np.random.default_rng(21)
     a = rng.integers(0, 256, (1, 7, 9, 13)).astype(np.uint8)

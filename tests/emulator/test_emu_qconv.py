@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from emu_harness import Rig, run_op
-from emulator.errors import StreamError
-from emulator.isa import tile
+from npud.emulator.errors import StreamError
+from npud.emulator.isa import tile
 
 
 def two_commands(x, w, bias, scale, out_dtype, **kw):
@@ -134,7 +134,7 @@ def test_qconv2d_validation(change, match):
 
 def test_qconv2d_epilogue_in_row_blocks(monkeypatch):
     # the requantisation runs a block of rows at a time: several blocks, a partial last one
-    from emulator.engines import mac
+    from npud.emulator.engines import mac
     monkeypatch.setattr(mac, "EPILOGUE_ELEMENTS", 24 * 5)
     rng = np.random.default_rng(9)
     x = rng.integers(0, 256, (1, 7, 9, 16)).astype(np.uint8)

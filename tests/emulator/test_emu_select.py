@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from emu_harness import Rig, run_op
-from emulator.errors import StreamError
-from emulator.isa import tile
-from emulator.validator import validate
+from npud.emulator.errors import StreamError
+from npud.emulator.isa import tile
+from npud.emulator.validator import validate
 
 REFS = {"eq": np.equal, "lt": np.less, "gt": np.greater}
 

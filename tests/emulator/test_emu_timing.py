@@ -2,12 +2,12 @@
 
 import numpy as np
 
-from emulator.assembler import StreamBuilder
-from emulator.config import make_config
-from emulator.isa import tile
-from emulator.mmu import Mapping
-from emulator.timing import COMMAND_CYCLES
-from emulator.validator import validate
+from npud.emulator.assembler import StreamBuilder
+from npud.emulator.config import make_config
+from npud.emulator.isa import tile
+from npud.emulator.mmu import Mapping
+from npud.emulator.timing import COMMAND_CYCLES
+from npud.emulator.validator import validate
 
 CFG = make_config("edge")
 MAPS = [Mapping(0x100000, 1 << 20, True)]

@@ -6,13 +6,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from emulator import isa
-from emulator.assembler import StreamBuilder
-from emulator.config import make_config
-from emulator.errors import StreamError
-from emulator.isa import Tile, tile
-from emulator.mmu import Mapping
-from emulator.validator import validate
+from npud.emulator import isa
+from npud.emulator.assembler import StreamBuilder
+from npud.emulator.config import make_config
+from npud.emulator.errors import StreamError
+from npud.emulator.isa import Tile, tile
+from npud.emulator.mmu import Mapping
+from npud.emulator.validator import validate
 
 CFG = make_config("edge")
 MAPS = [Mapping(0x10000, 0x10000, False), Mapping(0x20000, 0x10000, True)]
@@ -155,7 +155,7 @@ def test_compute_refusals(emit, match):
 
 
 def test_every_opcode_has_a_check():
-    from emulator.validator import _Checker
+    from npud.emulator.validator import _Checker
     for op in isa.OPCODES:
         assert hasattr(_Checker, "_" + op.name), op.name
 

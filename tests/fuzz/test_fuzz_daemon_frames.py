@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import npu
 from fuzz import targets
-from ipc_schema.schema import PROTOCOL_VERSION
+from npud.ipc_schema.schema import PROTOCOL_VERSION
 
 
 class Peer:

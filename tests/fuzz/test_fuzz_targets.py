@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compiler_worker.errors import ExecutableFormatError
-from compiler_worker.executable import Executable
+from npud.compiler_worker.errors import ExecutableFormatError
+from npud.compiler_worker.executable import Executable
 from fuzz import targets
 
 SHORT = settings(derandomize=True, deadline=None, database=None,

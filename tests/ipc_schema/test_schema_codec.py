@@ -1,4 +1,4 @@
-"""ipc_schema/codec.py: encoding, the daemon's validation gate, replies and versions."""
+"""npud/ipc_schema/codec.py: encoding, the daemon's validation gate, replies and versions."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ipc_schema import codec
-from ipc_schema.errors import ErrorCode, ErrorInfo, RequestError
-from ipc_schema.schema import MAX_MESSAGE_BYTES, OPS, PROTOCOL_VERSION
+from npud.ipc_schema import codec
+from npud.ipc_schema.errors import ErrorCode, ErrorInfo, RequestError
+from npud.ipc_schema.schema import MAX_MESSAGE_BYTES, OPS, PROTOCOL_VERSION
 
 
 def refused(frame, **kw) -> RequestError:

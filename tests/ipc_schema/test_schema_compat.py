@@ -3,10 +3,10 @@
 import msgpack
 import pytest
 
-from ipc_schema import codec
-from ipc_schema.errors import ErrorCode, RequestError
-from ipc_schema.schema import DEVICE
-from ipc_schema.types import Array, Bool, Float, Int, MapOf, Str, Struct
+from npud.ipc_schema import codec
+from npud.ipc_schema.errors import ErrorCode, RequestError
+from npud.ipc_schema.schema import DEVICE
+from npud.ipc_schema.types import Array, Bool, Float, Int, MapOf, Str, Struct
 
 
 def _sample(t):

@@ -1,10 +1,10 @@
-"""Endpoint resolution rules (ipc_schema/endpoint.py), shared by npud, npu and npuctl."""
+"""Endpoint resolution rules (npud/ipc_schema/endpoint.py), shared by npud, npu and npuctl."""
 
 from __future__ import annotations
 
 import os
 
-from ipc_schema import endpoint
+from npud.ipc_schema import endpoint
 
 
 def test_explicit_endpoint_wins():

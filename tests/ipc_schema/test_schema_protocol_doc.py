@@ -2,16 +2,16 @@
 
 from pathlib import Path
 
-from ipc_schema import docgen
-from ipc_schema.errors import ErrorCode
-from ipc_schema.schema import OPS
+from npud.ipc_schema import docgen
+from npud.ipc_schema.errors import ErrorCode
+from npud.ipc_schema.schema import OPS
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
 
 
 def test_protocol_doc_matches_schema():
     assert DOC.read_text() == docgen.render(), (
-        "docs/PROTOCOL.md is stale: run `python -m ipc_schema.docgen > docs/PROTOCOL.md`")
+        "docs/PROTOCOL.md is stale: run `python -m npud.ipc_schema.docgen > docs/PROTOCOL.md`")
 
 
 def test_every_op_field_and_error_code_is_documented():

@@ -1,12 +1,12 @@
-"""Every field type of ipc_schema/types.py, and codec.check_tensor."""
+"""Every field type of npud/ipc_schema/types.py, and codec.check_tensor."""
 
 from __future__ import annotations
 
 import pytest
 
-from ipc_schema import codec
-from ipc_schema.schema import ALL_STRUCTS, DTYPE_SIZES, DTYPES, OPS, TENSOR
-from ipc_schema.types import (Any_, Array, Bin, Bool, F, FieldError, Float, Int, MapOf, Str,
+from npud.ipc_schema import codec
+from npud.ipc_schema.schema import ALL_STRUCTS, DTYPE_SIZES, DTYPES, OPS, TENSOR
+from npud.ipc_schema.types import (Any_, Array, Bin, Bool, F, FieldError, Float, Int, MapOf, Str,
                               Struct)
 
 

@@ -9,7 +9,7 @@ import os
 import msgpack
 import zmq
 
-from ipc_schema.schema import PROTOCOL_VERSION
+from npud.ipc_schema.schema import PROTOCOL_VERSION
 
 
 class RawPeer:

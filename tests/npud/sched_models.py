@@ -69,6 +69,6 @@ def device_pids(daemon_pid: int) -> list[int]:
             cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == daemon_pid and b"emulator.device_process" in cmd:
+        if int(stat.rsplit(")", 1)[1].split()[1]) == daemon_pid and b"npud.emulator.device_process" in cmd:
             kids.append(int(entry))
     return sorted(kids)

@@ -7,7 +7,7 @@ import os
 import socket
 
 
-from ipc_schema.endpoint import attach_path_for
+from npud.ipc_schema.endpoint import attach_path_for
 from npud import attach
 
 BURST = 600

@@ -17,7 +17,7 @@ import zmq
 import zmq.auth
 
 import npu
-from ipc_schema import codec
+from npud.ipc_schema import codec
 from npu.local import LocalDaemon
 from asuser import needs_root, npu_error, open_to_everyone, run_as
 from npud_raw import RawPeer

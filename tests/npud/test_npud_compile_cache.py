@@ -6,9 +6,9 @@ import os
 import sys
 import tracemalloc
 
-from compiler_worker.api import compile_model
-from compiler_worker.executable import Executable
-from emulator.config import make_config
+from npud.compiler_worker.api import compile_model
+from npud.compiler_worker.executable import Executable
+from npud.emulator.config import make_config
 from npud.compile_cache import CompileCache, memory_cost
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "compiler_worker"))

@@ -13,7 +13,7 @@ import pytest
 
 import npu
 from bench.soak_proc import alive
-from emulator.config import DeviceConfig
+from npud.emulator.config import DeviceConfig
 from streams import A, B, O, add_stream
 
 from sched_models import deep_mlp, device_pids, feeds, module_daemon_in_test_mode, reference

@@ -7,16 +7,16 @@ import sys
 
 import trio
 
-from emulator.assembler import StreamBuilder
-from emulator.config import make_config
-from ipc_schema.errors import ErrorCode
+from npud.emulator.assembler import StreamBuilder
+from npud.emulator.config import make_config
+from npud.ipc_schema.errors import ErrorCode
 from npud import devices
 from npud.devices import DeviceHost, SchedulingParams
 from npud.jobs import Job
 from npud.scheduler import Context
 from streams import A, B, O, add_stream
 
-REAL = "import sys\nfrom emulator.device_process import main\nmain(sys.argv[1:])\n"
+REAL = "import sys\nfrom npud.emulator.device_process import main\nmain(sys.argv[1:])\n"
 # Says it is ready, then never answers anything (as a process stopped right after its start).
 SILENT = ("import msgpack, socket, sys, time\n"
           "sock = socket.socket(fileno=int(sys.argv[2]))\n"

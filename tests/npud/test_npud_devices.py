@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import npu
-from emulator.config import DeviceConfig, PRESETS
+from npud.emulator.config import DeviceConfig, PRESETS
 from npu.local import LocalDaemon
 from streams import A, B, O, add_stream
 

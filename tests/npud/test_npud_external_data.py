@@ -17,7 +17,7 @@ import pytest
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 import npu
-from ipc_schema import model_container
+from npud.ipc_schema import model_container
 from npu import model_source
 from npu.local import LocalDaemon
 from tests.asuser import needs_root, npu_error, open_to_everyone, run_as

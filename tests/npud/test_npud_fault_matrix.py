@@ -20,7 +20,7 @@ import pytest
 import zmq
 
 import npu
-from ipc_schema.schema import PROTOCOL_VERSION
+from npud.ipc_schema.schema import PROTOCOL_VERSION
 from npud.server import WAITING_PER_CONNECTION
 from sched_models import (daemon_in_test_mode, deep_mlp, device_pids, feeds, module_daemon_in_test_mode,
                           reference)

@@ -37,7 +37,7 @@ def worker_pids(daemon_pid: int) -> set[int]:
             cmd = (entry / "cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == daemon_pid and b"compiler_worker.worker" in cmd:
+        if ppid == daemon_pid and b"npud.compiler_worker.worker" in cmd:
             pids.add(int(entry.name))
     return pids
 

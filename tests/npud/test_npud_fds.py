@@ -42,7 +42,7 @@ def test_buffers_pooled_on_one_device_make_room_for_another():
     assert budget.buffers == budget.max_buffers - 1     # no buffer in use, the pool holds them
     held = [dev0.allocate(4096) for _ in range(budget.max_buffers)]   # the pool gives way
     assert budget.buffers == budget.max_buffers
-    from ipc_schema.errors import RequestError
+    from npud.ipc_schema.errors import RequestError
     with pytest.raises(RequestError, match="open-file limit"):
         dev0.allocate(4096)                 # now every buffer is in use: refused
     for bo in held:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import npu
-from emulator.assembler import StreamBuilder, tile
-from emulator.config import make_config
+from npud.emulator.assembler import StreamBuilder, tile
+from npud.emulator.config import make_config
 from sched_models import deep_mlp, feeds
 from streams import A, B, O, add_stream
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import npu
-from emulator.assembler import StreamBuilder, tile
-from emulator.config import make_config
+from npud.emulator.assembler import StreamBuilder, tile
+from npud.emulator.config import make_config
 from streams import A, B, O, add_stream
 
 CFG = make_config("edge")
@@ -129,7 +129,7 @@ def device_children(daemon_pid: int) -> list[int]:
         except OSError:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == daemon_pid and b"emulator.device_process" in cmd:
+        if ppid == daemon_pid and b"npud.emulator.device_process" in cmd:
             kids.append(int(entry))
     return kids
 

@@ -14,9 +14,9 @@ import time
 import pytest
 
 import npu
-from emulator.assembler import StreamBuilder, tile
-from emulator.config import make_config
-from ipc_schema.endpoint import attach_path_for, ipc_path
+from npud.emulator.assembler import StreamBuilder, tile
+from npud.emulator.config import make_config
+from npud.ipc_schema.endpoint import attach_path_for, ipc_path
 from npu.local import LocalDaemon
 from npud_raw import RawPeer, error_of
 

@@ -18,7 +18,7 @@ import trio
 import npu
 from bench import soak_probe
 from examples import tiny_cnn
-from ipc_schema.errors import ErrorCode, ErrorInfo
+from npud.ipc_schema.errors import ErrorCode, ErrorInfo
 from npu.local import LocalDaemon
 from npud.jobs import FINISHED, RECENT_REPORTS, Job, KeptJob, TraceRing
 from npud.server import Daemon

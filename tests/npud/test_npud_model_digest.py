@@ -117,7 +117,7 @@ def test_another_user_cannot_load_by_digest_alone(daemon, model_path):
 async def test_presented_digests_are_bounded_least_recent_first(monkeypatch):
     """The table of digests a user has sent forgets the least recently presented past its bound;
     a forgotten digest is ENOENT, which makes the client send the bytes again."""
-    from ipc_schema.errors import RequestError
+    from npud.ipc_schema.errors import RequestError
     from npud import models
 
     monkeypatch.setattr(models, "PRESENTED_KEPT", 3)

@@ -70,7 +70,7 @@ def children(pid: int, module: str) -> list[int]:
 
 
 def workers(d: LocalDaemon) -> list[int]:
-    return children(d.process.pid, "compiler_worker.worker")
+    return children(d.process.pid, "npud.compiler_worker.worker")
 
 
 def cpu_ticks(pid: int) -> int:

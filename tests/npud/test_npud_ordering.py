@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from emulator.assembler import StreamBuilder, tile
-from emulator.config import make_config
-from ipc_schema.schema import PROTOCOL_VERSION
+from npud.emulator.assembler import StreamBuilder, tile
+from npud.emulator.config import make_config
+from npud.ipc_schema.schema import PROTOCOL_VERSION
 from npud.ordering import Sequencer
 from npud.server import WAITING_PER_CONNECTION
 from npud_raw import RawPeer, error_of, session_peer

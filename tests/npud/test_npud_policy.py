@@ -10,8 +10,8 @@ import sys
 import pytest
 
 import npu
-from emulator.assembler import StreamBuilder, tile
-from emulator.config import make_config
+from npud.emulator.assembler import StreamBuilder, tile
+from npud.emulator.config import make_config
 from npu.local import LocalDaemon
 from npud import policy as policy_mod
 from npud.config import ConfigError

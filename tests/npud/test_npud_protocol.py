@@ -7,7 +7,7 @@ import msgpack
 import pytest
 
 import npu
-from ipc_schema.schema import HARD_FRAME_LIMIT, MAX_MESSAGE_BYTES, PROTOCOL_VERSION
+from npud.ipc_schema.schema import HARD_FRAME_LIMIT, MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 from npud_raw import RawPeer, error_of, session_peer
 
 

@@ -15,8 +15,8 @@ import pytest
 
 from bench import bench_soak, soak_workload
 from bench.soak_ledger import ReplyLedger, Tally
-from ipc_schema import codec
-from ipc_schema.errors import ErrorCode, ErrorInfo
+from npud.ipc_schema import codec
+from npud.ipc_schema.errors import ErrorCode, ErrorInfo
 
 
 @pytest.mark.slow
@@ -37,8 +37,8 @@ def test_short_soak_loses_duplicates_and_corrupts_nothing():
 
 def _twice_stream(n: int, preset: str) -> bytes:
     """``dst += 2 * src``: what a job executed twice by the daemon would leave behind."""
-    from emulator.assembler import StreamBuilder, tile
-    from emulator.config import make_config
+    from npud.emulator.assembler import StreamBuilder, tile
+    from npud.emulator.config import make_config
 
     sb = StreamBuilder(make_config(preset))
     sb.dma_load(0, soak_workload.VA_SRC, "float32", (n,))

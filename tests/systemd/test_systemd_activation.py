@@ -17,7 +17,7 @@ import pytest
 import zmq
 
 import npu
-from ipc_schema import codec
+from npud.ipc_schema import codec
 from npu import protocol
 from systemd_harness import (SSA, TIMEOUT_S, Notifications, child_env, listening_socket, start_with_fds,
                              stop)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ipc_schema.endpoint import SYSTEM_ENDPOINT, attach_path_for, ipc_path, serve_endpoint
+from npud.ipc_schema.endpoint import SYSTEM_ENDPOINT, attach_path_for, ipc_path, serve_endpoint
 from npud.config import load
 from systemd_harness import ANALYZE, REPO, UNITS
 

@@ -4,7 +4,7 @@ compiles, with which dtypes, ranks and attributes.
 Each entry names the lowering (``kernel``) and a tuple of checks; a check
 is ``(description, predicate)`` where ``predicate(node, graph)`` returns
 ``None`` when the node is fine or a reason string.  ``legalise`` reports
-every violation (see :mod:`compiler_worker.passes.legalize`).
+every violation (see :mod:`npud.compiler_worker.passes.legalize`).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 
-from emulator.config import DeviceConfig
+from npud.emulator.config import DeviceConfig
 
 from . import pipeline
 from .errors import CompileError, CompileErrors, ExecutableFormatError

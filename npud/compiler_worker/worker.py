@@ -2,7 +2,7 @@
 
 Started and supervised by npud (npud/compilers.py).  It connects a DEALER to
 the daemon's private compile endpoint with its name as routing id, announces
-``{"op": "ready", "confinement": str}`` (what compiler_worker/sandbox.py did, for the
+``{"op": "ready", "confinement": str}`` (what npud/compiler_worker/sandbox.py did, for the
 log), then answers each request with one reply::
 
     {"id": n, "op": "compile", "model": bin, "config": map, "options": map}
@@ -19,7 +19,7 @@ compiling, so tests can hit the compile timeout; without it the field is ignored
 Only workers parse models.  A worker runs with an address-space limit
 (RLIMIT_AS) and no core dumps, so a model that blows up memory fails here,
 not in the daemon; a crash or hang costs one compile and the daemon starts a
-fresh worker.  It confines itself before it reads a request (compiler_worker/sandbox.py):
+fresh worker.  It confines itself before it reads a request (npud/compiler_worker/sandbox.py):
 an empty, deleted working directory and, with Landlock, no file but its own code.
 """
 
@@ -34,7 +34,7 @@ import msgpack
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from emulator.config import DeviceConfig
+from npud.emulator.config import DeviceConfig
 
 from . import sandbox
 from .errors import CompileError
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     dropped = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)   # before connect: no event missed
     sock.connect(args.endpoint)
     sock.send(msgpack.packb({"op": "ready", "confinement": confinement}))
-    # No watch on the daemon here: the lifeline it was started through (emulator/lifeline.py)
+    # No watch on the daemon here: the lifeline it was started through (npud/emulator/lifeline.py)
     # ends this process when the daemon dies, busy or idle.
     return _serve(sock, dropped, args.test_mode)
 

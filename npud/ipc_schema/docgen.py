@@ -1,7 +1,7 @@
-"""Render docs/PROTOCOL.md from the schema: ``python -m ipc_schema.docgen > docs/PROTOCOL.md``.
+"""Render docs/PROTOCOL.md from the schema: ``python -m npud.ipc_schema.docgen > docs/PROTOCOL.md``.
 
 The prose below explains the transport; every table is generated from
-ipc_schema.schema and ipc_schema.errors, and a test checks that the committed
+npud.ipc_schema.schema and npud.ipc_schema.errors, and a test checks that the committed
 file equals this output, so the document cannot drift from the code.
 """
 
@@ -19,8 +19,8 @@ from .types import Struct
 INTRO = f"""\
 # The npud protocol, version {PROTOCOL_VERSION[0]}.{PROTOCOL_VERSION[1]}
 
-This document is generated from `ipc_schema/schema.py` by
-`python -m ipc_schema.docgen`; a test keeps it identical.  It is enough to
+This document is generated from `npud/ipc_schema/schema.py` by
+`python -m npud.ipc_schema.docgen`; a test keeps it identical.  It is enough to
 write a client in any language with a ZeroMQ and a msgpack library.
 
 ## Transport
@@ -117,7 +117,7 @@ buffer's.
 
 `load` and `check` take a model's bytes (inline in `model`, or in `model_buffer`): either
 plain ONNX, self-contained, or a *model container* for models over protobuf's 2 GiB limit
-(layout in `ipc_schema/model_container.py`: the magic `NPUDMDL\\0`, a version, the ModelProto's
+(layout in `npud/ipc_schema/model_container.py`: the magic `NPUDMDL\\0`, a version, the ModelProto's
 length, the ModelProto, then a data section; tensors kept out of the protobuf name
 `location = "\\0npud-container"` with `offset` and `length` into that section).  npud never
 opens a file a model names: a tensor whose data lives in an external file is refused with

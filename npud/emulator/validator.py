@@ -30,7 +30,7 @@ __all__ = ["Mapping", "Program", "validate"]
 
 @dataclass(frozen=True)
 class Program:
-    """A validated stream: run it with :meth:`emulator.device.Device.execute`."""
+    """A validated stream: run it with :meth:`npud.emulator.device.Device.execute`."""
     commands: tuple[Command, ...]
     target_hash: bytes
     stats: JobStats           # modeled cost; identical for every run

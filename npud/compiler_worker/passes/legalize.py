@@ -2,7 +2,7 @@
 rules for the ops the lowering reads closely (:func:`shape_problem`: Conv
 weights and bias against the input, Gemm/MatMul dimensions, broadcasting,
 axes in range...), then against the support table
-(:mod:`compiler_worker.support`).  Collects *every* violation:
+(:mod:`npud.compiler_worker.support`).  Collects *every* violation:
 ``check_model`` returns them all, ``compile_model`` raises them together.
 
 The ONNX rules run first of all at the start of canonicalisation

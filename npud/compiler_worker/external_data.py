@@ -4,7 +4,7 @@ A model that names external data files (ONNX's ``data_location = EXTERNAL``) wou
 whoever decodes it open those paths with its own permissions; the compiler runs for the
 daemon, so that is a file-disclosure hole.  The client library resolves a model's external
 data next to the model file with the user's permissions and sends it inline, or in a model
-container (ipc_schema/model_container.py) when it is too large for one protobuf.  Here:
+container (npud/ipc_schema/model_container.py) when it is too large for one protobuf.  Here:
 
 - ``parse(model_bytes)`` reads plain ONNX bytes or a container;
 - ``resolve(model, data)`` walks every tensor the model holds (initializers, sparse
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import onnx
 
-from ipc_schema import model_container
+from npud.ipc_schema import model_container
 
 from .errors import CompileError
 

@@ -12,9 +12,9 @@ import mmap
 
 import numpy as np
 
-from emulator.config import DeviceConfig
-from emulator.device import Device, JobStats
-from emulator.validator import validate
+from npud.emulator.config import DeviceConfig
+from npud.emulator.device import Device, JobStats
+from npud.emulator.validator import validate
 
 from .executable import Executable
 

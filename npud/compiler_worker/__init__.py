@@ -1,7 +1,7 @@
 """compiler_worker: ONNX -> npu-emu executables (see docs/COMPILER.md).
 
 The names below load on first use: a worker process imports this package before it confines
-itself (compiler_worker/sandbox.py), and must start no thread (numpy's BLAS starts one) and
+itself (npud/compiler_worker/sandbox.py), and must start no thread (numpy's BLAS starts one) and
 import no compiler module until it has.
 """
 

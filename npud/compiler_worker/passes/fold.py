@@ -1,7 +1,7 @@
 """Pass 2: constant folding.
 
 Any node whose inputs are all constant is evaluated with numpy
-(:mod:`compiler_worker.numpy_ops`), Shape/Size of a statically shaped tensor
+(:mod:`npud.compiler_worker.numpy_ops`), Shape/Size of a statically shaped tensor
 become constants, so Shape -> Gather -> Concat -> Reshape chains and
 ConstantOfShape disappear.  Shape inference is re-run after a round that
 changed something, since folded shapes unlock more static shapes.

@@ -1,7 +1,7 @@
 """Build binary command streams.
 
 :class:`StreamBuilder` has one method per opcode (named after the mnemonic
-in :mod:`emulator.isa`) plus a few readable aliases (``add``, ``relu``...).
+in :mod:`npud.emulator.isa`) plus a few readable aliases (``add``, ``relu``...).
 It encodes operands exactly as given; checking them is the validator's job,
 so the builder is also the tool for writing hostile streams in tests.
 """

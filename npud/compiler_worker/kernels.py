@@ -17,8 +17,8 @@ import math
 
 import numpy as np
 
-from emulator.assembler import StreamBuilder
-from emulator.isa import tile as mk_tile
+from npud.emulator.assembler import StreamBuilder
+from npud.emulator.isa import tile as mk_tile
 
 from .errors import CompileError
 from .lowered import ESIZE, LOp, PTensor, cstrides

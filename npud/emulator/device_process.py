@@ -57,12 +57,12 @@ import time
 
 import msgpack
 
-from emulator.config import DeviceConfig
-from emulator.device import Device
-from emulator.errors import DeviceError
-from emulator.isa import Engine
-from emulator.timing import command_cost
-from emulator.validator import Mapping, Program, validate
+from npud.emulator.config import DeviceConfig
+from npud.emulator.device import Device
+from npud.emulator.errors import DeviceError
+from npud.emulator.isa import Engine
+from npud.emulator.timing import command_cost
+from npud.emulator.validator import Mapping, Program, validate
 
 MAX_PACKET = 32 << 20
 

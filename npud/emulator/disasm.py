@@ -1,6 +1,6 @@
 """Disassembler: a command stream as readable text.
 
-    python -m emulator.disasm FILE
+    python -m npud.emulator.disasm FILE
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def disassemble(stream: bytes) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m emulator.disasm FILE", file=sys.stderr)
+        print("usage: python -m npud.emulator.disasm FILE", file=sys.stderr)
         return 2
     with open(argv[0], "rb") as f:
         sys.stdout.write(disassemble(f.read()))

@@ -6,7 +6,7 @@ starts any thread and before it imports the compiler:
 
 1. moves it into an empty directory and deletes that directory, so a relative path resolves
    to nothing (the first defence against a model that names a file, after the compiler's
-   own refusal, compiler_worker/external_data.py);
+   own refusal, npud/compiler_worker/external_data.py);
 2. where the kernel has Landlock (Linux 5.13+), restricts the process, irrevocably, to reading
    and mapping the Python code and shared libraries it runs (the import path and the system
    library directories): no other file may be opened, no file written or created, no TCP
@@ -40,7 +40,7 @@ _PR_SET_NO_NEW_PRIVS = 38
 
 READ_ONLY = _FS_READ_FILE | _FS_READ_DIR | _FS_EXECUTE
 SYSTEM_LIBRARIES = ("/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib", "/etc/ld.so.cache")
-PACKAGES = ("compiler_worker", "emulator", "ipc_schema", "onnx", "numpy", "msgpack", "zmq")
+PACKAGES = ("npud.compiler_worker", "npud.emulator", "npud.ipc_schema", "onnx", "numpy", "msgpack", "zmq")
 
 
 class _RulesetAttr(ctypes.Structure):

@@ -1,7 +1,7 @@
 """Pass 1: import.  ONNX bytes -> IR, with shape inference.
 
 Reads plain ONNX bytes or a model container, and refuses references to external data files
-before anything is decoded (compiler_worker/external_data.py).  Refuses malformed bytes,
+before anything is decoded (npud/compiler_worker/external_data.py).  Refuses malformed bytes,
 unsupported opsets (default domain 11..28), graphs with subgraph attributes, nodes that
 break their ONNX schema (input/output counts, empty required inputs, missing, unknown or
 mistyped attributes), unknown element types, cycles, non-static or absurd shapes, each with a

@@ -1,5 +1,5 @@
 """The compiler driver: the pass list, run in order (like Vela's compiler
-driver).  Each pass is a module under :mod:`compiler_worker.passes` with a
+driver).  Each pass is a module under :mod:`npud.compiler_worker.passes` with a
 ``run(ctx)`` that reads and extends the :class:`CompileContext`."""
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Pass 8: emission.  Lowered ops with plans and addresses -> one npu-emu
 command stream (StreamBuilder), plus the per-op performance report, costed
-with the emulator's own timing model (:func:`emulator.timing.command_cost`)."""
+with the emulator's own timing model (:func:`npud.emulator.timing.command_cost`)."""
 
 from __future__ import annotations
 
-from emulator import isa
-from emulator.timing import command_cost
+from npud.emulator import isa
+from npud.emulator.timing import command_cost
 
 from ..kernels import EMIT, Emitter
 

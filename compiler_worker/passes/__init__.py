@@ -1,1 +1,0 @@
-"""One module per compiler pass; :mod:`compiler_worker.pipeline` lists them in order."""
