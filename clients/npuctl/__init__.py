@@ -2,21 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
-import tomllib
-from pathlib import Path
+from npud.ipc_schema.version import distribution_version as version  # npuctl ships in npud's distribution
 
-DISTRIBUTION = "npud"   # npuctl ships in the npud distribution (pyproject.toml)
-
-
-def version() -> str:
-    """The installed distribution's version; in a source tree that is not installed, pyproject.toml's."""
-    try:
-        return importlib.metadata.version(DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    try:
-        with open(Path(__file__).resolve().parents[2] / "pyproject.toml", "rb") as f:
-            return str(tomllib.load(f)["project"]["version"])
-    except (OSError, KeyError, tomllib.TOMLDecodeError):
-        return "unknown"
+__all__ = ["version"]

@@ -16,7 +16,7 @@ def distribution_version() -> str:
     try:
         return metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:
-        return tree_version(Path(__file__).resolve().parent.parent / "pyproject.toml")
+        return tree_version(Path(__file__).resolve().parents[2] / "pyproject.toml")   # npud/ipc_schema/
 
 
 def tree_version(pyproject: Path) -> str:

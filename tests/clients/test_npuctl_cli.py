@@ -230,9 +230,9 @@ def test_cache_list_shows_model_names(capsys, daemon, onnx_path):
 
 
 def test_version_and_python_dash_m(capsys):
-    from npuctl import version
+    from npud.ipc_schema.version import UNKNOWN, distribution_version
     assert npuctl_main(["--version"]) == 0
-    assert capsys.readouterr()[0].strip() == f"npuctl {version()}" and version() != "unknown"
+    assert capsys.readouterr()[0].strip() == f"npuctl {distribution_version()}" != f"npuctl {UNKNOWN}"
     out = subprocess.run([sys.executable, "-m", "npuctl", "--help"], capture_output=True, text=True,
                          timeout=60, env=ENV)
     assert out.returncode == 0 and out.stdout.startswith("usage: npuctl")
