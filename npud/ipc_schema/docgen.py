@@ -8,9 +8,10 @@ file equals this output, so the document cannot drift from the code.
 from __future__ import annotations
 
 from .errors import ErrorCode
-from .schema import (ATTACH_HELLO, ATTACH_REPLY, BINDING, BUFFER_INFO, CACHE_ENTRY, CLIENT, COMPILE_OPTIONS,
+from .schema import (ATTACH_HELLO, ATTACH_REPLY, BINDING, BUFFER_INFO, CACHE_ENTRY, CLIENT, CLIENT_DEVICE,
+                     COMPILE_OPTIONS,
                      COMPILE_CACHE_STATS, HISTOGRAM, USER_USAGE,
-                     JOB_INFO, LAYER, TRACE_EVENT, TRACE_MODEL,
+                     JOB_INFO, JOB_STATUS, LAYER, TRACE_EVENT, TRACE_MODEL,
                      DEVICE, ERROR, EVENT, EVENTS, PROBLEM, TENSOR_INFO,
                      FD_MESSAGE, HARD_FRAME_LIMIT, LIMITS, MAX_ATTACH_PACKET, MAX_INLINE_BYTES,
                      MAX_MESSAGE_BYTES, OPS, PROTOCOL_VERSION, REPLY, REQUEST, TENSOR)
@@ -26,7 +27,12 @@ write a client in any language with a ZeroMQ and a msgpack library.
 ## Transport
 
 - The daemon binds a ZeroMQ **ROUTER** socket; a client connects a **DEALER**
-  (or any socket that can talk to a ROUTER) to the daemon's endpoint.
+  socket to the daemon's endpoint and sends each request as one frame, with no
+  empty delimiter frame before it.  Not a REQ socket: REQ puts an empty frame
+  before every message, so the daemon sees a request of two frames and answers
+  `EPROTO` with `seq` 0, and REQ then discards that reply because it lacks the
+  empty frame REQ expects (the client waits forever).  REQ also allows only one
+  request in flight, while replies may come in any order (below).
 - Endpoint rules, shared by npud, the client library and npuctl: an explicit
   endpoint; else `$NPUD_ENDPOINT`; else `ipc://$XDG_RUNTIME_DIR/npud/npud.sock`;
   else `ipc:///tmp/npud-$UID/npud.sock`.  The system service listens on
@@ -157,9 +163,9 @@ def render() -> str:
     for name, struct in EVENTS.items():
         parts.append(_section(name, struct))
     parts.append("## Shared structures\n")
-    for struct in (DEVICE, HISTOGRAM, CLIENT, LIMITS, BINDING, TENSOR, TENSOR_INFO, COMPILE_OPTIONS, PROBLEM,
-                   CACHE_ENTRY, COMPILE_CACHE_STATS, USER_USAGE, JOB_INFO, TRACE_EVENT, TRACE_MODEL, LAYER,
-                   BUFFER_INFO):
+    for struct in (DEVICE, HISTOGRAM, CLIENT, CLIENT_DEVICE, LIMITS, BINDING, TENSOR, TENSOR_INFO, COMPILE_OPTIONS, PROBLEM,
+                   CACHE_ENTRY, COMPILE_CACHE_STATS, USER_USAGE, JOB_STATUS, JOB_INFO, TRACE_EVENT, TRACE_MODEL,
+                   LAYER, BUFFER_INFO):
         parts.append(_section(struct.name, struct))
     parts.append("## Companion socket packets\n")
     for struct in (ATTACH_HELLO, ATTACH_REPLY, FD_MESSAGE):

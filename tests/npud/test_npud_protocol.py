@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import msgpack
 import pytest
+import zmq
 
 import npu
 from npud.ipc_schema.schema import HARD_FRAME_LIMIT, MAX_MESSAGE_BYTES, PROTOCOL_VERSION
@@ -174,3 +175,23 @@ def test_hello_result_shape(daemon):
         assert error_of(p.request("ping"))["code"] == "ENOTCONN"
     finally:
         p.close()
+
+
+# --- the transport: DEALER, not REQ ----------------------------------------------------
+
+def test_req_socket_gets_eproto_seq_0_and_never_sees_it(daemon):
+    """What PROTOCOL.md says of REQ: its empty delimiter frame makes a two-frame request,
+    answered with EPROTO and seq 0, and the REQ socket drops that reply (no delimiter)."""
+    req = zmq.Context.instance().socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 0)
+    req.connect(daemon.endpoint)
+    raw = RawPeer(daemon.endpoint)
+    try:
+        req.send(pack({"op": "version", "seq": 1, "args": {}}))
+        assert req.poll(1000) == 0   # the reply came and REQ discarded it
+        raw.send_frames(b"", pack({"op": "version", "seq": 1, "args": {}}))  # what REQ sends
+        reply = raw.recv()
+        assert reply["seq"] == 0 and error_of(reply)["code"] == "EPROTO"
+    finally:
+        req.close(0)
+        raw.close()
