@@ -188,7 +188,7 @@ def version(daemon, call, args):
 
 @handler("devices")
 def devices(daemon, call, args):
-    return {"devices": [d.info() for d in daemon.devices]}
+    return {"devices": [{**d.info(), "target_hash": d.config.target_hash()} for d in daemon.devices]}
 
 
 @handler("clients")

@@ -7,12 +7,16 @@ file equals this output, so the document cannot drift from the code.
 
 from __future__ import annotations
 
+import json
+
+from npud.emulator.config import TARGET_HASH_PREFIX, TARGET_KEYS, make_config
+
 from .errors import ErrorCode
 from .schema import (ATTACH_HELLO, ATTACH_REPLY, BINDING, BUFFER_INFO, CACHE_ENTRY, CLIENT, CLIENT_DEVICE,
                      COMPILE_OPTIONS,
                      COMPILE_CACHE_STATS, HISTOGRAM, USER_USAGE,
                      JOB_INFO, JOB_STATUS, LAYER, TRACE_EVENT, TRACE_MODEL,
-                     DEVICE, ERROR, EVENT, EVENTS, PROBLEM, TENSOR_INFO,
+                     DEVICE, DEVICE_PARAMS, MACS_PER_CYCLE, ERROR, EVENT, EVENTS, PROBLEM, TENSOR_INFO,
                      FD_MESSAGE, HARD_FRAME_LIMIT, LIMITS, MAX_ATTACH_PACKET, MAX_INLINE_BYTES,
                      MAX_MESSAGE_BYTES, OPS, PROTOCOL_VERSION, REPLY, REQUEST, TENSOR)
 from .types import Struct
@@ -132,10 +136,50 @@ permissions, and sends it inline or in a container (the `npu` library does so fo
 """
 
 
+def _target_hash_section() -> str:
+    """How to compute a device's target hash, with the `edge` preset worked through."""
+    edge = make_config("edge")
+    params = edge.to_dict()
+    canon = json.dumps({k: params[k] for k in TARGET_KEYS}, sort_keys=True, separators=(",", ":"))
+    keys = ", ".join(f"`{k}`" for k in sorted(TARGET_KEYS))
+    left_out = ", ".join(f"`{k}`" for k in params if k not in TARGET_KEYS)
+    prefix = TARGET_HASH_PREFIX.decode()
+    return f"""
+## Command streams and the target hash
+
+`submit` runs a binary command stream (format in docs/ISA.md).  Its header carries an
+8-byte *target hash* (bytes 8 to 15); a device refuses a stream whose hash is not its own
+with `EINVAL` (the message names both hashes), so a stream built for one set of parameters
+never runs on another.  `devices` reports each device's hash as `target_hash` (since 1.5);
+a client can also compute it from the device's `params`:
+
+1. Take these keys of `params`: {keys}.  The others ({left_out}) say how the daemon
+   hosts the device, not what a stream may do, and stay out.
+2. Write them as one JSON object with the keys sorted (by their bytes) at every level
+   (`macs_per_cycle` is a nested object), integers in decimal, and no whitespace at all:
+   `,` between members and `:` between a key and its value.
+3. Put the ASCII bytes `{prefix}` in front (no terminating NUL).
+4. Hash those bytes with unkeyed BLAKE2b whose digest length is 8 bytes.  The digest
+   length is a BLAKE2b parameter, so this is *not* the first 8 bytes of BLAKE2b-512:
+   libsodium's `crypto_generichash(out, 8, data, len, NULL, 0)`, Python's
+   `hashlib.blake2b(data, digest_size=8)`.
+
+For the `edge` preset the bytes hashed are
+
+```
+{prefix}{canon}
+```
+
+and its target hash is `{edge.target_hash().hex()}` (hex, in the order the bytes appear in
+the header).
+"""
+
+
 def _struct_table(struct: Struct) -> str:
     rows = ["| field | type | required | meaning |", "| --- | --- | --- | --- |"]
     for name, f in struct.fields.items():
-        rows.append(f"| `{name}` | {f.type.describe()} | {'no' if f.optional else 'yes'} | {f.doc} |")
+        since = f"(since {f.since[0]}.{f.since[1]}) " if f.since else ""
+        rows.append(f"| `{name}` | {f.type.describe()} | {'no' if f.optional else 'yes'} | {since}{f.doc} |")
     if not struct.fields:
         rows.append("| | (empty map) | | |")
     return "\n".join(rows)
@@ -147,7 +191,7 @@ def _section(title: str, struct: Struct) -> str:
 
 
 def render() -> str:
-    parts = [INTRO, "## Envelopes\n"]
+    parts = [INTRO, _target_hash_section(), "## Envelopes\n"]
     for struct in (REQUEST, REPLY, ERROR, EVENT):
         parts.append(_section(struct.name, struct))
     parts.append("## Errors\n\n| code | retryable by default | meaning |\n| --- | --- | --- |")
@@ -163,7 +207,7 @@ def render() -> str:
     for name, struct in EVENTS.items():
         parts.append(_section(name, struct))
     parts.append("## Shared structures\n")
-    for struct in (DEVICE, HISTOGRAM, CLIENT, CLIENT_DEVICE, LIMITS, BINDING, TENSOR, TENSOR_INFO, COMPILE_OPTIONS, PROBLEM,
+    for struct in (DEVICE, DEVICE_PARAMS, MACS_PER_CYCLE, HISTOGRAM, CLIENT, CLIENT_DEVICE, LIMITS, BINDING, TENSOR, TENSOR_INFO, COMPILE_OPTIONS, PROBLEM,
                    CACHE_ENTRY, COMPILE_CACHE_STATS, USER_USAGE, JOB_STATUS, JOB_INFO, TRACE_EVENT, TRACE_MODEL,
                    LAYER, BUFFER_INFO):
         parts.append(_section(struct.name, struct))

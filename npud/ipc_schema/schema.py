@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .types import Any_, Array, Bin, Bool, F, Float, Int, MapOf, Str, Struct, Type
 
-PROTOCOL_VERSION = (1, 4)
+PROTOCOL_VERSION = (1, 5)
 """(major, minor).  A major bump breaks compatibility; a minor bump only adds."""
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -71,12 +71,34 @@ HISTOGRAM = Struct("histogram", {
     "sum_ms": F(Float(), "their sum in ms"),
 }, doc="Durations counted in fixed buckets since the daemon started (a Prometheus histogram).")
 
+MACS_PER_CYCLE = Struct("macs_per_cycle", {
+    "int8": F(U32, "int8 (and uint8) multiply-accumulates per cycle, per core"),
+    "fp16": F(U32, "float16 multiply-accumulates per cycle, per core"),
+    "fp32": F(U32, "float32 multiply-accumulates per cycle, per core"),
+})
+
+DEVICE_PARAMS = Struct("device_params", {
+    "preset": F(Str(64), "the named parameter set (`edge`, `server`) the others started from"),
+    "cores": F(U32, "compute cores (each a device process running one job at a time)"),
+    "mac_rows": F(U32, "rows of the MAC array (output pixels per pass)"),
+    "mac_cols": F(U32, "columns of the MAC array (output channels per pass)"),
+    "macs_per_cycle": F(MACS_PER_CYCLE, "MAC rate by element type"),
+    "clock_mhz": F(U32, "clock in MHz: modeled cycles / (clock_mhz x 1000) = modeled milliseconds"),
+    "sram_bytes": F(U64, "on-chip SRAM per core"),
+    "dma_bytes_per_cycle": F(U32, "DMA bandwidth between device memory and SRAM"),
+    "dma_latency_cycles": F(U32, "fixed cost of each DMA transfer"),
+    "memory_bytes": F(U64, "device memory (the same as `memory_total`)"),
+    "page_size": F(U32, "MMU page size: buffer sizes round up to it, binding addresses are multiples of it"),
+    "hw_contexts": F(U32, "hardware contexts (address spaces) of a core"),
+}, doc="An npu-emu device's architecture parameters (docs/ISA.md).  All but `memory_bytes`, "
+       "`page_size` and `hw_contexts` go into the target hash (below).")
+
 DEVICE = Struct("device", {
     "index": F(DEVICE_INDEX, "device number used in requests"),
     "name": F(Str(64), "configured name, e.g. npu0"),
     "preset": F(Str(64), "the named parameter set it was created from"),
     "state": F(Str(16, ("ok", "resetting", "down")), "device process health"),
-    "params": F(MapOf(Any_()), "architecture parameters (cores, MAC array, SRAM, clock, ...)"),
+    "params": F(DEVICE_PARAMS, "architecture parameters"),
     "memory_total": F(U64, "bytes of device memory"),
     "memory_used": F(U64, "bytes allocated in buffer objects"),
     "jobs_queued": F(U32, "jobs waiting to run"),
@@ -101,6 +123,8 @@ DEVICE = Struct("device", {
     "latency_ms": F(HISTOGRAM, "of every finished job (done or failed): submission to outcome, queueing "
                                "included", optional=True),
     "run_ms": F(HISTOGRAM, "of every job that ran: the device time it took", optional=True),
+    "target_hash": F(Bin(8, 8), "the target hash a command stream's header must carry to run on it "
+                                "(section *Command streams and the target hash*)", optional=True, since=(1, 5)),
 })
 
 USER_USAGE = Struct("user_usage", {

@@ -3,6 +3,9 @@ session that sent it stays usable.  Frames are sent with a plain DEALER, not the
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import msgpack
 import pytest
 import zmq
@@ -10,6 +13,7 @@ import zmq
 import npu
 from npud.ipc_schema.schema import HARD_FRAME_LIMIT, MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 from npud_raw import RawPeer, error_of, session_peer
+from streams import A, B, O, add_stream
 
 
 @pytest.fixture
@@ -195,3 +199,32 @@ def test_req_socket_gets_eproto_seq_0_and_never_sees_it(daemon):
     finally:
         req.close(0)
         raw.close()
+
+
+# --- the target hash --------------------------------------------------------------------
+
+def recipe_target_hash(params: dict) -> bytes:
+    """PROTOCOL.md's recipe, written from the document alone."""
+    keys = ("clock_mhz", "cores", "dma_bytes_per_cycle", "dma_latency_cycles", "mac_cols", "mac_rows",
+            "macs_per_cycle", "sram_bytes")
+    canon = json.dumps({k: params[k] for k in keys}, sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(b"npu-emu/1:" + canon.encode("ascii"), digest_size=8).digest()
+
+
+def test_target_hash_recipe_matches_devices_and_the_device(peer):
+    device = peer.request("devices")["result"]["devices"][0]
+    target = recipe_target_hash(device["params"])
+    assert device["target_hash"] == target
+    n = 256
+    handles = [peer.request("alloc", {"device": 0, "size": n * 4})["result"]["handle"] for _ in range(3)]
+    bindings = [{"handle": h, "va": va, "writable": va == O} for h, va in zip(handles, (A, B, O))]
+    stream = add_stream(n)
+    for header_hash, runs in ((target, True), (bytes(8), False)):
+        reply = peer.request("submit", {"device": 0, "stream": stream[:8] + header_hash + stream[16:],
+                                        "bindings": bindings})
+        if runs:
+            job = reply["result"]["job"]
+            assert peer.request("wait", {"job": job, "timeout_ms": 10_000})["result"]["state"] == "done"
+        else:
+            err = error_of(reply)
+            assert err["code"] == "EINVAL" and "target hash" in err["message"] and target.hex() in err["message"]
