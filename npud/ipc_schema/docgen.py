@@ -16,7 +16,7 @@ from .schema import (ATTACH_HELLO, ATTACH_REPLY, BINDING, BUFFER_INFO, CACHE_ENT
                      COMPILE_OPTIONS,
                      COMPILE_CACHE_STATS, HISTOGRAM, USER_USAGE,
                      JOB_INFO, JOB_STATUS, LAYER, TRACE_EVENT, TRACE_MODEL,
-                     DEVICE, DEVICE_PARAMS, MACS_PER_CYCLE, ERROR, EVENT, EVENTS, PROBLEM, TENSOR_INFO,
+                     DEVICE, DEVICE_PARAMS, MACS_PER_CYCLE, ENGINE_BUSY, ERROR, EVENT, EVENTS, JOB_STATS, PROBLEM, TENSOR_INFO,
                      FD_MESSAGE, HARD_FRAME_LIMIT, LIMITS, MAX_ATTACH_PACKET, MAX_INLINE_BYTES,
                      MAX_MESSAGE_BYTES, OPS, PROTOCOL_VERSION, REPLY, REQUEST, TENSOR)
 from .types import Struct
@@ -208,7 +208,7 @@ def render() -> str:
         parts.append(_section(name, struct))
     parts.append("## Shared structures\n")
     for struct in (DEVICE, DEVICE_PARAMS, MACS_PER_CYCLE, HISTOGRAM, CLIENT, CLIENT_DEVICE, LIMITS, BINDING, TENSOR, TENSOR_INFO, COMPILE_OPTIONS, PROBLEM,
-                   CACHE_ENTRY, COMPILE_CACHE_STATS, USER_USAGE, JOB_STATUS, JOB_INFO, TRACE_EVENT, TRACE_MODEL,
+                   CACHE_ENTRY, COMPILE_CACHE_STATS, USER_USAGE, JOB_STATUS, JOB_STATS, ENGINE_BUSY, JOB_INFO, TRACE_EVENT, TRACE_MODEL,
                    LAYER, BUFFER_INFO):
         parts.append(_section(struct.name, struct))
     parts.append("## Companion socket packets\n")

@@ -299,11 +299,48 @@ JOB_SUBMITTED = {
                     "of the timeline finished)", optional=True),
 }
 
+ERROR = Struct("error", {
+    "code": F(Str(16), "stable error code (docs/PROTOCOL.md#errors)"),
+    "message": F(Str(4096), "what went wrong and what to do"),
+    "retryable": F(Bool(), "whether repeating the request can succeed"),
+    "retry_after_ms": F(U32, "a hint: milliseconds after which a retry is likely to succeed (admission "
+                             "limits)", optional=True),
+})
+
+ENGINE_BUSY = Struct("engine_busy", {
+    "dma": F(U64, "cycles the DMA engines were busy"),
+    "mac": F(U64, "cycles the MAC arrays were busy"),
+    "vector": F(U64, "cycles the vector engines were busy"),
+    "pool": F(U64, "cycles the pooling engines were busy"),
+}, doc="Busy cycles per engine, summed over the device's cores.")
+
+JOB_STATS = Struct("job_stats", {
+    "cycles": F(U64, "modeled cycles: what the job takes on the modeled hardware (its makespan)",
+                optional=True),
+    "macs": F(U64, "multiply-accumulates executed", optional=True),
+    "dma_bytes_in": F(U64, "bytes DMA moved from device memory into SRAM", optional=True),
+    "dma_bytes_out": F(U64, "bytes DMA moved from SRAM to device memory", optional=True),
+    "commands": F(U64, "commands executed", optional=True),
+    "stall_cycles": F(U64, "cycles command queues spent blocked in `wait` or `barrier`", optional=True),
+    "engine_busy": F(ENGINE_BUSY, "busy cycles per engine", optional=True),
+    "hazards": F(U64, "SRAM accesses the model let overlap with a conflicting access on another engine: "
+                      "a missing signal/wait, a stream that would race on hardware (0 for compiled models)",
+                 optional=True),
+    "wall_ms": F(Float(), "device time the job took in ms, its run segments only", optional=True),
+    "preemptions": F(U32, "times it was stopped at a layer boundary for a more urgent job", optional=True),
+    "queue_ms": F(Float(), "ms from submission to the device starting it", optional=True),
+}, doc="A job's counters: every key once it is done, none (an empty map) while it is queued or running "
+       "or if it failed.")
+
+JOB_OUTCOME = {
+    "state": F(JOB_STATE, "job state"),
+    "stats": F(JOB_STATS, "its counters (empty unless done)"),
+    "error": F(ERROR, "the job's error if it failed", optional=True),
+}
+
 JOB_STATUS = Struct("job_status", {
     "job": F(U64, "job id"),
-    "state": F(JOB_STATE, "job state"),
-    "stats": F(MapOf(Any_()), "modeled cycles and counters (empty unless done)"),
-    "error": F(MapOf(Any_()), "the job's error {code, message, retryable} if it failed", optional=True),
+    **JOB_OUTCOME,
 }, doc="A job's state as `wait_jobs` reports it.")
 
 
@@ -383,12 +420,7 @@ OPS: dict[str, Op] = {op.name: op for op in [
     _op("wait", "Wait for a job to finish, up to a timeout.", {
         "job": F(U64, "job id"),
         "timeout_ms": F(TIMEOUT_MS, "how long to wait"),
-    }, {
-        "state": F(JOB_STATE, "job state"),
-        "stats": F(MapOf(Any_()), "modeled cycles and counters (empty unless done)"),
-        "error": F(MapOf(Any_()), "the job's error {code, message, retryable} if it failed",
-                   optional=True),
-    }, errors=("ENOENT", "ETIMEDOUT")),
+    }, JOB_OUTCOME, errors=("ENOENT", "ETIMEDOUT")),
     _op("load", "Compile (or fetch from the compile cache) a model for a device and load it into "
                 "this session. Exactly one of `model`, `model_buffer` (+`model_size`) or `model_digest`.", {
         "device": F(DEVICE_INDEX, "device index"),
@@ -554,14 +586,6 @@ REQUEST = Struct("request", {
     "op": F(Str(32), "operation name (one of the ops below)"),
     "seq": F(Int(0, MAX_SEQ), "the client's number for this request, echoed in the reply"),
     "args": F(MapOf(Any_()), "the op's arguments"),
-})
-
-ERROR = Struct("error", {
-    "code": F(Str(16), "stable error code (docs/PROTOCOL.md#errors)"),
-    "message": F(Str(4096), "what went wrong and what to do"),
-    "retryable": F(Bool(), "whether repeating the request can succeed"),
-    "retry_after_ms": F(U32, "a hint: milliseconds after which a retry is likely to succeed (admission "
-                             "limits)", optional=True),
 })
 
 REPLY = Struct("reply", {

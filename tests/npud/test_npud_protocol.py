@@ -11,7 +11,8 @@ import pytest
 import zmq
 
 import npu
-from npud.ipc_schema.schema import HARD_FRAME_LIMIT, MAX_MESSAGE_BYTES, PROTOCOL_VERSION
+from npud.ipc_schema.schema import (DEVICE_PARAMS, ENGINE_BUSY, HARD_FRAME_LIMIT, JOB_STATS, MACS_PER_CYCLE,
+                                    MAX_MESSAGE_BYTES, PROTOCOL_VERSION)
 from npud_raw import RawPeer, error_of, session_peer
 from streams import A, B, O, add_stream
 
@@ -211,20 +212,31 @@ def recipe_target_hash(params: dict) -> bytes:
     return hashlib.blake2b(b"npu-emu/1:" + canon.encode("ascii"), digest_size=8).digest()
 
 
+def submit_add(peer, stream: bytes | None = None, n: int = 256) -> dict:
+    """Submit the add stream (`streams.add_stream`) over fresh buffers; the submit reply."""
+    handles = [peer.request("alloc", {"device": 0, "size": n * 4})["result"]["handle"] for _ in range(3)]
+    bindings = [{"handle": h, "va": va, "writable": va == O} for h, va in zip(handles, (A, B, O))]
+    return peer.request("submit", {"device": 0, "stream": stream or add_stream(n), "bindings": bindings})
+
+
 def test_target_hash_recipe_matches_devices_and_the_device(peer):
     device = peer.request("devices")["result"]["devices"][0]
     target = recipe_target_hash(device["params"])
     assert device["target_hash"] == target
-    n = 256
-    handles = [peer.request("alloc", {"device": 0, "size": n * 4})["result"]["handle"] for _ in range(3)]
-    bindings = [{"handle": h, "va": va, "writable": va == O} for h, va in zip(handles, (A, B, O))]
-    stream = add_stream(n)
-    for header_hash, runs in ((target, True), (bytes(8), False)):
-        reply = peer.request("submit", {"device": 0, "stream": stream[:8] + header_hash + stream[16:],
-                                        "bindings": bindings})
-        if runs:
-            job = reply["result"]["job"]
-            assert peer.request("wait", {"job": job, "timeout_ms": 10_000})["result"]["state"] == "done"
-        else:
-            err = error_of(reply)
-            assert err["code"] == "EINVAL" and "target hash" in err["message"] and target.hex() in err["message"]
+    stream = add_stream(256)
+    job = submit_add(peer, stream[:8] + target + stream[16:])["result"]["job"]
+    assert peer.request("wait", {"job": job, "timeout_ms": 10_000})["result"]["state"] == "done"
+    err = error_of(submit_add(peer, stream[:8] + bytes(8) + stream[16:]))
+    assert err["code"] == "EINVAL" and "target hash" in err["message"] and target.hex() in err["message"]
+
+
+def test_device_params_and_job_stats_have_the_documented_keys(peer):
+    params = peer.request("devices")["result"]["devices"][0]["params"]
+    assert set(params) == set(DEVICE_PARAMS.fields)
+    assert set(params["macs_per_cycle"]) == set(MACS_PER_CYCLE.fields)
+    job = submit_add(peer)["result"]["job"]
+    stats = peer.request("wait", {"job": job, "timeout_ms": 10_000})["result"]["stats"]
+    assert set(stats) == set(JOB_STATS.fields)
+    assert set(stats["engine_busy"]) == set(ENGINE_BUSY.fields)
+    statuses = peer.request("wait_jobs", {"jobs": [job], "all": True, "timeout_ms": 0})["result"]["jobs"]
+    assert statuses == [{"job": job, "state": "done", "stats": stats}]
