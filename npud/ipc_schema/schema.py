@@ -474,13 +474,16 @@ OPS: dict[str, Op] = {op.name: op for op in [
         "ready": F(Bool(), "whether the condition (all or any finished) holds"),
     }, errors=("ENOENT",)),
     _op("cancel", "Cancel a job: a queued job fails with ECANCELED at once, a running model job at its next "
-                  "layer boundary (a raw command stream runs to its end). Its dependents fail too.", {
+                  "layer boundary (a raw command stream runs to its end). Its dependents fail too. "
+                  "EPERM for an imported fence (`fence_import`): only its owner may cancel it.", {
         "job": F(U64, "job id"),
     }, {"state": F(JOB_STATE, "the job's state now (a job that already finished keeps its outcome)")},
-        errors=("ENOENT",)),
-    _op("fence_export", "A token naming a job's completion fence, for another session's `fence_import`.", {
+        errors=("ENOENT", "EPERM")),
+    _op("fence_export", "A token naming a job's completion fence, for another session's `fence_import`. "
+                        "EPERM for an imported fence: only its owner may export it.", {
         "job": F(U64, "job id"),
-    }, {"token": F(FENCE_TOKEN, "unguessable token; valid while this session lives")}, errors=("ENOENT",)),
+    }, {"token": F(FENCE_TOKEN, "unguessable token; valid while this session lives")},
+        errors=("ENOENT", "EPERM")),
     _op("fence_import", "Make another session's exported fence a job id of this session: it can be waited "
                         "for and named in `after`, but not cancelled.", {
         "token": F(FENCE_TOKEN, "token from `fence_export`"),
