@@ -43,13 +43,34 @@ write a client in any language with a ZeroMQ and a msgpack library.
   `ipc:///run/npud/npud.sock`.
 - Every request is **one frame** holding one msgpack map (a request of several
   frames is refused with `EPROTO`).  Every reply and event is one frame too.
-  Strings are msgpack str (UTF-8); byte payloads are msgpack bin.
 - Frames larger than {MAX_MESSAGE_BYTES} bytes are answered with `EMSGSIZE`.  Frames
   larger than {HARD_FRAME_LIMIT} bytes (`ZMQ_MAXMSGSIZE`) make libzmq drop the
   connection before the daemon sees them; the client library refuses such
   frames locally with `EMSGSIZE`.  Inline payloads (buffer data, command
   streams, tensors) are at most {MAX_INLINE_BYTES} bytes: move bulk data
   through mapped buffers.
+
+## Values on the wire
+
+Each frame is exactly one msgpack object (trailing bytes are refused); every map in it
+has msgpack str keys.  The tables below give each field's type and range:
+
+- **int**: a request may use any msgpack integer family (fixint, uint 8/16/32/64,
+  int 8/16/32/64); the daemon checks the value against the field's range, not the
+  encoding.  The daemon writes each integer in the smallest family that holds it, so a
+  reader must accept them all.  A range up to 18446744073709551615 needs an unsigned
+  64-bit variable (`uint64_t`); a range starting at -1 (a `uid` the daemon does not
+  know) needs a signed one (`int64_t`).
+- **float**: the daemon writes msgpack float 64 (a C `double`).  No request field is a
+  float.
+- **bool**: msgpack `true`/`false`; an integer 0 or 1 is refused.
+- **str**: msgpack str holding UTF-8; its limit counts characters (code points).
+  **bin**: msgpack bin.  A str where bin is expected, or the other way round, is refused.
+- **map** / **array**: as the tables say.  `nil` is never a valid value: leave an
+  optional field out instead.  msgpack extension types are refused.
+- In replies, a field marked required is always present and an optional one may be
+  absent; a result field documented for a state (such as `error` for a failed job) is
+  present exactly then.
 
 ## Requests, replies and events
 
@@ -61,6 +82,27 @@ the same request again can succeed.  A request that fails validation is
 answered with an error and changes nothing; the session stays usable.
 Replies to one connection may arrive in any order (ops that wait, like
 `wait`, finish later than ops sent after them): match them by `seq`.
+
+What a malformed request gets:
+
+| what is wrong | code | `seq` of the reply |
+| --- | --- | --- |
+| the frame is larger than `max_message_bytes` | `EMSGSIZE` | 0 |
+| the request has more than one frame (a REQ socket's delimiter, say) | `EPROTO` | 0 |
+| the frame is not one msgpack object, or not a map | `EPROTO` | 0 |
+| `seq` is missing, not an int, or out of range | `EPROTO` | 0 |
+| with a readable `seq`: `op` or `args` missing or of the wrong type, or another key in the envelope | `EINVAL` | the request's |
+| an unknown op | `EINVAL` | the request's |
+| an argument missing, of the wrong type, out of range, or not in the op's table | `EINVAL` | the request's |
+| an op other than `hello` and `version` before `hello` | `ENOTCONN` (retryable) | the request's |
+
+None of them changes anything or closes the session; the message names the offending
+field.  Number your requests from 1, so that `seq` 0 never names one of them: a reply
+with `seq` 0 answers a frame the daemon could not read, and that frame's request gets
+no other reply.  The reply cannot say which request it was; a client with several
+requests in flight should report the error (it means the client built a bad frame) and
+let each request that stays unanswered time out on its own.  The `npu` library drops
+such replies.
 
 ## Order
 
@@ -97,9 +139,28 @@ instead of `seq`.  A client must ignore events it does not know.
 ## Sessions
 
 `hello` must come first on a connection and opens a session tied to that
-connection (its ZeroMQ routing id).  The protocol major versions must match;
-otherwise `hello` fails with `EPROTO` naming both versions.  Within a major
-version, a newer minor only adds ops and optional fields.
+connection (its ZeroMQ routing id).  A second `hello` on a connection that has a session
+fails with `EINVAL` and leaves the session as it was: send `bye` first.
+
+## Versions
+
+`hello` carries the client's `[major, minor]` and its result the daemon's.  The majors
+must match; otherwise `hello` fails with `EPROTO` naming both versions, and no session
+is opened.  Any minor is accepted, and the lower of the two applies: a newer minor only
+adds ops, optional request fields and reply fields.  The daemon does not adapt to the
+client's minor (a 1.99 client is answered `[1, {PROTOCOL_VERSION[1]}]` and then spoken
+to in {PROTOCOL_VERSION[0]}.{PROTOCOL_VERSION[1]}), so:
+
+- a client newer than the daemon sends only the ops and fields of the daemon's minor.
+  The daemon refuses what it does not know, an unknown op or an unknown field of
+  `args`, with `EINVAL` naming it; it never ignores one, so a request cannot quietly
+  lose part of its meaning.  A field added by a minor version says so in the tables
+  ("since 1.5") and is optional, so a newer client learns from a reply field's
+  absence that the daemon is too old to report it.  Versions before 1.5 did not
+  record this: a client that must work with a daemon older than 1.5 checks that a
+  reply field is present before using it;
+- a client older than the daemon ignores reply fields and events it does not know:
+  the daemon sends its own minor's fields to every client.
 
 Buffer handles and job ids are the session's own names: no request can name
 another session's objects (a foreign or stale handle is `ENOENT`).

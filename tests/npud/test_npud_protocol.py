@@ -76,9 +76,44 @@ def test_unknown_op(peer):
     ("wait", {"job": 1, "timeout_ms": -1}, ["args.timeout_ms", "out of range"]),
     ("submit", {"device": 0, "stream": b"", "bindings": []}, ["args.stream"]),
     ("ping", {"x": 1}, ["args", "'x'"]),
+    ("submit", {"device": 0, "stream": b"x", "bindings": [{"handle": 1, "va": 0, "writable": 1}]},
+     ["args.bindings[0].writable", "expected bool, got int"]),
+    ("jobs", {"limit": None}, ["args.limit", "got nil"]),
+    ("alloc", {"device": 0, "size": msgpack.ExtType(1, b"\x40")}, ["args.size", "expected int"]),
 ])
 def test_field_errors_name_the_field(peer, op, args, words):
     expect_error(peer, pack({"op": op, "seq": 21, "args": args}), "EINVAL", seq=21, words=[op, *words])
+
+
+def test_trailing_bytes(peer):
+    expect_error(peer, pack({"op": "ping", "seq": 4, "args": {}}) + b"\x00", "EPROTO", seq=0)
+
+
+def test_seq_out_of_range(peer):
+    expect_error(peer, pack({"op": "ping", "seq": 2**32, "args": {}}), "EPROTO", seq=0, words=["seq"])
+
+
+def test_envelope_without_op_but_with_seq_echoes_it(peer):
+    expect_error(peer, pack({"seq": 6, "args": {}}), "EINVAL", seq=6, words=["op"])
+
+
+def test_any_integer_family_is_accepted(peer):
+    """The range counts, not the encoding: 0 as int8 and 4096 as uint64 (msgpack-python would
+    pick fixint and uint16)."""
+    args = b"\x82" + pack("device") + b"\xd0\x00" + pack("size") + b"\xcf" + (4096).to_bytes(8, "big")
+    frame = (b"\x83" + pack("op") + pack("alloc") + pack("seq") + b"\xce" + (9).to_bytes(4, "big")
+             + pack("args") + args)
+    peer.send_frames(frame)
+    reply = peer.recv()
+    assert reply["seq"] == 9 and reply["ok"], reply
+    assert peer.request("free", {"handle": reply["result"]["handle"]})["ok"]
+
+
+def test_replies_write_float64_and_the_smallest_integer_family(peer):
+    peer.send("devices", seq=12)
+    frame = peer.sock.recv()
+    assert b"\xa7busy_ms\xcb" in frame     # float 64, even for 0.0
+    assert b"\xa5index\x00" in frame       # device 0 as a positive fixint
 
 
 def test_envelope_extra_field(peer):
@@ -88,7 +123,9 @@ def test_envelope_extra_field(peer):
 
 def test_multi_frame_request(peer):
     peer.send_frames(pack({"op": "ping", "seq": 3, "args": {}}), b"second")
-    err = error_of(peer.recv())
+    reply = peer.recv()
+    assert reply["seq"] == 0
+    err = error_of(reply)
     assert err["code"] == "EPROTO" and "one frame" in err["message"]
     still_usable(peer)
 
@@ -98,7 +135,9 @@ def test_oversize_frame_gets_emsgsize(peer):
                                                     "data": bytes(MAX_MESSAGE_BYTES)}})
     assert MAX_MESSAGE_BYTES < len(frame) < HARD_FRAME_LIMIT
     peer.send_frames(frame)
-    err = error_of(peer.recv(timeout=10))
+    reply = peer.recv(timeout=10)
+    assert reply["seq"] == 0
+    err = error_of(reply)
     assert err["code"] == "EMSGSIZE" and str(MAX_MESSAGE_BYTES) in err["message"]
     still_usable(peer)
 
