@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+from npud.attach import HELLO_TIMEOUT_S
+from npud.config import Scheduling
 from npud.emulator.config import TARGET_HASH_PREFIX, TARGET_KEYS, make_config
 
 from .errors import ErrorCode
@@ -169,6 +171,41 @@ A session ends with `bye`, when its companion socket closes, or — for a
 session without one — after `lease_ms` without any request (send `ping` to
 keep it).  Everything it held is freed then.
 
+## Jobs: waiting, scheduling, cancelling
+
+`submit` and `run_model` queue a job and answer with its id at once.  `wait` answers
+when the job has finished, whether it succeeded (`state` `done`, `stats` filled in) or
+failed (`state` `failed`, `error` saying why): a failed job is not an error of `wait`.
+A `wait` whose `timeout_ms` passes first fails with `ETIMEDOUT` (retryable) and does
+not touch the job, which stays queued or running: wait again.  `wait_jobs` does not
+fail when its timeout passes: it answers with every job's state and `ready` false.
+
+A device runs, whenever a core is free, a job of the highest priority class that has
+one runnable (`context_create` sets a context's class; the session's default context
+is `normal`), and within a class shares the device between contexts by weight
+(modeled cycles used divided by `weight`).  A starvation guard bends strict priority:
+a job of a lower class that has been runnable for more than `starvation_ms` (daemon
+configuration, {Scheduling.starvation_ms} ms unless set) runs next, the one waiting longest
+first, so work of a lower class is delayed, never starved.  A job of a higher class
+stops a running model job at its next layer boundary (it resumes later); a raw command
+stream runs to its end.
+
+`cancel` fails a queued job with `ECANCELED` at once and a running model job at its next
+layer boundary; jobs that depend on it (`after`) fail too.  A job id from
+`fence_import` names another session's job: it may be waited for and named in `after`,
+but `cancel` and `fence_export` of it fail with `EPERM`.
+
+## Running a model
+
+`load` lists a model's inputs and outputs (`tensor_info`); `run_model` takes one buffer
+per input and one per output, in that order.  A tensor lives at offset 0 of its buffer,
+its elements packed densely in C order (the last dimension varies fastest), each
+little-endian: `float32` IEEE 754 binary32, `float16` binary16, `bool` one byte 0 or 1,
+the integer types two's complement.  A buffer must hold at least the tensor's `size`
+bytes and take no more pages than that size needs (`params.page_size`), or `run_model`
+fails with `EINVAL`: allocate exactly `size` bytes.  Outputs are written in place; read
+them once the job is done.
+
 ## The companion socket (local clients)
 
 ZeroMQ cannot carry file descriptors, so a local client also connects the Unix
@@ -179,10 +216,24 @@ answers with `attach.reply`, learns the client's uid and pid from the kernel
 memfd in `SCM_RIGHTS` ancillary data, in answer to `map` requests (the packet
 is sent before the `map` reply, tagged with the request's `seq`).  The client
 never writes to it again.  When the client process exits, the kernel closes
-the socket and the daemon frees the session at once.  Packets are at most
-{MAX_ATTACH_PACKET} bytes.  Map the received fd with `MAP_SHARED` for its full
-`size` (page-rounded); the first `size` bytes of the `map` reply are the
-buffer's.
+the socket and the daemon frees the session at once.  Map the received fd with
+`MAP_SHARED` for its full `size` (page-rounded); the first `size` bytes of the `map`
+reply are the buffer's.
+
+Every packet is one msgpack map (tables at the end), one SEQPACKET record of at most
+{MAX_ATTACH_PACKET} bytes.  The client must send `attach.hello` within
+{HELLO_TIMEOUT_S:g} s of connecting, or the daemon closes the socket without a word.  A refusal is
+an `attach.reply` with `ok` false and an `error`, after which the daemon closes the
+socket; the session itself lives on, unattached:
+
+| `error.code` | why |
+| --- | --- |
+| `EPROTO` | the packet is not an `attach.hello` map (not msgpack, a key missing or unknown, a wrong type) |
+| `EPERM` | no session has that id and token; the session is not an ipc one; or the socket's peer (`SO_PEERCRED`) is another uid than the session's |
+| `EINVAL` | the session already has a companion socket |
+
+Each `attach.fd` packet carries exactly one fd, and arrives before the reply to the
+`map` request whose `seq` is its `tag`.
 
 ## Models and their data
 

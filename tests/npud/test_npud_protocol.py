@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
+import struct
+import time
 
 import msgpack
 import pytest
@@ -14,6 +18,7 @@ import npu
 from npud.ipc_schema.schema import (DEVICE_PARAMS, ENGINE_BUSY, HARD_FRAME_LIMIT, JOB_STATS, MACS_PER_CYCLE,
                                     MAX_MESSAGE_BYTES, PROTOCOL_VERSION)
 from npud_raw import RawPeer, error_of, session_peer
+from sched_models import Builder, module_daemon_in_test_mode
 from streams import A, B, O, add_stream
 
 
@@ -279,3 +284,101 @@ def test_device_params_and_job_stats_have_the_documented_keys(peer):
     assert set(stats["engine_busy"]) == set(ENGINE_BUSY.fields)
     statuses = peer.request("wait_jobs", {"jobs": [job], "all": True, "timeout_ms": 0})["result"]["jobs"]
     assert statuses == [{"job": job, "state": "done", "stats": stats}]
+
+
+def test_a_newer_minor_is_answered_with_the_daemons_version(daemon):
+    p = RawPeer(daemon.endpoint)
+    try:
+        reply = p.hello(version=(PROTOCOL_VERSION[0], 99))
+        assert reply["result"]["protocol"] == list(PROTOCOL_VERSION)
+        assert p.request("ping")["ok"]
+    finally:
+        p.close()
+
+
+# --- the companion socket ---------------------------------------------------------------
+
+def attach(hello: dict, packet: bytes | None = None) -> tuple[socket.socket, dict]:
+    """Connect to the companion socket, send ``packet`` (default: a valid attach.hello), and read
+    the reply; the socket stays open for the caller."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.settimeout(5)
+    sock.connect(hello["attach_path"])
+    sock.send(pack({"session": hello["session"], "token": hello["attach_token"]}) if packet is None else packet)
+    return sock, msgpack.unpackb(sock.recv(4096), raw=False)
+
+
+def refused_attach(hello: dict, packet: bytes | None, code: str) -> None:
+    sock, reply = attach(hello, packet)
+    try:
+        assert reply["ok"] is False and reply["error"]["code"] == code, reply
+        assert sock.recv(4096) == b""    # then the daemon closes the socket
+    finally:
+        sock.close()
+
+
+def test_companion_socket_refusals_and_fd_packets(daemon):
+    peer = RawPeer(daemon.endpoint)
+    try:
+        hello = peer.hello()["result"]
+        refused_attach(hello, b"\xc1not msgpack", "EPROTO")
+        refused_attach(hello, pack({"session": hello["session"]}), "EPROTO")
+        refused_attach(hello, pack({"session": hello["session"], "token": bytes(32)}), "EPERM")
+        sock, reply = attach(hello)
+        assert reply == {"ok": True}
+        refused_attach(hello, None, "EINVAL")     # already attached
+        handle = peer.request("alloc", {"device": 0, "size": 100})["result"]["handle"]
+        seq = peer.send("map", {"handle": handle})
+        data, fds, _flags, _addr = socket.recv_fds(sock, 4096, 4)
+        assert msgpack.unpackb(data, raw=False) == {"tag": seq, "handle": handle, "size": 4096}
+        assert len(fds) == 1 and os.fstat(fds[0]).st_size == 4096
+        os.close(fds[0])
+        assert peer.recv()["result"] == {"size": 100, "mapped_size": 4096}
+        assert peer.request("ping")["ok"]   # the refusals left the session alone
+        sock.close()                        # closing it ends the session
+        deadline = time.monotonic() + 5
+        while (reply := peer.request("ping"))["ok"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert error_of(reply)["code"] == "ENOTCONN"
+    finally:
+        peer.close()
+
+
+# --- jobs: a wait that times out; a model's buffers ------------------------------------
+
+test_daemon = module_daemon_in_test_mode("protocol", "", name="test_daemon")
+
+
+def test_wait_timing_out_is_etimedout_and_leaves_the_job_running(test_daemon):
+    with session_peer(test_daemon.endpoint) as peer:
+        assert peer.request("inject_fault", {"device": 0, "kind": "slow", "slow_ms": 1500})["ok"]
+        job = submit_add(peer)["result"]["job"]
+        err = error_of(peer.request("wait", {"job": job, "timeout_ms": 50}))
+        assert err["code"] == "ETIMEDOUT" and err["retryable"] is True and str(job) in err["message"]
+        reply = peer.request("wait_jobs", {"jobs": [job], "all": True, "timeout_ms": 50})
+        assert reply["ok"] and reply["result"]["ready"] is False
+        assert reply["result"]["jobs"][0]["state"] in ("queued", "running")
+        assert peer.request("wait", {"job": job, "timeout_ms": 20_000})["result"]["state"] == "done"
+
+
+def transpose_model() -> bytes:
+    b = Builder()
+    return b.model([b.op("Transpose", [b.input("x", [2, 3])], perm=[1, 0])])
+
+
+def test_run_model_buffers_hold_dense_little_endian_c_order_tensors(peer):
+    loaded = peer.request("load", {"device": 0, "model": transpose_model()}, timeout=60)["result"]
+    (x,), (y,) = loaded["inputs"], loaded["outputs"]
+    assert (x["shape"], x["size"], y["shape"], y["size"]) == ([2, 3], 24, [3, 2], 24)
+    handles = {n: peer.request("alloc", {"device": 0, "size": size})["result"]["handle"]
+               for n, size in (("x", 24), ("y", 24), ("big", 4097))}
+    x_bytes = struct.pack("<6f", 0, 1, 2, 3, 4, 5)     # [[0, 1, 2], [3, 4, 5]] row by row
+    assert peer.request("write", {"handle": handles["x"], "offset": 0, "data": x_bytes})["ok"]
+    run = {"model": loaded["model"], "inputs": [handles["x"]], "outputs": [handles["y"]]}
+    job = peer.request("run_model", run)["result"]["job"]
+    assert peer.request("wait", {"job": job, "timeout_ms": 20_000})["result"]["state"] == "done"
+    y_bytes = peer.request("read", {"handle": handles["y"], "offset": 0, "size": 24})["result"]["data"]
+    assert struct.unpack("<6f", y_bytes) == (0, 3, 1, 4, 2, 5)
+    err = error_of(peer.request("run_model", {**run, "outputs": [handles["big"]]}))  # two pages: refused
+    assert err["code"] == "EINVAL" and "24 bytes" in err["message"]
