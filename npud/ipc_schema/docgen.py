@@ -15,12 +15,11 @@ from npud.emulator.config import TARGET_HASH_PREFIX, TARGET_KEYS, make_config
 
 from .errors import ErrorCode
 from .schema import (ATTACH_HELLO, ATTACH_REPLY, BINDING, BUFFER_INFO, CACHE_ENTRY, CLIENT, CLIENT_DEVICE,
-                     COMPILE_OPTIONS,
-                     COMPILE_CACHE_STATS, HISTOGRAM, USER_USAGE,
-                     JOB_INFO, JOB_STATUS, LAYER, TRACE_EVENT, TRACE_MODEL,
-                     DEVICE, DEVICE_PARAMS, MACS_PER_CYCLE, ENGINE_BUSY, ERROR, EVENT, EVENTS, JOB_STATS, PROBLEM, TENSOR_INFO,
-                     FD_MESSAGE, HARD_FRAME_LIMIT, LIMITS, MAX_ATTACH_PACKET, MAX_INLINE_BYTES,
-                     MAX_MESSAGE_BYTES, OPS, PROTOCOL_VERSION, REPLY, REQUEST, TENSOR)
+                     COMPILE_CACHE_STATS, COMPILE_OPTIONS, DEVICE, DEVICE_PARAMS, ENGINE_BUSY, ERROR, EVENT,
+                     EVENTS, FD_MESSAGE, HARD_FRAME_LIMIT, HISTOGRAM, JOB_INFO, JOB_STATS, JOB_STATUS, LAYER,
+                     LIMITS, MACS_PER_CYCLE, MAX_ATTACH_PACKET, MAX_INLINE_BYTES, MAX_MESSAGE_BYTES, OPS,
+                     PROBLEM, PROTOCOL_VERSION, REPLY, REPORT_ROW, REQUEST, TENSOR, TENSOR_INFO, TRACE_EVENT,
+                     TRACE_MODEL, USER_USAGE)
 from .types import Struct
 
 INTRO = f"""\
@@ -144,6 +143,13 @@ instead of `seq`.  A client must ignore events it does not know.
 connection (its ZeroMQ routing id).  A second `hello` on a connection that has a session
 fails with `EINVAL` and leaves the session as it was: send `bye` first.
 
+Buffer handles and job ids are the session's own names: no request can name
+another session's objects (a foreign or stale handle is `ENOENT`).
+
+A session ends with `bye`, when its companion socket closes, or — for a
+session without one — after `lease_ms` without any request (send `ping` to
+keep it).  Everything it held is freed then.
+
 ## Versions
 
 `hello` carries the client's `[major, minor]` and its result the daemon's.  The majors
@@ -163,13 +169,6 @@ to in {PROTOCOL_VERSION[0]}.{PROTOCOL_VERSION[1]}), so:
   reply field is present before using it;
 - a client older than the daemon ignores reply fields and events it does not know:
   the daemon sends its own minor's fields to every client.
-
-Buffer handles and job ids are the session's own names: no request can name
-another session's objects (a foreign or stale handle is `ENOENT`).
-
-A session ends with `bye`, when its companion socket closes, or — for a
-session without one — after `lease_ms` without any request (send `ping` to
-keep it).  Everything it held is freed then.
 
 ## Jobs: waiting, scheduling, cancelling
 
@@ -256,8 +255,7 @@ def _target_hash_section() -> str:
     keys = ", ".join(f"`{k}`" for k in sorted(TARGET_KEYS))
     left_out = ", ".join(f"`{k}`" for k in params if k not in TARGET_KEYS)
     prefix = TARGET_HASH_PREFIX.decode()
-    return f"""
-## Command streams and the target hash
+    return f"""## Command streams and the target hash
 
 `submit` runs a binary command stream (format in docs/ISA.md).  Its header carries an
 8-byte *target hash* (bytes 8 to 15); a device refuses a stream whose hash is not its own
@@ -265,8 +263,10 @@ with `EINVAL` (the message names both hashes), so a stream built for one set of 
 never runs on another.  `devices` reports each device's hash as `target_hash` (since 1.5);
 a client can also compute it from the device's `params`:
 
-1. Take these keys of `params`: {keys}.  The others ({left_out}) say how the daemon
-   hosts the device, not what a stream may do, and stay out.
+1. Take these keys of `params`:
+   {keys}.
+   The others ({left_out}) say how the daemon hosts the device, not what a stream
+   may do, and stay out.
 2. Write them as one JSON object with the keys sorted (by their bytes) at every level
    (`macs_per_cycle` is a nested object), integers in decimal, and no whitespace at all:
    `,` between members and `:` between a key and its value.
@@ -319,9 +319,10 @@ def render() -> str:
     for name, struct in EVENTS.items():
         parts.append(_section(name, struct))
     parts.append("## Shared structures\n")
-    for struct in (DEVICE, DEVICE_PARAMS, MACS_PER_CYCLE, HISTOGRAM, CLIENT, CLIENT_DEVICE, LIMITS, BINDING, TENSOR, TENSOR_INFO, COMPILE_OPTIONS, PROBLEM,
-                   CACHE_ENTRY, COMPILE_CACHE_STATS, USER_USAGE, JOB_STATUS, JOB_STATS, ENGINE_BUSY, JOB_INFO, TRACE_EVENT, TRACE_MODEL,
-                   LAYER, BUFFER_INFO):
+    for struct in (DEVICE, DEVICE_PARAMS, MACS_PER_CYCLE, HISTOGRAM, CLIENT, CLIENT_DEVICE, LIMITS, BINDING,
+                   TENSOR, TENSOR_INFO, COMPILE_OPTIONS, PROBLEM, REPORT_ROW, CACHE_ENTRY, COMPILE_CACHE_STATS,
+                   USER_USAGE, JOB_STATUS, JOB_STATS, ENGINE_BUSY, JOB_INFO, TRACE_EVENT, TRACE_MODEL, LAYER,
+                   BUFFER_INFO):
         parts.append(_section(struct.name, struct))
     parts.append("## Companion socket packets\n")
     for struct in (ATTACH_HELLO, ATTACH_REPLY, FD_MESSAGE):

@@ -292,6 +292,22 @@ JOB_OPTIONS = {
                                               "(default: the daemon's job_timeout_ms)", optional=True),
 }
 
+SHAPE = Array(Int(0, 2**31 - 1), MAX_RANK)
+
+REPORT_ROW = Struct("report_row", {
+    "node": F(Str(1024), "node name in the model"),
+    "op": F(Str(256), "ONNX operator type"),
+    "kind": F(Str(32), "how the compiler lowered it: `conv`, `matmul`, `eltwise`, `unary`, `pool`, `softmax`, "
+                       "`reduce`, `norm`, `copy`, `fill`, ..."),
+    "inputs": F(Array(SHAPE, 1024), "the shape of each input"),
+    "outputs": F(Array(SHAPE, 1024), "the shape of each output"),
+    "macs": F(U64, "multiply-accumulates"),
+    "cycles": F(U64, "modeled cycles of its commands"),
+    "sram_bytes": F(U64, "SRAM its tiles take (the largest of its steps)"),
+    "dma_bytes": F(U64, "bytes its DMA commands move"),
+    "commands": F(U64, "commands of the stream it became"),
+}, doc="One op of a loaded model as `report` lists it.")
+
 JOB_SUBMITTED = {
     "job": F(U64, "job id, this session's name for the job"),
     "context": F(U32, "the context it runs in (0: the default one)", optional=True),
@@ -505,7 +521,7 @@ OPS: dict[str, Op] = {op.name: op for op in [
     _op("report", "The loaded model's per-op report: op, shapes, MACs, modeled cycles, SRAM, DMA bytes.", {
         "model": F(HANDLE, "loaded model"),
     }, {
-        "rows": F(Array(MapOf(Any_()), 1 << 20), "one row per op"),
+        "rows": F(Array(REPORT_ROW, 1 << 20), "one row per op, in execution order"),
         "table": F(Str(1 << 24), "the same as a text table"),
     }, errors=("ENOENT",)),
     _op("unload", "Unload a model and free its device memory (after jobs using it finish).", {

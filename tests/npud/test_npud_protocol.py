@@ -16,7 +16,7 @@ import zmq
 
 import npu
 from npud.ipc_schema.schema import (DEVICE_PARAMS, ENGINE_BUSY, HARD_FRAME_LIMIT, JOB_STATS, MACS_PER_CYCLE,
-                                    MAX_MESSAGE_BYTES, PROTOCOL_VERSION)
+                                    MAX_MESSAGE_BYTES, PROTOCOL_VERSION, REPORT_ROW)
 from npud_raw import RawPeer, error_of, session_peer
 from sched_models import Builder, module_daemon_in_test_mode
 from streams import A, B, O, add_stream
@@ -382,3 +382,5 @@ def test_run_model_buffers_hold_dense_little_endian_c_order_tensors(peer):
     assert struct.unpack("<6f", y_bytes) == (0, 3, 1, 4, 2, 5)
     err = error_of(peer.request("run_model", {**run, "outputs": [handles["big"]]}))  # two pages: refused
     assert err["code"] == "EINVAL" and "24 bytes" in err["message"]
+    rows = peer.request("report", {"model": loaded["model"]})["result"]["rows"]
+    assert rows and all(set(row) == set(REPORT_ROW.fields) for row in rows)
