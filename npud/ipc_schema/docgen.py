@@ -12,6 +12,7 @@ import json
 from npud.attach import HELLO_TIMEOUT_S
 from npud.config import Scheduling
 from npud.emulator.config import TARGET_HASH_PREFIX, TARGET_KEYS, make_config
+from npud.server import BULK_FRAME_BYTES, HELD_BYTES_PER_CONNECTION, RELEASING_OPS, WAITING_PER_CONNECTION
 
 from .errors import ErrorCode
 from .schema import (ATTACH_HELLO, ATTACH_REPLY, BINDING, BUFFER_INFO, CACHE_ENTRY, CLIENT, CLIENT_DEVICE,
@@ -21,6 +22,8 @@ from .schema import (ATTACH_HELLO, ATTACH_REPLY, BINDING, BUFFER_INFO, CACHE_ENT
                      PROBLEM, PROTOCOL_VERSION, REPLY, REPORT_ROW, REQUEST, TENSOR, TENSOR_INFO, TRACE_EVENT,
                      TRACE_MODEL, USER_USAGE)
 from .types import Struct
+
+_RELEASING = ", ".join(f"`{op}`" for op in sorted(RELEASING_OPS)[:-1]) + f" and `{sorted(RELEASING_OPS)[-1]}`"
 
 INTRO = f"""\
 # The npud protocol, version {PROTOCOL_VERSION[0]}.{PROTOCOL_VERSION[1]}
@@ -82,7 +85,9 @@ request's `seq` and either a `result` or an `error`.  An error carries a stable
 the same request again can succeed.  A request that fails validation is
 answered with an error and changes nothing; the session stays usable.
 Replies to one connection may arrive in any order (ops that wait, like
-`wait`, finish later than ops sent after them): match them by `seq`.
+`wait`, finish later than ops sent after them): match them by `seq`.  The daemon
+does not check that `seq`s are distinct: keep those of requests in flight apart,
+or their replies cannot be told apart.
 
 What a malformed request gets:
 
@@ -131,8 +136,15 @@ it ends after `bye`), and requests sent after `bye` are handled after it (a
 Nothing else is ordered: a slow `load` does not hold up a `ping` or a `read` of
 another buffer, a `wait` does not hold up a `write`, and loads may finish (and
 get their model handles) in any order.  Use a handle only once the reply that
-created it has arrived.  Requests queued behind others count against the
-connection's limit of requests in progress (`EAGAIN`, retryable).
+created it has arrived.
+
+A connection may have at most {WAITING_PER_CONNECTION} requests in progress that were not
+answered at once (handled in the background or queued behind others), and the daemon
+holds at most {HELD_BYTES_PER_CONNECTION} bytes for it: replies it has not read yet, plus the
+payloads of its requests in progress (frames of {BULK_FRAME_BYTES} bytes or more, and the `size`
+of a `read`).  A request past either limit fails with `EAGAIN` (retryable, with
+`retry_after_ms`); one is always admitted while its connection holds nothing, and
+{_RELEASING}, which release what is held, are never refused this way.
 
 Events are frames the daemon sends unprompted; they have an `event` key
 instead of `seq`.  A client must ignore events it does not know.

@@ -1,5 +1,7 @@
-"""The daemon's gate, over the wire: every malformed request gets an error reply, and the
-session that sent it stays usable.  Frames are sent with a plain DEALER, not the library."""
+"""The protocol as docs/PROTOCOL.md states it, over the wire: every malformed request gets the
+documented error reply and the session that sent it stays usable; values, versions, the target
+hash, jobs, model buffers and the companion socket behave as documented.  Frames are sent with a
+plain DEALER (and packets with a plain socket), not the library."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import zmq
 import npu
 from npud.ipc_schema.schema import (DEVICE_PARAMS, ENGINE_BUSY, HARD_FRAME_LIMIT, JOB_STATS, MACS_PER_CYCLE,
                                     MAX_MESSAGE_BYTES, PROTOCOL_VERSION, REPORT_ROW)
+from npud.server import HELD_BYTES_PER_CONNECTION as HELD
 from npud_raw import RawPeer, error_of, session_peer
 from sched_models import Builder, module_daemon_in_test_mode
 from streams import A, B, O, add_stream
@@ -384,3 +387,20 @@ def test_run_model_buffers_hold_dense_little_endian_c_order_tensors(peer):
     assert err["code"] == "EINVAL" and "24 bytes" in err["message"]
     rows = peer.request("report", {"model": loaded["model"]})["result"]["rows"]
     assert rows and all(set(row) == set(REPORT_ROW.fields) for row in rows)
+
+
+def test_past_the_connections_byte_budget_reads_get_eagain_but_free_does_not(peer):
+    size = 16 << 20
+    big = peer.request("alloc", {"device": 0, "size": size})["result"]["handle"]
+    small = peer.request("alloc", {"device": 0, "size": 4096})["result"]["handle"]
+    reads = [peer.send("read", {"handle": big, "offset": 0, "size": size}) for _ in range(2 * HELD // size)]
+    freed = peer.send("free", {"handle": small})
+    replies = {}
+    while len(replies) < len(reads) + 1:
+        reply = peer.recv(timeout=30)
+        replies[reply["seq"]] = reply
+    assert replies[freed]["ok"]
+    refused = [replies[s]["error"] for s in reads if not replies[s]["ok"]]
+    assert replies[reads[0]]["ok"] and refused
+    assert all(e["code"] == "EAGAIN" and e["retryable"] and e["retry_after_ms"] > 0 for e in refused)
+    assert peer.request("free", {"handle": big})["ok"]
