@@ -32,3 +32,12 @@ def test_every_structure_a_table_names_is_defined():
     assert named, "the pattern no longer matches the type column"
     missing = sorted(n for n in named if f"### `{n}`" not in text)
     assert not missing, f"structures named but never defined: {missing}"
+
+
+def test_every_shared_structure_is_used():
+    """A structure no op, event or packet carries would send a reader looking for where it goes."""
+    text = DOC.read_text()
+    shared = text.split("## Shared structures", 1)[1].split("\n## ", 1)[0]
+    defined = re.findall(r"^### `([a-z_.]+)`", shared, re.M)
+    assert defined
+    assert [n for n in defined if f"map `{n}`" not in text] == []
