@@ -19,6 +19,7 @@ import zmq
 import npu
 from npud.ipc_schema.schema import (DEVICE_PARAMS, ENGINE_BUSY, HARD_FRAME_LIMIT, JOB_STATS, MACS_PER_CYCLE,
                                     MAX_MESSAGE_BYTES, PROTOCOL_VERSION, REPORT_ROW)
+from npud.attach import HELLO_TIMEOUT_S
 from npud.server import HELD_BYTES_PER_CONNECTION as HELD
 from npud_raw import RawPeer, error_of, session_peer
 from sched_models import Builder, module_daemon_in_test_mode
@@ -404,3 +405,32 @@ def test_past_the_connections_byte_budget_reads_get_eagain_but_free_does_not(pee
     assert replies[reads[0]]["ok"] and refused
     assert all(e["code"] == "EAGAIN" and e["retryable"] and e["retry_after_ms"] > 0 for e in refused)
     assert peer.request("free", {"handle": big})["ok"]
+
+
+def test_string_limits_count_characters_not_bytes(daemon):
+    p = RawPeer(daemon.endpoint)
+    try:
+        err = error_of(p.hello(name="é" * 65))
+        assert err["code"] == "EINVAL" and "client_name" in err["message"]
+        assert p.hello(name="é" * 64)["ok"]          # 128 bytes of UTF-8, 64 characters
+    finally:
+        p.close()
+
+
+def test_the_daemon_does_not_check_that_seqs_differ(peer):
+    peer.send("ping", seq=5)
+    peer.send("ping", seq=5)
+    assert [peer.recv()["seq"], peer.recv()["seq"]] == [5, 5]
+
+
+def test_a_silent_companion_connection_is_closed(daemon):
+    peer = RawPeer(daemon.endpoint)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            sock.settimeout(HELLO_TIMEOUT_S * 3)
+            sock.connect(peer.hello()["result"]["attach_path"])
+            started = time.monotonic()
+            assert sock.recv(4096) == b""                # closed without a word
+            assert time.monotonic() - started >= HELLO_TIMEOUT_S * 0.8
+    finally:
+        peer.close()
