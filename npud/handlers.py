@@ -188,7 +188,7 @@ def version(daemon, call, args):
 
 @handler("devices")
 def devices(daemon, call, args):
-    return {"devices": [d.info() for d in daemon.devices]}
+    return {"devices": [{**d.info(), "target_hash": d.config.target_hash()} for d in daemon.devices]}
 
 
 @handler("clients")
@@ -632,11 +632,21 @@ async def _first(job: Job, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
+def _own_job(session, job_id: int, what: str) -> Job:
+    """The session's own job: EPERM for an imported fence (another session's job, which this one
+    may only watch), ENOENT for an id it does not know."""
+    job = session.jobs.get(job_id)
+    if job is None and job_id in session.imported:
+        raise RequestError(ErrorCode.EPERM, f"job {job_id} is an imported fence (another session's job): "
+                                            f"only the session that submitted it can {what} it")
+    if job is None:
+        raise RequestError(ErrorCode.ENOENT, f"no job {job_id} in this session")
+    return job
+
+
 @handler("cancel", touches=_the_job)
 def cancel(daemon, call, args):
-    job = call.session.jobs.get(args["job"])
-    if job is None:
-        raise RequestError(ErrorCode.ENOENT, f"no job {args['job']} in this session")
+    job = _own_job(call.session, args["job"], "cancel")
     if job.state in ("queued", "running"):
         fences.fail(daemon, job, ErrorInfo.of(ErrorCode.ECANCELED, f"job {job.id} was cancelled"))
     return {"state": job.state}
@@ -644,9 +654,7 @@ def cancel(daemon, call, args):
 
 @handler("fence_export", touches=_the_job)
 def fence_export(daemon, call, args):
-    job = call.session.jobs.get(args["job"])
-    if job is None:
-        raise RequestError(ErrorCode.ENOENT, f"no job {args['job']} in this session")
+    job = _own_job(call.session, args["job"], "export")
     return {"token": fences.export(daemon, job)}
 
 

@@ -173,7 +173,7 @@ def _others(client) -> list[dict]:
 
 
 def _emit(args, data, text: str) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True) if args.json else text)
+    print(json.dumps(data, indent=2, sort_keys=True, default=render.json_bytes) if args.json else text)
 
 
 def _query(args, client) -> int:
@@ -370,7 +370,8 @@ def _dispatch(args) -> int:
                                    stamp=args.options or "", fmt=args.format, as_json=args.json)
         elif cmd == "top":
             if args.json:  # one snapshot, the fields top shows
-                print(json.dumps(monitor.Sampler(client, client.session).sample(), indent=2, sort_keys=True))
+                print(json.dumps(monitor.Sampler(client, client.session).sample(), indent=2, sort_keys=True,
+                                 default=render.json_bytes))
                 return 0
             return monitor.top(client, client.session, interval=args.delay, sort=args.sort,
                                iterations=args.iterations)

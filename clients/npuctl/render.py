@@ -15,6 +15,14 @@ def human_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def json_bytes(value):
+    """``json.dumps``'s default: JSON has no bytes, so binary fields (a device's `target_hash`)
+    print as hex strings."""
+    if isinstance(value, bytes):
+        return value.hex()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def human_duration(seconds: float) -> str:
     seconds = int(seconds)
     days, rest = divmod(seconds, 86400)

@@ -20,8 +20,9 @@ MAC_DTYPES = ("int8", "fp16", "fp32")
 # memory_bytes, hw_contexts and page_size are properties of how the daemon
 # hosts the device, not of the stream, so they stay out of the target hash:
 # a stream compiled for "edge" runs on every device built from "edge".
-_TARGET_KEYS = ("cores", "mac_rows", "mac_cols", "macs_per_cycle", "clock_mhz",
+TARGET_KEYS = ("cores", "mac_rows", "mac_cols", "macs_per_cycle", "clock_mhz",
                 "sram_bytes", "dma_bytes_per_cycle", "dma_latency_cycles")
+TARGET_HASH_PREFIX = b"npu-emu/1:"   # names the recipe: a new one changes it
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,9 @@ class DeviceConfig:
     def target_hash(self) -> bytes:
         """Stable 8-byte digest of the stream-relevant parameters."""
         d = self.to_dict()
-        canon = json.dumps({k: d[k] for k in _TARGET_KEYS}, sort_keys=True,
+        canon = json.dumps({k: d[k] for k in TARGET_KEYS}, sort_keys=True,
                            separators=(",", ":"))
-        return hashlib.blake2b(b"npu-emu/1:" + canon.encode(), digest_size=8).digest()
+        return hashlib.blake2b(TARGET_HASH_PREFIX + canon.encode(), digest_size=8).digest()
 
     @property
     def vector_bytes_per_cycle(self) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .types import Any_, Array, Bin, Bool, F, Float, Int, MapOf, Str, Struct, Type
 
-PROTOCOL_VERSION = (1, 4)
+PROTOCOL_VERSION = (1, 5)
 """(major, minor).  A major bump breaks compatibility; a minor bump only adds."""
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -71,12 +71,34 @@ HISTOGRAM = Struct("histogram", {
     "sum_ms": F(Float(), "their sum in ms"),
 }, doc="Durations counted in fixed buckets since the daemon started (a Prometheus histogram).")
 
+MACS_PER_CYCLE = Struct("macs_per_cycle", {
+    "int8": F(U32, "int8 (and uint8) multiply-accumulates per cycle, per core"),
+    "fp16": F(U32, "float16 multiply-accumulates per cycle, per core"),
+    "fp32": F(U32, "float32 multiply-accumulates per cycle, per core"),
+})
+
+DEVICE_PARAMS = Struct("device_params", {
+    "preset": F(Str(64), "the named parameter set (`edge`, `server`) the others started from"),
+    "cores": F(U32, "compute cores (each a device process running one job at a time)"),
+    "mac_rows": F(U32, "rows of the MAC array (output pixels per pass)"),
+    "mac_cols": F(U32, "columns of the MAC array (output channels per pass)"),
+    "macs_per_cycle": F(MACS_PER_CYCLE, "MAC rate by element type"),
+    "clock_mhz": F(U32, "clock in MHz: modeled cycles / (clock_mhz x 1000) = modeled milliseconds"),
+    "sram_bytes": F(U64, "on-chip SRAM per core"),
+    "dma_bytes_per_cycle": F(U32, "DMA bandwidth between device memory and SRAM"),
+    "dma_latency_cycles": F(U32, "fixed cost of each DMA transfer"),
+    "memory_bytes": F(U64, "device memory (the same as `memory_total`)"),
+    "page_size": F(U32, "MMU page size: buffer sizes round up to it, binding addresses are multiples of it"),
+    "hw_contexts": F(U32, "hardware contexts (address spaces) of a core"),
+}, doc="An npu-emu device's architecture parameters (docs/ISA.md).  All but `memory_bytes`, "
+       "`page_size` and `hw_contexts` go into the target hash (below).")
+
 DEVICE = Struct("device", {
     "index": F(DEVICE_INDEX, "device number used in requests"),
     "name": F(Str(64), "configured name, e.g. npu0"),
     "preset": F(Str(64), "the named parameter set it was created from"),
     "state": F(Str(16, ("ok", "resetting", "down")), "device process health"),
-    "params": F(MapOf(Any_()), "architecture parameters (cores, MAC array, SRAM, clock, ...)"),
+    "params": F(DEVICE_PARAMS, "architecture parameters"),
     "memory_total": F(U64, "bytes of device memory"),
     "memory_used": F(U64, "bytes allocated in buffer objects"),
     "jobs_queued": F(U32, "jobs waiting to run"),
@@ -101,6 +123,8 @@ DEVICE = Struct("device", {
     "latency_ms": F(HISTOGRAM, "of every finished job (done or failed): submission to outcome, queueing "
                                "included", optional=True),
     "run_ms": F(HISTOGRAM, "of every job that ran: the device time it took", optional=True),
+    "target_hash": F(Bin(8, 8), "the target hash a command stream's header must carry to run on it "
+                                "(section *Command streams and the target hash*)", optional=True, since=(1, 5)),
 })
 
 USER_USAGE = Struct("user_usage", {
@@ -268,6 +292,22 @@ JOB_OPTIONS = {
                                               "(default: the daemon's job_timeout_ms)", optional=True),
 }
 
+SHAPE = Array(Int(0, 2**31 - 1), MAX_RANK)
+
+REPORT_ROW = Struct("report_row", {
+    "node": F(Str(1024), "node name in the model"),
+    "op": F(Str(256), "ONNX operator type"),
+    "kind": F(Str(32), "how the compiler lowered it: `conv`, `matmul`, `eltwise`, `unary`, `pool`, `softmax`, "
+                       "`reduce`, `norm`, `copy`, `fill`, ..."),
+    "inputs": F(Array(SHAPE, 1024), "the shape of each input"),
+    "outputs": F(Array(SHAPE, 1024), "the shape of each output"),
+    "macs": F(U64, "multiply-accumulates"),
+    "cycles": F(U64, "modeled cycles of its commands"),
+    "sram_bytes": F(U64, "SRAM its tiles take (the largest of its steps)"),
+    "dma_bytes": F(U64, "bytes its DMA commands move"),
+    "commands": F(U64, "commands of the stream it became"),
+}, doc="One op of a loaded model as `report` lists it.")
+
 JOB_SUBMITTED = {
     "job": F(U64, "job id, this session's name for the job"),
     "context": F(U32, "the context it runs in (0: the default one)", optional=True),
@@ -275,11 +315,48 @@ JOB_SUBMITTED = {
                     "of the timeline finished)", optional=True),
 }
 
+ERROR = Struct("error", {
+    "code": F(Str(16), "stable error code (docs/PROTOCOL.md#errors)"),
+    "message": F(Str(4096), "what went wrong and what to do"),
+    "retryable": F(Bool(), "whether repeating the request can succeed"),
+    "retry_after_ms": F(U32, "a hint: milliseconds after which a retry is likely to succeed (admission "
+                             "limits)", optional=True),
+})
+
+ENGINE_BUSY = Struct("engine_busy", {
+    "dma": F(U64, "cycles the DMA engines were busy"),
+    "mac": F(U64, "cycles the MAC arrays were busy"),
+    "vector": F(U64, "cycles the vector engines were busy"),
+    "pool": F(U64, "cycles the pooling engines were busy"),
+}, doc="Busy cycles per engine, summed over the device's cores.")
+
+JOB_STATS = Struct("job_stats", {
+    "cycles": F(U64, "modeled cycles: what the job takes on the modeled hardware (its makespan)",
+                optional=True),
+    "macs": F(U64, "multiply-accumulates executed", optional=True),
+    "dma_bytes_in": F(U64, "bytes DMA moved from device memory into SRAM", optional=True),
+    "dma_bytes_out": F(U64, "bytes DMA moved from SRAM to device memory", optional=True),
+    "commands": F(U64, "commands executed", optional=True),
+    "stall_cycles": F(U64, "cycles command queues spent blocked in `wait` or `barrier`", optional=True),
+    "engine_busy": F(ENGINE_BUSY, "busy cycles per engine", optional=True),
+    "hazards": F(U64, "SRAM accesses the model let overlap with a conflicting access on another engine: "
+                      "a missing signal/wait, a stream that would race on hardware (0 for compiled models)",
+                 optional=True),
+    "wall_ms": F(Float(), "device time the job took in ms, its run segments only", optional=True),
+    "preemptions": F(U32, "times it was stopped at a layer boundary for a more urgent job", optional=True),
+    "queue_ms": F(Float(), "ms from submission to the device starting it", optional=True),
+}, doc="A job's counters: every key once it is done, none (an empty map) while it is queued or running "
+       "or if it failed.")
+
+JOB_OUTCOME = {
+    "state": F(JOB_STATE, "job state"),
+    "stats": F(JOB_STATS, "its counters (empty unless done)"),
+    "error": F(ERROR, "the job's error if it failed", optional=True),
+}
+
 JOB_STATUS = Struct("job_status", {
     "job": F(U64, "job id"),
-    "state": F(JOB_STATE, "job state"),
-    "stats": F(MapOf(Any_()), "modeled cycles and counters (empty unless done)"),
-    "error": F(MapOf(Any_()), "the job's error {code, message, retryable} if it failed", optional=True),
+    **JOB_OUTCOME,
 }, doc="A job's state as `wait_jobs` reports it.")
 
 
@@ -359,12 +436,7 @@ OPS: dict[str, Op] = {op.name: op for op in [
     _op("wait", "Wait for a job to finish, up to a timeout.", {
         "job": F(U64, "job id"),
         "timeout_ms": F(TIMEOUT_MS, "how long to wait"),
-    }, {
-        "state": F(JOB_STATE, "job state"),
-        "stats": F(MapOf(Any_()), "modeled cycles and counters (empty unless done)"),
-        "error": F(MapOf(Any_()), "the job's error {code, message, retryable} if it failed",
-                   optional=True),
-    }, errors=("ENOENT", "ETIMEDOUT")),
+    }, JOB_OUTCOME, errors=("ENOENT", "ETIMEDOUT")),
     _op("load", "Compile (or fetch from the compile cache) a model for a device and load it into "
                 "this session. Exactly one of `model`, `model_buffer` (+`model_size`) or `model_digest`.", {
         "device": F(DEVICE_INDEX, "device index"),
@@ -418,13 +490,16 @@ OPS: dict[str, Op] = {op.name: op for op in [
         "ready": F(Bool(), "whether the condition (all or any finished) holds"),
     }, errors=("ENOENT",)),
     _op("cancel", "Cancel a job: a queued job fails with ECANCELED at once, a running model job at its next "
-                  "layer boundary (a raw command stream runs to its end). Its dependents fail too.", {
+                  "layer boundary (a raw command stream runs to its end). Its dependents fail too. "
+                  "EPERM for an imported fence (`fence_import`): only its owner may cancel it.", {
         "job": F(U64, "job id"),
     }, {"state": F(JOB_STATE, "the job's state now (a job that already finished keeps its outcome)")},
-        errors=("ENOENT",)),
-    _op("fence_export", "A token naming a job's completion fence, for another session's `fence_import`.", {
+        errors=("ENOENT", "EPERM")),
+    _op("fence_export", "A token naming a job's completion fence, for another session's `fence_import`. "
+                        "EPERM for an imported fence: only its owner may export it.", {
         "job": F(U64, "job id"),
-    }, {"token": F(FENCE_TOKEN, "unguessable token; valid while this session lives")}, errors=("ENOENT",)),
+    }, {"token": F(FENCE_TOKEN, "unguessable token; valid while this session lives")},
+        errors=("ENOENT", "EPERM")),
     _op("fence_import", "Make another session's exported fence a job id of this session: it can be waited "
                         "for and named in `after`, but not cancelled.", {
         "token": F(FENCE_TOKEN, "token from `fence_export`"),
@@ -446,7 +521,7 @@ OPS: dict[str, Op] = {op.name: op for op in [
     _op("report", "The loaded model's per-op report: op, shapes, MACs, modeled cycles, SRAM, DMA bytes.", {
         "model": F(HANDLE, "loaded model"),
     }, {
-        "rows": F(Array(MapOf(Any_()), 1 << 20), "one row per op"),
+        "rows": F(Array(REPORT_ROW, 1 << 20), "one row per op, in execution order"),
         "table": F(Str(1 << 24), "the same as a text table"),
     }, errors=("ENOENT",)),
     _op("unload", "Unload a model and free its device memory (after jobs using it finish).", {
@@ -530,14 +605,6 @@ REQUEST = Struct("request", {
     "op": F(Str(32), "operation name (one of the ops below)"),
     "seq": F(Int(0, MAX_SEQ), "the client's number for this request, echoed in the reply"),
     "args": F(MapOf(Any_()), "the op's arguments"),
-})
-
-ERROR = Struct("error", {
-    "code": F(Str(16), "stable error code (docs/PROTOCOL.md#errors)"),
-    "message": F(Str(4096), "what went wrong and what to do"),
-    "retryable": F(Bool(), "whether repeating the request can succeed"),
-    "retry_after_ms": F(U32, "a hint: milliseconds after which a retry is likely to succeed (admission "
-                             "limits)", optional=True),
 })
 
 REPLY = Struct("reply", {

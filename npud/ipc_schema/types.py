@@ -144,11 +144,13 @@ class Any_(Type):
 
 @dataclass(frozen=True)
 class F:
-    """One field of a struct: its type, whether it may be left out, and what it means."""
+    """One field of a struct: its type, whether it may be left out, what it means, and the
+    protocol version that added it (None: 1.0, or added before versions were recorded)."""
 
     type: Type
     doc: str
     optional: bool = False
+    since: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import pytest
 
 from npud.ipc_schema import codec
 from npud.ipc_schema.errors import ErrorCode, RequestError
-from npud.ipc_schema.schema import DEVICE
+from npud.ipc_schema.schema import DEVICE, EVENTS, OPS, PROTOCOL_VERSION
 from npud.ipc_schema.types import Array, Bool, Float, Int, MapOf, Str, Struct
 
 
@@ -49,3 +49,26 @@ def test_requests_with_unknown_fields_are_still_refused():
     with pytest.raises(RequestError) as err:
         codec.decode_request(frame)
     assert err.value.info.code is ErrorCode.EINVAL and "hint" in err.value.info.message
+
+
+def _fields(t, seen=None):
+    """Every (struct name, field name, F) reachable from a type."""
+    seen = set() if seen is None else seen
+    if isinstance(t, Struct) and t.name not in seen:
+        seen.add(t.name)
+        for name, f in t.fields.items():
+            yield t.name, name, f
+            yield from _fields(f.type, seen)
+    elif isinstance(t, Array):
+        yield from _fields(t.item, seen)
+    elif isinstance(t, MapOf):
+        yield from _fields(t.value, seen)
+
+
+def test_fields_added_by_a_minor_version_are_optional():
+    """PROTOCOL.md promises an older peer can leave out whatever a newer minor added."""
+    roots = [s for op in OPS.values() for s in (op.args, op.result)] + list(EVENTS.values())
+    added = [(s, n, f) for root in roots for s, n, f in _fields(root) if f.since is not None]
+    assert added, "no field records its version: the walk is broken"
+    assert [(s, n) for s, n, f in added if not f.optional] == []
+    assert all(f.since <= PROTOCOL_VERSION for _, _, f in added)

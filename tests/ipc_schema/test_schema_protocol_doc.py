@@ -1,5 +1,6 @@
 """docs/PROTOCOL.md is generated from the schema and must stay identical to it."""
 
+import re
 from pathlib import Path
 
 from npud.ipc_schema import docgen
@@ -22,3 +23,21 @@ def test_every_op_field_and_error_code_is_documented():
             assert f"| `{field}` |" in text, (op.name, field)
     for code in ErrorCode:
         assert f"| `{code.value}` |" in text
+
+
+def test_every_structure_a_table_names_is_defined():
+    """A type column naming `map `x`` promises a section `### `x`` a reader can look up."""
+    text = DOC.read_text()
+    named = set(re.findall(r"map `([a-z_.]+)`", text))
+    assert named, "the pattern no longer matches the type column"
+    missing = sorted(n for n in named if f"### `{n}`" not in text)
+    assert not missing, f"structures named but never defined: {missing}"
+
+
+def test_every_shared_structure_is_used():
+    """A structure no op, event or packet carries would send a reader looking for where it goes."""
+    text = DOC.read_text()
+    shared = text.split("## Shared structures", 1)[1].split("\n## ", 1)[0]
+    defined = re.findall(r"^### `([a-z_.]+)`", shared, re.M)
+    assert defined
+    assert [n for n in defined if f"map `{n}`" not in text] == []
