@@ -155,6 +155,12 @@ npu_status npu_stream_submit(npu_client *client, uint32_t device, const void *st
                              const npu_binding *bindings, size_t binding_count,
                              const npu_job_options *options, npu_job **out);
 
+/* Test mode only (`npud --test-mode`, else NPU_EPERM): make this session's next `count` jobs on
+ * `device` "hang", "crash" the device process, or run "slow" (`slow_ms` per layer); "slow_compile":
+ * its next compiles sleep `slow_ms` first. */
+npu_status npu_client_inject_fault(npu_client *client, uint32_t device, const char *kind, uint32_t slow_ms,
+                                   uint32_t count);
+
 /* ---- models ------------------------------------------------------------------------------ */
 
 typedef enum npu_dtype {

@@ -357,6 +357,19 @@ NPU_EXPORT npu_status npu_jobs_wait(npu_job *const *jobs, size_t count, bool all
   return NULL;
 }
 
+NPU_EXPORT npu_status npu_client_inject_fault(npu_client *client, uint32_t device, const char *kind,
+                                              uint32_t slow_ms, uint32_t count) {
+  if (kind == NULL)
+    return npu__error_default(NPU_EINVAL, "npu_client_inject_fault: kind is NULL");
+  npu_request request;
+  npu__request_begin(&request, "inject_fault", 4);
+  npu__pack_key_u64(&request.pk, "device", device);
+  npu__pack_key_str(&request.pk, "kind", kind);
+  npu__pack_key_u64(&request.pk, "slow_ms", slow_ms);
+  npu__pack_key_u64(&request.pk, "count", count ? count : 1);
+  return npu__call_void(client, &request);
+}
+
 /* A submit or run_model reply: the new job. */
 static npu_status job_from_reply(npu_client *client, npu_request *request, npu_job **out) {
   npu_reply reply;
