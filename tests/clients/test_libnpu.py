@@ -141,3 +141,18 @@ def test_missing_dependencies_stop_with_the_command_to_run(tmp_path, trixie):
     package = "libmsgpack-c-dev" if trixie else "libmsgpack-dev"
     assert done.returncode == 1
     assert f"run: sudo apt-get install -y libzmq3-dev {package} pkg-config" in done.stderr
+
+
+def test_the_minimal_program_of_the_docs_builds_and_runs(built, daemon, files, tmp_path):
+    with open(os.path.join(ROOT, "docs", "CLIENT-C.md")) as f:
+        program = re.search(r"```c\n(.*?)```", f.read(), re.S).group(1)
+    (tmp_path / "app.c").write_text(program)
+    (tmp_path / "model.onnx").write_bytes(open(files["model"], "rb").read())
+    env = {**os.environ, "PKG_CONFIG_PATH": built, "NPUD_ENDPOINT": daemon.endpoint}
+    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "libnpu"], capture_output=True, text=True,
+                           env=env, check=True).stdout.split()
+    subprocess.run(["cc", "-std=c11", "-Wall", "-Werror", "-o", "app", "app.c", *flags, f"-Wl,-rpath,{built}"],
+                   cwd=tmp_path, check=True)
+    done = subprocess.run(["./app"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert 0.0 < float(done.stdout) < 1.0   # a softmax probability
