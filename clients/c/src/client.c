@@ -248,6 +248,13 @@ npu_status npu__call_void(npu_client *client, npu_request *request) {
   return status;
 }
 
+npu_status npu__call_one(npu_client *client, const char *op, const char *key, uint64_t value) {
+  npu_request request;
+  npu__request_begin(&request, op, 1);
+  npu__pack_key_u64(&request.pk, key, value);
+  return npu__call_void(client, &request);
+}
+
 static npu_status attach_refused(const char *path, const char *why) {
   return npu__error_default(NPU_ENOTCONN, "cannot attach the companion socket %s: %s", path, why);
 }

@@ -75,6 +75,8 @@ void npu__client_release(npu_client *client);
 npu_status npu__call(npu_client *client, npu_request *request, uint32_t timeout_ms, npu_reply *reply, int *fd);
 /* A call whose result is not needed. */
 npu_status npu__call_void(npu_client *client, npu_request *request);
+/* `op` with the one argument {key: value} (free, unload, ...), its result not needed. */
+npu_status npu__call_one(npu_client *client, const char *op, const char *key, uint64_t value);
 
 /* ---- objects.c ---- */
 struct npu_buffer {

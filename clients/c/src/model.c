@@ -149,10 +149,7 @@ NPU_EXPORT npu_status npu_model_load_file(npu_client *client, uint32_t device, c
 NPU_EXPORT npu_status npu_model_unload(npu_model *model) {
   if (model == NULL)
     return NULL;
-  npu_request request;
-  npu__request_begin(&request, "unload", 1);
-  npu__pack_key_u64(&request.pk, "model", model->id);
-  npu_status status = npu__call_void(model->client, &request);
+  npu_status status = npu__call_one(model->client, "unload", "model", model->id);
   free_tensors(model);
   npu__client_release(model->client);
   free(model);

@@ -37,10 +37,7 @@ NPU_EXPORT npu_status npu_buffer_alloc(npu_client *client, uint32_t device, uint
 NPU_EXPORT npu_status npu_buffer_free(npu_buffer *buffer) {
   if (buffer == NULL)
     return NULL;
-  npu_request request;
-  npu__request_begin(&request, "free", 1);
-  npu__pack_key_u64(&request.pk, "handle", buffer->handle);
-  npu_status status = npu__call_void(buffer->client, &request);
+  npu_status status = npu__call_one(buffer->client, "free", "handle", buffer->handle);
   if (buffer->map != NULL)
     munmap(buffer->map, buffer->map_size);
   npu__client_release(buffer->client);
