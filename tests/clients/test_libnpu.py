@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import onnx
@@ -156,3 +158,46 @@ def test_the_minimal_program_of_the_docs_builds_and_runs(built, daemon, files, t
     done = subprocess.run(["./app"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert 0.0 < float(done.stdout) < 1.0   # a softmax probability
+
+
+@pytest.mark.parametrize("program", ["test_libnpu", "test_libnpu-asan"])
+def test_a_call_blocked_when_the_daemon_is_killed_returns_enotconn_at_once(built, files, program):
+    """SIGKILL (no shutdown event): the daemon is SIGSTOPped first so the wait surely blocks on it;
+    its death closes the companion socket, which ends the wait -- not its 60 s timeout -- and the
+    next call fails at once too."""
+    d = LocalDaemon("--test-mode")
+    kids = [int(e) for e in os.listdir("/proc") if e.isdigit() and _parent(int(e)) == d.process.pid]
+    proc = subprocess.Popen([os.path.join(built, program), "--wait-through-death", d.endpoint, files["model"]],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        os.kill(d.process.pid, signal.SIGSTOP)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        time.sleep(0.5)
+        os.kill(d.process.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        d.stop()
+        for pid in kids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode == 0, err
+    wait = re.search(r"^wait (\w+) (\d+) ms", out, re.M)
+    assert wait and wait.group(1) == "ENOTCONN", out
+    assert int(wait.group(2)) < 5000, out     # measured: about 500 ms (the time it waited before the kill)
+    print(wait.group(0))
+    assert "ping ENOTCONN" in out, out
+    assert "Sanitizer" not in err and "runtime error" not in err, err
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0

@@ -137,6 +137,12 @@ static bool take_frame(npu_reply *reply, uint32_t seq, npu_status *status) {
   return true;
 }
 
+static npu_status session_gone(const npu_client *client, const char *op) {
+  return npu__error_default(NPU_ENOTCONN, "%s: the session with npud at %s is gone (the daemon stopped, or closed "
+                                          "the session); connect again and load models again",
+                            op, client->endpoint);
+}
+
 static npu_status timed_out(const char *op, uint32_t timeout_ms) {
   return npu__error_default(NPU_ETIMEDOUT, "no reply to %s within %u ms: is the daemon overloaded or stopped?",
                             op, timeout_ms);
@@ -149,12 +155,18 @@ static npu_status receive_reply(npu_client *client, const char *op, uint32_t seq
     uint64_t now = now_ms();
     if (now >= deadline)
       return timed_out(op, timeout_ms);
-    zmq_pollitem_t item = {client->sock, 0, ZMQ_POLLIN, 0};
-    int n = zmq_poll(&item, 1, (long)(deadline - now));
+    /* The companion socket is watched for its end only (no events asked: hangup and errors are
+     * always reported): the daemon closes it with the session, or the kernel when it dies. */
+    zmq_pollitem_t items[2] = {{client->sock, 0, ZMQ_POLLIN, 0}, {NULL, client->attach_fd, 0, 0}};
+    int n = zmq_poll(items, client->attach_fd >= 0 ? 2 : 1, (long)(deadline - now));
     if (n < 0 && zmq_errno() == EINTR)
       continue;
     if (n < 0)
       return npu__error_default(NPU_EIO, "zmq_poll: %s", zmq_strerror(zmq_errno()));
+    if (items[0].revents == 0 && items[1].revents != 0) {
+      client->lost = true;
+      return session_gone(client, op);
+    }
     if (n == 0)
       continue;
     zmq_msg_init(&reply->frame);
@@ -190,8 +202,10 @@ static npu_status receive_fd(npu_client *client, uint32_t seq, uint64_t deadline
     ssize_t n = recvmsg(client->attach_fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
     if (n < 0 && (errno == EAGAIN || errno == EINTR))
       continue;
-    if (n <= 0)
-      return npu__error_default(NPU_ENOTCONN, "the companion socket closed: the session is gone; connect again");
+    if (n <= 0) {
+      client->lost = true;
+      return session_gone(client, "map");
+    }
     int got = -1;
     struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
     if (c != NULL && c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
@@ -215,6 +229,8 @@ static npu_status call_locked(npu_client *client, npu_request *request, uint32_t
                               int *fd) {
   if (client->closed)
     return npu__error_default(NPU_ENOTCONN, "%s: the client was closed; connect again", request->op);
+  if (client->lost)
+    return session_gone(client, request->op);
   uint32_t seq = ++client->seq;
   npu__pack_str(&request->pk, "seq");
   msgpack_pack_uint32(&request->pk, seq);

@@ -60,6 +60,7 @@ struct npu_client {
   int attach_fd;                   /* the companion socket, -1 if none */
   uint32_t seq;
   bool closed;
+  bool lost;                       /* the companion socket ended: so did the session */
   uint32_t timeout_ms;
   uint64_t max_message_bytes, max_inline_bytes;
   char endpoint[4200];

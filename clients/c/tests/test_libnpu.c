@@ -3,15 +3,20 @@
  * AddressSanitizer+UBSan).
  *
  *   test_libnpu ENDPOINT MODEL.onnx INPUT.raw OUTPUT.raw [BIG_MODEL.onnx]
+ *   test_libnpu --wait-through-death ENDPOINT MODEL.onnx
  *
  * MODEL has one float32 input and one float32 output; INPUT.raw holds the input's bytes.  The
  * output of a run whose input was written into a mapped buffer goes to OUTPUT.raw, for the
  * caller to compare with the Python client's.  BIG_MODEL (over the inline limit) takes the
- * staging-buffer path of npu_model_load.  Prints one line per check; exits 1 if any failed.
+ * staging-buffer path of npu_model_load.  Prints one line per failed check and a summary; exits 1
+ * if any failed.  --wait-through-death: print "ready", read a line from stdin, then wait for a
+ * job and ping; the caller kills the daemon meanwhile, and both calls must say ENOTCONN at once.
  */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <npu.h>
 
@@ -366,6 +371,69 @@ static void test_big_model(npu_client *client, const char *path) {
   free(data);
 }
 
+/* Threads sharing one client: each allocates, writes, reads back and frees its own buffers. */
+static void *buffer_worker(void *arg) {
+  npu_client *client = arg;
+  unsigned char data[256], back[256];
+  for (int i = 0; i < 25; i++) {
+    npu_buffer *b = NULL;
+    memset(data, i, sizeof data);
+    OK(npu_buffer_alloc(client, 0, sizeof data, &b));
+    OK(npu_buffer_write(b, 0, data, sizeof data));
+    OK(npu_buffer_read(b, 0, back, sizeof back));
+    CHECK(memcmp(data, back, sizeof data) == 0, "a thread reads its own bytes back");
+    OK(npu_client_ping(client));
+    OK(npu_buffer_free(b));
+  }
+  return NULL;
+}
+
+static void test_threads(npu_client *client) {
+  pthread_t threads[4];
+  for (int i = 0; i < 4; i++)
+    pthread_create(&threads[i], NULL, buffer_worker, client);
+  for (int i = 0; i < 4; i++)
+    pthread_join(threads[i], NULL);
+}
+
+static double seconds(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* The daemon dies while a call waits on it: the companion socket's end ends the call at once. */
+static int wait_through_death(const char *model_path) {
+  npu_client *client = connect_or_die("libnpu-test-death");
+  npu_model *m = NULL;
+  io x;
+  npu_job *job = NULL;
+  OK(npu_model_load_file(client, 0, model_path, &m));
+  if (m == NULL)
+    return 1;
+  io_open(client, m, &x);
+  OK(npu_client_inject_fault(client, 0, "slow", 60000, 1));
+  OK(npu_model_submit(m, &x.in, 1, &x.out, 1, NULL, &job));
+  printf("ready\n");
+  fflush(stdout);
+  char line[16];
+  if (fgets(line, sizeof line, stdin) == NULL)
+    return 1;
+  double start = seconds();
+  npu_status s = npu_job_wait(job, 60000);
+  printf("wait %s %.0f ms: %s\n", npu_status_code_name(s), (seconds() - start) * 1e3, npu_status_message(s));
+  npu_status_free(s);
+  s = npu_client_ping(client);
+  printf("ping %s\n", npu_status_code_name(s));
+  npu_status_free(s);
+  npu_job_release(job);
+  npu_status_free(npu_buffer_free(x.in));   /* ENOTCONN too: the session is gone */
+  npu_status_free(npu_buffer_free(x.out));
+  npu_status_free(npu_model_unload(m));
+  npu_client_close(client);
+  return 0;
+}
+
 /* Objects outlive their client's session: calls fail with ENOTCONN, releasing still works. */
 static void test_closed_client(void) {
   npu_client *client = connect_or_die("libnpu-test-closed");
@@ -383,6 +451,10 @@ static void test_closed_client(void) {
 }
 
 int main(int argc, char **argv) {
+  if (argc == 4 && strcmp(argv[1], "--wait-through-death") == 0) {
+    endpoint = argv[2];
+    return wait_through_death(argv[3]);
+  }
   if (argc < 5) {
     fprintf(stderr, "usage: test_libnpu ENDPOINT MODEL.onnx INPUT.raw OUTPUT.raw [BIG_MODEL.onnx]\n");
     return 2;
@@ -399,6 +471,7 @@ int main(int argc, char **argv) {
   test_connect(client);
   test_devices(client);
   test_buffers(client);
+  test_threads(client);
   test_contexts(client);
   test_models(client, argv[2], onnx, size);
   npu_model *m = NULL;
