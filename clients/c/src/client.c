@@ -282,7 +282,9 @@ static npu_status attach(npu_client *client, const char *path, const msgpack_obj
     return attach_refused(path, "path too long");
   strcpy(addr.sun_path, path);
   int fd = -1;
-  for (useconds_t delay = 1000;; delay = delay < 100000 ? 2 * delay : delay) {
+  uint64_t deadline = now_ms() + HELLO_TIMEOUT_MS;
+  /* pauses doubling from 1 ms to 100 ms, as the Python client's (protocol.attach_retries) */
+  for (useconds_t delay = 1000;; delay = delay < 50000 ? 2 * delay : 100000) {
     fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
     if (fd < 0)
       return attach_refused(path, strerror(errno));
@@ -290,7 +292,7 @@ static npu_status attach(npu_client *client, const char *path, const msgpack_obj
       break;
     int err = errno;
     close(fd);
-    if (err != EAGAIN || delay > HELLO_TIMEOUT_MS * 1000u / 8)
+    if (err != EAGAIN || now_ms() + delay / 1000 >= deadline)
       return attach_refused(path, err == EAGAIN ? "its listen backlog stayed full" : strerror(err));
     usleep(delay);
   }
