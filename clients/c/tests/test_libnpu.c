@@ -412,8 +412,7 @@ static int wait_through_death(const char *model_path) {
   if (m == NULL)
     return 1;
   io_open(client, m, &x);
-  OK(npu_client_inject_fault(client, 0, "slow", 60000, 1));
-  OK(npu_model_submit(m, &x.in, 1, &x.out, 1, NULL, &job));
+  OK(npu_model_submit(m, &x.in, 1, &x.out, 1, NULL, &job));   /* unfinished here until a wait says so */
   printf("ready\n");
   fflush(stdout);
   char line[16];
