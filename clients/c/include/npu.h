@@ -9,9 +9,10 @@
  *    protocol's, docs/PROTOCOL.md#errors), a message a person can act on, and whether a retry
  *    can succeed.  Out parameters are written only on success.
  *  - No global state: each client owns its own ZeroMQ context and sockets.
- *  - Thread safety: a client and its objects may be used from several threads at once; the calls
- *    of one client are serialised (one request in flight at a time), so a long npu_job_wait
- *    holds up the other threads of that client: give each thread that waits its own client.
+ *  - Thread safety: a client and its objects may be used from several threads at once (one object
+ *    by one thread at a time).  A client has one request in flight at a time, its callers served
+ *    first come first served; waits go out in slices of 100 ms, so a thread waiting for a job
+ *    holds up the others' calls for at most that long.
  *  - Objects made by a client keep it alive: npu_client_close ends the session at once (the
  *    daemon frees everything it held), and the memory of the client goes with its last object.
  *    Calls on objects of a closed client fail with NPU_ENOTCONN; releasing them still works.

@@ -20,7 +20,7 @@
 #define MAX_MESSAGE_BYTES 16842752u  /* until hello tells the session's limit */
 #define HARD_FRAME_LIMIT (2 * 16842752) /* ZMQ_MAXMSGSIZE, as the Python client sets it */
 
-static uint64_t now_ms(void) {
+uint64_t npu__now_ms(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
@@ -101,6 +101,7 @@ void npu__client_release(npu_client *client) {
   if (atomic_fetch_sub(&client->refs, 1) != 1)
     return;
   close_sockets(client);
+  pthread_cond_destroy(&client->turn);
   pthread_mutex_destroy(&client->lock);
   free(client);
 }
@@ -152,7 +153,7 @@ static npu_status timed_out(const char *op, uint32_t timeout_ms) {
 static npu_status receive_reply(npu_client *client, const char *op, uint32_t seq, uint64_t deadline,
                                 uint32_t timeout_ms, npu_reply *reply) {
   for (;;) {
-    uint64_t now = now_ms();
+    uint64_t now = npu__now_ms();
     if (now >= deadline)
       return timed_out(op, timeout_ms);
     /* The companion socket is watched for its end only (no events asked: hangup and errors are
@@ -189,7 +190,7 @@ static npu_status receive_reply(npu_client *client, const char *op, uint32_t seq
 /* The companion socket's packet tagged `seq`: its fd (packets for abandoned requests are dropped). */
 static npu_status receive_fd(npu_client *client, uint32_t seq, uint64_t deadline, int *fd) {
   for (;;) {
-    uint64_t now = now_ms();
+    uint64_t now = npu__now_ms();
     if (now >= deadline)
       return npu__error_default(NPU_ETIMEDOUT, "the map reply came but not its fd on the companion socket");
     struct pollfd p = {client->attach_fd, POLLIN, 0};
@@ -225,7 +226,7 @@ static npu_status receive_fd(npu_client *client, uint32_t seq, uint64_t deadline
   }
 }
 
-static npu_status call_locked(npu_client *client, npu_request *request, uint32_t timeout_ms, npu_reply *reply,
+static npu_status call_in_turn(npu_client *client, npu_request *request, uint32_t timeout_ms, npu_reply *reply,
                               int *fd) {
   if (client->closed)
     return npu__error_default(NPU_ENOTCONN, "%s: the client was closed; connect again", request->op);
@@ -241,18 +242,34 @@ static npu_status call_locked(npu_client *client, npu_request *request, uint32_t
                               request->op, request->buffer.size, (unsigned long long)client->max_message_bytes);
   if (zmq_send(client->sock, request->buffer.data, request->buffer.size, 0) < 0)
     return npu__error_default(NPU_EIO, "%s: zmq_send: %s", request->op, zmq_strerror(zmq_errno()));
-  uint64_t deadline = now_ms() + timeout_ms;
+  uint64_t deadline = npu__now_ms() + timeout_ms;
   npu_status status = receive_reply(client, request->op, seq, deadline, timeout_ms, reply);
   if (status == NULL && fd != NULL && (status = receive_fd(client, seq, deadline, fd)) != NULL)
     npu__reply_free(reply);
   return status;
 }
 
+/* Wait for this thread's turn with the client's sockets (first come, first served). */
+static void turn_begin(npu_client *client) {
+  pthread_mutex_lock(&client->lock);
+  uint64_t ticket = client->next_ticket++;
+  while (client->serving != ticket)
+    pthread_cond_wait(&client->turn, &client->lock);
+  pthread_mutex_unlock(&client->lock);
+}
+
+static void turn_end(npu_client *client) {
+  pthread_mutex_lock(&client->lock);
+  client->serving++;
+  pthread_cond_broadcast(&client->turn);
+  pthread_mutex_unlock(&client->lock);
+}
+
 npu_status npu__call(npu_client *client, npu_request *request, uint32_t timeout_ms, npu_reply *reply, int *fd) {
   reply->live = false;
-  pthread_mutex_lock(&client->lock);
-  npu_status status = call_locked(client, request, timeout_ms ? timeout_ms : client->timeout_ms, reply, fd);
-  pthread_mutex_unlock(&client->lock);
+  turn_begin(client);
+  npu_status status = call_in_turn(client, request, timeout_ms ? timeout_ms : client->timeout_ms, reply, fd);
+  turn_end(client);
   npu__request_done(request);
   return status;
 }
@@ -282,7 +299,7 @@ static npu_status attach(npu_client *client, const char *path, const msgpack_obj
     return attach_refused(path, "path too long");
   strcpy(addr.sun_path, path);
   int fd = -1;
-  uint64_t deadline = now_ms() + HELLO_TIMEOUT_MS;
+  uint64_t deadline = npu__now_ms() + HELLO_TIMEOUT_MS;
   /* pauses doubling from 1 ms to 100 ms, as the Python client's (protocol.attach_retries) */
   for (useconds_t delay = 1000;; delay = delay < 50000 ? 2 * delay : 100000) {
     fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
@@ -292,7 +309,7 @@ static npu_status attach(npu_client *client, const char *path, const msgpack_obj
       break;
     int err = errno;
     close(fd);
-    if (err != EAGAIN || now_ms() + delay / 1000 >= deadline)
+    if (err != EAGAIN || npu__now_ms() + delay / 1000 >= deadline)
       return attach_refused(path, err == EAGAIN ? "its listen backlog stayed full" : strerror(err));
     usleep(delay);
   }
@@ -390,6 +407,7 @@ NPU_EXPORT npu_status npu_client_connect(const char *endpoint, const npu_client_
     return npu__error_default(NPU_ENOMEM, "out of memory");
   atomic_init(&client->refs, 1);
   pthread_mutex_init(&client->lock, NULL);
+  pthread_cond_init(&client->turn, NULL);
   client->attach_fd = -1;
   client->max_message_bytes = MAX_MESSAGE_BYTES;
   client->timeout_ms = options && options->timeout_ms ? options->timeout_ms : DEFAULT_TIMEOUT_MS;
@@ -415,10 +433,10 @@ NPU_EXPORT void npu_client_close(npu_client *client) {
   npu_reply reply;
   npu_status_free(npu__call(client, &request, BYE_TIMEOUT_MS, &reply, NULL));
   npu__reply_free(&reply);
-  pthread_mutex_lock(&client->lock);
+  turn_begin(client);
   client->closed = true;
   close_sockets(client);   /* the companion socket's end frees the session at once */
-  pthread_mutex_unlock(&client->lock);
+  turn_end(client);
   npu__client_release(client);
 }
 

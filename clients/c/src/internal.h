@@ -53,9 +53,14 @@ char *npu__strndup_obj(const msgpack_object *str);   /* a str object as a malloc
 bool npu__str_is(const msgpack_object *obj, const char *s);
 
 /* ---- client.c: the session and its transport ---- */
+uint64_t npu__now_ms(void);   /* CLOCK_MONOTONIC */
 struct npu_client {
   atomic_int refs;                 /* the caller's (until close) + one per live object */
-  pthread_mutex_t lock;            /* the sockets, seq and closed: one request in flight */
+  /* The sockets, seq, closed and lost belong to one caller at a time, in the order they came
+   * (a ticket lock: a thread that loops on short waits cannot starve the others). */
+  pthread_mutex_t lock;
+  pthread_cond_t turn;
+  uint64_t next_ticket, serving;
   void *zctx, *sock;
   int attach_fd;                   /* the companion socket, -1 if none */
   uint32_t seq;

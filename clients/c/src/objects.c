@@ -251,16 +251,10 @@ static void take_state(npu_job *job, const msgpack_object *entry) {
 
 NPU_EXPORT npu_status npu_job_wait(npu_job *job, uint32_t timeout_ms) {
   if (!finished(job)) {
-    npu_request request;
-    npu__request_begin(&request, "wait", 2);
-    npu__pack_key_u64(&request.pk, "job", job->id);
-    npu__pack_key_u64(&request.pk, "timeout_ms", timeout_ms);
-    npu_reply reply;
-    npu_status status = npu__call(job->client, &request, timeout_ms + job->client->timeout_ms, &reply, NULL);
+    bool ready = false;
+    npu_status status = npu_jobs_wait(&job, 1, true, timeout_ms, &ready);
     if (status != NULL)
       return status;
-    take_state(job, &reply.result);
-    npu__reply_free(&reply);
     if (!finished(job))
       return npu__error_default(NPU_ETIMEDOUT, "job %llu did not finish within %u ms", (unsigned long long)job->id,
                                 timeout_ms);
@@ -325,13 +319,9 @@ NPU_EXPORT npu_status npu_fence_import(npu_client *client, const char *token, np
   return status;
 }
 
-NPU_EXPORT npu_status npu_jobs_wait(npu_job *const *jobs, size_t count, bool all, uint32_t timeout_ms, bool *ready) {
-  if (jobs == NULL || count == 0 || count > 4096)
-    return npu__error_default(NPU_EINVAL, "npu_jobs_wait: give 1 to 4096 jobs");
+/* One wait_jobs request: the jobs' states taken, `*ready` as the daemon says. */
+static npu_status wait_jobs_once(npu_job *const *jobs, size_t count, bool all, uint32_t timeout_ms, bool *ready) {
   npu_client *client = jobs[0]->client;
-  for (size_t i = 1; i < count; i++)
-    if (jobs[i]->client != client)
-      return npu__error_default(NPU_EINVAL, "npu_jobs_wait: the jobs belong to different clients");
   npu_request request;
   npu__request_begin(&request, "wait_jobs", 3);
   npu__pack_str(&request.pk, "jobs");
@@ -348,9 +338,34 @@ NPU_EXPORT npu_status npu_jobs_wait(npu_job *const *jobs, size_t count, bool all
   const msgpack_object *list = npu__get(&reply.result, "jobs");
   for (size_t i = 0; list && list->type == MSGPACK_OBJECT_ARRAY && i < list->via.array.size && i < count; i++)
     take_state(jobs[i], &list->via.array.ptr[i]);
-  if (ready != NULL)
-    *ready = npu__get_bool(&reply.result, "ready", false);
+  *ready = npu__get_bool(&reply.result, "ready", false);
   npu__reply_free(&reply);
+  return NULL;
+}
+
+/* A client runs one request at a time: a long wait is cut into requests of at most this long, so
+ * that other threads' calls on the client go between them (each costs one round trip). */
+#define WAIT_SLICE_MS 100u
+
+NPU_EXPORT npu_status npu_jobs_wait(npu_job *const *jobs, size_t count, bool all, uint32_t timeout_ms, bool *ready) {
+  if (jobs == NULL || count == 0 || count > 4096)
+    return npu__error_default(NPU_EINVAL, "npu_jobs_wait: give 1 to 4096 jobs");
+  for (size_t i = 1; i < count; i++)
+    if (jobs[i]->client != jobs[0]->client)
+      return npu__error_default(NPU_EINVAL, "npu_jobs_wait: the jobs belong to different clients");
+  uint64_t deadline = npu__now_ms() + timeout_ms;
+  bool done = false;
+  for (;;) {
+    uint64_t now = npu__now_ms();
+    uint32_t left = now < deadline ? (uint32_t)(deadline - now) : 0;
+    npu_status status = wait_jobs_once(jobs, count, all, left < WAIT_SLICE_MS ? left : WAIT_SLICE_MS, &done);
+    if (status != NULL)
+      return status;
+    if (done || left <= WAIT_SLICE_MS)
+      break;
+  }
+  if (ready != NULL)
+    *ready = done;
   return NULL;
 }
 

@@ -343,6 +343,47 @@ static void test_jobs_and_fences(npu_client *client, npu_model *m) {
   io_close(&x);
 }
 
+typedef struct waiter {
+  npu_job *job;
+  double returned_at;   /* read after the join */
+} waiter;
+
+static double seconds(void);
+
+static void *wait_for_job(void *arg) {
+  waiter *w = arg;
+  OK(npu_job_wait(w->job, 30000));
+  w->returned_at = seconds();
+  return NULL;
+}
+
+/* A thread waiting for a slow job does not hold up another thread's calls on the same client. */
+static void test_wait_leaves_the_client_to_others(npu_client *client, npu_model *m) {
+  io x;
+  io_open(client, m, &x);
+  waiter w = {0};
+  OK(npu_client_inject_fault(client, 0, "slow", 300, 1));   /* about 2 s: 7 layer segments */
+  OK(npu_model_submit(m, &x.in, 1, &x.out, 1, NULL, &w.job));
+  pthread_t thread;
+  double start = seconds(), slowest = 0;
+  pthread_create(&thread, NULL, wait_for_job, &w);
+  nanosleep(&(struct timespec){0, 200000000}, NULL);   /* the waiter is surely waiting by now */
+  for (int i = 0; i < 5; i++) {
+    double t = seconds();
+    OK(npu_client_ping(client));
+    if (seconds() - t > slowest)
+      slowest = seconds() - t;
+  }
+  double pinged_at = seconds();
+  pthread_join(thread, NULL);
+  CHECK(slowest < 1.0 && pinged_at < w.returned_at, "pings took up to %.0f ms, done %.0f ms before the wait",
+        slowest * 1e3, (w.returned_at - pinged_at) * 1e3);
+  printf("pings during a wait: slowest %.1f ms; the wait returned after %.0f ms\n", slowest * 1e3,
+         (w.returned_at - start) * 1e3);
+  npu_job_release(w.job);
+  io_close(&x);
+}
+
 /* A job that crashes its device process fails with an error of its own. */
 static void test_failed_job(npu_client *client, npu_model *m) {
   io x;
@@ -478,6 +519,7 @@ int main(int argc, char **argv) {
   if (m != NULL) {
     test_run(client, m, argv[3], argv[4]);
     test_jobs_and_fences(client, m);
+    test_wait_leaves_the_client_to_others(client, m);
     test_failed_job(client, m);
     OK(npu_model_unload(m));
   }
