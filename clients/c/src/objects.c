@@ -250,6 +250,8 @@ static void take_state(npu_job *job, const msgpack_object *entry) {
 }
 
 NPU_EXPORT npu_status npu_job_wait(npu_job *job, uint32_t timeout_ms) {
+  if (job == NULL)
+    return npu__error_default(NPU_EINVAL, "npu_job_wait: job is NULL");
   if (!finished(job)) {
     bool ready = false;
     npu_status status = npu_jobs_wait(&job, 1, true, timeout_ms, &ready);
@@ -350,9 +352,9 @@ static npu_status wait_jobs_once(npu_job *const *jobs, size_t count, bool all, u
 NPU_EXPORT npu_status npu_jobs_wait(npu_job *const *jobs, size_t count, bool all, uint32_t timeout_ms, bool *ready) {
   if (jobs == NULL || count == 0 || count > 4096)
     return npu__error_default(NPU_EINVAL, "npu_jobs_wait: give 1 to 4096 jobs");
-  for (size_t i = 1; i < count; i++)
-    if (jobs[i]->client != jobs[0]->client)
-      return npu__error_default(NPU_EINVAL, "npu_jobs_wait: the jobs belong to different clients");
+  for (size_t i = 0; i < count; i++)
+    if (jobs[i] == NULL || jobs[i]->client != jobs[0]->client)
+      return npu__error_default(NPU_EINVAL, "npu_jobs_wait: job %zu is NULL or another client's", i);
   uint64_t deadline = npu__now_ms() + timeout_ms;
   bool done = false;
   for (;;) {

@@ -162,6 +162,17 @@ static void test_buffers(npu_client *client) {
   OK(npu_buffer_free(b));
   free(src);
   free(dst);
+
+  /* device memory runs out (the buffers are sparse memfds: nothing is touched) */
+  npu_buffer *held[8] = {0};
+  npu_status s = NULL;
+  for (int i = 0; i < 8 && s == NULL; i++)
+    s = npu_buffer_alloc(client, 0, 256u << 20, &held[i]);
+  CHECK(npu_status_code(s) == NPU_ENOMEM && npu_status_retryable(s), "%s: %s", npu_status_code_name(s),
+        npu_status_message(s));
+  npu_status_free(s);
+  for (int i = 0; i < 8; i++)
+    OK(npu_buffer_free(held[i]));
 }
 
 static void test_contexts(npu_client *client) {
@@ -303,6 +314,14 @@ static void test_jobs_and_fences(npu_client *client, npu_model *m) {
   npu_job_release(queued);
   npu_job_release(after);
 
+  /* a deadline the slowed job cannot meet even on an idle device: ETIME, and (unlike the code's
+   * default) not retryable, as the daemon says */
+  OK(npu_client_inject_fault(client, 0, "slow", 300, 1));
+  npu_job_options soon = {.deadline_ms = 100};
+  npu_job *late = NULL;
+  FAILS(npu_model_submit(m, &x.in, 1, &x.out, 1, &soon, &late), NPU_ETIME, false);
+  CHECK(late == NULL, "no job from a refused submit");
+
   /* a fence exported by one session, imported and run after in another */
   npu_job *first = NULL, *imported = NULL, *second = NULL;
   OK(npu_model_submit(m, &x.in, 1, &x.out, 1, NULL, &first));
@@ -336,6 +355,7 @@ static void test_jobs_and_fences(npu_client *client, npu_model *m) {
   both[1] = imported;
   FAILS(npu_jobs_wait(both, 2, true, 0, &ready), NPU_EINVAL, false);   /* two clients' jobs */
   FAILS(npu_jobs_wait(both, 0, true, 0, &ready), NPU_EINVAL, false);
+  FAILS(npu_job_wait(NULL, 0), NPU_EINVAL, false);
   npu_job_release(imported);
   npu_job_release(first);
   OK(npu_buffer_free(theirs));
@@ -499,6 +519,7 @@ int main(int argc, char **argv) {
     fprintf(stderr, "usage: test_libnpu ENDPOINT MODEL.onnx INPUT.raw OUTPUT.raw [BIG_MODEL.onnx]\n");
     return 2;
   }
+  setvbuf(stdout, NULL, _IONBF, 0);   /* what failed is on record even if a check crashes */
   endpoint = argv[1];
   size_t size = 0;
   void *onnx = read_file(argv[2], &size);
