@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 RUNTIME := $(VENV)/.installed-runtime
 TESTING := $(VENV)/.installed-test
 
-.PHONY: demo test bench clean fuzz soak
+.PHONY: demo test bench clean fuzz soak libnpu libnpu-deps libnpu-tests install-libnpu
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,8 @@ demo: $(RUNTIME)
 	$(PY) -m examples.demo
 
 # pytest exits 5 when it collected no tests: make fails then too, as it should.
-test: $(TESTING)
+# libnpu's C tests (tests/clients/test_libnpu.py) need the library and its test programs built.
+test: $(TESTING) libnpu-tests
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(TESTING)
@@ -48,6 +49,72 @@ soak: $(TESTING)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# --- libnpu: the C client library (clients/c, docs/CLIENT-C.md) ----------------------
+# `make libnpu` builds build/libnpu/libnpu.so.$(LIBNPU_VERSION) (soname libnpu.so.$(LIBNPU_MAJOR)), an
+# in-tree libnpu.pc, and examples/c/classify linked through that pkg-config file.  `make libnpu-tests`
+# adds the C test program and its AddressSanitizer+UBSan build.  libnpu-deps installs libzmq and
+# msgpack-c's development packages when root with apt, else stops with the command to run.
+CC ?= cc
+LIBNPU_MAJOR := 0
+LIBNPU_VERSION := $(LIBNPU_MAJOR).1.0
+LIBNPU_OUT := build/libnpu
+LIBNPU_SRC := $(wildcard clients/c/src/*.c)
+LIBNPU_HDR := clients/c/include/npu.h $(wildcard clients/c/src/*.h)
+LIBNPU_SO := $(LIBNPU_OUT)/libnpu.so.$(LIBNPU_VERSION)
+LIBNPU_CFLAGS := -std=gnu11 -O2 -g -Wall -Wextra -Werror=implicit-function-declaration -pthread
+# msgpack-c's pkg-config name: msgpack up to 4.x (bookworm), msgpack-c from 6.x (trixie)
+LIBNPU_MSGPACK = $(shell pkg-config --exists msgpack-c 2>/dev/null && echo msgpack-c || echo msgpack)
+LIBNPU_DEPS = $(shell pkg-config --cflags --libs libzmq $(LIBNPU_MSGPACK))
+LIBNPU_PC := PKG_CONFIG_PATH=$(abspath $(LIBNPU_OUT))$${PKG_CONFIG_PATH:+:$$PKG_CONFIG_PATH} pkg-config
+LIBNPU_SANITIZE := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+
+libnpu: $(LIBNPU_SO) $(LIBNPU_OUT)/libnpu.pc $(LIBNPU_OUT)/classify
+
+libnpu-deps:
+	@clients/c/deps.sh
+
+$(LIBNPU_SO): $(LIBNPU_SRC) $(LIBNPU_HDR) | libnpu-deps
+	@mkdir -p $(LIBNPU_OUT)
+	$(CC) $(LIBNPU_CFLAGS) -fPIC -fvisibility=hidden -shared -Iclients/c/include \
+	  -Wl,-soname,libnpu.so.$(LIBNPU_MAJOR) -Wl,--no-undefined -o $@ $(LIBNPU_SRC) $(LIBNPU_DEPS)
+	ln -sfn libnpu.so.$(LIBNPU_VERSION) $(LIBNPU_OUT)/libnpu.so.$(LIBNPU_MAJOR)
+	ln -sfn libnpu.so.$(LIBNPU_MAJOR) $(LIBNPU_OUT)/libnpu.so
+
+# The in-tree libnpu.pc names this checkout's header and library (install-libnpu writes the installed one).
+$(LIBNPU_OUT)/libnpu.pc: clients/c/libnpu.pc.in | libnpu-deps
+	@mkdir -p $(LIBNPU_OUT)
+	sed -e 's|@PREFIX@|$(abspath .)|' -e 's|@LIBDIR@|$(abspath $(LIBNPU_OUT))|' \
+	  -e 's|@INCLUDEDIR@|$(abspath clients/c/include)|' -e 's|@VERSION@|$(LIBNPU_VERSION)|' \
+	  -e 's|@MSGPACK@|$(LIBNPU_MSGPACK)|' $< > $@
+
+# Programs built as a user of the library would: flags from pkg-config, nothing else.
+$(LIBNPU_OUT)/classify: examples/c/classify.c $(LIBNPU_SO) $(LIBNPU_OUT)/libnpu.pc
+	$(CC) -std=c11 -O2 -Wall -Wextra -o $@ $< $$($(LIBNPU_PC) --cflags --libs libnpu) -lm \
+	  -Wl,-rpath,$(abspath $(LIBNPU_OUT))
+
+$(LIBNPU_OUT)/test_libnpu: clients/c/tests/test_libnpu.c $(LIBNPU_SO) $(LIBNPU_OUT)/libnpu.pc
+	$(CC) $(LIBNPU_CFLAGS) -o $@ $< $$($(LIBNPU_PC) --cflags --libs libnpu) -Wl,-rpath,$(abspath $(LIBNPU_OUT))
+
+# The sanitized build compiles the library's sources into the test program, so they are checked too.
+$(LIBNPU_OUT)/test_libnpu-asan: clients/c/tests/test_libnpu.c $(LIBNPU_SRC) $(LIBNPU_HDR) | libnpu-deps
+	@mkdir -p $(LIBNPU_OUT)
+	$(CC) $(LIBNPU_CFLAGS) -O1 $(LIBNPU_SANITIZE) -Iclients/c/include -o $@ $< $(LIBNPU_SRC) $(LIBNPU_DEPS)
+
+libnpu-tests: libnpu $(LIBNPU_OUT)/test_libnpu $(LIBNPU_OUT)/test_libnpu-asan
+
+LIBNPU_PREFIX ?= /usr/local
+LIBNPU_LIBDIR ?= $(LIBNPU_PREFIX)/lib
+
+install-libnpu: libnpu
+	$(INSTALL) -d $(DESTDIR)$(LIBNPU_LIBDIR)/pkgconfig $(DESTDIR)$(LIBNPU_PREFIX)/include
+	$(INSTALL) -m 0755 $(LIBNPU_SO) $(DESTDIR)$(LIBNPU_LIBDIR)/
+	ln -sfn libnpu.so.$(LIBNPU_VERSION) $(DESTDIR)$(LIBNPU_LIBDIR)/libnpu.so.$(LIBNPU_MAJOR)
+	ln -sfn libnpu.so.$(LIBNPU_MAJOR) $(DESTDIR)$(LIBNPU_LIBDIR)/libnpu.so
+	$(INSTALL) -m 0644 clients/c/include/npu.h $(DESTDIR)$(LIBNPU_PREFIX)/include/
+	sed -e 's|@PREFIX@|$(LIBNPU_PREFIX)|' -e 's|@LIBDIR@|$(LIBNPU_LIBDIR)|' \
+	  -e 's|@INCLUDEDIR@|$(LIBNPU_PREFIX)/include|' -e 's|@VERSION@|$(LIBNPU_VERSION)|' \
+	  -e 's|@MSGPACK@|$(LIBNPU_MSGPACK)|' clients/c/libnpu.pc.in > $(DESTDIR)$(LIBNPU_LIBDIR)/pkgconfig/libnpu.pc
 
 # --- install / uninstall: the system service (see docs/DEPLOY.md) -------------------
 # `make install` puts npud into its own venv at PREFIX, links its commands into BINDIR,
