@@ -12,11 +12,10 @@ once for all runs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import sys
 import time
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -24,14 +23,14 @@ from typing import TYPE_CHECKING
 import trio
 
 from compiler_worker.errors import ExecutableFormatError
-from compiler_worker.executable import Executable
 from emulator.config import DeviceConfig
 from emulator.errors import StreamError
 from emulator.validator import Mapping, validate
 from ipc_schema.errors import ErrorCode, RequestError
 
-from .compile_cache import CompileCache, cache_key, model_digest
+from .compile_cache import CachedExecutable, CompileCache, cache_key, model_digest
 from .compilers import CompilerPool, raise_for
+from .jobs import compact_layers
 from .memory import BufferObject, round_up
 
 if TYPE_CHECKING:
@@ -43,12 +42,18 @@ if TYPE_CHECKING:
 class LoadedModel:
     id: int
     device: int
-    exe: Executable
+    exe: CachedExecutable
     program: int
     fixed: list[tuple[BufferObject, int, bool]]      # weights and arena: (buffer, va, writable)
     inputs: list[dict]                               # I/O table entries, in binding order
     outputs: list[dict]
     regions: dict[str, dict] = field(default_factory=dict)
+    # What each run needs of the per-op report, kept while loaded (the cached executable keeps
+    # its report packed): (node, op, cycles) per layer for `trace` (jobs.compact_layers), the
+    # modeled cycles of a run, and the model's name.
+    layers: bytes = b""
+    cycles: int = 0
+    name: str = ""
 
     def info(self, cached: bool, compile_ms: float) -> dict:
         def tensor(e):
@@ -80,7 +85,7 @@ class ModelLoader:
         self._storing: set[trio.Event] = set()
 
     async def executable(self, model, options: dict, config: DeviceConfig, digest: bytes | None = None,
-                         private_copy=None, compile_faults: list | None = None) -> tuple[Executable, bool, float]:
+                         private_copy=None, compile_faults: list | None = None) -> tuple[CachedExecutable, bool, float]:
         """(executable, came from the cache, milliseconds it took).
 
         ``digest`` is ``model_digest(model)`` if the caller computed it already.
@@ -112,7 +117,7 @@ class ModelLoader:
             received = time.perf_counter()
             data = reply["executable"]
             try:
-                exe = await trio.to_thread.run_sync(Executable.from_bytes, data)
+                exe = await trio.to_thread.run_sync(CachedExecutable.from_bytes, data)
             except ExecutableFormatError as exc:
                 raise RequestError(ErrorCode.EIO, f"the compiler produced an unreadable executable: {exc}")
             # The load does not wait for the disk (a 100 MB fsync can take 0.1-0.5 s); lookups of the
@@ -138,7 +143,7 @@ class ModelLoader:
                 self._presented.popitem(last=False)
 
     async def by_digest(self, digest: bytes, options: dict, config: DeviceConfig,
-                        uid: int) -> tuple[Executable, bool, float]:
+                        uid: int) -> tuple[CachedExecutable, bool, float]:
         """A cached executable for a model known only by its digest, for a user who has sent it."""
         started = time.perf_counter()
         exe = None
@@ -149,12 +154,12 @@ class ModelLoader:
                                                  "and these options: send the model's bytes")
         return exe, True, (time.perf_counter() - started) * 1e3
 
-    async def _store(self, key: str, data: bytes, exe: Executable, done: trio.Event) -> None:
+    async def _store(self, key: str, data: bytes, exe: CachedExecutable, done: trio.Event) -> None:
         self._storing.add(done)
         try:
             ident = await trio.to_thread.run_sync(self.cache.put, key, data)
             if ident is not None:
-                self.cache.remember(key, ident, exe, len(data))
+                self.cache.remember(key, ident, exe)
         except Exception:  # a system task must not raise; put already logs disk errors
             log.exception("storing compile cache entry %s failed", key)
         finally:
@@ -171,7 +176,7 @@ class ModelLoader:
         for event in list(self._storing):
             await event.wait()
 
-    async def _lookup(self, key: str) -> Executable | None:
+    async def _lookup(self, key: str) -> CachedExecutable | None:
         """The cached executable, or None and no compile of ``key`` under way: the caller
         must then mark its own compile in flight before it awaits anything."""
         while True:
@@ -201,7 +206,7 @@ def check_layout(spans: list[tuple[int, int, str]], page: int) -> None:
             raise RequestError(ErrorCode.EINVAL, f"{second} overlaps {first} in the address space")
 
 
-async def instantiate(session: "Session", device: "DeviceHost", exe: Executable, model_id: int,
+async def instantiate(session: "Session", device: "DeviceHost", exe: CachedExecutable, model_id: int,
                       quota: int) -> LoadedModel:
     config = device.config
     if bytes(exe.target_hash) != config.target_hash():
@@ -217,30 +222,54 @@ async def instantiate(session: "Session", device: "DeviceHost", exe: Executable,
                                              f"its {quota}-byte quota")
     mappings = [Mapping(r["va"], round_up(max(r["size"], 1), page), bool(r["writable"]))
                 for r in regions.values()]
+    io, ops, stream = exe.io, exe.ops, exe.stream   # a cached executable decodes them at each access
+    by_tensor = {(r["kind"], r.get("tensor")): r for r in regions.values()}
+    for kind, entries in (("input", io["inputs"]), ("output", io["outputs"])):
+        for entry in entries:
+            region = by_tensor.get((kind, entry["name"]))
+            if region is None or region["va"] != entry["va"] or region["size"] < entry["size"]:
+                raise RequestError(ErrorCode.EIO, f"the executable's I/O table does not match its layout "
+                                                  f"({kind} {entry['name']!r})")
     # An executable object (the compile cache keeps them in memory) is validated once per target
     # and layout; its stream cannot change.
-    validated = exe.__dict__.setdefault("_npud_validated", set())
-    # (interned: every cached executable's set would otherwise hold its own copy of the config's text)
-    checked = (sys.intern(json.dumps(config.to_dict(), sort_keys=True)),
-               tuple((m.va, m.size, m.writable) for m in mappings))
-    if checked not in validated:
+    checked = _validation_key(config, mappings)
+    if not exe.validated_for(checked):
         try:
-            await trio.to_thread.run_sync(validate, exe.stream, config, mappings)
+            await trio.to_thread.run_sync(validate, stream, config, mappings)
         except StreamError as exc:
             raise RequestError(ErrorCode.EIO, f"the compiler produced a stream the device refuses: "
                                               f"{exc.message}") from None
-        validated.add(checked)
-    # Weights are mapped read-only, so every load of one executable on a device shares one
-    # buffer: a cache hit copies no weights.  (Each session is still charged for them.)  The
-    # executable refers to it weakly: a cached entry must not keep a released buffer's record.
-    shared = exe.__dict__.setdefault("_npud_weights", {})
+        exe.validated += checked
+    fixed = await _fixed_buffers(device, exe, fixed_regions)
+    session.memory += sum(bo.mapped_size for bo, _va, _w in fixed)
+    bounds, total = [], 0
+    for row in ops:
+        total += int(row.get("commands", 0))
+        bounds.append(total)
+    program = device.add_program(stream, [(m.va, m.size, m.writable) for m in mappings], bounds)
+    return LoadedModel(model_id, device.index, exe, program, fixed, io["inputs"], io["outputs"], regions,
+                       layers=compact_layers(ops), cycles=sum(int(r.get("cycles", 0)) for r in ops),
+                       name=str(exe.meta.get("model_name", ""))[:256])
+
+
+def _validation_key(config: DeviceConfig, mappings: list[Mapping]) -> bytes:
+    """What a stream was validated against (the target and the layout), as 16 bytes."""
+    text = json.dumps([config.to_dict(), [(m.va, m.size, m.writable) for m in mappings]], sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=CachedExecutable.VALIDATION_KEY).digest()
+
+
+async def _fixed_buffers(device: "DeviceHost", exe: CachedExecutable, fixed_regions: list[dict]) -> list:
+    """The weights and arena buffers of one load: (buffer, va, writable) each.
+
+    Weights are mapped read-only, so every load of one executable on a device shares one
+    buffer: a cache hit copies no weights.  (Each session is still charged for them.)  The
+    device's table of them refers to the buffers weakly: a released buffer leaves no record."""
     fixed = []
     try:
         for r in fixed_regions:
             size = max(r["size"], 1)
             if r["kind"] == "weights" and not r["writable"]:
-                ref = shared.get(device.index)
-                bo = ref() if ref is not None else None
+                bo = device.shared_weights.get(exe)
                 if bo is not None and bo.refs > 0 and not bo.uncharged and bo.size == size:
                     bo.refs += 1
                     fixed.append((bo, r["va"], False))
@@ -256,21 +285,11 @@ async def instantiate(session: "Session", device: "DeviceHost", exe: Executable,
                 else:
                     bo.view()[: len(weights)] = weights
                 if not r["writable"]:
-                    shared[device.index] = weakref.ref(bo)
+                    device.shared_weights[exe] = bo
     except BaseException:
         for bo, _va, _w in fixed:
             bo.refs -= 1
             if bo.refs == 0:
                 device.memory.release(bo)  # never seen by the device: no unmap needed
         raise
-    session.memory += sum(bo.mapped_size for bo, _va, _w in fixed)
-    program = device.add_program(exe.stream, [(m.va, m.size, m.writable) for m in mappings])
-    by_tensor = {(r["kind"], r.get("tensor")): r for r in regions.values()}
-    for entry in (*exe.inputs, *exe.outputs):
-        kind = "input" if entry in exe.inputs else "output"
-        region = by_tensor.get((kind, entry["name"]))
-        if region is None or region["va"] != entry["va"] or region["size"] < entry["size"]:
-            raise RequestError(ErrorCode.EIO, f"the executable's I/O table does not match its layout "
-                                              f"({kind} {entry['name']!r})")
-    return LoadedModel(model_id, device.index, exe, program, fixed, list(exe.inputs),
-                       list(exe.outputs), regions)
+    return fixed
