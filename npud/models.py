@@ -16,10 +16,10 @@ import hashlib
 import json
 import logging
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import trio
 
 from compiler_worker.errors import ExecutableFormatError
@@ -67,7 +67,106 @@ class LoadedModel:
 
 log = logging.getLogger("npud.models")
 HASH_IN_THREAD_BYTES = 1 << 20
-PRESENTED_KEPT = 65536   # model digests remembered as sent (~0.2 KiB each: <= 13 MiB)
+PRESENTED_KEPT = 65536   # model digests remembered as sent (52 bytes each, allocated at start: 3.3 MiB)
+DIGEST_BYTES = 32
+
+
+class PresentedDigests:
+    """Which users have sent the bytes behind each model digest: at most ``capacity`` digests,
+    the least recently presented forgotten first (a forgotten digest only costs its user one
+    upload of the bytes: ENOENT, then the client sends them).
+
+    Kept in arrays allocated once (the digests side by side, a first user and a last-presented
+    stamp per slot, an open-addressing index of slots), so that the entries added while the
+    daemon is busy are no Python objects of their own: as a dict of bytes to tuples they were
+    ~200 bytes in three small objects per digest, made among the transient objects of the load
+    and outliving it, which kept pymalloc's arenas from being returned.  A digest's further users
+    (rare: one user per digest, nearly always) are in a dict of their own.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._digests = bytearray(DIGEST_BYTES * capacity)
+        self._first = np.full(capacity, -1, np.int64)       # first user of each slot (-1: free)
+        self._stamp = np.zeros(capacity, np.int64)          # when each slot was last presented
+        self._index = np.zeros(_table_size(capacity), np.int32)   # slot + 1, or 0: empty
+        self._more: dict[int, tuple[int, ...]] = {}        # slot -> its other users
+        self._used = 0
+        self._clock = 0
+
+    def __len__(self) -> int:
+        return self._used
+
+    def __iter__(self):
+        """The digests, least recently presented first."""
+        slots = np.argsort(self._stamp[:self._used], kind="stable")
+        return (self._digest(int(s)) for s in slots)
+
+    def users(self, digest: bytes) -> tuple[int, ...]:
+        _pos, slot = self._find(digest)
+        return () if slot < 0 else (int(self._first[slot]), *self._more.get(slot, ()))
+
+    def add(self, digest: bytes, uid: int) -> None:
+        """Record that ``uid`` sent the bytes of ``digest`` (now its most recently presented)."""
+        if len(digest) != DIGEST_BYTES:
+            raise ValueError(f"a model digest is {DIGEST_BYTES} bytes, not {len(digest)}")
+        pos, slot = self._find(digest)
+        if slot < 0:
+            if self._used < self.capacity:
+                slot, self._used = self._used, self._used + 1
+            else:
+                slot = int(np.argmin(self._stamp))
+                self._remove(slot)
+            pos, _ = self._find(digest)
+            self._index[pos] = slot + 1
+            self._digests[slot * DIGEST_BYTES:(slot + 1) * DIGEST_BYTES] = digest
+            self._first[slot] = uid
+        elif uid != self._first[slot] and uid not in self._more.get(slot, ()):
+            self._more[slot] = (*self._more.get(slot, ()), uid)
+        self._clock += 1
+        self._stamp[slot] = self._clock
+
+    def _digest(self, slot: int) -> bytes:
+        return bytes(self._digests[slot * DIGEST_BYTES:(slot + 1) * DIGEST_BYTES])
+
+    def _home(self, digest) -> int:
+        return int.from_bytes(digest[:8], "little") & (len(self._index) - 1)
+
+    def _find(self, digest: bytes) -> tuple[int, int]:
+        """(position in the index, slot) of ``digest``, or (the empty position it would take, -1)."""
+        mask = len(self._index) - 1
+        pos = self._home(digest) if len(digest) == DIGEST_BYTES else 0
+        view = memoryview(self._digests)
+        while True:
+            entry = int(self._index[pos])
+            if entry == 0:
+                return pos, -1
+            slot = entry - 1
+            if view[slot * DIGEST_BYTES:(slot + 1) * DIGEST_BYTES] == digest:
+                return pos, slot
+            pos = (pos + 1) & mask
+
+    def _remove(self, slot: int) -> None:
+        """Take ``slot`` out of the index (backward-shift deletion: no tombstones to pile up)."""
+        mask = len(self._index) - 1
+        pos, _ = self._find(self._digest(slot))
+        self._index[pos] = 0
+        self._more.pop(slot, None)
+        nxt = pos
+        while True:
+            nxt = (nxt + 1) & mask
+            entry = int(self._index[nxt])
+            if entry == 0:
+                return
+            home = self._home(self._digest(entry - 1))
+            if (nxt - home) & mask >= (nxt - pos) & mask:   # it may move back into the hole
+                self._index[pos], self._index[nxt] = entry, 0
+                pos = nxt
+
+
+def _table_size(capacity: int) -> int:
+    """A power of two at least twice ``capacity``: probes stay short."""
+    return 1 << max(1, (2 * capacity - 1).bit_length())
 
 
 class ModelLoader:
@@ -76,12 +175,8 @@ class ModelLoader:
         self.cache = cache
         self._in_flight: dict[str, trio.Event] = {}
         # Which users have sent the bytes behind a digest: a digest alone must not let one
-        # user run another's model (knowing a hash is not having the model).  Least recently
-        # presented first, at most PRESENTED_KEPT: a forgotten digest only costs its user one
-        # upload of the bytes (ENOENT, then the client sends them), and the soak's stream of new
-        # models made the table grow without end.
-        # The users are a tuple (one user, nearly always: 48 bytes, where a set took 216).
-        self._presented: OrderedDict[bytes, tuple[int, ...]] = OrderedDict()
+        # user run another's model (knowing a hash is not having the model).
+        self._presented = PresentedDigests(PRESENTED_KEPT)
         self._storing: set[trio.Event] = set()
 
     async def executable(self, model, options: dict, config: DeviceConfig, digest: bytes | None = None,
@@ -135,19 +230,14 @@ class ModelLoader:
     def presented(self, digest: bytes, uid: int) -> None:
         """Record that ``uid`` sent the bytes whose digest this is."""
         if uid >= 0:
-            users = self._presented.get(digest, ())
-            if uid not in users:
-                self._presented[digest] = users + (uid,)
-            self._presented.move_to_end(digest)
-            while len(self._presented) > PRESENTED_KEPT:
-                self._presented.popitem(last=False)
+            self._presented.add(digest, uid)
 
     async def by_digest(self, digest: bytes, options: dict, config: DeviceConfig,
                         uid: int) -> tuple[CachedExecutable, bool, float]:
         """A cached executable for a model known only by its digest, for a user who has sent it."""
         started = time.perf_counter()
         exe = None
-        if uid >= 0 and uid in self._presented.get(digest, ()):
+        if uid >= 0 and uid in self._presented.users(digest):
             exe = await self._lookup(cache_key(None, options, config, digest))
         if exe is None:
             raise RequestError(ErrorCode.ENOENT, "no cached executable of that model digest for this user "
