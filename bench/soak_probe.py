@@ -85,9 +85,10 @@ def _pymalloc():
 
 def _alive():
     """Instances of the daemon's per-session and per-job classes the garbage collector tracks,
-    reachable or not (nothing is collected to count them)."""
+    reachable or not (nothing is collected to count them); ``KeptJob``: the finished jobs
+    sessions keep (up to 1024 each, freed with their session)."""
     import gc
-    names = ("Session", "Job", "LoadedModel", "Context", "BufferObject")
+    names = ("Session", "Job", "KeptJob", "LoadedModel", "Context", "BufferObject")
     counts = dict.fromkeys(names, 0)
     held = []
     for obj in gc.get_objects():

@@ -160,8 +160,8 @@ def test_a_closed_session_leaves_no_session_job_or_model_record(probed):
         for c in clients:
             _work(c)
         during = soak_probe.mark(daemon.process.pid, probe_dir)["alive"]
-        # (finished jobs are kept as npud.jobs.KeptJob, which the probe does not count)
-        assert during["Session"] == 4 and during["LoadedModel"] == 3
+        # each client's 5 runs and 20 jobs, finished and kept as npud.jobs.KeptJob
+        assert during["Session"] == 4 and during["LoadedModel"] == 3 and during["KeptJob"] == 75
         for c in clients:
             c.close()
         deadline = time.monotonic() + 10
@@ -176,7 +176,7 @@ def test_a_closed_session_leaves_no_session_job_or_model_record(probed):
                 break
             time.sleep(0.25)
     assert after["Session"] == 1, str(after)   # the watcher's
-    assert after["Job"] == 0, str(after)
+    assert after["Job"] == 0 and after["KeptJob"] == 0, str(after)
     assert after["LoadedModel"] == 0, str(after)
     assert after["Context"] == 0, str(after)   # no fair-share clock or ban kept for a closed session
     assert after["BufferObject"] == 0, str(after)   # nor a cached executable its released weights
