@@ -220,16 +220,16 @@ def test_heap_is_trimmed_once_per_idle_period_after_being_busy():
     from npud.memory import HeapTrimmer, _libc_malloc_trim
 
     calls = []
-    heap = HeapTrimmer(idle_s=5.0, trim=calls.append)
+    heap = HeapTrimmer(idle_s=5.0, trim=calls.append, collect=lambda: calls.append("gc"))
     assert not heap.tick(0.0, busy=False) and not heap.tick(100.0, busy=False)   # never busy: nothing owed
     heap.tick(101.0, busy=True)
     assert not heap.tick(102.0, busy=False) and not heap.tick(106.9, busy=False)  # idle < 5 s
-    assert heap.tick(107.0, busy=False) and calls == [0]
-    assert not heap.tick(200.0, busy=False) and calls == [0]                      # once per idle period
+    assert heap.tick(107.0, busy=False) and calls == ["gc", 0]   # garbage collected, then trimmed
+    assert not heap.tick(200.0, busy=False) and calls == ["gc", 0]                # once per idle period
     heap.tick(201.0, busy=True)
     assert not heap.tick(202.0, busy=False)
     heap.tick(203.0, busy=True)          # busy again before 5 s idle: the clock restarts
-    assert not heap.tick(207.5, busy=False) and heap.tick(212.5, busy=False) and calls == [0, 0]
+    assert not heap.tick(207.5, busy=False) and heap.tick(212.5, busy=False) and calls == ["gc", 0] * 2
     assert _libc_malloc_trim() is not None   # glibc here: the daemon really trims
 
 
