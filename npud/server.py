@@ -571,25 +571,33 @@ class Daemon:
         session.attach_scope.cancel()  # the companion socket's task closes it
         log.info("session %s (%s, pid %d) closed: %s", session.id, session.name, session.pid, why)
 
+    # The periodic loops visit the sessions in functions of their own: a loop variable in the
+    # long-lived coroutine kept the last session it saw (and its 1024 kept jobs) alive after
+    # every client had left, until another session connected (the soak's probe found it).
+
     async def _sample_usage(self) -> None:
         """Feed the utilisation windows of devices and sessions (util_pct)."""
         while True:
             await trio.sleep(SAMPLE_PERIOD_S)
-            now = time.monotonic()
-            for device in self.devices:
-                device.usage.sample(now, device.busy_now(now))
-            for session in self.sessions:
-                session.usage.sample(now, session.busy_now(now, self.devices))
-            self.heap.tick(now, len(self.sessions) > 0)
+            self._sample_once(time.monotonic())
+
+    def _sample_once(self, now: float) -> None:
+        for device in self.devices:
+            device.usage.sample(now, device.busy_now(now))
+        for session in self.sessions:
+            session.usage.sample(now, session.busy_now(now, self.devices))
+        self.heap.tick(now, len(self.sessions) > 0)
 
     async def _expire_leases(self) -> None:
         lease_s = self.config.limits.lease_ms / 1000
         while True:
             await trio.sleep(min(1.0, lease_s / 4))
-            now = time.monotonic()
-            for session in self.sessions:
-                if session.attach is None and now - session.last_seen > lease_s:
-                    self.close_session(session, "lease expired")
+            self._expire_once(time.monotonic(), lease_s)
+
+    def _expire_once(self, now: float, lease_s: float) -> None:
+        for session in self.sessions:
+            if session.attach is None and now - session.last_seen > lease_s:
+                self.close_session(session, "lease expired")
 
 
 def _user_id(frame) -> str:

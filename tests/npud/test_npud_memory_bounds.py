@@ -168,11 +168,12 @@ def test_a_closed_session_leaves_no_session_job_or_model_record(probed):
         while len(watcher.clients()) > 1:
             assert time.monotonic() < deadline, "the closed sessions are still listed"
             time.sleep(0.05)
-        # The daemon's periodic loops (lease expiry, usage sampling: each second) hold the last
-        # session they looked at until their next round; nothing else may hold a closed one.
+        # The daemon's periodic loops (lease expiry, usage sampling: each second) may hold the
+        # session they are looking at for their round, and the device processes unmap released
+        # buffers asynchronously; nothing may hold a closed session's records longer.
         while True:
             after = soak_probe.mark(daemon.process.pid, probe_dir)["alive"]
-            if after["Session"] == 1 or time.monotonic() > deadline + 5:
+            if (after["Session"] == 1 and after["BufferObject"] == 0) or time.monotonic() > deadline + 5:
                 break
             time.sleep(0.25)
     assert after["Session"] == 1, str(after)   # the watcher's
@@ -180,6 +181,21 @@ def test_a_closed_session_leaves_no_session_job_or_model_record(probed):
     assert after["LoadedModel"] == 0, str(after)
     assert after["Context"] == 0, str(after)   # no fair-share clock or ban kept for a closed session
     assert after["BufferObject"] == 0, str(after)   # nor a cached executable its released weights
+
+
+def test_the_last_client_leaving_leaves_no_session_record(probed):
+    """With no session left, the periodic loops' last look must not keep one alive (a loop
+    variable in their coroutines did, with its kept jobs, until another client connected)."""
+    daemon, probe_dir = probed
+    with npu.connect(daemon.endpoint) as c:
+        _work(c)
+    deadline = time.monotonic() + 10
+    while True:
+        after = soak_probe.mark(daemon.process.pid, probe_dir)["alive"]
+        if after["Session"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    assert after["Session"] == 0 and after["KeptJob"] == 0, str(after)
 
 
 def test_the_in_memory_cache_budget_is_a_config_key():
