@@ -169,11 +169,14 @@ class HeapTrimmer:
     garbage collection and then ``malloc_trim(0)``, once, and again only after the next busy
     period.  The collection first: cyclic garbage of the busy period that no collection of the
     oldest generation has reached yet still holds its blocks, and pymalloc returns an arena
-    only once every block in it is free.
+    only once every block in it is free.  Before both, ``release()`` (if given) drops what is
+    kept only for reuse under load: the devices' pools of freed buffers (each a memfd, its
+    mapping and the small objects recording them, made under load and pinning arenas).
     """
 
-    def __init__(self, idle_s: float = 5.0, trim=None, collect=gc.collect):
+    def __init__(self, idle_s: float = 5.0, trim=None, collect=gc.collect, release=None):
         self.idle_s = idle_s
+        self._release = release
         self._collect = collect
         self._trim = trim if trim is not None else _libc_malloc_trim()
         self._idle_since: float | None = None
@@ -192,6 +195,8 @@ class HeapTrimmer:
         if now - self._idle_since < self.idle_s:
             return False
         self._owed = False
+        if self._release is not None:
+            self._release()
         self._collect()
         self._trim(0)
         self.trims += 1

@@ -126,7 +126,8 @@ class Daemon:
         self.started = time.monotonic()
         self.stopping = False
         self.trace = TraceRing(TRACE_CAPACITY)
-        self.heap = HeapTrimmer()   # the C heap's free pages go back once no session is left
+        # The C heap's free pages (and the buffer pools) go back once no session is left.
+        self.heap = HeapTrimmer(release=lambda: [device.memory.shrink_pool() for device in self.devices])
         self.attach_path = attach_path_for(self.endpoint)
         self._zsock: OwnedSocket | None = None
         self._nursery: trio.Nursery | None = None

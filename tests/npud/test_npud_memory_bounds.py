@@ -7,6 +7,7 @@ staying up after every client left; these pin the bounds that fixed it.
 from __future__ import annotations
 
 import gc
+import os
 import time
 import tracemalloc
 import weakref
@@ -236,16 +237,17 @@ def test_heap_is_trimmed_once_per_idle_period_after_being_busy():
     from npud.memory import HeapTrimmer, _libc_malloc_trim
 
     calls = []
-    heap = HeapTrimmer(idle_s=5.0, trim=calls.append, collect=lambda: calls.append("gc"))
+    heap = HeapTrimmer(idle_s=5.0, trim=calls.append, collect=lambda: calls.append("gc"),
+                       release=lambda: calls.append("pools"))
     assert not heap.tick(0.0, busy=False) and not heap.tick(100.0, busy=False)   # never busy: nothing owed
     heap.tick(101.0, busy=True)
     assert not heap.tick(102.0, busy=False) and not heap.tick(106.9, busy=False)  # idle < 5 s
-    assert heap.tick(107.0, busy=False) and calls == ["gc", 0]   # garbage collected, then trimmed
-    assert not heap.tick(200.0, busy=False) and calls == ["gc", 0]                # once per idle period
+    assert heap.tick(107.0, busy=False) and calls == ["pools", "gc", 0]   # pools dropped, garbage collected, trimmed
+    assert not heap.tick(200.0, busy=False) and calls == ["pools", "gc", 0]      # once per idle period
     heap.tick(201.0, busy=True)
     assert not heap.tick(202.0, busy=False)
     heap.tick(203.0, busy=True)          # busy again before 5 s idle: the clock restarts
-    assert not heap.tick(207.5, busy=False) and heap.tick(212.5, busy=False) and calls == ["gc", 0] * 2
+    assert not heap.tick(207.5, busy=False) and heap.tick(212.5, busy=False) and calls == ["pools", "gc", 0] * 2
     assert _libc_malloc_trim() is not None   # glibc here: the daemon really trims
 
 
@@ -276,3 +278,25 @@ def test_a_fence_is_one_token_before_and_after_its_job_is_kept(test_daemon):
         after_theirs = other.submit(add_stream(64), [(x, A, False), (y, B, False), (z, O, True)], after=[imported])
         assert after_mine.wait(timeout=10) and after_theirs.wait(timeout=10)
         assert job.wait(timeout=5) is job
+
+
+def test_an_idle_daemon_closes_its_pooled_buffers(tmp_path):
+    """Freed buffers are pooled for reuse under load; once no session is left (5 s), the pool
+    goes: its memfds, their mappings and the records of them made under load."""
+    d = LocalDaemon("--cache-dir", str(tmp_path / "cache"))
+    try:
+        fds = lambda: len(os.listdir(f"/proc/{d.process.pid}/fd"))   # noqa: E731
+        idle = fds()
+        with npu.connect(d.endpoint) as c:
+            for b in [c.alloc(4096) for _ in range(40)]:
+                b.free()
+            c.devices()   # the frees were handled
+            pooled = fds()
+            time.sleep(2.5)   # the daemon notices a busy period by sampling (every 0.5 s)
+        assert pooled >= idle + 40, (idle, pooled)   # 2 descriptors a pooled buffer
+        deadline = time.monotonic() + 20
+        while fds() > idle + 4 and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert fds() <= idle + 4, (idle, pooled, fds())
+    finally:
+        d.stop()
