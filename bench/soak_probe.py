@@ -6,6 +6,8 @@
 - ``SIGUSR1`` writes ``mark-<n>.json`` into the directory: tracemalloc's traced bytes (if
   tracing), ``RssAnon``, and glibc's ``mallinfo2`` (bytes in use by malloc, bytes free inside
   its heap and arenas); with tracing also ``snap-<n>.bin``, a tracemalloc snapshot;
+  with ``NPUD_PROBE_LONELY=1`` in the daemon's environment also ``lonely``: the types of the
+  small objects alone in their pymalloc pools (what keeps pools and arenas after a busy period);
 - ``SIGUSR2`` calls glibc's ``malloc_trim(0)`` and writes ``trim-<n>.json`` with ``RssAnon``
   before and after: how much of the freed memory the allocator held and could give back.
 
@@ -103,6 +105,37 @@ def _alive():
     return counts
 
 
+def _lonely(per_pool=8, top=20):
+    """Which objects pin pymalloc's pools and arenas after a busy period: small objects
+    (found from the collector's objects and what they refer to) grouped by their 16 KiB pool;
+    those in pools holding at most ``per_pool`` of them, counted by type (str/bytes/tuple by
+    length too).  A pool (and its arena) stays while one block in it lives."""
+    import gc
+    seen, pools = set(), {}
+    for obj in gc.get_objects():
+        for o in (obj, *gc.get_referents(obj)):
+            if id(o) in seen:
+                continue
+            seen.add(id(o))
+            try:
+                if sys.getsizeof(o) > 512:
+                    continue
+            except TypeError:
+                continue
+            pools.setdefault(id(o) >> 14, []).append(o)
+    counts = {}
+    for objs in pools.values():
+        if len(objs) <= per_pool:
+            for o in objs:
+                name = type(o).__module__ + "." + type(o).__qualname__
+                if isinstance(o, (str, bytes, tuple)):
+                    name += f"[{len(o)}]"
+                counts[name] = counts.get(name, 0) + 1
+    lonely_pools = sum(1 for objs in pools.values() if len(objs) <= per_pool)
+    return {"pools": len(pools), "lonely_pools": lonely_pools,
+            "types": sorted(counts.items(), key=lambda kv: -kv[1])[:top]}
+
+
 def _describe(obj):
     if type(obj).__name__ == "frame":
         return f"frame {obj.f_code.co_filename.rsplit('/', 2)[-1]}:{obj.f_code.co_name}"
@@ -125,6 +158,8 @@ def _mark(signum, frame):
     _count["mark"] += 1
     n = _count["mark"]
     record = {"anon_kib": _anon_kib(), "malloc": _mallinfo(), "pymalloc": _pymalloc(), "alive": _alive()}
+    if os.environ.get("NPUD_PROBE_LONELY") == "1":
+        record["lonely"] = _lonely()
     if tracemalloc.is_tracing():
         record["traced"], record["traced_peak"] = tracemalloc.get_traced_memory()
         tracemalloc.take_snapshot().dump(os.path.join(_dir, f"snap-{n}.bin"))
