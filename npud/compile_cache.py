@@ -126,16 +126,19 @@ class CachedExecutable(PackedExecutable):
     JSON-decoded metadata was ~80 objects per tiny model (the 30-minute soak, docs/RELIABILITY.md).
 
     ``validated`` is the 16-byte keys (target and layout, npud/models.py) its stream passed the
-    validator against, concatenated; ``ident`` the identity of the file it is the parsed form of.
+    validator against, concatenated; ``ident`` the identity of the file it is the parsed form of;
+    ``trace_layers`` what `trace` shows of its layers (npud/jobs.py compact_layers), made at its
+    first load and shared by every load's jobs (the trace ring refers to it).
     """
 
-    __slots__ = ("validated", "ident")
+    __slots__ = ("validated", "ident", "trace_layers")
     VALIDATION_KEY = 16
 
     def __init__(self, data: bytes):
         super().__init__(data)
         self.validated = b""
         self.ident = b""
+        self.trace_layers: bytes | None = None
 
     def validated_for(self, key: bytes) -> bool:
         n = self.VALIDATION_KEY

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -337,9 +338,12 @@ async def instantiate(session: "Session", device: "DeviceHost", exe: CachedExecu
         total += int(row.get("commands", 0))
         bounds.append(total)
     program = device.add_program(stream, [(m.va, m.size, m.writable) for m in mappings], bounds)
+    if exe.trace_layers is None:
+        exe.trace_layers = compact_layers(ops)
+    # The name interned: the trace ring keeps it for each of its events, and names repeat.
     return LoadedModel(model_id, device.index, exe, program, fixed, io["inputs"], io["outputs"], regions,
-                       layers=compact_layers(ops), cycles=sum(int(r.get("cycles", 0)) for r in ops),
-                       name=str(exe.meta.get("model_name", ""))[:256])
+                       layers=exe.trace_layers, cycles=sum(int(r.get("cycles", 0)) for r in ops),
+                       name=sys.intern(str(exe.meta.get("model_name", ""))[:256]))
 
 
 def _validation_key(config: DeviceConfig, mappings: list[Mapping]) -> bytes:

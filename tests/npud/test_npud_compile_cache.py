@@ -78,3 +78,28 @@ def test_in_memory_entries_are_bounded_by_their_cost(tmp_path):
     assert list(cache._memo) == ["k2", "k3", "k4"]   # the most recently used kept
     assert cache.get("k4") is entries[4][1]          # served from memory while its file is unchanged
     assert cache.get("k0") is not None               # still on disk
+
+
+def test_loads_of_one_cached_executable_share_its_trace_layers_and_weights():
+    """Each load's jobs hand the trace ring the executable's one compact layers object (per load,
+    they were objects of their own that the ring kept alive), and loads share the weights buffer."""
+    import trio
+
+    from npud.devices import DeviceHost
+    from npud.jobs import compact_layers
+    from npud.models import instantiate
+
+    class Session:
+        memory = 0
+
+    config = make_config("edge")
+    device = DeviceHost(0, "npu0", "edge", config, on_job_done=lambda job: None)
+    exe = CachedExecutable.from_bytes(entry(5))
+
+    async def two_loads():
+        return [await instantiate(Session(), device, exe, i, 1 << 30) for i in (1, 2)]
+    first, second = trio.run(two_loads)
+    assert first.layers is second.layers is exe.trace_layers == compact_layers(exe.ops)
+    assert first.cycles == second.cycles == sum(r["cycles"] for r in exe.ops) > 0
+    assert first.fixed[0][0] is second.fixed[0][0] and not first.fixed[0][2]   # one read-only weights buffer
+    assert exe.validated_for(exe.validated[:CachedExecutable.VALIDATION_KEY])
