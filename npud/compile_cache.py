@@ -34,7 +34,7 @@ SUFFIX = ".npux"
 MEMORY_BYTES = 256 << 20   # executables also kept in memory, most recently used first
 # What an in-memory entry holds besides its file's bytes: the entry object, its key, identity and
 # validation record, the memo's slot (measured with tracemalloc: ~400 bytes; a margin for more
-# validation records and other Python builds).
+# validation records and other Python builds).  ~420 with its trace layers and a validation record.
 ENTRY_OVERHEAD = 640
 HASH_CHUNK = 16 << 20
 HASH_THREADS = min(2, os.cpu_count() or 1)
