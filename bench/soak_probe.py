@@ -6,6 +6,8 @@
 - ``SIGUSR1`` writes ``mark-<n>.json`` into the directory: tracemalloc's traced bytes (if
   tracing), ``RssAnon``, and glibc's ``mallinfo2`` (bytes in use by malloc, bytes free inside
   its heap and arenas); with tracing also ``snap-<n>.bin``, a tracemalloc snapshot;
+  with ``NPUD_PROBE_LONELY=1`` in the daemon's environment also ``lonely``: the types of the
+  small objects alone in their pymalloc pools (what keeps pools and arenas after a busy period);
 - ``SIGUSR2`` calls glibc's ``malloc_trim(0)`` and writes ``trim-<n>.json`` with ``RssAnon``
   before and after: how much of the freed memory the allocator held and could give back.
 
@@ -85,9 +87,10 @@ def _pymalloc():
 
 def _alive():
     """Instances of the daemon's per-session and per-job classes the garbage collector tracks,
-    reachable or not (nothing is collected to count them)."""
+    reachable or not (nothing is collected to count them); ``KeptJob``: the finished jobs
+    sessions keep (up to 1024 each, freed with their session)."""
     import gc
-    names = ("Session", "Job", "LoadedModel", "Context", "BufferObject")
+    names = ("Session", "Job", "KeptJob", "LoadedModel", "Context", "BufferObject")
     counts = dict.fromkeys(names, 0)
     held = []
     for obj in gc.get_objects():
@@ -100,6 +103,37 @@ def _alive():
     counts["session_holders"] = [sorted({_describe(r) for r in gc.get_referrers(s) if r is not held})
                                  for s in held]
     return counts
+
+
+def _lonely(per_pool=8, top=20):
+    """Which objects pin pymalloc's pools and arenas after a busy period: small objects
+    (found from the collector's objects and what they refer to) grouped by their 16 KiB pool;
+    those in pools holding at most ``per_pool`` of them, counted by type (str/bytes/tuple by
+    length too).  A pool (and its arena) stays while one block in it lives."""
+    import gc
+    seen, pools = set(), {}
+    for obj in gc.get_objects():
+        for o in (obj, *gc.get_referents(obj)):
+            if id(o) in seen:
+                continue
+            seen.add(id(o))
+            try:
+                if sys.getsizeof(o) > 512:
+                    continue
+            except TypeError:
+                continue
+            pools.setdefault(id(o) >> 14, []).append(o)
+    counts = {}
+    for objs in pools.values():
+        if len(objs) <= per_pool:
+            for o in objs:
+                name = type(o).__module__ + "." + type(o).__qualname__
+                if isinstance(o, (str, bytes, tuple)):
+                    name += f"[{len(o)}]"
+                counts[name] = counts.get(name, 0) + 1
+    lonely_pools = sum(1 for objs in pools.values() if len(objs) <= per_pool)
+    return {"pools": len(pools), "lonely_pools": lonely_pools,
+            "types": sorted(counts.items(), key=lambda kv: -kv[1])[:top]}
 
 
 def _describe(obj):
@@ -124,6 +158,8 @@ def _mark(signum, frame):
     _count["mark"] += 1
     n = _count["mark"]
     record = {"anon_kib": _anon_kib(), "malloc": _mallinfo(), "pymalloc": _pymalloc(), "alive": _alive()}
+    if os.environ.get("NPUD_PROBE_LONELY") == "1":
+        record["lonely"] = _lonely()
     if tracemalloc.is_tracing():
         record["traced"], record["traced_peak"] = tracemalloc.get_traced_memory()
         tracemalloc.take_snapshot().dump(os.path.join(_dir, f"snap-{n}.bin"))

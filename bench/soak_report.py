@@ -73,14 +73,15 @@ def _marks_table(r: "SoakResult") -> list[str]:
     if not r.marks:
         return []
     out = ["", "| mark | daemon anon MiB | pymalloc arenas MiB | of which live MiB | malloc in use MiB | "
-               "malloc free, kept MiB | malloc mmapped MiB | traced MiB |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+               "malloc free, kept MiB | malloc mmapped MiB | traced MiB | sessions | kept jobs |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for label, m in r.marks:
-        info, py = m.get("malloc", {}), m.get("pymalloc", {})
+        info, py, alive = m.get("malloc", {}), m.get("pymalloc", {}), m.get("alive", {})
         traced = f"{m['traced'] / 2**20:.1f}" if "traced" in m else "-"
         mib = [f"{v / 2**20:.1f}" if v is not None else "-" for v in
                (py.get("total"), py.get("in_blocks"), info.get("in_use"), info.get("free"), info.get("mmapped"))]
-        out.append(f"| {label} | {m['anon_kib'] / 1024:.1f} | " + " | ".join(mib) + f" | {traced} |")
+        counts = " | ".join(str(alive.get(name, "-")) for name in ("Session", "KeptJob"))
+        out.append(f"| {label} | {m['anon_kib'] / 1024:.1f} | " + " | ".join(mib) + f" | {traced} | {counts} |")
     return out
 
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import struct
 import tempfile
 import threading
 import time
@@ -22,7 +23,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from npud.compiler_worker.executable import Executable, read_meta
+from npud.compiler_worker.executable import PackedExecutable, read_meta
 from npud.compiler_worker.errors import ExecutableFormatError
 from npud.compiler_worker.pipeline import COMPILER_VERSION
 from npud.emulator.config import DeviceConfig
@@ -31,7 +32,10 @@ log = logging.getLogger("npud.cache")
 
 SUFFIX = ".npux"
 MEMORY_BYTES = 256 << 20   # executables also kept in memory, most recently used first
-METADATA_EXPANSION = 6
+# What an in-memory entry holds besides its file's bytes: the entry object, its key, identity and
+# validation record, the memo's slot (measured with tracemalloc: ~400 bytes; a margin for more
+# validation records and other Python builds).  ~420 with its trace layers and a validation record.
+ENTRY_OVERHEAD = 640
 HASH_CHUNK = 16 << 20
 HASH_THREADS = min(2, os.cpu_count() or 1)
 TMP_PREFIX = ".tmp-"
@@ -40,8 +44,13 @@ TMP_PREFIX = ".tmp-"
 STALE_TMP_S = 600.0
 
 
-def _identity(st: os.stat_result) -> tuple:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+_IDENTITY = struct.Struct("<QQQq")
+
+
+def _identity(st: os.stat_result) -> bytes:
+    """Which file an entry was read from or written to (device, inode, size, mtime), packed:
+    an in-memory entry keeps one small object for it, not a tuple of four integers."""
+    return _IDENTITY.pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def default_directory(env=None) -> Path:
@@ -119,13 +128,37 @@ def cache_key(model, options: dict, config: DeviceConfig, digest: bytes | None =
     return h.hexdigest()
 
 
-def memory_cost(exe: Executable, file_size: int) -> int:
-    """Bytes a parsed entry holds: its stream and weights as read, plus its metadata (io, memory
-    plan, per-op report), which JSON-decoded into Python objects takes ~6x its text (measured with
-    tracemalloc on the suite's MLP and CNN: 6.1x and 5.6x).  Counting file bytes instead let the
-    soak's small models take ~3x the configured memory."""
-    binary = len(exe.stream) + len(exe.weights)
-    return binary + METADATA_EXPANSION * max(0, file_size - binary)
+class CachedExecutable(PackedExecutable):
+    """An executable as the daemon keeps it: the file's bytes (metadata decoded on use) plus the
+    daemon's own notes, all in a few objects made once per entry.  A cache entry lives across
+    busy periods, so the small objects it keeps are the ones that pin the allocator's arenas:
+    JSON-decoded metadata was ~80 objects per tiny model (the 30-minute soak, docs/RELIABILITY.md).
+
+    ``validated`` is the 16-byte keys (target and layout, npud/models.py) its stream passed the
+    validator against, concatenated; ``ident`` the identity of the file it is the parsed form of;
+    ``trace_layers`` what `trace` shows of its layers (npud/jobs.py compact_layers), made at its
+    first load and shared by every load's jobs (the trace ring refers to it).
+    """
+
+    __slots__ = ("validated", "ident", "trace_layers")
+    VALIDATION_KEY = 16
+
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.validated = b""
+        self.ident = b""
+        self.trace_layers: bytes | None = None
+
+    def validated_for(self, key: bytes) -> bool:
+        n = self.VALIDATION_KEY
+        return any(self.validated[i:i + n] == key for i in range(0, len(self.validated), n))
+
+
+def memory_cost(exe: CachedExecutable) -> int:
+    """Bytes an in-memory entry holds: its file's bytes (kept as they are) and ``ENTRY_OVERHEAD``.
+    (Parsed into Python objects, the metadata took ~6x its text, and counting file bytes let the
+    soak's small models take ~3x the configured memory.)"""
+    return len(exe.data) + ENTRY_OVERHEAD
 
 
 class CompileCache:
@@ -144,7 +177,7 @@ class CompileCache:
         self.misses = 0
         self.discarded = 0
         self.memory_bytes = memory_bytes
-        self._memo: OrderedDict[str, tuple[tuple, Executable, int]] = OrderedDict()
+        self._memo: OrderedDict[str, CachedExecutable] = OrderedDict()
         self._memo_size = 0
         self._lock = threading.Lock()
         self.remove_stale_temporaries()
@@ -177,7 +210,7 @@ class CompileCache:
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}{SUFFIX}"
 
-    def get(self, key: str) -> Executable | None:
+    def get(self, key: str) -> CachedExecutable | None:
         """The cached executable, or None (missing, unreadable or corrupt: then deleted)."""
         path = self._path(key)
         try:
@@ -185,10 +218,10 @@ class CompileCache:
                 ident = _identity(os.fstat(f.fileno()))
                 with self._lock:
                     memo = self._memo.get(key)
-                    if memo is not None and memo[0] == ident:
+                    if memo is not None and memo.ident == ident:
                         self._memo.move_to_end(key)
                         self.hits += 1
-                        return memo[1]
+                        return memo
                 data = f.read()
         except FileNotFoundError:
             self._forget(key)
@@ -199,7 +232,7 @@ class CompileCache:
             self.misses += 1
             return None
         try:
-            exe = Executable.from_bytes(data)
+            exe = CachedExecutable.from_bytes(data)
         except ExecutableFormatError as exc:
             log.warning("discarding corrupt cache entry %s: %s", path.name, exc)
             self._forget(key)
@@ -207,23 +240,24 @@ class CompileCache:
             self.misses += 1
             path.unlink(missing_ok=True)
             return None
-        self._remember(key, ident, exe, len(data))
+        self._remember(key, ident, exe)
         self.hits += 1
         return exe
 
-    def _remember(self, key: str, ident: tuple, exe: Executable, size: int) -> None:
-        size = memory_cost(exe, size)
+    def _remember(self, key: str, ident: bytes, exe: CachedExecutable) -> None:
+        size = memory_cost(exe)
         with self._lock:
             old = self._memo.pop(key, None)
             if old is not None:
-                self._memo_size -= old[2]
+                self._memo_size -= memory_cost(old)
             if size > self.memory_bytes:
                 return
-            self._memo[key] = (ident, exe, size)
+            exe.ident = ident
+            self._memo[key] = exe
             self._memo_size += size
             while self._memo_size > self.memory_bytes:
-                _, (_, _, dropped) = self._memo.popitem(last=False)
-                self._memo_size -= dropped
+                _, dropped = self._memo.popitem(last=False)
+                self._memo_size -= memory_cost(dropped)
 
     def _forget(self, key: str | None = None) -> None:
         with self._lock:
@@ -231,17 +265,17 @@ class CompileCache:
                 self._memo.clear()
                 self._memo_size = 0
             elif key in self._memo:
-                self._memo_size -= self._memo.pop(key)[2]
+                self._memo_size -= memory_cost(self._memo.pop(key))
 
-    def remember(self, key: str, ident: tuple, exe: Executable, size: int) -> None:
+    def remember(self, key: str, ident: bytes, exe: CachedExecutable) -> None:
         """Keep ``exe`` in memory as the parsed form of the entry file ``put`` identified."""
-        self._remember(key, ident, exe, size)
+        self._remember(key, ident, exe)
 
     def discard(self, key: str) -> None:
         self._forget(key)
         self._path(key).unlink(missing_ok=True)
 
-    def put(self, key: str, data: bytes, exe: Executable | None = None) -> tuple | None:
+    def put(self, key: str, data: bytes, exe: CachedExecutable | None = None) -> bytes | None:
         """Store an entry atomically (and ``exe``, its parsed form, in memory); a full or
         read-only disk only costs the caching.  The stored file's identity, or None."""
         try:
@@ -258,7 +292,7 @@ class CompileCache:
                 raise
             ident = _identity(os.stat(self._path(key)))
             if exe is not None:
-                self._remember(key, ident, exe, len(data))
+                self._remember(key, ident, exe)
             return ident
         except OSError as exc:
             log.warning("cannot store compile cache entry in %s: %s", self.directory, exc)

@@ -37,6 +37,7 @@ import logging
 import os
 import socket
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -160,6 +161,9 @@ class DeviceHost:
         self.config = config
         self.params = params or SchedulingParams()
         self.memory = DeviceMemory(index, config.memory_bytes, config.page_size, fds=fds)
+        # executable -> the read-only weights buffer its loads on this device share (npud/models.py);
+        # an entry goes with its buffer, so a cached executable keeps no record of a released one.
+        self.shared_weights: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self.resets = 0
         self.hangs = 0
         self.banned: set = set()                    # contexts banned on this device
@@ -208,10 +212,13 @@ class DeviceHost:
         self.sched.push(job)
         self._kick(job)
 
-    def add_program(self, stream: bytes, mappings: list[tuple[int, int, bool]]) -> int:
-        """Register a validated stream (a model's) for jobs to run by id."""
+    def add_program(self, stream: bytes, mappings: list[tuple[int, int, bool]],
+                    boundaries: list[int] | None = None) -> int:
+        """Register a validated stream (a model's) for jobs to run by id; ``boundaries``: the
+        command count at the end of each layer (where a job may be preempted)."""
         program = next(self._program_ids)
         self.programs[program] = (stream, mappings)
+        self._boundaries[program] = list(boundaries or [])
         return program
 
     def remove_program(self, program: int) -> None:
@@ -565,12 +572,6 @@ class DeviceHost:
     async def _load_program(self, core: Core, job: Job) -> dict:
         program = job.program
         stream, mappings = self.programs[program]
-        if program not in self._boundaries:
-            bounds, total = [], 0
-            for row in job.layers or []:
-                total += int(row.get("commands", 0))
-                bounds.append(total)
-            self._boundaries[program] = bounds
         try:
             fd = os.memfd_create("npud-program", os.MFD_CLOEXEC)
         except OSError as exc:

@@ -406,8 +406,7 @@ def _queue_job(daemon, session, device, stream: bytes, bindings, program: int | 
     job = Job(session.new_job_id(), session.id, device.index, stream, bindings, program=program,
               pid=session.pid, client=session.name)
     if model is not None:  # what `jobs` and `trace` show of it
-        job.model, job.layers = model.id, model.exe.ops
-        job.model_name = str(model.exe.meta.get("model_name", ""))[:256]
+        job.model, job.layers, job.model_name = model.id, model.layers, model.name
     job.session, job.context, job.estimate_s = session, ctx, estimate_s
     job.timeout_s = args.get("timeout_ms", 0) / 1000
     if "deadline_ms" in args:
@@ -564,7 +563,7 @@ def run_model(daemon, call, args):
                                                      f"{entry['size']} bytes on device {model.device}; "
                                                      f"buffer {handle} has {bo.size} on device {bo.device}")
             bindings.append((bo, entry["va"], writable))
-    modeled = sum(int(r.get("cycles", 0)) for r in model.exe.ops) / (device.config.clock_mhz * 1e6)
+    modeled = model.cycles / (device.config.clock_mhz * 1e6)
     return _queue_job(daemon, session, device, b"", bindings, model.program, model=model, ctx=ctx, deps=deps,
                       args=args, estimate_s=modeled)
 

@@ -40,7 +40,7 @@ class Job:
     busy_s: float = 0.0          # device time it took (wall time of the device process)
     model: int = 0               # the session's id of the loaded model it runs (0: a raw stream)
     model_name: str = ""
-    layers: list | None = None   # the model's per-op report rows (shared, not copied)
+    layers: bytes | list | None = None   # what `trace` shows of its model's layers (compact_layers; shared)
     pid: int = 0                 # the submitting client, as npuctl shows it
     client: str = ""
     # --- scheduling (npud/scheduler.py) and fences (npud/fences.py) ---

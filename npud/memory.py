@@ -15,6 +15,7 @@ next owner's data to it.  Pooled buffers are zeroed before reuse.
 from __future__ import annotations
 
 import fcntl
+import gc
 import itertools
 import mmap
 import os
@@ -164,12 +165,19 @@ class HeapTrimmer:
 
     glibc keeps memory that was freed in its heap for reuse; after a busy period the daemon
     holds tens of MiB that way (the 30-minute soak: 18 MiB of 142 above idle, docs/RELIABILITY.md).
-    ``tick(now, busy)`` is called periodically; after ``idle_s`` without a session it calls
-    ``malloc_trim(0)`` once (a few ms), and again only after the next busy period.
+    ``tick(now, busy)`` is called periodically; after ``idle_s`` without a session it runs a full
+    garbage collection and then ``malloc_trim(0)``, once, and again only after the next busy
+    period.  The collection first: cyclic garbage of the busy period that no collection of the
+    oldest generation has reached yet still holds its blocks, and pymalloc returns an arena
+    only once every block in it is free.  Before both, ``release()`` (if given) drops what is
+    kept only for reuse under load: the devices' pools of freed buffers (each a memfd, its
+    mapping and the small objects recording them, made under load and pinning arenas).
     """
 
-    def __init__(self, idle_s: float = 5.0, trim=None):
+    def __init__(self, idle_s: float = 5.0, trim=None, collect=gc.collect, release=None):
         self.idle_s = idle_s
+        self._release = release
+        self._collect = collect
         self._trim = trim if trim is not None else _libc_malloc_trim()
         self._idle_since: float | None = None
         self._owed = False       # busy since the last trim
@@ -187,6 +195,9 @@ class HeapTrimmer:
         if now - self._idle_since < self.idle_s:
             return False
         self._owed = False
+        if self._release is not None:
+            self._release()
+        self._collect()
         self._trim(0)
         self.trims += 1
         return True

@@ -12,26 +12,26 @@ once for all runs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
 import time
-import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import trio
 
 from npud.compiler_worker.errors import ExecutableFormatError
-from npud.compiler_worker.executable import Executable
 from npud.emulator.config import DeviceConfig
 from npud.emulator.errors import StreamError
 from npud.emulator.validator import Mapping, validate
 from npud.ipc_schema.errors import ErrorCode, RequestError
 
-from .compile_cache import CompileCache, cache_key, model_digest
+from .compile_cache import CachedExecutable, CompileCache, cache_key, model_digest
 from .compilers import CompilerPool, raise_for
+from .jobs import compact_layers
 from .memory import BufferObject, round_up
 
 if TYPE_CHECKING:
@@ -43,12 +43,18 @@ if TYPE_CHECKING:
 class LoadedModel:
     id: int
     device: int
-    exe: Executable
+    exe: CachedExecutable
     program: int
     fixed: list[tuple[BufferObject, int, bool]]      # weights and arena: (buffer, va, writable)
     inputs: list[dict]                               # I/O table entries, in binding order
     outputs: list[dict]
     regions: dict[str, dict] = field(default_factory=dict)
+    # What each run needs of the per-op report, kept while loaded (the cached executable keeps
+    # its report packed): (node, op, cycles) per layer for `trace` (jobs.compact_layers), the
+    # modeled cycles of a run, and the model's name.
+    layers: bytes = b""
+    cycles: int = 0
+    name: str = ""
 
     def info(self, cached: bool, compile_ms: float) -> dict:
         def tensor(e):
@@ -62,7 +68,106 @@ class LoadedModel:
 
 log = logging.getLogger("npud.models")
 HASH_IN_THREAD_BYTES = 1 << 20
-PRESENTED_KEPT = 65536   # model digests remembered as sent (~0.2 KiB each: <= 13 MiB)
+PRESENTED_KEPT = 65536   # model digests remembered as sent (52 bytes each, allocated at start: 3.3 MiB)
+DIGEST_BYTES = 32
+
+
+class PresentedDigests:
+    """Which users have sent the bytes behind each model digest: at most ``capacity`` digests,
+    the least recently presented forgotten first (a forgotten digest only costs its user one
+    upload of the bytes: ENOENT, then the client sends them).
+
+    Kept in arrays allocated once (the digests side by side, a first user and a last-presented
+    stamp per slot, an open-addressing index of slots), so that the entries added while the
+    daemon is busy are no Python objects of their own: as a dict of bytes to tuples they were
+    ~200 bytes in three small objects per digest, made among the transient objects of the load
+    and outliving it, which kept pymalloc's arenas from being returned.  A digest's further users
+    (rare: one user per digest, nearly always) are in a dict of their own.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._digests = bytearray(DIGEST_BYTES * capacity)
+        self._first = np.full(capacity, -1, np.int64)       # first user of each slot (-1: free)
+        self._stamp = np.zeros(capacity, np.int64)          # when each slot was last presented
+        self._index = np.zeros(_table_size(capacity), np.int32)   # slot + 1, or 0: empty
+        self._more: dict[int, tuple[int, ...]] = {}        # slot -> its other users
+        self._used = 0
+        self._clock = 0
+
+    def __len__(self) -> int:
+        return self._used
+
+    def __iter__(self):
+        """The digests, least recently presented first."""
+        slots = np.argsort(self._stamp[:self._used], kind="stable")
+        return (self._digest(int(s)) for s in slots)
+
+    def users(self, digest: bytes) -> tuple[int, ...]:
+        _pos, slot = self._find(digest)
+        return () if slot < 0 else (int(self._first[slot]), *self._more.get(slot, ()))
+
+    def add(self, digest: bytes, uid: int) -> None:
+        """Record that ``uid`` sent the bytes of ``digest`` (now its most recently presented)."""
+        if len(digest) != DIGEST_BYTES:
+            raise ValueError(f"a model digest is {DIGEST_BYTES} bytes, not {len(digest)}")
+        pos, slot = self._find(digest)
+        if slot < 0:
+            if self._used < self.capacity:
+                slot, self._used = self._used, self._used + 1
+            else:
+                slot = int(np.argmin(self._stamp))
+                self._remove(slot)
+            pos, _ = self._find(digest)
+            self._index[pos] = slot + 1
+            self._digests[slot * DIGEST_BYTES:(slot + 1) * DIGEST_BYTES] = digest
+            self._first[slot] = uid
+        elif uid != self._first[slot] and uid not in self._more.get(slot, ()):
+            self._more[slot] = (*self._more.get(slot, ()), uid)
+        self._clock += 1
+        self._stamp[slot] = self._clock
+
+    def _digest(self, slot: int) -> bytes:
+        return bytes(self._digests[slot * DIGEST_BYTES:(slot + 1) * DIGEST_BYTES])
+
+    def _home(self, digest) -> int:
+        return int.from_bytes(digest[:8], "little") & (len(self._index) - 1)
+
+    def _find(self, digest: bytes) -> tuple[int, int]:
+        """(position in the index, slot) of ``digest``, or (the empty position it would take, -1)."""
+        mask = len(self._index) - 1
+        pos = self._home(digest) if len(digest) == DIGEST_BYTES else 0
+        view = memoryview(self._digests)
+        while True:
+            entry = int(self._index[pos])
+            if entry == 0:
+                return pos, -1
+            slot = entry - 1
+            if view[slot * DIGEST_BYTES:(slot + 1) * DIGEST_BYTES] == digest:
+                return pos, slot
+            pos = (pos + 1) & mask
+
+    def _remove(self, slot: int) -> None:
+        """Take ``slot`` out of the index (backward-shift deletion: no tombstones to pile up)."""
+        mask = len(self._index) - 1
+        pos, _ = self._find(self._digest(slot))
+        self._index[pos] = 0
+        self._more.pop(slot, None)
+        nxt = pos
+        while True:
+            nxt = (nxt + 1) & mask
+            entry = int(self._index[nxt])
+            if entry == 0:
+                return
+            home = self._home(self._digest(entry - 1))
+            if (nxt - home) & mask >= (nxt - pos) & mask:   # it may move back into the hole
+                self._index[pos], self._index[nxt] = entry, 0
+                pos = nxt
+
+
+def _table_size(capacity: int) -> int:
+    """A power of two at least twice ``capacity``: probes stay short."""
+    return 1 << max(1, (2 * capacity - 1).bit_length())
 
 
 class ModelLoader:
@@ -71,16 +176,12 @@ class ModelLoader:
         self.cache = cache
         self._in_flight: dict[str, trio.Event] = {}
         # Which users have sent the bytes behind a digest: a digest alone must not let one
-        # user run another's model (knowing a hash is not having the model).  Least recently
-        # presented first, at most PRESENTED_KEPT: a forgotten digest only costs its user one
-        # upload of the bytes (ENOENT, then the client sends them), and the soak's stream of new
-        # models made the table grow without end.
-        # The users are a tuple (one user, nearly always: 48 bytes, where a set took 216).
-        self._presented: OrderedDict[bytes, tuple[int, ...]] = OrderedDict()
+        # user run another's model (knowing a hash is not having the model).
+        self._presented = PresentedDigests(PRESENTED_KEPT)
         self._storing: set[trio.Event] = set()
 
     async def executable(self, model, options: dict, config: DeviceConfig, digest: bytes | None = None,
-                         private_copy=None, compile_faults: list | None = None) -> tuple[Executable, bool, float]:
+                         private_copy=None, compile_faults: list | None = None) -> tuple[CachedExecutable, bool, float]:
         """(executable, came from the cache, milliseconds it took).
 
         ``digest`` is ``model_digest(model)`` if the caller computed it already.
@@ -112,7 +213,7 @@ class ModelLoader:
             received = time.perf_counter()
             data = reply["executable"]
             try:
-                exe = await trio.to_thread.run_sync(Executable.from_bytes, data)
+                exe = await trio.to_thread.run_sync(CachedExecutable.from_bytes, data)
             except ExecutableFormatError as exc:
                 raise RequestError(ErrorCode.EIO, f"the compiler produced an unreadable executable: {exc}")
             # The load does not wait for the disk (a 100 MB fsync can take 0.1-0.5 s); lookups of the
@@ -130,31 +231,26 @@ class ModelLoader:
     def presented(self, digest: bytes, uid: int) -> None:
         """Record that ``uid`` sent the bytes whose digest this is."""
         if uid >= 0:
-            users = self._presented.get(digest, ())
-            if uid not in users:
-                self._presented[digest] = users + (uid,)
-            self._presented.move_to_end(digest)
-            while len(self._presented) > PRESENTED_KEPT:
-                self._presented.popitem(last=False)
+            self._presented.add(digest, uid)
 
     async def by_digest(self, digest: bytes, options: dict, config: DeviceConfig,
-                        uid: int) -> tuple[Executable, bool, float]:
+                        uid: int) -> tuple[CachedExecutable, bool, float]:
         """A cached executable for a model known only by its digest, for a user who has sent it."""
         started = time.perf_counter()
         exe = None
-        if uid >= 0 and uid in self._presented.get(digest, ()):
+        if uid >= 0 and uid in self._presented.users(digest):
             exe = await self._lookup(cache_key(None, options, config, digest))
         if exe is None:
             raise RequestError(ErrorCode.ENOENT, "no cached executable of that model digest for this user "
                                                  "and these options: send the model's bytes")
         return exe, True, (time.perf_counter() - started) * 1e3
 
-    async def _store(self, key: str, data: bytes, exe: Executable, done: trio.Event) -> None:
+    async def _store(self, key: str, data: bytes, exe: CachedExecutable, done: trio.Event) -> None:
         self._storing.add(done)
         try:
             ident = await trio.to_thread.run_sync(self.cache.put, key, data)
             if ident is not None:
-                self.cache.remember(key, ident, exe, len(data))
+                self.cache.remember(key, ident, exe)
         except Exception:  # a system task must not raise; put already logs disk errors
             log.exception("storing compile cache entry %s failed", key)
         finally:
@@ -171,7 +267,7 @@ class ModelLoader:
         for event in list(self._storing):
             await event.wait()
 
-    async def _lookup(self, key: str) -> Executable | None:
+    async def _lookup(self, key: str) -> CachedExecutable | None:
         """The cached executable, or None and no compile of ``key`` under way: the caller
         must then mark its own compile in flight before it awaits anything."""
         while True:
@@ -201,7 +297,7 @@ def check_layout(spans: list[tuple[int, int, str]], page: int) -> None:
             raise RequestError(ErrorCode.EINVAL, f"{second} overlaps {first} in the address space")
 
 
-async def instantiate(session: "Session", device: "DeviceHost", exe: Executable, model_id: int,
+async def instantiate(session: "Session", device: "DeviceHost", exe: CachedExecutable, model_id: int,
                       quota: int) -> LoadedModel:
     config = device.config
     if bytes(exe.target_hash) != config.target_hash():
@@ -217,30 +313,57 @@ async def instantiate(session: "Session", device: "DeviceHost", exe: Executable,
                                              f"its {quota}-byte quota")
     mappings = [Mapping(r["va"], round_up(max(r["size"], 1), page), bool(r["writable"]))
                 for r in regions.values()]
+    io, ops, stream = exe.io, exe.ops, exe.stream   # a cached executable decodes them at each access
+    by_tensor = {(r["kind"], r.get("tensor")): r for r in regions.values()}
+    for kind, entries in (("input", io["inputs"]), ("output", io["outputs"])):
+        for entry in entries:
+            region = by_tensor.get((kind, entry["name"]))
+            if region is None or region["va"] != entry["va"] or region["size"] < entry["size"]:
+                raise RequestError(ErrorCode.EIO, f"the executable's I/O table does not match its layout "
+                                                  f"({kind} {entry['name']!r})")
     # An executable object (the compile cache keeps them in memory) is validated once per target
     # and layout; its stream cannot change.
-    validated = exe.__dict__.setdefault("_npud_validated", set())
-    # (interned: every cached executable's set would otherwise hold its own copy of the config's text)
-    checked = (sys.intern(json.dumps(config.to_dict(), sort_keys=True)),
-               tuple((m.va, m.size, m.writable) for m in mappings))
-    if checked not in validated:
+    checked = _validation_key(config, mappings)
+    if not exe.validated_for(checked):
         try:
-            await trio.to_thread.run_sync(validate, exe.stream, config, mappings)
+            await trio.to_thread.run_sync(validate, stream, config, mappings)
         except StreamError as exc:
             raise RequestError(ErrorCode.EIO, f"the compiler produced a stream the device refuses: "
                                               f"{exc.message}") from None
-        validated.add(checked)
-    # Weights are mapped read-only, so every load of one executable on a device shares one
-    # buffer: a cache hit copies no weights.  (Each session is still charged for them.)  The
-    # executable refers to it weakly: a cached entry must not keep a released buffer's record.
-    shared = exe.__dict__.setdefault("_npud_weights", {})
+        exe.validated += checked
+    fixed = await _fixed_buffers(device, exe, fixed_regions)
+    session.memory += sum(bo.mapped_size for bo, _va, _w in fixed)
+    bounds, total = [], 0
+    for row in ops:
+        total += int(row.get("commands", 0))
+        bounds.append(total)
+    program = device.add_program(stream, [(m.va, m.size, m.writable) for m in mappings], bounds)
+    if exe.trace_layers is None:
+        exe.trace_layers = compact_layers(ops)
+    # The name interned: the trace ring keeps it for each of its events, and names repeat.
+    return LoadedModel(model_id, device.index, exe, program, fixed, io["inputs"], io["outputs"], regions,
+                       layers=exe.trace_layers, cycles=sum(int(r.get("cycles", 0)) for r in ops),
+                       name=sys.intern(str(exe.meta.get("model_name", ""))[:256]))
+
+
+def _validation_key(config: DeviceConfig, mappings: list[Mapping]) -> bytes:
+    """What a stream was validated against (the target and the layout), as 16 bytes."""
+    text = json.dumps([config.to_dict(), [(m.va, m.size, m.writable) for m in mappings]], sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=CachedExecutable.VALIDATION_KEY).digest()
+
+
+async def _fixed_buffers(device: "DeviceHost", exe: CachedExecutable, fixed_regions: list[dict]) -> list:
+    """The weights and arena buffers of one load: (buffer, va, writable) each.
+
+    Weights are mapped read-only, so every load of one executable on a device shares one
+    buffer: a cache hit copies no weights.  (Each session is still charged for them.)  The
+    device's table of them refers to the buffers weakly: a released buffer leaves no record."""
     fixed = []
     try:
         for r in fixed_regions:
             size = max(r["size"], 1)
             if r["kind"] == "weights" and not r["writable"]:
-                ref = shared.get(device.index)
-                bo = ref() if ref is not None else None
+                bo = device.shared_weights.get(exe)
                 if bo is not None and bo.refs > 0 and not bo.uncharged and bo.size == size:
                     bo.refs += 1
                     fixed.append((bo, r["va"], False))
@@ -256,21 +379,11 @@ async def instantiate(session: "Session", device: "DeviceHost", exe: Executable,
                 else:
                     bo.view()[: len(weights)] = weights
                 if not r["writable"]:
-                    shared[device.index] = weakref.ref(bo)
+                    device.shared_weights[exe] = bo
     except BaseException:
         for bo, _va, _w in fixed:
             bo.refs -= 1
             if bo.refs == 0:
                 device.memory.release(bo)  # never seen by the device: no unmap needed
         raise
-    session.memory += sum(bo.mapped_size for bo, _va, _w in fixed)
-    program = device.add_program(exe.stream, [(m.va, m.size, m.writable) for m in mappings])
-    by_tensor = {(r["kind"], r.get("tensor")): r for r in regions.values()}
-    for entry in (*exe.inputs, *exe.outputs):
-        kind = "input" if entry in exe.inputs else "output"
-        region = by_tensor.get((kind, entry["name"]))
-        if region is None or region["va"] != entry["va"] or region["size"] < entry["size"]:
-            raise RequestError(ErrorCode.EIO, f"the executable's I/O table does not match its layout "
-                                              f"({kind} {entry['name']!r})")
-    return LoadedModel(model_id, device.index, exe, program, fixed, list(exe.inputs),
-                       list(exe.outputs), regions)
+    return fixed

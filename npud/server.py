@@ -127,7 +127,8 @@ class Daemon:
         self.stopping = False
         self.trace = TraceRing(TRACE_CAPACITY)
         self.usage = UsageByUid()   # per-uid totals that outlive sessions (`status` users)
-        self.heap = HeapTrimmer()   # the C heap's free pages go back once no session is left
+        # The C heap's free pages (and the buffer pools) go back once no session is left.
+        self.heap = HeapTrimmer(release=lambda: [device.memory.shrink_pool() for device in self.devices])
         self.attach_path = attach_path_for(self.endpoint)
         self._zsock: OwnedSocket | None = None
         self._nursery: trio.Nursery | None = None
@@ -575,26 +576,34 @@ class Daemon:
         log.info("session %s (%s, pid %d) closed: %s", session.id, session.name, session.pid, why,
                  extra={"session": session.id, "uid": session.uid})
 
+    # The periodic loops visit the sessions in functions of their own: a loop variable in the
+    # long-lived coroutine kept the last session it saw (and its 1024 kept jobs) alive after
+    # every client had left, until another session connected (the soak's probe found it).
+
     async def _sample_usage(self) -> None:
         """Feed the utilisation windows of devices and sessions (util_pct)."""
         while True:
             await trio.sleep(SAMPLE_PERIOD_S)
-            now = time.monotonic()
+            self._sample_once(time.monotonic())
+
+    def _sample_once(self, now: float) -> None:
+        for device in self.devices:
+            device.usage.sample(now, device.busy_now(now))
+        for session in self.sessions:
             for device in self.devices:
-                device.usage.sample(now, device.busy_now(now))
-            for session in self.sessions:
-                for device in self.devices:
-                    session.window(device.index).sample(now, session.busy_on(device, now))
-            self.heap.tick(now, len(self.sessions) > 0)
+                session.window(device.index).sample(now, session.busy_on(device, now))
+        self.heap.tick(now, len(self.sessions) > 0)
 
     async def _expire_leases(self) -> None:
         lease_s = self.config.limits.lease_ms / 1000
         while True:
             await trio.sleep(min(1.0, lease_s / 4))
-            now = time.monotonic()
-            for session in self.sessions:
-                if session.attach is None and now - session.last_seen > lease_s:
-                    self.close_session(session, "lease expired")
+            self._expire_once(time.monotonic(), lease_s)
+
+    def _expire_once(self, now: float, lease_s: float) -> None:
+        for session in self.sessions:
+            if session.attach is None and now - session.last_seen > lease_s:
+                self.close_session(session, "lease expired")
 
 
 def _user_id(frame) -> str:

@@ -174,5 +174,66 @@ def read_meta(f) -> dict:
     return {}
 
 
+class PackedExecutable:
+    """An executable kept as the file it was read from, one bytes object, its metadata parsed on use.
+
+    A long-running reader that keeps many executables (npud's compile cache) would otherwise
+    hold each one's JSON-decoded metadata: ~80 small Python objects per tiny model, made while
+    other work comes and goes, which keep the allocator's arenas from being returned.  Reads
+    like an ``Executable``: ``stream`` is a copy, ``weights`` a read-only view into the file,
+    and ``io``, ``memory``, ``ops`` and ``meta`` are decoded afresh at each access (callers that
+    use them repeatedly keep what they need).
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        """``data`` must be an executable ``from_bytes`` accepted (it is not checked again)."""
+        self.data = data
+
+    @classmethod
+    def from_bytes(cls, data) -> "PackedExecutable":
+        """Checked exactly as ``Executable.from_bytes`` checks it (ExecutableFormatError)."""
+        data = bytes(data)
+        Executable.from_bytes(data)
+        return cls(data)
+
+    def _span(self, tag: bytes) -> tuple[int, int]:
+        count = HEADER.unpack_from(self.data)[5]
+        for i in range(count):
+            found, off, size = ENTRY.unpack_from(self.data, HEADER.size + i * ENTRY.size)
+            if found == tag:
+                return off, size
+        raise KeyError(tag)   # from_bytes checked every section is there
+
+    def _json(self, tag: bytes):
+        off, size = self._span(tag)
+        return json.loads(self.data[off:off + size])
+
+    @property
+    def stream(self) -> bytes:
+        off, size = self._span(b"STRM")
+        return self.data[off:off + size]
+
+    @property
+    def weights(self) -> memoryview:
+        off, size = self._span(b"WGHT")
+        return memoryview(self.data)[off:off + size]
+
+    io = property(lambda self: self._json(b"IOTB"))
+    memory = property(lambda self: self._json(b"MEMO"))
+    ops = property(lambda self: self._json(b"RPRT"))
+    meta = property(lambda self: self._json(b"META"))
+    inputs = property(lambda self: self.io["inputs"])
+    outputs = property(lambda self: self.io["outputs"])
+    format_version = property(lambda self: HEADER.unpack_from(self.data)[1])
+    compiler_version = property(lambda self: HEADER.unpack_from(self.data)[3].rstrip(b"\0").decode("ascii"))
+    target_hash = property(lambda self: HEADER.unpack_from(self.data)[4])
+    report = Executable.report
+
+    def to_bytes(self) -> bytes:
+        return self.data
+
+
 def _js(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()

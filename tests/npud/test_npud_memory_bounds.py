@@ -7,6 +7,7 @@ staying up after every client left; these pin the bounds that fixed it.
 from __future__ import annotations
 
 import gc
+import os
 import time
 import tracemalloc
 import weakref
@@ -160,26 +161,42 @@ def test_a_closed_session_leaves_no_session_job_or_model_record(probed):
         for c in clients:
             _work(c)
         during = soak_probe.mark(daemon.process.pid, probe_dir)["alive"]
-        # (finished jobs are kept as npud.jobs.KeptJob, which the probe does not count)
-        assert during["Session"] == 4 and during["LoadedModel"] == 3
+        # each client's 5 runs and 20 jobs, finished and kept as npud.jobs.KeptJob
+        assert during["Session"] == 4 and during["LoadedModel"] == 3 and during["KeptJob"] == 75
         for c in clients:
             c.close()
         deadline = time.monotonic() + 10
         while len(watcher.clients()) > 1:
             assert time.monotonic() < deadline, "the closed sessions are still listed"
             time.sleep(0.05)
-        # The daemon's periodic loops (lease expiry, usage sampling: each second) hold the last
-        # session they looked at until their next round; nothing else may hold a closed one.
+        # The daemon's periodic loops (lease expiry, usage sampling: each second) may hold the
+        # session they are looking at for their round, and the device processes unmap released
+        # buffers asynchronously; nothing may hold a closed session's records longer.
         while True:
             after = soak_probe.mark(daemon.process.pid, probe_dir)["alive"]
-            if after["Session"] == 1 or time.monotonic() > deadline + 5:
+            if (after["Session"] == 1 and after["BufferObject"] == 0) or time.monotonic() > deadline + 5:
                 break
             time.sleep(0.25)
     assert after["Session"] == 1, str(after)   # the watcher's
-    assert after["Job"] == 0, str(after)
+    assert after["Job"] == 0 and after["KeptJob"] == 0, str(after)
     assert after["LoadedModel"] == 0, str(after)
     assert after["Context"] == 0, str(after)   # no fair-share clock or ban kept for a closed session
     assert after["BufferObject"] == 0, str(after)   # nor a cached executable its released weights
+
+
+def test_the_last_client_leaving_leaves_no_session_record(probed):
+    """With no session left, the periodic loops' last look must not keep one alive (a loop
+    variable in their coroutines did, with its kept jobs, until another client connected)."""
+    daemon, probe_dir = probed
+    with npu.connect(daemon.endpoint) as c:
+        _work(c)
+    deadline = time.monotonic() + 10
+    while True:
+        after = soak_probe.mark(daemon.process.pid, probe_dir)["alive"]
+        if after["Session"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    assert after["Session"] == 0 and after["KeptJob"] == 0, str(after)
 
 
 def test_the_in_memory_cache_budget_is_a_config_key():
@@ -220,16 +237,17 @@ def test_heap_is_trimmed_once_per_idle_period_after_being_busy():
     from npud.memory import HeapTrimmer, _libc_malloc_trim
 
     calls = []
-    heap = HeapTrimmer(idle_s=5.0, trim=calls.append)
+    heap = HeapTrimmer(idle_s=5.0, trim=calls.append, collect=lambda: calls.append("gc"),
+                       release=lambda: calls.append("pools"))
     assert not heap.tick(0.0, busy=False) and not heap.tick(100.0, busy=False)   # never busy: nothing owed
     heap.tick(101.0, busy=True)
     assert not heap.tick(102.0, busy=False) and not heap.tick(106.9, busy=False)  # idle < 5 s
-    assert heap.tick(107.0, busy=False) and calls == [0]
-    assert not heap.tick(200.0, busy=False) and calls == [0]                      # once per idle period
+    assert heap.tick(107.0, busy=False) and calls == ["pools", "gc", 0]   # pools dropped, garbage collected, trimmed
+    assert not heap.tick(200.0, busy=False) and calls == ["pools", "gc", 0]      # once per idle period
     heap.tick(201.0, busy=True)
     assert not heap.tick(202.0, busy=False)
     heap.tick(203.0, busy=True)          # busy again before 5 s idle: the clock restarts
-    assert not heap.tick(207.5, busy=False) and heap.tick(212.5, busy=False) and calls == [0, 0]
+    assert not heap.tick(207.5, busy=False) and heap.tick(212.5, busy=False) and calls == ["pools", "gc", 0] * 2
     assert _libc_malloc_trim() is not None   # glibc here: the daemon really trims
 
 
@@ -260,3 +278,25 @@ def test_a_fence_is_one_token_before_and_after_its_job_is_kept(test_daemon):
         after_theirs = other.submit(add_stream(64), [(x, A, False), (y, B, False), (z, O, True)], after=[imported])
         assert after_mine.wait(timeout=10) and after_theirs.wait(timeout=10)
         assert job.wait(timeout=5) is job
+
+
+def test_an_idle_daemon_closes_its_pooled_buffers(tmp_path):
+    """Freed buffers are pooled for reuse under load; once no session is left (5 s), the pool
+    goes: its memfds, their mappings and the records of them made under load."""
+    d = LocalDaemon("--cache-dir", str(tmp_path / "cache"))
+    try:
+        fds = lambda: len(os.listdir(f"/proc/{d.process.pid}/fd"))   # noqa: E731
+        idle = fds()
+        with npu.connect(d.endpoint) as c:
+            for b in [c.alloc(4096) for _ in range(40)]:
+                b.free()
+            c.devices()   # the frees were handled
+            pooled = fds()
+            time.sleep(2.5)   # the daemon notices a busy period by sampling (every 0.5 s)
+        assert pooled >= idle + 40, (idle, pooled)   # 2 descriptors a pooled buffer
+        deadline = time.monotonic() + 20
+        while fds() > idle + 4 and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert fds() <= idle + 4, (idle, pooled, fds())
+    finally:
+        d.stop()

@@ -129,3 +129,46 @@ async def test_presented_digests_are_bounded_least_recent_first(monkeypatch):
     with pytest.raises(RequestError) as info:
         await loader.by_digest(bytes([0]) * 32, {}, None, uid=1000)
     assert info.value.info.code.value == "ENOENT" and "send the model's bytes" in info.value.info.message
+
+
+def test_presented_digests_match_a_least_recently_presented_table():
+    """The preallocated table answers as a dict kept in presentation order would, through
+    evictions (the index's backward-shift deletions) and second users."""
+    import random
+    from collections import OrderedDict
+
+    from npud.models import PresentedDigests
+
+    rng = random.Random(7)
+    table, model = PresentedDigests(64), OrderedDict()
+    # 16-bit digests' first bytes collide often: long probe runs, shifts across the table's wrap.
+    pool = [rng.randbytes(2) + bytes(30) for _ in range(300)]
+    for _ in range(20_000):
+        digest, uid = rng.choice(pool), rng.choice((1000, 1000, 1000, 1001))
+        table.add(digest, uid)
+        users = model.pop(digest, ())
+        model[digest] = users if uid in users else (*users, uid)
+        if len(model) > 64:
+            model.popitem(last=False)
+        probe = rng.choice(pool)
+        assert sorted(table.users(probe)) == sorted(model.get(probe, ()))
+    assert list(table) == list(model) and len(table) == 64
+    assert table.users(b"short") == ()
+
+
+def test_presenting_digests_makes_no_objects_per_digest():
+    """A dict of bytes to tuples took ~200 bytes in three small objects per digest, made under
+    load and outliving it: they kept pymalloc's arenas from being returned."""
+    import tracemalloc
+
+    from npud import models
+
+    loader = models.ModelLoader(pool=None, cache=None)
+    digests = [os.urandom(32) for _ in range(10_000)]
+    tracemalloc.start()
+    for digest in digests:
+        loader.presented(digest, uid=1000)
+    grown, _peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert grown < 64 << 10, f"{grown} bytes for 10,000 digests"
+    assert all(loader._presented.users(d) == (1000,) for d in digests[-100:])
