@@ -81,10 +81,10 @@ def test_in_memory_entries_are_bounded_by_their_cost(tmp_path):
 
 
 def test_counters_report_hits_and_misses(tmp_path):
-    data, exe = entry(1)
+    data = entry(1)
     cache = CompileCache(tmp_path)
     assert cache.get("k") is None
-    cache.put("k", data, exe)
+    cache.put("k", data, CachedExecutable.from_bytes(data))
     assert cache.get("k") is not None
     (tmp_path / "bad.npux").write_bytes(b"not an executable")
     cache.get("bad")
