@@ -36,7 +36,7 @@ reply to the run.
 
 ``fault`` is the daemon's test-mode fault injection (``npud --test-mode``):
 ``hang`` never answers, ``crash`` kills the process, ``slow`` sleeps
-``slow_ms`` before each segment.
+``slow_ms`` before each segment (a raw command stream is one segment).
 
 A fault fails only the job that caused it: each job runs in a fresh hardware
 context whose page table holds just that job's bindings.  A loaded program
@@ -183,7 +183,9 @@ class DeviceProcess:
                     ran += 1
                 done = segment >= len(segments)
                 stats = self.programs[pid].stats.copy()
-            else:
+            else:   # a raw command stream: one segment
+                if fault == "slow":
+                    time.sleep(request.get("slow_ms", 0) / 1000)
                 stats = self.device.execute(ctx, request["stream"])
                 cycles, ran = stats.cycles, 1
         except DeviceError as exc:

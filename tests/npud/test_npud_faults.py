@@ -172,6 +172,21 @@ def test_daemon_restart_clear_error_reconnect_and_cache_intact(tmp_path):
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 
+def test_slow_fault_delays_a_raw_command_stream_too(daemon):
+    """A raw stream is one segment: the injected sleep comes before it, as before each layer of a
+    model.  (It used to be skipped, so tests holding raw jobs in flight with it raced instead.)"""
+    from npud.emulator.assembler import StreamBuilder, tile
+    from npud.emulator.config import make_config
+    sb = StreamBuilder(make_config("edge"))
+    sb.matmul(tile(0, "float32", (16, 16)), tile(1024, "float32", (16, 16)), tile(2048, "float32", (16, 16)))
+    sb.end()
+    with npu.connect(daemon.endpoint) as c:
+        c.inject_fault("slow", slow_ms=400)
+        slowed = c.submit(sb.build(), [(c.alloc(1 << 16), 0, True)]).wait(30)
+        plain = c.submit(sb.build(), [(c.alloc(1 << 16), 0, True)]).wait(30)
+    assert slowed.stats["wall_ms"] >= 400 > plain.stats["wall_ms"], (slowed.stats, plain.stats)
+
+
 def test_fault_injection_needs_test_mode():
     d = LocalDaemon()
     try:
