@@ -63,11 +63,11 @@ def _error(exc: BaseException) -> dict:
 def handle(request: dict, test_mode: bool = False) -> dict:
     from .api import check_model, compile_model   # after sandbox.confine(): see main()
 
-    config = DeviceConfig.from_dict(request["config"])
     started = time.perf_counter()
     if test_mode and request.get("slow_s"):
         time.sleep(float(request["slow_s"]))  # an injected slow compile
     try:
+        config = DeviceConfig.from_dict(request["config"])
         if request["op"] == "check":
             problems = [{"node": e.node or "", "op": e.op or "", "reason": e.reason}
                         for e in check_model(request["model"], config)]

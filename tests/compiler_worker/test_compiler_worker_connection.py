@@ -66,3 +66,13 @@ def test_a_connected_worker_still_answers_and_exits_when_told(daemon_end):
     assert reply["id"] == 7 and reply["ok"] is False and reply["error"]["code"] == "EINVAL"
     router.send_multipart([b"w0", msgpack.packb({"op": "exit"})])
     assert worker.wait(timeout=60) == 0
+
+
+def test_a_request_with_a_bad_device_config_is_answered_and_the_worker_carries_on(daemon_end):
+    router, worker = daemon_end
+    router.send_multipart([b"w0", msgpack.packb({"id": 8, "op": "compile", "model": b"not onnx",
+                                                 "config": {"no such parameter": 1}})])
+    assert router.poll(60_000), worker.stderr.read() if worker.poll() is not None else "no reply"
+    reply = msgpack.unpackb(router.recv_multipart()[1])
+    assert reply["id"] == 8 and reply["ok"] is False and reply["error"]["code"] == "EINVAL"
+    assert worker.poll() is None, "the worker died of a bad request"
