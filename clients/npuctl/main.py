@@ -50,14 +50,14 @@ def _common(defaults: bool) -> argparse.ArgumentParser:
 def _interval(text: str) -> float:
     value = float(text)
     if not 0.05 <= value <= 3600:
-        raise argparse.ArgumentTypeError("must be between 0.05 and 3600 seconds")
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0.05 and 3600 seconds")
     return value
 
 
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+        raise argparse.ArgumentTypeError(f"{text!r} is less than 1")
     return value
 
 

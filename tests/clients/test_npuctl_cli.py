@@ -147,6 +147,12 @@ def test_query_id_filter_by_index_name_and_uuid(capsys, daemon):
     assert code == 1 and "no device 'npu7'" in err
 
 
+@pytest.mark.parametrize("seconds", ["0", "-1", "abc", "nan"])
+def test_query_loop_refuses_a_bad_interval(capsys, daemon, seconds):
+    code, out, err = ctl(capsys, daemon, "query", "--device=index", "-l", seconds)
+    assert code == 2 and "-l/--loop" in err and seconds in err and out == "", (code, out, err)
+
+
 def test_query_clients_on_a_device(capsys, daemon):
     with npu.connect(daemon.endpoint, name="on-one") as one, npu.connect(daemon.endpoint, name="idle"):
         one.alloc(4096, device=1)
