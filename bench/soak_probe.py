@@ -88,7 +88,7 @@ def _pymalloc():
 def _alive():
     """Instances of the daemon's per-session and per-job classes the garbage collector tracks,
     reachable or not (nothing is collected to count them); ``KeptJob``: the finished jobs
-    sessions keep (up to 1024 each, freed with their session)."""
+    sessions keep (up to 1024 each, in their job tables' columns, freed with their session)."""
     import gc
     names = ("Session", "Job", "KeptJob", "LoadedModel", "Context", "BufferObject")
     counts = dict.fromkeys(names, 0)
@@ -99,6 +99,7 @@ def _alive():
             counts[name] += 1
             if name == "Session":
                 held.append(obj)
+                counts["KeptJob"] += obj.jobs.kept_count
     # What holds each session: the first thing to look at when one outlives its close.
     counts["session_holders"] = [sorted({_describe(r) for r in gc.get_referrers(s) if r is not held})
                                  for s in held]

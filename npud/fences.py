@@ -86,7 +86,7 @@ def fail(daemon: "Daemon", job: "Job", error: ErrorInfo) -> bool:
 def cancel_session(daemon: "Daemon", session: "Session", error: ErrorInfo) -> None:
     """A session closed: its jobs stop (queued ones at once), its exported fences die, and the
     devices forget its contexts (fair-share clocks, bans): nothing keyed by them outlives it."""
-    for job in list(session.jobs.values()):
+    for job in session.jobs.unfinished():
         if job.state == "queued":
             fail(daemon, job, error)
         elif job.state == "running":   # preempted, or on a core: it stops at its next layer boundary

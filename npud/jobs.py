@@ -92,12 +92,11 @@ _KEPT_HEAD = struct.Struct("<?iiqidddd")
 
 
 class KeptJob:
-    """What a session keeps of a finished job, for a late `wait`/`wait_jobs`, the `jobs` listing,
-    fences (a job naming it in ``after``, ``fence_export``) and `cancel` (a no-op now): two objects
-    (itself and one bytes object) of ~300 bytes, where the finished `Job` was ~8 objects of ~660.
-    A session keeps 1024 of these: made under load and freed only when their session closes, they
-    were the bulk of the small objects that kept pymalloc's arenas from being returned.  Holds no
-    bindings, stream, session or per-op report; reads like a finished `Job` to every reader."""
+    """A finished job as its session keeps it, for a late `wait`/`wait_jobs`, the `jobs` listing,
+    fences (a job naming it in ``after``, ``fence_export``) and `cancel` (a no-op now).  The
+    session's table (npud/job_table.py) stores its fields in columns and makes one of these for
+    each reader that asks.  Holds no bindings, stream, session or per-op report; reads like the
+    finished `Job` it was to every reader."""
 
     __slots__ = ("id", "session_id", "client", "model_name", "context", "error", "_packed")
     done = FINISHED            # finished: waiting returns at once
@@ -106,11 +105,20 @@ class KeptJob:
     session = None
     cancel = ""
 
-    def __init__(self, job: Job):
-        self.id, self.session_id, self.client = job.id, job.session_id, job.client
-        self.model_name, self.context, self.error = job.model_name, job.context, job.error
-        self._packed = _KEPT_HEAD.pack(job.state == "failed", job.device, job.pid, job.model, job.preemptions,
-                                       job.submitted, job.started, job.finished, job.busy_s) + job.packed_stats
+    @staticmethod
+    def pack(job: Job) -> bytes:
+        """The finished job's numbers and stats, as `of` reads them back."""
+        return _KEPT_HEAD.pack(job.state == "failed", job.device, job.pid, job.model, job.preemptions,
+                               job.submitted, job.started, job.finished, job.busy_s) + job.packed_stats
+
+    @classmethod
+    def of(cls, job_id: int, session_id: str, client: str, model_name: str, context, error,
+           packed: bytes) -> "KeptJob":
+        """The kept job with these fields and `pack`'s bytes."""
+        kept = cls.__new__(cls)
+        kept.id, kept.session_id, kept.client = job_id, session_id, client
+        kept.model_name, kept.context, kept.error, kept._packed = model_name, context, error, packed
+        return kept
 
     def _head(self) -> tuple:
         return _KEPT_HEAD.unpack_from(self._packed)

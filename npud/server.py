@@ -270,7 +270,7 @@ class Daemon:
         # Jobs that did not finish in the grace period never will: wake their waits now,
         # while the socket's owner task still runs, so each is answered ESHUTDOWN.
         for session in self.sessions:
-            for job in session.jobs.values():
+            for job in session.jobs.unfinished():
                 job.done.set()
         with trio.move_on_after(1.0):
             await self._idle.wait()

@@ -13,13 +13,14 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .jobs import BusyWindow, Job, KeptJob
+from .job_table import SessionJobs
+from .jobs import BusyWindow, Job
 from .memory import BufferObject
 from .ordering import Sequencer
 from .scheduler import Context
@@ -27,7 +28,6 @@ from .scheduler import Context
 if TYPE_CHECKING:
     from .models import LoadedModel
 
-FINISHED_JOBS_KEPT = 1024  # per session, so that `wait` after completion still answers
 USERS_TRACKED = 4096       # uids with usage totals of their own; jobs of any further uid count under -1
 UTIL_WINDOW_S = 5.0        # as npud.devices.UTIL_WINDOW_S
 
@@ -52,7 +52,7 @@ class Session:
     buffers: dict[int, BufferObject] = field(default_factory=dict)
     models: dict[int, "LoadedModel"] = field(default_factory=dict)
     memory: int = 0
-    jobs: OrderedDict[int, Job | KeptJob] = field(default_factory=OrderedDict)   # finished ones as KeptJob
+    jobs: SessionJobs = field(init=False)   # by id: unfinished `Job`s, the last finished ones kept compact
     jobs_in_flight: int = 0
     jobs_submitted: int = 0
     jobs_completed: int = 0
@@ -69,6 +69,9 @@ class Session:
     _next_handle: int = 1
     _next_job: int = 1
 
+    def __post_init__(self) -> None:
+        self.jobs = SessionJobs(self.id)
+
     def new_handle(self) -> int:
         handle, self._next_handle = self._next_handle, self._next_handle + 1
         return handle
@@ -78,18 +81,12 @@ class Session:
         return job_id
 
     def remember_job(self, job: Job) -> None:
-        self.jobs[job.id] = job
-        while len(self.jobs) > FINISHED_JOBS_KEPT + self.jobs_in_flight:
-            oldest_id, oldest = next(iter(self.jobs.items()))
-            if oldest.state not in ("done", "failed"):
-                break
-            del self.jobs[oldest_id]
+        self.jobs.add(job)
 
     def keep_finished(self, job: Job) -> None:
-        """Keep a finished job as its compact record (npud/jobs.py KeptJob), in the same place in
-        the order; a job the session no longer keeps stays forgotten."""
-        if self.jobs.get(job.id) is job:
-            self.jobs[job.id] = KeptJob(job)
+        """Keep a finished job as a compact record (npud/job_table.py); a job the session no
+        longer keeps stays forgotten."""
+        self.jobs.keep_finished(job)
 
     def command(self) -> str:
         """The client's command line as this daemon's PID namespace shows it."""
