@@ -54,6 +54,7 @@ class OneDNN:
 
     def __init__(self, lib: ctypes.CDLL, gomp: ctypes.CDLL | None):
         self.version = _version(lib)
+        self.isa = _isa(lib)
         f = lib.dnnl_gemm_u8s8s32
         f.restype = ctypes.c_int
         f.argtypes = [ctypes.c_char, ctypes.c_char, ctypes.c_char, _D, _D, _D, ctypes.c_float,
@@ -128,6 +129,17 @@ def _version(lib) -> str:
         return f"{v.major}.{v.minor}.{v.patch}"
     except (AttributeError, ValueError):
         return "unknown"
+
+
+def _isa(lib) -> str:
+    """The instruction set oneDNN's kernels use on this CPU, e.g. ``avx512_core_vnni``."""
+    try:
+        lib.dnnl_get_effective_cpu_isa.restype = ctypes.c_int
+        lib.dnnl_cpu_isa2str.restype = ctypes.c_char_p
+        lib.dnnl_cpu_isa2str.argtypes = [ctypes.c_int]
+        return lib.dnnl_cpu_isa2str(lib.dnnl_get_effective_cpu_isa()).decode().removeprefix("cpu_isa_")
+    except (AttributeError, ValueError, UnicodeDecodeError):
+        return "unknown isa"
 
 
 def _threads() -> int:
@@ -264,6 +276,13 @@ def get():
 def describe() -> str:
     """Which integer GEMM the emulator uses, and why."""
     return _load()[1]
+
+
+def kernels() -> str:
+    """Which kernels the emulator's integer GEMMs run, in a few words for `npuctl devices`:
+    ``onednn 3.2.0 (avx512_core_vnni)``, or ``numpy reference`` and why."""
+    gemm, why = _load()
+    return f"onednn {gemm.version} ({gemm.isa})" if gemm is not None else why
 
 
 def reset() -> None:
