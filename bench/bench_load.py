@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:>12} {r['n']:>3} {r['per_s']:>8.1f} {r['per_s'] / one:>6.2f}x {r['p50']:>8.2f} "
                   f"{r['p99']:>8.2f} {r['p99'] / r['p50']:>7.1f}x")
     npud, ort = rows["npud"], rows["onnxruntime"]
-    print(f"npud vs onnxruntime runs/s: " + ", ".join(
+    print("npud vs onnxruntime runs/s: " + ", ".join(
         f"N={a['n']} {a['per_s'] / b['per_s']:.2f}x" for a, b in zip(npud, ort)))
     print("goals: 2 vs 1 >= 1.8x, 8 vs 1 >= 1.7x with p99 <= 5x p50, never below 1.0x (serial)")
     print()
