@@ -71,6 +71,7 @@ from npud.emulator.timing import command_cost
 from npud.emulator.validator import Mapping, Program, validate
 
 MAX_PACKET = 32 << 20
+KEEP_PACKET_BYTES = 1 << 20   # the packet buffer keeps at most this much resident between packets
 
 
 class DeviceProcess:
@@ -124,7 +125,10 @@ class DeviceProcess:
         """The request in the first ``size`` bytes of the packet buffer (msgpack copies out
         whatever it keeps, so the buffer is free for the next packet)."""
         with memoryview(self._packet) as view:
-            return msgpack.unpackb(view[:size], raw=False)
+            request = msgpack.unpackb(view[:size], raw=False)
+        if size > KEEP_PACKET_BYTES:   # a large stream's pages go back to the kernel (zero again)
+            self._packet.madvise(mmap.MADV_DONTNEED, 0, size)
+        return request
 
     def _op_import(self, request, fds):
         fd = fds[0]
