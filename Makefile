@@ -16,9 +16,8 @@ $(RUNTIME): pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
-# int8-gemm: oneDNN's exact integer GEMM for the emulator (optional; numpy is the fallback).
 $(TESTING): pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e '.[test,int8-gemm]'
+	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(RUNTIME) $@
 
 demo: $(RUNTIME)

@@ -4,6 +4,8 @@
   of 64 MiB, against two np.copyto of 64 MiB between warm arrays.  Local
   clients move data through the mapping; the message path (map_io=False, for
   clients that cannot map) is measured too.  Goal: >= 0.7x memcpy bandwidth.
+- read() alone, which allocates its result, against numpy's ``copy()`` of a warm array, which
+  allocates too.  Goal: >= 0.9x.
 - mapped: np.copyto into Buffer.map()'s view vs into a plain array.  Goal:
   memcpy speed (1.0x).
 Ratios here are of bandwidth: higher is better.
@@ -52,9 +54,18 @@ def run(rounds: int = 5) -> list[Ratio]:
         def plain():
             np.copyto(dst, src)
 
+        buf.write(src)
+
+        def read_alloc():      # what a user who wants the bytes and has no array writes
+            buf.read()
+
+        def numpy_copy():      # the same, from an array: numpy allocates the copy
+            src.copy()
+
         for name, fn, base, goal in [
             ("64 MiB write+read_into (mapped path)", write_read_into, memcpy_pair, ">= 0.7x"),
             ("64 MiB write+read() (allocates result)", write_read, memcpy_pair, ">= 0.7x"),
+            ("64 MiB read() vs numpy copy() (both allocate)", read_alloc, numpy_copy, ">= 0.9x"),
             ("64 MiB copy into Buffer.map() view", mapped, plain, "1.0x"),
         ]:
             cand, baseline = compare(fn, base, n=3, rounds=rounds)

@@ -7,6 +7,7 @@ Nothing here asserts a time: machines differ, ratios travel.
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -162,6 +163,37 @@ def main() -> None:
     row("per-command execute (16-elem add)", t_exec, t_np, "np.add 16 elems")
     row("per-command validate+schedule", t_val, t_np, "np.add 16 elems")
     print(f"per-command overhead: execute {t_exec * 1e6:.2f} us, validate {t_val * 1e6:.2f} us")
+    t_seg = segment_cost()
+    print(f"per-segment overhead (device process, a run cut at layer boundaries): {t_seg * 1e6:.2f} us")
+
+
+def segment_cost(layers: int = 200) -> float:
+    """Seconds a layer boundary adds to a run in the device process: the same program of
+    ``layers`` one-command layers run as one segment and as ``layers`` segments."""
+    import socket
+
+    from npud.emulator.device_process import DeviceProcess
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    device = DeviceProcess(theirs, CFG)
+    sb = StreamBuilder(CFG)
+    for _ in range(layers):
+        sb.fill(tile(0, "fp32", (16,)), 1.0)   # writes SRAM only: every boundary is safe
+    stream = sb.end().build()
+    times = []
+    try:
+        for program, boundaries in ((1, []), (2, list(range(1, layers)))):
+            fd = os.memfd_create("stream")
+            os.write(fd, stream)
+            os.lseek(fd, 0, os.SEEK_SET)
+            reply = device._op_load_program({"program": program, "mappings": [],
+                                             "boundaries": boundaries}, [fd])
+            assert len(reply["segments"]) == (layers if boundaries else 1)
+            times.append(best(lambda: device._op_run({"program": program, "bindings": []}, []), repeat=7))
+    finally:
+        ours.close()
+        theirs.close()
+    return (times[1] - times[0]) / (layers - 1)
 
 
 if __name__ == "__main__":

@@ -29,10 +29,9 @@ run, in interleaved rounds where the two can interleave:
   ``Model.run(x)`` for that MLP, same input: buffers bound once, the request
   encoded once, the outputs returned as views instead of copies.
 
-Nothing here asserts a time.  The device process's BLAS uses all cores unless
-``OPENBLAS_NUM_THREADS`` says otherwise (exported to the daemon); on a busy
-machine its spinning threads cost far more than they win (see
-docs/PERFORMANCE.md).
+Nothing here asserts a time.  Each device process runs one compute thread
+(npud/emulator/threads.py: its BLAS and OpenMP pools are pinned to one thread,
+whatever the environment says); parallelism is across device processes.
 """
 
 from __future__ import annotations

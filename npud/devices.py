@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import msgpack
 import trio
 
-from npud.emulator import lifeline
+from npud.emulator import lifeline, threads
 from npud.emulator.config import DeviceConfig
 from npud.ipc_schema.errors import ErrorCode, ErrorInfo
 
@@ -131,6 +131,8 @@ class Core:
         self.imported: set[int] = set()
         self.loaded: set[int] = set()
         self.started = False                         # its process has said it is ready
+        self.kernels = ""                            # what its ready said: the kernels it runs
+        self.threads: dict[str, int] = {}            # and its BLAS/OpenMP pools' thread counts
         self.job: Job | None = None                  # running now
         self.run_since = 0.0                         # time.monotonic() its current run segment began
         self.in_run = False                          # a run request is in flight
@@ -288,9 +290,19 @@ class DeviceHost:
             "jobs_failed": self.jobs_failed, "busy_ms": self.busy_now(now) / len(self.cores) * 1e3,
             "resets": self.resets, "cores": len(self.cores), "hangs": self.hangs,
             "banned_contexts": len(self.banned),
+            **self.compute_info(),
             "latency_ms": self.latency.info(), "run_ms": self.run_time.info(),
             **self.usage_info(now),
         }
+
+    def compute_info(self) -> dict:
+        """The kernels its device processes run and the most threads any of their pools uses,
+        once a process has said (in its ``ready``)."""
+        started = [core for core in self.cores if core.kernels]
+        if not started:
+            return {}
+        return {"kernels": "; ".join(sorted({core.kernels for core in started})),
+                "compute_threads": max((n for core in started for n in core.threads.values()), default=1)}
 
     def usage_info(self, now: float) -> dict:
         return {"util_pct": self.usage.pct(now, self.busy_now(now), len(self.cores)),
@@ -387,9 +399,19 @@ class DeviceHost:
                 continue
             job = self.sched.pick(time.monotonic())
             if job is None:
+                if not core.started:     # idle: hear its ready now, so `devices` can tell its kernels
+                    await self._greet(core)
+                    continue
                 await core.wakeup.wait()
                 continue
             await self._run_job(core, job)
+
+    async def _greet(self, core: Core) -> None:
+        """Wait for a new idle process's ``ready`` (a process that never says it is reset)."""
+        try:
+            await self._started(core)
+        except DeviceFault as exc:
+            await self._reset(core, str(exc))
 
     async def _watch(self, core: Core, process: trio.Process) -> None:
         """Restart a core's process that dies while the core is idle at once, not when the next
@@ -605,7 +627,7 @@ class DeviceHost:
         try:
             core.process = await lifeline.open_process(
                 "npud.emulator.device_process", ["--sock-fd", str(theirs.fileno()), "--config", config_hex],
-                pass_fds=(theirs.fileno(),))
+                pass_fds=(theirs.fileno(),), env=threads.ENV)
         except BaseException:
             ours.close()   # _reset retries while descriptors are short: do not leak one per try
             raise
@@ -676,6 +698,8 @@ class DeviceHost:
         if reply.get("op") != "ready":
             raise DeviceLost(f"its process broke the protocol: {reply!r} before ready", delivered=False)
         core.started = True
+        core.kernels = str(reply.get("kernels", ""))
+        core.threads = dict(reply.get("threads", {}))
 
     async def _send(self, core: Core, data: bytes, op: str, fd: int | None = None) -> None:
         if not core.started:

@@ -80,15 +80,23 @@ class BufferOps:
                                  "data": bytes(view[start:start + chunk])})
 
     def read(self, nbytes: int | None = None, offset: int = 0):
-        """Copy ``nbytes`` (default: to the end) out of the buffer from ``offset``."""
+        """Copy ``nbytes`` (default: to the end) out of the buffer from ``offset``: a read-only
+        memoryview of bytes (format ``B``) that compares equal to the same ``bytes``.
+
+        Its memory comes from numpy's allocator, which asks for huge pages for large blocks:
+        fresh memory costs a page fault per page, and a 64 MiB ``bytes`` result took 10x the
+        time of its copy in faults (docs/PERFORMANCE.md).  Code that reads often reuses an
+        array with :meth:`read_into` instead."""
         self._check()
         nbytes = self.size - offset if nbytes is None else nbytes
         check_range("read", offset, nbytes, self.size)
-        if (yield from self._mapped_io()):
-            return self._mm[offset:offset + nbytes]
-        out = bytearray(nbytes)
-        yield from self._read_messages(memoryview(out), offset)
-        return bytes(out)
+        mapped = yield from self._mapped_io()
+        out = memoryview(np.empty(nbytes, np.uint8))
+        if mapped:
+            out[:] = memoryview(self._mm)[offset:offset + nbytes]
+        else:
+            yield from self._read_messages(out, offset)
+        return out.toreadonly()
 
     def read_into(self, out: Any, offset: int = 0):
         """Copy ``len(out)`` bytes from ``offset`` into a writable buffer or array: no allocation."""
@@ -134,7 +142,7 @@ class Buffer(BufferOps):
     if TYPE_CHECKING:   # the blocking methods' types (docstrings: BufferOps)
         def map(self, dtype: Any = np.uint8, shape: tuple[int, ...] | None = None) -> np.ndarray[Any, Any]: ...
         def write(self, data: Any, offset: int = 0) -> None: ...
-        def read(self, nbytes: int | None = None, offset: int = 0) -> bytes | memoryview: ...
+        def read(self, nbytes: int | None = None, offset: int = 0) -> memoryview: ...
         def read_into(self, out: Any, offset: int = 0) -> None: ...
         def free(self) -> None: ...
     else:

@@ -64,7 +64,17 @@ def device_params(device: dict) -> str:
     p = device["params"]
     lines = [f"{k:>22}: {v}" for k, v in sorted(p.items())]
     uuid = f", {device['uuid']}" if device.get("uuid") else ""
-    return f"device {device['index']} ({device['name']}, preset {device['preset']}{uuid})\n" + "\n".join(lines)
+    return (f"device {device['index']} ({device['name']}, preset {device['preset']}{uuid})\n"
+            f"{device_kernels(device)}\n" + "\n".join(lines))
+
+
+def device_kernels(device: dict) -> str:
+    """Which kernels its device processes run, and on how many threads each (protocol 1.6)."""
+    if "kernels" not in device:
+        return f"{'kernels':>22}: (not reported: no device process has started, or npud is older than 1.6)"
+    threads = device.get("compute_threads", 1)
+    return (f"{'kernels':>22}: {device['kernels']}, {threads} compute thread{'s' if threads != 1 else ''} "
+            f"in each of {device.get('cores', 1)} device process{'es' if device.get('cores', 1) != 1 else ''}")
 
 
 def clients_table(clients: list[dict]) -> str:

@@ -3,9 +3,12 @@
 This is the "hardware" side of the daemon/device boundary.  It talks to the
 daemon over one Unix SOCK_SEQPACKET socket (inherited as a file descriptor):
 each packet is a msgpack map, and ``import`` packets carry a buffer object's
-memfd in SCM_RIGHTS.  Once started (its imports done, its device built) it
-sends ``{"op": "ready"}``; then it executes one request at a time, exactly as a
-device with one command queue does, and answers every request with one packet::
+memfd in SCM_RIGHTS.  Once started (its imports done, its device built, its
+integer GEMM chosen and every BLAS/OpenMP pool pinned to one thread) it sends
+``{"op": "ready", "kernels": str, "threads": {"openblas": n, "openmp": n}}``
+(which kernels it runs, and the thread counts its pools read back); then it
+executes one request at a time, exactly as a device with one command queue
+does, and answers every request with one packet::
 
     {"op": "import", "bo": id}  + memfd   -> {"ok": true}
     {"op": "release", "bo": id}           -> {"ok": true}
@@ -47,6 +50,7 @@ every access against each run's own bindings.
 from __future__ import annotations
 
 import argparse
+import array
 import dataclasses
 import mmap
 import os
@@ -58,13 +62,16 @@ import time
 import msgpack
 
 from npud.emulator.config import DeviceConfig
+from npud.emulator import threads
 from npud.emulator.device import Device
 from npud.emulator.errors import DeviceError
+from npud.emulator.engines import int_gemm
 from npud.emulator.isa import Engine
 from npud.emulator.timing import command_cost
 from npud.emulator.validator import Mapping, Program, validate
 
 MAX_PACKET = 32 << 20
+KEEP_PACKET_BYTES = 1 << 20   # the packet buffer keeps at most this much resident between packets
 
 
 class DeviceProcess:
@@ -75,17 +82,27 @@ class DeviceProcess:
         self.programs: dict[int, Program] = {}
         self.segments: dict[int, list[Program]] = {}   # a loaded program cut at its safe boundaries
         self.cycles: dict[int, list[int]] = {}         # modeled cycles of each segment
+        # Every packet is received into this one buffer: a fresh MAX_PACKET buffer per receive
+        # (one per request, and one per segment boundary of every run) cost an allocation of
+        # 32 MiB each time.  Anonymous pages cost memory only once a packet has written them.
+        self._packet = mmap.mmap(-1, MAX_PACKET)
+        # The integer GEMM's backend is chosen (and self-tested) now, not in the first int8 job,
+        # and every thread pool it and numpy loaded runs one thread (npud/emulator/threads.py).
+        self.kernels = int_gemm.kernels()
+        self.threads = threads.pin()
 
     def serve(self) -> None:
-        self.sock.send(msgpack.packb({"op": "ready"}))
+        self.sock.send(msgpack.packb({"op": "ready", "kernels": self.kernels, "threads": self.threads}))
+        fd_space = socket.CMSG_SPACE(4 * array.array("i").itemsize)
         while True:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_PACKET, 4)
+                size, ancillary, _flags, _addr = self.sock.recvmsg_into([self._packet], fd_space)
             except ConnectionResetError:
                 return
-            if not data:
+            if not size:
                 return  # the daemon is gone: nothing to serve
-            request = msgpack.unpackb(data, raw=False)
+            fds = _fds(ancillary)
+            request = self._unpack(size)
             op = request["op"]
             if op == "shutdown":
                 return
@@ -97,12 +114,21 @@ class DeviceProcess:
     def _preempted(self) -> bool:
         """Whether the daemon asked (with a ``preempt`` packet) to stop at this boundary."""
         try:
-            data = self.sock.recv(MAX_PACKET, socket.MSG_DONTWAIT)
+            size = self.sock.recv_into(self._packet, MAX_PACKET, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False
-        if not data:   # the daemon is gone: nobody will read this run's result
+        if not size:   # the daemon is gone: nobody will read this run's result
             raise SystemExit("npud closed the device socket mid-run")
-        return msgpack.unpackb(data, raw=False).get("op") == "preempt"
+        return self._unpack(size).get("op") == "preempt"
+
+    def _unpack(self, size: int) -> dict:
+        """The request in the first ``size`` bytes of the packet buffer (msgpack copies out
+        whatever it keeps, so the buffer is free for the next packet)."""
+        with memoryview(self._packet) as view:
+            request = msgpack.unpackb(view[:size], raw=False)
+        if size > KEEP_PACKET_BYTES:   # a large stream's pages go back to the kernel (zero again)
+            self._packet.madvise(mmap.MADV_DONTNEED, 0, size)
+        return request
 
     def _op_import(self, request, fds):
         fd = fds[0]
@@ -182,7 +208,7 @@ class DeviceProcess:
                     segment += 1
                     ran += 1
                 done = segment >= len(segments)
-                stats = self.programs[pid].stats.copy()
+                stats = self.programs[pid].stats   # read-only here: to_dict() below copies it
             else:   # a raw command stream: one segment
                 if fault == "slow":
                     time.sleep(request.get("slow_ms", 0) / 1000)
@@ -200,6 +226,15 @@ class DeviceProcess:
                 ctx.close()  # unmaps everything and frees the hardware context slot
         return {"ok": True, "done": done, "next": segment, "segments": ran, "cycles": cycles,
                 "stats": stats.to_dict() if done else {}, "wall_ms": (time.perf_counter() - started) * 1e3}
+
+
+def _fds(ancillary: list) -> list[int]:
+    """The file descriptors an SCM_RIGHTS message carried (as ``socket.recv_fds`` returns them)."""
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    return list(fds)
 
 
 def segment_spans(program: Program, boundaries: list[int]) -> list[tuple[int, int]]:

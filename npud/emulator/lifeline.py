@@ -39,13 +39,15 @@ def _lifeline() -> int:
     return _pipe[0]
 
 
-async def open_process(module: str, args: list[str], pass_fds: tuple[int, ...] = ()):
-    """``python -m module *args`` as a trio process that dies with this one."""
+async def open_process(module: str, args: list[str], pass_fds: tuple[int, ...] = (),
+                       env: dict[str, str] | None = None):
+    """``python -m module *args`` as a trio process that dies with this one, with this process's
+    environment plus ``env`` (which wins)."""
     import trio   # the children import this module too, and need no trio
 
     fd = _lifeline()
     return await trio.lowlevel.open_process([sys.executable, "-m", "npud.emulator.lifeline", module, *args],
-                                            pass_fds=(*pass_fds, fd), env={**os.environ, ENV: str(fd)})
+                                            pass_fds=(*pass_fds, fd), env={**os.environ, **(env or {}), ENV: str(fd)})
 
 
 def die_with_parent() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .isa import Command, DType, Engine, UnaryFunc
 
@@ -43,7 +43,8 @@ class JobStats:
         return asdict(self)
 
     def copy(self) -> "JobStats":
-        return JobStats(**{**asdict(self), "engine_busy": dict(self.engine_busy)})
+        # Not through asdict: it deep-copies every field, and a run copies once per segment.
+        return replace(self, engine_busy=dict(self.engine_busy))
 
     def utilisation(self, cores: int) -> dict[str, float]:
         """Fraction of the makespan each engine type was busy (averaged over cores)."""

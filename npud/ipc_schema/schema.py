@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .types import Any_, Array, Bin, Bool, F, Float, Int, MapOf, Str, Struct, Type
 
-PROTOCOL_VERSION = (1, 5)
+PROTOCOL_VERSION = (1, 6)
 """(major, minor).  A major bump breaks compatibility; a minor bump only adds."""
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -125,6 +125,12 @@ DEVICE = Struct("device", {
     "run_ms": F(HISTOGRAM, "of every job that ran: the device time it took", optional=True),
     "target_hash": F(Bin(8, 8), "the target hash a command stream's header must carry to run on it "
                                 "(section *Command streams and the target hash*)", optional=True, since=(1, 5)),
+    "kernels": F(Str(256), "the compute kernels its device processes run, e.g. `onednn 3.2.0 (avx512_core_vnni)`, "
+                           "or `numpy reference` and why (absent until a device process has started)",
+                 optional=True, since=(1, 6)),
+    "compute_threads": F(U32, "the most threads any BLAS or OpenMP pool of its device processes uses: 1, "
+                              "parallelism is across device processes (absent with `kernels`)",
+                         optional=True, since=(1, 6)),
 })
 
 USER_USAGE = Struct("user_usage", {

@@ -160,6 +160,29 @@ def test_read_write_offsets_and_bounds(make_client, map_io):
     assert (buf._mm is not None) == map_io
 
 
+@pytest.mark.parametrize("map_io", [True, False])
+def test_read_returns_a_fresh_read_only_copy_from_numpys_allocator(make_client, map_io):
+    """read() allocates its result the way numpy.copy() does (huge pages for large blocks: a
+    ``bytes`` result cost 10x its copy in page faults), and it is a copy, not a view."""
+    c = make_client(map_io=map_io)
+    buf = c.alloc(8192)
+    buf.write(b"\x5a" * 8192)
+    got = buf.read()
+    assert isinstance(got, memoryview) and got.readonly and got.format == "B" and got.nbytes == 8192
+    assert isinstance(got.obj, np.ndarray)     # numpy's allocation
+    assert got == b"\x5a" * 8192 and bytes(got[:2]) == b"ZZ"
+    buf.write(b"\x00" * 8192)
+    assert got == b"\x5a" * 8192               # a copy: the buffer's later bytes do not show
+
+
+async def test_the_trio_client_reads_the_same_way(daemon):
+    async with npu.connect_async(daemon.endpoint) as c:
+        buf = await c.alloc(4096)
+        await buf.write(b"\x07" * 4096)
+        got = await buf.read(16, offset=8)
+        assert isinstance(got, memoryview) and got.readonly and got == b"\x07" * 16
+
+
 def test_daemon_bounds_checks_on_message_path(client):
     buf = client.alloc(100)
     for op, args in [("write", {"handle": buf.handle, "offset": 98, "data": b"abc"}),

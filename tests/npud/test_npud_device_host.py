@@ -30,7 +30,7 @@ def fake_processes(*codes: str):
     """An ``open_process`` for DeviceHost whose n-th process runs ``codes[n]`` (the last one after)."""
     started = []
 
-    async def open_process(module: str, args: list[str], pass_fds: tuple[int, ...] = ()):
+    async def open_process(module: str, args: list[str], pass_fds: tuple[int, ...] = (), env=None):
         code = codes[min(len(started), len(codes) - 1)]
         started.append(module)
         return await trio.lowlevel.open_process([sys.executable, "-c", code, *args], pass_fds=pass_fds)

@@ -11,9 +11,9 @@ numpy.  oneDNN's kernels for CPUs without VNNI may saturate int16 pair sums
 (``vpmaddubsw``); a library that differs anywhere is refused and the numpy
 path stays in use, so results never depend on the host.
 
-``NPU_EMU_INT_GEMM=numpy`` forces the numpy path.  ``NPU_EMU_INT_GEMM_THREADS``
-(default 1) is oneDNN's OpenMP thread count: each modeled core already runs in
-a device process of its own, and on a shared 2-core host a second OpenMP thread
+``NPU_EMU_INT_GEMM=numpy`` forces the numpy path.  oneDNN runs on one OpenMP
+thread, always (npud/emulator/threads.py): each modeled core already runs in a
+device process of its own, and on a shared 2-core host a second OpenMP thread
 measured up to 8x slower (spin-waiting against the other process).
 """
 
@@ -28,7 +28,6 @@ import threading
 import numpy as np
 
 ENV = "NPU_EMU_INT_GEMM"
-THREADS_ENV = "NPU_EMU_INT_GEMM_THREADS"
 
 # |a - a_zp| <= 255 for 8-bit a and an in-range zero point, |b| <= 128: every
 # product is at most 255 * 128 in magnitude, so a K this long cannot leave int32
@@ -54,6 +53,7 @@ class OneDNN:
 
     def __init__(self, lib: ctypes.CDLL, gomp: ctypes.CDLL | None):
         self.version = _version(lib)
+        self.isa = _isa(lib)
         f = lib.dnnl_gemm_u8s8s32
         f.restype = ctypes.c_int
         f.argtypes = [ctypes.c_char, ctypes.c_char, ctypes.c_char, _D, _D, _D, ctypes.c_float,
@@ -62,7 +62,6 @@ class OneDNN:
         self._fn = f
         self._co = np.zeros(1, np.int32)
         self._gomp = gomp
-        self._threads = _threads()
         self._local = threading.local()
 
     def __call__(self, a: np.ndarray, b: np.ndarray, c: np.ndarray, a_zp: int = 0,
@@ -94,10 +93,10 @@ class OneDNN:
         ldc = c.strides[0] // 4 if m > 1 else n
         if (n > 1 and c.strides[1] != 4) or ldc < n:
             raise ValueError("the int32 output needs unit column stride and rows >= N apart")
-        if self._gomp is not None and getattr(self._local, "threads", None) != self._threads:
-            # OpenMP's thread count is per calling thread: set it once in each.
-            self._gomp.omp_set_num_threads(self._threads)
-            self._local.threads = self._threads
+        if self._gomp is not None and not getattr(self._local, "pinned", False):
+            # OpenMP's thread count is per calling thread: one, set once in each.
+            self._gomp.omp_set_num_threads(1)
+            self._local.pinned = True
         status = self._fn(
             b"N", b"N", b"F" if co is None else b"R", m, n, k, 1.0, a.ctypes.data, lda, a_zp,
             b.ctypes.data, ldb, 0, 0.0, c.ctypes.data, ldc,
@@ -130,11 +129,15 @@ def _version(lib) -> str:
         return "unknown"
 
 
-def _threads() -> int:
+def _isa(lib) -> str:
+    """The instruction set oneDNN's kernels use on this CPU, e.g. ``avx512_core_vnni``."""
     try:
-        return max(1, int(os.environ.get(THREADS_ENV, "1")))
-    except ValueError:
-        return 1
+        lib.dnnl_get_effective_cpu_isa.restype = ctypes.c_int
+        lib.dnnl_cpu_isa2str.restype = ctypes.c_char_p
+        lib.dnnl_cpu_isa2str.argtypes = [ctypes.c_int]
+        return lib.dnnl_cpu_isa2str(lib.dnnl_get_effective_cpu_isa()).decode().removeprefix("cpu_isa_")
+    except (AttributeError, ValueError, UnicodeDecodeError):
+        return "unknown isa"
 
 
 def _candidates() -> list[str]:
@@ -264,6 +267,13 @@ def get():
 def describe() -> str:
     """Which integer GEMM the emulator uses, and why."""
     return _load()[1]
+
+
+def kernels() -> str:
+    """Which kernels the emulator's integer GEMMs run, in a few words for `npuctl devices`:
+    ``onednn 3.2.0 (avx512_core_vnni)``, or ``numpy reference`` and why."""
+    gemm, why = _load()
+    return f"onednn {gemm.version} ({gemm.isa})" if gemm is not None else why
 
 
 def reset() -> None:
