@@ -114,12 +114,13 @@ class StreamBuilder:
                          flags=isa.FLAG_ACCUMULATE if accumulate else 0)
 
     def conv2d(self, x, w, out, *, bias=None, stride=(1, 1), pad=(0, 0, 0, 0),
-               dilation=(1, 1), groups=1, x_zp=0, accumulate=False, core: int = 0):
-        """`pad` is (top, bottom, left, right)."""
+               dilation=(1, 1), groups=1, x_zp=0, accumulate=False, relu=False, core: int = 0):
+        """`pad` is (top, bottom, left, right); `relu` fuses a ReLU after the bias and accumulation."""
         return self.emit("conv2d", core=core, x=x, w=w, out=out, bias=_addr(bias),
                          stride=tuple(stride), pad=tuple(pad), dilation=tuple(dilation),
                          groups=groups, x_zp=x_zp,
-                         flags=isa.FLAG_ACCUMULATE if accumulate else 0)
+                         flags=(isa.FLAG_ACCUMULATE if accumulate else 0)
+                         | (isa.FLAG_RELU if relu else 0))
 
     def qconv2d(self, x, w, out, *, scale_addr, bias=None, stride=(1, 1), pad=(0, 0, 0, 0),
                 dilation=(1, 1), groups=1, x_zp=0, y_zp=0, lo: int = -(1 << 31),

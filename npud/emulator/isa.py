@@ -269,7 +269,8 @@ OPCODES: tuple[OpSpec, ...] = (
         "Batched matrix product out[b] (+)= a[b] @ w[b] (+ bias).",
         ("a", TILE), ("w", TILE), ("out", TILE), ("bias", U32), ("flags", U8)),
     _op(0x21, "conv2d", Engine.MAC,
-        "2-D convolution, NHWC input, HWIO weights (I = Cin/groups).",
+        "2-D convolution, NHWC input, HWIO weights (I = Cin/groups); flags: accumulate "
+        "into out, then ReLU (fused epilogues: a residual Add is accumulate onto the residual).",
         ("x", TILE), ("w", TILE), ("out", TILE), ("bias", U32),
         ("stride", Kind("u16x2", "HH")), ("pad", PAD4), ("dilation", Kind("u16x2", "HH")),
         ("groups", U16), ("x_zp", I32), ("flags", U8)),
@@ -337,9 +338,10 @@ BY_NAME: dict[str, OpSpec] = {op.name: op for op in OPCODES}
 
 # flag bits
 FLAG_ACCUMULATE = 0x01          # matmul/conv2d: out += result
+FLAG_RELU = 0x02                # conv2d: out = max(out, 0) after the bias and accumulation
 FLAG_COUNT_INCLUDE_PAD = 0x01   # pool AVG: padding counts in the divisor
 MATMUL_FLAGS = FLAG_ACCUMULATE
-CONV_FLAGS = FLAG_ACCUMULATE
+CONV_FLAGS = FLAG_ACCUMULATE | FLAG_RELU
 POOL_FLAGS = FLAG_COUNT_INCLUDE_PAD
 
 assert len(BY_CODE) == len(OPCODES) and len(BY_NAME) == len(OPCODES)

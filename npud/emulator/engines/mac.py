@@ -21,8 +21,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from ..isa import FLAG_ACCUMULATE, NONE_ADDR
-from . import int_gemm
+from ..isa import FLAG_ACCUMULATE, FLAG_RELU, NONE_ADDR
+from . import int_gemm, onednn
 from .common import _LIMITS
 from .common import scratch as _scratch
 from .common import vec, view
@@ -109,9 +109,39 @@ def matmul(job, cmd) -> None:
 
 
 def conv2d(job, cmd) -> None:
+    """The convolution, its bias and accumulation, then the fused ReLU (by
+    definition in that order: docs/ISA.md); oneDNN runs all of it in one
+    primitive where it can."""
     a = cmd.args
     sram = job.sram[cmd.core]
-    _conv(job, cmd, view(sram, a.x), view(sram, a.w), view(sram, a.out))
+    x, w, out = view(sram, a.x), view(sram, a.w), view(sram, a.out)
+    if _conv_onednn(sram, a, x, w, out):
+        return
+    _conv(job, cmd, x, w, out)
+    if a.flags & FLAG_RELU:
+        np.maximum(out, 0, out=out)
+
+
+def _conv_onednn(sram: np.ndarray, a, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> bool:
+    """An ungrouped float32 conv2d on oneDNN's convolution primitive, bias,
+    accumulation and ReLU fused; False (nothing done) where there is no plan
+    or ``out`` overlaps an operand the primitive reads while writing it."""
+    if not (x.dtype == w.dtype == out.dtype == np.float32 and a.groups == 1):
+        return False
+    if np.may_share_memory(out, x) or np.may_share_memory(out, w):
+        return False
+    has_bias = a.bias != NONE_ADDR
+    plan = onednn.plan(x.shape, w.shape, out.shape, a.stride, a.pad, a.dilation, bias=has_bias,
+                       accumulate=bool(a.flags & FLAG_ACCUMULATE), relu=bool(a.flags & FLAG_RELU))
+    if plan is None:
+        return False
+    bias = None
+    if has_bias:
+        bias = vec(sram, a.bias, np.float32, out.shape[3])
+        if np.may_share_memory(bias, out):
+            bias = bias.copy()
+    plan(x, w, out, bias)
+    return True
 
 
 def qconv2d(job, cmd) -> None:
