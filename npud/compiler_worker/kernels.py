@@ -548,6 +548,20 @@ def _qconv_extra(ohb, OW, cb, KH, KW, kb, rs) -> int:
     return extra
 
 
+def _fused_conv_epilogue(steps) -> tuple[str | None, bool]:
+    """(residual tensor or None, relu): a float conv2d's epilogue run in the
+    MAC's output stage, when it is Relu, Add of a same-shape tensor, or Add
+    then Relu (the output tile is loaded with the residual and the convolution
+    accumulates onto it; the ReLU flag follows).  (None, False): the epilogue
+    stays on the vector engine."""
+    kinds = [(st[0], st[1]) for st in steps]
+    if kinds == [("act", "RELU")]:
+        return None, True
+    if kinds in ([("bin", "ADD")], [("bin", "ADD"), ("act", "RELU")]):
+        return steps[0][2], len(kinds) == 2
+    return None, False
+
+
 def emit_conv(op: LOp, em: Emitter):
     p, pl = op.p, op.plan
     x = em.pt[p["x"]]
@@ -585,6 +599,9 @@ def emit_conv(op: LOp, em: Emitter):
         xdt, adt, x_zp = F32, F32, 0
     # one K block, a requant and no weight zero point: qconv2d, conv + requant in one command
     fused = q is not None and nk == 1 and pl["scale"] is not None and not pl["rs"]
+    residual, relu = _fused_conv_epilogue(steps) if q is None else (None, False)
+    if residual is not None or relu:
+        steps = []
     for co in range(0, Cout, cb):
         cs = min(cb, Cout - co)
         em.load(BIAS, pl["bias"], co, (cs,), (1,))
@@ -610,6 +627,10 @@ def emit_conv(op: LOp, em: Emitter):
                 lo, hi = max(r0, 0), min(r1, H)
                 ptop, pbot = lo - r0, r1 - hi
                 otile = T(O0, (1, o1 - o0, OW, cs), adt)
+                ooff = n * ost[0] + o0 * ost[1] + co
+                tsh = (1, o1 - o0, OW, cs)
+                if residual is not None:
+                    em.load(O0, residual, ooff, tsh, ost)
                 for j, (ci, ks) in enumerate(ci_list):
                     if nk > 1:
                         wn = pl["blocks"][(co, ci)]
@@ -632,14 +653,14 @@ def emit_conv(op: LOp, em: Emitter):
                         continue
                     em.mac("conv2d", xt, wt, otile, bias=BIAS if j == 0 else None,
                            stride=(sh, sw), pad=pads, dilation=(dh, dw),
-                           groups=groups_here if g > 1 else 1, x_zp=x_zp, accumulate=j > 0)
+                           groups=groups_here if g > 1 else 1, x_zp=x_zp,
+                           accumulate=j > 0 or residual is not None,
+                           relu=relu and j == len(ci_list) - 1)
                     if q is not None and pl["rs"]:   # window sums of (x - x_zp)
                         em.load(ONES, pl["ones"], 0, (KH, KW, ks, 1), cstrides((KH, KW, ks, 1)))
                         em.mac("conv2d", xt, T(ONES, (KH, KW, ks, 1), I8),
                                T(RS, (1, o1 - o0, OW, 1), I32), stride=(sh, sw), pad=pads,
                                dilation=(dh, dw), x_zp=x_zp, accumulate=j > 0)
-                ooff = n * ost[0] + o0 * ost[1] + co
-                tsh = (1, o1 - o0, OW, cs)
                 if fused:
                     em.store(Q8, op.outs[0], ooff, tsh, ost)
                     continue
