@@ -8,8 +8,9 @@ import weakref
 import numpy as np
 
 from .config import DeviceConfig
-from .engines import EXECUTORS
+from .engines import prepare
 from .errors import DeviceError
+from .isa import Engine
 from .mmu import Mapping, PageTable
 from .timing import JobStats
 from .validator import Program, validate
@@ -87,6 +88,18 @@ class Device:
         self._free_ids.append(hw_id)
         self._free_ids.sort()
 
+    def prepare(self, program: Program) -> tuple[tuple, tuple]:
+        """(commands, steps): the program's queued commands and, for each, the
+        step that runs it on this device, made once per program and device and
+        reused by every run (views, DMA translations and kernel plans made at
+        preparation).  Control commands are scheduling only: they have no step."""
+        cached = program.prepared.get("steps")
+        if cached is None or cached[0] is not self._sram:
+            commands = tuple(c for c in program.commands if c.op.engine != Engine.CTRL)
+            cached = (self._sram, commands, tuple(prepare(c, self._sram) for c in commands))
+            program.prepared["steps"] = cached
+        return cached[1], cached[2]
+
     def execute(self, ctx: Context, program_or_stream, *, continues: bool = False) -> JobStats:
         """Run one job in `ctx`.  Bytes are validated first against
         ``ctx.mappings()`` (StreamError on refusal).  Returns the job's
@@ -115,16 +128,20 @@ class Device:
                     s[:self._dirty[core]] = 0
             self._dirty = list(program.sram_used)
         job = _Job(self._sram, ctx._pt)
-        cmd = None
+        try:
+            commands, steps = self.prepare(program)
+        except Exception as e:  # as below: a bug (or a kernel library failing) fails the job
+            raise DeviceError(f"internal error preparing the program: {type(e).__name__}: {e}",
+                              code="EIO") from e
+        i = 0
         try:
             with np.errstate(all="ignore"):
-                for cmd in program.commands:
-                    fn = EXECUTORS.get(cmd.op.name)
-                    if fn is not None:
-                        fn(job, cmd)
+                for i, step in enumerate(steps):
+                    step(job)
         except DeviceError:
             raise
         except Exception as e:  # an emulator bug must fail the job, not the device
+            cmd = commands[i]
             raise DeviceError(f"internal error in command {cmd.index} ({cmd.op.name}): "
                               f"{type(e).__name__}: {e}", code="EIO",
                               command_index=cmd.index) from e

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import isa
 from .config import DeviceConfig
@@ -36,6 +36,8 @@ class Program:
     stats: JobStats           # modeled cost; identical for every run
     footprints: tuple         # per command: ((core, lo, hi, is_write), ...) SRAM bytes
     sram_used: tuple          # per core: end of the highest SRAM byte any command writes
+    # The device that last ran it and its prepared steps (Device.prepare): decoded once, run many.
+    prepared: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def validate(stream: bytes, config: DeviceConfig, mappings: list[Mapping]) -> Program:

@@ -18,6 +18,8 @@ themselves; the tests hold both paths to the same bits.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
@@ -123,25 +125,49 @@ def conv2d(job, cmd) -> None:
 
 
 def _conv_onednn(sram: np.ndarray, a, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> bool:
-    """An ungrouped float32 conv2d on oneDNN's convolution primitive, bias,
-    accumulation and ReLU fused; False (nothing done) where there is no plan
-    or ``out`` overlaps an operand the primitive reads while writing it."""
-    if not (x.dtype == w.dtype == out.dtype == np.float32 and a.groups == 1):
-        return False
-    if np.may_share_memory(out, x) or np.may_share_memory(out, w):
-        return False
-    has_bias = a.bias != NONE_ADDR
-    plan = onednn.plan(x.shape, w.shape, out.shape, a.stride, a.pad, a.dilation, bias=has_bias,
-                       accumulate=bool(a.flags & FLAG_ACCUMULATE), relu=bool(a.flags & FLAG_RELU))
+    """Run the conv2d on oneDNN's primitive if :func:`_onednn_plan` has one; False if not."""
+    plan = _onednn_plan(a, x, w, out)
     if plan is None:
         return False
-    bias = None
-    if has_bias:
-        bias = vec(sram, a.bias, np.float32, out.shape[3])
-        if np.may_share_memory(bias, out):
-            bias = bias.copy()
-    plan(x, w, out, bias)
+    plan(x, w, out, _bias_f32(sram, a, out))
     return True
+
+
+def _onednn_plan(a, x: np.ndarray, w: np.ndarray, out: np.ndarray):
+    """oneDNN's convolution primitive for an ungrouped float32 conv2d, bias,
+    accumulation and ReLU fused; None where there is no plan or ``out``
+    overlaps an operand the primitive reads while writing it."""
+    if not (x.dtype == w.dtype == out.dtype == np.float32 and a.groups == 1):
+        return None
+    if np.may_share_memory(out, x) or np.may_share_memory(out, w):
+        return None
+    return onednn.plan(x.shape, w.shape, out.shape, a.stride, a.pad, a.dilation,
+                       bias=a.bias != NONE_ADDR, accumulate=bool(a.flags & FLAG_ACCUMULATE),
+                       relu=bool(a.flags & FLAG_RELU))
+
+
+def _bias_f32(sram: np.ndarray, a, out: np.ndarray):
+    """The float bias vector, a copy when it lies inside the output tile (it is
+    read while the output is written), or None."""
+    if a.bias == NONE_ADDR:
+        return None
+    bias = vec(sram, a.bias, np.float32, out.shape[3])
+    return bias.copy() if np.may_share_memory(bias, out) else bias
+
+
+def _prepare_conv2d(cmd, sram: np.ndarray):
+    """A conv2d step: on oneDNN, its tile views and primitive made once (a
+    bias inside the output tile is still copied every run, as it must be read
+    before the output is written); otherwise the executor."""
+    a = cmd.args
+    x, w, out = view(sram, a.x), view(sram, a.w), view(sram, a.out)
+    plan = _onednn_plan(a, x, w, out)
+    if plan is None:
+        return partial(conv2d, cmd=cmd)
+    bias = _bias_f32(sram, a, out)
+    if bias is not None and bias.base is None:     # copied: it must be copied every run
+        return lambda job: plan(x, w, out, _bias_f32(sram, a, out))
+    return lambda job: plan(x, w, out, bias)
 
 
 def qconv2d(job, cmd) -> None:
@@ -541,3 +567,4 @@ def _depthwise(windows: np.ndarray, w: np.ndarray, g: int, cout: int, is_int: bo
 
 
 EXECUTORS = {"matmul": matmul, "conv2d": conv2d, "qconv2d": qconv2d}
+PREPARE = {"conv2d": _prepare_conv2d}
