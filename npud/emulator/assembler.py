@@ -108,6 +108,12 @@ class StreamBuilder:
         return self.emit("dma_store", core=core, sram=sram, va=va, dtype=_dtype_code(dtype),
                          shape=_dims(shape), strides=_strides(strides))
 
+    def dma_map(self, window: int, va: int, dtype, shape, *, core: int = 0):
+        """Bind the dense region of device memory at `va` to weight window address `window`
+        (>= isa.WINDOW_BASE), for the MAC engine to read in place."""
+        return self.emit("dma_map", core=core, sram=window, va=va, dtype=_dtype_code(dtype),
+                         shape=_dims(shape), strides=_strides(contiguous_strides(shape, dtype)))
+
     # --- MAC ----------------------------------------------------------------
     def matmul(self, a, w, out, *, bias=None, accumulate=False, core: int = 0):
         return self.emit("matmul", core=core, a=a, w=w, out=out, bias=_addr(bias),

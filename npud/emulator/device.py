@@ -59,11 +59,12 @@ class Context:
 
 
 class _Job:
-    """What engines may touch while running one job."""
-    __slots__ = ("sram", "mmu")
+    """What engines may touch while running one job: SRAM, the MMU, and per
+    core the weight windows (address -> device memory view) dma_map bound."""
+    __slots__ = ("sram", "mmu", "windows")
 
-    def __init__(self, sram, mmu) -> None:
-        self.sram, self.mmu = sram, mmu
+    def __init__(self, sram, mmu, windows) -> None:
+        self.sram, self.mmu, self.windows = sram, mmu, windows
 
 
 class Device:
@@ -75,6 +76,7 @@ class Device:
         self._sram = [np.zeros(config.sram_bytes, dtype=np.uint8) for _ in range(config.cores)]
         self._free_ids = list(range(config.hw_contexts))
         self._dirty = [0] * config.cores   # SRAM bytes the last job may have written
+        self._windows = [{} for _ in range(config.cores)]
 
     def create_context(self) -> Context:
         """A fresh context with an empty page table; DeviceError(EBUSY) when
@@ -127,7 +129,9 @@ class Device:
                 if self._dirty[core]:
                     s[:self._dirty[core]] = 0
             self._dirty = list(program.sram_used)
-        job = _Job(self._sram, ctx._pt)
+            for bound in self._windows:     # as SRAM: no binding survives into another job
+                bound.clear()
+        job = _Job(self._sram, ctx._pt, self._windows)
         try:
             commands, steps = self.prepare(program)
         except Exception as e:  # as below: a bug (or a kernel library failing) fails the job

@@ -34,6 +34,10 @@ MAX_RANK = 4                  # tiles and DMA descriptors are 4-D (leading 1s)
 VA_BITS = 48
 PADDED_INPUT_LIMIT = 4        # conv2d/pool: padded input elements <= this x SRAM bytes
 MAX_POOL_WINDOW = 4096        # pool: kernel elements, except global pooling
+# Weight windows: addresses in [WINDOW_BASE, WINDOW_END) name device memory that `dma_map`
+# bound for the MAC engine to read in place (`w` operands only), not SRAM.
+WINDOW_BASE = 0x8000_0000
+WINDOW_END = 0xC000_0000
 
 
 class DType(enum.IntEnum):
@@ -263,6 +267,10 @@ OPCODES: tuple[OpSpec, ...] = (
         ("sram", U32), ("va", U64), ("dtype", U8, DType), ("shape", DIMS4), ("strides", STRIDES4)),
     _op(0x11, "dma_store", Engine.DMA,
         "Copy a dense SRAM tile into a strided 4-D region of device memory (through the MMU).",
+        ("sram", U32), ("va", U64), ("dtype", U8, DType), ("shape", DIMS4), ("strides", STRIDES4)),
+    _op(0x12, "dma_map", Engine.DMA,
+        "Bind a dense, read-only region of device memory to a weight window (an address "
+        "from WINDOW_BASE) that the MAC engine reads in place as a `w` operand: no SRAM copy.",
         ("sram", U32), ("va", U64), ("dtype", U8, DType), ("shape", DIMS4), ("strides", STRIDES4)),
     # MAC engine
     _op(0x20, "matmul", Engine.MAC,

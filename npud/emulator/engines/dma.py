@@ -41,6 +41,21 @@ def dma_load(job, cmd) -> None:
     _run(job, cmd, False)
 
 
+def _bind(job, cmd, mem) -> None:
+    """Bind weight window ``cmd.args.sram`` to device memory `mem` (a view, read in place;
+    a region crossing buffer objects is gathered once)."""
+    if isinstance(mem, _Scatter):
+        mem = mem.read()
+    job.windows[cmd.core][cmd.args.sram] = mem
+
+
+def dma_map(job, cmd) -> None:
+    a = cmd.args
+    dt = DType(a.dtype).np
+    _bind(job, cmd, job.mmu.view(a.va, dt, a.shape, a.strides, write=False,
+                                 command_index=cmd.index, what=cmd.op.name))
+
+
 def dma_store(job, cmd) -> None:
     _run(job, cmd, True)
 
@@ -62,6 +77,19 @@ def _prepare(cmd, sram: np.ndarray, write: bool):
     return step
 
 
-EXECUTORS = {"dma_load": dma_load, "dma_store": dma_store}
+def _prepare_map(cmd, sram: np.ndarray):
+    """A dma_map step: its translation made once per mapping state, as a DMA's."""
+    a = cmd.args
+    dt = DType(a.dtype).np
+    key = next(_keys)
+
+    def step(job) -> None:
+        _bind(job, cmd, job.mmu.cached_view(key, a.va, dt, a.shape, a.strides, write=False,
+                                            command_index=cmd.index, what=cmd.op.name))
+    return step
+
+
+EXECUTORS = {"dma_load": dma_load, "dma_store": dma_store, "dma_map": dma_map}
 PREPARE = {"dma_load": lambda cmd, sram: _prepare(cmd, sram, False),
-           "dma_store": lambda cmd, sram: _prepare(cmd, sram, True)}
+           "dma_store": lambda cmd, sram: _prepare(cmd, sram, True),
+           "dma_map": _prepare_map}
