@@ -36,8 +36,10 @@ class Program:
     stats: JobStats           # modeled cost; identical for every run
     footprints: tuple         # per command: ((core, lo, hi, is_write), ...) SRAM bytes
     sram_used: tuple          # per core: end of the highest SRAM byte any command writes
-    # The device that last ran it and its prepared steps (Device.prepare): decoded once, run many.
-    prepared: dict = field(default_factory=dict, compare=False, repr=False)
+    # The device that last ran it and its prepared steps (Device.prepare): decoded once, run
+    # many.  Not an init field, so a program derived with dataclasses.replace (a segment)
+    # starts with its own.
+    prepared: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
 
 def validate(stream: bytes, config: DeviceConfig, mappings: list[Mapping]) -> Program:
