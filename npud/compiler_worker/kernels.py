@@ -18,6 +18,7 @@ import math
 import numpy as np
 
 from npud.emulator.assembler import StreamBuilder
+from npud.emulator.isa import WINDOW_BASE as WINDOW
 from npud.emulator.isa import tile as mk_tile
 
 from .errors import CompileError
@@ -75,6 +76,16 @@ class Emitter:
         st = (0,) * (4 - len(strides)) + tuple(int(s) * es for s in strides)
         self.dma_bytes += math.prod(shape) * es
         emit(sram, self.va(name, off), t.dtype, shape, st)
+
+    def window(self, name: str, shape) -> int:
+        """Bind the weight window to const tensor `name` (dense, `shape`): the MAC
+        reads it in place from device memory, no SRAM copy.  Returns the window address."""
+        self._q("dma")
+        t = self.pt[name]
+        shape = pad4(shape)
+        self.dma_bytes += math.prod(shape) * t.esize
+        self.sb.dma_map(WINDOW, self.va(name), t.dtype, shape)
+        return WINDOW
 
     def mac(self, fn, *a, **k):
         self._q("mac")
@@ -464,8 +475,7 @@ def plan_conv(op: LOp, cx: Ctx):
             cands.append((gb * cog, gb * cg, gb))
     best = None
     for cb, kb, gb in cands:
-        wbytes = al(KH * KW * (cg if g > 1 else kb) * cb * eb)
-        rest = S - wbytes - al(cb * 4)
+        rest = S - al(cb * 4)          # weights are read in place from a window: no SRAM
         if rest <= 0:
             continue
         ohb = 0
@@ -514,8 +524,8 @@ def plan_conv(op: LOp, cx: Ctx):
                                                 whwio[:, :, ci:ci + kb, co:ce], wdt)
         else:
             blocks[(co, 0)] = cx.add_const(f"{op.node}.w[{co}:{ce}]", whwio[:, :, :, co:ce], wdt)
-    sram = (al(KH * KW * (cg if g > 1 else kb) * cb * eb) + al(cb * 4)
-            + al(_band_rows(ohb, sh, dh, KH) * W * kb * eb) + ohb * OW * cb * 4 * (1 + nres))
+    sram = (al(cb * 4) + al(_band_rows(ohb, sh, dh, KH) * W * kb * eb)
+            + ohb * OW * cb * 4 * (1 + nres))
     if q is None:
         bias = cx.add_const(op.node + ".bias", p["bias"])
         op.plan = {"cb": cb, "kb": kb, "gb": gb, "ohb": ohb, "blocks": blocks, "bias": bias,
@@ -579,8 +589,7 @@ def emit_conv(op: LOp, em: Emitter):
         H, W, sh, sw = OH, OW, 1, 1
     ost = cstrides((N, OH, OW, Cout))
     eb = _xw_bytes(p.get("q"))
-    wsz = al(KH * KW * (cg if g > 1 else kb) * cb * eb)
-    W0, BIAS = 0, wsz
+    BIAS = 0
     X0 = BIAS + al(cb * 4)
     O0 = X0 + al(_band_rows(ohb, sh, dh, KH) * W * kb * eb)
     EP = O0 + al(ohb * OW * cb * 4)
@@ -617,8 +626,7 @@ def emit_conv(op: LOp, em: Emitter):
             ci_list = [((co // (Cout // g)) * cg, groups_here * cg)]
         if nk == 1:
             wn = pl["blocks"][(co, ci_list[0][0] if g == 1 else 0)]
-            em.load(W0, wn, 0, (KH, KW, cg if g > 1 else ci_list[0][1], cs),
-                    cstrides((KH, KW, cg if g > 1 else ci_list[0][1], cs)))
+            W0 = em.window(wn, (KH, KW, cg if g > 1 else ci_list[0][1], cs))
         for n in range(N):
             for o0 in range(0, OH, ohb):
                 o1 = min(OH, o0 + ohb)
@@ -633,8 +641,7 @@ def emit_conv(op: LOp, em: Emitter):
                     em.load(O0, residual, ooff, tsh, ost)
                 for j, (ci, ks) in enumerate(ci_list):
                     if nk > 1:
-                        wn = pl["blocks"][(co, ci)]
-                        em.load(W0, wn, 0, (KH, KW, ks, cs), cstrides((KH, KW, ks, cs)))
+                        W0 = em.window(pl["blocks"][(co, ci)], (KH, KW, ks, cs))
                     xs = (1, hi - lo, W, ks)
                     if hi > lo:
                         em.load(X0, p["x"], n * xst[0] + lo * xst[1] + ci, xs, xst)

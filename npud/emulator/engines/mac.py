@@ -101,6 +101,8 @@ def matmul(job, cmd) -> None:
     a = cmd.args
     sram = job.sram[cmd.core]
     x, w, out = view(sram, a.a), weights(job, cmd.core, a.w), view(sram, a.out)
+    if _matmul_sgemm(sram, a, x, w, out):
+        return
     if (out.dtype == np.float32 and x.dtype == np.float32 and a.bias == NONE_ADDR
             and not a.flags & FLAG_ACCUMULATE):
         np.matmul(x, w, out=out)
@@ -108,6 +110,24 @@ def matmul(job, cmd) -> None:
     _epilogue(job, cmd, out, gemm(x, w), out.shape[3])
 
 
+
+
+def _matmul_sgemm(sram: np.ndarray, a, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> bool:
+    """A float32 matmul on oneDNN's sgemm, one GEMM per batch (accumulating in
+    the GEMM), then the bias; False where oneDNN is absent or out overlaps x or w."""
+    if not (x.dtype == w.dtype == out.dtype == np.float32):
+        return False
+    if np.may_share_memory(out, x) or np.may_share_memory(out, w):
+        return False
+    bias = _bias_f32(sram, a, out)
+    accumulate = bool(a.flags & FLAG_ACCUMULATE)
+    xb, wb = np.broadcast_to(x, out.shape[:2] + x.shape[2:]), np.broadcast_to(w, out.shape[:2] + w.shape[2:])
+    for idx in np.ndindex(*out.shape[:2]):
+        if not onednn.sgemm(xb[idx], wb[idx], out[idx], accumulate):
+            return False
+    if bias is not None:
+        out += bias
+    return True
 
 
 def conv2d(job, cmd) -> None:

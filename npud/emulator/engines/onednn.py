@@ -1,4 +1,4 @@
-"""Convolutions on oneDNN's convolution primitive, when oneDNN is installed.
+"""Convolutions (and float GEMMs) on oneDNN, when oneDNN is installed.
 
 The MAC engine's definition of ``conv2d`` is numpy (mac.py); for float32 this
 module runs the same convolution several times faster through oneDNN's C API
@@ -17,7 +17,9 @@ runs instead.  float32 results differ from numpy's in summation order only
 (about 1e-6 relative), as results of two BLAS libraries do; the ISA defines
 float convolution up to that.
 
-``NPU_EMU_CONV=numpy`` disables this path (tests compare the two).
+Float ``matmul`` commands use oneDNN's ``dnnl_sgemm`` (:func:`sgemm`) the same way.
+
+``NPU_EMU_CONV=numpy`` disables both (tests compare the two paths).
 """
 
 from __future__ import annotations
@@ -74,6 +76,9 @@ class _Lib:
             "dnnl_memory_set_data_handle": [vp, vp],
             "dnnl_primitive_execute": [vp, vp, ctypes.c_int, ctypes.POINTER(_ExecArg)],
             "dnnl_stream_wait": [vp],
+            "dnnl_sgemm": [ctypes.c_char, ctypes.c_char, ctypes.c_int64, ctypes.c_int64,
+                           ctypes.c_int64, ctypes.c_float, vp, ctypes.c_int64, vp, ctypes.c_int64,
+                           ctypes.c_float, vp, ctypes.c_int64],
         }
         for name, argtypes in sig.items():
             f = getattr(lib, name)
@@ -121,6 +126,24 @@ class ConvPlan:
         _threads()
         _ok(lib.primitive_execute(self._prim, lib.stream, self._n, self._args), "execute")
         _ok(lib.stream_wait(lib.stream), "stream_wait")
+
+
+def sgemm(a: np.ndarray, b: np.ndarray, c: np.ndarray, accumulate: bool) -> bool:
+    """c (+)= a @ b for dense row-major float32 [M, K] x [K, N] -> [M, N] (c not
+    overlapping a or b) on oneDNN's sgemm; False (nothing done) without oneDNN.
+
+    Every output column is computed the same way wherever it lies (OpenBLAS's
+    matrix-vector kernels sum tail columns in another order: with equal columns
+    of weights they give unequal results, which decides softmaxes of large logits)."""
+    lib = (_state or _load())[0]
+    if lib is None:
+        return False
+    m, k = a.shape
+    n = b.shape[1]
+    _threads()
+    _ok(lib.sgemm(b"N", b"N", m, n, k, 1.0, a.ctypes.data, k, b.ctypes.data, n,
+                  1.0 if accumulate else 0.0, c.ctypes.data, n), "sgemm")
+    return True
 
 
 def _nhwc(shape) -> tuple[tuple, tuple]:
