@@ -39,7 +39,7 @@ class Bench:
     def __init__(self) -> None:
         self.dev = Device(CFG)
         self.sram = self.dev._sram
-        self.job = _Job(self.sram, None)
+        self.job = _Job(self.sram, None, [{}])
         self.addr = 0
 
     def place(self, arr: np.ndarray):

@@ -112,26 +112,26 @@ def engine_profile(fp32: bytes, int8: bytes, rounds: int = 5) -> None:
 
     from npud.compiler_worker import EmulatorSession, compile_model
     from npud.emulator.config import make_config
-    from npud.emulator.engines import EXECUTORS
 
     cfg = make_config("server")
     x = np.random.default_rng(7).standard_normal((1, 3, 224, 224)).astype(np.float32)
     sessions = {"fp32": EmulatorSession(compile_model(fp32, cfg), cfg),
                 "int8": EmulatorSession(compile_model(int8, cfg), cfg)}
     spent: dict = {k: collections.defaultdict(list) for k in sessions}
-    orig = dict(EXECUTORS)
     current: dict = {}
 
-    def timed(name, fn):
-        def run_timed(job, cmd):
+    def timed(name, step):
+        def run_timed(job):
             t = time.thread_time()
-            fn(job, cmd)
+            step(job)
             current[name] = current.get(name, 0.0) + time.thread_time() - t
         return run_timed
 
     try:
-        EXECUTORS.update({k: timed(k, f) for k, f in orig.items()})
-        for s in sessions.values():
+        for s in sessions.values():   # time each prepared step (Device.prepare), by opcode
+            commands, steps = s.device.prepare(s.program)
+            s.program.prepared["steps"] = (s.device._sram, commands, tuple(
+                timed(c.op.name, step) for c, step in zip(commands, steps)))
             s.run({"x": x})
         for _ in range(rounds):
             for k, s in sessions.items():
@@ -142,7 +142,6 @@ def engine_profile(fp32: bytes, int8: bytes, rounds: int = 5) -> None:
                 for name, v in current.items():
                     spent[k][name].append(v)
     finally:
-        EXECUTORS.update(orig)
         for s in sessions.values():
             s.close()
     med = {k: {n: statistics.median(v) * 1e3 for n, v in d.items()} for k, d in spent.items()}

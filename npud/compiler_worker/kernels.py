@@ -18,6 +18,7 @@ import math
 import numpy as np
 
 from npud.emulator.assembler import StreamBuilder
+from npud.emulator.isa import WINDOW_BASE as WINDOW
 from npud.emulator.isa import tile as mk_tile
 
 from .errors import CompileError
@@ -75,6 +76,16 @@ class Emitter:
         st = (0,) * (4 - len(strides)) + tuple(int(s) * es for s in strides)
         self.dma_bytes += math.prod(shape) * es
         emit(sram, self.va(name, off), t.dtype, shape, st)
+
+    def window(self, name: str, shape) -> int:
+        """Bind the weight window to const tensor `name` (dense, `shape`): the MAC
+        reads it in place from device memory, no SRAM copy.  Returns the window address."""
+        self._q("dma")
+        t = self.pt[name]
+        shape = pad4(shape)
+        self.dma_bytes += math.prod(shape) * t.esize
+        self.sb.dma_map(WINDOW, self.va(name), t.dtype, shape)
+        return WINDOW
 
     def mac(self, fn, *a, **k):
         self._q("mac")
@@ -464,8 +475,7 @@ def plan_conv(op: LOp, cx: Ctx):
             cands.append((gb * cog, gb * cg, gb))
     best = None
     for cb, kb, gb in cands:
-        wbytes = al(KH * KW * (cg if g > 1 else kb) * cb * eb)
-        rest = S - wbytes - al(cb * 4)
+        rest = S - al(cb * 4)          # weights are read in place from a window: no SRAM
         if rest <= 0:
             continue
         ohb = 0
@@ -514,8 +524,8 @@ def plan_conv(op: LOp, cx: Ctx):
                                                 whwio[:, :, ci:ci + kb, co:ce], wdt)
         else:
             blocks[(co, 0)] = cx.add_const(f"{op.node}.w[{co}:{ce}]", whwio[:, :, :, co:ce], wdt)
-    sram = (al(KH * KW * (cg if g > 1 else kb) * cb * eb) + al(cb * 4)
-            + al(_band_rows(ohb, sh, dh, KH) * W * kb * eb) + ohb * OW * cb * 4 * (1 + nres))
+    sram = (al(cb * 4) + al(_band_rows(ohb, sh, dh, KH) * W * kb * eb)
+            + ohb * OW * cb * 4 * (1 + nres))
     if q is None:
         bias = cx.add_const(op.node + ".bias", p["bias"])
         op.plan = {"cb": cb, "kb": kb, "gb": gb, "ohb": ohb, "blocks": blocks, "bias": bias,
@@ -548,6 +558,20 @@ def _qconv_extra(ohb, OW, cb, KH, KW, kb, rs) -> int:
     return extra
 
 
+def _fused_conv_epilogue(steps) -> tuple[str | None, bool]:
+    """(residual tensor or None, relu): a float conv2d's epilogue run in the
+    MAC's output stage, when it is Relu, Add of a same-shape tensor, or Add
+    then Relu (the output tile is loaded with the residual and the convolution
+    accumulates onto it; the ReLU flag follows).  (None, False): the epilogue
+    stays on the vector engine."""
+    kinds = [(st[0], st[1]) for st in steps]
+    if kinds == [("act", "RELU")]:
+        return None, True
+    if kinds in ([("bin", "ADD")], [("bin", "ADD"), ("act", "RELU")]):
+        return steps[0][2], len(kinds) == 2
+    return None, False
+
+
 def emit_conv(op: LOp, em: Emitter):
     p, pl = op.p, op.plan
     x = em.pt[p["x"]]
@@ -565,8 +589,7 @@ def emit_conv(op: LOp, em: Emitter):
         H, W, sh, sw = OH, OW, 1, 1
     ost = cstrides((N, OH, OW, Cout))
     eb = _xw_bytes(p.get("q"))
-    wsz = al(KH * KW * (cg if g > 1 else kb) * cb * eb)
-    W0, BIAS = 0, wsz
+    BIAS = 0
     X0 = BIAS + al(cb * 4)
     O0 = X0 + al(_band_rows(ohb, sh, dh, KH) * W * kb * eb)
     EP = O0 + al(ohb * OW * cb * 4)
@@ -585,6 +608,9 @@ def emit_conv(op: LOp, em: Emitter):
         xdt, adt, x_zp = F32, F32, 0
     # one K block, a requant and no weight zero point: qconv2d, conv + requant in one command
     fused = q is not None and nk == 1 and pl["scale"] is not None and not pl["rs"]
+    residual, relu = _fused_conv_epilogue(steps) if q is None else (None, False)
+    if residual is not None or relu:
+        steps = []
     for co in range(0, Cout, cb):
         cs = min(cb, Cout - co)
         em.load(BIAS, pl["bias"], co, (cs,), (1,))
@@ -600,8 +626,7 @@ def emit_conv(op: LOp, em: Emitter):
             ci_list = [((co // (Cout // g)) * cg, groups_here * cg)]
         if nk == 1:
             wn = pl["blocks"][(co, ci_list[0][0] if g == 1 else 0)]
-            em.load(W0, wn, 0, (KH, KW, cg if g > 1 else ci_list[0][1], cs),
-                    cstrides((KH, KW, cg if g > 1 else ci_list[0][1], cs)))
+            W0 = em.window(wn, (KH, KW, cg if g > 1 else ci_list[0][1], cs))
         for n in range(N):
             for o0 in range(0, OH, ohb):
                 o1 = min(OH, o0 + ohb)
@@ -610,10 +635,13 @@ def emit_conv(op: LOp, em: Emitter):
                 lo, hi = max(r0, 0), min(r1, H)
                 ptop, pbot = lo - r0, r1 - hi
                 otile = T(O0, (1, o1 - o0, OW, cs), adt)
+                ooff = n * ost[0] + o0 * ost[1] + co
+                tsh = (1, o1 - o0, OW, cs)
+                if residual is not None:
+                    em.load(O0, residual, ooff, tsh, ost)
                 for j, (ci, ks) in enumerate(ci_list):
                     if nk > 1:
-                        wn = pl["blocks"][(co, ci)]
-                        em.load(W0, wn, 0, (KH, KW, ks, cs), cstrides((KH, KW, ks, cs)))
+                        W0 = em.window(pl["blocks"][(co, ci)], (KH, KW, ks, cs))
                     xs = (1, hi - lo, W, ks)
                     if hi > lo:
                         em.load(X0, p["x"], n * xst[0] + lo * xst[1] + ci, xs, xst)
@@ -632,14 +660,14 @@ def emit_conv(op: LOp, em: Emitter):
                         continue
                     em.mac("conv2d", xt, wt, otile, bias=BIAS if j == 0 else None,
                            stride=(sh, sw), pad=pads, dilation=(dh, dw),
-                           groups=groups_here if g > 1 else 1, x_zp=x_zp, accumulate=j > 0)
+                           groups=groups_here if g > 1 else 1, x_zp=x_zp,
+                           accumulate=j > 0 or residual is not None,
+                           relu=relu and j == len(ci_list) - 1)
                     if q is not None and pl["rs"]:   # window sums of (x - x_zp)
                         em.load(ONES, pl["ones"], 0, (KH, KW, ks, 1), cstrides((KH, KW, ks, 1)))
                         em.mac("conv2d", xt, T(ONES, (KH, KW, ks, 1), I8),
                                T(RS, (1, o1 - o0, OW, 1), I32), stride=(sh, sw), pad=pads,
                                dilation=(dh, dw), x_zp=x_zp, accumulate=j > 0)
-                ooff = n * ost[0] + o0 * ost[1] + co
-                tsh = (1, o1 - o0, OW, cs)
                 if fused:
                     em.store(Q8, op.outs[0], ooff, tsh, ost)
                     continue

@@ -108,18 +108,25 @@ class StreamBuilder:
         return self.emit("dma_store", core=core, sram=sram, va=va, dtype=_dtype_code(dtype),
                          shape=_dims(shape), strides=_strides(strides))
 
+    def dma_map(self, window: int, va: int, dtype, shape, *, core: int = 0):
+        """Bind the dense region of device memory at `va` to weight window address `window`
+        (>= isa.WINDOW_BASE), for the MAC engine to read in place."""
+        return self.emit("dma_map", core=core, sram=window, va=va, dtype=_dtype_code(dtype),
+                         shape=_dims(shape), strides=_strides(contiguous_strides(shape, dtype)))
+
     # --- MAC ----------------------------------------------------------------
     def matmul(self, a, w, out, *, bias=None, accumulate=False, core: int = 0):
         return self.emit("matmul", core=core, a=a, w=w, out=out, bias=_addr(bias),
                          flags=isa.FLAG_ACCUMULATE if accumulate else 0)
 
     def conv2d(self, x, w, out, *, bias=None, stride=(1, 1), pad=(0, 0, 0, 0),
-               dilation=(1, 1), groups=1, x_zp=0, accumulate=False, core: int = 0):
-        """`pad` is (top, bottom, left, right)."""
+               dilation=(1, 1), groups=1, x_zp=0, accumulate=False, relu=False, core: int = 0):
+        """`pad` is (top, bottom, left, right); `relu` fuses a ReLU after the bias and accumulation."""
         return self.emit("conv2d", core=core, x=x, w=w, out=out, bias=_addr(bias),
                          stride=tuple(stride), pad=tuple(pad), dilation=tuple(dilation),
                          groups=groups, x_zp=x_zp,
-                         flags=isa.FLAG_ACCUMULATE if accumulate else 0)
+                         flags=(isa.FLAG_ACCUMULATE if accumulate else 0)
+                         | (isa.FLAG_RELU if relu else 0))
 
     def qconv2d(self, x, w, out, *, scale_addr, bias=None, stride=(1, 1), pad=(0, 0, 0, 0),
                 dilation=(1, 1), groups=1, x_zp=0, y_zp=0, lo: int = -(1 << 31),

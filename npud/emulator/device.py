@@ -8,8 +8,9 @@ import weakref
 import numpy as np
 
 from .config import DeviceConfig
-from .engines import EXECUTORS
+from .engines import prepare
 from .errors import DeviceError
+from .isa import Engine
 from .mmu import Mapping, PageTable
 from .timing import JobStats
 from .validator import Program, validate
@@ -58,11 +59,12 @@ class Context:
 
 
 class _Job:
-    """What engines may touch while running one job."""
-    __slots__ = ("sram", "mmu")
+    """What engines may touch while running one job: SRAM, the MMU, and per
+    core the weight windows (address -> device memory view) dma_map bound."""
+    __slots__ = ("sram", "mmu", "windows")
 
-    def __init__(self, sram, mmu) -> None:
-        self.sram, self.mmu = sram, mmu
+    def __init__(self, sram, mmu, windows) -> None:
+        self.sram, self.mmu, self.windows = sram, mmu, windows
 
 
 class Device:
@@ -74,6 +76,7 @@ class Device:
         self._sram = [np.zeros(config.sram_bytes, dtype=np.uint8) for _ in range(config.cores)]
         self._free_ids = list(range(config.hw_contexts))
         self._dirty = [0] * config.cores   # SRAM bytes the last job may have written
+        self._windows = [{} for _ in range(config.cores)]
 
     def create_context(self) -> Context:
         """A fresh context with an empty page table; DeviceError(EBUSY) when
@@ -86,6 +89,18 @@ class Device:
     def _release_id(self, hw_id: int) -> None:
         self._free_ids.append(hw_id)
         self._free_ids.sort()
+
+    def prepare(self, program: Program) -> tuple[tuple, tuple]:
+        """(commands, steps): the program's queued commands and, for each, the
+        step that runs it on this device, made once per program and device and
+        reused by every run (views, DMA translations and kernel plans made at
+        preparation).  Control commands are scheduling only: they have no step."""
+        cached = program.prepared.get("steps")
+        if cached is None or cached[0] is not self._sram:
+            commands = tuple(c for c in program.commands if c.op.engine != Engine.CTRL)
+            cached = (self._sram, commands, tuple(prepare(c, self._sram) for c in commands))
+            program.prepared["steps"] = cached
+        return cached[1], cached[2]
 
     def execute(self, ctx: Context, program_or_stream, *, continues: bool = False) -> JobStats:
         """Run one job in `ctx`.  Bytes are validated first against
@@ -114,17 +129,23 @@ class Device:
                 if self._dirty[core]:
                     s[:self._dirty[core]] = 0
             self._dirty = list(program.sram_used)
-        job = _Job(self._sram, ctx._pt)
-        cmd = None
+            for bound in self._windows:     # as SRAM: no binding survives into another job
+                bound.clear()
+        job = _Job(self._sram, ctx._pt, self._windows)
+        try:
+            commands, steps = self.prepare(program)
+        except Exception as e:  # as below: a bug (or a kernel library failing) fails the job
+            raise DeviceError(f"internal error preparing the program: {type(e).__name__}: {e}",
+                              code="EIO") from e
+        i = 0
         try:
             with np.errstate(all="ignore"):
-                for cmd in program.commands:
-                    fn = EXECUTORS.get(cmd.op.name)
-                    if fn is not None:
-                        fn(job, cmd)
+                for i, step in enumerate(steps):
+                    step(job)
         except DeviceError:
             raise
         except Exception as e:  # an emulator bug must fail the job, not the device
+            cmd = commands[i]
             raise DeviceError(f"internal error in command {cmd.index} ({cmd.op.name}): "
                               f"{type(e).__name__}: {e}", code="EIO",
                               command_index=cmd.index) from e

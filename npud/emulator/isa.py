@@ -34,6 +34,10 @@ MAX_RANK = 4                  # tiles and DMA descriptors are 4-D (leading 1s)
 VA_BITS = 48
 PADDED_INPUT_LIMIT = 4        # conv2d/pool: padded input elements <= this x SRAM bytes
 MAX_POOL_WINDOW = 4096        # pool: kernel elements, except global pooling
+# Weight windows: addresses in [WINDOW_BASE, WINDOW_END) name device memory that `dma_map`
+# bound for the MAC engine to read in place (`w` operands only), not SRAM.
+WINDOW_BASE = 0x8000_0000
+WINDOW_END = 0xC000_0000
 
 
 class DType(enum.IntEnum):
@@ -264,12 +268,17 @@ OPCODES: tuple[OpSpec, ...] = (
     _op(0x11, "dma_store", Engine.DMA,
         "Copy a dense SRAM tile into a strided 4-D region of device memory (through the MMU).",
         ("sram", U32), ("va", U64), ("dtype", U8, DType), ("shape", DIMS4), ("strides", STRIDES4)),
+    _op(0x12, "dma_map", Engine.DMA,
+        "Bind a dense, read-only region of device memory to a weight window (an address "
+        "from WINDOW_BASE) that the MAC engine reads in place as a `w` operand: no SRAM copy.",
+        ("sram", U32), ("va", U64), ("dtype", U8, DType), ("shape", DIMS4), ("strides", STRIDES4)),
     # MAC engine
     _op(0x20, "matmul", Engine.MAC,
         "Batched matrix product out[b] (+)= a[b] @ w[b] (+ bias).",
         ("a", TILE), ("w", TILE), ("out", TILE), ("bias", U32), ("flags", U8)),
     _op(0x21, "conv2d", Engine.MAC,
-        "2-D convolution, NHWC input, HWIO weights (I = Cin/groups).",
+        "2-D convolution, NHWC input, HWIO weights (I = Cin/groups); flags: accumulate "
+        "into out, then ReLU (fused epilogues: a residual Add is accumulate onto the residual).",
         ("x", TILE), ("w", TILE), ("out", TILE), ("bias", U32),
         ("stride", Kind("u16x2", "HH")), ("pad", PAD4), ("dilation", Kind("u16x2", "HH")),
         ("groups", U16), ("x_zp", I32), ("flags", U8)),
@@ -337,9 +346,10 @@ BY_NAME: dict[str, OpSpec] = {op.name: op for op in OPCODES}
 
 # flag bits
 FLAG_ACCUMULATE = 0x01          # matmul/conv2d: out += result
+FLAG_RELU = 0x02                # conv2d: out = max(out, 0) after the bias and accumulation
 FLAG_COUNT_INCLUDE_PAD = 0x01   # pool AVG: padding counts in the divisor
 MATMUL_FLAGS = FLAG_ACCUMULATE
-CONV_FLAGS = FLAG_ACCUMULATE
+CONV_FLAGS = FLAG_ACCUMULATE | FLAG_RELU
 POOL_FLAGS = FLAG_COUNT_INCLUDE_PAD
 
 assert len(BY_CODE) == len(OPCODES) and len(BY_NAME) == len(OPCODES)

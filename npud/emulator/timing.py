@@ -71,7 +71,7 @@ def _array_cycles(config, dt: DType, batch: int, rows: int, cols: int, k: int) -
 def command_cost(cmd: Command, config) -> tuple[int, int]:
     """(cycles, MACs) of one queued command, excluding queueing."""
     a, name = cmd.args, cmd.op.name
-    if name in ("dma_load", "dma_store"):
+    if name in ("dma_load", "dma_store", "dma_map"):   # a window streams its bytes as a load does
         esize = DType(a.dtype).size
         run = esize
         for n, s in zip(reversed(a.shape), reversed(a.strides)):
@@ -152,7 +152,7 @@ def schedule(commands, footprints, config) -> JobStats:
         free[q] = end
         st.engine_busy[op.engine.name.lower()] += cycles
         st.macs += macs
-        if op.name == "dma_load":
+        if op.name in ("dma_load", "dma_map"):
             st.dma_bytes_in += math.prod(cmd.args.shape) * DType(cmd.args.dtype).size
         elif op.name == "dma_store":
             st.dma_bytes_out += math.prod(cmd.args.shape) * DType(cmd.args.dtype).size

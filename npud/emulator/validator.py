@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import isa
 from .config import DeviceConfig
@@ -36,6 +36,10 @@ class Program:
     stats: JobStats           # modeled cost; identical for every run
     footprints: tuple         # per command: ((core, lo, hi, is_write), ...) SRAM bytes
     sram_used: tuple          # per core: end of the highest SRAM byte any command writes
+    # The device that last ran it and its prepared steps (Device.prepare): decoded once, run
+    # many.  Not an init field, so a program derived with dataclasses.replace (a segment)
+    # starts with its own.
+    prepared: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
 
 def validate(stream: bytes, config: DeviceConfig, mappings: list[Mapping]) -> Program:
@@ -73,8 +77,8 @@ def validate(stream: bytes, config: DeviceConfig, mappings: list[Mapping]) -> Pr
     footprints = tuple(footprints)
     used = [0] * config.cores
     for fp in footprints:
-        for core, _, hi, write in fp:
-            if write and hi > used[core]:
+        for core, lo, hi, write in fp:
+            if write and hi > used[core] and lo < isa.WINDOW_BASE:   # windows are not SRAM
                 used[core] = hi
     return Program(commands, target, schedule(commands, footprints, config), footprints,
                    tuple(used))
@@ -91,6 +95,9 @@ class _Checker:
             runs.append([m.va, m.va + m.size, m.writable])
         self.read_runs = _coalesce([(a, b) for a, b, _ in runs])
         self.write_runs = _coalesce([(a, b) for a, b, w in runs if w])
+        self.readonly_runs = _coalesce([(a, b) for a, b, w in runs if not w])
+        # per core: weight window address -> bytes bound there by dma_map (stream order)
+        self.windows = [{} for _ in range(config.cores)]
         self.cmd: Command | None = None
         self.fp: list = []
 
@@ -115,13 +122,32 @@ class _Checker:
         return code
 
     def tile(self, name: str, t: Tile, *, write: bool = False, allowed=None) -> Tile:
+        dt = self.tile_dtype(name, t, allowed)
+        self.sram_range(name, t.addr, math.prod(t.shape) * dt.size, dt.size, write)
+        return Tile(t.addr, dt, t.shape)
+
+    def tile_dtype(self, name: str, t: Tile, allowed) -> DType:
+        """A tile's dtype, checked against `allowed`; its shape checked non-empty."""
         dt = self.dtype(name + ".dtype", t.dtype)
         if allowed is not None and dt not in allowed:
             self.fail(f"{name}: dtype {dt.name.lower()} not allowed here "
                       f"(allowed: {', '.join(d.name.lower() for d in allowed)})")
         if any(s == 0 for s in t.shape):
             self.fail(f"{name}: empty shape {list(t.shape)}")
-        self.sram_range(name, t.addr, math.prod(t.shape) * dt.size, dt.size, write)
+        return dt
+
+    def weights(self, name: str, t: Tile, allowed=None) -> Tile:
+        """A MAC `w` operand: an SRAM tile, or one read in place from a weight
+        window that an earlier dma_map of this core bound with at least its bytes."""
+        if t.addr < isa.WINDOW_BASE:
+            return self.tile(name, t, allowed=allowed)
+        dt = self.tile_dtype(name, t, allowed)
+        nbytes = math.prod(t.shape) * dt.size
+        bound = self.windows[self.cmd.core].get(t.addr)
+        if bound is None or bound < nbytes:
+            self.fail(f"{name}: weight window 0x{t.addr:x} has no binding of {nbytes} bytes "
+                      f"on core {self.cmd.core} (dma_map one first)")
+        self.fp.append((self.cmd.core, t.addr, t.addr + nbytes, False))
         return Tile(t.addr, dt, t.shape)
 
     def sram_range(self, name: str, addr: int, nbytes: int, align: int, write: bool) -> None:
@@ -235,6 +261,35 @@ class _Checker:
             self.fail(f"va: range 0x{a.va:x}..0x{a.va + span:x} is not within the job's "
                       f"{kind}mappings")
 
+    def _dma_map(self, a) -> None:
+        dt = self.dtype("dtype", a.dtype)
+        if any(s == 0 for s in a.shape):
+            self.fail(f"shape: empty shape {list(a.shape)}")
+        nbytes = math.prod(a.shape) * dt.size
+        dense, acc = [], dt.size
+        for n in reversed(a.shape):
+            dense.insert(0, acc)
+            acc *= n
+        if tuple(a.strides) != tuple(dense):
+            self.fail(f"strides: a weight window is a dense region: expected {dense}, got "
+                      f"{list(a.strides)}")
+        if a.sram % dt.size:
+            self.fail(f"sram: window address 0x{a.sram:x} not aligned to {dt.size}")
+        if a.sram < isa.WINDOW_BASE or a.sram + nbytes > isa.WINDOW_END:
+            self.fail(f"sram: window 0x{a.sram:x}+{nbytes} outside the weight windows "
+                      f"0x{isa.WINDOW_BASE:x}..0x{isa.WINDOW_END:x}")
+        if a.va + nbytes > 1 << isa.VA_BITS:
+            self.fail(f"va: 0x{a.va:x}+{nbytes} exceeds the {isa.VA_BITS}-bit address space")
+        # Read-only memory only: nothing in the job can change what the MAC reads in place.
+        if not _covered(self.readonly_runs, a.va, a.va + nbytes):
+            self.fail(f"va: range 0x{a.va:x}..0x{a.va + nbytes:x} is not within the job's "
+                      "read-only mappings")
+        bound = self.windows[self.cmd.core]
+        for start in [s for s, n in bound.items() if s < a.sram + nbytes and a.sram < s + n]:
+            del bound[start]            # a new binding replaces what it overlaps
+        bound[a.sram] = nbytes
+        self.fp.append((self.cmd.core, a.sram, a.sram + nbytes, True))
+
     def _dma_load(self, a) -> None:
         self._dma(a, False)
 
@@ -260,7 +315,7 @@ class _Checker:
 
     def _matmul(self, a) -> None:
         x = self.tile("a", a.a)
-        w = self.tile("w", a.w)
+        w = self.weights("w", a.w)
         out = self.tile("out", a.out, write=True)
         bias_dt = self.mac_dtypes(x, w, out, "a")
         self.flags(a.flags, isa.MATMUL_FLAGS)
@@ -278,7 +333,7 @@ class _Checker:
 
     def _conv2d(self, a) -> None:
         x = self.tile("x", a.x)
-        w = self.tile("w", a.w)
+        w = self.weights("w", a.w)
         out = self.tile("out", a.out, write=True)
         bias_dt = self.mac_dtypes(x, w, out, "x")
         self.flags(a.flags, isa.CONV_FLAGS)
@@ -288,7 +343,7 @@ class _Checker:
     def _qconv2d(self, a) -> None:
         q8 = (DType.INT8, DType.UINT8)
         x = self.tile("x", a.x, allowed=q8)
-        w = self.tile("w", a.w, allowed=(DType.INT8,))
+        w = self.weights("w", a.w, allowed=(DType.INT8,))
         out = self.tile("out", a.out, write=True, allowed=q8)
         self.conv_geometry(a, x, w, out)
         self.vector("bias", a.bias, DType.INT32, out.shape[3])

@@ -1,12 +1,14 @@
 """The MAC engine's tests run on both integer GEMMs: oneDNN's (when installed
 and self-tested, the default) and the numpy reference, which would otherwise
-go untested wherever oneDNN is present."""
+go untested wherever oneDNN is present.  The float convolution follows the
+same switch: oneDNN's convolution primitive with the oneDNN GEMM, numpy with
+numpy."""
 
 from __future__ import annotations
 
 import pytest
 
-from npud.emulator.engines import int_gemm
+from npud.emulator.engines import int_gemm, onednn
 
 # test_emu_int_gemm.py chooses its paths itself, case by case.
 BOTH_PATHS = {"test_emu_mac", "test_emu_qconv", "test_emu_requant"}
@@ -28,5 +30,8 @@ def _int_gemm_path(request):
     saved = int_gemm._state
     int_gemm._state = ((native, "oneDNN (test)") if path == "onednn-gemm"
                        else (None, "numpy reference (test)"))
+    conv_lib = onednn._load()
+    onednn._state = conv_lib if path == "onednn-gemm" else (None, "numpy (test)")
     yield path
     int_gemm._state = saved
+    onednn._state = conv_lib

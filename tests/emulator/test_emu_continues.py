@@ -59,3 +59,28 @@ def test_continuations_widen_what_the_next_job_clears():
     out[:] = -1
     device.execute(ctx, _program(ctx, lambda sb: sb.dma_store(high, OUT, "float32", (N,))))
     np.testing.assert_array_equal(out, np.zeros(N, np.float32))   # the 7s were cleared too
+
+
+def test_segments_derived_from_a_program_are_prepared_apart():
+    # The daemon cuts a program into segments with dataclasses.replace: each must run
+    # its own commands, not the steps prepared for the program (or another segment).
+    import dataclasses
+
+    from emu_harness import Rig
+    rig = Rig()
+    src = rig.put(np.arange(16, dtype=np.int32))
+    a, b = rig.alloc(64), rig.alloc(64)
+    sb = rig.builder()
+    sb.dma_load(0, src, "int32", (16,))
+    sb.sync("dma", "dma")
+    sb.dma_store(0, a, "int32", (16,))
+    sb.sync("dma", "dma")
+    sb.dma_store(0, b, "int32", (16,)).end()
+    prog = validate(sb.build(), rig.cfg, rig.ctx.mappings())
+    rig.dev.execute(rig.ctx, prog)          # prepares the whole program
+    rig.bufs[a][:64] = bytes(64)
+    rig.bufs[b][:64] = bytes(64)
+    first = dataclasses.replace(prog, commands=prog.commands[:4])   # load, sync, store to a
+    rig.dev.execute(rig.ctx, first)
+    np.testing.assert_array_equal(rig.get(a, np.int32, (16,)), np.arange(16))
+    np.testing.assert_array_equal(rig.get(b, np.int32, (16,)), 0)

@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from npud.emulator.engines import onednn
 from npud.emulator.engines.mac import k_chunk
 from emu_harness import run_op
 
@@ -39,14 +40,15 @@ def ref_conv(x, w, stride, pad, dilation, groups, x_zp=0):
 
 
 def conv(x, w, *, stride=(1, 1), pad=(0, 0, 0, 0), dilation=(1, 1), groups=1, x_zp=0,
-         bias=None, out_dtype=None, init=None, preset="edge"):
+         bias=None, out_dtype=None, init=None, preset="edge", relu=False):
     ref = ref_conv(x, w, stride, pad, dilation, groups, x_zp)
     out_dtype = out_dtype or (np.int32 if x.dtype.kind != "f" else np.float32)
     inputs = [x, w] + ([bias] if bias is not None else [])
     outs = [init if init is not None else (out_dtype, ref.shape)]
     got = run_op("conv2d", inputs, outs, lambda sb, i, o: sb.conv2d(
         i[0], i[1], o[0], bias=i[2].addr if bias is not None else None, stride=stride, pad=pad,
-        dilation=dilation, groups=groups, x_zp=x_zp, accumulate=init is not None), preset=preset)
+        dilation=dilation, groups=groups, x_zp=x_zp, accumulate=init is not None, relu=relu),
+        preset=preset)
     return got[0], ref
 
 
@@ -127,6 +129,83 @@ def test_conv_accumulate_and_fp16():
     init = rng.standard_normal((1, 3, 3, 4)).astype(np.float32)
     got, ref = conv(x, w, init=init)
     np.testing.assert_allclose(got, ref + init, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype,groups", [(np.float32, 1), (np.float32, 2), (np.int8, 1)])
+def test_conv_relu_flag_after_bias_and_accumulate(dtype, groups):
+    # ReLU is applied once the sum, the bias and the accumulated tile are all in:
+    # a residual Add + Relu is accumulate onto the residual with this flag.
+    rng = np.random.default_rng(12)
+    if dtype == np.int8:
+        x = rng.integers(-128, 128, (1, 6, 6, 4), dtype=np.int8)
+        w = rng.integers(-128, 128, (3, 3, 4 // groups, 6), dtype=np.int8)
+        bias = rng.integers(-3000, 3000, 6, dtype=np.int32)
+        init = rng.integers(-30000, 30000, (1, 6, 6, 6), dtype=np.int32)
+    else:
+        x = rng.standard_normal((1, 6, 6, 4)).astype(dtype)
+        w = rng.standard_normal((3, 3, 4 // groups, 6)).astype(dtype)
+        bias = rng.standard_normal(6).astype(np.float32)
+        init = rng.standard_normal((1, 6, 6, 6)).astype(np.float32)
+    got, ref = conv(x, w, pad=(1, 1, 1, 1), groups=groups, bias=bias, init=init, relu=True)
+    want = np.maximum(ref + bias + init, 0)
+    assert (want == 0).any() and (want > 0).any()
+    if dtype == np.int8:
+        np.testing.assert_array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    got, ref = conv(x, w, pad=(1, 1, 1, 1), groups=groups, relu=True)
+    np.testing.assert_allclose(got, np.maximum(ref, 0), rtol=1e-5, atol=1e-4)
+
+
+def _onednn_loaded():
+    """oneDNN's loaded state, whichever path this module's run pinned (conftest)."""
+    saved = onednn._state
+    onednn._state = None
+    try:
+        return onednn._load()
+    finally:
+        onednn._state = saved
+
+
+@pytest.mark.skipif(onednn.describe().startswith("numpy"), reason="oneDNN not installed")
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_conv_fp32_onednn_primitive_matches_numpy(data):
+    # The same conv2d command on oneDNN's convolution primitive (bias, accumulate
+    # and ReLU as post-ops) and on the numpy reference: equal up to summation order.
+    d = data.draw
+    kh, kw = d(st.integers(1, 3)), d(st.integers(1, 3))
+    sh, sw, dh, dw = (d(st.integers(1, 2)) for _ in range(4))
+    pad = tuple(d(st.integers(0, 2)) for _ in range(4))
+    h, wd = d(st.integers(dh * (kh - 1) + 1, 9)), d(st.integers(dw * (kw - 1) + 1, 9))
+    cin, cout = d(st.integers(1, 20)), d(st.integers(1, 20))
+    rng = np.random.default_rng(d(st.integers(0, 2**32 - 1)))
+    x = rng.standard_normal((d(st.integers(1, 2)), h, wd, cin)).astype(np.float32)
+    w = rng.standard_normal((kh, kw, cin, cout)).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32) if d(st.booleans()) else None
+    relu = d(st.booleans())
+    ref = ref_conv(x, w, (sh, sw), pad, (dh, dw), 1)
+    init = rng.standard_normal(ref.shape).astype(np.float32) if d(st.booleans()) else None
+    saved = onednn._state
+    results = []
+    try:
+        for state in (_onednn_loaded(), (None, "numpy (test)")):
+            onednn._state = state
+            results.append(conv(x, w, stride=(sh, sw), pad=pad, dilation=(dh, dw), bias=bias,
+                                init=init, relu=relu)[0])
+    finally:
+        onednn._state = saved
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_plan_is_built_once_per_shape():
+    if onednn.describe().startswith("numpy"):
+        pytest.skip("oneDNN not installed")
+    args = ((1, 14, 14, 256), (3, 3, 256, 256), (1, 14, 14, 256), (1, 1), (1, 1, 1, 1), (1, 1))
+    first = onednn.plan(*args, bias=True, accumulate=True, relu=True)
+    assert first is not None and not first.impl.startswith("ref")
+    assert onednn.plan(*args, bias=True, accumulate=True, relu=True) is first
+    assert onednn.plan(*args, bias=True, accumulate=False, relu=True) is not first
 
 
 def mm(a, w, out_dtype, *, bias=None, init=None, preset="edge"):
@@ -247,3 +326,20 @@ def test_conv_chunks_from_weight_magnitudes_are_exact(cin):
     got, ref = conv(x, w, x_zp=1, preset="server")
     np.testing.assert_array_equal(got, ref)
     assert np.abs(ref).max() > 2**24
+
+
+@pytest.mark.skipif(onednn.describe().startswith("numpy"), reason="oneDNN not installed")
+@pytest.mark.parametrize("m,n", [(1, 250), (1, 1000), (2, 17), (3, 1001)])
+def test_matmul_fp32_columns_are_computed_alike(m, n):
+    # Equal weight columns give equal output columns wherever they lie (OpenBLAS's
+    # tail columns differ in the last bits, which decides a softmax of huge logits,
+    # as in onnx's light models with constant weights).
+    saved = onednn._state
+    onednn._state = _onednn_loaded()
+    try:
+        x = (np.float32(8.1234567e17) * (1 + np.arange(256, dtype=np.float32) * 1e-3))
+        x = np.ascontiguousarray(np.broadcast_to(x, (m, 256)))
+        got = mm(x, np.full((256, n), 0.02, np.float32), np.float32, preset="server")
+    finally:
+        onednn._state = saved
+    assert len(np.unique(got[0])) == 1

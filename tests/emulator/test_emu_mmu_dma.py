@@ -234,3 +234,43 @@ def test_dropped_context_returns_its_slot():
         ctx = rig.dev.create_context()
         ctx.map(0x10000, rig.bo(4096), writable=True)
         del ctx
+
+
+def _prepared_copy(rig, n):
+    """A validated program copying n int32 from a fresh read-only BO to a fresh writable one."""
+    src, dst = rig.put(np.arange(n, dtype=np.int32)), rig.alloc(4 * n)
+    sb = rig.builder()
+    sb.dma_load(0, src, "int32", (n,))
+    sb.sync("dma", "dma")
+    sb.dma_store(0, dst, "int32", (n,)).end()
+    return validate(sb.build(), rig.cfg, rig.ctx.mappings()), src, dst
+
+
+def test_program_is_prepared_once_and_control_commands_have_no_step():
+    rig = Rig()
+    prog, _, dst = _prepared_copy(rig, 64)
+    commands, steps = rig.dev.prepare(prog)
+    assert [c.op.name for c in commands] == ["dma_load", "dma_store"]   # signal/wait/end: no step
+    assert len(steps) == 2
+    rig.dev.execute(rig.ctx, prog)
+    rig.dev.execute(rig.ctx, prog)
+    assert rig.dev.prepare(prog)[1] is steps
+    np.testing.assert_array_equal(rig.get(dst, np.int32, (64,)), np.arange(64))
+
+
+def test_prepared_dma_follows_remapping_and_still_faults():
+    # Prepared DMA steps cache their translation only until the mappings change:
+    # a buffer mapped anew at the same VA is the one read, and an unmapped VA faults.
+    rig = Rig()
+    prog, src, dst = _prepared_copy(rig, 64)
+    rig.dev.execute(rig.ctx, prog)
+    rig.ctx.unmap(src)
+    other = rig.bo(256)
+    other[:256] = (np.arange(64, dtype=np.int32) * 7).tobytes()
+    rig.map(other, writable=False, va=src)
+    rig.dev.execute(rig.ctx, prog)
+    np.testing.assert_array_equal(rig.get(dst, np.int32, (64,)), np.arange(64) * 7)
+    rig.ctx.unmap(src)
+    with pytest.raises(PageFault) as e:
+        rig.dev.execute(rig.ctx, prog)
+    assert e.value.command_index == 0 and e.value.address == src

@@ -169,6 +169,8 @@ def _valid_corpus():
     b.add(F(0, (4, 4)), F(0, (1, 4)), F(64, (4, 4)))
     b.matmul(F(0, (4, 4)), F(0, (4, 4)), F(128, (4, 4)))
     b.conv2d(F(0, (1, 4, 4, 1)), F(0, (3, 3, 1, 1)), F(256, (1, 2, 2, 1)))
+    b.dma_map(isa.WINDOW_BASE, 0x10000, "fp32", (3, 3, 1, 1))
+    b.conv2d(F(0, (1, 4, 4, 1)), F(isa.WINDOW_BASE, (3, 3, 1, 1)), F(256, (1, 2, 2, 1)), relu=True)
     b.pool("max", F(0, (1, 4, 4, 1)), F(256, (1, 2, 2, 1)), kernel=(2, 2), stride=(2, 2))
     b.sync("vector", "dma")
     b.dma_store(64, 0x20000, "fp32", (4, 4)).end()

@@ -6,7 +6,7 @@ import threading
 
 import numpy as np
 
-from ..isa import DType, Tile
+from ..isa import WINDOW_BASE, DType, Tile
 
 
 _NP = {d: d.np for d in DType}
@@ -15,6 +15,14 @@ _NP = {d: d.np for d in DType}
 def view(sram: np.ndarray, t: Tile) -> np.ndarray:
     """The SRAM bytes of tile `t` as a (writable) numpy array of its dtype and shape."""
     return np.ndarray(t.shape, _NP[t.dtype], buffer=sram, offset=t.addr)
+
+
+def weights(job, core: int, t: Tile) -> np.ndarray:
+    """A MAC `w` operand: its SRAM tile, or the device memory a weight window
+    (an address from isa.WINDOW_BASE) is bound to, read in place."""
+    if t.addr < WINDOW_BASE:
+        return view(job.sram[core], t)
+    return np.ndarray(t.shape, _NP[t.dtype], buffer=job.windows[core][t.addr])
 
 
 def vec(sram: np.ndarray, addr: int, dtype, n: int) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import itertools
 
 import numpy as np
 
@@ -10,31 +10,86 @@ from ..isa import DType
 from ..mmu import _Scatter
 
 
-def _descriptor(job, cmd):
+def _local(cmd, sram: np.ndarray) -> np.ndarray:
+    """The SRAM side of a DMA descriptor, as a dense array of its dtype and shape."""
     a = cmd.args
-    dt = DType(a.dtype).np
-    n = math.prod(a.shape) * dt.itemsize
-    sram = np.ndarray(a.shape, dt, buffer=job.sram[cmd.core], offset=a.sram)
-    return a, dt, sram, n
+    return np.ndarray(a.shape, DType(a.dtype).np, buffer=sram, offset=a.sram)
+
+
+def _transfer(mem, local: np.ndarray, write: bool) -> None:
+    """Copy SRAM -> device memory (`write`) or back; `mem` a view or a _Scatter."""
+    if isinstance(mem, _Scatter):
+        if write:
+            mem.write(local)
+        else:
+            np.copyto(local, mem.read())
+    elif write:
+        np.copyto(mem, local)
+    else:
+        np.copyto(local, mem)
+
+
+def _run(job, cmd, write: bool) -> None:
+    a = cmd.args
+    local = _local(cmd, job.sram[cmd.core])
+    mem = job.mmu.view(a.va, local.dtype, a.shape, a.strides, write=write,
+                       command_index=cmd.index, what=cmd.op.name)
+    _transfer(mem, local, write)
 
 
 def dma_load(job, cmd) -> None:
-    a, dt, sram, _ = _descriptor(job, cmd)
-    src = job.mmu.view(a.va, dt, a.shape, a.strides, write=False,
-                       command_index=cmd.index, what=cmd.op.name)
-    if isinstance(src, _Scatter):
-        src = src.read()
-    np.copyto(sram, src)
+    _run(job, cmd, False)
+
+
+def _bind(job, cmd, mem) -> None:
+    """Bind weight window ``cmd.args.sram`` to device memory `mem` (a view, read in place;
+    a region crossing buffer objects is gathered once)."""
+    if isinstance(mem, _Scatter):
+        mem = mem.read()
+    job.windows[cmd.core][cmd.args.sram] = mem
+
+
+def dma_map(job, cmd) -> None:
+    a = cmd.args
+    dt = DType(a.dtype).np
+    _bind(job, cmd, job.mmu.view(a.va, dt, a.shape, a.strides, write=False,
+                                 command_index=cmd.index, what=cmd.op.name))
 
 
 def dma_store(job, cmd) -> None:
-    a, dt, sram, _ = _descriptor(job, cmd)
-    dst = job.mmu.view(a.va, dt, a.shape, a.strides, write=True,
-                       command_index=cmd.index, what=cmd.op.name)
-    if isinstance(dst, _Scatter):
-        dst.write(sram)
-    else:
-        np.copyto(dst, sram)
+    _run(job, cmd, True)
 
 
-EXECUTORS = {"dma_load": dma_load, "dma_store": dma_store}
+_keys = itertools.count()
+
+
+def _prepare(cmd, sram: np.ndarray, write: bool):
+    """A step running one DMA command: its SRAM view made once, its device
+    memory view translated once per mapping state (PageTable.cached_view)."""
+    a = cmd.args
+    local = _local(cmd, sram)
+    key = next(_keys)
+
+    def step(job) -> None:
+        mem = job.mmu.cached_view(key, a.va, local.dtype, a.shape, a.strides, write=write,
+                                  command_index=cmd.index, what=cmd.op.name)
+        _transfer(mem, local, write)
+    return step
+
+
+def _prepare_map(cmd, sram: np.ndarray):
+    """A dma_map step: its translation made once per mapping state, as a DMA's."""
+    a = cmd.args
+    dt = DType(a.dtype).np
+    key = next(_keys)
+
+    def step(job) -> None:
+        _bind(job, cmd, job.mmu.cached_view(key, a.va, dt, a.shape, a.strides, write=False,
+                                            command_index=cmd.index, what=cmd.op.name))
+    return step
+
+
+EXECUTORS = {"dma_load": dma_load, "dma_store": dma_store, "dma_map": dma_map}
+PREPARE = {"dma_load": lambda cmd, sram: _prepare(cmd, sram, False),
+           "dma_store": lambda cmd, sram: _prepare(cmd, sram, True),
+           "dma_map": _prepare_map}

@@ -18,14 +18,16 @@ themselves; the tests hold both paths to the same bits.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from ..isa import FLAG_ACCUMULATE, NONE_ADDR
-from . import int_gemm
+from ..isa import FLAG_ACCUMULATE, FLAG_RELU, NONE_ADDR, WINDOW_BASE, DType
+from . import int_gemm, onednn
 from .common import _LIMITS
 from .common import scratch as _scratch
-from .common import vec, view
+from .common import vec, view, weights
 from .vector import requantize
 
 F32_EXACT = 1 << 24
@@ -98,7 +100,9 @@ def _epilogue(job, cmd, out: np.ndarray, result: np.ndarray, n: int) -> None:
 def matmul(job, cmd) -> None:
     a = cmd.args
     sram = job.sram[cmd.core]
-    x, w, out = view(sram, a.a), view(sram, a.w), view(sram, a.out)
+    x, w, out = view(sram, a.a), weights(job, cmd.core, a.w), view(sram, a.out)
+    if _matmul_sgemm(sram, a, x, w, out):
+        return
     if (out.dtype == np.float32 and x.dtype == np.float32 and a.bias == NONE_ADDR
             and not a.flags & FLAG_ACCUMULATE):
         np.matmul(x, w, out=out)
@@ -108,10 +112,88 @@ def matmul(job, cmd) -> None:
 
 
 
+def _matmul_sgemm(sram: np.ndarray, a, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> bool:
+    """A float32 matmul on oneDNN's sgemm, one GEMM per batch (accumulating in
+    the GEMM), then the bias; False where oneDNN is absent or out overlaps x or w."""
+    if not (x.dtype == w.dtype == out.dtype == np.float32):
+        return False
+    if np.may_share_memory(out, x) or np.may_share_memory(out, w):
+        return False
+    bias = _bias_f32(sram, a, out)
+    accumulate = bool(a.flags & FLAG_ACCUMULATE)
+    xb, wb = np.broadcast_to(x, out.shape[:2] + x.shape[2:]), np.broadcast_to(w, out.shape[:2] + w.shape[2:])
+    for idx in np.ndindex(*out.shape[:2]):
+        if not onednn.sgemm(xb[idx], wb[idx], out[idx], accumulate):
+            return False
+    if bias is not None:
+        out += bias
+    return True
+
+
 def conv2d(job, cmd) -> None:
+    """The convolution, its bias and accumulation, then the fused ReLU (by
+    definition in that order: docs/ISA.md); oneDNN runs all of it in one
+    primitive where it can."""
     a = cmd.args
     sram = job.sram[cmd.core]
-    _conv(job, cmd, view(sram, a.x), view(sram, a.w), view(sram, a.out))
+    x, w, out = view(sram, a.x), weights(job, cmd.core, a.w), view(sram, a.out)
+    if _conv_onednn(sram, a, x, w, out):
+        return
+    _conv(job, cmd, x, w, out)
+    if a.flags & FLAG_RELU:
+        np.maximum(out, 0, out=out)
+
+
+def _conv_onednn(sram: np.ndarray, a, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> bool:
+    """Run the conv2d on oneDNN's primitive if :func:`_onednn_plan` has one; False if not."""
+    plan = _onednn_plan(a, x, out, w)
+    if plan is None:
+        return False
+    plan(x, w, out, _bias_f32(sram, a, out))
+    return True
+
+
+def _onednn_plan(a, x: np.ndarray, out: np.ndarray, w: np.ndarray | None):
+    """oneDNN's convolution primitive for an ungrouped float32 conv2d, bias,
+    accumulation and ReLU fused; None where there is no plan or ``out``
+    overlaps an operand the primitive reads while writing it (`w` None: read
+    in place from a weight window, never SRAM)."""
+    if not (x.dtype == out.dtype == np.float32 and a.w.dtype == DType.FP32 and a.groups == 1):
+        return None
+    if np.may_share_memory(out, x) or (w is not None and np.may_share_memory(out, w)):
+        return None
+    return onednn.plan(x.shape, a.w.shape, out.shape, a.stride, a.pad, a.dilation,
+                       bias=a.bias != NONE_ADDR, accumulate=bool(a.flags & FLAG_ACCUMULATE),
+                       relu=bool(a.flags & FLAG_RELU))
+
+
+def _bias_f32(sram: np.ndarray, a, out: np.ndarray):
+    """The float bias vector, a copy when it lies inside the output tile (it is
+    read while the output is written), or None."""
+    if a.bias == NONE_ADDR:
+        return None
+    bias = vec(sram, a.bias, np.float32, out.shape[3])
+    return bias.copy() if np.may_share_memory(bias, out) else bias
+
+
+def _prepare_conv2d(cmd, sram: np.ndarray):
+    """A conv2d step: on oneDNN, its tile views and primitive made once (a
+    weight window is looked up when the step runs; a bias inside the output
+    tile is copied every run, as it must be read before the output is
+    written); otherwise the executor."""
+    a = cmd.args
+    x, out = view(sram, a.x), view(sram, a.out)
+    in_window = a.w.addr >= WINDOW_BASE
+    w = None if in_window else view(sram, a.w)
+    plan = _onednn_plan(a, x, out, w)
+    if plan is None:
+        return partial(conv2d, cmd=cmd)
+    bias = _bias_f32(sram, a, out)
+    if bias is not None and bias.base is None:     # copied: it must be copied every run
+        return lambda job: plan(x, weights(job, cmd.core, a.w), out, _bias_f32(sram, a, out))
+    if in_window:
+        return lambda job: plan(x, weights(job, cmd.core, a.w), out, bias)
+    return lambda job: plan(x, w, out, bias)
 
 
 def qconv2d(job, cmd) -> None:
@@ -120,7 +202,7 @@ def qconv2d(job, cmd) -> None:
     ungrouped fast path requantises each GEMM tile as it leaves the GEMM."""
     a = cmd.args
     sram = job.sram[cmd.core]
-    x, w, out = view(sram, a.x), view(sram, a.w), view(sram, a.out)
+    x, w, out = view(sram, a.x), weights(job, cmd.core, a.w), view(sram, a.out)
     c = out.shape[3]
     scale = vec(sram, a.scale_addr, np.float32, c).astype(np.float64)   # a copy: out may alias it
     lo, hi = _LIMITS[out.dtype]
@@ -511,3 +593,4 @@ def _depthwise(windows: np.ndarray, w: np.ndarray, g: int, cout: int, is_int: bo
 
 
 EXECUTORS = {"matmul": matmul, "conv2d": conv2d, "qconv2d": qconv2d}
+PREPARE = {"conv2d": _prepare_conv2d}
