@@ -74,8 +74,8 @@ def _positive_steps(n, g):
 def _pad_constant(n, g):
     mode = n.attrs.get("mode", "constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
-    if mode != "constant":
-        return f"Pad mode {mode!r} is not supported (only constant)"
+    if mode != "constant":   # reflect and edge are decomposed into Slices and a Concat
+        return f"Pad mode {mode!r} is not supported (constant, reflect and edge)"
     if any(p < 0 for p in n.attrs.get("pads", [])):
         return "negative pads are not supported"
     return None
@@ -125,7 +125,7 @@ def _conv_2d(n, g):
     if w is None or w.const is None:
         return "Conv weights must be constant"
     if w.const.ndim != 4:
-        return f"only 2-D convolution is supported (weights of rank {w.const.ndim})"
+        return f"only 1-D and 2-D convolution are supported (weights of rank {w.const.ndim})"
     return None
 
 

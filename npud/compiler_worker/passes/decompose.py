@@ -11,6 +11,9 @@ compile time.
 * ``ConvTranspose`` (2-D) -> zero insertion (``Reshape``/``Pad``/``Reshape``/
   ``Slice`` per strided axis: data movement only) and a ``Conv`` with the
   flipped, transposed weights and padding ``dilation*(k-1) - pad``.
+* ``Conv`` 1-D -> a 2-D ``Conv`` with H = 1 (``Unsqueeze``/``Squeeze`` are aliases).
+* ``Pad`` reflect/edge -> per padded axis a ``Concat`` of the input and one-element
+  ``Slice``s of it (the mirrored or repeated border; data movement only).
 * ``LayerNormalization`` with its optional Mean/InvStdDev outputs -> the
   normalisation itself plus ``ReduceMean``/``Sub``/``Mul``/``ReduceMean``/
   ``Add``/``Sqrt``/``Reciprocal`` for the two statistics.
@@ -30,7 +33,7 @@ def run(g) -> None:
             new.append(n)
             continue
         fn = {"Resize": _resize, "LRN": _lrn, "ConvTranspose": _conv_transpose,
-              "LayerNormalization": _layernorm_stats}.get(n.op)
+              "LayerNormalization": _layernorm_stats, "Conv": _conv1d, "Pad": _pad_border}.get(n.op)
         out = fn(g, n) if fn else None
         new.extend([n] if out is None else out)
     g.nodes = new
@@ -278,3 +281,61 @@ def _layernorm_stats(g, n):
         b.op("Reciprocal", [sd], outs[2])
     return [main] + b.nodes
 
+
+
+# --- Conv 1-D -----------------------------------------------------------------------------------
+def _conv1d(g, n):
+    """A float Conv with 3-D weights [O, I, K] as a 2-D one over [N, C, 1, L]."""
+    w = g.const(n.input(1))
+    x, y = n.inputs[0], n.outputs[0]
+    xs, ys = g.tensors[x].shape, g.tensors[y].shape
+    if w is None or w.ndim != 3 or xs is None or ys is None or "_q" in n.attrs:
+        return None
+    a = dict(n.attrs)
+    auto = _s(a.pop("auto_pad", "NOTSET"))
+    if auto != "NOTSET":
+        raise n.fail(f"1-D Conv with auto_pad={auto!r} is not supported (give pads)")
+    pads = list(a.get("pads", [0, 0]))
+    a.update(kernel_shape=[1, int(w.shape[2])], pads=[0, pads[0], 0, pads[1]],
+             strides=[1] + list(a.get("strides", [1])), dilations=[1] + list(a.get("dilations", [1])))
+    b = _B(g, n)
+    x4 = b.op("Unsqueeze", [x], b.t(xs[:2] + (1,) + xs[2:]), axes=[2])
+    ins = [x4, b.c(w[:, :, None, :])] + n.inputs[2:]
+    y4 = b.op("Conv", ins, b.t(ys[:2] + (1,) + ys[2:]), **a)
+    b.op("Squeeze", [y4], y, axes=[2])
+    return b.nodes
+
+
+# --- Pad reflect / edge -----------------------------------------------------------------------
+def _pad_border(g, n):
+    """Pad in reflect or edge mode: per padded axis, Concat(border slices..., x, ...)."""
+    mode = _s(n.attrs.get("mode", "constant"))
+    pads = n.attrs.get("pads")
+    xs = g.tensors[n.inputs[0]].shape
+    if mode not in ("reflect", "edge") or pads is None or xs is None or n.attrs.get("_nonconst"):
+        return None
+    r = len(xs)
+    axes = [int(ax) % r for ax in n.attrs.get("axes", range(r))]
+    k = len(axes)
+    if any(p < 0 for p in pads):
+        return None      # legalisation refuses negative pads
+    b = _B(g, n)
+    cur, shape = n.inputs[0], list(xs)
+    todo = [(ax, int(pads[i]), int(pads[i + k])) for i, ax in enumerate(axes) if pads[i] or pads[i + k]]
+    if not todo:
+        return None
+    for j, (ax, before, after) in enumerate(todo):
+        length = shape[ax]
+        if mode == "reflect" and max(before, after) >= length:
+            raise n.fail(f"reflect pads {pads} must be smaller than the padded dimension ({length})")
+        src = ([before - i for i in range(before)], [length - 2 - i for i in range(after)]) \
+            if mode == "reflect" else ([0] * before, [length - 1] * after)
+        one = shape[:ax] + [1] + shape[ax + 1:]
+        parts = [b.op("Slice", [cur], b.t(one), starts=[i], ends=[i + 1], axes=[ax], steps=[1])
+                 for i in src[0]] + [cur]
+        parts += [b.op("Slice", [cur], b.t(one), starts=[i], ends=[i + 1], axes=[ax], steps=[1])
+                  for i in src[1]]
+        shape[ax] = length + before + after
+        out = n.outputs[0] if j == len(todo) - 1 else b.t(shape)
+        cur = b.op("Concat", parts, out, axis=ax)
+    return b.nodes
