@@ -31,7 +31,7 @@ What the backend does on the host, and nothing more:
   the daemon's compile cache makes repeats cheap).  The compiler only
   accepts such parameters and weights as constants (as NPU compilers do:
   weights are packed into the executable).
-* **Old opsets.**  Models of opset 7..10 are sent as they are: the compiler
+* **Old opsets.**  Models older than opset 11 are sent as they are: the compiler
   worker upgrades them with ``onnx.version_converter`` (passes/upgrade.py).
 * **Symbolic dimensions** are resolved from the shapes of the arrays given
   to ``run`` (``input_shapes`` option), one compile per shape signature.

@@ -2,7 +2,7 @@
 
 Reads plain ONNX bytes or a model container, and refuses references to external data files
 before anything is decoded (npud/compiler_worker/external_data.py).  Refuses malformed bytes,
-unsupported opsets (default domain 11..28 natively; 7..10 are upgraded first, passes/upgrade.py),
+unsupported opsets (default domain 11..28 natively; older ones are upgraded first, passes/upgrade.py),
 graphs with subgraph attributes, nodes that
 break their ONNX schema (input/output counts, empty required inputs, missing, unknown or
 mistyped attributes), unknown element types, cycles, non-static or absurd shapes, each with a
@@ -59,7 +59,7 @@ def import_model(model_bytes: bytes, options: dict) -> Graph:
         g, opset = model.graph, upgrade.UPGRADE_TO
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise CompileError(f"unsupported opset {opset} (supported: {upgrade.OLDEST_OPSET}..{MAX_OPSET}; "
-                           f"{upgrade.OLDEST_OPSET}..{MIN_OPSET - 1} are upgraded to {upgrade.UPGRADE_TO})")
+                           f"opsets before {MIN_OPSET} are upgraded to {upgrade.UPGRADE_TO})")
 
     check_names(g)
     tensors: dict[str, Tensor] = {}

@@ -11,7 +11,7 @@ from onnx import version_converter
 
 from ..errors import CompileError
 
-OLDEST_OPSET = 7      # the oldest default-domain opset accepted (upgraded at import)
+OLDEST_OPSET = 1      # every older opset is upgraded at import (the converter has adapters from 1)
 UPGRADE_TO = 13       # what older models become: the opset exporters and quantisers write most
 
 # The converter's failures name the adapter or the op, never the node: "adapt_scan_8_9: ...",
