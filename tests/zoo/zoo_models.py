@@ -122,6 +122,15 @@ def compare(model: bytes, preset: str = "edge", name: str = "", repeats: int = 1
     return row
 
 
+def global_mean(channels: int = 1024, size: int = 7, opset: int = 13) -> bytes:
+    """ShuffleNetV2's head: ReduceMean over H and W of a [1, C, 7, 7] map whose reduced extent
+    times its channels fills most of `edge`'s SRAM."""
+    b = _Net(4)
+    y = b.op("Relu", ["x"])
+    y = b.op("ReduceMean", [y], axes=[2, 3], keepdims=0)
+    return b.model([1, channels, size, size], y, opset, ir_version=8, y_shape=(1, channels))
+
+
 # --- onnx.helper models: the classics at their shipped opset --------------------------------------
 
 class _Net:
@@ -400,6 +409,7 @@ ZOO = {
     "tv mobilenet_v3_small 64px": (_tv("mobilenet_v3_small"), False),
     "tv squeezenet1_1 64px": (_tv("squeezenet1_1"), False),
     "tv shufflenet_v2_x0_5 64px": (_tv("shufflenet_v2_x0_5"), False),
+    "tv shufflenet_v2_x1_0 224px": (_tv("shufflenet_v2_x1_0", 224), False),
     "tv mnasnet0_5 64px": (_tv("mnasnet0_5"), False),
     "tv efficientnet_b0 64px": (_tv("efficientnet_b0"), False),
     "tv regnet_x_400mf 64px": (_tv("regnet_x_400mf"), False),
