@@ -223,6 +223,18 @@ def audio_conv1d(opset: int = 13) -> bytes:
     return b.model([1, 1, 400], y, opset, ir_version=8)
 
 
+def audio_decoder1d(opset: int = 13) -> bytes:
+    """A 1-D decoder: strided ConvTranspose 1-D (with output_padding and pads), Relu, and a
+    grouped one."""
+    b = _Net(5)
+    y = b.op("ConvTranspose", ["x", b.w((8, 16, 4)), b.w((16,), 0.1)], kernel_shape=[4], strides=[2],
+             pads=[1, 1])
+    y = b.op("Relu", [y])
+    y = b.op("ConvTranspose", [y, b.w((16, 4, 3))], kernel_shape=[3], strides=[3], output_padding=[1],
+             group=2)
+    return b.model([1, 8, 50], y, opset, ir_version=8, y_shape=(1, 8, 301))
+
+
 def pad_modes_2d(opset: int = 13) -> bytes:
     """Reflect and edge Pad of a 4-D tensor on H and W (the image models' ReflectionPad2d)."""
     b = _Net(2)
@@ -402,6 +414,7 @@ ZOO = {
     "classic ResNet/DenseNet-like (opset 9)": (classic_resnet, True),
     "audio Conv1d + reflect/edge Pad": (audio_conv1d, True),
     "Pad reflect/edge 2-D": (pad_modes_2d, True),
+    "audio ConvTranspose1d decoder": (audio_decoder1d, True),
     "small CNN QOperator static": (_q(qcnn_float, "qop"), True),
     "small CNN QDQ static": (_q(qcnn_float, "qdq"), True),
     "tv resnet18 64px": (_tv("resnet18"), False),   # importing torch alone costs seconds

@@ -11,7 +11,8 @@ compile time.
 * ``ConvTranspose`` (2-D) -> zero insertion (``Reshape``/``Pad``/``Reshape``/
   ``Slice`` per strided axis: data movement only) and a ``Conv`` with the
   flipped, transposed weights and padding ``dilation*(k-1) - pad``.
-* ``Conv`` 1-D -> a 2-D ``Conv`` with H = 1 (``Unsqueeze``/``Squeeze`` are aliases).
+* ``Conv`` and ``ConvTranspose`` 1-D -> 2-D ones with H = 1 (``Unsqueeze``/``Squeeze`` are
+  aliases).
 * ``Pad`` reflect/edge -> per padded axis a ``Concat`` of the input and one-element
   ``Slice``s of it (the mirrored or repeated border; data movement only).
 * ``LayerNormalization`` with its optional Mean/InvStdDev outputs -> the
@@ -32,7 +33,7 @@ def run(g) -> None:
         if n.domain not in ("", "ai.onnx"):
             new.append(n)
             continue
-        fn = {"Resize": _resize, "LRN": _lrn, "ConvTranspose": _conv_transpose,
+        fn = {"Resize": _resize, "LRN": _lrn, "ConvTranspose": _conv_transpose_nd,
               "LayerNormalization": _layernorm_stats, "Conv": _conv1d, "Pad": _pad_border}.get(n.op)
         out = fn(g, n) if fn else None
         new.extend([n] if out is None else out)
@@ -193,7 +194,7 @@ def _conv_transpose(g, n):
     if w is None:
         raise n.fail("ConvTranspose weights must be constant")
     if w.ndim != 4:
-        raise n.fail(f"only 2-D ConvTranspose is supported (weights of rank {w.ndim})")
+        raise n.fail(f"only 1-D and 2-D ConvTranspose are supported (weights of rank {w.ndim})")
     xs, ys = g.tensors[x].shape, g.tensors[y].shape
     if xs is None or ys is None:
         return None
@@ -304,6 +305,33 @@ def _conv1d(g, n):
     y4 = b.op("Conv", ins, b.t(ys[:2] + (1,) + ys[2:]), **a)
     b.op("Squeeze", [y4], y, axes=[2])
     return b.nodes
+
+
+def _conv_transpose_nd(g, n):
+    """ConvTranspose 2-D as below; 1-D as a 2-D one over [N, C, 1, L]."""
+    w = g.const(n.input(1))
+    if w is None or w.ndim != 3:
+        return _conv_transpose(g, n)
+    x, y = n.inputs[0], n.outputs[0]
+    xs, ys = g.tensors[x].shape, g.tensors[y].shape
+    if xs is None or ys is None:
+        return None
+    a = dict(n.attrs)
+    a["kernel_shape"] = [1, int(w.shape[2])]
+    for k, one in (("strides", 1), ("dilations", 1), ("output_padding", 0)):
+        if k in a:
+            a[k] = [one] + list(a[k])
+    if "pads" in a:
+        a["pads"] = [0, a["pads"][0], 0, a["pads"][1]]
+    if "output_shape" in a:
+        a["output_shape"] = [1] + list(a["output_shape"])[-1:]
+    b = _B(g, n)
+    x4 = b.op("Unsqueeze", [x], b.t(xs[:2] + (1,) + xs[2:]), axes=[2])
+    y4 = b.t(ys[:2] + (1,) + ys[2:])
+    conv = Node(n.name, n.op, [x4, b.c(w[:, :, None, :])] + n.inputs[2:], [y4], a)
+    nodes = _conv_transpose(g, conv)
+    b.op("Squeeze", [y4], y, axes=[2])
+    return b.nodes[:1] + (nodes if nodes is not None else [conv]) + b.nodes[1:]
 
 
 # --- Pad reflect / edge -----------------------------------------------------------------------
