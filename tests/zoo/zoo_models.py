@@ -432,6 +432,8 @@ ZOO = {
     "tv vgg11 224px": (_tv("vgg11", 224), False),
     "tv mobilenet_v2 224px QDQ (issue 14's 8%)": (_q(_tv("mobilenet_v2", 224), "qdq"), False),
     "tv resnet18 64px QDQ": (_q(_tv("resnet18"), "qdq"), False),
+    "tv mobilenet_v3_small 64px QDQ": (_q(_tv("mobilenet_v3_small"), "qdq"), False),
+    "tv efficientnet_b0 64px QDQ": (_q(_tv("efficientnet_b0"), "qdq"), False),
     "tv resnet18 64px QOperator": (_q(_tv("resnet18"), "qop"), False),
     "tv mobilenet_v2 64px QOperator": (_q(_tv("mobilenet_v2"), "qop"), False),
     "torch MLP dynamic (quantize_dynamic)": (_q(torch_mlp, "dynamic"), False),
