@@ -4,7 +4,10 @@ and match onnxruntime."""
 
 import onnx
 import pytest
+from onnx import TensorProto, helper
 
+from npud.compiler_worker import CompileError, compile_model
+from npud.emulator.config import make_config
 from zoo_models import audio_conv1d, audio_decoder1d, compare, pad_modes_2d, qcnn_float, quantize
 
 
@@ -23,3 +26,15 @@ def test_qoperator_model_compiles_on_the_int8_paths_and_matches():
 def test_conv1d_convtranspose1d_and_border_pads_match(build):
     row = compare(build())
     assert row["match"], row
+
+
+def test_an_unknown_com_microsoft_op_is_named_not_a_shape_inference_failure():
+    fused = helper.make_node("FusedMatMul", ["a", "b"], ["y"], domain="com.microsoft", transB=1, name="fmm")
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["a"]), fused], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
+                           helper.make_tensor_value_info("b", TensorProto.FLOAT, [4, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)])
+    with pytest.raises(CompileError, match="domain 'com.microsoft' is not supported") as ei:
+        compile_model(m.SerializeToString(), make_config("edge"))
+    assert (ei.value.node, ei.value.op) == ("fmm", "FusedMatMul")

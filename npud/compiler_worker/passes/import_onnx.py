@@ -393,7 +393,11 @@ def to_model(graph: Graph) -> onnx.ModelProto:
                               **n.attrs) for n in graph.nodes]
     outs = [helper.make_empty_tensor_value_info(o) for o in graph.outputs]
     g = helper.make_graph(nodes, graph.name, ins, outs, initializer=inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", graph.opset)])
+    # other domains (com.microsoft...) need an import, or inference fails on their ops instead of
+    # leaving them to legalisation, which names the node
+    others = sorted({n.domain for n in graph.nodes if n.domain not in ("", "ai.onnx")})
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", graph.opset)] +
+                          [helper.make_opsetid(d, 1) for d in others])
     m.ir_version = 8
     return m
 
