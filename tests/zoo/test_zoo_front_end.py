@@ -28,6 +28,14 @@ def test_conv1d_convtranspose1d_and_border_pads_match(build):
     assert row["match"], row
 
 
+@pytest.mark.parametrize("form", ["qdq", "qop"])
+def test_quantised_conv1d_runs_on_the_int8_path(form):
+    # a QDQ Conv 1-D fused into a QLinearConv with 3-D weights crashed the layout pass (IndexError)
+    row = compare(quantize(audio_conv1d(), form))
+    assert row["match"], row
+    assert "QLinearConv" in row["ops"] and "Conv" not in row["ops"], row
+
+
 def test_an_unknown_com_microsoft_op_is_named_not_a_shape_inference_failure():
     fused = helper.make_node("FusedMatMul", ["a", "b"], ["y"], domain="com.microsoft", transB=1, name="fmm")
     g = helper.make_graph([helper.make_node("Relu", ["x"], ["a"]), fused], "g",

@@ -99,7 +99,7 @@ def compare(model: bytes, preset: str = "edge", name: str = "", repeats: int = 1
     t, (out, stats) = _best_of(lambda: run_on_emulator(exe, feeds, cfg), repeats)
     row["npud_ms"] = t * 1e3
     rows = exe.report().rows
-    row["kinds"] = {r["kind"] for r in rows}
+    row["kinds"], row["ops"] = {r["kind"] for r in rows}, {r["op"] for r in rows}
     row["macs"] = sum(r["macs"] for r in rows)
     row["npu_mac_share"] = 1.0 if row["macs"] else None
     row["device_ms"] = sum(r["cycles"] for r in rows) / (cfg.clock_mhz * 1e3)
@@ -415,6 +415,8 @@ ZOO = {
     "audio Conv1d + reflect/edge Pad": (audio_conv1d, True),
     "Pad reflect/edge 2-D": (pad_modes_2d, True),
     "audio ConvTranspose1d decoder": (audio_decoder1d, True),
+    "audio Conv1d QDQ static": (_q(audio_conv1d, "qdq"), True),
+    "audio Conv1d QOperator static": (_q(audio_conv1d, "qop"), True),
     "small CNN QOperator static": (_q(qcnn_float, "qop"), True),
     "small CNN QDQ static": (_q(qcnn_float, "qdq"), True),
     "tv resnet18 64px": (_tv("resnet18"), False),   # importing torch alone costs seconds

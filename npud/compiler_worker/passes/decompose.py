@@ -34,7 +34,8 @@ def run(g) -> None:
             new.append(n)
             continue
         fn = {"Resize": _resize, "LRN": _lrn, "ConvTranspose": _conv_transpose_nd,
-              "LayerNormalization": _layernorm_stats, "Conv": _conv1d, "Pad": _pad_border}.get(n.op)
+              "LayerNormalization": _layernorm_stats, "Conv": _conv1d, "QLinearConv": _qconv1d,
+              "Pad": _pad_border}.get(n.op)
         out = fn(g, n) if fn else None
         new.extend([n] if out is None else out)
     g.nodes = new
@@ -284,27 +285,58 @@ def _layernorm_stats(g, n):
 
 
 
-# --- Conv 1-D -----------------------------------------------------------------------------------
-def _conv1d(g, n):
-    """A float Conv with 3-D weights [O, I, K] as a 2-D one over [N, C, 1, L]."""
-    w = g.const(n.input(1))
-    x, y = n.inputs[0], n.outputs[0]
-    xs, ys = g.tensors[x].shape, g.tensors[y].shape
-    if w is None or w.ndim != 3 or xs is None or ys is None or "_q" in n.attrs:
-        return None
+# --- Conv / ConvTranspose 1-D ---------------------------------------------------------------------
+def _attrs_2d(n, k: int) -> dict:
+    """A 1-D convolution's attributes for the same convolution over [N, C, 1, L]."""
     a = dict(n.attrs)
     auto = _s(a.pop("auto_pad", "NOTSET"))
     if auto != "NOTSET":
-        raise n.fail(f"1-D Conv with auto_pad={auto!r} is not supported (give pads)")
-    pads = list(a.get("pads", [0, 0]))
-    a.update(kernel_shape=[1, int(w.shape[2])], pads=[0, pads[0], 0, pads[1]],
-             strides=[1] + list(a.get("strides", [1])), dilations=[1] + list(a.get("dilations", [1])))
+        raise n.fail(f"1-D {n.op} with auto_pad={auto!r} is not supported (give pads)")
+    a["kernel_shape"] = [1, k]
+    for key, one in (("strides", 1), ("dilations", 1), ("output_padding", 0)):
+        if key in a:
+            a[key] = [one] + list(a[key])
+    if "pads" in a:
+        a["pads"] = [0, a["pads"][0], 0, a["pads"][1]]
+    if "output_shape" in a:
+        a["output_shape"] = [1] + list(a["output_shape"])[-1:]
+    return a
+
+
+def _as_2d(g, n, w, make):
+    """`n` (a convolution with 3-D weights `w`) between an Unsqueeze of its input and a Squeeze
+    of its output: ``make(b, x4, y4, w4, attrs)`` builds the 2-D form and returns its nodes;
+    None when shapes are unknown."""
+    x, y = n.inputs[0], n.outputs[0]
+    xt, yt = g.tensors[x], g.tensors[y]
+    if xt.shape is None or yt.shape is None:
+        return None
     b = _B(g, n)
-    x4 = b.op("Unsqueeze", [x], b.t(xs[:2] + (1,) + xs[2:]), axes=[2])
-    ins = [x4, b.c(w[:, :, None, :])] + n.inputs[2:]
-    y4 = b.op("Conv", ins, b.t(ys[:2] + (1,) + ys[2:]), **a)
+    x4 = b.op("Unsqueeze", [x], b.t(xt.shape[:2] + (1,) + xt.shape[2:], xt.dtype or np.float32), axes=[2])
+    y4 = b.t(yt.shape[:2] + (1,) + yt.shape[2:], yt.dtype or np.float32)
+    body = make(b, x4, y4, w[:, :, None, :], _attrs_2d(n, int(w.shape[2])))
     b.op("Squeeze", [y4], y, axes=[2])
-    return b.nodes
+    return b.nodes[:1] + body + b.nodes[1:]
+
+
+def _conv1d(g, n):
+    """Conv 1-D (float, constant 3-D weights [O, I, K]) as a 2-D Conv over [N, C, 1, L]."""
+    w = g.const(n.input(1))
+    if w is None or w.ndim != 3:
+        return None
+    return _as_2d(g, n, w, lambda b, x4, y4, w4, a: [
+        Node(n.name, "Conv", [x4, b.c(w4)] + n.inputs[2:], [y4], a)])
+
+
+def _qconv1d(g, n):
+    """A quantised Conv 1-D (QLinearConv or a fused QDQ Conv; int8 weights in its ``_q``) as a 2-D
+    one: Unsqueeze/Squeeze of int8 tensors are aliases too."""
+    q = n.attrs.get("_q") or {}
+    w = q.get("w")
+    if w is None or np.ndim(w) != 3:
+        return None
+    return _as_2d(g, n, w, lambda b, x4, y4, w4, a: [
+        Node(n.name, n.op, [x4] + n.inputs[1:], [y4], {**a, "_q": {**q, "w": w4}})])
 
 
 def _conv_transpose_nd(g, n):
@@ -312,26 +344,11 @@ def _conv_transpose_nd(g, n):
     w = g.const(n.input(1))
     if w is None or w.ndim != 3:
         return _conv_transpose(g, n)
-    x, y = n.inputs[0], n.outputs[0]
-    xs, ys = g.tensors[x].shape, g.tensors[y].shape
-    if xs is None or ys is None:
-        return None
-    a = dict(n.attrs)
-    a["kernel_shape"] = [1, int(w.shape[2])]
-    for k, one in (("strides", 1), ("dilations", 1), ("output_padding", 0)):
-        if k in a:
-            a[k] = [one] + list(a[k])
-    if "pads" in a:
-        a["pads"] = [0, a["pads"][0], 0, a["pads"][1]]
-    if "output_shape" in a:
-        a["output_shape"] = [1] + list(a["output_shape"])[-1:]
-    b = _B(g, n)
-    x4 = b.op("Unsqueeze", [x], b.t(xs[:2] + (1,) + xs[2:]), axes=[2])
-    y4 = b.t(ys[:2] + (1,) + ys[2:])
-    conv = Node(n.name, n.op, [x4, b.c(w[:, :, None, :])] + n.inputs[2:], [y4], a)
-    nodes = _conv_transpose(g, conv)
-    b.op("Squeeze", [y4], y, axes=[2])
-    return b.nodes[:1] + (nodes if nodes is not None else [conv]) + b.nodes[1:]
+
+    def make(b, x4, y4, w4, a):
+        conv = Node(n.name, n.op, [x4, b.c(w4)] + n.inputs[2:], [y4], a)
+        return _conv_transpose(g, conv) or [conv]
+    return _as_2d(g, n, w, make)
 
 
 # --- Pad reflect / edge -----------------------------------------------------------------------
