@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 RUNTIME := $(VENV)/.installed-runtime
 TESTING := $(VENV)/.installed-test
 
-.PHONY: demo test bench clean fuzz soak libnpu libnpu-deps libnpu-tests install-libnpu
+.PHONY: demo test bench clean fuzz soak zoo libnpu libnpu-deps libnpu-tests install-libnpu
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,15 @@ test: $(TESTING) libnpu-tests
 
 bench: $(TESTING)
 	$(PY) -m bench
+
+# The model zoo (docs/CONFORMANCE.md, "The zoo"): every model of tests/zoo/zoo_models.py built from
+# code (torchvision, onnxruntime.quantization, onnx.helper), compiled and run against onnxruntime;
+# prints the table (match, compile time, npud vs onnxruntime time, MACs on the NPU), records it in
+# tests/zoo/zoo_table.md and docs/CONFORMANCE.md, and fails on a mismatch.  `make test` runs its
+# fast subset.
+zoo: $(TESTING)
+	$(PY) tests/zoo/zoo_models.py --write; status=$$?; \
+	  $(PY) tests/compiler_worker/conformance.py && exit $$status
 
 # Long fuzzing (docs/RELIABILITY.md): FUZZ_SECONDS per target of mutation fuzzing, then the same
 # of coverage-guided fuzzing with atheris if it installs (an optional extra).  Findings land in

@@ -55,7 +55,7 @@ from .client import Client, connect
 from .errors import error
 from .execution import Execution
 from .model import Model, Outputs
-from .onnx_backend import MIN_OPSET, _convert_output, _upgrade
+from .onnx_backend import _convert_output
 from .tensor_types import check_dtype, feed_dict, ort_type
 
 PROVIDER = "NpuExecutionProvider"
@@ -400,8 +400,8 @@ class IOBinding:
 
 def _model(source: Any) -> tuple[onnx.ModelProto, Any]:
     """The model's proto (its declarations) and what to load: a path or bytes as given (a path
-    keeps the client's digest memo and its external data), a proto converted to opset
-    ``MIN_OPSET`` if older."""
+    keeps the client's digest memo and its external data), a proto as it is (the
+    compiler worker upgrades old opsets)."""
     if isinstance(source, (str, os.PathLike)):
         try:
             proto = onnx.load(source, load_external_data=False)
@@ -415,10 +415,6 @@ def _model(source: Any) -> tuple[onnx.ModelProto, Any]:
     else:
         raise error(ErrorCode.EINVAL, f"InferenceSession takes a path, bytes or onnx.ModelProto, "
                                       f"not {type(source).__name__}")
-    if _opset(proto) < MIN_OPSET:
-        if isinstance(source, (str, os.PathLike)):
-            proto = onnx.load(source)
-        proto = source = _upgrade(proto)
     return proto, source
 
 
@@ -427,10 +423,6 @@ def _parse(data: bytes) -> onnx.ModelProto:
         return onnx.load_from_string(data)
     except Exception as exc:  # noqa: BLE001 -- protobuf's DecodeError and friends
         raise error(ErrorCode.EINVAL, f"the bytes are not an ONNX model: {exc}") from None
-
-
-def _opset(proto: onnx.ModelProto) -> int:
-    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), MIN_OPSET)
 
 
 def _declared(value: onnx.ValueInfoProto) -> _Declared:

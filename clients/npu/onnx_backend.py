@@ -31,8 +31,8 @@ What the backend does on the host, and nothing more:
   the daemon's compile cache makes repeats cheap).  The compiler only
   accepts such parameters and weights as constants (as NPU compilers do:
   weights are packed into the executable).
-* **Old opsets.**  Models older than opset 11 (the compiler's oldest) are
-  first rewritten by ``onnx.version_converter`` to opset 11.
+* **Old opsets.**  Models older than opset 11 are sent as they are: the compiler
+  worker upgrades them with ``onnx.version_converter`` (passes/upgrade.py).
 * **Symbolic dimensions** are resolved from the shapes of the arrays given
   to ``run`` (``input_shapes`` option), one compile per shape signature.
 * **dtypes at the boundary.**  Feeds are converted to the dtype the compiled
@@ -215,19 +215,6 @@ class NpuRep(BackendRep):
         return namedtupledict("Outputs", self.output_names)(*outs)
 
 
-MIN_OPSET = 11    # the compiler's oldest default-domain opset
-
-
-def _upgrade(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Models older than opset 11 are converted by ONNX's version converter first
-    (a rewrite of the graph; nothing is evaluated)."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset is not None and opset < MIN_OPSET:
-        from onnx import version_converter
-        model = version_converter.convert_version(model, MIN_OPSET)
-    return model
-
-
 def _convert_output(name: str, y: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if dtype == np.bool_:
         return y != 0
@@ -260,7 +247,8 @@ class NpuBackend(Backend):
         elif isinstance(model, (str, os.PathLike)):
             model = onnx.load(model)
         options = {k: v for k, v in kwargs.items() if k in ("name", "input_shapes")}
-        return NpuRep(_upgrade(model), device, options)
+        # older opsets are the compiler worker's to upgrade (passes/upgrade.py), never the client's
+        return NpuRep(model, device, options)
 
     @classmethod
     def run_model(cls, model: Any, inputs: Any, device: str = "NPU", **kwargs: Any) -> tuple[Any, ...]:

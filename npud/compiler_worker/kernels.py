@@ -833,8 +833,10 @@ def plan_reduce(op: LOp, cx: Ctx):
         else:
             block[d] = max(1, budget // inner)
             stop = True
+    # emit_reduce's layout: the input block, then (aligned) its reduced output
+    oblock = [1 if r else b for b, r in zip(block, red)]
     op.plan = {"cshape": cshape, "red": red, "block": block,
-               "sram": math.prod(block) * 4 * 2}
+               "sram": al(math.prod(block) * 4) + math.prod(oblock) * 4}
 
 
 def emit_reduce(op: LOp, em: Emitter):

@@ -74,8 +74,8 @@ def _positive_steps(n, g):
 def _pad_constant(n, g):
     mode = n.attrs.get("mode", "constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
-    if mode != "constant":
-        return f"Pad mode {mode!r} is not supported (only constant)"
+    if mode != "constant":   # reflect and edge are decomposed into Slices and a Concat
+        return f"Pad mode {mode!r} is not supported (constant, reflect and edge)"
     if any(p < 0 for p in n.attrs.get("pads", [])):
         return "negative pads are not supported"
     return None
@@ -125,7 +125,7 @@ def _conv_2d(n, g):
     if w is None or w.const is None:
         return "Conv weights must be constant"
     if w.const.ndim != 4:
-        return f"only 2-D convolution is supported (weights of rank {w.const.ndim})"
+        return f"only 1-D and 2-D convolution are supported (weights of rank {w.const.ndim})"
     return None
 
 
@@ -191,7 +191,7 @@ SUPPORT: dict[str, OpSupport] = {s.op: s for s in [
     OpSupport("Resize", "decomposed", 3, note="nearest/linear: Gathers with constant indices, "
               "constant weights (passes/decompose.py)"),
     OpSupport("LRN", "decomposed", 3, note="Mul, 1x1 Conv with a band matrix, Pow, Div"),
-    OpSupport("ConvTranspose", "decomposed", 3, note="2-D: zero insertion (data movement) + Conv"),
+    OpSupport("ConvTranspose", "decomposed", 3, note="1-D/2-D: zero insertion (data movement) + Conv"),
     OpSupport("Equal", "eltwise", 3, checks=(("float32 operands", _float_operands),),
               note="vbinary eq; the bool result is a 0/1 float32 mask"),
     OpSupport("Less", "eltwise", 3, checks=(("float32 operands", _float_operands),),

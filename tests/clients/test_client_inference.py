@@ -84,7 +84,7 @@ def _test_data(name: str) -> tuple[str, np.ndarray]:
                                          ("test_MaxPool2d", None), ("test_Linear", 13),
                                          ("test_BatchNorm2d_eval", 13), ("test_Softmax", 13), ("test_AvgPool2d", 13)])
 def test_same_program_same_answers_on_torch_exports(name, opset, tmp_path):
-    """As exported (opset 6: npu converts it to the compiler's oldest opset, 11), or converted
+    """As exported (opset 6: the compiler worker upgrades it to opset 13), or converted
     first where onnxruntime no longer runs the opset-6 operator."""
     path, x = _test_data(name)
     if opset is not None:

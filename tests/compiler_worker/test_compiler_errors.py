@@ -78,8 +78,8 @@ def test_absurd_shapes():
 
 
 def test_unsupported_opset_and_dangling_input():
-    mb = _model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [2])], [vi("y", None)], opset=7)
-    with pytest.raises(CompileError, match="opset 7"):
+    mb = _model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [2])], [vi("y", None)], opset=99)
+    with pytest.raises(CompileError, match="opset 99"):
         compile_model(mb, CFG)
     mb = _model([helper.make_node("Add", ["x", "ghost"], ["y"], name="add")], [vi("x", [2])], [vi("y", None)])
     with pytest.raises(CompileError, match="ghost") as ei:

@@ -1,6 +1,6 @@
-"""requant's definition is one IEEE double product per element; the engine
-computes integer -> 8-bit requantisation in float32 and recomputes only
-elements near a rounding tie.  These tests aim at exactly those elements."""
+"""requant's definition into 8 bits is one IEEE single product per element, fp32(a) * the fp32
+scale, as onnxruntime's int8 kernels compute it (int32 results: one double product).  These
+tests aim at the elements where the two products round differently: next to a rounding tie."""
 
 import numpy as np
 import pytest
@@ -10,7 +10,12 @@ from emu_harness import run_op
 
 def ref(x, scale, zp, dtype, lo=-(1 << 31), hi=(1 << 31) - 1):
     info = np.iinfo(dtype)
-    q = np.rint(x.astype(np.float64) * np.asarray(scale, np.float32).astype(np.float64)) + zp
+    if np.dtype(dtype).itemsize == 1:
+        with np.errstate(over="ignore"):     # an overflowing product saturates
+            q = np.rint(x.astype(np.float32) * np.asarray(scale, np.float32)).astype(np.float64)
+        q += zp
+    else:
+        q = np.rint(x.astype(np.float64) * np.asarray(scale, np.float32).astype(np.float64)) + zp
     return np.clip(q, max(info.min, lo), min(info.max, hi)).astype(dtype)
 
 
@@ -23,9 +28,9 @@ def requant(x, scale, zp, dtype, **kw):
 
 
 @pytest.mark.parametrize("dtype", [np.int8, np.uint8])
-def test_products_next_to_ties_round_as_the_double_product(dtype):
+def test_products_next_to_ties_round_as_the_float32_product(dtype):
     # per channel, scales chosen so x * scale lands within float32's error of
-    # k + 0.5: the float32 product alone would round some of these the other way
+    # k + 0.5: the double product would round some of these the other way
     rng = np.random.default_rng(1)
     c = 64
     x = rng.integers(-(1 << 24) + 1, 1 << 24, (1, 64, 32, c), dtype=np.int32)
@@ -48,12 +53,14 @@ def test_random_scales_and_clamps():
     np.testing.assert_array_equal(got, ref(x, np.float32(3.1e-5), 7, np.uint8))
 
 
-def test_accumulators_beyond_float32_integers_use_the_double_path():
-    # |x| >= 2**24 is not exact in float32; such a tile takes the double path
+def test_accumulators_beyond_float32_integers_round_as_float32():
+    # |x| >= 2**24 is not exact in float32: fp32(2**24 + 1) = 2**24, as onnxruntime converts it
     x = np.array([[[[(1 << 24) + 1, (1 << 30) + 3, -(1 << 31), 5, (1 << 24) - 1]]]], np.int32)
-    scale = np.float32(2.0 ** -25)      # (2**24 + 1) * 2**-25 = 0.5 + 2**-25: rounds up
+    scale = np.float32(2.0 ** -25)      # 2**24 * 2**-25 = 0.5: rounds to even
     np.testing.assert_array_equal(requant(x, scale, 0, np.int8), ref(x, scale, 0, np.int8))
-    assert requant(x, scale, 0, np.int8)[0, 0, 0, 0] == 1
+    assert requant(x, scale, 0, np.int8)[0, 0, 0, 0] == 0
+    # into int32 the product stays exact: (2**24 + 1) * 2**-25 = 0.5 + 2**-25 rounds up
+    assert requant(x, scale, 0, np.int32)[0, 0, 0, 0] == 1
 
 
 def test_extreme_scales_saturate_or_vanish():

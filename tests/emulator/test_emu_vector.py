@@ -196,10 +196,11 @@ def test_norm(axes, affine):
 
 
 def ref_requant(x, scale, zp, dtype):
+    """docs/ISA.md's requant: into 8 bits the product is fp32(x) * the fp32 scale in float32."""
     info = np.iinfo(dtype)
     out = []
-    for v, s, z in np.broadcast(x.astype(np.float64), np.float64(scale), zp):
-        r = v * s
+    for v, s, z in np.broadcast(x.astype(np.float64), np.float32(scale), zp):
+        r = float(np.float32(v) * s) if info.bits == 8 else float(v) * float(s)
         fl = math.floor(r)
         rounded = fl + 1 if r - fl > 0.5 or (r - fl == 0.5 and fl % 2) else fl  # half to even
         out.append(min(max(rounded + int(z), info.min), info.max))
@@ -210,8 +211,8 @@ def test_requant_per_tensor_ties_and_saturation():
     x = np.array([5, 15, 25, -5, -15, 10000, -10000, 3], np.int32)
     got = run_op("requant", [x], [(np.int8, x.shape)],
                  lambda sb, i, o: sb.requant(i[0], o[0], scale=0.1, zp=0))[0].ravel()
-    # 0.1 is not exact in fp32: 5*0.1f = 0.50000000745 rounds up, so compare to
-    # the reference computed the same documented way (double product of the fp32 scale).
+    # 0.1 is not exact in fp32: 5*0.1f is 0.50000000745, but its float32 product is 0.5 and
+    # rounds to even, as onnxruntime's does: compare to the documented (float32) product.
     np.testing.assert_array_equal(got, ref_requant(x, np.float32(0.1), 0, np.int8))
     x = np.array([1, 3, 5, -1, -3, -5, 7], np.int32)  # x * 0.5: exact ties
     got = run_op("requant", [x], [(np.int8, x.shape)],

@@ -11,6 +11,10 @@ compile time.
 * ``ConvTranspose`` (2-D) -> zero insertion (``Reshape``/``Pad``/``Reshape``/
   ``Slice`` per strided axis: data movement only) and a ``Conv`` with the
   flipped, transposed weights and padding ``dilation*(k-1) - pad``.
+* ``Conv`` and ``ConvTranspose`` 1-D -> 2-D ones with H = 1 (``Unsqueeze``/``Squeeze`` are
+  aliases).
+* ``Pad`` reflect/edge -> per padded axis a ``Concat`` of the input and one-element
+  ``Slice``s of it (the mirrored or repeated border; data movement only).
 * ``LayerNormalization`` with its optional Mean/InvStdDev outputs -> the
   normalisation itself plus ``ReduceMean``/``Sub``/``Mul``/``ReduceMean``/
   ``Add``/``Sqrt``/``Reciprocal`` for the two statistics.
@@ -29,8 +33,9 @@ def run(g) -> None:
         if n.domain not in ("", "ai.onnx"):
             new.append(n)
             continue
-        fn = {"Resize": _resize, "LRN": _lrn, "ConvTranspose": _conv_transpose,
-              "LayerNormalization": _layernorm_stats}.get(n.op)
+        fn = {"Resize": _resize, "LRN": _lrn, "ConvTranspose": _conv_transpose_nd,
+              "LayerNormalization": _layernorm_stats, "Conv": _conv1d, "QLinearConv": _qconv1d,
+              "Pad": _pad_border}.get(n.op)
         out = fn(g, n) if fn else None
         new.extend([n] if out is None else out)
     g.nodes = new
@@ -190,7 +195,7 @@ def _conv_transpose(g, n):
     if w is None:
         raise n.fail("ConvTranspose weights must be constant")
     if w.ndim != 4:
-        raise n.fail(f"only 2-D ConvTranspose is supported (weights of rank {w.ndim})")
+        raise n.fail(f"only 1-D and 2-D ConvTranspose are supported (weights of rank {w.ndim})")
     xs, ys = g.tensors[x].shape, g.tensors[y].shape
     if xs is None or ys is None:
         return None
@@ -278,3 +283,104 @@ def _layernorm_stats(g, n):
         b.op("Reciprocal", [sd], outs[2])
     return [main] + b.nodes
 
+
+
+# --- Conv / ConvTranspose 1-D ---------------------------------------------------------------------
+def _attrs_2d(n, k: int) -> dict:
+    """A 1-D convolution's attributes for the same convolution over [N, C, 1, L]."""
+    a = dict(n.attrs)
+    auto = _s(a.pop("auto_pad", "NOTSET"))
+    if auto != "NOTSET":
+        raise n.fail(f"1-D {n.op} with auto_pad={auto!r} is not supported (give pads)")
+    a["kernel_shape"] = [1, k]
+    for key, one in (("strides", 1), ("dilations", 1), ("output_padding", 0)):
+        if key in a:
+            a[key] = [one] + list(a[key])
+    if "pads" in a:
+        a["pads"] = [0, a["pads"][0], 0, a["pads"][1]]
+    if "output_shape" in a:
+        a["output_shape"] = [1] + list(a["output_shape"])[-1:]
+    return a
+
+
+def _as_2d(g, n, w, make):
+    """`n` (a convolution with 3-D weights `w`) between an Unsqueeze of its input and a Squeeze
+    of its output: ``make(b, x4, y4, w4, attrs)`` builds the 2-D form and returns its nodes;
+    None when shapes are unknown."""
+    x, y = n.inputs[0], n.outputs[0]
+    xt, yt = g.tensors[x], g.tensors[y]
+    if xt.shape is None or yt.shape is None:
+        return None
+    b = _B(g, n)
+    x4 = b.op("Unsqueeze", [x], b.t(xt.shape[:2] + (1,) + xt.shape[2:], xt.dtype or np.float32), axes=[2])
+    y4 = b.t(yt.shape[:2] + (1,) + yt.shape[2:], yt.dtype or np.float32)
+    body = make(b, x4, y4, w[:, :, None, :], _attrs_2d(n, int(w.shape[2])))
+    b.op("Squeeze", [y4], y, axes=[2])
+    return b.nodes[:1] + body + b.nodes[1:]
+
+
+def _conv1d(g, n):
+    """Conv 1-D (float, constant 3-D weights [O, I, K]) as a 2-D Conv over [N, C, 1, L]."""
+    w = g.const(n.input(1))
+    if w is None or w.ndim != 3:
+        return None
+    return _as_2d(g, n, w, lambda b, x4, y4, w4, a: [
+        Node(n.name, "Conv", [x4, b.c(w4)] + n.inputs[2:], [y4], a)])
+
+
+def _qconv1d(g, n):
+    """A quantised Conv 1-D (QLinearConv or a fused QDQ Conv; int8 weights in its ``_q``) as a 2-D
+    one: Unsqueeze/Squeeze of int8 tensors are aliases too."""
+    q = n.attrs.get("_q") or {}
+    w = q.get("w")
+    if w is None or np.ndim(w) != 3:
+        return None
+    return _as_2d(g, n, w, lambda b, x4, y4, w4, a: [
+        Node(n.name, n.op, [x4] + n.inputs[1:], [y4], {**a, "_q": {**q, "w": w4}})])
+
+
+def _conv_transpose_nd(g, n):
+    """ConvTranspose 2-D as below; 1-D as a 2-D one over [N, C, 1, L]."""
+    w = g.const(n.input(1))
+    if w is None or w.ndim != 3:
+        return _conv_transpose(g, n)
+
+    def make(b, x4, y4, w4, a):
+        conv = Node(n.name, n.op, [x4, b.c(w4)] + n.inputs[2:], [y4], a)
+        return _conv_transpose(g, conv) or [conv]
+    return _as_2d(g, n, w, make)
+
+
+# --- Pad reflect / edge -----------------------------------------------------------------------
+def _pad_border(g, n):
+    """Pad in reflect or edge mode: per padded axis, Concat(border slices..., x, ...)."""
+    mode = _s(n.attrs.get("mode", "constant"))
+    pads = n.attrs.get("pads")
+    xs = g.tensors[n.inputs[0]].shape
+    if mode not in ("reflect", "edge") or pads is None or xs is None or n.attrs.get("_nonconst"):
+        return None
+    r = len(xs)
+    axes = [int(ax) % r for ax in n.attrs.get("axes", range(r))]
+    k = len(axes)
+    if any(p < 0 for p in pads):
+        return None      # legalisation refuses negative pads
+    b = _B(g, n)
+    cur, shape = n.inputs[0], list(xs)
+    todo = [(ax, int(pads[i]), int(pads[i + k])) for i, ax in enumerate(axes) if pads[i] or pads[i + k]]
+    if not todo:
+        return None
+    for j, (ax, before, after) in enumerate(todo):
+        length = shape[ax]
+        if mode == "reflect" and max(before, after) >= length:
+            raise n.fail(f"reflect pads {pads} must be smaller than the padded dimension ({length})")
+        src = ([before - i for i in range(before)], [length - 2 - i for i in range(after)]) \
+            if mode == "reflect" else ([0] * before, [length - 1] * after)
+        one = shape[:ax] + [1] + shape[ax + 1:]
+        parts = [b.op("Slice", [cur], b.t(one), starts=[i], ends=[i + 1], axes=[ax], steps=[1])
+                 for i in src[0]] + [cur]
+        parts += [b.op("Slice", [cur], b.t(one), starts=[i], ends=[i + 1], axes=[ax], steps=[1])
+                  for i in src[1]]
+        shape[ax] = length + before + after
+        out = n.outputs[0] if j == len(todo) - 1 else b.t(shape)
+        cur = b.op("Concat", parts, out, axis=ax)
+    return b.nodes

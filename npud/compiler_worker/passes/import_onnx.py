@@ -2,7 +2,8 @@
 
 Reads plain ONNX bytes or a model container, and refuses references to external data files
 before anything is decoded (npud/compiler_worker/external_data.py).  Refuses malformed bytes,
-unsupported opsets (default domain 11..28), graphs with subgraph attributes, nodes that
+unsupported opsets (default domain 11..28 natively; older ones are upgraded first, passes/upgrade.py),
+graphs with subgraph attributes, nodes that
 break their ONNX schema (input/output counts, empty required inputs, missing, unknown or
 mistyped attributes), unknown element types, cycles, non-static or absurd shapes, each with a
 CompileError that says what is wrong.  Later passes rely on these checks:
@@ -19,6 +20,7 @@ import onnx
 from onnx import defs, helper, numpy_helper, shape_inference
 
 from .. import external_data
+from . import qoperator, upgrade
 from ..errors import CompileError
 from ..ir import Graph, Node, Tensor
 from ..numpy_ops import onnx_dtype_to_np
@@ -30,6 +32,7 @@ SMALL_CONST = 4096              # constants this small go to shape inference wit
 
 def run(ctx) -> None:
     ctx.graph = import_model(ctx.model_bytes, ctx.options)
+    qoperator.run(ctx.graph)    # com.microsoft QOperator ops -> QDQ, which shape inference knows
     infer(ctx.graph)
     check_types(ctx.graph)
 
@@ -51,8 +54,12 @@ def import_model(model_bytes: bytes, options: dict) -> Graph:
             opset = imp.version
     if opset is None:
         raise CompileError("malformed model: no opset import for the default ONNX domain")
+    if upgrade.OLDEST_OPSET <= opset < MIN_OPSET:
+        model = upgrade.upgrade(model, opset)
+        g, opset = model.graph, upgrade.UPGRADE_TO
     if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise CompileError(f"unsupported opset {opset} (supported: {MIN_OPSET}..{MAX_OPSET})")
+        raise CompileError(f"unsupported opset {opset} (supported: {upgrade.OLDEST_OPSET}..{MAX_OPSET}; "
+                           f"opsets before {MIN_OPSET} are upgraded to {upgrade.UPGRADE_TO})")
 
     check_names(g)
     tensors: dict[str, Tensor] = {}
@@ -386,7 +393,11 @@ def to_model(graph: Graph) -> onnx.ModelProto:
                               **n.attrs) for n in graph.nodes]
     outs = [helper.make_empty_tensor_value_info(o) for o in graph.outputs]
     g = helper.make_graph(nodes, graph.name, ins, outs, initializer=inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", graph.opset)])
+    # other domains (com.microsoft...) need an import, or inference fails on their ops instead of
+    # leaving them to legalisation, which names the node
+    others = sorted({n.domain for n in graph.nodes if n.domain not in ("", "ai.onnx")})
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", graph.opset)] +
+                          [helper.make_opsetid(d, 1) for d in others])
     m.ir_version = 8
     return m
 

@@ -28,7 +28,7 @@ from . import int_gemm, onednn
 from .common import _LIMITS
 from .common import scratch as _scratch
 from .common import vec, view, weights
-from .vector import requantize
+from .vector import requant_product, requantize
 
 F32_EXACT = 1 << 24
 IM2COL_ELEMENTS = 1 << 24   # largest im2col matrix built at once (64 MiB of float32)
@@ -450,8 +450,8 @@ EPILOGUE_ELEMENTS = 1 << 16   # requantised at once: the float64 block stays in 
 def _requant_rows(src, acc, corr64, scale, zp: float, lo: int, hi: int, dst) -> None:
     """dst = requantize(src (+ corr64)) a block of rows at a time: ``src`` holds
     exact integers (float32 GEMM output, int32, or float64 sums, then ``acc`` is
-    ``src``); the sums are exact in float64, then :func:`requantize`'s one
-    double product, clamp and round."""
+    ``src``); the sums are exact in float64, then :func:`requantize`'s product,
+    clamp and round."""
     m, cout = dst.shape
     rows = max(1, EPILOGUE_ELEMENTS // cout)
     buf = _scratch.get("epi64", (min(rows, m), 2 * cout)).view(np.float64)
@@ -463,7 +463,7 @@ def _requant_rows(src, acc, corr64, scale, zp: float, lo: int, hi: int, dst) -> 
             np.copyto(b, s)
         if corr64 is not None:
             b += corr64
-        np.multiply(b, scale, out=b)
+        b[...] = requant_product(b, scale, dst.dtype)
         _clip(b, lo - zp, hi - zp, out=b)
         np.rint(b, out=b)
         if zp:

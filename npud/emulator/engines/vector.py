@@ -216,9 +216,9 @@ def requant(job, cmd) -> None:
 
 def requantize(x: np.ndarray, out: np.ndarray, scale, zp, lo: int, hi: int) -> None:
     """out = clamp(round_half_even(x * scale) + zp, lo, hi): `scale` float64
-    (an fp32 value, scalar or per channel), `zp` float64 (an integer)."""
-    # One IEEE double product and one rounding: bit-exact across hosts.
-    r = np.multiply(x, scale, dtype=np.float64)
+    (an fp32 value, scalar or per channel), `zp` float64 (an integer).  The product is
+    :func:`requant_product`'s."""
+    r = requant_product(x, scale, out.dtype)
     np.rint(r, out=r)
     if x.dtype.kind == "f":
         r += zp
@@ -232,6 +232,18 @@ def requantize(x: np.ndarray, out: np.ndarray, scale, zp, lo: int, hi: int) -> N
     else:   # clamp before adding the (integer) zero point: one pass fewer
         np.clip(r, lo - zp, hi - zp, out=r)
         np.add(r, zp, out=out, casting="unsafe")
+
+
+def requant_product(x: np.ndarray, scale, out_dtype) -> np.ndarray:
+    """x * scale as float64, ready to round: for an 8-bit result one IEEE single product of
+    fp32(x) and the fp32 scale, as onnxruntime's int8 kernels compute it (MlasRequantizeOutput);
+    a double product would round values within float32's error of a tie the other way, and a
+    deep network (MobileNetV2) amplifies those single steps to several percent of its output.
+    int32 results keep the exact double product.  Either is bit-exact on every host."""
+    if np.dtype(out_dtype).itemsize == 1:
+        r = np.multiply(x, np.asarray(scale, np.float32), dtype=np.float32)
+        return r.astype(np.float64)
+    return np.multiply(x, scale, dtype=np.float64)
 
 
 # Dequantised magnitudes are at most 255 * scale; below this scale none can
@@ -269,6 +281,8 @@ _QBINARY_BLOCK = 1 << 16
 
 
 def _qbinary(a, x: np.ndarray, y: np.ndarray, out: np.ndarray) -> None:
+    if a.func == BinaryFunc.ADD and max(a.a_scale, a.b_scale) < _NO_INF_SCALE:
+        return _qadd(a, x, y, out)
     dx = _dequant(x, a.a_scale, a.a_zp, scratch.get("qb_a", x.shape))
     dy = _dequant(y, a.b_scale, a.b_zp, scratch.get("qb_b", y.shape))
     r = dx if dx.shape == out.shape else scratch.get("qb_r", out.shape)
@@ -283,6 +297,27 @@ def _qbinary(a, x: np.ndarray, y: np.ndarray, out: np.ndarray) -> None:
     # clamp, then add the (integer) zero point: clamp(round(v) + zp) in one pass fewer
     np.clip(r, lo, hi, out=r)
     np.add(r, np.float32(a.y_zp), out=out, casting="unsafe")
+
+
+def _fma(a, b, c) -> np.ndarray:
+    """float32 a * b + c with one rounding, as an FMA instruction computes it (the float32 product
+    is exact in float64; the float64 sum of such magnitudes is exact but in rare cases)."""
+    return np.add(np.multiply(a, b, dtype=np.float64), c, dtype=np.float64).astype(np.float32)
+
+
+def _qadd(a, x: np.ndarray, y: np.ndarray, out: np.ndarray) -> None:
+    """Quantised Add as onnxruntime's x86 kernel computes QLinearAdd (what it runs for every QDQ
+    Add): float32 scale ratios a_scale/y_scale and b_scale/y_scale, the zero points folded into
+    one constant, two fused multiply-adds, round half even.  Differently rounded sums one step
+    apart at a tie are amplified by deep networks (MobileNetV2's residual adds)."""
+    f = np.float32
+    ra, rb = f(f(a.a_scale) / f(a.y_scale)), f(f(a.b_scale) / f(a.y_scale))
+    fixed = f(f(a.y_zp) - _fma(ra, f(a.a_zp), rb * f(a.b_zp)))
+    r = _fma(x.astype(f), ra, _fma(y.astype(f), rb, fixed))
+    np.rint(r, out=r)
+    lo, hi = _RANGE[out.dtype]
+    np.clip(r, max(lo, a.lo), min(hi, a.hi), out=r)
+    np.copyto(out, np.broadcast_to(r, out.shape), casting="unsafe")
 
 
 def transpose(job, cmd) -> None:
