@@ -108,6 +108,14 @@ class StreamBuilder:
         return self.emit("dma_store", core=core, sram=sram, va=va, dtype=_dtype_code(dtype),
                          shape=_dims(shape), strides=_strides(strides))
 
+    def dma_gather(self, sram: int, va: int, dtype, idx, *, rows: int, row: int, row_stride: int,
+                   outer: int = 1, outer_stride: int = 0, core: int = 0):
+        """Rows `idx` (an int32 tile) of the table at `va` -> dense SRAM tile [outer, n, row] at
+        `sram`; strides in bytes."""
+        return self.emit("dma_gather", core=core, sram=sram, va=va, dtype=_dtype_code(dtype),
+                         outer=outer, outer_stride=outer_stride, rows=rows, row_stride=row_stride,
+                         row=row, idx=idx)
+
     # --- MAC ----------------------------------------------------------------
     def matmul(self, a, w, out, *, bias=None, accumulate=False, core: int = 0):
         return self.emit("matmul", core=core, a=a, w=w, out=out, bias=_addr(bias),

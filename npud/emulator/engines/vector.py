@@ -40,8 +40,11 @@ _BINARY = {
     BinaryFunc.DIV: np.divide, BinaryFunc.MAX: np.maximum, BinaryFunc.MIN: np.minimum,
     BinaryFunc.POW: np.power, BinaryFunc.SQDIFF: lambda a, b: np.square(_bounded(a - b)),
     BinaryFunc.EQ: np.equal, BinaryFunc.LT: np.less, BinaryFunc.GT: np.greater,
+    BinaryFunc.GE: np.greater_equal, BinaryFunc.LE: np.less_equal, BinaryFunc.NE: np.not_equal,
+    BinaryFunc.MOD: np.mod, BinaryFunc.FMOD: np.fmod,
 }
-_COMPARE = frozenset({BinaryFunc.EQ, BinaryFunc.LT, BinaryFunc.GT})
+_COMPARE = frozenset({BinaryFunc.EQ, BinaryFunc.LT, BinaryFunc.GT, BinaryFunc.GE, BinaryFunc.LE,
+                      BinaryFunc.NE})
 
 
 def _bounded(d: np.ndarray) -> np.ndarray:
@@ -127,6 +130,8 @@ def vunary(job, cmd) -> None:
         r = 0.5 * v * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (v + 0.044715 * v ** 3)))
     elif f == UnaryFunc.HARDSIGMOID:
         r = np.clip(np.float32(p0) * w + np.float32(p1), 0, 1)
+    elif f == UnaryFunc.TRUNC:
+        r = np.trunc(w)
     else:  # pragma: no cover - the validator admits only the functions above
         raise AssertionError(f)
     store(out, r)
