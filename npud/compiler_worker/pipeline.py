@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from .passes import (canonicalize, emit, fold, import_onnx, layout, legalize, memory,
+from .passes import (canonicalize, emit, fold, import_onnx, integers, layout, legalize, memory,
                      tiling)
 
 COMPILER_VERSION = "0.2.0"
@@ -15,6 +15,7 @@ PASSES = [
     ("import", import_onnx.run),         # ONNX bytes -> IR, shape inference, sanity checks
     ("fold", fold.run),                  # constant folding with numpy
     ("canonicalize", canonicalize.run),  # DQ-op-Q -> int8 ops, BN folding, Gemm -> MatMul, epilogues
+    ("integers", integers.run),          # CumSum -> MatMul by a triangle (lower_index.py lowers the rest)
     ("legalize", legalize.run),          # support table; every unsupported node reported
     ("layout", layout.run),              # NHWC for conv/pool; IR -> lowered ops
     ("tiling", tiling.run),              # tile/stripe every op to fit SRAM
