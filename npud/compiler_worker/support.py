@@ -225,6 +225,8 @@ SUPPORT: dict[str, OpSupport] = {s.op: s for s in [
     OpSupport("GatherElements", "const", 3, checks=(_known_at_load(0, 1),), note="folded at load"),
     OpSupport("Range", "const", 3, checks=(_known_at_load(0, 1, 2),), note="folded at load"),
     OpSupport("Trilu", "const", 3, checks=(_known_at_load(0, 1),), note="folded at load"),
+    OpSupport("If", "const", 3, checks=(_known_at_load(0),),
+              note="folded at load: the branch its condition picks is inlined"),
     # quantised (issue 5): int8/uint8 tensors, int32 accumulation
     OpSupport("QuantizeLinear", "quant", 4, int8=True,
               note="float32 -> int8/uint8, per-tensor or per-axis: vbinary div + requant"),

@@ -262,3 +262,45 @@ def test_integer_div_folds_truncating_toward_zero():
                {"a": np.array([-7, 7, -7, 7], np.int64), "b": np.array([2, -2, -2, 2], np.int64)})
     check(mb, {"x": floats((4,))})
 
+
+# --- If ------------------------------------------------------------------------------------
+def _branch(name, op, k):
+    """A branch reading outer tensor 'x': op(x, k) into its output."""
+    return helper.make_graph([helper.make_node(op, ["x", f"{name}_k"], [f"{name}_y"])], name, [],
+                             [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None)],
+                             [numpy_helper.from_array(np.asarray(k, np.float32), f"{name}_k")])
+
+
+@pytest.mark.parametrize("rank", [4, 3])
+def test_if_whose_condition_is_known_at_load_is_folded(rank):
+    """As exporters write it: the condition computed from a static shape (rank == 4)."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Size", ["s"], ["r"]),
+             helper.make_node("Equal", ["r", "four"], ["c"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=_branch("then", "Mul", 2.0),
+                              else_branch=_branch("else", "Add", 10.0)),
+             helper.make_node("Relu", ["y"], ["z"])]
+    shape = [2, 3, 4, 5][:rank]
+    mb = model(nodes, {"x": (np.float32, shape)}, {"z": np.float32}, {"four": np.array(4, np.int64)})
+    exe, _ = check(mb, {"x": floats(shape)})
+    assert "If" not in {r["op"] for r in exe.report().rows}
+
+
+def test_nested_if_folds():
+    inner = helper.make_graph([helper.make_node("Neg", ["x"], ["in_y"])], "inner", [],
+                              [helper.make_tensor_value_info("in_y", TensorProto.FLOAT, None)])
+    outer = helper.make_graph([helper.make_node("If", ["t"], ["o_y"], then_branch=inner,
+                                                else_branch=_branch("e2", "Add", 1.0))], "outer", [],
+                              [helper.make_tensor_value_info("o_y", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("If", ["t"], ["y"], then_branch=outer, else_branch=_branch("e1", "Mul", 3.0))]
+    mb = model(nodes, {"x": (np.float32, [3])}, {"y": np.float32}, {"t": np.array(True)})
+    check(mb, {"x": floats((3,))})
+
+
+def test_if_on_a_runtime_condition_is_refused_naming_the_node():
+    nodes = [helper.make_node("Greater", ["x", "zero"], ["c"]),
+             helper.make_node("If", ["c"], ["y"], name="branchy", then_branch=_branch("t", "Mul", 2.0),
+                              else_branch=_branch("f", "Add", 1.0))]
+    mb = model(nodes, {"x": (np.float32, [1])}, {"y": np.float32}, {"zero": np.array(0, np.float32)})
+    with pytest.raises((CompileError, CompileErrors)) as e:
+        compile_model(mb, make_config("edge"))
+    assert "branchy" in str(e.value) and "known at load" in str(e.value)
