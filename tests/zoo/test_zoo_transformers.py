@@ -1,0 +1,36 @@
+"""The transformer models of ``transformer_models.MODELS``, compiled for the edge NPU and run
+on the emulator, match onnxruntime (fp32, rtol 1e-3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from npud.compiler_worker import compile_model, run_on_emulator
+from npud.emulator.config import make_config
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import transformer_models  # noqa: E402 -- after the skips: it needs torch and transformers
+
+
+def ort_run(model_bytes, feeds):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    s = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
+
+
+@pytest.mark.parametrize("name", sorted(transformer_models.MODELS))
+def test_transformer_matches_onnxruntime(name):
+    mb, feeds = transformer_models.export(name)
+    cfg = make_config("edge")
+    exe = compile_model(mb, cfg)
+    outs, stats = run_on_emulator(exe, feeds, cfg)
+    ref = ort_run(mb, feeds)
+    np.testing.assert_allclose(outs["last_hidden_state"], ref["last_hidden_state"], rtol=1e-3, atol=1e-4)
+    assert stats.hazards == 0
+    for k, v in feeds.items():
+        assert next(e for e in exe.inputs if e["name"] == k)["dtype"] == v.dtype.name

@@ -1,0 +1,100 @@
+"""Transformers as exporters write them: small random-initialised configurations of
+Hugging Face architectures, exported by ``torch.onnx.export`` (TorchScript exporter) at the
+opsets people use, with the feeds a user would pass (token ids, a padded attention mask).
+
+``MODELS`` lists them by name; :func:`export` builds one (model bytes, feeds).  Nothing is
+downloaded: configurations are written here and weights are random (seeded).  The zoo
+(``make zoo``) and ``tests/zoo/test_zoo_transformers.py`` pick the list up from here.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SEQ = 8
+VOCAB = 100
+
+
+@dataclass(frozen=True)
+class Spec:
+    family: str               # the transformers class family
+    opset: int
+    inputs: tuple = ("input_ids", "attention_mask")
+    config: dict = field(default_factory=dict)
+    note: str = ""
+
+
+MODELS: dict[str, Spec] = {
+    "bert-opset14": Spec("bert", 14, note="LayerNorm decomposed (ReduceMean/Pow/Sqrt), Erf GELU"),
+    "bert-opset17": Spec("bert", 17, note="LayerNormalization op"),
+    "distilbert-opset14": Spec("distilbert", 14),
+    "distilbert-opset20": Spec("distilbert", 20, note="opset-20 Gelu op"),
+    "gpt2-opset14": Spec("gpt2", 14, note="Conv1D as Gemm, tanh GELU, causal Trilu mask"),
+    "gpt2-masked-opset17": Spec("gpt2", 17, note="causal and padding masks together"),
+    "vit-opset14": Spec("vit", 14, inputs=("pixel_values",), note="patch Conv, class token Concat"),
+    "vit-opset18": Spec("vit", 18, inputs=("pixel_values",)),
+}
+
+
+def _module(family: str):
+    import transformers as tf
+    if family == "bert":
+        return tf.BertModel(tf.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                          num_attention_heads=4, intermediate_size=64,
+                                          max_position_embeddings=64))
+    if family == "distilbert":
+        return tf.DistilBertModel(tf.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4,
+                                                      hidden_dim=64, max_position_embeddings=64))
+    if family == "gpt2":
+        return tf.GPT2Model(tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                          bos_token_id=0, eos_token_id=0))
+    if family == "vit":
+        return tf.ViTModel(tf.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, intermediate_size=64), add_pooling_layer=False)
+    raise KeyError(family)
+
+
+def feeds(spec: Spec, seed: int = 0) -> dict:
+    """What a user passes: token ids, and a mask with the last two positions padded."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name in spec.inputs:
+        if name == "input_ids":
+            out[name] = rng.integers(0, VOCAB, (1, SEQ)).astype(np.int64)
+        elif name == "attention_mask":
+            out[name] = np.array([[1] * (SEQ - 2) + [0] * 2], np.int64)
+        else:
+            out[name] = rng.standard_normal((1, 3, 32, 32)).astype(np.float32)
+    return out
+
+
+def export(name: str, seed: int = 0) -> tuple[bytes, dict]:
+    """Model ``name`` of :data:`MODELS` exported to ONNX bytes, with its feeds."""
+    import torch
+
+    spec = MODELS[name]
+    torch.manual_seed(seed)
+    model = _module(spec.family).eval()
+
+    class Wrapped(torch.nn.Module):
+        """Positional inputs in, the last hidden state out (as ``torch.onnx`` wants it)."""
+
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, *args):
+            return self.m(**dict(zip(spec.inputs, args))).last_hidden_state
+
+    f = feeds(spec, seed)
+    args = tuple(torch.from_numpy(f[k]) for k in spec.inputs)
+    buf = io.BytesIO()
+    import warnings
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Wrapped().eval(), args, buf, dynamo=False, opset_version=spec.opset,
+                          input_names=list(spec.inputs), output_names=["last_hidden_state"])
+    return buf.getvalue(), f
