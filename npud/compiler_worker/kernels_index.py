@@ -23,7 +23,7 @@ def _gather_sram(ob: int, c: int, row: int, esize: int) -> int:
 def plan_gather(op: LOp, cx: Ctx):
     """Index chunks (and outer blocks) whose gathered rows fit SRAM; a single table row that
     does not fit is a CompileError naming its size."""
-    outer, rows, row, n = op.p["outer"], op.p["rows"], op.p["row"], op.p["n"]
+    outer, row, n = op.p["outer"], op.p["row"], op.p["n"]
     es = cx.pt[op.ins[0]].esize
     budget = cx.S - ALIGN
     if _gather_sram(1, 1, row, es) > budget:

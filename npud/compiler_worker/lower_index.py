@@ -24,6 +24,7 @@ COMPARE = {"Equal": "EQ", "Less": "LT", "Greater": "GT", "GreaterOrEqual": "GE",
 # masks are 0/1 floats: And is min, Or max, Xor "not equal"
 LOGIC = {"And": "MIN", "Or": "MAX", "Xor": "NE"}
 ARITH = {"Add": "ADD", "Sub": "SUB", "Mul": "MUL", "Max": "MAX", "Min": "MIN", "Sum": "ADD"}
+GATHER_COPY_MAX = 1024   # more constant indices than this: one dma_gather, not a copy per run
 INT_UNARY = {"Neg": "NEG", "Abs": "ABS", "Relu": "RELU", "Identity": "COPY"}
 
 
@@ -61,8 +62,9 @@ def handles(lw, n) -> bool:
     """Whether ``n`` belongs to the index family (else its usual kernel lowers it)."""
     if n.op in COMPARE or n.op in LOGIC or n.op in ("Not", "Cast", "IsNaN", "IsInf", "Mod"):
         return True
-    if n.op == "Gather":
-        return lw.g.const(n.inputs[1]) is None
+    if n.op == "Gather":   # constant indices in few runs are strided copies (layout.py)
+        idx = lw.g.const(n.inputs[1])
+        return idx is None or idx.size > GATHER_COPY_MAX
     if n.op == "Where":
         return is_int(lw, n.outputs[0])
     return (n.op in ARITH or n.op in INT_UNARY) and "_q" not in n.attrs and is_int(lw, n.outputs[0])

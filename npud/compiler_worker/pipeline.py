@@ -14,8 +14,8 @@ COMPILER_VERSION = "0.2.0"
 PASSES = [
     ("import", import_onnx.run),         # ONNX bytes -> IR, shape inference, sanity checks
     ("fold", fold.run),                  # constant folding with numpy
+    ("integers", integers.run),          # CumSum -> MatMul by a triangle, run-time MatMulInteger zero points
     ("canonicalize", canonicalize.run),  # DQ-op-Q -> int8 ops, BN folding, Gemm -> MatMul, epilogues
-    ("integers", integers.run),          # CumSum -> MatMul by a triangle (lower_index.py lowers the rest)
     ("legalize", legalize.run),          # support table; every unsupported node reported
     ("layout", layout.run),              # NHWC for conv/pool; IR -> lowered ops
     ("tiling", tiling.run),              # tile/stripe every op to fit SRAM

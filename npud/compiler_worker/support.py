@@ -146,8 +146,11 @@ def _gather_const(n, g):
     t = g.tensors.get(n.input(1))
     if t is None or t.const is None:
         return None      # run-time indices: dma_gather (kernels_index.py)
-    if t.const.size > 1024:
-        return "Gather with more than 1024 indices is not supported"
+    x = g.tensors.get(n.input(0))
+    dim = x.shape[n.attrs.get("axis", 0) % len(x.shape)] if x is not None and x.shape else None
+    idx = t.const.astype(np.int64)
+    if dim is not None and idx.size and (idx.min() < -dim or idx.max() >= dim):
+        return f"Gather index {int(idx.min() if idx.min() < -dim else idx.max())} is out of range for an axis of {dim}"
     return None
 
 
@@ -190,7 +193,7 @@ SUPPORT: dict[str, OpSupport] = {s.op: s for s in [
     OpSupport("ReduceMean", "reduce", 2), OpSupport("ReduceSum", "reduce", 2),
     OpSupport("ReduceMax", "reduce", 2), OpSupport("ReduceMin", "reduce", 2),
     OpSupport("Split", "copy", 2), OpSupport("Slice", "copy", 2, checks=(("positive steps", _positive_steps),)),
-    OpSupport("Gather", "copy", 2, checks=(("constant indices", _gather_const),)),
+    OpSupport("Gather", "copy", 2, checks=(("constant indices in range", _gather_const),)),
     OpSupport("Squeeze", "alias", 2), OpSupport("Unsqueeze", "alias", 2),
     OpSupport("Pad", "copy", 2, checks=(("constant mode", _pad_constant),)),
     OpSupport("Shape", "const", 2, note="folded"), OpSupport("ConstantOfShape", "const", 2, note="folded"),
@@ -271,6 +274,10 @@ for _op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Concat", 
             "LessOrEqual", "Where", "Mod", "Add", "Sub", "Mul", "Max", "Min", "Sum", "Neg", "Abs",
             "Relu", "CumSum", "Dropout", "Range", "GatherElements", "Trilu"):
     SUPPORT[_op] = OpSupport(**{**SUPPORT[_op].__dict__, "ints": True})
+# a run-time zero point (DynamicQuantizeLinear's uint8) cast to int32 (passes/integers.py), and
+# quantize_dynamic's uint8 embedding tables looked up by Gather (dma_gather copies bytes)
+for _op in ("Cast", "Gather"):
+    SUPPORT[_op] = OpSupport(**{**SUPPORT[_op].__dict__, "int8": True})
 
 
 # binary ops between DequantizeLinear and QuantizeLinear: qbinary on the int8 tensors

@@ -304,3 +304,38 @@ def test_if_on_a_runtime_condition_is_refused_naming_the_node():
     with pytest.raises((CompileError, CompileErrors)) as e:
         compile_model(mb, make_config("edge"))
     assert "branchy" in str(e.value) and "known at load" in str(e.value)
+
+
+# --- quantize_dynamic: MatMulInteger with a zero point computed at run time ---------------
+@pytest.mark.parametrize("bzp", [None, 3, "per_column"])
+def test_matmulinteger_with_dynamic_zero_point_is_exact(bzp):
+    """DynamicQuantizeLinear -> MatMulInteger (a_zp computed on the device) -> int32, exactly
+    onnxruntime's integers, with no, a scalar or a per-column weight zero point."""
+    w = R.integers(-128, 128, (24, 10)).astype(np.int8)
+    inits = {"w": w}
+    ins = ["xq", "w", "xzp"]
+    if bzp is not None:
+        inits["wzp"] = (np.array(bzp, np.int8) if bzp != "per_column"
+                        else R.integers(-5, 6, (10,)).astype(np.int8))
+        ins.append("wzp")
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xzp"]),
+             helper.make_node("MatMulInteger", ins, ["y"])]
+    mb = model(nodes, {"x": (np.float32, [2, 5, 24])}, {"y": np.int32}, inits)
+    x = floats((2, 5, 24)) * 3 + 1.5        # an asymmetric range: a non-trivial zero point
+    check(mb, {"x": x})
+
+
+def test_gather_with_many_constant_indices_uses_dma_gather():
+    """Before: 'Gather with more than 1024 indices is not supported'."""
+    idx = R.integers(-64, 64, (3, 500))
+    mb = model([helper.make_node("Gather", ["x", "i"], ["y"], axis=1)], {"x": (np.float32, [2, 64, 3])},
+               {"y": np.float32}, {"i": idx})
+    exe, _ = check(mb, {"x": floats((2, 64, 3))})
+    assert [r["kind"] for r in exe.report().rows if r["op"] == "Gather"] == ["gather"]
+
+
+def test_gather_constant_index_out_of_range_is_a_compile_error():
+    mb = model([helper.make_node("Gather", ["x", "i"], ["y"], name="g")], {"x": (np.float32, [4, 3])},
+               {"y": np.float32}, {"i": np.array([0, 4], np.int64)})
+    with pytest.raises((CompileError, CompileErrors), match="index 4 is out of range for an axis of 4"):
+        compile_model(mb, make_config("edge"))

@@ -30,7 +30,9 @@ def test_transformer_matches_onnxruntime(name):
     exe = compile_model(mb, cfg)
     outs, stats = run_on_emulator(exe, feeds, cfg)
     ref = ort_run(mb, feeds)
-    np.testing.assert_allclose(outs["last_hidden_state"], ref["last_hidden_state"], rtol=1e-3, atol=1e-4)
+    # int8 models: exact integer paths, float rounding differs only in the last place
+    atol = 1e-3 if transformer_models.MODELS[name].quantize else 1e-4
+    np.testing.assert_allclose(outs["last_hidden_state"], ref["last_hidden_state"], rtol=1e-3, atol=atol)
     assert stats.hazards == 0
     for k, v in feeds.items():
         assert next(e for e in exe.inputs if e["name"] == k)["dtype"] == v.dtype.name

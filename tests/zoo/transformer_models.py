@@ -25,6 +25,7 @@ class Spec:
     inputs: tuple = ("input_ids", "attention_mask")
     config: dict = field(default_factory=dict)
     note: str = ""
+    quantize: str = ""        # "dynamic": onnxruntime.quantization.quantize_dynamic (int8 weights)
 
 
 MODELS: dict[str, Spec] = {
@@ -34,6 +35,9 @@ MODELS: dict[str, Spec] = {
     "distilbert-opset20": Spec("distilbert", 20, note="opset-20 Gelu op"),
     "gpt2-opset14": Spec("gpt2", 14, note="Conv1D as Gemm, tanh GELU, causal Trilu mask"),
     "gpt2-masked-opset17": Spec("gpt2", 17, note="causal and padding masks together"),
+    "bert-dynamic-int8": Spec("bert", 14, quantize="dynamic",
+                              note="quantize_dynamic: DynamicQuantizeLinear, MatMulInteger with run-time "
+                                   "zero points, a uint8 embedding table"),
     "vit-opset14": Spec("vit", 14, inputs=("pixel_values",), note="patch Conv, class token Concat"),
     "vit-opset18": Spec("vit", 18, inputs=("pixel_values",)),
 }
@@ -97,4 +101,22 @@ def export(name: str, seed: int = 0) -> tuple[bytes, dict]:
         warnings.simplefilter("ignore")
         torch.onnx.export(Wrapped().eval(), args, buf, dynamo=False, opset_version=spec.opset,
                           input_names=list(spec.inputs), output_names=["last_hidden_state"])
-    return buf.getvalue(), f
+    mb = buf.getvalue()
+    return (quantize_dynamic(mb) if spec.quantize == "dynamic" else mb), f
+
+
+def quantize_dynamic(model_bytes: bytes) -> bytes:
+    """onnxruntime's dynamic quantisation (int8 weights), as users run it (it works on files)."""
+    import logging
+    import tempfile
+    from pathlib import Path
+
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as qd
+
+    logging.getLogger().setLevel(logging.ERROR)    # its advice to pre-process first
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = Path(d) / "model.onnx", Path(d) / "model.int8.onnx"
+        src.write_bytes(model_bytes)
+        qd(str(src), str(dst), weight_type=QuantType.QInt8)
+        return dst.read_bytes()

@@ -21,7 +21,6 @@ from ..support import SUPPORT
 from .canonicalize import ACTIVATIONS, BINARY
 
 IDENT = None   # "logical" layout marker
-INT_DTYPES = (np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int32))
 
 
 def run(ctx) -> None:
