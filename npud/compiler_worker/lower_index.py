@@ -60,7 +60,7 @@ def is_int(lw, name: str) -> bool:
 
 def handles(lw, n) -> bool:
     """Whether ``n`` belongs to the index family (else its usual kernel lowers it)."""
-    if n.op in COMPARE or n.op in LOGIC or n.op in ("Not", "Cast", "IsNaN", "IsInf", "Mod"):
+    if n.op in COMPARE or n.op in LOGIC or n.op in ("Not", "Cast", "IsNaN", "IsInf", "Mod", "GatherElements"):
         return True
     if n.op == "Gather":   # constant indices in few runs are strided copies (layout.py)
         idx = lw.g.const(n.inputs[1])
@@ -74,6 +74,8 @@ def lower(lw, n) -> None:
     """Lower node ``n`` of the index family."""
     if n.op == "Gather":
         return _gather(lw, n)
+    if n.op == "GatherElements":
+        return _gather_elements(lw, n)
     if n.op == "Cast":
         return _cast(lw, n)
     if n.op in INT_UNARY:
@@ -169,6 +171,47 @@ def _gather(lw, n) -> None:
     lw.ops.append(LOp("gather", n.name, n.op, [src, idx], [out.name], {
         "outer": int(np.prod(ls[:axis])), "rows": int(ls[axis]), "row": int(np.prod(ls[axis + 1:])),
         "n": int(np.prod(lw.shape(n.inputs[1])))}))
+
+
+def _gather_elements(lw, n) -> None:
+    """GatherElements with run-time indices: flat positions ``norm(idx) * stride + base`` (base, a
+    constant, holds every other coordinate's offset) gathered one element each by dma_gather
+    from the flattened data.  An index outside ``[-dim, dim)`` is replaced by a position past
+    the data, so the run fails with EINVAL as Gather's does (the message names that flattened
+    position)."""
+    x, i = n.inputs[0], n.inputs[1]
+    xs, ishape = lw.shape(x), lw.shape(i)
+    r = len(xs)
+    axis = n.attrs.get("axis", 0) % r
+    dim, numel = int(xs[axis]), int(np.prod(xs))
+    strides = cstrides(xs)
+    base = sum(np.arange(s).reshape([-1 if d == k else 1 for k in range(r)]) * strides[d]
+               for d, s in enumerate(ishape) if d != axis)
+    src, idx = operand(lw, x), operand(lw, i)
+
+    def k(value, dtype=I32):
+        return operand(lw, _scalar(lw, n, value, dtype), r)
+
+    neg = _pt_binary(lw, n, "LT", idx, k(0), I32)
+    norm = _pt_binary(lw, n, "ADD", idx, _pt_binary(lw, n, "MUL", neg, k(dim), I32), I32)
+    ok = _pt_binary(lw, n, "MIN", _pt_binary(lw, n, "GE", idx, k(-dim), F32),
+                    _pt_binary(lw, n, "LT", idx, k(dim), F32), F32)
+    flat = _pt_binary(lw, n, "ADD", _pt_binary(lw, n, "MUL", norm, k(strides[axis]), I32),
+                      operand(lw, lw.g.add_const(f"{n.name}.base", np.broadcast_to(base, ishape).astype(np.int32)), r),
+                      I32)
+    safe = lw.new(f"{n.outputs[0]}~pos", ishape, logical=ishape, dtype=I32)
+    _emit_elt(lw, n, "select", {}, [ok, flat, k(numel)], safe)
+    out = lw.define(n.outputs[0], None, lw.pt[src].dtype)
+    lw.ops.append(LOp("gather", n.name, n.op, [src, safe.name], [out.name], {
+        "outer": 1, "rows": numel, "row": 1, "n": int(np.prod(ishape))}))
+
+
+def _pt_binary(lw, n, func: str, pa: str, pb: str, dtype: str) -> str:
+    """``func`` of two PTensors into a new intermediate of node ``n``'s index shape."""
+    shape = lw.pt[pa].logical or lw.pt[pa].shape
+    t = lw.new(f"{n.outputs[0]}~{func.lower()}", shape, logical=shape, dtype=dtype)
+    _emit_elt(lw, n, "eltwise", {"func": func}, [pa, pb], t)
+    return t.name
 
 
 def _cast(lw, n) -> None:

@@ -225,7 +225,8 @@ SUPPORT: dict[str, OpSupport] = {s.op: s for s in [
     OpSupport("Mod", "eltwise", 3, note="vbinary mod (fmod=0) or fmod (fmod=1)"),
     OpSupport("CumSum", "decomposed", 3, note="MatMul by a triangular 0/1 matrix (integers exact below "
               "2^24)"),
-    OpSupport("GatherElements", "const", 3, checks=(_known_at_load(0, 1),), note="folded at load"),
+    OpSupport("GatherElements", "index", 3, note="flat positions on the vector engine, then a "
+              "one-element-per-row dma_gather; folded when its inputs are known at load"),
     OpSupport("Range", "const", 3, checks=(_known_at_load(0, 1, 2),), note="folded at load"),
     OpSupport("Trilu", "const", 3, checks=(_known_at_load(0, 1),), note="folded at load"),
     OpSupport("If", "const", 3, checks=(_known_at_load(0),),

@@ -92,8 +92,6 @@ EXCLUDE: dict[str, str] = {
     r"test_resize_.*cubic.*": "Resize mode cubic (nearest and linear only)",
     r"test_resize_.*antialias": "Resize with antialias",
     r"test_resize_tf_crop_and_resize.*": "Resize tf_crop_and_resize (roi, extrapolation)",
-    r"test_gather_elements_(0|1|negative_indices)":
-        "GatherElements with run-time indices (a graph input): GatherElements only folds at load",
     r"test_if_(seq|opt)": "sequence and optional types (tensors only)",
     # zero-sized tensors
     r"test_reduce_(max|min|sum)_empty_set.*|test_reshape_allowzero_reordered|"

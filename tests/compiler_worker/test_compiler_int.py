@@ -339,3 +339,22 @@ def test_gather_constant_index_out_of_range_is_a_compile_error():
                {"y": np.float32}, {"i": np.array([0, 4], np.int64)})
     with pytest.raises((CompileError, CompileErrors), match="index 4 is out of range for an axis of 4"):
         compile_model(mb, make_config("edge"))
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_gather_elements_with_runtime_indices(axis):
+    mb = model([helper.make_node("GatherElements", ["x", "i"], ["y"], axis=axis)],
+               {"x": (np.float32, [3, 4, 5]), "i": (np.int64, [3, 2, 5])}, {"y": np.float32})
+    dim = [3, 4, 5][axis]
+    check(mb, {"x": floats((3, 4, 5)), "i": ints((3, 2, 5), -dim, dim)})
+
+
+def test_gather_elements_out_of_range_fails_the_run_with_einval():
+    mb = model([helper.make_node("GatherElements", ["x", "i"], ["y"], axis=1)],
+               {"i": (np.int64, [2, 2])}, {"y": np.float32}, {"x": floats((2, 3))})
+    cfg = make_config("edge")
+    exe = compile_model(mb, cfg)
+    for bad in (3, -4):      # within the flattened data, but outside the axis: still refused
+        with pytest.raises(IndexFault) as e:
+            run_on_emulator(exe, {"i": np.array([[0, 1], [bad, 2]], np.int64)}, cfg)
+        assert e.value.code == "EINVAL"
