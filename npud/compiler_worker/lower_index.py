@@ -23,7 +23,7 @@ COMPARE = {"Equal": "EQ", "Less": "LT", "Greater": "GT", "GreaterOrEqual": "GE",
            "LessOrEqual": "LE"}
 # masks are 0/1 floats: And is min, Or max, Xor "not equal"
 LOGIC = {"And": "MIN", "Or": "MAX", "Xor": "NE"}
-ARITH = {"Add": "ADD", "Sub": "SUB", "Mul": "MUL", "Max": "MAX", "Min": "MIN", "Sum": "ADD"}
+ARITH = {"Add": "ADD", "Sub": "SUB", "Mul": "MUL", "Div": "DIV", "Max": "MAX", "Min": "MIN", "Sum": "ADD"}
 GATHER_COPY_MAX = 1024   # more constant indices than this: one dma_gather, not a copy per run
 INT_UNARY = {"Neg": "NEG", "Abs": "ABS", "Relu": "RELU", "Identity": "COPY"}
 

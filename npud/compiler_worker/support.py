@@ -272,7 +272,7 @@ def _qdq_only(n, g):
 # ops that carry int64/int32 tensors (indices, positions, shapes, masks computed at run time)
 for _op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Concat", "Slice", "Split",
             "Transpose", "Expand", "Gather", "Cast", "Equal", "Less", "Greater", "GreaterOrEqual",
-            "LessOrEqual", "Where", "Mod", "Add", "Sub", "Mul", "Max", "Min", "Sum", "Neg", "Abs",
+            "LessOrEqual", "Where", "Mod", "Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Neg", "Abs",
             "Relu", "CumSum", "Dropout", "Range", "GatherElements", "Trilu"):
     SUPPORT[_op] = OpSupport(**{**SUPPORT[_op].__dict__, "ints": True})
 # a run-time zero point (DynamicQuantizeLinear's uint8) cast to int32 (passes/integers.py), and

@@ -127,7 +127,7 @@ class UnaryFunc(enum.IntEnum):
 # type).  The rest are transcendental and need float tiles.
 INTEGER_UNARY = frozenset({UnaryFunc.COPY, UnaryFunc.RELU, UnaryFunc.CLIP,
                            UnaryFunc.NEG, UnaryFunc.ABS})
-INTEGER_BINARY = frozenset({BinaryFunc.ADD, BinaryFunc.SUB, BinaryFunc.MUL,
+INTEGER_BINARY = frozenset({BinaryFunc.ADD, BinaryFunc.SUB, BinaryFunc.MUL, BinaryFunc.DIV,
                             BinaryFunc.MAX, BinaryFunc.MIN, BinaryFunc.SQDIFF,
                             BinaryFunc.EQ, BinaryFunc.LT, BinaryFunc.GT, BinaryFunc.GE,
                             BinaryFunc.LE, BinaryFunc.NE, BinaryFunc.MOD, BinaryFunc.FMOD})

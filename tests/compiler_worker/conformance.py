@@ -60,8 +60,6 @@ EXCLUDE: dict[str, str] = {
     r"test_is(nan|inf)_float16": "float16 operands (float32 only)",
     r"test_cumsum_(1d|1d_exclusive|1d_reverse|1d_reverse_exclusive|2d_axis_0|2d_axis_1|2d_negative_axis)":
         "float64 operands (float32, int32 and int64 only)",
-    r"test_div_int32_trunc": "integer Div (the vector engine has no integer division; integer "
-                             "Div of constants folds at load)",
     r"test_equal_string(_broadcast)?": "string tensors",
     r"test_clip_default_int8_.*": "int8 Clip outside a quantised pattern (integer element-wise ops are not compiled)",
     r"test_pow_types_.*": "integer base or exponent (the compiler is float32-only)",

@@ -358,3 +358,9 @@ def test_gather_elements_out_of_range_fails_the_run_with_einval():
         with pytest.raises(IndexFault) as e:
             run_on_emulator(exe, {"i": np.array([[0, 1], [bad, 2]], np.int64)}, cfg)
         assert e.value.code == "EINVAL"
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32])
+def test_integer_div_on_the_device_truncates(dtype):
+    mb = model([helper.make_node("Div", ["a", "b"], ["y"])], {"a": (dtype, [6]), "b": (dtype, [6])}, {"y": dtype})
+    check(mb, {"a": np.array([7, -7, 7, -7, 0, 100], dtype), "b": np.array([2, 2, -2, -2, 3, 7], dtype)})

@@ -89,3 +89,11 @@ def test_trunc_rounds_toward_zero():
     got = run_op("vunary", [a], [(np.float32, a.shape)],
                  lambda sb, i, o: sb.vunary("trunc", i[0], o[0]))[0].reshape(a.shape)
     np.testing.assert_array_equal(got, np.trunc(a))
+
+
+def test_integer_div_truncates_toward_zero_and_by_zero_gives_zero():
+    a = np.array([7, -7, 7, -7, 5, -(2**31)], np.int32)
+    b = np.array([2, 2, -2, -2, 0, -1], np.int32)
+    got = run_op("vbinary", [a, b], [(np.int32, a.shape)],
+                 lambda sb, i, o: sb.vbinary("div", i[0], i[1], o[0]))[0].reshape(a.shape)
+    np.testing.assert_array_equal(got, [3, -3, -3, 3, 0, 2**31 - 1])   # the last saturates

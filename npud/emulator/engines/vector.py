@@ -47,6 +47,12 @@ _COMPARE = frozenset({BinaryFunc.EQ, BinaryFunc.LT, BinaryFunc.GT, BinaryFunc.GE
                       BinaryFunc.NE})
 
 
+def _truncating_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Integer division rounding toward zero (C, ONNX); a division by zero gives 0."""
+    q = np.abs(a) // np.where(b == 0, 1, np.abs(b))
+    return np.where(b == 0, 0, np.where((a < 0) != (b < 0), -q, q))
+
+
 def _bounded(d: np.ndarray) -> np.ndarray:
     # |int32 - int32| can reach 2**32, whose square overflows int64; any
     # |d| >= 2**31 saturates the int32 result anyway.
@@ -61,6 +67,9 @@ def vbinary(job, cmd) -> None:
     f = _BINARY[func]
     if func in _COMPARE:   # compared in the operands' own type: exact for every dtype
         store(out, f(x, y).astype(np.uint8))
+        return
+    if func == BinaryFunc.DIV and x.dtype.kind != "f":
+        store(out, _truncating_div(_wide(x), _wide(y)))
         return
     if x.dtype == np.float32 and out.dtype == np.float32 and f is not _BINARY[BinaryFunc.SQDIFF]:
         f(x, y, out=out)   # numpy resolves any aliasing between x, y and out
