@@ -4,7 +4,8 @@ opsets people use, with the feeds a user would pass (token ids, a padded attenti
 
 ``MODELS`` lists them by name; :func:`export` builds one (model bytes, feeds).  Nothing is
 downloaded: configurations are written here and weights are random (seeded).  The zoo
-(``make zoo``) and ``tests/zoo/test_zoo_transformers.py`` pick the list up from here.
+(``make zoo``) and ``tests/zoo/test_zoo_transformers.py`` pick the list up from here: the
+test runs ``FAST`` by default and every model with ``NPUD_ZOO=1`` in the environment.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ class Spec:
     config: dict = field(default_factory=dict)
     note: str = ""
     quantize: str = ""        # "dynamic": onnxruntime.quantization.quantize_dynamic (int8 weights)
+    batch: int = 1            # > 1: exported with symbolic batch and sequence axes (dynamic_axes),
+                              # compiled with options["input_shapes"] from the feeds
 
 
 MODELS: dict[str, Spec] = {
@@ -38,9 +41,18 @@ MODELS: dict[str, Spec] = {
     "bert-dynamic-int8": Spec("bert", 14, quantize="dynamic",
                               note="quantize_dynamic: DynamicQuantizeLinear, MatMulInteger with run-time "
                                    "zero points, a uint8 embedding table"),
+    "bert-dynamic-axes-opset17": Spec("bert", 17, batch=2,
+                                      note="symbolic batch/sequence: shape subgraphs fold at load"),
+    "vit-dynamic-axes-opset18": Spec("vit", 18, inputs=("pixel_values",), batch=2),
     "vit-opset14": Spec("vit", 14, inputs=("pixel_values",), note="patch Conv, class token Concat"),
     "vit-opset18": Spec("vit", 18, inputs=("pixel_values",)),
 }
+
+# `make test` runs these (one per exporter form that matters: decomposed LayerNorm, the Gelu
+# op, causal + padding masks, symbolic axes, quantize_dynamic); the zoo runs all of MODELS.
+FAST = ("bert-opset14", "distilbert-opset20", "gpt2-masked-opset17", "vit-dynamic-axes-opset18",
+        "bert-dynamic-int8")
+assert set(FAST) <= set(MODELS)
 
 # Exported and runnable with the same export(), but blocked by work outside the integer/
 # transformer front end: move them into MODELS once it lands.
@@ -75,19 +87,26 @@ def _module(family: str):
 
 
 def feeds(spec: Spec, seed: int = 0) -> dict:
-    """What a user passes: token ids, and a mask with the last two positions padded."""
+    """What a user passes: token ids, and a mask with the last positions padded (two in the
+    first sequence, one more in each next one), every batch row different."""
     rng = np.random.default_rng(seed)
+    b = spec.batch
     out = {}
     for name in spec.inputs:
         if name == "input_ids":
-            out[name] = rng.integers(0, VOCAB, (1, SEQ)).astype(np.int64)
+            out[name] = rng.integers(0, VOCAB, (b, SEQ)).astype(np.int64)
         elif name == "attention_mask":
-            out[name] = np.array([[1] * (SEQ - 2) + [0] * 2], np.int64)
+            out[name] = np.array([[1] * (SEQ - 2 - i) + [0] * (2 + i) for i in range(b)], np.int64)
         elif name == "input_features":       # 16 mel bins x 32 frames (two strided Conv1d -> 16)
-            out[name] = rng.standard_normal((1, 16, 32)).astype(np.float32)
+            out[name] = rng.standard_normal((b, 16, 32)).astype(np.float32)
         else:
-            out[name] = rng.standard_normal((1, 3, 32, 32)).astype(np.float32)
+            out[name] = rng.standard_normal((b, 3, 32, 32)).astype(np.float32)
     return out
+
+
+def input_shapes(feeds: dict) -> dict:
+    """``options["input_shapes"]`` for feeds: the sizes of a dynamic export's symbolic axes."""
+    return {k: list(v.shape) for k, v in feeds.items()}
 
 
 def export(name: str, seed: int = 0) -> tuple[bytes, dict]:
@@ -114,8 +133,11 @@ def export(name: str, seed: int = 0) -> tuple[bytes, dict]:
     import warnings
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
+        dynamic = {k: {0: "batch"} if k == "pixel_values" else {0: "batch", 1: "sequence"}
+                   for k in spec.inputs} if spec.batch > 1 else None
         torch.onnx.export(Wrapped().eval(), args, buf, dynamo=False, opset_version=spec.opset,
-                          input_names=list(spec.inputs), output_names=["last_hidden_state"])
+                          input_names=list(spec.inputs), output_names=["last_hidden_state"],
+                          dynamic_axes=dynamic)
     mb = buf.getvalue()
     return (quantize_dynamic(mb) if spec.quantize == "dynamic" else mb), f
 
