@@ -25,7 +25,7 @@ COMPARE = {"Equal": "EQ", "Less": "LT", "Greater": "GT", "GreaterOrEqual": "GE",
 LOGIC = {"And": "MIN", "Or": "MAX", "Xor": "NE"}
 ARITH = {"Add": "ADD", "Sub": "SUB", "Mul": "MUL", "Div": "DIV", "Max": "MAX", "Min": "MIN", "Sum": "ADD"}
 GATHER_COPY_MAX = 1024   # more constant indices than this: one dma_gather, not a copy per run
-INT_UNARY = {"Neg": "NEG", "Abs": "ABS", "Relu": "RELU", "Identity": "COPY"}
+INT_UNARY = {"Neg": "NEG", "Abs": "ABS", "Relu": "RELU"}
 
 
 def device_dtype(dtype) -> str:
@@ -216,14 +216,18 @@ def _pt_binary(lw, n, func: str, pa: str, pb: str, dtype: str) -> str:
 
 def _cast(lw, n) -> None:
     """Cast between the device types: to bool is ``x != 0``, float to integer rounds toward
-    zero (trunc, then a saturating copy), the rest a converting copy or no-op alias."""
+    zero (trunc, then a saturating copy), between integers or floats of one device type (and
+    from a bool mask to float) an alias, the rest a converting copy."""
     x = n.inputs[0]
     to = np.dtype(lw.g.tensors[n.outputs[0]].dtype)
+    from_bool = lw.g.tensors[x].dtype == np.bool_
     src = operand(lw, x)
     sdt, ddt = lw.pt[src].dtype, device_dtype(to)
-    if to == np.bool_:
+    if to == np.bool_ and not from_bool:
         return _binary(lw, n, "NE", x, _scalar(lw, n, 0, lw.g.tensors[x].dtype))
-    if sdt == F32 and ddt != F32 and lw.g.tensors[x].dtype != np.bool_:
+    if sdt == ddt and lw.g.tensors[x].const is None:
+        return lw._alias(n)     # the same bytes: no command
+    if sdt == F32 and ddt != F32 and not from_bool:
         src = _convert(lw, n, src, F32, "TRUNC")
     o = lw.define(n.outputs[0], None, ddt)
     _emit_elt(lw, n, "unary", {"func": "COPY", "p0": 0.0, "p1": 0.0}, [src], o)

@@ -364,3 +364,15 @@ def test_gather_elements_out_of_range_fails_the_run_with_einval():
 def test_integer_div_on_the_device_truncates(dtype):
     mb = model([helper.make_node("Div", ["a", "b"], ["y"])], {"a": (dtype, [6]), "b": (dtype, [6])}, {"y": dtype})
     check(mb, {"a": np.array([7, -7, 7, -7, 0, 100], dtype), "b": np.array([2, 2, -2, -2, 3, 7], dtype)})
+
+
+def test_casts_within_one_device_type_cost_no_command():
+    """int64 -> int32, bool -> float and float -> float are the same bytes on the device."""
+    nodes = [helper.make_node("Add", ["x", "one"], ["a"]), helper.make_node("Cast", ["a"], ["b"], to=6),
+             helper.make_node("Greater", ["b", "zero32"], ["m"]),
+             helper.make_node("Cast", ["m"], ["mf"], to=TensorProto.FLOAT),
+             helper.make_node("Cast", ["mf"], ["y"], to=TensorProto.FLOAT)]
+    mb = model(nodes, {"x": (np.int64, [3, 4])}, {"y": np.float32},
+               {"one": np.array(1, np.int64), "zero32": np.array(0, np.int32)})
+    exe, _ = check(mb, {"x": ints((3, 4))})
+    assert not [r for r in exe.report().rows if r["op"] == "Cast" and r["node"] != "x:input"]
