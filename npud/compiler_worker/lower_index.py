@@ -120,6 +120,8 @@ def _binary(lw, n, func: str, a: str, b: str) -> None:
 def _chain(lw, n, func: str, names: list) -> None:
     """``func`` over IR tensors ``names`` (two, or a variadic Max/Min/Sum's chain) into node
     output 0: operands in one device type, a comparison's result a float32 mask."""
+    if len(names) == 1:          # Sum/Max/Min of one tensor: that tensor
+        return lw._alias(n)
     oshape = lw.shape(n.outputs[0])
     r = len(oshape)
     cur = operand(lw, names[0], r)

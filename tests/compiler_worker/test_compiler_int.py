@@ -376,3 +376,12 @@ def test_casts_within_one_device_type_cost_no_command():
                {"one": np.array(1, np.int64), "zero32": np.array(0, np.int32)})
     exe, _ = check(mb, {"x": ints((3, 4))})
     assert not [r for r in exe.report().rows if r["op"] == "Cast" and r["node"] != "x:input"]
+
+
+@pytest.mark.parametrize("op", ["Max", "Min"])   # ONNX Sum is float-only
+@pytest.mark.parametrize("n_in", [1, 3])
+def test_variadic_integer_ops(op, n_in):
+    names = [f"x{i}" for i in range(n_in)]
+    nodes = [helper.make_node(op, names, ["s"]), helper.make_node("Add", ["s", "one"], ["y"])]
+    mb = model(nodes, {k: (np.int64, [2, 3]) for k in names}, {"y": np.int64}, {"one": np.array(1, np.int64)})
+    check(mb, {k: ints((2, 3)) for k in names})
