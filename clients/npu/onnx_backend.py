@@ -36,12 +36,12 @@ What the backend does on the host, and nothing more:
 * **Symbolic dimensions** are resolved from the shapes of the arrays given
   to ``run`` (``input_shapes`` option), one compile per shape signature.
 * **dtypes at the boundary.**  Feeds are converted to the dtype the compiled
-  model declares (float32; a bool input is a 0/1 float32 mask on the
-  device).  Outputs come back in the dtype the ONNX model declares: the
-  device computes float32, so bool outputs (comparisons) and integer
-  outputs (folded constants such as ``Shape``) are converted, and an integer
-  output whose float32 value is not an exact integer is an error rather
-  than a silent rounding.
+  model declares (float32, int32 or int64; a bool input is a 0/1 float32
+  mask on the device).  Outputs come back in the dtype the ONNX model
+  declares: int32/int64 outputs already are; bool outputs (comparisons) and
+  other integer outputs are float32 on the device and converted, and an
+  integer output whose float32 value is not an exact integer is an error
+  rather than a silent rounding.
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ PARAMETER_INPUTS: dict[str, tuple[int, ...]] = {
     "Resize": (1, 2, 3), "Upsample": (1,), "ReduceMean": (1,), "ReduceSum": (1,), "ReduceMax": (1,),
     "ReduceMin": (1,), "Squeeze": (1,), "Unsqueeze": (1,), "Expand": (1,), "Split": (1,),
     "ConstantOfShape": (0,), "Dropout": (1, 2), "Tile": (1,),
+    # shapes and control known at load: the compiler folds Range and If, and CumSum's axis
+    "Range": (0, 1, 2), "If": (0,), "CumSum": (1,),
     # weights: the compiler folds them into the executable's weights blob
     "Conv": (1, 2), "ConvTranspose": (1, 2), "BatchNormalization": (1, 2, 3, 4),
     "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2),

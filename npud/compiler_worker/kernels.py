@@ -265,9 +265,11 @@ def emit_eltwise(op: LOp, em: Emitter):
     ep_slot = out_addr + al(math.prod(block) * ESIZE)
     steps = op.p.get("epilogue", [])
     ost = cstrides(cshape)
-    for origin, size, tiles_in, ooff in _broadcast_tiles(op, em, slots, opshapes, cshape, block, native=False):
+    native = op.p.get("native", False)   # integer or mixed operands (lower_index.py)
+    odt = em.pt[op.outs[0]].dtype if native else F32
+    for origin, size, tiles_in, ooff in _broadcast_tiles(op, em, slots, opshapes, cshape, block, native=native):
         tshape = sub4(size)
-        ot = T(out_addr, tshape)
+        ot = T(out_addr, tshape, odt)
         if op.kind == "unary":
             em.vec("vunary", op.p["func"], tiles_in[0], ot, op.p.get("p0", 0.0), op.p.get("p1", 0.0))
         elif op.kind == "select":
@@ -1142,3 +1144,8 @@ PLAN.update({"quant": plan_qelt, "dequant": plan_qelt, "cvt": plan_cvt, "dynq": 
              "qmatmul": plan_qmatmul, "qbinary": plan_qbinary})
 EMIT.update({"quant": emit_qelt, "dequant": emit_qelt, "cvt": emit_cvt, "dynq": emit_dynq,
              "qmatmul": emit_qmatmul, "qbinary": emit_qbinary})
+
+from .kernels_index import EMIT_INDEX, PLAN_INDEX  # noqa: E402 -- the index family's kernels
+
+PLAN.update(PLAN_INDEX)
+EMIT.update(EMIT_INDEX)

@@ -229,7 +229,54 @@ def _expand(node, vals):
     return [vals[0] * np.ones(shape, dtype=vals[0].dtype)]
 
 
+def _gather_elements(node, vals):
+    x, idx = vals[0], vals[1].astype(np.int64)
+    axis = node.attrs.get("axis", 0) % x.ndim
+    dim = x.shape[axis]
+    if np.any((idx < -dim) | (idx >= dim)):
+        raise ValueError(f"GatherElements index out of range [-{dim}, {dim - 1}]")
+    return [np.take_along_axis(x, np.where(idx < 0, idx + dim, idx), axis=axis)]
+
+
+def _int_div(a, b):
+    """ONNX integer Div truncates toward zero (C semantics), not numpy's floor."""
+    q = np.abs(a) // np.abs(b)
+    return np.where((a < 0) != (b < 0), -q, q).astype(np.result_type(a, b))
+
+
+def _mod(node, vals):
+    a, b = vals[0], vals[1]
+    if node.attrs.get("fmod", 0):
+        return [np.fmod(a, b)]
+    return [np.mod(a, b)]
+
+
+def _cumsum(node, vals):
+    x = vals[0]
+    axis = int(np.asarray(vals[1]).reshape(())) % x.ndim
+    if node.attrs.get("reverse", 0):
+        x = np.flip(x, axis)
+    y = np.cumsum(x, axis=axis, dtype=x.dtype)
+    if node.attrs.get("exclusive", 0):
+        y = y - x
+    if node.attrs.get("reverse", 0):
+        y = np.flip(y, axis)
+    return [y]
+
+
+def _trilu(node, vals):
+    k = int(np.asarray(vals[1]).reshape(())) if len(vals) > 1 and vals[1] is not None else 0
+    fn = np.triu if node.attrs.get("upper", 1) else np.tril
+    return [fn(vals[0], k)]
+
+
 EVAL = {
+    "GatherElements": _gather_elements, "Mod": _mod, "CumSum": _cumsum, "Trilu": _trilu,
+    "GreaterOrEqual": _binary(np.greater_equal), "LessOrEqual": _binary(np.less_equal),
+    "And": _binary(np.logical_and), "Or": _binary(np.logical_or), "Xor": _binary(np.logical_xor),
+    "IsNaN": lambda n, v: [np.isnan(v[0])],
+    "IsInf": lambda n, v: [(np.isposinf(v[0]) & bool(n.attrs.get("detect_positive", 1))) |
+                           (np.isneginf(v[0]) & bool(n.attrs.get("detect_negative", 1)))],
     "Identity": lambda n, v: [v[0]],
     "Dropout": lambda n, v: [v[0]] + ([np.ones(v[0].shape, bool)] if len(n.outputs) > 1 else []),
     "Cast": _cast,
@@ -252,7 +299,7 @@ EVAL = {
     "Split": _split,
     "Pad": _pad,
     "Add": _binary(np.add), "Sub": _binary(np.subtract), "Mul": _binary(np.multiply),
-    "Div": lambda n, v: [(v[0] // v[1]) if v[0].dtype.kind in "iu" else np.divide(v[0], v[1])],
+    "Div": lambda n, v: [_int_div(v[0], v[1]) if v[0].dtype.kind in "iu" else np.divide(v[0], v[1])],
     "Pow": lambda n, v: [np.power(v[0], v[1]).astype(v[0].dtype)],
     "Equal": _binary(np.equal), "Less": _binary(np.less), "Greater": _binary(np.greater),
     "Not": _unary(np.logical_not),

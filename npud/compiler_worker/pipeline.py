@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import time
 
-from .passes import (canonicalize, emit, fold, import_onnx, layout, legalize, memory,
-                     tiling)
+from .passes import (canonicalize, emit, fold, import_onnx, integers, layout, legalize, memory,
+                     patterns, tiling)
 
 COMPILER_VERSION = "0.2.0"
 
 PASSES = [
     ("import", import_onnx.run),         # ONNX bytes -> IR, shape inference, sanity checks
     ("fold", fold.run),                  # constant folding with numpy
+    ("integers", integers.run),          # CumSum -> MatMul by a triangle, run-time MatMulInteger zero points
+    ("patterns", patterns.run),          # decomposed LayerNorm -> LayerNormalization
     ("canonicalize", canonicalize.run),  # DQ-op-Q -> int8 ops, BN folding, Gemm -> MatMul, epilogues
     ("legalize", legalize.run),          # support table; every unsupported node reported
     ("layout", layout.run),              # NHWC for conv/pool; IR -> lowered ops

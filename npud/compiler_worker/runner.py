@@ -48,12 +48,12 @@ class EmulatorSession:
             x = np.asarray(feeds[e["name"]])
             if tuple(x.shape) != tuple(e["shape"]):
                 raise ValueError(f"input {e['name']!r}: shape {list(x.shape)}, expected {e['shape']}")
-            dst = self.mem[f"input:{e['name']}"][:e["size"]].view(np.float32)
+            dst = self.mem[f"input:{e['name']}"][:e["size"]].view(e["dtype"])
             np.copyto(dst, x.reshape(-1), casting="same_kind")
         stats = self.device.execute(self.ctx, self.program)
         outs = {}
         for e in self.exe.outputs:
-            src = self.mem[f"output:{e['name']}"][:e["size"]].view(np.float32)
+            src = self.mem[f"output:{e['name']}"][:e["size"]].view(e["dtype"])
             outs[e["name"]] = src.reshape(e["shape"]).copy()
         return outs, stats
 

@@ -24,6 +24,7 @@ class OpSupport:
     const_inputs: tuple = ()        # input indices that must be constant
     note: str = ""
     int8: bool = False              # may carry int8/uint8 (and int32) tensors
+    ints: bool = False              # may carry int64/int32 index tensors (int32 on the device)
 
 
 def _attr_in(name, allowed, default):
@@ -83,8 +84,9 @@ def _pad_constant(n, g):
 
 def _cast_float(n, g):
     from .numpy_ops import onnx_dtype_to_np
-    return None if onnx_dtype_to_np(n.attrs.get("to", 1)) == np.float32 else \
-        "Cast of an activation to a type other than float32 is not supported"
+    to = onnx_dtype_to_np(n.attrs.get("to", 1))
+    return None if to in (np.float32, np.bool_, np.int32, np.int64) else \
+        f"Cast of an activation to {to} is not supported (float32, bool, int32 and int64 are)"
 
 
 def _gelu(n, g):
@@ -96,9 +98,20 @@ def _gelu(n, g):
 def _float_operands(n, g):
     for name in n.inputs[1:] if n.op == "Where" else n.inputs:
         t = g.tensors.get(name)
-        if t is not None and t.dtype is not None and np.dtype(t.dtype) != np.float32:
-            return f"{n.op} of {t.dtype} operands is not supported (float32 only)"
+        if t is not None and t.dtype is not None and np.dtype(t.dtype) not in _INDEX_TYPES:
+            return f"{n.op} of {t.dtype} operands is not supported (float32, bool, int32, int64)"
     return None
+
+
+_INDEX_TYPES = (np.dtype(np.float32), np.dtype(np.bool_), np.dtype(np.int32), np.dtype(np.int64))
+
+
+def _known_at_load(*idx):
+    def check(n, g):
+        bad = [n.input(i) for i in idx if n.input(i) and g.const(n.input(i)) is None]
+        return None if not bad else (f"{n.op}'s input(s) {bad} must be known at load (computed only "
+                                     f"from constants and static shapes): its output depends on them")
+    return (f"inputs {idx} known at load", check)
 
 
 def _softmax_axis(n, g):
@@ -132,9 +145,12 @@ def _conv_2d(n, g):
 def _gather_const(n, g):
     t = g.tensors.get(n.input(1))
     if t is None or t.const is None:
-        return "Gather indices must be constant"
-    if t.const.size > 1024:
-        return "Gather with more than 1024 indices is not supported"
+        return None      # run-time indices: dma_gather (kernels_index.py)
+    x = g.tensors.get(n.input(0))
+    dim = x.shape[n.attrs.get("axis", 0) % len(x.shape)] if x is not None and x.shape else None
+    idx = t.const.astype(np.int64)
+    if dim is not None and idx.size and (idx.min() < -dim or idx.max() >= dim):
+        return f"Gather index {int(idx.min() if idx.min() < -dim else idx.max())} is out of range for an axis of {dim}"
     return None
 
 
@@ -177,7 +193,7 @@ SUPPORT: dict[str, OpSupport] = {s.op: s for s in [
     OpSupport("ReduceMean", "reduce", 2), OpSupport("ReduceSum", "reduce", 2),
     OpSupport("ReduceMax", "reduce", 2), OpSupport("ReduceMin", "reduce", 2),
     OpSupport("Split", "copy", 2), OpSupport("Slice", "copy", 2, checks=(("positive steps", _positive_steps),)),
-    OpSupport("Gather", "copy", 2, checks=(("constant indices", _gather_const),)),
+    OpSupport("Gather", "copy", 2, checks=(("constant indices in range", _gather_const),)),
     OpSupport("Squeeze", "alias", 2), OpSupport("Unsqueeze", "alias", 2),
     OpSupport("Pad", "copy", 2, checks=(("constant mode", _pad_constant),)),
     OpSupport("Shape", "const", 2, note="folded"), OpSupport("ConstantOfShape", "const", 2, note="folded"),
@@ -200,6 +216,21 @@ SUPPORT: dict[str, OpSupport] = {s.op: s for s in [
               note="vbinary gt"),
     OpSupport("Where", "select", 3, checks=(("float32 operands", _float_operands),),
               note="select; the condition is a mask"),
+    # integer tensors and masks (lower_index.py): int64/int32 are int32 on the device
+    OpSupport("GreaterOrEqual", "eltwise", 3, note="vbinary ge into a 0/1 float32 mask"),
+    OpSupport("LessOrEqual", "eltwise", 3, note="vbinary le into a 0/1 float32 mask"),
+    OpSupport("And", "eltwise", 3, note="min of two masks"), OpSupport("Or", "eltwise", 3, note="max of two masks"),
+    OpSupport("Xor", "eltwise", 3, note="vbinary ne of two masks"), OpSupport("Not", "eltwise", 3, note="mask == 0"),
+    OpSupport("IsNaN", "eltwise", 3, note="vbinary ne(x, x)"), OpSupport("IsInf", "eltwise", 3, note="|x| == inf"),
+    OpSupport("Mod", "eltwise", 3, note="vbinary mod (fmod=0) or fmod (fmod=1)"),
+    OpSupport("CumSum", "decomposed", 3, note="MatMul by a triangular 0/1 matrix (integers exact below "
+              "2^24)"),
+    OpSupport("GatherElements", "index", 3, note="flat positions on the vector engine, then a "
+              "one-element-per-row dma_gather; folded when its inputs are known at load"),
+    OpSupport("Range", "const", 3, checks=(_known_at_load(0, 1, 2),), note="folded at load"),
+    OpSupport("Trilu", "const", 3, checks=(_known_at_load(0, 1),), note="folded at load"),
+    OpSupport("If", "const", 3, checks=(_known_at_load(0),),
+              note="folded at load: the branch its condition picks is inlined"),
     # quantised (issue 5): int8/uint8 tensors, int32 accumulation
     OpSupport("QuantizeLinear", "quant", 4, int8=True,
               note="float32 -> int8/uint8, per-tensor or per-axis: vbinary div + requant"),
@@ -222,6 +253,9 @@ for _op in ("MaxPool", "GlobalMaxPool", "Reshape", "Flatten", "Transpose", "Sque
     SUPPORT[_op] = OpSupport(**{**SUPPORT[_op].__dict__, "int8": True})
 
 
+_BYTES = (np.dtype(np.int8), np.dtype(np.uint8))
+
+
 def _qdq_only(n, g):
     """Integer operands only as a fused QDQ pattern (passes/quantize.py): the
     device's integer adds saturate where ONNX's wrap."""
@@ -229,10 +263,22 @@ def _qdq_only(n, g):
         return None
     for i in n.inputs:
         t = g.tensors.get(i) if i else None
-        if t is not None and t.const is None and t.dtype is not None and np.dtype(t.dtype).kind in "iu":
+        if t is not None and t.const is None and t.dtype is not None and np.dtype(t.dtype) in _BYTES:
             return (f"{n.op} of integer tensors is supported only between DequantizeLinear and "
                     "QuantizeLinear (a QDQ pattern)")
     return None
+
+
+# ops that carry int64/int32 tensors (indices, positions, shapes, masks computed at run time)
+for _op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Concat", "Slice", "Split",
+            "Transpose", "Expand", "Gather", "Cast", "Equal", "Less", "Greater", "GreaterOrEqual",
+            "LessOrEqual", "Where", "Mod", "Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Neg", "Abs",
+            "Relu", "CumSum", "Dropout", "Range", "GatherElements", "Trilu"):
+    SUPPORT[_op] = OpSupport(**{**SUPPORT[_op].__dict__, "ints": True})
+# a run-time zero point (DynamicQuantizeLinear's uint8) cast to int32 (passes/integers.py), and
+# quantize_dynamic's uint8 embedding tables looked up by Gather (dma_gather copies bytes)
+for _op in ("Cast", "Gather"):
+    SUPPORT[_op] = OpSupport(**{**SUPPORT[_op].__dict__, "int8": True})
 
 
 # binary ops between DequantizeLinear and QuantizeLinear: qbinary on the int8 tensors

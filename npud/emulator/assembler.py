@@ -113,6 +113,13 @@ class StreamBuilder:
         (>= isa.WINDOW_BASE), for the MAC engine to read in place."""
         return self.emit("dma_map", core=core, sram=window, va=va, dtype=_dtype_code(dtype),
                          shape=_dims(shape), strides=_strides(contiguous_strides(shape, dtype)))
+    def dma_gather(self, sram: int, va: int, dtype, idx, *, rows: int, row: int, row_stride: int,
+                   outer: int = 1, outer_stride: int = 0, core: int = 0):
+        """Rows `idx` (an int32 tile) of the table at `va` -> dense SRAM tile [outer, n, row] at
+        `sram`; strides in bytes."""
+        return self.emit("dma_gather", core=core, sram=sram, va=va, dtype=_dtype_code(dtype),
+                         outer=outer, outer_stride=outer_stride, rows=rows, row_stride=row_stride,
+                         row=row, idx=idx)
 
     # --- MAC ----------------------------------------------------------------
     def matmul(self, a, w, out, *, bias=None, accumulate=False, core: int = 0):

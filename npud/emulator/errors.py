@@ -37,6 +37,13 @@ class PageFault(DeviceError):
         self.access = access
 
 
+class IndexFault(DeviceError):
+    """A gather index was outside its table: the job stops (like a page fault, the
+    device and other contexts are unaffected)."""
+
+    code = "EINVAL"
+
+
 class StreamError(DeviceError):
     """The validator refused a command stream; ``message`` says why."""
 

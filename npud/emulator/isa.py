@@ -98,6 +98,11 @@ class BinaryFunc(enum.IntEnum):
     EQ = 8        # comparisons: 1 where true, 0 where false (in out's dtype)
     LT = 9
     GT = 10
+    GE = 11
+    LE = 12
+    NE = 13
+    MOD = 14      # floor modulo: the result takes the divisor's sign (ONNX Mod, fmod=0)
+    FMOD = 15     # truncated modulo: the result takes the dividend's sign (C fmod)
 
 
 class UnaryFunc(enum.IntEnum):
@@ -119,16 +124,20 @@ class UnaryFunc(enum.IntEnum):
     HARDSWISH = 15
     HARDSIGMOID = 16  # clip(p0 * x + p1, 0, 1)
     GELU_TANH = 17    # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    TRUNC = 18        # round toward zero (float only: ONNX Cast float -> integer)
 
 
 # Functions defined for integer tiles (exactly, with saturation to the output
 # type).  The rest are transcendental and need float tiles.
 INTEGER_UNARY = frozenset({UnaryFunc.COPY, UnaryFunc.RELU, UnaryFunc.CLIP,
                            UnaryFunc.NEG, UnaryFunc.ABS})
-INTEGER_BINARY = frozenset({BinaryFunc.ADD, BinaryFunc.SUB, BinaryFunc.MUL,
+INTEGER_BINARY = frozenset({BinaryFunc.ADD, BinaryFunc.SUB, BinaryFunc.MUL, BinaryFunc.DIV,
                             BinaryFunc.MAX, BinaryFunc.MIN, BinaryFunc.SQDIFF,
-                            BinaryFunc.EQ, BinaryFunc.LT, BinaryFunc.GT})
-COMPARE_BINARY = frozenset({BinaryFunc.EQ, BinaryFunc.LT, BinaryFunc.GT})
+                            BinaryFunc.EQ, BinaryFunc.LT, BinaryFunc.GT, BinaryFunc.GE,
+                            BinaryFunc.LE, BinaryFunc.NE, BinaryFunc.MOD, BinaryFunc.FMOD})
+# Comparisons write 1 or 0, which every dtype holds: their out may be of any dtype.
+COMPARE_BINARY = frozenset({BinaryFunc.EQ, BinaryFunc.LT, BinaryFunc.GT, BinaryFunc.GE,
+                            BinaryFunc.LE, BinaryFunc.NE})
 # Functions `qbinary` applies between its dequantised operands.
 QUANT_BINARY = frozenset({BinaryFunc.ADD, BinaryFunc.SUB, BinaryFunc.MUL, BinaryFunc.MAX,
                           BinaryFunc.MIN})
@@ -272,6 +281,11 @@ OPCODES: tuple[OpSpec, ...] = (
         "Bind a dense, read-only region of device memory to a weight window (an address "
         "from WINDOW_BASE) that the MAC engine reads in place as a `w` operand: no SRAM copy.",
         ("sram", U32), ("va", U64), ("dtype", U8, DType), ("shape", DIMS4), ("strides", STRIDES4)),
+    _op(0x13, "dma_gather", Engine.DMA,
+        "Gather rows of a table in device memory into a dense SRAM tile [outer, n, row] by the "
+        "n int32 indices of tile `idx` (negative ones count from the end; out of range fails the job).",
+        ("sram", U32), ("va", U64), ("dtype", U8, DType), ("outer", U32), ("outer_stride", U32),
+        ("rows", U32), ("row_stride", U32), ("row", U32), ("idx", TILE)),
     # MAC engine
     _op(0x20, "matmul", Engine.MAC,
         "Batched matrix product out[b] (+)= a[b] @ w[b] (+ bias).",

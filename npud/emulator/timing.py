@@ -68,6 +68,11 @@ def _array_cycles(config, dt: DType, batch: int, rows: int, cols: int, k: int) -
     return -(-padded // config.macs_per_cycle[_mac_key(dt)]) + fill
 
 
+def gather_bytes(a) -> int:
+    """Bytes a dma_gather reads from device memory."""
+    return a.outer * math.prod(a.idx.shape) * a.row * DType(a.dtype).size
+
+
 def command_cost(cmd: Command, config) -> tuple[int, int]:
     """(cycles, MACs) of one queued command, excluding queueing."""
     a, name = cmd.args, cmd.op.name
@@ -82,6 +87,11 @@ def command_cost(cmd: Command, config) -> tuple[int, int]:
         bursts = total // run
         return (COMMAND_CYCLES + config.dma_latency_cycles
                 + bursts * -(-run // config.dma_bytes_per_cycle)), 0
+    if name == "dma_gather":   # one burst per gathered row
+        esize = DType(a.dtype).size
+        bursts = a.outer * math.prod(a.idx.shape)
+        return (COMMAND_CYCLES + config.dma_latency_cycles
+                + bursts * -(-(a.row * esize) // config.dma_bytes_per_cycle)), 0
     if name == "matmul":
         b0, b1, m, n = a.out.shape
         k = a.a.shape[3]
@@ -154,6 +164,8 @@ def schedule(commands, footprints, config) -> JobStats:
         st.macs += macs
         if op.name in ("dma_load", "dma_map"):
             st.dma_bytes_in += math.prod(cmd.args.shape) * DType(cmd.args.dtype).size
+        elif op.name == "dma_gather":
+            st.dma_bytes_in += gather_bytes(cmd.args)
         elif op.name == "dma_store":
             st.dma_bytes_out += math.prod(cmd.args.shape) * DType(cmd.args.dtype).size
         if _races(recent, fp, op.engine, start):

@@ -296,6 +296,19 @@ class _Checker:
     def _dma_store(self, a) -> None:
         self._dma(a, True)
 
+    def _dma_gather(self, a) -> None:
+        dt = self.dtype("dtype", a.dtype)
+        idx = self.tile("idx", a.idx, allowed=(DType.INT32,))
+        n = math.prod(idx.shape)
+        if 0 in (a.outer, a.rows, a.row):
+            self.fail(f"outer/rows/row: {a.outer}/{a.rows}/{a.row} must be >= 1")
+        self.sram_range("sram", a.sram, a.outer * n * a.row * dt.size, dt.size, True)
+        span = dt.size * a.row + (a.outer - 1) * a.outer_stride + (a.rows - 1) * a.row_stride
+        if a.va + span > 1 << isa.VA_BITS:
+            self.fail(f"va: 0x{a.va:x}+{span} exceeds the {isa.VA_BITS}-bit address space")
+        if not _covered(self.read_runs, a.va, a.va + span):
+            self.fail(f"va: table 0x{a.va:x}..0x{a.va + span:x} is not within the job's mappings")
+
     # --- MAC -------------------------------------------------------------------------
     def mac_dtypes(self, x: Tile, w: Tile, out: Tile, xn: str) -> DType:
         """Check the operand dtype combination; returns the bias dtype."""
@@ -390,7 +403,8 @@ class _Checker:
         out = self.tile("out", a.out, write=True)
         if x.dtype != y.dtype:
             self.fail(f"b dtype {y.dtype.name.lower()} != a dtype {x.dtype.name.lower()}")
-        self.same_class(x.dtype, out.dtype)
+        if f not in isa.COMPARE_BINARY:
+            self.same_class(x.dtype, out.dtype)
         if not x.dtype.is_float and f not in isa.INTEGER_BINARY:
             self.fail(f"func: {f.name.lower()} needs float operands")
         self.broadcast_out(x, y, out)

@@ -33,6 +33,9 @@ OPS = [
     "ReduceMin", "Flatten", "Reshape", "Transpose", "Concat", "Split", "Slice", "Gather",
     "Squeeze", "Unsqueeze", "Expand", "Pad", "Resize", "Shape", "Constant", "ConstantOfShape",
     "Cast", "Identity", "Dropout", "Sum", "Where", "Equal", "Less", "Greater", "Min", "Max",
+    # integer tensors and masks (int64/int32 are int32 on the device; lower_index.py)
+    "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Not", "Mod", "CumSum", "IsNaN", "IsInf",
+    "GatherElements", "Range", "If",
     # quantised (int8/uint8 on the NPU's integer path)
     "QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
     "ConvInteger", "DynamicQuantizeLinear",
@@ -45,17 +48,25 @@ REAL_MODELS = ["resnet50", "densenet121", "inception_v1", "inception_v2", "vgg19
 
 # test name (without the _cpu suffix) regex -> reason it is out of scope.
 EXCLUDE: dict[str, str] = {
-    # dtypes: the device computes float32 (bool as a float32 mask); integer/half/double
-    # activations are out of scope for this target
-    r"test_(add|sub|mul|div|max|min|equal|greater|less)_(u?int(8|16|32|64)|float16|float64)(_trunc)?":
-        "integer, float16 or float64 operands (float32 only; integers run only on the quantised path)",
-    r"test_equal(_bcast)?": "int32 operands (float32 only; integers run only on the quantised path)",
+    # dtypes: the device computes float32 (bool as a float32 mask) and int32 (int64/int32
+    # tensors); 8/16-bit integers outside quantised patterns, unsigned 32/64-bit, half and
+    # double activations are out of scope for this target
+    r"test_(add|sub|mul|div|max|min|equal|greater|less|greater_equal|less_equal)_"
+    r"(u?int(8|16)|uint(32|64)|float16|float64)(_expanded)?":
+        "8/16-bit, unsigned 32/64-bit, float16 or float64 operands (float32, int32 and int64 only; "
+        "8-bit integers run only on the quantised path)",
+    r"test_mod_(mixed_sign_(float64|float16|int16|int8)|float(64|16)_mixed_sign_fmod_0|"
+    r"float_edge_cases_fmod_0_float(16|64)|uint(8|16|32|64))":
+        "8/16-bit or unsigned integer, float16 or float64 operands (float32, int32 and int64 only)",
+    r"test_is(nan|inf)_float16": "float16 operands (float32 only)",
+    r"test_cumsum_(1d|1d_exclusive|1d_reverse|1d_reverse_exclusive|2d_axis_0|2d_axis_1|2d_negative_axis)":
+        "float64 operands (float32, int32 and int64 only)",
     r"test_equal_string(_broadcast)?": "string tensors",
     r"test_clip_default_int8_.*": "int8 Clip outside a quantised pattern (integer element-wise ops are not compiled)",
     r"test_pow_types_.*": "integer base or exponent (the compiler is float32-only)",
-    r"test_where_long_example": "int64 values (the compiler is float32-only)",
-    r"test_cast_.*": "every Cast test converts to or from a non-float32 type (float16, double, "
-                     "bfloat16, float8, int4/2...); Cast is supported as float32 -> float32 only",
+    r"test_cast_.*": "every Cast test converts to or from a type the device does not have (float16, "
+                     "double, bfloat16, float8, int4/2, string); Cast compiles between float32, bool, "
+                     "int32 and int64",
     r"test_identity_(sequence|opt)": "sequence and optional types (tensors only)",
     # quantised types the NPU does not have
     r"test_(de)?quantizelinear_(e4m3fn|e5m2|float4e2m1|uint4|int4|uint2|int2|uint16|int16)(_.*)?":
@@ -80,9 +91,7 @@ EXCLUDE: dict[str, str] = {
     r"test_resize_.*cubic.*": "Resize mode cubic (nearest and linear only)",
     r"test_resize_.*antialias": "Resize with antialias",
     r"test_resize_tf_crop_and_resize.*": "Resize tf_crop_and_resize (roi, extrapolation)",
-    r"test_gather_(0|1|2d_indices|negative_indices)":
-        "Gather indices are a graph input: only constant indices are compiled (dynamic Gather "
-        "is not implemented)",
+    r"test_if_(seq|opt)": "sequence and optional types (tensors only)",
     # zero-sized tensors
     r"test_reduce_(max|min|sum)_empty_set.*|test_reshape_allowzero_reordered|"
     r"test_slice_start_out_of_bounds|test_split_zero_size_splits_opset1[38]|"

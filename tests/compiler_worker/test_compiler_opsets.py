@@ -1,7 +1,8 @@
 """The compiler accepts opsets up to import_onnx.MAX_OPSET (beyond the 21 of the coverage
 target) because, for every op it compiles or folds, the schema versions after 21 only add
 element types: no input or output changed, and no attribute except Cast's round_mode
-(float8 rounding; Cast compiles only to float32).  This keeps that claim true."""
+(float8 rounding; Cast compiles only to float32, bool, int32 and int64) and Range's stash_type
+(float16 arithmetic; Range only folds).  This keeps that claim true."""
 
 import onnx.defs
 import pytest
@@ -10,7 +11,8 @@ from npud.compiler_worker.passes.import_onnx import MAX_OPSET
 from npud.compiler_worker.support import SUPPORT
 
 # attributes added after opset 21 that cannot change what the compiler accepts
-HARMLESS = {"Cast": {"round_mode"},   # rounding into float8 types; Cast compiles only to float32
+HARMLESS = {"Cast": {"round_mode"},   # rounding into float8 types; Cast compiles to float32/bool/int32/int64
+            "Range": {"stash_type"},  # float16/bfloat16 arithmetic; Range folds at load only
             # refused unless float32 (passes/quantize.py _check_qdq)
             "DequantizeLinear": {"output_dtype"}, "QuantizeLinear": {"precision"}}
 

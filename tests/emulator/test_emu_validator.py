@@ -100,7 +100,7 @@ def test_dma_may_span_adjacent_mappings_and_broadcast_loads():
     (lambda b: b.add(F(0, (4,)), F(64, (4,)), F(128, (8,))), "broadcast shape"),
     (lambda b: b.add(F(0, (4,)), tile(64, "int8", (4,)), F(128, (4,))), "b dtype"),
     (lambda b: b.add(tile(0, "int8", (4,)), tile(64, "int8", (4,)), F(128, (4,))), "requant"),
-    (lambda b: b.vbinary("div", tile(0, "int32", (4,)), tile(64, "int32", (4,)),
+    (lambda b: b.vbinary("pow", tile(0, "int32", (4,)), tile(64, "int32", (4,)),
                          tile(128, "int32", (4,))), "needs float"),
     (lambda b: b.vbinary(99, F(0, (4,)), F(64, (4,)), F(128, (4,))), "unknown BinaryFunc 99"),
     (lambda b: b.vunary("exp", tile(0, "int8", (4,)), tile(64, "int8", (4,))), "needs float"),

@@ -230,11 +230,18 @@ def _per_channel(v: np.ndarray, out_shape, axis: int):
 FUSE_HEADS = {"Conv", "MatMul", "Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Pow"} | set(ACTIVATIONS)
 
 
+def _float(g, name) -> bool:
+    """Epilogues are float arithmetic: integer and mask tensors (lower_index.py) never fuse."""
+    dt = g.tensors[name].dtype
+    return dt is None or np.dtype(dt).kind == "f"
+
+
 def fuse_epilogues(g) -> None:
     consumers = g.consumers()
     removed = set()
     for n in g.nodes:
-        if id(n) in removed or n.domain not in ("", "ai.onnx") or n.op not in FUSE_HEADS:
+        if id(n) in removed or n.domain not in ("", "ai.onnx") or n.op not in FUSE_HEADS \
+                or not _float(g, n.outputs[0]):
             continue
         if n.op in ("Sum", "Max", "Min") and len(n.inputs) != 2:
             continue
@@ -249,7 +256,8 @@ def fuse_epilogues(g) -> None:
             out = n.outputs[0]
             t = g.tensors[out]
             c = _single_consumer(g, out, consumers)
-            if c is None or id(c) in removed or c.domain not in ("", "ai.onnx") or t.shape is None:
+            if c is None or id(c) in removed or c.domain not in ("", "ai.onnx") or t.shape is None \
+                    or not _float(g, c.outputs[0]):
                 break
             if c.op in ACTIVATIONS and (c.op != "Gelu" or c.attrs.get("approximate", "none")
                                         in ("none", b"none", "tanh", b"tanh")):

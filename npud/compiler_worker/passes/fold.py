@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import CompileError
 from ..numpy_ops import evaluate
-from .import_onnx import MAX_ELEMENTS, check_shape, infer, inference_errors
+from .import_onnx import MAX_ELEMENTS, check_shape, infer, inference_errors, inline_branch
 from .legalize import shape_problem
 
 MAX_ROUNDS = 4
@@ -41,6 +41,13 @@ def fold_once(g) -> bool:
     for n in g.nodes:
         vals = [g.const(i) if i else None for i in n.inputs]
         out = None
+        if n.op == "If" and n.domain in ("", "ai.onnx"):
+            if vals[0] is None:
+                keep.append(n)
+            else:   # the condition is known at load: the branch it picks replaces the If
+                keep.extend(_inline_if(g, n, vals[0]))
+                changed = True
+            continue
         if n.op in ("Shape", "Size") and n.domain in ("", "ai.onnx"):
             t = g.tensors[n.inputs[0]]
             if t.shape is not None:
@@ -78,6 +85,18 @@ def fold_once(g) -> bool:
         changed = True
     g.nodes = keep
     return changed
+
+
+def _inline_if(g, n, cond) -> list:
+    """The nodes of the branch a constant condition picks (ONNX: a one-element tensor)."""
+    if cond.size != 1:
+        raise CompileError(f"If condition has {cond.size} elements; it must have exactly one",
+                           node=n.name, op=n.op)
+    branch = n.attrs["then_branch" if bool(cond.reshape(-1)[0]) else "else_branch"]
+    if len(branch.output) != len(n.outputs):
+        raise CompileError(f"the branch has {len(branch.output)} outputs but the If has "
+                           f"{len(n.outputs)}", node=n.name, op=n.op)
+    return inline_branch(branch, n.name, n.outputs, g.opset, g.tensors)
 
 
 def _check_size(n, vals) -> None:

@@ -107,13 +107,13 @@ def import_model(model_bytes: bytes, options: dict) -> Graph:
         seen_names.add(name)
         attrs = {}
         for a in n.attribute:
-            if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                raise CompileError("control flow (subgraph attributes) is not supported",
-                                   node=name, op=n.op_type)
+            if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) and not _is_if(n):
+                raise CompileError("control flow (subgraph attributes) is not supported; If is, "
+                                   "when its condition is known at load", node=name, op=n.op_type)
         check_node_schema(n, name, opset)
         for a in n.attribute:
             attrs[a.name] = helper.get_attribute_value(a)
-        node = Node(name, n.op_type, list(n.input), list(n.output), attrs, n.domain)
+        node = Node(name, n.op_type, list(n.input) + _refs(n), list(n.output), attrs, n.domain)
         if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
             tensors[n.output[0]] = _constant_tensor(node)
             continue
@@ -121,7 +121,7 @@ def import_model(model_bytes: bytes, options: dict) -> Graph:
         for o in n.output:
             if o and o not in tensors:
                 tensors[o] = Tensor(o)
-        for x in n.input:
+        for x in list(n.input) + (outer_refs(n) if _is_if(n) else []):
             if x and x not in tensors and x not in produced:
                 raise CompileError(f"input {x!r} is not a graph input, initializer or the "
                                    "output of any node", node=name, op=n.op_type)
@@ -135,6 +135,84 @@ def import_model(model_bytes: bytes, options: dict) -> Graph:
     graph.toposort()
     graph.prune()
     return graph
+
+
+def _is_if(n: onnx.NodeProto) -> bool:
+    return n.op_type == "If" and n.domain in ("", "ai.onnx")
+
+
+def _refs(n: onnx.NodeProto, ren: dict | None = None) -> list[str]:
+    """An If's outer references as extra IR inputs (after the condition), so pruning, ordering
+    and liveness see what its branches read; empty for other nodes."""
+    if not _is_if(n):
+        return []
+    ren = ren or {}
+    return list(dict.fromkeys(ren.get(x, x) for x in outer_refs(n) if ren.get(x, x) not in n.input[:1]))
+
+
+def outer_refs(n: onnx.NodeProto) -> list[str]:
+    """Names an If's branches (and their nested Ifs) read from the enclosing graph."""
+    refs = []
+    for a in n.attribute:
+        if a.type != onnx.AttributeProto.GRAPH:
+            continue
+        g = a.g
+        local = {i.name for i in g.initializer} | {i.name for i in g.input}
+        for m in g.node:
+            for x in list(m.input) + (outer_refs(m) if _is_if(m) else []):
+                if x and x not in local:
+                    refs.append(x)
+            local.update(o for o in m.output if o)
+    return refs
+
+
+def inline_branch(branch: onnx.GraphProto, prefix: str, outputs: list, opset: int,
+                  tensors: dict) -> list[Node]:
+    """The nodes of an If's chosen ``branch`` for the enclosing graph: names the branch defines
+    get ``prefix`` (outer names stay), its initializers and Constants join ``tensors``, and an
+    Identity per output hands the branch's results to the If's ``outputs``."""
+    local = {i.name for i in branch.initializer} | {o for m in branch.node for o in m.output if o}
+    ren = {x: f"{prefix}/{x}" for x in local}
+    for init in branch.initializer:
+        arr = _initializer(init)
+        tensors[ren[init.name]] = Tensor(ren[init.name], tuple(arr.shape), arr.dtype, arr)
+    nodes = []
+    for i, m in enumerate(branch.node):
+        name = f"{prefix}/{m.name or m.op_type + '_' + str(i)}"
+        for a in m.attribute:
+            if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) and not _is_if(m):
+                raise CompileError("control flow (subgraph attributes) is not supported",
+                                   node=name, op=m.op_type)
+        check_node_schema(m, name, opset)
+        attrs = {a.name: helper.get_attribute_value(a) for a in m.attribute}
+        if _is_if(m):
+            attrs = {k: _renamed_graph(v, ren) for k, v in attrs.items()}
+        node = Node(name, m.op_type, [ren.get(x, x) for x in m.input] + _refs(m, ren),
+                    [ren.get(x, x) for x in m.output], attrs, m.domain)
+        if m.op_type == "Constant" and m.domain in ("", "ai.onnx"):
+            tensors[node.outputs[0]] = _constant_tensor(node)
+            continue
+        for o in node.outputs:
+            if o:
+                tensors.setdefault(o, Tensor(o))
+        nodes.append(node)
+    for src, dst in zip(branch.output, outputs):
+        if dst:
+            nodes.append(Node(f"{prefix}/{dst}", "Identity", [ren.get(src.name, src.name)], [dst]))
+    return nodes
+
+
+def _renamed_graph(g: onnx.GraphProto, ren: dict) -> onnx.GraphProto:
+    """A nested branch whose references to names the enclosing branch defines follow ``ren``."""
+    g = onnx.GraphProto.FromString(g.SerializeToString())
+    for m in g.node:
+        m.input[:] = [ren.get(x, x) for x in m.input]
+        for a in m.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                a.g.CopyFrom(_renamed_graph(a.g, ren))
+    for o in g.output:
+        o.name = ren.get(o.name, o.name)
+    return g
 
 
 _PACKED_4BIT = {getattr(onnx.TensorProto, t) for t in ("INT4", "UINT4", "FLOAT4E2M1")
@@ -320,7 +398,7 @@ def check_types(graph: Graph) -> None:
     activations.  Inputs of unknown type and nodes without a schema are not judged."""
     for n in graph.nodes:
         schema = _schema(n.op, n.domain, graph.opset)
-        if schema is None or not schema.inputs or n.op in OWN_TYPE_CHECKS:
+        if schema is None or not schema.inputs or n.op in OWN_TYPE_CHECKS or n.op == "If":
             continue
         allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
         bound: dict = {}
@@ -389,8 +467,8 @@ def to_model(graph: Graph) -> onnx.ModelProto:
         t = graph.tensors[name]
         ins.append(helper.make_tensor_value_info(
             name, helper.np_dtype_to_tensor_dtype(t.dtype), list(t.shape)))
-    nodes = [helper.make_node(n.op, n.inputs, n.outputs, name=n.name, domain=n.domain or None,
-                              **n.attrs) for n in graph.nodes]
+    nodes = [helper.make_node(n.op, n.inputs[:1] if n.op == "If" else n.inputs, n.outputs, name=n.name,
+                              domain=n.domain or None, **n.attrs) for n in graph.nodes]
     outs = [helper.make_empty_tensor_value_info(o) for o in graph.outputs]
     g = helper.make_graph(nodes, graph.name, ins, outs, initializer=inits)
     # other domains (com.microsoft...) need an import, or inference fails on their ops instead of

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import lower_index
 from ..errors import CompileError
 from ..lowered import NHWC, LOp, PTensor, cstrides
 from ..support import SUPPORT
 from .canonicalize import ACTIVATIONS, BINARY
 
 IDENT = None   # "logical" layout marker
-INT_DTYPES = (np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int32))
 
 
 def run(ctx) -> None:
@@ -59,10 +59,7 @@ class Lowerer:
     def dtype(self, name) -> str:
         """Device dtype of IR tensor `name`: int8/uint8/int32 on the quantised path,
         float32 otherwise (bool is a float32 mask)."""
-        dt = self.g.tensors[name].dtype
-        if dt is not None and np.dtype(dt) in INT_DTYPES:
-            return np.dtype(dt).name
-        return "float32"
+        return lower_index.device_dtype(self.g.tensors[name].dtype)
 
     def define(self, name, layout, dtype=None) -> PTensor:
         """The primary PTensor for the IR output `name`, in `layout`."""
@@ -122,7 +119,10 @@ class Lowerer:
     def lower(self) -> None:
         g = self.g
         for name in g.inputs:
-            if self.dtype(name) != "float32":
+            if np.dtype(g.tensors[name].dtype) == np.int64:
+                lower_index.int64_input(self, name)
+                continue
+            if self.dtype(name) not in ("float32", "int32"):
                 # graph I/O is float32 on the device (exact integer values for an
                 # integer input); converted to the integer type on the device
                 src = self.new(name + "@in", self.shape(name), kind="input",
@@ -136,13 +136,18 @@ class Lowerer:
             self.io["inputs"].append((name, t.name))
         for n in g.nodes:
             spec = SUPPORT[n.op]
-            fn = getattr(self, "_" + spec.kernel)
-            fn(n)
+            if lower_index.handles(self, n):
+                lower_index.lower(self, n)
+            else:
+                getattr(self, "_" + spec.kernel)(n)
         # outputs: their own region, always in the ONNX layout
         claimed = set()
         for o in g.outputs:
             t = g.tensors[o]
-            if t.const is None and self.dtype(o) != "float32":
+            if np.dtype(t.dtype if t.const is None else t.const.dtype) == np.int64:
+                lower_index.int64_output(self, o)
+                continue
+            if t.const is None and self.dtype(o) not in ("float32", "int32"):
                 # an integer output: converted to float32 (exact) into its region
                 src = self.get(o, IDENT)
                 out = self.new(o + "@out", self.shape(o), kind="output", logical=self.shape(o))
@@ -150,9 +155,10 @@ class Lowerer:
                 self.io["outputs"].append((o, out.name))
                 continue
             if t.const is not None or o in g.inputs or o in claimed:
-                src = self.get(o, IDENT)
+                dt = "int32" if self.dtype(o) == "int32" else "float32"
+                src = self.get(o, IDENT, dtype=dt)
                 out = self.new(o + "@out", self.shape(o) if t.shape is not None else t.const.shape,
-                               kind="output", logical=tuple(t.shape))
+                               kind="output", logical=tuple(t.shape), dtype=dt)
                 self._copy_whole(src, out.name, n_name=f"{o}:output", op="Identity")
                 self.io["outputs"].append((o, out.name))
                 continue

@@ -23,6 +23,8 @@ from ..support import SUPPORT
 DEVICE_DTYPES = (np.dtype(np.float32), np.dtype(np.bool_))
 # the quantised path: int8/uint8 activations, int32 accumulators (ops with int8=True)
 INT_DTYPES = (np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int32))
+# index tensors (ops with ints=True): int32 on the device, int64 graph I/O narrowed/widened
+INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
 
 def run(ctx) -> None:
@@ -52,15 +54,16 @@ def collect(g) -> list[CompileError]:
             errors.append(CompileError(f"graph output {o!r} is empty (shape {list(t.shape)}); "
                                        "empty tensors are not supported"))
             continue
-        if t.const is None and (t.dtype is None or np.dtype(t.dtype) not in DEVICE_DTYPES + INT_DTYPES):
+        if t.const is None and (t.dtype is None or np.dtype(t.dtype) not in DEVICE_DTYPES + INT_DTYPES
+                                + INDEX_DTYPES):
             if not any(o in n.outputs for n in g.nodes):
                 errors.append(CompileError(f"graph output {o!r} is not float32"))
     for i in g.inputs:
         t = g.tensors[i]
-        if t.dtype is None or np.dtype(t.dtype) not in DEVICE_DTYPES + INT_DTYPES:
+        if t.dtype is None or np.dtype(t.dtype) not in DEVICE_DTYPES + INT_DTYPES + INDEX_DTYPES:
             if any(i in n.inputs for n in g.nodes) or i in g.outputs:
                 errors.append(CompileError(f"graph input {i!r} has dtype {t.dtype}; only float32 "
-                                           "(and bool), int8, uint8 and int32 inputs are supported"))
+                                           "(and bool), int8, uint8, int32 and int64 inputs are supported"))
     return errors
 
 
@@ -78,6 +81,10 @@ def _check(n, g) -> str | None:
     for i in spec.const_inputs:
         if n.input(i) and g.const(n.input(i)) is None:
             return f"input {i} ({n.input(i)!r}) must be constant"
+    if spec.kernel == "const":   # folded-only ops: why they did not fold says more than their shapes
+        why = _spec_checks(spec, n, g)
+        if why:
+            return why
     for name in list(n.inputs) + list(n.outputs):
         if not name:
             continue
@@ -91,12 +98,19 @@ def _check(n, g) -> str | None:
                 continue
             if spec.int8 and t.dtype is not None and np.dtype(t.dtype) in INT_DTYPES:
                 continue
+            if spec.ints and t.dtype is not None and np.dtype(t.dtype) in INDEX_DTYPES:
+                continue
             return f"tensor {name!r} has dtype {t.dtype}; only float32 activations are supported" + \
                 (" (and int8/uint8 on the quantised path)" if spec.int8 else "")
         if name in n.inputs[:1] and not spec.ranks[0] <= len(t.shape) <= spec.ranks[1]:
             return f"input rank {len(t.shape)} is outside the supported {spec.ranks}"
         if 0 in t.shape:
             return f"tensor {name!r} is empty (shape {list(t.shape)})"
+    return _spec_checks(spec, n, g)
+
+
+def _spec_checks(spec, n, g) -> str | None:
+    """The first reason the support table's checks give against node `n`, or None."""
     for desc, check in spec.checks:
         why = check(n, g)
         if why:
@@ -354,7 +368,7 @@ def _softmax_default(n, g):
 
 
 _BROADCASTING = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Equal", "Less",
-                 "Greater", "LessOrEqual", "GreaterOrEqual", "Where", "And", "Or", "Xor", "PRelu")
+                 "Greater", "LessOrEqual", "GreaterOrEqual", "Where", "And", "Or", "Xor", "PRelu", "Mod")
 
 SHAPE_RULES = {
     **{op: _broadcasting for op in _BROADCASTING},

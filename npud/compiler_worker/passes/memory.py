@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..lower_index import io_dtype
+
 BASE_VA = 0x10_0000
 VA_ALIGN = 0x1_0000          # 64 KiB: a multiple of every supported page size up to 64 KiB
 GUARD = 0x1_0000             # an unmapped gap between regions turns overruns into page faults
@@ -81,13 +83,14 @@ def run(ctx) -> None:
         t = pt[pname]
         r = region(f"input:{name}", "input", t.nbytes, False, tensor=name)
         t.va = r["va"]
-        io_in.append({"name": name, "dtype": "float32", "shape": list(t.logical or t.shape),
+        io_in.append({"name": name, "dtype": io_dtype(ctx.graph.tensors[name].dtype), "shape": list(t.logical or t.shape),
                       "va": r["va"], "size": t.nbytes})
     for oname, pname in ctx.io["outputs"]:
         t = pt[root(pname)]
         r = region(f"output:{oname}", "output", t.nbytes, True, tensor=oname)
         t.va = r["va"]
-        io_out.append({"name": oname, "dtype": "float32", "shape": list(pt[pname].logical or pt[pname].shape),
+        g = ctx.graph.tensors[oname]
+        io_out.append({"name": oname, "dtype": io_dtype(g.dtype if g.const is None else g.const.dtype), "shape": list(pt[pname].logical or pt[pname].shape),
                        "va": r["va"], "size": t.nbytes})
     for name, t in pt.items():
         r = root(name)

@@ -6,8 +6,10 @@ import itertools
 
 import numpy as np
 
+from ..errors import IndexFault
 from ..isa import DType
 from ..mmu import _Scatter
+from .common import view
 
 
 def _local(cmd, sram: np.ndarray) -> np.ndarray:
@@ -60,6 +62,27 @@ def dma_store(job, cmd) -> None:
     _run(job, cmd, True)
 
 
+def dma_gather(job, cmd) -> None:
+    """sram[o, j, :] = table[o, idx[j], :] over the strided table at va; IndexFault (EINVAL)
+    naming the first index outside [-rows, rows) before anything is written."""
+    a = cmd.args
+    dt = DType(a.dtype).np
+    idx = view(job.sram[cmd.core], a.idx).reshape(-1).astype(np.int64)
+    bad = (idx < -a.rows) | (idx >= a.rows)
+    if bad.any():
+        j = int(np.argmax(bad))
+        raise IndexFault(f"gather index {int(idx[j])} at position {j} is out of range for "
+                         f"{a.rows} rows (valid: {-a.rows}..{a.rows - 1}) in command {cmd.index} "
+                         f"(dma_gather)", command_index=cmd.index)
+    idx = np.where(idx < 0, idx + a.rows, idx)
+    table = job.mmu.view(a.va, dt, (a.outer, a.rows, a.row), (a.outer_stride, a.row_stride, dt.itemsize),
+                         write=False, command_index=cmd.index, what=cmd.op.name)
+    if isinstance(table, _Scatter):
+        table = table.read()
+    out = np.ndarray((a.outer, len(idx), a.row), dt, buffer=job.sram[cmd.core], offset=a.sram)
+    np.take(table, idx, axis=1, out=out)
+
+
 _keys = itertools.count()
 
 
@@ -89,7 +112,7 @@ def _prepare_map(cmd, sram: np.ndarray):
     return step
 
 
-EXECUTORS = {"dma_load": dma_load, "dma_store": dma_store, "dma_map": dma_map}
+EXECUTORS = {"dma_load": dma_load, "dma_store": dma_store, "dma_map": dma_map, "dma_gather": dma_gather}
 PREPARE = {"dma_load": lambda cmd, sram: _prepare(cmd, sram, False),
            "dma_store": lambda cmd, sram: _prepare(cmd, sram, True),
            "dma_map": _prepare_map}

@@ -40,8 +40,17 @@ _BINARY = {
     BinaryFunc.DIV: np.divide, BinaryFunc.MAX: np.maximum, BinaryFunc.MIN: np.minimum,
     BinaryFunc.POW: np.power, BinaryFunc.SQDIFF: lambda a, b: np.square(_bounded(a - b)),
     BinaryFunc.EQ: np.equal, BinaryFunc.LT: np.less, BinaryFunc.GT: np.greater,
+    BinaryFunc.GE: np.greater_equal, BinaryFunc.LE: np.less_equal, BinaryFunc.NE: np.not_equal,
+    BinaryFunc.MOD: np.mod, BinaryFunc.FMOD: np.fmod,
 }
-_COMPARE = frozenset({BinaryFunc.EQ, BinaryFunc.LT, BinaryFunc.GT})
+_COMPARE = frozenset({BinaryFunc.EQ, BinaryFunc.LT, BinaryFunc.GT, BinaryFunc.GE, BinaryFunc.LE,
+                      BinaryFunc.NE})
+
+
+def _truncating_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Integer division rounding toward zero (C, ONNX); a division by zero gives 0."""
+    q = np.abs(a) // np.where(b == 0, 1, np.abs(b))
+    return np.where(b == 0, 0, np.where((a < 0) != (b < 0), -q, q))
 
 
 def _bounded(d: np.ndarray) -> np.ndarray:
@@ -58,6 +67,9 @@ def vbinary(job, cmd) -> None:
     f = _BINARY[func]
     if func in _COMPARE:   # compared in the operands' own type: exact for every dtype
         store(out, f(x, y).astype(np.uint8))
+        return
+    if func == BinaryFunc.DIV and x.dtype.kind != "f":
+        store(out, _truncating_div(_wide(x), _wide(y)))
         return
     if x.dtype == np.float32 and out.dtype == np.float32 and f is not _BINARY[BinaryFunc.SQDIFF]:
         f(x, y, out=out)   # numpy resolves any aliasing between x, y and out
@@ -127,6 +139,8 @@ def vunary(job, cmd) -> None:
         r = 0.5 * v * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (v + 0.044715 * v ** 3)))
     elif f == UnaryFunc.HARDSIGMOID:
         r = np.clip(np.float32(p0) * w + np.float32(p1), 0, 1)
+    elif f == UnaryFunc.TRUNC:
+        r = np.trunc(w)
     else:  # pragma: no cover - the validator admits only the functions above
         raise AssertionError(f)
     store(out, r)
