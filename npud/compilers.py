@@ -24,7 +24,7 @@ import msgpack
 import trio
 import zmq
 
-from npud.emulator import lifeline
+from npud import lifeline
 from npud.ipc_schema.errors import ErrorCode, RequestError
 from npud.ipc_schema.trio_zmq import OwnedSocket
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import msgpack
 import trio
 
-from npud.emulator import lifeline
+from npud import lifeline
 from npud.emulator.config import DeviceConfig
 from npud.ipc_schema.errors import ErrorCode, ErrorInfo
 

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     dropped = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)   # before connect: no event missed
     sock.connect(args.endpoint)
     sock.send(msgpack.packb({"op": "ready", "confinement": confinement}))
-    # No watch on the daemon here: the lifeline it was started through (npud/emulator/lifeline.py)
+    # No watch on the daemon here: the lifeline it was started through (npud/lifeline.py)
     # ends this process when the daemon dies, busy or idle.
     return _serve(sock, dropped, args.test_mode)
 
