@@ -1,8 +1,9 @@
 """The daemon's side of one device: its device processes, its memory and its run queues.
 
-A device has one device process (npud/emulator/device_process.py) per modeled core
-(``cores`` of its preset): the cores run jobs in parallel, and all of them
-map the same buffer objects.  ``DeviceHost`` supervises them: one runner
+A device has one device process (its driver's ``device_process``, npud/drivers;
+npu-emu's is npud/emulator/device_process.py) per modeled core (``cores`` of its
+preset): the cores run jobs in parallel, and all of them map the same buffer
+objects.  ``DeviceHost`` supervises them: one runner
 task per core owns that core's socket, picks the next job from the device's
 ``Scheduler`` (npud/scheduler.py: priorities, fair share, starvation guard)
 and runs it.
@@ -44,8 +45,8 @@ from dataclasses import dataclass
 import msgpack
 import trio
 
-from npud import lifeline
-from npud.emulator.config import DeviceConfig
+from npud import drivers, lifeline, targets
+from npud.drivers import Binding, DeviceParams, Driver, ProgramInfo
 from npud.ipc_schema.errors import ErrorCode, ErrorInfo
 
 from .jobs import BusyWindow, Histogram, Job
@@ -151,10 +152,11 @@ class Core:
 
 
 class DeviceHost:
-    def __init__(self, index: int, name: str, preset: str, config: DeviceConfig,
+    def __init__(self, index: int, name: str, preset: str, config: DeviceParams,
                  on_job_done: Callable[[Job], None], params: SchedulingParams | None = None,
-                 fds: FdBudget | None = None):
+                 fds: FdBudget | None = None, driver: Driver | None = None):
         self.index = index
+        self.driver = driver or drivers.driver()
         self.name = name
         self.preset = preset
         self.uuid = device_uuid(name, index)
@@ -189,6 +191,15 @@ class DeviceHost:
         self._nursery: trio.Nursery | None = None   # the runners', for the process watchers
 
     # --- what the rest of the daemon calls -------------------------------------------
+
+    @property
+    def target(self) -> targets.Target:
+        """The compiler target of this device's driver (loaded on first use: a load's cache key)."""
+        return targets.target(self.driver.target)
+
+    def validate(self, stream: bytes, bindings: list[Binding]) -> ProgramInfo:
+        """The driver's check of a program for this device (drivers.ProgramRejected says why not)."""
+        return self.driver.validate(stream, self.config, bindings)
 
     @property
     def state(self) -> str:
@@ -282,6 +293,7 @@ class DeviceHost:
         now = time.monotonic()
         return {
             "index": self.index, "name": self.name, "uuid": self.uuid, "preset": self.preset, "state": self.state,
+            "driver": self.driver.name, "driver_version": self.driver.version,
             "params": self.config.to_dict(), "memory_total": self.memory.total,
             "memory_used": self.memory.used, "jobs_queued": self.jobs_queued,
             "jobs_running": len(self.running_jobs()), "jobs_completed": self.jobs_completed,
@@ -601,10 +613,9 @@ class DeviceHost:
         # caps packets far below the streams the protocol allows.  The kernel clamps
         # this to net.core.wmem_max; larger streams fail their job with EINVAL.
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * CHANNEL_BYTES)
-        config_hex = msgpack.packb(self.config.to_dict()).hex()
         try:
             core.process = await lifeline.open_process(
-                "npud.emulator.device_process", ["--sock-fd", str(theirs.fileno()), "--config", config_hex],
+                self.driver.device_process, ["--sock-fd", str(theirs.fileno()), *self.driver.process_args(self.config)],
                 pass_fds=(theirs.fileno(),))
         except BaseException:
             ours.close()   # _reset retries while descriptors are short: do not leak one per try

@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from npud.emulator.errors import StreamError
-from npud.emulator.validator import Mapping, validate
+from npud.drivers import Binding, ProgramRejected
 from npud.ipc_schema import codec
 from npud.ipc_schema.errors import ErrorCode, ErrorInfo, RequestError
 from npud.ipc_schema.schema import MAX_INLINE_BYTES, OPS, PROTOCOL_VERSION
@@ -319,21 +318,21 @@ async def submit(daemon, call, args):
             raise RequestError(ErrorCode.EINVAL, f"bindings[{i}]: buffer {b['handle']} lives on device "
                                                  f"{bo.device}, not {device.index}")
         bindings.append((bo, b["va"], b["writable"]))
-        mappings.append(Mapping(b["va"], bo.mapped_size, b["writable"]))
+        mappings.append(Binding(b["va"], bo.mapped_size, b["writable"]))
     check_layout([(m.va, m.size, f"bindings[{i}]") for i, m in enumerate(mappings)], device.config.page_size)
     stream = args["stream"]
     ctx, deps = _job_options(daemon, session, device, args)
     try:
         if len(stream) >= THREAD_THRESHOLD:
-            program = await trio.to_thread.run_sync(validate, stream, device.config, mappings)
+            program = await trio.to_thread.run_sync(device.validate, stream, mappings)
         else:
-            program = validate(stream, device.config, mappings)
-    except StreamError as exc:
-        raise RequestError(ErrorCode.EINVAL, f"command stream refused: {exc.message}") from None
+            program = device.validate(stream, mappings)
+    except ProgramRejected as exc:
+        raise RequestError(ErrorCode.EINVAL, f"command stream refused: {exc}") from None
     if session.closed:
         raise RequestError(ErrorCode.ENOTCONN, "the session closed")
     _check_admission(daemon, session, device)  # again: the validation let others in meanwhile
-    estimate = program.stats.cycles / (device.config.clock_mhz * 1e6)
+    estimate = program.cycles / (device.config.clock_mhz * 1e6)
     return _queue_job(daemon, session, device, stream, bindings, ctx=ctx, deps=deps, args=args,
                       estimate_s=estimate)
 
@@ -507,12 +506,13 @@ async def _executable(daemon, session, device, args):
         if "model" in args or "model_buffer" in args:
             raise RequestError(ErrorCode.EINVAL, "give exactly one of model, model_buffer or model_digest")
         digest = args["model_digest"]
-        return (*await daemon.loader.by_digest(digest, options, device.config, session.uid), digest)
+        return (*await daemon.loader.by_digest(digest, options, device.config, session.uid, device.target),
+                digest)
     data, source = _model_source(session, args)
     if source is None:
         digest = (await trio.to_thread.run_sync(model_digest, data) if len(data) >= THREAD_THRESHOLD
                   else model_digest(data))
-        result = await daemon.loader.executable(data, options, device.config, digest,
+        result = await daemon.loader.executable(data, options, device.config, digest, target=device.target,
                                                 compile_faults=session.compile_faults.get(device.index))
     else:
         bo, span = source
@@ -520,7 +520,7 @@ async def _executable(daemon, session, device, args):
         try:
             digest = await trio.to_thread.run_sync(model_digest, bo.view()[span])
             result = await daemon.loader.executable(bo.view()[span], options, device.config, digest,
-                                                    private_copy=lambda: _copy_model(bo, span),
+                                                    target=device.target, private_copy=lambda: _copy_model(bo, span),
                                                     compile_faults=session.compile_faults.get(device.index))
         finally:
             daemon.unref(bo)

@@ -25,14 +25,13 @@ from dataclasses import dataclass
 import trio
 import zmq
 
-from npud.emulator.config import make_config
 from npud.ipc_schema import codec
 from npud.ipc_schema.endpoint import attach_path_for, ipc_path
 from npud.ipc_schema.errors import ErrorCode, ErrorInfo, RequestError
 from npud.ipc_schema.schema import HARD_FRAME_LIMIT, PROTOCOL_VERSION
 from npud.ipc_schema.trio_zmq import OwnedSocket
 
-from . import __version__, attach, auth, fences, handlers, systemd
+from . import __version__, attach, auth, drivers, fences, handlers, systemd
 from . import policy as policy_mod
 from .config import Config
 from .devices import DeviceHost, SchedulingParams
@@ -114,9 +113,7 @@ class Daemon:
                                   starvation_s=sched.starvation_ms / 1000, max_queued=sched.max_queued_per_device,
                                   cores=sched.device_processes, test_mode=config.test_mode)
         self.fds = FdBudget()   # the devices' buffers share one count against the open-file limit
-        self.devices = [DeviceHost(i, spec.name, spec.preset, make_config(spec.preset, **spec.params),
-                                   self._job_done, params, self.fds)
-                        for i, spec in enumerate(config.devices)]
+        self.devices = [self._device(i, spec, params) for i, spec in enumerate(config.devices)]
         self.fence_tokens: dict[str, Job] = {}   # fence_export tokens (npud/fences.py)
         self.loader = ModelLoader(
             CompilerPool(config.compile_workers, config.compile_memory_bytes, config.compile_timeout_s,
@@ -137,6 +134,12 @@ class Daemon:
         self._idle = trio.Event()
         self._idle.set()
         self.version = (__version__, list(PROTOCOL_VERSION))
+
+    def _device(self, index: int, spec, params: SchedulingParams) -> DeviceHost:
+        """The host of one configured device, through its driver (loaded here, on first use)."""
+        driver = drivers.driver(spec.driver)
+        return DeviceHost(index, spec.name, spec.preset, driver.params(spec.preset, spec.params),
+                          self._job_done, params, self.fds, driver)
 
     # --- lifecycle -------------------------------------------------------------------
 

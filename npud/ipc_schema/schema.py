@@ -97,6 +97,8 @@ DEVICE = Struct("device", {
     "index": F(DEVICE_INDEX, "device number used in requests"),
     "name": F(Str(64), "configured name, e.g. npu0"),
     "preset": F(Str(64), "the named parameter set it was created from"),
+    "driver": F(Str(64), "the driver serving it: an `npud.drivers` entry point (docs/DRIVERS.md)", optional=True),
+    "driver_version": F(Str(64), "that driver's version", optional=True),
     "state": F(Str(16, ("ok", "resetting", "down")), "device process health"),
     "params": F(DEVICE_PARAMS, "architecture parameters"),
     "memory_total": F(U64, "bytes of device memory"),
