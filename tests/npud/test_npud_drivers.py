@@ -144,3 +144,35 @@ def test_npuctl_devices_shows_the_driver_and_its_version():
               "params": {"preset": "edge"}}
     assert "DRIVER" in devices_table([device]) and "npu-emu 0.1.0" in devices_table([device])
     assert "driver npu-emu 0.1.0" in device_params(device)
+
+
+def test_npu_emu_target_answers_per_node_with_a_reason_and_compiles_a_container():
+    """The target interface over today's pipeline: a support answer per node (an unsupported one
+    says why), and a compile whose bytes the daemon reads with the container package alone."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from npud.executable import Executable
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+         helper.make_node("TopK", ["r", "k"], ["v", "i"], name="topk", axis=1)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, 2]),
+         helper.make_tensor_value_info("i", TensorProto.INT64, [1, 2])],
+        [onnx.numpy_helper.from_array(np.array([2], np.int64), "k")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString()
+    target = targets.target(drivers.driver().target)
+    params = drivers.driver().params("edge", {})
+    support = {s.node: s for s in target.support(model, params)}
+    assert support["relu"].supported and support["relu"].reason == ""
+    assert not support["topk"].supported and support["topk"].op == "TopK" and support["topk"].reason
+
+    relu_only = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"], name="relu")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])]),
+        opset_imports=[helper.make_opsetid("", 13)]).SerializeToString()
+    exe = Executable.from_bytes(target.compile(relu_only, params, {}))
+    assert exe.target_hash == params.target_hash() and target.fingerprint().startswith(exe.compiler_version)
