@@ -52,7 +52,7 @@ from npud.ipc_schema.errors import ErrorCode, ErrorInfo
 from .jobs import BusyWindow, Histogram, Job
 from .fds import FdBudget
 from .identity import device_uuid
-from .memory import BufferObject, DeviceMemory
+from .memory import BufferObject, BufferRefs, DeviceMemory
 from .scheduler import Scheduler
 
 log = logging.getLogger("npud.device")
@@ -163,6 +163,7 @@ class DeviceHost:
         self.config = config
         self.params = params or SchedulingParams()
         self.memory = DeviceMemory(index, config.memory_bytes, config.page_size, fds=fds)
+        self.refs = BufferRefs(self.forget)   # every retain/release and session charge of its buffers
         # executable -> the read-only weights buffer its loads on this device share (npud/models.py);
         # an entry goes with its buffer, so a cached executable keeps no record of a released one.
         self.shared_weights: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -237,6 +238,13 @@ class DeviceHost:
         self._program_removed.add(program)
         if not self._program_users.get(program):
             self._drop_program(program)
+
+    def unload_model(self, session, model) -> None:
+        """A loaded model goes: its weights and arena are refunded to ``session`` and released (jobs
+        still running keep them alive), and its program goes once those jobs end."""
+        self.refs.drop_all(session, model.fixed)
+        model.fixed = []
+        self.remove_program(model.program)
 
     def forget(self, bo: BufferObject) -> None:
         """A buffer's last reference is gone: unmap it in the device processes, then free it."""

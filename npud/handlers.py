@@ -234,7 +234,7 @@ def alloc(daemon, call, args):
     bo = _allocate(daemon, device, size)
     handle = session.new_handle()
     session.buffers[handle] = bo
-    session.memory += bo.mapped_size
+    device.refs.charge(session, bo)
     return {"handle": handle, "size": bo.size}
 
 
@@ -243,8 +243,7 @@ def free(daemon, call, args):
     session = call.session
     bo = _buffer(session, args["handle"])
     del session.buffers[args["handle"]]
-    session.memory -= bo.mapped_size
-    daemon.unref(bo)  # jobs still using it keep it alive until they finish
+    daemon.devices[bo.device].refs.drop(session, bo)  # jobs still using it keep it alive until they finish
     return {}
 
 
@@ -280,11 +279,8 @@ def read(daemon, call, args):
 async def _off_loop(daemon, bo, fn, *args):
     """``fn(*args)`` on a thread, holding a reference to ``bo`` so that the session closing
     meanwhile cannot unmap it under the copy."""
-    bo.refs += 1
-    try:
+    with daemon.devices[bo.device].refs.held(bo):
         return await trio.to_thread.run_sync(fn, *args)
-    finally:
-        daemon.unref(bo)
 
 
 @handler("map", waits=True, touches=_the_buffer)
@@ -419,7 +415,7 @@ def _queue_job(daemon, session, device, stream: bytes, bindings, program: int | 
     if faults:
         job.fault = faults.pop(0)
     for bo, _va, _w in bindings:
-        bo.refs += 1
+        device.refs.retain(bo)   # released when the job ends (Daemon._job_done)
     job.point = ctx.next_point()
     session.jobs_in_flight += 1
     session.jobs_submitted += 1
@@ -493,7 +489,7 @@ async def load(daemon, call, args):
                               if quota is None else min(daemon.config.limits.memory_quota,
                                                         session.memory + max(0, quota - used)))
     if session.closed:  # it went away while the stream was being validated
-        daemon.unload_model(model)
+        device.unload_model(session, model)
         raise RequestError(ErrorCode.ENOTCONN, "the session closed")
     session.models[model.id] = model
     return {**model.info(cached, ms), "model_digest": digest}
@@ -516,14 +512,11 @@ async def _executable(daemon, session, device, args):
                                                 compile_faults=session.compile_faults.get(device.index))
     else:
         bo, span = source
-        bo.refs += 1  # a concurrent free must not unmap it under the hashing or the copy
-        try:
+        with daemon.devices[bo.device].refs.held(bo):  # a concurrent free must not unmap it under the hash
             digest = await trio.to_thread.run_sync(model_digest, bo.view()[span])
             result = await daemon.loader.executable(bo.view()[span], options, device.config, digest,
                                                     target=device.target, private_copy=lambda: _copy_model(bo, span),
                                                     compile_faults=session.compile_faults.get(device.index))
-        finally:
-            daemon.unref(bo)
     daemon.loader.presented(digest, session.uid)  # this user has shown it holds the model
     return (*result, digest)
 
@@ -534,11 +527,8 @@ async def check(daemon, call, args):
     data, source = _model_source(call.session, args)
     if source is not None:
         bo, span = source
-        bo.refs += 1
-        try:
+        with daemon.devices[bo.device].refs.held(bo):
             data, _digest = await _copy_model(bo, span)
-        finally:
-            daemon.unref(bo)
     return {"problems": await daemon.loader.check(data, device.config)}
 
 
@@ -696,7 +686,7 @@ def report(daemon, call, args):
 def unload(daemon, call, args):
     model = _model(call.session, args["model"])
     del call.session.models[model.id]
-    call.session.memory -= daemon.unload_model(model)
+    daemon.devices[model.device].unload_model(call.session, model)
     return {}
 
 

@@ -334,19 +334,40 @@ async def instantiate(session: "Session", device: "DeviceHost", exe: CachedExecu
             raise RequestError(ErrorCode.EIO, f"the compiler produced a stream the device refuses: "
                                               f"{exc}") from None
         exe.validated += checked
+    bounds, cycles = _report_bounds(ops)
     fixed = await _fixed_buffers(device, exe, fixed_regions)
-    session.memory += sum(bo.mapped_size for bo, _va, _w in fixed)
-    bounds, total = [], 0
-    for row in ops:
-        total += int(row.get("commands", 0))
-        bounds.append(total)
-    program = device.add_program(stream, [(m.va, m.size, m.writable) for m in mappings], bounds)
-    if exe.trace_layers is None:
-        exe.trace_layers = compact_layers(ops)
-    # The name interned: the trace ring keeps it for each of its events, and names repeat.
-    return LoadedModel(model_id, device.index, exe, program, fixed, io["inputs"], io["outputs"], regions,
-                       layers=exe.trace_layers, cycles=sum(int(r.get("cycles", 0)) for r in ops),
-                       name=sys.intern(str(exe.meta.get("model_name", ""))[:256]))
+    for bo, _va, _w in fixed:
+        device.refs.charge(session, bo)
+    program = None
+    try:
+        program = device.add_program(stream, [(m.va, m.size, m.writable) for m in mappings], bounds)
+        if exe.trace_layers is None:
+            exe.trace_layers = compact_layers(ops)
+        # The name interned: the trace ring keeps it for each of its events, and names repeat.
+        return LoadedModel(model_id, device.index, exe, program, fixed, io["inputs"], io["outputs"], regions,
+                           layers=exe.trace_layers, cycles=cycles,
+                           name=sys.intern(str(exe.meta.get("model_name", ""))[:256]))
+    except BaseException as exc:   # undo it all: nothing stays charged, allocated or registered
+        device.refs.drop_all(session, fixed)
+        if program is not None:
+            device.remove_program(program)
+        if isinstance(exc, Exception) and not isinstance(exc, RequestError):
+            raise RequestError(ErrorCode.EIO, f"the executable is malformed ({exc!r})") from None
+        raise
+
+
+def _report_bounds(ops: list) -> tuple[list[int], int]:
+    """(the command count at the end of each layer, the modeled cycles of a run) from the
+    executable's per-op report, or EIO: the compiler's report is checked like its stream."""
+    bounds, total, cycles = [], 0, 0
+    try:
+        for row in ops:
+            total += int(row.get("commands", 0))
+            cycles += int(row.get("cycles", 0))
+            bounds.append(total)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise RequestError(ErrorCode.EIO, f"the executable's per-op report is malformed ({exc})") from None
+    return bounds, cycles
 
 
 def _validation_key(config: DeviceParams, mappings: list[Binding]) -> bytes:
@@ -368,8 +389,7 @@ async def _fixed_buffers(device: "DeviceHost", exe: CachedExecutable, fixed_regi
             if r["kind"] == "weights" and not r["writable"]:
                 bo = device.shared_weights.get(exe)
                 if bo is not None and bo.refs > 0 and not bo.uncharged and bo.size == size:
-                    bo.refs += 1
-                    fixed.append((bo, r["va"], False))
+                    fixed.append((device.refs.retain(bo), r["va"], False))
                     continue
             bo = device.memory.allocate(size)
             fixed.append((bo, r["va"], bool(r["writable"])))
@@ -385,8 +405,6 @@ async def _fixed_buffers(device: "DeviceHost", exe: CachedExecutable, fixed_regi
                     device.shared_weights[exe] = bo
     except BaseException:
         for bo, _va, _w in fixed:
-            bo.refs -= 1
-            if bo.refs == 0:
-                device.memory.release(bo)  # never seen by the device: no unmap needed
+            device.refs.release(bo)
         raise
     return fixed

@@ -39,8 +39,8 @@ from .fds import FdBudget
 from .compile_cache import CompileCache, default_directory
 from .compilers import CompilerPool
 from .jobs import Job, TraceRing
-from .models import LoadedModel, ModelLoader
-from .memory import BufferObject, HeapTrimmer
+from .models import ModelLoader
+from .memory import HeapTrimmer
 from .ordering import Sequencer, Ticket
 from .sessions import Session, SessionTable, UsageByUid
 
@@ -500,25 +500,10 @@ class Daemon:
                                                  f"{len(self.devices)} (see `npuctl devices`)")
         return self.devices[index]
 
-    def unref(self, bo: BufferObject) -> None:
-        bo.refs -= 1
-        if bo.refs == 0:
-            self.devices[bo.device].forget(bo)
-
-    def unload_model(self, model: LoadedModel) -> int:
-        """Drop a model's buffers and program; jobs still running keep the buffers alive."""
-        self.devices[model.device].remove_program(model.program)
-        session_charge = 0
-        for bo, _va, _w in model.fixed:
-            session_charge += bo.mapped_size
-            self.unref(bo)
-        model.fixed = []
-        return session_charge
-
     def _job_done(self, job: Job) -> None:
         session = self.sessions.by_id(job.session_id)
         for bo, _va, _w in job.bindings:
-            self.unref(bo)
+            self.devices[bo.device].refs.release(bo)
         job.bindings = []
         job.stream = b""    # the session keeps the finished job (for a late wait), not its stream
         if session is not None:
@@ -569,12 +554,11 @@ class Daemon:
             ErrorCode.ESHUTDOWN, "npud stopped before the job ran; submit it again once it is back")
             if self.stopping else ErrorInfo.of(ErrorCode.ECANCELED, "the session closed"))
         for model in session.models.values():
-            self.unload_model(model)
+            self.devices[model.device].unload_model(session, model)
         session.models.clear()
         for bo in session.buffers.values():
-            self.unref(bo)
+            self.devices[bo.device].refs.drop(session, bo)
         session.buffers.clear()
-        session.memory = 0
         session.attach_scope.cancel()  # the companion socket's task closes it
         log.info("session %s (%s, pid %d) closed: %s", session.id, session.name, session.pid, why,
                  extra={"session": session.id, "uid": session.uid})

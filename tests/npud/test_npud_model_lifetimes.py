@@ -1,0 +1,85 @@
+"""One owner per lifetime: a model load that fails undoes all it did (buffers, the session's charge,
+the program), and what a load charged is refunded by the one path that releases its buffers."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import trio
+
+from npud.compile_cache import CachedExecutable
+from npud.compiler_worker.api import compile_model
+from npud.devices import DeviceHost
+from npud.emulator.config import make_config
+from npud.executable import Executable
+from npud.ipc_schema.errors import ErrorCode, RequestError
+from npud.models import instantiate
+from npud.sessions import Session
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "compiler_worker"))
+from compiler_testmodels import mlp  # noqa: E402
+
+CONFIG = make_config("edge")
+
+
+def executable(mutate=None) -> CachedExecutable:
+    """A small MLP's executable, changed by ``mutate`` (as a buggy or hostile compiler might) and
+    signed again, so that only the daemon's own checks can catch it."""
+    exe = Executable.from_bytes(compile_model(mlp(seed=3), CONFIG).to_bytes())
+    if mutate is not None:
+        mutate(exe)
+    return CachedExecutable.from_bytes(exe.to_bytes())
+
+
+def host() -> DeviceHost:
+    return DeviceHost(0, "npu0", "edge", CONFIG, on_job_done=lambda job: None)
+
+
+def _bad_io_table(exe: Executable) -> None:
+    exe.io["outputs"][0]["va"] += CONFIG.page_size
+
+
+def _bad_report(exe: Executable) -> None:
+    exe.ops[-1]["commands"] = "many"
+
+
+def _bad_meta(exe: Executable) -> None:
+    exe.meta = ["not", "a", "map"]   # found only after the buffers are allocated and charged
+
+
+@pytest.mark.parametrize("mutate, match", [(_bad_io_table, "I/O table does not match"),
+                                           (_bad_report, "report"), (_bad_meta, "malformed")])
+def test_a_load_that_fails_holds_nothing(mutate, match):
+    device, session = host(), Session("s1", b"r", "t", 1)
+    exe = executable(mutate)
+    with pytest.raises(RequestError, match=match) as err:
+        trio.run(instantiate, session, device, exe, 1, 1 << 30)
+    assert err.value.info.code is ErrorCode.EIO
+    assert session.memory == 0            # the session is not charged for buffers it does not hold
+    assert device.memory.used == 0        # no weights or arena left allocated
+    assert device.programs == {}          # no program left registered
+
+
+def test_a_loads_charge_is_refunded_when_it_is_unloaded():
+    device, session = host(), Session("s1", b"r", "t", 1)
+    model = trio.run(instantiate, session, device, executable(), 1, 1 << 30)
+    charged = sum(bo.mapped_size for bo, _va, _w in model.fixed)
+    assert session.memory == charged == device.memory.used > 0 and model.program in device.programs
+    device.unload_model(session, model)
+    assert session.memory == 0 and device.memory.used == 0 and model.fixed == []
+    assert model.program not in device.programs
+
+
+def test_references_and_session_charges_change_in_one_place():
+    """BufferRefs (npud/memory.py) is the only code that retains, releases, charges or refunds
+    (there were 8 places changing ``refs`` and 5 changing ``session.memory``)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "npud"
+    pattern = re.compile(r"\.(refs|memory)\s*[-+]=|\.(refs|memory)\s*=\s*\d")
+    found = {str(p.relative_to(root)): n for p in root.glob("*.py")
+             if (n := len(pattern.findall(p.read_text())))}
+    assert set(found) == {"memory.py"}, found
