@@ -332,7 +332,17 @@ class DeviceHost:
         if victims:
             min(victims, key=lambda c: c.job.context.priority).preempt()
 
-    def _finish(self, job: Job, *, stats: dict | None = None, error: ErrorInfo | None = None) -> None:
+    def complete(self, job: Job, *, stats: dict | None = None, error: ErrorInfo | None = None) -> None:
+        """The one way a job of this device ends, whatever it got to: done (``stats``) or failed
+        (``error``), run or not.  Wakes its waiters and fences and releases its buffers
+        (``on_job_done``); a job that was made runnable also leaves the scheduler, its program's
+        count of users and the device's counters.  A job already finished is left as it is."""
+        if job.state not in ("queued", "running"):
+            return
+        if not job.ready_since:   # never runnable (waiting for, or failed by, its dependencies)
+            job.finish(stats=stats, error=error)
+            self._on_job_done(job)
+            return
         self.sched.finished(job)
         if job.program is not None:
             users = self._program_users.get(job.program, 1) - 1
@@ -374,7 +384,7 @@ class DeviceHost:
         log.error("device %d: context %d of session %s banned: %s", self.index, ctx.id, ctx.session_id, why,
                   extra={"device": self.index, "session": ctx.session_id, "context": ctx.id})
         for job in self.sched.drop_context(ctx):
-            self._finish(job, error=_banned_error(job, ctx))
+            self.complete(job, error=_banned_error(job, ctx))
 
     # --- the runners -------------------------------------------------------------------
 
@@ -448,13 +458,13 @@ class DeviceHost:
     async def _run_job(self, core: Core, job: Job) -> None:
         now = time.monotonic()
         if job.context.banned:
-            return self._finish(job, error=_banned_error(job, job.context))
+            return self.complete(job, error=_banned_error(job, job.context))
         if job.cancel or (job.session is not None and job.session.closed):
-            return self._finish(job, error=ErrorInfo.of(ErrorCode.ECANCELED, job.cancel or "the session closed"))
+            return self.complete(job, error=ErrorInfo.of(ErrorCode.ECANCELED, job.cancel or "the session closed"))
         if job.deadline:
             left = self.estimate_s(job) * (1 - job.segment / max(1, len(self._boundaries.get(job.program, [])) + 1))
             if now + left > job.deadline:
-                return self._finish(job, error=ErrorInfo.of(
+                return self.complete(job, error=ErrorInfo.of(
                     ErrorCode.ETIME, f"job {job.id} missed its deadline: {max(0.0, job.deadline - now) * 1e3:.1f} ms "
                     f"were left and it needs about {left * 1e3:.1f} ms (transient: the device was busy; "
                     "retry, or give it a later deadline or a higher priority)", True))
@@ -511,10 +521,10 @@ class DeviceHost:
             job.segment = reply["next"]
             job.preemptions += 1
             if job.cancel or (job.session is not None and job.session.closed):
-                return self._finish(job, error=ErrorInfo.of(ErrorCode.ECANCELED,
+                return self.complete(job, error=ErrorInfo.of(ErrorCode.ECANCELED,
                                                             job.cancel or "the session closed"))
             if job.deadline and time.monotonic() > job.deadline:
-                return self._finish(job, error=ErrorInfo.of(
+                return self.complete(job, error=ErrorInfo.of(
                     ErrorCode.ETIME, f"job {job.id} missed its deadline after {job.segment} layer segment(s) "
                     "(transient: the device was busy; retry, or give it a later deadline or a higher priority)",
                     True))
@@ -524,12 +534,12 @@ class DeviceHost:
         if reply["ok"]:
             stats = {**reply["stats"], "wall_ms": job.busy_s * 1e3, "preemptions": job.preemptions,
                      "queue_ms": (job.started - job.submitted) * 1e3}
-            self._finish(job, stats=stats)
+            self.complete(job, stats=stats)
         else:
             err = reply["error"]
             code = ErrorCode(err["code"]) if err["code"] in ErrorCode.__members__ else ErrorCode.EIO
             where = f" (command {err['command']})" if err.get("command") is not None else ""
-            self._finish(job, error=ErrorInfo.of(code, f"job {job.id} failed{where}: {err['message']}",
+            self.complete(job, error=ErrorInfo.of(code, f"job {job.id} failed{where}: {err['message']}",
                                                  err.get("retryable")))
 
     def _blame(self, job: Job, what: str) -> None:

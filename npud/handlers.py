@@ -422,8 +422,7 @@ def _queue_job(daemon, session, device, stream: bytes, bindings, program: int | 
     session.remember_job(job)
     failed = fences.depend(daemon, job, deps)
     if failed is not None:
-        job.finish(error=failed)
-        daemon._job_done(job)
+        device.complete(job, error=failed)
     elif job.waiting_on == 0:
         device.submit(job)
     return {"job": job.id, "context": ctx.id, "point": job.point}

@@ -83,3 +83,28 @@ def test_references_and_session_charges_change_in_one_place():
     found = {str(p.relative_to(root)): n for p in root.glob("*.py")
              if (n := len(pattern.findall(p.read_text())))}
     assert set(found) == {"memory.py"}, found
+
+
+def test_a_job_ends_through_one_path():
+    """DeviceHost.complete is the one function that ends a job: nothing else calls Job.finish or the
+    daemon's job-done hook (fences and handlers did, beside the device's private _finish)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "npud"
+    callers = {str(p.relative_to(root)) for p in root.glob("*.py")
+               if re.search(r"\bjob\.finish\(|\._job_done\(|device\._finish\(", p.read_text())}
+    assert callers == {"devices.py"}, callers
+
+
+def test_complete_is_idempotent_and_ends_a_job_that_never_became_runnable():
+    from npud.jobs import Job
+
+    ended = []
+    device = DeviceHost(0, "npu0", "edge", CONFIG, on_job_done=ended.append)
+    job = Job(1, "s1", 0, b"", [])
+    error = RequestError(ErrorCode.ECANCELED, "cancelled").info
+    device.complete(job, error=error)
+    device.complete(job, error=error)
+    assert job.state == "failed" and ended == [job]
+    assert device.jobs_failed == 0   # it never reached the device: not the device's failure
