@@ -46,7 +46,7 @@ import msgpack
 import trio
 
 from npud import drivers, lifeline, targets
-from npud.drivers import Binding, DeviceParams, Driver, ProgramInfo
+from npud.drivers import Binding, DeviceParams, Driver, ProgramInfo, link
 from npud.ipc_schema.errors import ErrorCode, ErrorInfo
 
 from .jobs import BusyWindow, Histogram, Job
@@ -584,7 +584,7 @@ class DeviceHost:
             wake_at = timeout_at
             if job.deadline and not core.preempt_sent and job.program is not None:
                 wake_at = min(wake_at, job.deadline)
-            reply = await self._reply_by(core, wake_at)
+            reply = await self._reply_by(core, wake_at, "run")
             if reply is not None:
                 break
             if time.monotonic() >= timeout_at:
@@ -696,14 +696,12 @@ class DeviceHost:
     async def _started(self, core: Core) -> None:
         """Wait for a new process's ``ready``, so that no request's deadline pays for its start."""
         try:
-            reply = await self._reply_by(core, time.monotonic() + START_TIMEOUT_S)
+            reply = await self._reply_by(core, time.monotonic() + START_TIMEOUT_S, "ready")
         except DeviceLost as exc:
             exc.delivered = False   # nothing was sent to it: whatever job is at hand is innocent
             raise
         if reply is None:
             raise Hung(f"its process did not start within {START_TIMEOUT_S:g} s", delivered=False)
-        if reply.get("op") != "ready":
-            raise DeviceLost(f"its process broke the protocol: {reply!r} before ready", delivered=False)
         core.started = True
 
     async def _send(self, core: Core, data: bytes, op: str, fd: int | None = None) -> None:
@@ -722,7 +720,10 @@ class DeviceHost:
                                    "or submit a shorter command stream)") from None
             raise DeviceLost(f"device process connection failed: {exc}", delivered=False) from None
 
-    async def _recv(self, core: Core) -> dict:
+    async def _recv(self, core: Core, op: str) -> dict:
+        """The process's reply to ``op``, checked against the device link's schema (npud/drivers/
+        link.py): one that breaks the protocol is the device's failure (DeviceLost), never an
+        exception in the daemon."""
         try:
             reply = await core.sock.recv(MAX_REPLY)
         except OSError as exc:
@@ -730,14 +731,17 @@ class DeviceHost:
         if not reply:
             await core.process.wait()
             raise DeviceLost(f"device process exited with status {core.process.returncode}")
-        return msgpack.unpackb(reply, raw=False)
+        try:
+            return link.check_reply(op, reply)
+        except link.ProtocolError as exc:
+            raise DeviceLost(f"its process broke the protocol: {exc}", delivered=op == "run") from None
 
-    async def _reply_by(self, core: Core, at: float) -> dict | None:
+    async def _reply_by(self, core: Core, at: float, op: str) -> dict | None:
         """The process's next reply, or None if it sends none by ``at`` (``time.monotonic()``).
 
         The one way an exchange with a device process is timed: every wait for a reply ends."""
         with trio.move_on_after(max(0.0, at - time.monotonic())):
-            return await self._recv(core)
+            return await self._recv(core, op)
         return None
 
     async def _call(self, core: Core, request: dict, fd: int | None = None) -> dict:
@@ -745,7 +749,7 @@ class DeviceHost:
         ``exchange_timeout_s`` (a process stopped, or stuck, while the core was idle)."""
         await self._send(core, msgpack.packb(request, use_bin_type=True), request["op"], fd)
         limit = self.params.exchange_timeout_s
-        reply = await self._reply_by(core, time.monotonic() + limit)
+        reply = await self._reply_by(core, time.monotonic() + limit, request["op"])
         if reply is None:
             raise Hung(f"its process did not answer {request['op']} within {limit:g} s")
         return reply

@@ -57,6 +57,7 @@ import time
 
 import msgpack
 
+from npud.drivers import link
 from npud.emulator.config import DeviceConfig
 from npud.emulator.device import Device
 from npud.emulator.errors import DeviceError
@@ -85,7 +86,16 @@ class DeviceProcess:
                 return
             if not data:
                 return  # the daemon is gone: nothing to serve
-            request = msgpack.unpackb(data, raw=False)
+            try:
+                request = link.check_request(msgpack.unpackb(data, raw=False))
+                if request["op"] in link.CARRIES_FD and not fds:
+                    raise link.ProtocolError(f"{request['op']} carries no file descriptor")
+            except Exception as exc:   # garbage, or a map that breaks the device link: say so, go on
+                for fd in fds:
+                    os.close(fd)
+                self.sock.send(msgpack.packb({"ok": False, "error": {
+                    "code": "EPROTO", "message": f"malformed request: {exc}", "command": None}}))
+                continue
             op = request["op"]
             if op == "shutdown":
                 return
