@@ -11,14 +11,14 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# The demo needs only the runtime dependencies; tests add the oracles.
+# The demo needs only the runtime dependencies (and the cpu driver's onnxruntime); tests add the oracles.
 $(RUNTIME): pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e '.[cpu]'
 	touch $@
 
 # int8-gemm: oneDNN's exact integer GEMM for the emulator (optional; numpy is the fallback).
 $(TESTING): pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e '.[test,int8-gemm]'
+	$(PY) -m pip install --quiet -e '.[test,cpu,int8-gemm]'
 	touch $(RUNTIME) $@
 
 demo: $(RUNTIME)

@@ -528,7 +528,7 @@ async def check(daemon, call, args):
         bo, span = source
         with daemon.devices[bo.device].refs.held(bo):
             data, _digest = await _copy_model(bo, span)
-    return {"problems": await daemon.loader.check(data, device.config)}
+    return {"problems": await daemon.loader.check(data, device.config, device.target)}
 
 
 @handler("run_model", touches=_new_job)

@@ -209,7 +209,8 @@ class ModelLoader:
         self._in_flight[key] = done = trio.Event()
         storing = False
         try:
-            request = {"op": "compile", "model": model, "config": config.to_dict(), "options": options}
+            request = {"op": "compile", "model": model, "config": config.to_dict(), "options": options,
+                       "target": target.name}
             if compile_faults:
                 request["slow_s"] = compile_faults.pop(0)["slow_ms"] / 1000
             reply = raise_for(await self.pool.compile(request))
@@ -280,9 +281,9 @@ class ModelLoader:
             if exe is not None or key not in self._in_flight:  # else one started while we read
                 return exe
 
-    async def check(self, model: bytes, config: DeviceParams) -> list[dict]:
+    async def check(self, model: bytes, config: DeviceParams, target: Target) -> list[dict]:
         return raise_for(await self.pool.compile(
-            {"op": "check", "model": model, "config": config.to_dict()}))["problems"]
+            {"op": "check", "model": model, "config": config.to_dict(), "target": target.name}))["problems"]
 
 
 def _copy_into(dst: memoryview, src: memoryview) -> None:

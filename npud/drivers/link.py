@@ -134,3 +134,121 @@ def check_reply(op: str, packet: bytes) -> dict:
         return schema.check(reply, f"{op} reply", strict=False)
     except FieldError as exc:
         raise ProtocolError(str(exc)) from None
+
+
+def serve_main(what: str, server, params_from_dict, argv: list[str] | None = None) -> int:
+    """A device process's entry point: ``--sock-fd N --config HEX`` (``Driver.process_args``), then
+    ``server(socket, params).serve()`` until the daemon says shutdown or goes away."""
+    import argparse
+    import socket
+
+    parser = argparse.ArgumentParser(description=f"npud {what} device process (started by npud)")
+    parser.add_argument("--sock-fd", type=int, required=True)
+    parser.add_argument("--config", required=True, help="device parameters, msgpack as hex")
+    args = parser.parse_args(argv)
+    params = params_from_dict(msgpack.unpackb(bytes.fromhex(args.config), raw=False))
+    server(socket.socket(fileno=args.sock_fd), params).serve()
+    return 0
+
+
+class DeviceServer:
+    """The device-process side of the link, for a driver's runtime to subclass: the message loop
+    (requests checked, a malformed one answered with EPROTO), the ``ready`` handshake, the
+    ``preempt`` check between preemption points, and buffer objects imported as shared mappings
+    (``self.buffers``: bo -> mmap).  A subclass adds ``_op_load_program``, ``_op_unload_program``
+    and ``_op_run`` (each ``(request, fds) -> reply``)."""
+
+    MAX_PACKET = 32 << 20
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buffers: dict = {}
+
+    def serve(self) -> None:
+        import os
+        import socket
+
+        self.sock.send(msgpack.packb({"op": "ready"}))
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self.sock, self.MAX_PACKET, 4)
+            except ConnectionResetError:
+                return
+            if not data:
+                return  # the daemon is gone: nothing to serve
+            try:
+                request = check_request(msgpack.unpackb(data, raw=False))
+                if request["op"] in CARRIES_FD and not fds:
+                    raise ProtocolError(f"{request['op']} carries no file descriptor")
+            except Exception as exc:   # garbage, or a map that breaks the device link: say so, go on
+                for fd in fds:
+                    os.close(fd)
+                self.sock.send(msgpack.packb({"ok": False, "error": {
+                    "code": "EPROTO", "message": f"malformed request: {exc}", "command": None}}))
+                continue
+            op = request["op"]
+            if op == "shutdown":
+                return
+            if op == "preempt":
+                continue  # the run it meant to stop had already finished
+            reply = getattr(self, f"_op_{op}")(request, fds)
+            self.sock.send(msgpack.packb(reply, use_bin_type=True))
+
+    def preempted(self) -> bool:
+        """Whether the daemon asked (with a ``preempt`` packet) to stop at this preemption point."""
+        import socket
+
+        try:
+            data = self.sock.recv(self.MAX_PACKET, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        if not data:   # the daemon is gone: nobody will read this run's result
+            raise SystemExit("npud closed the device socket mid-run")
+        return msgpack.unpackb(data, raw=False).get("op") == "preempt"
+
+    def _op_import(self, request, fds):
+        import mmap
+        import os
+
+        fd = fds[0]
+        try:
+            size = os.fstat(fd).st_size
+            self.buffers[request["bo"]] = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            for extra in fds:
+                os.close(extra)
+        return {"ok": True}
+
+    def _op_release(self, request, fds):
+        mm = self.buffers.pop(request["bo"], None)
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                pass  # a view is still alive somewhere; the mapping goes with it
+        return {"ok": True}
+
+    @staticmethod
+    def hang_or_crash(request: dict) -> None:
+        """Test-mode fault injection (``npud --test-mode``, ``inject_fault``): ``hang`` never
+        answers -- only a reset gets the device back -- and ``crash`` kills the process."""
+        import os
+        import signal
+        import time
+
+        if request.get("fault") == "hang":
+            while True:
+                time.sleep(3600)
+        if request.get("fault") == "crash":
+            os.kill(os.getpid(), signal.SIGSEGV)
+
+    @staticmethod
+    def read_stream(fds) -> bytes:
+        """The program a ``load_program`` request carries in its memfd (a stream can exceed a packet)."""
+        import os
+
+        with open(fds[0], "rb", closefd=True) as f:
+            stream = f.read()
+        for extra in fds[1:]:
+            os.close(extra)
+        return stream

@@ -46,16 +46,10 @@ every access against each run's own bindings.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import mmap
-import os
-import signal
 import socket
 import sys
 import time
-
-import msgpack
 
 from npud.drivers import link
 from npud.emulator.config import DeviceConfig
@@ -65,82 +59,19 @@ from npud.emulator.isa import Engine
 from npud.emulator.timing import command_cost
 from npud.emulator.validator import Mapping, Program, validate
 
-MAX_PACKET = 32 << 20
 
-
-class DeviceProcess:
+class DeviceProcess(link.DeviceServer):
     def __init__(self, sock: socket.socket, config: DeviceConfig):
-        self.sock = sock
+        super().__init__(sock)
         self.device = Device(config)
-        self.buffers: dict[int, mmap.mmap] = {}
         self.programs: dict[int, Program] = {}
         self.segments: dict[int, list[Program]] = {}   # a loaded program cut at its safe boundaries
         self.cycles: dict[int, list[int]] = {}         # modeled cycles of each segment
 
-    def serve(self) -> None:
-        self.sock.send(msgpack.packb({"op": "ready"}))
-        while True:
-            try:
-                data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_PACKET, 4)
-            except ConnectionResetError:
-                return
-            if not data:
-                return  # the daemon is gone: nothing to serve
-            try:
-                request = link.check_request(msgpack.unpackb(data, raw=False))
-                if request["op"] in link.CARRIES_FD and not fds:
-                    raise link.ProtocolError(f"{request['op']} carries no file descriptor")
-            except Exception as exc:   # garbage, or a map that breaks the device link: say so, go on
-                for fd in fds:
-                    os.close(fd)
-                self.sock.send(msgpack.packb({"ok": False, "error": {
-                    "code": "EPROTO", "message": f"malformed request: {exc}", "command": None}}))
-                continue
-            op = request["op"]
-            if op == "shutdown":
-                return
-            if op == "preempt":
-                continue  # the run it meant to stop had already finished
-            reply = getattr(self, f"_op_{op}")(request, fds)
-            self.sock.send(msgpack.packb(reply, use_bin_type=True))
-
-    def _preempted(self) -> bool:
-        """Whether the daemon asked (with a ``preempt`` packet) to stop at this boundary."""
-        try:
-            data = self.sock.recv(MAX_PACKET, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return False
-        if not data:   # the daemon is gone: nobody will read this run's result
-            raise SystemExit("npud closed the device socket mid-run")
-        return msgpack.unpackb(data, raw=False).get("op") == "preempt"
-
-    def _op_import(self, request, fds):
-        fd = fds[0]
-        try:
-            size = os.fstat(fd).st_size
-            self.buffers[request["bo"]] = mmap.mmap(fd, size, mmap.MAP_SHARED,
-                                                    mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            for extra in fds:
-                os.close(extra)
-        return {"ok": True}
-
-    def _op_release(self, request, fds):
-        mm = self.buffers.pop(request["bo"], None)
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:
-                pass  # a view is still alive somewhere; the mapping goes with it
-        return {"ok": True}
-
     def _op_load_program(self, request, fds):
         # The stream arrives as a memfd: a model's stream can exceed one packet.
         try:
-            with open(fds[0], "rb", closefd=True) as f:
-                stream = f.read()
-            for extra in fds[1:]:
-                os.close(extra)
+            stream = self.read_stream(fds)
             program = validate(stream, self.device.config,
                                [Mapping(va, size, writable) for va, size, writable in request["mappings"]])
         except DeviceError as exc:
@@ -162,12 +93,8 @@ class DeviceProcess:
 
     def _op_run(self, request, fds):
         started = time.perf_counter()
+        self.hang_or_crash(request)
         fault = request.get("fault")
-        if fault == "hang":
-            while True:          # a command that never completes: only a reset gets the device back
-                time.sleep(3600)
-        if fault == "crash":
-            os.kill(os.getpid(), signal.SIGSEGV)
         ctx = None
         done, segment, ran, cycles = True, 0, 0, 0
         try:
@@ -180,7 +107,7 @@ class DeviceProcess:
                 segment = request.get("from", 0)
                 until = min(request.get("until", len(segments)), len(segments))
                 while segment < until:
-                    if ran and self._preempted():
+                    if ran and self.preempted():
                         break
                     if fault == "slow":
                         time.sleep(request.get("slow_ms", 0) / 1000)
@@ -266,14 +193,7 @@ def _add(spans, lo, hi):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="npud device process (started by npud)")
-    parser.add_argument("--sock-fd", type=int, required=True)
-    parser.add_argument("--config", required=True, help="device parameters, msgpack as hex")
-    args = parser.parse_args(argv)
-    config = DeviceConfig.from_dict(msgpack.unpackb(bytes.fromhex(args.config), raw=False))
-    sock = socket.socket(fileno=args.sock_fd)
-    DeviceProcess(sock, config).serve()
-    return 0
+    return link.serve_main("npu-emu", DeviceProcess, DeviceConfig.from_dict, argv)
 
 
 if __name__ == "__main__":

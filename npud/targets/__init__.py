@@ -17,7 +17,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from npud import plugins
-from npud.drivers import DeviceParams
 
 GROUP = "npud.targets"
 
@@ -45,12 +44,25 @@ class Target(ABC):
         call, and imports no compiler module (the daemon calls it)."""
 
     @abstractmethod
-    def support(self, model: bytes, params: DeviceParams) -> list[NodeSupport]:
-        """One entry per node of the model (after the front end), in graph order."""
+    def support(self, model: bytes, params: dict) -> list[NodeSupport]:
+        """One entry per node of the model (after the front end), in graph order.  ``params``: the
+        device's ``DeviceParams.to_dict()`` (targets run in compiler workers: plain data crosses)."""
 
     @abstractmethod
-    def compile(self, model: bytes, params: DeviceParams, options: dict) -> bytes:
+    def compile(self, model: bytes, params: dict, options: dict) -> bytes:
         """The executable container's bytes; a CompileError naming the node on failure."""
+
+
+def source_fingerprint(version: str, paths) -> str:
+    """``version+digest`` of the files ``paths`` (sorted by the caller): a fingerprint that changes
+    whenever the code that produces a target's output does, read as files (nothing imported)."""
+    import hashlib
+
+    h = hashlib.sha256(version.encode())
+    for name, path in paths:
+        h.update(str(name).encode())
+        h.update(path.read_bytes())
+    return f"{version}+{h.hexdigest()[:16]}"
 
 
 def target(name: str) -> Target:

@@ -7,13 +7,12 @@ compiler (22 compiler modules and 29 of onnx's)."""
 from __future__ import annotations
 
 import functools
-import hashlib
 from importlib.util import find_spec
 from pathlib import Path
 
 from npud.compiler_worker.version import COMPILER_VERSION
 
-from . import NodeSupport, Target
+from . import NodeSupport, Target, source_fingerprint
 
 
 class NpuEmuTarget(Target):
@@ -22,21 +21,21 @@ class NpuEmuTarget(Target):
 
     @functools.cache
     def fingerprint(self) -> str:
-        h = hashlib.sha256(COMPILER_VERSION.encode())
+        files = []
         for package in ("npud.compiler_worker", "npud.emulator"):
             root = Path(find_spec(package).origin).parent
-            for path in sorted(root.rglob("*.py")):
-                h.update(str(path.relative_to(root)).encode())
-                h.update(path.read_bytes())
-        return f"{COMPILER_VERSION}+{h.hexdigest()[:16]}"
+            files += [(path.relative_to(root), path) for path in sorted(root.rglob("*.py"))]
+        return source_fingerprint(COMPILER_VERSION, files)
 
     def support(self, model: bytes, params) -> list[NodeSupport]:
         import onnx
 
         from npud.compiler_worker.api import check_model
 
+        from npud.emulator.config import DeviceConfig
+
         refused = {}
-        for err in check_model(model, params):
+        for err in check_model(model, DeviceConfig.from_dict(params)):
             refused.setdefault(err.node, err.reason)
         out = []
         for i, node in enumerate(onnx.load_from_string(bytes(model)).graph.node):
@@ -47,5 +46,6 @@ class NpuEmuTarget(Target):
 
     def compile(self, model: bytes, params, options: dict) -> bytes:
         from npud.compiler_worker.api import compile_model
+        from npud.emulator.config import DeviceConfig
 
-        return compile_model(model, params, options).to_bytes()
+        return compile_model(model, DeviceConfig.from_dict(params), options).to_bytes()

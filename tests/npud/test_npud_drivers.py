@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # Only the registries' own plugin modules may import a driver's or a compiler's code.
 # (docgen writes docs/PROTOCOL.md, which documents npu-emu's target hash: a build tool, never run
 # by the daemon.)
-PLUGIN_MODULES = {"npud/drivers/npu_emu.py", "npud/targets/npu_emu.py", "npud/ipc_schema/docgen.py"}
+PLUGIN_MODULES = {"npud/drivers/npu_emu.py", "npud/targets/npu_emu.py", "npud/drivers/cpu_device.py",
+                  "npud/targets/cpu.py", "npud/ipc_schema/docgen.py"}
 FORBIDDEN = ("npud.emulator", "npud.compiler_worker", "onnx", "onnxruntime")
 
 
@@ -55,6 +56,7 @@ def test_starting_the_daemon_loads_no_compiler_and_only_its_drivers_modules():
         def loaded():
             return sorted(m for m in sys.modules if m.startswith(("npud.emulator", "npud.compiler_worker",
                                                                   "npud.drivers.", "npud.targets."))
+                          and m != "npud.drivers.link"   # the device link's schemas: the interface's own
                           or m.split(".")[0] in ("onnx", "onnxruntime"))
         import npud.server
         from npud.config import Config
@@ -131,7 +133,7 @@ def test_a_separately_installed_driver_is_found_through_its_entry_point(tmp_path
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    assert result["installed"] == ["acme-npu", "npu-emu"]
+    assert result["installed"] == ["acme-npu", "cpu", "npu-emu"]
     assert result["devices"][0][0] == "npu-emu" and result["devices"][1] == ["acme-npu", "9.1.2"]
 
 
@@ -165,7 +167,7 @@ def test_npu_emu_target_answers_per_node_with_a_reason_and_compiles_a_container(
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString()
     target = targets.target(drivers.driver().target)
     params = drivers.driver().params("edge", {})
-    support = {s.node: s for s in target.support(model, params)}
+    support = {s.node: s for s in target.support(model, params.to_dict())}
     assert support["relu"].supported and support["relu"].reason == ""
     assert not support["topk"].supported and support["topk"].op == "TopK" and support["topk"].reason
 
@@ -174,5 +176,5 @@ def test_npu_emu_target_answers_per_node_with_a_reason_and_compiles_a_container(
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])]),
         opset_imports=[helper.make_opsetid("", 13)]).SerializeToString()
-    exe = Executable.from_bytes(target.compile(relu_only, params, {}))
+    exe = Executable.from_bytes(target.compile(relu_only, params.to_dict(), {}))
     assert exe.target_hash == params.target_hash() and target.fingerprint().startswith(exe.compiler_version)
