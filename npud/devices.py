@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import array
 import errno
-import itertools
 import logging
 import os
 import socket
@@ -53,6 +52,7 @@ from .jobs import BusyWindow, Histogram, Job
 from .fds import FdBudget
 from .identity import device_uuid
 from .memory import BufferObject, BufferRefs, DeviceMemory
+from .programs import ProgramRegistry
 from .scheduler import Scheduler
 
 log = logging.getLogger("npud.device")
@@ -63,7 +63,6 @@ STOP_TIMEOUT_S = 2.0
 START_TIMEOUT_S = 60.0  # a new device process has this long to say it is ready (imports, on a loaded machine)
 RESTART_RETRY_S = 1.0   # a device process that cannot start is retried this often
 UTIL_WINDOW_S = 5.0   # util_pct is the busy share of (about) the last this many seconds
-EWMA = 0.3            # weight of the newest run in a program's expected wall time
 EXCHANGE_MIN_S = 1.0  # the least time a device process has to answer anything but a run
 
 
@@ -182,13 +181,8 @@ class DeviceHost:
         self._reset_done = trio.Event()
         self._reset_done.set()
         self._on_job_done = on_job_done
-        self.programs: dict[int, tuple[bytes, list]] = {}
-        self._program_users: dict[int, int] = {}    # unfinished jobs of each program
-        self._program_removed: set[int] = set()
-        self._boundaries: dict[int, list[int]] = {}
-        self._wall: dict[int, float] = {}           # program -> expected wall seconds (EWMA)
+        self.programs = ProgramRegistry(self._unload_everywhere)   # loaded models' streams, by id
         self._release_pending: dict[int, int] = {}  # bo id -> cores still to unmap it
-        self._program_ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None   # the runners', for the process watchers
 
     # --- what the rest of the daemon calls -------------------------------------------
@@ -217,34 +211,18 @@ class DeviceHost:
         return [core.job for core in self.cores if core.job is not None]
 
     def submit(self, job: Job) -> None:
-        """Make a job runnable (its buffers referenced, its dependencies done); never blocks."""
-        if job.program is not None:
-            self._program_users[job.program] = self._program_users.get(job.program, 0) + 1
+        """Make a job runnable (its buffers and program held since it was queued, its dependencies
+        done); never blocks."""
         job.device = self.index
         self.sched.push(job)
         self._kick(job)
-
-    def add_program(self, stream: bytes, mappings: list[tuple[int, int, bool]],
-                    boundaries: list[int] | None = None) -> int:
-        """Register a validated stream (a model's) for jobs to run by id; ``boundaries``: the
-        command count at the end of each layer (where a job may be preempted)."""
-        program = next(self._program_ids)
-        self.programs[program] = (stream, mappings)
-        self._boundaries[program] = list(boundaries or [])
-        return program
-
-    def remove_program(self, program: int) -> None:
-        # Jobs queued before the unload still run it: it goes when the last one finishes.
-        self._program_removed.add(program)
-        if not self._program_users.get(program):
-            self._drop_program(program)
 
     def unload_model(self, session, model) -> None:
         """A loaded model goes: its weights and arena are refunded to ``session`` and released (jobs
         still running keep them alive), and its program goes once those jobs end."""
         self.refs.drop_all(session, model.fixed)
         model.fixed = []
-        self.remove_program(model.program)
+        self.programs.remove(model.program)
 
     def forget(self, bo: BufferObject) -> None:
         """A buffer's last reference is gone: unmap it in the device processes, then free it."""
@@ -265,8 +243,7 @@ class DeviceHost:
     def estimate_s(self, job: Job) -> float:
         """Device time a job is expected to take on an idle device (measured, else modeled)."""
         modeled = job.estimate_s
-        measured = self._wall.get(job.program, 0.0) if job.program is not None else 0.0
-        return max(modeled, measured)
+        return max(modeled, self.programs.expected_wall_s(job.program))
 
     def busy_now(self, now: float) -> float:
         """Core-seconds spent executing jobs, counting the running segments' time so far.
@@ -339,18 +316,14 @@ class DeviceHost:
         count of users and the device's counters.  A job already finished is left as it is."""
         if job.state not in ("queued", "running"):
             return
+        if job.program is not None:   # held since it was queued (run or not)
+            uninterrupted = error is None and job.preemptions == 0 and job.started
+            self.programs.release(job.program, job.busy_s if uninterrupted else None)
         if not job.ready_since:   # never runnable (waiting for, or failed by, its dependencies)
             job.finish(stats=stats, error=error)
             self._on_job_done(job)
             return
         self.sched.finished(job)
-        if job.program is not None:
-            users = self._program_users.get(job.program, 1) - 1
-            self._program_users[job.program] = users
-            if users <= 0:
-                self._program_users.pop(job.program, None)
-                if job.program in self._program_removed:
-                    self._drop_program(job.program)
         if error is None:
             self.jobs_completed += 1
             self.modeled_cycles += int((stats or {}).get("cycles", 0))
@@ -361,16 +334,9 @@ class DeviceHost:
         if job.started:
             self.run_time.observe(job.busy_s * 1e3)
         self._on_job_done(job)
-        if error is None and job.program in self.programs and job.preemptions == 0:
-            wall = job.busy_s
-            old = self._wall.get(job.program)
-            self._wall[job.program] = wall if old is None else (1 - EWMA) * old + EWMA * wall
 
-    def _drop_program(self, program: int) -> None:
-        self.programs.pop(program, None)
-        self._program_removed.discard(program)
-        self._boundaries.pop(program, None)
-        self._wall.pop(program, None)
+    def _unload_everywhere(self, program: int) -> None:
+        """A program is gone from the registry: the cores that loaded it unload it."""
         for core in self.cores:
             if program in core.loaded:
                 core.control.append(("unload", program))
@@ -462,7 +428,7 @@ class DeviceHost:
         if job.cancel or (job.session is not None and job.session.closed):
             return self.complete(job, error=ErrorInfo.of(ErrorCode.ECANCELED, job.cancel or "the session closed"))
         if job.deadline:
-            left = self.estimate_s(job) * (1 - job.segment / max(1, len(self._boundaries.get(job.program, [])) + 1))
+            left = self.estimate_s(job) * (1 - job.segment / self.programs.segments(job.program))
             if now + left > job.deadline:
                 return self.complete(job, error=ErrorInfo.of(
                     ErrorCode.ETIME, f"job {job.id} missed its deadline: {max(0.0, job.deadline - now) * 1e3:.1f} ms "
@@ -601,19 +567,19 @@ class DeviceHost:
 
     async def _load_program(self, core: Core, job: Job) -> dict:
         program = job.program
-        stream, mappings = self.programs[program]
+        entry = self.programs[program]
         try:
             fd = os.memfd_create("npud-program", os.MFD_CLOEXEC)
         except OSError as exc:
             raise HostLimit(f"npud cannot pass the job's program to the device now ({exc.strerror}); "
                             "retry once buffers are freed", "ENOMEM", retryable=True) from None
         try:
-            os.write(fd, stream)
+            os.write(fd, entry.stream)
             os.lseek(fd, 0, os.SEEK_SET)
             try:
                 reply = await self._call(core, {"op": "load_program", "program": program,
-                                                "mappings": [list(m) for m in mappings],
-                                                "boundaries": self._boundaries[program][:-1]}, fd=fd)
+                                                "mappings": [list(m) for m in entry.mappings],
+                                                "boundaries": entry.boundaries[:-1]}, fd=fd)
             except DeviceFault as exc:
                 exc.delivered = False  # no job ran
                 raise

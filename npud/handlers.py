@@ -416,6 +416,8 @@ def _queue_job(daemon, session, device, stream: bytes, bindings, program: int | 
         job.fault = faults.pop(0)
     for bo, _va, _w in bindings:
         device.refs.retain(bo)   # released when the job ends (Daemon._job_done)
+    if program is not None:
+        device.programs.retain(program)   # released when it ends (DeviceHost.complete), run or not
     job.point = ctx.next_point()
     session.jobs_in_flight += 1
     session.jobs_submitted += 1

@@ -341,7 +341,7 @@ async def instantiate(session: "Session", device: "DeviceHost", exe: CachedExecu
         device.refs.charge(session, bo)
     program = None
     try:
-        program = device.add_program(stream, [(m.va, m.size, m.writable) for m in mappings], bounds)
+        program = device.programs.add(stream, [(m.va, m.size, m.writable) for m in mappings], bounds)
         if exe.trace_layers is None:
             exe.trace_layers = compact_layers(ops)
         # The name interned: the trace ring keeps it for each of its events, and names repeat.
@@ -351,7 +351,7 @@ async def instantiate(session: "Session", device: "DeviceHost", exe: CachedExecu
     except BaseException as exc:   # undo it all: nothing stays charged, allocated or registered
         device.refs.drop_all(session, fixed)
         if program is not None:
-            device.remove_program(program)
+            device.programs.remove(program)
         if isinstance(exc, Exception) and not isinstance(exc, RequestError):
             raise RequestError(ErrorCode.EIO, f"the executable is malformed ({exc!r})") from None
         raise

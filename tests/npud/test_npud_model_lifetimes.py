@@ -59,7 +59,7 @@ def test_a_load_that_fails_holds_nothing(mutate, match):
     assert err.value.info.code is ErrorCode.EIO
     assert session.memory == 0            # the session is not charged for buffers it does not hold
     assert device.memory.used == 0        # no weights or arena left allocated
-    assert device.programs == {}          # no program left registered
+    assert len(device.programs) == 0      # no program left registered
 
 
 def test_a_loads_charge_is_refunded_when_it_is_unloaded():
@@ -108,3 +108,34 @@ def test_complete_is_idempotent_and_ends_a_job_that_never_became_runnable():
     device.complete(job, error=error)
     assert job.state == "failed" and ended == [job]
     assert device.jobs_failed == 0   # it never reached the device: not the device's failure
+
+
+def test_a_run_waiting_on_a_fence_survives_its_models_unload(tmp_path):
+    """A run holds its model's program from the moment it is queued, as it holds its buffers: a run
+    waiting on a fence when its model is unloaded still runs (its program used to be dropped at the
+    unload, and the run found no program when the fence released it)."""
+    import numpy as np
+
+    import npu
+    from npu.local import LocalDaemon
+    from npud.emulator.assembler import StreamBuilder
+
+    sb = StreamBuilder(CONFIG)
+    sb.end()
+
+    d = LocalDaemon("--test-mode", "--cache-dir", str(tmp_path / "cache"))
+    try:
+        with npu.connect(d.endpoint) as c:
+            x = np.random.default_rng(1).standard_normal((4, 32)).astype(np.float32)
+            want = c.load(mlp(seed=3)).run({"x": x})
+            model = c.load(mlp(seed=3))
+            c.inject_fault("slow", slow_ms=1500)      # the next job, a raw one, takes 1.5 s
+            first = c.submit(sb.build(), [])
+            run = model.submit({"x": x}, after=[first])
+            model.unload()
+            got = run.result(timeout=60)
+            for name in want:
+                np.testing.assert_array_equal(got[name], want[name])
+            assert c.devices()[0].state == "ok"
+    finally:
+        d.stop()
