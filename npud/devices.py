@@ -48,7 +48,7 @@ from npud import drivers, lifeline, targets
 from npud.drivers import Binding, DeviceParams, Driver, ProgramInfo, link
 from npud.ipc_schema.errors import ErrorCode, ErrorInfo
 
-from .jobs import BusyWindow, Histogram, Job
+from .jobs import BusyWindow, Histogram, Job, JobState
 from .fds import FdBudget
 from .identity import device_uuid
 from .memory import BufferObject, BufferRefs, DeviceMemory
@@ -242,8 +242,12 @@ class DeviceHost:
 
     def estimate_s(self, job: Job) -> float:
         """Device time a job is expected to take on an idle device (measured, else modeled)."""
-        modeled = job.estimate_s
-        return max(modeled, self.programs.expected_wall_s(job.program))
+        return self.expected_s(job.program, job.estimate_s)
+
+    def expected_s(self, program: int | None, modeled_s: float) -> float:
+        """Device time a run of ``program`` (None: a raw stream) is expected to take on an idle
+        device: the measured time of earlier runs, or the modeled time if longer."""
+        return max(modeled_s, self.programs.expected_wall_s(program))
 
     def busy_now(self, now: float) -> float:
         """Core-seconds spent executing jobs, counting the running segments' time so far.
@@ -434,8 +438,8 @@ class DeviceHost:
                     ErrorCode.ETIME, f"job {job.id} missed its deadline: {max(0.0, job.deadline - now) * 1e3:.1f} ms "
                     f"were left and it needs about {left * 1e3:.1f} ms (transient: the device was busy; "
                     "retry, or give it a later deadline or a higher priority)", True))
-        if job.state == "queued":
-            job.state = "running"
+        if job.state == JobState.QUEUED:
+            job.state = JobState.RUNNING
             job.started = now
         core.job = job
         core.run_since = time.monotonic()

@@ -398,27 +398,24 @@ def _job_options(daemon, session, device, args) -> tuple[Context, list[Job]]:
 
 def _queue_job(daemon, session, device, stream: bytes, bindings, program: int | None = None,
                model=None, *, ctx: Context, deps: list[Job], args, estimate_s: float = 0.0) -> dict:
-    job = Job(session.new_job_id(), session.id, device.index, stream, bindings, program=program,
-              pid=session.pid, client=session.name)
-    if model is not None:  # what `jobs` and `trace` show of it
-        job.model, job.layers, job.model_name = model.id, model.layers, model.name
-    job.session, job.context, job.estimate_s = session, ctx, estimate_s
-    job.timeout_s = args.get("timeout_ms", 0) / 1000
+    job_id, submitted = session.new_job_id(), time.monotonic()   # the id is taken even if refused below
     if "deadline_ms" in args:
-        job.deadline = job.submitted + args["deadline_ms"] / 1000
-        need = device.estimate_s(job)
+        need = device.expected_s(program, estimate_s)
         if need > args["deadline_ms"] / 1000:
             raise RequestError(ErrorCode.ETIME, f"this job needs about {need * 1e3:.1f} ms of device time, more "
                                                 f"than its {args['deadline_ms']} ms deadline even on an idle "
                                                 "device (persistent: a retry cannot help)", retryable=False)
     faults = session.faults.get(device.index)
-    if faults:
-        job.fault = faults.pop(0)
+    shown = {"model": model.id, "layers": model.layers, "model_name": model.name} if model is not None else {}
+    job = Job(job_id, session.id, device.index, stream, bindings, program=program,   # in one step
+              submitted=submitted, pid=session.pid, client=session.name, session=session, context=ctx,
+              point=ctx.next_point(), estimate_s=estimate_s, timeout_s=args.get("timeout_ms", 0) / 1000,
+              deadline=submitted + args["deadline_ms"] / 1000 if "deadline_ms" in args else 0.0,
+              fault=faults.pop(0) if faults else None, **shown)
     for bo, _va, _w in bindings:
         device.refs.retain(bo)   # released when the job ends (Daemon._job_done)
     if program is not None:
         device.programs.retain(program)   # released when it ends (DeviceHost.complete), run or not
-    job.point = ctx.next_point()
     session.jobs_in_flight += 1
     session.jobs_submitted += 1
     session.remember_job(job)

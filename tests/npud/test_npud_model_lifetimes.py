@@ -139,3 +139,19 @@ def test_a_run_waiting_on_a_fence_survives_its_models_unload(tmp_path):
             assert c.devices()[0].state == "ok"
     finally:
         d.stop()
+
+
+def test_job_states_are_an_enum_that_reads_as_the_wire_strings():
+    from npud.jobs import Job, JobState, KeptJob
+
+    job = Job(1, "s1", 0, b"", [])
+    assert job.state is JobState.QUEUED and job.state == "queued"
+    job.finish(error=RequestError(ErrorCode.EIO, "x").info)
+    assert job.state is JobState.FAILED and KeptJob(job).state is JobState.FAILED
+    assert msgpack_roundtrip(job.state) == "failed"
+
+
+def msgpack_roundtrip(value):
+    import msgpack
+
+    return msgpack.unpackb(msgpack.packb(value))
