@@ -67,7 +67,8 @@ def checked_reply(op: str, message) -> dict:
     failure of that compile (the worker is then at fault, not the model's author)."""
     schema = _FAILURE if type(message) is dict and message.get("ok") is False else WORKER_REPLIES[op]
     try:
-        return schema.check(message, f"{op} reply", strict=False)
+        schema.check(message, f"{op} reply", strict=False)
+        return message   # fields a newer worker adds pass through
     except FieldError as exc:
         return _failure(ErrorCode.EIO, f"the compiler worker sent a malformed reply ({exc}); retry, or "
                                        "report the model")

@@ -111,13 +111,15 @@ class ProtocolError(ValueError):
 
 
 def check_request(message: Any) -> dict:
-    """A request as the device process may act on it, or ProtocolError."""
+    """A request as the device process may act on it, or ProtocolError.  Fields the schema does not
+    name are left for the driver to use or ignore (a daemon may be newer than its schema's reader)."""
     if type(message) is not dict or type(message.get("op")) is not str or message["op"] not in REQUESTS:
         raise ProtocolError(f"not a device request: {message!r:.80}")
     try:
-        return REQUESTS[message["op"]].check(message, message["op"])
+        REQUESTS[message["op"]].check(message, message["op"], strict=False)
     except FieldError as exc:
         raise ProtocolError(str(exc)) from None
+    return message
 
 
 def check_reply(op: str, packet: bytes) -> dict:
@@ -131,9 +133,10 @@ def check_reply(op: str, packet: bytes) -> dict:
     if type(reply) is dict and reply.get("ok") is False and op != "ready":
         schema = Struct(f"{op}_failure", _FAILED)
     try:
-        return schema.check(reply, f"{op} reply", strict=False)
+        schema.check(reply, f"{op} reply", strict=False)
     except FieldError as exc:
         raise ProtocolError(str(exc)) from None
+    return reply   # with any fields of the driver's own (extra counters) as it sent them
 
 
 def serve_main(what: str, server, params_from_dict, argv: list[str] | None = None) -> int:

@@ -28,11 +28,11 @@ def test_a_malformed_reply_fails_the_compile_with_eio(op, reply, problem):
 
 
 def test_well_formed_replies_pass():
-    ok = {"ok": True, "executable": b"NPUX", "seconds": 0.5}
-    assert compilers.checked_reply("compile", {"id": 1, **ok}) == ok
+    ok = {"id": 1, "ok": True, "executable": b"NPUX", "seconds": 0.5}
+    assert compilers.checked_reply("compile", ok) == ok
     failure = {"ok": False, "error": {"code": "EINVAL", "message": "node 'n' (TopK): unsupported",
                                       "node": "n", "op": "TopK"}}
-    assert compilers.checked_reply("compile", {"id": 1, **failure}) == failure
+    assert compilers.checked_reply("compile", failure) == failure
     problems = {"ok": True, "problems": [{"node": "n", "op": "TopK", "reason": "unsupported"}]}
     assert compilers.checked_reply("check", problems) == problems
 
