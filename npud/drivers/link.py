@@ -93,13 +93,15 @@ REPLIES: dict[str, Struct] = {
     "unload_program": Struct("unload_program_reply", {"ok": F(Bool(), "true")}),
     "load_program": Struct("load_program_reply", {
         "ok": F(Bool(), "true"),
-        "segments": F(Array(Tuple_((COUNT, COUNT)), MAX_ITEMS), "[first command, end] of each segment"),
-        "segment_cycles": F(Array(Int(0, 2**63 - 1), MAX_ITEMS), "modeled cycles of each segment")}),
+        "segments": F(Array(Tuple_((COUNT, COUNT)), MAX_ITEMS), "[first command, end] of each segment",
+                      optional=True),
+        "segment_cycles": F(Array(Int(0, 2**63 - 1), MAX_ITEMS), "modeled cycles of each segment",
+                            optional=True)}),
     "run": Struct("run_reply", {
         "ok": F(Bool(), "true"),
         "done": F(Bool(), "false: stopped at a preemption point"),
         "next": F(COUNT, "the segment to resume from"),
-        "segments": F(COUNT, "segments run"),
+        "segments": F(COUNT, "segments run", optional=True),
         "cycles": F(Int(0, 2**63 - 1), "modeled cycles of the segments run"),
         "stats": F(MapOf(Any_(), 64), "the device's counters of the finished job ({} if not done)"),
         "wall_ms": F(Float(), "measured time of the run")}),

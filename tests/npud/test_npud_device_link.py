@@ -41,6 +41,7 @@ def test_malformed_requests_are_refused_with_the_reason(message, problem):
     ("run", msgpack.packb({**RUN_OK, "next": -1}), "next"),
     ("run", msgpack.packb({**RUN_OK, "stats": [1]}), "stats"),
     ("load_program", msgpack.packb({"ok": True, "segments": [[0]], "segment_cycles": [1]}), "segments"),
+    ("load_program", msgpack.packb({"segments": [[0, 1]]}), "ok: missing required field"),
     ("import", msgpack.packb({"ok": False, "error": {"message": "x"}}), "code: missing required field"),
     ("ready", msgpack.packb({"op": "steady"}), "op"),
 ])
