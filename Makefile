@@ -11,13 +11,13 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# The demo needs only the runtime dependencies; tests add the oracles.
+# The demo needs only the runtime dependencies (and the cpu driver's onnxruntime); tests add the oracles.
 $(RUNTIME): pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e '.[cpu]'
 	touch $@
 
 $(TESTING): pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,cpu]'
 	touch $(RUNTIME) $@
 
 demo: $(RUNTIME)

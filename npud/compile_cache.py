@@ -1,8 +1,8 @@
 """The compile cache: executables on disk, addressed by what produced them.
 
-The key is a hash of the model bytes, the compile options, the compiler
-version and the target's parameters, so any change to one of them is a miss.
-Entries are written atomically (a temporary file renamed into place) and
+The key is a hash of the model bytes, the compile options, the target's
+fingerprint (its compiler's version and sources, npud/targets) and the
+device's parameters, so any change to one of them is a miss.  Entries are written atomically (a temporary file renamed into place) and
 checked when read: an executable whose integrity digest does not match is
 deleted and compiled again, never run.  The cache is shared by every client
 of the daemon and survives restarts.
@@ -10,7 +10,6 @@ of the daemon and survives restarts.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -23,10 +22,8 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from npud.compiler_worker.executable import PackedExecutable, read_meta
-from npud.compiler_worker.errors import ExecutableFormatError
-from npud.compiler_worker.pipeline import COMPILER_VERSION
-from npud.emulator.config import DeviceConfig
+from npud.drivers import DeviceParams
+from npud.executable import ExecutableFormatError, PackedExecutable, read_meta
 
 log = logging.getLogger("npud.cache")
 
@@ -60,25 +57,6 @@ def default_directory(env=None) -> Path:
         return Path(env["CACHE_DIRECTORY"].split(":")[0])
     base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "npud"
-
-
-@functools.cache
-def compiler_fingerprint() -> str:
-    """The compiler's version plus a hash of its sources and the ISA's.
-
-    A version string alone would let a changed compiler (a developer's tree, a
-    patched package) be served executables its predecessor built.
-    """
-    from npud import compiler_worker
-    from npud import emulator
-
-    h = hashlib.sha256(COMPILER_VERSION.encode())
-    for package in (compiler_worker, emulator):
-        root = Path(package.__file__).parent
-        for path in sorted(root.rglob("*.py")):
-            h.update(str(path.relative_to(root)).encode())
-            h.update(path.read_bytes())
-    return f"{COMPILER_VERSION}+{h.hexdigest()[:16]}"
 
 
 def model_digest(model, copy_to: bytearray | None = None) -> bytes:
@@ -116,12 +94,13 @@ def _model_name(path: Path) -> str:
         return ""
 
 
-def cache_key(model, options: dict, config: DeviceConfig, digest: bytes | None = None) -> str:
-    """The entry's name; ``digest`` is ``model_digest(model)`` if the caller has it already."""
+def cache_key(model, options: dict, config: DeviceParams, fingerprint: str, digest: bytes | None = None) -> str:
+    """The entry's name; ``fingerprint`` is the target's (npud/targets: its compiler's version and
+    sources); ``digest`` is ``model_digest(model)`` if the caller has it already."""
     h = hashlib.sha256()
     for part in (digest or model_digest(model),
                  json.dumps(options, sort_keys=True).encode(),
-                 compiler_fingerprint().encode(),
+                 fingerprint.encode(),
                  json.dumps(config.to_dict(), sort_keys=True).encode()):
         h.update(len(part).to_bytes(8, "little"))
         h.update(part)

@@ -24,9 +24,10 @@ import msgpack
 import trio
 import zmq
 
-from npud.emulator import lifeline
+from npud import lifeline
 from npud.ipc_schema.errors import ErrorCode, RequestError
 from npud.ipc_schema.trio_zmq import OwnedSocket
+from npud.ipc_schema.types import Array, Bin, Bool, F, FieldError, Float, Str, Struct
 
 log = logging.getLogger("npud.compile")
 
@@ -41,6 +42,36 @@ class _Pending:
     timeout_s: float
     done: trio.Event = field(default_factory=trio.Event)
     reply: dict | None = None
+
+
+# What a worker may answer (npud/compiler_worker/worker.py).  A worker parses untrusted models, so
+# its replies are checked like a client's requests before the daemon acts on one.
+_TEXT = Str(1 << 16)
+_FAILURE = Struct("compile_failure", {
+    "ok": F(Bool(), "false"),
+    "error": F(Struct("compile_error", {"code": F(Str(32), "an npud error code name"),
+                                        "message": F(_TEXT, "why, for a person"),
+                                        "node": F(_TEXT, "the node", optional=True),
+                                        "op": F(_TEXT, "its op", optional=True)}), "why")})
+WORKER_REPLIES = {
+    "compile": Struct("compile_reply", {"ok": F(Bool(), "true"), "executable": F(Bin(1 << 40), "the container"),
+                                        "seconds": F(Float(), "the worker's time", optional=True)}),
+    "check": Struct("check_reply", {"ok": F(Bool(), "true"), "problems": F(Array(Struct("problem", {
+        "node": F(_TEXT, "the node"), "op": F(_TEXT, "its op"), "reason": F(_TEXT, "why")}), 1 << 20),
+        "every problem")}),
+}
+
+
+def checked_reply(op: str, message) -> dict:
+    """A worker's reply to request ``op`` as the daemon may act on it; a malformed one becomes an EIO
+    failure of that compile (the worker is then at fault, not the model's author)."""
+    schema = _FAILURE if type(message) is dict and message.get("ok") is False else WORKER_REPLIES[op]
+    try:
+        schema.check(message, f"{op} reply", strict=False)
+        return message   # fields a newer worker adds pass through
+    except FieldError as exc:
+        return _failure(ErrorCode.EIO, f"the compiler worker sent a malformed reply ({exc}); retry, or "
+                                       "report the model")
 
 
 class CompilerPool:
@@ -93,6 +124,8 @@ class CompilerPool:
         try:
             message = msgpack.unpackb(payload, raw=False)
         except Exception:
+            message = None
+        if type(message) is not dict:
             log.error("compiler worker %s sent a malformed message", name.decode(errors="replace"))
             return
         if message.get("op") == "ready":
@@ -104,7 +137,7 @@ class CompilerPool:
             return
         pending = self._waiting.get(name)
         if pending is not None and message.get("id") == pending.request["id"]:
-            pending.reply = message
+            pending.reply = checked_reply(pending.request["op"], message)
             pending.done.set()
 
     async def _supervise(self, name: bytes) -> None:

@@ -38,7 +38,8 @@ Example (every key optional)::
 
     [[devices]]
     name = "npu0"                      # [A-Za-z0-9_.-], unique (default: npu0, npu1, ...)
-    preset = "edge"                    # a preset from npud.emulator.config.PRESETS
+    driver = "npu-emu"                 # an installed driver (npud.drivers entry point; docs/DRIVERS.md)
+    preset = "edge"                    # one of the driver's presets (npu-emu: npud.emulator.config.PRESETS)
     [devices.params]                   # overrides of the preset's parameters
     sram_bytes = 524288
 
@@ -69,7 +70,7 @@ CONFIG_KEYS = ("endpoint", "log_level", "log_format", "shutdown_grace_s", "cache
                "compile_timeout_s", "compile_memory_bytes", "policy", "tcp_endpoint", "limits", "scheduling",
                "curve", "devices")
 CURVE_KEYS = ("secret_key_file",)
-DEVICE_KEYS = ("name", "preset", "params")
+DEVICE_KEYS = ("name", "driver", "preset", "params")
 
 
 class ConfigError(ValueError):
@@ -110,6 +111,7 @@ class DeviceSpec:
     name: str
     preset: str
     params: dict[str, Any] = field(default_factory=dict)
+    driver: str = "npu-emu"   # an installed npud.drivers entry point (npud/drivers)
 
 
 @dataclass(frozen=True)
@@ -267,7 +269,7 @@ def _limits(table: Any) -> Limits:
 
 
 def parse_devices(items: Any) -> tuple[DeviceSpec, ...]:
-    from npud.emulator.config import PRESETS, make_config  # the device model owns its parameters
+    from npud import drivers, plugins  # each driver owns its devices' parameters
 
     if not isinstance(items, list) or not items:
         raise ConfigError("devices: expected a non-empty array of [[devices]] tables")
@@ -279,22 +281,30 @@ def parse_devices(items: Any) -> tuple[DeviceSpec, ...]:
         if not isinstance(item, dict):
             raise ConfigError(f"{where}: expected a table")
         _check_keys(item, set(DEVICE_KEYS), where)
-        preset = item.get("preset", "edge")
-        if preset not in PRESETS:
-            raise ConfigError(f"{where}.preset: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+        driver_name = item.get("driver", drivers.DEFAULT)
+        try:
+            driver = drivers.driver(driver_name) if isinstance(driver_name, str) else None
+        except plugins.UnknownPlugin as exc:
+            raise ConfigError(f"{where}.driver: {exc}") from None
+        if driver is None:
+            raise ConfigError(f"{where}.driver: expected a driver's name, got {driver_name!r}")
+        preset = item.get("preset", driver.presets()[0])
+        if preset not in driver.presets():
+            raise ConfigError(f"{where}.preset: unknown preset {preset!r} of driver {driver.name} "
+                              f"(known: {', '.join(driver.presets())})")
         params = item.get("params", {})
         if not isinstance(params, dict):
             raise ConfigError(f"{where}.params: expected a table")
         params = {k: parse_size(v, f"{where}.params.{k}") if isinstance(v, str) else v
                   for k, v in params.items()}
         try:
-            make_config(preset, **params)
+            driver.params(preset, params)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{where}.params: {exc}") from None
         name = item.get("name", f"npu{i}")
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
             raise ConfigError(f"{where}.name: expected 1-64 characters of [A-Za-z0-9_.-], got {name!r}")
-        specs.append(DeviceSpec(name, preset, params))
+        specs.append(DeviceSpec(name, preset, params, driver.name))
     if len({s.name for s in specs}) != len(specs):
         raise ConfigError("devices: device names must be unique")
     return tuple(specs)

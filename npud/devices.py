@@ -1,8 +1,9 @@
 """The daemon's side of one device: its device processes, its memory and its run queues.
 
-A device has one device process (npud/emulator/device_process.py) per modeled core
-(``cores`` of its preset): the cores run jobs in parallel, and all of them
-map the same buffer objects.  ``DeviceHost`` supervises them: one runner
+A device has one device process (its driver's ``device_process``, npud/drivers;
+npu-emu's is npud/emulator/device_process.py) per modeled core (``cores`` of its
+preset): the cores run jobs in parallel, and all of them map the same buffer
+objects.  ``DeviceHost`` supervises them: one runner
 task per core owns that core's socket, picks the next job from the device's
 ``Scheduler`` (npud/scheduler.py: priorities, fair share, starvation guard)
 and runs it.
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import array
 import errno
-import itertools
 import logging
 import os
 import socket
@@ -44,14 +44,15 @@ from dataclasses import dataclass
 import msgpack
 import trio
 
-from npud.emulator import lifeline, threads
-from npud.emulator.config import DeviceConfig
+from npud import drivers, lifeline, targets
+from npud.drivers import Binding, DeviceParams, Driver, ProgramInfo, link
 from npud.ipc_schema.errors import ErrorCode, ErrorInfo
 
-from .jobs import BusyWindow, Histogram, Job
+from .jobs import BusyWindow, Histogram, Job, JobState
 from .fds import FdBudget
 from .identity import device_uuid
-from .memory import BufferObject, DeviceMemory
+from .memory import BufferObject, BufferRefs, DeviceMemory
+from .programs import ProgramRegistry
 from .scheduler import Scheduler
 
 log = logging.getLogger("npud.device")
@@ -62,7 +63,6 @@ STOP_TIMEOUT_S = 2.0
 START_TIMEOUT_S = 60.0  # a new device process has this long to say it is ready (imports, on a loaded machine)
 RESTART_RETRY_S = 1.0   # a device process that cannot start is retried this often
 UTIL_WINDOW_S = 5.0   # util_pct is the busy share of (about) the last this many seconds
-EWMA = 0.3            # weight of the newest run in a program's expected wall time
 EXCHANGE_MIN_S = 1.0  # the least time a device process has to answer anything but a run
 
 
@@ -153,16 +153,18 @@ class Core:
 
 
 class DeviceHost:
-    def __init__(self, index: int, name: str, preset: str, config: DeviceConfig,
+    def __init__(self, index: int, name: str, preset: str, config: DeviceParams,
                  on_job_done: Callable[[Job], None], params: SchedulingParams | None = None,
-                 fds: FdBudget | None = None):
+                 fds: FdBudget | None = None, driver: Driver | None = None):
         self.index = index
+        self.driver = driver or drivers.driver()
         self.name = name
         self.preset = preset
         self.uuid = device_uuid(name, index)
         self.config = config
         self.params = params or SchedulingParams()
         self.memory = DeviceMemory(index, config.memory_bytes, config.page_size, fds=fds)
+        self.refs = BufferRefs(self.forget)   # every retain/release and session charge of its buffers
         # executable -> the read-only weights buffer its loads on this device share (npud/models.py);
         # an entry goes with its buffer, so a cached executable keeps no record of a released one.
         self.shared_weights: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -181,16 +183,20 @@ class DeviceHost:
         self._reset_done = trio.Event()
         self._reset_done.set()
         self._on_job_done = on_job_done
-        self.programs: dict[int, tuple[bytes, list]] = {}
-        self._program_users: dict[int, int] = {}    # unfinished jobs of each program
-        self._program_removed: set[int] = set()
-        self._boundaries: dict[int, list[int]] = {}
-        self._wall: dict[int, float] = {}           # program -> expected wall seconds (EWMA)
+        self.programs = ProgramRegistry(self._unload_everywhere)   # loaded models' streams, by id
         self._release_pending: dict[int, int] = {}  # bo id -> cores still to unmap it
-        self._program_ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None   # the runners', for the process watchers
 
     # --- what the rest of the daemon calls -------------------------------------------
+
+    @property
+    def target(self) -> targets.Target:
+        """The compiler target of this device's driver (loaded on first use: a load's cache key)."""
+        return targets.target(self.driver.target)
+
+    def validate(self, stream: bytes, bindings: list[Binding]) -> ProgramInfo:
+        """The driver's check of a program for this device (drivers.ProgramRejected says why not)."""
+        return self.driver.validate(stream, self.config, bindings)
 
     @property
     def state(self) -> str:
@@ -207,27 +213,18 @@ class DeviceHost:
         return [core.job for core in self.cores if core.job is not None]
 
     def submit(self, job: Job) -> None:
-        """Make a job runnable (its buffers referenced, its dependencies done); never blocks."""
-        if job.program is not None:
-            self._program_users[job.program] = self._program_users.get(job.program, 0) + 1
+        """Make a job runnable (its buffers and program held since it was queued, its dependencies
+        done); never blocks."""
         job.device = self.index
         self.sched.push(job)
         self._kick(job)
 
-    def add_program(self, stream: bytes, mappings: list[tuple[int, int, bool]],
-                    boundaries: list[int] | None = None) -> int:
-        """Register a validated stream (a model's) for jobs to run by id; ``boundaries``: the
-        command count at the end of each layer (where a job may be preempted)."""
-        program = next(self._program_ids)
-        self.programs[program] = (stream, mappings)
-        self._boundaries[program] = list(boundaries or [])
-        return program
-
-    def remove_program(self, program: int) -> None:
-        # Jobs queued before the unload still run it: it goes when the last one finishes.
-        self._program_removed.add(program)
-        if not self._program_users.get(program):
-            self._drop_program(program)
+    def unload_model(self, session, model) -> None:
+        """A loaded model goes: its weights and arena are refunded to ``session`` and released (jobs
+        still running keep them alive), and its program goes once those jobs end."""
+        self.refs.drop_all(session, model.fixed)
+        model.fixed = []
+        self.programs.remove(model.program)
 
     def forget(self, bo: BufferObject) -> None:
         """A buffer's last reference is gone: unmap it in the device processes, then free it."""
@@ -247,9 +244,12 @@ class DeviceHost:
 
     def estimate_s(self, job: Job) -> float:
         """Device time a job is expected to take on an idle device (measured, else modeled)."""
-        modeled = job.estimate_s
-        measured = self._wall.get(job.program, 0.0) if job.program is not None else 0.0
-        return max(modeled, measured)
+        return self.expected_s(job.program, job.estimate_s)
+
+    def expected_s(self, program: int | None, modeled_s: float) -> float:
+        """Device time a run of ``program`` (None: a raw stream) is expected to take on an idle
+        device: the measured time of earlier runs, or the modeled time if longer."""
+        return max(modeled_s, self.programs.expected_wall_s(program))
 
     def busy_now(self, now: float) -> float:
         """Core-seconds spent executing jobs, counting the running segments' time so far.
@@ -284,6 +284,7 @@ class DeviceHost:
         now = time.monotonic()
         return {
             "index": self.index, "name": self.name, "uuid": self.uuid, "preset": self.preset, "state": self.state,
+            "driver": self.driver.name, "driver_version": self.driver.version,
             "params": self.config.to_dict(), "memory_total": self.memory.total,
             "memory_used": self.memory.used, "jobs_queued": self.jobs_queued,
             "jobs_running": len(self.running_jobs()), "jobs_completed": self.jobs_completed,
@@ -324,15 +325,21 @@ class DeviceHost:
         if victims:
             min(victims, key=lambda c: c.job.context.priority).preempt()
 
-    def _finish(self, job: Job, *, stats: dict | None = None, error: ErrorInfo | None = None) -> None:
+    def complete(self, job: Job, *, stats: dict | None = None, error: ErrorInfo | None = None) -> None:
+        """The one way a job of this device ends, whatever it got to: done (``stats``) or failed
+        (``error``), run or not.  Wakes its waiters and fences and releases its buffers
+        (``on_job_done``); a job that was made runnable also leaves the scheduler, its program's
+        count of users and the device's counters.  A job already finished is left as it is."""
+        if job.state not in ("queued", "running"):
+            return
+        if job.program is not None:   # held since it was queued (run or not)
+            uninterrupted = error is None and job.preemptions == 0 and job.started
+            self.programs.release(job.program, job.busy_s if uninterrupted else None)
+        if not job.ready_since:   # never runnable (waiting for, or failed by, its dependencies)
+            job.finish(stats=stats, error=error)
+            self._on_job_done(job)
+            return
         self.sched.finished(job)
-        if job.program is not None:
-            users = self._program_users.get(job.program, 1) - 1
-            self._program_users[job.program] = users
-            if users <= 0:
-                self._program_users.pop(job.program, None)
-                if job.program in self._program_removed:
-                    self._drop_program(job.program)
         if error is None:
             self.jobs_completed += 1
             self.modeled_cycles += int((stats or {}).get("cycles", 0))
@@ -343,16 +350,9 @@ class DeviceHost:
         if job.started:
             self.run_time.observe(job.busy_s * 1e3)
         self._on_job_done(job)
-        if error is None and job.program in self.programs and job.preemptions == 0:
-            wall = job.busy_s
-            old = self._wall.get(job.program)
-            self._wall[job.program] = wall if old is None else (1 - EWMA) * old + EWMA * wall
 
-    def _drop_program(self, program: int) -> None:
-        self.programs.pop(program, None)
-        self._program_removed.discard(program)
-        self._boundaries.pop(program, None)
-        self._wall.pop(program, None)
+    def _unload_everywhere(self, program: int) -> None:
+        """A program is gone from the registry: the cores that loaded it unload it."""
         for core in self.cores:
             if program in core.loaded:
                 core.control.append(("unload", program))
@@ -366,7 +366,7 @@ class DeviceHost:
         log.error("device %d: context %d of session %s banned: %s", self.index, ctx.id, ctx.session_id, why,
                   extra={"device": self.index, "session": ctx.session_id, "context": ctx.id})
         for job in self.sched.drop_context(ctx):
-            self._finish(job, error=_banned_error(job, ctx))
+            self.complete(job, error=_banned_error(job, ctx))
 
     # --- the runners -------------------------------------------------------------------
 
@@ -450,18 +450,18 @@ class DeviceHost:
     async def _run_job(self, core: Core, job: Job) -> None:
         now = time.monotonic()
         if job.context.banned:
-            return self._finish(job, error=_banned_error(job, job.context))
+            return self.complete(job, error=_banned_error(job, job.context))
         if job.cancel or (job.session is not None and job.session.closed):
-            return self._finish(job, error=ErrorInfo.of(ErrorCode.ECANCELED, job.cancel or "the session closed"))
+            return self.complete(job, error=ErrorInfo.of(ErrorCode.ECANCELED, job.cancel or "the session closed"))
         if job.deadline:
-            left = self.estimate_s(job) * (1 - job.segment / max(1, len(self._boundaries.get(job.program, [])) + 1))
+            left = self.estimate_s(job) * (1 - job.segment / self.programs.segments(job.program))
             if now + left > job.deadline:
-                return self._finish(job, error=ErrorInfo.of(
+                return self.complete(job, error=ErrorInfo.of(
                     ErrorCode.ETIME, f"job {job.id} missed its deadline: {max(0.0, job.deadline - now) * 1e3:.1f} ms "
                     f"were left and it needs about {left * 1e3:.1f} ms (transient: the device was busy; "
                     "retry, or give it a later deadline or a higher priority)", True))
-        if job.state == "queued":
-            job.state = "running"
+        if job.state == JobState.QUEUED:
+            job.state = JobState.RUNNING
             job.started = now
         core.job = job
         core.run_since = time.monotonic()
@@ -513,10 +513,10 @@ class DeviceHost:
             job.segment = reply["next"]
             job.preemptions += 1
             if job.cancel or (job.session is not None and job.session.closed):
-                return self._finish(job, error=ErrorInfo.of(ErrorCode.ECANCELED,
+                return self.complete(job, error=ErrorInfo.of(ErrorCode.ECANCELED,
                                                             job.cancel or "the session closed"))
             if job.deadline and time.monotonic() > job.deadline:
-                return self._finish(job, error=ErrorInfo.of(
+                return self.complete(job, error=ErrorInfo.of(
                     ErrorCode.ETIME, f"job {job.id} missed its deadline after {job.segment} layer segment(s) "
                     "(transient: the device was busy; retry, or give it a later deadline or a higher priority)",
                     True))
@@ -526,12 +526,12 @@ class DeviceHost:
         if reply["ok"]:
             stats = {**reply["stats"], "wall_ms": job.busy_s * 1e3, "preemptions": job.preemptions,
                      "queue_ms": (job.started - job.submitted) * 1e3}
-            self._finish(job, stats=stats)
+            self.complete(job, stats=stats)
         else:
             err = reply["error"]
             code = ErrorCode(err["code"]) if err["code"] in ErrorCode.__members__ else ErrorCode.EIO
             where = f" (command {err['command']})" if err.get("command") is not None else ""
-            self._finish(job, error=ErrorInfo.of(code, f"job {job.id} failed{where}: {err['message']}",
+            self.complete(job, error=ErrorInfo.of(code, f"job {job.id} failed{where}: {err['message']}",
                                                  err.get("retryable")))
 
     def _blame(self, job: Job, what: str) -> None:
@@ -576,7 +576,7 @@ class DeviceHost:
             wake_at = timeout_at
             if job.deadline and not core.preempt_sent and job.program is not None:
                 wake_at = min(wake_at, job.deadline)
-            reply = await self._reply_by(core, wake_at)
+            reply = await self._reply_by(core, wake_at, "run")
             if reply is not None:
                 break
             if time.monotonic() >= timeout_at:
@@ -593,19 +593,19 @@ class DeviceHost:
 
     async def _load_program(self, core: Core, job: Job) -> dict:
         program = job.program
-        stream, mappings = self.programs[program]
+        entry = self.programs[program]
         try:
             fd = os.memfd_create("npud-program", os.MFD_CLOEXEC)
         except OSError as exc:
             raise HostLimit(f"npud cannot pass the job's program to the device now ({exc.strerror}); "
                             "retry once buffers are freed", "ENOMEM", retryable=True) from None
         try:
-            os.write(fd, stream)
+            os.write(fd, entry.stream)
             os.lseek(fd, 0, os.SEEK_SET)
             try:
                 reply = await self._call(core, {"op": "load_program", "program": program,
-                                                "mappings": [list(m) for m in mappings],
-                                                "boundaries": self._boundaries[program][:-1]}, fd=fd)
+                                                "mappings": [list(m) for m in entry.mappings],
+                                                "boundaries": entry.boundaries[:-1]}, fd=fd)
             except DeviceFault as exc:
                 exc.delivered = False  # no job ran
                 raise
@@ -623,11 +623,10 @@ class DeviceHost:
         # caps packets far below the streams the protocol allows.  The kernel clamps
         # this to net.core.wmem_max; larger streams fail their job with EINVAL.
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * CHANNEL_BYTES)
-        config_hex = msgpack.packb(self.config.to_dict()).hex()
         try:
             core.process = await lifeline.open_process(
-                "npud.emulator.device_process", ["--sock-fd", str(theirs.fileno()), "--config", config_hex],
-                pass_fds=(theirs.fileno(),), env=threads.ENV)
+                self.driver.device_process, ["--sock-fd", str(theirs.fileno()), *self.driver.process_args(self.config)],
+                pass_fds=(theirs.fileno(),), env=drivers.ONE_COMPUTE_THREAD)
         except BaseException:
             ours.close()   # _reset retries while descriptors are short: do not leak one per try
             raise
@@ -689,14 +688,12 @@ class DeviceHost:
     async def _started(self, core: Core) -> None:
         """Wait for a new process's ``ready``, so that no request's deadline pays for its start."""
         try:
-            reply = await self._reply_by(core, time.monotonic() + START_TIMEOUT_S)
+            reply = await self._reply_by(core, time.monotonic() + START_TIMEOUT_S, "ready")
         except DeviceLost as exc:
             exc.delivered = False   # nothing was sent to it: whatever job is at hand is innocent
             raise
         if reply is None:
             raise Hung(f"its process did not start within {START_TIMEOUT_S:g} s", delivered=False)
-        if reply.get("op") != "ready":
-            raise DeviceLost(f"its process broke the protocol: {reply!r} before ready", delivered=False)
         core.started = True
         core.kernels = str(reply.get("kernels", ""))
         core.threads = dict(reply.get("threads", {}))
@@ -717,7 +714,10 @@ class DeviceHost:
                                    "or submit a shorter command stream)") from None
             raise DeviceLost(f"device process connection failed: {exc}", delivered=False) from None
 
-    async def _recv(self, core: Core) -> dict:
+    async def _recv(self, core: Core, op: str) -> dict:
+        """The process's reply to ``op``, checked against the device link's schema (npud/drivers/
+        link.py): one that breaks the protocol is the device's failure (DeviceLost), never an
+        exception in the daemon."""
         try:
             reply = await core.sock.recv(MAX_REPLY)
         except OSError as exc:
@@ -725,14 +725,17 @@ class DeviceHost:
         if not reply:
             await core.process.wait()
             raise DeviceLost(f"device process exited with status {core.process.returncode}")
-        return msgpack.unpackb(reply, raw=False)
+        try:
+            return link.check_reply(op, reply)
+        except link.ProtocolError as exc:
+            raise DeviceLost(f"its process broke the protocol: {exc}", delivered=op == "run") from None
 
-    async def _reply_by(self, core: Core, at: float) -> dict | None:
+    async def _reply_by(self, core: Core, at: float, op: str) -> dict | None:
         """The process's next reply, or None if it sends none by ``at`` (``time.monotonic()``).
 
         The one way an exchange with a device process is timed: every wait for a reply ends."""
         with trio.move_on_after(max(0.0, at - time.monotonic())):
-            return await self._recv(core)
+            return await self._recv(core, op)
         return None
 
     async def _call(self, core: Core, request: dict, fd: int | None = None) -> dict:
@@ -740,7 +743,7 @@ class DeviceHost:
         ``exchange_timeout_s`` (a process stopped, or stuck, while the core was idle)."""
         await self._send(core, msgpack.packb(request, use_bin_type=True), request["op"], fd)
         limit = self.params.exchange_timeout_s
-        reply = await self._reply_by(core, time.monotonic() + limit)
+        reply = await self._reply_by(core, time.monotonic() + limit, request["op"])
         if reply is None:
             raise Hung(f"its process did not answer {request['op']} within {limit:g} s")
         return reply

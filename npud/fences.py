@@ -73,13 +73,7 @@ def fail(daemon: "Daemon", job: "Job", error: ErrorInfo) -> bool:
             if core.job is job:
                 core.preempt()
         return False
-    if job.state not in ("queued", "running"):
-        return True
-    if job.ready_since:
-        device._finish(job, error=error)   # it is in a run queue (queued, or preempted)
-    else:
-        job.finish(error=error)            # still waiting for its dependencies
-        daemon._job_done(job)
+    device.complete(job, error=error)
     return True
 
 

@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from npud.emulator.errors import StreamError
-from npud.emulator.validator import Mapping, validate
+from npud.drivers import Binding, ProgramRejected
 from npud.ipc_schema import codec
 from npud.ipc_schema.errors import ErrorCode, ErrorInfo, RequestError
 from npud.ipc_schema.schema import MAX_INLINE_BYTES, OPS, PROTOCOL_VERSION
@@ -235,7 +234,7 @@ def alloc(daemon, call, args):
     bo = _allocate(daemon, device, size)
     handle = session.new_handle()
     session.buffers[handle] = bo
-    session.memory += bo.mapped_size
+    device.refs.charge(session, bo)
     return {"handle": handle, "size": bo.size}
 
 
@@ -244,8 +243,7 @@ def free(daemon, call, args):
     session = call.session
     bo = _buffer(session, args["handle"])
     del session.buffers[args["handle"]]
-    session.memory -= bo.mapped_size
-    daemon.unref(bo)  # jobs still using it keep it alive until they finish
+    daemon.devices[bo.device].refs.drop(session, bo)  # jobs still using it keep it alive until they finish
     return {}
 
 
@@ -281,11 +279,8 @@ def read(daemon, call, args):
 async def _off_loop(daemon, bo, fn, *args):
     """``fn(*args)`` on a thread, holding a reference to ``bo`` so that the session closing
     meanwhile cannot unmap it under the copy."""
-    bo.refs += 1
-    try:
+    with daemon.devices[bo.device].refs.held(bo):
         return await trio.to_thread.run_sync(fn, *args)
-    finally:
-        daemon.unref(bo)
 
 
 @handler("map", waits=True, touches=_the_buffer)
@@ -319,21 +314,21 @@ async def submit(daemon, call, args):
             raise RequestError(ErrorCode.EINVAL, f"bindings[{i}]: buffer {b['handle']} lives on device "
                                                  f"{bo.device}, not {device.index}")
         bindings.append((bo, b["va"], b["writable"]))
-        mappings.append(Mapping(b["va"], bo.mapped_size, b["writable"]))
+        mappings.append(Binding(b["va"], bo.mapped_size, b["writable"]))
     check_layout([(m.va, m.size, f"bindings[{i}]") for i, m in enumerate(mappings)], device.config.page_size)
     stream = args["stream"]
     ctx, deps = _job_options(daemon, session, device, args)
     try:
         if len(stream) >= THREAD_THRESHOLD:
-            program = await trio.to_thread.run_sync(validate, stream, device.config, mappings)
+            program = await trio.to_thread.run_sync(device.validate, stream, mappings)
         else:
-            program = validate(stream, device.config, mappings)
-    except StreamError as exc:
-        raise RequestError(ErrorCode.EINVAL, f"command stream refused: {exc.message}") from None
+            program = device.validate(stream, mappings)
+    except ProgramRejected as exc:
+        raise RequestError(ErrorCode.EINVAL, f"command stream refused: {exc}") from None
     if session.closed:
         raise RequestError(ErrorCode.ENOTCONN, "the session closed")
     _check_admission(daemon, session, device)  # again: the validation let others in meanwhile
-    estimate = program.stats.cycles / (device.config.clock_mhz * 1e6)
+    estimate = program.cycles / (device.config.clock_mhz * 1e6)
     return _queue_job(daemon, session, device, stream, bindings, ctx=ctx, deps=deps, args=args,
                       estimate_s=estimate)
 
@@ -403,32 +398,30 @@ def _job_options(daemon, session, device, args) -> tuple[Context, list[Job]]:
 
 def _queue_job(daemon, session, device, stream: bytes, bindings, program: int | None = None,
                model=None, *, ctx: Context, deps: list[Job], args, estimate_s: float = 0.0) -> dict:
-    job = Job(session.new_job_id(), session.id, device.index, stream, bindings, program=program,
-              pid=session.pid, client=session.name)
-    if model is not None:  # what `jobs` and `trace` show of it
-        job.model, job.layers, job.model_name = model.id, model.layers, model.name
-    job.session, job.context, job.estimate_s = session, ctx, estimate_s
-    job.timeout_s = args.get("timeout_ms", 0) / 1000
+    job_id, submitted = session.new_job_id(), time.monotonic()   # the id is taken even if refused below
     if "deadline_ms" in args:
-        job.deadline = job.submitted + args["deadline_ms"] / 1000
-        need = device.estimate_s(job)
+        need = device.expected_s(program, estimate_s)
         if need > args["deadline_ms"] / 1000:
             raise RequestError(ErrorCode.ETIME, f"this job needs about {need * 1e3:.1f} ms of device time, more "
                                                 f"than its {args['deadline_ms']} ms deadline even on an idle "
                                                 "device (persistent: a retry cannot help)", retryable=False)
     faults = session.faults.get(device.index)
-    if faults:
-        job.fault = faults.pop(0)
+    shown = {"model": model.id, "layers": model.layers, "model_name": model.name} if model is not None else {}
+    job = Job(job_id, session.id, device.index, stream, bindings, program=program,   # in one step
+              submitted=submitted, pid=session.pid, client=session.name, session=session, context=ctx,
+              point=ctx.next_point(), estimate_s=estimate_s, timeout_s=args.get("timeout_ms", 0) / 1000,
+              deadline=submitted + args["deadline_ms"] / 1000 if "deadline_ms" in args else 0.0,
+              fault=faults.pop(0) if faults else None, **shown)
     for bo, _va, _w in bindings:
-        bo.refs += 1
-    job.point = ctx.next_point()
+        device.refs.retain(bo)   # released when the job ends (Daemon._job_done)
+    if program is not None:
+        device.programs.retain(program)   # released when it ends (DeviceHost.complete), run or not
     session.jobs_in_flight += 1
     session.jobs_submitted += 1
     session.remember_job(job)
     failed = fences.depend(daemon, job, deps)
     if failed is not None:
-        job.finish(error=failed)
-        daemon._job_done(job)
+        device.complete(job, error=failed)
     elif job.waiting_on == 0:
         device.submit(job)
     return {"job": job.id, "context": ctx.id, "point": job.point}
@@ -494,7 +487,7 @@ async def load(daemon, call, args):
                               if quota is None else min(daemon.config.limits.memory_quota,
                                                         session.memory + max(0, quota - used)))
     if session.closed:  # it went away while the stream was being validated
-        daemon.unload_model(model)
+        device.unload_model(session, model)
         raise RequestError(ErrorCode.ENOTCONN, "the session closed")
     session.models[model.id] = model
     return {**model.info(cached, ms), "model_digest": digest}
@@ -507,23 +500,21 @@ async def _executable(daemon, session, device, args):
         if "model" in args or "model_buffer" in args:
             raise RequestError(ErrorCode.EINVAL, "give exactly one of model, model_buffer or model_digest")
         digest = args["model_digest"]
-        return (*await daemon.loader.by_digest(digest, options, device.config, session.uid), digest)
+        return (*await daemon.loader.by_digest(digest, options, device.config, session.uid, device.target),
+                digest)
     data, source = _model_source(session, args)
     if source is None:
         digest = (await trio.to_thread.run_sync(model_digest, data) if len(data) >= THREAD_THRESHOLD
                   else model_digest(data))
-        result = await daemon.loader.executable(data, options, device.config, digest,
+        result = await daemon.loader.executable(data, options, device.config, digest, target=device.target,
                                                 compile_faults=session.compile_faults.get(device.index))
     else:
         bo, span = source
-        bo.refs += 1  # a concurrent free must not unmap it under the hashing or the copy
-        try:
+        with daemon.devices[bo.device].refs.held(bo):  # a concurrent free must not unmap it under the hash
             digest = await trio.to_thread.run_sync(model_digest, bo.view()[span])
             result = await daemon.loader.executable(bo.view()[span], options, device.config, digest,
-                                                    private_copy=lambda: _copy_model(bo, span),
+                                                    target=device.target, private_copy=lambda: _copy_model(bo, span),
                                                     compile_faults=session.compile_faults.get(device.index))
-        finally:
-            daemon.unref(bo)
     daemon.loader.presented(digest, session.uid)  # this user has shown it holds the model
     return (*result, digest)
 
@@ -534,12 +525,9 @@ async def check(daemon, call, args):
     data, source = _model_source(call.session, args)
     if source is not None:
         bo, span = source
-        bo.refs += 1
-        try:
+        with daemon.devices[bo.device].refs.held(bo):
             data, _digest = await _copy_model(bo, span)
-        finally:
-            daemon.unref(bo)
-    return {"problems": await daemon.loader.check(data, device.config)}
+    return {"problems": await daemon.loader.check(data, device.config, device.target)}
 
 
 @handler("run_model", touches=_new_job)
@@ -696,7 +684,7 @@ def report(daemon, call, args):
 def unload(daemon, call, args):
     model = _model(call.session, args["model"])
     del call.session.models[model.id]
-    call.session.memory -= daemon.unload_model(model)
+    daemon.devices[model.device].unload_model(call.session, model)
     return {}
 
 

@@ -8,6 +8,7 @@ import time
 from array import array
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -20,6 +21,15 @@ if TYPE_CHECKING:
     from .memory import BufferObject
 
 
+class JobState(StrEnum):
+    """queued -> running -> done | failed.  A str: the wire, `jobs` and `trace` carry its value."""
+
+    QUEUED = "queued"        # waiting on fences, or in a run queue
+    RUNNING = "running"      # on a core, or preempted between segments
+    DONE = "done"
+    FAILED = "failed"
+
+
 # Sessions keep their last FINISHED_JOBS_KEPT jobs, so a job's size is paid a thousand times per
 # busy session: slots save the per-instance dict.
 @dataclass(eq=False, slots=True)
@@ -30,7 +40,7 @@ class Job:
     stream: bytes                # empty when `program` names a loaded program
     bindings: list[tuple["BufferObject", int, bool]]   # (buffer, va, writable)
     program: int | None = None   # a model's program, validated once at load
-    state: str = "queued"        # queued -> running -> done | failed
+    state: JobState = JobState.QUEUED
     packed_stats: bytes = b""    # its stats, msgpack-encoded (see `stats`)
     error: ErrorInfo | None = None
     submitted: float = field(default_factory=time.monotonic)
@@ -73,7 +83,7 @@ class Job:
         It lets go of its session (needed only while it may run): a session and its kept jobs
         referencing each other were a cycle, freed only by a full garbage collection, minutes
         after the session closed."""
-        self.state = "failed" if error else "done"
+        self.state = JobState.FAILED if error else JobState.DONE
         self.session = None
         self.packed_stats = msgpack.packb(stats) if stats else b""
         self.error = error
@@ -123,7 +133,7 @@ class KeptJob:
     def _head(self) -> tuple:
         return _KEPT_HEAD.unpack_from(self._packed)
 
-    state = property(lambda self: "failed" if self._packed[0] else "done")
+    state = property(lambda self: JobState.FAILED if self._packed[0] else JobState.DONE)
     device = property(lambda self: self._head()[1])
     pid = property(lambda self: self._head()[2])
     model = property(lambda self: self._head()[3])

@@ -14,18 +14,24 @@ next owner's data to it.  Pooled buffers are zeroed before reuse.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gc
 import itertools
 import mmap
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from npud.ipc_schema.errors import ErrorCode, RequestError
 
 from .fds import FdBudget
+
+if TYPE_CHECKING:
+    from .sessions import Session
 
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _ids = itertools.count(1)
@@ -148,6 +154,54 @@ class DeviceMemory:
                 self.fds.buffers -= 1
         self._pool.clear()
         self._pool_bytes = 0
+
+
+class BufferRefs:
+    """The one owner of a device's buffer-object references and of what sessions are charged for
+    them (as IREE's HAL retains and releases in pairs): nothing else changes ``refs`` or
+    ``Session.memory``.
+
+    A buffer is born with one reference, its owner's: a session's handle, or a loaded model's
+    weights or arena.  ``charge`` bills a session for that reference and ``drop`` refunds it and
+    releases it; every job that binds a buffer, and every copy off the event loop, holds one more
+    (``retain``/``release``, or ``held``).  The last release hands the buffer to ``forget``, which
+    unmaps it in the device processes and then frees it."""
+
+    def __init__(self, forget: Callable[[BufferObject], None]):
+        self._forget = forget
+
+    def retain(self, bo: BufferObject) -> BufferObject:
+        bo.refs += 1
+        return bo
+
+    def release(self, bo: BufferObject) -> None:
+        bo.refs -= 1
+        if bo.refs == 0:
+            self._forget(bo)
+
+    @contextlib.contextmanager
+    def held(self, bo: BufferObject) -> Iterator[BufferObject]:
+        """A reference for the duration of a block: a concurrent ``free`` or a session closing
+        meanwhile cannot unmap the buffer under a copy or a hash."""
+        self.retain(bo)
+        try:
+            yield bo
+        finally:
+            self.release(bo)
+
+    def charge(self, session: "Session", bo: BufferObject) -> None:
+        """Bill ``session`` for the owner's reference of ``bo`` (its handle's, or its model's)."""
+        session.memory += bo.mapped_size
+
+    def drop(self, session: "Session", bo: BufferObject) -> None:
+        """The owner lets go: refund ``session`` and release the owner's reference."""
+        session.memory -= bo.mapped_size
+        self.release(bo)
+
+    def drop_all(self, session: "Session", fixed: list[tuple[BufferObject, int, bool]]) -> None:
+        """``drop`` each buffer of a model's (buffer, va, writable) list."""
+        for bo, _va, _w in fixed:
+            self.drop(session, bo)
 
 
 def _libc_malloc_trim():

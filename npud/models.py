@@ -23,10 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import trio
 
-from npud.compiler_worker.errors import ExecutableFormatError
-from npud.emulator.config import DeviceConfig
-from npud.emulator.errors import StreamError
-from npud.emulator.validator import Mapping, validate
+from npud.drivers import Binding, DeviceParams, ProgramRejected
+from npud.executable import ExecutableFormatError
 from npud.ipc_schema.errors import ErrorCode, RequestError
 
 from .compile_cache import CachedExecutable, CompileCache, cache_key, model_digest
@@ -35,6 +33,8 @@ from .jobs import compact_layers
 from .memory import BufferObject, round_up
 
 if TYPE_CHECKING:
+    from npud.targets import Target
+
     from .devices import DeviceHost
     from .sessions import Session
 
@@ -180,8 +180,9 @@ class ModelLoader:
         self._presented = PresentedDigests(PRESENTED_KEPT)
         self._storing: set[trio.Event] = set()
 
-    async def executable(self, model, options: dict, config: DeviceConfig, digest: bytes | None = None,
-                         private_copy=None, compile_faults: list | None = None) -> tuple[CachedExecutable, bool, float]:
+    async def executable(self, model, options: dict, config: DeviceParams, digest: bytes | None = None,
+                         private_copy=None, compile_faults: list | None = None, *,
+                         target: Target) -> tuple[CachedExecutable, bool, float]:
         """(executable, came from the cache, milliseconds it took).
 
         ``digest`` is ``model_digest(model)`` if the caller computed it already.
@@ -190,23 +191,26 @@ class ModelLoader:
         only a cache miss pays for the copy: a hit serves an entry compiled from
         bytes with that very digest, whatever the client did meanwhile, while a
         compile must hash exactly the bytes it compiles.  ``compile_faults`` (test mode): the
-        session's pending slow_compile faults; a compile takes the first.
+        session's pending slow_compile faults; a compile takes the first.  ``target``: the
+        device's compiler target (its fingerprint is part of the key).
         """
         started = time.perf_counter()
         if digest is None and len(model) >= HASH_IN_THREAD_BYTES:  # ~0.5 ms per MB: not on the event loop
             digest = await trio.to_thread.run_sync(model_digest, model)
-        key = cache_key(model, options, config, digest)
+        fingerprint = target.fingerprint()
+        key = cache_key(model, options, config, fingerprint, digest)
         exe = await self._lookup(key)
         if exe is None and private_copy is not None:
             model, digest = await private_copy()
-            key = cache_key(model, options, config, digest)
+            key = cache_key(model, options, config, fingerprint, digest)
             exe = await self._lookup(key)
         if exe is not None:
             return exe, True, (time.perf_counter() - started) * 1e3
         self._in_flight[key] = done = trio.Event()
         storing = False
         try:
-            request = {"op": "compile", "model": model, "config": config.to_dict(), "options": options}
+            request = {"op": "compile", "model": model, "config": config.to_dict(), "options": options,
+                       "target": target.name}
             if compile_faults:
                 request["slow_s"] = compile_faults.pop(0)["slow_ms"] / 1000
             reply = raise_for(await self.pool.compile(request))
@@ -233,13 +237,13 @@ class ModelLoader:
         if uid >= 0:
             self._presented.add(digest, uid)
 
-    async def by_digest(self, digest: bytes, options: dict, config: DeviceConfig,
-                        uid: int) -> tuple[CachedExecutable, bool, float]:
+    async def by_digest(self, digest: bytes, options: dict, config: DeviceParams,
+                        uid: int, target: Target | None = None) -> tuple[CachedExecutable, bool, float]:
         """A cached executable for a model known only by its digest, for a user who has sent it."""
         started = time.perf_counter()
         exe = None
         if uid >= 0 and uid in self._presented.users(digest):
-            exe = await self._lookup(cache_key(None, options, config, digest))
+            exe = await self._lookup(cache_key(None, options, config, target.fingerprint(), digest))
         if exe is None:
             raise RequestError(ErrorCode.ENOENT, "no cached executable of that model digest for this user "
                                                  "and these options: send the model's bytes")
@@ -277,9 +281,9 @@ class ModelLoader:
             if exe is not None or key not in self._in_flight:  # else one started while we read
                 return exe
 
-    async def check(self, model: bytes, config: DeviceConfig) -> list[dict]:
+    async def check(self, model: bytes, config: DeviceParams, target: Target) -> list[dict]:
         return raise_for(await self.pool.compile(
-            {"op": "check", "model": model, "config": config.to_dict()}))["problems"]
+            {"op": "check", "model": model, "config": config.to_dict(), "target": target.name}))["problems"]
 
 
 def _copy_into(dst: memoryview, src: memoryview) -> None:
@@ -311,7 +315,7 @@ async def instantiate(session: "Session", device: "DeviceHost", exe: CachedExecu
         raise RequestError(ErrorCode.EDQUOT, f"this model needs {charge} bytes of device memory for its "
                                              f"weights and arena; the session holds {session.memory} of "
                                              f"its {quota}-byte quota")
-    mappings = [Mapping(r["va"], round_up(max(r["size"], 1), page), bool(r["writable"]))
+    mappings = [Binding(r["va"], round_up(max(r["size"], 1), page), bool(r["writable"]))
                 for r in regions.values()]
     io, ops, stream = exe.io, exe.ops, exe.stream   # a cached executable decodes them at each access
     by_tensor = {(r["kind"], r.get("tensor")): r for r in regions.values()}
@@ -326,27 +330,48 @@ async def instantiate(session: "Session", device: "DeviceHost", exe: CachedExecu
     checked = _validation_key(config, mappings)
     if not exe.validated_for(checked):
         try:
-            await trio.to_thread.run_sync(validate, stream, config, mappings)
-        except StreamError as exc:
+            await trio.to_thread.run_sync(device.validate, stream, mappings)
+        except ProgramRejected as exc:
             raise RequestError(ErrorCode.EIO, f"the compiler produced a stream the device refuses: "
-                                              f"{exc.message}") from None
+                                              f"{exc}") from None
         exe.validated += checked
+    bounds, cycles = _report_bounds(ops)
     fixed = await _fixed_buffers(device, exe, fixed_regions)
-    session.memory += sum(bo.mapped_size for bo, _va, _w in fixed)
-    bounds, total = [], 0
-    for row in ops:
-        total += int(row.get("commands", 0))
-        bounds.append(total)
-    program = device.add_program(stream, [(m.va, m.size, m.writable) for m in mappings], bounds)
-    if exe.trace_layers is None:
-        exe.trace_layers = compact_layers(ops)
-    # The name interned: the trace ring keeps it for each of its events, and names repeat.
-    return LoadedModel(model_id, device.index, exe, program, fixed, io["inputs"], io["outputs"], regions,
-                       layers=exe.trace_layers, cycles=sum(int(r.get("cycles", 0)) for r in ops),
-                       name=sys.intern(str(exe.meta.get("model_name", ""))[:256]))
+    for bo, _va, _w in fixed:
+        device.refs.charge(session, bo)
+    program = None
+    try:
+        program = device.programs.add(stream, [(m.va, m.size, m.writable) for m in mappings], bounds)
+        if exe.trace_layers is None:
+            exe.trace_layers = compact_layers(ops)
+        # The name interned: the trace ring keeps it for each of its events, and names repeat.
+        return LoadedModel(model_id, device.index, exe, program, fixed, io["inputs"], io["outputs"], regions,
+                           layers=exe.trace_layers, cycles=cycles,
+                           name=sys.intern(str(exe.meta.get("model_name", ""))[:256]))
+    except BaseException as exc:   # undo it all: nothing stays charged, allocated or registered
+        device.refs.drop_all(session, fixed)
+        if program is not None:
+            device.programs.remove(program)
+        if isinstance(exc, Exception) and not isinstance(exc, RequestError):
+            raise RequestError(ErrorCode.EIO, f"the executable is malformed ({exc!r})") from None
+        raise
 
 
-def _validation_key(config: DeviceConfig, mappings: list[Mapping]) -> bytes:
+def _report_bounds(ops: list) -> tuple[list[int], int]:
+    """(the command count at the end of each layer, the modeled cycles of a run) from the
+    executable's per-op report, or EIO: the compiler's report is checked like its stream."""
+    bounds, total, cycles = [], 0, 0
+    try:
+        for row in ops:
+            total += int(row.get("commands", 0))
+            cycles += int(row.get("cycles", 0))
+            bounds.append(total)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise RequestError(ErrorCode.EIO, f"the executable's per-op report is malformed ({exc})") from None
+    return bounds, cycles
+
+
+def _validation_key(config: DeviceParams, mappings: list[Binding]) -> bytes:
     """What a stream was validated against (the target and the layout), as 16 bytes."""
     text = json.dumps([config.to_dict(), [(m.va, m.size, m.writable) for m in mappings]], sort_keys=True)
     return hashlib.blake2b(text.encode(), digest_size=CachedExecutable.VALIDATION_KEY).digest()
@@ -365,8 +390,7 @@ async def _fixed_buffers(device: "DeviceHost", exe: CachedExecutable, fixed_regi
             if r["kind"] == "weights" and not r["writable"]:
                 bo = device.shared_weights.get(exe)
                 if bo is not None and bo.refs > 0 and not bo.uncharged and bo.size == size:
-                    bo.refs += 1
-                    fixed.append((bo, r["va"], False))
+                    fixed.append((device.refs.retain(bo), r["va"], False))
                     continue
             bo = device.memory.allocate(size)
             fixed.append((bo, r["va"], bool(r["writable"])))
@@ -382,8 +406,6 @@ async def _fixed_buffers(device: "DeviceHost", exe: CachedExecutable, fixed_regi
                     device.shared_weights[exe] = bo
     except BaseException:
         for bo, _va, _w in fixed:
-            bo.refs -= 1
-            if bo.refs == 0:
-                device.memory.release(bo)  # never seen by the device: no unmap needed
+            device.refs.release(bo)
         raise
     return fixed

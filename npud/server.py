@@ -25,14 +25,13 @@ from dataclasses import dataclass
 import trio
 import zmq
 
-from npud.emulator.config import make_config
 from npud.ipc_schema import codec
 from npud.ipc_schema.endpoint import attach_path_for, ipc_path
 from npud.ipc_schema.errors import ErrorCode, ErrorInfo, RequestError
 from npud.ipc_schema.schema import HARD_FRAME_LIMIT, PROTOCOL_VERSION
 from npud.ipc_schema.trio_zmq import OwnedSocket
 
-from . import __version__, attach, auth, fences, handlers, systemd
+from . import __version__, attach, auth, drivers, fences, handlers, systemd
 from . import policy as policy_mod
 from .config import Config
 from .devices import DeviceHost, SchedulingParams
@@ -40,8 +39,8 @@ from .fds import FdBudget
 from .compile_cache import CompileCache, default_directory
 from .compilers import CompilerPool
 from .jobs import Job, TraceRing
-from .models import LoadedModel, ModelLoader
-from .memory import BufferObject, HeapTrimmer
+from .models import ModelLoader
+from .memory import HeapTrimmer
 from .ordering import Sequencer, Ticket
 from .sessions import Session, SessionTable, UsageByUid
 
@@ -114,9 +113,7 @@ class Daemon:
                                   starvation_s=sched.starvation_ms / 1000, max_queued=sched.max_queued_per_device,
                                   cores=sched.device_processes, test_mode=config.test_mode)
         self.fds = FdBudget()   # the devices' buffers share one count against the open-file limit
-        self.devices = [DeviceHost(i, spec.name, spec.preset, make_config(spec.preset, **spec.params),
-                                   self._job_done, params, self.fds)
-                        for i, spec in enumerate(config.devices)]
+        self.devices = [self._device(i, spec, params) for i, spec in enumerate(config.devices)]
         self.fence_tokens: dict[str, Job] = {}   # fence_export tokens (npud/fences.py)
         self.loader = ModelLoader(
             CompilerPool(config.compile_workers, config.compile_memory_bytes, config.compile_timeout_s,
@@ -137,6 +134,12 @@ class Daemon:
         self._idle = trio.Event()
         self._idle.set()
         self.version = (__version__, list(PROTOCOL_VERSION))
+
+    def _device(self, index: int, spec, params: SchedulingParams) -> DeviceHost:
+        """The host of one configured device, through its driver (loaded here, on first use)."""
+        driver = drivers.driver(spec.driver)
+        return DeviceHost(index, spec.name, spec.preset, driver.params(spec.preset, spec.params),
+                          self._job_done, params, self.fds, driver)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -497,25 +500,10 @@ class Daemon:
                                                  f"{len(self.devices)} (see `npuctl devices`)")
         return self.devices[index]
 
-    def unref(self, bo: BufferObject) -> None:
-        bo.refs -= 1
-        if bo.refs == 0:
-            self.devices[bo.device].forget(bo)
-
-    def unload_model(self, model: LoadedModel) -> int:
-        """Drop a model's buffers and program; jobs still running keep the buffers alive."""
-        self.devices[model.device].remove_program(model.program)
-        session_charge = 0
-        for bo, _va, _w in model.fixed:
-            session_charge += bo.mapped_size
-            self.unref(bo)
-        model.fixed = []
-        return session_charge
-
     def _job_done(self, job: Job) -> None:
         session = self.sessions.by_id(job.session_id)
         for bo, _va, _w in job.bindings:
-            self.unref(bo)
+            self.devices[bo.device].refs.release(bo)
         job.bindings = []
         job.stream = b""    # the session keeps the finished job (for a late wait), not its stream
         if session is not None:
@@ -566,12 +554,11 @@ class Daemon:
             ErrorCode.ESHUTDOWN, "npud stopped before the job ran; submit it again once it is back")
             if self.stopping else ErrorInfo.of(ErrorCode.ECANCELED, "the session closed"))
         for model in session.models.values():
-            self.unload_model(model)
+            self.devices[model.device].unload_model(session, model)
         session.models.clear()
         for bo in session.buffers.values():
-            self.unref(bo)
+            self.devices[bo.device].refs.drop(session, bo)
         session.buffers.clear()
-        session.memory = 0
         session.attach_scope.cancel()  # the companion socket's task closes it
         log.info("session %s (%s, pid %d) closed: %s", session.id, session.name, session.pid, why,
                  extra={"session": session.id, "uid": session.uid})

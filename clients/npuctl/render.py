@@ -52,20 +52,25 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, empty: st
 
 def devices_table(devices: list[dict]) -> str:
     return table(
-        ["IDX", "NAME", "PRESET", "STATE", "UTIL", "MEMORY USED / TOTAL", "QUEUED", "RUNNING", "DONE",
+        ["IDX", "NAME", "DRIVER", "PRESET", "STATE", "UTIL", "MEMORY USED / TOTAL", "QUEUED", "RUNNING", "DONE",
          "FAILED", "BUSY", "RESETS", "BANNED"],
-        [[d["index"], d["name"], d["preset"], d["state"], f"{d['util_pct']:.0f}%",
+        [[d["index"], d["name"], _driver(d), d["preset"], d["state"], f"{d['util_pct']:.0f}%",
           f"{human_bytes(d['memory_used'])} / {human_bytes(d['memory_total'])}", d["jobs_queued"],
           d["jobs_running"], d["jobs_completed"], d["jobs_failed"], f"{d['busy_ms'] / 1000:.1f}s",
           d["resets"], d.get("banned_contexts", 0)] for d in devices])
+
+
+def _driver(device: dict) -> str:
+    """``name version`` of the device's driver (a daemon before drivers: npu-emu, unversioned)."""
+    return f"{device.get('driver', 'npu-emu')} {device.get('driver_version', '')}".strip()
 
 
 def device_params(device: dict) -> str:
     p = device["params"]
     lines = [f"{k:>22}: {v}" for k, v in sorted(p.items())]
     uuid = f", {device['uuid']}" if device.get("uuid") else ""
-    return (f"device {device['index']} ({device['name']}, preset {device['preset']}{uuid})\n"
-            f"{device_kernels(device)}\n" + "\n".join(lines))
+    return (f"device {device['index']} ({device['name']}, driver {_driver(device)}, preset {device['preset']}{uuid})\n"
+            + f"{device_kernels(device)}\n" + "\n".join(lines))
 
 
 def device_kernels(device: dict) -> str:

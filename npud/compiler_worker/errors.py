@@ -48,5 +48,5 @@ class CompileErrors(CompileError):
         return (CompileErrors, (self.errors,))
 
 
-class ExecutableFormatError(ValueError):
-    """Bytes that are not a valid, intact executable."""
+# The container's error lives with the container (npud/executable), which the daemon imports.
+from npud.executable import ExecutableFormatError  # noqa: E402,F401

@@ -9,7 +9,7 @@ import time
 from .passes import (canonicalize, emit, fold, import_onnx, integers, layout, legalize, memory,
                      patterns, tiling)
 
-COMPILER_VERSION = "0.2.0"
+from .version import COMPILER_VERSION  # noqa: F401  (api.py imports it from here)
 
 PASSES = [
     ("import", import_onnx.run),         # ONNX bytes -> IR, shape inference, sanity checks

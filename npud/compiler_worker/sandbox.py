@@ -40,7 +40,8 @@ _PR_SET_NO_NEW_PRIVS = 38
 
 READ_ONLY = _FS_READ_FILE | _FS_READ_DIR | _FS_EXECUTE
 SYSTEM_LIBRARIES = ("/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib", "/etc/ld.so.cache")
-PACKAGES = ("npud.compiler_worker", "npud.emulator", "npud.ipc_schema", "onnx", "numpy", "msgpack", "zmq")
+PACKAGES = ("npud.compiler_worker", "npud.emulator", "npud.ipc_schema", "npud.executable", "npud.targets",
+            "npud.drivers", "onnx", "numpy", "msgpack", "zmq")
 
 
 class _RulesetAttr(ctypes.Structure):

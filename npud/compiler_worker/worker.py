@@ -5,7 +5,7 @@ the daemon's private compile endpoint with its name as routing id, announces
 ``{"op": "ready", "confinement": str}`` (what npud/compiler_worker/sandbox.py did, for the
 log), then answers each request with one reply::
 
-    {"id": n, "op": "compile", "model": bin, "config": map, "options": map}
+    {"id": n, "op": "compile", "model": bin, "config": map, "options": map, "target": str}
         -> {"id": n, "ok": true, "executable": bin, "seconds": float}
     {"id": n, "op": "check", "model": bin, "config": map}
         -> {"id": n, "ok": true, "problems": [{"node", "op", "reason"}, ...]}
@@ -67,6 +67,8 @@ def handle(request: dict, test_mode: bool = False) -> dict:
     if test_mode and request.get("slow_s"):
         time.sleep(float(request["slow_s"]))  # an injected slow compile
     try:
+        if request.get("target", "npu-emu") != "npu-emu":
+            return _for_target(request, started)
         config = DeviceConfig.from_dict(request["config"])
         if request["op"] == "check":
             problems = [{"node": e.node or "", "op": e.op or "", "reason": e.reason}
@@ -76,6 +78,19 @@ def handle(request: dict, test_mode: bool = False) -> dict:
         return {"ok": True, "executable": exe.to_bytes(), "seconds": time.perf_counter() - started}
     except Exception as exc:  # MemoryError too: every failure is this compile's, not the worker's
         return {"ok": False, "error": _error(exc)}
+
+
+def _for_target(request: dict, started: float) -> dict:
+    """A request for a target other than npu-emu's: through the target registry (npud/targets)."""
+    from npud import targets
+
+    target = targets.target(request["target"])
+    if request["op"] == "check":
+        return {"ok": True, "problems": [{"node": s.node, "op": s.op, "reason": s.reason}
+                                         for s in target.support(request["model"], request["config"])
+                                         if not s.supported]}
+    return {"ok": True, "executable": target.compile(request["model"], request["config"], request.get("options") or {}),
+            "seconds": time.perf_counter() - started}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     _limit_resources(args.memory_limit)
     # Before any thread starts (ZeroMQ's I/O thread, BLAS's) and before the compiler is imported:
     # Landlock confines only the calling thread and those it starts later.
+    from npud import targets
+    targets.installed()   # the registry's listing, read while the entry points' files are still readable
     confinement = sandbox.confine()
     from . import api  # noqa: F401 -- the compiler, imported from inside the confinement
     sock = zmq.Context().socket(zmq.DEALER)
@@ -96,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     dropped = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)   # before connect: no event missed
     sock.connect(args.endpoint)
     sock.send(msgpack.packb({"op": "ready", "confinement": confinement}))
-    # No watch on the daemon here: the lifeline it was started through (npud/emulator/lifeline.py)
+    # No watch on the daemon here: the lifeline it was started through (npud/lifeline.py)
     # ends this process when the daemon dies, busy or idle.
     return _serve(sock, dropped, args.test_mode)
 

@@ -49,18 +49,12 @@ every access against each run's own bindings.
 
 from __future__ import annotations
 
-import argparse
-import array
 import dataclasses
-import mmap
-import os
-import signal
 import socket
 import sys
 import time
 
-import msgpack
-
+from npud.drivers import link
 from npud.emulator.config import DeviceConfig
 from npud.emulator import threads
 from npud.emulator.device import Device
@@ -70,93 +64,26 @@ from npud.emulator.isa import Engine
 from npud.emulator.timing import command_cost
 from npud.emulator.validator import Mapping, Program, validate
 
-MAX_PACKET = 32 << 20
-KEEP_PACKET_BYTES = 1 << 20   # the packet buffer keeps at most this much resident between packets
 
-
-class DeviceProcess:
+class DeviceProcess(link.DeviceServer):
     def __init__(self, sock: socket.socket, config: DeviceConfig):
-        self.sock = sock
+        super().__init__(sock)
         self.device = Device(config)
-        self.buffers: dict[int, mmap.mmap] = {}
         self.programs: dict[int, Program] = {}
         self.segments: dict[int, list[Program]] = {}   # a loaded program cut at its safe boundaries
         self.cycles: dict[int, list[int]] = {}         # modeled cycles of each segment
-        # Every packet is received into this one buffer: a fresh MAX_PACKET buffer per receive
-        # (one per request, and one per segment boundary of every run) cost an allocation of
-        # 32 MiB each time.  Anonymous pages cost memory only once a packet has written them.
-        self._packet = mmap.mmap(-1, MAX_PACKET)
         # The integer GEMM's backend is chosen (and self-tested) now, not in the first int8 job,
         # and every thread pool it and numpy loaded runs one thread (npud/emulator/threads.py).
         self.kernels = int_gemm.kernels()
         self.threads = threads.pin()
 
-    def serve(self) -> None:
-        self.sock.send(msgpack.packb({"op": "ready", "kernels": self.kernels, "threads": self.threads}))
-        fd_space = socket.CMSG_SPACE(4 * array.array("i").itemsize)
-        while True:
-            try:
-                size, ancillary, _flags, _addr = self.sock.recvmsg_into([self._packet], fd_space)
-            except ConnectionResetError:
-                return
-            if not size:
-                return  # the daemon is gone: nothing to serve
-            fds = _fds(ancillary)
-            request = self._unpack(size)
-            op = request["op"]
-            if op == "shutdown":
-                return
-            if op == "preempt":
-                continue  # the run it meant to stop had already finished
-            reply = getattr(self, f"_op_{op}")(request, fds)
-            self.sock.send(msgpack.packb(reply, use_bin_type=True))
-
-    def _preempted(self) -> bool:
-        """Whether the daemon asked (with a ``preempt`` packet) to stop at this boundary."""
-        try:
-            size = self.sock.recv_into(self._packet, MAX_PACKET, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return False
-        if not size:   # the daemon is gone: nobody will read this run's result
-            raise SystemExit("npud closed the device socket mid-run")
-        return self._unpack(size).get("op") == "preempt"
-
-    def _unpack(self, size: int) -> dict:
-        """The request in the first ``size`` bytes of the packet buffer (msgpack copies out
-        whatever it keeps, so the buffer is free for the next packet)."""
-        with memoryview(self._packet) as view:
-            request = msgpack.unpackb(view[:size], raw=False)
-        if size > KEEP_PACKET_BYTES:   # a large stream's pages go back to the kernel (zero again)
-            self._packet.madvise(mmap.MADV_DONTNEED, 0, size)
-        return request
-
-    def _op_import(self, request, fds):
-        fd = fds[0]
-        try:
-            size = os.fstat(fd).st_size
-            self.buffers[request["bo"]] = mmap.mmap(fd, size, mmap.MAP_SHARED,
-                                                    mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            for extra in fds:
-                os.close(extra)
-        return {"ok": True}
-
-    def _op_release(self, request, fds):
-        mm = self.buffers.pop(request["bo"], None)
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:
-                pass  # a view is still alive somewhere; the mapping goes with it
-        return {"ok": True}
+    def ready_info(self) -> dict:
+        return {"kernels": self.kernels, "threads": self.threads}
 
     def _op_load_program(self, request, fds):
         # The stream arrives as a memfd: a model's stream can exceed one packet.
         try:
-            with open(fds[0], "rb", closefd=True) as f:
-                stream = f.read()
-            for extra in fds[1:]:
-                os.close(extra)
+            stream = self.read_stream(fds)
             program = validate(stream, self.device.config,
                                [Mapping(va, size, writable) for va, size, writable in request["mappings"]])
         except DeviceError as exc:
@@ -178,12 +105,8 @@ class DeviceProcess:
 
     def _op_run(self, request, fds):
         started = time.perf_counter()
+        self.hang_or_crash(request)
         fault = request.get("fault")
-        if fault == "hang":
-            while True:          # a command that never completes: only a reset gets the device back
-                time.sleep(3600)
-        if fault == "crash":
-            os.kill(os.getpid(), signal.SIGSEGV)
         ctx = None
         done, segment, ran, cycles = True, 0, 0, 0
         try:
@@ -196,7 +119,7 @@ class DeviceProcess:
                 segment = request.get("from", 0)
                 until = min(request.get("until", len(segments)), len(segments))
                 while segment < until:
-                    if ran and self._preempted():
+                    if ran and self.preempted():
                         break
                     if fault == "slow":
                         time.sleep(request.get("slow_ms", 0) / 1000)
@@ -226,15 +149,6 @@ class DeviceProcess:
                 ctx.close()  # unmaps everything and frees the hardware context slot
         return {"ok": True, "done": done, "next": segment, "segments": ran, "cycles": cycles,
                 "stats": stats.to_dict() if done else {}, "wall_ms": (time.perf_counter() - started) * 1e3}
-
-
-def _fds(ancillary: list) -> list[int]:
-    """The file descriptors an SCM_RIGHTS message carried (as ``socket.recv_fds`` returns them)."""
-    fds = array.array("i")
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-    return list(fds)
 
 
 def segment_spans(program: Program, boundaries: list[int]) -> list[tuple[int, int]]:
@@ -291,14 +205,7 @@ def _add(spans, lo, hi):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="npud device process (started by npud)")
-    parser.add_argument("--sock-fd", type=int, required=True)
-    parser.add_argument("--config", required=True, help="device parameters, msgpack as hex")
-    args = parser.parse_args(argv)
-    config = DeviceConfig.from_dict(msgpack.unpackb(bytes.fromhex(args.config), raw=False))
-    sock = socket.socket(fileno=args.sock_fd)
-    DeviceProcess(sock, config).serve()
-    return 0
+    return link.serve_main("npu-emu", DeviceProcess, DeviceConfig.from_dict, argv)
 
 
 if __name__ == "__main__":

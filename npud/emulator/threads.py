@@ -5,8 +5,8 @@ A second OpenBLAS or OpenMP thread in each device process spin-waits for work; w
 device processes on a shared host those threads take the cores from each other and from
 everything else, and a run measured 20x slower under load (docs/PERFORMANCE.md).
 
-Two layers, because each alone can fail: ``ENV`` goes into a device process's environment
-when the daemon starts it (npud/devices.py), before numpy or oneDNN is loaded, so their
+Two layers, because each alone can fail: ``npud.drivers.ONE_COMPUTE_THREAD`` goes into
+every device process's environment when the daemon starts it (npud/devices.py), before numpy or oneDNN is loaded, so their
 pools never start more threads; :func:`pin` then sets every loaded OpenBLAS and OpenMP
 runtime to one thread through its own API, whatever the environment said, and
 :func:`counts` reads back what they use (the device process reports it to the daemon).
@@ -16,15 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-
-ENV = {
-    "OPENBLAS_NUM_THREADS": "1",
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    # oneDNN's OpenMP runtime: an idle thread sleeps at once instead of spinning (none should
-    # exist with one thread, but a library that ignores the count then still does not spin).
-    "OMP_WAIT_POLICY": "PASSIVE",
-}
 
 # OpenBLAS's thread-count API under the names its builds export (numpy's wheels ship
 # scipy-openblas, whose symbols carry a prefix and a 64-bit-integer suffix).

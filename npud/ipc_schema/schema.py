@@ -80,23 +80,29 @@ MACS_PER_CYCLE = Struct("macs_per_cycle", {
 DEVICE_PARAMS = Struct("device_params", {
     "preset": F(Str(64), "the named parameter set (`edge`, `server`) the others started from"),
     "cores": F(U32, "compute cores (each a device process running one job at a time)"),
-    "mac_rows": F(U32, "rows of the MAC array (output pixels per pass)"),
-    "mac_cols": F(U32, "columns of the MAC array (output channels per pass)"),
-    "macs_per_cycle": F(MACS_PER_CYCLE, "MAC rate by element type"),
+    "mac_rows": F(U32, "rows of the MAC array (output pixels per pass)", optional=True),
+    "mac_cols": F(U32, "columns of the MAC array (output channels per pass)", optional=True),
+    "macs_per_cycle": F(MACS_PER_CYCLE, "MAC rate by element type", optional=True),
     "clock_mhz": F(U32, "clock in MHz: modeled cycles / (clock_mhz x 1000) = modeled milliseconds"),
-    "sram_bytes": F(U64, "on-chip SRAM per core"),
-    "dma_bytes_per_cycle": F(U32, "DMA bandwidth between device memory and SRAM"),
-    "dma_latency_cycles": F(U32, "fixed cost of each DMA transfer"),
+    "sram_bytes": F(U64, "on-chip SRAM per core", optional=True),
+    "dma_bytes_per_cycle": F(U32, "DMA bandwidth between device memory and SRAM", optional=True),
+    "dma_latency_cycles": F(U32, "fixed cost of each DMA transfer", optional=True),
     "memory_bytes": F(U64, "device memory (the same as `memory_total`)"),
     "page_size": F(U32, "MMU page size: buffer sizes round up to it, binding addresses are multiples of it"),
-    "hw_contexts": F(U32, "hardware contexts (address spaces) of a core"),
-}, doc="An npu-emu device's architecture parameters (docs/ISA.md).  All but `memory_bytes`, "
-       "`page_size` and `hw_contexts` go into the target hash (below).")
+    "hw_contexts": F(U32, "hardware contexts (address spaces) of a core", optional=True),
+    "threads": F(U32, "the cpu driver's onnxruntime threads per device process", optional=True),
+}, doc="A device's parameters, as its driver reports them (docs/DRIVERS.md): `preset`, `cores`, `clock_mhz`, "
+       "`memory_bytes` and `page_size` for every driver; the others are npu-emu's architecture "
+       "(docs/ISA.md), where all but "
+       "`memory_bytes`, `page_size` and `hw_contexts` go into the target hash (below); `threads` is the "
+       "cpu driver's.")
 
 DEVICE = Struct("device", {
     "index": F(DEVICE_INDEX, "device number used in requests"),
     "name": F(Str(64), "configured name, e.g. npu0"),
     "preset": F(Str(64), "the named parameter set it was created from"),
+    "driver": F(Str(64), "the driver serving it: an `npud.drivers` entry point (docs/DRIVERS.md)", optional=True),
+    "driver_version": F(Str(64), "that driver's version", optional=True),
     "state": F(Str(16, ("ok", "resetting", "down")), "device process health"),
     "params": F(DEVICE_PARAMS, "architecture parameters"),
     "memory_total": F(U64, "bytes of device memory"),

@@ -24,12 +24,12 @@ def test_a_run_stops_at_the_next_boundary_once_the_daemon_is_gone():
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     device = DeviceProcess(theirs, make_config("edge"))
     try:
-        assert device._preempted() is False                 # the daemon is there, no preempt
+        assert device.preempted() is False                 # the daemon is there, no preempt
         ours.send(msgpack.packb({"op": "preempt"}))
-        assert device._preempted() is True
+        assert device.preempted() is True
         ours.close()
         with pytest.raises(SystemExit, match="closed the device socket"):
-            device._preempted()
+            device.preempted()
     finally:
         theirs.close()
 

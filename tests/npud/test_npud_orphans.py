@@ -60,7 +60,7 @@ def _gone_within(pids: list[int], bound_s: float) -> tuple[list[int], float]:
 
 def test_busy_worker_and_device_process_exit_within_a_second_of_a_killed_daemon(tmp_path):
     """Mid-compile and mid-job: the worker checks its parent only while idle and the device
-    process would run its job to the end; the lifeline (npud/emulator/lifeline.py) ends both."""
+    process would run its job to the end; the lifeline (npud/lifeline.py) ends both."""
     config = "compile_workers = 1\ncompile_timeout_s = 120\n[scheduling]\ndevice_processes = 1\n"
     daemon = daemon_in_test_mode(tmp_path, config)
     try:

@@ -1,4 +1,4 @@
-"""The lifeline (npud/emulator/lifeline.py): a daemon's children die with it, busy or not, all of them."""
+"""The lifeline (npud/lifeline.py): a daemon's children die with it, busy or not, all of them."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ BUSY = "import sys\nprint('armed', file=sys.stderr, flush=True)\nwhile True:\n  
 
 PARENT = textwrap.dedent("""
     import sys, trio
-    from npud.emulator import lifeline
+    from npud import lifeline
 
     async def main():
         kids = [await lifeline.open_process("busy_child", []) for _ in range(3)]
@@ -64,7 +64,7 @@ def test_every_busy_child_dies_with_its_parent(env):
 def test_a_child_whose_parent_died_before_it_armed_exits_before_its_module_runs(env):
     read_end, write_end = os.pipe()
     os.close(write_end)                       # the "daemon" is already gone
-    child = subprocess.run([sys.executable, "-m", "npud.emulator.lifeline", "busy_child"], pass_fds=(read_end,),
+    child = subprocess.run([sys.executable, "-m", "npud.lifeline", "busy_child"], pass_fds=(read_end,),
                            env={**env, "NPUD_LIFELINE_FD": str(read_end)}, capture_output=True, text=True,
                            timeout=30)
     os.close(read_end)
@@ -72,9 +72,9 @@ def test_a_child_whose_parent_died_before_it_armed_exits_before_its_module_runs(
 
 
 def test_the_module_runs_as_main_with_its_arguments_and_exit_status(env):
-    out = subprocess.run([sys.executable, "-m", "npud.emulator.lifeline", "json.tool", "--compact"],
+    out = subprocess.run([sys.executable, "-m", "npud.lifeline", "json.tool", "--compact"],
                          input='{"a": [1, 2]}', env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and out.stdout.strip() == '{"a":[1,2]}'   # no lifeline given: runs as is
-    bad = subprocess.run([sys.executable, "-m", "npud.emulator.lifeline", "json.tool"], input="{",
+    bad = subprocess.run([sys.executable, "-m", "npud.lifeline", "json.tool"], input="{",
                          env=env, capture_output=True, text=True, timeout=30)
     assert bad.returncode != 0 and "Expecting" in bad.stderr

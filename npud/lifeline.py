@@ -12,7 +12,7 @@ the kernel for ``SIGIO`` on it (``O_ASYNC``).  When the daemon exits, however it
 kernel closes the write end and signals every reader; ``SIGIO``'s default action ends the
 process, in the kernel, whatever its main thread is doing (numpy, a sleep, a syscall).
 
-``open_process(module, args)`` starts ``python -m npud.emulator.lifeline module args``: this
+``open_process(module, args)`` starts ``python -m npud.lifeline module args``: this
 module arms the lifeline before it imports ``module`` and runs it as ``__main__``, because a
 child's own imports (numpy, onnx) take a second or more on a loaded machine, and a child
 still importing when the daemon died would live that long.  ``module`` needs no change.
@@ -46,7 +46,7 @@ async def open_process(module: str, args: list[str], pass_fds: tuple[int, ...] =
     import trio   # the children import this module too, and need no trio
 
     fd = _lifeline()
-    return await trio.lowlevel.open_process([sys.executable, "-m", "npud.emulator.lifeline", module, *args],
+    return await trio.lowlevel.open_process([sys.executable, "-m", "npud.lifeline", module, *args],
                                             pass_fds=(*pass_fds, fd), env={**os.environ, **(env or {}), ENV: str(fd)})
 
 
@@ -80,7 +80,7 @@ def die_with_parent() -> None:
 
 
 def main(argv: list[str]) -> None:
-    """``python -m npud.emulator.lifeline MODULE ARG...``: arm the lifeline, then run MODULE as
+    """``python -m npud.lifeline MODULE ARG...``: arm the lifeline, then run MODULE as
     ``python -m MODULE ARG...`` would (its exit status is the process's)."""
     die_with_parent()
     sys.argv = argv

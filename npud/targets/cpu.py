@@ -1,0 +1,104 @@
+"""The cpu target: an ONNX model, its input shapes fixed, packed for the cpu driver.
+
+Every node is supported (onnxruntime runs the whole opset); the compile fixes symbolic input
+dimensions (``input_shapes``, else 1, as npu-emu's compiler does), infers the output shapes, lays
+the inputs and outputs out in the job's address space (each at its own page) and writes the
+executable container (npud/executable) whose stream is a cpu program (npud/drivers/cpu.py).
+It runs in the compiler workers, like every compile: the daemon never parses a model.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+from . import NodeSupport, Target, source_fingerprint
+
+VERSION = "cpu-0.1.0"
+KNOWN_OPTIONS = {"input_shapes", "name"}
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class CpuTarget(Target):
+    name = "cpu"
+    worker_module = "npud.compiler_worker.worker"
+
+    @functools.cache
+    def fingerprint(self) -> str:
+        npud = Path(__file__).resolve().parent.parent
+        return source_fingerprint(VERSION, [(p, npud / p) for p in ("targets/cpu.py", "drivers/cpu.py",
+                                                                    "executable/__init__.py")])
+
+    def support(self, model: bytes, params: dict) -> list[NodeSupport]:
+        import onnx
+
+        graph = onnx.load_from_string(bytes(model)).graph
+        return [NodeSupport(n.name or f"{n.op_type}_{i}", n.op_type, True) for i, n in enumerate(graph.node)]
+
+    def compile(self, model: bytes, params: dict, options: dict) -> bytes:
+        import numpy as np
+        import onnx
+        from onnx import helper
+
+        from npud.compiler_worker.errors import CompileError
+        from npud.drivers.cpu import CpuParams, pack_program
+        from npud.executable import Executable
+
+        options = dict(options or {})
+        unknown = set(options) - KNOWN_OPTIONS
+        if unknown:
+            raise CompileError(f"unknown compile option(s): {', '.join(sorted(unknown))}")
+        config = CpuParams.from_dict(params)
+        try:
+            proto = onnx.load_from_string(bytes(model))
+        except Exception as exc:
+            raise CompileError(f"not an ONNX model: {exc}") from None
+        graph = proto.graph
+        given = options.get("input_shapes") or {}
+        initialisers = {t.name for t in graph.initializer}
+        for value in graph.input:
+            if value.name in initialisers:
+                continue
+            dims = value.type.tensor_type.shape.dim
+            shape = given.get(value.name) or [d.dim_value if d.HasField("dim_value") else 1 for d in dims]
+            if len(shape) != len(dims):
+                raise CompileError(f"input_shapes[{value.name!r}]: {len(shape)} dimensions, the model has {len(dims)}")
+            for d, n in zip(dims, shape):
+                d.Clear()
+                d.dim_value = int(n)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+        except Exception as exc:
+            raise CompileError(f"shape inference failed: {exc}") from None
+        page = config.page_size
+        va = page
+        tables = {"inputs": [], "outputs": []}
+        regions = []
+        for kind, values in (("input", [v for v in graph.input if v.name not in initialisers]),
+                             ("output", inferred.graph.output)):
+            for value in values:
+                tensor = value.type.tensor_type
+                dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+                if not tensor.HasField("shape") or min(dims, default=0) < 0:
+                    raise CompileError(f"the shape of {kind} {value.name!r} is not known after shape inference")
+                dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name
+                size = np.dtype(dtype).itemsize * int(np.prod(dims, dtype=np.int64))
+                entry = {"name": value.name, "dtype": dtype, "shape": dims, "va": va, "size": size}
+                tables[f"{kind}s"].append(entry)
+                regions.append({"name": f"{kind}:{value.name}", "kind": kind, "va": va, "size": size,
+                                "writable": kind == "output", "tensor": value.name})
+                va += _round_up(max(size, 1), page)
+        ops = [{"node": n.name or f"{n.op_type}_{i}", "op": n.op_type, "kind": "onnxruntime", "inputs": [],
+                "outputs": [], "macs": 0, "cycles": 0, "sram_bytes": 0, "dma_bytes": 0, "commands": 0}
+               for i, n in enumerate(graph.node)]
+        fixed_model = proto.SerializeToString()
+        meta = {"model_name": options.get("name") or graph.name, "target": "cpu", "target_config": config.to_dict(),
+                "options": options, "model_sha256": hashlib.sha256(bytes(model)).hexdigest()}
+        exe = Executable(pack_program(fixed_model, tables["inputs"], tables["outputs"]), b"", tables,
+                         {"regions": regions, "arena_bytes": 0, "naive_bytes": 0, "weights_bytes": 0},
+                         ops, meta, VERSION, config.target_hash())
+        return exe.to_bytes()

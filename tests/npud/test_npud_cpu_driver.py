@@ -1,0 +1,81 @@
+"""The cpu driver (npud/drivers/cpu.py): a second device, found through its entry point, that runs
+ONNX models through onnxruntime in its own device process, behind the same queues and views."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+import npu
+from npu.local import LocalDaemon
+from npud.drivers import Binding, ProgramRejected, driver
+from npud.drivers.cpu import pack_program
+
+CONFIG = """
+[[devices]]
+name = "npu0"
+
+[[devices]]
+name = "cpu0"
+driver = "cpu"
+"""
+
+
+def topk_model() -> bytes:
+    """Relu then TopK: TopK is a node npu-emu's target declines; onnxruntime runs both."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+         helper.make_node("TopK", ["r", "k"], ["values", "indices"], name="topk", axis=1)],
+        "topk", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("values", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("indices", TensorProto.INT64, None)],
+        [onnx.numpy_helper.from_array(np.array([3], np.int64), "k")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString()
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cpu") / "npud.toml"
+    path.write_text(CONFIG)
+    d = LocalDaemon("--config", str(path), "--cache-dir", str(path.parent / "cache"))
+    yield d
+    d.stop()
+
+
+def test_the_cpu_device_is_listed_with_its_driver(daemon):
+    with npu.connect(daemon.endpoint) as c:
+        devices = c.devices()
+    assert [(d.name, d.info["driver"]) for d in devices] == [("npu0", "npu-emu"), ("cpu0", "cpu")]
+    assert devices[1].threads == 1 and devices[1].state == "ok"
+
+
+def test_a_model_npu_emu_declines_runs_on_cpu_and_matches_onnxruntime(daemon):
+    model = topk_model()
+    x = np.random.default_rng(7).standard_normal((4, 16)).astype(np.float32)
+    want = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    with npu.connect(daemon.endpoint) as c:
+        with pytest.raises(npu.NpuError, match="TopK"):
+            c.load(model, device=0, input_shapes={"x": [4, 16]})
+        m = c.load(model, device=1, input_shapes={"x": [4, 16]})
+        got = m.run({"x": x})
+    np.testing.assert_array_equal(got["values"], want[0])
+    np.testing.assert_array_equal(got["indices"], want[1])
+
+
+def test_the_driver_refuses_a_program_whose_tensors_leave_their_bindings():
+    cpu = driver("cpu")
+    params = cpu.params("host", {})
+    stream = pack_program(b"model", [{"name": "x", "dtype": "float32", "shape": [4], "va": 4096, "size": 16}],
+                          [{"name": "y", "dtype": "float32", "shape": [4], "va": 8192, "size": 16}])
+    assert cpu.validate(stream, params, [Binding(4096, 4096, False), Binding(8192, 4096, True)]).cycles == 0
+    with pytest.raises(ProgramRejected, match="output 'y'.*not inside a writable binding"):
+        cpu.validate(stream, params, [Binding(4096, 4096, False), Binding(8192, 4096, False)])
+    with pytest.raises(ProgramRejected, match="input 'x'"):
+        cpu.validate(stream, params, [Binding(8192, 4096, True)])
+    with pytest.raises(ProgramRejected, match="not a cpu program"):
+        cpu.validate(b"NPUX" + stream, params, [])
+    with pytest.raises(ValueError, match="threads"):
+        cpu.params("host", {"threads": 0})

@@ -1,0 +1,107 @@
+"""The device link's schemas (npud/drivers/link.py): a malformed message on either side is refused
+with a reason; the daemon resets a device that breaks the protocol instead of failing itself, and
+a device process answers a malformed request with EPROTO and goes on serving."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import msgpack
+import pytest
+
+from npud.drivers import link
+from npud.emulator.config import make_config
+from npud.ipc_schema.errors import ErrorCode
+from npud.scheduler import Context
+from npud.devices import SchedulingParams
+from test_npud_device_host import REAL, add_job, fake_processes, run_job
+
+RUN_OK = {"ok": True, "done": True, "next": 1, "segments": 1, "cycles": 10, "stats": {"cycles": 10},
+          "wall_ms": 0.1}
+
+
+@pytest.mark.parametrize("message, problem", [
+    ([1, 2], "not a device request"),
+    ({"op": "format_disk"}, "not a device request"),
+    ({"op": "release"}, "bo: missing required field"),
+    ({"op": "release", "bo": "one"}, "expected int"),
+    ({"op": "run", "job": 1, "bindings": [[1, 4096]]}, "expected an array of 3 items"),
+    ({"op": "run", "job": 1, "bindings": [], "fault": "melt"}, "fault"),
+])
+def test_malformed_requests_are_refused_with_the_reason(message, problem):
+    with pytest.raises(link.ProtocolError, match=problem):
+        link.check_request(message)
+
+
+@pytest.mark.parametrize("op, packet, problem", [
+    ("run", b"\xc1", "undecodable"),
+    ("run", msgpack.packb({"ok": True}), "done: missing required field"),
+    ("run", msgpack.packb({**RUN_OK, "next": -1}), "next"),
+    ("run", msgpack.packb({**RUN_OK, "stats": [1]}), "stats"),
+    ("load_program", msgpack.packb({"ok": True, "segments": [[0]], "segment_cycles": [1]}), "segments"),
+    ("load_program", msgpack.packb({"segments": [[0, 1]]}), "ok: missing required field"),
+    ("import", msgpack.packb({"ok": False, "error": {"message": "x"}}), "code: missing required field"),
+    ("ready", msgpack.packb({"op": "steady"}), "op"),
+])
+def test_malformed_replies_are_refused_with_the_reason(op, packet, problem):
+    with pytest.raises(link.ProtocolError, match=problem):
+        link.check_reply(op, packet)
+
+
+def test_fields_the_schema_does_not_name_pass_through():
+    """Either side may be newer than the other's schema: extra fields are kept, not refused."""
+    request = {"op": "release", "bo": 1, "newer": True}
+    assert link.check_request(request) == request
+
+
+def test_well_formed_replies_pass():
+    assert link.check_reply("run", msgpack.packb({**RUN_OK, "vendor_extra": 1})) == {**RUN_OK, "vendor_extra": 1}
+    failure = {"ok": False, "error": {"code": "EFAULT", "message": "page fault", "command": 3}}
+    assert link.check_reply("run", msgpack.packb(failure)) == failure
+
+
+def test_the_device_process_answers_malformed_requests_with_eproto_and_goes_on():
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    config = msgpack.packb(make_config("edge").to_dict()).hex()
+    process = subprocess.Popen([sys.executable, "-m", "npud.emulator.device_process", "--sock-fd",
+                                str(theirs.fileno()), "--config", config], pass_fds=(theirs.fileno(),))
+    theirs.close()
+    try:
+        ours.settimeout(60)
+        assert msgpack.unpackb(ours.recv(1 << 16)) == {"op": "ready"}
+        for bad in (b"\xc1", msgpack.packb({"op": "nope"}), msgpack.packb({"op": "release"}),
+                    msgpack.packb({"op": "import", "bo": 1})):   # an import without its memfd
+            ours.send(bad)
+            reply = msgpack.unpackb(ours.recv(1 << 16))
+            assert reply["ok"] is False and reply["error"]["code"] == "EPROTO", reply
+        ours.send(msgpack.packb({"op": "release", "bo": 1}))
+        assert msgpack.unpackb(ours.recv(1 << 16)) == {"ok": True}
+        ours.send(msgpack.packb({"op": "shutdown"}))
+        assert process.wait(30) == 0
+    finally:
+        process.kill()
+        ours.close()
+
+
+# Says it is ready, then answers every request {"ok": true}: for a run that is a broken reply.
+BROKEN_REPLIES = ("import msgpack, os, socket, sys\n"
+                  "sock = socket.socket(fileno=int(sys.argv[2]))\n"
+                  "sock.send(msgpack.packb({'op': 'ready'}))\n"
+                  "while True:\n"
+                  "    data, fds, _f, _a = socket.recv_fds(sock, 1 << 20, 4)\n"
+                  "    if not data:\n"
+                  "        break\n"
+                  "    for fd in fds:\n"
+                  "        os.close(fd)\n"
+                  "    sock.send(msgpack.packb({'ok': True}))\n")
+
+
+async def test_a_device_that_breaks_the_protocol_is_reset_and_the_daemon_carries_on(monkeypatch):
+    ctx = Context(1, "s")
+    job = add_job(ctx)
+    host = await run_job(monkeypatch, fake_processes(BROKEN_REPLIES, REAL), job, SchedulingParams(cores=1))
+    assert job.error is not None and job.error.code == ErrorCode.EIO, job.error
+    assert "broke the protocol" in job.error.message and "done: missing required field" in job.error.message
+    assert host.resets == 1
