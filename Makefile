@@ -17,8 +17,9 @@ $(RUNTIME): pyproject.toml | $(VENV)/bin/python
 	touch $@
 
 # int8-gemm: oneDNN's exact integer GEMM for the emulator (optional; numpy is the fallback).
+# ray: npu.ray's tests run a simulated two-node Ray cluster (tests/clients/test_ray_fleet.py).
 $(TESTING): pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e '.[test,int8-gemm]'
+	$(PY) -m pip install --quiet -e '.[test,int8-gemm,ray]'
 	touch $(RUNTIME) $@
 
 demo: $(RUNTIME)

@@ -54,14 +54,14 @@ def resources_of(devices: list[Any]) -> dict[str, float]:
     """Ray custom resources for these devices: ``npu`` (one unit per healthy device) and one
     ``npu:<driver>`` and ``npu:<preset>`` per healthy device.  A device that is not ``ok``
     (down, resetting) is not advertised: Ray places no work on it."""
-    out: dict[str, float] = {RESOURCE: 0.0}
+    out: dict[str, float] = {RESOURCE: 0}
     for d in devices:
         if d.state != "ok":
             continue
         out[RESOURCE] += 1
         for kind in dict.fromkeys((d.info.get("driver") or DEFAULT_DRIVER, d.preset)):
             key = f"{RESOURCE}:{kind}"
-            out[key] = out.get(key, 0.0) + 1
+            out[key] = out.get(key, 0) + 1
     return out
 
 
