@@ -11,6 +11,8 @@ import time
 import numpy as np
 import pytest
 
+import npu
+
 pytest.importorskip("ray")
 
 from npu.ray import NpuRunner  # noqa: E402
@@ -86,3 +88,22 @@ def test_a_daemon_killed_and_restarted_mid_run_loses_and_duplicates_nothing(flee
     assert victim.jobs_completed() > 0, "the restarted daemon took no work"
     got = np.stack([rows[i]["probs"] for i in range(ROWS)])
     assert np.array_equal(got, one_node)
+
+
+def test_serve_replicas_on_both_nodes_answer_by_priority_and_deadline(fleet, one_node):
+    from ray import serve
+
+    from examples.ray_serve import classify, deploy
+
+    before = [d.jobs_completed() for d in fleet]
+    try:
+        handle = deploy(replicas=2, model_batch=MODEL_BATCH)
+        x = images(np.arange(64))
+        answers = classify(handle, x, ["high" if i % 3 == 0 else "normal" for i in range(64)], deadline=30)
+        assert np.array_equal(np.stack(answers), one_node[:64])
+        late = classify(handle, x[:2], ["low", "low"], deadline=1e-6)
+        assert all(isinstance(a, npu.MissedDeadline) for a in late), late
+    finally:
+        serve.shutdown()
+    jobs = [d.jobs_completed() - b for d, b in zip(fleet, before)]
+    assert all(j > 0 for j in jobs), f"jobs per daemon {jobs}: both replicas should have served"

@@ -191,3 +191,12 @@ def test_the_exporter_labels_every_sample_with_the_node(node):
         link.close()
     assert len(samples) > 10 and all(s.labels.get("node") == "node-7" for s in samples)
     assert any(s.name == "npud_device_jobs_completed_total" and s.labels.get("device") == "0" for s in samples)
+
+
+def test_npu_errors_cross_processes_whole():
+    """Ray hands a replica's or actor's exception to its caller by pickling it."""
+    import pickle
+
+    late = pickle.loads(pickle.dumps(npu.errors.error("ETIME", "too late", False, retry_after_ms=250)))
+    assert type(late) is npu.MissedDeadline and late.code == "ETIME" and late.message == "too late"
+    assert late.retryable is False and late.retry_after == 0.25 and str(late) == "ETIME: too late"
