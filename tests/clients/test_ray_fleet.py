@@ -71,7 +71,13 @@ def test_a_daemon_killed_and_restarted_mid_run_loses_and_duplicates_nothing(flee
     victim = fleet[1]
     start = victim.jobs_completed()
     result: dict = {}
-    worker = threading.Thread(target=lambda: result.update(rows=run_fleet(stats_columns=True)))
+
+    def run() -> None:
+        try:
+            result["rows"] = run_fleet(stats_columns=True)
+        except Exception as exc:   # reported below, with the assertion that matters
+            result["error"] = exc
+    worker = threading.Thread(target=run)
     worker.start()
     try:
         give_up = time.monotonic() + 60
@@ -82,7 +88,7 @@ def test_a_daemon_killed_and_restarted_mid_run_loses_and_duplicates_nothing(flee
         victim.start()
     finally:
         worker.join(120)
-    assert not worker.is_alive(), "the dataset did not complete"
+    assert not worker.is_alive() and "rows" in result, f"the dataset did not complete: {result.get('error')}"
     rows = by_id(result["rows"])
     assert sum(int(r["npu_retries"] > 0) for r in rows.values()) > 0, "no batch met the restart"
     assert victim.jobs_completed() > 0, "the restarted daemon took no work"
