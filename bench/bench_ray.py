@@ -20,6 +20,7 @@ Nothing asserts a time.  Run: python -m bench ray [--rows N]
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import time
 
 import numpy as np
@@ -98,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench ray", description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=ROWS)
     args = parser.parse_args(argv or [])
-    try:
-        import ray  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("ray") is None:
         print("## npu.ray\n(not run: pip install 'npud[ray]')\n")
         return 0
     report("npu.ray: two simulated nodes, and the Ray path's overhead (one run each)", run(args.rows))

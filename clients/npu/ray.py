@@ -148,8 +148,8 @@ class NpuRunner:
         return _Session(client, model)
 
     def _batch_dimension(self) -> int:
-        dims = {t.shape[0] if t.shape else None for t in (*self.inputs, *self.outputs)}
-        if len(dims) != 1 or None in dims:
+        dims = {t.shape[0] if t.shape else -1 for t in (*self.inputs, *self.outputs)}
+        if len(dims) != 1 or -1 in dims:
             raise error(ErrorCode.EINVAL, "npu.ray needs a model whose inputs and outputs all have the same "
                                           f"batch dimension first; this one has shapes "
                                           f"{[list(t.shape) for t in (*self.inputs, *self.outputs)]}")
@@ -287,10 +287,11 @@ class NpuRunner:
                 self.reconnects += 1
                 return
             except NpuError as exc:
-                if not exc.retryable or time.monotonic() + pause > give_up:
-                    raise error(ErrorCode(exc.code), f"{self.name}: npud did not come back within "
-                                                     f"{self.recover_s:g} s ({exc.message}); first: {cause}",
-                                exc.retryable) from exc
+                if not exc.retryable:
+                    raise   # the daemon is back but refuses the session or the model: waiting cannot help
+                if time.monotonic() + pause > give_up:
+                    raise error(exc.code, f"{self.name}: npud did not come back within {self.recover_s:g} s "
+                                          f"({exc.message}); first: {cause}", exc.retryable) from exc
             time.sleep(pause)
             pause = min(pause * 2, BACKOFF_S[1])
 
