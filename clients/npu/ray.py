@@ -21,9 +21,8 @@ computed once into the output: nothing lost, nothing duplicated).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-import os
-import tempfile
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -35,7 +34,7 @@ import numpy as np
 from npud.ipc_schema.errors import ErrorCode
 
 from .client import Client
-from .errors import ConnectionLost, MissedDeadline, NpuError, PermissionDenied, error
+from .errors import ConnectionLost, MissedDeadline, NotFound, NpuError, PermissionDenied, error
 from .model import model_bytes
 from .tensor_types import check_dtype
 
@@ -46,6 +45,7 @@ DEFAULT_DRIVER = "npu-emu"       # the daemon's devices do not name a driver yet
 RECOVER_S = 60.0                 # how long a runner waits for its daemon to come back
 RETRIES = 3                      # reruns of a chunk whose job failed with a retryable error
 BACKOFF_S = (0.05, 1.0)          # first and largest pause between reconnection attempts
+DIGEST_CHUNK = 16 << 20          # the model digest's chunk (protocol 1.3)
 
 
 # --- resources ---------------------------------------------------------------------------
@@ -120,11 +120,8 @@ class NpuRunner:
         self.endpoint, self.device, self.name = endpoint, device, name
         self.recover_s, self.retries = recover_s, retries
         self._options = {"input_shapes": input_shapes} if input_shapes else {}
-        # A file of this process's own, so that reloads after a reconnect travel as the digest
-        # the daemon returned for it (npu.Client keeps the digests of model files it loaded).
-        fd, self._model_path = tempfile.mkstemp(prefix="npu-ray-", suffix=".onnx")
-        with os.fdopen(fd, "wb") as f:
-            f.write(model_bytes(model))
+        self._model = model_bytes(model)
+        self.digest = model_digest(self._model)
         self.node = _node_id()
         self.banned = ""            # why this runner's context may no longer run jobs
         self.reconnects = 0
@@ -135,17 +132,26 @@ class NpuRunner:
         self.batch = self._batch_dimension()
 
     def _open(self) -> _Session:
-        """A new session with the model loaded: after the first, the model travels as its digest
-        (the new client takes over the old one's record of them) unless the daemon forgot it."""
+        """A new session with the model loaded."""
         client = Client(self.endpoint, name=self.name)
         old, self._client = self._client, client
         if old is not None:
-            client._digests = old._digests
             old.close()
-        model = client.load(self._model_path, self.device, **self._options)
+        model = self._load(client)
         log.info("%s: model %s loaded on device %d (%s, %.1f ms)", self.name, model.id, self.device,
                  "cached" if model.cached else "compiled", model.compile_ms)
         return _Session(client, model)
+
+    def _load(self, client: Client) -> Any:
+        """The model, by its digest when this daemon has it compiled for this user already (another
+        actor on the node, or this one before a reconnect: 32 bytes instead of the model), else
+        by its bytes (compiled, or found in the node's compile cache)."""
+        try:
+            info = client._request("load", {"device": self.device, "options": self._options,
+                                            "model_digest": self.digest})
+            return client._model_class(client, self.device, info)
+        except NotFound:
+            return client.load(self._model, self.device, **self._options)
 
     def _batch_dimension(self) -> int:
         dims = {t.shape[0] if t.shape else -1 for t in (*self.inputs, *self.outputs)}
@@ -156,13 +162,9 @@ class NpuRunner:
         return dims.pop()
 
     def close(self) -> None:
-        """End the session and remove the model's file."""
+        """End the session (the daemon frees what it held)."""
         if self._client is not None:
             self._client.close()
-        try:
-            os.unlink(self._model_path)
-        except OSError:
-            pass
 
     # --- health ---------------------------------------------------------------------------
 
@@ -294,6 +296,14 @@ class NpuRunner:
                                           f"({exc.message}); first: {cause}", exc.retryable) from exc
             time.sleep(pause)
             pause = min(pause * 2, BACKOFF_S[1])
+
+
+def model_digest(data: bytes) -> bytes:
+    """The daemon's digest of a model (PROTOCOL.md, ``load``): SHA-256 of its length as 8
+    little-endian bytes followed by the SHA-256 of each 16 MiB chunk."""
+    view = memoryview(data)
+    chunks = [hashlib.sha256(view[i:i + DIGEST_CHUNK]).digest() for i in range(0, max(len(view), 1), DIGEST_CHUNK)]
+    return hashlib.sha256(len(view).to_bytes(8, "little") + b"".join(chunks)).digest()
 
 
 def _node_id() -> str:

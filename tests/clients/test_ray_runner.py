@@ -92,6 +92,27 @@ def test_the_predictor_maps_columns_and_passes_the_others_through(node, referenc
         predictor({"x": x[:2]})
 
 
+def test_a_second_runner_on_a_node_loads_by_digest(node, reference, monkeypatch):
+    x, expected = reference
+    first = NpuRunner(tiny_cnn_batched(BATCH), endpoint=node.endpoint)
+    try:
+        with npu.connect(node.endpoint) as c:   # the runner's digest is the daemon's
+            assert c._request("load", {"device": 0, "model": tiny_cnn_batched(BATCH).SerializeToString()}
+                              )["model_digest"] == first.digest
+
+        def send_bytes(*args, **kwargs):
+            raise AssertionError("the model's bytes were sent again")
+        monkeypatch.setattr(npu.Client, "load", send_bytes)
+        second = NpuRunner(tiny_cnn_batched(BATCH), endpoint=node.endpoint)
+        try:
+            assert second._session.model.cached
+            assert np.array_equal(second.run({"x": x[:9]})[0]["probs"], expected[:9])
+        finally:
+            second.close()
+    finally:
+        first.close()
+
+
 def test_feeds_of_the_wrong_type_or_row_shape_are_refused(node):
     runner = NpuRunner(tiny_cnn_batched(BATCH), endpoint=node.endpoint)
     try:
