@@ -86,7 +86,11 @@ def simulated_cluster(nodes: int, cpus_per_node: int = 1) -> Iterator[list[NodeD
             cluster.add_node(num_cpus=cpus_per_node, resources={"npu": 1}, include_dashboard=False,
                              env_vars={"NPUD_ENDPOINT": daemons[-1].endpoint})
         ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        # Every node's actor up (model loaded) before the first batch: else, on a loaded machine, the
+        # first actor may take the whole dataset while the other still starts.
+        context.wait_for_min_actors_s = 120
         yield daemons
     finally:
         ray.shutdown()
