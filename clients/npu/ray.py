@@ -127,9 +127,13 @@ class NpuRunner:
         self.reconnects = 0
         self.history: deque[BatchStats] = deque(maxlen=256)   # the last batches' stats
         self._client: Client | None = None
-        self._session = self._open()
-        self.inputs, self.outputs = self._session.model.inputs, self._session.model.outputs
-        self.batch = self._batch_dimension()
+        try:
+            self._session = self._open()
+            self.inputs, self.outputs = self._session.model.inputs, self._session.model.outputs
+            self.batch = self._batch_dimension()
+        except BaseException:
+            self.close()
+            raise
 
     def _open(self) -> _Session:
         """A new session with the model loaded."""

@@ -221,3 +221,14 @@ def test_npu_errors_cross_processes_whole():
     late = pickle.loads(pickle.dumps(npu.errors.error("ETIME", "too late", False, retry_after_ms=250)))
     assert type(late) is npu.MissedDeadline and late.code == "ETIME" and late.message == "too late"
     assert late.retryable is False and late.retry_after == 0.25 and str(late) == "ETIME: too late"
+
+
+def test_a_model_without_a_common_batch_dimension_is_refused(node):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Transpose", ["x"], ["y"], perm=[1, 0])], "t",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(npu.InvalidArgument, match="same batch dimension first"):
+        NpuRunner(model, endpoint=node.endpoint)
