@@ -81,7 +81,7 @@ class BatchStats:
     reruns after a retryable failure and reconnections to a daemon that went away."""
 
     rows: int = 0
-    chunks: int = 0
+    chunks: int = 0              # model runs that produced the outputs (reruns: ``retries``)
     padded_rows: int = 0
     device_ms: float = 0.0
     queue_ms: float = 0.0
@@ -195,18 +195,19 @@ class NpuRunner:
         """Outputs for ``feeds`` (each with any number of rows), and what the batch cost.
 
         The rows go through the model ``self.batch`` at a time, the last chunk padded with zeros
-        (its padding rows are dropped from the outputs).  ``deadline`` (seconds per model run) is
-        passed to npud; with ``fixed_deadline`` it is fixed in a reusable Execution per
-        (priority, deadline), else each run is submitted with it.
+        (its padding rows are dropped from the outputs).  ``deadline`` (seconds) is passed to npud:
+        with ``fixed_deadline``, per model run, fixed in a reusable Execution per (priority,
+        deadline); else for the whole batch, each run submitted with what is left of it.
         """
         started = time.perf_counter()
+        due = None if fixed_deadline or deadline is None else time.monotonic() + deadline
         n = self._check(feeds)
         stats = BatchStats(rows=n, node=self.node)
         outs = {t.name: np.empty((n, *t.shape[1:]), t.dtype) for t in self.outputs}
         for start in range(0, n, self.batch):
             k = min(self.batch, n - start)
             chunk = {name: self._padded(x[start:start + k]) for name, x in feeds.items()}
-            result = self._run_chunk(chunk, priority, deadline, fixed_deadline, stats)
+            result = self._run_chunk(chunk, priority, deadline, due, stats)
             for name, out in outs.items():
                 out[start:start + k] = result[name][:k]
             stats.chunks += 1
@@ -240,14 +241,14 @@ class NpuRunner:
         out[:len(x)] = x
         return out
 
-    def _run_chunk(self, chunk: dict, priority: str, deadline: float | None, fixed: bool,
+    def _run_chunk(self, chunk: dict, priority: str, deadline: float | None, due: float | None,
                    stats: BatchStats) -> Mapping[str, np.ndarray]:
         """One model run; a lost daemon is reconnected to and the run repeated, and so is a run
         that failed with a retryable error (up to ``retries`` times)."""
         failures = 0
         while True:
             try:
-                return self._run_once(chunk, priority, deadline, fixed, stats)
+                return self._run_once(chunk, priority, deadline, due, stats)
             except ConnectionLost as exc:
                 log.warning("%s: npud went away (%s); reconnecting", self.name, exc)
                 self._recover(exc)
@@ -265,20 +266,25 @@ class NpuRunner:
                 time.sleep(exc.retry_after or BACKOFF_S[0])
             stats.retries += 1
 
-    def _run_once(self, chunk: dict, priority: str, deadline: float | None, fixed: bool,
+    def _run_once(self, chunk: dict, priority: str, deadline: float | None, due: float | None,
                   stats: BatchStats) -> Mapping[str, np.ndarray]:
+        """Run in the priority's context: in its Execution for a fixed ``deadline``, else submitted
+        with what is left until ``due`` (a ``time.monotonic()`` instant; a rerun gets less)."""
         s = self._session
         context = s.contexts.get(priority)
         if context is None:
             context = s.contexts[priority] = s.client.context(priority)
-        if fixed:
+        if due is None:
             key = (priority, deadline)
             execution = s.executions.get(key)
             if execution is None:
                 execution = s.executions[key] = s.model.execution(context=context, deadline=deadline)
             job = execution.submit(chunk)
         else:
-            job = s.model.submit(chunk, context=context, deadline=deadline)
+            left = due - time.monotonic()
+            if left <= 0:
+                raise error(ErrorCode.ETIME, "the deadline passed before this model run could start", False)
+            job = s.model.submit(chunk, context=context, deadline=left)
         outputs = job.result()
         stats.add_job(job.stats)
         return outputs
@@ -352,7 +358,7 @@ class NpuBatchPredictor:
         if self.stats_columns:
             result["npu_node"] = np.full(stats.rows, stats.node)
             result["npu_device_ms"] = np.full(stats.rows, stats.device_ms / max(stats.rows, 1))
-            result["npu_retries"] = np.full(stats.rows, stats.retries + stats.reconnects)
+            result["npu_retries"] = np.full(stats.rows, stats.retries)
         return result
 
     def __del__(self) -> None:

@@ -187,7 +187,7 @@ def test_serve_requests_run_by_priority_and_deadline(node, reference):
         for i in (1, 3):
             assert answers[i][0] and np.array_equal(answers[i][1]["probs"], expected[i])
         assert answers[2][0] and np.array_equal(answers[2][1]["probs"], expected[2])
-        # the two low requests ran together, with the earlier (passed) deadline: both missed it
+        # the two low requests run together, with the earlier (passed) deadline: both missed it
         for i in (0, 4):
             assert not answers[i][0] and isinstance(answers[i][1], npu.MissedDeadline)
         contexts = server.runner._session.contexts
@@ -232,3 +232,24 @@ def test_a_model_without_a_common_batch_dimension_is_refused(node):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(npu.InvalidArgument, match="same batch dimension first"):
         NpuRunner(model, endpoint=node.endpoint)
+
+
+def test_a_batch_deadline_covers_all_its_runs_and_counts_down(node, reference, monkeypatch):
+    """Submitted runs get what is left of the batch's deadline; a rerun after a failure gets less."""
+    x, expected = reference
+    runner = NpuRunner(tiny_cnn_batched(BATCH), endpoint=node.endpoint)
+    given: list[float] = []
+    submit = npu.Model.submit
+
+    def recording(self, feeds, **options):
+        given.append(options["deadline"])
+        return submit(self, feeds, **options)
+    monkeypatch.setattr(npu.Model, "submit", recording)
+    try:
+        out, stats = runner.run({"x": x[:17]}, deadline=30, fixed_deadline=False)
+        assert np.array_equal(out["probs"], expected[:17]) and stats.chunks == 3
+        assert len(given) == 3 and 30 >= given[0] > given[1] > given[2] > 20
+        with pytest.raises(npu.MissedDeadline, match="deadline passed"):
+            runner.run({"x": x[:17]}, deadline=1e-9, fixed_deadline=False)
+    finally:
+        runner.close()
