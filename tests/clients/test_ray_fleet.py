@@ -5,6 +5,7 @@ one-node run exactly; a daemon killed and restarted mid-run still yields every r
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -43,9 +44,10 @@ def one_node(fleet):
         runner.close()
 
 
-def run_fleet(**predictor):
+def run_fleet(ds=None, **predictor):
     """The dataset through both nodes' NPUs, in Ray batches the model's batch does not divide."""
-    return classify(dataset(ROWS), actors=2, model_batch=MODEL_BATCH, batch_size=RAY_BATCH, **predictor).take_all()
+    ds = dataset(ROWS) if ds is None else ds
+    return classify(ds, actors=2, model_batch=MODEL_BATCH, batch_size=RAY_BATCH, **predictor).take_all()
 
 
 def by_id(rows):
@@ -67,14 +69,23 @@ def test_a_dataset_runs_on_both_nodes_and_matches_one_node_exactly(fleet, one_no
     assert np.array_equal(got, one_node)
 
 
-def test_a_daemon_killed_and_restarted_mid_run_loses_and_duplicates_nothing(fleet, one_node):
+def test_a_daemon_killed_and_restarted_mid_run_loses_and_duplicates_nothing(fleet, one_node, tmp_path):
     victim = fleet[1]
     start = victim.jobs_completed()
     result: dict = {}
+    gate = str(tmp_path / "killed")
+
+    def held_back(batch, flag=gate):
+        # The second half of the rows waits for the kill: however fast the first half runs, the
+        # victim's actor still has batches to run after its daemon is gone.
+        while batch["id"].max() >= ROWS // 2 and not os.path.exists(flag):
+            time.sleep(0.01)
+        return batch
 
     def run() -> None:
         try:
-            result["rows"] = run_fleet(stats_columns=True)
+            result["rows"] = run_fleet(dataset(ROWS).map_batches(held_back, batch_size=None, batch_format="numpy"),
+                                       stats_columns=True)
         except Exception as exc:   # reported below, with the assertion that matters
             result["error"] = exc
     worker = threading.Thread(target=run)
@@ -84,9 +95,11 @@ def test_a_daemon_killed_and_restarted_mid_run_loses_and_duplicates_nothing(flee
         while victim.jobs_completed() < start + 4 and time.monotonic() < give_up:
             time.sleep(0.02)      # until the victim's actor is running batches
         victim.kill()
+        open(gate, "w").close()
         time.sleep(0.5)           # the actor finds its daemon gone and keeps trying to reconnect
         victim.start()
     finally:
+        open(gate, "w").close()
         worker.join(120)
     assert not worker.is_alive() and "rows" in result, f"the dataset did not complete: {result.get('error')}"
     rows = by_id(result["rows"])
