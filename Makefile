@@ -16,8 +16,9 @@ $(RUNTIME): pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install --quiet -e '.[cpu]'
 	touch $@
 
+# ray: npu.ray's tests run a simulated two-node Ray cluster (tests/clients/test_ray_fleet.py).
 $(TESTING): pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e '.[test,cpu]'
+	$(PY) -m pip install --quiet -e '.[test,cpu,ray]'
 	touch $(RUNTIME) $@
 
 demo: $(RUNTIME)

@@ -22,6 +22,11 @@ class NpuError(Exception):
         self.retryable = code.retryable if retryable is None else retryable
         self.retry_after = retry_after   # seconds after which a retry is likely to succeed (a hint), or None
 
+    def __reduce__(self):
+        # Pickled whole (code, message, flags), so that it crosses processes -- a Ray task's
+        # error reaches its caller -- as the same class with the same fields.
+        return type(self), (self.code, self.message, self.retryable, self.retry_after)
+
 
 class InvalidArgument(NpuError):
     """The request was malformed or out of range (EINVAL, EMSGSIZE), or the operation is not

@@ -171,12 +171,19 @@ class DaemonLink:
 
 
 class DaemonCollector:
-    """A prometheus-client collector that asks npud at scrape time (``collect``)."""
+    """A prometheus-client collector that asks npud at scrape time (``collect``); ``labels`` (e.g.
+    ``{"node": host}``) are added to every sample, so a fleet's nodes stay apart however scraped."""
 
-    def __init__(self, link: DaemonLink):
+    def __init__(self, link: DaemonLink, labels: dict[str, str] | None = None):
         self.link = link
+        self.labels = labels or {}
 
     def collect(self) -> Iterator:
+        for family in self._families():
+            family.samples = [s._replace(labels={**self.labels, **s.labels}) for s in family.samples]
+            yield family
+
+    def _families(self) -> Iterator:
         started = time.monotonic()
         try:
             status = self.link.status()
@@ -283,10 +290,10 @@ def health(link: DaemonLink) -> tuple[int, dict]:
     return 200, body
 
 
-def make_app(link: DaemonLink) -> Callable:
-    """The WSGI application: /metrics, /healthz, and a short index at /."""
+def make_app(link: DaemonLink, labels: dict[str, str] | None = None) -> Callable:
+    """The WSGI application: /metrics (``labels`` on every sample), /healthz, and a short index at /."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DaemonCollector(link))
+    registry.register(DaemonCollector(link, labels))
     metrics = make_wsgi_app(registry)
 
     def app(environ, start_response):
@@ -328,12 +335,12 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def make_http_server(listen: str, link: DaemonLink):
+def make_http_server(listen: str, link: DaemonLink, labels: dict[str, str] | None = None):
     """A threading WSGI server bound to ``listen`` (port 0: any free port; see ``server_address``)."""
     host, port = parse_listen(listen)
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
     server_class = type("ExporterServer", (ThreadingWSGIServer,), {"address_family": family})
-    return make_server(host, port, make_app(link), server_class, handler_class=_QuietHandler)
+    return make_server(host, port, make_app(link, labels), server_class, handler_class=_QuietHandler)
 
 
 def add_parser(add: Callable) -> None:
@@ -344,6 +351,8 @@ def add_parser(add: Callable) -> None:
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
                    help=f"how long a scrape waits for npud (default {DEFAULT_TIMEOUT_S:g} s; keep it under "
                         "Prometheus's scrape_timeout)")
+    p.add_argument("--node", metavar="NAME", help="add the label node=NAME to every metric (a fleet's "
+                                                  "nodes; in the unit, --node %%H is the host name)")
 
 
 def serve(args, connect: Callable[[], Any]) -> int:
@@ -357,7 +366,7 @@ def serve(args, connect: Callable[[], Any]) -> int:
         return 2
     link = DaemonLink(connect, args.timeout)
     try:
-        server = make_http_server(args.listen, link)
+        server = make_http_server(args.listen, link, {"node": args.node} if args.node else None)
     except (ValueError, OSError) as exc:
         log.error("cannot serve %s: %s", args.listen, exc)
         return 2

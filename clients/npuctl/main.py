@@ -151,6 +151,8 @@ def _parser() -> argparse.ArgumentParser:
     rs = add("reset", "admin: restart a device's process")
     rs.add_argument("device", metavar="DEVICE", help="device index or name")
     exporter.add_parser(add)   # `npuctl exporter`: clients/npuctl/exporter.py
+    add("ray-resources", "this node's healthy devices as Ray custom resources: the JSON for "
+                         "`ray start --resources` (docs/FLEET.md)")
     return parser
 
 
@@ -409,6 +411,9 @@ def _dispatch(args) -> int:
             return _kill(args, client)
         elif cmd == "reset":
             return _reset(args, client)
+        elif cmd == "ray-resources":   # one line of JSON either way: what `ray start --resources` takes
+            from npu.ray import resources   # (npu.ray imports Ray only for what needs it)
+            print(json.dumps(resources(client=client), sort_keys=True))
     return 0
 
 
