@@ -70,7 +70,7 @@ def test_the_device_process_answers_malformed_requests_with_eproto_and_goes_on()
     theirs.close()
     try:
         ours.settimeout(60)
-        assert msgpack.unpackb(ours.recv(1 << 16)) == {"op": "ready"}
+        assert msgpack.unpackb(ours.recv(1 << 16))["op"] == "ready"
         for bad in (b"\xc1", msgpack.packb({"op": "nope"}), msgpack.packb({"op": "release"}),
                     msgpack.packb({"op": "import", "bo": 1})):   # an import without its memfd
             ours.send(bad)

@@ -147,7 +147,8 @@ def test_job_states_are_an_enum_that_reads_as_the_wire_strings():
     job = Job(1, "s1", 0, b"", [])
     assert job.state is JobState.QUEUED and job.state == "queued"
     job.finish(error=RequestError(ErrorCode.EIO, "x").info)
-    assert job.state is JobState.FAILED and KeptJob(job).state is JobState.FAILED
+    kept = KeptJob.of(job.id, job.session_id, job.client, job.model_name, job.context, job.error, KeptJob.pack(job))
+    assert job.state is JobState.FAILED and kept.state is JobState.FAILED
     assert msgpack_roundtrip(job.state) == "failed"
 
 
