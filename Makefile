@@ -11,9 +11,9 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# The demo needs only the runtime dependencies (and the cpu driver's onnxruntime); tests add the oracles.
+# The demo needs only the runtime dependencies; tests add the oracles (and the cpu driver's onnxruntime).
 $(RUNTIME): pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e '.[cpu]'
+	$(PY) -m pip install --quiet -e .
 	touch $@
 
 # int8-gemm: oneDNN's exact integer GEMM for the emulator (optional; numpy is the fallback).
