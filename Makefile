@@ -11,9 +11,9 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# The demo needs only the runtime dependencies (and the cpu driver's onnxruntime); tests add the oracles.
+# The demo needs only the runtime dependencies; tests add the oracles (and the cpu driver's onnxruntime).
 $(RUNTIME): pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e '.[cpu]'
+	$(PY) -m pip install --quiet -e .
 	touch $@
 
 # ray: npu.ray's tests run a simulated two-node Ray cluster (tests/clients/test_ray_fleet.py).

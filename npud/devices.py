@@ -20,7 +20,7 @@ and runs it.
   Every other exchange (import, load, release, unload) has a deadline too
   (``exchange_timeout_s``): a process that stopped answering while idle is
   found by the next job, reset, and that job -- innocent -- runs on the new one.
-  A new process is sent nothing before it says ``ready`` (START_TIMEOUT_S), so
+  A new process is sent nothing before it says ``ready`` (npud/device_link.py), so
   no deadline pays for its start.
   Jobs that were not to blame -- queued, preempted, or running on a core an
   admin reset -- are run again.
@@ -31,8 +31,6 @@ and runs it.
 
 from __future__ import annotations
 
-import array
-import errno
 import logging
 import os
 import socket
@@ -45,7 +43,7 @@ import msgpack
 import trio
 
 from npud import drivers, lifeline, targets
-from npud.drivers import Binding, DeviceParams, Driver, ProgramInfo, link
+from npud.drivers import Binding, DeviceParams, Driver, ProgramInfo
 from npud.ipc_schema.errors import ErrorCode, ErrorInfo
 
 from .jobs import BusyWindow, Histogram, Job, JobState
@@ -53,14 +51,13 @@ from .fds import FdBudget
 from .identity import device_uuid
 from .memory import BufferObject, BufferRefs, DeviceMemory
 from .programs import ProgramRegistry
+from .device_link import DeviceFault, DeviceLink, DeviceLost, HostLimit, Hung
 from .scheduler import Scheduler
 
 log = logging.getLogger("npud.device")
 
-MAX_REPLY = 1 << 20
 CHANNEL_BYTES = 32 << 20  # the device process accepts packets up to this size
 STOP_TIMEOUT_S = 2.0
-START_TIMEOUT_S = 60.0  # a new device process has this long to say it is ready (imports, on a loaded machine)
 RESTART_RETRY_S = 1.0   # a device process that cannot start is retried this often
 UTIL_WINDOW_S = 5.0   # util_pct is the busy share of (about) the last this many seconds
 EXCHANGE_MIN_S = 1.0  # the least time a device process has to answer anything but a run
@@ -89,50 +86,15 @@ class SchedulingParams:
         return max(self.job_timeout_s, EXCHANGE_MIN_S)
 
 
-class DeviceFault(Exception):
-    """The device process failed an exchange; its core must be reset.
-
-    ``delivered`` is False when the job's run request never reached the process
-    (it failed before: dead already, or silent while importing the job's buffers
-    or loading its program), so the job is innocent and may simply be run again.
-    """
-
-    def __init__(self, message: str, *, delivered: bool = True):
-        super().__init__(message)
-        self.delivered = delivered
-
-
-class DeviceLost(DeviceFault):
-    """The device process exited or broke the protocol."""
-
-
-class Hung(DeviceFault):
-    """The device process did not answer in time: a run within the job's timeout, anything
-    else within ``SchedulingParams.exchange_timeout_s``."""
-
-
-class HostLimit(Exception):
-    """The host cannot carry this job to the device (a stream larger than one packet of the device
-    socket, or no file descriptor left for its program).  The device is fine; only this job fails."""
-
-    def __init__(self, message: str, code: str = "EINVAL", retryable: bool = False):
-        super().__init__(message)
-        self.code, self.retryable = code, retryable
-
-
 class Core:
     """One device process: one modeled core that runs one job at a time."""
 
     def __init__(self, index: int):
         self.index = index
         self.process: trio.Process | None = None
-        self.sock: trio.socket.SocketType | None = None
-        self.raw: socket.socket | None = None        # the same socket, for a non-blocking preempt
+        self.link: DeviceLink | None = None          # its process's end of the device link
         self.imported: set[int] = set()
         self.loaded: set[int] = set()
-        self.started = False                         # its process has said it is ready
-        self.kernels = ""                            # what its ready said: the kernels it runs
-        self.threads: dict[str, int] = {}            # and its BLAS/OpenMP pools' thread counts
         self.job: Job | None = None                  # running now
         self.run_since = 0.0                         # time.monotonic() its current run segment began
         self.in_run = False                          # a run request is in flight
@@ -144,12 +106,8 @@ class Core:
 
     def preempt(self) -> None:
         """Ask the device process to stop the running job at its next layer boundary."""
-        if self.in_run and not self.preempt_sent and self.raw is not None:
-            try:
-                self.raw.send(msgpack.packb({"op": "preempt"}), socket.MSG_DONTWAIT)
-                self.preempt_sent = True
-            except OSError:
-                pass  # the process is gone or its queue is full: the run ends anyway
+        if self.in_run and not self.preempt_sent and self.link is not None and self.link.preempt():
+            self.preempt_sent = True
 
 
 class DeviceHost:
@@ -299,11 +257,11 @@ class DeviceHost:
     def compute_info(self) -> dict:
         """The kernels its device processes run and the most threads any of their pools uses,
         once a process has said (in its ``ready``)."""
-        started = [core for core in self.cores if core.kernels]
+        started = [core.link for core in self.cores if core.link is not None and core.link.kernels]
         if not started:
             return {}
-        return {"kernels": "; ".join(sorted({core.kernels for core in started})),
-                "compute_threads": max((n for core in started for n in core.threads.values()), default=1)}
+        return {"kernels": "; ".join(sorted({link.kernels for link in started})),
+                "compute_threads": max((n for link in started for n in link.threads.values()), default=1)}
 
     def usage_info(self, now: float) -> dict:
         return {"util_pct": self.usage.pct(now, self.busy_now(now), len(self.cores)),
@@ -399,7 +357,7 @@ class DeviceHost:
                 continue
             job = self.sched.pick(time.monotonic())
             if job is None:
-                if not core.started:     # idle: hear its ready now, so `devices` can tell its kernels
+                if core.link is not None and not core.link.ready:   # idle: hear its ready now, so `devices` can tell its kernels
                     await self._greet(core)
                     continue
                 await core.wakeup.wait()
@@ -409,7 +367,7 @@ class DeviceHost:
     async def _greet(self, core: Core) -> None:
         """Wait for a new idle process's ``ready`` (a process that never says it is reset)."""
         try:
-            await self._started(core)
+            await core.link.greet()
         except DeviceFault as exc:
             await self._reset(core, str(exc))
 
@@ -428,10 +386,10 @@ class DeviceHost:
             if kind == "release":
                 if what.id in core.imported:
                     core.imported.discard(what.id)
-                    await self._call(core, {"op": "release", "bo": what.id})
+                    await core.link.call({"op": "release", "bo": what.id})
             elif what in core.loaded:
                 core.loaded.discard(what)
-                await self._call(core, {"op": "unload_program", "program": what})
+                await core.link.call({"op": "unload_program", "program": what})
         except DeviceFault as exc:
             await self._reset(core, str(exc))
         finally:
@@ -545,7 +503,7 @@ class DeviceHost:
         for bo, _va, _w in job.bindings:
             if bo.id not in core.imported:
                 try:
-                    await self._call(core, {"op": "import", "bo": bo.id}, fd=bo.fd)
+                    await core.link.call({"op": "import", "bo": bo.id}, fd=bo.fd)
                 except DeviceFault as exc:
                     exc.delivered = False  # the job itself never started
                     raise
@@ -566,7 +524,7 @@ class DeviceHost:
             if job.fault["fault"] != "slow":
                 job.fault = None   # a hang or crash hits one run; slow lasts for all its layers
         data = msgpack.packb(run, use_bin_type=True)
-        await self._send(core, data, run["op"])
+        await core.link.send(data, run["op"])
         core.in_run = True
         core.preempt_sent = False
         if self.sched.highest_waiting() > job.context.priority and job.program is not None:
@@ -576,7 +534,7 @@ class DeviceHost:
             wake_at = timeout_at
             if job.deadline and not core.preempt_sent and job.program is not None:
                 wake_at = min(wake_at, job.deadline)
-            reply = await self._reply_by(core, wake_at, "run")
+            reply = await core.link.reply_by(wake_at, "run")
             if reply is not None:
                 break
             if time.monotonic() >= timeout_at:
@@ -603,7 +561,7 @@ class DeviceHost:
             os.write(fd, entry.stream)
             os.lseek(fd, 0, os.SEEK_SET)
             try:
-                reply = await self._call(core, {"op": "load_program", "program": program,
+                reply = await core.link.call({"op": "load_program", "program": program,
                                                 "mappings": [list(m) for m in entry.mappings],
                                                 "boundaries": entry.boundaries[:-1]}, fd=fd)
             except DeviceFault as exc:
@@ -632,10 +590,8 @@ class DeviceHost:
             raise
         finally:
             theirs.close()
-        core.raw = ours
-        core.sock = trio.socket.from_stdlib_socket(ours)
+        core.link = DeviceLink(ours, core.process, self.params.exchange_timeout_s)
         core.imported.clear()
-        core.started = False
         core.loaded.clear()
         core.state = "ok"
         if self._nursery is not None:
@@ -646,18 +602,15 @@ class DeviceHost:
     async def _stop_process(self, core: Core) -> None:
         if core.process is None:
             return
-        try:
-            core.raw.send(msgpack.packb({"op": "shutdown"}), socket.MSG_DONTWAIT)
-        except OSError:
-            pass
+        core.link.shutdown()
         with trio.move_on_after(STOP_TIMEOUT_S):
             await core.process.wait()
         if core.process.returncode is None:
             core.process.kill()
             await core.process.wait()
-        core.sock.close()
+        core.link.close()
         core.process = None
-        core.raw = None
+        core.link = None
         core.state = "down"
 
     async def _reset(self, core: Core, why: str) -> None:
@@ -684,69 +637,6 @@ class DeviceHost:
         core.reset_pending = ""
         if not any(c.reset_pending for c in self.cores):
             self._reset_done.set()
-
-    async def _started(self, core: Core) -> None:
-        """Wait for a new process's ``ready``, so that no request's deadline pays for its start."""
-        try:
-            reply = await self._reply_by(core, time.monotonic() + START_TIMEOUT_S, "ready")
-        except DeviceLost as exc:
-            exc.delivered = False   # nothing was sent to it: whatever job is at hand is innocent
-            raise
-        if reply is None:
-            raise Hung(f"its process did not start within {START_TIMEOUT_S:g} s", delivered=False)
-        core.started = True
-        core.kernels = str(reply.get("kernels", ""))
-        core.threads = dict(reply.get("threads", {}))
-
-    async def _send(self, core: Core, data: bytes, op: str, fd: int | None = None) -> None:
-        if not core.started:
-            await self._started(core)
-        try:
-            if fd is None:
-                await core.sock.send(data)
-            else:
-                await core.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                  array.array("i", [fd]))])
-        except OSError as exc:
-            if exc.errno == errno.EMSGSIZE:
-                raise HostLimit(f"a {len(data)}-byte {op} request exceeds what this host's "
-                                   "device socket carries in one packet (raise net.core.wmem_max, "
-                                   "or submit a shorter command stream)") from None
-            raise DeviceLost(f"device process connection failed: {exc}", delivered=False) from None
-
-    async def _recv(self, core: Core, op: str) -> dict:
-        """The process's reply to ``op``, checked against the device link's schema (npud/drivers/
-        link.py): one that breaks the protocol is the device's failure (DeviceLost), never an
-        exception in the daemon."""
-        try:
-            reply = await core.sock.recv(MAX_REPLY)
-        except OSError as exc:
-            raise DeviceLost(f"device process connection failed: {exc}") from None
-        if not reply:
-            await core.process.wait()
-            raise DeviceLost(f"device process exited with status {core.process.returncode}")
-        try:
-            return link.check_reply(op, reply)
-        except link.ProtocolError as exc:
-            raise DeviceLost(f"its process broke the protocol: {exc}", delivered=op == "run") from None
-
-    async def _reply_by(self, core: Core, at: float, op: str) -> dict | None:
-        """The process's next reply, or None if it sends none by ``at`` (``time.monotonic()``).
-
-        The one way an exchange with a device process is timed: every wait for a reply ends."""
-        with trio.move_on_after(max(0.0, at - time.monotonic())):
-            return await self._recv(core, op)
-        return None
-
-    async def _call(self, core: Core, request: dict, fd: int | None = None) -> dict:
-        """Send a request other than ``run`` and return its reply; Hung if it takes longer than
-        ``exchange_timeout_s`` (a process stopped, or stuck, while the core was idle)."""
-        await self._send(core, msgpack.packb(request, use_bin_type=True), request["op"], fd)
-        limit = self.params.exchange_timeout_s
-        reply = await self._reply_by(core, time.monotonic() + limit, request["op"])
-        if reply is None:
-            raise Hung(f"its process did not answer {request['op']} within {limit:g} s")
-        return reply
 
 
 def _fault_reply(job: Job, what: str, code: str, retryable: bool | None = None) -> dict:

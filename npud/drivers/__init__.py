@@ -118,9 +118,6 @@ class Driver(ABC):
 
         return ["--config", msgpack.packb(params.to_dict()).hex()]
 
-    def info(self) -> dict:
-        return {"driver": self.name, "driver_version": self.version, "target": self.target}
-
 
 class DeviceRuntime(Protocol):
     """What a device process implements, one request at a time (npud/emulator/device_process.py is
