@@ -65,6 +65,14 @@ def test_a_model_npu_emu_declines_runs_on_cpu_and_matches_onnxruntime(daemon):
     np.testing.assert_array_equal(got["indices"], want[1])
 
 
+def test_check_asks_each_devices_target(daemon):
+    """`check` goes to the device's target in a compiler worker: npu-emu names TopK, cpu runs it all."""
+    with npu.connect(daemon.endpoint) as c:
+        problems = c.check(topk_model(), device=0)
+        assert [p["op"] for p in problems] == ["TopK"] and problems[0]["reason"]
+        assert c.check(topk_model(), device=1) == []
+
+
 def test_the_driver_refuses_a_program_whose_tensors_leave_their_bindings():
     cpu = driver("cpu")
     params = cpu.params("host", {})
