@@ -41,6 +41,7 @@ def test_exporter_unit_runs_npuctl_exporter_as_the_npu_group_and_outlives_npud()
     assert argv[0] == "/opt/npud/bin/npuctl" and argv[1] == "exporter"
     args = _parser().parse_args(argv[1:])          # the options exist and parse
     assert args.endpoint == "ipc:///run/npud/npud.sock" and args.listen == "127.0.0.1:9400"
+    assert args.node == "%H"   # every metric carries node=<host name>: a fleet's series stay apart (docs/FLEET.md)
     # The policy admits the npu group by the peer's gid (SO_PEERCRED): the primary group.
     assert keys["Group"] == ["npu"] and keys["DynamicUser"] == ["yes"]
     assert "Requires" not in keys and "BindsTo" not in keys   # it serves npud_up 0 while npud is down
