@@ -236,10 +236,15 @@ package's classic architectures at their shipped opset 9 (upgraded inside the co
 and 1-D audio convolutions with reflect/edge padding.  Each is compiled for the default device
 (`edge`), run on the in-process emulator and compared with onnxruntime (one thread): fp32 within
 1e-3 of the output's largest magnitude, int8 within 3 quantisation steps and the same argmax.
-Times are the best of up to 3 runs (one for runs over a second) on a 2-core machine shared with
-other jobs (load average about 20 while the table below was recorded: the wall times are noisy,
-several times slower than on an idle machine): "npud emulator" is the emulator's wall time in
-Python, "modelled device" the cycle model's time on `edge` (800 MHz), "onnxruntime" one thread.
+Times are the best of up to 3 runs (one for runs over a second; `Model.run` the best of 5 after a
+warm-up) on this 2-core machine, which other jobs may share (the wall times are noisy):
+"npud emulator" is a whole in-process emulator run (device set-up and the program's first-run
+preparation included); "npud Model.run" is what a user sees -- the model loaded once into a
+private daemon (one `edge` device) and run through the client library, IPC included;
+"modelled device" is the cycle model's time on `edge` (800 MHz); "onnxruntime" one thread.  The
+last line is the issue's measure: the geometric mean of Model.run / onnxruntime (goal <= 1.5x,
+no model worse than 3x).  An error code in the Model.run column is the daemon's refusal (ENOMEM:
+the weights do not fit the `edge` device's 512 MiB; issue 14, large models).
 Every op of a compiled model runs on the NPU (no CPU fallback exists), so its MACs are all on the
 NPU.  `make test` runs the fast subset; reproduce the table with `make zoo`.
 
