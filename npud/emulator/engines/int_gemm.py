@@ -52,6 +52,7 @@ class OneDNN:
     ``a_zp = 127``; one function is one thing to self-test."""
 
     def __init__(self, lib: ctypes.CDLL, gomp: ctypes.CDLL | None):
+        self.lib = lib   # the library itself: the convolution primitive (onednn.py) binds more of it
         self.version = _version(lib)
         self.isa = _isa(lib)
         f = lib.dnnl_gemm_u8s8s32

@@ -214,11 +214,12 @@ _lock = threading.Lock()
 
 
 def _threads() -> None:
-    """One OpenMP thread per calling thread (see int_gemm: each device process
-    is one modeled core, and extra threads spin against other processes)."""
+    """One OpenMP thread for the calling thread (an OpenMP setting is per thread): each device
+    process is one modeled core, extra threads spin against other processes, and oneDNN blocks a
+    primitive for the thread count it is created under."""
     if not getattr(_local, "omp", False):
         try:
-            ctypes.CDLL("libgomp.so.1").omp_set_num_threads(int_gemm._threads())
+            ctypes.CDLL("libgomp.so.1").omp_set_num_threads(1)
         except (OSError, AttributeError):
             pass
         _local.omp = True
@@ -231,15 +232,12 @@ def _load() -> tuple:
             if os.environ.get(ENV, "").lower() == "numpy":
                 _state = (None, f"numpy ({ENV}=numpy)")
             else:
-                _state = (None, "numpy: libdnnl not found")
-                for path in int_gemm._candidates():
-                    if os.path.isabs(path) and not os.path.exists(path):
-                        continue
-                    try:
-                        _state = (_Lib(ctypes.CDLL(path)), f"oneDNN convolution primitive ({path})")
-                        break
-                    except (OSError, AttributeError, DnnlError) as e:
-                        _state = (None, f"numpy: {path}: {e}")
+                found, where = int_gemm._open()   # the library the integer GEMM found
+                try:
+                    _state = ((_Lib(found.lib), f"oneDNN convolution primitive ({where})") if found
+                              else (None, f"numpy: {where}"))
+                except (OSError, AttributeError, DnnlError) as e:
+                    _state = (None, f"numpy: {where}: {e}")
         return _state
 
 
