@@ -42,18 +42,18 @@ class SessionJobs:
     `keep_finished` once the daemon has ended it; beyond ``capacity`` the oldest finished job is
     forgotten (a `wait` on it is then ENOENT).  Holds no reference to its session."""
 
-    __slots__ = ("session_id", "capacity", "_live", "_ids", "_records", "_model_names", "_contexts",
-                 "_clients", "_errors", "_overflow", "_oldest", "_count")
+    __slots__ = ("session_id", "client", "capacity", "_live", "_ids", "_records", "_model_names", "_contexts",
+                 "_errors", "_overflow", "_oldest", "_count")
 
-    def __init__(self, session_id: str, capacity: int = FINISHED_JOBS_KEPT):
+    def __init__(self, session_id: str, client: str, capacity: int = FINISHED_JOBS_KEPT):
         self.session_id = session_id
+        self.client = client                  # every job of a session carries its client's name
         self.capacity = capacity
         self._live: dict[int, Job] = {}       # submitted, not yet kept (in submission order)
         self._ids = array("q")                # finished: slot -> job id
         self._records = bytearray()           # slot -> length + KeptJob's packed numbers and stats
         self._model_names: list[str] = []     # slot -> references to shared objects, no new ones
         self._contexts: list = []
-        self._clients: list[str] = []
         self._errors: list = []
         self._overflow: dict[int, bytes] = {}  # slot -> a record longer than a slot
         self._oldest = 0                      # the slot to reuse next once the columns are full
@@ -63,8 +63,6 @@ class SessionJobs:
     def add(self, job: Job) -> None:
         """A job the session has just submitted."""
         self._live[job.id] = job
-        if len(self._live) > 2 * self.capacity:
-            self._keep_strays()
 
     def keep_finished(self, job: Job) -> None:
         """Keep a finished job as a record, in place of the job object; a job this table does not
@@ -79,12 +77,11 @@ class SessionJobs:
             self._records.extend(bytes(SLOT_BYTES))
             self._model_names.append(job.model_name)
             self._contexts.append(job.context)
-            self._clients.append(job.client)
             self._errors.append(job.error)
         else:
             self._ids[slot] = job.id
             self._model_names[slot], self._contexts[slot] = job.model_name, job.context
-            self._clients[slot], self._errors[slot] = job.client, job.error
+            self._errors[slot] = job.error
         self._overflow.pop(slot, None)
         start = slot * SLOT_BYTES
         if len(record) <= _INLINE:
@@ -101,12 +98,6 @@ class SessionJobs:
             return self._count - 1
         slot, self._oldest = self._oldest, (self._oldest + 1) % self.capacity
         return slot
-
-    def _keep_strays(self) -> None:
-        """Keep the finished jobs no one handed to `keep_finished` (a path that ended a job
-        without the daemon's `_job_done`), so that the live table stays bounded."""
-        for job in [j for j in self._live.values() if j.state in ("done", "failed")]:
-            self.keep_finished(job)
 
     # --- reading, as a dict of id -> job ---
     def get(self, job_id: int, default=None):
@@ -133,7 +124,7 @@ class SessionJobs:
         """Every job: the kept ones from the oldest finished, then the unfinished ones."""
         for i in range(self._count):
             yield self._kept((self._oldest + i) % self._count)
-        yield from list(self._live.values())
+        yield from self.unfinished()
 
     def unfinished(self) -> list[Job]:
         """The jobs not yet kept, in submission order (a copy: ending one may change the table)."""
@@ -156,5 +147,5 @@ class SessionJobs:
         (length,) = _LENGTH.unpack_from(self._records, start)
         record = (self._overflow[slot] if length == 0xFFFF
                   else bytes(self._records[start + _LENGTH.size:start + _LENGTH.size + length]))
-        return KeptJob.of(self._ids[slot], self.session_id, self._clients[slot], self._model_names[slot],
+        return KeptJob.of(self._ids[slot], self.session_id, self.client, self._model_names[slot],
                           self._contexts[slot], self._errors[slot], record)

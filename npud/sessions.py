@@ -70,7 +70,7 @@ class Session:
     _next_job: int = 1
 
     def __post_init__(self) -> None:
-        self.jobs = SessionJobs(self.id)
+        self.jobs = SessionJobs(self.id, self.name)
 
     def new_handle(self) -> int:
         handle, self._next_handle = self._next_handle, self._next_handle + 1
