@@ -99,10 +99,9 @@ def operand(lw, name: str, rank: int | None = None) -> str:
     """The PTensor holding IR tensor ``name`` in the logical layout, constants in their
     device type (int64 saturated to int32)."""
     t = lw.g.tensors[name]
-    dt = device_dtype(t.dtype if t.const is None else t.const.dtype)
-    if t.const is not None and dt == I32 and t.const.dtype != np.int32:
-        name = lw.g.add_const(f"{name}@i32", const_value(t.const, I32))
-    return lw.get(name, None, rank, dtype=dt)
+    # Lowerer.get saturates the constant (const_value) and caches it per dtype: each constant is
+    # stored once however many nodes read it.
+    return lw.get(name, None, rank, dtype=device_dtype(t.dtype if t.const is None else t.const.dtype))
 
 
 def _scalar(lw, n, value, dtype: str) -> str:

@@ -385,3 +385,14 @@ def test_variadic_integer_ops(op, n_in):
     nodes = [helper.make_node(op, names, ["s"]), helper.make_node("Add", ["s", "one"], ["y"])]
     mb = model(nodes, {k: (np.int64, [2, 3]) for k in names}, {"y": np.int64}, {"one": np.array(1, np.int64)})
     check(mb, {k: ints((2, 3)) for k in names})
+
+
+def test_an_int64_constant_read_by_several_nodes_is_stored_once():
+    """Each read of an int64 constant used to add a saturated copy to the weights."""
+    k = np.arange(64, dtype=np.int64)
+    reads = [helper.make_node("Add", ["x", "k"], [f"y{i}"]) for i in range(4)]
+    total = [helper.make_node("Add", ["y0", "y1"], ["s0"]), helper.make_node("Add", ["y2", "y3"], ["s1"]),
+             helper.make_node("Add", ["s0", "s1"], ["y"])]
+    mb = model(reads + total, {"x": (np.int64, [64])}, {"y": np.int64}, {"k": k})
+    exe, _ = check(mb, {"x": ints((64,))})
+    assert len(exe.weights) < 2 * k.size * 4, f"{len(exe.weights)} bytes of weights for one 256-byte constant"

@@ -86,7 +86,7 @@ class Lowerer:
         perm = _perm_for(rank, layout)
         pshape = [padded[p] for p in perm]
         if t.const is not None:
-            val = np.asarray(t.const, dtype).reshape(padded).transpose(perm)
+            val = lower_index.const_value(t.const, dtype).reshape(padded).transpose(perm)
             pt = self.new(f"{name}@c", pshape, kind="const", const=np.ascontiguousarray(val),
                           logical=padded, dtype=dtype)
         else:
