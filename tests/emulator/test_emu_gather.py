@@ -84,6 +84,16 @@ def test_mod_signs(func, ref, dtype):
     np.testing.assert_array_equal(got, ref(a, b))
 
 
+@pytest.mark.parametrize("func", ["mod", "fmod"])
+@pytest.mark.parametrize("dtype,expect", [(np.int32, 0), (np.float32, np.nan)])
+def test_a_modulo_by_zero_is_zero_for_integers_and_nan_for_floats(func, dtype, expect):
+    a = np.array([7, -7, 0], dtype)
+    b = np.zeros(3, dtype)
+    got = run_op("vbinary", [a, b], [(dtype, a.shape)],
+                 lambda sb, i, o: sb.vbinary(func, i[0], i[1], o[0]))[0].reshape(a.shape)
+    np.testing.assert_array_equal(got, np.full(3, expect, dtype))
+
+
 def test_trunc_rounds_toward_zero():
     a = np.array([2.7, -2.7, 2.5, -0.5, 3.0], np.float32)
     got = run_op("vunary", [a], [(np.float32, a.shape)],

@@ -115,8 +115,8 @@ def matmul(job, cmd) -> None:
 def _matmul_sgemm(sram: np.ndarray, a, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> bool:
     """A float32 matmul on oneDNN's sgemm, one GEMM per batch (accumulating in
     the GEMM), then the bias; False where oneDNN is absent or out overlaps x or w."""
-    if not (x.dtype == w.dtype == out.dtype == np.float32):
-        return False
+    if not (x.dtype == w.dtype == out.dtype == np.float32) or not onednn.available():
+        return False   # before any set-up: without oneDNN every float matmul comes here first
     if np.may_share_memory(out, x) or np.may_share_memory(out, w):
         return False
     bias = _bias_f32(sram, a, out)

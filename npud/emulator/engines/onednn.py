@@ -128,6 +128,11 @@ class ConvPlan:
         _ok(lib.stream_wait(lib.stream), "stream_wait")
 
 
+def available() -> bool:
+    """Whether oneDNN is loaded (False: the numpy paths run)."""
+    return (_state or _load())[0] is not None
+
+
 def sgemm(a: np.ndarray, b: np.ndarray, c: np.ndarray, accumulate: bool) -> bool:
     """c (+)= a @ b for dense row-major float32 [M, K] x [K, N] -> [M, N] (c not
     overlapping a or b) on oneDNN's sgemm; False (nothing done) without oneDNN.
