@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from npud.ipc_schema.errors import ErrorCode
+from npud.ipc_schema.schema import PRIORITY_NAMES
 
 from .client import Client
 from .errors import ConnectionLost, MissedDeadline, NotFound, NpuError, PermissionDenied, error
@@ -384,6 +385,7 @@ class NpuServer:
         answers: list[tuple[bool, Any]] = [(False, None)] * len(xs)
         groups: dict[str, list[int]] = {}
         for i, p in enumerate(priorities):
+            _check_priority(p)
             groups.setdefault(p, []).append(i)
         for priority in sorted(groups, key=_PRIORITY_ORDER.index):
             idx = groups[priority]
@@ -407,7 +409,12 @@ class NpuServer:
         return [(True, {name: v[i] for name, v in outs.items()}) for i in range(len(xs))]
 
 
-_PRIORITY_ORDER = ["realtime", "high", "normal", "low"]
+_PRIORITY_ORDER = PRIORITY_NAMES[::-1]   # the most urgent group runs first
+
+
+def _check_priority(priority: str) -> None:
+    if priority not in _PRIORITY_ORDER:
+        raise error(ErrorCode.EINVAL, f"priority {priority!r}: one of {list(PRIORITY_NAMES)}")
 
 
 def serve_deployment(model: Any, *, max_batch_size: int | None = None, batch_wait_timeout_s: float = 0.002,
@@ -432,8 +439,7 @@ def serve_deployment(model: Any, *, max_batch_size: int | None = None, batch_wai
             self._batched.set_max_batch_size(max_batch_size or self.server.runner.batch)
 
         async def __call__(self, x: Any, priority: str = "normal", deadline: float | None = None) -> Any:
-            if priority not in _PRIORITY_ORDER:
-                raise error(ErrorCode.EINVAL, f"priority {priority!r}: one of {_PRIORITY_ORDER}")
+            _check_priority(priority)   # before batching: one bad request must not fail its batch
             at = None if deadline is None else time.monotonic() + deadline
             ok, value = await self._batched(x, priority, at)
             if not ok:

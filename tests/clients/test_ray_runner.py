@@ -196,6 +196,17 @@ def test_serve_requests_run_by_priority_and_deadline(node, reference):
         server.runner.close()
 
 
+def test_an_unknown_priority_is_refused_before_anything_runs(node, reference):
+    x, _ = reference
+    server = NpuServer(tiny_cnn_batched(BATCH), endpoint=node.endpoint)
+    try:
+        with pytest.raises(npu.InvalidArgument, match="'urgent'.*low.*realtime"):
+            server.run_requests(list(x[:2]), ["high", "urgent"], [None, None])
+        assert server.runner._session.contexts == {}   # the valid one did not run either
+    finally:
+        server.runner.close()
+
+
 def test_the_exporter_labels_every_sample_with_the_node(node):
     pytest.importorskip("prometheus_client")
     from prometheus_client import CollectorRegistry, generate_latest
