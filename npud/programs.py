@@ -75,7 +75,8 @@ class ProgramRegistry:
     def segments(self, program: int | None) -> int:
         """How many segments a run of it may stop between (1 for an unknown program)."""
         entry = self._programs.get(program) if program is not None else None
-        return len(entry.boundaries) + 1 if entry is not None else 1
+        # boundaries end each layer, the last one included: a layer is a segment
+        return max(1, len(entry.boundaries)) if entry is not None else 1
 
     def _drop_if_unused(self, program: int, entry: Program) -> None:
         if entry.removed and entry.users <= 0:
