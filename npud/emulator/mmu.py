@@ -43,9 +43,6 @@ class PageTable:
         self.page_size = page_size
         self._regions: list[_Region] = []
         self._starts: list[int] = []
-        # Translations of prepared DMA descriptors (see cached_view); any map or
-        # unmap clears them, so no view outlives the mappings it was made from.
-        self._views: dict = {}
 
     def map(self, va: int, buffer, *, writable: bool) -> None:
         """Map `buffer` (any buffer-protocol object, writable if `writable`)
@@ -69,7 +66,6 @@ class PageTable:
             raise ValueError(f"mapping at 0x{va:x} overlaps the mapping at 0x{self._starts[i]:x}")
         self._regions.insert(i, _Region(va, mem, bool(writable)))
         self._starts.insert(i, va)
-        self._views.clear()
 
     def unmap(self, va: int) -> None:
         """Remove the mapping that starts at `va`; ValueError if there is none."""
@@ -77,7 +73,6 @@ class PageTable:
         if i == len(self._starts) or self._starts[i] != va:
             raise ValueError(f"no mapping starts at va {va!r}")
         del self._regions[i], self._starts[i]
-        self._views.clear()
 
     def mappings(self) -> list[Mapping]:
         return [Mapping(r.va, r.end - r.va, r.writable) for r in self._regions]
@@ -96,19 +91,6 @@ class PageTable:
             if va + span <= r.end and (r.writable or not write):
                 return np.ndarray(shape, dtype, buffer=r.mem, offset=va - r.va, strides=strides)
         return _Scatter(self, va, dtype, shape, strides, write, command_index, what)
-
-    def cached_view(self, key, va: int, dtype: np.dtype, shape, strides, *, write: bool,
-                    command_index: int | None = None, what: str = ""):
-        """:meth:`view`, remembered under `key` (a prepared DMA step's own
-        key) until the mappings next change: a program run many times
-        translates each of its descriptors once."""
-        v = self._views.get(key)
-        if v is None:
-            v = self.view(va, dtype, shape, strides, write=write, command_index=command_index,
-                          what=what)
-            if isinstance(v, np.ndarray):
-                self._views[key] = v
-        return v
 
     def _translate(self, addrs: np.ndarray, write: bool, command_index, what):
         """Region index of every byte address; PageFault on the first bad one."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 
 import numpy as np
 
@@ -83,36 +82,19 @@ def dma_gather(job, cmd) -> None:
     np.take(table, idx, axis=1, out=out)
 
 
-_keys = itertools.count()
-
-
 def _prepare(cmd, sram: np.ndarray, write: bool):
-    """A step running one DMA command: its SRAM view made once, its device
-    memory view translated once per mapping state (PageTable.cached_view)."""
+    """A step running one DMA command, its SRAM view made once.  Its device-memory side is
+    translated at each run: the daemon gives every run a context (and page table) of its own."""
     a = cmd.args
     local = _local(cmd, sram)
-    key = next(_keys)
 
     def step(job) -> None:
-        mem = job.mmu.cached_view(key, a.va, local.dtype, a.shape, a.strides, write=write,
-                                  command_index=cmd.index, what=cmd.op.name)
+        mem = job.mmu.view(a.va, local.dtype, a.shape, a.strides, write=write,
+                           command_index=cmd.index, what=cmd.op.name)
         _transfer(mem, local, write)
-    return step
-
-
-def _prepare_map(cmd, sram: np.ndarray):
-    """A dma_map step: its translation made once per mapping state, as a DMA's."""
-    a = cmd.args
-    dt = DType(a.dtype).np
-    key = next(_keys)
-
-    def step(job) -> None:
-        _bind(job, cmd, job.mmu.cached_view(key, a.va, dt, a.shape, a.strides, write=False,
-                                            command_index=cmd.index, what=cmd.op.name))
     return step
 
 
 EXECUTORS = {"dma_load": dma_load, "dma_store": dma_store, "dma_map": dma_map, "dma_gather": dma_gather}
 PREPARE = {"dma_load": lambda cmd, sram: _prepare(cmd, sram, False),
-           "dma_store": lambda cmd, sram: _prepare(cmd, sram, True),
-           "dma_map": _prepare_map}
+           "dma_store": lambda cmd, sram: _prepare(cmd, sram, True)}
