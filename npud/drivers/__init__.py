@@ -7,11 +7,16 @@ crashed device is reset by killing that process, and the daemon carries on):
   parameters it offers, which compiler target (``npud.targets``) builds its programs, how to
   check a program before any of it reaches the device (the daemon trusts no compiler), and
   which module runs as its device process.
-* ``DeviceRuntime`` -- what that device process implements: import buffer objects, load and
-  unload programs, execute jobs with bindings and preemption points, report stats (modeled and
-  measured), and answer the health handshake.  The daemon speaks to it over the device link
-  (one SEQPACKET socket, msgpack packets, memfds in SCM_RIGHTS; npud/devices.py); reset is
-  the daemon killing and restarting the process.
+* the device process -- a subclass of ``link.DeviceServer`` (npud/drivers/link.py), which owns
+  the message loop, the ``ready`` handshake, the preemption check and buffer objects imported as
+  shared mappings; the driver adds ``_op_load_program``, ``_op_unload_program``, ``_op_run``
+  (execute a job from a preemption point, with stats: modeled ``cycles``, measured ``wall_ms``)
+  and, if it likes, ``ready_info``.  The daemon speaks to it over the device link (one SEQPACKET
+  socket, msgpack packets, memfds in SCM_RIGHTS; npud/device_link.py); reset is the daemon
+  killing and restarting the process.  Buffer objects arrive as memfds; on real hardware the
+  process turns one into a device buffer without a copy: ``UDMABUF_CREATE`` on /dev/udmabuf
+  makes a dma-buf of the memfd's pages, ``DRM_IOCTL_PRIME_FD_TO_HANDLE`` on the accel node
+  imports it as a GEM handle, and the driver's own ioctl maps that handle at a device address.
 
 Drivers are found through the ``npud.drivers`` entry-point group (npud/plugins.py); a config's
 ``[[devices]] driver = "NAME"`` picks one per device (default ``npu-emu``).  This module imports
@@ -21,7 +26,6 @@ no driver: the daemon core names none.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -117,41 +121,6 @@ class Driver(ABC):
         import msgpack
 
         return ["--config", msgpack.packb(params.to_dict()).hex()]
-
-
-class DeviceRuntime(Protocol):
-    """What a device process implements, one request at a time (npud/emulator/device_process.py is
-    npu-emu's).  Each method answers one device-link request (docs/DRIVERS.md, "The device link").
-
-    Buffer objects arrive as memfds: sealed against shrinking, page-sized, shared with the
-    daemon and, after `map`, the owning client.  On real hardware the process turns one into a
-    device buffer without a copy: ``UDMABUF_CREATE`` on /dev/udmabuf makes a dma-buf of the
-    memfd's pages, ``DRM_IOCTL_PRIME_FD_TO_HANDLE`` on the accel node imports it as a GEM
-    handle, and the driver's own ioctl maps that handle at a device address."""
-
-    def import_buffer(self, bo: int, fd: int) -> None:
-        """Make buffer object ``bo`` (its memfd ``fd``, now this process's) available to jobs."""
-
-    def release(self, bo: int) -> None:
-        """Forget ``bo``: no later job binds it; its memory may go."""
-
-    def load_program(self, program: int, stream: bytes, bindings: list[Binding],
-                     boundaries: list[int]) -> None:
-        """Keep a validated program for runs by id; ``boundaries`` are the command counts at
-        which a run may stop (preemption points: layer boundaries the driver proved safe)."""
-
-    def unload_program(self, program: int) -> None:
-        """Forget a program."""
-
-    def execute(self, job: int, program: int | bytes, bindings: list[tuple[int, Binding]], start: int,
-                preempted: Callable[[], bool]) -> dict:
-        """Run a job from preemption point ``start``, checking ``preempted()`` at each point.
-        Returns ``{"ok": True, "done": bool, "next": point, "cycles": modeled, "wall_ms": measured,
-        "stats": {...}}``, or ``{"ok": False, "error": {"code", "message", "command"}}`` for a fault
-        of this job only (a page fault, a bad command): the device stays usable."""
-
-    def health(self) -> dict:
-        """Sent as ``{"op": "ready"}`` once the process can take requests."""
 
 
 def driver(name: str = DEFAULT) -> Driver:
