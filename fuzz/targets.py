@@ -34,7 +34,7 @@ import struct
 import msgpack
 
 from npud.compiler_worker.errors import ExecutableFormatError
-from npud.compiler_worker.executable import DIGEST, Executable
+from npud.executable import DIGEST, Executable
 from npud.emulator.assembler import StreamBuilder, tile
 from npud.emulator.config import make_config
 from npud.emulator.device import Device

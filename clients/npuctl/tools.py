@@ -215,7 +215,7 @@ def disasm(path: str) -> dict:
     """The listing of a .npux executable's stream (with its header and I/O table) or of a raw stream.
     EINVAL if the file is neither; ``error`` says where a stream stops decoding."""
     from npud.compiler_worker.errors import ExecutableFormatError
-    from npud.compiler_worker.executable import MAGIC, Executable
+    from npud.executable import MAGIC, Executable
 
     data = _read(path)
     if data[:4] == MAGIC:

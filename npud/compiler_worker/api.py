@@ -14,7 +14,7 @@ from npud.emulator.config import DeviceConfig
 
 from . import pipeline
 from .errors import CompileError, CompileErrors, ExecutableFormatError
-from .executable import Executable
+from npud.executable import Executable
 from .pipeline import COMPILER_VERSION
 
 __all__ = ["compile_model", "check_model", "CompileError", "CompileErrors",

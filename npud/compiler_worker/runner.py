@@ -16,7 +16,7 @@ from npud.emulator.config import DeviceConfig
 from npud.emulator.device import Device, JobStats
 from npud.emulator.validator import validate
 
-from .executable import Executable
+from npud.executable import Executable
 
 
 class EmulatorSession:

@@ -211,7 +211,7 @@ def test_disasm_of_a_non_executable_exits_1(capsys, daemon, onnx_path, tmp_path)
 
 
 def test_compile_output_writes_an_executable_disasm_lists(capsys, daemon, onnx_path, tmp_path):
-    from npud.compiler_worker.executable import Executable
+    from npud.executable import Executable
     target = tmp_path / "mlp.npux"
     code, out, err = ctl(capsys, daemon, "compile", onnx_path, "--device", "1", "-o", str(target))
     assert code == 0 and f"executable written to {target}" in out, err

@@ -37,7 +37,7 @@ def test_read_meta_reads_only_the_meta_section(exe):
     """For listings (`npuctl cache list`): the META section without loading or checking the rest."""
     import io
 
-    from npud.compiler_worker.executable import read_meta
+    from npud.executable import read_meta
     data = exe.to_bytes()
     assert read_meta(io.BytesIO(data)) == exe.meta and read_meta(io.BytesIO(data))["model_name"] == "cnn"
     assert read_meta(io.BytesIO(data[:-32] + bytes(32))) == exe.meta   # the digest is not checked

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from npud.compiler_worker.errors import ExecutableFormatError
-from npud.compiler_worker.executable import Executable
+from npud.executable import Executable
 from fuzz import targets
 
 SHORT = settings(derandomize=True, deadline=None, database=None,

@@ -12,7 +12,7 @@ import pytest
 
 from npud.compiler_worker.api import compile_model
 from npud.compiler_worker.errors import ExecutableFormatError
-from npud.compiler_worker.executable import Executable
+from npud.executable import Executable
 from npud.emulator.config import make_config
 from npud.compile_cache import CachedExecutable, CompileCache, memory_cost
 
