@@ -500,7 +500,7 @@ async def _executable(daemon, session, device, args):
         if "model" in args or "model_buffer" in args:
             raise RequestError(ErrorCode.EINVAL, "give exactly one of model, model_buffer or model_digest")
         digest = args["model_digest"]
-        return (*await daemon.loader.by_digest(digest, options, device.config, session.uid, target=device.target),
+        return (*await daemon.loader.by_digest(digest, options, device.config, session.uid, device.target),
                 digest)
     data, source = _model_source(session, args)
     if source is None:

@@ -238,7 +238,7 @@ class ModelLoader:
             self._presented.add(digest, uid)
 
     async def by_digest(self, digest: bytes, options: dict, config: DeviceParams,
-                        uid: int, *, target: Target) -> tuple[CachedExecutable, bool, float]:
+                        uid: int, target: Target | None = None) -> tuple[CachedExecutable, bool, float]:
         """A cached executable for a model known only by its digest, for a user who has sent it."""
         started = time.perf_counter()
         exe = None

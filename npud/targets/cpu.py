@@ -19,6 +19,12 @@ VERSION = "cpu-0.1.0"
 KNOWN_OPTIONS = {"input_shapes", "name"}
 
 
+def _round_up(n: int, multiple: int) -> int:
+    # not npud.memory.round_up: this runs in the sandboxed compiler worker, which may not read
+    # the daemon's modules (npud/compiler_worker/sandbox.py)
+    return -(-n // multiple) * multiple
+
+
 class CpuTarget(Target):
     name = "cpu"
     worker_module = "npud.compiler_worker.worker"
@@ -43,7 +49,6 @@ class CpuTarget(Target):
         from npud.compiler_worker.errors import CompileError
         from npud.drivers.cpu import CpuParams, pack_program
         from npud.executable import Executable
-        from npud.memory import round_up
 
         options = dict(options or {})
         unknown = set(options) - KNOWN_OPTIONS
@@ -88,7 +93,7 @@ class CpuTarget(Target):
                 tables[f"{kind}s"].append(entry)
                 regions.append({"name": f"{kind}:{value.name}", "kind": kind, "va": va, "size": size,
                                 "writable": kind == "output", "tensor": value.name})
-                va += round_up(max(size, 1), page)
+                va += _round_up(max(size, 1), page)
         ops = [{"node": n.name or f"{n.op_type}_{i}", "op": n.op_type, "kind": "onnxruntime", "inputs": [],
                 "outputs": [], "macs": 0, "cycles": 0, "sram_bytes": 0, "dma_bytes": 0, "commands": 0}
                for i, n in enumerate(graph.node)]
