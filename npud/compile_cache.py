@@ -19,11 +19,11 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from npud.drivers import DeviceParams
 from npud.executable import ExecutableFormatError, PackedExecutable, read_meta
+from npud.ipc_schema.digest import model_digest  # noqa: F401  (models.py and handlers.py import it from here)
 
 log = logging.getLogger("npud.cache")
 
@@ -33,8 +33,6 @@ MEMORY_BYTES = 256 << 20   # executables also kept in memory, most recently used
 # validation record, the memo's slot (measured with tracemalloc: ~400 bytes; a margin for more
 # validation records and other Python builds).  ~420 with its trace layers and a validation record.
 ENTRY_OVERHEAD = 640
-HASH_CHUNK = 16 << 20
-HASH_THREADS = min(2, os.cpu_count() or 1)
 TMP_PREFIX = ".tmp-"
 # A temporary file this old was left by a writer that died (a SIGKILLed daemon, a power cut);
 # younger ones may be another daemon's, sharing the directory, still writing.
@@ -57,32 +55,6 @@ def default_directory(env=None) -> Path:
         return Path(env["CACHE_DIRECTORY"].split(":")[0])
     base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "npud"
-
-
-def model_digest(model, copy_to: bytearray | None = None) -> bytes:
-    """SHA-256 over the SHA-256 of each 16 MiB chunk of ``model`` (and its length).
-
-    The chunks are hashed by two threads (hashlib releases the GIL), so a
-    100 MB model costs ~30 ms, not ~60.  With ``copy_to`` each chunk is first
-    copied there and the copy is hashed while it is in cache: the digest is
-    the copy's, whatever the source's owner does to it meanwhile.
-    """
-    view = memoryview(model).cast("B")
-    n = len(view)
-
-    def chunk(start: int) -> bytes:
-        part = view[start:start + HASH_CHUNK]
-        if copy_to is not None:
-            copy_to[start:start + len(part)] = part
-            part = memoryview(copy_to)[start:start + len(part)]
-        return hashlib.sha256(part).digest()
-    starts = range(0, max(n, 1), HASH_CHUNK)
-    if len(starts) > 1:
-        with ThreadPoolExecutor(HASH_THREADS) as pool:
-            digests = list(pool.map(chunk, starts))
-    else:
-        digests = [chunk(0)]
-    return hashlib.sha256(n.to_bytes(8, "little") + b"".join(digests)).digest()
 
 
 def _model_name(path: Path) -> str:

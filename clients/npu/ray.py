@@ -21,7 +21,6 @@ computed once into the output: nothing lost, nothing duplicated).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections import deque
@@ -31,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from npud.ipc_schema.digest import model_digest
 from npud.ipc_schema.errors import ErrorCode
 from npud.ipc_schema.schema import PRIORITY_NAMES
 
@@ -46,7 +46,6 @@ DEFAULT_DRIVER = "npu-emu"       # the daemon's devices do not name a driver yet
 RECOVER_S = 60.0                 # how long a runner waits for its daemon to come back
 RETRIES = 3                      # reruns of a chunk whose job failed with a retryable error
 BACKOFF_S = (0.05, 1.0)          # first and largest pause between reconnection attempts
-DIGEST_CHUNK = 16 << 20          # the model digest's chunk (protocol 1.3)
 
 
 # --- resources ---------------------------------------------------------------------------
@@ -307,14 +306,6 @@ class NpuRunner:
                                           f"({exc.message}); first: {cause}", exc.retryable) from exc
             time.sleep(pause)
             pause = min(pause * 2, BACKOFF_S[1])
-
-
-def model_digest(data: bytes) -> bytes:
-    """The daemon's digest of a model (PROTOCOL.md, ``load``): SHA-256 of its length as 8
-    little-endian bytes followed by the SHA-256 of each 16 MiB chunk."""
-    view = memoryview(data)
-    chunks = [hashlib.sha256(view[i:i + DIGEST_CHUNK]).digest() for i in range(0, max(len(view), 1), DIGEST_CHUNK)]
-    return hashlib.sha256(len(view).to_bytes(8, "little") + b"".join(chunks)).digest()
 
 
 def _node_id() -> str:
