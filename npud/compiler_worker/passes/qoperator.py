@@ -22,10 +22,25 @@ def run(g) -> None:
     nodes (and unknown com.microsoft ops, for legalisation to refuse) stay."""
     new = []
     for n in g.nodes:
+        if n.domain == MS and n.op in _SAME_AS_DEFAULT:
+            _as_default_domain(n)
         spec = _OPS.get(n.op) if n.domain == MS else None
         new.extend(_expand(g, n, *spec) if spec else [n])
     g.nodes = new
     g.toposort()
+
+
+# com.microsoft ops that are the default-domain op of the same name plus a `channels_last` layout flag
+_SAME_AS_DEFAULT = ("QLinearConv",)
+
+
+def _as_default_domain(n: Node) -> None:
+    """A com.microsoft QLinearConv (onnxruntime's NHWC-capable variant) in NCHW layout is the
+    default-domain op; in NHWC layout it is refused."""
+    if n.attrs.get("channels_last", 0):
+        raise n.fail(f"{n.op} with channels_last=1 is not supported (NCHW only)")
+    n.attrs.pop("channels_last", None)
+    n.domain = ""
 
 
 # op -> (float op, [(x, scale, zp) input index triples], (y_scale, y_zp) indices, attrs kept)
