@@ -75,8 +75,11 @@ def _positive_steps(n, g):
 def _pad_constant(n, g):
     mode = n.attrs.get("mode", "constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
-    if mode != "constant":   # reflect and edge are decomposed into Slices and a Concat
-        return f"Pad mode {mode!r} is not supported (constant, reflect and edge)"
+    if mode in ("reflect", "edge"):   # left here only when decompose could not turn it into Slices and a Concat
+        return (f"Pad mode {mode!r} needs pads and an input shape known at compile time "
+                "(give input_shapes, or make the pads a constant)")
+    if mode != "constant":
+        return f"Pad mode {mode!r} is not supported (supported: constant, reflect, edge)"
     if any(p < 0 for p in n.attrs.get("pads", [])):
         return "negative pads are not supported"
     return None
