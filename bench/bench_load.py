@@ -38,7 +38,7 @@ import numpy as np
 import npu
 from npu.local import LocalDaemon
 
-from .common import ort_session
+from .common import compare, ort_session
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "compiler_worker"))
 
@@ -87,24 +87,6 @@ class Load:
 
 # --- ResNet-50 under load ------------------------------------------------------------
 
-def _timed(fn, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
-
-
-def _interleaved(a, b, rounds: int) -> tuple[float, float]:
-    """Median seconds per call of ``a`` and ``b``, alternating one call of each."""
-    ta, tb = [], []
-    for _ in range(rounds):
-        ta += _timed(a, 1)
-        tb += _timed(b, 1)
-    return statistics.median(ta), statistics.median(tb)
-
-
 def resnet50_under_load(endpoint: str, rounds: int) -> dict:
     from compiler_testmodels import resnet
 
@@ -117,9 +99,9 @@ def resnet50_under_load(endpoint: str, rounds: int) -> dict:
         run_npud = lambda: model.run(x)          # noqa: E731
         run_ort = lambda: ort.run(None, feed)    # noqa: E731
         run_npud(), run_ort()                    # warm
-        idle = _interleaved(run_npud, run_ort, rounds)
+        idle = compare(run_npud, run_ort, n=1, rounds=rounds, warmup=0)
         with Load():
-            loaded = _interleaved(run_npud, run_ort, rounds)
+            loaded = compare(run_npud, run_ort, n=1, rounds=rounds, warmup=0)
         stats = client._request("devices", {})["devices"][0]
     return {"idle": idle, "loaded": loaded, "kernels": stats.get("kernels", "?"),
             "threads": stats.get("compute_threads", "?")}

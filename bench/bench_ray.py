@@ -21,22 +21,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import time
 
 import numpy as np
 
-from .common import Ratio, report
+from .common import Ratio, report, time_per_call
 
 ROWS = 4096
 RAY_BATCH = 256
 SMALL = 256           # a dataset this small costs what any dataset costs to start
 MODEL_BATCH = 8
-
-
-def _timed(fn) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
 
 
 def _plain_client(endpoint: str, x: np.ndarray) -> None:
@@ -71,13 +64,13 @@ def run(rows: int = ROWS, small: int = SMALL) -> list[Ratio]:
         big_ds, small_ds = dataset(rows).materialize(), dataset(small).materialize()   # made untimed
 
         def fleet(ds, actors: int) -> float:
-            return _timed(lambda: classify(ds, actors=actors, model_batch=MODEL_BATCH,
-                                           batch_size=RAY_BATCH).materialize())
+            return time_per_call(lambda: classify(ds, actors=actors, model_batch=MODEL_BATCH,
+                                                  batch_size=RAY_BATCH).materialize(), 1)
         fleet(small_ds, 2)                     # warm-up: both compile caches, Ray's workers
         two, one = fleet(big_ds, 2), fleet(big_ds, 1)
         two_fixed, one_fixed = fleet(small_ds, 2), fleet(small_ds, 1)
-        plain = _timed(lambda: _plain_client(daemons[0].endpoint, x))
-        runner = _timed(lambda: _runner(daemons[0].endpoint, x))
+        plain = time_per_call(lambda: _plain_client(daemons[0].endpoint, x), 1)
+        runner = time_per_call(lambda: _runner(daemons[0].endpoint, x), 1)
     # A dataset's fixed cost (actors started, model loaded: the small dataset's time) taken out,
     # what is left is the cost of the other rows: the steady state a long job sees.
     steady = (rows - small) / rows
