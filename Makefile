@@ -43,7 +43,7 @@ bench: $(TESTING)
 # tests/zoo/zoo_table.md and docs/CONFORMANCE.md, and fails on a mismatch.  `make test` runs its
 # fast subset.
 zoo: $(TESTING)
-	$(PY) tests/zoo/zoo_models.py --write; status=$$?; \
+	PYTHONPATH=. $(PY) tests/zoo/zoo_models.py --write; status=$$?; \
 	  $(PY) tests/compiler_worker/conformance.py && exit $$status
 
 # Long fuzzing (docs/RELIABILITY.md): FUZZ_SECONDS per target of mutation fuzzing, then the same

@@ -28,9 +28,9 @@ import time
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from bench.common import ort_session   # the baseline every benchmark uses: one thread
 from npud.compiler_worker import CompileError, compile_model, run_on_emulator
 from npud.emulator.config import make_config
 
@@ -39,13 +39,6 @@ INT8_STEPS = 3         # "within a few quantisation steps"
 
 
 # --- running and comparing ---------------------------------------------------------------------
-
-def _ort_session(model: bytes) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-
 
 def _best_of(fn, repeats: int) -> tuple[float, object]:
     """(the fastest of up to `repeats` calls in seconds, the last result); a call over a
@@ -101,7 +94,7 @@ def compare(model: bytes, preset: str = "edge", name: str = "", repeats: int = 1
            "device_ms": None, "ort_ms": None, "macs": 0, "npu_mac_share": None, "worst": None,
            "run_ms": None}
     feeds = feeds_for(model)
-    sess = _ort_session(model)
+    sess = ort_session(model)
     t, refs = _best_of(lambda: sess.run(None, feeds), repeats)
     row["ort_ms"] = t * 1e3
     cfg = make_config(preset)
