@@ -120,6 +120,25 @@ def test_feeds_of_the_wrong_type_or_row_shape_are_refused(node):
             runner.run({"x": np.zeros((3, 3, 32, 32))})
         with pytest.raises(npu.InvalidArgument, match="rows of shape"):
             runner.run({"x": np.zeros((3, 3, 16, 16), np.float32)})
+        with pytest.raises(npu.InvalidArgument, match=r"feeds \['y'\] do not match the model's inputs \['x'\]"):
+            runner.run({"y": np.zeros((3, 3, 32, 32), np.float32)})
+    finally:
+        runner.close()
+
+
+def test_inputs_with_different_numbers_of_rows_are_refused(node):
+    from onnx import TensorProto, helper
+
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [BATCH, 4]) for n in ("a", "b")]
+    graph = helper.make_graph([helper.make_node("Add", ["a", "b"], ["y"])], "add", inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [BATCH, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString()
+    runner = NpuRunner(model, endpoint=node.endpoint)
+    try:
+        a, b = np.ones((3, 4), np.float32), np.full((3, 4), 2, np.float32)
+        with pytest.raises(npu.InvalidArgument, match=r"different numbers of rows: \[2, 3\]"):
+            runner.run({"a": a, "b": b[:2]})
+        assert np.array_equal(runner.run({"a": a, "b": b})[0]["y"], np.full((3, 4), 3, np.float32))
     finally:
         runner.close()
 
