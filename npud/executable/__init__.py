@@ -90,46 +90,17 @@ class Executable:
             table.append(ENTRY.pack(tag, pos, len(data)))
             body.append(data)
             pos += len(data)
-        blob = head + b"".join(table) + b"".join(body)
-        return blob + hashlib.blake2b(blob, digest_size=DIGEST).digest()
+        parts = [head, *table, *body]
+        h = hashlib.blake2b(digest_size=DIGEST)
+        for part in parts:    # hashed part by part: the weights are not copied for it
+            h.update(part)
+        return b"".join((*parts, h.digest()))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Executable":
-        data = bytes(data)
-        if len(data) < HEADER.size + DIGEST:
-            raise ExecutableFormatError(f"executable of {len(data)} bytes is truncated")
-        magic, ver, flags, cv, th, count = HEADER.unpack_from(data)
-        if magic != MAGIC:
-            raise ExecutableFormatError(f"bad magic {magic!r}: not an npud executable")
-        if ver != FORMAT_VERSION:
-            raise ExecutableFormatError(f"unsupported executable format version {ver} "
-                                        f"(this compiler reads {FORMAT_VERSION})")
-        body, digest = data[:-DIGEST], data[-DIGEST:]
-        if hashlib.blake2b(body, digest_size=DIGEST).digest() != digest:
-            raise ExecutableFormatError("executable is corrupt: integrity digest mismatch")
-        if flags != 0:
-            raise ExecutableFormatError(f"reserved flags 0x{flags:x} set")
-        try:
-            compiler_version = cv.rstrip(b"\0").decode("ascii")
-        except UnicodeDecodeError:  # found by fuzzing: it loaded, then to_bytes() failed
-            raise ExecutableFormatError(f"compiler version {cv!r} is not ASCII") from None
-        if count > MAX_SECTIONS or HEADER.size + count * ENTRY.size > len(body):
-            raise ExecutableFormatError(f"bad section count {count}")
-        sections = {}
-        for i in range(count):
-            tag, off, size = ENTRY.unpack_from(data, HEADER.size + i * ENTRY.size)
-            if off + size > len(body):
-                raise ExecutableFormatError(f"section {tag!r} lies outside the file")
-            sections[tag] = body[off:off + size]
-        missing = [t.decode() for t in SECTIONS if t not in sections]
-        if missing:
-            raise ExecutableFormatError(f"missing section(s) {', '.join(missing)}")
-        try:
-            io, mem, ops, meta = (json.loads(sections[t]) for t in (b"IOTB", b"MEMO", b"RPRT", b"META"))
-        except ValueError as e:
-            raise ExecutableFormatError(f"malformed metadata section: {e}") from None
-        return cls(sections[b"STRM"], sections[b"WGHT"], io, mem, ops, meta,
-                   compiler_version, th, ver)
+        parsed = _parse(data)
+        return cls(bytes(parsed.sections[b"STRM"]), bytes(parsed.sections[b"WGHT"]), *parsed.documents,
+                   parsed.compiler_version, parsed.target_hash, parsed.format_version)
 
     # --- reporting ---------------------------------------------------------------
     def report(self) -> Report:
@@ -153,6 +124,54 @@ class Executable:
              f"arena {mem.get('arena_bytes', 0):,} bytes (naive sum {mem.get('naive_bytes', 0):,}), "
              f"weights {mem.get('weights_bytes', 0):,} bytes, stream {len(self.stream):,} bytes"]
         return Report(rows, "\n".join(out))
+
+
+@dataclass
+class _Parsed:
+    format_version: int
+    compiler_version: str
+    target_hash: bytes
+    sections: dict          # tag -> memoryview into the checked bytes
+    documents: tuple        # io, memory, ops, meta (decoded JSON)
+
+
+def _parse(data) -> _Parsed:
+    """Every check of the format, over views of ``data`` (a 100 MB executable is not copied to be
+    checked); ExecutableFormatError naming the first problem."""
+    view = memoryview(data).cast("B")
+    if len(view) < HEADER.size + DIGEST:
+        raise ExecutableFormatError(f"executable of {len(view)} bytes is truncated")
+    magic, ver, flags, cv, th, count = HEADER.unpack_from(view)
+    if magic != MAGIC:
+        raise ExecutableFormatError(f"bad magic {magic!r}: not an npud executable")
+    if ver != FORMAT_VERSION:
+        raise ExecutableFormatError(f"unsupported executable format version {ver} "
+                                    f"(this compiler reads {FORMAT_VERSION})")
+    body, digest = view[:-DIGEST], view[-DIGEST:]
+    if hashlib.blake2b(body, digest_size=DIGEST).digest() != digest:
+        raise ExecutableFormatError("executable is corrupt: integrity digest mismatch")
+    if flags != 0:
+        raise ExecutableFormatError(f"reserved flags 0x{flags:x} set")
+    try:
+        compiler_version = cv.rstrip(b"\0").decode("ascii")
+    except UnicodeDecodeError:  # found by fuzzing: it loaded, then to_bytes() failed
+        raise ExecutableFormatError(f"compiler version {cv!r} is not ASCII") from None
+    if count > MAX_SECTIONS or HEADER.size + count * ENTRY.size > len(body):
+        raise ExecutableFormatError(f"bad section count {count}")
+    sections = {}
+    for i in range(count):
+        tag, off, size = ENTRY.unpack_from(view, HEADER.size + i * ENTRY.size)
+        if off + size > len(body):
+            raise ExecutableFormatError(f"section {tag!r} lies outside the file")
+        sections[tag] = body[off:off + size]
+    missing = [t.decode() for t in SECTIONS if t not in sections]
+    if missing:
+        raise ExecutableFormatError(f"missing section(s) {', '.join(missing)}")
+    try:
+        documents = tuple(json.loads(bytes(sections[t])) for t in (b"IOTB", b"MEMO", b"RPRT", b"META"))
+    except ValueError as e:
+        raise ExecutableFormatError(f"malformed metadata section: {e}") from None
+    return _Parsed(ver, compiler_version, th, sections, documents)
 
 
 MAX_META_BYTES = 1 << 20
@@ -201,8 +220,8 @@ class PackedExecutable:
     @classmethod
     def from_bytes(cls, data) -> "PackedExecutable":
         """Checked exactly as ``Executable.from_bytes`` checks it (ExecutableFormatError)."""
-        data = bytes(data)
-        Executable.from_bytes(data)
+        data = bytes(data)   # no copy when it is bytes already
+        _parse(data)
         return cls(data)
 
     def _span(self, tag: bytes) -> tuple[int, int]:

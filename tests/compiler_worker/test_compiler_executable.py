@@ -99,3 +99,26 @@ def test_target_mismatch_and_bad_feeds(exe):
             s.run({})
         with pytest.raises(ValueError, match="shape"):
             s.run({"x": np.zeros((1, 3, 20, 20), np.float32)})
+
+
+def test_checking_and_writing_an_executable_copy_its_weights_at_most_once(exe):
+    """A ResNet-50 executable is 100 MB: the daemon checks each one the compiler sends, so the
+    check allocates no copy of it, and writing one builds the file once (it made three copies)."""
+    import tracemalloc
+
+    from npud.executable import PackedExecutable
+
+    big = Executable(exe.stream, bytes(8 << 20), exe.io, exe.memory, exe.ops, exe.meta,
+                     exe.compiler_version, exe.target_hash)
+    tracemalloc.start()
+    try:
+        data = big.to_bytes()
+        written = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        packed = PackedExecutable.from_bytes(data)
+        checked = tracemalloc.get_traced_memory()[1] - len(data)
+    finally:
+        tracemalloc.stop()
+    assert written < 1.5 * len(data), written
+    assert checked < len(data) // 8, checked
+    assert packed.data is data and bytes(packed.weights) == bytes(8 << 20)
