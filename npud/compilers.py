@@ -10,6 +10,7 @@ carry on.  One task owns the ROUTER; one task per worker supervises it.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -20,11 +21,11 @@ import stat
 import tempfile
 from dataclasses import dataclass, field
 
-import msgpack
 import trio
 import zmq
 
 from npud import lifeline
+from npud.ipc_schema import bulk
 from npud.ipc_schema.errors import ErrorCode, RequestError
 from npud.ipc_schema.trio_zmq import OwnedSocket
 from npud.ipc_schema.types import Array, Bin, Bool, F, FieldError, Float, Str, Struct
@@ -33,7 +34,6 @@ log = logging.getLogger("npud.compile")
 
 READY_TIMEOUT_S = 60.0
 DIR_PREFIX = "npud-compile-"   # then the daemon's pid: a later daemon can tell a dead one's directory
-THREAD_BYTES = 1 << 20  # models whose message is built off the event loop
 
 
 @dataclass(eq=False)
@@ -85,7 +85,9 @@ class CompilerPool:
         remove_stale_dirs(tempfile.gettempdir())
         self._dir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-")
         self.endpoint = f"ipc://{self._dir}/workers.sock"
-        self._queue_send, self._queue_recv = trio.open_memory_channel[_Pending](float("inf"))
+        self._backlog: collections.deque[_Pending] = collections.deque()   # compiles no worker has taken yet
+        self._idle: dict[bytes, trio.MemorySendChannel] = {}   # an idle worker's supervisor -> its inbox
+        self._warm: set[bytes] = set()                          # workers whose process is running
         self._waiting: dict[bytes, _Pending] = {}
         self._ready: dict[bytes, trio.Event] = {}
         self._owned: OwnedSocket | None = None
@@ -115,18 +117,16 @@ class CompilerPool:
     async def compile(self, request: dict) -> dict:
         """Send ``request`` to a worker; its reply, or RequestError if the worker failed."""
         pending = _Pending(request, self.timeout_s)
-        self._queue_send.send_nowait(pending)
+        self._dispatch(pending)
         await pending.done.wait()
         return pending.reply
 
     def _on_frames(self, frames: list) -> None:
-        name, payload = frames[0], frames[-1]
+        name = frames[0]
         try:
-            message = msgpack.unpackb(payload, raw=False)
-        except Exception:
-            message = None
-        if type(message) is not dict:
-            log.error("compiler worker %s sent a malformed message", name.decode(errors="replace"))
+            message = bulk.from_frames(frames[1:])
+        except bulk.MalformedFrames as exc:
+            log.error("compiler worker %s sent a malformed message (%s)", name.decode(errors="replace"), exc)
             return
         if message.get("op") == "ready":
             log.info("compiler worker %s started, confined to %s", name.decode(errors="replace"),
@@ -140,6 +140,30 @@ class CompilerPool:
             pending.reply = checked_reply(pending.request["op"], message)
             pending.done.set()
 
+    def _dispatch(self, pending: _Pending) -> None:
+        """Give ``pending`` to an idle worker whose process is running if there is one, else to an
+        idle one that must start first, else keep it for the first worker to finish: a second
+        compile must not pay a worker's start (1-3 s of imports) while a started one is idle."""
+        warm = [n for n in self._idle if n in self._warm]
+        # A worker whose reply has arrived is about to be idle: it takes one compile each
+        finishing = sum(p.done.is_set() for p in self._waiting.values())
+        if not self._idle or (not warm and len(self._backlog) < finishing):
+            self._backlog.append(pending)
+            return
+        name = warm[0] if warm else next(iter(self._idle))
+        self._idle.pop(name).send_nowait(pending)
+
+    async def _next(self, name: bytes) -> _Pending:
+        """The next compile for worker ``name``: the oldest waiting one, else the next dispatched."""
+        if self._backlog:
+            return self._backlog.popleft()
+        inbox, receive = trio.open_memory_channel[_Pending](1)
+        self._idle[name] = inbox
+        try:
+            return await receive.receive()
+        finally:
+            self._idle.pop(name, None)
+
     async def _supervise(self, name: bytes) -> None:
         """Feed one worker compiles, one at a time; start it on first use, replace it when it fails.
 
@@ -148,7 +172,11 @@ class CompilerPool:
         process: trio.Process | None = None
         try:
             while True:
-                pending = await self._queue_recv.receive()
+                if process is not None and process.poll() is None:
+                    self._warm.add(name)
+                else:
+                    self._warm.discard(name)
+                pending = await self._next(name)
                 if process is not None and process.poll() is not None:
                     await self._retire(name, process)  # died while idle: not this compile's fault
                     process = None
@@ -199,12 +227,8 @@ class CompilerPool:
     async def _run_one(self, name: bytes, process: trio.Process, pending: _Pending) -> bool:
         """Run one compile on this worker; False if the worker must be replaced."""
         pending.request["id"] = next(self._ids)
-        if len(pending.request.get("model", b"")) >= THREAD_BYTES:
-            frame = await trio.to_thread.run_sync(encode_request, pending.request)
-        else:
-            frame = encode_request(pending.request)
         self._waiting[name] = pending
-        self._owned.send([name, frame])
+        self._owned.send([name, *bulk.to_frames(pending.request, "model")])
         died = False
         try:
             with trio.move_on_after(pending.timeout_s):
@@ -284,22 +308,6 @@ def _listening(path: str) -> bool:
         except (FileNotFoundError, ConnectionRefusedError):
             return False
         return True
-
-
-def encode_request(request: dict) -> bytes:
-    """``msgpack.packb(request)``, with the model's bytes copied once.
-
-    msgpack packs a large bin by growing its buffer (~160 ms for 100 MB here);
-    the map's other entries are packed alone and the model appended whole.
-    """
-    model = request.get("model")
-    rest = {k: v for k, v in request.items() if k != "model"}
-    if model is None or len(rest) >= 15:
-        return msgpack.packb(request, use_bin_type=True)
-    head = msgpack.packb(rest, use_bin_type=True)
-    n = len(model)
-    return b"".join((bytes([0x80 | (len(rest) + 1)]), head[1:], msgpack.packb("model"),
-                     b"\xc6", n.to_bytes(4, "big"), model))
 
 
 def _failure(code: ErrorCode, message: str) -> dict:

@@ -12,6 +12,9 @@ log), then answers each request with one reply::
     any failure
         -> {"id": n, "ok": false, "error": {"code", "message", "node", "op"}}
 
+The model of a request and the executable of a reply each travel as a ZeroMQ frame of their own
+after the map (npud/ipc_schema/bulk.py): 100 MB are then neither packed nor unpacked.
+
 A compile request may carry ``"slow_s": float``: with ``--test-mode`` (npud
 --test-mode, inject_fault slow_compile) the worker sleeps that long before
 compiling, so tests can hit the compile timeout; without it the field is ignored.
@@ -35,6 +38,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from npud.emulator.config import DeviceConfig
+
+from npud.ipc_schema import bulk
 
 from . import sandbox
 from .errors import CompileError
@@ -139,12 +144,12 @@ def _serve(sock: zmq.Socket, dropped: zmq.Socket, test_mode: bool) -> int:
             return LOST_CONNECTION
         if sock not in ready:
             continue
-        request = msgpack.unpackb(sock.recv(), raw=False)
+        request = bulk.from_frames(sock.recv_multipart())
         if request.get("op") == "exit":
             return 0
         reply = handle(request, test_mode)
         reply["id"] = request["id"]
-        sock.send(msgpack.packb(reply, use_bin_type=True))
+        sock.send_multipart(bulk.to_frames(reply, "executable"), copy=False)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,6 +10,7 @@ import msgpack
 import pytest
 
 from npud import compilers
+from npud.ipc_schema import bulk
 
 
 @pytest.mark.parametrize("op, reply, problem", [
@@ -48,3 +49,68 @@ def test_a_message_that_is_not_a_map_is_dropped_and_a_pending_compile_gets_eio()
         assert pending.done.is_set() and pending.reply["error"]["code"] == "EIO"
     finally:
         shutil.rmtree(pool._dir, ignore_errors=True)
+
+
+def test_a_reply_with_its_executable_in_a_frame_of_its_own_completes_the_compile():
+    pool = compilers.CompilerPool(1, 0, 10.0)
+    try:
+        pending = compilers._Pending({"id": 3, "op": "compile"}, 10.0)
+        pool._waiting[b"w1"] = pending
+        pool._on_frames([b"w1", *bulk.to_frames({"id": 3, "ok": True, "executable": b"NPUX" * 4}, "executable")])
+        assert pending.done.is_set() and pending.reply["executable"] == b"NPUX" * 4
+    finally:
+        shutil.rmtree(pool._dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("frames, problem", [
+    ([msgpack.packb({"id": 1, "ok": True}), b"stray"], "bulk field None does not match the 1 frame"),
+    ([msgpack.packb({"id": 1, "ok": True, "bulk": "executable"})], "bulk field 'executable' does not match the 0"),
+    ([msgpack.packb({"id": 1, "bulk": 7}), b"x"], "bulk field 7"),
+    ([msgpack.packb({"id": 1, "bulk": "id"}), b"x"], "bulk field 'id'"),
+    ([msgpack.packb({"id": 1}), b"x", b"y"], "3 frames"),
+    ([], "0 frames"),
+    ([b"\xc1"], "not msgpack"),
+])
+def test_malformed_bulk_frames_are_named_and_dropped(frames, problem, caplog):
+    with pytest.raises(bulk.MalformedFrames, match=problem):
+        bulk.from_frames(frames)
+    pool = compilers.CompilerPool(1, 0, 10.0)
+    try:
+        pending = compilers._Pending({"id": 1, "op": "compile"}, 10.0)
+        pool._waiting[b"w1"] = pending
+        pool._on_frames([b"w1", *frames])   # logged, never raised in the socket's owner task
+        assert not pending.done.is_set()
+        assert "malformed message" in caplog.text
+    finally:
+        shutil.rmtree(pool._dir, ignore_errors=True)
+
+
+def test_to_frames_round_trips_with_and_without_the_bulk_field():
+    big = bytes(range(256)) * 1000
+    assert bulk.from_frames(bulk.to_frames({"op": "compile", "model": big, "id": 2}, "model")) == {
+        "op": "compile", "model": big, "id": 2}
+    assert len(bulk.to_frames({"op": "check", "id": 2}, "model")) == 1
+    assert bulk.from_frames(bulk.to_frames({"op": "check", "id": 2}, "model")) == {"op": "check", "id": 2}
+
+
+async def test_a_started_worker_takes_the_next_compile_before_an_idle_one_must_start():
+    """Compiles one after another all go to the one worker already running: the pool has two, and
+    the second started for the second compile (1-3 s of imports on a busy machine) before."""
+    import trio
+
+    from npud.emulator.config import make_config
+
+    pool = compilers.CompilerPool(2, 0, 60.0)
+    check = {"op": "check", "model": b"not a model", "config": make_config("edge").to_dict(), "target": "npu-emu"}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        for _ in range(3):
+            reply = await pool.compile(dict(check))
+            assert reply["ok"] and reply["problems"], reply
+        assert len(pool._ready) == 1 and pool.restarts == 0
+        # two at once: both workers are used
+        async with trio.open_nursery() as both:
+            for _ in range(2):
+                both.start_soon(pool.compile, dict(check))
+        assert sorted(pool._ready) == [b"w0", b"w1"]
+        nursery.cancel_scope.cancel()
