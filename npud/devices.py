@@ -8,7 +8,8 @@ objects.  Each core's process, its link and what it holds are its
 ``DeviceHost`` keeps the queues, the scheduling, the admission and the one end of
 a job (``complete``): one runner task per core owns that core's link, picks the
 next job from the device's ``Scheduler`` (npud/scheduler.py: priorities, fair
-share, starvation guard) and runs it.
+share, starvation guard), runs it and maps the run's typed outcome
+(npud/outcomes.py) onto the job.
 
 * **Preemption.**  A model's job runs as layer segments; when a job of a
   higher class becomes runnable and no core is free, the host asks the core
@@ -52,6 +53,7 @@ from .identity import device_uuid
 from .memory import BufferObject, BufferRefs, DeviceMemory
 from .programs import ProgramRegistry
 from .device_link import DeviceFault, DeviceLost, HostLimit, Hung
+from .outcomes import Failed, Finished, Outcome, Preempted, Requeue
 from .scheduler import Scheduler
 from .supervisor import CoreProcess
 
@@ -410,54 +412,18 @@ class DeviceHost:
             self._release_pending[bo.id] = left
 
     async def _run_job(self, core: Core, job: Job) -> None:
+        """Run (or resume) ``job`` on ``core`` unless it may not run now, and settle its outcome."""
         now = time.monotonic()
-        if job.context.banned:
-            return self.complete(job, error=_banned_error(job, job.context))
-        if job.cancel or (job.session is not None and job.session.closed):
-            return self.complete(job, error=ErrorInfo.of(ErrorCode.ECANCELED, job.cancel or "the session closed"))
-        if job.deadline:
-            left = self.estimate_s(job) * (1 - job.segment / self.programs.segments(job.program))
-            if now + left > job.deadline:
-                return self.complete(job, error=ErrorInfo.of(
-                    ErrorCode.ETIME, f"job {job.id} missed its deadline: {max(0.0, job.deadline - now) * 1e3:.1f} ms "
-                    f"were left and it needs about {left * 1e3:.1f} ms (transient: the device was busy; "
-                    "retry, or give it a later deadline or a higher priority)", True))
+        refusal = self._refusal(job, now)
+        if refusal is not None:
+            return self.complete(job, error=refusal)
         if job.state == JobState.QUEUED:
             job.state = JobState.RUNNING
             job.started = now
         core.job = job
         core.run_since = time.monotonic()
-        reply = None
         try:
-            try:
-                reply = await self._execute(core, job)
-            except DeviceFault as exc:
-                if exc.delivered:
-                    raise
-                # The process died or hung before this job reached it (e.g. killed or stopped
-                # while idle): the job is innocent, so restart the process and run it there.
-                await self._reset(core, str(exc))
-                reply = await self._execute(core, job)
-        except DeviceLost as exc:
-            if core.reset_pending:        # an admin reset killed it: the job is innocent
-                reply = "requeue"
-            else:
-                reply = _fault_reply(job, f"the device process crashed while running it ({exc})", "EIO")
-                self._blame(job, f"crashed device {self.index}'s process")
-            await self._reset(core, core.reset_pending or str(exc))
-        except Hung as exc:
-            if exc.delivered:
-                reply = _fault_reply(job, f"it ran past its timeout and was aborted; device {self.index}'s "
-                                          "process was reset", "ETIMEDOUT", retryable=False)
-                self._blame(job, f"hung device {self.index} (ran past its timeout)")
-                await self._reset(core, f"job {job.id} of session {job.session_id} hung")
-            else:   # silent twice, on two processes, before the job ran: the device, not the job
-                reply = _fault_reply(job, f"device {self.index}'s process did not answer while the job was "
-                                          f"being prepared, again after a reset ({exc})", "ETIMEDOUT",
-                                     retryable=True)
-                await self._reset(core, str(exc))
-        except HostLimit as exc:  # the device is fine: only this job cannot reach it
-            reply = {"ok": False, "error": {"code": exc.code, "retryable": exc.retryable, "message": str(exc)}}
+            outcome = await self._attempt(core, job)
         finally:
             wall = time.monotonic() - core.run_since
             job.busy_s += wall
@@ -467,34 +433,88 @@ class DeviceHost:
             core.job = None
             core.in_run = False
             core.preempt_sent = False
-        if reply == "requeue":
-            job.segment = 0
-            self.sched.push(job, front=True)
-            return
-        if reply["ok"] and not reply.get("done", True):   # preempted at a layer boundary
-            job.segment = reply["next"]
-            job.preemptions += 1
-            if job.cancel or (job.session is not None and job.session.closed):
-                return self.complete(job, error=ErrorInfo.of(ErrorCode.ECANCELED,
-                                                            job.cancel or "the session closed"))
-            if job.deadline and time.monotonic() > job.deadline:
-                return self.complete(job, error=ErrorInfo.of(
-                    ErrorCode.ETIME, f"job {job.id} missed its deadline after {job.segment} layer segment(s) "
-                    "(transient: the device was busy; retry, or give it a later deadline or a higher priority)",
-                    True))
-            self.sched.push(job, front=True)
-            self._kick(job)
-            return
-        if reply["ok"]:
-            stats = {**reply["stats"], "wall_ms": job.busy_s * 1e3, "preemptions": job.preemptions,
-                     "queue_ms": (job.started - job.submitted) * 1e3}
-            self.complete(job, stats=stats)
-        else:
-            err = reply["error"]
-            code = ErrorCode(err["code"]) if err["code"] in ErrorCode.__members__ else ErrorCode.EIO
-            where = f" (command {err['command']})" if err.get("command") is not None else ""
-            self.complete(job, error=ErrorInfo.of(code, f"job {job.id} failed{where}: {err['message']}",
-                                                 err.get("retryable")))
+        self._settle(job, outcome)
+
+    def _refusal(self, job: Job, now: float) -> ErrorInfo | None:
+        """Why ``job`` may not run (any more): banned, cancelled, or unable to make its deadline."""
+        if job.context.banned:
+            return _banned_error(job, job.context)
+        if job.cancel or (job.session is not None and job.session.closed):
+            return ErrorInfo.of(ErrorCode.ECANCELED, job.cancel or "the session closed")
+        if job.deadline:
+            left = self.estimate_s(job) * (1 - job.segment / self.programs.segments(job.program))
+            if now + left > job.deadline:
+                return ErrorInfo.of(
+                    ErrorCode.ETIME, f"job {job.id} missed its deadline: {max(0.0, job.deadline - now) * 1e3:.1f} ms "
+                    f"were left and it needs about {left * 1e3:.1f} ms (transient: the device was busy; "
+                    "retry, or give it a later deadline or a higher priority)", True)
+        return None
+
+    def _settle(self, job: Job, outcome: Outcome) -> None:
+        """Map a run's outcome onto its job: the one place a run decides whether the job ends
+        (``complete``), runs again from its start, or resumes at a layer boundary."""
+        match outcome:
+            case Requeue():
+                job.segment = 0
+                self.sched.push(job, front=True)
+            case Preempted(next_segment):
+                job.segment = next_segment
+                job.preemptions += 1
+                if job.cancel or (job.session is not None and job.session.closed):
+                    return self.complete(job, error=ErrorInfo.of(ErrorCode.ECANCELED,
+                                                                job.cancel or "the session closed"))
+                if job.deadline and time.monotonic() > job.deadline:
+                    return self.complete(job, error=ErrorInfo.of(
+                        ErrorCode.ETIME, f"job {job.id} missed its deadline after {job.segment} layer segment(s) "
+                        "(transient: the device was busy; retry, or give it a later deadline or a higher priority)",
+                        True))
+                self.sched.push(job, front=True)
+                self._kick(job)
+            case Finished(stats):
+                self.complete(job, stats={**stats, "wall_ms": job.busy_s * 1e3, "preemptions": job.preemptions,
+                                          "queue_ms": (job.started - job.submitted) * 1e3})
+            case Failed(error):
+                self.complete(job, error=error)
+
+    async def _attempt(self, core: Core, job: Job) -> Outcome:
+        """One run of ``job`` on ``core``, whatever happens to it, as an outcome.  A process found
+        dead or silent before the job reached it is restarted and the job run there."""
+        try:
+            try:
+                return await self._execute(core, job)
+            except DeviceFault as exc:
+                if exc.delivered:
+                    raise
+                # The process died or hung before this job reached it (e.g. killed or stopped
+                # while idle): the job is innocent, so restart the process and run it there.
+                await self._reset(core, str(exc))
+                return await self._execute(core, job)
+        except DeviceFault as exc:
+            return await self._device_fault(core, job, exc)
+        except HostLimit as exc:  # the device is fine: only this job cannot reach it
+            return Failed(_job_error(job, exc.code, str(exc), exc.retryable))
+
+    async def _device_fault(self, core: Core, job: Job, exc: DeviceFault) -> Outcome:
+        """The one classification of a device fault during a job: whose it is (the job's, blamed
+        towards a ban, or nobody's), what the job gets, and the core's reset."""
+        if isinstance(exc, DeviceLost):
+            why = core.reset_pending or str(exc)
+            if core.reset_pending:        # an admin reset killed it: the job is innocent
+                outcome = Requeue(why)
+            else:
+                outcome = _fault(job, f"the device process crashed while running it ({exc})", "EIO")
+                self._blame(job, f"crashed device {self.index}'s process")
+        elif exc.delivered:   # Hung running it
+            outcome = _fault(job, f"it ran past its timeout and was aborted; device {self.index}'s "
+                                  "process was reset", "ETIMEDOUT", retryable=False)
+            self._blame(job, f"hung device {self.index} (ran past its timeout)")
+            why = f"job {job.id} of session {job.session_id} hung"
+        else:   # silent twice, on two processes, before the job ran: the device, not the job
+            outcome = _fault(job, f"device {self.index}'s process did not answer while the job was "
+                                  f"being prepared, again after a reset ({exc})", "ETIMEDOUT", retryable=True)
+            why = str(exc)
+        await self._reset(core, why)
+        return outcome
 
     def _blame(self, job: Job, what: str) -> None:
         ctx = job.context
@@ -503,7 +523,9 @@ class DeviceHost:
         if ctx.hangs >= self.params.ban_after_hangs:
             self.ban(ctx, f"its jobs {what} {ctx.hangs} times (ban_after_hangs = {self.params.ban_after_hangs})")
 
-    async def _execute(self, core: Core, job: Job) -> dict:
+    async def _execute(self, core: Core, job: Job) -> Outcome:
+        """Import the job's buffers and load its program where the core's process lacks them, send
+        its run and wait for the reply (preempting it at its deadline); the reply as an outcome."""
         for bo, _va, _w in job.bindings:
             await core.proc.import_buffer(bo)
         run = {"op": "run", "job": job.id,
@@ -512,17 +534,35 @@ class DeviceHost:
             run["stream"] = job.stream
         else:
             if job.program not in core.proc.loaded:
-                reply = await self._load_program(core, job)
+                entry = self.programs[job.program]
+                reply = await core.proc.load_program(job.program, entry.stream, entry.mappings,
+                                                     entry.boundaries[:-1])
                 if not reply["ok"]:
-                    return reply
+                    return _reply_failure(job, reply["error"])
             run["program"] = job.program
             run["from"] = job.segment
         if job.fault:
             run.update(job.fault)
             if job.fault["fault"] != "slow":
                 job.fault = None   # a hang or crash hits one run; slow lasts for all its layers
-        data = msgpack.packb(run, use_bin_type=True)
-        await core.proc.link.send(data, run["op"])
+        reply = await self._run_request(core, job, msgpack.packb(run, use_bin_type=True))
+        spent = reply.get("wall_ms", 0.0) / 1e3
+        if job.timeout_s:
+            job.timeout_s = max(job.timeout_s - spent, 1e-3)
+        cycles = int(reply.get("cycles", 0))
+        job.cycles_run += cycles
+        self.sched.charge(job.context, cycles)
+        if not reply["ok"]:
+            return _reply_failure(job, reply["error"])
+        if not reply.get("done", True):   # preempted at a layer boundary
+            return Preempted(reply["next"])
+        return Finished(reply["stats"])
+
+    async def _run_request(self, core: Core, job: Job, data: bytes) -> dict:
+        """Send a packed run request and wait for its reply: Hung past the job's timeout; at the
+        job's deadline (or when someone more urgent waits) the run is asked to stop at a boundary."""
+        link = core.proc.link
+        await link.send(data, "run")
         core.in_run = True
         core.preempt_sent = False
         if self.sched.highest_waiting() > job.context.priority and job.program is not None:
@@ -532,24 +572,13 @@ class DeviceHost:
             wake_at = timeout_at
             if job.deadline and not core.preempt_sent and job.program is not None:
                 wake_at = min(wake_at, job.deadline)
-            reply = await core.proc.link.reply_by(wake_at, "run")
+            reply = await link.reply_by(wake_at, "run")
             if reply is not None:
-                break
+                core.in_run = False
+                return reply
             if time.monotonic() >= timeout_at:
                 raise Hung(f"job {job.id} ran past its timeout")
             core.preempt()   # the deadline passed: stop at the next boundary
-        core.in_run = False
-        spent = reply.get("wall_ms", 0.0) / 1e3
-        if job.timeout_s:
-            job.timeout_s = max(job.timeout_s - spent, 1e-3)
-        cycles = int(reply.get("cycles", 0))
-        job.cycles_run += cycles
-        self.sched.charge(job.context, cycles)
-        return reply
-
-    async def _load_program(self, core: Core, job: Job) -> dict:
-        entry = self.programs[job.program]
-        return await core.proc.load_program(job.program, entry.stream, entry.mappings, entry.boundaries[:-1])
 
     # --- device processes --------------------------------------------------------------
 
@@ -566,9 +595,21 @@ class DeviceHost:
             self._reset_done.set()
 
 
-def _fault_reply(job: Job, what: str, code: str, retryable: bool | None = None) -> dict:
-    return {"ok": False, "error": {"code": code, "message": f"{what}; submit it again if it is not to blame",
-                                   "retryable": retryable, "command": None}}
+def _job_error(job: Job, code: str, message: str, retryable: bool | None, command: int | None = None) -> ErrorInfo:
+    """A job's failure as the client sees it (a code the daemon does not know is EIO)."""
+    known = ErrorCode(code) if code in ErrorCode.__members__ else ErrorCode.EIO
+    where = f" (command {command})" if command is not None else ""
+    return ErrorInfo.of(known, f"job {job.id} failed{where}: {message}", retryable)
+
+
+def _reply_failure(job: Job, error: dict) -> Failed:
+    """A device process's refusal of a job (its reply's ``error``)."""
+    return Failed(_job_error(job, error["code"], error["message"], error.get("retryable"), error.get("command")))
+
+
+def _fault(job: Job, what: str, code: str, retryable: bool | None = None) -> Failed:
+    """A job failed by a device fault."""
+    return Failed(_job_error(job, code, f"{what}; submit it again if it is not to blame", retryable))
 
 
 def _banned_error(job: Job, ctx) -> ErrorInfo:
