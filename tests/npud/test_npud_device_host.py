@@ -7,6 +7,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import msgpack
 import trio
 
 from npud.emulator.assembler import StreamBuilder
@@ -24,6 +25,23 @@ SILENT = ("import msgpack, socket, sys, time\n"
           "sock = socket.socket(fileno=int(sys.argv[2]))\n"
           "sock.send(msgpack.packb({'op': 'ready'}))\n"
           "time.sleep(3600)\n")
+
+
+def answering(reply: bytes) -> str:
+    """A fake device process that says it is ready, then answers every request with ``reply``
+    (closing any descriptors a request carried)."""
+    return ("import os, socket, sys\n"
+            "sock = socket.socket(fileno=int(sys.argv[2]))\n"
+            f"sock.send({msgpack.packb({'op': 'ready'})!r})\n"
+            "while True:\n"
+            "    data, fds, _f, _a = socket.recv_fds(sock, 1 << 20, 4)\n"
+            "    if not data:\n"
+            "        break\n"
+            "    for fd in fds:\n"
+            "        os.close(fd)\n"
+            f"    sock.send({reply!r})\n")
+
+
 SLOW_START = "import time\ntime.sleep(2.5)\n" + REAL   # slower than every deadline, as on a loaded machine
 DIES = "import sys\nsys.exit(3)\n"                      # as a process killed during its start
 

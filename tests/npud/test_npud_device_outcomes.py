@@ -18,20 +18,11 @@ from npud.jobs import Job, JobState
 from npud.outcomes import Failed, Finished, Preempted, Requeue
 from npud.scheduler import Context
 from streams import A, B, O, add_stream
-from test_npud_device_host import REAL, add_job, fake_processes, finish, running_host
+from test_npud_device_host import REAL, add_job, answering, fake_processes, finish, running_host
 
 ONE_CORE = SchedulingParams(cores=1)
-# Says it is ready, then answers every request with bytes that are no msgpack at all.
-GARBLED = ("import msgpack, os, socket, sys\n"
-           "sock = socket.socket(fileno=int(sys.argv[2]))\n"
-           "sock.send(msgpack.packb({'op': 'ready'}))\n"
-           "while True:\n"
-           "    data, fds, _f, _a = socket.recv_fds(sock, 1 << 20, 4)\n"
-           "    if not data:\n"
-           "        break\n"
-           "    for fd in fds:\n"
-           "        os.close(fd)\n"
-           "    sock.send(b'\\xc1')\n")
+# Says it is ready, then answers every request with a byte that is no msgpack at all.
+GARBLED = answering(b"\xc1")
 
 
 # --- mapping each outcome onto its job (no device process needed) -------------------------
