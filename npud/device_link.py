@@ -4,7 +4,7 @@ One ``DeviceLink`` per device process: it owns the SEQPACKET socket, waits for t
 ``ready`` before its first request, times every exchange, checks every reply against the link's
 schemas (npud/drivers/link.py) and turns every way the process can fail into a ``DeviceFault``
 saying whether the job at hand was delivered (blame) or not (run it again elsewhere).  The
-process supervision (start, stop, reset) and the scheduling stay in npud/devices.py.
+process supervision (start, stop, restart) is npud/supervisor.py's, the scheduling npud/devices.py's.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import array
 import errno
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import msgpack
 import trio
@@ -45,6 +47,18 @@ class Hung(DeviceFault):
     else within ``SchedulingParams.exchange_timeout_s``."""
 
 
+@contextmanager
+def undelivered() -> Iterator[None]:
+    """Mark the DeviceFaults raised inside as not delivered: an exchange made before the job's run
+    request left (an import of its buffers, a load of its program, a new process's ``ready``)
+    cannot be the job's fault, so the job is innocent and may run again."""
+    try:
+        yield
+    except DeviceFault as exc:
+        exc.delivered = False
+        raise
+
+
 class HostLimit(Exception):
     """The host cannot carry this job to the device (a stream larger than one packet of the device
     socket, or no file descriptor left for its program).  The device is fine; only this job fails."""
@@ -67,9 +81,13 @@ class DeviceLink:
         self.kernels = ""                             # what its ready said: the kernels it runs
         self.threads: dict[str, int] = {}             # and its BLAS/OpenMP pools' thread counts
 
-    async def call(self, request: dict, fd: int | None = None) -> dict:
+    async def call(self, request: dict, fd: int | None = None, *, before_job: bool = False) -> dict:
         """Send a request other than ``run`` and return its reply; Hung if it takes longer than
-        ``exchange_timeout_s`` (a process stopped, or stuck, while the core was idle)."""
+        ``exchange_timeout_s`` (a process stopped, or stuck, while the core was idle).
+        ``before_job``: the request prepares a job's run, so its faults are not delivered."""
+        if before_job:
+            with undelivered():
+                return await self.call(request, fd)
         await self.send(msgpack.packb(request, use_bin_type=True), request["op"], fd)
         limit = self._exchange_timeout_s
         reply = await self.reply_by(time.monotonic() + limit, request["op"])
@@ -126,11 +144,8 @@ class DeviceLink:
     async def greet(self) -> None:
         """Wait for a new process's ``ready``, so that no request's deadline pays for its start;
         DeviceLost or Hung (not delivered: nothing was asked of it) if it never says it."""
-        try:
+        with undelivered():   # nothing was sent to it: whatever job is at hand is innocent
             reply = await self.reply_by(time.monotonic() + START_TIMEOUT_S, "ready")
-        except DeviceLost as exc:
-            exc.delivered = False   # nothing was sent to it: whatever job is at hand is innocent
-            raise
         if reply is None:
             raise Hung(f"its process did not start within {START_TIMEOUT_S:g} s", delivered=False)
         self._ready = True

@@ -3,10 +3,13 @@
 A device has one device process (its driver's ``device_process``, npud/drivers;
 npu-emu's is npud/emulator/device_process.py) per modeled core (``cores`` of its
 preset): the cores run jobs in parallel, and all of them map the same buffer
-objects.  ``DeviceHost`` supervises them: one runner
-task per core owns that core's socket, picks the next job from the device's
-``Scheduler`` (npud/scheduler.py: priorities, fair share, starvation guard)
-and runs it.
+objects.  Each core's process, its link and what it holds are its
+``CoreProcess``'s (npud/supervisor.py: start, stop, restart, watch).
+``DeviceHost`` keeps the queues, the scheduling, the admission and the one end of
+a job (``complete``): one runner task per core owns that core's link, picks the
+next job from the device's ``Scheduler`` (npud/scheduler.py: priorities, fair
+share, starvation guard), runs it and maps the run's typed outcome
+(npud/outcomes.py) onto the job.
 
 * **Preemption.**  A model's job runs as layer segments; when a job of a
   higher class becomes runnable and no core is free, the host asks the core
@@ -32,8 +35,6 @@ and runs it.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 import weakref
 from collections.abc import Callable
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 import msgpack
 import trio
 
-from npud import drivers, lifeline, targets
+from npud import drivers, targets
 from npud.drivers import Binding, DeviceParams, Driver, ProgramInfo
 from npud.ipc_schema.errors import ErrorCode, ErrorInfo
 
@@ -51,14 +52,13 @@ from .fds import FdBudget
 from .identity import device_uuid
 from .memory import BufferObject, BufferRefs, DeviceMemory
 from .programs import ProgramRegistry
-from .device_link import DeviceFault, DeviceLink, DeviceLost, HostLimit, Hung
+from .device_link import DeviceFault, DeviceLost, HostLimit, Hung
+from .outcomes import Failed, Finished, Outcome, Preempted, Requeue
 from .scheduler import Scheduler
+from .supervisor import CoreProcess
 
 log = logging.getLogger("npud.device")
 
-CHANNEL_BYTES = 32 << 20  # the device process accepts packets up to this size
-STOP_TIMEOUT_S = 2.0
-RESTART_RETRY_S = 1.0   # a device process that cannot start is retried this often
 UTIL_WINDOW_S = 5.0   # util_pct is the busy share of (about) the last this many seconds
 EXCHANGE_MIN_S = 1.0  # the least time a device process has to answer anything but a run
 
@@ -87,27 +87,35 @@ class SchedulingParams:
 
 
 class Core:
-    """One device process: one modeled core that runs one job at a time."""
+    """One modeled core that runs one job at a time: its runner's state, and the supervisor of
+    its device process (``proc``, npud/supervisor.py: its process, link, mapped buffers and
+    loaded programs)."""
+
+    proc: CoreProcess
 
     def __init__(self, index: int):
         self.index = index
-        self.process: trio.Process | None = None
-        self.link: DeviceLink | None = None          # its process's end of the device link
-        self.imported: set[int] = set()
-        self.loaded: set[int] = set()
         self.job: Job | None = None                  # running now
         self.run_since = 0.0                         # time.monotonic() its current run segment began
         self.in_run = False                          # a run request is in flight
         self.preempt_sent = False
         self.wakeup = trio.Event()
         self.control: list = []                      # ("release", bo) / ("unload", program)
-        self.reset_pending = ""                      # an admin asked for a reset
-        self.state = "down"
+        self.reset_pending = ""                      # a reset is due (an admin's, or its process died idle)
 
     def preempt(self) -> None:
         """Ask the device process to stop the running job at its next layer boundary."""
-        if self.in_run and not self.preempt_sent and self.link is not None and self.link.preempt():
+        link = self.proc.link
+        if self.in_run and not self.preempt_sent and link is not None and link.preempt():
             self.preempt_sent = True
+
+    def process_died(self, why: str) -> None:
+        """Its process exited: restart it at once if idle, not when the next job finds it dead
+        (that job would wait for the restart, and `devices` would say "ok" meanwhile).  A death
+        during a job is the runner's to handle (it knows whom to blame)."""
+        if self.job is None and not self.reset_pending:
+            self.reset_pending = f"{why} while idle"
+            self.wakeup.set()
 
 
 class DeviceHost:
@@ -126,7 +134,6 @@ class DeviceHost:
         # executable -> the read-only weights buffer its loads on this device share (npud/models.py);
         # an entry goes with its buffer, so a cached executable keeps no record of a released one.
         self.shared_weights: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-        self.resets = 0
         self.hangs = 0
         self.banned: set = set()                    # contexts banned on this device
         self.jobs_completed = 0
@@ -137,13 +144,18 @@ class DeviceHost:
         self.latency = Histogram()   # submission to outcome of every finished job: what clients wait
         self.run_time = Histogram()  # device time of the jobs that ran
         self.sched = Scheduler(self.params.starvation_s)
-        self.cores = [Core(i) for i in range(self.params.cores or config.cores)]
+        self.cores = [self._new_core(i) for i in range(self.params.cores or config.cores)]
         self._reset_done = trio.Event()
         self._reset_done.set()
         self._on_job_done = on_job_done
         self.programs = ProgramRegistry(self._unload_everywhere)   # loaded models' streams, by id
         self._release_pending: dict[int, int] = {}  # bo id -> cores still to unmap it
-        self._nursery: trio.Nursery | None = None   # the runners', for the process watchers
+
+    def _new_core(self, index: int) -> Core:
+        core = Core(index)
+        core.proc = CoreProcess(self.index, index, self.driver, self.config, self.params.exchange_timeout_s,
+                                core.process_died, label=f"{self.name}, preset {self.preset}")
+        return core
 
     # --- what the rest of the daemon calls -------------------------------------------
 
@@ -157,8 +169,13 @@ class DeviceHost:
         return self.driver.validate(stream, self.config, bindings)
 
     @property
+    def resets(self) -> int:
+        """How many times its cores' processes were restarted."""
+        return sum(core.proc.restarts for core in self.cores)
+
+    @property
     def state(self) -> str:
-        states = {core.state for core in self.cores}
+        states = {core.proc.state for core in self.cores}
         return "ok" if states == {"ok"} else "resetting" if "resetting" in states else "down" \
             if states == {"down"} else "resetting"
 
@@ -187,7 +204,7 @@ class DeviceHost:
     def forget(self, bo: BufferObject) -> None:
         """A buffer's last reference is gone: unmap it in the device processes, then free it."""
         self.memory.uncharge(bo)  # its memory is available again now, not once the runners get to it
-        holders = [core for core in self.cores if bo.id in core.imported]
+        holders = [core for core in self.cores if bo.id in core.proc.imported]
         if not holders:
             self.memory.release(bo)
             return
@@ -233,8 +250,8 @@ class DeviceHost:
         self._reset_done = trio.Event()
         for core in self.cores:
             core.reset_pending = why
-            if core.in_run and core.process is not None and core.process.returncode is None:
-                core.process.kill()   # the runner sees the device lost, requeues the job and resets
+            if core.in_run:
+                core.proc.kill()   # the runner sees the device lost, requeues the job and resets
             core.wakeup.set()
         await self._reset_done.wait()
 
@@ -257,7 +274,7 @@ class DeviceHost:
     def compute_info(self) -> dict:
         """The kernels its device processes run and the most threads any of their pools uses,
         once a process has said (in its ``ready``)."""
-        started = [core.link for core in self.cores if core.link is not None and core.link.kernels]
+        started = [core.proc.link for core in self.cores if core.proc.link is not None and core.proc.link.kernels]
         if not started:
             return {}
         return {"kernels": "; ".join(sorted({link.kernels for link in started})),
@@ -312,7 +329,7 @@ class DeviceHost:
     def _unload_everywhere(self, program: int) -> None:
         """A program is gone from the registry: the cores that loaded it unload it."""
         for core in self.cores:
-            if program in core.loaded:
+            if program in core.proc.loaded:
                 core.control.append(("unload", program))
                 core.wakeup.set()
 
@@ -332,18 +349,18 @@ class DeviceHost:
         """Own the device processes until cancelled; reports started once they are up."""
         try:
             for core in self.cores:
-                await self._start_process(core)
+                await core.proc.start()
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
                 for core in self.cores:
-                    nursery.start_soon(self._watch, core, core.process)
+                    core.proc.nursery = nursery
+                    core.proc.watch()
                     nursery.start_soon(self._core_loop, core)
                 task_status.started()
         finally:
-            self._nursery = None
             with trio.CancelScope(shield=True):
                 for core in self.cores:
-                    await self._stop_process(core)
+                    core.proc.nursery = None
+                    await core.proc.stop()
                 self.memory.close()
 
     async def _core_loop(self, core: Core) -> None:
@@ -357,7 +374,8 @@ class DeviceHost:
                 continue
             job = self.sched.pick(time.monotonic())
             if job is None:
-                if core.link is not None and not core.link.ready:   # idle: hear its ready now, so `devices` can tell its kernels
+                link = core.proc.link
+                if link is not None and not link.ready:   # idle: hear its ready now, so `devices` can tell its kernels
                     await self._greet(core)
                     continue
                 await core.wakeup.wait()
@@ -367,29 +385,17 @@ class DeviceHost:
     async def _greet(self, core: Core) -> None:
         """Wait for a new idle process's ``ready`` (a process that never says it is reset)."""
         try:
-            await core.link.greet()
+            await core.proc.link.greet()
         except DeviceFault as exc:
             await self._reset(core, str(exc))
-
-    async def _watch(self, core: Core, process: trio.Process) -> None:
-        """Restart a core's process that dies while the core is idle at once, not when the next
-        job finds it dead: that job would wait for the restart, and `devices` would say "ok"
-        meanwhile.  A death during a job is the runner's to handle (it knows whom to blame)."""
-        await process.wait()
-        if core.process is process and core.job is None and not core.reset_pending:
-            core.reset_pending = f"its process exited with status {process.returncode} while idle"
-            core.wakeup.set()
 
     async def _do_control(self, core: Core, item) -> None:
         kind, what = item
         try:
             if kind == "release":
-                if what.id in core.imported:
-                    core.imported.discard(what.id)
-                    await core.link.call({"op": "release", "bo": what.id})
-            elif what in core.loaded:
-                core.loaded.discard(what)
-                await core.link.call({"op": "unload_program", "program": what})
+                await core.proc.release(what)
+            else:
+                await core.proc.unload_program(what)
         except DeviceFault as exc:
             await self._reset(core, str(exc))
         finally:
@@ -406,54 +412,18 @@ class DeviceHost:
             self._release_pending[bo.id] = left
 
     async def _run_job(self, core: Core, job: Job) -> None:
+        """Run (or resume) ``job`` on ``core`` unless it may not run now, and settle its outcome."""
         now = time.monotonic()
-        if job.context.banned:
-            return self.complete(job, error=_banned_error(job, job.context))
-        if job.cancel or (job.session is not None and job.session.closed):
-            return self.complete(job, error=ErrorInfo.of(ErrorCode.ECANCELED, job.cancel or "the session closed"))
-        if job.deadline:
-            left = self.estimate_s(job) * (1 - job.segment / self.programs.segments(job.program))
-            if now + left > job.deadline:
-                return self.complete(job, error=ErrorInfo.of(
-                    ErrorCode.ETIME, f"job {job.id} missed its deadline: {max(0.0, job.deadline - now) * 1e3:.1f} ms "
-                    f"were left and it needs about {left * 1e3:.1f} ms (transient: the device was busy; "
-                    "retry, or give it a later deadline or a higher priority)", True))
+        refusal = self._refusal(job, now)
+        if refusal is not None:
+            return self.complete(job, error=refusal)
         if job.state == JobState.QUEUED:
             job.state = JobState.RUNNING
             job.started = now
         core.job = job
         core.run_since = time.monotonic()
-        reply = None
         try:
-            try:
-                reply = await self._execute(core, job)
-            except DeviceFault as exc:
-                if exc.delivered:
-                    raise
-                # The process died or hung before this job reached it (e.g. killed or stopped
-                # while idle): the job is innocent, so restart the process and run it there.
-                await self._reset(core, str(exc))
-                reply = await self._execute(core, job)
-        except DeviceLost as exc:
-            if core.reset_pending:        # an admin reset killed it: the job is innocent
-                reply = "requeue"
-            else:
-                reply = _fault_reply(job, f"the device process crashed while running it ({exc})", "EIO")
-                self._blame(job, f"crashed device {self.index}'s process")
-            await self._reset(core, core.reset_pending or str(exc))
-        except Hung as exc:
-            if exc.delivered:
-                reply = _fault_reply(job, f"it ran past its timeout and was aborted; device {self.index}'s "
-                                          "process was reset", "ETIMEDOUT", retryable=False)
-                self._blame(job, f"hung device {self.index} (ran past its timeout)")
-                await self._reset(core, f"job {job.id} of session {job.session_id} hung")
-            else:   # silent twice, on two processes, before the job ran: the device, not the job
-                reply = _fault_reply(job, f"device {self.index}'s process did not answer while the job was "
-                                          f"being prepared, again after a reset ({exc})", "ETIMEDOUT",
-                                     retryable=True)
-                await self._reset(core, str(exc))
-        except HostLimit as exc:  # the device is fine: only this job cannot reach it
-            reply = {"ok": False, "error": {"code": exc.code, "retryable": exc.retryable, "message": str(exc)}}
+            outcome = await self._attempt(core, job)
         finally:
             wall = time.monotonic() - core.run_since
             job.busy_s += wall
@@ -463,34 +433,88 @@ class DeviceHost:
             core.job = None
             core.in_run = False
             core.preempt_sent = False
-        if reply == "requeue":
-            job.segment = 0
-            self.sched.push(job, front=True)
-            return
-        if reply["ok"] and not reply.get("done", True):   # preempted at a layer boundary
-            job.segment = reply["next"]
-            job.preemptions += 1
-            if job.cancel or (job.session is not None and job.session.closed):
-                return self.complete(job, error=ErrorInfo.of(ErrorCode.ECANCELED,
-                                                            job.cancel or "the session closed"))
-            if job.deadline and time.monotonic() > job.deadline:
-                return self.complete(job, error=ErrorInfo.of(
-                    ErrorCode.ETIME, f"job {job.id} missed its deadline after {job.segment} layer segment(s) "
-                    "(transient: the device was busy; retry, or give it a later deadline or a higher priority)",
-                    True))
-            self.sched.push(job, front=True)
-            self._kick(job)
-            return
-        if reply["ok"]:
-            stats = {**reply["stats"], "wall_ms": job.busy_s * 1e3, "preemptions": job.preemptions,
-                     "queue_ms": (job.started - job.submitted) * 1e3}
-            self.complete(job, stats=stats)
-        else:
-            err = reply["error"]
-            code = ErrorCode(err["code"]) if err["code"] in ErrorCode.__members__ else ErrorCode.EIO
-            where = f" (command {err['command']})" if err.get("command") is not None else ""
-            self.complete(job, error=ErrorInfo.of(code, f"job {job.id} failed{where}: {err['message']}",
-                                                 err.get("retryable")))
+        self._settle(job, outcome)
+
+    def _refusal(self, job: Job, now: float) -> ErrorInfo | None:
+        """Why ``job`` may not run (any more): banned, cancelled, or unable to make its deadline."""
+        if job.context.banned:
+            return _banned_error(job, job.context)
+        if job.cancel or (job.session is not None and job.session.closed):
+            return ErrorInfo.of(ErrorCode.ECANCELED, job.cancel or "the session closed")
+        if job.deadline:
+            left = self.estimate_s(job) * (1 - job.segment / self.programs.segments(job.program))
+            if now + left > job.deadline:
+                return ErrorInfo.of(
+                    ErrorCode.ETIME, f"job {job.id} missed its deadline: {max(0.0, job.deadline - now) * 1e3:.1f} ms "
+                    f"were left and it needs about {left * 1e3:.1f} ms (transient: the device was busy; "
+                    "retry, or give it a later deadline or a higher priority)", True)
+        return None
+
+    def _settle(self, job: Job, outcome: Outcome) -> None:
+        """Map a run's outcome onto its job: the one place a run decides whether the job ends
+        (``complete``), runs again from its start, or resumes at a layer boundary."""
+        match outcome:
+            case Requeue():
+                job.segment = 0
+                self.sched.push(job, front=True)
+            case Preempted(next_segment):
+                job.segment = next_segment
+                job.preemptions += 1
+                if job.cancel or (job.session is not None and job.session.closed):
+                    return self.complete(job, error=ErrorInfo.of(ErrorCode.ECANCELED,
+                                                                job.cancel or "the session closed"))
+                if job.deadline and time.monotonic() > job.deadline:
+                    return self.complete(job, error=ErrorInfo.of(
+                        ErrorCode.ETIME, f"job {job.id} missed its deadline after {job.segment} layer segment(s) "
+                        "(transient: the device was busy; retry, or give it a later deadline or a higher priority)",
+                        True))
+                self.sched.push(job, front=True)
+                self._kick(job)
+            case Finished(stats):
+                self.complete(job, stats={**stats, "wall_ms": job.busy_s * 1e3, "preemptions": job.preemptions,
+                                          "queue_ms": (job.started - job.submitted) * 1e3})
+            case Failed(error):
+                self.complete(job, error=error)
+
+    async def _attempt(self, core: Core, job: Job) -> Outcome:
+        """One run of ``job`` on ``core``, whatever happens to it, as an outcome.  A process found
+        dead or silent before the job reached it is restarted and the job run there."""
+        try:
+            try:
+                return await self._execute(core, job)
+            except DeviceFault as exc:
+                if exc.delivered:
+                    raise
+                # The process died or hung before this job reached it (e.g. killed or stopped
+                # while idle): the job is innocent, so restart the process and run it there.
+                await self._reset(core, str(exc))
+                return await self._execute(core, job)
+        except DeviceFault as exc:
+            return await self._device_fault(core, job, exc)
+        except HostLimit as exc:  # the device is fine: only this job cannot reach it
+            return Failed(_job_error(job, exc.code, str(exc), exc.retryable))
+
+    async def _device_fault(self, core: Core, job: Job, exc: DeviceFault) -> Outcome:
+        """The one classification of a device fault during a job: whose it is (the job's, blamed
+        towards a ban, or nobody's), what the job gets, and the core's reset."""
+        if isinstance(exc, DeviceLost):
+            why = core.reset_pending or str(exc)
+            if core.reset_pending:        # an admin reset killed it: the job is innocent
+                outcome = Requeue(why)
+            else:
+                outcome = _fault(job, f"the device process crashed while running it ({exc})", "EIO")
+                self._blame(job, f"crashed device {self.index}'s process")
+        elif exc.delivered:   # Hung running it
+            outcome = _fault(job, f"it ran past its timeout and was aborted; device {self.index}'s "
+                                  "process was reset", "ETIMEDOUT", retryable=False)
+            self._blame(job, f"hung device {self.index} (ran past its timeout)")
+            why = f"job {job.id} of session {job.session_id} hung"
+        else:   # silent twice, on two processes, before the job ran: the device, not the job
+            outcome = _fault(job, f"device {self.index}'s process did not answer while the job was "
+                                  f"being prepared, again after a reset ({exc})", "ETIMEDOUT", retryable=True)
+            why = str(exc)
+        await self._reset(core, why)
+        return outcome
 
     def _blame(self, job: Job, what: str) -> None:
         ctx = job.context
@@ -499,32 +523,46 @@ class DeviceHost:
         if ctx.hangs >= self.params.ban_after_hangs:
             self.ban(ctx, f"its jobs {what} {ctx.hangs} times (ban_after_hangs = {self.params.ban_after_hangs})")
 
-    async def _execute(self, core: Core, job: Job) -> dict:
+    async def _execute(self, core: Core, job: Job) -> Outcome:
+        """Import the job's buffers and load its program where the core's process lacks them, send
+        its run and wait for the reply (preempting it at its deadline); the reply as an outcome."""
         for bo, _va, _w in job.bindings:
-            if bo.id not in core.imported:
-                try:
-                    await core.link.call({"op": "import", "bo": bo.id}, fd=bo.fd)
-                except DeviceFault as exc:
-                    exc.delivered = False  # the job itself never started
-                    raise
-                core.imported.add(bo.id)
+            await core.proc.import_buffer(bo)
         run = {"op": "run", "job": job.id,
                "bindings": [[bo.id, va, writable] for bo, va, writable in job.bindings]}
         if job.program is None:
             run["stream"] = job.stream
         else:
-            if job.program not in core.loaded:
-                reply = await self._load_program(core, job)
+            if job.program not in core.proc.loaded:
+                entry = self.programs[job.program]
+                reply = await core.proc.load_program(job.program, entry.stream, entry.mappings,
+                                                     entry.boundaries[:-1])
                 if not reply["ok"]:
-                    return reply
+                    return _reply_failure(job, reply["error"])
             run["program"] = job.program
             run["from"] = job.segment
         if job.fault:
             run.update(job.fault)
             if job.fault["fault"] != "slow":
                 job.fault = None   # a hang or crash hits one run; slow lasts for all its layers
-        data = msgpack.packb(run, use_bin_type=True)
-        await core.link.send(data, run["op"])
+        reply = await self._run_request(core, job, msgpack.packb(run, use_bin_type=True))
+        spent = reply.get("wall_ms", 0.0) / 1e3
+        if job.timeout_s:
+            job.timeout_s = max(job.timeout_s - spent, 1e-3)
+        cycles = int(reply.get("cycles", 0))
+        job.cycles_run += cycles
+        self.sched.charge(job.context, cycles)
+        if not reply["ok"]:
+            return _reply_failure(job, reply["error"])
+        if not reply.get("done", True):   # preempted at a layer boundary
+            return Preempted(reply["next"])
+        return Finished(reply["stats"])
+
+    async def _run_request(self, core: Core, job: Job, data: bytes) -> dict:
+        """Send a packed run request and wait for its reply: Hung past the job's timeout; at the
+        job's deadline (or when someone more urgent waits) the run is asked to stop at a boundary."""
+        link = core.proc.link
+        await link.send(data, "run")
         core.in_run = True
         core.preempt_sent = False
         if self.sched.highest_waiting() > job.context.priority and job.program is not None:
@@ -534,102 +572,20 @@ class DeviceHost:
             wake_at = timeout_at
             if job.deadline and not core.preempt_sent and job.program is not None:
                 wake_at = min(wake_at, job.deadline)
-            reply = await core.link.reply_by(wake_at, "run")
+            reply = await link.reply_by(wake_at, "run")
             if reply is not None:
-                break
+                core.in_run = False
+                return reply
             if time.monotonic() >= timeout_at:
                 raise Hung(f"job {job.id} ran past its timeout")
             core.preempt()   # the deadline passed: stop at the next boundary
-        core.in_run = False
-        spent = reply.get("wall_ms", 0.0) / 1e3
-        if job.timeout_s:
-            job.timeout_s = max(job.timeout_s - spent, 1e-3)
-        cycles = int(reply.get("cycles", 0))
-        job.cycles_run += cycles
-        self.sched.charge(job.context, cycles)
-        return reply
-
-    async def _load_program(self, core: Core, job: Job) -> dict:
-        program = job.program
-        entry = self.programs[program]
-        try:
-            fd = os.memfd_create("npud-program", os.MFD_CLOEXEC)
-        except OSError as exc:
-            raise HostLimit(f"npud cannot pass the job's program to the device now ({exc.strerror}); "
-                            "retry once buffers are freed", "ENOMEM", retryable=True) from None
-        try:
-            os.write(fd, entry.stream)
-            os.lseek(fd, 0, os.SEEK_SET)
-            try:
-                reply = await core.link.call({"op": "load_program", "program": program,
-                                                "mappings": [list(m) for m in entry.mappings],
-                                                "boundaries": entry.boundaries[:-1]}, fd=fd)
-            except DeviceFault as exc:
-                exc.delivered = False  # no job ran
-                raise
-        finally:
-            os.close(fd)
-        if reply["ok"]:
-            core.loaded.add(program)
-        return reply
 
     # --- device processes --------------------------------------------------------------
 
-    async def _start_process(self, core: Core) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        # One packet carries a whole command stream; the default buffer (~208 KiB)
-        # caps packets far below the streams the protocol allows.  The kernel clamps
-        # this to net.core.wmem_max; larger streams fail their job with EINVAL.
-        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * CHANNEL_BYTES)
-        try:
-            core.process = await lifeline.open_process(
-                self.driver.device_process, ["--sock-fd", str(theirs.fileno()), *self.driver.process_args(self.config)],
-                pass_fds=(theirs.fileno(),), env=drivers.ONE_COMPUTE_THREAD)
-        except BaseException:
-            ours.close()   # _reset retries while descriptors are short: do not leak one per try
-            raise
-        finally:
-            theirs.close()
-        core.link = DeviceLink(ours, core.process, self.params.exchange_timeout_s)
-        core.imported.clear()
-        core.loaded.clear()
-        core.state = "ok"
-        if self._nursery is not None:
-            self._nursery.start_soon(self._watch, core, core.process)
-        log.info("device %d (%s, preset %s) core %d started as pid %d", self.index, self.name,
-                 self.preset, core.index, core.process.pid, extra={"device": self.index, "core": core.index})
-
-    async def _stop_process(self, core: Core) -> None:
-        if core.process is None:
-            return
-        core.link.shutdown()
-        with trio.move_on_after(STOP_TIMEOUT_S):
-            await core.process.wait()
-        if core.process.returncode is None:
-            core.process.kill()
-            await core.process.wait()
-        core.link.close()
-        core.process = None
-        core.link = None
-        core.state = "down"
-
     async def _reset(self, core: Core, why: str) -> None:
-        log.error("device %d core %d: %s; restarting its process", self.index, core.index, why,
-                  extra={"device": self.index, "core": core.index})
-        core.state = "resetting"
-        self.resets += 1
-        if core.process is not None and core.process.returncode is None:
-            core.process.kill()
-        await self._stop_process(core)
-        while True:
-            try:
-                await self._start_process(core)
-                break
-            except OSError as exc:   # out of descriptors or processes for now: the core waits, npud stays
-                log.error("device %d core %d: cannot start its process (%s); retrying in %.0f s",
-                          self.index, core.index, exc, RESTART_RETRY_S)
-                await trio.sleep(RESTART_RETRY_S)
-        # Buffers that were waiting for this core to unmap them are unmapped now.
+        """Restart a core's process (counted), then drop what waited on the old one: buffers
+        waiting for it to unmap them are unmapped now."""
+        await core.proc.restart(why)
         for kind, what in core.control:
             if kind == "release":
                 self._core_released(what)
@@ -639,9 +595,21 @@ class DeviceHost:
             self._reset_done.set()
 
 
-def _fault_reply(job: Job, what: str, code: str, retryable: bool | None = None) -> dict:
-    return {"ok": False, "error": {"code": code, "message": f"{what}; submit it again if it is not to blame",
-                                   "retryable": retryable, "command": None}}
+def _job_error(job: Job, code: str, message: str, retryable: bool | None, command: int | None = None) -> ErrorInfo:
+    """A job's failure as the client sees it (a code the daemon does not know is EIO)."""
+    known = ErrorCode(code) if code in ErrorCode.__members__ else ErrorCode.EIO
+    where = f" (command {command})" if command is not None else ""
+    return ErrorInfo.of(known, f"job {job.id} failed{where}: {message}", retryable)
+
+
+def _reply_failure(job: Job, error: dict) -> Failed:
+    """A device process's refusal of a job (its reply's ``error``)."""
+    return Failed(_job_error(job, error["code"], error["message"], error.get("retryable"), error.get("command")))
+
+
+def _fault(job: Job, what: str, code: str, retryable: bool | None = None) -> Failed:
+    """A job failed by a device fault."""
+    return Failed(_job_error(job, code, f"{what}; submit it again if it is not to blame", retryable))
 
 
 def _banned_error(job: Job, ctx) -> ErrorInfo:

@@ -70,8 +70,7 @@ class CpuDevice(link.DeviceServer):
     def _op_run(self, request, fds):
         started = time.perf_counter()
         self.hang_or_crash(request)
-        if request.get("fault") == "slow":
-            time.sleep(request.get("slow_ms", 0) / 1000)
+        self.before_segment(request)   # a run is one segment
         try:
             if "program" in request:
                 if request["program"] not in self.programs:

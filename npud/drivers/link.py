@@ -72,7 +72,7 @@ REQUESTS: dict[str, Struct] = {s.name: s for s in (
         "from": F(COUNT, "the segment to start at", optional=True),
         "until": F(COUNT, "the segment to stop before", optional=True),
         "fault": F(Str(16, ("hang", "crash", "slow")), "test-mode fault injection", optional=True),
-        "slow_ms": F(Int(0, 2**31 - 1), "for fault slow", optional=True)}),
+        "slow_ms": F(Int(0, 2**31 - 1), "for fault slow: sleep before each segment", optional=True)}),
     Struct("preempt", {"op": _op("preempt")}),
     Struct("shutdown", {"op": _op("shutdown")}),
 )}
@@ -279,6 +279,16 @@ class DeviceServer:
                 time.sleep(3600)
         if request.get("fault") == "crash":
             os.kill(os.getpid(), signal.SIGSEGV)
+
+    @staticmethod
+    def before_segment(request: dict) -> None:
+        """Call before each segment a run executes (a raw stream, or a program run whole, is one
+        segment).  Test-mode fault ``slow`` has this one meaning for every driver: the run sleeps
+        ``slow_ms`` here, so its ``wall_ms`` is at least ``slow_ms`` times its ``segments``."""
+        import time
+
+        if request.get("fault") == "slow":
+            time.sleep(request.get("slow_ms", 0) / 1000)
 
     @staticmethod
     def read_stream(fds) -> bytes:

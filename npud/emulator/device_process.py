@@ -106,7 +106,6 @@ class DeviceProcess(link.DeviceServer):
     def _op_run(self, request, fds):
         started = time.perf_counter()
         self.hang_or_crash(request)
-        fault = request.get("fault")
         ctx = None
         done, segment, ran, cycles = True, 0, 0, 0
         try:
@@ -121,8 +120,7 @@ class DeviceProcess(link.DeviceServer):
                 while segment < until:
                     if ran and self.preempted():
                         break
-                    if fault == "slow":
-                        time.sleep(request.get("slow_ms", 0) / 1000)
+                    self.before_segment(request)
                     # Later segments of this run continue the same job: no SRAM clearing per
                     # layer (a resumed run after preemption starts fresh, as another job may
                     # have run in between).
@@ -133,8 +131,7 @@ class DeviceProcess(link.DeviceServer):
                 done = segment >= len(segments)
                 stats = self.programs[pid].stats   # read-only here: to_dict() below copies it
             else:   # a raw command stream: one segment
-                if fault == "slow":
-                    time.sleep(request.get("slow_ms", 0) / 1000)
+                self.before_segment(request)
                 stats = self.device.execute(ctx, request["stream"])
                 cycles, ran = stats.cycles, 1
         except DeviceError as exc:

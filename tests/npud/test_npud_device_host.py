@@ -4,13 +4,16 @@ be made to on cue."""
 from __future__ import annotations
 
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
+import msgpack
 import trio
 
 from npud.emulator.assembler import StreamBuilder
 from npud.emulator.config import make_config
 from npud.ipc_schema.errors import ErrorCode
-from npud import devices
+from npud import supervisor
 from npud.devices import DeviceHost, SchedulingParams
 from npud.jobs import Job
 from npud.scheduler import Context
@@ -22,6 +25,23 @@ SILENT = ("import msgpack, socket, sys, time\n"
           "sock = socket.socket(fileno=int(sys.argv[2]))\n"
           "sock.send(msgpack.packb({'op': 'ready'}))\n"
           "time.sleep(3600)\n")
+
+
+def answering(reply: bytes) -> str:
+    """A fake device process that says it is ready, then answers every request with ``reply``
+    (closing any descriptors a request carried)."""
+    return ("import os, socket, sys\n"
+            "sock = socket.socket(fileno=int(sys.argv[2]))\n"
+            f"sock.send({msgpack.packb({'op': 'ready'})!r})\n"
+            "while True:\n"
+            "    data, fds, _f, _a = socket.recv_fds(sock, 1 << 20, 4)\n"
+            "    if not data:\n"
+            "        break\n"
+            "    for fd in fds:\n"
+            "        os.close(fd)\n"
+            f"    sock.send({reply!r})\n")
+
+
 SLOW_START = "import time\ntime.sleep(2.5)\n" + REAL   # slower than every deadline, as on a loaded machine
 DIES = "import sys\nsys.exit(3)\n"                      # as a process killed during its start
 
@@ -37,17 +57,30 @@ def fake_processes(*codes: str):
     return open_process
 
 
-async def run_job(monkeypatch, processes, job: Job, params: SchedulingParams) -> DeviceHost:
-    """Run ``job`` on a one-core host whose device processes are ``processes``; the host, after."""
-    monkeypatch.setattr(devices.lifeline, "open_process", processes)
+@asynccontextmanager
+async def running_host(monkeypatch, processes, params: SchedulingParams) -> AsyncIterator[DeviceHost]:
+    """A one-core host whose device processes are ``processes``, running until the block ends."""
+    monkeypatch.setattr(supervisor.lifeline, "open_process", processes)
     host = DeviceHost(0, "edge", "edge", make_config("edge"), lambda job: None, params)
     async with trio.open_nursery() as nursery:
         await nursery.start(host.run)
-        job.bindings = [(host.memory.allocate(4096), va, w) for va, w in job.bindings]
-        host.submit(job)
-        with trio.fail_after(30):
-            await job.done.wait()
+        yield host
         nursery.cancel_scope.cancel()
+
+
+async def finish(host: DeviceHost, job: Job) -> Job:
+    """Submit ``job`` (its bindings (va, writable) get buffers of this host) and wait for its end."""
+    job.bindings = [(host.memory.allocate(4096), va, w) for va, w in job.bindings]
+    host.submit(job)
+    with trio.fail_after(30):
+        await job.done.wait()
+    return job
+
+
+async def run_job(monkeypatch, processes, job: Job, params: SchedulingParams) -> DeviceHost:
+    """Run ``job`` on a one-core host whose device processes are ``processes``; the host, after."""
+    async with running_host(monkeypatch, processes, params) as host:
+        await finish(host, job)
     return host
 
 

@@ -16,7 +16,7 @@ from npud.emulator.config import make_config
 from npud.ipc_schema.errors import ErrorCode
 from npud.scheduler import Context
 from npud.devices import SchedulingParams
-from test_npud_device_host import REAL, add_job, fake_processes, run_job
+from test_npud_device_host import REAL, add_job, answering, fake_processes, run_job
 
 RUN_OK = {"ok": True, "done": True, "next": 1, "segments": 1, "cycles": 10, "stats": {"cycles": 10},
           "wall_ms": 0.1}
@@ -86,16 +86,7 @@ def test_the_device_process_answers_malformed_requests_with_eproto_and_goes_on()
 
 
 # Says it is ready, then answers every request {"ok": true}: for a run that is a broken reply.
-BROKEN_REPLIES = ("import msgpack, os, socket, sys\n"
-                  "sock = socket.socket(fileno=int(sys.argv[2]))\n"
-                  "sock.send(msgpack.packb({'op': 'ready'}))\n"
-                  "while True:\n"
-                  "    data, fds, _f, _a = socket.recv_fds(sock, 1 << 20, 4)\n"
-                  "    if not data:\n"
-                  "        break\n"
-                  "    for fd in fds:\n"
-                  "        os.close(fd)\n"
-                  "    sock.send(msgpack.packb({'ok': True}))\n")
+BROKEN_REPLIES = answering(msgpack.packb({"ok": True}))
 
 
 async def test_a_device_that_breaks_the_protocol_is_reset_and_the_daemon_carries_on(monkeypatch):
