@@ -89,6 +89,15 @@ def add_job(ctx: Context) -> Job:
     return Job(1, "s", 0, add_stream(16), [(A, False), (B, False), (O, True)], context=ctx)
 
 
+def add_program_job(host: DeviceHost, ctx: Context, program: int | None = None) -> Job:
+    """``add_job`` as a loaded program's run: the program registered on ``host`` (unless given)
+    and held by the job, as a submission holds it (npud/handlers.py)."""
+    if program is None:
+        program = host.programs.add(add_stream(16), [(A, 4096, False), (B, 4096, False), (O, 4096, True)], [])
+    host.programs.retain(program)
+    return Job(1, "s", 0, b"", [(A, False), (B, False), (O, True)], program=program, context=ctx)
+
+
 async def test_a_device_silent_before_and_after_a_reset_fails_the_job_retryable_and_blames_nobody(monkeypatch):
     ctx = Context(1, "s")
     job = add_job(ctx)
