@@ -374,8 +374,7 @@ class DeviceHost:
                 continue
             job = self.sched.pick(time.monotonic())
             if job is None:
-                link = core.proc.link
-                if link is not None and not link.ready:   # idle: hear its ready now, so `devices` can tell its kernels
+                if core.proc.awaiting_ready:   # idle: hear its ready now, so `devices` can tell its kernels
                     await self._greet(core)
                     continue
                 await core.wakeup.wait()
@@ -385,7 +384,7 @@ class DeviceHost:
     async def _greet(self, core: Core) -> None:
         """Wait for a new idle process's ``ready`` (a process that never says it is reset)."""
         try:
-            await core.proc.link.greet()
+            await core.proc.greet()
         except DeviceFault as exc:
             await self._reset(core, str(exc))
 
