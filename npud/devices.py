@@ -374,8 +374,7 @@ class DeviceHost:
                 continue
             job = self.sched.pick(time.monotonic())
             if job is None:
-                link = core.proc.link
-                if link is not None and not link.ready:   # idle: hear its ready now, so `devices` can tell its kernels
+                if core.proc.awaiting_ready:   # idle: hear its ready now, so `devices` can tell its kernels
                     await self._greet(core)
                     continue
                 await core.wakeup.wait()
@@ -385,7 +384,7 @@ class DeviceHost:
     async def _greet(self, core: Core) -> None:
         """Wait for a new idle process's ``ready`` (a process that never says it is reset)."""
         try:
-            await core.proc.link.greet()
+            await core.proc.greet()
         except DeviceFault as exc:
             await self._reset(core, str(exc))
 
@@ -497,22 +496,23 @@ class DeviceHost:
     async def _device_fault(self, core: Core, job: Job, exc: DeviceFault) -> Outcome:
         """The one classification of a device fault during a job: whose it is (the job's, blamed
         towards a ban, or nobody's), what the job gets, and the core's reset."""
-        if isinstance(exc, DeviceLost):
-            why = core.reset_pending or str(exc)
-            if core.reset_pending:        # an admin reset killed it: the job is innocent
-                outcome = Requeue(why)
-            else:
-                outcome = _fault(job, f"the device process crashed while running it ({exc})", "EIO")
-                self._blame(job, f"crashed device {self.index}'s process")
-        elif exc.delivered:   # Hung running it
+        why = str(exc)
+        if isinstance(exc, DeviceLost) and core.reset_pending:   # an admin reset killed it: the job is innocent
+            why = core.reset_pending
+            outcome = Requeue(why)
+        elif not exc.delivered:   # twice, on two processes, before the job ran: the device, not the job
+            hung = isinstance(exc, Hung)
+            what = "did not answer while the job was being prepared" if hung else "was lost before the job reached it"
+            outcome = _fault(job, f"device {self.index}'s process {what}, again after a reset ({exc})",
+                             "ETIMEDOUT" if hung else "EIO", retryable=True)
+        elif isinstance(exc, DeviceLost):
+            outcome = _fault(job, f"the device process crashed while running it ({exc})", "EIO")
+            self._blame(job, f"crashed device {self.index}'s process")
+        else:   # Hung running it
             outcome = _fault(job, f"it ran past its timeout and was aborted; device {self.index}'s "
                                   "process was reset", "ETIMEDOUT", retryable=False)
             self._blame(job, f"hung device {self.index} (ran past its timeout)")
             why = f"job {job.id} of session {job.session_id} hung"
-        else:   # silent twice, on two processes, before the job ran: the device, not the job
-            outcome = _fault(job, f"device {self.index}'s process did not answer while the job was "
-                                  f"being prepared, again after a reset ({exc})", "ETIMEDOUT", retryable=True)
-            why = str(exc)
         await self._reset(core, why)
         return outcome
 

@@ -64,6 +64,15 @@ class CoreProcess:
         """Whether its process is running (not yet seen to exit)."""
         return self.process is not None and self.process.returncode is None
 
+    @property
+    def awaiting_ready(self) -> bool:
+        """Whether its process has started but not yet said ``ready``."""
+        return self.link is not None and not self.link.ready
+
+    async def greet(self) -> None:
+        """Hear its new process's ``ready`` (DeviceLost or Hung, not delivered, if it never says it)."""
+        await self.link.greet()
+
     def kill(self) -> None:
         """End its process now (never blocks); its runner finds the link lost."""
         if self.alive:

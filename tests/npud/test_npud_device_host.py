@@ -89,6 +89,15 @@ def add_job(ctx: Context) -> Job:
     return Job(1, "s", 0, add_stream(16), [(A, False), (B, False), (O, True)], context=ctx)
 
 
+def add_program_job(host: DeviceHost, ctx: Context, program: int | None = None) -> Job:
+    """``add_job`` as a loaded program's run: the program registered on ``host`` (unless given)
+    and held by the job, as a submission holds it (npud/handlers.py)."""
+    if program is None:
+        program = host.programs.add(add_stream(16), [(A, 4096, False), (B, 4096, False), (O, 4096, True)], [])
+    host.programs.retain(program)
+    return Job(1, "s", 0, b"", [(A, False), (B, False), (O, True)], program=program, context=ctx)
+
+
 async def test_a_device_silent_before_and_after_a_reset_fails_the_job_retryable_and_blames_nobody(monkeypatch):
     ctx = Context(1, "s")
     job = add_job(ctx)
@@ -118,3 +127,15 @@ async def test_a_job_that_finds_its_process_dead_before_ready_is_innocent(monkey
     job = Job(1, "s", 0, empty_stream(), [], context=ctx)
     host = await run_job(monkeypatch, fake_processes(DIES, REAL), job, SchedulingParams(cores=1))
     assert job.error is None and ctx.hangs == 0 and host.resets == 1
+
+
+async def test_a_process_lost_before_the_job_reaches_it_twice_blames_nobody(monkeypatch):
+    """Dead before the run was sent, and again after the reset: the device's failure, not the
+    job's -- it fails retryable and no context's hang count grows (it was counted as a crash
+    of the job's, towards a ban)."""
+    ctx = Context(1, "s")
+    job = Job(1, "s", 0, empty_stream(), [], context=ctx)
+    host = await run_job(monkeypatch, fake_processes(DIES), job, SchedulingParams(cores=1))
+    assert job.error.code == ErrorCode.EIO and job.error.retryable, job.error
+    assert "lost before the job reached it, again after a reset" in job.error.message, job.error
+    assert host.hangs == 0 and ctx.hangs == 0

@@ -16,7 +16,8 @@ from npud.emulator.config import make_config
 from npud.ipc_schema.errors import ErrorCode
 from npud.scheduler import Context
 from npud.devices import SchedulingParams
-from test_npud_device_host import REAL, add_job, answering, fake_processes, run_job
+from test_npud_device_host import (REAL, add_job, add_program_job, answering, fake_processes, finish, run_job,
+                                   running_host)
 
 RUN_OK = {"ok": True, "done": True, "next": 1, "segments": 1, "cycles": 10, "stats": {"cycles": 10},
           "wall_ms": 0.1}
@@ -96,3 +97,34 @@ async def test_a_device_that_breaks_the_protocol_is_reset_and_the_daemon_carries
     assert job.error is not None and job.error.code == ErrorCode.EIO, job.error
     assert "broke the protocol" in job.error.message and "done: missing required field" in job.error.message
     assert host.resets == 1
+
+
+def breaking(method: str, body: str) -> str:
+    """A real npu-emu device process whose ``method`` is replaced by ``body`` (its arguments:
+    ``self``, and ``request, fds`` for an ``_op_``): a reply that breaks the link's schema."""
+    args = "self" if method == "ready_info" else "self, request, fds"
+    return ("import os, sys\n"
+            "from npud.emulator.device_process import DeviceProcess, main\n"
+            f"def broken({args}):\n"
+            f"    {body}\n"
+            f"DeviceProcess.{method} = broken\n"
+            "main(sys.argv[1:])\n")
+
+
+@pytest.mark.parametrize("method, body, problem", [
+    ("ready_info", "return {'kernels': 5}", "kernels"),
+    ("_op_import", "[os.close(fd) for fd in fds]; return {'ok': 'yes'}", "ok"),
+    ("_op_load_program", "[os.close(fd) for fd in fds]; return {'ok': True, 'segments': [[0]]}", "segments"),
+], ids=["ready", "import", "load_program"])
+async def test_a_broken_reply_before_the_run_resets_the_device_and_the_job_runs(monkeypatch, method, body,
+                                                                                 problem, caplog):
+    """Checked against the schema like a run's reply, but no job was delivered: the core is
+    reset (the log names the field) and the innocent job runs on the new process."""
+    ctx = Context(1, "s")
+    async with running_host(monkeypatch, fake_processes(breaking(method, body), REAL),
+                            SchedulingParams(cores=1)) as host:
+        job = await finish(host, add_program_job(host, ctx))
+    assert job.error is None, job.error
+    assert host.resets == 1 and ctx.hangs == 0 and host.hangs == 0
+    resets = [r.getMessage() for r in caplog.records if "restarting its process" in r.getMessage()]
+    assert len(resets) == 1 and "broke the protocol" in resets[0] and problem in resets[0], resets

@@ -17,8 +17,8 @@ from npud.ipc_schema.errors import ErrorCode, ErrorInfo
 from npud.jobs import Job, JobState
 from npud.outcomes import Failed, Finished, Preempted, Requeue
 from npud.scheduler import Context
-from streams import A, B, O, add_stream
-from test_npud_device_host import REAL, add_job, answering, fake_processes, finish, running_host
+from streams import add_stream
+from test_npud_device_host import REAL, add_job, add_program_job, answering, fake_processes, finish, running_host
 
 ONE_CORE = SchedulingParams(cores=1)
 # Says it is ready, then answers every request with a byte that is no msgpack at all.
@@ -103,23 +103,18 @@ async def test_no_descriptor_for_a_programs_memfd_fails_that_job_retryable(monke
     """HostLimit: ENOMEM, retryable; the same job submitted again once descriptors are back runs."""
     ctx = Context(1, "s")
 
-    def program_job(host: DeviceHost) -> Job:
-        host.programs.retain(program)   # as a submission does (handlers.py)
-        return Job(1, "s", 0, b"", [(A, False), (B, False), (O, True)], program=program, context=ctx)
-
     def no_fds(name, flags=0):
         raise OSError(errno.EMFILE, "Too many open files")
 
     async with running_host(monkeypatch, fake_processes(REAL), ONE_CORE) as host:
-        program = host.programs.add(add_stream(16), [(A, 4096, False), (B, 4096, False), (O, 4096, True)], [])
-        short = program_job(host)
+        short = add_program_job(host, ctx)
         short.bindings = [(host.memory.allocate(4096), va, w) for va, w in short.bindings]
         with monkeypatch.context() as patch:
             patch.setattr(supervisor.os, "memfd_create", no_fds)
             host.submit(short)
             with trio.fail_after(30):
                 await short.done.wait()
-        again = await finish(host, program_job(host))
+        again = await finish(host, add_program_job(host, ctx, short.program))
     assert short.error.code == ErrorCode.ENOMEM and short.error.retryable, short.error
     assert "Too many open files" in short.error.message and "retry" in short.error.message
     assert again.error is None and host.resets == 0 and ctx.hangs == 0
