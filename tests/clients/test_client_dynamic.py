@@ -100,6 +100,18 @@ def test_the_wire_reply_carries_them_typed(client):
     assert reply["inputs"][0]["symbolic"] == ["N", ""] and reply["inputs"][0]["defaulted"] == [0]
 
 
+def test_npuctl_compile_says_which_dims_it_set_to_1(capsys, daemon, tmp_path):
+    from npuctl.main import main as npuctl_main
+    path = tmp_path / "relu.onnx"
+    onnx.save(relu_model(["N", 3, "T"]), path)
+    capsys.readouterr()
+    assert npuctl_main(["--endpoint", daemon.endpoint, "compile", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "symbolic dimensions set to 1 (x ['N', 3, 'T'])" in out and "--input-shape" in out
+    assert npuctl_main(["--endpoint", daemon.endpoint, "compile", str(path), "--input-shape", "x=2x3x4"]) == 0
+    assert "symbolic dimensions set to 1" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("field, value, problem", [
     ("symbolic", "N", "expected array"),
     ("symbolic", [3], "expected str"),

@@ -175,6 +175,9 @@ typedef struct npu_tensor_info {
   uint32_t rank;
   int64_t shape[NPU_MAX_RANK];
   uint64_t size;                 /* bytes; a buffer bound to it must hold at least this many */
+  uint32_t symbolic;             /* bit i: the model declares dimension i symbolic (protocol 1.7) */
+  uint32_t defaulted;            /* bit i: symbolic, and this load set it to 1 (no input_shapes): the
+                                  * model takes only that size here; npu.Model.run compiles others */
 } npu_tensor_info;
 
 typedef struct npu_model npu_model;

@@ -29,6 +29,30 @@ static void free_tensors(npu_model *model) {
   free(model->tensors);
 }
 
+/* tensor_info's `symbolic` (a name per dimension, "" for a fixed one) and `defaulted` (indices)
+ * as bit masks; both are absent for a tensor whose dimensions are all fixed. */
+static bool take_dim_bits(const msgpack_object *symbolic, const msgpack_object *defaulted, npu_tensor_info *t) {
+  t->symbolic = t->defaulted = 0;
+  if (symbolic != NULL) {
+    if (symbolic->type != MSGPACK_OBJECT_ARRAY || symbolic->via.array.size != t->rank)
+      return false;
+    for (uint32_t i = 0; i < t->rank; i++)
+      if (symbolic->via.array.ptr[i].type == MSGPACK_OBJECT_STR && symbolic->via.array.ptr[i].via.str.size > 0)
+        t->symbolic |= 1u << i;
+  }
+  if (defaulted != NULL) {
+    if (defaulted->type != MSGPACK_OBJECT_ARRAY)
+      return false;
+    for (uint32_t i = 0; i < defaulted->via.array.size; i++) {
+      const msgpack_object *d = &defaulted->via.array.ptr[i];
+      if (d->type != MSGPACK_OBJECT_POSITIVE_INTEGER || d->via.u64 >= t->rank)
+        return false;
+      t->defaulted |= 1u << d->via.u64;
+    }
+  }
+  return true;
+}
+
 /* One tensor_info map into `t`; false if it is malformed. */
 static bool take_tensor(const msgpack_object *m, npu_tensor_info *t) {
   const msgpack_object *dtype = npu__get(m, "dtype"), *shape = npu__get(m, "shape");
@@ -43,7 +67,7 @@ static bool take_tensor(const msgpack_object *m, npu_tensor_info *t) {
   for (uint32_t i = 0; i < t->rank; i++)
     t->shape[i] = (int64_t)shape->via.array.ptr[i].via.u64;
   t->size = npu__get_u64(m, "size", 0);
-  return true;
+  return take_dim_bits(npu__get(m, "symbolic"), npu__get(m, "defaulted"), t);
 }
 
 static npu_status take_load_result(npu_model *model, const msgpack_object *r) {

@@ -228,6 +228,7 @@ static void test_models(npu_client *client, const char *model_path, const void *
   for (uint32_t i = 0; i < ti->rank; i++)
     elements *= (uint64_t)ti->shape[i];
   CHECK(elements * 4 == ti->size, "the input's size is its shape's");
+  CHECK(ti->symbolic == 0 && ti->defaulted == 0, "a model with fixed dims declares none symbolic");
   CHECK(to->dtype == NPU_FLOAT32 && to->size > 0, "output %s", to->name);
   CHECK(npu_model_input(m, 1) == NULL && npu_model_output(m, 1) == NULL, "out of range is NULL");
 
