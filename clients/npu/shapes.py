@@ -11,6 +11,7 @@ evicted first (unloaded, with the executions made on them closed).  ``Model.run`
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +57,9 @@ class Specialisations:
         self.names = [t.name for t in base.inputs]
         self.dims = [t.dims or t.shape for t in base.inputs]   # an input with no symbolic dims has none
         self.evicted = 0
+        # Threads may share a model: the table's changes are made under this lock, never held
+        # across a request (so a trio task never blocks the loop on it).
+        self._lock = threading.Lock()
         self._loaded: OrderedDict[Shapes, Signature] = OrderedDict()
         self._loaded[base.signature] = Signature(base.signature, base, base.compile_ms, base.cached)
 
@@ -68,13 +72,14 @@ class Specialisations:
 
     def get(self, shapes: Shapes, run: bool = True) -> Any:
         """The model loaded for ``shapes`` (a hit, if it is for a ``run``), or None."""
-        entry = self._loaded.get(shapes)
-        if entry is None:
-            return None
-        entry.hits += run
-        if entry.model is not self.base:
-            self._loaded.move_to_end(shapes)
-        return entry.model
+        with self._lock:
+            entry = self._loaded.get(shapes)
+            if entry is None:
+                return None
+            entry.hits += run
+            if entry.model is not self.base:
+                self._loaded.move_to_end(shapes)
+            return entry.model
 
     def load_options(self, shapes: Shapes) -> dict[str, Any]:
         """The ``load`` options that compile the model for ``shapes``."""
@@ -85,33 +90,35 @@ class Specialisations:
         another thread or task loaded the same signature meanwhile) and the signatures to unload
         (``model`` itself then, or the least recently run beyond ``kept``)."""
         entry = Signature(shapes, model, model.compile_ms, model.cached, hits=int(run))
-        known = self._loaded.get(shapes)
-        if known is not None:
-            known.hits += run
-            return known.model, [entry]
-        self._loaded[shapes] = entry
-        out = []
-        others = [s for s, e in self._loaded.items() if e.model is not self.base]
-        for old in others[:max(0, len(others) - self.kept)]:
-            out.append(self._loaded.pop(old))
-        self.evicted += len(out)
-        return model, out
+        with self._lock:
+            known = self._loaded.get(shapes)
+            if known is not None:
+                known.hits += run
+                return known.model, [entry]
+            self._loaded[shapes] = entry
+            others = [s for s, e in self._loaded.items() if e.model is not self.base]
+            out = [self._loaded.pop(old) for old in others[:max(0, len(others) - self.kept)]]
+            self.evicted += len(out)
+            return model, out
 
     def attach(self, model: Any, execution: Any) -> None:
         """Close ``execution`` when ``model``'s signature is evicted."""
-        for entry in self._loaded.values():
-            if entry.model is model:
-                entry.executions.append(execution)
+        with self._lock:
+            for entry in self._loaded.values():
+                if entry.model is model:   # (the closed ones dropped: a model may make many)
+                    entry.executions[:] = [e for e in entry.executions if not e._closed] + [execution]
 
     def take_all(self) -> list[Signature]:
         """Every signature but the base's, forgotten (the base model is being unloaded)."""
-        out = [e for e in self._loaded.values() if e.model is not self.base]
-        self._loaded = OrderedDict((s, e) for s, e in self._loaded.items() if e.model is self.base)
-        return out
+        with self._lock:
+            out = [e for e in self._loaded.values() if e.model is not self.base]
+            self._loaded = OrderedDict((s, e) for s, e in self._loaded.items() if e.model is self.base)
+            return out
 
     def report(self) -> list[dict[str, Any]]:
         """Every loaded signature, the base first then least to most recently run."""
-        return [e.as_dict(self.names) for e in self._loaded.values()]
+        with self._lock:
+            return [e.as_dict(self.names) for e in self._loaded.values()]
 
 
 def check_fits(name: str, dims: tuple[int | str, ...], shape: tuple[int, ...]) -> None:

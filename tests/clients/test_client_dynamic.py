@@ -203,6 +203,27 @@ def test_an_execution_binds_a_specialisation_and_closes_with_its_eviction(client
         execution.run({"x": x})
 
 
+def test_threads_sharing_a_model_get_the_shapes_they_fed(client):
+    import threading
+    model = client.load(relu_model(["N", 8]))
+    rng = np.random.default_rng(5)
+    xs = [rng.standard_normal((n, 8)).astype(np.float32) for n in (2, 3, 2, 5, 3, 2, 5, 1) * 3]
+    got: dict[int, np.ndarray] = {}
+
+    def run(i: int) -> None:
+        got[i] = model.run(xs[i])["y"]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i, x in enumerate(xs):
+        np.testing.assert_array_equal(got[i], np.maximum(x, 0))
+    signatures = model.signatures
+    assert sorted(s["shapes"]["x"][0] for s in signatures) == [1, 2, 3, 5]
+    assert sum(s["hits"] for s in signatures) == len(xs)
+
+
 def test_the_trio_client_specialises_the_same_way(daemon, encoder):
     ort = onnxruntime.InferenceSession(encoder, providers=["CPUExecutionProvider"])
     tokens = np.random.default_rng(2).integers(0, VOCAB, (3, 5)).astype(np.int64)
