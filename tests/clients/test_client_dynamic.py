@@ -112,6 +112,23 @@ def test_npuctl_compile_says_which_dims_it_set_to_1(capsys, daemon, tmp_path):
     assert "symbolic dimensions set to 1" not in capsys.readouterr().out
 
 
+def test_the_cpu_driver_declares_and_specialises_the_same_way(tmp_path):
+    """The cpu target's I/O table carries the declared dims too, so Model.run specialises there."""
+    from npu.local import LocalDaemon
+    config = tmp_path / "npud.toml"
+    config.write_text('[[devices]]\nname = "npu0"\n\n[[devices]]\nname = "cpu0"\ndriver = "cpu"\n')
+    d = LocalDaemon("--config", str(config), "--cache-dir", str(tmp_path / "cache"))
+    try:
+        with npu.connect(d.endpoint) as c:
+            model = c.load(relu_model(["N", 3, "T"]), device=1)
+            assert model.inputs[0].dims == ("N", 3, "T") and model.inputs[0].defaulted == (0, 2)
+            x = np.random.default_rng(6).standard_normal((4, 3, 6)).astype(np.float32)
+            np.testing.assert_array_equal(model.run(x)["y"], np.maximum(x, 0))
+            assert [s["shapes"]["x"] for s in model.signatures] == [[1, 3, 1], [4, 3, 6]]
+    finally:
+        d.stop()
+
+
 @pytest.mark.parametrize("field, value, problem", [
     ("symbolic", "N", "expected array"),
     ("symbolic", [3], "expected str"),
