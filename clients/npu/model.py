@@ -424,6 +424,8 @@ def _drop(entry: Signature):
 
 def _tensor(t: dict) -> TensorInfo:
     symbolic = t.get("symbolic") or ()
+    if len(symbolic) != len(t["shape"]):
+        symbolic = ()   # a declaration that does not match the shape is not one: keep the shape fixed
     dims = tuple(name if name else size for name, size in zip(symbolic, t["shape"])) if symbolic else ()
     return TensorInfo(t["name"], tuple(t["shape"]), np.dtype(t["dtype"]), t["size"], dims,
                       tuple(t.get("defaulted", ())))
