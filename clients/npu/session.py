@@ -109,11 +109,12 @@ class ClientOps:
         model with symbolic dimensions keeps its source (the path, or its bytes) so that runs of
         other sizes can load a specialisation for them (shapes.py).
         """
+        if not isinstance(model, (str, os.PathLike)):
+            model = model_bytes(model)   # serialised once: they are what a specialisation reloads
         info = yield from self._load_op(model, device, options)
         loaded = self._model_class(self, device, info)
         if any(t.symbolic for t in loaded.inputs):
-            source = model if isinstance(model, (str, os.PathLike)) else model_bytes(model)
-            loaded._family = Specialisations(loaded, source, options, info.get("model_digest"))
+            loaded._family = Specialisations(loaded, model, options, info.get("model_digest"))
         return loaded
 
     def _load_op(self, model: Any, device: int, options: dict, digest: bytes | None = None):
