@@ -27,7 +27,7 @@ from .core import Call, blocking
 from .errors import NpuError, error
 from .jobs import Job, JobRecord, ModelRunRecord
 from .shapes import Shapes, Signature, Specialisations, check_fits
-from .tensor_types import check_feeds, feed_dict, ort_calling_form
+from .tensor_types import check_dtype, check_feeds, feed_dict, ort_calling_form
 
 if TYPE_CHECKING:
     from .client import Client
@@ -297,6 +297,8 @@ class LoadedModel:
         family = self._family
         if family is None or any(t.name not in feeds for t in self.inputs):
             return self, feeds   # fixed shapes, or an input missing: _normalise says what is wrong
+        for t in self.inputs:   # before a load: a feed of the wrong type must not cost a compile
+            check_dtype(t.name, np.asarray(feeds[t.name]), t.dtype)
         shapes = family.signature({t.name: np.shape(feeds[t.name]) for t in self.inputs})
         return (yield from self._specialisation(shapes)), feeds
 

@@ -163,6 +163,8 @@ def test_a_feed_that_contradicts_a_fixed_dim_names_the_input_dim_and_both_sizes(
         model.run(np.zeros((2, 4, 5), np.float32))
     with pytest.raises(npu.InvalidArgument, match=r"input 'x' has 2 dimensions"):
         model.run(np.zeros((2, 3), np.float32))
+    with pytest.raises(npu.InvalidArgument, match=r"Unexpected input data type"):
+        model.run(np.zeros((2, 3, 5), np.float64))
     assert len(model.signatures) == 1    # nothing was loaded for them
 
 
