@@ -58,7 +58,8 @@ class LoadedModel:
 
     def info(self, cached: bool, compile_ms: float) -> dict:
         def tensor(e):
-            return {"name": e["name"], "dtype": e["dtype"], "shape": list(e["shape"]), "size": e["size"]}
+            return {"name": e["name"], "dtype": e["dtype"], "shape": list(e["shape"]), "size": e["size"],
+                    **{k: list(e[k]) for k in DECLARED_FIELDS if k in e}}
         weights = sum(bo.mapped_size for bo, _va, w in self.fixed if not w)
         arena = sum(bo.mapped_size for bo, _va, w in self.fixed if w)
         return {"model": self.id, "inputs": [tensor(e) for e in self.inputs],
@@ -67,6 +68,7 @@ class LoadedModel:
 
 
 log = logging.getLogger("npud.models")
+DECLARED_FIELDS = ("symbolic", "defaulted")   # what an I/O table entry says of declared dims (1.7)
 HASH_IN_THREAD_BYTES = 1 << 20
 PRESENTED_KEPT = 65536   # model digests remembered as sent (52 bytes each, allocated at start: 3.3 MiB)
 DIGEST_BYTES = 32

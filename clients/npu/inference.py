@@ -25,8 +25,9 @@ What differs, by design:
   schedules); ``logid`` names the session in ``npuctl clients``.  ``run_options`` is accepted
   and ignored.
 * **Shapes.**  A model is compiled for fixed shapes: symbolic dimensions are 1 at first and a
-  run with other sizes compiles (once; the daemon's cache keeps it) for those.  The last
-  ``SHAPES_KEPT`` shape signatures stay loaded.
+  run with other sizes compiles (once; the daemon's cache keeps it) for those, as
+  ``Model.run`` does (clients/npu/shapes.py: the first signature and the last
+  ``npu.shapes.SIGNATURES_KEPT`` others stay loaded; ``signatures()`` lists them).
 * **Errors** are ``npu.NpuError``s (``npu.InvalidArgument`` for a bad feed), not
   onnxruntime's exception classes.
 * **Which daemon.**  The session opens its own connection (``npu.connect()``: the endpoint
@@ -40,7 +41,6 @@ import os
 import threading
 import warnings
 import weakref
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -60,7 +60,6 @@ from .tensor_types import check_dtype, feed_dict, ort_type
 
 PROVIDER = "NpuExecutionProvider"
 IGNORED_PROVIDERS = ("CPUExecutionProvider",)   # accepted without a word: see the module's docstring
-SHAPES_KEPT = 4
 LOAD_TIMEOUT_S = 120.0   # the session's own connection: a first compile of a large model takes a while
 
 ModelSource = Union[str, "os.PathLike[str]", bytes, onnx.ModelProto]
@@ -190,7 +189,7 @@ class InferenceSession:
         self._owns_client = client is None
         self._client = client if client is not None else connect(
             name=getattr(self._options, "logid", "") or "npu.InferenceSession", timeout=LOAD_TIMEOUT_S)
-        self._models: OrderedDict[tuple[tuple[int, ...], ...], Model] = OrderedDict()
+        self._models: list[Model] = []   # the model loaded first; it loads and keeps the other shapes
         self._lock = threading.Lock()   # threads may share a session, as onnxruntime's: one load per shape
         self._executions: list[Execution] = []
         self._closing = [False]    # set by close(): only then are a shared client's models unloaded
@@ -202,7 +201,7 @@ class InferenceSession:
         except BaseException:
             self.close()
             raise
-        self._models[tuple(t.shape for t in first.inputs)] = first
+        self._models.append(first)
 
     # --- onnxruntime's API ---------------------------------------------------------------
 
@@ -233,7 +232,8 @@ class InferenceSession:
         """The outputs named (all, in the model's order, for None) as a list of arrays."""
         names = self._output_names(output_names)
         feeds = self._check_feeds(input_feed)
-        model = self._model_for(feeds)
+        self._model_for(feeds)   # loaded under the lock: one load per shape, however many threads ask
+        model = self._models[0]     # which runs the feeds on the signature for their shapes (a hit)
         outputs = model.run(_device_feeds(model, feeds))
         return [self._declared_output(outputs, name) for name in names]
 
@@ -248,6 +248,11 @@ class InferenceSession:
         iobinding._run()
 
     # --- npu's own ---------------------------------------------------------------------
+
+    def signatures(self) -> list[dict[str, Any]]:
+        """The shape signatures loaded for the model (``Model.signatures``): shapes by input,
+        ``compile_ms``, ``cached`` and ``hits``."""
+        return self._models[0].signatures
 
     @property
     def client(self) -> Client:
@@ -305,29 +310,10 @@ class InferenceSession:
         return out
 
     def _model_for(self, feeds: Mapping[str, np.ndarray[Any, Any]]) -> Model:
-        """The model compiled for the feeds' shapes: loaded now if it is not yet."""
-        key = tuple(tuple(int(s) for s in feeds[d.arg.name].shape) for d in self._inputs)
+        """The model compiled for the feeds' shapes (``Model.specialise``): loaded now if it is
+        not yet, by one thread while the others wait for it."""
         with self._lock:
-            return self._model_locked(key)
-
-    def _model_locked(self, key: tuple[tuple[int, ...], ...]) -> Model:
-        model = self._models.get(key)
-        if model is not None:
-            self._models.move_to_end(key)
-            return model
-        shapes = {d.arg.name: list(shape) for d, shape in zip(self._inputs, key)}
-        model = self._client.load(self._source, self._device, input_shapes=shapes)
-        self._models[key] = model
-        while len(self._models) > SHAPES_KEPT:
-            self._unload(self._models.popitem(last=False)[1])
-        return model
-
-    def _unload(self, model: Model) -> None:
-        """Unload a model no longer kept, and close the executions of IOBindings on it."""
-        for execution in [e for e in self._executions if e.model is model]:
-            self._executions.remove(execution)
-            execution.close()
-        model.unload()
+            return self._models[0].specialise({d.arg.name: feeds[d.arg.name].shape for d in self._inputs})
 
     def _declared_output(self, outputs: Outputs, name: str) -> np.ndarray[Any, Any]:
         """Output ``name`` in the dtype the model declares (the device computes float32)."""
@@ -388,9 +374,11 @@ class IOBinding:
         session = self._session
         feeds = session._check_feeds(self._inputs)   # every input bound
         model = session._model_for(feeds)
+        # an execution whose specialisation was evicted was closed with it (shapes.py)
+        session._executions[:] = [e for e in session._executions if not e._closed]
         execution = next((e for e in session._executions if e.model is model), None)
         if execution is None:
-            execution = model.execution()
+            execution = session._models[0].execution(input_shapes={k: v.shape for k, v in feeds.items()})
             session._executions.append(execution)
         outputs = execution.run(_device_feeds(model, feeds))
         self._results = [session._declared_output(outputs, name) for name in self._outputs]
@@ -499,7 +487,7 @@ def _device_id(options: Mapping[str, Any]) -> int:
                                       f"not {options['device_id']!r}") from None
 
 
-def _release(client: Client, owned: bool, closing: list[bool], models: "OrderedDict[Any, Model]",
+def _release(client: Client, owned: bool, closing: list[bool], models: list[Model],
              executions: list[Execution]) -> None:
     """The session's end: its connection closed if it opened it (freeing everything there), else,
     on ``close()``, its executions closed and its models unloaded."""
@@ -511,8 +499,8 @@ def _release(client: Client, owned: bool, closing: list[bool], models: "OrderedD
             return   # collected: calls on the shared client could deadlock the call that collected
         for execution in executions:
             execution.close()
-        for model in models.values():
-            model.unload()
+        for model in models:
+            model.unload()   # and the specialisations it loaded
     except Exception:  # noqa: BLE001 -- the daemon or session may be gone: nothing left to free
         pass
     finally:

@@ -26,7 +26,8 @@ from .buffer import BufferOps
 from .core import Call, blocking
 from .errors import NpuError, error
 from .jobs import Job, JobRecord, ModelRunRecord
-from .tensor_types import check_feeds, feed_dict, ort_calling_form
+from .shapes import Shapes, Signature, Specialisations, check_fits
+from .tensor_types import check_dtype, check_feeds, feed_dict, ort_calling_form
 
 if TYPE_CHECKING:
     from .client import Client
@@ -39,12 +40,21 @@ imported for its type)."""
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """One input or output: name, shape and dtype as the compiled model has them."""
+    """One input or output: name, shape and dtype as the compiled model has them; ``dims``, its
+    dimensions as the model declares them (an int where fixed, the name where symbolic; empty
+    from a daemon before protocol 1.7) and ``defaulted``, the symbolic ones this load set to 1."""
 
     name: str
     shape: tuple[int, ...]
     dtype: np.dtype[Any]
     size: int
+    dims: tuple[int | str, ...] = ()
+    defaulted: tuple[int, ...] = ()
+
+    @property
+    def symbolic(self) -> bool:
+        """Whether the model declares any dimension of it symbolic."""
+        return any(isinstance(d, str) for d in self.dims)
 
 
 class Outputs(dict[str, np.ndarray]):
@@ -149,8 +159,21 @@ class LoadedModel:
         self.compile_ms = info["compile_ms"]
         self.weights_bytes = info["weights_bytes"]
         self.arena_bytes = info["arena_bytes"]
+        self.signature: Shapes = tuple(t.shape for t in self.inputs)
+        self._family: Specialisations | None = None   # set by load for a model with symbolic dims
         self._idle_sets: list[tuple[list, list]] = []
         self._unloaded = False
+
+    @property
+    def signatures(self) -> list[dict[str, Any]]:
+        """The shape signatures loaded for this model, each with its ``shapes`` by input,
+        ``compile_ms``, ``cached`` (from the daemon's compile cache) and ``hits`` (runs): the
+        loaded one first, then the specialisations runs of other sizes loaded, least recently
+        run first (shapes.py)."""
+        if self._family is None:
+            return [{"shapes": {t.name: list(t.shape) for t in self.inputs}, "compile_ms": self.compile_ms,
+                     "cached": self.cached, "hits": None, "model": self.id}]
+        return self._family.report()
 
     def __repr__(self) -> str:
         def sig(ts):
@@ -191,6 +214,9 @@ class LoadedModel:
 
         wire = job_options(**options)
         self._check_loaded()
+        model, feeds = yield from self._specialised_for(feeds)
+        if model is not self:
+            return (yield from LoadedModel.submit(model, feeds, **options))
         feeds = self._normalise(feeds)
         io = yield from self._take_set()
         try:
@@ -214,15 +240,21 @@ class LoadedModel:
             raise
         return self._job_class(self, result["job"], io, result.get("context", 0), result.get("point", 0))
 
-    def execution(self, context: Any = None, **options):
+    def execution(self, context: Any = None, *, input_shapes: dict[str, Sequence[int]] | None = None,
+                  **options):
         """A reusable execution: buffers bound and mapped once, the run request encoded once, inputs
-        filled in place (``clients/npu/execution.py``).  Options as for ``submit``, fixed for its runs."""
+        filled in place (``clients/npu/execution.py``).  Options as for ``submit``, fixed for its runs;
+        ``input_shapes`` ({input: shape}, for a model with symbolic dimensions) binds it to the
+        specialisation for those shapes (closed if that is evicted: shapes.py)."""
         from .session import job_options
 
         wire = job_options(context=context, **options)
         self._check_loaded()
-        execution = self.client._execution_class(self, wire)
+        model = self if input_shapes is None else (yield from LoadedModel.specialise(self, input_shapes))
+        execution = self.client._execution_class(model, wire)
         yield from execution._open()
+        if self._family is not None:
+            self._family.attach(model, execution)
         return execution
 
     def report(self):
@@ -237,10 +269,53 @@ class LoadedModel:
         self._unloaded = True
         sets, self._idle_sets = self._idle_sets, []
         try:
+            for entry in (self._family.take_all() if self._family is not None else ()):
+                yield from _drop(entry)
             for io in sets:
                 yield from self._discard(io)
         finally:  # even when interrupted: half an unload would leak the model in the daemon
             yield Call("unload", {"model": self.id})
+
+    def specialise(self, input_shapes: dict[str, Sequence[int]]):
+        """The model loaded for these input shapes ({input: shape}; an input not named keeps its
+        shape): this one, or a specialisation for a model with symbolic dimensions (loaded now if it
+        is not yet: shapes.py).  EINVAL, naming the input, the dimension and both sizes, if a shape
+        contradicts a dimension the model fixes."""
+        self._check_loaded()
+        shapes = {t.name: tuple(input_shapes.get(t.name, t.shape)) for t in self.inputs}
+        if self._family is None:   # fixed shapes (or a daemon before protocol 1.7)
+            for t in self.inputs:
+                check_fits(t.name, t.shape, shapes[t.name])
+            return self
+        return (yield from self._specialisation(self._family.signature(shapes), run=False))
+
+    def _specialised_for(self, feeds: Any):
+        """The model to run ``feeds`` on, and the feeds by name: this one, or, for a model with
+        symbolic dimensions fed other sizes, the specialisation for their shapes (loaded now if it
+        is not yet).  Feeds that contradict a fixed dimension are EINVAL here."""
+        feeds = feed_dict(feeds, [t.name for t in self.inputs], "Model.run")
+        family = self._family
+        if family is None or any(t.name not in feeds for t in self.inputs):
+            return self, feeds   # fixed shapes, or an input missing: _normalise says what is wrong
+        for t in self.inputs:   # before a load: a feed of the wrong type must not cost a compile
+            check_dtype(t.name, np.asarray(feeds[t.name]), t.dtype)
+        shapes = family.signature({t.name: np.shape(feeds[t.name]) for t in self.inputs})
+        return (yield from self._specialisation(shapes)), feeds
+
+    def _specialisation(self, shapes: Shapes, run: bool = True):
+        """The model loaded for ``shapes``: kept, or loaded now (compiled once: the daemon's cache
+        keeps it), evicting the least recently run specialisation beyond the bound.  ``run``:
+        counted as a run of that signature."""
+        family = self._family
+        model = family.get(shapes, run)
+        if model is not None:
+            return model
+        info = yield from self.client._load_op(family.source, self.device, family.load_options(shapes),
+                                               family.digest)
+        model, dropped = family.add(shapes, self.client._model_class(self.client, self.device, info), run)
+        for entry in dropped:
+            yield from _drop(entry)
+        return model
 
     def _take_set(self):
         """An idle input/output set, or a new one."""
@@ -313,14 +388,17 @@ class Model(LoadedModel):
         def run(self, feeds: Any, timeout: float | None = None) -> Outputs: ...
         def submit(self, feeds: Any, *, context: Any = None, after: Sequence[Any] = (),
                    deadline: float | None = None, timeout: float | None = None) -> ModelJob: ...
-        def execution(self, context: Any = None, *, after: Sequence[Any] = (), deadline: float | None = None,
+        def execution(self, context: Any = None, *, input_shapes: dict[str, Sequence[int]] | None = None,
+                      after: Sequence[Any] = (), deadline: float | None = None,
                       timeout: float | None = None) -> Execution: ...
+        def specialise(self, input_shapes: dict[str, Sequence[int]]) -> Model: ...
         def report(self) -> Report: ...
         def unload(self) -> None: ...
     else:
         run = blocking(LoadedModel.run)
         submit = blocking(LoadedModel.submit)
         execution = blocking(LoadedModel.execution)
+        specialise = blocking(LoadedModel.specialise)
         report = blocking(LoadedModel.report)
         unload = blocking(LoadedModel.unload)
 
@@ -337,5 +415,19 @@ class ModelJob(ModelRun, Job):
 Model._job_class = ModelJob
 
 
+def _drop(entry: Signature):
+    """Unload an evicted specialisation, closing the executions made on it first."""
+    from .execution import ExecutionOps
+
+    for execution in entry.executions:
+        yield from ExecutionOps.close(execution)
+    yield from LoadedModel.unload(entry.model)
+
+
 def _tensor(t: dict) -> TensorInfo:
-    return TensorInfo(t["name"], tuple(t["shape"]), np.dtype(t["dtype"]), t["size"])
+    symbolic = t.get("symbolic") or ()
+    if len(symbolic) != len(t["shape"]):
+        symbolic = ()   # a declaration that does not match the shape is not one: keep the shape fixed
+    dims = tuple(name if name else size for name, size in zip(symbolic, t["shape"])) if symbolic else ()
+    return TensorInfo(t["name"], tuple(t["shape"]), np.dtype(t["dtype"]), t["size"], dims,
+                      tuple(t.get("defaulted", ())))

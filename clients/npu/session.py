@@ -3,6 +3,7 @@ awaited (see core.py).  What differs between the two is only the transport under
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .buffer import BufferOps
@@ -10,6 +11,7 @@ from .core import Call
 from .errors import NotFound
 from .model import ModelDigests, model_bytes
 from .protocol import Device
+from .shapes import Specialisations
 
 
 class Context:
@@ -103,18 +105,32 @@ class ClientOps:
         """Compile (or fetch from the daemon's compile cache) and load an ONNX model.
 
         ``model`` is a path, bytes or an ``onnx.ModelProto``.  Options:
-        ``input_shapes={name: shape}`` for symbolic dimensions, ``name``.
+        ``input_shapes={name: shape}`` for symbolic dimensions (else 1 at first), ``name``.  A
+        model with symbolic dimensions keeps its source (the path, or its bytes) so that runs of
+        other sizes can load a specialisation for them (shapes.py).
         """
+        if not isinstance(model, (str, os.PathLike)):
+            model = model_bytes(model)   # serialised once: they are what a specialisation reloads
+        info = yield from self._load_op(model, device, options)
+        loaded = self._model_class(self, device, info)
+        if any(t.symbolic for t in loaded.inputs):
+            loaded._family = Specialisations(loaded, model, options, info.get("model_digest"))
+        return loaded
+
+    def _load_op(self, model: Any, device: int, options: dict, digest: bytes | None = None):
+        """A load's reply: by digest (the file's, remembered, else ``digest``) while the daemon
+        still holds the model compiled for ``options``, else with the model's bytes."""
         args = {"device": device, "options": options}
         file = self._digests.lookup(model)
-        if file.digest is not None:
+        digest = file.digest or digest
+        if digest is not None:
             try:  # the daemon may still hold it compiled: then the bytes need not travel at all
-                return self._model_class(self, device, (yield Call("load", {**args, "model_digest": file.digest})))
+                return (yield Call("load", {**args, "model_digest": digest}))
             except NotFound:
                 self._digests.forget(file)
         info = yield from self._with_model("load", model, args)
         self._digests.remember(file, info)
-        return self._model_class(self, device, info)
+        return info
 
     def check(self, model: Any, device: int = 0):
         """Every reason the model cannot compile for the device: [{node, op, reason}], empty if none."""

@@ -39,7 +39,18 @@ def _modeled(rows: list[dict], device: dict) -> dict:
 
 
 def _tensors(ts) -> list[dict]:
-    return [{"name": t.name, "dtype": str(t.dtype), "shape": list(t.shape), "size": t.size} for t in ts]
+    return [{"name": t.name, "dtype": str(t.dtype), "shape": list(t.shape), "size": t.size,
+             **({"declared": list(t.dims)} if t.symbolic else {}),
+             **({"defaulted": list(t.defaulted)} if t.defaulted else {})} for t in ts]
+
+
+def _defaulted_note(inputs: list[dict]) -> str:
+    """What a user must know when symbolic dims were set to 1: the compile takes no other size."""
+    said = [f"{t['name']} {t['declared']}" for t in inputs if t.get("defaulted")]
+    if not said:
+        return ""
+    return (f"\n  note: symbolic dimensions set to 1 ({'; '.join(said)}): this compile takes only that size; "
+            f"give --input-shape NAME=DxD... for others (npu.Model.run compiles each size it is fed)")
 
 
 def _device(client, index: int) -> dict:
@@ -105,7 +116,7 @@ def compile_text(r: dict) -> str:
     text = (f"{r['model']}: {'from the compile cache' if r['cached'] else 'compiled'} in {r['compile_ms']:.1f} ms "
             f"for device {r['device']}\n  {sig}\n  {r['ops']} ops, {r['macs']:,} MACs, {r['cycles']:,} modeled "
             f"cycles ({r['modeled_ms']:.3f} ms modeled)\n  weights {r['weights_bytes']:,} B, arena "
-            f"{r['arena_bytes']:,} B of device memory")
+            f"{r['arena_bytes']:,} B of device memory") + _defaulted_note(r["inputs"])
     if "report_table" in r:
         text += "\n\n" + r["report_table"]
     if "output" in r:

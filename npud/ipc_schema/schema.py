@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .types import Any_, Array, Bin, Bool, F, Float, Int, MapOf, Str, Struct, Type
 
-PROTOCOL_VERSION = (1, 6)
+PROTOCOL_VERSION = (1, 7)
 """(major, minor).  A major bump breaks compatibility; a minor bump only adds."""
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -202,6 +202,12 @@ TENSOR_INFO = Struct("tensor_info", {
     "dtype": F(Str(16, DTYPES), "element type"),
     "shape": F(Array(Int(0, 2**31 - 1), MAX_RANK), "dimensions"),
     "size": F(U64, "bytes; the buffer bound to it must hold at least this many"),
+    "symbolic": F(Array(Str(128), MAX_RANK), "the model's declared dimensions: per dimension the name of a "
+                  "symbolic one (`?` if unnamed), an empty string for a fixed one; `shape` is what this load compiled "
+                  "them to. Absent when every dimension is fixed", optional=True, since=(1, 7)),
+    "defaulted": F(Array(Int(0, MAX_RANK - 1), MAX_RANK), "indices of the symbolic dimensions this load set "
+                   "to 1 because `options.input_shapes` did not size them: the loaded model takes only "
+                   "that size; load again with `input_shapes` for others", optional=True, since=(1, 7)),
 })
 
 MODEL_SOURCE = {

@@ -47,6 +47,7 @@ class CpuTarget(Target):
         from onnx import helper
 
         from npud.compiler_worker.errors import CompileError
+        from npud.compiler_worker.passes.import_onnx import declared_dims
         from npud.drivers.cpu import CpuParams, pack_program
         from npud.executable import Executable
 
@@ -62,6 +63,7 @@ class CpuTarget(Target):
         graph = proto.graph
         given = options.get("input_shapes") or {}
         initialisers = {t.name for t in graph.initializer}
+        declared = {v.name: declared_dims(v, v.name in given) for v in (*graph.input, *graph.output)}
         for value in graph.input:
             if value.name in initialisers:
                 continue
@@ -89,7 +91,8 @@ class CpuTarget(Target):
                     raise CompileError(f"the shape of {kind} {value.name!r} is not known after shape inference")
                 dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name
                 size = np.dtype(dtype).itemsize * int(np.prod(dims, dtype=np.int64))
-                entry = {"name": value.name, "dtype": dtype, "shape": dims, "va": va, "size": size}
+                entry = {"name": value.name, "dtype": dtype, "shape": dims, "va": va, "size": size,
+                         **declared.get(value.name, {})}
                 tables[f"{kind}s"].append(entry)
                 regions.append({"name": f"{kind}:{value.name}", "kind": kind, "va": va, "size": size,
                                 "writable": kind == "output", "tensor": value.name})

@@ -207,7 +207,7 @@ def test_iobinding_reuses_one_execution_and_reads_inputs_at_run(sess):
 def test_close_frees_the_session_models_on_a_shared_client(client):
     sess = npu.InferenceSession(tiny_cnn.build(), client=client)
     sess.run(None, {"x": X})
-    (model,) = sess._models.values()
+    (model,) = sess._models
     sess.close()
     assert model._unloaded and not client.closed
     own = npu.InferenceSession(tiny_cnn.build())
@@ -216,21 +216,25 @@ def test_close_frees_the_session_models_on_a_shared_client(client):
 
 
 def test_only_the_last_shapes_stay_loaded(monkeypatch):
-    monkeypatch.setattr(npu.inference, "SHAPES_KEPT", 2)
+    monkeypatch.setattr(npu.shapes, "SIGNATURES_KEPT", 1)
     rng = np.random.default_rng(3)
     with npu.InferenceSession(symbolic_cnn()) as sess:
         binding = sess.io_binding()
         binding.bind_output("probs")
-        first = list(sess._models.values())[0]
+        (first,) = sess._models
+        loaded, executions = {}, {}
         for n in (2, 3, 1):
             x = rng.standard_normal((n, 3, 32, 32)).astype(np.float32)
             binding.bind_cpu_input("x", x)
             sess.run_with_iobinding(binding)
+            loaded[n] = first.specialise({"x": x.shape})
+            executions[n] = next(e for e in sess._executions if e.model is loaded[n])
             np.testing.assert_allclose(sess.run(None, {"x": x})[0], tiny_cnn.reference(x), rtol=RTOL, atol=ATOL)
             np.testing.assert_allclose(binding.get_outputs()[0], tiny_cnn.reference(x), rtol=RTOL, atol=ATOL)
-        assert len(sess._models) == 2 and first._unloaded          # batch 1 was loaded again
-        assert sorted(k[0][0] for k in sess._models) == [1, 3]
-        assert {e.model for e in sess._executions} <= set(sess._models.values())
+        # the first (batch 1) stays; batch 2 was evicted for batch 3, its IOBinding execution closed
+        assert loaded[1] is first and not first._unloaded and loaded[2]._unloaded and not loaded[3]._unloaded
+        assert [s["shapes"]["x"][0] for s in sess.signatures()] == [1, 3]
+        assert executions[2]._closed and not executions[3]._closed and not executions[1]._closed
 
 
 def test_threads_share_a_session():
@@ -246,7 +250,7 @@ def test_threads_share_a_session():
             t.start()
         for t in threads:
             t.join(60)
-        assert len(sess._models) == 2    # one load per shape, however many threads asked
+        assert len(sess.signatures()) == 2    # one load per shape, however many threads asked
     for i, x in enumerate(xs):
         np.testing.assert_allclose(got[i], tiny_cnn.reference(x), rtol=RTOL, atol=ATOL)
 
@@ -254,7 +258,7 @@ def test_threads_share_a_session():
 def test_a_collected_session_leaves_a_shared_client_alone(client):
     import gc
     sess = npu.InferenceSession(tiny_cnn.build(), client=client)
-    (model,) = sess._models.values()
+    (model,) = sess._models
     del sess
     gc.collect()
     assert not model._unloaded      # no call from a collection: it may run inside another call

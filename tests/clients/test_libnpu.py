@@ -51,12 +51,22 @@ def daemon(tmp_path_factory):
 def files(tmp_path_factory):
     """The classifier, an input for it, and a model over the inline limit, as files."""
     d = tmp_path_factory.mktemp("libnpu")
-    model, big = d / "tiny.onnx", d / "big.onnx"
+    model, big, symbolic = d / "tiny.onnx", d / "big.onnx", d / "symbolic.onnx"
     onnx.save(tiny_cnn.build(), str(model))
     big.write_bytes(big_model())
+    onnx.save(symbolic_batch_model(), str(symbolic))
     x = np.random.default_rng(3).standard_normal(tiny_cnn.INPUT_SHAPE).astype(np.float32)
     x.tofile(d / "x.raw")
-    return {"dir": d, "model": str(model), "big": str(big), "input": str(d / "x.raw"), "x": x}
+    return {"dir": d, "model": str(model), "big": str(big), "symbolic": str(symbolic), "input": str(d / "x.raw"),
+            "x": x}
+
+
+def symbolic_batch_model() -> onnx.ModelProto:
+    """y = relu(x), x float32['N', 4]: for npu_model_load_shaped and the defaulted bits."""
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
 
 
 def python_output(endpoint: str, files: dict) -> np.ndarray:
@@ -71,7 +81,8 @@ def test_c_test_program_passes_and_its_zero_copy_run_equals_python(built, daemon
     env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0",
            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
     done = subprocess.run([os.path.join(built, program), daemon.endpoint, files["model"], files["input"],
-                           str(out), files["big"]], capture_output=True, text=True, timeout=600, env=env)
+                           str(out), files["big"], files["symbolic"]], capture_output=True, text=True,
+                          timeout=600, env=env)
     assert done.returncode == 0, f"{program} failed:\n{done.stdout}\n{done.stderr}"
     assert re.search(r"^\d+ checks, 0 failed$", done.stdout, re.M), done.stdout
     assert "runtime error" not in done.stderr and "Sanitizer" not in done.stderr, done.stderr

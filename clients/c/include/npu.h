@@ -175,6 +175,9 @@ typedef struct npu_tensor_info {
   uint32_t rank;
   int64_t shape[NPU_MAX_RANK];
   uint64_t size;                 /* bytes; a buffer bound to it must hold at least this many */
+  uint32_t symbolic;             /* bit i: the model declares dimension i symbolic (protocol 1.7) */
+  uint32_t defaulted;            /* bit i: symbolic, and this load set it to 1 (no input_shapes): the
+                                  * model takes only that size here; npu.Model.run compiles others */
 } npu_tensor_info;
 
 typedef struct npu_model npu_model;
@@ -184,6 +187,21 @@ typedef struct npu_model npu_model;
  * self-contained file read by this process. */
 npu_status npu_model_load(npu_client *client, uint32_t device, const void *onnx, size_t size, npu_model **out);
 npu_status npu_model_load_file(npu_client *client, uint32_t device, const char *path, npu_model **out);
+
+/* One input's shape for npu_model_load_shaped. */
+typedef struct npu_input_shape {
+  const char *name;              /* the input's name */
+  uint32_t rank;                 /* at most NPU_MAX_RANK */
+  const int64_t *dims;           /* `rank` sizes, each >= 1 */
+} npu_input_shape;
+
+/* npu_model_load, compiled for these input shapes (the protocol's `input_shapes`): the model's
+ * symbolic dimensions take these sizes instead of 1 (npu_tensor_info.defaulted: which were set
+ * to 1).  An input not named keeps 1 for its symbolic dimensions.  A shape naming no input, or
+ * contradicting a dimension the model fixes, is EINVAL.  Each set of shapes compiles once (the
+ * daemon's cache keeps it); load one model per shape your program runs. */
+npu_status npu_model_load_shaped(npu_client *client, uint32_t device, const void *onnx, size_t size,
+                                 const npu_input_shape *shapes, size_t count, npu_model **out);
 /* Free its device memory (after jobs using it finish) and release the handle (always). */
 npu_status npu_model_unload(npu_model *model);
 size_t npu_model_input_count(const npu_model *model);

@@ -29,6 +29,30 @@ static void free_tensors(npu_model *model) {
   free(model->tensors);
 }
 
+/* tensor_info's `symbolic` (a name per dimension, "" for a fixed one) and `defaulted` (indices)
+ * as bit masks; both are absent for a tensor whose dimensions are all fixed. */
+static bool take_dim_bits(const msgpack_object *symbolic, const msgpack_object *defaulted, npu_tensor_info *t) {
+  t->symbolic = t->defaulted = 0;
+  if (symbolic != NULL) {
+    if (symbolic->type != MSGPACK_OBJECT_ARRAY || symbolic->via.array.size != t->rank)
+      return false;
+    for (uint32_t i = 0; i < t->rank; i++)
+      if (symbolic->via.array.ptr[i].type == MSGPACK_OBJECT_STR && symbolic->via.array.ptr[i].via.str.size > 0)
+        t->symbolic |= 1u << i;
+  }
+  if (defaulted != NULL) {
+    if (defaulted->type != MSGPACK_OBJECT_ARRAY)
+      return false;
+    for (uint32_t i = 0; i < defaulted->via.array.size; i++) {
+      const msgpack_object *d = &defaulted->via.array.ptr[i];
+      if (d->type != MSGPACK_OBJECT_POSITIVE_INTEGER || d->via.u64 >= t->rank)
+        return false;
+      t->defaulted |= 1u << d->via.u64;
+    }
+  }
+  return true;
+}
+
 /* One tensor_info map into `t`; false if it is malformed. */
 static bool take_tensor(const msgpack_object *m, npu_tensor_info *t) {
   const msgpack_object *dtype = npu__get(m, "dtype"), *shape = npu__get(m, "shape");
@@ -43,7 +67,7 @@ static bool take_tensor(const msgpack_object *m, npu_tensor_info *t) {
   for (uint32_t i = 0; i < t->rank; i++)
     t->shape[i] = (int64_t)shape->via.array.ptr[i].via.u64;
   t->size = npu__get_u64(m, "size", 0);
-  return true;
+  return take_dim_bits(npu__get(m, "symbolic"), npu__get(m, "defaulted"), t);
 }
 
 static npu_status take_load_result(npu_model *model, const msgpack_object *r) {
@@ -67,8 +91,41 @@ static npu_status take_load_result(npu_model *model, const msgpack_object *r) {
   return NULL;
 }
 
+/* EINVAL unless every shape names an input and has 1..NPU_MAX_RANK sizes, each >= 1. */
+static npu_status check_shapes(const npu_input_shape *shapes, size_t count) {
+  if (count > 0 && shapes == NULL)
+    return npu__error_default(NPU_EINVAL, "npu_model_load_shaped: shapes is NULL but count is %zu", count);
+  for (size_t i = 0; i < count; i++) {
+    const npu_input_shape *s = &shapes[i];
+    if (s->name == NULL || s->rank == 0 || s->rank > NPU_MAX_RANK || s->dims == NULL)
+      return npu__error_default(NPU_EINVAL, "npu_model_load_shaped: shape %zu needs a name and 1..%d dims", i,
+                                NPU_MAX_RANK);
+    for (uint32_t d = 0; d < s->rank; d++)
+      if (s->dims[d] < 1 || s->dims[d] > INT32_MAX)
+        return npu__error_default(NPU_EINVAL, "npu_model_load_shaped: input %s dimension %u is %lld (1..%d)",
+                                  s->name, d, (long long)s->dims[d], INT32_MAX);
+  }
+  return NULL;
+}
+
+/* The load's `options`: {"input_shapes": {name: [dims]}}. */
+static void pack_shapes(msgpack_packer *pk, const npu_input_shape *shapes, size_t count) {
+  npu__pack_str(pk, "options");
+  msgpack_pack_map(pk, 1);
+  npu__pack_str(pk, "input_shapes");
+  msgpack_pack_map(pk, count);
+  for (size_t i = 0; i < count; i++) {
+    npu__pack_str(pk, shapes[i].name);
+    msgpack_pack_array(pk, shapes[i].rank);
+    for (uint32_t d = 0; d < shapes[i].rank; d++)
+      msgpack_pack_int64(pk, shapes[i].dims[d]);
+  }
+}
+
 /* Send the model's bytes inline, or through a staging buffer when they exceed the inline limit. */
-static npu_status send_load(npu_client *client, uint32_t device, const void *onnx, size_t size, npu_reply *reply) {
+static npu_status send_load(npu_client *client, uint32_t device, const void *onnx, size_t size,
+                            const npu_input_shape *shapes, size_t count, npu_reply *reply) {
+  uint32_t options = count > 0 ? 1 : 0;
   npu_request request;
   npu_buffer *staging = NULL;
   if (size > client->max_inline_bytes) {
@@ -82,14 +139,16 @@ static npu_status send_load(npu_client *client, uint32_t device, const void *onn
       npu_status_free(npu_buffer_free(staging));
       return status;
     }
-    npu__request_begin(&request, "load", 3);
+    npu__request_begin(&request, "load", 3 + options);
     npu__pack_key_u64(&request.pk, "model_buffer", staging->handle);
     npu__pack_key_u64(&request.pk, "model_size", size);
   } else {
-    npu__request_begin(&request, "load", 2);
+    npu__request_begin(&request, "load", 2 + options);
     npu__pack_key_bin(&request.pk, "model", onnx, size);
   }
   npu__pack_key_u64(&request.pk, "device", device);
+  if (options)
+    pack_shapes(&request.pk, shapes, count);
   npu_status status = npu__call(client, &request, 0, reply, NULL);
   npu_status_free(npu_buffer_free(staging));
   return status;
@@ -97,13 +156,21 @@ static npu_status send_load(npu_client *client, uint32_t device, const void *onn
 
 NPU_EXPORT npu_status npu_model_load(npu_client *client, uint32_t device, const void *onnx, size_t size,
                                      npu_model **out) {
+  return npu_model_load_shaped(client, device, onnx, size, NULL, 0, out);
+}
+
+NPU_EXPORT npu_status npu_model_load_shaped(npu_client *client, uint32_t device, const void *onnx, size_t size,
+                                            const npu_input_shape *shapes, size_t count, npu_model **out) {
   if (client == NULL || onnx == NULL || out == NULL)
     return npu__error_default(NPU_EINVAL, "npu_model_load: client, onnx and out must not be NULL");
+  npu_status invalid = check_shapes(shapes, count);
+  if (invalid != NULL)
+    return invalid;
   npu_model *model = calloc(1, sizeof *model);
   if (model == NULL)
     return npu__error_default(NPU_ENOMEM, "out of memory");
   npu_reply reply;
-  npu_status status = send_load(client, device, onnx, size, &reply);
+  npu_status status = send_load(client, device, onnx, size, shapes, count, &reply);
   if (status == NULL) {
     status = take_load_result(model, &reply.result);
     npu__reply_free(&reply);

@@ -228,6 +228,7 @@ static void test_models(npu_client *client, const char *model_path, const void *
   for (uint32_t i = 0; i < ti->rank; i++)
     elements *= (uint64_t)ti->shape[i];
   CHECK(elements * 4 == ti->size, "the input's size is its shape's");
+  CHECK(ti->symbolic == 0 && ti->defaulted == 0, "a model with fixed dims declares none symbolic");
   CHECK(to->dtype == NPU_FLOAT32 && to->size > 0, "output %s", to->name);
   CHECK(npu_model_input(m, 1) == NULL && npu_model_output(m, 1) == NULL, "out of range is NULL");
 
@@ -421,6 +422,56 @@ static void test_failed_job(npu_client *client, npu_model *m) {
   io_close(&x);
 }
 
+/* Input shapes at load: a fixed model takes its own shape and refuses another; a model with a
+ * symbolic batch says the load set it to 1, and compiles for the batch given. */
+static void test_shaped(npu_client *client, const void *onnx, size_t size, const char *symbolic_path) {
+  npu_model *m = NULL;
+  OK(npu_model_load(client, 0, onnx, size, &m));
+  if (m == NULL)
+    return;
+  const npu_tensor_info *ti = npu_model_input(m, 0);
+  npu_input_shape own = {ti->name, ti->rank, ti->shape};
+  npu_model *same = NULL, *other = NULL;
+  OK(npu_model_load_shaped(client, 0, onnx, size, &own, 1, &same));
+  CHECK(same != NULL && memcmp(npu_model_input(same, 0)->shape, ti->shape, ti->rank * sizeof(int64_t)) == 0,
+        "a fixed model loads with its own shape given");
+  npu_status_free(npu_model_unload(same));
+  int64_t wrong[NPU_MAX_RANK];
+  memcpy(wrong, ti->shape, sizeof wrong);
+  wrong[ti->rank - 1] += 1;
+  npu_input_shape contradicting = {ti->name, ti->rank, wrong};
+  FAILS(npu_model_load_shaped(client, 0, onnx, size, &contradicting, 1, &other), NPU_EINVAL, false);
+  FAILS(npu_model_load_shaped(client, 0, onnx, size, NULL, 1, &other), NPU_EINVAL, false);
+  npu_input_shape zero = {ti->name, 0, ti->shape};
+  FAILS(npu_model_load_shaped(client, 0, onnx, size, &zero, 1, &other), NPU_EINVAL, false);
+  CHECK(other == NULL, "out untouched on failure");
+  OK(npu_model_unload(m));
+
+  size_t n = 0;
+  void *data = read_file(symbolic_path, &n);
+  CHECK(data != NULL, "read %s", symbolic_path);
+  if (data == NULL)
+    return;
+  npu_model *batch1 = NULL, *batch3 = NULL;
+  OK(npu_model_load(client, 0, data, n, &batch1));
+  if (batch1 != NULL) {
+    const npu_tensor_info *x = npu_model_input(batch1, 0);
+    CHECK(x->shape[0] == 1 && x->symbolic == 1u && x->defaulted == 1u, "the symbolic batch was set to 1, and "
+          "said so (shape[0] %lld, symbolic %#x, defaulted %#x)", (long long)x->shape[0], x->symbolic, x->defaulted);
+    int64_t dims[NPU_MAX_RANK];
+    memcpy(dims, x->shape, sizeof dims);
+    dims[0] = 3;
+    npu_input_shape three = {x->name, x->rank, dims};
+    OK(npu_model_load_shaped(client, 0, data, n, &three, 1, &batch3));
+    const npu_tensor_info *x3 = batch3 != NULL ? npu_model_input(batch3, 0) : NULL;
+    CHECK(x3 != NULL && x3->shape[0] == 3 && x3->symbolic == 1u && x3->defaulted == 0 &&
+          x3->size == 3 * x->size, "compiled for batch 3, nothing defaulted");
+    npu_status_free(npu_model_unload(batch3));
+    OK(npu_model_unload(batch1));
+  }
+  free(data);
+}
+
 static void test_big_model(npu_client *client, const char *path) {
   npu_model *m = NULL;
   size_t size = 0;
@@ -516,7 +567,8 @@ int main(int argc, char **argv) {
     return wait_through_death(argv[3]);
   }
   if (argc < 5) {
-    fprintf(stderr, "usage: test_libnpu ENDPOINT MODEL.onnx INPUT.raw OUTPUT.raw [BIG_MODEL.onnx]\n");
+    fprintf(stderr, "usage: test_libnpu ENDPOINT MODEL.onnx INPUT.raw OUTPUT.raw [BIG_MODEL.onnx "
+                    "[SYMBOLIC_BATCH_MODEL.onnx]]\n");
     return 2;
   }
   setvbuf(stdout, NULL, _IONBF, 0);   /* what failed is on record even if a check crashes */
@@ -546,6 +598,8 @@ int main(int argc, char **argv) {
   }
   if (argc > 5)
     test_big_model(client, argv[5]);
+  if (argc > 6)
+    test_shaped(client, onnx, size, argv[6]);
   npu_client_close(client);
   test_closed_client();
   free(onnx);

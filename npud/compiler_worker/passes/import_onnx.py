@@ -132,6 +132,9 @@ def import_model(model_bytes: bytes, options: dict) -> Graph:
         if o not in tensors:
             raise CompileError(f"malformed model: graph output {o!r} is produced by nothing")
     graph = Graph(nodes, tensors, inputs, outputs, opset, name=g.name or "model")
+    graph.meta["declared"] = {**{vi.name: declared_dims(vi, vi.name in overrides) for vi in g.input
+                                 if vi.name in inputs},
+                              **{vi.name: declared_dims(vi, True) for vi in g.output}}
     graph.toposort()
     graph.prune()
     return graph
@@ -217,6 +220,22 @@ def _renamed_graph(g: onnx.GraphProto, ren: dict) -> onnx.GraphProto:
 
 _PACKED_4BIT = {getattr(onnx.TensorProto, t) for t in ("INT4", "UINT4", "FLOAT4E2M1")
                 if hasattr(onnx.TensorProto, t)}
+
+
+def declared_dims(vi, sized: bool) -> dict:
+    """What the I/O table says of a graph input's or output's declared dimensions (protocol 1.7):
+    ``symbolic``, per dimension the name of a symbolic one (``?`` if unnamed) and ``""`` for a
+    fixed one; ``defaulted``, the symbolic dimensions this compile set to 1 because ``sized`` is
+    false (no ``input_shapes`` entry): a caller must be told, not left to think the model takes
+    any size.  Empty for a tensor whose every dimension is fixed (or whose shape is undeclared)."""
+    tt = vi.type.tensor_type
+    if not tt.HasField("shape"):
+        return {}
+    symbolic = ["" if d.HasField("dim_value") else (d.dim_param or "?")[:128] for d in tt.shape.dim]
+    if not any(symbolic):
+        return {}
+    defaulted = [] if sized else [i for i, name in enumerate(symbolic) if name]
+    return {"symbolic": symbolic, **({"defaulted": defaulted} if defaulted else {})}
 
 
 def _override(vi, shape: tuple[int, ...]) -> tuple[int, ...]:

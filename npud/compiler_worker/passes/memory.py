@@ -79,19 +79,20 @@ def run(ctx) -> None:
     wreg = region("weights", "weights", len(blob), False)
     areg = region("arena", "arena", arena_size, True)
     io_in, io_out = [], []
+    declared = ctx.graph.meta.get("declared", {})   # import_onnx.declared_dims, by graph input/output
     for name, pname in ctx.io["inputs"]:
         t = pt[pname]
         r = region(f"input:{name}", "input", t.nbytes, False, tensor=name)
         t.va = r["va"]
         io_in.append({"name": name, "dtype": io_dtype(ctx.graph.tensors[name].dtype), "shape": list(t.logical or t.shape),
-                      "va": r["va"], "size": t.nbytes})
+                      "va": r["va"], "size": t.nbytes, **declared.get(name, {})})
     for oname, pname in ctx.io["outputs"]:
         t = pt[root(pname)]
         r = region(f"output:{oname}", "output", t.nbytes, True, tensor=oname)
         t.va = r["va"]
         g = ctx.graph.tensors[oname]
         io_out.append({"name": oname, "dtype": io_dtype(g.dtype if g.const is None else g.const.dtype), "shape": list(pt[pname].logical or pt[pname].shape),
-                       "va": r["va"], "size": t.nbytes})
+                       "va": r["va"], "size": t.nbytes, **declared.get(oname, {})})
     for name, t in pt.items():
         r = root(name)
         rt = pt[r]
