@@ -12,6 +12,8 @@ Example (every key optional)::
     compile_workers = 2                # compiler worker processes
     compile_timeout_s = 120            # a compile taking longer fails and its worker is replaced
     compile_memory_bytes = "4GiB"      # each worker's address-space limit (RLIMIT_AS)
+    device_memory_fraction = 0.25      # a device whose params do not set memory_bytes gets this share of the
+                                       # host's RAM (MemTotal) if that is more than its preset's (0: the preset's)
 
     policy = "/etc/npud/policy.toml"   # who may connect, quotas, admins, CURVE keys (npud/policy.py)
     tcp_endpoint = "tcp://127.0.0.1:7787"  # off unless set; CURVE-only (needs [curve])
@@ -67,7 +69,7 @@ T = TypeVar("T")
 # The keys a config file may have: the top level, [curve] and each [[devices]] table ([limits] and
 # [scheduling] are the fields of Limits and Scheduling).  npud/manpages.py documents each of them.
 CONFIG_KEYS = ("endpoint", "log_level", "log_format", "shutdown_grace_s", "cache_dir", "cache_memory_bytes", "compile_workers",
-               "compile_timeout_s", "compile_memory_bytes", "policy", "tcp_endpoint", "limits", "scheduling",
+               "compile_timeout_s", "compile_memory_bytes", "device_memory_fraction", "policy", "tcp_endpoint", "limits", "scheduling",
                "curve", "devices")
 CURVE_KEYS = ("secret_key_file",)
 DEVICE_KEYS = ("name", "driver", "preset", "params")
@@ -127,6 +129,7 @@ class Config:
     compile_workers: int = 2
     compile_timeout_s: float = 120.0
     compile_memory_bytes: int = 4 << 30    # each worker's RLIMIT_AS
+    device_memory_fraction: float = 0.25   # of MemTotal, for devices without params.memory_bytes (device_params)
     scheduling: Scheduling = Scheduling()
     test_mode: bool = False                # `npud --test-mode`: fault injection (inject_fault) allowed
     policy: str = ""                       # policy file (npud/policy.py); "" = the default policy
@@ -187,6 +190,11 @@ def from_dict(data: dict[str, Any]) -> Config:
             raise ConfigError("compile_memory_bytes: at least 256MiB (a worker must load Python and onnx), "
                               "or 0 for no limit")
         config = replace(config, compile_memory_bytes=limit)
+    if "device_memory_fraction" in data:
+        share = data["device_memory_fraction"]
+        if type(share) not in (int, float) or not 0 <= share <= 1:
+            raise ConfigError(f"device_memory_fraction: expected a share of the host's RAM in [0, 1], got {share!r}")
+        config = replace(config, device_memory_fraction=float(share))
     if "limits" in data:
         config = replace(config, limits=_limits(data["limits"]))
     if "devices" in data:
@@ -308,6 +316,34 @@ def parse_devices(items: Any) -> tuple[DeviceSpec, ...]:
     if len({s.name for s in specs}) != len(specs):
         raise ConfigError("devices: device names must be unique")
     return tuple(specs)
+
+
+def host_memory_bytes(meminfo: str = "/proc/meminfo") -> int:
+    """The host's RAM (MemTotal), or 0 when it cannot be read."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def device_params(driver, spec: DeviceSpec, fraction: float, host_bytes: int | None = None):
+    """The parameters of the device ``spec`` describes.  Unless its params set memory_bytes, its
+    memory is sized from the machine: an integrated NPU shares system RAM (and npu-emu's device
+    memory is host memory), so a fixed preset size such as edge's 512 MiB refuses models (a VGG-19
+    is 575 MB of weights) that the host could hold.  It gets ``fraction`` of the host's MemTotal,
+    in whole pages, when that is more than its preset's; never less."""
+    params = driver.params(spec.preset, spec.params)
+    if "memory_bytes" in spec.params or not hasattr(params, "memory_bytes"):
+        return params
+    host = host_memory_bytes() if host_bytes is None else host_bytes
+    sized = int(host * fraction) // params.page_size * params.page_size
+    if sized <= params.memory_bytes:
+        return params
+    return driver.params(spec.preset, {**spec.params, "memory_bytes": sized})
 
 
 def load(path: str | Path | None) -> Config:

@@ -454,6 +454,7 @@ ZOO = {
     "tv densenet121 64px": (_tv("densenet121"), False),
     "tv alexnet 224px": (_tv("alexnet", 224), False),     # its adaptive pool needs 6x6 features
     "tv vgg11 224px": (_tv("vgg11", 224), False),
+    "tv vgg19 224px (weights over one buffer)": (_tv("vgg19", 224), False),   # 558 MB > 512 MiB: two weights buffers
     "tv mobilenet_v2 224px QDQ (issue 14's 8%)": (_q(_tv("mobilenet_v2", 224), "qdq"), False),
     "tv resnet18 64px QDQ": (_q(_tv("resnet18"), "qdq"), False),
     "tv mobilenet_v3_small 64px QDQ": (_q(_tv("mobilenet_v3_small"), "qdq"), False),
