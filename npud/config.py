@@ -19,8 +19,9 @@ Example (every key optional)::
     tcp_endpoint = "tcp://127.0.0.1:7787"  # off unless set; CURVE-only (needs [curve])
 
     [limits]
-    memory_quota = "1GiB"              # per session, bytes of buffer objects
-    max_buffer_bytes = "512MiB"        # one allocation
+    memory_quota = "2GiB"              # per session, bytes of buffer objects (a model being loaded
+                                       # counts twice: its bytes in a staging buffer, then its weights)
+    max_buffer_bytes = "1GiB"          # one allocation (a model's bytes are sent in one)
     max_sessions = 1024                # open at once, all users together
     admin_sessions = 16                # of max_sessions, kept for admins (who may kill_client)
     lease_ms = 10000                   # idle sessions without a companion socket expire
@@ -90,8 +91,10 @@ def parse_size(value: Any, key: str) -> int:
 
 @dataclass(frozen=True)
 class Limits:
-    memory_quota: int = 1 << 30
-    max_buffer_bytes: int = 512 << 20
+    # A model larger than max_inline_bytes is sent in one staging buffer that is held while its
+    # weights are loaded: these defaults let a VGG-19 (558-575 MB) load (docs/DEPLOY.md).
+    memory_quota: int = 2 << 30
+    max_buffer_bytes: int = 1 << 30
     max_sessions: int = 1024
     admin_sessions: int = 16     # of max_sessions, only admins may open (as Linux keeps pids for root)
     lease_ms: int = 10_000

@@ -121,8 +121,7 @@ class DeviceHost:
         self.uuid = device_uuid(name, index)
         self.config = config
         self.params = params or SchedulingParams()
-        self.memory = DeviceMemory(index, config.memory_bytes, config.page_size, fds=fds,
-                                   max_buffer=getattr(config, "max_buffer_bytes", None))
+        self.memory = DeviceMemory(index, config.memory_bytes, config.page_size, fds=fds)
         self.refs = BufferRefs(self.forget)   # every retain/release and session charge of its buffers
         # (executable, region) -> the read-only weights buffer its loads on this device share (npud/models.py);
         # an entry goes with its buffer, so a cached executable keeps no record of a released one.

@@ -81,9 +81,8 @@ class DeviceMemory:
     """Allocation and accounting of one device's memory."""
 
     def __init__(self, device: int, total: int, page_size: int, pool_bytes: int = 256 << 20,
-                 fds: FdBudget | None = None, max_buffer: int | None = None):
+                 fds: FdBudget | None = None):
         self.device = device
-        self.max_buffer = max_buffer   # the device's largest buffer object (None: no limit but total)
         self.fds = fds if fds is not None else FdBudget()  # shared by the daemon's devices
         self.fds.register(self)
         self.total = total
@@ -94,12 +93,8 @@ class DeviceMemory:
         self._pool_limit = pool_bytes
 
     def allocate(self, size: int) -> BufferObject:
-        """A zero-filled buffer of ``size`` bytes, or ENOMEM when the device is full (EINVAL when
-        it is larger than the device maps as one buffer)."""
+        """A zero-filled buffer of ``size`` bytes, or ENOMEM when the device is full."""
         mapped = round_up(size, self.page_size)
-        if self.max_buffer is not None and mapped > self.max_buffer:
-            raise RequestError(ErrorCode.EINVAL, f"device {self.device} maps buffers of at most {self.max_buffer} "
-                                                 f"bytes (its max_buffer_bytes); cannot allocate {mapped}")
         if self.used + mapped > self.total:
             raise RequestError(
                 ErrorCode.ENOMEM,

@@ -86,9 +86,6 @@ def test_daemon_loads_several_weights_buffers_and_shares_them(tmp_path):
             again = c.load(model)            # a second load shares every weights buffer
             np.testing.assert_allclose(again.run(feeds)[next(iter(ref))], ref[next(iter(ref))], rtol=1e-3, atol=1e-4)
             assert c.devices()[0].memory_used - used < m.weights_bytes
-            with pytest.raises(npu.NpuError) as refused:   # one client buffer over the device's limit
-                c.alloc(LIMIT + 4096)
-            assert refused.value.code == "EINVAL" and "max_buffer_bytes" in refused.value.message
     finally:
         d.stop()
 
