@@ -207,6 +207,11 @@ SUPPORT: dict[str, OpSupport] = {s.op: s for s in [
     OpSupport("Resize", "decomposed", 3, note="nearest/linear: Gathers with constant indices, "
               "constant weights (passes/decompose.py)"),
     OpSupport("LRN", "decomposed", 3, note="Mul, 1x1 Conv with a band matrix, Pow, Div"),
+    OpSupport("LSTM", "decomposed", 3, note="unrolled over time: MatMul/Add/Sigmoid/Tanh/Mul per step "
+              "(passes/recurrent.py); default activations, no clip, peepholes or input_forget"),
+    OpSupport("GRU", "decomposed", 3, note="unrolled over time (passes/recurrent.py); both "
+              "linear_before_reset forms; default activations, no clip"),
+    OpSupport("RNN", "decomposed", 3, note="unrolled over time (passes/recurrent.py); Tanh, no clip"),
     OpSupport("ConvTranspose", "decomposed", 3, note="1-D/2-D: zero insertion (data movement) + Conv"),
     OpSupport("Equal", "eltwise", 3, checks=(("float32 operands", _float_operands),),
               note="vbinary eq; the bool result is a 0/1 float32 mask"),

@@ -36,6 +36,8 @@ OPS = [
     # integer tensors and masks (int64/int32 are int32 on the device; lower_index.py)
     "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Not", "Mod", "CumSum", "IsNaN", "IsInf",
     "GatherElements", "Range", "If",
+    # recurrent layers, unrolled over time (passes/recurrent.py)
+    "LSTM", "GRU", "RNN",
     # quantised (int8/uint8 on the NPU's integer path)
     "QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
     "ConvInteger", "DynamicQuantizeLinear",

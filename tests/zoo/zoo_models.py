@@ -416,6 +416,30 @@ def torch_mlp() -> bytes:
     return f.getvalue()
 
 
+def torch_recurrent(kind: str = "LSTM", seq: int = 20) -> bytes:
+    """A speech-style tagger: a 2-layer bidirectional ``kind`` (LSTM/GRU) over 40 features,
+    batch_first, then a Linear per frame."""
+    import torch
+
+    class Tagger(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = getattr(torch.nn, kind)(40, 64, num_layers=2, bidirectional=True, batch_first=True)
+            self.out = torch.nn.Linear(128, 10)
+
+        def forward(self, x):
+            return self.out(self.rnn(x)[0])
+
+    torch.manual_seed(0)
+    f = io.BytesIO()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Tagger().eval(), torch.randn(2, seq, 40), f, dynamo=False, opset_version=14,
+                          input_names=["x"], output_names=["y"])
+    return f.getvalue()
+
+
 # --- the zoo ----------------------------------------------------------------------------------------
 
 def _tv(arch, size=64, **kw):
@@ -462,6 +486,8 @@ ZOO = {
     "tv resnet18 64px QOperator": (_q(_tv("resnet18"), "qop"), False),
     "tv mobilenet_v2 64px QOperator": (_q(_tv("mobilenet_v2"), "qop"), False),
     "torch MLP dynamic (quantize_dynamic)": (_q(torch_mlp, "dynamic"), False),
+    "torch LSTM 2-layer bidirectional (seq 20)": (lambda: torch_recurrent("LSTM"), False),
+    "torch GRU 2-layer bidirectional (seq 20)": (lambda: torch_recurrent("GRU"), False),
 }
 FAST = [name for name, (_, fast) in ZOO.items() if fast]
 

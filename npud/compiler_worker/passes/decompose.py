@@ -15,6 +15,8 @@ compile time.
   aliases).
 * ``Pad`` reflect/edge -> per padded axis a ``Concat`` of the input and one-element
   ``Slice``s of it (the mirrored or repeated border; data movement only).
+* ``LSTM``, ``GRU``, ``RNN`` -> unrolled over the (fixed) sequence: MatMul/Add/Sigmoid/Tanh/Mul
+  per time step (passes/recurrent.py).
 * ``LayerNormalization`` with its optional Mean/InvStdDev outputs -> the
   normalisation itself plus ``ReduceMean``/``Sub``/``Mul``/``ReduceMean``/
   ``Add``/``Sqrt``/``Reciprocal`` for the two statistics.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir import Node
+from . import recurrent
 
 
 def run(g) -> None:
@@ -35,10 +38,14 @@ def run(g) -> None:
             continue
         fn = {"Resize": _resize, "LRN": _lrn, "ConvTranspose": _conv_transpose_nd,
               "LayerNormalization": _layernorm_stats, "Conv": _conv1d, "QLinearConv": _qconv1d,
-              "Pad": _pad_border}.get(n.op)
+              "Pad": _pad_border, "LSTM": _recurrent, "GRU": _recurrent, "RNN": _recurrent}.get(n.op)
         out = fn(g, n) if fn else None
         new.extend([n] if out is None else out)
     g.nodes = new
+
+
+def _recurrent(g, n):
+    return recurrent.unroll(g, n, _B)
 
 
 def _s(v):

@@ -353,7 +353,7 @@ def check_node_schema(n: onnx.NodeProto, name: str, opset: int) -> None:
         p = schema.inputs[min(i, len(schema.inputs) - 1)]
         if not x and p.option != defs.OpSchema.FormalParameterOption.Optional:
             raise fail(f"input {i} ({p.name}) has an empty name, but {p.name} is required")
-    if n.output and not n.output[0]:
+    if n.output and not n.output[0] and schema.outputs[0].option != defs.OpSchema.FormalParameterOption.Optional:
         raise fail("output 0 has an empty name")
     given = {}
     for a in n.attribute:
