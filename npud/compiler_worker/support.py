@@ -204,8 +204,8 @@ SUPPORT: dict[str, OpSupport] = {s.op: s for s in [
     # group 3
     OpSupport("InstanceNormalization", "norm", 3, checks=(_rank(0, (4,)),), const_inputs=(1, 2)),
     OpSupport("Expand", "copy", 3),
-    OpSupport("Resize", "decomposed", 3, note="nearest/linear: Gathers with constant indices, "
-              "constant weights (passes/decompose.py)"),
+    OpSupport("Resize", "decomposed", 3, note="nearest/linear/cubic: Gathers with constant indices, "
+              "constant weights (passes/resize.py)"),
     OpSupport("LRN", "decomposed", 3, note="Mul, 1x1 Conv with a band matrix, Pow, Div"),
     OpSupport("LSTM", "decomposed", 3, note="unrolled over time: MatMul/Add/Sigmoid/Tanh/Mul per step "
               "(passes/recurrent.py); default activations, no clip, peepholes or input_forget"),
