@@ -13,6 +13,9 @@ compile time.
   flipped, transposed weights and padding ``dilation*(k-1) - pad``.
 * ``Conv`` and ``ConvTranspose`` 1-D -> 2-D ones with H = 1 (``Unsqueeze``/``Squeeze`` are
   aliases).
+* ``Conv``, ``MaxPool``, ``AveragePool`` 3-D -> 2-D ones over depth slices, summed or
+  combined over the depth window; global pools of other than 4-D inputs -> ReduceMean/Max
+  (passes/conv3d.py).
 * ``Pad`` reflect/edge -> per padded axis a ``Concat`` of the input and one-element
   ``Slice``s of it (the mirrored or repeated border; data movement only).
 * ``LSTM``, ``GRU``, ``RNN`` -> unrolled over the (fixed) sequence: MatMul/Add/Sigmoid/Tanh/Mul
@@ -27,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir import Node
-from . import recurrent, resize
+from . import conv3d, recurrent, resize
 
 
 def run(g) -> None:
@@ -38,10 +41,20 @@ def run(g) -> None:
             continue
         fn = {"Resize": _resize, "LRN": _lrn, "ConvTranspose": _conv_transpose_nd,
               "LayerNormalization": _layernorm_stats, "Conv": _conv1d, "QLinearConv": _qconv1d,
-              "Pad": _pad_border, "LSTM": _recurrent, "GRU": _recurrent, "RNN": _recurrent}.get(n.op)
+              "Pad": _pad_border, "LSTM": _recurrent, "GRU": _recurrent, "RNN": _recurrent,
+              "MaxPool": _pool3d, "AveragePool": _pool3d, "GlobalAveragePool": _global_pool,
+              "GlobalMaxPool": _global_pool}.get(n.op)
         out = fn(g, n) if fn else None
         new.extend([n] if out is None else out)
     g.nodes = new
+
+
+def _pool3d(g, n):
+    return conv3d.pool(g, n, _B)
+
+
+def _global_pool(g, n):
+    return conv3d.global_pool(g, n, _B)
 
 
 def _resize(g, n):
@@ -233,8 +246,11 @@ def _as_2d(g, n, w, make):
 
 
 def _conv1d(g, n):
-    """Conv 1-D (float, constant 3-D weights [O, I, K]) as a 2-D Conv over [N, C, 1, L]."""
+    """Conv 1-D (float, constant 3-D weights [O, I, K]) as a 2-D Conv over [N, C, 1, L]; 3-D
+    (5-D weights) as 2-D Convs over depth slices (passes/conv3d.py)."""
     w = g.const(n.input(1))
+    if w is not None and w.ndim == 5:
+        return conv3d.conv(g, n, _B)
     if w is None or w.ndim != 3:
         return None
     return _as_2d(g, n, w, lambda b, x4, y4, w4, a: [

@@ -136,20 +136,20 @@ def decompose(g, n, builder_cls):
         xo = source_coord(np.arange(outs[ax]), scales[ax], ins[ax], outs[ax], ctm)
         shape[ax] = outs[ax]
         dst = y if i == len(todo) - 1 else b.t(shape)
-        cur = _axis_pass(b, cur, dst, ax, shape, taps(xo, ins[ax], mode, a))
+        cur = gather_taps(b, cur, dst, ax, shape, taps(xo, ins[ax], mode, a))
     return b.nodes
 
 
-def _axis_pass(b, src, dst, ax, shape, tap_list):
-    """``dst`` = sum over taps of Gather(src, indices, axis) * weights (broadcast along ``ax``)."""
-    if len(tap_list) == 1 and tap_list[0][1] is None:
-        return b.op("Gather", [src, b.c(tap_list[0][0])], dst, axis=ax)
+def gather_taps(b, src, dst, ax, shape, tap_list, combine="Add"):
+    """``dst`` = ``combine`` (Add or Max) over taps of Gather(src, indices, axis ``ax``), each
+    times its weights (broadcast along ``ax``; None: no Mul).  ``shape`` is dst's shape."""
     bshape = [1] * len(shape)
     bshape[ax] = shape[ax]
     acc = None
     for k, (idx, w) in enumerate(tap_list):
-        gathered = b.op("Gather", [src, b.c(idx)], b.t(shape), axis=ax)
-        term = b.op("Mul", [gathered, b.c(w.reshape(bshape))], b.t(shape))
         last = k == len(tap_list) - 1
-        acc = term if acc is None else b.op("Add", [acc, term], dst if last else b.t(shape))
+        term = b.op("Gather", [src, b.c(idx)], dst if last and acc is None else b.t(shape), axis=ax)
+        if w is not None:
+            term = b.op("Mul", [term, b.c(w.reshape(bshape))], dst if last and acc is None else b.t(shape))
+        acc = term if acc is None else b.op(combine, [acc, term], dst if last else b.t(shape))
     return acc
