@@ -202,7 +202,10 @@ SUPPORT: dict[str, OpSupport] = {s.op: s for s in [
     OpSupport("GlobalMaxPool", "pool", 2, checks=(_rank(0, (4,)),)),
     OpSupport("LogSoftmax", "softmax", 2),
     # group 3
-    OpSupport("InstanceNormalization", "norm", 3, checks=(_rank(0, (4,)),), const_inputs=(1, 2)),
+    OpSupport("InstanceNormalization", "norm", 3, checks=(_rank(0, (4,)),), const_inputs=(1, 2),
+              note="other ranks: the 4-D form between Reshapes (passes/norms.py)"),
+    OpSupport("GroupNormalization", "decomposed", 3, note="InstanceNormalization over [N, G, 1, -1] and a "
+              "per-channel Mul/Add (passes/norms.py)"),
     OpSupport("Expand", "copy", 3),
     OpSupport("Resize", "decomposed", 3, note="nearest/linear/cubic: Gathers with constant indices, "
               "constant weights (passes/resize.py)"),

@@ -29,7 +29,7 @@ OPS = [
     "Reciprocal", "Neg", "Abs", "Exp", "Log", "Relu", "LeakyRelu", "Clip", "Sigmoid",
     "HardSigmoid", "HardSwish", "Tanh", "Erf", "Gelu", "Softmax", "LogSoftmax", "MaxPool",
     "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LRN", "BatchNormalization",
-    "LayerNormalization", "InstanceNormalization", "ReduceMean", "ReduceSum", "ReduceMax",
+    "LayerNormalization", "InstanceNormalization", "GroupNormalization", "ReduceMean", "ReduceSum", "ReduceMax",
     "ReduceMin", "Flatten", "Reshape", "Transpose", "Concat", "Split", "Slice", "Gather",
     "Squeeze", "Unsqueeze", "Expand", "Pad", "Resize", "Shape", "Constant", "ConstantOfShape",
     "Cast", "Identity", "Dropout", "Sum", "Where", "Equal", "Less", "Greater", "Min", "Max",

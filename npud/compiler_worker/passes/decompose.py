@@ -16,6 +16,8 @@ compile time.
 * ``Conv``, ``MaxPool``, ``AveragePool`` 3-D -> 2-D ones over depth slices, summed or
   combined over the depth window; global pools of other than 4-D inputs -> ReduceMean/Max
   (passes/conv3d.py).
+* ``InstanceNormalization`` of other than 4-D inputs and ``GroupNormalization`` -> the 4-D
+  InstanceNormalization between Reshapes (+ the per-channel affine) (passes/norms.py).
 * ``Pad`` reflect/edge -> per padded axis a ``Concat`` of the input and one-element
   ``Slice``s of it (the mirrored or repeated border; data movement only).
 * ``LSTM``, ``GRU``, ``RNN`` -> unrolled over the (fixed) sequence: MatMul/Add/Sigmoid/Tanh/Mul
@@ -30,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir import Node
-from . import conv3d, recurrent, resize
+from . import conv3d, norms, recurrent, resize
 
 
 def run(g) -> None:
@@ -43,7 +45,8 @@ def run(g) -> None:
               "LayerNormalization": _layernorm_stats, "Conv": _conv1d, "QLinearConv": _qconv1d,
               "Pad": _pad_border, "LSTM": _recurrent, "GRU": _recurrent, "RNN": _recurrent,
               "MaxPool": _pool3d, "AveragePool": _pool3d, "GlobalAveragePool": _global_pool,
-              "GlobalMaxPool": _global_pool}.get(n.op)
+              "GlobalMaxPool": _global_pool, "InstanceNormalization": _instance_norm,
+              "GroupNormalization": _group_norm}.get(n.op)
         out = fn(g, n) if fn else None
         new.extend([n] if out is None else out)
     g.nodes = new
@@ -51,6 +54,14 @@ def run(g) -> None:
 
 def _pool3d(g, n):
     return conv3d.pool(g, n, _B)
+
+
+def _instance_norm(g, n):
+    return norms.instance_norm(g, n, _B)
+
+
+def _group_norm(g, n):
+    return norms.group_norm(g, n, _B)
 
 
 def _global_pool(g, n):
