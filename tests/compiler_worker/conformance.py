@@ -238,7 +238,8 @@ nothing downloaded): torchvision architectures exported by `torch.onnx` (random 
 statistics recalibrated on random batches), the same quantised by `onnxruntime.quantization` (QDQ
 and QOperator static with a calibration reader, dynamic), `onnx.helper` equivalents of the onnx
 package's classic architectures at their shipped opset 9 (upgraded inside the compiler worker),
-and 1-D audio convolutions with reflect/edge padding.  Each is compiled for the default device
+1-D audio convolutions with reflect/edge padding, a 3-D video net and recurrent (LSTM/GRU)
+taggers.  Each is compiled for the default device
 (`edge`), run on the in-process emulator and compared with onnxruntime (one thread): fp32 within
 1e-3 of the output's largest magnitude, int8 within 3 quantisation steps and the same argmax.
 Times are the best of up to 3 runs (one for runs over a second; `Model.run` the best of 5 after a
@@ -248,8 +249,10 @@ preparation included); "npud Model.run" is what a user sees -- the model loaded 
 private daemon (one `edge` device) and run through the client library, IPC included;
 "modelled device" is the cycle model's time on `edge` (800 MHz); "onnxruntime" one thread.  The
 last line is the issue's measure: the geometric mean of Model.run / onnxruntime (goal <= 1.5x,
-no model worse than 3x).  An error code in the Model.run column is the daemon's refusal (ENOMEM:
-the weights do not fit the `edge` device's 512 MiB; issue 14, large models).
+no model worse than 3x).  An error code in the Model.run column is the daemon's refusal.  VGG-19's
+558 MB of weights are over `edge`'s 512 MiB buffer limit: they load as two buffers, on a device
+whose memory is sized from the machine (docs/DEPLOY.md).  The unrolled LSTM/GRU are thousands of
+small commands (about 6,800 for the LSTM), so the per-command cost dominates them.
 Every op of a compiled model runs on the NPU (no CPU fallback exists), so its MACs are all on the
 NPU.  `make test` runs the fast subset; reproduce the table with `make zoo`.
 
