@@ -252,7 +252,7 @@ last line is the issue's measure: the geometric mean of Model.run / onnxruntime 
 no model worse than 3x).  An error code in the Model.run column is the daemon's refusal.  VGG-19's
 558 MB of weights are over `edge`'s 512 MiB buffer limit: they load as two buffers, on a device
 whose memory is sized from the machine (docs/DEPLOY.md).  The unrolled LSTM/GRU are thousands of
-small commands (about 6,800 for the LSTM), so the per-command cost dominates them.
+small commands (about 6,100 for the LSTM), so the per-command cost dominates them.
 Every op of a compiled model runs on the NPU (no CPU fallback exists), so its MACs are all on the
 NPU.  `make test` runs the fast subset; reproduce the table with `make zoo`.
 

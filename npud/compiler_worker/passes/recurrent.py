@@ -161,6 +161,13 @@ class _Cell:
         self.wt = np.ascontiguousarray(w.T)      # [I, G*H]
         self.rt = np.ascontiguousarray(r.T)      # [H, G*H]
         self.xb = xb.astype(np.float32)
+        # Without peepholes, one Sigmoid over all four LSTM gates (fused into the recurrent
+        # MatMul) replaces four activations: the cell candidate's pre-activation is doubled
+        # here, in the weights and bias, and tanh(x) = 2 * sigmoid(2x) - 1 recovers it.
+        self.one_sigmoid = op == "LSTM" and peep is None
+        if self.one_sigmoid:
+            for m in (self.wt, self.rt, self.xb[None]):
+                m[:, 3 * hid:] *= 2
 
     def project(self, x):
         """X [T, B, I] @ W^T + bias -> [T, B, G*H]: every step's input projection at once."""
@@ -199,6 +206,13 @@ class _Cell:
         xt = b.op("Reshape", [xt], b.t((self.batch, gh)), shape=[self.batch, gh])
         if self.op == "RNN":
             return self._act("Tanh", self._add(xt, self._rec(h, 0, 1))), None
+        if self.op == "LSTM" and self.one_sigmoid:
+            gates = self._act("Sigmoid", self._add(xt, self._rec(h, 0, 4)))
+            i, o, f, cs = (self._cols(gates, k) for k in range(4))
+            cand = b.op("Sub", [b.op("Mul", [cs, b.c(np.float32(2))], b.t((self.batch, self.hid))),
+                                b.c(np.float32(1))], b.t((self.batch, self.hid)))
+            c_new = self._mul(i, cand) if c is None else self._add(self._mul(f, c), self._mul(i, cand))
+            return self._mul(o, self._act("Tanh", c_new)), c_new
         if self.op == "LSTM":
             gates = self._add(xt, self._rec(h, 0, 4))
             i = self._act("Sigmoid", self._peephole(self._cols(gates, 0), 0, c))
