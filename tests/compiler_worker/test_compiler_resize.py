@@ -38,6 +38,9 @@ TORCH_CASES = {
     "nearest_scale2": dict(scale_factor=2, mode="nearest"),
     "nearest_size": dict(size=(7, 13), mode="nearest"),
     "nearest_fractional_scale": dict(scale_factor=1.5, mode="nearest"),
+    # 8 * 2.3 is 18.4 and 6 * 2.3 13.8 either way; 10 * 2.3 is where ONNX's shape inference
+    # (22) and onnxruntime/torch (23) part: see test_output_size_as_onnxruntime_computes_it
+    "bilinear_scale_2_3": dict(scale_factor=2.3, mode="bilinear", align_corners=False),
     # (mode="nearest-exact" has no TorchScript export; its ONNX form, half_pixel with
     # round_prefer_ceil... is covered by test_nearest_modes)
     "bilinear_scale": dict(scale_factor=2, mode="bilinear", align_corners=False),
@@ -96,3 +99,12 @@ def test_linear_and_cubic(ctm, mode):
 @pytest.mark.parametrize("a,exclude", [(-0.5, 0), (-0.75, 1)])
 def test_cubic_coefficient_and_exclude_outside(a, exclude):
     check(*_onnx_resize("cubic", "half_pixel", scales=(1, 1, 0.8, 2.5), cubic_a=a, exclude_outside=exclude))
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_output_size_as_onnxruntime_computes_it(mode):
+    """torch's scale_factor=2.3 on 10 pixels: 23 in torch and onnxruntime, 22 by ONNX's shape
+    inference (float64 floor of 10 * 2.3f); the scale still sets the source coordinates."""
+    model, feeds = export((1, 2, 10, 10), scale_factor=2.3, mode=mode)
+    exe, _stats = check(model, feeds, atol=2e-4)
+    assert exe.outputs[0]["shape"] == [1, 2, 23, 23]

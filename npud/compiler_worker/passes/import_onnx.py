@@ -20,7 +20,7 @@ import onnx
 from onnx import defs, helper, numpy_helper, shape_inference
 
 from .. import external_data
-from . import qoperator, upgrade
+from . import qoperator, resize, upgrade
 from ..errors import CompileError
 from ..ir import Graph, Node, Tensor
 from ..numpy_ops import onnx_dtype_to_np
@@ -518,3 +518,5 @@ def infer(graph: Graph) -> None:
             t.dtype = _elem_type(tt.elem_type, f"tensor {vi.name!r}")
         if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
             t.shape = tuple(int(d.dim_value) for d in tt.shape.dim)
+    if resize.pin_output_sizes(graph):   # onnxruntime's Resize output sizes, not inference's
+        infer(graph)

@@ -87,9 +87,36 @@ def taps(xo, in_len, mode, attrs) -> list[tuple[np.ndarray, np.ndarray | None]]:
     return [(np.clip(p, 0, in_len - 1).astype(np.int64), c.astype(F)) for p, c in zip(pos, coeffs)]
 
 
-def _scales(n, ins, axes):
+PINNED = "resize_scales"   # graph.meta key: {node name: the scales a pinned Resize was given}
+
+
+def pin_output_sizes(g) -> bool:
+    """Give every Resize whose constant ``scales`` ONNX's shape inference turns into another
+    output size than onnxruntime and torch do the sizes they compute instead; True if any
+    changed (infer shapes again).  ONNX's inference floors ``in * scale`` in float64, where
+    onnxruntime truncates the float32 product: torch's ``scale_factor=2.3`` on 10 pixels is 23
+    pixels in torch and onnxruntime, 22 by inference.  The given scales are kept in
+    ``g.meta[PINNED]``: the source coordinates still use them, as onnxruntime does."""
+    changed = False
+    for n in g.nodes:
+        if n.op != "Resize" or n.domain not in ("", "ai.onnx") or len(n.inputs) < 3 or n.input(3):
+            continue
+        scales, xs, ys = g.const(n.input(2)), g.tensors[n.inputs[0]].shape, g.tensors[n.outputs[0]].shape
+        if scales is None or xs is None or ys is None or np.size(scales) != len(xs) or "axes" in n.attrs:
+            continue
+        sizes = [int(F(s) * F(d)) for s, d in zip(np.asarray(scales).reshape(-1), xs)]
+        if list(ys) != sizes:
+            g.meta.setdefault(PINNED, {})[n.name] = [float(F(s)) for s in np.asarray(scales).reshape(-1)]
+            n.inputs = [n.inputs[0], n.input(1), "", g.add_const(f"{n.name}/sizes", np.array(sizes, np.int64))]
+            changed = True
+    return changed
+
+
+def _scales(g, n, ins, axes):
     a = n.attrs
     scales = [1.0] * len(ins)
+    if n.name in g.meta.get(PINNED, {}):
+        return list(g.meta[PINNED][n.name])
     if a.get("scales"):
         for ax, s in zip(axes, a["scales"]):
             scales[ax] = float(F(s))
@@ -126,7 +153,7 @@ def decompose(g, n, builder_cls):
     if ins is None or outs is None:
         return None
     r = len(ins)
-    scales = _scales(n, ins, [ax % r for ax in a.get("axes", range(r))])
+    scales = _scales(g, n, ins, [ax % r for ax in a.get("axes", range(r))])
     b = builder_cls(g, n)
     todo = [ax for ax in range(r) if not (outs[ax] == ins[ax] and scales[ax] == 1.0)]
     if not todo:
