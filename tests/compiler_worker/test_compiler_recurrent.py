@@ -59,6 +59,8 @@ CASES = {
     "gru_2layers_batch_first": dict(kind="GRU", layers=2, batch_first=True),
     "gru_bidirectional_state": dict(kind="GRU", bidirectional=True, with_state=True),
     "rnn_tanh_bidirectional": dict(kind="RNN", bidirectional=True, with_state=True),
+    "lstm_one_step_odd_sizes": dict(kind="LSTM", seq=1, batch=1, inp=3, hidden=5, with_state=True),
+    "gru_odd_sizes": dict(kind="GRU", seq=7, batch=3, inp=5, hidden=13, bidirectional=True),
 }
 
 
