@@ -102,3 +102,13 @@ def test_device_memory_is_sized_from_the_machine_unless_configured():
     assert from_dict({"device_memory_fraction": 0.5}).device_memory_fraction == 0.5
     with pytest.raises(ValueError, match="device_memory_fraction"):
         from_dict({"device_memory_fraction": 2})
+
+
+def test_device_configs_written_before_the_buffer_limit_still_read():
+    """Executables' target_config and configs sent by an older daemon have no max_buffer_bytes:
+    they read as the default, and the limit must be page-aligned."""
+    from npud.emulator.config import DeviceConfig
+    old = {k: v for k, v in make_config("edge").to_dict().items() if k != "max_buffer_bytes"}
+    assert DeviceConfig.from_dict(old).max_buffer_bytes == 512 << 20
+    with pytest.raises(ValueError, match="max_buffer_bytes"):
+        make_config("edge", max_buffer_bytes=LIMIT + 1)
