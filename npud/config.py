@@ -12,13 +12,16 @@ Example (every key optional)::
     compile_workers = 2                # compiler worker processes
     compile_timeout_s = 120            # a compile taking longer fails and its worker is replaced
     compile_memory_bytes = "4GiB"      # each worker's address-space limit (RLIMIT_AS)
+    device_memory_fraction = 0.25      # a device whose params do not set memory_bytes gets this share of the
+                                       # host's RAM (MemTotal) if that is more than its preset's (0: the preset's)
 
     policy = "/etc/npud/policy.toml"   # who may connect, quotas, admins, CURVE keys (npud/policy.py)
     tcp_endpoint = "tcp://127.0.0.1:7787"  # off unless set; CURVE-only (needs [curve])
 
     [limits]
-    memory_quota = "1GiB"              # per session, bytes of buffer objects
-    max_buffer_bytes = "512MiB"        # one allocation
+    memory_quota = "2GiB"              # per session, bytes of buffer objects (a model being loaded
+                                       # counts twice: its bytes in a staging buffer, then its weights)
+    max_buffer_bytes = "1GiB"          # one allocation (a model's bytes are sent in one)
     max_sessions = 1024                # open at once, all users together
     admin_sessions = 16                # of max_sessions, kept for admins (who may kill_client)
     lease_ms = 10000                   # idle sessions without a companion socket expire
@@ -67,7 +70,7 @@ T = TypeVar("T")
 # The keys a config file may have: the top level, [curve] and each [[devices]] table ([limits] and
 # [scheduling] are the fields of Limits and Scheduling).  npud/manpages.py documents each of them.
 CONFIG_KEYS = ("endpoint", "log_level", "log_format", "shutdown_grace_s", "cache_dir", "cache_memory_bytes", "compile_workers",
-               "compile_timeout_s", "compile_memory_bytes", "policy", "tcp_endpoint", "limits", "scheduling",
+               "compile_timeout_s", "compile_memory_bytes", "device_memory_fraction", "policy", "tcp_endpoint", "limits", "scheduling",
                "curve", "devices")
 CURVE_KEYS = ("secret_key_file",)
 DEVICE_KEYS = ("name", "driver", "preset", "params")
@@ -88,8 +91,10 @@ def parse_size(value: Any, key: str) -> int:
 
 @dataclass(frozen=True)
 class Limits:
-    memory_quota: int = 1 << 30
-    max_buffer_bytes: int = 512 << 20
+    # A model larger than max_inline_bytes is sent in one staging buffer that is held while its
+    # weights are loaded: these defaults let a VGG-19 (558-575 MB) load (docs/DEPLOY.md).
+    memory_quota: int = 2 << 30
+    max_buffer_bytes: int = 1 << 30
     max_sessions: int = 1024
     admin_sessions: int = 16     # of max_sessions, only admins may open (as Linux keeps pids for root)
     lease_ms: int = 10_000
@@ -127,6 +132,7 @@ class Config:
     compile_workers: int = 2
     compile_timeout_s: float = 120.0
     compile_memory_bytes: int = 4 << 30    # each worker's RLIMIT_AS
+    device_memory_fraction: float = 0.25   # of MemTotal, for devices without params.memory_bytes (device_params)
     scheduling: Scheduling = Scheduling()
     test_mode: bool = False                # `npud --test-mode`: fault injection (inject_fault) allowed
     policy: str = ""                       # policy file (npud/policy.py); "" = the default policy
@@ -187,6 +193,11 @@ def from_dict(data: dict[str, Any]) -> Config:
             raise ConfigError("compile_memory_bytes: at least 256MiB (a worker must load Python and onnx), "
                               "or 0 for no limit")
         config = replace(config, compile_memory_bytes=limit)
+    if "device_memory_fraction" in data:
+        share = data["device_memory_fraction"]
+        if type(share) not in (int, float) or not 0 <= share <= 1:
+            raise ConfigError(f"device_memory_fraction: expected a share of the host's RAM in [0, 1], got {share!r}")
+        config = replace(config, device_memory_fraction=float(share))
     if "limits" in data:
         config = replace(config, limits=_limits(data["limits"]))
     if "devices" in data:
@@ -308,6 +319,34 @@ def parse_devices(items: Any) -> tuple[DeviceSpec, ...]:
     if len({s.name for s in specs}) != len(specs):
         raise ConfigError("devices: device names must be unique")
     return tuple(specs)
+
+
+def host_memory_bytes(meminfo: str = "/proc/meminfo") -> int:
+    """The host's RAM (MemTotal), or 0 when it cannot be read."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def device_params(driver, spec: DeviceSpec, fraction: float, host_bytes: int | None = None):
+    """The parameters of the device ``spec`` describes.  Unless its params set memory_bytes, its
+    memory is sized from the machine: an integrated NPU shares system RAM (and npu-emu's device
+    memory is host memory), so a fixed preset size such as edge's 512 MiB refuses models (a VGG-19
+    is 575 MB of weights) that the host could hold.  It gets ``fraction`` of the host's MemTotal,
+    in whole pages, when that is more than its preset's; never less."""
+    params = driver.params(spec.preset, spec.params)
+    if "memory_bytes" in spec.params or not hasattr(params, "memory_bytes"):
+        return params
+    host = host_memory_bytes() if host_bytes is None else host_bytes
+    sized = int(host * fraction) // params.page_size * params.page_size
+    if sized <= params.memory_bytes:
+        return params
+    return driver.params(spec.preset, {**spec.params, "memory_bytes": sized})
 
 
 def load(path: str | Path | None) -> Config:

@@ -131,7 +131,7 @@ class DeviceHost:
         self.params = params or SchedulingParams()
         self.memory = DeviceMemory(index, config.memory_bytes, config.page_size, fds=fds)
         self.refs = BufferRefs(self.forget)   # every retain/release and session charge of its buffers
-        # executable -> the read-only weights buffer its loads on this device share (npud/models.py);
+        # (executable, region) -> the read-only weights buffer its loads on this device share (npud/models.py);
         # an entry goes with its buffer, so a cached executable keeps no record of a released one.
         self.shared_weights: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self.hangs = 0

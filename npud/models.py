@@ -24,7 +24,7 @@ import numpy as np
 import trio
 
 from npud.drivers import Binding, DeviceParams, ProgramRejected
-from npud.executable import ExecutableFormatError
+from npud.executable import ExecutableFormatError, weights_part
 from npud.ipc_schema.errors import ErrorCode, RequestError
 
 from .compile_cache import CachedExecutable, CompileCache, cache_key, model_digest
@@ -382,30 +382,33 @@ def _validation_key(config: DeviceParams, mappings: list[Binding]) -> bytes:
 async def _fixed_buffers(device: "DeviceHost", exe: CachedExecutable, fixed_regions: list[dict]) -> list:
     """The weights and arena buffers of one load: (buffer, va, writable) each.
 
-    Weights are mapped read-only, so every load of one executable on a device shares one
-    buffer: a cache hit copies no weights.  (Each session is still charged for them.)  The
-    device's table of them refers to the buffers weakly: a released buffer leaves no record."""
+    Weights are mapped read-only, so every load of one executable on a device shares its weights
+    buffers (one per weights region: weights larger than the device's largest buffer object come
+    in several regions): a cache hit copies no weights.  (Each session is still charged for them.)
+    The device's table of them refers to the buffers weakly: a released buffer leaves no record."""
     fixed = []
     try:
         for r in fixed_regions:
             size = max(r["size"], 1)
+            shared = (exe, r["name"])
             if r["kind"] == "weights" and not r["writable"]:
-                bo = device.shared_weights.get(exe)
+                bo = device.shared_weights.get(shared)
                 if bo is not None and bo.refs > 0 and not bo.uncharged and bo.size == size:
                     fixed.append((device.refs.retain(bo), r["va"], False))
                     continue
             bo = device.memory.allocate(size)
             fixed.append((bo, r["va"], bool(r["writable"])))
             if r["kind"] == "weights":
-                weights = memoryview(exe.weights)
-                if len(weights) > bo.size:
-                    raise RequestError(ErrorCode.EIO, "the executable's weights exceed their region")
+                try:
+                    weights = weights_part(exe.weights, r)
+                except ValueError as exc:
+                    raise RequestError(ErrorCode.EIO, f"the executable's weights do not match its layout: {exc}") from None
                 if len(weights) >= HASH_IN_THREAD_BYTES:  # a ResNet-50 is 100 MB: not on the event loop
                     await trio.to_thread.run_sync(_copy_into, bo.view(), weights)
                 else:
                     bo.view()[: len(weights)] = weights
                 if not r["writable"]:
-                    device.shared_weights[exe] = bo
+                    device.shared_weights[shared] = bo
     except BaseException:
         for bo, _va, _w in fixed:
             device.refs.release(bo)

@@ -33,7 +33,7 @@ from npud.ipc_schema.trio_zmq import OwnedSocket
 
 from . import __version__, attach, auth, drivers, fences, handlers, systemd
 from . import policy as policy_mod
-from .config import Config
+from .config import Config, device_params
 from .devices import DeviceHost, SchedulingParams
 from .fds import FdBudget
 from .compile_cache import CompileCache, default_directory
@@ -138,7 +138,8 @@ class Daemon:
     def _device(self, index: int, spec, params: SchedulingParams) -> DeviceHost:
         """The host of one configured device, through its driver (loaded here, on first use)."""
         driver = drivers.driver(spec.driver)
-        return DeviceHost(index, spec.name, spec.preset, driver.params(spec.preset, spec.params),
+        return DeviceHost(index, spec.name, spec.preset,
+                          device_params(driver, spec, self.config.device_memory_fraction),
                           self._job_done, params, self.fds, driver)
 
     # --- lifecycle -------------------------------------------------------------------

@@ -72,7 +72,8 @@ PARAMETER_INPUTS: dict[str, tuple[int, ...]] = {
     "Range": (0, 1, 2), "If": (0,), "CumSum": (1,),
     # weights: the compiler folds them into the executable's weights blob
     "Conv": (1, 2), "ConvTranspose": (1, 2), "BatchNormalization": (1, 2, 3, 4),
-    "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2),
+    "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2), "GroupNormalization": (1, 2),
+    "LSTM": (1, 2, 3, 4, 7), "GRU": (1, 2, 3, 4), "RNN": (1, 2, 3, 4),
     # quantisation parameters (scales, zero points) and integer weights
     "QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2),
     "QLinearConv": (1, 2, 3, 4, 5, 6, 7, 8), "QLinearMatMul": (1, 2, 3, 4, 5, 6, 7),

@@ -16,7 +16,7 @@ from npud.emulator.config import DeviceConfig
 from npud.emulator.device import Device, JobStats
 from npud.emulator.validator import validate
 
-from npud.executable import Executable
+from npud.executable import Executable, weights_part
 
 
 class EmulatorSession:
@@ -37,7 +37,8 @@ class EmulatorSession:
             arr = np.frombuffer(buf, dtype=np.uint8)
             self.mem[r["name"]] = arr
             if r["kind"] == "weights":
-                arr[:len(exe.weights)] = np.frombuffer(exe.weights, dtype=np.uint8)
+                part = weights_part(exe.weights, r)
+                arr[:len(part)] = np.frombuffer(part, dtype=np.uint8)
             self.ctx.map(r["va"], arr, writable=bool(r["writable"]))
         self.program = validate(exe.stream, config, self.ctx.mappings())
 

@@ -205,11 +205,19 @@ SUPPORT: dict[str, OpSupport] = {s.op: s for s in [
     OpSupport("GlobalMaxPool", "pool", 2, checks=(_rank(0, (4,)),)),
     OpSupport("LogSoftmax", "softmax", 2),
     # group 3
-    OpSupport("InstanceNormalization", "norm", 3, checks=(_rank(0, (4,)),), const_inputs=(1, 2)),
+    OpSupport("InstanceNormalization", "norm", 3, checks=(_rank(0, (4,)),), const_inputs=(1, 2),
+              note="other ranks: the 4-D form between Reshapes (passes/norms.py)"),
+    OpSupport("GroupNormalization", "decomposed", 3, note="InstanceNormalization over [N, G, 1, -1] and a "
+              "per-channel Mul/Add (passes/norms.py)"),
     OpSupport("Expand", "copy", 3),
-    OpSupport("Resize", "decomposed", 3, note="nearest/linear: Gathers with constant indices, "
-              "constant weights (passes/decompose.py)"),
+    OpSupport("Resize", "decomposed", 3, note="nearest/linear/cubic: Gathers with constant indices, "
+              "constant weights (passes/resize.py)"),
     OpSupport("LRN", "decomposed", 3, note="Mul, 1x1 Conv with a band matrix, Pow, Div"),
+    OpSupport("LSTM", "decomposed", 3, note="unrolled over time: MatMul/Add/Sigmoid/Tanh/Mul per step "
+              "(passes/recurrent.py); default activations, no clip, peepholes or input_forget"),
+    OpSupport("GRU", "decomposed", 3, note="unrolled over time (passes/recurrent.py); both "
+              "linear_before_reset forms; default activations, no clip"),
+    OpSupport("RNN", "decomposed", 3, note="unrolled over time (passes/recurrent.py); Tanh, no clip"),
     OpSupport("ConvTranspose", "decomposed", 3, note="1-D/2-D: zero insertion (data movement) + Conv"),
     OpSupport("Equal", "eltwise", 3, checks=(("float32 operands", _float_operands),),
               note="vbinary eq; the bool result is a 0/1 float32 mask"),

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 MAC_DTYPES = ("int8", "fp16", "fp32")
 
 # Parameters that change what a compiled stream may do or how long it takes.
-# memory_bytes, hw_contexts and page_size are properties of how the daemon
+# memory_bytes, max_buffer_bytes, hw_contexts and page_size are properties of how the daemon
 # hosts the device, not of the stream, so they stay out of the target hash:
 # a stream compiled for "edge" runs on every device built from "edge".
 TARGET_KEYS = ("cores", "mac_rows", "mac_cols", "macs_per_cycle", "clock_mhz",
@@ -41,6 +41,9 @@ class DeviceConfig:
     memory_bytes: int
     page_size: int
     hw_contexts: int
+    # The largest buffer object the device maps (a DMA window, an IOMMU mapping): the compiler
+    # splits a model's weights into regions no larger, which the daemon loads as separate buffers.
+    max_buffer_bytes: int = 512 << 20
 
     def __post_init__(self) -> None:
         _check(self)
@@ -60,10 +63,11 @@ class DeviceConfig:
         unknown = sorted(set(map(str, d)) - set(names))
         if unknown:
             raise ValueError(f"unknown device config key(s): {', '.join(unknown)}")
-        missing = [n for n in names if n not in d]
+        optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        missing = [n for n in names if n not in d and n not in optional]
         if missing:
             raise ValueError(f"missing device config key(s): {', '.join(missing)}")
-        return cls(**{n: d[n] for n in names})
+        return cls(**{n: d[n] for n in names if n in d})
 
     def target_hash(self) -> bytes:
         """Stable 8-byte digest of the stream-relevant parameters."""
@@ -100,6 +104,10 @@ def _check(c: DeviceConfig) -> None:
     if c.page_size < 4096 or c.page_size & (c.page_size - 1):
         raise ValueError(f"device config page_size={c.page_size!r}: must be a power of two >= 4096")
     positive_int("hw_contexts", c.hw_contexts, 4096)
+    positive_int("max_buffer_bytes", c.max_buffer_bytes)
+    if c.max_buffer_bytes % c.page_size:
+        raise ValueError(f"device config max_buffer_bytes={c.max_buffer_bytes!r}: must be a multiple of "
+                         f"page_size ({c.page_size})")
     if not isinstance(c.macs_per_cycle, dict) or set(c.macs_per_cycle) != set(MAC_DTYPES):
         raise ValueError(f"device config macs_per_cycle={c.macs_per_cycle!r}: "
                          f"must be a dict with exactly the keys {', '.join(MAC_DTYPES)}")
@@ -121,7 +129,8 @@ PRESETS: dict[str, DeviceConfig] = {
         macs_per_cycle={"int8": 1024, "fp16": 512, "fp32": 256},
         clock_mhz=1500, sram_bytes=2 * 1024 * 1024,
         dma_bytes_per_cycle=64, dma_latency_cycles=200,
-        memory_bytes=4 * 1024 * 1024 * 1024, page_size=4096, hw_contexts=16),
+        memory_bytes=4 * 1024 * 1024 * 1024, page_size=4096, hw_contexts=16,
+        max_buffer_bytes=2 * 1024 * 1024 * 1024),
 }
 
 

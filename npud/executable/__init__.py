@@ -13,7 +13,8 @@ Layout (little-endian)::
     trailer  u8 digest[32] = BLAKE2b-256 of every byte before it
 
 Sections: ``STRM`` command stream (npu-emu binary, docs/ISA.md), ``WGHT``
-weights blob (float32, mapped read-only at the weights region's VA),
+weights blob (mapped read-only: each ``weights`` region maps the bytes
+``[offset, offset + size)`` of it, see :func:`weights_part`),
 ``IOTB`` I/O table (JSON), ``MEMO`` memory layout (JSON), ``RPRT`` per-op
 report (JSON), ``META`` compile metadata (JSON).  Field by field in
 docs/COMPILER.md.
@@ -259,6 +260,17 @@ class PackedExecutable:
 
     def to_bytes(self) -> bytes:
         return self.data
+
+
+def weights_part(weights, region: dict) -> memoryview:
+    """The bytes of the weights blob that a ``weights`` region maps: ``size`` bytes from its
+    ``offset`` (absent: 0, as executables with one weights region wrote it).  ValueError when
+    the range is not inside the blob (the daemon trusts no compiler's layout)."""
+    offset, size = region.get("offset", 0), region["size"]
+    if type(offset) is not int or type(size) is not int or not 0 <= offset <= offset + size <= len(weights):
+        raise ValueError(f"weights region {region.get('name')!r} maps bytes {offset}..{offset}+{size} "
+                         f"of a {len(weights)}-byte weights blob")
+    return memoryview(weights)[offset:offset + size]
 
 
 def _js(obj) -> bytes:

@@ -90,11 +90,14 @@ DEVICE_PARAMS = Struct("device_params", {
     "memory_bytes": F(U64, "device memory (the same as `memory_total`)"),
     "page_size": F(U32, "MMU page size: buffer sizes round up to it, binding addresses are multiples of it"),
     "hw_contexts": F(U32, "hardware contexts (address spaces) of a core", optional=True),
+    "max_buffer_bytes": F(U64, "the largest buffer object the device maps: the compiler cuts a "
+                               "model's weights into regions no larger", optional=True),
     "threads": F(U32, "the cpu driver's onnxruntime threads per device process", optional=True),
 }, doc="A device's parameters, as its driver reports them (docs/DRIVERS.md): `preset`, `cores`, `clock_mhz`, "
        "`memory_bytes` and `page_size` for every driver; the others are npu-emu's architecture "
        "(docs/ISA.md), where all but "
-       "`memory_bytes`, `page_size` and `hw_contexts` go into the target hash (below); `threads` is the "
+       "`memory_bytes`, `page_size`, `hw_contexts` and `max_buffer_bytes` go into the target hash (below); "
+       "`threads` is the "
        "cpu driver's.")
 
 DEVICE = Struct("device", {

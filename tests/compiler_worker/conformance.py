@@ -29,13 +29,15 @@ OPS = [
     "Reciprocal", "Neg", "Abs", "Exp", "Log", "Relu", "LeakyRelu", "Clip", "Sigmoid",
     "HardSigmoid", "HardSwish", "Tanh", "Erf", "Gelu", "Softmax", "LogSoftmax", "MaxPool",
     "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LRN", "BatchNormalization",
-    "LayerNormalization", "InstanceNormalization", "ReduceMean", "ReduceSum", "ReduceMax",
+    "LayerNormalization", "InstanceNormalization", "GroupNormalization", "ReduceMean", "ReduceSum", "ReduceMax",
     "ReduceMin", "Flatten", "Reshape", "Transpose", "Concat", "Split", "Slice", "Gather",
     "Squeeze", "Unsqueeze", "Expand", "Pad", "Resize", "Shape", "Constant", "ConstantOfShape",
     "Cast", "Identity", "Dropout", "Sum", "Where", "Equal", "Less", "Greater", "Min", "Max",
     # integer tensors and masks (int64/int32 are int32 on the device; lower_index.py)
     "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Not", "Mod", "CumSum", "IsNaN", "IsInf",
     "GatherElements", "Range", "If",
+    # recurrent layers, unrolled over time (passes/recurrent.py)
+    "LSTM", "GRU", "RNN",
     # quantised (int8/uint8 on the NPU's integer path)
     "QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
     "ConvInteger", "DynamicQuantizeLinear",
@@ -80,7 +82,8 @@ EXCLUDE: dict[str, str] = {
     r"test_training_dropout.*": "Dropout in training mode (random masks; inference only)",
     r"test_batchnorm_.*_training_mode": "BatchNormalization in training mode (inference only)",
     # geometry the engines do not have
-    r"test_(averagepool|maxpool)_(1d|3d)_.*": "1-D/3-D pooling (the pool engine is 2-D, NHWC)",
+    r"test_(averagepool|maxpool)_1d_.*": "1-D pooling (the pool engine is 2-D, NHWC)",
+    r"test_(averagepool|maxpool)_3d_dilations.*": "3-D pooling with dilations (pooling dilations are not supported)",
     r"test_convtranspose_3d": "3-D ConvTranspose (1-D and 2-D only)",
     r"test_(averagepool|maxpool)_2d_dilations": "dilated pooling (the pool engine has no dilation)",
     r"test_averagepool_2d_ceil_last_window_starts_on_pad":
@@ -88,7 +91,9 @@ EXCLUDE: dict[str, str] = {
     r"test_maxpool_with_argmax_.*": "MaxPool's Indices output",
     r"test_slice_neg_steps": "negative Slice steps (DMA strides are unsigned)",
     r"test_wrap_pad": "Pad mode wrap (constant, reflect and edge are supported)",
-    r"test_resize_.*cubic.*": "Resize mode cubic (nearest and linear only)",
+    r"test_resize_downsample_scales_(linear|cubic)_align_corners":
+        "align_corners with a non-integer input x scale (2.4 here): npud follows onnxruntime and "
+        "torch, dividing by the integer output length - 1; the ONNX reference divides by in x scale - 1",
     r"test_resize_.*antialias": "Resize with antialias",
     r"test_resize_tf_crop_and_resize.*": "Resize tf_crop_and_resize (roi, extrapolation)",
     r"test_if_(seq|opt)": "sequence and optional types (tensors only)",
@@ -233,7 +238,8 @@ nothing downloaded): torchvision architectures exported by `torch.onnx` (random 
 statistics recalibrated on random batches), the same quantised by `onnxruntime.quantization` (QDQ
 and QOperator static with a calibration reader, dynamic), `onnx.helper` equivalents of the onnx
 package's classic architectures at their shipped opset 9 (upgraded inside the compiler worker),
-and 1-D audio convolutions with reflect/edge padding.  Each is compiled for the default device
+1-D audio convolutions with reflect/edge padding, a 3-D video net and recurrent (LSTM/GRU)
+taggers.  Each is compiled for the default device
 (`edge`), run on the in-process emulator and compared with onnxruntime (one thread): fp32 within
 1e-3 of the output's largest magnitude, int8 within 3 quantisation steps and the same argmax.
 Times are the best of up to 3 runs (one for runs over a second; `Model.run` the best of 5 after a
@@ -243,8 +249,10 @@ preparation included); "npud Model.run" is what a user sees -- the model loaded 
 private daemon (one `edge` device) and run through the client library, IPC included;
 "modelled device" is the cycle model's time on `edge` (800 MHz); "onnxruntime" one thread.  The
 last line is the issue's measure: the geometric mean of Model.run / onnxruntime (goal <= 1.5x,
-no model worse than 3x).  An error code in the Model.run column is the daemon's refusal (ENOMEM:
-the weights do not fit the `edge` device's 512 MiB; issue 14, large models).
+no model worse than 3x).  An error code in the Model.run column is the daemon's refusal.  VGG-19's
+558 MB of weights are over `edge`'s 512 MiB buffer limit: they load as two buffers, on a device
+whose memory is sized from the machine (docs/DEPLOY.md).  The unrolled LSTM/GRU are thousands of
+small commands (about 6,100 for the LSTM), so the per-command cost dominates them.
 Every op of a compiled model runs on the NPU (no CPU fallback exists), so its MACs are all on the
 NPU.  `make test` runs the fast subset; reproduce the table with `make zoo`.
 

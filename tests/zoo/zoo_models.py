@@ -409,6 +409,56 @@ def torch_mlp() -> bytes:
     return f.getvalue()
 
 
+def torch_recurrent(kind: str = "LSTM", seq: int = 20) -> bytes:
+    """A speech-style tagger: a 2-layer bidirectional ``kind`` (LSTM/GRU) over 40 features,
+    batch_first, then a Linear per frame."""
+    import torch
+
+    class Tagger(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = getattr(torch.nn, kind)(40, 64, num_layers=2, bidirectional=True, batch_first=True)
+            self.out = torch.nn.Linear(128, 10)
+
+        def forward(self, x):
+            return self.out(self.rnn(x)[0])
+
+    torch.manual_seed(0)
+    f = io.BytesIO()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Tagger().eval(), torch.randn(2, seq, 40), f, dynamo=False, opset_version=14,
+                          input_names=["x"], output_names=["y"])
+    return f.getvalue()
+
+
+def torch_video() -> bytes:
+    """A C3D-style clip classifier (Conv3d/BatchNorm3d/ReLU, MaxPool3d, AdaptiveAvgPool3d, Linear)
+    over 8 frames of 32x32."""
+    import torch
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(
+        torch.nn.Conv3d(3, 16, 3, padding=1), torch.nn.BatchNorm3d(16), torch.nn.ReLU(),
+        torch.nn.MaxPool3d((1, 2, 2)),
+        torch.nn.Conv3d(16, 32, 3, padding=1), torch.nn.BatchNorm3d(32), torch.nn.ReLU(),
+        torch.nn.MaxPool3d(2),
+        torch.nn.Conv3d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.AvgPool3d(2),
+        torch.nn.AdaptiveAvgPool3d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10))
+    m.train()
+    with torch.no_grad():
+        m(torch.randn(2, 3, 8, 32, 32))     # BatchNorm statistics from a batch, as torchvision_model
+    m.eval()
+    f = io.BytesIO()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, torch.randn(1, 3, 8, 32, 32), f, dynamo=False, opset_version=13,
+                          input_names=["x"], output_names=["y"])
+    return f.getvalue()
+
+
 # --- the zoo ----------------------------------------------------------------------------------------
 
 def _tv(arch, size=64, **kw):
@@ -447,6 +497,7 @@ ZOO = {
     "tv densenet121 64px": (_tv("densenet121"), False),
     "tv alexnet 224px": (_tv("alexnet", 224), False),     # its adaptive pool needs 6x6 features
     "tv vgg11 224px": (_tv("vgg11", 224), False),
+    "tv vgg19 224px (weights over one buffer)": (_tv("vgg19", 224), False),   # 558 MB > 512 MiB: two weights buffers
     "tv mobilenet_v2 224px QDQ (issue 14's 8%)": (_q(_tv("mobilenet_v2", 224), "qdq"), False),
     "tv resnet18 64px QDQ": (_q(_tv("resnet18"), "qdq"), False),
     "tv mobilenet_v3_small 64px QDQ": (_q(_tv("mobilenet_v3_small"), "qdq"), False),
@@ -454,6 +505,9 @@ ZOO = {
     "tv resnet18 64px QOperator": (_q(_tv("resnet18"), "qop"), False),
     "tv mobilenet_v2 64px QOperator": (_q(_tv("mobilenet_v2"), "qop"), False),
     "torch MLP dynamic (quantize_dynamic)": (_q(torch_mlp, "dynamic"), False),
+    "torch video net Conv3d/MaxPool3d/AvgPool3d 8x32x32": (torch_video, False),
+    "torch LSTM 2-layer bidirectional (seq 20)": (lambda: torch_recurrent("LSTM"), False),
+    "torch GRU 2-layer bidirectional (seq 20)": (lambda: torch_recurrent("GRU"), False),
 }
 FAST = [name for name, (_, fast) in ZOO.items() if fast]
 

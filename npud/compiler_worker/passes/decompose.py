@@ -2,10 +2,10 @@
 simpler ops, with every table (indices, weights, band matrices) computed at
 compile time.
 
-* ``Resize`` (nearest, linear; 2 taps per axis) -> per resized axis a
-  ``Gather`` with constant indices (nearest), or two Gathers weighted by
-  constant per-position coefficients (``Mul``) and summed (``Add``): linear
-  interpolation is separable, so N-linear = one linear pass per axis.
+* ``Resize`` (nearest, linear, cubic) -> per resized axis a ``Gather`` with
+  constant indices (nearest), or 2 (linear) / 4 (cubic) Gathers weighted by
+  constant per-position coefficients (``Mul``) and summed (``Add``): the
+  interpolation is separable (passes/resize.py).
 * ``LRN`` -> ``x / (bias + alpha/size * sum_window(x^2))^beta``: the window sum
   over channels is a 1x1 ``Conv`` with a constant band matrix (on the MAC).
 * ``ConvTranspose`` (2-D) -> zero insertion (``Reshape``/``Pad``/``Reshape``/
@@ -13,8 +13,15 @@ compile time.
   flipped, transposed weights and padding ``dilation*(k-1) - pad``.
 * ``Conv`` and ``ConvTranspose`` 1-D -> 2-D ones with H = 1 (``Unsqueeze``/``Squeeze`` are
   aliases).
+* ``Conv``, ``MaxPool``, ``AveragePool`` 3-D -> 2-D ones over depth slices, summed or
+  combined over the depth window; global pools of other than 4-D inputs -> ReduceMean/Max
+  (passes/conv3d.py).
+* ``InstanceNormalization`` of other than 4-D inputs and ``GroupNormalization`` -> the 4-D
+  InstanceNormalization between Reshapes (+ the per-channel affine) (passes/norms.py).
 * ``Pad`` reflect/edge -> per padded axis a ``Concat`` of the input and one-element
   ``Slice``s of it (the mirrored or repeated border; data movement only).
+* ``LSTM``, ``GRU``, ``RNN`` -> unrolled over the (fixed) sequence: MatMul/Add/Sigmoid/Tanh/Mul
+  per time step (passes/recurrent.py).
 * ``LayerNormalization`` with its optional Mean/InvStdDev outputs -> the
   normalisation itself plus ``ReduceMean``/``Sub``/``Mul``/``ReduceMean``/
   ``Add``/``Sqrt``/``Reciprocal`` for the two statistics.
@@ -25,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir import Node
+from . import conv3d, norms, recurrent, resize
 
 
 def run(g) -> None:
@@ -35,10 +43,37 @@ def run(g) -> None:
             continue
         fn = {"Resize": _resize, "LRN": _lrn, "ConvTranspose": _conv_transpose_nd,
               "LayerNormalization": _layernorm_stats, "Conv": _conv1d, "QLinearConv": _qconv1d,
-              "Pad": _pad_border}.get(n.op)
+              "Pad": _pad_border, "LSTM": _recurrent, "GRU": _recurrent, "RNN": _recurrent,
+              "MaxPool": _pool3d, "AveragePool": _pool3d, "GlobalAveragePool": _global_pool,
+              "GlobalMaxPool": _global_pool, "InstanceNormalization": _instance_norm,
+              "GroupNormalization": _group_norm}.get(n.op)
         out = fn(g, n) if fn else None
         new.extend([n] if out is None else out)
     g.nodes = new
+
+
+def _pool3d(g, n):
+    return conv3d.pool(g, n, _B)
+
+
+def _instance_norm(g, n):
+    return norms.instance_norm(g, n, _B)
+
+
+def _group_norm(g, n):
+    return norms.group_norm(g, n, _B)
+
+
+def _global_pool(g, n):
+    return conv3d.global_pool(g, n, _B)
+
+
+def _resize(g, n):
+    return resize.decompose(g, n, _B)
+
+
+def _recurrent(g, n):
+    return recurrent.unroll(g, n, _B)
 
 
 def _s(v):
@@ -64,104 +99,6 @@ class _B:
         self.k += 1
         self.nodes.append(Node(f"{self.n.name}/{op}{self.k}", op, list(ins), [out], attrs))
         return out
-
-
-# --- Resize ---------------------------------------------------------------------------------
-def _src_coord(x, scale, in_len, out_len, mode):
-    if mode == "half_pixel":
-        return (x + 0.5) / scale - 0.5
-    if mode == "half_pixel_symmetric":
-        adj = out_len / (scale * in_len)
-        center = in_len / 2
-        return center * (1 - adj) + (x + 0.5) / scale - 0.5
-    if mode == "pytorch_half_pixel":
-        return (x + 0.5) / scale - 0.5 if out_len > 1 else np.zeros_like(x)
-    if mode == "align_corners":     # ONNX divides by the unrounded in_len * scale - 1
-        return x * (in_len - 1) / (in_len * scale - 1) if out_len > 1 else np.zeros_like(x)
-    if mode == "asymmetric":
-        return x / scale
-    if mode == "tf_half_pixel_for_nearest":
-        return (x + 0.5) / scale
-    raise ValueError(mode)
-
-
-def _nearest(xo, mode):
-    if mode == "round_prefer_floor":
-        return np.where(xo - np.floor(xo) == 0.5, np.floor(xo), np.round(xo))
-    if mode == "round_prefer_ceil":
-        return np.where(xo - np.floor(xo) == 0.5, np.ceil(xo), np.round(xo))
-    if mode == "floor":
-        return np.floor(xo)
-    if mode == "ceil":
-        return np.ceil(xo)
-    raise ValueError(mode)
-
-
-def _resize(g, n):
-    a = n.attrs
-    mode = _s(a.get("mode", "nearest"))
-    ctm = _s(a.get("coordinate_transformation_mode", "half_pixel"))
-    nmode = _s(a.get("nearest_mode", "round_prefer_floor"))
-    if mode not in ("nearest", "linear"):
-        raise n.fail(f"Resize mode {mode!r} is not supported (nearest, linear)")
-    if a.get("antialias", 0):
-        raise n.fail("Resize with antialias is not supported")
-    if ctm == "tf_crop_and_resize":
-        raise n.fail("Resize coordinate_transformation_mode 'tf_crop_and_resize' is not supported")
-    if a.get("_nonconst"):
-        return None      # legalisation reports the dynamic parameters
-    x, y = n.inputs[0], n.outputs[0]
-    ins, outs = g.tensors[x].shape, g.tensors[y].shape
-    if ins is None or outs is None:
-        return None
-    r = len(ins)
-    axes = [ax % r for ax in a.get("axes", range(r))]
-    scales = [1.0] * r
-    if a.get("scales"):
-        for ax, s in zip(axes, a["scales"]):
-            scales[ax] = float(s)
-    elif a.get("sizes"):
-        sizes = dict(zip(axes, a["sizes"]))
-        policy = _s(a.get("keep_aspect_ratio_policy", "stretch"))
-        ratios = {ax: sizes[ax] / ins[ax] for ax in axes}
-        if policy == "not_larger":
-            ratios = {ax: min(ratios.values()) for ax in axes}
-        elif policy == "not_smaller":
-            ratios = {ax: max(ratios.values()) for ax in axes}
-        for ax in axes:
-            scales[ax] = ratios[ax]
-    else:
-        raise n.fail("Resize needs scales or sizes")
-    b = _B(g, n)
-    cur, shape = x, list(ins)
-    todo = [ax for ax in range(r) if not (outs[ax] == ins[ax] and scales[ax] == 1.0)]
-    if not todo:
-        return [Node(n.name, "Identity", [x], [y])]
-    for i, ax in enumerate(todo):
-        in_len, out_len = ins[ax], outs[ax]
-        xo = _src_coord(np.arange(out_len, dtype=np.float64), scales[ax], in_len, out_len, ctm)
-        shape[ax] = out_len
-        last = i == len(todo) - 1
-        dst = y if last else b.t(shape)
-        if mode == "nearest":
-            idx = np.clip(_nearest(xo, nmode), 0, in_len - 1).astype(np.int64)
-            b.op("Gather", [cur, b.c(idx)], dst, axis=ax)
-        else:
-            i0 = np.floor(xo)
-            w1 = (xo - i0).astype(np.float32)
-            lo = np.clip(i0, 0, in_len - 1).astype(np.int64)
-            hi = np.clip(i0 + 1, 0, in_len - 1).astype(np.int64)
-            bshape = [1] * r
-            bshape[ax] = out_len
-            g0, g1 = b.t(shape), b.t(shape)
-            m0, m1 = b.t(shape), b.t(shape)
-            b.op("Gather", [cur, b.c(lo)], g0, axis=ax)
-            b.op("Gather", [cur, b.c(hi)], g1, axis=ax)
-            b.op("Mul", [g0, b.c((1 - w1).reshape(bshape))], m0)
-            b.op("Mul", [g1, b.c(w1.reshape(bshape))], m1)
-            b.op("Add", [m0, m1], dst)
-        cur = dst
-    return b.nodes
 
 
 # --- LRN --------------------------------------------------------------------------------------
@@ -320,8 +257,11 @@ def _as_2d(g, n, w, make):
 
 
 def _conv1d(g, n):
-    """Conv 1-D (float, constant 3-D weights [O, I, K]) as a 2-D Conv over [N, C, 1, L]."""
+    """Conv 1-D (float, constant 3-D weights [O, I, K]) as a 2-D Conv over [N, C, 1, L]; 3-D
+    (5-D weights) as 2-D Convs over depth slices (passes/conv3d.py)."""
     w = g.const(n.input(1))
+    if w is not None and w.ndim == 5:
+        return conv3d.conv(g, n, _B)
     if w is None or w.ndim != 3:
         return None
     return _as_2d(g, n, w, lambda b, x4, y4, w4, a: [

@@ -20,7 +20,7 @@ import onnx
 from onnx import defs, helper, numpy_helper, shape_inference
 
 from .. import external_data
-from . import qoperator, upgrade
+from . import qoperator, resize, upgrade
 from ..errors import CompileError
 from ..ir import Graph, Node, Tensor
 from ..numpy_ops import onnx_dtype_to_np
@@ -372,7 +372,7 @@ def check_node_schema(n: onnx.NodeProto, name: str, opset: int) -> None:
         p = schema.inputs[min(i, len(schema.inputs) - 1)]
         if not x and p.option != defs.OpSchema.FormalParameterOption.Optional:
             raise fail(f"input {i} ({p.name}) has an empty name, but {p.name} is required")
-    if n.output and not n.output[0]:
+    if n.output and not n.output[0] and schema.outputs[0].option != defs.OpSchema.FormalParameterOption.Optional:
         raise fail("output 0 has an empty name")
     given = {}
     for a in n.attribute:
@@ -537,3 +537,5 @@ def infer(graph: Graph) -> None:
             t.dtype = _elem_type(tt.elem_type, f"tensor {vi.name!r}")
         if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
             t.shape = tuple(int(d.dim_value) for d in tt.shape.dim)
+    if resize.pin_output_sizes(graph):   # onnxruntime's Resize output sizes, not inference's
+        infer(graph)

@@ -1,7 +1,8 @@
 """Pass 7: memory planning.
 
 Device memory of one job is a set of page-aligned regions: the weights blob
-(mapped read-only), the activation arena (read-write), one region per graph
+(mapped read-only; cut into several regions when it is larger than the
+device's largest buffer object, ``max_buffer_bytes``), the activation arena (read-write), one region per graph
 input (read-only) and one per graph output (read-write).  Arena tensors get
 offsets by liveness: a tensor is live from the first op that touches it to
 the last, aliases (Reshape, Flatten...) extend their root's lifetime, and
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import CompileError
 from ..lower_index import io_dtype
 
 BASE_VA = 0x10_0000
@@ -23,6 +25,39 @@ TENSOR_ALIGN = 64
 
 def _up(x, a):
     return -(-x // a) * a
+
+
+def _weights_region_name(index: int) -> str:
+    """The first weights region keeps its old name; the rest are numbered."""
+    return "weights" if index == 0 else f"weights:{index}"
+
+
+def _weights_blob(pt, limit: int) -> tuple[bytearray, dict, list[tuple[int, int]]]:
+    """Every constant laid out in one blob, cut into parts (byte ranges of the blob) no larger
+    than ``limit``, the device's largest buffer object: each part becomes a weights region of its
+    own, loaded as a buffer of its own.  Returns the blob, {tensor: (part, offset in the part)}
+    and the parts.  A single constant larger than ``limit`` cannot be split (one DMA reads it
+    from one region) and is a CompileError naming it."""
+    blob = bytearray()
+    woff = {}
+    parts = [[0, 0]]
+    for name, t in pt.items():
+        if t.kind != "const" or t.alias:
+            continue
+        data = t.const.astype(np.dtype(t.dtype).newbyteorder("<"), copy=False).tobytes()
+        if len(data) > limit:
+            raise CompileError(f"constant {name!r} is {len(data)} bytes, more than the device's largest "
+                               f"buffer object (max_buffer_bytes = {limit})")
+        start = parts[-1][0]
+        if len(blob) + len(data) - start > limit:
+            parts[-1][1] = len(blob)
+            parts.append([len(blob), len(blob)])
+            start = len(blob)
+        woff[name] = (len(parts) - 1, len(blob) - start)
+        blob += data
+        blob += bytes(_up(len(blob), TENSOR_ALIGN) - len(blob))
+    parts[-1][1] = len(blob)
+    return blob, woff, [(a, b) for a, b in parts]
 
 
 def run(ctx) -> None:
@@ -57,15 +92,7 @@ def run(ctx) -> None:
         placed.append((off, off + size, lo, hi))
     arena_size = max((e for _, e, _, _ in placed), default=0)
     naive = sum(_up(pt[r].nbytes, TENSOR_ALIGN) for r in items)
-    # weights blob
-    blob = bytearray()
-    woff = {}
-    for name, t in pt.items():
-        if t.kind == "const" and not t.alias:
-            woff[name] = len(blob)
-            data = t.const.astype(np.dtype(t.dtype).newbyteorder("<"), copy=False).tobytes()
-            blob += data
-            blob += bytes(_up(len(blob), TENSOR_ALIGN) - len(blob))
+    blob, woff, wparts = _weights_blob(pt, ctx.config.max_buffer_bytes)
     regions = []
     va = BASE_VA
 
@@ -76,7 +103,8 @@ def run(ctx) -> None:
         va = _up(va + max(size, 1), VA_ALIGN) + GUARD
         return r
 
-    wreg = region("weights", "weights", len(blob), False)
+    wregs = [region(_weights_region_name(i), "weights", end - start, False, offset=start)
+             for i, (start, end) in enumerate(wparts)]
     areg = region("arena", "arena", arena_size, True)
     io_in, io_out = [], []
     declared = ctx.graph.meta.get("declared", {})   # import_onnx.declared_dims, by graph input/output
@@ -97,7 +125,8 @@ def run(ctx) -> None:
         r = root(name)
         rt = pt[r]
         if rt.kind == "const":
-            rt.va = wreg["va"] + woff[r]
+            part, off = woff[r]
+            rt.va = wregs[part]["va"] + off
         elif rt.kind == "arena":
             rt.va = areg["va"] + offsets.get(r, 0)
         t.va = rt.va
