@@ -74,6 +74,8 @@ WORKER_REPLIES = {
         "tensors": F(MapOf(Struct("boundary_tensor", {
             "dtype": F(Str(16), "numpy dtype name"), "shape": F(Array(Int(0, 2**62), 64), "static shape")}),
             1 << 16), "the boundary tensors"),
+        "inputs": F(Array(_TEXT, 1 << 16), "the model's inputs that partitions read, in order"),
+        "outputs": F(Array(_TEXT, 1 << 16), "the model's outputs, in order"),
     }),
 }
 

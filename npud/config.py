@@ -12,6 +12,8 @@ Example (every key optional)::
     compile_workers = 2                # compiler worker processes
     compile_timeout_s = 120            # a compile taking longer fails and its worker is replaced
     compile_memory_bytes = "4GiB"      # each worker's address-space limit (RLIMIT_AS)
+    compile_fallback = "cpu"           # nodes the NPU target declines run on a cpu device ("none": refuse
+                                       # the model); a load's `fallback` option overrides it
 
     policy = "/etc/npud/policy.toml"   # who may connect, quotas, admins, CURVE keys (npud/policy.py)
     tcp_endpoint = "tcp://127.0.0.1:7787"  # off unless set; CURVE-only (needs [curve])
@@ -67,7 +69,7 @@ T = TypeVar("T")
 # The keys a config file may have: the top level, [curve] and each [[devices]] table ([limits] and
 # [scheduling] are the fields of Limits and Scheduling).  npud/manpages.py documents each of them.
 CONFIG_KEYS = ("endpoint", "log_level", "log_format", "shutdown_grace_s", "cache_dir", "cache_memory_bytes", "compile_workers",
-               "compile_timeout_s", "compile_memory_bytes", "policy", "tcp_endpoint", "limits", "scheduling",
+               "compile_timeout_s", "compile_memory_bytes", "compile_fallback", "policy", "tcp_endpoint", "limits", "scheduling",
                "curve", "devices")
 CURVE_KEYS = ("secret_key_file",)
 DEVICE_KEYS = ("name", "driver", "preset", "params")
@@ -127,6 +129,7 @@ class Config:
     compile_workers: int = 2
     compile_timeout_s: float = 120.0
     compile_memory_bytes: int = 4 << 30    # each worker's RLIMIT_AS
+    compile_fallback: str = "cpu"          # npud/hetero.py: "cpu" or "none"
     scheduling: Scheduling = Scheduling()
     test_mode: bool = False                # `npud --test-mode`: fault injection (inject_fault) allowed
     policy: str = ""                       # policy file (npud/policy.py); "" = the default policy
@@ -187,6 +190,10 @@ def from_dict(data: dict[str, Any]) -> Config:
             raise ConfigError("compile_memory_bytes: at least 256MiB (a worker must load Python and onnx), "
                               "or 0 for no limit")
         config = replace(config, compile_memory_bytes=limit)
+    if "compile_fallback" in data:
+        if data["compile_fallback"] not in ("cpu", "none"):
+            raise ConfigError(f"compile_fallback: expected \"cpu\" or \"none\", got {data['compile_fallback']!r}")
+        config = replace(config, compile_fallback=data["compile_fallback"])
     if "limits" in data:
         config = replace(config, limits=_limits(data["limits"]))
     if "devices" in data:

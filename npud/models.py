@@ -72,6 +72,7 @@ DECLARED_FIELDS = ("symbolic", "defaulted")   # what an I/O table entry says of 
 HASH_IN_THREAD_BYTES = 1 << 20
 PRESENTED_KEPT = 65536   # model digests remembered as sent (52 bytes each, allocated at start: 3.3 MiB)
 DIGEST_BYTES = 32
+PLANS_KEPT = 64   # partition plans kept in memory (each holds its submodels' bytes)
 
 
 class PresentedDigests:
@@ -181,6 +182,7 @@ class ModelLoader:
         # user run another's model (knowing a hash is not having the model).
         self._presented = PresentedDigests(PRESENTED_KEPT)
         self._storing: set[trio.Event] = set()
+        self._plans: dict[str, dict] = {}   # partition plans, least recently used first
 
     async def executable(self, model, options: dict, config: DeviceParams, digest: bytes | None = None,
                          private_copy=None, compile_faults: list | None = None, *,
@@ -282,6 +284,22 @@ class ModelLoader:
             exe = await trio.to_thread.run_sync(self.cache.get, key)
             if exe is not None or key not in self._in_flight:  # else one started while we read
                 return exe
+
+    async def partition(self, model: bytes, options: dict, config: DeviceParams, target: Target,
+                        fallback: str, digest: bytes | None = None) -> dict:
+        """The partition plan of a model the target declines nodes of (a compiler worker's
+        ``partition`` reply, npud/compiler_worker/partition.py), kept in memory by the model's
+        digest, options, device and compiler: a reload asks no worker."""
+        key = cache_key(model, {**options, "partition": fallback}, config, target.fingerprint(), digest)
+        plan = self._plans.pop(key, None)
+        if plan is None:
+            plan = raise_for(await self.pool.compile(
+                {"op": "partition", "model": model, "config": config.to_dict(), "options": options,
+                 "target": target.name, "fallback": fallback}))
+        self._plans[key] = plan   # most recently used last
+        while len(self._plans) > PLANS_KEPT:
+            del self._plans[next(iter(self._plans))]
+        return plan
 
     async def check(self, model: bytes, config: DeviceParams, target: Target) -> list[dict]:
         return raise_for(await self.pool.compile(

@@ -31,7 +31,7 @@ from npud.ipc_schema.errors import ErrorCode, ErrorInfo, RequestError
 from npud.ipc_schema.schema import HARD_FRAME_LIMIT, PROTOCOL_VERSION
 from npud.ipc_schema.trio_zmq import OwnedSocket
 
-from . import __version__, attach, auth, drivers, fences, handlers, systemd
+from . import __version__, attach, auth, drivers, fences, handlers, hetero, systemd
 from . import policy as policy_mod
 from .config import Config
 from .devices import DeviceHost, SchedulingParams
@@ -554,7 +554,7 @@ class Daemon:
             ErrorCode.ESHUTDOWN, "npud stopped before the job ran; submit it again once it is back")
             if self.stopping else ErrorInfo.of(ErrorCode.ECANCELED, "the session closed"))
         for model in session.models.values():
-            self.devices[model.device].unload_model(session, model)
+            hetero.unload(self, session, model)
         session.models.clear()
         for bo in session.buffers.values():
             self.devices[bo.device].refs.drop(session, bo)

@@ -175,7 +175,7 @@ def partition(model_bytes: bytes, support: list, options: dict | None, primary: 
     initialisers = {t.name: t for t in graph.initializer}
     if not refused:   # the primary target runs it all: nothing to cut
         return {"nodes": [_row(n, i, primary, "", types) for i, n in enumerate(nodes)], "partitions": [],
-                "tensors": {}}
+                "tensors": {}, "inputs": [], "outputs": []}
     constants = _constant_nodes(nodes, set(initialisers))
     placement = [fallback if node_name(n, i) in refused else primary for i, n in enumerate(nodes)]
     # A constant node goes with its consumers: each partition that reads one carries its own copy
@@ -215,7 +215,10 @@ def partition(model_bytes: bytes, support: list, options: dict | None, primary: 
     rows = [_row(n, i, placement[i], refused.get(node_name(n, i), ""), types) for i, n in enumerate(nodes)]
     tensors = {name: {"dtype": onnx.helper.tensor_dtype_to_np_dtype(elem).name, "shape": dims}
                for name, (elem, dims) in boundary.items()}
-    return {"nodes": rows, "partitions": out_parts, "tensors": tensors}
+    read = set().union(*reads)
+    return {"nodes": rows, "partitions": out_parts, "tensors": tensors,
+            "inputs": [v.name for v in graph.input if v.name in graph_inputs and v.name in read],
+            "outputs": [v.name for v in graph.output]}
 
 
 def _constants_read(reads: set[str], const_of: dict, nodes) -> set[int]:
