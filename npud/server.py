@@ -114,6 +114,8 @@ class Daemon:
                                   cores=sched.device_processes, test_mode=config.test_mode)
         self.fds = FdBudget()   # the devices' buffers share one count against the open-file limit
         self.devices = [self._device(i, spec, params) for i, spec in enumerate(config.devices)]
+        for device in self.devices:   # a heterogeneous model's buffers cross devices (npud/hetero.py)
+            device.peers = self.devices
         self.fence_tokens: dict[str, Job] = {}   # fence_export tokens (npud/fences.py)
         self.loader = ModelLoader(
             CompilerPool(config.compile_workers, config.compile_memory_bytes, config.compile_timeout_s,
