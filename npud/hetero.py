@@ -127,9 +127,9 @@ async def load(daemon, session, device, data: bytes, digest: bytes, options: dic
     (the whole model's compile error) is raised again if partitioning does not help.  Failed
     setup undoes everything: charges, buffers and programs."""
     plan = await daemon.loader.partition(data, options, device.config, device.target, "cpu", digest)
-    if not plan["partitions"]:
-        raise declined
     primary = device.target.name
+    if not any(r["target"] != primary for r in plan["nodes"]):   # declined for another reason
+        raise declined
     cpu = fallback_device(daemon, fallback)
     if cpu is None:
         why = ("the load asked for fallback = \"none\"" if fallback == "none" else
