@@ -146,7 +146,7 @@ async def load(daemon, session, device, data: bytes, digest: bytes, options: dic
                 part["model"], {"name": f"{options.get('name', 'model')}.part{i}"}, dev.config, target=dev.target)
             cached_all, total_ms = cached_all and cached, total_ms + ms
             parts.append(await instantiate(session, dev, exe, model_id, quota()))
-        _share_tensors(session, plan, parts, devices, shared, daemon)
+        _share_tensors(session, plan, parts, shared, daemon, quota())
         inputs = [_io(parts, name) for name in plan["inputs"]]
         outputs = [_io(parts, name) for name in plan["outputs"]]
     except BaseException:
@@ -177,25 +177,30 @@ def _io(parts: list[LoadedModel], name: str) -> dict:
             "region": min(r["size"] for _p, _e, r in found)}
 
 
-def _share_tensors(session, plan, parts, devices, shared, daemon) -> None:
+def _share_tensors(session, plan, parts, shared, daemon, quota: int) -> None:
     """A buffer object for each tensor that crosses between partitions, on its producer's device,
-    charged to the session; EIO if the partitions disagree on its size."""
+    charged to the session (EDQUOT past ``quota``); EIO if the partitions disagree on its size."""
     outputs = set(plan["outputs"])
-    for p, part in enumerate(parts):
-        for e in part.outputs:
-            if e["name"] in outputs or e["name"] in shared:
-                continue
-            dtype, shape = plan["tensors"][e["name"]]["dtype"], plan["tensors"][e["name"]]["shape"]
-            size = np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))
-            device = daemon.devices[part.device]
-            bo = device.memory.allocate(max(size, 1))
-            shared[e["name"]] = bo
-            device.refs.charge(session, bo)
-            for other, f, region in _entries(parts, e["name"]):
-                page = daemon.devices[other.device].config.page_size
-                if f["size"] > bo.size or bo.mapped_size > round_up(max(region["size"], 1), page):
-                    raise RequestError(ErrorCode.EIO, f"the partitions disagree on the size of tensor "
-                                                      f"{e['name']!r} ({f['size']} and {bo.size} bytes)")
+    crossing = {e["name"]: part for part in parts for e in part.outputs if e["name"] not in outputs}
+    sizes = {}
+    for name, part in crossing.items():
+        tensor = plan["tensors"][name]
+        sizes[name] = max(1, np.dtype(tensor["dtype"]).itemsize * int(np.prod(tensor["shape"], dtype=np.int64)))
+    charge = sum(round_up(size, daemon.devices[crossing[name].device].config.page_size)
+                 for name, size in sizes.items())
+    if session.memory + charge > quota:
+        raise RequestError(ErrorCode.EDQUOT, f"this model needs {charge} bytes of device memory for the tensors "
+                                             f"between its partitions; the session holds {session.memory} of "
+                                             f"its {quota}-byte quota")
+    for name, part in crossing.items():
+        device = daemon.devices[part.device]
+        bo = shared[name] = device.memory.allocate(sizes[name])
+        device.refs.charge(session, bo)
+        for other, entry, region in _entries(parts, name):
+            page = daemon.devices[other.device].config.page_size
+            if entry["size"] > bo.size or bo.mapped_size > round_up(max(region["size"], 1), page):
+                raise RequestError(ErrorCode.EIO, f"the partitions disagree on the size of tensor {name!r} "
+                                                  f"({entry['size']} and {bo.size} bytes)")
 
 
 def _undo(daemon, session, parts: list[LoadedModel], shared: dict[str, BufferObject]) -> None:

@@ -5,6 +5,8 @@ matched against onnxruntime running the whole model."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -15,6 +17,9 @@ from npu.local import LocalDaemon
 import hetero_models
 
 CONFIG = """
+[limits]
+memory_quota = "8MiB"
+
 [[devices]]
 name = "npu0"
 
@@ -28,7 +33,7 @@ driver = "cpu"
 def daemon(tmp_path_factory):
     path = tmp_path_factory.mktemp("hetero") / "npud.toml"
     path.write_text(CONFIG)
-    d = LocalDaemon("--config", str(path), "--cache-dir", str(path.parent / "cache"))
+    d = LocalDaemon("--config", str(path), "--cache-dir", str(path.parent / "cache"), "--test-mode")
     yield d
     d.stop()
 
@@ -86,10 +91,80 @@ def test_the_run_is_one_job_whose_stats_sum_its_partitions(daemon, models):
         m = c.load(models["topk"], device=0)
         job = m.submit(feeds)
         job.result(timeout=30)
-        stats = c.wait(job.id)["stats"] if hasattr(c, "wait") else job.stats
-    parts = stats["partitions"]
+    parts = job.stats["partitions"]
     assert [p["device"] for p in parts] == [0, 1, 0]
-    assert stats["cycles"] == sum(p["cycles"] for p in parts)
+    assert job.stats["cycles"] == sum(p["cycles"] for p in parts) and parts[-1]["job"] == job.id
+
+
+def test_runs_in_flight_at_once_each_get_their_own_results(daemon, models):
+    """Runs share the model's buffers between partitions: a run waits for the previous one's last
+    partition, so overlapping runs never see each other's intermediate tensors."""
+    model = models["topk"]
+    with npu.connect(daemon.endpoint) as c:
+        m = c.load(model, device=0)
+        feeds = [_feeds(model, seed) for seed in range(4)]
+        runs = [m.submit(f) for f in feeds]
+        got = [run.result(timeout=30) for run in runs]
+    for f, g in zip(feeds, got):
+        want = _want(model, f)
+        np.testing.assert_allclose(g["z"], want["z"], atol=1e-5, rtol=1e-5)
+
+
+def test_a_failing_partition_fails_the_run_with_its_error(daemon, models):
+    with npu.connect(daemon.endpoint) as c:
+        m = c.load(models["topk"], device=0)
+        c.inject_fault("crash", device=1)   # the cpu partition's device process dies under it
+        with pytest.raises(npu.NpuError) as info:
+            m.run(_feeds(models["topk"], 5))
+        assert info.value.code == "EIO" and "partition 2 of 3" in str(info.value)
+        feeds = _feeds(models["topk"], 5)
+        np.testing.assert_allclose(m.run(feeds)["z"], _want(models["topk"], feeds)["z"], atol=1e-5, rtol=1e-5)
+
+
+def test_cancelling_the_run_cancels_every_partition(daemon, models):
+    with npu.connect(daemon.endpoint) as c:
+        m = c.load(models["topk"], device=0)
+        c.inject_fault("slow", device=1, slow_ms=1500)
+        run = m.submit(_feeds(models["topk"], 6))
+        run.cancel()
+        with pytest.raises(npu.NpuError) as info:
+            run.result(timeout=30)
+        assert info.value.code == "ECANCELED"
+        assert m.run(_feeds(models["topk"], 6))   # the model still runs
+
+
+def test_a_run_past_its_deadline_fails_with_etime(daemon, models):
+    with npu.connect(daemon.endpoint) as c:
+        m = c.load(models["topk"], device=0)
+        c.inject_fault("slow", device=1, slow_ms=1000)
+        with pytest.raises(npu.NpuError) as info:
+            m.submit(_feeds(models["topk"], 7), deadline=0.3).result(timeout=30)
+        assert info.value.code == "ETIME"
+
+
+def _memory(c) -> int:
+    """The session's charged device memory, as `clients` reports it."""
+    return next(s for s in c.clients() if s["pid"] == os.getpid())["memory"]
+
+
+def test_a_load_that_fails_part_way_undoes_everything(daemon, models):
+    """Partitions instantiated before the failure are unloaded: nothing stays charged or allocated."""
+    with npu.connect(daemon.endpoint) as c:
+        base = _memory(c)
+        used = {d.index: d.info["memory_used"] for d in c.devices()}
+        m = c.load(models["topk"], device=0)
+        need = _memory(c) - base
+        m.unload()
+        quota = c.limits["memory_quota"]
+        filler = c.alloc(quota - base - need + 4096)   # room for all but the last page of the model
+        with pytest.raises(npu.NpuError) as info:
+            c.load(models["topk"], device=0)
+        assert info.value.code == "EDQUOT"
+        assert _memory(c) == base + filler.size + (-filler.size) % 4096
+        filler.free()
+        assert _memory(c) == base
+        assert {d.index: d.info["memory_used"] for d in c.devices()} == used
+        c.load(models["topk"], device=0).unload()
 
 
 def test_fallback_none_lists_the_declined_nodes_and_how_to_get_the_extra(daemon, models):
@@ -97,3 +172,14 @@ def test_fallback_none_lists_the_declined_nodes_and_how_to_get_the_extra(daemon,
         with pytest.raises(npu.NpuError, match=r"TopK '/TopK': operator TopK is not supported") as info:
             c.load(models["topk"], device=0, fallback="none")
         assert info.value.code == "EINVAL" and 'fallback = "none"' in str(info.value)
+
+
+def test_without_a_cpu_device_the_error_says_how_to_get_one(tmp_path, models):
+    d = LocalDaemon("--cache-dir", str(tmp_path / "cache"))
+    try:
+        with npu.connect(d.endpoint) as c:
+            with pytest.raises(npu.NpuError, match=r"TopK '/TopK'.*pip install 'npud\[cpu\]'.*driver = \"cpu\"") as info:
+                c.load(models["topk"], device=0)
+            assert info.value.code == "EINVAL"
+    finally:
+        d.stop()
