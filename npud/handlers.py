@@ -725,8 +725,11 @@ def _own_job(session, job_id: int, what: str) -> Job:
 @handler("cancel", touches=_the_job)
 def cancel(daemon, call, args):
     job = _own_job(call.session, args["job"], "cancel")
-    if job.state in ("queued", "running"):
-        fences.fail(daemon, job, ErrorInfo.of(ErrorCode.ECANCELED, f"job {job.id} was cancelled"))
+    error = ErrorInfo.of(ErrorCode.ECANCELED, f"job {job.id} was cancelled")
+    # A run of a heterogeneous model: the client knows its last job; every partition stops.
+    for part in [job, *(job.chain.jobs if getattr(job, "chain", None) is not None else ())]:
+        if part.state in ("queued", "running"):
+            fences.fail(daemon, part, error)
     return {"state": job.state}
 
 

@@ -124,12 +124,16 @@ def test_a_failing_partition_fails_the_run_with_its_error(daemon, models):
 def test_cancelling_the_run_cancels_every_partition(daemon, models):
     with npu.connect(daemon.endpoint) as c:
         m = c.load(models["topk"], device=0)
-        c.inject_fault("slow", device=1, slow_ms=1500)
+        c.inject_fault("slow", device=0, slow_ms=300, count=2)   # the first partition waits behind another run
+        first = m.submit(_feeds(models["topk"], 6))
         run = m.submit(_feeds(models["topk"], 6))
         run.cancel()
         with pytest.raises(npu.NpuError) as info:
             run.result(timeout=30)
         assert info.value.code == "ECANCELED"
+        first.result(timeout=30)
+        mine = [j for j in c._request("jobs", {})["jobs"] if j["pid"] == os.getpid() and first.id < j["job"] < run.id]
+        assert mine and all(j["state"] == "failed" for j in mine), mine   # none of its partitions ran
         assert m.run(_feeds(models["topk"], 6))   # the model still runs
 
 
