@@ -187,3 +187,15 @@ def test_without_a_cpu_device_the_error_says_how_to_get_one(tmp_path, models):
             assert info.value.code == "EINVAL"
     finally:
         d.stop()
+
+
+def test_npuctl_compile_shows_where_declined_nodes_run(capsys, daemon, models, tmp_path):
+    from npuctl.main import main as npuctl_main
+
+    path = tmp_path / "topk.onnx"
+    path.write_bytes(models["topk"])
+    capsys.readouterr()
+    assert npuctl_main(["--endpoint", daemon.endpoint, "compile", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "partitioned: 1 node(s) on other devices" in out and "of the MACs on device 0" in out
+    assert "TopK '/TopK' on device 1 (cpu): operator TopK is not supported" in out
