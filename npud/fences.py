@@ -45,7 +45,7 @@ def depend(daemon: "Daemon", job: "Job", deps: list["Job"]) -> ErrorInfo | None:
 
 def _cause(job: "Job", dep: "Job") -> ErrorInfo:
     err = dep.error
-    if job.chain is not None and job.chain is dep.chain:   # a partition of the same run: its error is the run's
+    if job.chain is not None and job.chain is getattr(dep, "chain", None):   # the same run's: its error is the run's
         return ErrorInfo.of(err.code, f"partition {job.chain.jobs.index(dep) + 1} of {len(job.chain.model.parts)} "
                                       f"(job {dep.id}, device {dep.device}) failed: {err.message}", err.retryable)
     what = f"job {dep.id} of session {dep.session_id}" if dep.session_id != job.session_id else f"job {dep.id}"

@@ -535,7 +535,12 @@ class _Declined(Exception):
 
 
 async def _compile_or_declined(daemon, data, digest, **kwargs):
-    """``loader.executable``, with a compile error (EINVAL) turned into ``_Declined``."""
+    """``loader.executable``, with a compile error (EINVAL) turned into ``_Declined`` -- at once for a
+    model already partitioned (a kept plan)."""
+    loader = daemon.loader
+    if loader.partitioned(data, kwargs["options"], kwargs["config"], kwargs["target"], hetero.PARTITIONER, digest):
+        raise _Declined(RequestError(ErrorCode.EINVAL, "compile error: the target declines nodes of the model"),
+                        data, digest)
     try:
         return await daemon.loader.executable(data, digest=digest, **kwargs)
     except RequestError as exc:
@@ -616,9 +621,9 @@ def run_model(daemon, call, args):
             feeds[entry["name"], kind] = bo
     if isinstance(model, hetero.HeteroModel):
         return _run_chain(daemon, session, model, {name: bo for (name, _k), bo in feeds.items()}, ctx, deps, args)
-    bindings = list(model.fixed) + [(bo, entry["va"], kind == "outputs") for kind, entries in
-                                    (("inputs", model.inputs), ("outputs", model.outputs))
-                                    for entry in entries for bo in (feeds[entry["name"], kind],)]
+    bindings = list(model.fixed) + [(feeds[entry["name"], kind], entry["va"], kind == "outputs")
+                                    for kind, entries in (("inputs", model.inputs), ("outputs", model.outputs))
+                                    for entry in entries]
     modeled = model.cycles / (device.config.clock_mhz * 1e6)
     return _queue_job(daemon, session, device, b"", bindings, model.program, model=model, ctx=ctx, deps=deps,
                       args=args, estimate_s=modeled)

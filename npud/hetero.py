@@ -36,7 +36,7 @@ from .models import LoadedModel, instantiate
 if TYPE_CHECKING:
     from .jobs import Job
 
-FALLBACKS = ("cpu", "none")
+PARTITIONER = "cpu"   # the fallback target partitions are planned for (a load's `fallback` only allows it)
 EXTRA_HINT = ("install the cpu extra (pip install 'npud[cpu]') and add a cpu device to npud's config "
               "([[devices]] name = \"cpu0\" driver = \"cpu\")")
 
@@ -126,7 +126,7 @@ async def load(daemon, session, device, data: bytes, digest: bytes, options: dic
     """(the heterogeneous model, every partition came from the cache, milliseconds); ``declined``
     (the whole model's compile error) is raised again if partitioning does not help.  Failed
     setup undoes everything: charges, buffers and programs."""
-    plan = await daemon.loader.partition(data, options, device.config, device.target, "cpu", digest)
+    plan = await daemon.loader.partition(data, options, device.config, device.target, PARTITIONER, digest)
     primary = device.target.name
     if not any(r["target"] != primary for r in plan["nodes"]):   # declined for another reason
         raise declined

@@ -69,6 +69,7 @@ def test_a_model_with_declined_nodes_runs_across_both_devices_and_matches_onnxru
         m = c.load(model, device=0)
         got = m.run(feeds)
         rep = m.report()
+        assert c.load(model, device=0).cached   # every partition from the compile cache, the plan kept
         after = {d.index: d.info["jobs_completed"] for d in c.devices()}
     for key, value in want.items():
         if atol:
@@ -199,3 +200,12 @@ def test_npuctl_compile_shows_where_declined_nodes_run(capsys, daemon, models, t
     out = capsys.readouterr().out
     assert "partitioned: 1 node(s) on other devices" in out and "of the MACs on device 0" in out
     assert "TopK '/TopK' on device 1 (cpu): operator TopK is not supported" in out
+
+
+def test_the_config_default_is_cpu_and_only_cpu_or_none_are_accepted():
+    from npud.config import ConfigError, from_dict
+
+    assert from_dict({}).compile_fallback == "cpu"
+    assert from_dict({"compile_fallback": "none"}).compile_fallback == "none"
+    with pytest.raises(ConfigError, match="compile_fallback"):
+        from_dict({"compile_fallback": "gpu"})
