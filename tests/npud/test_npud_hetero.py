@@ -209,3 +209,13 @@ def test_the_config_default_is_cpu_and_only_cpu_or_none_are_accepted():
     assert from_dict({"compile_fallback": "none"}).compile_fallback == "none"
     with pytest.raises(ConfigError, match="compile_fallback"):
         from_dict({"compile_fallback": "gpu"})
+
+
+def test_a_model_sent_in_a_buffer_is_partitioned_too(daemon, models):
+    """A model past max_inline_bytes travels in a buffer: the partitioner gets its own copy."""
+    feeds = _feeds(models["topk"], 8)
+    with npu.connect(daemon.endpoint) as c:
+        c.limits = {**c.limits, "max_inline_bytes": 1024}   # the client sends the model in a buffer
+        m = c.load(models["topk"], device=0, name="in-a-buffer")
+        np.testing.assert_allclose(m.run(feeds)["z"], _want(models["topk"], feeds)["z"], atol=1e-5, rtol=1e-5)
+        assert {r["device"] for r in m.report().placement} == {0, 1}
