@@ -76,7 +76,23 @@ def _tensor_types(inferred) -> dict:
         out[value.name] = (tensor.elem_type, None if dims is None or min(dims, default=0) < 0 else dims)
     for t in g.initializer:
         out[t.name] = (t.data_type, list(t.dims))
+    for node in g.node:
+        if node.op_type == "Loop":
+            _loop_carried(node, out)
     return out
+
+
+def _loop_carried(node, types: dict) -> None:
+    """Shapes ONNX's inference leaves out: a Loop's loop-carried outputs keep their initial value's
+    static shape when the body declares that same shape for them."""
+    body = next(a.g for a in node.attribute if a.name == "body")
+    for k, (initial, output) in enumerate(zip(node.input[2:], node.output)):
+        declared = body.output[k + 1].type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in declared.shape.dim]
+        elem, start = types.get(initial, (0, None))
+        if types.get(output, (0, None))[1] is None and start is not None and declared.HasField("shape") \
+                and dims == start:
+            types[output] = (elem, start)
 
 
 def _uses(node) -> set[str]:

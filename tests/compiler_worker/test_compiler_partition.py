@@ -4,6 +4,9 @@ order allows, each a self-contained ONNX submodel with static boundary tensors."
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -12,6 +15,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from npud.compiler_worker import partition, worker
 from npud.emulator.config import make_config
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "npud"))
+from hetero_models import loop_model  # noqa: E402
 
 CONFIG = make_config("edge").to_dict()
 
@@ -80,10 +86,11 @@ def test_fallback_takes_exactly_the_nodes_the_npu_target_declines():
         assert bool(row["reason"]) == (row["target"] == "cpu")
 
 
-def test_the_partitions_chained_compute_what_the_model_does():
-    model = diamond()
+@pytest.mark.parametrize("model", [diamond()])
+def test_the_partitions_chained_compute_what_the_model_does(model):
     plan = _plan(model)
-    x = np.random.default_rng(0).standard_normal((1, 8)).astype(np.float32)
+    shape = [d.dim_value or 1 for d in onnx.load_from_string(model).graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     tensors = {"x": x}
     for part in plan["partitions"]:
         session = ort.InferenceSession(part["model"], providers=["CPUExecutionProvider"])
@@ -135,3 +142,11 @@ def test_a_malformed_partition_request_is_an_error_reply_not_a_crash(request_, w
     request = {k: v for k, v in request.items() if v is not None}   # None: the field is missing
     reply = worker.handle(request)
     assert reply["ok"] is False and reply["error"]["code"] == "EINVAL" and why in reply["error"]["message"]
+
+
+def test_a_loop_runs_on_cpu_with_the_outer_tensors_its_body_reads():
+    model = loop_model()
+    plan = _plan(model)
+    assert [p["target"] for p in plan["partitions"]] == ["npu-emu", "cpu", "npu-emu"]
+    assert plan["partitions"][1]["inputs"] == ["r"]   # read only inside the Loop's body
+    test_the_partitions_chained_compute_what_the_model_does(model)

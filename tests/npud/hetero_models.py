@@ -1,6 +1,7 @@
 """Models made the way users make them, each with nodes npu-emu's target declines: exported from
 torch (TopK in the middle, torchvision's NonMaxSuppression) and quantised by onnxruntime's
-quantize_static with a float-only op left in the middle.  Shared by the heterogeneous tests."""
+quantize_static with a float-only op left in the middle; and a small Loop written with onnx's
+helpers.  Shared by the heterogeneous and partitioning tests."""
 
 from __future__ import annotations
 
@@ -101,3 +102,25 @@ def qdq_model(tmp_dir) -> bytes:
     quantize_static(str(float_path), str(qdq_path), Reader(), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
     return qdq_path.read_bytes()
+
+
+def loop_model() -> bytes:
+    """relu -> Loop (3 trips adding the relu's output, read from the outer scope inside the body)
+    -> relu: the Loop goes to cpu, and the tensor its body reads from outside crosses to it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def vi(name, shape, elem=TensorProto.FLOAT):
+        return helper.make_tensor_value_info(name, elem, shape)
+
+    body = helper.make_graph(
+        [helper.make_node("Add", ["acc_in", "r"], ["acc_out"], name="body_add"),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond")],
+        "body", [vi("i", [], TensorProto.INT64), vi("cond_in", [], TensorProto.BOOL), vi("acc_in", [1, 4])],
+        [vi("cond_out", [], TensorProto.BOOL), vi("acc_out", [1, 4])])
+    inits = [numpy_helper.from_array(np.array(3, np.int64), "trips"), numpy_helper.from_array(np.array(True), "cond"),
+             numpy_helper.from_array(np.zeros((1, 4), np.float32), "zero")]
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["r"], name="relu"),
+                               helper.make_node("Loop", ["trips", "cond", "zero"], ["acc"], name="loop", body=body),
+                               helper.make_node("Relu", ["acc"], ["y"], name="relu2")],
+                              "loop", [vi("x", [1, 4])], [vi("y", [1, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()

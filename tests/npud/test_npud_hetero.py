@@ -41,7 +41,8 @@ def daemon(tmp_path_factory):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("models")
-    return {"topk": hetero_models.topk_model(), "nms": hetero_models.nms_model(), "qdq": hetero_models.qdq_model(tmp)}
+    return {"topk": hetero_models.topk_model(), "nms": hetero_models.nms_model(), "qdq": hetero_models.qdq_model(tmp),
+            "loop": hetero_models.loop_model()}
 
 
 def _feeds(model: bytes, seed: int) -> dict:
@@ -58,7 +59,7 @@ def _want(model: bytes, feeds: dict) -> dict:
 
 @pytest.mark.parametrize("name, declined, atol", [("topk", {"TopK"}, 1e-5),
                                                   ("nms", {"NonMaxSuppression", "ScatterElements"}, 1e-5),
-                                                  ("qdq", {"Sin"}, 0.0)])
+                                                  ("qdq", {"Sin"}, 0.0), ("loop", {"Loop"}, 1e-6)])
 def test_a_model_with_declined_nodes_runs_across_both_devices_and_matches_onnxruntime(daemon, models, name,
                                                                                        declined, atol):
     model = models[name]
