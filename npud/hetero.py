@@ -142,19 +142,23 @@ async def load(daemon, session, device, data: bytes, digest: bytes, options: dic
     try:
         for i, part in enumerate(plan["partitions"]):
             dev = devices[part["target"]]
-            exe, cached, ms = await daemon.loader.executable(
-                part["model"], {"name": f"{options.get('name', 'model')}.part{i}"}, dev.config, target=dev.target)
+            named = {"name": f"{options['name']}.part{i}"} if "name" in options else {}
+            exe, cached, ms = await daemon.loader.executable(part["model"], named, dev.config, target=dev.target)
             cached_all, total_ms = cached_all and cached, total_ms + ms
             parts.append(await instantiate(session, dev, exe, model_id, quota()))
         _share_tensors(session, plan, parts, shared, daemon, quota())
         inputs = [_io(parts, name) for name in plan["inputs"]]
         outputs = [_io(parts, name) for name in plan["outputs"]]
-    except BaseException:
+        placement = [{**r, "device": devices[r["target"]].index} for r in plan["nodes"]]
+    except BaseException as exc:
         _undo(daemon, session, parts, shared)
+        if isinstance(exc, (KeyError, IndexError, TypeError, ValueError)):   # the worker's plan contradicts itself
+            raise RequestError(ErrorCode.EIO, f"the compiler worker's partition plan is inconsistent ({exc!r}); "
+                                              "retry, or report the model") from None
         raise
     regions = {f"{kind[:-1]}:{e['name']}": {"size": e.pop("region")} for kind, entries in
                (("inputs", inputs), ("outputs", outputs)) for e in entries}
-    placement = [{**r, "device": devices[r["target"]].index} for r in plan["nodes"]]
+    # the partitions' executables are named "<model>.part<i>" (the submodels' graph names)
     name = sys.intern(str(options.get("name") or parts[0].name.rsplit(".part", 1)[0])[:256])
     return (HeteroModel(model_id, device.index, parts, inputs, outputs, shared, placement, regions, name),
             cached_all, total_ms)

@@ -220,3 +220,29 @@ def test_a_model_sent_in_a_buffer_is_partitioned_too(daemon, models):
         m = c.load(models["topk"], device=0, name="in-a-buffer")
         np.testing.assert_allclose(m.run(feeds)["z"], _want(models["topk"], feeds)["z"], atol=1e-5, rtol=1e-5)
         assert {r["device"] for r in m.report().placement} == {0, 1}
+
+
+def test_an_inconsistent_partition_plan_fails_the_load_with_eio(monkeypatch):
+    """The worker's plan is checked like any compiler output: a plan naming a model input no
+    partition reads is EIO (not a daemon error), and nothing stays charged."""
+    import trio
+    from types import SimpleNamespace as NS
+
+    from npud import hetero
+    from npud.ipc_schema.errors import RequestError
+
+    async def partition(*args):
+        return {"nodes": [{"node": "t", "op": "TopK", "target": "cpu", "reason": "r", "macs": 0}],
+                "partitions": [], "tensors": {}, "inputs": ["nowhere"], "outputs": []}
+
+    cpu = NS(index=1, driver=NS(target="cpu"), target=NS(name="cpu"))
+    daemon = NS(loader=NS(partition=partition), devices=[cpu])
+    npu_device = NS(index=0, config=None, target=NS(name="npu-emu"))
+    session = NS(memory=0)
+
+    async def load():
+        with pytest.raises(RequestError) as info:
+            await hetero.load(daemon, session, npu_device, b"", b"", {}, "cpu", 1, lambda: 1 << 30, None)
+        return info.value.info
+    err = trio.run(load)
+    assert err.code.value == "EIO" and "inconsistent" in err.message and session.memory == 0
