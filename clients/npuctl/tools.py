@@ -131,7 +131,7 @@ def compile_text(r: dict) -> str:
 
 def placement_text(r: dict) -> str:
     """Which nodes of a heterogeneous model run off the device it was loaded for, and why."""
-    away = [p for p in r["placement"] if p["device"] != r["device"] and p["op"] != "Constant"]
+    away = [p for p in r["placement"] if p["device"] != r["device"] and "constants" not in p["reason"]]
     lines = [f"    {p['op']} {p['node']!r} on device {p['device']} ({p['target']}): {p['reason']}" for p in away]
     return "\n".join([f"  partitioned: {len(away)} node(s) on other devices, {r['npu_macs_share']:.1%} of the MACs "
                       f"on device {r['device']}", *lines])

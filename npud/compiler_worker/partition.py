@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from .errors import CompileError
 
+CONSTANT_REASON = "computes only from constants: copied into the partition that reads it"
 RANDOM_OPS = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
               "Bernoulli")
 MAC_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "ConvInteger", "MatMulInteger", "QLinearConv",
@@ -210,6 +211,8 @@ def partition(model_bytes: bytes, support: list, options: dict | None, primary: 
     needs = [_constants_read(r, const_of, nodes) for r in reads]
     for i in constants:   # placed with their first consumer, for the report
         placement[i] = next((parts[p].target for p, need in enumerate(needs) if i in need), primary)
+        if placement[i] != primary:
+            refused.setdefault(node_name(nodes[i], i), CONSTANT_REASON)
     graph_inputs = {v.name for v in graph.input if v.name not in initialisers}
     graph_outputs = {v.name for v in graph.output}
     out_parts, boundary = [], {}

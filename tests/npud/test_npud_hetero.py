@@ -81,8 +81,12 @@ def test_a_model_with_declined_nodes_runs_across_both_devices_and_matches_onnxru
     placement = rep.placement
     on_cpu = {r["op"] for r in placement if r["device"] == 1}
     assert declined <= on_cpu
-    # fallback never takes a node the NPU target supports: every node on cpu has the NPU's reason
-    assert all(r["reason"] for r in placement if r["device"] == 1 and r["op"] != "Constant")
+    # fallback never takes a node the NPU target supports: every node on cpu is one `check` names
+    # (or a constant its partition reads), and every node on the NPU has no reason against it
+    with npu.connect(daemon.endpoint) as c:
+        problems = {p["node"] for p in c.check(model, device=0)}
+    assert {r["node"] for r in placement if r["device"] == 1 and "constants" not in r["reason"]} <= problems
+    assert all(r["reason"] for r in placement if r["device"] == 1)
     assert all(not r["reason"] for r in placement if r["device"] == 0)
     assert 0.0 < rep.npu_macs_share <= 1.0 and "placement:" in str(rep)
 
