@@ -250,3 +250,20 @@ def test_an_inconsistent_partition_plan_fails_the_load_with_eio(monkeypatch):
         return info.value.info
     err = trio.run(load)
     assert err.code.value == "EIO" and "inconsistent" in err.message and session.memory == 0
+
+
+def test_outputs_a_cpu_partition_writes_land_in_the_clients_buffers(daemon):
+    """The last partition on cpu writes the model's outputs straight into the client's buffers,
+    which live on the NPU device: the cpu device's process maps them too."""
+    from test_npud_cpu_driver import topk_model
+
+    model = topk_model()
+    feeds = {"x": np.random.default_rng(9).standard_normal((4, 16)).astype(np.float32)}
+    with npu.connect(daemon.endpoint) as c:
+        m = c.load(model, device=0, input_shapes={"x": [4, 16]})
+        run = m.submit(feeds)
+        got = run.result(timeout=30)
+    assert [p["device"] for p in run.stats["partitions"]] == [0, 1]
+    want = _want(model, feeds)
+    np.testing.assert_array_equal(got["values"], want["values"])
+    np.testing.assert_array_equal(got["indices"], want["indices"])
