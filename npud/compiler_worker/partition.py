@@ -154,19 +154,27 @@ def group(nodes, placement: list[str], primary: str) -> list[Partition]:
             if o:
                 producer[o] = i
     preds = [{producer[u] for u in _uses(n) if u in producer} for n in nodes]
-    placed: set[int] = set()
+    succs: list[list[int]] = [[] for _ in nodes]
+    for i, p in enumerate(preds):
+        for j in p:
+            succs[j].append(i)
+    missing = [len(p) for p in preds]
+    ready: dict[str, list[int]] = {t: [] for t in placement}
+    for i, m in enumerate(missing):
+        if m == 0:
+            ready[placement[i]].append(i)
     partitions: list[Partition] = []
-    while len(placed) < len(nodes):
-        ready = [i for i in range(len(nodes)) if i not in placed and preds[i] <= placed]
-        targets = {placement[i] for i in ready}
-        current = primary if primary in targets else sorted(targets)[0]
+    while any(ready.values()):
+        current = primary if ready.get(primary) else min(t for t, r in ready.items() if r)
         part = Partition(current)
-        frontier = [i for i in ready if placement[i] == current]
-        while frontier:   # take ready nodes of this target until none is left
-            part.nodes += frontier
-            placed.update(frontier)
-            frontier = [i for i in range(len(nodes)) if i not in placed and placement[i] == current
-                        and preds[i] <= placed]
+        queue, ready[current] = ready[current], []
+        while queue:   # every node of this target that becomes ready joins it (Kahn's order)
+            i = queue.pop()
+            part.nodes.append(i)
+            for j in succs[i]:
+                missing[j] -= 1
+                if missing[j] == 0:
+                    (queue if placement[j] == current else ready[placement[j]]).append(j)
         part.nodes.sort()
         partitions.append(part)
     return partitions
@@ -182,7 +190,6 @@ def partition(model_bytes: bytes, support: list, options: dict | None, primary: 
     every boundary tensor.  A boundary tensor whose shape is data-dependent is a CompileError
     naming it (the daemon sizes every buffer at load)."""
     import onnx
-    from onnx import helper
 
     proto, inferred = fix_shapes(model_bytes, (options or {}).get("input_shapes"))
     types = _tensor_types(inferred)
@@ -223,14 +230,10 @@ def partition(model_bytes: bytes, support: list, options: dict | None, primary: 
         for name in inputs + outputs:
             boundary[name] = _static(name, types)
         used = reads[p].union(*(_uses(nodes[i]) for i in needs[p]))
-        sub = helper.make_graph(
-            [nodes[i] for i in sorted(needs[p]) + part.nodes], f"{graph.name or 'model'}.part{p}",
-            [helper.make_tensor_value_info(n, *boundary[n]) for n in inputs],
-            [helper.make_tensor_value_info(n, *boundary[n]) for n in outputs],
-            [initialisers[u] for u in sorted(used) if u in initialisers])
-        submodel = helper.make_model(sub, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
-        out_parts.append({"target": part.target, "model": submodel.SerializeToString(),
-                          "inputs": inputs, "outputs": outputs})
+        out_parts.append({"target": part.target, "inputs": inputs, "outputs": outputs,
+                          "model": _submodel(proto, [nodes[i] for i in sorted(needs[p]) + part.nodes], p,
+                                             inputs, outputs, boundary,
+                                             [initialisers[u] for u in sorted(used) if u in initialisers])})
     rows = [_row(n, i, placement[i], refused.get(node_name(n, i), ""), types) for i, n in enumerate(nodes)]
     tensors = {name: {"dtype": onnx.helper.tensor_dtype_to_np_dtype(elem).name, "shape": dims}
                for name, (elem, dims) in boundary.items()}
@@ -238,6 +241,19 @@ def partition(model_bytes: bytes, support: list, options: dict | None, primary: 
     return {"nodes": rows, "partitions": out_parts, "tensors": tensors,
             "inputs": [v.name for v in graph.input if v.name in graph_inputs and v.name in read],
             "outputs": [v.name for v in graph.output]}
+
+
+def _submodel(proto, nodes: list, index: int, inputs: list[str], outputs: list[str], boundary: dict,
+              initialisers: list) -> bytes:
+    """One partition as an ONNX model of its own: its nodes (constants first), the initialisers they
+    read, and its boundary tensors as typed, static-shaped inputs and outputs."""
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, f"{proto.graph.name or 'model'}.part{index}",
+                              [helper.make_tensor_value_info(n, *boundary[n]) for n in inputs],
+                              [helper.make_tensor_value_info(n, *boundary[n]) for n in outputs], initialisers)
+    return helper.make_model(graph, opset_imports=list(proto.opset_import),
+                             ir_version=proto.ir_version).SerializeToString()
 
 
 def _constants_read(reads: set[str], const_of: dict, nodes) -> set[int]:
