@@ -29,7 +29,6 @@ import numpy as np
 
 from npud.ipc_schema.errors import ErrorCode, RequestError
 
-from .compilers import raise_for
 from .memory import BufferObject, round_up
 from .models import LoadedModel, instantiate
 
