@@ -76,6 +76,11 @@ WORKER_REPLIES = {
             1 << 16), "the boundary tensors"),
         "inputs": F(Array(_TEXT, 1 << 16), "the model's inputs that partitions read, in order"),
         "outputs": F(Array(_TEXT, 1 << 16), "the model's outputs, in order"),
+        "declared": F(MapOf(Struct("declared_dims", {
+            "symbolic": F(Array(Str(128), 64), "per dimension: a symbolic one's name, or empty"),
+            "defaulted": F(Array(Int(0, 63), 64), "the symbolic dimensions set to 1", optional=True)}), 1 << 16),
+            "what the model declares of its inputs' and outputs' dimensions (those with symbolic ones)",
+            optional=True),
     }),
 }
 

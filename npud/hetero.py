@@ -30,7 +30,7 @@ import numpy as np
 from npud.ipc_schema.errors import ErrorCode, RequestError
 
 from .memory import BufferObject, round_up
-from .models import LoadedModel, instantiate
+from .models import LoadedModel, instantiate, tensor_info
 
 if TYPE_CHECKING:
     from .jobs import Job
@@ -62,11 +62,8 @@ class HeteroModel:
 
     def info(self, cached: bool, compile_ms: float) -> dict:
         infos = [part.info(cached, compile_ms) for part in self.parts]
-
-        def tensor(e):
-            return {"name": e["name"], "dtype": e["dtype"], "shape": list(e["shape"]), "size": e["size"]}
-        return {"model": self.id, "inputs": [tensor(e) for e in self.inputs],
-                "outputs": [tensor(e) for e in self.outputs], "cached": cached, "compile_ms": compile_ms,
+        return {"model": self.id, "inputs": [tensor_info(e) for e in self.inputs],
+                "outputs": [tensor_info(e) for e in self.outputs], "cached": cached, "compile_ms": compile_ms,
                 "weights_bytes": sum(i["weights_bytes"] for i in infos),
                 "arena_bytes": sum(i["arena_bytes"] for i in infos)
                 + sum(bo.mapped_size for bo in self.shared.values())}
@@ -146,8 +143,9 @@ async def load(daemon, session, device, data: bytes, digest: bytes, options: dic
             cached_all, total_ms = cached_all and cached, total_ms + ms
             parts.append(await instantiate(session, dev, exe, model_id, quota()))
         _share_tensors(session, plan, parts, shared, daemon, quota())
-        inputs = [_io(parts, name) for name in plan["inputs"]]
-        outputs = [_io(parts, name) for name in plan["outputs"]]
+        declared = plan.get("declared", {})   # the model's symbolic dimensions (the partitions' are fixed)
+        inputs = [{**_io(parts, name), **declared.get(name, {})} for name in plan["inputs"]]
+        outputs = [{**_io(parts, name), **declared.get(name, {})} for name in plan["outputs"]]
         placement = [{**r, "device": devices[r["target"]].index} for r in plan["nodes"]]
     except BaseException as exc:
         _undo(daemon, session, parts, shared)

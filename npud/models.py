@@ -57,14 +57,17 @@ class LoadedModel:
     name: str = ""
 
     def info(self, cached: bool, compile_ms: float) -> dict:
-        def tensor(e):
-            return {"name": e["name"], "dtype": e["dtype"], "shape": list(e["shape"]), "size": e["size"],
-                    **{k: list(e[k]) for k in DECLARED_FIELDS if k in e}}
         weights = sum(bo.mapped_size for bo, _va, w in self.fixed if not w)
         arena = sum(bo.mapped_size for bo, _va, w in self.fixed if w)
-        return {"model": self.id, "inputs": [tensor(e) for e in self.inputs],
-                "outputs": [tensor(e) for e in self.outputs], "cached": cached,
+        return {"model": self.id, "inputs": [tensor_info(e) for e in self.inputs],
+                "outputs": [tensor_info(e) for e in self.outputs], "cached": cached,
                 "compile_ms": compile_ms, "weights_bytes": weights, "arena_bytes": arena}
+
+
+def tensor_info(e: dict) -> dict:
+    """An I/O table entry as a load's reply lists it (TENSOR_INFO)."""
+    return {"name": e["name"], "dtype": e["dtype"], "shape": list(e["shape"]), "size": e["size"],
+            **{k: list(e[k]) for k in DECLARED_FIELDS if k in e}}
 
 
 log = logging.getLogger("npud.models")

@@ -39,9 +39,12 @@ def node_name(node, index: int) -> str:
 
 
 def fix_shapes(model_bytes: bytes, input_shapes: dict | None):
-    """(the model with its input shapes fixed, the same shape-inferred): symbolic dimensions take
-    ``input_shapes`` or 1."""
+    """(the model with its input shapes fixed, the same shape-inferred, what the model declares of
+    its inputs' and outputs' dimensions (``import_onnx.declared_dims``, by name)): symbolic
+    dimensions take ``input_shapes`` or 1."""
     import onnx
+
+    from .passes.import_onnx import declared_dims
 
     try:
         proto = onnx.load_from_string(bytes(model_bytes))
@@ -49,6 +52,8 @@ def fix_shapes(model_bytes: bytes, input_shapes: dict | None):
         raise CompileError(f"malformed model: {exc}") from None
     given = input_shapes or {}
     initialisers = {t.name for t in proto.graph.initializer}
+    declared = {**{v.name: declared_dims(v, v.name in given) for v in proto.graph.input if v.name not in initialisers},
+                **{v.name: declared_dims(v, True) for v in proto.graph.output}}
     for value in proto.graph.input:
         if value.name in initialisers:
             continue
@@ -63,7 +68,7 @@ def fix_shapes(model_bytes: bytes, input_shapes: dict | None):
         inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception as exc:
         raise CompileError(f"shape inference failed: {exc}") from None
-    return proto, inferred
+    return proto, inferred, declared
 
 
 def _tensor_types(inferred) -> dict:
@@ -191,7 +196,7 @@ def partition(model_bytes: bytes, support: list, options: dict | None, primary: 
     naming it (the daemon sizes every buffer at load)."""
     import onnx
 
-    proto, inferred = fix_shapes(model_bytes, (options or {}).get("input_shapes"))
+    proto, inferred, _declared = fix_shapes(model_bytes, (options or {}).get("input_shapes"))
     types = _tensor_types(inferred)
     graph = proto.graph
     refused = {s.node: s.reason for s in support if not s.supported}
@@ -288,7 +293,8 @@ def plan(request: dict) -> dict:
     from npud import targets
 
     options = request.get("options") or {}
-    proto, _inferred = fix_shapes(request["model"], options.get("input_shapes"))
+    proto, _inferred, declared = fix_shapes(request["model"], options.get("input_shapes"))
     fixed = proto.SerializeToString()
     support = targets.target(request["target"]).support(fixed, request["config"])
-    return partition(fixed, support, options, request["target"], request["fallback"])
+    plan = partition(fixed, support, options, request["target"], request["fallback"])
+    return {**plan, "declared": {name: declared[name] for name in plan["inputs"] + plan["outputs"] if declared[name]}}

@@ -61,6 +61,8 @@ def test_nodes_group_into_as_few_partitions_as_a_topological_order_allows():
     assert {n.name for n in first.graph.node} == {"relu", "sigmoid", "slice"}
     assert plan["tensors"]["r"] == {"dtype": "float32", "shape": [3, 8]}   # fixed by input_shapes
     assert plan["inputs"] == ["x"] and plan["outputs"] == ["y"]
+    assert plan["declared"] == {"x": {"symbolic": ["n", ""]}}   # sized by input_shapes: not defaulted
+    assert _plan(diamond())["declared"]["x"] == {"symbolic": ["n", ""], "defaulted": [0]}
 
 
 def test_independent_declined_nodes_share_one_cpu_partition():

@@ -267,3 +267,15 @@ def test_outputs_a_cpu_partition_writes_land_in_the_clients_buffers(daemon):
     want = _want(model, feeds)
     np.testing.assert_array_equal(got["values"], want["values"])
     np.testing.assert_array_equal(got["indices"], want["indices"])
+
+
+def test_a_symbolic_dimension_is_reported_as_defaulted_as_for_a_one_device_model(daemon):
+    """The partitions are compiled with fixed shapes; the model's own inputs still say which of
+    their dimensions were symbolic and set to 1 (protocol 1.7), as a one-device load does."""
+    from test_npud_cpu_driver import topk_model
+
+    with npu.connect(daemon.endpoint) as c:
+        m = c.load(topk_model(), device=0)
+        sized = c.load(topk_model(), device=0, input_shapes={"x": [2, 16]})
+    assert (m.inputs[0].dims, m.inputs[0].defaulted) == (("batch", 16), (0,))
+    assert sized.inputs[0].shape == (2, 16) and sized.inputs[0].defaulted == ()
