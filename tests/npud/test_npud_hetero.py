@@ -279,3 +279,19 @@ def test_a_symbolic_dimension_is_reported_as_defaulted_as_for_a_one_device_model
         sized = c.load(topk_model(), device=0, input_shapes={"x": [2, 16]})
     assert (m.inputs[0].dims, m.inputs[0].defaulted) == (("batch", 16), (0,))
     assert sized.inputs[0].shape == (2, 16) and sized.inputs[0].defaulted == ()
+
+
+def test_unloading_while_a_run_waits_between_partitions_lets_the_run_finish(daemon, models):
+    """The run's jobs hold the partitions' programs and the shared buffers: unloading the model
+    meanwhile frees them only once the run is over, and the run still computes the right thing."""
+    model = models["topk"]
+    feeds = _feeds(model, 10)
+    with npu.connect(daemon.endpoint) as c:
+        base = _memory(c)
+        m = c.load(model, device=0)
+        c.inject_fault("slow", device=1, slow_ms=300)   # the run waits in its cpu partition
+        run = m.submit(feeds)
+        m.unload()
+        got = run.result(timeout=30)
+        np.testing.assert_allclose(got["z"], _want(model, feeds)["z"], atol=1e-5, rtol=1e-5)
+        assert _memory(c) == base
