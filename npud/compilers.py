@@ -28,7 +28,7 @@ from npud import lifeline
 from npud.ipc_schema import bulk
 from npud.ipc_schema.errors import ErrorCode, RequestError
 from npud.ipc_schema.trio_zmq import OwnedSocket
-from npud.ipc_schema.types import Array, Bin, Bool, F, FieldError, Float, Str, Struct
+from npud.ipc_schema.types import Array, Bin, Bool, F, FieldError, Float, Int, MapOf, Str, Struct
 
 log = logging.getLogger("npud.compile")
 
@@ -47,6 +47,7 @@ class _Pending:
 # What a worker may answer (npud/compiler_worker/worker.py).  A worker parses untrusted models, so
 # its replies are checked like a client's requests before the daemon acts on one.
 _TEXT = Str(1 << 16)
+U64 = Int(0, 2**64 - 1)
 _FAILURE = Struct("compile_failure", {
     "ok": F(Bool(), "false"),
     "error": F(Struct("compile_error", {"code": F(Str(32), "an npud error code name"),
@@ -59,6 +60,28 @@ WORKER_REPLIES = {
     "check": Struct("check_reply", {"ok": F(Bool(), "true"), "problems": F(Array(Struct("problem", {
         "node": F(_TEXT, "the node"), "op": F(_TEXT, "its op"), "reason": F(_TEXT, "why")}), 1 << 20),
         "every problem")}),
+    "partition": Struct("partition_reply", {
+        "ok": F(Bool(), "true"),
+        "nodes": F(Array(Struct("placement", {
+            "node": F(_TEXT, "the node"), "op": F(_TEXT, "its op"), "target": F(Str(64), "the target it runs on"),
+            "reason": F(_TEXT, "why not on the NPU target (empty when it is)"),
+            "macs": F(U64, "its multiply-accumulates")}), 1 << 20), "one placement per node"),
+        "partitions": F(Array(Struct("partition", {
+            "target": F(Str(64), "its target"), "model": F(Bin(1 << 40), "the ONNX submodel"),
+            "inputs": F(Array(_TEXT, 1 << 16), "its boundary inputs"),
+            "outputs": F(Array(_TEXT, 1 << 16), "its boundary outputs")}), 1 << 16),
+            "in run order; empty when the NPU target runs every node"),
+        "tensors": F(MapOf(Struct("boundary_tensor", {
+            "dtype": F(Str(16), "numpy dtype name"), "shape": F(Array(Int(0, 2**62), 64), "static shape")}),
+            1 << 16), "the boundary tensors"),
+        "inputs": F(Array(_TEXT, 1 << 16), "the model's inputs that partitions read, in order"),
+        "outputs": F(Array(_TEXT, 1 << 16), "the model's outputs, in order"),
+        "declared": F(MapOf(Struct("declared_dims", {
+            "symbolic": F(Array(Str(128), 64), "per dimension: a symbolic one's name, or empty"),
+            "defaulted": F(Array(Int(0, 63), 64), "the symbolic dimensions set to 1", optional=True)}), 1 << 16),
+            "what the model declares of its inputs' and outputs' dimensions (those with symbolic ones)",
+            optional=True),
+    }),
 }
 
 

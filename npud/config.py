@@ -14,6 +14,8 @@ Example (every key optional)::
     compile_memory_bytes = "4GiB"      # each worker's address-space limit (RLIMIT_AS)
     device_memory_fraction = 0.25      # a device whose params do not set memory_bytes gets this share of the
                                        # host's RAM (MemTotal) if that is more than its preset's (0: the preset's)
+    compile_fallback = "cpu"           # nodes the NPU target declines run on a cpu device ("none": refuse
+                                       # the model); a load's `fallback` option overrides it
 
     policy = "/etc/npud/policy.toml"   # who may connect, quotas, admins, CURVE keys (npud/policy.py)
     tcp_endpoint = "tcp://127.0.0.1:7787"  # off unless set; CURVE-only (needs [curve])
@@ -70,7 +72,8 @@ T = TypeVar("T")
 # The keys a config file may have: the top level, [curve] and each [[devices]] table ([limits] and
 # [scheduling] are the fields of Limits and Scheduling).  npud/manpages.py documents each of them.
 CONFIG_KEYS = ("endpoint", "log_level", "log_format", "shutdown_grace_s", "cache_dir", "cache_memory_bytes", "compile_workers",
-               "compile_timeout_s", "compile_memory_bytes", "device_memory_fraction", "policy", "tcp_endpoint", "limits", "scheduling",
+               "compile_timeout_s", "compile_memory_bytes", "compile_fallback", "device_memory_fraction", "policy",
+               "tcp_endpoint", "limits", "scheduling",
                "curve", "devices")
 CURVE_KEYS = ("secret_key_file",)
 DEVICE_KEYS = ("name", "driver", "preset", "params")
@@ -133,6 +136,7 @@ class Config:
     compile_timeout_s: float = 120.0
     compile_memory_bytes: int = 4 << 30    # each worker's RLIMIT_AS
     device_memory_fraction: float = 0.25   # of MemTotal, for devices without params.memory_bytes (device_params)
+    compile_fallback: str = "cpu"          # npud/hetero.py: "cpu" or "none"
     scheduling: Scheduling = Scheduling()
     test_mode: bool = False                # `npud --test-mode`: fault injection (inject_fault) allowed
     policy: str = ""                       # policy file (npud/policy.py); "" = the default policy
@@ -198,6 +202,10 @@ def from_dict(data: dict[str, Any]) -> Config:
         if type(share) not in (int, float) or not 0 <= share <= 1:
             raise ConfigError(f"device_memory_fraction: expected a share of the host's RAM in [0, 1], got {share!r}")
         config = replace(config, device_memory_fraction=float(share))
+    if "compile_fallback" in data:
+        if data["compile_fallback"] not in ("cpu", "none"):
+            raise ConfigError(f"compile_fallback: expected \"cpu\" or \"none\", got {data['compile_fallback']!r}")
+        config = replace(config, compile_fallback=data["compile_fallback"])
     if "limits" in data:
         config = replace(config, limits=_limits(data["limits"]))
     if "devices" in data:

@@ -150,6 +150,9 @@ class DeviceHost:
         self._on_job_done = on_job_done
         self.programs = ProgramRegistry(self._unload_everywhere)   # loaded models' streams, by id
         self._release_pending: dict[int, int] = {}  # bo id -> cores still to unmap it
+        # Every device of the daemon, by index (Daemon sets it): a heterogeneous model's buffers are
+        # imported by other devices' processes too, and the owner's release must reach them.
+        self.peers: list[DeviceHost] = [self]
 
     def _new_core(self, index: int) -> Core:
         core = Core(index)
@@ -204,7 +207,7 @@ class DeviceHost:
     def forget(self, bo: BufferObject) -> None:
         """A buffer's last reference is gone: unmap it in the device processes, then free it."""
         self.memory.uncharge(bo)  # its memory is available again now, not once the runners get to it
-        holders = [core for core in self.cores if bo.id in core.proc.imported]
+        holders = [core for device in self.peers for core in device.cores if bo.id in core.proc.imported]
         if not holders:
             self.memory.release(bo)
             return
@@ -399,10 +402,14 @@ class DeviceHost:
             await self._reset(core, str(exc))
         finally:
             if kind == "release":
-                self._core_released(what)
+                self._owner(what)._core_released(what)
+
+    def _owner(self, bo: BufferObject) -> "DeviceHost":
+        """The device whose memory ``bo`` is (this one's processes may have imported another's)."""
+        return self.peers[bo.device] if bo.device < len(self.peers) else self
 
     def _core_released(self, bo: BufferObject) -> None:
-        """One core has unmapped ``bo``; the memory goes once every core has."""
+        """One core (of any device) has unmapped ``bo``; the memory goes once every core has."""
         left = self._release_pending.get(bo.id, 1) - 1
         if left <= 0:
             self._release_pending.pop(bo.id, None)
@@ -588,7 +595,7 @@ class DeviceHost:
         await core.proc.restart(why)
         for kind, what in core.control:
             if kind == "release":
-                self._core_released(what)
+                self._owner(what)._core_released(what)
         core.control.clear()
         core.reset_pending = ""
         if not any(c.reset_pending for c in self.cores):

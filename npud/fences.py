@@ -19,6 +19,8 @@ from __future__ import annotations
 import secrets
 from typing import TYPE_CHECKING
 
+import msgpack
+
 from npud.ipc_schema.errors import ErrorCode, ErrorInfo
 
 if TYPE_CHECKING:
@@ -43,6 +45,9 @@ def depend(daemon: "Daemon", job: "Job", deps: list["Job"]) -> ErrorInfo | None:
 
 def _cause(job: "Job", dep: "Job") -> ErrorInfo:
     err = dep.error
+    if job.chain is not None and job.chain is getattr(dep, "chain", None):   # the same run's: its error is the run's
+        return ErrorInfo.of(err.code, f"partition {job.chain.jobs.index(dep) + 1} of {len(job.chain.model.parts)} "
+                                      f"(job {dep.id}, device {dep.device}) failed: {err.message}", err.retryable)
     what = f"job {dep.id} of session {dep.session_id}" if dep.session_id != job.session_id else f"job {dep.id}"
     return ErrorInfo.of(ErrorCode.ECANCELED, f"job {job.id} did not run: {what}, which it depends on, failed: "
                                              f"{err.code.value}: {err.message}", err.retryable)
@@ -53,10 +58,15 @@ def job_finished(daemon: "Daemon", job: "Job") -> None:
     if job.context is not None and job.point:
         job.context.point_finished(job.point)
     dependents, job.dependents = job.dependents, ()   # a finished job gains no dependents (depend)
+    if job.chain is not None and job.state == "done" and job is job.chain.jobs[-1]:
+        # the run's last partition: its stats become the run's (the client was given this job; its
+        # waiters wake only after this returns)
+        job.packed_stats = msgpack.packb(job.chain.combined_stats())
     for dep in dependents:
         if dep.state != "queued":
             continue
-        if job.state == "failed":
+        if job.state == "failed" and not (dep.chain is not None and dep.chain.after is job):
+            # (a run waits for its model's previous run only for order: that run's failure is not its own)
             fail(daemon, dep, _cause(dep, job))
         else:
             dep.waiting_on -= 1

@@ -25,7 +25,7 @@ from npud.ipc_schema import codec
 from npud.ipc_schema.errors import ErrorCode, ErrorInfo, RequestError
 from npud.ipc_schema.schema import MAX_INLINE_BYTES, OPS, PROTOCOL_VERSION
 
-from . import __version__, fences, policy
+from . import __version__, fences, hetero, policy
 from .jobs import Job
 from .scheduler import NORMAL, PRIORITIES, Context
 from .memory import round_up
@@ -398,20 +398,37 @@ def _job_options(daemon, session, device, args) -> tuple[Context, list[Job]]:
 
 def _queue_job(daemon, session, device, stream: bytes, bindings, program: int | None = None,
                model=None, *, ctx: Context, deps: list[Job], args, estimate_s: float = 0.0) -> dict:
-    job_id, submitted = session.new_job_id(), time.monotonic()   # the id is taken even if refused below
+    job_id = session.new_job_id()   # the id is taken even if refused below
     if "deadline_ms" in args:
-        need = device.expected_s(program, estimate_s)
-        if need > args["deadline_ms"] / 1000:
-            raise RequestError(ErrorCode.ETIME, f"this job needs about {need * 1e3:.1f} ms of device time, more "
-                                                f"than its {args['deadline_ms']} ms deadline even on an idle "
-                                                "device (persistent: a retry cannot help)", retryable=False)
+        _check_deadline(device.expected_s(program, estimate_s), args)
+    job = _make_job(daemon, session, device, stream, bindings, program, model, ctx=ctx, deps=deps, args=args,
+                   estimate_s=estimate_s, job_id=job_id)
+    return {"job": job.id, "context": ctx.id, "point": job.point}
+
+
+def _check_deadline(need: float, args) -> None:
+    """ETIME (persistent) when a job needs more device time than its deadline even on an idle device."""
+    if need > args["deadline_ms"] / 1000:
+        raise RequestError(ErrorCode.ETIME, f"this job needs about {need * 1e3:.1f} ms of device time, more "
+                                            f"than its {args['deadline_ms']} ms deadline even on an idle "
+                                            "device (persistent: a retry cannot help)", retryable=False)
+
+
+def _make_job(daemon, session, device, stream: bytes, bindings, program: int | None = None, model=None, *,
+             ctx: Context, deps: list[Job], args, estimate_s: float = 0.0, point: bool = True, chain=None,
+             job_id: int | None = None) -> Job:
+    """Make a job in one step, hold its buffers and program, and queue it (or wait for ``deps``).
+    ``point``: whether it takes a point on its context's timeline (a chain's last job only)."""
+    job_id = session.new_job_id() if job_id is None else job_id
+    submitted = time.monotonic()
     faults = session.faults.get(device.index)
     shown = {"model": model.id, "layers": model.layers, "model_name": model.name} if model is not None else {}
     job = Job(job_id, session.id, device.index, stream, bindings, program=program,   # in one step
               submitted=submitted, pid=session.pid, client=session.name, session=session, context=ctx,
-              point=ctx.next_point(), estimate_s=estimate_s, timeout_s=args.get("timeout_ms", 0) / 1000,
+              point=ctx.next_point() if point else 0, estimate_s=estimate_s,
+              timeout_s=args.get("timeout_ms", 0) / 1000,
               deadline=submitted + args["deadline_ms"] / 1000 if "deadline_ms" in args else 0.0,
-              fault=faults.pop(0) if faults else None, **shown)
+              fault=faults.pop(0) if faults else None, chain=chain, **shown)
     for bo, _va, _w in bindings:
         device.refs.retain(bo)   # released when the job ends (Daemon._job_done)
     if program is not None:
@@ -419,12 +436,14 @@ def _queue_job(daemon, session, device, stream: bytes, bindings, program: int | 
     session.jobs_in_flight += 1
     session.jobs_submitted += 1
     session.remember_job(job)
+    if chain is not None:
+        chain.jobs.append(job)   # before it can finish: its fences look it up there
     failed = fences.depend(daemon, job, deps)
     if failed is not None:
         device.complete(job, error=failed)
     elif job.waiting_on == 0:
         device.submit(job)
-    return {"job": job.id, "context": ctx.id, "point": job.point}
+    return job
 
 
 @handler("wait", waits=True, touches=_the_job, observes=True)
@@ -479,23 +498,65 @@ def _model(session: "Session", model_id: int):
 async def load(daemon, call, args):
     session = call.session
     device = daemon.device(args["device"])
-    exe, cached, ms, digest = await _executable(daemon, session, device, args)
-    if session.closed:
-        raise RequestError(ErrorCode.ENOTCONN, "the session closed")
-    quota, used = policy.memory_limit(daemon.sessions, session)  # the user's quota, all its sessions
-    model = await instantiate(session, device, exe, session.new_handle(), daemon.config.limits.memory_quota
-                              if quota is None else min(daemon.config.limits.memory_quota,
-                                                        session.memory + max(0, quota - used)))
+    options = dict(args.get("options", {}))
+    fallback = options.pop("fallback", daemon.config.compile_fallback)   # not a compile option
+    try:
+        exe, cached, ms, digest = await _executable(daemon, session, device, args, options)
+    except _Declined as declined:   # the device's target declines nodes: partition the model
+        digest = declined.digest
+        model, cached, ms = await hetero.load(daemon, session, device, declined.data, digest, options, fallback,
+                                              session.new_handle(), lambda: _quota(daemon, session),
+                                              declined.error)
+    else:
+        if session.closed:
+            raise RequestError(ErrorCode.ENOTCONN, "the session closed")
+        model = await instantiate(session, device, exe, session.new_handle(), _quota(daemon, session))
     if session.closed:  # it went away while the stream was being validated
-        device.unload_model(session, model)
+        hetero.unload(daemon, session, model)
         raise RequestError(ErrorCode.ENOTCONN, "the session closed")
     session.models[model.id] = model
     return {**model.info(cached, ms), "model_digest": digest}
 
 
-async def _executable(daemon, session, device, args):
-    """(executable, cached, ms, model digest) for a load's model, however it was given."""
-    options = args.get("options", {})
+def _quota(daemon, session) -> int:
+    """The most device memory the session may hold now: its own quota, and its user's (all its
+    sessions)."""
+    quota, used = policy.memory_limit(daemon.sessions, session)
+    limit = daemon.config.limits.memory_quota
+    return limit if quota is None else min(limit, session.memory + max(0, quota - used))
+
+
+class _Declined(Exception):
+    """The device's target declined the model (a compile error): its bytes and digest, for the
+    partitioner, and the error to raise if partitioning cannot help."""
+
+    def __init__(self, error: RequestError, data, digest: bytes):
+        self.error, self.data, self.digest = error, data, digest
+
+
+async def _compile_or_declined(daemon, data, digest, **kwargs):
+    """``loader.executable``, with a compile error (EINVAL) turned into ``_Declined`` -- at once for a
+    model already partitioned (a kept plan)."""
+    loader = daemon.loader
+    if loader.partitioned(data, kwargs["options"], kwargs["config"], kwargs["target"], hetero.PARTITIONER, digest):
+        raise _Declined(RequestError(ErrorCode.EINVAL, "compile error: the target declines nodes of the model"),
+                        data, digest)
+    try:
+        return await daemon.loader.executable(data, digest=digest, **kwargs)
+    except RequestError as exc:
+        if not _declines(exc):
+            raise
+        raise _Declined(exc, data, digest) from None
+
+
+def _declines(exc: RequestError) -> bool:
+    """Whether a load's error is its target declining the model (worth asking the partitioner)."""
+    return exc.info.code is ErrorCode.EINVAL and exc.info.message.startswith("compile error")
+
+
+async def _executable(daemon, session, device, args, options):
+    """(executable, cached, ms, model digest) for a load's model, however it was given; _Declined
+    when the device's target declines it."""
     if "model_digest" in args:
         if "model" in args or "model_buffer" in args:
             raise RequestError(ErrorCode.EINVAL, "give exactly one of model, model_buffer or model_digest")
@@ -506,15 +567,22 @@ async def _executable(daemon, session, device, args):
     if source is None:
         digest = (await trio.to_thread.run_sync(model_digest, data) if len(data) >= THREAD_THRESHOLD
                   else model_digest(data))
-        result = await daemon.loader.executable(data, options, device.config, digest, target=device.target,
-                                                compile_faults=session.compile_faults.get(device.index))
+        result = await _compile_or_declined(daemon, data, digest, options=options, config=device.config,
+                                            target=device.target,
+                                            compile_faults=session.compile_faults.get(device.index))
     else:
         bo, span = source
         with daemon.devices[bo.device].refs.held(bo):  # a concurrent free must not unmap it under the hash
             digest = await trio.to_thread.run_sync(model_digest, bo.view()[span])
-            result = await daemon.loader.executable(bo.view()[span], options, device.config, digest,
-                                                    target=device.target, private_copy=lambda: _copy_model(bo, span),
-                                                    compile_faults=session.compile_faults.get(device.index))
+            try:
+                result = await daemon.loader.executable(
+                    bo.view()[span], options, device.config, digest, target=device.target,
+                    private_copy=lambda: _copy_model(bo, span), compile_faults=session.compile_faults.get(device.index))
+            except RequestError as exc:
+                if not _declines(exc):
+                    raise
+                data, copied = await _copy_model(bo, span)   # the partitioner's own copy
+                raise _Declined(exc, data, copied or model_digest(data)) from None
     daemon.loader.presented(digest, session.uid)  # this user has shown it holds the model
     return (*result, digest)
 
@@ -536,9 +604,9 @@ def run_model(daemon, call, args):
     model = _model(session, args["model"])
     device = daemon.devices[model.device]
     ctx, deps = _job_options(daemon, session, device, args)
-    bindings = list(model.fixed)
-    for kind, entries, handles, writable in (("inputs", model.inputs, args["inputs"], False),
-                                             ("outputs", model.outputs, args["outputs"], True)):
+    feeds = {}
+    for kind, entries, handles in (("inputs", model.inputs, args["inputs"]),
+                                   ("outputs", model.outputs, args["outputs"])):
         if len(handles) != len(entries):
             raise RequestError(ErrorCode.EINVAL, f"the model has {len(entries)} {kind}, "
                                                  f"got {len(handles)} buffers")
@@ -550,10 +618,38 @@ def run_model(daemon, call, args):
                 raise RequestError(ErrorCode.EINVAL, f"{kind[:-1]} {entry['name']!r} needs a buffer of "
                                                      f"{entry['size']} bytes on device {model.device}; "
                                                      f"buffer {handle} has {bo.size} on device {bo.device}")
-            bindings.append((bo, entry["va"], writable))
+            feeds[entry["name"], kind] = bo
+    if isinstance(model, hetero.HeteroModel):
+        return _run_chain(daemon, session, model, {name: bo for (name, _k), bo in feeds.items()}, ctx, deps, args)
+    bindings = list(model.fixed) + [(feeds[entry["name"], kind], entry["va"], kind == "outputs")
+                                    for kind, entries in (("inputs", model.inputs), ("outputs", model.outputs))
+                                    for entry in entries]
     modeled = model.cycles / (device.config.clock_mhz * 1e6)
     return _queue_job(daemon, session, device, b"", bindings, model.program, model=model, ctx=ctx, deps=deps,
                       args=args, estimate_s=modeled)
+
+
+def _run_chain(daemon, session, model, feeds: dict, ctx: Context, deps: list[Job], args) -> dict:
+    """One run of a heterogeneous model: a job per partition, each after the previous (fences), the
+    first after ``deps`` and, for order only, after the previous run's last job.  The client is
+    given the last job."""
+    parts = [(daemon.devices[part.device], part) for part in model.parts]
+    estimates = [part.cycles / (dev.config.clock_mhz * 1e6) for dev, part in parts]
+    for dev, part in parts:
+        _check_admission(daemon, session, dev)
+    first_id = session.new_job_id()   # taken even if refused below, as for one job
+    if "deadline_ms" in args:
+        _check_deadline(sum(dev.expected_s(part.program, est) for (dev, part), est in zip(parts, estimates)),
+                        args)
+    previous = model.tail if model.tail is not None and model.tail.state in ("queued", "running") else None
+    chain = hetero.RunChain(model, after=previous)
+    for i, ((dev, part), bindings) in enumerate(zip(parts, model.bindings(feeds))):
+        last = i == len(parts) - 1
+        job = _make_job(daemon, session, dev, b"", bindings, part.program, model=part, ctx=ctx, args=args,
+                       deps=chain.jobs[-1:] if chain.jobs else deps + ([previous] if previous else []),
+                       estimate_s=estimates[i], point=last, chain=chain, job_id=None if i else first_id)
+    model.tail = job
+    return {"job": job.id, "context": ctx.id, "point": job.point}
 
 
 # --- contexts, fences, cancellation, fault injection (npud/scheduler.py, npud/fences.py) ---
@@ -634,8 +730,11 @@ def _own_job(session, job_id: int, what: str) -> Job:
 @handler("cancel", touches=_the_job)
 def cancel(daemon, call, args):
     job = _own_job(call.session, args["job"], "cancel")
-    if job.state in ("queued", "running"):
-        fences.fail(daemon, job, ErrorInfo.of(ErrorCode.ECANCELED, f"job {job.id} was cancelled"))
+    error = ErrorInfo.of(ErrorCode.ECANCELED, f"job {job.id} was cancelled")
+    # A run of a heterogeneous model: the client knows its last job; every partition stops.
+    for part in [job, *(job.chain.jobs if getattr(job, "chain", None) is not None else ())]:
+        if part.state in ("queued", "running"):
+            fences.fail(daemon, part, error)
     return {"state": job.state}
 
 
@@ -676,15 +775,18 @@ def inject_fault(daemon, call, args):
 
 @handler("report", touches=_the_model)
 def report(daemon, call, args):
-    rep = _model(call.session, args["model"]).exe.report()
-    return {"rows": list(rep.rows), "table": rep.table}
+    model = _model(call.session, args["model"])
+    if isinstance(model, hetero.HeteroModel):
+        return model.report()
+    rep = model.exe.report()
+    return {"rows": list(rep.rows), "table": rep.table, "npu_macs_share": 1.0}
 
 
 @handler("unload", touches=_the_model)
 def unload(daemon, call, args):
     model = _model(call.session, args["model"])
     del call.session.models[model.id]
-    daemon.devices[model.device].unload_model(call.session, model)
+    hetero.unload(daemon, call.session, model)
     return {}
 
 

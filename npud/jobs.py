@@ -68,6 +68,7 @@ class Job:
     cancel: str = ""             # why it is to stop at its next layer boundary
     ready_since: float = 0.0     # when it last became runnable (the starvation guard's clock)
     cycles_run: int = 0          # modeled cycles of the segments it has run
+    chain: Any = None            # the run of a heterogeneous model it is part of (npud/hetero.py RunChain)
 
     @property
     def stats(self) -> dict[str, Any]:

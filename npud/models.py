@@ -57,14 +57,17 @@ class LoadedModel:
     name: str = ""
 
     def info(self, cached: bool, compile_ms: float) -> dict:
-        def tensor(e):
-            return {"name": e["name"], "dtype": e["dtype"], "shape": list(e["shape"]), "size": e["size"],
-                    **{k: list(e[k]) for k in DECLARED_FIELDS if k in e}}
         weights = sum(bo.mapped_size for bo, _va, w in self.fixed if not w)
         arena = sum(bo.mapped_size for bo, _va, w in self.fixed if w)
-        return {"model": self.id, "inputs": [tensor(e) for e in self.inputs],
-                "outputs": [tensor(e) for e in self.outputs], "cached": cached,
+        return {"model": self.id, "inputs": [tensor_info(e) for e in self.inputs],
+                "outputs": [tensor_info(e) for e in self.outputs], "cached": cached,
                 "compile_ms": compile_ms, "weights_bytes": weights, "arena_bytes": arena}
+
+
+def tensor_info(e: dict) -> dict:
+    """An I/O table entry as a load's reply lists it (TENSOR_INFO)."""
+    return {"name": e["name"], "dtype": e["dtype"], "shape": list(e["shape"]), "size": e["size"],
+            **{k: list(e[k]) for k in DECLARED_FIELDS if k in e}}
 
 
 log = logging.getLogger("npud.models")
@@ -72,6 +75,8 @@ DECLARED_FIELDS = ("symbolic", "defaulted")   # what an I/O table entry says of 
 HASH_IN_THREAD_BYTES = 1 << 20
 PRESENTED_KEPT = 65536   # model digests remembered as sent (52 bytes each, allocated at start: 3.3 MiB)
 DIGEST_BYTES = 32
+PLANS_KEPT = 64   # partition plans kept in memory, at most
+PLANS_BYTES = 64 << 20   # and at most this many bytes of their submodels
 
 
 class PresentedDigests:
@@ -181,6 +186,7 @@ class ModelLoader:
         # user run another's model (knowing a hash is not having the model).
         self._presented = PresentedDigests(PRESENTED_KEPT)
         self._storing: set[trio.Event] = set()
+        self._plans: dict[str, dict] = {}   # partition plans, least recently used first
 
     async def executable(self, model, options: dict, config: DeviceParams, digest: bytes | None = None,
                          private_copy=None, compile_faults: list | None = None, *,
@@ -283,9 +289,43 @@ class ModelLoader:
             if exe is not None or key not in self._in_flight:  # else one started while we read
                 return exe
 
+    def partitioned(self, model, options: dict, config: DeviceParams, target: Target, fallback: str,
+                    digest: bytes) -> bool:
+        """Whether a kept plan says the target declines nodes of this model: its load can skip the
+        whole-model compile, which would only fail again."""
+        plan = self._plans.get(_plan_key(model, options, config, target, fallback, digest))
+        return bool(plan and plan["partitions"])
+
+    async def partition(self, model: bytes, options: dict, config: DeviceParams, target: Target,
+                        fallback: str, digest: bytes | None = None) -> dict:
+        """The partition plan of a model the target declines nodes of (a compiler worker's
+        ``partition`` reply, npud/compiler_worker/partition.py), kept in memory by the model's
+        digest, options, device and compiler: a reload asks no worker."""
+        key = _plan_key(model, options, config, target, fallback, digest)
+        plan = self._plans.pop(key, None)
+        if plan is None:
+            plan = raise_for(await self.pool.compile(
+                {"op": "partition", "model": model, "config": config.to_dict(), "options": options,
+                 "target": target.name, "fallback": fallback}))
+        self._plans[key] = plan   # most recently used last
+        while len(self._plans) > PLANS_KEPT or sum(map(_plan_bytes, self._plans.values())) > PLANS_BYTES:
+            del self._plans[next(iter(self._plans))]
+        return plan
+
     async def check(self, model: bytes, config: DeviceParams, target: Target) -> list[dict]:
         return raise_for(await self.pool.compile(
             {"op": "check", "model": model, "config": config.to_dict(), "target": target.name}))["problems"]
+
+
+def _plan_key(model, options: dict, config: DeviceParams, target: "Target", fallback: str,
+              digest: bytes | None) -> str:
+    """A partition plan's name: what a compile's cache key names, and the fallback target."""
+    return cache_key(model, {**options, "partition": fallback}, config, target.fingerprint(), digest)
+
+
+def _plan_bytes(plan: dict) -> int:
+    """The bytes a kept partition plan holds: its submodels'."""
+    return sum(len(part["model"]) for part in plan["partitions"])
 
 
 def _copy_into(dst: memoryview, src: memoryview) -> None:

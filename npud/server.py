@@ -31,7 +31,7 @@ from npud.ipc_schema.errors import ErrorCode, ErrorInfo, RequestError
 from npud.ipc_schema.schema import HARD_FRAME_LIMIT, PROTOCOL_VERSION
 from npud.ipc_schema.trio_zmq import OwnedSocket
 
-from . import __version__, attach, auth, drivers, fences, handlers, systemd
+from . import __version__, attach, auth, drivers, fences, handlers, hetero, systemd
 from . import policy as policy_mod
 from .config import Config, device_params
 from .devices import DeviceHost, SchedulingParams
@@ -114,6 +114,8 @@ class Daemon:
                                   cores=sched.device_processes, test_mode=config.test_mode)
         self.fds = FdBudget()   # the devices' buffers share one count against the open-file limit
         self.devices = [self._device(i, spec, params) for i, spec in enumerate(config.devices)]
+        for device in self.devices:   # a heterogeneous model's buffers cross devices (npud/hetero.py)
+            device.peers = self.devices
         self.fence_tokens: dict[str, Job] = {}   # fence_export tokens (npud/fences.py)
         self.loader = ModelLoader(
             CompilerPool(config.compile_workers, config.compile_memory_bytes, config.compile_timeout_s,
@@ -555,7 +557,7 @@ class Daemon:
             ErrorCode.ESHUTDOWN, "npud stopped before the job ran; submit it again once it is back")
             if self.stopping else ErrorInfo.of(ErrorCode.ECANCELED, "the session closed"))
         for model in session.models.values():
-            self.devices[model.device].unload_model(session, model)
+            hetero.unload(self, session, model)
         session.models.clear()
         for bo in session.buffers.values():
             self.devices[bo.device].refs.drop(session, bo)

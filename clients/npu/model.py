@@ -13,7 +13,7 @@ threads can share one model).  The operations are written once (``LoadedModel``,
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Union
 
@@ -75,10 +75,15 @@ class Outputs(dict[str, np.ndarray]):
 
 @dataclass(frozen=True)
 class Report:
-    """A model's per-op report (like Vela's per-layer report); ``str()`` is the table."""
+    """A model's per-op report (like Vela's per-layer report); ``str()`` is the table.
+    ``placement``: for a model whose partitions run on more than one device (the NPU target
+    declined some nodes), each node's device, target, reason and MACs; ``npu_macs_share``: the
+    share of its MACs on the device it was loaded for."""
 
     rows: list[dict[str, Any]]
     table: str
+    placement: list[dict[str, Any]] = field(default_factory=list)
+    npu_macs_share: float = 1.0
 
     def __str__(self) -> str:
         return self.table
@@ -260,7 +265,8 @@ class LoadedModel:
     def report(self):
         """Per-op table: op, shapes, MACs, modeled cycles, SRAM and DMA bytes."""
         result = yield Call("report", {"model": self.id})
-        return Report(result["rows"], result["table"])
+        return Report(result["rows"], result["table"], result.get("placement", []),
+                      result.get("npu_macs_share", 1.0))
 
     def unload(self):
         """Free the model's device memory (weights, arena, I/O buffers)."""

@@ -76,6 +76,9 @@ def compile_model(client, path: str, *, device: int, report: bool, check: bool, 
               "weights_bytes": model.weights_bytes, "arena_bytes": model.arena_bytes,
               "inputs": _tensors(model.inputs), "outputs": _tensors(model.outputs), "ops": len(rep.rows),
               **_modeled(rep.rows, dev)}
+    if rep.placement:   # partitions on more than one device: where each node runs
+        result["placement"] = rep.placement
+        result["npu_macs_share"] = rep.npu_macs_share
     if report:
         result["report"] = rep.rows
         result["report_table"] = rep.table
@@ -117,11 +120,21 @@ def compile_text(r: dict) -> str:
             f"for device {r['device']}\n  {sig}\n  {r['ops']} ops, {r['macs']:,} MACs, {r['cycles']:,} modeled "
             f"cycles ({r['modeled_ms']:.3f} ms modeled)\n  weights {r['weights_bytes']:,} B, arena "
             f"{r['arena_bytes']:,} B of device memory") + _defaulted_note(r["inputs"])
+    if "placement" in r:
+        text += "\n" + placement_text(r)
     if "report_table" in r:
         text += "\n\n" + r["report_table"]
     if "output" in r:
         text += f"\n  executable written to {r['output']}"
     return text
+
+
+def placement_text(r: dict) -> str:
+    """Which nodes of a heterogeneous model run off the device it was loaded for, and why."""
+    away = [p for p in r["placement"] if p["device"] != r["device"] and "constants" not in p["reason"]]
+    lines = [f"    {p['op']} {p['node']!r} on device {p['device']} ({p['target']}): {p['reason']}" for p in away]
+    return "\n".join([f"  partitioned: {len(away)} node(s) on other devices, {r['npu_macs_share']:.1%} of the MACs "
+                      f"on device {r['device']}", *lines])
 
 
 def _inputs(model, specs: list[str], seed: int) -> dict[str, np.ndarray]:

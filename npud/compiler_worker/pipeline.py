@@ -1,6 +1,11 @@
 """The compiler driver: the pass list, run in order (like Vela's compiler
 driver).  Each pass is a module under :mod:`npud.compiler_worker.passes` with a
-``run(ctx)`` that reads and extends the :class:`CompileContext`."""
+``run(ctx)`` that reads and extends the :class:`CompileContext`.
+
+The list is two named stages: ``FRONT_END`` (import with opset upgrade, folding, integer
+rewrites, pattern recognition, canonicalisation -- what every target shares and what a support
+query sees, npud/compiler_worker/frontend.py) and ``BACK_END`` (npu-emu's legalisation against
+its support table, layout, tiling, memory planning and emission)."""
 
 from __future__ import annotations
 
@@ -11,18 +16,21 @@ from .passes import (canonicalize, emit, fold, import_onnx, integers, layout, le
 
 from .version import COMPILER_VERSION  # noqa: F401  (api.py imports it from here)
 
-PASSES = [
-    ("import", import_onnx.run),         # ONNX bytes -> IR, shape inference, sanity checks
+FRONT_END = [
+    ("import", import_onnx.run),         # ONNX bytes -> IR, opset upgrade, shape inference, sanity checks
     ("fold", fold.run),                  # constant folding with numpy
     ("integers", integers.run),          # CumSum -> MatMul by a triangle, run-time MatMulInteger zero points
     ("patterns", patterns.run),          # decomposed LayerNorm -> LayerNormalization
     ("canonicalize", canonicalize.run),  # DQ-op-Q -> int8 ops, BN folding, Gemm -> MatMul, epilogues
+]
+BACK_END = [
     ("legalize", legalize.run),          # support table; every unsupported node reported
     ("layout", layout.run),              # NHWC for conv/pool; IR -> lowered ops
     ("tiling", tiling.run),              # tile/stripe every op to fit SRAM
     ("memory", memory.run),              # regions, liveness-based arena, weights blob
     ("emit", emit.run),                  # command stream + per-op report
 ]
+PASSES = FRONT_END + BACK_END
 
 
 class CompileContext:
@@ -36,20 +44,22 @@ class CompileContext:
         self.timings: dict[str, float] = {}
 
 
-def run(ctx: CompileContext, until: str | None = None) -> CompileContext:
-    for name, fn in PASSES:
+def run_stage(ctx: CompileContext, stage: list) -> CompileContext:
+    """Run one named stage's passes (``FRONT_END`` or ``BACK_END``) in order."""
+    for name, fn in stage:
         t0 = time.perf_counter()
         fn(ctx)
         ctx.timings[name] = time.perf_counter() - t0
-        if name == until:
-            break
     return ctx
+
+
+def run(ctx: CompileContext, until: str | None = None) -> CompileContext:
+    """Every pass, or those up to and including ``until``."""
+    names = [n for n, _ in PASSES]
+    return run_stage(ctx, PASSES[:names.index(until) + 1] if until else PASSES)
 
 
 def run_from(ctx: CompileContext, start: str) -> CompileContext:
+    """The passes from ``start`` on."""
     names = [n for n, _ in PASSES]
-    for name, fn in PASSES[names.index(start):]:
-        t0 = time.perf_counter()
-        fn(ctx)
-        ctx.timings[name] = time.perf_counter() - t0
-    return ctx
+    return run_stage(ctx, PASSES[names.index(start):])

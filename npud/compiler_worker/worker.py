@@ -9,6 +9,11 @@ log), then answers each request with one reply::
         -> {"id": n, "ok": true, "executable": bin, "seconds": float}
     {"id": n, "op": "check", "model": bin, "config": map}
         -> {"id": n, "ok": true, "problems": [{"node", "op", "reason"}, ...]}
+    {"id": n, "op": "partition", "model": bin, "config": map, "options": map, "target": str,
+     "fallback": str}
+        -> {"id": n, "ok": true, "nodes": [{"node", "op", "target", "reason", "macs"}, ...],
+            "partitions": [{"target", "model": bin, "inputs": [str], "outputs": [str]}, ...],
+            "tensors": {name: {"dtype", "shape"}}}       (npud/compiler_worker/partition.py)
     any failure
         -> {"id": n, "ok": false, "error": {"code", "message", "node", "op"}}
 
@@ -72,6 +77,10 @@ def handle(request: dict, test_mode: bool = False) -> dict:
     if test_mode and request.get("slow_s"):
         time.sleep(float(request["slow_s"]))  # an injected slow compile
     try:
+        if request["op"] == "partition":
+            from .partition import plan
+
+            return {"ok": True, **plan(request)}
         if request.get("target", "npu-emu") != "npu-emu":
             return _for_target(request, started)
         config = DeviceConfig.from_dict(request["config"])

@@ -19,8 +19,8 @@ from .schema import (ATTACH_HELLO, ATTACH_REPLY, BINDING, BUFFER_INFO, CACHE_ENT
                      COMPILE_CACHE_STATS, COMPILE_OPTIONS, DEVICE, DEVICE_PARAMS, ENGINE_BUSY, ERROR, EVENT,
                      EVENTS, FD_MESSAGE, HARD_FRAME_LIMIT, HISTOGRAM, JOB_INFO, JOB_STATS, JOB_STATUS, LAYER,
                      LIMITS, MACS_PER_CYCLE, MAX_ATTACH_PACKET, MAX_INLINE_BYTES, MAX_MESSAGE_BYTES, OPS,
-                     PROBLEM, PROTOCOL_VERSION, REPLY, REPORT_ROW, REQUEST, TENSOR_INFO, TRACE_EVENT,
-                     TRACE_MODEL, USER_USAGE)
+                     PARTITION_STATS, PLACEMENT, PROBLEM, PROTOCOL_VERSION, REPLY, REPORT_ROW, REQUEST, TENSOR_INFO,
+                     TRACE_EVENT, TRACE_MODEL, USER_USAGE)
 from .types import Struct
 
 _RELEASING = ", ".join(f"`{op}`" for op in sorted(RELEASING_OPS)[:-1]) + f" and `{sorted(RELEASING_OPS)[-1]}`"
@@ -332,8 +332,8 @@ def render() -> str:
         parts.append(_section(name, struct))
     parts.append("## Shared structures\n")
     for struct in (DEVICE, DEVICE_PARAMS, MACS_PER_CYCLE, HISTOGRAM, CLIENT, CLIENT_DEVICE, LIMITS, BINDING,
-                   TENSOR_INFO, COMPILE_OPTIONS, PROBLEM, REPORT_ROW, CACHE_ENTRY, COMPILE_CACHE_STATS,
-                   USER_USAGE, JOB_STATUS, JOB_STATS, ENGINE_BUSY, JOB_INFO, TRACE_EVENT, TRACE_MODEL, LAYER,
+                   TENSOR_INFO, COMPILE_OPTIONS, PROBLEM, REPORT_ROW, PLACEMENT, CACHE_ENTRY, COMPILE_CACHE_STATS,
+                   USER_USAGE, JOB_STATUS, JOB_STATS, PARTITION_STATS, ENGINE_BUSY, JOB_INFO, TRACE_EVENT, TRACE_MODEL, LAYER,
                    BUFFER_INFO):
         parts.append(_section(struct.name, struct))
     parts.append("## Companion socket packets\n")

@@ -224,6 +224,10 @@ COMPILE_OPTIONS = Struct("compile_options", {
     "input_shapes": F(MapOf(Array(Int(1, 2**31 - 1), MAX_RANK), 64),
                       "shapes for inputs with symbolic dimensions (default 1 for each)", optional=True),
     "name": F(Str(256), "name recorded in the executable", optional=True),
+    "fallback": F(Str(8, ("cpu", "none")), "where nodes the device's target declines run: `cpu` (a cpu device "
+                                           "of the daemon; the model is partitioned) or `none` (the load fails "
+                                           "listing them); default: the daemon's `compile_fallback`",
+                  optional=True),
 })
 
 PROBLEM = Struct("problem", {
@@ -315,6 +319,15 @@ JOB_OPTIONS = {
 
 SHAPE = Array(Int(0, 2**31 - 1), MAX_RANK)
 
+PLACEMENT = Struct("placement", {
+    "node": F(Str(1024), "node name in the model"),
+    "op": F(Str(256), "ONNX operator type"),
+    "device": F(U32, "the device it runs on"),
+    "target": F(Str(64), "that device's compiler target"),
+    "reason": F(Str(4096), "why the NPU target declined it (empty when it runs there)"),
+    "macs": F(U64, "its multiply-accumulates (convolutions and matrix products)"),
+}, doc="Where one node of a heterogeneous model runs, as `report` lists it.")
+
 REPORT_ROW = Struct("report_row", {
     "node": F(Str(1024), "node name in the model"),
     "op": F(Str(256), "ONNX operator type"),
@@ -327,6 +340,8 @@ REPORT_ROW = Struct("report_row", {
     "sram_bytes": F(U64, "SRAM its tiles take (the largest of its steps)"),
     "dma_bytes": F(U64, "bytes its DMA commands move"),
     "commands": F(U64, "commands of the stream it became"),
+    "device": F(U32, "the device its partition runs on (heterogeneous models only)", optional=True),
+    "target": F(Str(64), "that device's compiler target (heterogeneous models only)", optional=True),
 }, doc="One op of a loaded model as `report` lists it.")
 
 JOB_SUBMITTED = {
@@ -351,6 +366,13 @@ ENGINE_BUSY = Struct("engine_busy", {
     "pool": F(U64, "cycles the pooling engines were busy"),
 }, doc="Busy cycles per engine, summed over the device's cores.")
 
+PARTITION_STATS = Struct("partition_stats", {
+    "job": F(U64, "the partition's job id"),
+    "device": F(U32, "the device it ran on"),
+    "wall_ms": F(Float(), "its device time in ms"),
+    "cycles": F(U64, "its cycles (modeled, or measured at the device's nominal clock)"),
+}, doc="One partition's job in a run of a heterogeneous model.")
+
 JOB_STATS = Struct("job_stats", {
     "cycles": F(U64, "modeled cycles: what the job takes on the modeled hardware (its makespan)",
                 optional=True),
@@ -366,6 +388,9 @@ JOB_STATS = Struct("job_stats", {
     "wall_ms": F(Float(), "device time the job took in ms, its run segments only", optional=True),
     "preemptions": F(U32, "times it was stopped at a layer boundary for a more urgent job", optional=True),
     "queue_ms": F(Float(), "ms from submission to the device starting it", optional=True),
+    "partitions": F(Array(PARTITION_STATS, 1 << 16), "a run of a heterogeneous model (its last job): each "
+                                                    "partition's job; the counters above are their sums",
+                    optional=True),
 }, doc="A job's counters: every key once it is done, none (an empty map) while it is queued or running "
        "or if it failed.")
 
@@ -544,6 +569,10 @@ OPS: dict[str, Op] = {op.name: op for op in [
     }, {
         "rows": F(Array(REPORT_ROW, 1 << 20), "one row per op, in execution order"),
         "table": F(Str(1 << 24), "the same as a text table"),
+        "placement": F(Array(PLACEMENT, 1 << 20), "a heterogeneous model: where each node of the model runs "
+                                                  "(its partitions' rows are in `rows`)", optional=True),
+        "npu_macs_share": F(Float(), "the share of the model's MACs on the device it was loaded for (1.0 "
+                                     "unless partitions run elsewhere)", optional=True),
     }, errors=("ENOENT",)),
     _op("unload", "Unload a model and free its device memory (after jobs using it finish).", {
         "model": F(HANDLE, "loaded model"),

@@ -36,6 +36,8 @@ class NpuEmuTarget(Target):
 
         refused = {}
         for err in check_model(model, DeviceConfig.from_dict(params)):
+            if not err.node:   # a problem of the whole model: no node placement can help
+                raise err
             refused.setdefault(err.node, err.reason)
         out = []
         for i, node in enumerate(onnx.load_from_string(bytes(model)).graph.node):

@@ -19,6 +19,14 @@ from npud.ipc_schema import bulk
     ("check", {"id": 1, "ok": True, "problems": [{"node": "n"}]}, "problems"),
     ("compile", {"id": 1, "ok": False, "error": "bad"}, "error"),
     ("compile", {"id": 1, "ok": "yes"}, "ok"),
+    ("partition", {"id": 1, "ok": True, "nodes": [], "partitions": [], "tensors": {}, "inputs": []}, "outputs"),
+    ("partition", {"id": 1, "ok": True, "nodes": [{"node": "n", "op": "TopK", "target": "cpu", "reason": "r"}],
+                   "partitions": [], "tensors": {}, "inputs": [], "outputs": []}, "macs"),
+    ("partition", {"id": 1, "ok": True, "nodes": [], "partitions": [{"target": "cpu", "model": "text",
+                                                                    "inputs": [], "outputs": []}],
+                   "tensors": {}, "inputs": [], "outputs": []}, "model"),
+    ("partition", {"id": 1, "ok": True, "nodes": [], "partitions": [],
+                   "tensors": {"t": {"dtype": "float32", "shape": [-1]}}, "inputs": [], "outputs": []}, "shape"),
 ])
 def test_a_malformed_reply_fails_the_compile_with_eio(op, reply, problem):
     checked = compilers.checked_reply(op, reply)

@@ -139,3 +139,30 @@ async def test_a_process_lost_before_the_job_reaches_it_twice_blames_nobody(monk
     assert job.error.code == ErrorCode.EIO and job.error.retryable, job.error
     assert "lost before the job reached it, again after a reset" in job.error.message, job.error
     assert host.hangs == 0 and ctx.hangs == 0
+
+
+async def test_a_buffer_another_devices_process_imported_is_released_there_too(monkeypatch):
+    """A heterogeneous model's buffers are imported by both devices' processes (npud/hetero.py): the
+    owner's last release must reach the other device's process before the memory is freed."""
+    monkeypatch.setattr(supervisor.lifeline, "open_process", fake_processes(REAL))
+    owner = DeviceHost(0, "edge", "edge", make_config("edge"), lambda job: None, SchedulingParams())
+    other = DeviceHost(1, "edge", "edge", make_config("edge"), lambda job: None, SchedulingParams())
+    owner.peers = other.peers = [owner, other]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(owner.run)
+        await nursery.start(other.run)
+        ctx = Context(1, "s")
+        job = add_job(ctx)
+        job.device = 1
+        job.bindings = [(owner.memory.allocate(4096), va, w) for va, w in job.bindings]
+        other.submit(job)   # the other device's process imports the owner's buffers
+        with trio.fail_after(30):
+            await job.done.wait()
+        assert job.state == "done", job.error
+        bo = job.bindings[0][0]
+        assert bo.id in other.cores[0].proc.imported and bo.id not in owner.cores[0].proc.imported
+        owner.refs.release(bo)   # its last reference
+        with trio.fail_after(10):
+            while bo.id in other.cores[0].proc.imported or not bo.released:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()

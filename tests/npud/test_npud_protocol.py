@@ -285,7 +285,7 @@ def test_device_params_and_job_stats_have_the_documented_keys(peer):
     assert set(params["macs_per_cycle"]) == set(MACS_PER_CYCLE.fields)
     job = submit_add(peer)["result"]["job"]
     stats = peer.request("wait", {"job": job, "timeout_ms": 10_000})["result"]["stats"]
-    assert set(stats) == set(JOB_STATS.fields)
+    assert set(stats) == set(JOB_STATS.fields) - {"partitions"}   # (a heterogeneous model's runs only)
     assert set(stats["engine_busy"]) == set(ENGINE_BUSY.fields)
     statuses = peer.request("wait_jobs", {"jobs": [job], "all": True, "timeout_ms": 0})["result"]["jobs"]
     assert statuses == [{"job": job, "state": "done", "stats": stats}]
@@ -388,7 +388,8 @@ def test_run_model_buffers_hold_dense_little_endian_c_order_tensors(peer):
     err = error_of(peer.request("run_model", {**run, "outputs": [handles["big"]]}))  # two pages: refused
     assert err["code"] == "EINVAL" and "24 bytes" in err["message"]
     rows = peer.request("report", {"model": loaded["model"]})["result"]["rows"]
-    assert rows and all(set(row) == set(REPORT_ROW.fields) for row in rows)
+    # (`device` and `target` are a heterogeneous model's)
+    assert rows and all(set(row) == set(REPORT_ROW.fields) - {"device", "target"} for row in rows)
 
 
 def test_past_the_connections_byte_budget_reads_get_eagain_but_free_does_not(peer):
