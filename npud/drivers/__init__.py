@@ -96,6 +96,8 @@ class Driver(ABC):
     version: str = ""            # the driver's own version (its package's)
     target: str = ""             # the npud.targets entry point that compiles for it
     device_process: str = ""     # module run (through npud.lifeline) as each device process
+    preemption: bool = True      # runs stop at preemption points when asked (False: a job holds its
+                                 # device until it ends; `npuctl cts` then reports "not supported")
 
     @abstractmethod
     def presets(self) -> tuple[str, ...]:

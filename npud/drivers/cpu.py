@@ -110,6 +110,7 @@ class CpuDriver(Driver):
     version = __version__
     target = "cpu"
     device_process = "npud.drivers.cpu_device"
+    preemption = False       # one onnxruntime call per run: no point to stop at
 
     def presets(self) -> tuple[str, ...]:
         return PRESETS
