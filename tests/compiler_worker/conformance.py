@@ -34,7 +34,7 @@ OPS = [
     "LayerNormalization", "InstanceNormalization", "ReduceMean", "ReduceSum", "ReduceMax",
     "ReduceMin", "Flatten", "Reshape", "Transpose", "Concat", "Split", "Slice", "Gather",
     "Squeeze", "Unsqueeze", "Expand", "Pad", "Resize", "Shape", "Constant", "ConstantOfShape",
-    "Cast", "Identity", "Dropout", "Sum", "Where", "Equal", "Less", "Greater", "Min", "Max",
+    "Cast", "Identity", "Dropout", "Sum", "Where", "Equal", "Less", "Greater", "Min", "Max", "Size",
     # integer tensors and masks (int64/int32 are int32 on the device; lower_index.py)
     "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Not", "Mod", "CumSum", "IsNaN", "IsInf",
     "GatherElements", "Range", "If",
