@@ -196,3 +196,26 @@ def test_npuctl_devices_shows_the_template_device(tmp_path):
     assert out.returncode == 0 and "tmpl-int8" in out.stdout, out.stdout + out.stderr
     assert [(d["name"], d["driver"], d["driver_version"], d["preset"]) for d in listed] == \
         [("u55", "tmpl-int8", "0.1.0", "u55-128")]
+
+
+def test_a_compiler_worker_may_read_a_target_installed_through_an_import_hook(tmp_path, monkeypatch):
+    """`pip install -e` of a vendor's package puts an import hook, not its directory, on the import
+    path; the compiler worker's Landlock rules must still let it read the target's code."""
+    import importlib.machinery
+
+    from npud.compiler_worker import sandbox
+
+    plugin_env(tmp_path, "npud_driver_template", TEMPLATE, "tmpl-int8 = npud_tmpl.driver:TmplDriver",
+               "tmpl-int8 = npud_tmpl.target:TmplTarget")
+
+    class EditableFinder:   # what setuptools' editable finder does: one package, from its own directory
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name == "npud_tmpl":
+                return importlib.machinery.PathFinder.find_spec(name, [str(TEMPLATE)])
+            return None
+
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(sys, "meta_path", [*sys.meta_path, EditableFinder])
+    assert str(TEMPLATE) not in sys.path
+    assert os.path.realpath(TEMPLATE / "npud_tmpl") in sandbox.readable_paths()

@@ -99,10 +99,10 @@ def run(driver_name: str, pattern: str | None = None, per_op: int = PER_OP, prog
         env = checks.Env(daemon.endpoint, driver, params)
         with env.stack:
             for name, check in checks.SYSTEM:
+                if pattern and not re.search(pattern, name) and name != "system/probe-model":
+                    continue
                 if name != "system/probe-model" and env.probe is None:
                     results.append(Result(name, SKIPPED, 0.0, "no probe model runs on this device"))
-                    continue
-                if pattern and not re.search(pattern, name) and name != "system/probe-model":
                     continue
                 results.append(_timed(name, lambda: check(env)))
                 _say(progress, results[-1])
