@@ -175,7 +175,7 @@ def test_the_template_has_its_own_parameters_and_presets():
     assert small.target_hash() != driver.params("u55-256", {}).target_hash()
     with pytest.raises(ValueError, match="macs"):
         driver.params("u55-256", {"macs": 100})
-    with pytest.raises(ValueError, match="unknown tmpl-int8 key"):
+    with pytest.raises(ValueError, match="unknown tmpl-int8 device key"):
         driver.params("u55-256", {"fp32": True})
 
 

@@ -16,6 +16,7 @@ returns 1 if any failed.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -182,8 +183,9 @@ class NotClaimed(Exception):
     """The target does not claim a node of the test (the message: the first reason it gave)."""
 
 
+@functools.cache
 def _rep_class():
-    from npu.onnx_backend import NpuRep
+    from npu.onnx_backend import NpuRep   # imports onnx: only when node tests run
 
     class _DeviceRep(NpuRep):
         """npu.onnx_backend's preparation (parameters baked, shapes fixed, dtypes at the boundary)
@@ -209,25 +211,33 @@ def _rep_class():
 
 
 def DeviceRep(model, client, device: int):
+    """A node test's model prepared on ``device`` of ``client`` (NotClaimed if its target declines it)."""
     return _rep_class()(model, client, device)
 
 
-def summary(driver: str, per_op: int, results: list[Result]) -> dict:
-    counts: dict[str, int] = {}
+def counts(results: list[Result]) -> dict[str, int]:
+    """{result: how many checks had it}."""
+    out: dict[str, int] = {}
     for r in results:
-        counts[r.result] = counts.get(r.result, 0) + 1
-    return {"driver": driver, "per_op": per_op, "counts": counts,
+        out[r.result] = out.get(r.result, 0) + 1
+    return out
+
+
+def summary(driver: str, per_op: int, results: list[Result]) -> dict:
+    """What --json writes: the counts, the failures, and every result."""
+    return {"driver": driver, "per_op": per_op, "counts": counts(results),
             "failures": [asdict(r) for r in results if r.result == FAIL],
             "results": [asdict(r) for r in results]}
 
 
 def table(results: list[Result], per_op: int = PER_OP, verbose: bool = False) -> str:
+    """The results as a text table (node tests not claimed only with ``verbose``), the ops with no
+    claimed test, and the totals."""
     shown = [r for r in results if verbose or r.result != NOT_CLAIMED]
     width = max([len(r.check) for r in shown] + [5])
     lines = [f"{'CHECK':<{width}}  {'RESULT':<13}  {'TIME':>7}  DETAIL"]
     for r in shown:
         lines.append(f"{r.check:<{width}}  {r.result:<13}  {r.seconds:>6.2f}s  {r.detail}")
-    counts = summary("", 0, results)["counts"]
     unclaimed = sorted({r.check.split("/")[1] for r in results if r.result == NOT_CLAIMED}
                        - {r.check.split("/")[1] for r in results if r.check.startswith("node/")
                           and r.result != NOT_CLAIMED})
@@ -235,5 +245,5 @@ def table(results: list[Result], per_op: int = PER_OP, verbose: bool = False) ->
     if unclaimed:
         lines.append(f"ops not claimed by the target ({len(unclaimed)}; -v lists their tests): {', '.join(unclaimed)}")
     lines.append(f"node tests: up to {per_op} of each op, shortest names first (--per-op N)")
-    lines.append("total: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    lines.append("total: " + ", ".join(f"{n} {k}" for k, n in sorted(counts(results).items())))
     return "\n".join(lines)

@@ -8,14 +8,16 @@ method -- its device process drives the hardware the parameters describe.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
+from npud.drivers import PlainParams
 from npud.emulator.config import DeviceConfig
 
 
 @dataclass(frozen=True)
-class TmplParams:
+class TmplParams(PlainParams):
+    """The device's parameters (npud.drivers.DeviceParams): an Ethos-U55-like int8 array."""
+
     preset: str = "u55-256"
     cores: int = 1                    # device processes (jobs in parallel): one NPU
     macs: int = 256                   # int8 MACs per cycle
@@ -25,27 +27,16 @@ class TmplParams:
     memory_bytes: int = 256 << 20     # the device memory npud may allocate for it
     page_size: int = 4096
 
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name == "preset":
-                if value not in PRESETS:
-                    raise ValueError(f"unknown tmpl-int8 preset {value!r} (known: {', '.join(PRESETS)})")
-            elif type(value) is not int or value <= 0:
-                raise ValueError(f"tmpl-int8 {f.name}={value!r}: must be a positive integer")
-        if self.macs % 16:
-            raise ValueError(f"tmpl-int8 macs={self.macs}: must be a multiple of 16 (the array is 16 wide)")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    LABEL = "tmpl-int8"
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TmplParams":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(map(str, d)) - names)
-        if unknown:
-            raise ValueError(f"unknown tmpl-int8 key(s): {', '.join(unknown)}")
-        return cls(**d)
+    def preset_names(cls) -> tuple[str, ...]:
+        return tuple(PRESETS)
+
+    def __post_init__(self) -> None:
+        self.check_fields()   # npud.drivers.PlainParams: a known preset, positive integers
+        if self.macs % 16:
+            raise ValueError(f"tmpl-int8 macs={self.macs}: must be a multiple of 16 (the array is 16 wide)")
 
     def emulator_config(self) -> DeviceConfig:
         """npu-emu's configuration of this device: a 16-wide int8 MAC array; float rates of one MAC
