@@ -17,7 +17,9 @@ kernel registry, and without onnxruntime (no ``npud[cpu]`` extra) it claims noth
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 
 # element types npud's tensor_info carries (npud/ipc_schema: tensor_info.dtype)
 CARRIED = {"float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool"}
@@ -90,16 +92,36 @@ def _deviation(node, tensors: dict) -> str:
 def _kernels() -> dict | None:
     """{(domain, op): [(first version, last version, {type param: {"tensor(float)", ...}})]} of
     onnxruntime's CPU provider; None without onnxruntime."""
-    try:
-        from onnxruntime.capi import _pybind_state as ort
-    except ImportError:
-        return None
+    with _stderr_discarded():
+        try:
+            from onnxruntime.capi import _pybind_state as ort
+        except ImportError:
+            return None
+        definitions = ort.get_all_opkernel_def()
     table: dict = {}
-    for k in ort.get_all_opkernel_def():
+    for k in definitions:
         if k.provider == "CPUExecutionProvider":
             table.setdefault((k.domain or "ai.onnx", k.op_name), []).append(
                 (k.version_range[0], k.version_range[1], {n: set(t) for n, t in k.type_constraints.items()}))
     return table
+
+
+@contextlib.contextmanager
+def _stderr_discarded():
+    """Loading onnxruntime in a compiler worker writes to fd 2 that the sandbox hides /proc/cpuinfo
+    and /sys from it: expected (only its kernel registry is read here), and noise in npud's log.
+    A pipe, not /dev/null: the sandbox lets the worker open no file."""
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)   # a full pipe drops the rest instead of blocking the worker
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(read_end)
 
 
 def _tensors(graph) -> dict:
