@@ -49,17 +49,18 @@ def node_tests():
         return load_model_tests(kind="node")
 
 
-def by_op(tests, per_op: int, pattern: str | None = None) -> dict[str, list]:
-    """{op: up to ``per_op`` of its tests}: the non-expanded ones (an expanded test is about the
-    simpler ops it is made of), shortest name first (the plain case before its variants),
-    optionally only those whose name matches ``pattern`` (a regular expression)."""
+def by_op(tests, limit: int, pattern: str | None = None) -> dict[str, list]:
+    """{op: up to ``limit`` of its tests, in the order to try them}: the non-expanded ones (an
+    expanded test is about the simpler ops it is made of), shortest name first (the plain case
+    before its variants), optionally only those whose name matches ``pattern`` (a regular
+    expression)."""
     ops = op_of_tests({t.name: t.model for t in tests})
     chosen: dict[str, list] = defaultdict(list)
     for t in sorted(tests, key=lambda t: (len(t.name), t.name)):
         op = ops.get(t.name)
         if op is None or EXPANDED.search(t.name) or (pattern and not re.search(pattern, t.name)):
             continue
-        if len(chosen[op]) < per_op:
+        if len(chosen[op]) < limit:
             chosen[op].append(t)
     return dict(sorted(chosen.items()))
 
