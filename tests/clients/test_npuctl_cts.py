@@ -139,7 +139,7 @@ def _template_target():
 def qdq_model() -> bytes:
     """x (float) -> Q -> DQ -> MatMul(DQ(W int8)) -> Q -> DQ -> Softmax -> y (float)."""
     rng = np.random.default_rng(0)
-    f32, i8 = TensorProto.FLOAT, TensorProto.INT8
+    f32 = TensorProto.FLOAT
     inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z"),
              numpy_helper.from_array(np.array(0.01, np.float32), "sw"),
              numpy_helper.from_array(rng.integers(-100, 100, (16, 16), dtype=np.int8), "w")]
