@@ -17,8 +17,10 @@ $(RUNTIME): pyproject.toml | $(VENV)/bin/python
 	touch $@
 
 # ray: npu.ray's tests run a simulated two-node Ray cluster (tests/clients/test_ray_fleet.py).
-$(TESTING): pyproject.toml | $(VENV)/bin/python
+# The driver template too: `npuctl cts --driver tmpl-int8` runs in the tests (examples/driver-template).
+$(TESTING): pyproject.toml examples/driver-template/pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install --quiet -e '.[test,cpu,ray]'
+	$(PY) -m pip install --quiet --no-deps -e examples/driver-template
 	touch $(RUNTIME) $@
 
 demo: $(RUNTIME)

@@ -19,7 +19,7 @@ import time
 
 import npu
 
-from . import exporter, fields, monitor, render, tools, tracefmt, version
+from . import cts, exporter, fields, monitor, render, tools, tracefmt, version
 
 INTERRUPTED = 130   # 128 + SIGINT, as a shell reports a command Ctrl-C stopped
 
@@ -151,6 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     rs = add("reset", "admin: restart a device's process")
     rs.add_argument("device", metavar="DEVICE", help="device index or name")
     exporter.add_parser(add)   # `npuctl exporter`: clients/npuctl/exporter.py
+    cts.add_parser(sub)        # `npuctl cts`: clients/npuctl/cts/ (starts its own daemon)
     add("ray-resources", "this node's healthy devices as Ray custom resources: the JSON for "
                          "`ray start --resources` (docs/FLEET.md)")
     return parser
@@ -354,6 +355,8 @@ def _dispatch(args) -> int:
         return _query(args, None)
     if cmd == "exporter":   # connects at each scrape, and serves while npud is down
         return exporter.serve(args, lambda: _connect(args))
+    if cmd == "cts":        # starts and stops a private daemon of its own
+        return cts.main(args)
     with _connect(args) as client:
         if cmd == "status":
             data = _status(client)

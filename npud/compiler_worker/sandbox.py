@@ -116,10 +116,12 @@ def readable_paths(exclude: str | None = None) -> list[str]:
     ``exclude``: the directory the worker started in, which ``python -m`` puts on the import
     path and which may be the daemon's state directory (its packages are listed on their own)."""
     paths = [p for p in sys.path if p and os.path.isabs(p) and os.path.realpath(p) != exclude]
-    for name in PACKAGES:
+    for name in (*PACKAGES, *_target_plugins()):
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.submodule_search_locations:
             paths.extend(spec.submodule_search_locations)
+        elif spec is not None and spec.origin and os.path.isabs(spec.origin):
+            paths.append(spec.origin)   # a plugin that is one module
     paths.extend(SYSTEM_LIBRARIES)
     seen, out = set(), []
     for p in paths:
@@ -128,6 +130,15 @@ def readable_paths(exclude: str | None = None) -> list[str]:
             seen.add(real)
             out.append(real)
     return out
+
+
+def _target_plugins() -> list[str]:
+    """The top-level packages of the installed compiler targets (``npud.targets`` entry points): a
+    vendor's, installed editable, is found through an import hook, not on the import path, and
+    its worker must still read it (npuctl cts found a template target unreadable here)."""
+    from npud import plugins
+
+    return sorted({value.partition(":")[0].strip().split(".")[0] for value in plugins.installed("npud.targets").values()})
 
 
 def restrict(abi: int, readable: list[str]) -> None:

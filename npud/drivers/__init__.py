@@ -66,6 +66,46 @@ class DeviceParams(Protocol):
     def target_hash(self) -> bytes: ...
 
 
+class PlainParams:
+    """For a driver's parameters as a frozen dataclass of a ``preset`` name and positive integers
+    (the cpu driver's, the driver template's): ``to_dict``/``from_dict`` and the checks, with
+    errors naming the device kind (``LABEL``) and the key."""
+
+    LABEL = "device"
+
+    @classmethod
+    def preset_names(cls) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def check_fields(self) -> None:
+        """ValueError unless ``preset`` is one of ``preset_names()`` and every other field a
+        positive integer; call it from ``__post_init__``."""
+        import dataclasses
+
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "preset":
+                if value not in self.preset_names():
+                    raise ValueError(f"unknown {self.LABEL} preset {value!r} (known: {', '.join(self.preset_names())})")
+            elif type(value) is not int or value <= 0:
+                raise ValueError(f"{self.LABEL} device {f.name}={value!r}: must be a positive integer")
+
+    def to_dict(self) -> dict:
+        import dataclasses
+
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """The parameters ``d`` names; ValueError naming any key the dataclass has not."""
+        import dataclasses
+
+        unknown = sorted(set(map(str, d)) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown {cls.LABEL} device key(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
 @dataclass(frozen=True)
 class Binding:
     """Where a buffer object appears in a job's address space."""
@@ -96,6 +136,8 @@ class Driver(ABC):
     version: str = ""            # the driver's own version (its package's)
     target: str = ""             # the npud.targets entry point that compiles for it
     device_process: str = ""     # module run (through npud.lifeline) as each device process
+    preemption: bool = True      # runs stop at preemption points when asked (False: a job holds its
+                                 # device until it ends; `npuctl cts` then reports "not supported")
 
     @abstractmethod
     def presets(self) -> tuple[str, ...]:

@@ -12,7 +12,6 @@ device process: the optional extra ``npud[cpu]``.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import msgpack
 
 from npud import __version__
 
-from . import Binding, Driver, ProgramInfo, ProgramRejected
+from . import Binding, Driver, PlainParams, ProgramInfo, ProgramRejected
 
 MAGIC = b"NPUCPU\x00\x01"          # the container, version 1
 TARGET_HASH_PREFIX = b"cpu/1:"
@@ -29,7 +28,7 @@ MAX_TENSORS = 4096
 
 
 @dataclass(frozen=True)
-class CpuParams:
+class CpuParams(PlainParams):
     """The host CPU as an npud device."""
 
     preset: str = "host"
@@ -39,27 +38,16 @@ class CpuParams:
     memory_bytes: int = 1 << 30
     page_size: int = 4096
 
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name == "preset":
-                if value not in PRESETS:
-                    raise ValueError(f"unknown cpu preset {value!r} (known: {', '.join(PRESETS)})")
-            elif type(value) is not int or value <= 0:
-                raise ValueError(f"cpu device {f.name}={value!r}: must be a positive integer")
-        if self.page_size < 4096 or self.page_size & (self.page_size - 1):
-            raise ValueError(f"cpu device page_size={self.page_size!r}: must be a power of two >= 4096")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    LABEL = "cpu"
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CpuParams":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(map(str, d)) - names)
-        if unknown:
-            raise ValueError(f"unknown cpu device key(s): {', '.join(unknown)}")
-        return cls(**d)
+    def preset_names(cls) -> tuple[str, ...]:
+        return PRESETS
+
+    def __post_init__(self) -> None:
+        self.check_fields()
+        if self.page_size < 4096 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"cpu device page_size={self.page_size!r}: must be a power of two >= 4096")
 
     def target_hash(self) -> bytes:
         """A program for the cpu target runs on any cpu device: nothing but the recipe counts."""
@@ -110,6 +98,7 @@ class CpuDriver(Driver):
     version = __version__
     target = "cpu"
     device_process = "npud.drivers.cpu_device"
+    preemption = False       # one onnxruntime call per run: no point to stop at
 
     def presets(self) -> tuple[str, ...]:
         return PRESETS

@@ -1,6 +1,7 @@
 """The cpu target: an ONNX model, its input shapes fixed, packed for the cpu driver.
 
-Every node is supported (onnxruntime runs the whole opset); the compile fixes symbolic input
+A node is supported when onnxruntime's CPU provider runs it and npud can carry its tensors
+(npud/targets/cpu_support.py); the compile fixes symbolic input
 dimensions (``input_shapes``, else 1, as npu-emu's compiler does), infers the output shapes, lays
 the inputs and outputs out in the job's address space (each at its own page) and writes the
 executable container (npud/executable) whose stream is a cpu program (npud/drivers/cpu.py).
@@ -32,14 +33,17 @@ class CpuTarget(Target):
     @functools.cache
     def fingerprint(self) -> str:
         npud = Path(__file__).resolve().parent.parent
-        return source_fingerprint(VERSION, [(p, npud / p) for p in ("targets/cpu.py", "drivers/cpu.py",
+        return source_fingerprint(VERSION, [(p, npud / p) for p in ("targets/cpu.py", "targets/cpu_support.py", "drivers/cpu.py",
                                                                     "executable/__init__.py")])
 
     def support(self, model: bytes, params: dict) -> list[NodeSupport]:
         import onnx
 
-        graph = onnx.load_from_string(bytes(model)).graph
-        return [NodeSupport(n.name or f"{n.op_type}_{i}", n.op_type, True) for i, n in enumerate(graph.node)]
+        from .cpu_support import support
+
+        proto = onnx.load_from_string(bytes(model))
+        return [NodeSupport(n.name or f"{n.op_type}_{i}", n.op_type, ok, why)
+                for i, (n, (ok, why)) in enumerate(zip(proto.graph.node, support(proto)))]
 
     def compile(self, model: bytes, params: dict, options: dict) -> bytes:
         import numpy as np
@@ -50,6 +54,8 @@ class CpuTarget(Target):
         from npud.compiler_worker.passes.import_onnx import declared_dims
         from npud.drivers.cpu import CpuParams, pack_program
         from npud.executable import Executable
+
+        from .cpu_support import support
 
         options = dict(options or {})
         unknown = set(options) - KNOWN_OPTIONS
@@ -74,6 +80,9 @@ class CpuTarget(Target):
             for d, n in zip(dims, shape):
                 d.Clear()
                 d.dim_value = int(n)
+        for node, (ok, why) in zip(graph.node, support(proto)):
+            if not ok:   # what `check` declines never loads: a claim is a promise (docs/CTS.md)
+                raise CompileError(why, node=node.name, op=node.op_type)
         try:
             inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
         except Exception as exc:

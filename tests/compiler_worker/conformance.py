@@ -23,6 +23,8 @@ import re
 import sys
 from collections import defaultdict
 
+from npuctl.cts import nodes
+
 # The coverage target: fp32, opsets 11-21.
 OPS = [
     "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Pow", "Sqrt",
@@ -32,7 +34,7 @@ OPS = [
     "LayerNormalization", "InstanceNormalization", "GroupNormalization", "ReduceMean", "ReduceSum", "ReduceMax",
     "ReduceMin", "Flatten", "Reshape", "Transpose", "Concat", "Split", "Slice", "Gather",
     "Squeeze", "Unsqueeze", "Expand", "Pad", "Resize", "Shape", "Constant", "ConstantOfShape",
-    "Cast", "Identity", "Dropout", "Sum", "Where", "Equal", "Less", "Greater", "Min", "Max",
+    "Cast", "Identity", "Dropout", "Sum", "Where", "Equal", "Less", "Greater", "Min", "Max", "Size",
     # integer tensors and masks (int64/int32 are int32 on the device; lower_index.py)
     "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Not", "Mod", "CumSum", "IsNaN", "IsInf",
     "GatherElements", "Range", "If",
@@ -106,37 +108,21 @@ EXCLUDE: dict[str, str] = {
 }
 
 
-def node_ops(model) -> list[str]:
-    return [n.op_type for n in model.graph.node]
-
-
-def main_op(ops: list[str]) -> str | None:
-    """The op a (non-expanded) node test is about: its first node other than Constant."""
-    rest = [o for o in ops if o != "Constant"]
-    return rest[0] if rest else (ops[0] if ops else None)
-
-
 def classify(node_cases) -> dict[str, dict[str, list[str]]]:
     """{op: {"selected": [names], "excluded": [names], "other_ops": [names]}} from
     (name, model) pairs of node tests; "other_ops" lists tests of the op that use
     ops outside OPS (not selected).  An ``*_expanded`` test counts for the op of
-    the test it expands."""
+    the test it expands (the rule ``npuctl cts`` shares: npuctl/cts/nodes.py)."""
     covered = set(OPS)
     cases = dict(node_cases)
+    op_of = nodes.op_of_tests(cases)
     out: dict[str, dict[str, list[str]]] = {op: defaultdict(list) for op in OPS}
     for name, model in sorted(node_cases):
-        ops = node_ops(model)
-        base = re.sub(r"_expanded(_ver\d+)?$", "", name)
-        if base != name:
-            if base not in cases:
-                continue
-            op = main_op(node_ops(cases[base]))
-        else:
-            op = main_op(ops)
+        op = op_of.get(name)
         if op not in covered:
             continue
         slot = out[op]
-        if not set(ops) <= covered:
+        if not set(nodes.node_ops(model)) <= covered:
             slot["other_ops"].append(name)
         elif excluded(name):
             slot["excluded"].append(name)
@@ -154,8 +140,7 @@ def excluded(name: str) -> str | None:
 
 def node_cases():
     """(name, model) of every ONNX node test (no device suffix)."""
-    from onnx.backend.test.loader import load_model_tests
-    return [(t.name, t.model) for t in load_model_tests(kind="node")]
+    return [(t.name, t.model) for t in nodes.node_tests()]
 
 
 def render_table() -> str:

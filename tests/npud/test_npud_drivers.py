@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # (docgen writes docs/PROTOCOL.md, which documents npu-emu's target hash: a build tool, never run
 # by the daemon.)
 PLUGIN_MODULES = {"npud/drivers/npu_emu.py", "npud/targets/npu_emu.py", "npud/drivers/cpu_device.py",
-                  "npud/targets/cpu.py", "npud/ipc_schema/docgen.py"}
+                  "npud/targets/cpu.py", "npud/targets/cpu_support.py", "npud/ipc_schema/docgen.py"}
 FORBIDDEN = ("npud.emulator", "npud.compiler_worker", "onnx", "onnxruntime")
 
 

@@ -112,15 +112,17 @@ def run(ctx) -> None:
         t = pt[pname]
         r = region(f"input:{name}", "input", t.nbytes, False, tensor=name)
         t.va = r["va"]
-        io_in.append({"name": name, "dtype": io_dtype(ctx.graph.tensors[name].dtype), "shape": list(t.logical or t.shape),
+        io_in.append({"name": name, "dtype": io_dtype(ctx.graph.tensors[name].dtype),
+                      "shape": list(t.shape if t.logical is None else t.logical),
                       "va": r["va"], "size": t.nbytes, **declared.get(name, {})})
     for oname, pname in ctx.io["outputs"]:
         t = pt[root(pname)]
         r = region(f"output:{oname}", "output", t.nbytes, True, tensor=oname)
         t.va = r["va"]
         g = ctx.graph.tensors[oname]
-        io_out.append({"name": oname, "dtype": io_dtype(g.dtype if g.const is None else g.const.dtype), "shape": list(pt[pname].logical or pt[pname].shape),
-                       "va": r["va"], "size": t.nbytes, **declared.get(oname, {})})
+        shape = pt[pname].shape if pt[pname].logical is None else pt[pname].logical   # a scalar's logical shape is ()
+        io_out.append({"name": oname, "dtype": io_dtype(g.dtype if g.const is None else g.const.dtype),
+                       "shape": list(shape), "va": r["va"], "size": t.nbytes, **declared.get(oname, {})})
     for name, t in pt.items():
         r = root(name)
         rt = pt[r]
