@@ -287,6 +287,19 @@ def _limits(table: Any) -> Limits:
     return limits
 
 
+def device_arg(value: str) -> dict[str, str]:
+    """A ``--device`` value as a [[devices]] table: ``PRESET`` (of the default driver),
+    ``DRIVER`` (its first preset) or ``DRIVER:PRESET``; parse_devices checks it."""
+    from npud import drivers
+
+    if ":" in value:
+        driver, preset = value.split(":", 1)
+        return {"driver": driver, "preset": preset} if preset else {"driver": driver}
+    if value not in drivers.driver().presets() and value in drivers.installed():
+        return {"driver": value}
+    return {"preset": value}
+
+
 def parse_devices(items: Any) -> tuple[DeviceSpec, ...]:
     from npud import drivers, plugins  # each driver owns its devices' parameters
 

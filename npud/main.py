@@ -13,7 +13,7 @@ from npud.ipc_schema.schema import PROTOCOL_VERSION
 from npud.ipc_schema.version import distribution_version
 
 from . import fds, log
-from .config import LOG_FORMATS, LOG_LEVELS, ConfigError, load, parse_devices
+from .config import LOG_FORMATS, LOG_LEVELS, ConfigError, device_arg, load, parse_devices
 from .server import AlreadyRunning, Daemon
 
 
@@ -30,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="text (default; under systemd, the journal's native protocol with structured "
                              "fields) or json (one object per line: ts, level, logger, msg, context)")
     parser.add_argument("--cache-dir", metavar="DIR", help="compile cache directory")
-    parser.add_argument("--device", metavar="PRESET", action="append",
-                        help="create a device from this preset (repeatable; replaces the config's devices)")
+    parser.add_argument("--device", metavar="[DRIVER:]PRESET", action="append",
+                        help="create a device from this preset of npu-emu, a driver's first preset (`cpu`), or "
+                             "DRIVER:PRESET (repeatable; replaces the config's devices)")
     parser.add_argument("--test-mode", action="store_true",
                         help="allow test-only fault injection (the inject_fault op); never in production")
     parser.add_argument("--policy", metavar="FILE", help="policy file (overrides the config's `policy`)")
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             config = dataclasses.replace(config, policy=args.policy)
         if args.device:
             config = dataclasses.replace(config, devices=parse_devices(
-                [{"name": f"npu{i}", "preset": p} for i, p in enumerate(args.device)]))
+                [{"name": f"npu{i}", **device_arg(p)} for i, p in enumerate(args.device)]))
     except ConfigError as exc:
         print(f"npud: {exc}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from npud import drivers, plugins, targets
-from npud.config import ConfigError, parse_devices
+from npud.config import ConfigError, device_arg, parse_devices
 
 ROOT = Path(__file__).resolve().parents[2]
 # Only the registries' own plugin modules may import a driver's or a compiler's code.
@@ -100,6 +100,25 @@ def test_a_config_names_the_driver_and_an_unknown_one_is_a_config_error_naming_t
         parse_devices([{"driver": 3}])
 
 
+@pytest.mark.parametrize("value, table", [
+    ("edge", {"preset": "edge"}),                        # a preset of the default driver
+    ("cpu", {"driver": "cpu"}),                          # a driver: its first preset
+    ("npu-emu:server", {"driver": "npu-emu", "preset": "server"}),
+    ("cpu:", {"driver": "cpu"}),
+])
+def test_the_device_option_names_a_preset_a_driver_or_both(value, table):
+    assert device_arg(value) == table
+    parse_devices([device_arg(value)])
+
+
+@pytest.mark.parametrize("value, problem", [("acme:edge", "no driver named 'acme'"),
+                                            ("cpu:edge", "unknown preset 'edge' of driver cpu"),
+                                            ("bogus", "unknown preset 'bogus' of driver npu-emu")])
+def test_a_device_option_naming_nothing_installed_is_a_config_error(value, problem):
+    with pytest.raises(ConfigError, match=problem):
+        parse_devices([device_arg(value)])
+
+
 def test_unknown_target_names_the_installed():
     with pytest.raises(plugins.UnknownPlugin, match="no target named 'nope'.*installed: .*npu-emu"):
         targets.target("nope")
@@ -133,7 +152,8 @@ def test_a_separately_installed_driver_is_found_through_its_entry_point(tmp_path
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    assert result["installed"] == ["acme-npu", "cpu", "npu-emu"]
+    # (make test also installs examples/driver-template's tmpl-int8)
+    assert {"acme-npu", "cpu", "npu-emu"} <= set(result["installed"]) and result["installed"] == sorted(result["installed"])
     assert result["devices"][0][0] == "npu-emu" and result["devices"][1] == ["acme-npu", "9.1.2"]
 
 
