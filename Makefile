@@ -11,9 +11,10 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# The demo needs only the runtime dependencies; tests add the oracles (and the cpu driver's onnxruntime).
+# The demo needs the runtime dependencies and the cpu driver (npud[cpu]: onnxruntime), which runs the
+# node of its model the NPU declines; tests add the oracles.
 $(RUNTIME): pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e '.[cpu]'
 	touch $@
 
 # ray: npu.ray's tests run a simulated two-node Ray cluster (tests/clients/test_ray_fleet.py).

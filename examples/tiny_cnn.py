@@ -32,7 +32,10 @@ def weights(seed: int = 7) -> dict[str, np.ndarray]:
     }
 
 
-def build(seed: int = 7) -> onnx.ModelProto:
+def build(seed: int = 7, top_k: int = 0) -> onnx.ModelProto:
+    """The classifier; with ``top_k``, also its ``top_k`` best classes (``top_probs``,
+    ``top_classes``) by a TopK node, which npu-emu's target declines: the demo's model then
+    runs on the NPU and, for that one node, on a cpu device."""
     n = helper.make_node
     nodes = [
         n("Conv", ["x", "c1_w", "c1_b"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
@@ -47,11 +50,17 @@ def build(seed: int = 7) -> onnx.ModelProto:
         n("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1, name="fc"),
         n("Softmax", ["logits"], ["probs"], axis=1, name="softmax"),
     ]
+    outputs = [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, CLASSES])]
+    initialisers = [numpy_helper.from_array(v, k) for k, v in weights(seed).items()]
+    if top_k:
+        nodes.append(n("TopK", ["probs", "k"], ["top_probs", "top_classes"], axis=1, name="top_k"))
+        initialisers.append(numpy_helper.from_array(np.array([top_k], np.int64), "k"))
+        outputs += [helper.make_tensor_value_info("top_probs", TensorProto.FLOAT, [1, top_k]),
+                    helper.make_tensor_value_info("top_classes", TensorProto.INT64, [1, top_k])]
     graph = helper.make_graph(
         nodes, "tiny_cnn",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(INPUT_SHAPE))],
-        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, CLASSES])],
-        [numpy_helper.from_array(v, k) for k, v in weights(seed).items()])
+        outputs, initialisers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
                               producer_name="npud-demo")
     onnx.checker.check_model(model)

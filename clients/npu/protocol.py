@@ -42,6 +42,11 @@ class Device:
         return cls(d["index"], d["name"], d["preset"], d["state"], d["params"], d["memory_total"],
                    d["memory_used"], d)
 
+    @property
+    def driver(self) -> str:
+        """The driver that runs it (npuctl devices' DRIVER column; daemons before protocol 1.6: npu-emu)."""
+        return str(self.info.get("driver", "npu-emu"))
+
     def __getattr__(self, name: str) -> Any:
         # Parameters read as attributes too: device.cores, device.sram_bytes, ...
         try:
