@@ -168,17 +168,18 @@ def test_qconv2d_epilogue_in_row_blocks(monkeypatch):
 
 
 def test_bias_joins_the_accumulator_in_float32():
-    # |acc + bias| beyond 2**24: fl32(acc) + fl32(bias) rounds the sum to a multiple of 4,
-    # onto an exact tie that rounds to even (128); the int32 sum would round up (129)
-    x = np.zeros((1, 4, 4, 16), np.uint8)
-    x[..., 0] = 1
-    w = np.zeros((1, 1, 16, 16), np.int8)
-    w[0, 0, 0] = np.arange(-8, 8)
-    bias = np.full(16, 2**25 + 2**17, np.int32)
-    scale = np.full(16, 2.0 ** -18, np.float32)
+    # acc = 2**25 + 2**17 + 2, beyond float32's integers: fl32(acc) rounds (a tie, to even) to
+    # 2**25 + 2**17, and + 1 stays there: 128.5 at a scale of 2**-18, rounded to even, 128.  The
+    # int32 sum acc + 1 would round up to 2**25 + 2**17 + 4 instead, and to 129.
+    x = np.full((1, 4, 4, 1041), 255, np.uint8)
+    x[..., 1040] = 222
+    w = np.full((1, 1, 1041, 2), 127, np.int8)
+    w[0, 0, 1040] = 23                   # 1040 * 255 * 127 + 222 * 23 = 2**25 + 2**17 + 2
+    bias = np.array([1, 0], np.int32)
+    scale = np.full(2, 2.0 ** -18, np.float32)
     got = fused(x, w, bias, scale, np.uint8)
     np.testing.assert_array_equal(got, definition(x, w, bias, scale, np.uint8))
-    assert got[0, 0, 0, 9] == 128     # acc = 1: 2**25 + 2**17 + 1 is 128.5 + 2**-18 exactly
+    assert (got[..., 0] == 128).all() and (got[..., 1] == 128).all()
 
 
 @st.composite
