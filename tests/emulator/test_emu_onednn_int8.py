@@ -59,3 +59,19 @@ def test_past_the_budget_weights_are_reordered_every_run(monkeypatch):
         _run(x, w, bias, scale)
     finally:
         onednn.reset()
+
+
+@pytest.mark.parametrize("dtype,w_dtype", [(np.float32, "fp32"), (np.uint8, "int8")])
+def test_depthwise_convolutions_get_a_jit_plan(dtype, w_dtype):
+    # MobileNet's depthwise layers: a oneDNN depthwise kernel, not the numpy path
+    from types import SimpleNamespace
+
+    from npud.emulator.engines import mac
+    from npud.emulator.isa import NONE_ADDR, tile
+
+    x, out = np.zeros((1, 28, 28, 144), dtype), np.zeros((1, 14, 14, 144), dtype)
+    a = SimpleNamespace(w=tile(0x8000_0000, w_dtype, (3, 3, 1, 144)), stride=(2, 2), pad=(0, 1, 0, 1),
+                        dilation=(1, 1), groups=144, bias=NONE_ADDR, flags=0, x_zp=0, y_zp=0,
+                        lo=0, hi=255)
+    plan = (mac._onednn_plan if dtype == np.float32 else mac._qconv_plan)(a, x, out, None)
+    assert plan is not None and not plan.impl.startswith("ref"), plan and plan.impl

@@ -155,17 +155,17 @@ def _conv_onednn(sram: np.ndarray, a, x: np.ndarray, w: np.ndarray, out: np.ndar
 
 
 def _onednn_plan(a, x: np.ndarray, out: np.ndarray, w: np.ndarray | None):
-    """oneDNN's convolution primitive for an ungrouped float32 conv2d, bias,
-    accumulation and ReLU fused; None where there is no plan or ``out``
-    overlaps an operand the primitive reads while writing it (`w` None: read
-    in place from a weight window, never SRAM)."""
-    if not (x.dtype == out.dtype == np.float32 and a.w.dtype == DType.FP32 and a.groups == 1):
+    """oneDNN's convolution primitive for a float32 conv2d (grouped and
+    depthwise too), bias, accumulation and ReLU fused; None where there is no
+    plan or ``out`` overlaps an operand the primitive reads while writing it
+    (`w` None: read in place from a weight window, never SRAM)."""
+    if not (x.dtype == out.dtype == np.float32 and a.w.dtype == DType.FP32):
         return None
     if np.may_share_memory(out, x) or (w is not None and np.may_share_memory(out, w)):
         return None
     return onednn.plan(x.shape, a.w.shape, out.shape, a.stride, a.pad, a.dilation,
                        bias=a.bias != NONE_ADDR, accumulate=bool(a.flags & FLAG_ACCUMULATE),
-                       relu=bool(a.flags & FLAG_RELU))
+                       relu=bool(a.flags & FLAG_RELU), groups=a.groups)
 
 
 def _bias_f32(sram: np.ndarray, a, out: np.ndarray):
@@ -235,7 +235,8 @@ def _qconv_plan(a, x: np.ndarray, out: np.ndarray, w: np.ndarray | None):
     if np.may_share_memory(out, x) or (w is not None and np.may_share_memory(out, w)):
         return None
     return onednn.plan(x.shape, a.w.shape, out.shape, a.stride, a.pad, a.dilation,
-                       bias=a.bias != NONE_ADDR, dtypes=(x.dtype.str, "|i1", out.dtype.str, "<i4"),
+                       bias=a.bias != NONE_ADDR, groups=a.groups,
+                       dtypes=(x.dtype.str, "|i1", out.dtype.str, "<i4"),
                        quant=(a.x_zp, a.y_zp, *_clamp(a, out), out.shape[3]))
 
 

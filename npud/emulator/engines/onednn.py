@@ -307,9 +307,11 @@ def _build(lib: _Lib, key) -> ConvPlan | None:
         src = lib.desc(*_nhwc(xs), x_dt)
         plain = lib.desc(*_hwio(ws, groups), w_dt)
         descs.append(plain)
-        # integer weights in oneDNN's own blocked layout (its plain-layout int8 kernel is a slow
-        # im2col GEMM with no input zero point); float ones as they are
-        wei = plain if quant is None else lib.any_desc(_hwio(ws, groups)[0], w_dt)
+        # integer and depthwise weights in oneDNN's own blocked layout (with plain weights it
+        # picks a slow im2col GEMM for int8, with no input zero point, and a GEMM-shaped kernel
+        # 10x slower than its depthwise one for fp32); other float weights as they are
+        blocked = quant is not None or (groups > 1 and ws[2] == 1)
+        wei = lib.any_desc(_hwio(ws, groups)[0], w_dt) if blocked else plain
         dst = lib.desc(*_nhwc(os_), out_dt)
         descs += [src, dst] + ([wei] if wei is not plain else [])
         bia = None
