@@ -191,20 +191,24 @@ def _prepare_conv2d(cmd, sram: np.ndarray):
 
 
 def _plan_step(cmd, plan, x: np.ndarray, w, out: np.ndarray, *vectors):
-    """The step running `plan` on prepared views: the weights looked up when
-    it runs if in a window (`w` None), and the per-channel `vectors` (bias,
-    scale; None: absent) copied every run if they lie inside the output tile
-    (they must be read before the output is written)."""
+    """The step running `plan` bound to prepared views: the weights looked up
+    when it runs if in a window (`w` None), and the per-channel `vectors`
+    (bias, scale; None: absent) copied every run if they lie inside the output
+    tile (they must be read before the output is written)."""
     if any(v is not None and np.may_share_memory(v, out) for v in vectors):
-        def fresh_vectors():
-            return [None if v is None else v.copy() for v in vectors]
+        bound = plan.bind(x, out)
+
+        def run(job, w):
+            bound(w, *(None if v is None else v.copy() for v in vectors))
     else:
-        def fresh_vectors():
-            return vectors
+        bound = plan.bind(x, out, *vectors)
+
+        def run(job, w):
+            bound(w)
     if w is None:
         core, wt = cmd.core, cmd.args.w
-        return lambda job: plan(x, weights(job, core, wt), out, *fresh_vectors())
-    return lambda job: plan(x, w, out, *fresh_vectors())
+        return lambda job: run(job, weights(job, core, wt))
+    return lambda job: run(job, w)
 
 
 def _prepare_qconv2d(cmd, sram: np.ndarray):

@@ -89,6 +89,7 @@ class _Lib:
             "dnnl_primitive_create": [pvp, vp],
             "dnnl_memory_create": [pvp, vp, vp, vp],
             "dnnl_memory_set_data_handle": [vp, vp],
+            "dnnl_memory_get_memory_desc": [vp, pvp],
             "dnnl_primitive_execute": [vp, vp, ctypes.c_int, ctypes.POINTER(_ExecArg)],
             "dnnl_stream_wait": [vp],
             "dnnl_sgemm": [ctypes.c_char, ctypes.c_char, ctypes.c_int64, ctypes.c_int64,
@@ -114,6 +115,13 @@ class _Lib:
         _ok(self.memory_desc_create_with_tag(ctypes.byref(md), len(dims), _DIMS(*dims), dtype,
                                              _FORMAT_ANY), "memory_desc_create")
         return md
+
+    def memory_like(self, mem) -> ctypes.c_void_p:
+        """A new memory object (no buffer yet) of `mem`'s descriptor."""
+        md, new = ctypes.c_void_p(), ctypes.c_void_p()
+        _ok(self.memory_get_memory_desc(mem, ctypes.byref(md)), "memory_get_memory_desc")
+        _ok(self.memory_create(ctypes.byref(new), md, self.engine, None), "memory_create")
+        return new
 
     def desc(self, dims, strides, dtype: int) -> ctypes.c_void_p:
         md = ctypes.c_void_p()
@@ -194,6 +202,10 @@ class ConvPlan:
         self._n = len(mems)
         self._blocked = blocked
 
+    def bind(self, x: np.ndarray, out: np.ndarray, bias=None, scale=None) -> "BoundConv":
+        """This plan for one command's fixed tiles (see :class:`BoundConv`)."""
+        return BoundConv(self, x, out, bias, scale)
+
     def set_src_zp(self, zp: int) -> None:
         """The input zero point the plan subtracts (padding holds it: it contributes nothing)."""
         self._zp = np.array([zp], np.int32)
@@ -215,6 +227,42 @@ class ConvPlan:
         lib.memory_set_data_handle(m[ARG_WEIGHTS], w.ctypes.data if self._blocked is None
                                    else self._blocked(w))
         _ok(lib.primitive_execute(self._prim, lib.stream, self._n, self._args), "execute")
+        _ok(lib.stream_wait(lib.stream), "stream_wait")
+
+
+class BoundConv:
+    """A plan bound to one command's tiles: memory objects of its own whose
+    handles are set once (each set, and each numpy address lookup, costs a
+    microsecond or more), so a run passes only what can change: the weights
+    (read from a window, or reordered), and a bias or scale copied that run."""
+
+    def __init__(self, plan: ConvPlan, x: np.ndarray, out: np.ndarray, bias, scale) -> None:
+        lib = self._lib = plan._lib
+        self._plan = plan
+        self._mems = {arg: lib.memory_like(mem) for arg, mem in plan._mems.items()}
+        self._args = (_ExecArg * len(self._mems))(*(_ExecArg(k, m) for k, m in self._mems.items()))
+        fixed = {ARG_SRC: x, ARG_DST: out, ARG_BIAS: bias, ARG_SCALE: scale,
+                 ARG_SRC_ZP: getattr(plan, "_zp", None)}
+        self._keep = [v for v in fixed.values() if v is not None]     # alive while bound
+        for arg, v in fixed.items():
+            if v is not None:
+                lib.memory_set_data_handle(self._mems[arg], v.ctypes.data)
+        self._w = None
+
+    def __call__(self, w: np.ndarray, bias=None, scale=None) -> None:
+        """Run on weights `w` (and a `bias`/`scale` other than the bound ones)."""
+        lib, m = self._lib, self._mems
+        if w is not self._w:
+            blocked = self._plan._blocked
+            lib.memory_set_data_handle(m[ARG_WEIGHTS], w.ctypes.data if blocked is None
+                                       else blocked(w))
+            self._w = w if blocked is None else None     # blocked weights: compared every run
+        if bias is not None:
+            lib.memory_set_data_handle(m[ARG_BIAS], bias.ctypes.data)
+        if scale is not None:
+            lib.memory_set_data_handle(m[ARG_SCALE], scale.ctypes.data)
+        _threads()
+        _ok(lib.primitive_execute(self._plan._prim, lib.stream, len(m), self._args), "execute")
         _ok(lib.stream_wait(lib.stream), "stream_wait")
 
 
