@@ -160,32 +160,31 @@ class _BlockedWeights:
 
     def __call__(self, w: np.ndarray) -> int:
         """The address of `w` in the blocked layout, reordered if it is not kept or changed."""
-        entry = self._kept.get(w.ctypes.data)
-        if entry is not None and entry[0].shape == w.shape and _libc.memcmp(
-                entry[0].ctypes.data, w.ctypes.data, w.nbytes) == 0:
+        addr = w.ctypes.data
+        entry = self._kept.get(addr)
+        if entry is not None and _libc.memcmp(entry[3], addr, w.nbytes) == 0:
             return entry[1]
         if entry is None:
             entry = self._keep(w)
         if entry[0] is not None:
             np.copyto(entry[0], w)
-        self._lib.memory_set_data_handle(self._src, w.ctypes.data)
+        self._lib.memory_set_data_handle(self._src, addr)
         self._lib.memory_set_data_handle(self._dst, entry[1])
         _ok(self._lib.primitive_execute(self._prim, self._lib.stream, 2, self._args), "reorder")
         return entry[1]
 
     def _keep(self, w: np.ndarray) -> tuple:
-        """(plain copy or None, blocked address, buffer): a new entry, kept if the thread's
-        budget allows (else a scratch one reordered into every run)."""
+        """(plain copy or None, blocked address, buffer, copy's address): a new entry, kept if
+        the thread's budget allows (else a scratch one reordered into every run).  Entries
+        are per address and the weights dense, so an entry's bytes are w's size."""
         buf = np.empty(self._size + 64, np.uint8)
         addr = buf.ctypes.data + (-buf.ctypes.data % 64)    # blocked kernels want aligned weights
         spent = getattr(_local, "blocked_bytes", 0) + buf.nbytes + w.nbytes
         if spent > BLOCKED_CACHE_BYTES:
-            entry = (None, addr, buf)
-            self._kept[-1] = entry
-            return entry
+            return None, addr, buf, 0
         _local.blocked_bytes = spent
-        entry = (np.empty_like(w), addr, buf)
-        self._kept[w.ctypes.data] = entry
+        copy = np.empty_like(w)
+        entry = self._kept[w.ctypes.data] = (copy, addr, buf, copy.ctypes.data)
         return entry
 
 
