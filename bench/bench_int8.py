@@ -67,8 +67,11 @@ def compare_three(name: str, fp32: bytes, int8: bytes, rounds: int, profile: boo
 
 def mobilenet(rounds: int) -> list[Ratio]:
     """The three on MobileNetV2 (224 px, random weights) and its QDQ twin."""
+    import onnxruntime
+
     from zoo_models import quantize, torchvision_model
 
+    onnxruntime.set_default_logger_severity(3)    # the quantiser's unused-initializer warnings
     fp32 = torchvision_model("mobilenet_v2", 224)
     ratios = compare_three("MobileNetV2", fp32, quantize(fp32, "qdq"), rounds)
     ort32 = ort_session(fp32)
