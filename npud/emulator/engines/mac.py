@@ -28,6 +28,7 @@ from numpy.lib.stride_tricks import as_strided
 from ..isa import FLAG_ACCUMULATE, FLAG_RELU, NONE_ADDR, WINDOW_BASE, DType
 from . import int_gemm, onednn
 from .common import _LIMITS
+from .common import clip as _clip
 from .common import scratch as _scratch
 from .common import vec, view, weights
 
@@ -476,10 +477,6 @@ def _windows_u8(x: np.ndarray, a, oh: int, ow: int, kh: int, kw: int):
                       (s[0], s[1] * sh, s[2] * sw, s[1] * dh, s[2] * dw, s[3]), writeable=False), zp
 
 
-try:    # np.clip's own checks cost ~5 us per block: call the ufunc it wraps
-    from numpy._core.umath import clip as _clip
-except ImportError:     # numpy < 2
-    _clip = np.clip
 
 EPILOGUE_ELEMENTS = 1 << 15   # requantised at once: the float32 block stays in cache
 

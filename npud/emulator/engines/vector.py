@@ -14,6 +14,7 @@ import numpy as np
 
 from ..isa import BinaryFunc, ReduceFunc, UnaryFunc
 from .common import _LIMITS as _RANGE
+from .common import clip as _clip
 from .common import scratch, store, vec, view
 
 # Abramowitz & Stegun 7.1.26: |error| < 1.5e-7, below fp32 resolution near 1.
@@ -263,11 +264,11 @@ def _requant8(x: np.ndarray, out: np.ndarray, scale, zp, lo: int, hi: int) -> No
         np.rint(r, out=r)
         if x.dtype.kind == "f" or per_channel_zp:
             r += zp32
-            if x.dtype.kind == "f":
-                np.nan_to_num(r, copy=False, nan=0.0)   # NaN has no integer value: 0 (then clamped)
-            np.clip(r, lo, hi, out=r)
+            if x.dtype.kind == "f":    # NaN has no integer value: 0 (then clamped)
+                np.copyto(r, 0, where=np.isnan(r, out=scratch.typed("rq8_nan", r.shape, bool)))
+            _clip(r, np.float32(lo), np.float32(hi), out=r)
         else:   # clamp before adding the (integer) zero point: exact, whatever the product
-            np.clip(r, np.float32(lo - zp), np.float32(hi - zp), out=r)
+            _clip(r, np.float32(lo - zp), np.float32(hi - zp), out=r)
             if zp:
                 r += zp32
         np.copyto(dst[i:i + rows], r, casting="unsafe")
