@@ -227,3 +227,33 @@ def test_qconv2d_is_its_definition(case):
     x, w, bias, scale, odt, kw = case
     np.testing.assert_array_equal(fused(x, w, bias, scale, odt, **kw),
                                   definition(x, w, bias, scale, odt, **kw))
+
+
+def test_bias_and_scale_inside_the_output_tile():
+    # the output overwrites its own bias and scale: they are read (copied) before it is written,
+    # on every run of the same prepared program
+    rig = Rig("server")
+    rng = np.random.default_rng(6)
+    x = rng.integers(0, 256, (1, 6, 6, 8)).astype(np.uint8)
+    w = rng.integers(-128, 128, (3, 3, 8, 16)).astype(np.int8)
+    bias = rng.integers(-3000, 3000, 16).astype(np.int32)
+    scale = (2.0 ** rng.uniform(-12, -9, 16)).astype(np.float32)
+    kw = dict(pad=(1, 1, 1, 1), x_zp=4, y_zp=3)
+    want = definition(x, w, bias, scale, np.uint8, **kw)
+    sb = rig.builder()
+    xa, wa, ba, sa = (rig.put(v) for v in (x, w, bias, scale))
+    out_addr = 4096                          # 576 bytes of output, over the bias and scale
+    sb.dma_load(0, xa, "uint8", x.shape)
+    sb.dma_load(1024, wa, "int8", w.shape)
+    sb.dma_load(out_addr + 64, ba, "int32", bias.shape)
+    sb.dma_load(out_addr + 192, sa, "fp32", scale.shape)
+    sb.sync("dma", "mac")
+    sb.qconv2d(tile(0, "uint8", x.shape), tile(1024, "int8", w.shape),
+               tile(out_addr, "uint8", want.shape), bias=out_addr + 64, scale_addr=out_addr + 192, **kw)
+    sb.sync("mac", "dma")
+    out = rig.alloc(want.size)
+    sb.dma_store(out_addr, out, "uint8", want.shape)
+    program = sb.end()
+    for _ in range(2):
+        rig.run(program)
+        np.testing.assert_array_equal(rig.get(out, np.uint8, want.shape), want)
