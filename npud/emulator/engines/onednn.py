@@ -157,6 +157,7 @@ class _BlockedWeights:
         self.memory = dst      # the primitive's weights memory: its handle is what __call__ returns
         self._args = (_ExecArg * 2)(_ExecArg(ARG_SRC, src), _ExecArg(ARG_DST, dst))
         self._kept: dict[int, tuple] = {}
+        self._scratch = None
 
     def __call__(self, w: np.ndarray) -> int:
         """The address of `w` in the blocked layout, reordered if it is not kept or changed."""
@@ -177,11 +178,14 @@ class _BlockedWeights:
         """(plain copy or None, blocked address, buffer, copy's address): a new entry, kept if
         the thread's budget allows (else a scratch one reordered into every run).  Entries
         are per address and the weights dense, so an entry's bytes are w's size."""
+        spent = getattr(_local, "blocked_bytes", 0) + self._size + 64 + w.nbytes
+        if spent > BLOCKED_CACHE_BYTES and self._scratch is not None:
+            return self._scratch
         buf = np.empty(self._size + 64, np.uint8)
         addr = buf.ctypes.data + (-buf.ctypes.data % 64)    # blocked kernels want aligned weights
-        spent = getattr(_local, "blocked_bytes", 0) + buf.nbytes + w.nbytes
         if spent > BLOCKED_CACHE_BYTES:
-            return None, addr, buf, 0
+            self._scratch = (None, addr, buf, 0)     # one per plan, reordered into every run
+            return self._scratch
         _local.blocked_bytes = spent
         copy = np.empty_like(w)
         entry = self._kept[w.ctypes.data] = (copy, addr, buf, copy.ctypes.data)
@@ -246,16 +250,18 @@ class BoundConv:
         for arg, v in fixed.items():
             if v is not None:
                 lib.memory_set_data_handle(self._mems[arg], v.ctypes.data)
-        self._w = None
+        self._w, self._addr = None, None
 
     def __call__(self, w: np.ndarray, bias=None, scale=None) -> None:
         """Run on weights `w` (and a `bias`/`scale` other than the bound ones)."""
         lib, m = self._lib, self._mems
         if w is not self._w:
             blocked = self._plan._blocked
-            lib.memory_set_data_handle(m[ARG_WEIGHTS], w.ctypes.data if blocked is None
-                                       else blocked(w))
-            self._w = w if blocked is None else None     # blocked weights: compared every run
+            addr = w.ctypes.data if blocked is None else blocked(w)   # blocked: compared every run
+            if addr != self._addr:
+                lib.memory_set_data_handle(m[ARG_WEIGHTS], addr)
+                self._addr = addr
+            self._w = w if blocked is None else None
         if bias is not None:
             lib.memory_set_data_handle(m[ARG_BIAS], bias.ctypes.data)
         if scale is not None:
