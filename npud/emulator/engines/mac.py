@@ -229,11 +229,10 @@ def _prepare_qconv2d(cmd, sram: np.ndarray):
 
 def _qconv_plan(a, x: np.ndarray, out: np.ndarray, w: np.ndarray | None):
     """oneDNN's int8 convolution primitive computing :func:`qconv2d` bit for
-    bit, or None where it does not: oneDNN's jit kernels take plain (HWIO)
-    int8 weights only through its GEMM convolution, which has no input zero
-    point, so uint8 inputs with x_zp 0 (every post-ReLU activation of a QDQ
-    model); an accumulator that could wrap (K x 255 x 128 >= 2**31) stays on
-    numpy, which wraps it as the ISA says."""
+    bit (any 8-bit input and zero point, grouped and depthwise too), or None:
+    without oneDNN or a jit kernel for the shape, where ``out`` overlaps an
+    operand, and where an accumulator could wrap (K x 255 x 128 >= 2**31:
+    numpy wraps it as the ISA says, oneDNN's would not)."""
     k = a.w.shape[0] * a.w.shape[1] * a.w.shape[2]
     if k > int_gemm.MAX_K:
         return None

@@ -32,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+import weakref
 
 import numpy as np
 
@@ -90,6 +91,7 @@ class _Lib:
             "dnnl_memory_create": [pvp, vp, vp, vp],
             "dnnl_memory_set_data_handle": [vp, vp],
             "dnnl_memory_get_memory_desc": [vp, pvp],
+            "dnnl_memory_destroy": [vp],
             "dnnl_primitive_execute": [vp, vp, ctypes.c_int, ctypes.POINTER(_ExecArg)],
             "dnnl_stream_wait": [vp],
             "dnnl_sgemm": [ctypes.c_char, ctypes.c_char, ctypes.c_int64, ctypes.c_int64,
@@ -243,6 +245,8 @@ class BoundConv:
         lib = self._lib = plan._lib
         self._plan = plan
         self._mems = {arg: lib.memory_like(mem) for arg, mem in plan._mems.items()}
+        # a step lives as long as its program's preparation: free its memory objects with it
+        weakref.finalize(self, _destroy, lib, list(self._mems.values()))
         self._args = (_ExecArg * len(self._mems))(*(_ExecArg(k, m) for k, m in self._mems.items()))
         fixed = {ARG_SRC: x, ARG_DST: out, ARG_BIAS: bias, ARG_SCALE: scale,
                  ARG_SRC_ZP: getattr(plan, "_zp", None)}
@@ -269,6 +273,11 @@ class BoundConv:
         _threads()
         _ok(lib.primitive_execute(self._plan._prim, lib.stream, len(m), self._args), "execute")
         _ok(lib.stream_wait(lib.stream), "stream_wait")
+
+
+def _destroy(lib: _Lib, mems: list) -> None:
+    for mem in mems:
+        lib.memory_destroy(mem)
 
 
 def available() -> bool:
