@@ -41,8 +41,8 @@ from .common import Ratio, compare, ort_session, report
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "compiler_worker"))
 
 
-def models(seed: int = 0) -> tuple[bytes, bytes]:
-    """(fp32, int8 QDQ) ResNet-50."""
+def models(seed: int = 0, size: int = 224, **shape) -> tuple[bytes, bytes]:
+    """(fp32, int8 QDQ) ResNet-50 (or with ``shape``, ``resnet(**shape)``'s smaller twin)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from compiler_testmodels import quantize_qdq, resnet
@@ -50,12 +50,12 @@ def models(seed: int = 0) -> tuple[bytes, bytes]:
     with tempfile.TemporaryDirectory() as d:
         src, pre = os.path.join(d, "f.onnx"), os.path.join(d, "p.onnx")
         with open(src, "wb") as f:
-            f.write(resnet(seed=seed))
+            f.write(resnet(seed=seed, size=size, **shape))
         quant_pre_process(src, pre, skip_symbolic_shape=True)
         with open(pre, "rb") as f:
             fp32 = f.read()
     rng = np.random.default_rng(seed + 1)
-    calib = [{"x": rng.standard_normal((1, 3, 224, 224)).astype(np.float32)} for _ in range(4)]
+    calib = [{"x": rng.standard_normal((1, 3, size, size)).astype(np.float32)} for _ in range(4)]
     return fp32, quantize_qdq(fp32, calib, per_channel=True)
 
 
@@ -103,7 +103,7 @@ def run(rounds: int = 5) -> list[Ratio]:
     return ratios
 
 
-def engine_profile(fp32: bytes, int8: bytes, rounds: int = 5) -> None:
+def engine_profile(fp32: bytes, int8: bytes, rounds: int = 5, size: int = 224) -> None:
     """Median CPU (thread) time per inference in process, in total and per
     command kind, int8 against its fp32 twin in interleaved rounds."""
     import collections
@@ -114,7 +114,7 @@ def engine_profile(fp32: bytes, int8: bytes, rounds: int = 5) -> None:
     from npud.emulator.config import make_config
 
     cfg = make_config("server")
-    x = np.random.default_rng(7).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    x = np.random.default_rng(7).standard_normal((1, 3, size, size)).astype(np.float32)
     sessions = {"fp32": EmulatorSession(compile_model(fp32, cfg), cfg),
                 "int8": EmulatorSession(compile_model(int8, cfg), cfg)}
     spent: dict = {k: collections.defaultdict(list) for k in sessions}

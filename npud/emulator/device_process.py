@@ -92,6 +92,11 @@ class DeviceProcess(link.DeviceServer):
         self.programs[pid] = program
         spans = segment_spans(program, request.get("boundaries", []))
         self.segments[pid] = [dataclasses.replace(program, commands=program.commands[a:b]) for a, b in spans]
+        try:    # decode once, at load (oneDNN primitives, qbinary tables), not in the first run
+            for seg in self.segments[pid]:
+                self.device.prepare(seg)
+        except Exception:   # pragma: no cover - the first run prepares again and fails with the reason
+            pass
         costs = [command_cost(c, self.device.config)[0] if c.op.engine != Engine.CTRL else 0
                  for c in program.commands]
         self.cycles[pid] = [sum(costs[a:b]) for a, b in spans]

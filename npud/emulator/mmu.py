@@ -36,6 +36,11 @@ class _Region:
         self.va, self.end, self.mem, self.writable = va, va + mem.size, mem, writable
 
 
+def footprint(dtype: np.dtype, shape, strides) -> int:
+    """Bytes from a strided access's first element to the end of its last."""
+    return dtype.itemsize + sum((n - 1) * s for n, s in zip(shape, strides))
+
+
 class PageTable:
     """The MMU state of one hardware context."""
 
@@ -79,12 +84,14 @@ class PageTable:
 
     # --- translation -----------------------------------------------------------
     def view(self, va: int, dtype: np.dtype, shape, strides, *, write: bool,
-             command_index: int | None = None, what: str = "") -> np.ndarray:
+             command_index: int | None = None, what: str = "", span: int | None = None) -> np.ndarray:
         """A numpy array aliasing device memory for a strided access, or
         PageFault at the first element (row-major order) that is unmapped or
         lacks permission.  The fast path when the whole footprint lies in one
-        region; otherwise returns a _Scatter for the caller to gather/scatter."""
-        span = dtype.itemsize + sum((n - 1) * s for n, s in zip(shape, strides))
+        region; otherwise returns a _Scatter for the caller to gather/scatter.
+        `span`: the access's extent in bytes (:func:`footprint`), if the caller made it once."""
+        if span is None:
+            span = footprint(dtype, shape, strides)
         i = bisect.bisect_right(self._starts, va) - 1
         if i >= 0:
             r = self._regions[i]

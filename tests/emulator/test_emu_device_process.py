@@ -77,6 +77,23 @@ def test_segment_boundaries_allocate_nothing_per_segment():
         theirs.close()
 
 
+def test_a_program_is_prepared_when_it_is_loaded():
+    """Its segments' steps (and the oneDNN primitives in them) are made at load, not in the
+    first run; that run uses them."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    device = DeviceProcess(theirs, make_config("edge"))
+    try:
+        _layered_program(device, 3)
+        prepared = [seg.prepared.get("steps") for seg in device.segments[1]]
+        assert all(p is not None and len(p[2]) == 2 for p in prepared)
+        run = {"program": 1, "bindings": [[1, A, False], [2, OUT, True]]}
+        assert device._op_run(run, [])["done"]
+        assert [seg.prepared["steps"] for seg in device.segments[1]] == prepared
+    finally:
+        ours.close()
+        theirs.close()
+
+
 def test_requests_with_descriptors_are_served_from_the_one_packet_buffer():
     """serve() receives into a reused buffer: requests, their memfds and replies still arrive whole."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

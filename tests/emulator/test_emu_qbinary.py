@@ -156,3 +156,40 @@ def test_qbinary_in_blocks(monkeypatch):
     np.testing.assert_array_equal(qbin("add", a, b, np.uint8, *kw, lo=100),
                                   ref("add", a, kw[0], kw[1], b, kw[2], kw[3], kw[4], kw[5],
                                       np.uint8, lo=100))
+
+
+@pytest.mark.parametrize("func", sorted(FUNCS))
+@pytest.mark.parametrize("dts", [(np.uint8, np.uint8, np.uint8), (np.int8, np.uint8, np.int8),
+                                 (np.uint8, np.int8, np.uint8)])
+def test_every_pair_of_input_bytes(func, dts):
+    # a tile of all 65536 (a, b) pairs: each looked up in the command's 256 x 256 table
+    da, db, do = dts
+    every = np.arange(256, dtype=np.uint8)
+    a = np.repeat(every, 256).view(da).reshape(1, 16, 16, 256)
+    b = np.tile(every, 256).view(db).reshape(1, 16, 16, 256)
+    params = (0.037, 5 if da == np.uint8 else -3, 0.041, 130 if db == np.uint8 else 7, 0.052,
+              11 if do == np.uint8 else -9)
+    got = qbin(func, a, b, do, *params, lo=3 if do == np.uint8 else -100, hi=250)
+    np.testing.assert_array_equal(got, ref(func, a, *params[:2], b, *params[2:], do,
+                                           lo=3 if do == np.uint8 else -100, hi=250))
+
+
+def test_table_step_output_may_alias_an_input():
+    rig = Rig("edge")
+    every = np.arange(256, dtype=np.uint8)
+    a = np.repeat(every, 256).reshape(1, 1, 256, 256)
+    b = np.tile(every, 256).reshape(1, 1, 256, 256)
+    params = dict(a_scale=0.03, a_zp=100, b_scale=0.05, b_zp=20, y_scale=0.06, y_zp=7)
+    want = ref("add", a, 0.03, 100, b, 0.05, 20, 0.06, 7, np.uint8)
+    sb = rig.builder()
+    aa, ba = rig.put(a), rig.put(b)
+    sb.dma_load(0, aa, "uint8", a.shape)
+    sb.dma_load(a.size, ba, "uint8", b.shape)
+    sb.sync("dma", "vector")
+    t = tile(0, "uint8", a.shape)
+    sb.qbinary("add", t, tile(a.size, "uint8", b.shape), t, **params)   # out is a
+    sb.sync("vector", "dma")
+    out = rig.alloc(a.size)
+    sb.dma_store(0, out, "uint8", a.shape)
+    rig.run(sb.end())
+    np.testing.assert_array_equal(rig.get(out, np.uint8, a.shape), want)

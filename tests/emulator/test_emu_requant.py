@@ -70,3 +70,17 @@ def test_extreme_scales_saturate_or_vanish():
     x8 = np.arange(-128, 128, dtype=np.int8).reshape(1, 1, 16, 16)
     np.testing.assert_array_equal(requant(x8, np.float32(0.5), -1, np.int8),
                                   ref(x8, np.float32(0.5), -1, np.int8))
+
+
+@pytest.mark.parametrize("dtype,zp,lo,hi", [(np.uint8, 7, -(1 << 31), (1 << 31) - 1),
+                                            (np.int8, -3, -100, 50), (np.uint8, 0, 5, 200)])
+def test_quantising_floats_nan_and_infinities(dtype, zp, lo, hi):
+    # NaN has no integer value: 0 in the output domain, then clamped; infinities saturate
+    x = np.array([[[[np.nan, np.inf, -np.inf, 3e38, -3e38, 0.49, -2.5, 1e9]]]], np.float32)
+    got = requant(x, np.float32(1.5), zp, dtype, lo=lo, hi=hi)
+    info = np.iinfo(dtype)
+    lo, hi = max(lo, info.min), min(hi, info.max)
+    with np.errstate(over="ignore", invalid="ignore"):
+        q = np.rint(x * np.float32(1.5)).astype(np.float64) + zp
+    q[0, 0, 0, 0] = 0
+    np.testing.assert_array_equal(got, np.clip(q, lo, hi).astype(dtype))

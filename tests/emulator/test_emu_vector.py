@@ -113,6 +113,16 @@ def test_unary_float(func):
     np.testing.assert_allclose(got, ref(x.astype(np.float64)), rtol=2e-6, atol=3e-7)
 
 
+@pytest.mark.parametrize("p0,p1", [(0.0, 6.0), (-0.5, 0.75), (2.0, 1.0)])
+def test_clip_and_relu_fp32_special_values(p0, p1):
+    # NaN propagates, infinities clamp, p0 > p1 gives p1 (min(max(x, p0), p1)), in place too
+    x = np.array([[np.nan, np.inf, -np.inf, -0.0, 0.0, 7.0, -1.0, 0.3, 3e38]], np.float32)
+    with np.errstate(invalid="ignore"):
+        want = np.minimum(np.maximum(x, np.float32(p0)), np.float32(p1))
+    np.testing.assert_array_equal(unop("clip", x, None, p0, p1), want)
+    np.testing.assert_array_equal(unop("relu", x), np.maximum(x, np.float32(0)))
+
+
 def test_unary_sigmoid_extremes_and_fp16():
     x = np.array([-1000, -90, 0, 90, 1000], np.float32)
     np.testing.assert_allclose(unop("sigmoid", x), [0, 0, 0.5, 1, 1], atol=1e-30)

@@ -15,7 +15,7 @@ from functools import partial
 from . import dma, mac, pool, vector
 
 EXECUTORS = {**dma.EXECUTORS, **mac.EXECUTORS, **vector.EXECUTORS, **pool.EXECUTORS}
-PREPARE = {**dma.PREPARE, **mac.PREPARE}
+PREPARE = {**dma.PREPARE, **mac.PREPARE, **vector.PREPARE}
 
 
 def prepare(cmd, sram: list):

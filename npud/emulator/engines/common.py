@@ -11,6 +11,11 @@ from ..isa import WINDOW_BASE, DType, Tile
 
 _NP = {d: d.np for d in DType}
 
+try:    # np.clip's own checks cost ~5 us per call: call the ufunc it wraps
+    from numpy._core.umath import clip
+except ImportError:     # numpy < 2
+    clip = np.clip
+
 
 def view(sram: np.ndarray, t: Tile) -> np.ndarray:
     """The SRAM bytes of tile `t` as a (writable) numpy array of its dtype and shape."""

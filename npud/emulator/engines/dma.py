@@ -7,7 +7,7 @@ import numpy as np
 
 from ..errors import IndexFault
 from ..isa import DType
-from ..mmu import _Scatter
+from ..mmu import _Scatter, footprint
 from .common import view
 
 
@@ -87,10 +87,11 @@ def _prepare(cmd, sram: np.ndarray, write: bool):
     translated at each run: the daemon gives every run a context (and page table) of its own."""
     a = cmd.args
     local = _local(cmd, sram)
+    span = footprint(local.dtype, a.shape, a.strides)
 
     def step(job) -> None:
         mem = job.mmu.view(a.va, local.dtype, a.shape, a.strides, write=write,
-                           command_index=cmd.index, what=cmd.op.name)
+                           command_index=cmd.index, what=cmd.op.name, span=span)
         _transfer(mem, local, write)
     return step
 

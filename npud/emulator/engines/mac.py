@@ -13,11 +13,13 @@ wraps to the int32 accumulator, as 32-bit hardware accumulators do.
 That numpy computation is the definition.  When oneDNN is installed and passes
 its self-test (int_gemm.py), ungrouped integer convolutions and integer
 matmuls instead run one exact u8 x s8 -> s32 GEMM on the 8-bit operands
-themselves; the tests hold both paths to the same bits.
+themselves, and qconv2d runs whole (requantisation included) on oneDNN's int8
+convolution primitive (onednn.py); the tests hold every path to the same bits.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
@@ -26,9 +28,9 @@ from numpy.lib.stride_tricks import as_strided
 from ..isa import FLAG_ACCUMULATE, FLAG_RELU, NONE_ADDR, WINDOW_BASE, DType
 from . import int_gemm, onednn
 from .common import _LIMITS
+from .common import clip as _clip
 from .common import scratch as _scratch
 from .common import vec, view, weights
-from .vector import requant_product, requantize
 
 F32_EXACT = 1 << 24
 IM2COL_ELEMENTS = 1 << 24   # largest im2col matrix built at once (64 MiB of float32)
@@ -154,17 +156,17 @@ def _conv_onednn(sram: np.ndarray, a, x: np.ndarray, w: np.ndarray, out: np.ndar
 
 
 def _onednn_plan(a, x: np.ndarray, out: np.ndarray, w: np.ndarray | None):
-    """oneDNN's convolution primitive for an ungrouped float32 conv2d, bias,
-    accumulation and ReLU fused; None where there is no plan or ``out``
-    overlaps an operand the primitive reads while writing it (`w` None: read
-    in place from a weight window, never SRAM)."""
-    if not (x.dtype == out.dtype == np.float32 and a.w.dtype == DType.FP32 and a.groups == 1):
+    """oneDNN's convolution primitive for a float32 conv2d (grouped and
+    depthwise too), bias, accumulation and ReLU fused; None where there is no
+    plan or ``out`` overlaps an operand the primitive reads while writing it
+    (`w` None: read in place from a weight window, never SRAM)."""
+    if not (x.dtype == out.dtype == np.float32 and a.w.dtype == DType.FP32):
         return None
     if np.may_share_memory(out, x) or (w is not None and np.may_share_memory(out, w)):
         return None
     return onednn.plan(x.shape, a.w.shape, out.shape, a.stride, a.pad, a.dilation,
                        bias=a.bias != NONE_ADDR, accumulate=bool(a.flags & FLAG_ACCUMULATE),
-                       relu=bool(a.flags & FLAG_RELU))
+                       relu=bool(a.flags & FLAG_RELU), groups=a.groups)
 
 
 def _bias_f32(sram: np.ndarray, a, out: np.ndarray):
@@ -177,42 +179,115 @@ def _bias_f32(sram: np.ndarray, a, out: np.ndarray):
 
 
 def _prepare_conv2d(cmd, sram: np.ndarray):
-    """A conv2d step: on oneDNN, its tile views and primitive made once (a
-    weight window is looked up when the step runs; a bias inside the output
-    tile is copied every run, as it must be read before the output is
-    written); otherwise the executor."""
+    """A conv2d step: on oneDNN, its tile views and primitive made once;
+    otherwise the executor."""
     a = cmd.args
     x, out = view(sram, a.x), view(sram, a.out)
-    in_window = a.w.addr >= WINDOW_BASE
-    w = None if in_window else view(sram, a.w)
+    w = None if a.w.addr >= WINDOW_BASE else view(sram, a.w)
     plan = _onednn_plan(a, x, out, w)
     if plan is None:
         return partial(conv2d, cmd=cmd)
-    bias = _bias_f32(sram, a, out)
-    if bias is not None and bias.base is None:     # copied: it must be copied every run
-        return lambda job: plan(x, weights(job, cmd.core, a.w), out, _bias_f32(sram, a, out))
-    if in_window:
-        return lambda job: plan(x, weights(job, cmd.core, a.w), out, bias)
-    return lambda job: plan(x, w, out, bias)
+    bias = vec(sram, a.bias, np.float32, out.shape[3]) if a.bias != NONE_ADDR else None
+    return _plan_step(cmd, plan, x, w, out, bias)
+
+
+def _plan_step(cmd, plan, x: np.ndarray, w, out: np.ndarray, *vectors):
+    """The step running `plan` bound to prepared views: the weights looked up
+    when it runs if in a window (`w` None), and the per-channel `vectors`
+    (bias, scale; None: absent) copied every run if they lie inside the output
+    tile (they must be read before the output is written)."""
+    if any(v is not None and np.may_share_memory(v, out) for v in vectors):
+        bound = plan.bind(x, out)
+
+        def run(job, w):
+            bound(w, *(None if v is None else v.copy() for v in vectors))
+    else:
+        bound = plan.bind(x, out, *vectors)
+
+        def run(job, w):
+            bound(w)
+    if w is None:
+        core, wt = cmd.core, cmd.args.w
+        return lambda job: run(job, weights(job, core, wt))
+    return lambda job: run(job, w)
+
+
+def _prepare_qconv2d(cmd, sram: np.ndarray):
+    """A qconv2d step: on oneDNN's int8 convolution primitive (requantisation
+    as its post-ops, :func:`_qconv_plan`), views and primitive made once;
+    otherwise the executor."""
+    a = cmd.args
+    x, out = view(sram, a.x), view(sram, a.out)
+    w = None if a.w.addr >= WINDOW_BASE else view(sram, a.w)
+    plan = _qconv_plan(a, x, out, w)
+    if plan is None:
+        return partial(qconv2d, cmd=cmd)
+    c = out.shape[3]
+    bias = vec(sram, a.bias, np.int32, c) if a.bias != NONE_ADDR else None
+    return _plan_step(cmd, plan, x, w, out, bias, vec(sram, a.scale_addr, np.float32, c))
+
+
+def _qconv_plan(a, x: np.ndarray, out: np.ndarray, w: np.ndarray | None):
+    """oneDNN's int8 convolution primitive computing :func:`qconv2d` bit for
+    bit (any 8-bit input and zero point, grouped and depthwise too), or None:
+    without oneDNN or a jit kernel for the shape, where ``out`` overlaps an
+    operand, and where an accumulator could wrap (K x 255 x 128 >= 2**31:
+    numpy wraps it as the ISA says, oneDNN's would not)."""
+    k = a.w.shape[0] * a.w.shape[1] * a.w.shape[2]
+    if k > int_gemm.MAX_K:
+        return None
+    if np.may_share_memory(out, x) or (w is not None and np.may_share_memory(out, w)):
+        return None
+    return onednn.plan(x.shape, a.w.shape, out.shape, a.stride, a.pad, a.dilation,
+                       bias=a.bias != NONE_ADDR, groups=a.groups,
+                       dtypes=(x.dtype.str, "|i1", out.dtype.str, "<i4"),
+                       quant=(a.x_zp, a.y_zp, *_clamp(a, out), out.shape[3]))
 
 
 def qconv2d(job, cmd) -> None:
-    """conv2d's int32 accumulator, then requant of it with the per-channel
-    scale: by definition the two commands in sequence (docs/ISA.md).  The
-    ungrouped fast path requantises each GEMM tile as it leaves the GEMM."""
+    """The definition (docs/ISA.md): conv2d's int32 accumulator without the
+    bias, then :func:`requant_acc` (the bias joins in fp32, then the
+    per-channel scale)."""
     a = cmd.args
     sram = job.sram[cmd.core]
     x, w, out = view(sram, a.x), weights(job, cmd.core, a.w), view(sram, a.out)
     c = out.shape[3]
-    scale = vec(sram, a.scale_addr, np.float32, c).astype(np.float64)   # a copy: out may alias it
+    scale = vec(sram, a.scale_addr, np.float32, c).copy()     # copies: out may alias them
+    bias = vec(sram, a.bias, np.int32, c).copy() if a.bias != NONE_ADDR else None
+    acc = _scratch.typed("qconv_acc", out.shape, np.int32)
+    _conv(job, replace(cmd, args=a._replace(bias=NONE_ADDR)), x, w, acc)
+    requant_acc(acc, bias, out, scale, a.y_zp, *_clamp(a, out))
+
+
+def _clamp(a, out: np.ndarray) -> tuple[int, int]:
+    """qconv2d's [lo, hi] within its output type."""
     lo, hi = _LIMITS[out.dtype]
-    rq = (scale, float(a.y_zp), max(lo, a.lo), min(hi, a.hi))
-    if (a.groups == 1 and not np.may_share_memory(out, x) and not np.may_share_memory(out, w)
-            and _conv2d_int(job, cmd, x, w, out, rq)):
-        return
-    acc = _scratch.get("qconv_acc", out.shape).view(np.int32)
-    _conv(job, cmd, x, w, acc)
-    requantize(acc, out, *rq)
+    return max(lo, a.lo), min(hi, a.hi)
+
+
+def requant_acc(acc: np.ndarray, bias, out: np.ndarray, scale: np.ndarray, zp: int,
+                lo: int, hi: int) -> None:
+    """qconv2d's output stage, every step one IEEE single operation:
+    ``out = clamp(round_half_even(fl32(fl32(fl32(acc) + fl32(bias)) * scale)), lo - zp, hi - zp) + zp``
+    (oneDNN's int8 convolution computes exactly this; onnxruntime adds the bias
+    in int32, which is the same whenever |acc|, |bias| and |acc + bias| <= 2**24).
+    A block of rows at a time, so the float32 block stays in cache."""
+    c = out.shape[-1]
+    src, dst = acc.reshape(-1, c), out.reshape(-1, c)
+    rows = max(1, EPILOGUE_ELEMENTS // c)
+    buf = _scratch.get("epi32", (min(rows, src.shape[0]), c))
+    bias32 = None if bias is None else bias.astype(np.float32)
+    for i in range(0, src.shape[0], rows):
+        b = buf[:src[i:i + rows].shape[0]]
+        np.copyto(b, src[i:i + rows], casting="unsafe")     # int32 -> fp32, rounding half to even
+        if bias32 is not None:
+            b += bias32
+        b *= scale
+        _clip(b, np.float32(lo - zp), np.float32(hi - zp), out=b)
+        np.rint(b, out=b)
+        if zp:
+            b += np.float32(zp)
+        np.copyto(dst[i:i + rows], b, casting="unsafe")
 
 
 def _conv(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
@@ -292,7 +367,7 @@ def _conv2d_f32(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None
             dst += bias
 
 
-def _conv2d_int(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray, rq=None) -> bool:
+def _conv2d_int(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
     """The integer, ungrouped fast path (int8/uint8 x int8 -> int32): the same
     float32 im2col GEMM as :func:`_conv2d_f32`, exact by K-chunking (see the
     module docstring), written straight into the int32 output tile.
@@ -301,12 +376,7 @@ def _conv2d_int(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray, rq=None
     converted to float32, so every activation is in the int8 range and the
     exact K-chunks are int8's (1024 long):
     ``sum((x - zp) w) = sum((x - 128) w) - (zp - 128) sum(w)``.  That correction and the bias are one int32 vector
-    added per output pixel; int32 adds wrap, as the accumulator does.
-
-    With ``rq = (scale, zp, lo, hi)`` (qconv2d) ``out`` is the 8-bit tile: each
-    GEMM tile is summed with the correction in float64 (exact integers) and
-    requantised as :func:`requantize` does, skipping the int32 tile.  That
-    needs an accumulator that cannot wrap; if one could, returns False."""
+    added per output pixel; int32 adds wrap, as the accumulator does."""
     a = cmd.args
     n, oh, ow, cout = out.shape
     cin = x.shape[3]
@@ -314,7 +384,8 @@ def _conv2d_int(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray, rq=None
     k = kh * kw * cin
     native = int_gemm.get()
     if native is not None and 0 < k <= int_gemm.MAX_K and out.size:
-        return _conv2d_native(job, cmd, x, w, out, rq, native)
+        _conv2d_native(job, cmd, x, w, out, native)
+        return
     wf, chunks = _convert(w)
     w2 = wf.reshape(k, cout)
     centre = 128 if x.dtype == np.uint8 else 0
@@ -324,12 +395,6 @@ def _conv2d_int(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray, rq=None
         corr -= x_zp * _column_sums(w2)
     if a.bias != NONE_ADDR:
         corr += vec(job.sram[cmd.core], a.bias, np.int32, cout)
-    if rq is not None:
-        max_product = 128 * 128
-        if k * max_product + int(np.abs(corr).max(initial=0)) >= 1 << 31:
-            return False
-        corr64 = corr.astype(np.float64)
-        scale, zp, lo, hi = rq
     corr32 = corr.astype(np.int32)     # wraps modulo 2**32, as the accumulator does
     accumulate = bool(getattr(a, "flags", 0) & FLAG_ACCUMULATE)
     pointwise = kh == kw == 1 and a.stride == (1, 1) and not any(a.pad)
@@ -342,20 +407,6 @@ def _conv2d_int(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray, rq=None
         windows = _windows(x, a, oh, ow, kh, kw, fill=x_zp, name="xpad_int", shift=centre)
     for dst, cols, m in _tiles(src, windows, out, rows, pointwise, kh, kw):
         tmp = _scratch.get("acc", (m, cout))
-        if rq is not None:
-            if len(chunks) == 1:
-                np.matmul(cols, w2, out=tmp)
-                _requant_rows(tmp, None, corr64, scale, zp, lo, hi, dst)
-                continue
-            acc = _scratch.get("acc64", (m, 2 * cout)).view(np.float64)
-            for j, (k0, k1) in enumerate(chunks):
-                np.matmul(cols[:, k0:k1], w2[k0:k1], out=tmp)
-                if j == 0:
-                    np.add(tmp, corr64, out=acc)
-                else:
-                    acc += tmp
-            _requant_rows(acc, acc, None, scale, zp, lo, hi, dst)
-            continue
         for j, (k0, k1) in enumerate(chunks):
             np.matmul(cols[:, k0:k1], w2[k0:k1], out=tmp)
             if j == 0 and not accumulate:
@@ -363,17 +414,15 @@ def _conv2d_int(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray, rq=None
             else:
                 dst += tmp.astype(np.int32)
         dst += corr32
-    return True
 
 
-def _conv2d_native(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray, rq, native) -> bool:
+def _conv2d_native(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray, native) -> None:
     """:func:`_conv2d_int` on the native exact GEMM: im2col of the 8-bit input
     itself (a quarter of float32's bytes; 1x1 stride-1 unpadded convolutions use
     the input tile as it is), one GEMM per tile into int32 with the input zero
     point as the GEMM's own offset (padding holds it, so it contributes zero),
-    then the same epilogues: an int32 bias add (wrapping, as the accumulator
-    does), or with ``rq`` the float64 requantisation of each tile, refused
-    (False) when the accumulator could wrap."""
+    then the same epilogue: an int32 bias add (wrapping, as the accumulator
+    does)."""
     a = cmd.args
     sram = job.sram[cmd.core]
     n, oh, ow, cout = out.shape
@@ -384,12 +433,6 @@ def _conv2d_native(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray, rq, 
     # A copy: the bias may lie inside the output tile this conv overwrites (the numpy path
     # copies it too, and both must give the same bits).
     bias = vec(sram, a.bias, np.int32, cout).copy() if a.bias != NONE_ADDR else None
-    if rq is not None:
-        corr = 0 if bias is None else int(np.abs(bias.astype(np.int64)).max(initial=0))
-        if k * int_gemm.MAX_PRODUCT + corr >= 1 << 31:
-            return False
-        co = None if bias is None else np.ascontiguousarray(bias)  # in the GEMM: no sum can wrap
-        scale, y_zp, lo, hi = rq
     accumulate = bool(getattr(a, "flags", 0) & FLAG_ACCUMULATE)
     pointwise = kh == kw == 1 and a.stride == (1, 1) and not any(a.pad)
     rows = oh if pointwise else max(1, min(oh, IM2COL_ELEMENTS // max(1, ow * k)))
@@ -399,11 +442,6 @@ def _conv2d_native(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray, rq, 
     else:
         src, windows, zp = x, *_windows_u8(x, a, oh, ow, kh, kw)
     for dst, cols, m in _tiles(src, windows, out, rows, pointwise, kh, kw, np.uint8):
-        if rq is not None:
-            acc = _scratch.typed("acc_i32", (m, cout), np.int32)
-            native(cols, w2, acc, zp, co)
-            _requant_rows(acc, None, None, scale, y_zp, lo, hi, dst)
-            continue
         if accumulate:
             acc = _scratch.typed("acc_i32", (m, cout), np.int32)
             native(cols, w2, acc, zp)
@@ -412,7 +450,6 @@ def _conv2d_native(job, cmd, x: np.ndarray, w: np.ndarray, out: np.ndarray, rq, 
             native(cols, w2, dst, zp)
         if bias is not None:
             dst += bias
-    return True
 
 
 def _windows_u8(x: np.ndarray, a, oh: int, ow: int, kh: int, kw: int):
@@ -439,36 +476,8 @@ def _windows_u8(x: np.ndarray, a, oh: int, ow: int, kh: int, kw: int):
                       (s[0], s[1] * sh, s[2] * sw, s[1] * dh, s[2] * dw, s[3]), writeable=False), zp
 
 
-try:    # np.clip's own checks cost ~5 us per block: call the ufunc it wraps
-    from numpy._core.umath import clip as _clip
-except ImportError:     # numpy < 2
-    _clip = np.clip
 
-EPILOGUE_ELEMENTS = 1 << 16   # requantised at once: the float64 block stays in cache
-
-
-def _requant_rows(src, acc, corr64, scale, zp: float, lo: int, hi: int, dst) -> None:
-    """dst = requantize(src (+ corr64)) a block of rows at a time: ``src`` holds
-    exact integers (float32 GEMM output, int32, or float64 sums, then ``acc`` is
-    ``src``); the sums are exact in float64, then :func:`requantize`'s product,
-    clamp and round."""
-    m, cout = dst.shape
-    rows = max(1, EPILOGUE_ELEMENTS // cout)
-    buf = _scratch.get("epi64", (min(rows, m), 2 * cout)).view(np.float64)
-    # (mixed-type ufuncs cast through buffers: a same-type pass plus a copy is faster)
-    for i in range(0, m, rows):
-        s = src[i:i + rows]
-        b = acc[i:i + rows] if acc is not None else buf[:s.shape[0]]
-        if acc is None:
-            np.copyto(b, s)
-        if corr64 is not None:
-            b += corr64
-        b[...] = requant_product(b, scale, dst.dtype)
-        _clip(b, lo - zp, hi - zp, out=b)
-        np.rint(b, out=b)
-        if zp:
-            b += zp
-        np.copyto(dst[i:i + rows], b, casting="unsafe")
+EPILOGUE_ELEMENTS = 1 << 15   # requantised at once: the float32 block stays in cache
 
 
 def _convert(w: np.ndarray) -> tuple[np.ndarray, tuple]:
@@ -593,4 +602,4 @@ def _depthwise(windows: np.ndarray, w: np.ndarray, g: int, cout: int, is_int: bo
 
 
 EXECUTORS = {"matmul": matmul, "conv2d": conv2d, "qconv2d": qconv2d}
-PREPARE = {"conv2d": _prepare_conv2d}
+PREPARE = {"conv2d": _prepare_conv2d, "qconv2d": _prepare_qconv2d}
