@@ -50,6 +50,7 @@ class CpuDevice(link.DeviceServer):
     def _load(self, stream: bytes) -> tuple[object, dict]:
         try:
             program = unpack_program(stream)
+            _refuse_external_data(program["model"])
             return self._session(program), program
         except RunError:
             raise
@@ -114,12 +115,37 @@ class CpuDevice(link.DeviceServer):
                        f"{'writable ' if writable else ''}binding")
 
 
+def _refuse_external_data(model: bytes) -> None:
+    """The cpu target resolves external data or refuses the model; a program that still names a
+    file is refused here too: onnxruntime would open it with this process's permissions."""
+    import onnx
+
+    from npud.ipc_schema.model_container import all_tensors
+
+    for what, tensor in all_tensors(onnx.load_from_string(model)):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise RunError(f"the program's {what} {tensor.name!r} names an external file; the cpu device "
+                           "opens no file a model names")
+
+
 def _failure(message: str) -> dict:
     return {"ok": False, "error": {"code": "EIO", "message": message, "command": None}}
 
 
 def main(argv: list[str] | None = None) -> int:
+    _into_nowhere()
     return link.serve_main("cpu", CpuDevice, CpuParams.from_dict, argv)
+
+
+def _into_nowhere() -> None:
+    """Work in a directory that no longer exists: a relative path anything here resolves (as
+    onnxruntime does a model's external data) names nothing, whatever npud was started from."""
+    import os
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="npud-cpu-")
+    os.chdir(path)
+    os.rmdir(path)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,17 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def _self_contained(model):
+    """The ModelProto in ``model`` (plain ONNX or a model container) with every tensor's data in
+    it: onnxruntime, in the cpu device process, would open the files an external reference
+    names, with the daemon's permissions -- refused as npu-emu's compiler refuses them."""
+    from npud.compiler_worker.external_data import parse, resolve
+
+    proto, data = parse(model)
+    resolve(proto, data)
+    return proto
+
+
 class CpuTarget(Target):
     name = "cpu"
     worker_module = "npud.compiler_worker.worker"
@@ -33,15 +44,14 @@ class CpuTarget(Target):
     @functools.cache
     def fingerprint(self) -> str:
         npud = Path(__file__).resolve().parent.parent
-        return source_fingerprint(VERSION, [(p, npud / p) for p in ("targets/cpu.py", "targets/cpu_support.py", "drivers/cpu.py",
-                                                                    "executable/__init__.py")])
+        sources = ("targets/cpu.py", "targets/cpu_support.py", "drivers/cpu.py", "compiler_worker/external_data.py",
+                   "executable/__init__.py")
+        return source_fingerprint(VERSION, [(p, npud / p) for p in sources])
 
     def support(self, model: bytes, params: dict) -> list[NodeSupport]:
-        import onnx
-
         from .cpu_support import support
 
-        proto = onnx.load_from_string(bytes(model))
+        proto = _self_contained(model)
         return [NodeSupport(n.name or f"{n.op_type}_{i}", n.op_type, ok, why)
                 for i, (n, (ok, why)) in enumerate(zip(proto.graph.node, support(proto)))]
 
@@ -62,10 +72,7 @@ class CpuTarget(Target):
         if unknown:
             raise CompileError(f"unknown compile option(s): {', '.join(sorted(unknown))}")
         config = CpuParams.from_dict(params)
-        try:
-            proto = onnx.load_from_string(bytes(model))
-        except Exception as exc:
-            raise CompileError(f"not an ONNX model: {exc}") from None
+        proto = _self_contained(model)
         graph = proto.graph
         given = options.get("input_shapes") or {}
         initialisers = {t.name for t in graph.initializer}

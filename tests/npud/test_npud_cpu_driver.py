@@ -87,3 +87,41 @@ def test_the_driver_refuses_a_program_whose_tensors_leave_their_bindings():
         cpu.validate(b"NPUX" + stream, params, [])
     with pytest.raises(ValueError, match="threads"):
         cpu.params("host", {"threads": 0})
+
+
+def _reads_a_file(location: str) -> bytes:
+    """y = x + W, W's 16 bytes "in" the external file ``location`` (as save_as_external_data writes)."""
+    w = onnx.numpy_helper.from_array(np.zeros(4, np.float32), "w")
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "16")):
+        w.external_data.add(key=key, value=value)
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"], name="add")], "leak",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString()
+
+
+def test_a_model_naming_an_external_file_is_refused_and_no_file_is_read(tmp_path, monkeypatch):
+    """onnxruntime resolves external data relative to its working directory: the cpu target passed
+    such a model through, and the cpu device process read the file with the daemon's permissions
+    (a client got a secret's bytes back as the model's output)."""
+    secret = np.array([1.5, 2.5, 3.5, 4.5], np.float32)
+    (tmp_path / "secret.bin").write_bytes(secret.tobytes())
+    (tmp_path / "npud.toml").write_text(CONFIG)
+    monkeypatch.chdir(tmp_path)   # the daemon starts where the secret is
+    d = LocalDaemon("--config", "npud.toml", "--cache-dir", str(tmp_path / "cache"))
+    try:
+        with npu.connect(d.endpoint) as c:
+            for location in ("secret.bin", str(tmp_path / "secret.bin")):
+                with pytest.raises(npu.InvalidArgument, match="external file"):
+                    c.load(_reads_a_file(location), device=1)
+    finally:
+        d.stop()
+
+
+def test_the_cpu_device_refuses_a_program_that_names_an_external_file():
+    from npud.drivers import cpu_device
+
+    with pytest.raises(cpu_device.RunError, match="names an external file"):
+        cpu_device._refuse_external_data(_reads_a_file("secret.bin"))
