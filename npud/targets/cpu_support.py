@@ -3,9 +3,13 @@
 ``npuctl cts --driver cpu`` found the cpu target claiming every node, onnxruntime then refusing
 or mis-computing some.  A claim must be a promise (docs/CTS.md), so a node is supported only if
 
-* every tensor it reads or writes is a tensor (not a sequence, optional or map) of a type npud's
-  buffers carry, with a shape known before it runs and no zero-sized dimension (ONNX shape
-  inference: a data-dependent shape, as NonZero's or Unique's, is not known);
+* every graph input or output it reads or writes is a tensor (not a sequence, optional or map) of
+  a type npud's buffers carry, with a shape known before it runs and no zero-sized dimension (ONNX
+  shape inference: a data-dependent shape, as NonZero's or Unique's, is not known); tensors inside
+  the model are onnxruntime's business (a cpu partition of a heterogeneous model may select boxes
+  with NonMaxSuppression and gather them into a fixed-size output);
+* a ``Constant`` is always claimed (onnxruntime folds it; the partitioner copies constants into
+  every partition that reads them);
 * onnxruntime's CPU provider has a kernel for its op, at the version the model's opset selects,
   for the element types it is given (onnxruntime's own kernel registry says so); and
 * it is not a known deviation (``DEVIATIONS``: a random op, or one whose onnxruntime results
@@ -52,9 +56,15 @@ def support(proto) -> list[tuple[bool, str]]:
         return [(False, why)] * len(proto.graph.node)
     tensors = _tensors(inferred.graph)
     opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
+    # npud's buffers carry the graph's inputs and outputs only: tensors inside the model may be of any
+    # kind and data-dependent shape (NonMaxSuppression's selection feeding a Gather), as in onnxruntime
+    boundary = {v.name for v in (*proto.graph.input, *proto.graph.output)}
     out = []
     for node in proto.graph.node:
-        why = _tensor_problem(node, tensors) or _kernel_problem(node, tensors, opsets, kernels) \
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            out.append((True, ""))   # onnxruntime folds it into an initializer: no kernel runs it
+            continue
+        why = _tensor_problem(node, tensors, boundary) or _kernel_problem(node, tensors, opsets, kernels) \
             or _deviation(node, tensors)
         out.append((not why, why))
     return out
@@ -146,9 +156,11 @@ def _tensors(graph) -> dict:
     return out
 
 
-def _tensor_problem(node, tensors: dict) -> str:
+def _tensor_problem(node, tensors: dict, boundary: set) -> str:
+    """Why a graph input or output the node reads or writes cannot cross in npud's buffers ("" if
+    none can't)."""
     for name in [*node.input, *node.output]:
-        if not name:
+        if not name or name not in boundary:
             continue
         if name not in tensors:
             return f"the type and shape of {name!r} are not known after shape inference"

@@ -124,6 +124,14 @@ def test_the_cpu_target_claims_only_what_onnxruntime_runs_and_npud_carries():
     [(_, ok, why)] = claim(_model([helper.make_node("RandomNormalLike", ["x"], ["y"])], [_vi("x", f32, [4])],
                                   [_vi("y", f32, [4])]))
     assert not ok and "random" in why
+    # inside the model, a data-dependent shape is onnxruntime's business (a cpu partition of a
+    # heterogeneous model: NonZero's indices gathered into a fixed-size output), and a Constant is
+    # always claimed (the partitioner copies constants into every partition that reads them)
+    nodes = [helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.array([2], np.int64))),
+             helper.make_node("NonZero", ["x"], ["nz"]), helper.make_node("ReduceSum", ["nz"], ["s"], keepdims=0),
+             helper.make_node("Add", ["s", "k"], ["y"])]
+    claims = claim(_model(nodes, [_vi("x", f32, [6])], [_vi("y", TensorProto.INT64, [1])]))
+    assert all(ok for _, ok, _ in claims), claims
 
 
 def _template_target():
