@@ -315,6 +315,31 @@ def fences(env: Env) -> str:
     return f"{'; '.join(done)}; a hung job's dependent on cpu failed with {errors[1].code}"
 
 
+def cross_device_data(env: Env) -> str:
+    """One model across this device and the fallback device: the probe with a Sin in its middle,
+    loaded with ``fallback="cpu"``.  The tensors between its partitions are buffers both devices
+    map, its runs are chains of jobs joined by fences inside the daemon: its output is right only if
+    each device read what the other wrote, after it was written."""
+    if env.other is None:
+        raise NotSupported("no second device")
+    c = env.session("cross-device")
+    probe = probes.with_sin(env.probe)
+    declined = {p["node"] for p in c.check(probe.model, device=env.dut)}
+    if not declined:
+        raise NotSupported(f"the target claims every node of the {probe.name}: nothing crosses devices")
+    model = c.load(probe.model, device=env.dut, fallback="cpu")
+    on_other = {r["node"] for r in model.report().placement if r["device"] != env.dut}
+    need(on_other == declined, f"the nodes run elsewhere {sorted(on_other)} are not the ones the target "
+                               f"declines {sorted(declined)}")
+    for seed in range(3):
+        x = probe.feeds(seed)
+        job = model.submit(as_input(model, x))
+        why = probe.mismatch(x, job.result(60)[model.outputs[0].name])
+        need(why is None, f"run {seed}: {why}")
+        need(len(job.stats.get("partitions", [])) >= 2, f"run {seed} did not cross devices ({job.stats})")
+    return f"{probe.name}: {len(on_other)} node(s) on the fallback device, 3 runs as onnx.reference's"
+
+
 SYSTEM = [
     ("system/probe-model", choose_probe),
     ("isolation/foreign-buffers", foreign_buffers),
@@ -323,4 +348,5 @@ SYSTEM = [
     ("faults/hang-reset-resubmit", hang_reset),
     ("scheduling/preemption", preemption),
     ("fences/cross-device", fences),
+    ("fences/cross-device-data", cross_device_data),
 ]

@@ -58,8 +58,9 @@ class Probe:
         return None
 
 
-def float_mlp(layers: int = LAYERS) -> Probe:
-    """``layers`` MatMul+Relu layers on float32."""
+def float_mlp(layers: int = LAYERS, sin_after: int | None = None) -> Probe:
+    """``layers`` MatMul+Relu layers on float32; with ``sin_after``, a Sin after that layer (the
+    cross-device check's node for the fallback device)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(1)
@@ -70,11 +71,16 @@ def float_mlp(layers: int = LAYERS) -> Probe:
         nodes += [helper.make_node("MatMul", [y, f"w{i}"], [f"m{i}"], name=f"matmul{i}"),
                   helper.make_node("Relu", [f"m{i}"], [f"r{i}"], name=f"relu{i}")]
         y = f"r{i}"
-    return Probe("float32 MLP", _model(nodes, inits, TensorProto.FLOAT, y), "float32", 1e-4)
+        if i == sin_after:
+            nodes.append(helper.make_node("Sin", [y], ["sin"], name="sin"))
+            y = "sin"
+    name = "float32 MLP" if sin_after is None else "float32 MLP with a Sin"
+    return Probe(name, _model(nodes, inits, TensorProto.FLOAT, y), "float32", 1e-4)
 
 
-def int8_mlp(layers: int = LAYERS) -> Probe:
-    """``layers`` QLinearMatMul layers on int8 (an integer-only NPU's bread and butter)."""
+def int8_mlp(layers: int = LAYERS, sin_after: int | None = None) -> Probe:
+    """``layers`` QLinearMatMul layers on int8 (an integer-only NPU's bread and butter); with
+    ``sin_after``, a float Sin between a DequantizeLinear and a QuantizeLinear after that layer."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(2)
@@ -87,7 +93,19 @@ def int8_mlp(layers: int = LAYERS) -> Probe:
         nodes.append(helper.make_node("QLinearMatMul", [y, "s_act", "zp", f"w{i}", "s_w", "zp", "s_act", "zp"],
                                       [f"q{i}"], name=f"qmatmul{i}"))
         y = f"q{i}"
-    return Probe("int8 MLP", _model(nodes, inits, TensorProto.INT8, y), "int8", 2.0)
+        if i == sin_after:
+            nodes += [helper.make_node("DequantizeLinear", [y, "s_act", "zp"], ["dq_sin"], name="dq_sin"),
+                      helper.make_node("Sin", ["dq_sin"], ["sin"], name="sin"),
+                      helper.make_node("QuantizeLinear", ["sin", "s_act", "zp"], ["q_sin"], name="q_sin")]
+            y = "q_sin"
+    name = "int8 MLP" if sin_after is None else "int8 MLP with a float Sin"
+    return Probe(name, _model(nodes, inits, TensorProto.INT8, y), "int8", 2.0)
+
+
+def with_sin(probe: Probe) -> Probe:
+    """``probe`` with a Sin in its middle: a node few NPUs run, so its model crosses devices."""
+    build = int8_mlp if probe.dtype == "int8" else float_mlp
+    return build(sin_after=LAYERS // 2 - 1)
 
 
 def small_float() -> Probe:
