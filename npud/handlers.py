@@ -333,13 +333,15 @@ async def submit(daemon, call, args):
                       estimate_s=estimate)
 
 
-def _check_admission(daemon, session, device=None) -> None:
+def _check_admission(daemon, session, device=None, jobs: int = 1) -> None:
+    """EAGAIN (with a retry hint) unless ``jobs`` more jobs fit the session's, its user's and the
+    device's limits (a heterogeneous run is one job per partition)."""
     limit = daemon.config.limits.max_jobs_in_flight
-    if session.jobs_in_flight >= limit:
+    if session.jobs_in_flight + jobs > limit:
         raise RequestError(ErrorCode.EAGAIN, f"this session has {session.jobs_in_flight} jobs in flight, "
                                              f"the limit (limits.max_jobs_in_flight); wait for some to finish",
                            retry_after_ms=_retry_hint(daemon, device))
-    policy.check_jobs(daemon.sessions, session, _retry_hint(daemon, device))  # the user's, all its sessions
+    policy.check_jobs(daemon.sessions, session, _retry_hint(daemon, device), jobs=jobs)  # the user's, all its sessions
     if device is not None and device.jobs_queued >= device.params.max_queued:
         raise RequestError(ErrorCode.EAGAIN, f"device {device.index} has {device.jobs_queued} jobs queued, "
                                              "the limit (scheduling.max_queued_per_device); retry later",
@@ -636,12 +638,14 @@ def _run_chain(daemon, session, model, feeds: dict, ctx: Context, deps: list[Job
     parts = [(daemon.devices[part.device], part) for part in model.parts]
     estimates = [part.cycles / (dev.config.clock_mhz * 1e6) for dev, part in parts]
     for dev, part in parts:
-        _check_admission(daemon, session, dev)
+        _check_admission(daemon, session, dev, jobs=len(parts))
     first_id = session.new_job_id()   # taken even if refused below, as for one job
     if "deadline_ms" in args:
         _check_deadline(sum(dev.expected_s(part.program, est) for (dev, part), est in zip(parts, estimates)),
                         args)
     previous = model.tail if model.tail is not None and model.tail.state in ("queued", "running") else None
+    if any(d is previous for d in deps):
+        previous = None   # the client's own `after`: its failure is this run's (not an order-only edge)
     chain = hetero.RunChain(model, after=previous)
     for i, ((dev, part), bindings) in enumerate(zip(parts, model.bindings(feeds))):
         last = i == len(parts) - 1

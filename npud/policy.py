@@ -307,14 +307,16 @@ def check_memory(sessions, session: "Session", charge: int, policy: Policy | Non
                                              f"(quotas in {policy.source}); free buffers or unload models first")
 
 
-def check_jobs(sessions, session: "Session", retry_after_ms: int, policy: Policy | None = None) -> None:
-    """EAGAIN (retryable, with a hint) when the session's user has its quota of jobs in flight."""
+def check_jobs(sessions, session: "Session", retry_after_ms: int, policy: Policy | None = None,
+               jobs: int = 1) -> None:
+    """EAGAIN (retryable, with a hint) unless ``jobs`` more jobs fit the session's user's quota of
+    jobs in flight."""
     policy = policy or _active
     quota = policy.quota_for(session.uid).jobs_in_flight
     if quota is None:
         return
     in_flight = sum(s.jobs_in_flight for s in sessions.of_uid(session.uid))
-    if in_flight >= quota:
+    if in_flight + jobs > quota:
         raise RequestError(ErrorCode.EAGAIN, f"uid {session.uid} has {in_flight} jobs in flight, its quota "
                                              f"(quotas jobs_in_flight in {policy.source}); retry in about "
                                              f"{retry_after_ms} ms, or after waiting for one",

@@ -295,3 +295,37 @@ def test_unloading_while_a_run_waits_between_partitions_lets_the_run_finish(daem
         got = run.result(timeout=30)
         np.testing.assert_allclose(got["z"], _want(model, feeds)["z"], atol=1e-5, rtol=1e-5)
         assert _memory(c) == base
+
+
+def test_a_run_after_the_models_failed_previous_run_fails_with_its_cause(daemon):
+    """A run waits for the model's previous run only for order, unless the client named it in `after`:
+    then its failure is this run's (the usual `m.submit(x, after=[first])` was run regardless)."""
+    model = hetero_models.topk_model()
+    with npu.connect(daemon.endpoint) as c:
+        m = c.load(model, device=0)
+        c.inject_fault("slow", device=0, slow_ms=300)   # the first run's NPU partition is still running...
+        c.inject_fault("crash", device=1)               # ...and its cpu partition will fail
+        first = m.submit(_feeds(model, 1))
+        second = m.submit(_feeds(model, 2), after=[first])
+        with pytest.raises(npu.NpuError):
+            first.result(timeout=30)
+        with pytest.raises(npu.NpuError) as info:
+            second.result(timeout=30)
+        assert info.value.code == "ECANCELED"
+        assert m.run(_feeds(model, 3))   # the model still runs
+
+
+def test_a_run_needs_room_for_every_partition_in_the_sessions_jobs_in_flight(tmp_path):
+    config = tmp_path / "npud.toml"
+    config.write_text(CONFIG.replace("[limits]\n", "[limits]\nmax_jobs_in_flight = 2\n"))
+    d = LocalDaemon("--config", str(config), "--cache-dir", str(tmp_path / "cache"))
+    model = hetero_models.topk_model()
+    try:
+        with npu.connect(d.endpoint) as c:
+            m = c.load(model, device=0)
+            assert str(m.report()).count("partition on device") == 3
+            with pytest.raises(npu.NpuError, match="limits.max_jobs_in_flight") as info:
+                m.run(_feeds(model, 1))   # three partitions, two jobs allowed
+            assert info.value.code == "EAGAIN"
+    finally:
+        d.stop()
