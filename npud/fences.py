@@ -46,7 +46,7 @@ def depend(daemon: "Daemon", job: "Job", deps: list["Job"]) -> ErrorInfo | None:
 def _cause(job: "Job", dep: "Job") -> ErrorInfo:
     err = dep.error
     if job.chain is not None and job.chain is getattr(dep, "chain", None):   # the same run's: its error is the run's
-        return ErrorInfo.of(err.code, f"partition {job.chain.jobs.index(dep) + 1} of {len(job.chain.model.parts)} "
+        return ErrorInfo.of(err.code, f"partition {job.chain.jobs.index(dep) + 1} of {len(job.chain.jobs)} "
                                       f"(job {dep.id}, device {dep.device}) failed: {err.message}", err.retryable)
     what = f"job {dep.id} of session {dep.session_id}" if dep.session_id != job.session_id else f"job {dep.id}"
     return ErrorInfo.of(ErrorCode.ECANCELED, f"job {job.id} did not run: {what}, which it depends on, failed: "

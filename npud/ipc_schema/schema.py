@@ -91,7 +91,7 @@ DEVICE_PARAMS = Struct("device_params", {
     "page_size": F(U32, "MMU page size: buffer sizes round up to it, binding addresses are multiples of it"),
     "hw_contexts": F(U32, "hardware contexts (address spaces) of a core", optional=True),
     "max_buffer_bytes": F(U64, "the largest buffer object the device maps: the compiler cuts a "
-                               "model's weights into regions no larger", optional=True),
+                               "model's weights into regions no larger", optional=True, since=(1, 7)),
     "threads": F(U32, "the cpu driver's onnxruntime threads per device process", optional=True),
 }, doc="A device's parameters, as its driver reports them (docs/DRIVERS.md): `preset`, `cores`, `clock_mhz`, "
        "`memory_bytes` and `page_size` for every driver; the others are npu-emu's architecture "
@@ -227,7 +227,7 @@ COMPILE_OPTIONS = Struct("compile_options", {
     "fallback": F(Str(8, ("cpu", "none")), "where nodes the device's target declines run: `cpu` (a cpu device "
                                            "of the daemon; the model is partitioned) or `none` (the load fails "
                                            "listing them); default: the daemon's `compile_fallback`",
-                  optional=True),
+                  optional=True, since=(1, 7)),
 })
 
 PROBLEM = Struct("problem", {
@@ -390,7 +390,7 @@ JOB_STATS = Struct("job_stats", {
     "queue_ms": F(Float(), "ms from submission to the device starting it", optional=True),
     "partitions": F(Array(PARTITION_STATS, 1 << 16), "a run of a heterogeneous model (its last job): each "
                                                     "partition's job; the counters above are their sums",
-                    optional=True),
+                    optional=True, since=(1, 7)),
 }, doc="A job's counters: every key once it is done, none (an empty map) while it is queued or running "
        "or if it failed.")
 
@@ -570,9 +570,10 @@ OPS: dict[str, Op] = {op.name: op for op in [
         "rows": F(Array(REPORT_ROW, 1 << 20), "one row per op, in execution order"),
         "table": F(Str(1 << 24), "the same as a text table"),
         "placement": F(Array(PLACEMENT, 1 << 20), "a heterogeneous model: where each node of the model runs "
-                                                  "(its partitions' rows are in `rows`)", optional=True),
+                                                  "(its partitions' rows are in `rows`)", optional=True,
+                       since=(1, 7)),
         "npu_macs_share": F(Float(), "the share of the model's MACs on the device it was loaded for (1.0 "
-                                     "unless partitions run elsewhere)", optional=True),
+                                     "unless partitions run elsewhere)", optional=True, since=(1, 7)),
     }, errors=("ENOENT",)),
     _op("unload", "Unload a model and free its device memory (after jobs using it finish).", {
         "model": F(HANDLE, "loaded model"),

@@ -17,7 +17,7 @@ from npud.compiler_worker import partition, worker
 from npud.emulator.config import make_config
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "npud"))
-from hetero_models import loop_model  # noqa: E402
+from hetero_models import loop_model, nms_model, topk_model  # noqa: E402
 
 CONFIG = make_config("edge").to_dict()
 
@@ -154,3 +154,18 @@ def test_a_loop_runs_on_cpu_with_the_outer_tensors_its_body_reads():
     assert [p["target"] for p in plan["partitions"]] == ["npu-emu", "cpu", "npu-emu"]
     assert plan["partitions"][1]["inputs"] == ["r"]   # read only inside the Loop's body
     test_the_partitions_chained_compute_what_the_model_does(model)
+
+
+@pytest.mark.parametrize("build", [diamond, loop_model, topk_model, nms_model])
+def test_every_cpu_partition_is_claimed_whole_by_the_cpu_target(build):
+    """The plan is only as good as the fallback target's acceptance of its pieces: a partition the cpu
+    target declines a node of fails the load (the Constants the partitioner copies in, and tensors
+    inside a partition whose shapes depend on the data, were refused once)."""
+    from npud import targets
+
+    cpu = targets.target("cpu")
+    parts = [p for p in _plan(build())["partitions"] if p["target"] == "cpu"]
+    assert parts
+    for part in parts:
+        declined = [(s.node, s.reason) for s in cpu.support(part["model"], {}) if not s.supported]
+        assert declined == [], declined
