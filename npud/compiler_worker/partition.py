@@ -44,7 +44,7 @@ def fix_shapes(model_bytes: bytes, input_shapes: dict | None):
     dimensions take ``input_shapes`` or 1."""
     import onnx
 
-    from .passes.import_onnx import declared_dims
+    from .passes.import_onnx import declared_dims, fix_input_shapes
 
     try:
         proto = onnx.load_from_string(bytes(model_bytes))
@@ -54,16 +54,7 @@ def fix_shapes(model_bytes: bytes, input_shapes: dict | None):
     initialisers = {t.name for t in proto.graph.initializer}
     declared = {**{v.name: declared_dims(v, v.name in given) for v in proto.graph.input if v.name not in initialisers},
                 **{v.name: declared_dims(v, True) for v in proto.graph.output}}
-    for value in proto.graph.input:
-        if value.name in initialisers:
-            continue
-        dims = value.type.tensor_type.shape.dim
-        shape = given.get(value.name) or [d.dim_value if d.HasField("dim_value") else 1 for d in dims]
-        if len(shape) != len(dims):
-            raise CompileError(f"input_shapes[{value.name!r}]: {len(shape)} dimensions, the model has {len(dims)}")
-        for d, n in zip(dims, shape):
-            d.Clear()
-            d.dim_value = int(n)
+    fix_input_shapes(proto.graph, given)
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception as exc:

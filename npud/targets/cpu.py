@@ -45,6 +45,7 @@ class CpuTarget(Target):
     def fingerprint(self) -> str:
         npud = Path(__file__).resolve().parent.parent
         sources = ("targets/cpu.py", "targets/cpu_support.py", "drivers/cpu.py", "compiler_worker/external_data.py",
+                   "compiler_worker/passes/import_onnx.py",
                    "executable/__init__.py")
         return source_fingerprint(VERSION, [(p, npud / p) for p in sources])
 
@@ -61,7 +62,7 @@ class CpuTarget(Target):
         from onnx import helper
 
         from npud.compiler_worker.errors import CompileError
-        from npud.compiler_worker.passes.import_onnx import declared_dims
+        from npud.compiler_worker.passes.import_onnx import declared_dims, fix_input_shapes
         from npud.drivers.cpu import CpuParams, pack_program
         from npud.executable import Executable
 
@@ -77,16 +78,7 @@ class CpuTarget(Target):
         given = options.get("input_shapes") or {}
         initialisers = {t.name for t in graph.initializer}
         declared = {v.name: declared_dims(v, v.name in given) for v in (*graph.input, *graph.output)}
-        for value in graph.input:
-            if value.name in initialisers:
-                continue
-            dims = value.type.tensor_type.shape.dim
-            shape = given.get(value.name) or [d.dim_value if d.HasField("dim_value") else 1 for d in dims]
-            if len(shape) != len(dims):
-                raise CompileError(f"input_shapes[{value.name!r}]: {len(shape)} dimensions, the model has {len(dims)}")
-            for d, n in zip(dims, shape):
-                d.Clear()
-                d.dim_value = int(n)
+        fix_input_shapes(graph, given)
         for node, (ok, why) in zip(graph.node, support(proto)):
             if not ok:   # what `check` declines never loads: a claim is a promise (docs/CTS.md)
                 raise CompileError(why, node=node.name, op=node.op_type)

@@ -76,12 +76,11 @@ def _inputs_fixed(proto):
     stays unknown after shape inference."""
     import onnx
 
+    from npud.compiler_worker.passes.import_onnx import fix_input_shapes
+
     fixed = onnx.ModelProto()
     fixed.CopyFrom(proto)
-    for value in fixed.graph.input:
-        for d in value.type.tensor_type.shape.dim:
-            if not d.HasField("dim_value"):
-                d.dim_value = 1
+    fix_input_shapes(fixed.graph, None)
     return fixed
 
 

@@ -238,6 +238,25 @@ def declared_dims(vi, sized: bool) -> dict:
     return {"symbolic": symbolic, **({"defaulted": defaulted} if defaulted else {})}
 
 
+def fix_input_shapes(graph: onnx.GraphProto, input_shapes: dict | None) -> None:
+    """Give each graph input (not an initializer) a fixed shape, in place: ``input_shapes[name]``
+    (refused as ``_override`` refuses it) or its declared one with symbolic dimensions 1 -- what
+    every compile does first, whichever target (the cpu target and the partitioner share it)."""
+    given = input_shapes or {}
+    initialisers = {t.name for t in graph.initializer}
+    for vi in graph.input:
+        if vi.name in initialisers:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name in given:
+            shape = _override(vi, tuple(int(d) for d in given[vi.name]))
+        else:
+            shape = [d.dim_value if d.HasField("dim_value") else 1 for d in dims]
+        del dims[:]
+        for n in shape:
+            dims.add().dim_value = int(n)
+
+
 def _override(vi, shape: tuple[int, ...]) -> tuple[int, ...]:
     """An ``input_shapes`` shape for graph input ``vi``: refused if it contradicts the rank or a
     fixed dimension the model declares (only symbolic dimensions are the caller's to choose)."""
