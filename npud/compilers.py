@@ -42,6 +42,14 @@ class _Pending:
     timeout_s: float
     done: trio.Event = field(default_factory=trio.Event)
     reply: dict | None = None
+    frames: list | None = None     # a large reply, decoded off the event loop by its waiter
+
+    @property
+    def answered(self) -> bool:
+        return self.reply is not None or self.frames is not None
+
+
+LARGE_REPLY_BYTES = 1 << 20   # a reply this large is decoded in a thread (the executable's own frame counts)
 
 
 # What a worker may answer (npud/compiler_worker/worker.py).  A worker parses untrusted models, so
@@ -93,8 +101,7 @@ def checked_reply(op: str, message) -> dict:
         schema.check(message, f"{op} reply", strict=False)
         return message   # fields a newer worker adds pass through
     except FieldError as exc:
-        return _failure(ErrorCode.EIO, f"the compiler worker sent a malformed reply ({exc}); retry, or "
-                                       "report the model")
+        return _malformed(exc)
 
 
 class CompilerPool:
@@ -142,10 +149,29 @@ class CompilerPool:
         pending = _Pending(request, self.timeout_s)
         self._dispatch(pending)
         await pending.done.wait()
+        if pending.frames is not None:
+            pending.reply = await trio.to_thread.run_sync(self._decode, pending)
         return pending.reply
+
+    @staticmethod
+    def _decode(pending: _Pending) -> dict:
+        """A large reply's message, checked (a partition plan carries every submodel: ~60 ms per
+        100 MB to unpack, not on the event loop)."""
+        try:
+            message = bulk.from_frames(pending.frames)
+        except bulk.MalformedFrames as exc:
+            return _malformed(exc)
+        if message.get("id") != pending.request["id"]:
+            return _failure(ErrorCode.EIO, "the compiler worker answered another request; retry")
+        return checked_reply(pending.request["op"], message)
 
     def _on_frames(self, frames: list) -> None:
         name = frames[0]
+        pending = self._waiting.get(name)
+        if pending is not None and not pending.answered and sum(map(len, frames[1:])) >= LARGE_REPLY_BYTES:
+            pending.frames = frames[1:]   # a worker has one request at a time: this is its answer
+            pending.done.set()
+            return
         try:
             message = bulk.from_frames(frames[1:])
         except bulk.MalformedFrames as exc:
@@ -158,7 +184,6 @@ class CompilerPool:
             if event is not None:
                 event.set()
             return
-        pending = self._waiting.get(name)
         if pending is not None and message.get("id") == pending.request["id"]:
             pending.reply = checked_reply(pending.request["op"], message)
             pending.done.set()
@@ -268,7 +293,7 @@ class CompilerPool:
         finally:
             del self._waiting[name]
         self.compiles += 1
-        if pending.reply is not None:
+        if pending.answered:
             return True
         if died:
             how = (f"was killed by signal {-process.returncode}" if process.returncode < 0
@@ -331,6 +356,11 @@ def _listening(path: str) -> bool:
         except (FileNotFoundError, ConnectionRefusedError):
             return False
         return True
+
+
+def _malformed(exc: Exception) -> dict:
+    """The failure of a compile whose worker broke the protocol: the worker's fault, not the model's."""
+    return _failure(ErrorCode.EIO, f"the compiler worker sent a malformed reply ({exc}); retry, or report the model")
 
 
 def _failure(code: ErrorCode, message: str) -> dict:

@@ -122,3 +122,45 @@ async def test_a_started_worker_takes_the_next_compile_before_an_idle_one_must_s
                 both.start_soon(pool.compile, dict(check))
         assert sorted(pool._ready) == [b"w0", b"w1"]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_large_reply_is_decoded_off_the_event_loop_and_checked(monkeypatch):
+    """A partition plan carries every submodel inside its map: decoding it (~60 ms per 100 MB) must
+    not stall the daemon's loop; it is still checked, and a wrong id or garbled frames are EIO."""
+    import threading
+
+    import trio
+
+    big = b"\x01" * (compilers.LARGE_REPLY_BYTES + 10)
+    on_loop = []
+    real = compilers.bulk.from_frames
+
+    def spy(frames):
+        on_loop.append(threading.current_thread() is threading.main_thread())
+        return real(frames)
+
+    monkeypatch.setattr(compilers.bulk, "from_frames", spy)
+    pool = compilers.CompilerPool(1, 0, 10.0)
+    dispatched = []
+    monkeypatch.setattr(pool, "_dispatch", dispatched.append)   # no workers: the test answers
+    try:
+        for reply, ok, problem in (({"ok": True, "problems": [], "pad": big}, True, ""),
+                                   ({"ok": True, "problems": [], "pad": big, "id": -1}, False, "another request"),
+                                   (b"\xc1" + big, False, "malformed reply")):
+            async with trio.open_nursery() as nursery:
+                got = []
+
+                async def ask():
+                    got.append(await pool.compile({"id": 4, "op": "check"}))
+                nursery.start_soon(ask)
+                await trio.testing.wait_all_tasks_blocked()
+                pending = dispatched.pop()
+                pool._waiting[b"w1"] = pending
+                frames = [msgpack.packb({"id": 4, **reply})] if isinstance(reply, dict) else [reply]
+                pool._on_frames([b"w1", *frames])
+            del pool._waiting[b"w1"]
+            assert got[0]["ok"] is ok, got
+            assert problem in str(got[0].get("error", ""))
+        assert on_loop and not any(on_loop)
+    finally:
+        shutil.rmtree(pool._dir, ignore_errors=True)
