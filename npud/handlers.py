@@ -862,8 +862,9 @@ def trace(daemon, call, args):
     for event in events:
         event = dict(event)
         layers = event.pop("layers", None)
-        if layers is not None and (event["session"], event["model"]) not in models:
-            models[(event["session"], event["model"])] = {
+        # (a heterogeneous model's partitions share its id; each has its own name and layers)
+        if layers is not None and (event["session"], event["model"], event["model_name"]) not in models:
+            models[(event["session"], event["model"], event["model_name"])] = {
                 "session": event["session"], "model": event["model"], "name": event["model_name"],
                 "layers": [{"node": str(r.get("node", ""))[:1024], "op": str(r.get("op", ""))[:256],
                             "cycles": int(r.get("cycles", 0))} for r in layers]}

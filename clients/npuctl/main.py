@@ -262,7 +262,7 @@ class _Recording:
         """Collect the events finished since the last poll (several polls per ring's worth)."""
         reply = self.client._request("trace", {"since": self.cursor})
         self.events += reply["events"]
-        self.models.update({(m["session"], m["model"]): m for m in reply["models"]})
+        self.models.update({(m["session"], m["model"], m["name"]): m for m in reply["models"]})
         self.dropped += reply["dropped"]
         self.cursor, self.end_s = reply["next"], reply["now_s"]
 

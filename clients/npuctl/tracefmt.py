@@ -28,7 +28,7 @@ def _tid(threads: dict, event: dict) -> int:
 
 
 def chrome_trace(events: list[dict], models: list[dict], devices: list[dict], meta: dict) -> dict:
-    layers = {(m["session"], m["model"]): m["layers"] for m in models}
+    layers = {(m["session"], m["model"], m["name"]): m["layers"] for m in models}   # one per partition
     names = {d["index"]: f"{d['name']} ({d['preset']})" for d in devices}
     out: list[dict] = []
     threads: dict[tuple[int, str], int] = {}
@@ -53,7 +53,7 @@ def chrome_trace(events: list[dict], models: list[dict], devices: list[dict], me
         args["queued_us"] = round(start - e["submitted_s"] * 1e6, 3)
         out.append({"ph": "X", "name": f"{label} job {e['job']}", "cat": "job", "pid": pid, "tid": tid,
                     "ts": start, "dur": dur, "args": args})
-        rows = layers.get((e["session"], e["model"])) if e["model"] else None
+        rows = layers.get((e["session"], e["model"], e["model_name"])) if e["model"] else None
         if rows:
             total = sum(r["cycles"] for r in rows)
             t = start

@@ -329,3 +329,25 @@ def test_a_run_needs_room_for_every_partition_in_the_sessions_jobs_in_flight(tmp
             assert info.value.code == "EAGAIN"
     finally:
         d.stop()
+
+
+def test_the_trace_has_each_partitions_own_layers(daemon):
+    """The partitions' jobs share the model's id: the trace's layer tables are told apart by the
+    partition's name (each job's layers used to be read against the first partition's table)."""
+    from npuctl.tracefmt import chrome_trace
+
+    model = hetero_models.topk_model()
+    with npu.connect(daemon.endpoint) as c:
+        since = c._request("trace", {"since": 0})["next"]
+        m = c.load(model, device=0)
+        m.run(_feeds(model, 1))
+        reply = c._request("trace", {"since": since})
+    tables = [t for t in reply["models"] if t["model"] == m.id]
+    assert len(tables) == 3 and len({t["name"] for t in tables}) == 3
+    on_cpu = [e for e in reply["events"] if e["model"] == m.id and e["device"] == 1]
+    assert on_cpu
+    [cpu_table] = [t for t in tables if t["name"] == on_cpu[0]["model_name"]]
+    assert {r["op"] for r in cpu_table["layers"]} <= {"TopK", "Constant"}
+    layers = [ev for ev in chrome_trace(reply["events"], reply["models"], [], {})["traceEvents"]
+              if ev.get("cat") == "layer" and ev["pid"] == 2]   # device 1's track
+    assert layers and all(ev["args"]["op"] in {"TopK", "Constant"} for ev in layers)
