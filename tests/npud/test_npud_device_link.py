@@ -30,6 +30,9 @@ RUN_OK = {"ok": True, "done": True, "next": 1, "segments": 1, "cycles": 10, "sta
     ({"op": "release", "bo": "one"}, "expected int"),
     ({"op": "run", "job": 1, "bindings": [[1, 4096]]}, "expected an array of 3 items"),
     ({"op": "run", "job": 1, "bindings": [], "fault": "melt"}, "fault"),
+    ({"op": "load_program", "program": 1, "mappings": [[0, 4096]]}, "expected an array of 3 to 4 items"),
+    ({"op": "load_program", "program": 1, "mappings": [[0, 4096, False, True, 1]]}, "3 to 4 items"),
+    ({"op": "load_program", "program": 1, "mappings": [[0, 4096, False, "yes"]]}, r"mappings\[0\]\[3\]"),
 ])
 def test_malformed_requests_are_refused_with_the_reason(message, problem):
     with pytest.raises(link.ProtocolError, match=problem):
@@ -43,6 +46,8 @@ def test_malformed_requests_are_refused_with_the_reason(message, problem):
     ("run", msgpack.packb({**RUN_OK, "stats": [1]}), "stats"),
     ("load_program", msgpack.packb({"ok": True, "segments": [[0]], "segment_cycles": [1]}), "segments"),
     ("load_program", msgpack.packb({"segments": [[0, 1]]}), "ok: missing required field"),
+    ("load_program", msgpack.packb({"ok": True, "prepared_bytes": -1}), "prepared_bytes"),
+    ("unload_program", msgpack.packb({"ok": True, "prepared_bytes": "1 MB"}), "prepared_bytes"),
     ("import", msgpack.packb({"ok": False, "error": {"message": "x"}}), "code: missing required field"),
     ("ready", msgpack.packb({"op": "steady"}), "op"),
 ])
@@ -55,6 +60,14 @@ def test_fields_the_schema_does_not_name_pass_through():
     """Either side may be newer than the other's schema: extra fields are kept, not refused."""
     request = {"op": "release", "bo": 1, "newer": True}
     assert link.check_request(request) == request
+
+
+def test_a_mapping_may_say_it_is_immutable():
+    """load_program's mappings are [va, size, writable] or [va, size, writable, immutable]: a daemon
+    that predates the flag is still understood."""
+    for mappings in ([[0, 4096, False]], [[0, 4096, False, True], [4096, 4096, True, False]]):
+        request = {"op": "load_program", "program": 1, "mappings": mappings}
+        assert link.check_request(request) == request
 
 
 def test_well_formed_replies_pass():
