@@ -141,3 +141,33 @@ async def test_a_broken_reply_before_the_run_resets_the_device_and_the_job_runs(
     assert host.resets == 1 and ctx.hangs == 0 and host.hangs == 0
     resets = [r.getMessage() for r in caplog.records if "restarting its process" in r.getMessage()]
     assert len(resets) == 1 and "broke the protocol" in resets[0] and problem in resets[0], resets
+
+
+def test_a_loaded_models_read_only_weights_are_immutable_and_nothing_else_is():
+    """instantiate marks the weights regions it wrote (read-only, the daemon's own buffers) immutable
+    in the program's mappings, which load_program sends as they are; the arena and I/O are not."""
+    import os
+    import sys
+
+    import trio
+
+    from npud.compile_cache import CachedExecutable
+    from npud.compiler_worker.api import compile_model
+    from npud.devices import DeviceHost
+    from npud.models import instantiate
+    from npud.sessions import Session
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "compiler_worker"))
+    from compiler_testmodels import mlp
+
+    config = make_config("edge")
+    exe = CachedExecutable.from_bytes(compile_model(mlp(seed=3), config).to_bytes())
+    device = DeviceHost(0, "npu0", "edge", config, on_job_done=lambda job: None)
+    model = trio.run(instantiate, Session("s1", b"r", "t", 1), device, exe, 1, 1 << 30)
+    kinds = {r["va"]: (r["kind"], r["writable"]) for r in exe.memory["regions"]}
+    mappings = device.programs[model.program].mappings
+    assert all(len(m) == 4 for m in mappings)
+    immutable = {va for va, _size, _w, frozen in mappings if frozen}
+    assert immutable == {va for va, (kind, writable) in kinds.items() if kind == "weights" and not writable}
+    assert immutable, "the MLP has weights"
+    link.check_request({"op": "load_program", "program": model.program, "mappings": [list(m) for m in mappings]})
