@@ -199,7 +199,7 @@ def _plan_step(cmd, plan, x: np.ndarray, w, out: np.ndarray, *vectors, frozen=No
     (bias, scale; None: absent) copied every run if they lie inside the output
     tile (they must be read before the output is written).  `frozen` window
     weights are kept in the plan's blocked layout for the step's lifetime, one
-    copy for the steps of one plan with the same key."""
+    copy for the steps with the same key whose plans chose the same layout."""
     if any(v is not None and np.may_share_memory(v, out) for v in vectors):
         bound = plan.bind(x, out, frozen=frozen)
 

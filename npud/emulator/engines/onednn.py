@@ -20,7 +20,12 @@ float convolution up to that.
 Integer plans (``qconv2d``) are exact: the int8 primitive accumulates in
 int32 and its post-ops are the ISA's requantisation steps in the ISA's order
 (:func:`_post_ops`); their weights are reordered into oneDNN's blocked layout
-and kept while unchanged (:class:`_BlockedWeights`).
+and kept while unchanged (:class:`_BlockedWeights`: a plain copy and a memcmp
+per run).  Weights a loaded program reads from immutable memory (a window bound
+inside a mapping declared immutable: a loaded model's weights) are instead kept
+blocked from the program's load to its unload, reordered once and never
+compared (:class:`_Frozen`, counted by :func:`prepared_bytes`); float32
+ungrouped convolutions then read blocked weights too.
 
 Float ``matmul`` commands use oneDNN's ``dnnl_sgemm`` (:func:`sgemm`) the same way.
 
