@@ -383,7 +383,11 @@ async def instantiate(session: "Session", device: "DeviceHost", exe: CachedExecu
         device.refs.charge(session, bo)
     program = None
     try:
-        program = device.programs.add(stream, [(m.va, m.size, m.writable) for m in mappings], bounds)
+        # Read-only weights are immutable while the program is loaded: written once above, before
+        # the load, and no client holds a handle to them (the device may keep them pre-arranged).
+        immutable = [r["kind"] == "weights" and not r["writable"] for r in regions.values()]
+        program = device.programs.add(stream, [(m.va, m.size, m.writable, frozen)
+                                               for m, frozen in zip(mappings, immutable)], bounds)
         if exe.trace_layers is None:
             exe.trace_layers = compact_layers(ops)
         # The name interned: the trace ring keeps it for each of its events, and names repeat.

@@ -19,7 +19,7 @@ EWMA = 0.3            # weight of the newest run in a program's expected wall ti
 @dataclass(eq=False)
 class Program:
     stream: bytes
-    mappings: list                    # [(va, size, writable)] it was validated against
+    mappings: list                    # [(va, size, writable, immutable)] it was validated against
     boundaries: list[int]             # the command count at the end of each layer (preemption points)
     users: int = 0                    # jobs holding it
     removed: bool = False             # its model was unloaded: it goes with its last job

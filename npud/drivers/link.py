@@ -24,17 +24,24 @@ MAX_ITEMS = 1 << 20
 
 @dataclass(frozen=True)
 class Tuple_(Type):
-    """A fixed-length array whose items have types of their own (msgpack has no tuples)."""
+    """A fixed-length array whose items have types of their own (msgpack has no tuples); with
+    ``required``, only that many leading items are (the rest may be left off, newest last)."""
 
     items: tuple
+    required: int | None = None
 
     def check(self, value, path, strict=True):
-        if type(value) not in (list, tuple) or len(value) != len(self.items):
-            raise FieldError(path, f"expected an array of {len(self.items)} items, got {value!r:.60}")
+        least = len(self.items) if self.required is None else self.required
+        if type(value) not in (list, tuple) or not least <= len(value) <= len(self.items):
+            count = len(self.items) if least == len(self.items) else f"{least} to {len(self.items)}"
+            raise FieldError(path, f"expected an array of {count} items, got {value!r:.60}")
         return [t.check(v, f"{path}[{i}]", strict) for i, (t, v) in enumerate(zip(self.items, value))]
 
     def describe(self):
-        return f"[{', '.join(t.describe() for t in self.items)}]"
+        shown = [t.describe() for t in self.items]
+        if self.required is not None and self.required < len(shown):
+            shown[self.required:] = [f"optional {t}" for t in shown[self.required:]]
+        return f"[{', '.join(shown)}]"
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,11 @@ def _op(name: str) -> F:
 
 
 BINDING = Tuple_((U64, U64, Bool()))       # [bo, va, writable]
-MAPPING = Tuple_((U64, U64, Bool()))       # [va, size, writable]
+# [va, size, writable, immutable]: immutable (optional, false if left off) promises that nothing
+# writes the mapping's bytes while the program is loaded -- a loaded model's weights, which the
+# daemon writes once before the load -- so the device may keep them pre-arranged (blocked,
+# tiled, compressed) from load to unload.  Only a read-only mapping may be immutable.
+MAPPING = Tuple_((U64, U64, Bool(), Bool()), required=3)
 REQUESTS: dict[str, Struct] = {s.name: s for s in (
     Struct("import", {"op": _op("import"), "bo": F(U64, "the buffer object; its memfd rides along")}),
     Struct("release", {"op": _op("release"), "bo": F(U64, "the buffer object to forget")}),
@@ -91,16 +102,19 @@ READY = Struct("ready", {
     "kernels": F(Str(256), "which kernels the device process runs (npuctl devices shows it)", optional=True),
     "threads": F(MapOf(Int(0, 1 << 16), 16), "compute threads of each thread pool it loaded", optional=True),
 })
+PREPARED_BYTES = F(Int(0, 2**63 - 1), "bytes the device process now holds of weights it pre-arranged "
+                                       "from immutable mappings (all loaded programs)", optional=True)
 REPLIES: dict[str, Struct] = {
     "import": Struct("import_reply", {"ok": F(Bool(), "true")}),
     "release": Struct("release_reply", {"ok": F(Bool(), "true")}),
-    "unload_program": Struct("unload_program_reply", {"ok": F(Bool(), "true")}),
+    "unload_program": Struct("unload_program_reply", {"ok": F(Bool(), "true"), "prepared_bytes": PREPARED_BYTES}),
     "load_program": Struct("load_program_reply", {
         "ok": F(Bool(), "true"),
         "segments": F(Array(Tuple_((COUNT, COUNT)), MAX_ITEMS), "[first command, end] of each segment",
                       optional=True),
         "segment_cycles": F(Array(Int(0, 2**63 - 1), MAX_ITEMS), "modeled cycles of each segment",
-                            optional=True)}),
+                            optional=True),
+        "prepared_bytes": PREPARED_BYTES}),
     "run": Struct("run_reply", {
         "ok": F(Bool(), "true"),
         "done": F(Bool(), "false: stopped at a preemption point"),

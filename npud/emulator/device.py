@@ -3,6 +3,7 @@ the command processor that runs validated programs on the engines."""
 
 from __future__ import annotations
 
+import itertools
 import weakref
 
 import numpy as np
@@ -10,7 +11,7 @@ import numpy as np
 from .config import DeviceConfig
 from .engines import prepare
 from .errors import DeviceError
-from .isa import Engine
+from .isa import WINDOW_BASE, DType, Engine
 from .mmu import Mapping, PageTable
 from .timing import JobStats
 from .validator import Program, validate
@@ -58,6 +59,27 @@ class Context:
         return f"<Context {self.hw_id} of {self.device.config.preset}>"
 
 
+_preparations = itertools.count()
+
+
+def frozen_weights(commands, immutable: tuple) -> list:
+    """Per command: the ``(va, end)`` its weights come from if it is a MAC command whose ``w`` is
+    a weight window that a ``dma_map`` earlier in `commands` (same core, same window address: the
+    binding it reads when it runs) bound wholly inside one of the `immutable` [va, end) ranges,
+    else None.  Such weights are the same bytes in every run while the program is loaded.  A
+    window bound before `commands` (an earlier segment) counts as mutable: correct, only slower."""
+    frozen, bound = [], {}
+    for cmd in commands:
+        a = cmd.args
+        if immutable and cmd.op.name == "dma_map":
+            end = a.va + DType(a.dtype).np.itemsize * int(np.prod(a.shape))
+            inside = any(lo <= a.va and end <= hi for lo, hi in immutable)
+            bound[cmd.core, a.sram] = (a.va, end) if inside else None
+        w = getattr(a, "w", None) if cmd.op.engine == Engine.MAC else None
+        frozen.append(bound.get((cmd.core, w.addr)) if w is not None and w.addr >= WINDOW_BASE else None)
+    return frozen
+
+
 class _Job:
     """What engines may touch while running one job: SRAM, the MMU, and per
     core the weight windows (address -> device memory view) dma_map bound."""
@@ -94,13 +116,27 @@ class Device:
         """(commands, steps): the program's queued commands and, for each, the
         step that runs it on this device, made once per program and device and
         reused by every run (views, DMA translations and kernel plans made at
-        preparation).  Control commands are scheduling only: they have no step."""
+        preparation).  Control commands are scheduling only: they have no step.
+
+        A MAC command whose weights window is bound to immutable memory (see
+        :func:`frozen_weights`) gets a step that keeps its weights pre-arranged
+        for as long as the program's steps live: until :meth:`forget`."""
         cached = program.prepared.get("steps")
         if cached is None or cached[0] is not self._sram:
             commands = tuple(c for c in program.commands if c.op.engine != Engine.CTRL)
-            cached = (self._sram, commands, tuple(prepare(c, self._sram) for c in commands))
+            # steps reading one immutable binding share one pre-arranged copy of this preparation
+            this = next(_preparations)
+            frozen = [f and (this, *f) for f in frozen_weights(commands, program.immutable)]
+            cached = (self._sram, commands,
+                      tuple(prepare(c, self._sram, frozen=f) for c, f in zip(commands, frozen)))
             program.prepared["steps"] = cached
         return cached[1], cached[2]
+
+    @staticmethod
+    def forget(program: Program) -> None:
+        """Drop the program's prepared steps, and with them every weight they keep pre-arranged
+        (the program is unloaded: its immutable memory may now change)."""
+        program.prepared.clear()
 
     def execute(self, ctx: Context, program_or_stream, *, continues: bool = False) -> JobStats:
         """Run one job in `ctx`.  Bytes are validated first against

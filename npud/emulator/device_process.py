@@ -12,11 +12,12 @@ does, and answers every request with one packet::
 
     {"op": "import", "bo": id}  + memfd   -> {"ok": true}
     {"op": "release", "bo": id}           -> {"ok": true}
-    {"op": "load_program", "program": id, "mappings": [[va, size, writable], ...],
+    {"op": "load_program", "program": id, "mappings": [[va, size, writable(, immutable)], ...],
      "boundaries": [command index, ...]}  + memfd of the stream
-        -> {"ok": true, "segments": [[first command, end], ...], "segment_cycles": [int, ...]}
+        -> {"ok": true, "segments": [[first command, end], ...], "segment_cycles": [int, ...],
+            "prepared_bytes": int}
          | {"ok": false, "error": {...}}
-    {"op": "unload_program", "program": id} -> {"ok": true}
+    {"op": "unload_program", "program": id} -> {"ok": true, "prepared_bytes": int}
     {"op": "run", "job": id, "stream": bin | "program": id, "bindings": [[bo, va, writable], ...],
      "from": segment, "until": segment, "fault": "hang" | "crash" | "slow", "slow_ms": int}
         -> {"ok": true, "done": bool, "next": segment, "segments": n, "cycles": int,
@@ -45,6 +46,13 @@ A fault fails only the job that caused it: each job runs in a fresh hardware
 context whose page table holds just that job's bindings.  A loaded program
 (a model's stream) is validated once and run many times: the MMU still checks
 every access against each run's own bindings.
+
+Immutable mappings (a loaded model's weights: the daemon writes them once,
+before the load) let the MAC engine keep those weights in its kernels' own
+layout from the load to the unload, with no check that they changed; their
+bytes are ``prepared_bytes`` in the replies above (bounded by
+``NPU_EMU_PREPARED_BYTES``, 1 GiB by default; beyond it, weights are compared
+and reordered every run as for any other memory).
 """
 
 from __future__ import annotations
@@ -59,7 +67,7 @@ from npud.emulator.config import DeviceConfig
 from npud.emulator import threads
 from npud.emulator.device import Device
 from npud.emulator.errors import DeviceError
-from npud.emulator.engines import int_gemm
+from npud.emulator.engines import int_gemm, onednn
 from npud.emulator.isa import Engine
 from npud.emulator.timing import command_cost
 from npud.emulator.validator import Mapping, Program, validate
@@ -85,7 +93,7 @@ class DeviceProcess(link.DeviceServer):
         try:
             stream = self.read_stream(fds)
             program = validate(stream, self.device.config,
-                               [Mapping(va, size, writable) for va, size, writable in request["mappings"]])
+                               [Mapping(*m) for m in request["mappings"]])
         except DeviceError as exc:
             return {"ok": False, "error": {"code": exc.code, "message": exc.message, "command": None}}
         pid = request["program"]
@@ -100,13 +108,15 @@ class DeviceProcess(link.DeviceServer):
         costs = [command_cost(c, self.device.config)[0] if c.op.engine != Engine.CTRL else 0
                  for c in program.commands]
         self.cycles[pid] = [sum(costs[a:b]) for a, b in spans]
-        return {"ok": True, "segments": [list(span) for span in spans], "segment_cycles": self.cycles[pid]}
+        return {"ok": True, "segments": [list(span) for span in spans], "segment_cycles": self.cycles[pid],
+                "prepared_bytes": onednn.prepared_bytes()}
 
     def _op_unload_program(self, request, fds):
         self.programs.pop(request["program"], None)
-        self.segments.pop(request["program"], None)
+        for seg in self.segments.pop(request["program"], ()):
+            self.device.forget(seg)     # frees the weights its steps kept pre-arranged
         self.cycles.pop(request["program"], None)
-        return {"ok": True}
+        return {"ok": True, "prepared_bytes": onednn.prepared_bytes()}
 
     def _op_run(self, request, fds):
         started = time.perf_counter()

@@ -23,10 +23,12 @@ from .isa import VA_BITS
 
 @dataclass(frozen=True)
 class Mapping:
-    """A mapped virtual range as the validator sees it."""
+    """A mapped virtual range as the validator sees it.  ``immutable``: nothing writes its bytes
+    while the program validated against it is loaded (only a read-only mapping may say so)."""
     va: int
     size: int
     writable: bool
+    immutable: bool = False
 
 
 class _Region:

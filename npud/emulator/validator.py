@@ -36,6 +36,9 @@ class Program:
     stats: JobStats           # modeled cost; identical for every run
     footprints: tuple         # per command: ((core, lo, hi, is_write), ...) SRAM bytes
     sram_used: tuple          # per core: end of the highest SRAM byte any command writes
+    # [va, end) of each immutable mapping: memory nothing writes while the program is loaded,
+    # whose weights the MAC engine may keep pre-arranged from load to unload (Device.prepare)
+    immutable: tuple = ()
     # The device that last ran it and its prepared steps (Device.prepare): decoded once, run
     # many.  Not an init field, so a program derived with dataclasses.replace (a segment)
     # starts with its own.
@@ -81,7 +84,16 @@ def validate(stream: bytes, config: DeviceConfig, mappings: list[Mapping]) -> Pr
             if write and hi > used[core] and lo < isa.WINDOW_BASE:   # windows are not SRAM
                 used[core] = hi
     return Program(commands, target, schedule(commands, footprints, config), footprints,
-                   tuple(used))
+                   tuple(used), _immutable(mappings))
+
+
+def _immutable(mappings: list[Mapping]) -> tuple:
+    """[va, end) of the immutable mappings; StreamError for one that is also writable."""
+    for m in mappings:
+        if m.immutable and m.writable:
+            raise StreamError(f"mappings: the mapping at va 0x{m.va:x} is writable and immutable "
+                              "(only read-only memory can be immutable)")
+    return tuple((m.va, m.va + m.size) for m in mappings if m.immutable)
 
 
 class _Checker:

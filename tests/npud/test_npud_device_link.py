@@ -30,6 +30,9 @@ RUN_OK = {"ok": True, "done": True, "next": 1, "segments": 1, "cycles": 10, "sta
     ({"op": "release", "bo": "one"}, "expected int"),
     ({"op": "run", "job": 1, "bindings": [[1, 4096]]}, "expected an array of 3 items"),
     ({"op": "run", "job": 1, "bindings": [], "fault": "melt"}, "fault"),
+    ({"op": "load_program", "program": 1, "mappings": [[0, 4096]]}, "expected an array of 3 to 4 items"),
+    ({"op": "load_program", "program": 1, "mappings": [[0, 4096, False, True, 1]]}, "3 to 4 items"),
+    ({"op": "load_program", "program": 1, "mappings": [[0, 4096, False, "yes"]]}, r"mappings\[0\]\[3\]"),
 ])
 def test_malformed_requests_are_refused_with_the_reason(message, problem):
     with pytest.raises(link.ProtocolError, match=problem):
@@ -43,6 +46,8 @@ def test_malformed_requests_are_refused_with_the_reason(message, problem):
     ("run", msgpack.packb({**RUN_OK, "stats": [1]}), "stats"),
     ("load_program", msgpack.packb({"ok": True, "segments": [[0]], "segment_cycles": [1]}), "segments"),
     ("load_program", msgpack.packb({"segments": [[0, 1]]}), "ok: missing required field"),
+    ("load_program", msgpack.packb({"ok": True, "prepared_bytes": -1}), "prepared_bytes"),
+    ("unload_program", msgpack.packb({"ok": True, "prepared_bytes": "1 MB"}), "prepared_bytes"),
     ("import", msgpack.packb({"ok": False, "error": {"message": "x"}}), "code: missing required field"),
     ("ready", msgpack.packb({"op": "steady"}), "op"),
 ])
@@ -55,6 +60,14 @@ def test_fields_the_schema_does_not_name_pass_through():
     """Either side may be newer than the other's schema: extra fields are kept, not refused."""
     request = {"op": "release", "bo": 1, "newer": True}
     assert link.check_request(request) == request
+
+
+def test_a_mapping_may_say_it_is_immutable():
+    """load_program's mappings are [va, size, writable] or [va, size, writable, immutable]: a daemon
+    that predates the flag is still understood."""
+    for mappings in ([[0, 4096, False]], [[0, 4096, False, True], [4096, 4096, True, False]]):
+        request = {"op": "load_program", "program": 1, "mappings": mappings}
+        assert link.check_request(request) == request
 
 
 def test_well_formed_replies_pass():
@@ -128,3 +141,33 @@ async def test_a_broken_reply_before_the_run_resets_the_device_and_the_job_runs(
     assert host.resets == 1 and ctx.hangs == 0 and host.hangs == 0
     resets = [r.getMessage() for r in caplog.records if "restarting its process" in r.getMessage()]
     assert len(resets) == 1 and "broke the protocol" in resets[0] and problem in resets[0], resets
+
+
+def test_a_loaded_models_read_only_weights_are_immutable_and_nothing_else_is():
+    """instantiate marks the weights regions it wrote (read-only, the daemon's own buffers) immutable
+    in the program's mappings, which load_program sends as they are; the arena and I/O are not."""
+    import os
+    import sys
+
+    import trio
+
+    from npud.compile_cache import CachedExecutable
+    from npud.compiler_worker.api import compile_model
+    from npud.devices import DeviceHost
+    from npud.models import instantiate
+    from npud.sessions import Session
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "compiler_worker"))
+    from compiler_testmodels import mlp
+
+    config = make_config("edge")
+    exe = CachedExecutable.from_bytes(compile_model(mlp(seed=3), config).to_bytes())
+    device = DeviceHost(0, "npu0", "edge", config, on_job_done=lambda job: None)
+    model = trio.run(instantiate, Session("s1", b"r", "t", 1), device, exe, 1, 1 << 30)
+    kinds = {r["va"]: (r["kind"], r["writable"]) for r in exe.memory["regions"]}
+    mappings = device.programs[model.program].mappings
+    assert all(len(m) == 4 for m in mappings)
+    immutable = {va for va, _size, _w, frozen in mappings if frozen}
+    assert immutable == {va for va, (kind, writable) in kinds.items() if kind == "weights" and not writable}
+    assert immutable, "the MLP has weights"
+    link.check_request({"op": "load_program", "program": model.program, "mappings": [list(m) for m in mappings]})

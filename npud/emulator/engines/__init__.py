@@ -18,10 +18,12 @@ EXECUTORS = {**dma.EXECUTORS, **mac.EXECUTORS, **vector.EXECUTORS, **pool.EXECUT
 PREPARE = {**dma.PREPARE, **mac.PREPARE, **vector.PREPARE}
 
 
-def prepare(cmd, sram: list):
+def prepare(cmd, sram: list, frozen=None):
     """The step running `cmd` (a validated, queued command) on a device
-    whose per-core SRAM is `sram`."""
+    whose per-core SRAM is `sram`; `frozen`: its weights window holds the same
+    bytes in every run of the step (a MAC step may keep them pre-arranged,
+    shared with the steps given an equal `frozen` key)."""
     prep = PREPARE.get(cmd.op.name)
     if prep is not None:
-        return prep(cmd, sram[cmd.core])
+        return prep(cmd, sram[cmd.core], frozen=frozen) if frozen else prep(cmd, sram[cmd.core])
     return partial(EXECUTORS[cmd.op.name], cmd=cmd)

@@ -155,18 +155,19 @@ def _conv_onednn(sram: np.ndarray, a, x: np.ndarray, w: np.ndarray, out: np.ndar
     return True
 
 
-def _onednn_plan(a, x: np.ndarray, out: np.ndarray, w: np.ndarray | None):
+def _onednn_plan(a, x: np.ndarray, out: np.ndarray, w: np.ndarray | None, frozen=None):
     """oneDNN's convolution primitive for a float32 conv2d (grouped and
     depthwise too), bias, accumulation and ReLU fused; None where there is no
     plan or ``out`` overlaps an operand the primitive reads while writing it
-    (`w` None: read in place from a weight window, never SRAM)."""
+    (`w` None: read in place from a weight window, never SRAM).  `frozen`
+    weights (a window on immutable memory) are read in oneDNN's blocked layout."""
     if not (x.dtype == out.dtype == np.float32 and a.w.dtype == DType.FP32):
         return None
     if np.may_share_memory(out, x) or (w is not None and np.may_share_memory(out, w)):
         return None
     return onednn.plan(x.shape, a.w.shape, out.shape, a.stride, a.pad, a.dilation,
                        bias=a.bias != NONE_ADDR, accumulate=bool(a.flags & FLAG_ACCUMULATE),
-                       relu=bool(a.flags & FLAG_RELU), groups=a.groups)
+                       relu=bool(a.flags & FLAG_RELU), groups=a.groups, blocked=bool(frozen))
 
 
 def _bias_f32(sram: np.ndarray, a, out: np.ndarray):
@@ -178,31 +179,34 @@ def _bias_f32(sram: np.ndarray, a, out: np.ndarray):
     return bias.copy() if np.may_share_memory(bias, out) else bias
 
 
-def _prepare_conv2d(cmd, sram: np.ndarray):
+def _prepare_conv2d(cmd, sram: np.ndarray, frozen=None):
     """A conv2d step: on oneDNN, its tile views and primitive made once;
-    otherwise the executor."""
+    otherwise the executor.  `frozen` (a key, or None): its weights window
+    holds the same bytes in every run (see :func:`_plan_step`)."""
     a = cmd.args
     x, out = view(sram, a.x), view(sram, a.out)
     w = None if a.w.addr >= WINDOW_BASE else view(sram, a.w)
-    plan = _onednn_plan(a, x, out, w)
+    plan = _onednn_plan(a, x, out, w, frozen)
     if plan is None:
         return partial(conv2d, cmd=cmd)
     bias = vec(sram, a.bias, np.float32, out.shape[3]) if a.bias != NONE_ADDR else None
-    return _plan_step(cmd, plan, x, w, out, bias)
+    return _plan_step(cmd, plan, x, w, out, bias, frozen=frozen)
 
 
-def _plan_step(cmd, plan, x: np.ndarray, w, out: np.ndarray, *vectors):
+def _plan_step(cmd, plan, x: np.ndarray, w, out: np.ndarray, *vectors, frozen=None):
     """The step running `plan` bound to prepared views: the weights looked up
     when it runs if in a window (`w` None), and the per-channel `vectors`
     (bias, scale; None: absent) copied every run if they lie inside the output
-    tile (they must be read before the output is written)."""
+    tile (they must be read before the output is written).  `frozen` window
+    weights are kept in the plan's blocked layout for the step's lifetime, one
+    copy for the steps with the same key whose plans chose the same layout."""
     if any(v is not None and np.may_share_memory(v, out) for v in vectors):
-        bound = plan.bind(x, out)
+        bound = plan.bind(x, out, frozen=frozen)
 
         def run(job, w):
             bound(w, *(None if v is None else v.copy() for v in vectors))
     else:
-        bound = plan.bind(x, out, *vectors)
+        bound = plan.bind(x, out, *vectors, frozen=frozen)
 
         def run(job, w):
             bound(w)
@@ -212,10 +216,10 @@ def _plan_step(cmd, plan, x: np.ndarray, w, out: np.ndarray, *vectors):
     return lambda job: run(job, w)
 
 
-def _prepare_qconv2d(cmd, sram: np.ndarray):
+def _prepare_qconv2d(cmd, sram: np.ndarray, frozen=None):
     """A qconv2d step: on oneDNN's int8 convolution primitive (requantisation
     as its post-ops, :func:`_qconv_plan`), views and primitive made once;
-    otherwise the executor."""
+    otherwise the executor.  `frozen` as for :func:`_prepare_conv2d`."""
     a = cmd.args
     x, out = view(sram, a.x), view(sram, a.out)
     w = None if a.w.addr >= WINDOW_BASE else view(sram, a.w)
@@ -224,7 +228,7 @@ def _prepare_qconv2d(cmd, sram: np.ndarray):
         return partial(qconv2d, cmd=cmd)
     c = out.shape[3]
     bias = vec(sram, a.bias, np.int32, c) if a.bias != NONE_ADDR else None
-    return _plan_step(cmd, plan, x, w, out, bias, vec(sram, a.scale_addr, np.float32, c))
+    return _plan_step(cmd, plan, x, w, out, bias, vec(sram, a.scale_addr, np.float32, c), frozen=frozen)
 
 
 def _qconv_plan(a, x: np.ndarray, out: np.ndarray, w: np.ndarray | None):

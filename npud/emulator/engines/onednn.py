@@ -20,7 +20,12 @@ float convolution up to that.
 Integer plans (``qconv2d``) are exact: the int8 primitive accumulates in
 int32 and its post-ops are the ISA's requantisation steps in the ISA's order
 (:func:`_post_ops`); their weights are reordered into oneDNN's blocked layout
-and kept while unchanged (:class:`_BlockedWeights`).
+and kept while unchanged (:class:`_BlockedWeights`: a plain copy and a memcmp
+per run).  Weights a loaded program reads from immutable memory (a window bound
+inside a mapping declared immutable: a loaded model's weights) are instead kept
+blocked from the program's load to its unload, reordered once and never
+compared (:class:`_Frozen`, counted by :func:`prepared_bytes`); float32
+ungrouped convolutions then read blocked weights too.
 
 Float ``matmul`` commands use oneDNN's ``dnnl_sgemm`` (:func:`sgemm`) the same way.
 
@@ -30,6 +35,7 @@ Float ``matmul`` commands use oneDNN's ``dnnl_sgemm`` (:func:`sgemm`) the same w
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import threading
 import weakref
@@ -72,6 +78,7 @@ class _Lib:
             "dnnl_stream_create": [pvp, vp, ctypes.c_uint],
             "dnnl_memory_desc_create_with_strides": [pvp, ctypes.c_int, _DIMS, ctypes.c_int, _DIMS],
             "dnnl_memory_desc_destroy": [vp],
+            "dnnl_memory_desc_equal": [vp, vp],
             "dnnl_memory_desc_create_with_tag": [pvp, ctypes.c_int, _DIMS, ctypes.c_int, ctypes.c_int],
             "dnnl_reorder_primitive_desc_create": [pvp, vp, vp, vp, vp, vp],
             "dnnl_primitive_attr_create": [pvp],
@@ -157,6 +164,8 @@ class _BlockedWeights:
     def __init__(self, lib: _Lib, prim, src, dst, size: int) -> None:
         self._lib, self._prim, self._src, self._dst, self._size = lib, prim, src, dst, size
         self.memory = dst      # the primitive's weights memory: its handle is what __call__ returns
+        self.layout = ctypes.c_void_p()    # the blocked layout (the memory object owns it)
+        _ok(lib.memory_get_memory_desc(dst, ctypes.byref(self.layout)), "memory_get_memory_desc")
         self._args = (_ExecArg * 2)(_ExecArg(ARG_SRC, src), _ExecArg(ARG_DST, dst))
         self._kept: dict[int, tuple] = {}
         self._scratch = None
@@ -171,10 +180,19 @@ class _BlockedWeights:
             entry = self._keep(w)
         if entry[0] is not None:
             np.copyto(entry[0], w)
-        self._lib.memory_set_data_handle(self._src, addr)
-        self._lib.memory_set_data_handle(self._dst, entry[1])
-        _ok(self._lib.primitive_execute(self._prim, self._lib.stream, 2, self._args), "reorder")
+        self.reorder(w, entry[1])
         return entry[1]
+
+    def reorder(self, w: np.ndarray, addr: int) -> None:
+        """Write `w` in the blocked layout at `addr` (a buffer of :meth:`allocate`)."""
+        self._lib.memory_set_data_handle(self._src, w.ctypes.data)
+        self._lib.memory_set_data_handle(self._dst, addr)
+        _ok(self._lib.primitive_execute(self._prim, self._lib.stream, 2, self._args), "reorder")
+
+    def allocate(self) -> tuple[np.ndarray, int]:
+        """(buffer, address): room for one set of blocked weights, aligned as the kernels want."""
+        buf = np.empty(self._size + 64, np.uint8)
+        return buf, buf.ctypes.data + (-buf.ctypes.data % 64)
 
     def _keep(self, w: np.ndarray) -> tuple:
         """(plain copy or None, blocked address, buffer, copy's address): a new entry, kept if
@@ -183,8 +201,7 @@ class _BlockedWeights:
         spent = getattr(_local, "blocked_bytes", 0) + self._size + 64 + w.nbytes
         if spent > BLOCKED_CACHE_BYTES and self._scratch is not None:
             return self._scratch
-        buf = np.empty(self._size + 64, np.uint8)
-        addr = buf.ctypes.data + (-buf.ctypes.data % 64)    # blocked kernels want aligned weights
+        buf, addr = self.allocate()
         if spent > BLOCKED_CACHE_BYTES:
             self._scratch = (None, addr, buf, 0)     # one per plan, reordered into every run
             return self._scratch
@@ -192,6 +209,79 @@ class _BlockedWeights:
         copy = np.empty_like(w)
         entry = self._kept[w.ctypes.data] = (copy, addr, buf, copy.ctypes.data)
         return entry
+
+
+PREPARED_ENV = "NPU_EMU_PREPARED_BYTES"
+PREPARED_BYTES = 1 << 30     # default bound on weights kept pre-arranged from load to unload
+_prepared = [0]              # bytes those hold now, in this process (every thread, every program)
+
+
+def prepared_bytes() -> int:
+    """Bytes of weights this process keeps pre-arranged for loaded programs (:class:`_Frozen`)."""
+    return _prepared[0]
+
+
+def prepared_limit() -> int:
+    """The bound on :func:`prepared_bytes` (``NPU_EMU_PREPARED_BYTES``, else 1 GiB)."""
+    try:
+        return int(os.environ.get(PREPARED_ENV, PREPARED_BYTES))
+    except ValueError:
+        return PREPARED_BYTES
+
+
+_shared: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()   # live frozen copies
+
+
+def _unprepare(size: int) -> None:
+    with _lock:
+        _prepared[0] -= size
+
+
+class _Frozen:
+    """One step's weights in the blocked layout, from weights that cannot change while its
+    program is loaded (an immutable mapping, bound to a weight window): reordered at the
+    step's first run and then reused, with no plain copy and no comparison.  The buffer is
+    allocated when the step is prepared (the program's load), counted in
+    :func:`prepared_bytes`, and freed with the step (the program's unload).  The address
+    the weights were reordered from is remembered: a run binding other memory (another
+    buffer object with, by the daemon's promise, the same bytes) reorders again."""
+
+    def __init__(self, blocked: "_BlockedWeights") -> None:
+        self._blocked = blocked
+        self._buf, self._addr = blocked.allocate()
+        size = self._buf.nbytes
+        with _lock:
+            _prepared[0] += size
+        weakref.finalize(self, _unprepare, size)
+        self._src = None
+
+    @staticmethod
+    def make(blocked: "_BlockedWeights | None", key) -> "_Frozen | None":
+        """The frozen copy of a plan's blocked weights for the steps sharing `key` (one
+        preparation's binding of one immutable range) whose plans chose the same layout (the
+        bands of one layer, whose plans differ by their input's rows), made if none is
+        alive; or None: the plan reads its weights as they are, or the process's bound
+        (:func:`prepared_limit`) is reached (the step then keeps int15's compare-and-reorder
+        cache)."""
+        if blocked is None:
+            return None
+        for n in itertools.count():
+            frozen = _shared.get((key, n))
+            if frozen is None:
+                break
+            if blocked._lib.memory_desc_equal(frozen._blocked.layout, blocked.layout):
+                return frozen
+        if _prepared[0] + blocked._size + 64 > prepared_limit():
+            return None
+        frozen = _shared[key, n] = _Frozen(blocked)
+        return frozen
+
+    def __call__(self, w: np.ndarray) -> int:
+        """The blocked weights' address, reordered from `w` only if not yet from there."""
+        if w.ctypes.data != self._src:
+            self._blocked.reorder(w, self._addr)
+            self._src = w.ctypes.data
+        return self._addr
 
 
 class ConvPlan:
@@ -207,9 +297,12 @@ class ConvPlan:
         self._n = len(mems)
         self._blocked = blocked
 
-    def bind(self, x: np.ndarray, out: np.ndarray, bias=None, scale=None) -> "BoundConv":
-        """This plan for one command's fixed tiles (see :class:`BoundConv`)."""
-        return BoundConv(self, x, out, bias, scale)
+    def bind(self, x: np.ndarray, out: np.ndarray, bias=None, scale=None, *,
+             frozen=None) -> "BoundConv":
+        """This plan for one command's fixed tiles (see :class:`BoundConv`); `frozen` (a key,
+        or None): its weights never change while the step lives (kept blocked, one copy per
+        key: :class:`_Frozen`)."""
+        return BoundConv(self, x, out, bias, scale, frozen)
 
     def set_src_zp(self, zp: int) -> None:
         """The input zero point the plan subtracts (padding holds it: it contributes nothing)."""
@@ -241,9 +334,11 @@ class BoundConv:
     microsecond or more), so a run passes only what can change: the weights
     (read from a window, or reordered), and a bias or scale copied that run."""
 
-    def __init__(self, plan: ConvPlan, x: np.ndarray, out: np.ndarray, bias, scale) -> None:
+    def __init__(self, plan: ConvPlan, x: np.ndarray, out: np.ndarray, bias, scale,
+                 frozen=None) -> None:
         lib = self._lib = plan._lib
         self._plan = plan
+        self._blocked = (frozen is not None and _Frozen.make(plan._blocked, frozen)) or plan._blocked
         self._mems = {arg: lib.memory_like(mem) for arg, mem in plan._mems.items()}
         # a step lives as long as its program's preparation: free its memory objects with it
         weakref.finalize(self, _destroy, lib, list(self._mems.values()))
@@ -260,8 +355,8 @@ class BoundConv:
         """Run on weights `w` (and a `bias`/`scale` other than the bound ones)."""
         lib, m = self._lib, self._mems
         if w is not self._w:
-            blocked = self._plan._blocked
-            addr = w.ctypes.data if blocked is None else blocked(w)   # blocked: compared every run
+            blocked = self._blocked     # frozen: reordered once; else compared every run
+            addr = w.ctypes.data if blocked is None else blocked(w)
             if addr != self._addr:
                 lib.memory_set_data_handle(m[ARG_WEIGHTS], addr)
                 self._addr = addr
@@ -362,7 +457,7 @@ def _weights_reorder(lib: _Lib, pd, plain) -> _BlockedWeights:
 
 
 def _build(lib: _Lib, key) -> ConvPlan | None:
-    xs, ws, os_, stride, pad, dil, groups, dts, has_bias, accumulate, relu, quant = key
+    xs, ws, os_, stride, pad, dil, groups, dts, has_bias, accumulate, relu, quant, blocked = key
     x_dt, w_dt, out_dt, bias_dt = (_DT[np.dtype(d)] for d in dts)
     descs, attr, post, pd = [], ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
     try:
@@ -371,8 +466,8 @@ def _build(lib: _Lib, key) -> ConvPlan | None:
         descs.append(plain)
         # integer and depthwise weights in oneDNN's own blocked layout (with plain weights it
         # picks a slow im2col GEMM for int8, with no input zero point, and a GEMM-shaped kernel
-        # 10x slower than its depthwise one for fp32); other float weights as they are
-        blocked = quant is not None or (groups > 1 and ws[2] == 1)
+        # 10x slower than its depthwise one for fp32); other float weights as they are unless
+        # frozen (plain 3x3x512x512 weights: brgconv reorders them inside every call)
         wei = lib.any_desc(_hwio(ws, groups)[0], w_dt) if blocked else plain
         dst = lib.desc(*_nhwc(os_), out_dt)
         descs += [src, dst] + ([wei] if wei is not plain else [])
@@ -467,18 +562,22 @@ def _load() -> tuple:
 
 def plan(x_shape, w_shape, out_shape, stride, pad, dilation, *, bias: bool,
          accumulate: bool = False, relu: bool = False, groups: int = 1,
-         dtypes=("f4", "f4", "f4", "f4"), quant=None) -> ConvPlan | None:
+         dtypes=("f4", "f4", "f4", "f4"), quant=None, blocked: bool = False) -> ConvPlan | None:
     """The cached convolution primitive for these (4-D, dense) tile shapes and
     attributes, or None where the numpy path must run (no oneDNN, or oneDNN
     has only its reference kernels for the shape).  ``dtypes``: x, w, out and
     bias; float32 by default, or an integer convolution requantised as
     ``quant`` = (x_zp, y_zp, lo, hi, channels) says (see :func:`_post_ops`;
-    the plan then takes the per-channel fp32 scale)."""
+    the plan then takes the per-channel fp32 scale).  ``blocked``: float32
+    weights in oneDNN's blocked layout too (for weights bound frozen: reordering
+    them every run would cost more than the faster kernel saves); integer and
+    depthwise plans always are."""
     lib = (_state or _load())[0]
     if lib is None:
         return None
+    blocked = blocked or quant is not None or (groups > 1 and w_shape[2] == 1)
     key = (tuple(x_shape), tuple(w_shape), tuple(out_shape), tuple(stride), tuple(pad),
-           tuple(dilation), groups, tuple(dtypes), bias, accumulate, relu, quant)
+           tuple(dilation), groups, tuple(dtypes), bias, accumulate, relu, quant, blocked)
     cache = getattr(_local, "plans", None)
     if cache is None:
         cache = _local.plans = {}
