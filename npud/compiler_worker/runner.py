@@ -9,6 +9,7 @@ read-only), validates the stream once, then runs any number of times.
 from __future__ import annotations
 
 import mmap
+from dataclasses import replace
 
 import numpy as np
 
@@ -40,7 +41,10 @@ class EmulatorSession:
                 part = weights_part(exe.weights, r)
                 arr[:len(part)] = np.frombuffer(part, dtype=np.uint8)
             self.ctx.map(r["va"], arr, writable=bool(r["writable"]))
-        self.program = validate(exe.stream, config, self.ctx.mappings())
+        # the weights are written once, above, as the daemon writes a loaded model's: immutable
+        weights = {r["va"] for r in exe.memory["regions"] if r["kind"] == "weights" and not r["writable"]}
+        self.program = validate(exe.stream, config, [replace(m, immutable=m.va in weights)
+                                                     for m in self.ctx.mappings()])
 
     def run(self, feeds: dict) -> tuple[dict, JobStats]:
         for e in self.exe.inputs:

@@ -122,3 +122,13 @@ def test_checking_and_writing_an_executable_copy_its_weights_at_most_once(exe):
     assert written < 1.5 * len(data), written
     assert checked < len(data) // 8, checked
     assert packed.data is data and bytes(packed.weights) == bytes(8 << 20)
+
+
+def test_the_emulator_session_declares_the_weights_immutable(exe):
+    """As the daemon does for a loaded model (the device may keep them pre-tiled, docs/ISA.md), so
+    that the in-process benchmarks measure the path a daemon's runs take."""
+    session = EmulatorSession(exe, make_config("edge"))
+    weights = [(r["va"], r["va"] + r["size"]) for r in exe.memory["regions"] if r["kind"] == "weights"]
+    assert weights and len(session.program.immutable) == len(weights)
+    for (start, end), (va, stop) in zip(sorted(session.program.immutable), sorted(weights)):
+        assert start == va and end >= stop   # the region, page-rounded
