@@ -12,6 +12,9 @@ Figures, each measured in this run:
   not inflate the way it inflates wall time): the same calls;
 * **the client library's own work per run**, without the transport: checking the feeds,
   encoding the ``run_model`` request, decoding and schema-checking its reply and ``wait``'s;
+* **one round trip vs two** (protocol 1.8): ``Model.run`` and ``Execution.run`` as ``run_model``
+  with ``wait_ms`` vs as ``run_model`` then ``wait`` (what a client of a 1.7 daemon sends), on
+  the same session, interleaved;
 * **dynamic shapes**: ``Model.run`` on a kept specialisation (a symbolic batch fed batch 2)
   vs on the signature loaded first (batch 1): what the dispatch by shape adds per run.
 
@@ -20,6 +23,7 @@ Nothing here asserts a time.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -51,8 +55,27 @@ def cpu_per_call(fn, n: int, rounds: int = 5) -> float:
     return statistics.median(out)
 
 
+@contextlib.contextmanager
+def two_requests(client: npu.Client):
+    """Runs as ``run_model`` then ``wait``, as a client does with a daemon before protocol 1.8."""
+    spoken, client._core.protocol = client._core.protocol, (1, 7)
+    try:
+        yield
+    finally:
+        client._core.protocol = spoken
+
+
+def old_path(client: npu.Client, fn):
+    """``fn`` run the two-request way."""
+    def run():
+        with two_requests(client):
+            fn()
+    return run
+
+
 def replies(client: npu.Client, model: npu.Model, feed: np.ndarray) -> list[bytes]:
-    """The frames of one ``Model.run``'s replies (run_model's, then wait's), as they arrived."""
+    """The frames of one ``Model.run``'s replies (run_model's, then wait's if the daemon is older
+    than 1.8), as they arrived."""
     frames: list[bytes] = []
     feed_frame = client._core.feed
     client._core.feed = lambda frame: (frames.append(bytes(frame)), feed_frame(frame))[1]
@@ -101,6 +124,12 @@ def run(n: int = 1000, rounds: int = 7) -> list[Ratio]:
                          ("Client.ping", client.ping)):
             ratios.append(Ratio(f"{name} vs onnxruntime run (client CPU)", cpu_per_call(fn, n), ort_cpu,
                                 "us", 1e6, "none: the floor"))
+        for name, fn in (("Model.run", model_run), ("Execution.run", execution_run)):
+            wall, base = compare(fn, old_path(client, fn), n=n, rounds=rounds)
+            ratios.append(Ratio(f"{name}: one round trip vs run_model + wait (wall)", wall, base, "us", 1e6,
+                                "< 1x: a round trip less"))
+            ratios.append(Ratio(f"{name}: one round trip vs run_model + wait (client CPU)", cpu_per_call(fn, n),
+                                cpu_per_call(old_path(client, fn), n), "us", 1e6, "< 1x"))
         ping_cpu = cpu_per_call(client.ping, n)
         ratios.append(Ratio("library work per run vs 2 pings (client CPU)", library_work(client, model, feed, n * 10),
                             2 * ping_cpu, "us", 1e6, "small"))

@@ -15,6 +15,10 @@ Two refinements:
 
 - an *observer* (``wait``, ``wait_jobs``) takes effect when it starts (it only
   looks at a job): the requests behind it may run as soon as it has started;
+- a request that *queues* work and then waits for it (``run_model`` with
+  ``wait_ms``) ``release``-s the keys it no longer needs once the work is
+  queued (its model, its job, the job list), keeping only those whose later
+  use must see the work done (its buffers) until it is answered;
 - a *barrier* (``bye``) runs once every earlier request in the queues has
   finished, and every later request waits for it.  Requests that touch none of
   the session's objects (a load of inline bytes, cache and device ops) are
@@ -113,14 +117,20 @@ class Sequencer:
             return True
         return any(len(self._queues[key]) > 1 for key in ticket.keys)
 
-    def leave(self, ticket: Ticket) -> None:
-        """``ticket``'s request has taken effect: start those it held up (safe to call twice)."""
-        if ticket.left:
+    def release(self, ticket: Ticket, keep: Iterable[Hashable]) -> None:
+        """``ticket``'s request has taken effect on all its objects but those in ``keep``: start
+        those it held up on the others.  It stays entered (``leave`` it once it is done)."""
+        keep = set(keep)
+        if ticket.left or not ticket.launched:
             return
-        ticket.left = True
-        self._active -= 1
+        self._pop(ticket, [key for key in ticket.keys if key not in keep])
+        ticket.keys = tuple(key for key in ticket.keys if key in keep)
+        self._drain()
+
+    def _pop(self, ticket: Ticket, keys: Iterable[Hashable]) -> None:
+        """Take a launched ``ticket`` off the head of ``keys``' queues; ready whoever that unblocks."""
         queues = self._queues
-        for key in ticket.keys:
+        for key in keys:
             queue = queues[key]
             queue.popleft()   # it ran, so it was at the head of each of its queues
             if not queue:
@@ -130,6 +140,14 @@ class Sequencer:
             head.blocked -= 1
             if not head.blocked:
                 self._ready.append(head)
+
+    def leave(self, ticket: Ticket) -> None:
+        """``ticket``'s request has taken effect: start those it held up (safe to call twice)."""
+        if ticket.left:
+            return
+        ticket.left = True
+        self._active -= 1
+        self._pop(ticket, ticket.keys)
         barrier = self._barrier
         if ticket is barrier:
             self._barrier = None
