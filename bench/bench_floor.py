@@ -18,6 +18,9 @@ Figures, each measured in this run:
 * **dynamic shapes**: ``Model.run`` on a kept specialisation (a symbolic batch fed batch 2)
   vs on the signature loaded first (batch 1): what the dispatch by shape adds per run.
 
+``python -m bench floor --zoo NAME...`` measures the zoo models whose names contain a NAME
+(tests/zoo/zoo_models.py) the same way: one round trip vs two, and vs onnxruntime.
+
 Nothing here asserts a time.
 """
 
@@ -34,7 +37,7 @@ import npu
 from npu import protocol
 from npud.ipc_schema import codec
 
-from .common import Ratio, compare, ort_session, report
+from .common import Ratio, compare, ort_session, report, time_per_call
 
 
 def relu_model(batch: int | str) -> bytes:
@@ -144,7 +147,43 @@ def run(n: int = 1000, rounds: int = 7) -> list[Ratio]:
     return ratios
 
 
-def main() -> None:
+def zoo(names: list[str], n: int = 30, rounds: int = 5) -> list[Ratio]:
+    """For the zoo models (tests/zoo/zoo_models.py) whose names contain one of ``names``: their
+    steady-state ``Model.run`` in one round trip vs as ``run_model`` + ``wait`` (interleaved
+    medians, on one daemon with an edge device, as ``make zoo``), and vs onnxruntime."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "zoo"))
+    import zoo_models
+
+    ratios = []
+    with zoo_models._daemon_client("edge") as client:
+        for name in [m for m in zoo_models.ZOO if any(a in m for a in names)]:
+            model = zoo_models.ZOO[name][0]()
+            feeds = zoo_models.feeds_for(model)
+            ort = ort_session(model)
+            loaded = client.load(model)
+            try:
+                def one():
+                    loaded.run(feeds)
+                one()
+                new, old = compare(one, old_path(client, one), n=n, rounds=rounds)
+                ort_s = statistics.median(time_per_call(lambda: ort.run(None, feeds), n) for _ in range(rounds))
+            finally:
+                loaded.unload()
+            ratios.append(Ratio(f"{name}: Model.run one round trip vs run_model + wait", new, old, "ms", 1e3,
+                                "< 1x"))
+            ratios.append(Ratio(f"{name}: Model.run one round trip vs onnxruntime", new, ort_s, "ms", 1e3,
+                                "goal <= 1.5x"))
+    return ratios
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m bench floor``; ``python -m bench floor --zoo NAME...``: the zoo models named."""
+    if argv and argv[0] == "--zoo":
+        report("Model.run of small zoo models: one round trip vs two", zoo(argv[1:]))
+        return
     report("The per-run floor of a one-op model", run())
 
 

@@ -129,11 +129,12 @@ A request starts once every earlier conflicting request of its session has been
 answered; `wait` and `wait_jobs` only watch, so they count as done once they
 have started (a `cancel` sent after a `wait` of the same job is not held up
 until the wait ends), and a `run_model` with `wait_ms` counts as done once its
-job is queued, except on its buffers (section *Running a model*).  `bye` takes effect once every earlier request of its
-session on its objects has been answered (waits aside: `bye` cancels their
-jobs; a `load` of inline bytes is not waited for, and fails with `ENOTCONN` if
-it ends after `bye`), and requests sent after `bye` are handled after it (a
-`hello` then opens a new session).
+job is queued, except on its buffers (section *Running a model*).  `bye` takes
+effect once every earlier request of its session on its objects has been
+answered (waits, and runs with `wait_ms` whose job is queued, aside: `bye`
+cancels their jobs; a `load` of inline bytes is not waited for, and fails with
+`ENOTCONN` if it ends after `bye`), and requests sent after `bye` are handled
+after it (a `hello` then opens a new session).
 Nothing else is ordered: a slow `load` does not hold up a `ping` or a `read` of
 another buffer, a `wait` does not hold up a `write`, and loads may finish (and
 get their model handles) in any order.  Use a handle only once the reply that

@@ -229,3 +229,15 @@ def test_sequencer_release_frees_all_but_the_kept_keys():
     assert log == ["run", "submit", "report model", "write input"]
     order.leave(run)
     assert not order.must_wait([("h", 2)]) and not order.must_wait([("h", 3)])
+
+
+def test_bye_does_not_wait_for_a_waiting_run_and_cancels_its_job(daemon):
+    with session_peer(daemon.endpoint) as peer:
+        run = transpose_run(peer)
+        slow(peer, 20_000)
+        peer.send("run_model", {**run, "wait_ms": 60_000}, seq=900)
+        peer.send("bye", seq=901)
+        got = {r["seq"]: r for r in replies(peer, 2, timeout=10)}
+        assert got[901]["ok"], got
+        assert got[900]["ok"] and got[900]["result"]["state"] == "failed", got[900]
+        assert got[900]["result"]["error"]["code"] in ("ECANCELED", "ENOTCONN", "ESHUTDOWN")
