@@ -473,6 +473,11 @@ async def _outcome(daemon, job: Job, timeout_ms: int) -> dict:
     if daemon.stopping and job.state in ("queued", "running"):  # woken by the shutdown
         raise RequestError(ErrorCode.ESHUTDOWN, f"npud stopped before job {job.id} finished; "
                                                 "submit it again once it is back")
+    return _job_outcome(job)
+
+
+def _job_outcome(job: Job) -> dict:
+    """What ``wait`` says of a job: its state, stats and error."""
     result = {"state": job.state, "stats": job.stats}
     if job.error is not None:
         result["error"] = job.error.to_wire()
@@ -715,10 +720,7 @@ def _check_priority(session, priority: str) -> None:
 
 
 def _status(job: Job) -> dict:
-    out = {"job": job.id, "state": job.state, "stats": job.stats}
-    if job.error is not None:
-        out["error"] = job.error.to_wire()
-    return out
+    return {"job": job.id, **_job_outcome(job)}
 
 
 @handler("wait_jobs", waits=True, touches=_the_jobs, observes=True)
