@@ -49,13 +49,17 @@ class Handler:
     the args saying so per request.  ``touches(session, args)``: the keys of the objects it works
     on (None: nothing a later request of the session could observe out of order).  ``observes``:
     it takes effect when it starts (it only watches), so later requests on its objects need not
-    wait for its end.  ``barrier``: it takes effect after every earlier request of the session."""
+    wait for its end.  ``barrier``: it takes effect after every earlier request of the session.
+    ``keeps(session, args)``: it queues work and then waits for it (its function returns an
+    awaitable once the work is queued); later requests on its keys wait only until then, except
+    on these keys, which they wait on until it is answered."""
 
     fn: Callable
     waits: bool | Callable[[dict], bool] = False
     touches: Callable[["Session", dict], tuple] | None = None
     observes: bool = False
     barrier: bool = False
+    keeps: Callable[["Session", dict], tuple] | None = None
 
     def waits_for(self, args: dict) -> bool:
         return self.waits(args) if callable(self.waits) else self.waits
@@ -65,11 +69,11 @@ HANDLERS: dict[str, Handler] = {}
 
 
 def handler(name: str, *, waits: bool | Callable[[dict], bool] = False, touches=None, observes: bool = False,
-            barrier: bool = False):
+            barrier: bool = False, keeps=None):
     assert name in OPS, name
 
     def register(fn):
-        HANDLERS[name] = Handler(fn, waits, touches, observes, barrier)
+        HANDLERS[name] = Handler(fn, waits, touches, observes, barrier, keeps)
         return fn
     return register
 
@@ -115,6 +119,11 @@ def _new_job(session, args) -> tuple:
     if "model" in args:
         keys.append(_handle_key(args["model"]))
     return tuple(keys)
+
+
+def _run_buffers(session, args) -> tuple:
+    """A run's input and output buffers: what a request sent after it must see the run done with."""
+    return tuple(_handle_key(h) for h in (*args["inputs"], *args["outputs"]))
 
 
 def _model_buffer(session, args) -> tuple:
@@ -451,14 +460,26 @@ def _make_job(daemon, session, device, stream: bytes, bindings, program: int | N
 @handler("wait", waits=True, touches=_the_job, observes=True)
 async def wait(daemon, call, args):
     job = _job_ref(daemon, call.session, args["job"])
-    with trio.move_on_after(args["timeout_ms"] / 1000):
+    outcome = await _outcome(daemon, job, args["timeout_ms"])
+    if not job.done.is_set():
+        raise RequestError(ErrorCode.ETIMEDOUT, f"job {job.id} is still {job.state} after "
+                                                f"{args['timeout_ms']} ms")
+    return outcome
+
+
+async def _outcome(daemon, job: Job, timeout_ms: int) -> dict:
+    """The job's state, stats and error once it has finished or ``timeout_ms`` have passed
+    (ESHUTDOWN if the daemon stops first)."""
+    with trio.move_on_after(timeout_ms / 1000):
         await job.done.wait()
     if daemon.stopping and job.state in ("queued", "running"):  # woken by the shutdown
         raise RequestError(ErrorCode.ESHUTDOWN, f"npud stopped before job {job.id} finished; "
                                                 "submit it again once it is back")
-    if not job.done.is_set():
-        raise RequestError(ErrorCode.ETIMEDOUT, f"job {job.id} is still {job.state} after "
-                                                f"{args['timeout_ms']} ms")
+    return _job_outcome(job)
+
+
+def _job_outcome(job: Job) -> dict:
+    """What ``wait`` says of a job: its state, stats and error."""
     result = {"state": job.state, "stats": job.stats}
     if job.error is not None:
         result["error"] = job.error.to_wire()
@@ -600,9 +621,26 @@ async def check(daemon, call, args):
     return {"problems": await daemon.loader.check(data, device.config, device.target)}
 
 
-@handler("run_model", touches=_new_job)
+def _waits_for_run(args) -> bool:
+    return "wait_ms" in args
+
+
+@handler("run_model", waits=_waits_for_run, touches=_new_job, keeps=_run_buffers)
 def run_model(daemon, call, args):
-    session = call.session
+    """Queue a run; with ``wait_ms``, an awaitable of the run's outcome too (one round trip):
+    later requests on its buffers wait for that reply, the others only for the job to be queued."""
+    queued = _queue_run(daemon, call.session, args)
+    if not _waits_for_run(args):
+        return queued
+    job = call.session.jobs[queued["job"]]   # now: requests run meanwhile may make the session forget it
+
+    async def outcome():
+        return {**queued, **await _outcome(daemon, job, args["wait_ms"])}
+    return outcome()
+
+
+def _queue_run(daemon, session, args) -> dict:
+    """Queue one run of a loaded model (a chain of jobs for a heterogeneous one): its last job."""
     model = _model(session, args["model"])
     device = daemon.devices[model.device]
     ctx, deps = _job_options(daemon, session, device, args)
@@ -686,10 +724,7 @@ def _check_priority(session, priority: str) -> None:
 
 
 def _status(job: Job) -> dict:
-    out = {"job": job.id, "state": job.state, "stats": job.stats}
-    if job.error is not None:
-        out["error"] = job.error.to_wire()
-    return out
+    return {"job": job.id, **_job_outcome(job)}
 
 
 @handler("wait_jobs", waits=True, touches=_the_jobs, observes=True)

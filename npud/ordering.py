@@ -15,6 +15,11 @@ Two refinements:
 
 - an *observer* (``wait``, ``wait_jobs``) takes effect when it starts (it only
   looks at a job): the requests behind it may run as soon as it has started;
+- a request that *queues* work and then waits for it (``run_model`` with
+  ``wait_ms``) ``release``-s the keys it no longer needs once the work is
+  queued (its model, its job, the job list), keeping only those whose later
+  use must see the work done (its buffers) until it is answered; a barrier
+  does not wait for it then (``bye`` cancels its work);
 - a *barrier* (``bye``) runs once every earlier request in the queues has
   finished, and every later request waits for it.  Requests that touch none of
   the session's objects (a load of inline bytes, cache and device ops) are
@@ -31,7 +36,7 @@ from collections.abc import Callable, Hashable, Iterable
 class Ticket:
     """One request's place in its session's queues."""
 
-    __slots__ = ("keys", "launch", "barrier", "blocked", "launched", "left")
+    __slots__ = ("keys", "launch", "barrier", "blocked", "launched", "released", "left")
 
     def __init__(self, keys: tuple, launch: Callable[["Ticket"], None] | None, barrier: bool):
         self.keys = keys
@@ -39,6 +44,7 @@ class Ticket:
         self.barrier = barrier
         self.blocked = 0          # queues in which it is not yet at the head
         self.launched = False
+        self.released = False     # ``release``-d: only its kept keys are left, no barrier waits for it
         self.left = False
 
 
@@ -113,14 +119,23 @@ class Sequencer:
             return True
         return any(len(self._queues[key]) > 1 for key in ticket.keys)
 
-    def leave(self, ticket: Ticket) -> None:
-        """``ticket``'s request has taken effect: start those it held up (safe to call twice)."""
-        if ticket.left:
+    def release(self, ticket: Ticket, keep: Iterable[Hashable]) -> None:
+        """``ticket``'s request has taken effect on all its objects but those in ``keep``: start
+        those it held up on the others.  It stays entered (``leave`` it once it is done)."""
+        keep = set(keep)
+        if ticket.left or ticket.released or not ticket.launched:
             return
-        ticket.left = True
-        self._active -= 1
+        ticket.released = True
+        self._active -= 1   # a barrier need not wait for the rest: its work is queued, bye cancels it
+        self._pop(ticket, [key for key in ticket.keys if key not in keep])
+        ticket.keys = tuple(key for key in ticket.keys if key in keep)
+        self._barrier_may_run()
+        self._drain()
+
+    def _pop(self, ticket: Ticket, keys: Iterable[Hashable]) -> None:
+        """Take a launched ``ticket`` off the head of ``keys``' queues; ready whoever that unblocks."""
         queues = self._queues
-        for key in ticket.keys:
+        for key in keys:
             queue = queues[key]
             queue.popleft()   # it ran, so it was at the head of each of its queues
             if not queue:
@@ -130,6 +145,15 @@ class Sequencer:
             head.blocked -= 1
             if not head.blocked:
                 self._ready.append(head)
+
+    def leave(self, ticket: Ticket) -> None:
+        """``ticket``'s request has taken effect: start those it held up (safe to call twice)."""
+        if ticket.left:
+            return
+        ticket.left = True
+        if not ticket.released:
+            self._active -= 1
+        self._pop(ticket, ticket.keys)
         barrier = self._barrier
         if ticket is barrier:
             self._barrier = None
@@ -141,9 +165,14 @@ class Sequencer:
                 else:
                     resume()
             return
-        if barrier is not None and not barrier.launched and self._active == 1:
-            self._ready.append(barrier)
+        self._barrier_may_run()
         self._drain()
+
+    def _barrier_may_run(self) -> None:
+        """Ready the pending barrier once it is the only request entered."""
+        barrier = self._barrier
+        if barrier is not None and not barrier.launched and self._active == 1 and barrier not in self._ready:
+            self._ready.append(barrier)
 
     def _drain(self) -> None:
         """Launch the ready tickets in order; a launch that finishes at once and leaves (an inline

@@ -453,6 +453,8 @@ class Daemon:
                 self._observing(pending)
             result = pending.spec.fn(self, call, request.args)
             if not isinstance(result, dict):
+                if pending.spec.keeps is not None and pending.ticket is not None:   # its work is queued
+                    pending.order.release(pending.ticket, pending.spec.keeps(call.session, request.args))
                 result = await result
             reply = codec.encode_result(request.seq, result)
         except RequestError as exc:

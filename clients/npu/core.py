@@ -59,6 +59,7 @@ class Core:
         self.endpoint = endpoint
         self.recover = recover            # what to do once the session is gone (in the error)
         self.limits: dict[str, int] = {}
+        self.protocol: tuple[int, int] = (1, 0)   # the daemon's, from its hello reply
         self._seq = itertools.count(1)
         self._pending: dict[int, str] = {}                 # seq -> op, until finished or abandoned
         self._replies: dict[int, codec.Reply] = {}
@@ -97,7 +98,14 @@ class Core:
     def finish(self, seq: int) -> dict:
         """The answered request's result, or its error raised."""
         op = self._pending.pop(seq)
-        return protocol.result_or_raise(self._replies.pop(seq), op, self.endpoint, self.recover)
+        result = protocol.result_or_raise(self._replies.pop(seq), op, self.endpoint, self.recover)
+        if op == "hello":   # the version the session speaks: the ops and fields the daemon knows
+            self.protocol = min(tuple(result["protocol"]), protocol.PROTOCOL_VERSION)
+        return result
+
+    def speaks(self, version: tuple[int, int]) -> bool:
+        """Whether the session's protocol has what ``version`` added."""
+        return self.protocol >= version
 
     def give_up(self, seq: int, op: str, timeout: float) -> NpuError:
         """The error for a request with no reply (or fd) in time, or none ever: the session is

@@ -20,6 +20,7 @@ blocking, the trio client's ``AsyncExecution`` awaited.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,7 +32,7 @@ from .buffer import BufferOps
 from .core import Call, blocking
 from .errors import NpuError, error
 from .jobs import JobRecord
-from .model import ModelJob, ModelRun, Outputs
+from .model import ModelJob, ModelRun, Outputs, run_once
 from .tensor_types import check_feeds, feed_dict, ort_calling_form
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ class ExecutionOps:
         self._mapped = self.client.attached
         self._infos = {t.name: t for t in (*model.inputs, *model.outputs)}
         self._kinds = {**{t.name: "input" for t in model.inputs}, **{t.name: "output" for t in model.outputs}}
+        self._frames: dict[int | None, Callable[[int], bytes]] = {}   # the run request, by wait_ms
         self._buffers: dict[str, BufferOps] = {}
         self._owned: dict[str, BufferOps] = {}   # allocated here: freed by rebind() and close()
         self.inputs: dict[str, np.ndarray] = {}
@@ -84,11 +86,16 @@ class ExecutionOps:
         """Run once (``feeds``, if given, are copied into the bound inputs first) and return the
         output views by name: overwritten by this execution's next run."""
         ort_calling_form(feeds, timeout, "Execution.run")
-        job = yield from ExecutionOps.submit(self, feeds)
-        return (yield from ModelRun.result(job, timeout))
+        return (yield from run_once(self.client, lambda wire, call_timeout: ExecutionOps._start(
+            self, feeds, wire.get("wait_ms"), call_timeout), timeout))
 
     def submit(self, feeds: Any = None):
         """Start a run and return at once: ``job.wait()``, ``job.result()`` (the output views)."""
+        return (yield from ExecutionOps._start(self, feeds))[0]
+
+    def _start(self, feeds: Any, wait_ms: int | None = None, call_timeout: float | None = None):
+        """Feed the inputs and send the pre-encoded ``run_model`` (with ``wait_ms``, if given):
+        the run and the request's reply."""
         self._check()
         yield from self._check_idle("submit")
         if feeds is not None:
@@ -96,11 +103,11 @@ class ExecutionOps:
         if not self._mapped:
             for t in self.model.inputs:
                 yield from BufferOps.write(self._buffers[t.name], self.inputs[t.name])
-        result = yield Call("run_model", frame=self._frame)
+        result = yield Call("run_model", timeout=call_timeout, frame=self._frame(wait_ms))
         job = self._job_class(self, result["job"])
         job.fence = (result.get("context", 0), result.get("point", 0))
         self._job = job
-        return job
+        return job, result
 
     def rebind(self, name: str, buffer: BufferOps):
         """Bind a caller-owned buffer (same client, the model's device, large enough) to an input or
@@ -151,8 +158,20 @@ class ExecutionOps:
     def _encode(self) -> None:
         args = self.model._run_args([self._buffers[t.name] for t in self.model.inputs],
                                     [self._buffers[t.name] for t in self.model.outputs], self._wire)
-        suffix = codec.pack("args") + codec.pack(args)
-        self._frame = lambda seq: b"".join((_PREFIX, codec.pack(seq), suffix))
+        self._args = args
+        self._frames.clear()
+
+    def _frame(self, wait_ms: int | None) -> Callable[[int], bytes]:
+        """The run request, encoded once per ``wait_ms`` (a run's timeout is usually the same each
+        time): each run only splices in its seq."""
+        frame = self._frames.get(wait_ms)
+        if frame is None:
+            if len(self._frames) >= 4:   # timeouts that vary from run to run: keep a few
+                self._frames.clear()
+            args = self._args if wait_ms is None else {**self._args, "wait_ms": wait_ms}
+            suffix = codec.pack("args") + codec.pack(args)
+            frame = self._frames[wait_ms] = lambda seq: b"".join((_PREFIX, codec.pack(seq), suffix))
+        return frame
 
     def _feed(self, feeds: Any) -> None:
         """Copy ``feeds`` (some or all inputs, by name; or one array) into the bound inputs, after

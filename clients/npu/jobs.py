@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
+from npud.ipc_schema.errors import ErrorCode
+
 from .core import Call, blocking
-from .errors import NpuError, from_wire
+from .errors import NpuError, error, from_wire
 
 if TYPE_CHECKING:
     from .client import Client
@@ -54,6 +56,13 @@ class JobRecord:
         """Take a ``wait`` / ``wait_jobs`` result (an operation: a model run reads its outputs)."""
         self._take(result)
         yield from ()
+
+    def _settle_reply(self, result: dict, wait_ms: int):
+        """Take the reply of a ``run_model`` with ``wait_ms`` (its job's outcome, as ``wait`` gives
+        it); Timeout, as ``wait``'s, if the job had not finished by then (it runs on)."""
+        if result["state"] not in ("done", "failed"):
+            raise error(ErrorCode.ETIMEDOUT, f"job {self.id} is still {result['state']} after {wait_ms} ms")
+        yield from self._settle(result)
 
     def wait(self, timeout: float | None = None):
         """Until the job finishes; raises the job's error if it failed, Timeout if not done in time."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
@@ -204,8 +204,8 @@ class LoadedModel:
     def run(self, feeds: Any, timeout: float | None = None):
         """Run once and return the outputs by name (``Outputs``: also by position)."""
         ort_calling_form(feeds, timeout, "Model.run")
-        job = yield from LoadedModel.submit(self, feeds)
-        return (yield from ModelRun.result(job, timeout))
+        return (yield from run_once(self.client, lambda wire, call_timeout: LoadedModel._start(
+            self, feeds, wire, call_timeout), timeout))
 
     def submit(self, feeds: Any, **options):
         """Start a run and return at once; ``feeds`` is a dict by input name, or one array.
@@ -217,11 +217,15 @@ class LoadedModel:
         """
         from .session import job_options
 
-        wire = job_options(**options)
+        return (yield from LoadedModel._start(self, feeds, job_options(**options)))[0]
+
+    def _start(self, feeds: Any, wire: dict, call_timeout: float | None = None):
+        """Write the feeds to an idle buffer set and send ``run_model`` with ``wire`` (job options,
+        ``wait_ms``): the run and the request's reply."""
         self._check_loaded()
         model, feeds = yield from self._specialised_for(feeds)
         if model is not self:
-            return (yield from LoadedModel.submit(model, feeds, **options))
+            return (yield from LoadedModel._start(model, feeds, wire, call_timeout))
         feeds = self._normalise(feeds)
         io = yield from self._take_set()
         try:
@@ -231,7 +235,7 @@ class LoadedModel:
             self._idle_sets.append(io)   # no job uses the set yet
             raise
         try:
-            result = yield Call("run_model", self._run_args(*io, wire))
+            result = yield Call("run_model", self._run_args(*io, wire), call_timeout)
         except NpuError as exc:
             if exc.code != "ETIMEDOUT":   # the daemon answered: no job uses the set
                 self._idle_sets.append(io)
@@ -243,7 +247,7 @@ class LoadedModel:
             # must not serve another run (freeing is safe: the daemon keeps them for the job).
             yield from self._discard(io)
             raise
-        return self._job_class(self, result["job"], io, result.get("context", 0), result.get("point", 0))
+        return self._job_class(self, result["job"], io, result.get("context", 0), result.get("point", 0)), result
 
     def execution(self, context: Any = None, *, input_shapes: dict[str, Sequence[int]] | None = None,
                   **options):
@@ -346,6 +350,24 @@ class LoadedModel:
                 yield from BufferOps.free(buf)
             except NpuError:
                 pass   # the session is gone, and its buffers with it
+
+
+RUN_WAIT = (1, 8)   # run_model's wait_ms: a run and its wait in one round trip
+MAX_WAIT_MS = 24 * 3600 * 1000
+
+
+def run_once(client: Any, start: Callable[[dict, float | None], Any], timeout: float | None):
+    """One run's outputs: in one round trip (``run_model`` with ``wait_ms``) if the daemon speaks
+    protocol 1.8, else ``run_model`` then ``wait``.  ``start(wire, call_timeout)`` is the operation
+    that starts the run: ``(job, run_model reply)``."""
+    if not client._core.speaks(RUN_WAIT):
+        job, _reply = yield from start({}, None)
+        return (yield from ModelRun.result(job, timeout))
+    timeout = client.timeout if timeout is None else timeout
+    wait_ms = min(int(timeout * 1000), MAX_WAIT_MS)
+    job, reply = yield from start({"wait_ms": wait_ms}, timeout + client.timeout)
+    yield from job._settle_reply(reply, wait_ms)
+    return (yield from ModelRun.result(job))
 
 
 class ModelRun(ModelRunRecord):

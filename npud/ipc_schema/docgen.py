@@ -128,11 +128,13 @@ independent requests overlap.  Two requests *conflict* when both name:
 A request starts once every earlier conflicting request of its session has been
 answered; `wait` and `wait_jobs` only watch, so they count as done once they
 have started (a `cancel` sent after a `wait` of the same job is not held up
-until the wait ends).  `bye` takes effect once every earlier request of its
-session on its objects has been answered (waits aside: `bye` cancels their
-jobs; a `load` of inline bytes is not waited for, and fails with `ENOTCONN` if
-it ends after `bye`), and requests sent after `bye` are handled after it (a
-`hello` then opens a new session).
+until the wait ends), and a `run_model` with `wait_ms` counts as done once its
+job is queued, except on its buffers (section *Running a model*).  `bye` takes
+effect once every earlier request of its session on its objects has been
+answered (waits, and runs with `wait_ms` whose job is queued, aside: `bye`
+cancels their jobs; a `load` of inline bytes is not waited for, and fails with
+`ENOTCONN` if it ends after `bye`), and requests sent after `bye` are handled
+after it (a `hello` then opens a new session).
 Nothing else is ordered: a slow `load` does not hold up a `ping` or a `read` of
 another buffer, a `wait` does not hold up a `write`, and loads may finish (and
 get their model handles) in any order.  Use a handle only once the reply that
@@ -216,6 +218,19 @@ the integer types two's complement.  A buffer must hold at least the tensor's `s
 bytes and take no more pages than that size needs (`params.page_size`), or `run_model`
 fails with `EINVAL`: allocate exactly `size` bytes.  Outputs are written in place; read
 them once the job is done.
+
+A `run_model` with `wait_ms` (since 1.8) is a run and its `wait` in one round trip: it
+answers once the job has finished, with the job's `state`, `stats` and `error` as `wait`
+gives them besides `job`, `context` and `point` (a heterogeneous model: its last job,
+as without `wait_ms`).  A failed run is not an error of `run_model` (`state` `failed`,
+`error` saying why: a device error, `ECANCELED`, `ETIME`).  If `wait_ms` passes first it
+still succeeds, with `state` `queued` or `running`: the job runs on; `wait` for its id.
+Only a request refused before the job was made is an error of `run_model`.  While it
+waits it holds up later requests of its session on its `inputs` and `outputs` only
+(a `write` of an input sent after it takes effect once the run has finished with it, a
+`read` of an output sees the run's result), not requests on its model, its job or
+other jobs: a `submit` or `run_model` of other buffers, a `cancel` or `wait` of its
+job, sent after it, go ahead once its job is queued.
 
 ## The companion socket (local clients)
 

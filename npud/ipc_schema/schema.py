@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .types import Any_, Array, Bin, Bool, F, Float, Int, MapOf, Str, Struct, Type
 
-PROTOCOL_VERSION = (1, 7)
+PROTOCOL_VERSION = (1, 8)
 """(major, minor).  A major bump breaks compatibility; a minor bump only adds."""
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -509,12 +509,23 @@ OPS: dict[str, Op] = {op.name: op for op in [
         **MODEL_SOURCE,
     }, {"problems": F(Array(PROBLEM, 4096), "one entry per unsupported node or model-level problem")},
         errors=("ENODEV", "EINVAL", "ETIMEDOUT", "EIO")),
-    _op("run_model", "Run a loaded model: inputs are read from, outputs written to, the given buffers.", {
+    _op("run_model", "Run a loaded model: inputs are read from, outputs written to, the given buffers. "
+                     "With `wait_ms`, answer once the run has finished (or `wait_ms` passed) with its "
+                     "outcome as `wait` gives it: one round trip per run.", {
         "model": F(HANDLE, "loaded model"),
         "inputs": F(Array(HANDLE, 1024), "one buffer per input, in `load`'s order"),
         "outputs": F(Array(HANDLE, 1024), "one buffer per output, in `load`'s order"),
         **JOB_OPTIONS,
-    }, JOB_SUBMITTED, errors=("ENOENT", "EINVAL", "EAGAIN", "EPERM", "ETIME")),
+        "wait_ms": F(TIMEOUT_MS, "wait up to this many ms for the run to finish and answer with its `state`, "
+                                 "`stats` and `error` too (section *Running a model*)", optional=True,
+                     since=(1, 8)),
+    }, {
+        **JOB_SUBMITTED,
+        "state": F(JOB_STATE, "with `wait_ms`: the job's state, `queued` or `running` if `wait_ms` passed first",
+                   optional=True, since=(1, 8)),
+        "stats": F(JOB_STATS, "with `wait_ms`: its counters (empty unless done)", optional=True, since=(1, 8)),
+        "error": F(ERROR, "with `wait_ms`: the job's error if it failed", optional=True, since=(1, 8)),
+    }, errors=("ENOENT", "EINVAL", "EAGAIN", "EPERM", "ETIME")),
     _op("context_create", "Create a context: a run queue of this session's with a priority and a fair-share "
                           "weight. realtime is allowed only where policy says so.", {
         "priority": F(PRIORITY, "scheduling class: strict priority between classes (with a starvation "

@@ -32,7 +32,7 @@ extern "C" {
 #define NPU_VERSION_MINOR 1
 /* The wire protocol this library speaks (docs/PROTOCOL.md). */
 #define NPU_PROTOCOL_MAJOR 1
-#define NPU_PROTOCOL_MINOR 4
+#define NPU_PROTOCOL_MINOR 8
 
 /* ---- status ------------------------------------------------------------------------------ */
 
@@ -214,7 +214,8 @@ bool npu_model_cached(const npu_model *model);   /* the executable came from the
 npu_status npu_model_submit(npu_model *model, npu_buffer *const *inputs, size_t input_count,
                             npu_buffer *const *outputs, size_t output_count,
                             const npu_job_options *options, npu_job **out);
-/* Submit and wait up to `timeout_ms` (0: the client's timeout). */
+/* Submit and wait up to `timeout_ms` (0: the client's timeout): one round trip with a daemon of
+ * protocol 1.8 or later.  NPU_ETIMEDOUT if the run has not finished by then (it runs on). */
 npu_status npu_model_run(npu_model *model, npu_buffer *const *inputs, size_t input_count,
                          npu_buffer *const *outputs, size_t output_count, uint32_t timeout_ms);
 

@@ -372,6 +372,7 @@ static npu_status hello(npu_client *client, const char *name) {
     return npu__error_default(NPU_EPROTO, "the daemon speaks another major version of the protocol than %d.%d",
                               NPU_PROTOCOL_MAJOR, NPU_PROTOCOL_MINOR);
   }
+  client->protocol_minor = (uint32_t)proto->via.array.ptr[1].via.u64;
   npu__get_str(r, "session", client->session, sizeof client->session);
   npu__get_str(r, "daemon_version", client->daemon_version, sizeof client->daemon_version);
   const msgpack_object *limits = npu__get(r, "limits");

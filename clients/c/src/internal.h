@@ -67,6 +67,7 @@ struct npu_client {
   bool closed;
   bool lost;                       /* the companion socket ended: so did the session */
   uint32_t timeout_ms;
+  uint32_t protocol_minor;         /* the daemon's, from hello: which optional fields it knows */
   uint64_t max_message_bytes, max_inline_bytes;
   char endpoint[4200];
   char session[65];
@@ -111,8 +112,10 @@ npu_status npu__job_new(npu_client *client, uint64_t id, npu_job_state state, np
 void npu__pack_job_options(msgpack_packer *pk, const npu_job_options *options);
 uint32_t npu__job_option_count(const npu_job_options *options);
 bool npu__state_from_obj(const msgpack_object *obj, npu_job_state *state);
+/* run_model; with `wait_ms` >= 0 (protocol 1.8) the daemon answers once the job finished or
+ * `wait_ms` passed, and `*out` has its state and error then. */
 npu_status npu__run_model(npu_client *client, uint32_t model, npu_buffer *const *inputs, size_t input_count,
                           npu_buffer *const *outputs, size_t output_count, const npu_job_options *options,
-                          npu_job **out);
+                          int64_t wait_ms, npu_job **out);
 
 #endif

@@ -238,16 +238,25 @@ NPU_EXPORT const npu_tensor_info *npu_model_output(const npu_model *model, size_
 NPU_EXPORT npu_status npu_model_submit(npu_model *model, npu_buffer *const *inputs, size_t input_count,
                                        npu_buffer *const *outputs, size_t output_count,
                                        const npu_job_options *options, npu_job **out) {
-  return npu__run_model(model->client, model->id, inputs, input_count, outputs, output_count, options, out);
+  return npu__run_model(model->client, model->id, inputs, input_count, outputs, output_count, options, -1, out);
 }
 
+/* One round trip (run_model with wait_ms) when the daemon speaks protocol 1.8, else run_model then wait. */
 NPU_EXPORT npu_status npu_model_run(npu_model *model, npu_buffer *const *inputs, size_t input_count,
                                     npu_buffer *const *outputs, size_t output_count, uint32_t timeout_ms) {
+  uint32_t wait_ms = timeout_ms ? timeout_ms : model->client->timeout_ms;
+  bool one_trip = model->client->protocol_minor >= 8;
   npu_job *job;
-  npu_status status = npu_model_submit(model, inputs, input_count, outputs, output_count, NULL, &job);
+  npu_status status = npu__run_model(model->client, model->id, inputs, input_count, outputs, output_count, NULL,
+                                     one_trip ? (int64_t)wait_ms : -1, &job);
   if (status != NULL)
     return status;
-  status = npu_job_wait(job, timeout_ms ? timeout_ms : model->client->timeout_ms);
+  npu_job_state state = npu_job_state_now(job);
+  if (one_trip && state != NPU_JOB_DONE && state != NPU_JOB_FAILED)   /* as wait's timeout: it runs on */
+    status = npu__error_default(NPU_ETIMEDOUT, "job %llu did not finish within %u ms",
+                                (unsigned long long)npu_job_id(job), wait_ms);
+  else
+    status = npu_job_wait(job, wait_ms);
   npu_job_release(job);
   return status;
 }

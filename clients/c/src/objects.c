@@ -385,12 +385,16 @@ NPU_EXPORT npu_status npu_client_inject_fault(npu_client *client, uint32_t devic
 }
 
 /* A submit or run_model reply: the new job. */
-static npu_status job_from_reply(npu_client *client, npu_request *request, npu_job **out) {
+/* Send a request that makes a job and wait up to `timeout_ms` (0: the client's) for its reply: the
+ * job, with its outcome if the reply has one (run_model with wait_ms). */
+static npu_status job_from_reply(npu_client *client, npu_request *request, uint32_t timeout_ms, npu_job **out) {
   npu_reply reply;
-  npu_status status = npu__call(client, request, 0, &reply, NULL);
+  npu_status status = npu__call(client, request, timeout_ms, &reply, NULL);
   if (status != NULL)
     return status;
   status = npu__job_new(client, npu__get_u64(&reply.result, "job", 0), NPU_JOB_QUEUED, out);
+  if (status == NULL)
+    take_state(*out, &reply.result);
   npu__reply_free(&reply);
   return status;
 }
@@ -429,22 +433,27 @@ NPU_EXPORT npu_status npu_stream_submit(npu_client *client, uint32_t device, con
     bindings[i].writable ? msgpack_pack_true(&request.pk) : msgpack_pack_false(&request.pk);
   }
   npu__pack_job_options(&request.pk, options);
-  return job_from_reply(client, &request, out);
+  return job_from_reply(client, &request, 0, out);
 }
 
 npu_status npu__run_model(npu_client *client, uint32_t model, npu_buffer *const *inputs, size_t input_count,
                           npu_buffer *const *outputs, size_t output_count, const npu_job_options *options,
-                          npu_job **out) {
+                          int64_t wait_ms, npu_job **out) {
   npu_status status = check_array("inputs", inputs, input_count);
   if (status == NULL)
     status = check_array("outputs", outputs, output_count);
   if (status != NULL || out == NULL)
     return status ? status : npu__error_default(NPU_EINVAL, "npu_model_submit: out is NULL");
   npu_request request;
-  npu__request_begin(&request, "run_model", 3 + npu__job_option_count(options));
+  npu__request_begin(&request, "run_model", 3 + npu__job_option_count(options) + (wait_ms >= 0));
   npu__pack_key_u64(&request.pk, "model", model);
   pack_handles(&request.pk, "inputs", inputs, input_count);
   pack_handles(&request.pk, "outputs", outputs, output_count);
   npu__pack_job_options(&request.pk, options);
-  return job_from_reply(client, &request, out);
+  if (wait_ms < 0)
+    return job_from_reply(client, &request, 0, out);
+  npu__pack_key_u64(&request.pk, "wait_ms", (uint64_t)wait_ms);
+  /* the reply comes once the job is done: allow the wait plus the client's usual timeout */
+  uint64_t call_ms = (uint64_t)wait_ms + client->timeout_ms;
+  return job_from_reply(client, &request, call_ms > UINT32_MAX ? UINT32_MAX : (uint32_t)call_ms, out);
 }

@@ -417,6 +417,14 @@ static void test_failed_job(npu_client *client, npu_model *m) {
         "%s: %s", npu_status_code_name(s), npu_status_message(s));
   npu_status_free(s);
   npu_job_release(job);
+  /* npu_model_run (one round trip with a 1.8 daemon): the run's error, and wait's timeout */
+  OK(npu_client_inject_fault(client, 0, "crash", 0, 1));
+  s = npu_model_run(m, &x.in, 1, &x.out, 1, 60000);
+  CHECK(s != NULL && npu_status_code(s) == NPU_EIO, "run: %s: %s", npu_status_code_name(s), npu_status_message(s));
+  npu_status_free(s);
+  OK(npu_client_inject_fault(client, 0, "slow", 1500, 1));
+  FAILS(npu_model_run(m, &x.in, 1, &x.out, 1, 50), NPU_ETIMEDOUT, true);
+  OK(npu_model_run(m, &x.in, 1, &x.out, 1, 60000));
   FAILS(npu_client_inject_fault(client, 99, "slow", 1, 1), NPU_ENODEV, false);
   FAILS(npu_client_inject_fault(client, 0, NULL, 1, 1), NPU_EINVAL, false);
   io_close(&x);
