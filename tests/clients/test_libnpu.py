@@ -42,7 +42,11 @@ def built():
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    d = LocalDaemon("--test-mode", "--cache-dir", str(tmp_path_factory.mktemp("cache")))
+    # 1 GiB of device memory, fixed (not sized from this machine's RAM): the C test allocates
+    # 256 MiB buffers until the device runs out, within the session's 2 GiB quota
+    config = tmp_path_factory.mktemp("config") / "npud.toml"
+    config.write_text('[[devices]]\nname = "npu0"\n[devices.params]\nmemory_bytes = "1GiB"\n')
+    d = LocalDaemon("--test-mode", "--config", str(config), "--cache-dir", str(tmp_path_factory.mktemp("cache")))
     yield d
     d.stop()
 
