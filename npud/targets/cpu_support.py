@@ -172,6 +172,8 @@ def _kernel_problem(node, tensors: dict, opsets: dict, kernels: dict) -> str:
     import onnx
 
     domain = node.domain or "ai.onnx"
+    if domain == "ai.onnx" and node.op_type == "Constant":
+        return ""   # no kernel needed: onnxruntime's graph turns Constant nodes into initializers at load
     try:
         schema = onnx.defs.get_schema(node.op_type, opsets.get(domain, 1), node.domain)
     except onnx.defs.SchemaError:
