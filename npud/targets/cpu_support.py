@@ -4,8 +4,9 @@
 or mis-computing some.  A claim must be a promise (docs/CTS.md), so a node is supported only if
 
 * every tensor it reads or writes is a tensor (not a sequence, optional or map) of a type npud's
-  buffers carry, with a shape known before it runs and no zero-sized dimension (ONNX shape
-  inference: a data-dependent shape, as NonZero's or Unique's, is not known);
+  buffers carry and, if it is a model input or output (a buffer), with a shape known before it
+  runs and no zero-sized dimension (ONNX shape inference: a data-dependent shape, as NonZero's
+  or Unique's, is not known);
 * onnxruntime's CPU provider has a kernel for its op, at the version the model's opset selects,
   for the element types it is given (onnxruntime's own kernel registry says so); and
 * it is not a known deviation (``DEVIATIONS``: a random op, or one whose onnxruntime results
@@ -52,9 +53,10 @@ def support(proto) -> list[tuple[bool, str]]:
         return [(False, why)] * len(proto.graph.node)
     tensors = _tensors(inferred.graph)
     opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
+    buffers = {v.name for v in [*proto.graph.input, *proto.graph.output]}
     out = []
     for node in proto.graph.node:
-        why = _tensor_problem(node, tensors) or _kernel_problem(node, tensors, opsets, kernels) \
+        why = _tensor_problem(node, tensors, buffers) or _kernel_problem(node, tensors, opsets, kernels) \
             or _deviation(node, tensors)
         out.append((not why, why))
     return out
@@ -146,7 +148,11 @@ def _tensors(graph) -> dict:
     return out
 
 
-def _tensor_problem(node, tensors: dict) -> str:
+def _tensor_problem(node, tensors: dict, buffers: set) -> str:
+    """Why a tensor of ``node`` cannot be carried ('' if none can't).  Only the model's inputs and
+    outputs (``buffers``) become npud buffers, sized at load: a tensor inside the model (NMS's
+    selected indices, in a cpu partition that scatters them into a fixed-size mask) may have a
+    data-dependent or empty shape, as onnxruntime allows."""
     for name in [*node.input, *node.output]:
         if not name:
             continue
@@ -157,6 +163,8 @@ def _tensor_problem(node, tensors: dict) -> str:
             return f"{name!r} is not a tensor (a sequence, optional or map): npud passes tensors"
         if dtype not in CARRIED:
             return f"{name!r} is {dtype}: npud's buffers carry {', '.join(sorted(CARRIED))}"
+        if name not in buffers:
+            continue
         if shape is None or None in shape:
             return f"the shape of {name!r} is not known before the run (it depends on the data)"
         if 0 in shape:
