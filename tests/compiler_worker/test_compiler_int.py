@@ -83,6 +83,18 @@ def test_8bit_input_and_output_keep_their_dtype(dtype):
     assert not [r for r in exe.report().rows if r["op"] == "Cast"]
 
 
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.bool_, np.int32])
+def test_an_output_that_reshapes_an_input_keeps_its_dtype(dtype):
+    """The output's bytes alias the input's region, so it is copied into a region of its own: of
+    the same type (a float32 region would hold 4 bytes an element)."""
+    mb = model([helper.make_node("Reshape", ["x", "s"], ["y"])], {"x": (dtype, [2, 3])}, {"y": dtype},
+               {"s": np.array([3, 2], np.int64)})
+    x = (np.arange(6).reshape(2, 3) % 2).astype(dtype) if dtype == np.bool_ else \
+        (np.arange(6).reshape(2, 3) * 7 - 20).astype(dtype)
+    exe, _ = check(mb, {"x": x})
+    assert exe.outputs[0]["size"] == x.nbytes
+
+
 def test_bool_input_and_output_are_one_byte_each():
     """bool graph I/O is one byte (0/1) per element, converted on the device to and from the
     float32 mask it computes on."""
