@@ -316,7 +316,8 @@ class InferenceSession:
             return self._models[0].specialise({d.arg.name: feeds[d.arg.name].shape for d in self._inputs})
 
     def _declared_output(self, outputs: Outputs, name: str) -> np.ndarray[Any, Any]:
-        """Output ``name`` in the dtype the model declares (the device computes float32)."""
+        """Output ``name`` in the dtype the model declares (converted if the compiled model
+        declares another, e.g. a vendor compiler's float32 for a bool output)."""
         y = outputs[name]
         dtype = next(d.dtype for d in self._outputs if d.arg.name == name)
         return y if dtype is None or y.dtype == dtype else _convert_output(name, y, dtype)
@@ -433,8 +434,8 @@ def _metadata(proto: onnx.ModelProto) -> ModelMetadata:
 
 
 def _device_feeds(model: Model, feeds: Mapping[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
-    """The (checked) feeds in the dtypes the compiled model takes: the same but for a bool input,
-    which the device takes as a 0/1 float32 mask."""
+    """The (checked) feeds in the dtypes the compiled model takes: the same on npu-emu, whose
+    I/O table keeps the model's types; converted for a compiler that declares other ones."""
     dtypes = {t.name: t.dtype for t in model.inputs}
     return {k: v if dtypes[k] == v.dtype else v.astype(dtypes[k]) for k, v in feeds.items()}
 

@@ -35,11 +35,12 @@ What the backend does on the host, and nothing more:
   worker upgrades them with ``onnx.version_converter`` (passes/upgrade.py).
 * **Symbolic dimensions** are resolved from the shapes of the arrays given
   to ``run`` (``input_shapes`` option), one compile per shape signature.
-* **dtypes at the boundary.**  Feeds are converted to the dtype the compiled
-  model declares (float32, int32 or int64; a bool input is a 0/1 float32
-  mask on the device).  Outputs come back in the dtype the ONNX model
-  declares: int32/int64 outputs already are; bool outputs (comparisons) and
-  other integer outputs are float32 on the device and converted, and an
+* **dtypes at the boundary.**  Feeds are converted to the dtype the ONNX
+  model declares, then to the one the compiled model declares, and outputs
+  come back in the dtype the ONNX model declares.  npu-emu's I/O table keeps
+  the model's own types (float32, int8, uint8, int32, int64, bool), so
+  nothing is converted there; a compiled model with float32 I/O for an
+  integer or bool tensor (another vendor's compiler) is converted, and an
   integer output whose float32 value is not an exact integer is an error
   rather than a silent rounding.
 """

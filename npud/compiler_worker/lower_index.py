@@ -40,10 +40,12 @@ def device_dtype(dtype) -> str:
 
 
 def io_dtype(dtype) -> str:
-    """The element type of a graph input or output in the I/O table: int64 and int32 as they
-    are, everything else float32 (int8/uint8 and bool convert on the device)."""
+    """The element type of a graph input or output in the I/O table: the model's own type for
+    int64, int32, int8, uint8 and bool (one byte, 0/1, converted on the device to and from its
+    float32 mask), float32 for the floats -- so a heterogeneous model's partitions agree on a
+    boundary tensor's bytes with the cpu device, and a client feeds what onnxruntime takes."""
     dt = np.dtype(dtype) if dtype is not None else np.dtype(np.float32)
-    return dt.name if dt in (np.dtype(np.int64), np.dtype(np.int32)) else F32
+    return dt.name if dt.name in ("int64", "int32", "int8", "uint8", "bool") else F32
 
 
 def const_value(value: np.ndarray, dtype: str) -> np.ndarray:

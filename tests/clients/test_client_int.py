@@ -75,3 +75,78 @@ def test_inference_session_takes_int64_feeds(daemon):
         assert kept.dtype == np.int64
         np.testing.assert_array_equal(kept, f["ids"] * f["mask"])
         s.close()
+
+
+def byte_model() -> bytes:
+    """uint8 image (as a camera gives it) -> DequantizeLinear -> a bool mask of the bright pixels,
+    the image's QuantizeLinear (int8) back, and the mask and image passed through."""
+    nodes = [helper.make_node("DequantizeLinear", ["img", "s", "z"], ["f"]),
+             helper.make_node("Greater", ["f", "half"], ["bright"]),
+             helper.make_node("QuantizeLinear", ["f", "s8", "z8"], ["q"]),
+             helper.make_node("Not", ["keep"], ["drop"])]
+    g = helper.make_graph(nodes, "bytes",
+                          [helper.make_tensor_value_info("img", TensorProto.UINT8, [2, 5]),
+                           helper.make_tensor_value_info("keep", TensorProto.BOOL, [2, 5])],
+                          [helper.make_tensor_value_info("bright", TensorProto.BOOL, None),
+                           helper.make_tensor_value_info("q", TensorProto.INT8, None),
+                           helper.make_tensor_value_info("drop", TensorProto.BOOL, None)],
+                          [numpy_helper.from_array(np.array(1 / 255, np.float32), "s"),
+                           numpy_helper.from_array(np.array(0, np.uint8), "z"),
+                           numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+                           numpy_helper.from_array(np.array(1 / 127, np.float32), "s8"),
+                           numpy_helper.from_array(np.array(0, np.int8), "z8")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m.SerializeToString()
+
+
+def byte_feeds():
+    rng = np.random.default_rng(2)
+    return {"img": rng.integers(0, 256, (2, 5)).astype(np.uint8), "keep": rng.random((2, 5)) < 0.5}
+
+
+def test_uint8_int8_and_bool_inputs_and_outputs_keep_their_dtype(client):
+    """As onnxruntime: a uint8 or bool input takes that dtype (a float32 feed is EINVAL naming it),
+    int8 and bool outputs come back as int8 and bool -- and so every API passes them."""
+    model = client.load(byte_model())
+    assert {t.name: t.dtype for t in model.inputs} == {"img": np.uint8, "keep": np.bool_}
+    assert {t.name: t.dtype for t in model.outputs} == {"bright": np.bool_, "q": np.int8, "drop": np.bool_}
+    assert [t.size for t in model.inputs + model.outputs] == [10] * 5   # one byte an element
+    f = byte_feeds()
+    want = dict(zip(["bright", "q", "drop"],
+                    ort.InferenceSession(byte_model(), providers=["CPUExecutionProvider"]).run(None, f)))
+    for name, got in model.run(f).items():
+        assert got.dtype == want[name].dtype, name
+        np.testing.assert_array_equal(got, want[name], err_msg=name)
+    with pytest.raises(npu.InvalidArgument, match=r"input 'img'.*expected: \(tensor\(uint8\)\)"):
+        model.run({**f, "img": f["img"].astype(np.float32)})
+    with pytest.raises(npu.InvalidArgument, match=r"input 'keep'.*expected: \(tensor\(bool\)\)"):
+        model.run({**f, "keep": f["keep"].astype(np.float32)})
+    model.unload()
+
+
+def test_inference_session_and_onnx_backend_take_and_return_bytes(daemon, monkeypatch):
+    import onnx
+
+    from npu import onnx_backend
+
+    f = byte_feeds()
+    want = ort.InferenceSession(byte_model(), providers=["CPUExecutionProvider"]).run(None, f)
+    with npu.connect(daemon.endpoint) as c:
+        s = npu.InferenceSession(byte_model(), client=c)
+        got = s.run(None, f)
+        with pytest.raises(npu.InvalidArgument, match=r"expected: \(tensor\(uint8\)\)"):
+            s.run(None, {**f, "img": f["img"].astype(np.float32)})
+        s.close()
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        np.testing.assert_array_equal(g, w)
+    onnx_backend.shutdown()
+    monkeypatch.setenv("NPUD_ENDPOINT", daemon.endpoint)   # the backend's shared client: this daemon
+    try:
+        rep = onnx_backend.prepare(onnx.load_from_string(byte_model()))
+        for g, w in zip(rep.run([f["img"], f["keep"]]), want):
+            assert g.dtype == w.dtype
+            np.testing.assert_array_equal(g, w)
+    finally:
+        onnx_backend.shutdown()

@@ -202,3 +202,37 @@ def test_a_call_blocked_when_the_daemon_is_killed_returns_enotconn_at_once(built
     print(wait.group(0))
     assert "ping ENOTCONN" in out, out
     assert "Sanitizer" not in err and "runtime error" not in err, err
+
+
+def test_libnpu_reports_uint8_int8_and_bool_tensors_in_their_own_dtype(built, daemon):
+    """npu_tensor_info.dtype of a model with uint8/bool inputs and int8/bool outputs: NPU_UINT8,
+    NPU_BOOL, NPU_INT8 -- one byte an element, as the buffers bound to them hold."""
+    import ctypes
+
+    from test_client_int import byte_model
+
+    class Info(ctypes.Structure):
+        _fields_ = [("name", ctypes.c_char_p), ("dtype", ctypes.c_int), ("rank", ctypes.c_uint32),
+                    ("shape", ctypes.c_int64 * 8), ("size", ctypes.c_uint64), ("symbolic", ctypes.c_uint32),
+                    ("defaulted", ctypes.c_uint32)]
+
+    lib = ctypes.CDLL(os.path.join(built, "libnpu.so"))
+    lib.npu_model_input.restype = lib.npu_model_output.restype = ctypes.POINTER(Info)
+    lib.npu_dtype_name.restype = ctypes.c_char_p
+    lib.npu_status_message.restype, lib.npu_status_message.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+    lib.npu_client_connect.restype = lib.npu_model_load.restype = ctypes.c_void_p   # npu_status
+    client, model = ctypes.c_void_p(), ctypes.c_void_p()
+    status = lib.npu_client_connect(daemon.endpoint.encode(), None, ctypes.byref(client))
+    assert not status, lib.npu_status_message(status)
+    try:
+        data = byte_model()
+        status = lib.npu_model_load(client, 0, data, len(data), ctypes.byref(model))
+        assert not status, lib.npu_status_message(status)
+        tensors = [lib.npu_model_input(model, i).contents for i in range(2)] + \
+                  [lib.npu_model_output(model, i).contents for i in range(3)]
+        assert [(t.name, lib.npu_dtype_name(t.dtype), t.size) for t in tensors] == [
+            (b"img", b"uint8", 10), (b"keep", b"bool", 10), (b"bright", b"bool", 10), (b"q", b"int8", 10),
+            (b"drop", b"bool", 10)]
+        lib.npu_model_unload(model)
+    finally:
+        lib.npu_client_close(client)

@@ -334,6 +334,24 @@ def test_compile_report_check_run_bench(capsys, daemon, onnx_path, tmp_path):
     assert code == 0 and "p99" in text and "modeled" in text
 
 
+def test_run_feeds_and_prints_uint8_and_bool_tensors_in_their_own_dtype(capsys, daemon, tmp_path):
+    """npuctl run of a model with uint8/bool inputs and int8/bool outputs: random feeds of those
+    types, a .npy of another type refused naming the one expected, outputs saved as they come."""
+    from test_client_int import byte_model
+
+    path = tmp_path / "bytes.onnx"
+    path.write_bytes(byte_model())
+    img = (np.arange(10, dtype=np.uint8) * 25).reshape(2, 5)
+    np.save(tmp_path / "img.npy", img)
+    run = ctl_json(capsys, daemon, "run", str(path), "--inputs", f"img={tmp_path / 'img.npy'}",
+                   "--save-outputs", str(tmp_path / "out"))
+    assert {o["name"]: o["dtype"] for o in run["outputs"]} == {"bright": "bool", "q": "int8", "drop": "bool"}
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "bright.npy"), img > 127)
+    np.save(tmp_path / "imgf.npy", img.astype(np.float32))
+    code, _out, err = ctl(capsys, daemon, "run", str(path), "--inputs", f"img={tmp_path / 'imgf.npy'}")
+    assert code == 1 and "expected: (tensor(uint8))" in err
+
+
 def test_disasm_raw_stream_and_executable(capsys, daemon, onnx_path, tmp_path):
     from npud.compiler_worker.api import compile_model
     raw = tmp_path / "add.bin"

@@ -16,7 +16,8 @@ from test_compiler_models import ort_run
 
 R = np.random.default_rng(14)
 CODE = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int64): TensorProto.INT64,
-        np.dtype(np.int32): TensorProto.INT32, np.dtype(np.bool_): TensorProto.BOOL}
+        np.dtype(np.int32): TensorProto.INT32, np.dtype(np.bool_): TensorProto.BOOL,
+        np.dtype(np.int8): TensorProto.INT8, np.dtype(np.uint8): TensorProto.UINT8}
 
 
 def model(nodes, inputs: dict, outputs: dict, inits: dict | None = None, opset: int = 17) -> bytes:
@@ -33,16 +34,14 @@ def model(nodes, inputs: dict, outputs: dict, inits: dict | None = None, opset: 
 
 def check(mb, feeds, rtol=1e-5, atol=1e-6):
     """Compile, run on the emulator, compare with onnxruntime: exact dtype (int64 stays int64,
-    bool outputs come back as 0/1 masks) and values."""
+    bool stays bool) and values."""
     cfg = make_config("edge")
     exe = compile_model(mb, cfg)
     outs, stats = run_on_emulator(exe, feeds, cfg)
     ref = ort_run(mb, feeds)
     for k, want in ref.items():
         got = outs[k]
-        if want.dtype == np.bool_:
-            np.testing.assert_array_equal(got, want.astype(got.dtype), err_msg=k)
-        elif want.dtype.kind == "i":
+        if want.dtype.kind in "iub":
             assert got.dtype == want.dtype, (k, got.dtype, want.dtype)
             np.testing.assert_array_equal(got, want, err_msg=k)
         else:
@@ -69,6 +68,54 @@ def test_integer_input_and_output_keep_their_dtype(dtype):
     assert exe.inputs[0]["dtype"] == np.dtype(dtype).name
     assert exe.outputs[0]["dtype"] == np.dtype(dtype).name
     assert exe.inputs[0]["size"] == x.nbytes
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8])
+def test_8bit_input_and_output_keep_their_dtype(dtype):
+    """An int8/uint8 graph input or output is one byte per element in its region, as onnxruntime
+    (and the cpu device of a heterogeneous model) holds it: no float32 region, no conversion."""
+    mb = model([helper.make_node("Identity", ["x"], ["y"])], {"x": (dtype, [2, 3])}, {"y": dtype})
+    info = np.iinfo(dtype)
+    x = np.array([[info.min, info.max, 0], [1, 7, info.max - 1]], dtype)
+    exe, _ = check(mb, {"x": x})
+    assert [e["dtype"] for e in exe.inputs + exe.outputs] == [np.dtype(dtype).name] * 2
+    assert exe.inputs[0]["size"] == exe.outputs[0]["size"] == x.nbytes
+    assert not [r for r in exe.report().rows if r["op"] == "Cast"]
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.bool_, np.int32])
+def test_an_output_that_reshapes_an_input_keeps_its_dtype(dtype):
+    """The output's bytes alias the input's region, so it is copied into a region of its own: of
+    the same type (a float32 region would hold 4 bytes an element)."""
+    mb = model([helper.make_node("Reshape", ["x", "s"], ["y"])], {"x": (dtype, [2, 3])}, {"y": dtype},
+               {"s": np.array([3, 2], np.int64)})
+    x = (np.arange(6).reshape(2, 3) % 2).astype(dtype) if dtype == np.bool_ else \
+        (np.arange(6).reshape(2, 3) * 7 - 20).astype(dtype)
+    exe, _ = check(mb, {"x": x})
+    assert exe.outputs[0]["size"] == x.nbytes
+
+
+def test_bool_input_and_output_are_one_byte_each():
+    """bool graph I/O is one byte (0/1) per element, converted on the device to and from the
+    float32 mask it computes on."""
+    mb = model([helper.make_node("Not", ["x"], ["y"]), helper.make_node("Identity", ["x"], ["z"])],
+               {"x": (np.bool_, [3, 5])}, {"y": np.bool_, "z": np.bool_})
+    x = R.random((3, 5)) < 0.5
+    exe, _ = check(mb, {"x": x})
+    assert [e["dtype"] for e in exe.inputs + exe.outputs] == ["bool"] * 3
+    assert {e["size"] for e in exe.inputs + exe.outputs} == {x.size}
+
+
+def test_8bit_output_of_a_quantised_graph_is_not_converted():
+    """A QuantizeLinear output (the cut of a heterogeneous QDQ model) stays int8 in the I/O table."""
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q8", "s", "z"], ["d"])]
+    mb = model(nodes, {"x": (np.float32, [4, 16]), "q8": (np.int8, [4, 16])},
+               {"q": np.int8, "d": np.float32}, {"s": np.array(0.05, np.float32), "z": np.array(3, np.int8)})
+    x = floats((4, 16)) * 4
+    exe, _ = check(mb, {"x": x, "q8": ints((4, 16), -128, 128, np.int8)})
+    assert {e["name"]: e["dtype"] for e in exe.inputs + exe.outputs} == \
+        {"x": "float32", "q8": "int8", "q": "int8", "d": "float32"}
 
 
 def test_int64_values_beyond_int32_wrap_to_the_low_word():

@@ -124,3 +124,74 @@ def loop_model() -> bytes:
                                helper.make_node("Relu", ["acc"], ["y"], name="relu2")],
                               "loop", [vi("x", [1, 4])], [vi("y", [1, 4])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def _calibrate(float_model: bytes, tmp_dir, fmt) -> bytes:
+    """``float_model`` quantised by onnxruntime's quantize_static (int8 activations and weights, in
+    format ``fmt``), calibrated on four random batches of its one input."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
+
+    float_path, q_path = tmp_dir / f"float-{fmt}.onnx", tmp_dir / f"quant-{fmt}.onnx"
+    float_path.write_bytes(float_model)
+    x = onnx.load_from_string(float_model).graph.input[0]
+    shape = [d.dim_value for d in x.type.tensor_type.shape.dim]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(0)
+            self.batches = iter([{x.name: rng.standard_normal(shape).astype(np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(float_path), str(q_path), Reader(), quant_format=fmt,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    return q_path.read_bytes()
+
+
+def qop_argmax_model(tmp_dir) -> bytes:
+    """A segmentation head quantised by quantize_static in QOperator format: QuantizeLinear ->
+    QLinearConv -> QLinearConv -> (DequantizeLinear to the float logits, ArgMax to the labels).
+    ArgMax reads the int8 logits directly and npu-emu declines it: the cut falls on an int8 tensor
+    (the second QLinearConv's output), which both devices must hold as int8."""
+    import torch
+    from onnxruntime.quantization import QuantFormat
+    from torch import nn
+
+    class Seg(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(4)
+            self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+            self.conv2 = nn.Conv2d(8, 5, 1)
+
+        def forward(self, x):
+            logits = self.conv2(torch.relu(self.conv1(x)))
+            return logits, torch.argmax(logits, dim=1)
+
+    model = _export(Seg(), (torch.zeros(1, 3, 8, 8),), ["x"], ["logits", "labels"])
+    return _calibrate(model, tmp_dir, QuantFormat.QOperator)
+
+
+def bool_mask_model() -> bytes:
+    """Confident pixels other than the top 8: a comparison (NPU) makes a bool mask, ScatterElements
+    (cpu: npu-emu declines it) clears the top-8 positions TopK (cpu) found, Where (NPU) applies it --
+    bool tensors cross both ways."""
+    import torch
+    from torch import nn
+
+    class Mask(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(5)
+            self.conv = nn.Conv2d(3, 1, 3, padding=1)
+
+        def forward(self, x):
+            s = torch.sigmoid(self.conv(x)).flatten()          # [64]
+            confident = s > 0.5
+            top = torch.topk(s, k=8).indices
+            rest = confident.scatter(0, top, torch.zeros(8, dtype=torch.bool))
+            return torch.where(rest, s, torch.zeros_like(s))
+
+    return _export(Mask(), (torch.zeros(1, 3, 8, 8),), ["x"], ["y"])

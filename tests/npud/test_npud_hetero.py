@@ -42,7 +42,8 @@ def daemon(tmp_path_factory):
 def models(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("models")
     return {"topk": hetero_models.topk_model(), "nms": hetero_models.nms_model(), "qdq": hetero_models.qdq_model(tmp),
-            "loop": hetero_models.loop_model()}
+            "loop": hetero_models.loop_model(), "qop": hetero_models.qop_argmax_model(tmp),
+            "mask": hetero_models.bool_mask_model()}
 
 
 def _feeds(model: bytes, seed: int) -> dict:
@@ -59,7 +60,9 @@ def _want(model: bytes, feeds: dict) -> dict:
 
 @pytest.mark.parametrize("name, declined, atol", [("topk", {"TopK"}, 1e-5),
                                                   ("nms", {"NonMaxSuppression", "ScatterElements"}, 1e-5),
-                                                  ("qdq", {"Sin"}, 0.0), ("loop", {"Loop"}, 1e-6)])
+                                                  ("qdq", {"Sin"}, 0.0), ("loop", {"Loop"}, 1e-6),
+                                                  ("qop", {"ArgMax"}, 0.0),
+                                                  ("mask", {"TopK", "ScatterElements"}, 1e-6)])
 def test_a_model_with_declined_nodes_runs_across_both_devices_and_matches_onnxruntime(daemon, models, name,
                                                                                        declined, atol):
     model = models[name]
@@ -89,6 +92,29 @@ def test_a_model_with_declined_nodes_runs_across_both_devices_and_matches_onnxru
     assert all(r["reason"] for r in placement if r["device"] == 1)
     assert all(not r["reason"] for r in placement if r["device"] == 0)
     assert 0.0 < rep.npu_macs_share <= 1.0 and "placement:" in str(rep)
+
+
+@pytest.mark.parametrize("name, crossing", [("qop", {"logits_quantized": "int8"}),
+                                            ("mask", {"/Greater_output_0": "bool", "/ScatterElements_output_0": "bool"})])
+def test_int8_and_bool_tensors_cross_devices_in_their_own_type(models, name, crossing):
+    """The cut of a quantised model falls on int8 tensors, a mask's on bool ones: npu-emu holds them
+    as the cpu device (onnxruntime) does -- one byte an element -- so both partitions agree on their
+    size (they disagreed, int8 being float32 on npu-emu, before compiler 0.4.0)."""
+    from npud.compiler_worker import worker
+    from npud.emulator.config import make_config
+    from npud.executable import Executable
+
+    plan = worker.handle({"op": "partition", "model": models[name], "config": make_config("edge").to_dict(),
+                          "options": {}, "target": "npu-emu", "fallback": "cpu"})
+    assert {k: v["dtype"] for k, v in plan["tensors"].items() if k in crossing} == crossing
+    io = {}
+    for part in plan["partitions"]:
+        if part["target"] == "npu-emu":
+            reply = worker.handle({"op": "compile", "model": part["model"], "config": make_config("edge").to_dict(),
+                                   "options": {}, "target": "npu-emu"})
+            exe = Executable.from_bytes(reply["executable"])
+            io.update({t["name"]: t["dtype"] for t in exe.inputs + exe.outputs})
+    assert {k: v for k, v in io.items() if k in crossing} == crossing
 
 
 def test_the_run_is_one_job_whose_stats_sum_its_partitions(daemon, models):

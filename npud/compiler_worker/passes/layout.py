@@ -21,6 +21,7 @@ from ..support import SUPPORT
 from .canonicalize import ACTIVATIONS, BINARY
 
 IDENT = None   # "logical" layout marker
+BOOL_IO = "uint8"   # a bool graph input/output's bytes on the device (0/1; the I/O table says bool)
 
 
 def run(ctx) -> None:
@@ -122,11 +123,11 @@ class Lowerer:
             if np.dtype(g.tensors[name].dtype) == np.int64:
                 lower_index.int64_input(self, name)
                 continue
-            if self.dtype(name) not in ("float32", "int32"):
-                # graph I/O is float32 on the device (exact integer values for an
-                # integer input); converted to the integer type on the device
+            if np.dtype(g.tensors[name].dtype) == np.bool_:
+                # a bool input is one byte per element (0/1) in its region, as onnxruntime
+                # and the cpu device hold it; the device computes on a float32 mask
                 src = self.new(name + "@in", self.shape(name), kind="input",
-                               logical=self.shape(name))
+                               logical=self.shape(name), dtype=BOOL_IO)
                 t = self.define(name, IDENT)
                 self.ops.append(LOp("cvt", f"{name}:input", "Cast", [src.name], [t.name], {}))
                 self.io["inputs"].append((name, src.name))
@@ -147,15 +148,17 @@ class Lowerer:
             if np.dtype(t.dtype if t.const is None else t.const.dtype) == np.int64:
                 lower_index.int64_output(self, o)
                 continue
-            if t.const is None and self.dtype(o) not in ("float32", "int32"):
-                # an integer output: converted to float32 (exact) into its region
+            is_bool = np.dtype(t.dtype if t.const is None else t.const.dtype) == np.bool_
+            if t.const is None and is_bool:
+                # a bool output: the float32 mask (0/1) converted to one byte per element
                 src = self.get(o, IDENT)
-                out = self.new(o + "@out", self.shape(o), kind="output", logical=self.shape(o))
+                out = self.new(o + "@out", self.shape(o), kind="output", logical=self.shape(o),
+                               dtype=BOOL_IO)
                 self.ops.append(LOp("cvt", f"{o}:output", "Cast", [src], [out.name], {}))
                 self.io["outputs"].append((o, out.name))
                 continue
             if t.const is not None or o in g.inputs or o in claimed:
-                dt = "int32" if self.dtype(o) == "int32" else "float32"
+                dt = BOOL_IO if is_bool else self.dtype(o)
                 src = self.get(o, IDENT, dtype=dt)
                 out = self.new(o + "@out", self.shape(o) if t.shape is not None else t.const.shape,
                                kind="output", logical=tuple(t.shape), dtype=dt)
@@ -168,7 +171,8 @@ class Lowerer:
             rt = self.pt[root]
             if rt.kind in ("input", "const", "output") or root in [self._root(x) for _, x in
                                                                      self.io["outputs"]]:
-                out = self.new(o + "@out", self.shape(o), kind="output", logical=self.shape(o))
+                out = self.new(o + "@out", self.shape(o), kind="output", logical=self.shape(o),
+                               dtype=self.pt[pname].dtype)
                 self._copy_whole(pname, out.name, n_name=f"{o}:output", op="Identity")
                 self.io["outputs"].append((o, out.name))
             else:
