@@ -100,9 +100,12 @@ def _for_target(request: dict, started: float) -> dict:
 
     target = targets.target(request["target"])
     if request["op"] == "check":
+        try:
+            answers = target.support(request["model"], request["config"])
+        except CompileError as exc:   # a problem of the whole model (npu-emu's answers the same way)
+            return {"ok": True, "problems": [{"node": exc.node or "", "op": exc.op or "", "reason": exc.reason}]}
         return {"ok": True, "problems": [{"node": s.node, "op": s.op, "reason": s.reason}
-                                         for s in target.support(request["model"], request["config"])
-                                         if not s.supported]}
+                                         for s in answers if not s.supported]}
     return {"ok": True, "executable": target.compile(request["model"], request["config"], request.get("options") or {}),
             "seconds": time.perf_counter() - started}
 

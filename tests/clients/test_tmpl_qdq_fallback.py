@@ -1,8 +1,6 @@
 """The driver template runs a QDQ model with its float parts on the cpu device (issue 16 item 6).
 
-NEEDS het16 (heterogeneous loads, `fallback = "cpu"`): enable by moving this file to
-tests/clients/ after het16 is merged.  tmpl-int8 claims the QDQ pattern (dq_x, dq_w, matmul, q_m)
-and declines quantize_input, dequantize_output and softmax (float), which run on cpu.
+tmpl-int8 claims the QDQ pattern (dq_x, dq_w, matmul, q_m) and declines quantize_input, dequantize_output and softmax (float), which run on cpu.
 """
 
 from __future__ import annotations

@@ -116,6 +116,9 @@ def test_a_model_naming_an_external_file_is_refused_and_no_file_is_read(tmp_path
             for location in ("secret.bin", str(tmp_path / "secret.bin")):
                 with pytest.raises(npu.InvalidArgument, match="external file"):
                     c.load(_reads_a_file(location), device=1)
+                # `check` lists a whole-model problem as a problem (as npu-emu's does), not an error
+                [problem] = c.check(_reads_a_file(location), device=1)
+                assert problem["node"] == "" and "external file" in problem["reason"]
     finally:
         d.stop()
 

@@ -99,7 +99,12 @@ def int8_mlp(layers: int = LAYERS, sin_after: int | None = None) -> Probe:
                       helper.make_node("QuantizeLinear", ["sin", "s_act", "zp"], ["q_sin"], name="q_sin")]
             y = "q_sin"
     name = "int8 MLP" if sin_after is None else "int8 MLP with a float Sin"
-    return Probe(name, _model(nodes, inits, TensorProto.INT8, y), "int8", 2.0)
+    # opset 21 with the Sin: onnx.reference implements DequantizeLinear from version 19 only.  The
+    # Sin turns the layers' one-step rounding differences into larger ones: onnxruntime itself is
+    # 2.8 steps from onnx.reference on average there (1.3 without it), hence the wider tolerance
+    if sin_after is None:
+        return Probe(name, _model(nodes, inits, TensorProto.INT8, y), "int8", 2.0)
+    return Probe(name, _model(nodes, inits, TensorProto.INT8, y, 21), "int8", 4.0)
 
 
 def with_sin(probe: Probe) -> Probe:
@@ -116,12 +121,12 @@ def small_float() -> Probe:
                                         TensorProto.FLOAT, "y"), "float32", 0.0)
 
 
-def _model(nodes, inits, elem, output) -> bytes:
+def _model(nodes, inits, elem, output, opset: int = 13) -> bytes:
     from onnx import helper
 
     graph = helper.make_graph(nodes, "cts_probe", [helper.make_tensor_value_info("x", elem, [BATCH, WIDTH])],
                               [helper.make_tensor_value_info(output, elem, [BATCH, WIDTH])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString()
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]).SerializeToString()
 
 
 def candidates() -> list[Probe]:

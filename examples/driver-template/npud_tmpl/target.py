@@ -51,9 +51,10 @@ class TmplTarget(NpuEmuTarget):
         emu = TmplParams.from_dict(params).emulator_config().to_dict()
         proto = onnx.load_from_string(bytes(model))
         dtypes = _dtypes(proto)
-        pattern = _qdq_pattern(proto.graph, dtypes)
+        answers = super().support(model, emu)
+        pattern = _qdq_pattern(proto.graph, dtypes, {i for i, a in enumerate(answers) if a.supported})
         out = []
-        for i, (node, answer) in enumerate(zip(proto.graph.node, super().support(model, emu))):
+        for i, (node, answer) in enumerate(zip(proto.graph.node, answers)):
             if answer.supported and i not in pattern:
                 why = _float_reason(node, dtypes)
                 if why:
@@ -113,8 +114,11 @@ def _float_reason(node, dtypes: dict[str, str]) -> str:
     return ""
 
 
-def _qdq_pattern(graph, dtypes: dict[str, str]) -> set[int]:
-    """Indices of the nodes of QDQ patterns: DequantizeLinear -> op -> QuantizeLinear."""
+def _qdq_pattern(graph, dtypes: dict[str, str], runs: set[int]) -> set[int]:
+    """Indices of the nodes of QDQ patterns: DequantizeLinear -> op -> QuantizeLinear, where the
+    compiler runs the op (index in ``runs``): around an op it declines, the DequantizeLinear and
+    QuantizeLinear are float nodes like any other (a claim is a promise: the compile would refuse
+    a DequantizeLinear whose float output leaves the partition)."""
     nodes = list(graph.node)
     producer = {o: i for i, n in enumerate(nodes) for o in n.output}
     consumers: dict[str, list[int]] = {}
@@ -131,7 +135,7 @@ def _qdq_pattern(graph, dtypes: dict[str, str]) -> set[int]:
         fed = all(t in producer and nodes[producer[t]].op_type == "DequantizeLinear" for t in floats_in)
         drained = all(o not in outputs and consumers.get(o)
                       and all(nodes[c].op_type == "QuantizeLinear" for c in consumers[o]) for o in n.output if o)
-        if floats_in and fed and drained:
+        if floats_in and fed and drained and i in runs:
             inside.add(i)
             inside.update(producer[t] for t in floats_in)
             inside.update(c for o in n.output for c in consumers.get(o, []))
