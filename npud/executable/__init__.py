@@ -84,7 +84,7 @@ class Executable:
 
     # --- serialisation -------------------------------------------------------------
     def to_bytes(self) -> bytes:
-        payloads = [bytes(self.stream), bytes(self.weights), _js(self.io), _js(self.memory),
+        payloads = [bytes(self.stream), memoryview(self.weights).cast("B"), _js(self.io), _js(self.memory),
                     _js(self.ops), _js(self.meta)]
         cv = self.compiler_version.encode("ascii")[:16]
         head = HEADER.pack(MAGIC, self.format_version, 0, cv.ljust(16, b"\0"),
