@@ -515,7 +515,8 @@ def plan_conv(op: LOp, cx: Ctx):
         raise CompileError(f"convolution does not fit SRAM ({cx.S} bytes) even with the "
                            "smallest tiles", node=op.node, op=op.op)
     _, cb, kb, gb, ohb = best
-    whwio = np.ascontiguousarray(w.transpose(2, 3, 1, 0))    # [KH,KW,cg,Cout]
+    # [KH,KW,cg,Cout], a view: add_const copies each block out of it (one copy of the weights, not two)
+    whwio = w.transpose(2, 3, 1, 0)
     wdt = I8 if q is not None else F32
     blocks = {}
     for co in range(0, Cout, cb):
