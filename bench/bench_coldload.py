@@ -15,11 +15,16 @@ Two parts, measured in one run:
   into a buffer object and the stream's validation at ``instantiate``, and the cache's disk write
   (off the critical path, but on the same two cores).
 
+``python -m bench coldload --against TREE`` alternates cold loads through this tree's daemon and
+one started from another checkout (``git archive <commit> | tar -x -C TREE``), and compares their
+wall time and the CPU time of all processes (daemon, compiler worker, client).
+
 Nothing here asserts a time; the machine's load changes every figure (print ``uptime`` with them).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import statistics
@@ -46,8 +51,19 @@ def _timed(fn):
     return time.perf_counter() - start, result
 
 
-def steps(model: bytes, client=None) -> list[tuple[str, float]]:
-    """(step, seconds) for each step of a cold load, run once here on ``model``."""
+class _Steps(list):
+    """(step, wall seconds, CPU seconds of this process's threads or None) in the order run."""
+
+    def run(self, name: str, fn):
+        """``fn()``, timed as step ``name``; CPU time moves less than wall time on a loaded machine."""
+        cpu = time.process_time()
+        seconds, result = _timed(fn)
+        self.append((name, seconds, time.process_time() - cpu))
+        return result
+
+
+def steps(model: bytes, client=None) -> list[tuple[str, float, float | None]]:
+    """(step, wall seconds, CPU seconds) for each step of a cold load, run once here on ``model``."""
     from npud.compile_cache import CachedExecutable, CompileCache, model_digest
     from npud.compiler_worker.api import compile_model
     from npud.drivers import Binding
@@ -57,25 +73,22 @@ def steps(model: bytes, client=None) -> list[tuple[str, float]]:
     from npud.memory import round_up
 
     config = make_config(PRESET)
-    out = []
+    out = _Steps()
     if client is not None:
         def staging():
             buf = client.alloc(len(model))
             buf.write(model)
             buf.free()
-        out.append(("client: staging buffer (alloc, write, free)", _timed(staging)[0]))
-    out.append(("daemon: model digest of the buffer", _timed(lambda: model_digest(model))[0]))
+        out.run("client: staging buffer (alloc, write, free)", staging)
+    out.run("daemon: model digest of the buffer", lambda: model_digest(model))
     copy = bytearray(len(model))
-    out.append(("daemon: private copy + digest (a miss)", _timed(lambda: model_digest(model, copy))[0]))
-    seconds, exe = _timed(lambda: compile_model(copy, config))
+    out.run("daemon: private copy + digest (a miss)", lambda: model_digest(model, copy))
+    exe = out.run("worker: compile (all passes, + META)", lambda: compile_model(copy, config))
     passes = exe.meta["pass_seconds"]
-    out.append(("worker: compile (all passes, + META)", seconds))
-    out += [(f"worker:   pass {name}", s) for name, s in passes.items()]
-    out.append(("worker:   META and the rest", seconds - sum(passes.values())))
-    seconds, data = _timed(exe.to_bytes)
-    out.append(("worker: Executable.to_bytes", seconds))
-    seconds, cached = _timed(lambda: CachedExecutable.from_bytes(data))
-    out.append(("daemon: CachedExecutable.from_bytes", seconds))
+    out += [(f"worker:   pass {name}", s, None) for name, s in passes.items()]
+    out.append(("worker:   META and the rest", out[-len(passes) - 1][1] - sum(passes.values()), None))
+    data = out.run("worker: Executable.to_bytes", exe.to_bytes)
+    cached = out.run("daemon: CachedExecutable.from_bytes", lambda: CachedExecutable.from_bytes(data))
     regions = [r for r in cached.memory["regions"] if r["kind"] == "weights"]
 
     def copy_weights():
@@ -83,62 +96,125 @@ def steps(model: bytes, client=None) -> list[tuple[str, float]]:
             dst = bytearray(max(r["size"], 1))   # fresh pages, as a new buffer object's are
             part = weights_part(cached.weights, r)
             memoryview(dst)[:len(part)] = part
-    out.append(("daemon: instantiate, weights copy", _timed(copy_weights)[0]))
+    out.run("daemon: instantiate, weights copy", copy_weights)
     page = config.page_size
     bindings = [Binding(r["va"], round_up(max(r["size"], 1), page), bool(r["writable"]))
                 for r in cached.memory["regions"]]
-    out.append(("daemon: instantiate, stream validation",
-                _timed(lambda: NpuEmuDriver().validate(cached.stream, config, bindings))[0]))
+    out.run("daemon: instantiate, stream validation", lambda: NpuEmuDriver().validate(cached.stream, config, bindings))
     directory = tempfile.mkdtemp(prefix="npud-bench-coldload-")
     try:
         cache = CompileCache(Path(directory))
-        out.append(("daemon: cache store (off the critical path)", _timed(lambda: cache.put("0" * 64, data))[0]))
+        out.run("daemon: cache store (off the critical path)", lambda: cache.put("0" * 64, data))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     return out
 
 
-def cold_loads(client, model: bytes, n: int = 3) -> list[tuple[float, float]]:
-    """(seconds of ``Client.load`` after ``cache_clear``, the loader's compile_ms / 1e3), ``n`` times."""
-    loads = []
-    for _ in range(n):
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` and its living descendants
+    (the daemon, its compiler worker, its device processes): a cold load's cost in CPU, which a
+    loaded machine inflates far less than its wall time."""
+    parents, cpu = {}, {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    total = 0.0
+    for p in cpu:
+        q = p
+        while q > 1 and q != pid:
+            q = parents.get(q, 0)
+        if q == pid:
+            total += cpu[p]
+    return total
+
+
+class Load:
+    """One cold ``Client.load``: wall seconds, the loader's part (its ``compile_ms``), and CPU
+    seconds of the daemon's process tree and of this (the client's) process."""
+
+    def __init__(self, client, daemon: LocalDaemon, model: bytes):
         client._request("cache_clear", {})
-        seconds, loaded = _timed(lambda: client.load(model))
+        before = tree_cpu_s(daemon.process.pid), time.process_time()
+        self.wall, loaded = _timed(lambda: client.load(model))
+        self.daemon_cpu = tree_cpu_s(daemon.process.pid) - before[0]
+        self.client_cpu = time.process_time() - before[1]
         assert not loaded.cached
-        loads.append((seconds, loaded.compile_ms / 1e3))
+        self.loader = loaded.compile_ms / 1e3
         loaded.unload()
-    return loads
+
+    def line(self) -> str:
+        return (f"  {self.wall * 1e3:7.0f} ms  (loader {self.loader * 1e3:5.0f} ms, the rest "
+                f"{(self.wall - self.loader) * 1e3:5.0f} ms; CPU: daemon and worker {self.daemon_cpu * 1e3:5.0f} ms, "
+                f"client {self.client_cpu * 1e3:4.0f} ms)")
 
 
-def run() -> list[Ratio]:
+def _daemon(cache: str, tree: str | None = None) -> LocalDaemon:
+    """A private daemon of this tree, or of the checkout at ``tree``."""
+    env = None if tree is None else {"PYTHONPATH": f"{tree}:{tree}/clients"}
+    return LocalDaemon("--device", PRESET, "--cache-dir", cache, env=env)
+
+
+def run(rounds: int = 3, against: str | None = None) -> list[Ratio]:
+    """Cold loads through this tree's daemon (and, ``against`` another checkout, through its
+    daemon too, alternating), then the steps one by one."""
     from compiler_testmodels import resnet
 
     model = resnet()
-    cache = tempfile.mkdtemp(prefix="npud-bench-cache-")
-    daemon = LocalDaemon("--device", PRESET, "--cache-dir", cache)
+    trees = [None] + ([against] if against else [])
+    caches = [tempfile.mkdtemp(prefix="npud-bench-cache-") for _ in trees]
+    daemons, loads = [], {tree: [] for tree in trees}
     try:
-        with npu.connect(daemon.endpoint, timeout=120) as client:
+        daemons = [_daemon(cache, tree) for cache, tree in zip(caches, trees)]
+        clients = [npu.connect(d.endpoint, timeout=120) for d in daemons]
+        for client in clients:
             client.load(model).unload()   # a started compiler worker, as after the first load
-            loads = cold_loads(client, model)
-            breakdown = steps(model, client)
+        for _ in range(rounds):
+            for tree, client, daemon in zip(trees, clients, daemons):
+                loads[tree].append(Load(client, daemon, model))
+        breakdown = steps(model, clients[0])
+        for client in clients:
+            client.close()
     finally:
-        daemon.stop()
-        shutil.rmtree(cache, ignore_errors=True)
+        for daemon in daemons:
+            daemon.stop()
+        for cache in caches:
+            shutil.rmtree(cache, ignore_errors=True)
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; ResNet-50 {len(model) / 1e6:.0f} MB")
-    print("cold Client.load through the daemon (total / loader's compile_ms / rest):")
-    for total, loader in loads:
-        print(f"  {total * 1e3:7.0f} ms / {loader * 1e3:7.0f} ms / {(total - loader) * 1e3:7.0f} ms")
-    print("the steps, one at a time in this process:")
-    for name, seconds in breakdown:
-        print(f"  {name:<46} {seconds * 1e3:8.1f} ms")
-    total = statistics.median(t for t, _ in loads)
-    return [Ratio("ResNet-50 cold compile (Client.load) vs goal", total, GOAL_S, "ms", 1e3,
-                  f"<= 1.0x: {GOAL_S * 1e3:.0f} ms")]
+    for tree in trees:
+        print(f"cold Client.load through the daemon of {tree or 'this tree'}:")
+        for load in loads[tree]:
+            print(load.line())
+    print("the steps, one at a time in this process (wall ms, CPU ms of all its threads):")
+    for name, seconds, cpu in breakdown:
+        print(f"  {name:<46} {seconds * 1e3:8.1f} ms {'' if cpu is None else f'{cpu * 1e3:8.1f} ms CPU'}")
+    median = {tree: statistics.median(load.wall for load in loads[tree]) for tree in trees}
+    cpu = {tree: statistics.median(load.daemon_cpu + load.client_cpu for load in loads[tree]) for tree in trees}
+    ratios = [Ratio("ResNet-50 cold compile (Client.load) vs goal", median[None], GOAL_S, "ms", 1e3,
+                    f"<= 1.0x: {GOAL_S * 1e3:.0f} ms")]
+    if against:
+        ratios += [Ratio(f"cold compile, this tree vs {against}", median[None], median[against], "ms", 1e3,
+                         "< 1x"),
+                   Ratio(f"cold compile CPU (all processes), this tree vs {against}", cpu[None], cpu[against],
+                         "ms", 1e3, "< 1x")]
+    return ratios
 
 
-def main() -> None:
-    report("Cold compile breakdown", run())
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench coldload", description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="cold loads per daemon")
+    parser.add_argument("--against", metavar="TREE",
+                        help="another checkout of npud (git archive <commit> | tar -x -C TREE) to alternate with")
+    args = parser.parse_args(argv or [])
+    report("Cold compile breakdown", run(args.rounds, args.against))
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
