@@ -57,3 +57,30 @@ def test_the_weights_blob_is_laid_out_as_before_whatever_the_types_and_parts():
         assert memory._weights_blob(pt, limit) == _old_blob(pt, limit)
     with pytest.raises(CompileError, match="'w' is 140 bytes"):
         memory._weights_blob(pt, 100)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, np.int8, np.uint8, np.int16, np.uint16,
+                                   np.int32, np.uint32, np.int64, np.uint64, np.bool_])
+def test_an_initializer_reads_its_raw_data_once_and_decodes_as_onnx_does(dtype, monkeypatch):
+    import onnx
+    from onnx import numpy_helper
+
+    from npud.compiler_worker.passes import import_onnx
+
+    value = (np.random.default_rng(2).standard_normal((3, 5)) * 50).astype(dtype)
+    init = numpy_helper.from_array(value, "w")
+    want = numpy_helper.to_array(init)
+    monkeypatch.setattr(numpy_helper, "to_array", lambda *_: pytest.fail("decoded by reading the field again"))
+    got = import_onnx._initializer(init)
+    assert got.dtype == want.dtype and got.shape == want.shape and got.tobytes() == want.tobytes()
+    assert init.data_type in import_onnx._PLAIN_RAW and isinstance(init, onnx.TensorProto)
+
+
+def test_an_initializer_of_packed_4_bit_values_still_goes_through_onnx():
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from npud.compiler_worker.passes import import_onnx
+
+    init = helper.make_tensor("q", onnx.TensorProto.INT4, [3], [1, -2, 3])
+    np.testing.assert_array_equal(import_onnx._initializer(init), numpy_helper.to_array(init))
