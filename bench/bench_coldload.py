@@ -157,9 +157,18 @@ class Load:
 
 
 def _daemon(cache: str, tree: str | None = None) -> LocalDaemon:
-    """A private daemon of this tree, or of the checkout at ``tree``."""
-    env = None if tree is None else {"PYTHONPATH": f"{tree}:{tree}/clients"}
-    return LocalDaemon("--device", PRESET, "--cache-dir", cache, env=env)
+    """A private daemon of this tree, or of the checkout at ``tree``: started from inside that
+    tree, because ``python -m`` puts the working directory first on the path, before PYTHONPATH
+    (started from this tree, the other tree's daemon would run this tree's code)."""
+    if tree is None:
+        return LocalDaemon("--device", PRESET, "--cache-dir", cache)
+    here = os.getcwd()
+    os.chdir(tree)
+    try:
+        return LocalDaemon("--device", PRESET, "--cache-dir", cache,
+                           env={"PYTHONPATH": f"{tree}:{tree}/clients"})
+    finally:
+        os.chdir(here)
 
 
 def run(rounds: int = 3, against: str | None = None) -> list[Ratio]:
