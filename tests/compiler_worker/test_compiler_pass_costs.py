@@ -84,3 +84,23 @@ def test_an_initializer_of_packed_4_bit_values_still_goes_through_onnx():
 
     init = helper.make_tensor("q", onnx.TensorProto.INT4, [3], [1, -2, 3])
     np.testing.assert_array_equal(import_onnx._initializer(init), numpy_helper.to_array(init))
+
+
+def test_a_model_in_a_read_only_buffer_compiles_as_its_bytes_do():
+    """The worker hands the compiler the request's frame as it was received (a read-only
+    memoryview), not a copy in bytes."""
+    import sys
+
+    from npud.compiler_worker.api import compile_model
+    from npud.emulator.config import make_config
+
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from compiler_testmodels import small_cnn
+
+    model = small_cnn()
+    view = memoryview(model).toreadonly()
+    config = make_config("edge")
+    a, b = compile_model(view, config), compile_model(model, config)
+    assert (a.stream, bytes(a.weights), a.io, a.memory) == (b.stream, bytes(b.weights), b.io, b.memory)
+    with pytest.raises(CompileError, match="not an ONNX protobuf"):
+        compile_model(view[:len(view) // 2], config)
