@@ -15,7 +15,8 @@ Layout (little-endian)::
 Format version 2 replaced version 1's BLAKE2b-256 trailer by a CRC-32: the digest guards against
 corruption (a torn write, a flipped bit on disk), not forgery (it has no key: whoever can write a
 file can recompute any hash of it), and a 100 MB executable is checked on each side of a compile,
-where BLAKE2b cost ~0.2 s each and CRC-32 ~0.03-0.05 s (docs/PERFORMANCE.md, "Cold compile").
+where BLAKE2b cost ~0.11 s of CPU each and CRC-32 ~0.025 s (docs/PERFORMANCE.md, "Cold compile,
+issue 15").
 Files of version 1 are refused as unsupported; the compile cache deletes and recompiles them.
 
 Sections: ``STRM`` command stream (npu-emu binary, docs/ISA.md), ``WGHT``
