@@ -15,7 +15,7 @@ run, in interleaved rounds where the two can interleave:
 * **Cold compile** of that ResNet-50 through the daemon (``Client.load`` with
   an emptied compile cache: transfer, worker compile, cache write,
   instantiation), vs creating an onnxruntime ``InferenceSession`` for it
-  (onnxruntime's own load-and-optimise).  The goal is absolute, <= 2 s; the
+  (onnxruntime's own load-and-optimise).  The goal is absolute, <= 1.5 s (issue 15); the
   ratio shows what a compile costs next to the runtime everybody knows.
 * **Cache-hit load** (``Client.load`` of a model the cache holds: hand the
   bytes over, hash them, find the executable (in memory, or read and
@@ -86,7 +86,7 @@ def run(rounds: int = 5) -> list[Ratio]:
                 assert not model.cached
                 model.unload()
             ratios.append(Ratio("ResNet-50 cold compile (load) vs ORT session", statistics.median(colds),
-                                ort_create_s, "ms", 1e3, "<= 2000 ms absolute"))
+                                ort_create_s, "ms", 1e3, "<= 1500 ms absolute"))
 
             def cached_load():
                 m = client.load(resnet50)

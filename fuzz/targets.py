@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import random
 import resource
 import signal
@@ -34,7 +33,7 @@ import struct
 import msgpack
 
 from npud.compiler_worker.errors import ExecutableFormatError
-from npud.executable import DIGEST, Executable
+from npud.executable import DIGEST, Executable, integrity_digest
 from npud.emulator.assembler import StreamBuilder, tile
 from npud.emulator.config import make_config
 from npud.emulator.device import Device
@@ -184,7 +183,7 @@ def mutate(rng: random.Random, data: bytes, others: list[bytes] = (), rounds: in
 
 def resign(body: bytes) -> bytes:
     """Append a valid integrity digest, as a forger of a cache entry could."""
-    return body + hashlib.blake2b(body, digest_size=DIGEST).digest()
+    return body + integrity_digest(body)
 
 
 # --- targets --------------------------------------------------------------------------------

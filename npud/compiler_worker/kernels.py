@@ -168,7 +168,9 @@ class Ctx:
         while name in self.pt:
             i += 1
             name = f"{base}#{i}"
-        v = np.ascontiguousarray(value, np.dtype(dtype))
+        # Not copied when it is of that type already (a view: conv weight blocks): the memory
+        # pass copies every constant into the weights blob, whatever its strides.
+        v = np.asarray(value, np.dtype(dtype))
         self.pt[name] = PTensor(name, tuple(v.shape), kind="const", const=v, logical=tuple(v.shape),
                                 dtype=np.dtype(dtype).name)
         return name
@@ -515,7 +517,8 @@ def plan_conv(op: LOp, cx: Ctx):
         raise CompileError(f"convolution does not fit SRAM ({cx.S} bytes) even with the "
                            "smallest tiles", node=op.node, op=op.op)
     _, cb, kb, gb, ohb = best
-    whwio = np.ascontiguousarray(w.transpose(2, 3, 1, 0))    # [KH,KW,cg,Cout]
+    # [KH,KW,cg,Cout], a view: the weights are copied once, into the weights blob
+    whwio = w.transpose(2, 3, 1, 0)
     wdt = I8 if q is not None else F32
     blocks = {}
     for co in range(0, Cout, cb):

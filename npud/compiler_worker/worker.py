@@ -156,7 +156,9 @@ def _serve(sock: zmq.Socket, dropped: zmq.Socket, test_mode: bool) -> int:
             return LOST_CONNECTION
         if sock not in ready:
             continue
-        request = bulk.from_frames(sock.recv_multipart())
+        # copy=False: the model is read where ZeroMQ received it, through memoryviews that keep
+        # their frames alive (a copy into bytes was ~70 ms of CPU for a 100 MB model)
+        request = bulk.from_frames([frame.buffer for frame in sock.recv_multipart(copy=False)])
         if request.get("op") == "exit":
             return 0
         reply = handle(request, test_mode)

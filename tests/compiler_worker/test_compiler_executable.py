@@ -37,10 +37,10 @@ def test_read_meta_reads_only_the_meta_section(exe):
     """For listings (`npuctl cache list`): the META section without loading or checking the rest."""
     import io
 
-    from npud.executable import read_meta
+    from npud.executable import DIGEST, read_meta
     data = exe.to_bytes()
     assert read_meta(io.BytesIO(data)) == exe.meta and read_meta(io.BytesIO(data))["model_name"] == "cnn"
-    assert read_meta(io.BytesIO(data[:-32] + bytes(32))) == exe.meta   # the digest is not checked
+    assert read_meta(io.BytesIO(data[:-DIGEST] + bytes(DIGEST))) == exe.meta   # the digest is not checked
     for junk in (b"", b"NPUX", b"not an executable at all", data[:30]):
         assert read_meta(io.BytesIO(junk)) == {}
 
@@ -51,6 +51,30 @@ def test_corruption_is_detected(exe, where):
     data[where] ^= 0x40
     with pytest.raises(ExecutableFormatError, match="magic|corrupt|version"):
         Executable.from_bytes(bytes(data))
+
+
+def version_1(data: bytes) -> bytes:
+    """``data`` (an executable) as format version 1 wrote it: the same sections, version 1 in the
+    header and a BLAKE2b-256 trailer."""
+    import hashlib
+
+    from npud.executable import DIGEST
+    body = bytearray(data[:-DIGEST])
+    body[4:6] = (1).to_bytes(2, "little")
+    return bytes(body) + hashlib.blake2b(bytes(body), digest_size=32).digest()
+
+
+def test_a_version_1_file_is_refused_as_unsupported(exe):
+    """Version 2 changed the trailer (CRC-32 for BLAKE2b-256): an old file is refused by name,
+    not misread as corrupt or, worse, accepted with a trailer nobody checked."""
+    with pytest.raises(ExecutableFormatError, match="unsupported executable format version 1"):
+        Executable.from_bytes(version_1(exe.to_bytes()))
+
+
+def test_the_trailer_is_the_crc32_of_the_bytes_before_it(exe):
+    import zlib
+    data = exe.to_bytes()
+    assert int.from_bytes(data[-4:], "little") == zlib.crc32(data[:-4])
 
 
 def test_truncation_is_detected(exe):

@@ -69,7 +69,7 @@ def test_seeds_are_accepted():
 def test_regression_non_ascii_compiler_version_is_a_format_error():
     """Found by fuzz.run (executable): a re-signed executable whose compiler-version field held
     non-ASCII bytes loaded (decoded with 'replace') and then failed to serialise again."""
-    body = bytearray(targets.executables()[0][:-32])
+    body = bytearray(targets.executables()[0][:-targets.DIGEST])
     body[12:14] = b"\xff\xfe"          # inside compiler_version[16], which starts at byte 8
     with pytest.raises(ExecutableFormatError, match="not ASCII"):
         Executable.from_bytes(targets.resign(bytes(body)))

@@ -91,6 +91,20 @@ def test_counters_report_hits_and_misses(tmp_path):
     assert cache.counters() == {"hits": 1, "misses": 2, "discarded": 1}
 
 
+def test_an_entry_of_an_older_executable_format_is_deleted_and_compiled_again(tmp_path):
+    """Format version 2 (a CRC-32 trailer): a version 1 entry left by an older daemon is a miss,
+    deleted from the disk, and the entry stored after the recompile is served."""
+    from test_compiler_executable import version_1
+
+    data = entry(2)
+    (tmp_path / "k.npux").write_bytes(version_1(data))
+    cache = CompileCache(tmp_path)
+    assert cache.get("k") is None and not (tmp_path / "k.npux").exists()
+    assert cache.counters()["discarded"] == 1
+    cache.put("k", data, CachedExecutable.from_bytes(data))
+    assert cache.get("k").to_bytes() == data
+
+
 def test_loads_of_one_cached_executable_share_its_trace_layers_and_weights():
     """Each load's jobs hand the trace ring the executable's one compact layers object (per load,
     they were objects of their own that the ring kept alive), and loads share the weights buffer."""

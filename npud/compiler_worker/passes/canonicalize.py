@@ -189,9 +189,9 @@ def fold_batchnorm(g) -> None:
                 and g.const(p.inputs[1]) is not None and (len(p.inputs) < 3 or not p.inputs[2]
                                                           or g.const(p.inputs[2]) is not None)
                 and "_epilogue" not in p.attrs):
-            w = g.const(p.inputs[1]).astype(np.float64)
+            w = g.const(p.inputs[1])
             b = g.const(p.inputs[2]).astype(np.float64) if p.input(2) else np.zeros(w.shape[0])
-            w2 = (w * scale.reshape(-1, *[1] * (w.ndim - 1))).astype(np.float32)
+            w2 = _scaled(w, scale.reshape(-1, *[1] * (w.ndim - 1)))
             b2 = (b * scale + shift).astype(np.float32)
             wn = g.add_const(p.name + "_wbn", w2)
             bn = g.add_const(p.name + "_bbn", b2)
@@ -209,6 +209,15 @@ def fold_batchnorm(g) -> None:
         new.append(Node(n.name, "Mul", [x, s], [mid]))
         new.append(Node(n.name + "_add", "Add", [mid, b], [n.outputs[0]]))
     g.nodes = new
+
+
+def _scaled(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """float32 ``w * scale`` computed in float64, bit for bit ``(w.astype(float64) * scale).astype(float32)``,
+    without the float64 copies (a ResNet-50's weights are 100 MB as float32: the copies were
+    ~0.3 s of a cold compile): the ufunc casts block by block into the float32 result."""
+    out = np.empty(w.shape, np.float32)
+    np.multiply(w, scale, out=out, dtype=np.float64, casting="same_kind")
+    return out
 
 
 def _per_channel(v: np.ndarray, out_shape, axis: int):

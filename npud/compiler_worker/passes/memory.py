@@ -37,26 +37,34 @@ def _weights_blob(pt, limit: int) -> tuple[bytearray, dict, list[tuple[int, int]
     than ``limit``, the device's largest buffer object: each part becomes a weights region of its
     own, loaded as a buffer of its own.  Returns the blob, {tensor: (part, offset in the part)}
     and the parts.  A single constant larger than ``limit`` cannot be split (one DMA reads it
-    from one region) and is a CompileError naming it."""
-    blob = bytearray()
-    woff = {}
+    from one region) and is a CompileError naming it.
+
+    The blob is laid out first and allocated once, and each constant is written into it in
+    place: a ResNet-50's 100 MB were copied three more times (``tobytes``, the growing blob,
+    the final ``bytes``), ~0.15 s of a cold compile."""
+    woff, placed = {}, []
     parts = [[0, 0]]
+    end = 0
     for name, t in pt.items():
         if t.kind != "const" or t.alias:
             continue
-        data = t.const.astype(np.dtype(t.dtype).newbyteorder("<"), copy=False).tobytes()
-        if len(data) > limit:
-            raise CompileError(f"constant {name!r} is {len(data)} bytes, more than the device's largest "
+        dtype = np.dtype(t.dtype).newbyteorder("<")
+        size = t.const.size * dtype.itemsize
+        if size > limit:
+            raise CompileError(f"constant {name!r} is {size} bytes, more than the device's largest "
                                f"buffer object (max_buffer_bytes = {limit})")
         start = parts[-1][0]
-        if len(blob) + len(data) - start > limit:
-            parts[-1][1] = len(blob)
-            parts.append([len(blob), len(blob)])
-            start = len(blob)
-        woff[name] = (len(parts) - 1, len(blob) - start)
-        blob += data
-        blob += bytes(_up(len(blob), TENSOR_ALIGN) - len(blob))
-    parts[-1][1] = len(blob)
+        if end + size - start > limit:
+            parts[-1][1] = end
+            parts.append([end, end])
+            start = end
+        woff[name] = (len(parts) - 1, end - start)
+        placed.append((end, dtype, t.const))
+        end = _up(end + size, TENSOR_ALIGN)
+    parts[-1][1] = end
+    blob = bytearray(end)
+    for offset, dtype, const in placed:
+        np.frombuffer(blob, dtype, const.size, offset).reshape(const.shape)[...] = const
     return blob, woff, [(a, b) for a, b in parts]
 
 
@@ -132,7 +140,7 @@ def run(ctx) -> None:
         elif rt.kind == "arena":
             rt.va = areg["va"] + offsets.get(r, 0)
         t.va = rt.va
-    ctx.weights = bytes(blob)
+    ctx.weights = blob   # not copied into bytes: to_bytes reads it as it is
     ctx.memory = {"regions": regions, "arena_bytes": arena_size, "naive_bytes": naive,
                   "weights_bytes": len(blob), "tensors": len(items)}
     ctx.io_table = {"inputs": io_in, "outputs": io_out}
