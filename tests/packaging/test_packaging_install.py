@@ -117,4 +117,4 @@ def test_packaging_install_user_builds_the_venv_it_points_the_units_at(tmp_path)
         shutil.copy(REPO / name, tmp_path / name)
     result = make("-n", "install-user", f"USERUNITDIR={tmp_path / 'units'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "-m venv .venv" in result.stdout and "pip install --quiet -e ." in result.stdout
+    assert "-m venv .venv" in result.stdout and "pip install --quiet -e '.[cpu]'" in result.stdout
