@@ -47,7 +47,7 @@ def compile_model(model_bytes: bytes, config: DeviceConfig, options: dict | None
         raise CompileError("out of memory while compiling") from None
     meta = {
         "model_name": options.get("name") or (ctx.graph.name if ctx.graph else ""),
-        "model_sha256": hashlib.sha256(bytes(model_bytes)).hexdigest(),
+        "model_sha256": hashlib.sha256(model_bytes).hexdigest(),
         "target": config.preset, "target_config": config.to_dict(),
         "opset": ctx.graph.opset,
         "options": {k: v for k, v in options.items()},

@@ -153,7 +153,8 @@ def _serve(sock: zmq.Socket, dropped: zmq.Socket, test_mode: bool) -> int:
             return LOST_CONNECTION
         if sock not in ready:
             continue
-        request = bulk.from_frames(sock.recv_multipart())
+        # Uncopied: the model's frame is read in place (a 2 GiB model must not be held twice)
+        request = bulk.from_frames([frame.buffer for frame in sock.recv_multipart(copy=False)])
         if request.get("op") == "exit":
             return 0
         reply = handle(request, test_mode)
