@@ -38,6 +38,8 @@ def parse(model_bytes) -> tuple[onnx.ModelProto, memoryview | None]:
             raise CompileError(f"malformed model: {e}") from None
     try:
         model = onnx.load_from_string(bytes(model_bytes))
+    except MemoryError:
+        raise                   # the worker's memory limit (worker._error says so), not the model
     except Exception as e:  # protobuf DecodeError and friends
         raise CompileError(f"malformed model: not an ONNX protobuf ({type(e).__name__}: {e})") from None
     return model, data

@@ -48,6 +48,8 @@ def fix_shapes(model_bytes: bytes, input_shapes: dict | None):
 
     try:
         proto = onnx.load_from_string(bytes(model_bytes))
+    except MemoryError:
+        raise                   # the worker's memory limit, not the model's fault (worker._error)
     except Exception as exc:
         raise CompileError(f"malformed model: {exc}") from None
     given = input_shapes or {}
@@ -66,6 +68,8 @@ def fix_shapes(model_bytes: bytes, input_shapes: dict | None):
             d.dim_value = int(n)
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except MemoryError:
+        raise
     except Exception as exc:
         raise CompileError(f"shape inference failed: {exc}") from None
     return proto, inferred, declared

@@ -551,7 +551,13 @@ def infer(graph: Graph) -> None:
         return
     try:
         m = shape_inference.infer_shapes(to_model(graph), strict_mode=False, data_prop=True)
+    except MemoryError:
+        raise
     except Exception as e:
+        if "Failed to serialize proto" in str(e):
+            # to_model's proto is small (no weights): protobuf failed to allocate, under the
+            # worker's memory limit; say so (ENOMEM) rather than blame the model
+            raise MemoryError(str(e)) from None
         raise CompileError(f"shape inference failed: {str(e).splitlines()[0][:300]}") from None
     infos = list(m.graph.value_info) + list(m.graph.output)
     for vi in infos:
