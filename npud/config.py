@@ -26,7 +26,7 @@ Example (every key optional)::
     [limits]
     memory_quota = "2GiB"              # per session, bytes of buffer objects (a model being loaded
                                        # counts twice: its bytes in a staging buffer, then its weights)
-    max_buffer_bytes = "1GiB"          # one allocation (a model's bytes are sent in one)
+    max_buffer_bytes = "1GiB"          # one allocation (a larger model is sent in several)
     max_sessions = 1024                # open at once, all users together
     admin_sessions = 16                # of max_sessions, kept for admins (who may kill_client)
     lease_ms = 10000                   # idle sessions without a companion socket expire
