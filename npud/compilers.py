@@ -258,6 +258,12 @@ class CompilerPool:
         await self._retire(name, process)
         return None
 
+    async def _release_sent(self, name: bytes) -> None:
+        """Let go of the request's zero-copy frames once libzmq has written them to the worker:
+        the model (a 2 GiB model's private copy) is freed while it compiles, not after."""
+        while self._owned.queued_bytes(name):
+            await trio.sleep(0.1)
+
     async def _retire(self, name: bytes, process: trio.Process) -> None:
         with trio.CancelScope(shield=True):
             if process.returncode is None:
@@ -272,6 +278,7 @@ class CompilerPool:
         pending.request["id"] = next(self._ids)
         self._waiting[name] = pending
         self._owned.send([name, *bulk.to_frames(pending.request, "model")])
+        pending.request.pop("model", None)   # its frame holds it until sent (_release_sent)
         died = False
         try:
             with trio.move_on_after(pending.timeout_s):
@@ -283,6 +290,7 @@ class CompilerPool:
                         # not pending.done: its waiter would wake before the failure reply is set
                         nursery.cancel_scope.cancel()
                     nursery.start_soon(watch)
+                    nursery.start_soon(self._release_sent, name)
                     await pending.done.wait()
                     nursery.cancel_scope.cancel()
         finally:
