@@ -516,7 +516,7 @@ def _views(parts: list[tuple]):
 def _held(daemon, parts: list[tuple]):
     """The parts' buffers held: a concurrent free must not unmap one while it is read."""
     with contextlib.ExitStack() as stack:
-        for bo, _span_ in parts:
+        for bo, _ in parts:
             stack.enter_context(daemon.devices[bo.device].refs.held(bo))
         yield
 
@@ -524,7 +524,7 @@ def _held(daemon, parts: list[tuple]):
 async def _copy_model(parts: list[tuple]) -> tuple[bytes | bytearray, bytes | None]:
     """A private copy of a model in buffers (its client may change them meanwhile), and the
     copy's compile-cache digest when it was worth computing on the way."""
-    size = sum(span.stop - span.start for _bo, span in parts)
+    size = sum(span.stop - span.start for _, span in parts)
     if len(parts) == 1 and size < THREAD_THRESHOLD:
         bo, span = parts[0]
         return bytes(bo.view()[span]), None

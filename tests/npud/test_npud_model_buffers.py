@@ -117,3 +117,12 @@ def test_a_model_over_the_quota_is_edquot_and_leaves_no_staging_buffer(daemon):
         assert e.value.code == "EDQUOT" and "quota" in e.value.message
         held = [c.alloc(BUFFER) for _ in range(8)]   # the whole quota: nothing was left behind
         assert len(held) == 8
+
+
+def test_the_digest_of_parts_is_that_of_their_concatenation_and_copies_them():
+    data = np.random.default_rng(2).integers(0, 256, 40 * MiB + 5, np.uint8).tobytes()
+    cuts = [0, 3, 17 * MiB, 17 * MiB, 33 * MiB + 1, len(data)]     # across 16 MiB chunks, one empty
+    parts = [data[a:b] for a, b in zip(cuts, cuts[1:])]
+    copy = bytearray(len(data))
+    assert model_digest(parts, copy) == model_digest(data) and copy == data
+    assert model_digest([]) == model_digest(b"") == model_digest([b""])
