@@ -126,3 +126,42 @@ def test_the_digest_of_parts_is_that_of_their_concatenation_and_copies_them():
     copy = bytearray(len(data))
     assert model_digest(parts, copy) == model_digest(data) and copy == data
     assert model_digest([]) == model_digest(b"") == model_digest([b""])
+
+
+def _anon_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
+def test_the_daemon_lets_go_of_its_copy_of_the_model_while_the_worker_compiles(tmp_path):
+    """The daemon copies a model sent in buffers (the bytes it hashes must be those it compiles):
+    held until the executable came back, a 2 GiB model's copy and executable were in memory at
+    once.  It is freed once sent: during a slow compile the daemon holds no copy of it."""
+    import threading
+    import time
+
+    d = LocalDaemon("--test-mode", "--cache-dir", str(tmp_path / "cache"))
+    size = 200 * MiB
+    try:
+        with npu.connect(d.endpoint, timeout=120) as c:
+            c.load(matmul_model(64, 64)[0])                      # the worker is up, the daemon warm
+            c.inject_fault("slow_compile", slow_ms=4000)
+            before = _anon_rss(d.process.pid)
+            failed = []
+            loading = threading.Thread(target=lambda: failed.append(pytest.raises(npu.NpuError, c.load, bytes(size))))
+            loading.start()
+            peak_during = 0
+            deadline = time.monotonic() + 60
+            while loading.is_alive() and time.monotonic() < deadline:
+                peak_during = max(peak_during, _anon_rss(d.process.pid))  # includes the copy while it is made
+                time.sleep(0.05)
+                if peak_during - before > size // 2:
+                    break
+            time.sleep(2.0)                       # the worker sleeps 4 s before compiling: still waiting
+            during = _anon_rss(d.process.pid)
+            loading.join(60)
+            assert failed and failed[0].value.code == "EINVAL"   # zeros are no ONNX model
+        assert peak_during - before > size // 2, "the daemon never made its copy"
+        assert during - before < size // 4, f"{(during - before) >> 20} MiB still held while compiling"
+    finally:
+        d.stop()
