@@ -25,6 +25,7 @@ import trio
 import zmq
 
 from npud import lifeline
+from npud.config import compile_memory_limit
 from npud.ipc_schema import bulk
 from npud.ipc_schema.errors import ErrorCode, RequestError
 from npud.ipc_schema.trio_zmq import OwnedSocket
@@ -105,10 +106,14 @@ def checked_reply(op: str, message) -> dict:
 
 
 class CompilerPool:
-    def __init__(self, size: int, memory_limit: int, timeout_s: float, test_mode: bool = False):
+    def __init__(self, size: int, memory_limit: int, timeout_s: float, test_mode: bool = False, *,
+                 memory_scale: float = 0.0, memory_max: int = 0):
         self.size = size
         self.test_mode = test_mode  # workers honour a request's slow_s (inject_fault slow_compile)
+        # A compile's RLIMIT_AS is memory_limit + memory_scale x its model's size, at most memory_max
         self.memory_limit = memory_limit
+        self.memory_scale = memory_scale
+        self.memory_max = max(memory_max, memory_limit)
         self.timeout_s = timeout_s
         self.restarts = 0
         self.compiles = 0
@@ -145,7 +150,13 @@ class CompilerPool:
                 pass
 
     async def compile(self, request: dict) -> dict:
-        """Send ``request`` to a worker; its reply, or RequestError if the worker failed."""
+        """Send ``request`` to a worker; its reply, or RequestError if the worker failed.  ENOMEM
+        without asking one when its model needs more memory than any compile may have."""
+        if self.memory_limit and request.get("model") is not None:
+            request["memory_bytes"] = compile_memory_limit(self.memory_limit, self.memory_scale,
+                                                           len(request["model"]))
+            if request["memory_bytes"] > self.memory_max:
+                return self._too_large(len(request["model"]), request["memory_bytes"])
         pending = _Pending(request, self.timeout_s)
         self._dispatch(pending)
         await pending.done.wait()
@@ -164,6 +175,14 @@ class CompilerPool:
         if message.get("id") != pending.request["id"]:
             return _failure(ErrorCode.EIO, "the compiler worker answered another request; retry")
         return checked_reply(pending.request["op"], message)
+
+    def _too_large(self, size: int, need: int) -> dict:
+        return _failure(ErrorCode.ENOMEM, f"compiling this {size >> 20} MiB model would need {need >> 20} MiB "
+                                          f"of address space (compile_memory_bytes {self.memory_limit >> 20} MiB + "
+                                          f"compile_memory_scale {self.memory_scale:g} x the model), more than "
+                                          f"compile_memory_max_bytes ({self.memory_max >> 20} MiB) allows: raise "
+                                          "compile_memory_max_bytes in npud.toml if the host has the memory",
+                        retryable=False)
 
     def _on_frames(self, frames: list) -> None:
         name = frames[0]
@@ -250,7 +269,8 @@ class CompilerPool:
         try:
             process = await lifeline.open_process(
                 "npud.compiler_worker.worker", ["--endpoint", self.endpoint, "--name", name.decode(),
-                                           "--memory-limit", str(self.memory_limit)]
+                                           "--memory-limit", str(self.memory_limit),
+                                           "--memory-max", str(self.memory_max)]
                 + (["--test-mode"] if self.test_mode else []))
         except OSError as exc:   # out of file descriptors or processes: fail this compile, not npud
             log.error("cannot start compiler worker %s: %s", name.decode(), exc)
@@ -262,6 +282,12 @@ class CompilerPool:
         log.error("compiler worker %s did not announce itself within %.0f s", name.decode(), READY_TIMEOUT_S)
         await self._retire(name, process)
         return None
+
+    async def _release_sent(self, name: bytes) -> None:
+        """Let go of the request's zero-copy frames once libzmq has written them to the worker:
+        the model (a 2 GiB model's private copy) is freed while it compiles, not after."""
+        while self._owned.queued_bytes(name):
+            await trio.sleep(0.1)
 
     async def _retire(self, name: bytes, process: trio.Process) -> None:
         with trio.CancelScope(shield=True):
@@ -277,6 +303,7 @@ class CompilerPool:
         pending.request["id"] = next(self._ids)
         self._waiting[name] = pending
         self._owned.send([name, *bulk.to_frames(pending.request, "model")])
+        pending.request.pop("model", None)   # its frame holds it until sent (_release_sent)
         died = False
         try:
             with trio.move_on_after(pending.timeout_s):
@@ -288,6 +315,7 @@ class CompilerPool:
                         # not pending.done: its waiter would wake before the failure reply is set
                         nursery.cancel_scope.cancel()
                     nursery.start_soon(watch)
+                    nursery.start_soon(self._release_sent, name)
                     await pending.done.wait()
                     nursery.cancel_scope.cancel()
         finally:
@@ -298,7 +326,9 @@ class CompilerPool:
         if died:
             how = (f"was killed by signal {-process.returncode}" if process.returncode < 0
                    else f"exited with status {process.returncode}")
-            limit = (f" or its memory limit of {self.memory_limit >> 20} MiB (compile_memory_bytes)"
+            memory = pending.request.get("memory_bytes", self.memory_limit)
+            limit = (f" or its memory limit of {memory >> 20} MiB (compile_memory_bytes"
+                     f"{' + compile_memory_scale x the model' if memory > self.memory_limit else ''})"
                      if self.memory_limit else "")
             pending.reply = _failure(ErrorCode.EIO, f"the compiler worker {how} while compiling "
                                                     f"this model (a crash{limit}); retry, or report "
@@ -363,8 +393,9 @@ def _malformed(exc: Exception) -> dict:
     return _failure(ErrorCode.EIO, f"the compiler worker sent a malformed reply ({exc}); retry, or report the model")
 
 
-def _failure(code: ErrorCode, message: str) -> dict:
-    return {"ok": False, "error": {"code": code.value, "message": message, "node": "", "op": ""}}
+def _failure(code: ErrorCode, message: str, retryable: bool | None = None) -> dict:
+    error = {"code": code.value, "message": message, "node": "", "op": ""}
+    return {"ok": False, "error": error if retryable is None else {**error, "retryable": retryable}}
 
 
 def raise_for(reply: dict) -> dict:
@@ -373,4 +404,4 @@ def raise_for(reply: dict) -> dict:
         return reply
     err = reply["error"]
     code = ErrorCode(err["code"]) if err["code"] in ErrorCode.__members__ else ErrorCode.EIO
-    raise RequestError(code, err["message"])
+    raise RequestError(code, err["message"], retryable=err.get("retryable"))

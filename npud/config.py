@@ -11,7 +11,10 @@ Example (every key optional)::
     cache_memory_bytes = "256MiB"      # parsed executables kept in the daemon's memory (0: none)
     compile_workers = 2                # compiler worker processes
     compile_timeout_s = 120            # a compile taking longer fails and its worker is replaced
-    compile_memory_bytes = "4GiB"      # each worker's address-space limit (RLIMIT_AS)
+    compile_memory_bytes = "4GiB"      # each worker's address-space limit (RLIMIT_AS) (0: none)
+    compile_memory_scale = 3.0         # plus this many times the model's size, for models past 2 GiB
+    compile_memory_max_bytes = 0       # no compile may take more (0: half the host's RAM, at least
+                                       # compile_memory_bytes); a larger model is refused with ENOMEM
     device_memory_fraction = 0.25      # a device whose params do not set memory_bytes gets this share of the
                                        # host's RAM (MemTotal) if that is more than its preset's (0: the preset's)
     compile_fallback = "cpu"           # nodes the NPU target declines run on a cpu device ("none": refuse
@@ -23,7 +26,7 @@ Example (every key optional)::
     [limits]
     memory_quota = "2GiB"              # per session, bytes of buffer objects (a model being loaded
                                        # counts twice: its bytes in a staging buffer, then its weights)
-    max_buffer_bytes = "1GiB"          # one allocation (a model's bytes are sent in one)
+    max_buffer_bytes = "1GiB"          # one allocation (a larger model is sent in several)
     max_sessions = 1024                # open at once, all users together
     admin_sessions = 16                # of max_sessions, kept for admins (who may kill_client)
     lease_ms = 10000                   # idle sessions without a companion socket expire
@@ -72,7 +75,7 @@ T = TypeVar("T")
 # The keys a config file may have: the top level, [curve] and each [[devices]] table ([limits] and
 # [scheduling] are the fields of Limits and Scheduling).  npud/manpages.py documents each of them.
 CONFIG_KEYS = ("endpoint", "log_level", "log_format", "shutdown_grace_s", "cache_dir", "cache_memory_bytes", "compile_workers",
-               "compile_timeout_s", "compile_memory_bytes", "compile_fallback", "device_memory_fraction", "policy",
+               "compile_timeout_s", "compile_memory_bytes", "compile_memory_scale", "compile_memory_max_bytes", "compile_fallback", "device_memory_fraction", "policy",
                "tcp_endpoint", "limits", "scheduling",
                "curve", "devices")
 CURVE_KEYS = ("secret_key_file",)
@@ -134,7 +137,9 @@ class Config:
     cache_memory_bytes: int = 256 << 20    # compile_cache.MEMORY_BYTES: the in-memory cache's budget
     compile_workers: int = 2
     compile_timeout_s: float = 120.0
-    compile_memory_bytes: int = 4 << 30    # each worker's RLIMIT_AS
+    compile_memory_bytes: int = 4 << 30    # each worker's RLIMIT_AS, plus compile_memory_scale x the model's size
+    compile_memory_scale: float = 3.0      # (compile_memory_limit)
+    compile_memory_max_bytes: int = 0      # 0 = compile_memory_cap's default
     device_memory_fraction: float = 0.25   # of MemTotal, for devices without params.memory_bytes (device_params)
     compile_fallback: str = "cpu"          # npud/hetero.py: "cpu" or "none"
     scheduling: Scheduling = Scheduling()
@@ -197,6 +202,14 @@ def from_dict(data: dict[str, Any]) -> Config:
             raise ConfigError("compile_memory_bytes: at least 256MiB (a worker must load Python and onnx), "
                               "or 0 for no limit")
         config = replace(config, compile_memory_bytes=limit)
+    if "compile_memory_scale" in data:
+        scale = data["compile_memory_scale"]
+        if type(scale) not in (int, float) or not 0 <= scale <= 64:
+            raise ConfigError(f"compile_memory_scale: expected a factor of the model's size in [0, 64], got {scale!r}")
+        config = replace(config, compile_memory_scale=float(scale))
+    if "compile_memory_max_bytes" in data:
+        config = replace(config, compile_memory_max_bytes=parse_size(data["compile_memory_max_bytes"],
+                                                                     "compile_memory_max_bytes"))
     if "device_memory_fraction" in data:
         share = data["device_memory_fraction"]
         if type(share) not in (int, float) or not 0 <= share <= 1:
@@ -340,6 +353,23 @@ def parse_devices(items: Any) -> tuple[DeviceSpec, ...]:
     if len({s.name for s in specs}) != len(specs):
         raise ConfigError("devices: device names must be unique")
     return tuple(specs)
+
+
+def compile_memory_cap(config: "Config", host_bytes: int | None = None) -> int:
+    """The most address space any compile may have: ``compile_memory_max_bytes``, or by default
+    half the host's RAM, never less than ``compile_memory_bytes`` (0: no limit)."""
+    if not config.compile_memory_bytes:
+        return 0
+    cap = config.compile_memory_max_bytes or (host_memory_bytes() if host_bytes is None else host_bytes) // 2
+    return max(cap, config.compile_memory_bytes)
+
+
+def compile_memory_limit(base: int, scale: float, model_bytes: int) -> int:
+    """A compile's address-space limit (RLIMIT_AS): ``compile_memory_bytes`` for the worker and
+    its working memory, plus ``compile_memory_scale`` times the model's size for the copies of
+    its weights a compile holds (the request, the laid-out weights, the executable: about 2.5 on
+    a 2 GiB model, docs/PERFORMANCE.md).  0 (no limit) stays 0."""
+    return base + int(scale * model_bytes) if base else 0
 
 
 def host_memory_bytes(meminfo: str = "/proc/meminfo") -> int:

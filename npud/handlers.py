@@ -12,6 +12,7 @@ order sent (npud/ordering.py, docs/PROTOCOL.md "Order").
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -127,7 +128,8 @@ def _run_buffers(session, args) -> tuple:
 
 
 def _model_buffer(session, args) -> tuple:
-    return (_handle_key(args["model_buffer"]),) if "model_buffer" in args else ()
+    handles = [args["model_buffer"]] if "model_buffer" in args else args.get("model_buffers", ())
+    return tuple(_handle_key(h) for h in handles)
 
 
 def _the_job_list(session, args) -> tuple:
@@ -490,24 +492,67 @@ def _job_outcome(job: Job) -> dict:
 
 
 def _model_source(session: "Session", args):
-    """(inline bytes, None) or (None, (buffer, span)) for the model of a load/check."""
-    if ("model" in args) == ("model_buffer" in args):
-        raise RequestError(ErrorCode.EINVAL, "give exactly one of model (inline bytes) or model_buffer")
+    """(inline bytes, None) or (None, [(buffer, span), ...]: the model's parts in order) for the
+    model of a load/check."""
+    if sum(k in args for k in ("model", "model_buffer", "model_buffers")) != 1:
+        raise RequestError(ErrorCode.EINVAL, "give exactly one of model (inline bytes), model_buffer "
+                                             "or model_buffers")
     if "model" in args:
         if "model_size" in args:
-            raise RequestError(ErrorCode.EINVAL, "model_size goes with model_buffer only")
+            raise RequestError(ErrorCode.EINVAL, "model_size goes with model_buffer(s) only")
         return args["model"], None
+    if "model_buffers" in args:
+        return None, _model_parts(session, args["model_buffers"], args.get("model_size"))
     bo = _buffer(session, args["model_buffer"])
-    return None, (bo, _span(bo, 0, args.get("model_size", bo.size), "model_size"))
+    return None, [(bo, _span(bo, 0, args.get("model_size", bo.size), "model_size"))]
 
 
-async def _copy_model(bo, span: slice) -> tuple[bytes | bytearray, bytes | None]:
-    """A private copy of a model in a buffer (its client may change the buffer meanwhile),
-    and the copy's compile-cache digest when it was worth computing on the way."""
-    if span.stop - span.start < THREAD_THRESHOLD:
+def _model_parts(session: "Session", handles: list[int], size: int | None) -> list[tuple]:
+    """The (buffer, span) of each of ``model_buffers``: each buffer whole but the last, which holds
+    the rest of ``size``; EINVAL naming what does not fit that."""
+    if size is None:
+        raise RequestError(ErrorCode.EINVAL, "model_buffers needs model_size (the model's bytes in all)")
+    bos = []
+    for i, handle in enumerate(handles):
+        if handle in handles[:i]:
+            raise RequestError(ErrorCode.EINVAL, f"model_buffers[{i}]: buffer {handle} is listed twice")
+        bo = session.buffers.get(handle)
+        if bo is None:
+            raise RequestError(ErrorCode.EINVAL, f"model_buffers[{i}]: no buffer with handle {handle} "
+                                                 "in this session")
+        bos.append(bo)
+    before = sum(bo.size for bo in bos[:-1])
+    if not 0 < size - before <= bos[-1].size:
+        raise RequestError(ErrorCode.EINVAL, f"model_size {size} does not add up: the buffers before the "
+                                             f"last hold {before} bytes, so the last ({bos[-1].size} bytes) "
+                                             f"would hold {size - before}")
+    return [(bo, slice(0, bo.size)) for bo in bos[:-1]] + [(bos[-1], slice(0, size - before))]
+
+
+def _views(parts: list[tuple]):
+    """The model in buffer parts as model_digest takes it: one view, or a list of them."""
+    views = [bo.view()[span] for bo, span in parts]
+    return views[0] if len(views) == 1 else views
+
+
+@contextlib.contextmanager
+def _held(daemon, parts: list[tuple]):
+    """The parts' buffers held: a concurrent free must not unmap one while it is read."""
+    with contextlib.ExitStack() as stack:
+        for bo, _ in parts:
+            stack.enter_context(daemon.devices[bo.device].refs.held(bo))
+        yield
+
+
+async def _copy_model(parts: list[tuple]) -> tuple[bytes | bytearray, bytes | None]:
+    """A private copy of a model in buffers (its client may change them meanwhile), and the
+    copy's compile-cache digest when it was worth computing on the way."""
+    size = sum(span.stop - span.start for _, span in parts)
+    if len(parts) == 1 and size < THREAD_THRESHOLD:
+        bo, span = parts[0]
         return bytes(bo.view()[span]), None
-    data = bytearray(span.stop - span.start)
-    return data, await trio.to_thread.run_sync(model_digest, bo.view()[span], data)
+    data = bytearray(size)
+    return data, await trio.to_thread.run_sync(model_digest, _views(parts), data)
 
 
 def _model(session: "Session", model_id: int):
@@ -581,8 +626,8 @@ async def _executable(daemon, session, device, args, options):
     """(executable, cached, ms, model digest) for a load's model, however it was given; _Declined
     when the device's target declines it."""
     if "model_digest" in args:
-        if "model" in args or "model_buffer" in args:
-            raise RequestError(ErrorCode.EINVAL, "give exactly one of model, model_buffer or model_digest")
+        if "model" in args or "model_buffer" in args or "model_buffers" in args:
+            raise RequestError(ErrorCode.EINVAL, "give exactly one of model, model_buffer(s) or model_digest")
         digest = args["model_digest"]
         return (*await daemon.loader.by_digest(digest, options, device.config, session.uid, device.target),
                 digest)
@@ -594,17 +639,16 @@ async def _executable(daemon, session, device, args, options):
                                             target=device.target,
                                             compile_faults=session.compile_faults.get(device.index))
     else:
-        bo, span = source
-        with daemon.devices[bo.device].refs.held(bo):  # a concurrent free must not unmap it under the hash
-            digest = await trio.to_thread.run_sync(model_digest, bo.view()[span])
+        with _held(daemon, source):
+            digest = await trio.to_thread.run_sync(model_digest, _views(source))
             try:
                 result = await daemon.loader.executable(
-                    bo.view()[span], options, device.config, digest, target=device.target,
-                    private_copy=lambda: _copy_model(bo, span), compile_faults=session.compile_faults.get(device.index))
+                    _views(source), options, device.config, digest, target=device.target,
+                    private_copy=lambda: _copy_model(source), compile_faults=session.compile_faults.get(device.index))
             except RequestError as exc:
                 if not _declines(exc):
                     raise
-                data, copied = await _copy_model(bo, span)   # the partitioner's own copy
+                data, copied = await _copy_model(source)   # the partitioner's own copy
                 raise _Declined(exc, data, copied or model_digest(data)) from None
     daemon.loader.presented(digest, session.uid)  # this user has shown it holds the model
     return (*result, digest)
@@ -615,9 +659,8 @@ async def check(daemon, call, args):
     device = daemon.device(args["device"])
     data, source = _model_source(call.session, args)
     if source is not None:
-        bo, span = source
-        with daemon.devices[bo.device].refs.held(bo):
-            data, _digest = await _copy_model(bo, span)
+        with _held(daemon, source):
+            data, _digest = await _copy_model(source)
     return {"problems": await daemon.loader.check(data, device.config, device.target)}
 
 

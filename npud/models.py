@@ -219,6 +219,10 @@ class ModelLoader:
         try:
             request = {"op": "compile", "model": model, "config": config.to_dict(), "options": options,
                        "target": target.name}
+            # The request owns the model: the pool lets go of it once sent, so that of a model with
+            # big weights its copy and the executable coming back are not held at once
+            size = len(model)
+            del model
             if compile_faults:
                 request["slow_s"] = compile_faults.pop(0)["slow_ms"] / 1000
             reply = raise_for(await self.pool.compile(request))
@@ -233,7 +237,7 @@ class ModelLoader:
             trio.lowlevel.spawn_system_task(self._store, key, data, exe, done)
             storing = True
             log.debug("compiled a %d-byte model in %.0f ms (the worker's part %.0f ms, %.0f ms after it)",
-                      len(model), (time.perf_counter() - started) * 1e3, reply.get("seconds", 0) * 1e3,
+                      size, (time.perf_counter() - started) * 1e3, reply.get("seconds", 0) * 1e3,
                       (time.perf_counter() - received) * 1e3)
         finally:
             if not storing:

@@ -33,7 +33,7 @@ from npud.ipc_schema.trio_zmq import OwnedSocket
 
 from . import __version__, attach, auth, drivers, fences, handlers, hetero, systemd
 from . import policy as policy_mod
-from .config import Config, device_params
+from .config import Config, compile_memory_cap, device_params
 from .devices import DeviceHost, SchedulingParams
 from .fds import FdBudget
 from .compile_cache import CompileCache, default_directory
@@ -119,7 +119,8 @@ class Daemon:
         self.fence_tokens: dict[str, Job] = {}   # fence_export tokens (npud/fences.py)
         self.loader = ModelLoader(
             CompilerPool(config.compile_workers, config.compile_memory_bytes, config.compile_timeout_s,
-                         config.test_mode),
+                         config.test_mode, memory_scale=config.compile_memory_scale,
+                         memory_max=compile_memory_cap(config)),
             CompileCache(Path(config.cache_dir) if config.cache_dir else default_directory(),
                          config.cache_memory_bytes))
         self.started = time.monotonic()

@@ -7,8 +7,8 @@ through onnx's own checked opener (it refuses locations that are absolute, conta
 lead out of the model's directory through a symlink), exactly as ``onnx.load(path)`` does.
 
 What is sent: plain ONNX bytes with the data inlined when they fit one protobuf (< 2 GiB),
-otherwise a model container (npud/ipc_schema/model_container.py) whose data section holds the
-tensors that did not fit.  A model file without external data is sent as read, unparsed.
+otherwise a model container (npud/ipc_schema/model_container.py) whose data section holds every
+tensor of external data.  A model file without external data is sent as read, unparsed.
 """
 
 from __future__ import annotations
@@ -86,29 +86,38 @@ def self_contained(model, base_dir: str, *, what: str = "the model",
 
 
 def _inline(model, tensors: list, base_dir: str, what: str, limit: int) -> bytes:
+    from onnx import TensorProto
+
+    chunks = [_read(tensor, base_dir, what) for tensor in tensors]
+    if model.ByteSize() + sum(len(c) + 16 for c in chunks) <= limit:   # 16: a field's tag and length, generously
+        for tensor, chunk in zip(tensors, chunks):
+            tensor.raw_data = chunk
+        return model.SerializeToString()
+    # Past protobuf's limit: every tensor read goes in the container's data section, so the
+    # compiler parses a small protobuf and reads the weights where they arrived, uncopied.
+    offset = 0
+    for tensor, chunk in zip(tensors, chunks):
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", model_container.CONTAINER_LOCATION), ("offset", offset),
+                           ("length", len(chunk))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+        offset += len(chunk)
+    return model_container.pack(model.SerializeToString(), chunks)
+
+
+def _read(tensor, base_dir: str, what: str) -> bytes:
+    """The external data of ``tensor``, read from beside the model (it is left without data)."""
     from onnx import external_data_helper
 
-    size = model.ByteSize()
-    chunks: list[bytes] = []
-    offset = 0
-    for tensor in tensors:
-        try:
-            external_data_helper.load_external_data_for_tensor(tensor, base_dir)
-        except Exception as exc:  # noqa: BLE001 -- OSError, ValueError, onnx's ValidationError
-            raise error(ErrorCode.EINVAL, f"cannot read the external data of tensor {tensor.name!r} "
-                                          f"of {what}: {exc}") from None
-        n = len(tensor.raw_data)
-        if size + n + 16 <= limit:   # 16: the field's tag and length, generously
-            size += n + 16
-            continue
-        chunk = tensor.raw_data     # past protobuf's limit: into the container's data section
-        external_data_helper.set_external_data(tensor, model_container.CONTAINER_LOCATION, offset, n)
-        tensor.ClearField("raw_data")
-        chunks.append(chunk)
-        offset += n
-        size += 64                  # the external data entries
-    proto = model.SerializeToString()
-    return model_container.pack(proto, chunks) if chunks else proto
+    try:
+        external_data_helper.load_external_data_for_tensor(tensor, base_dir)
+    except Exception as exc:  # noqa: BLE001 -- OSError, ValueError, onnx's ValidationError
+        raise error(ErrorCode.EINVAL, f"cannot read the external data of tensor {tensor.name!r} "
+                                      f"of {what}: {exc}") from None
+    chunk = tensor.raw_data
+    tensor.ClearField("raw_data")
+    return chunk
 
 
 def serialise(model) -> bytes:

@@ -14,6 +14,19 @@ from .protocol import Device
 from .shapes import Specialisations
 
 
+STAGING_ALIGN = 1 << 16
+"""Staging buffers but the last are whole multiples of this (any device's page size divides it)."""
+
+
+def staging_parts(size: int, max_buffer_bytes: int) -> list[tuple[int, int]]:
+    """(start, stop) of each staging buffer for a model of ``size`` bytes: one if it fits a
+    buffer, else as few as fit the daemon's ``max_buffer_bytes`` (protocol 1.8's ``model_buffers``)."""
+    step = max(STAGING_ALIGN, max_buffer_bytes // STAGING_ALIGN * STAGING_ALIGN)
+    if size <= max_buffer_bytes:
+        return [(0, size)]
+    return [(start, min(start + step, size)) for start in range(0, size, step)]
+
+
 class Context:
     """A context of this client's session: a priority and a fair-share weight for the jobs run in it."""
 
@@ -140,13 +153,18 @@ class ClientOps:
         data = model_bytes(model)
         if len(data) <= self.limits["max_inline_bytes"]:
             return (yield Call(op, {**args, "model": data}))
-        # too big for a message: hand it over in a buffer
-        staging = yield from self._alloc_op(len(data), args["device"])
+        # too big for a message: hand it over in staging buffers, several past one buffer's limit
+        staging = []
         try:
-            yield from BufferOps.write(staging, data)
-            return (yield Call(op, {**args, "model_buffer": staging.handle, "model_size": len(data)}))
+            for start, stop in staging_parts(len(data), self.limits.get("max_buffer_bytes", len(data))):
+                staging.append((yield from self._alloc_op(stop - start, args["device"])))
+                yield from BufferOps.write(staging[-1], memoryview(data)[start:stop])
+            source = ({"model_buffer": staging[0].handle} if len(staging) == 1
+                      else {"model_buffers": [b.handle for b in staging]})
+            return (yield Call(op, {**args, **source, "model_size": len(data)}))
         finally:
-            yield from BufferOps.free(staging)
+            for buffer in staging:
+                yield from BufferOps.free(buffer)
 
     def submit(self, stream: bytes, bindings: list, device: int = 0, **options):
         """Run a command stream with ``(buffer, va, writable)`` bindings; returns at once.

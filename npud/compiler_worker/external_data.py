@@ -43,27 +43,48 @@ def parse(model_bytes) -> tuple[onnx.ModelProto, memoryview | None]:
         consumed = model.ParseFromString(model_bytes)
         if consumed is not None and consumed != len(memoryview(model_bytes).cast("B")):
             raise ValueError(f"decoding consumed {consumed} of {len(model_bytes)} bytes")
+    except MemoryError:
+        raise                   # the worker's memory limit (worker._error says so), not the model
     except Exception as e:  # protobuf DecodeError and friends
         raise CompileError(f"malformed model: not an ONNX protobuf ({type(e).__name__}: {e})") from None
     return model, data
 
 
-def resolve(model: onnx.ModelProto, data: memoryview | None) -> None:
+def resolve(model: onnx.ModelProto, data: memoryview | None, keep: bool = False) -> dict[str, memoryview]:
     """Make every tensor of ``model`` self-contained, or raise CompileError naming the first one
-    whose data lies anywhere but in ``data`` (a container's data section)."""
+    whose data lies anywhere but in ``data`` (a container's data section).
+
+    With ``keep``, the main graph's initializers that refer to the container are left as they
+    are and returned instead, by name, as views of ``data``: a model past 2 GiB must not be
+    copied into its protobuf (which cannot hold it) nor anywhere else (``import_onnx`` makes
+    arrays of the views)."""
+    views: dict[str, memoryview] = {}
+    for tensor in model.graph.initializer if keep else ():
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            views[tensor.name] = _container_view(tensor, data, "initializer")
+            _mark_resolved(tensor)    # its data is the view now, not the proto's
     for what, tensor in model_container.all_tensors(model):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        entries = {e.key: e.value for e in tensor.external_data}
-        location = entries.get("location", "")
-        if location != model_container.CONTAINER_LOCATION or data is None:
-            raise CompileError(f"{what} {tensor.name!r}: " + REFUSAL.format(location=location))
-        tensor.raw_data = _slice(data, entries, f"{what} {tensor.name!r}")
-        tensor.data_location = onnx.TensorProto.DEFAULT
-        del tensor.external_data[:]
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            tensor.raw_data = bytes(_container_view(tensor, data, what))
+            _mark_resolved(tensor)
+    return views
 
 
-def _slice(data: memoryview, entries: dict[str, str], what: str) -> bytes:
+def _container_view(tensor: onnx.TensorProto, data: memoryview | None, what: str) -> memoryview:
+    """The bytes of an external tensor, from the container; CompileError for any other place."""
+    entries = {e.key: e.value for e in tensor.external_data}
+    location = entries.get("location", "")
+    if location != model_container.CONTAINER_LOCATION or data is None:
+        raise CompileError(f"{what} {tensor.name!r}: " + REFUSAL.format(location=location))
+    return _slice(data, entries, f"{what} {tensor.name!r}")
+
+
+def _mark_resolved(tensor: onnx.TensorProto) -> None:
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    del tensor.external_data[:]
+
+
+def _slice(data: memoryview, entries: dict[str, str], what: str) -> memoryview:
     """The bytes a container reference names; CompileError if they are not all in ``data``."""
     try:
         offset = int(entries.get("offset", "0"))
@@ -74,4 +95,4 @@ def _slice(data: memoryview, entries: dict[str, str], what: str) -> bytes:
     if offset < 0 or length < 0 or offset + length > len(data):
         raise CompileError(f"malformed model: {what} refers to bytes {offset}..{offset + length} "
                            f"of a {len(data)}-byte container data section")
-    return bytes(data[offset:offset + length])
+    return data[offset:offset + length]

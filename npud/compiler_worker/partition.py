@@ -48,6 +48,8 @@ def fix_shapes(model_bytes: bytes, input_shapes: dict | None):
 
     try:
         proto = onnx.load_from_string(bytes(model_bytes))
+    except MemoryError:
+        raise                   # the worker's memory limit, not the model's fault (worker._error)
     except Exception as exc:
         raise CompileError(f"malformed model: {exc}") from None
     given = input_shapes or {}
@@ -57,6 +59,8 @@ def fix_shapes(model_bytes: bytes, input_shapes: dict | None):
     fix_input_shapes(proto.graph, given)
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except MemoryError:
+        raise
     except Exception as exc:
         raise CompileError(f"shape inference failed: {exc}") from None
     return proto, inferred, declared

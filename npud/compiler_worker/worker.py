@@ -34,6 +34,7 @@ an empty, deleted working directory and, with Landlock, no file but its own code
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import sys
 import time
@@ -52,10 +53,28 @@ from .errors import CompileError
 LOST_CONNECTION = 3   # exit status: the connection to the daemon dropped (see _serve)
 
 
-def _limit_resources(memory_bytes: int) -> None:
-    if memory_bytes > 0:
-        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+def _limit_resources(memory_max: int) -> None:
+    """No core dumps, and at most ``memory_max`` bytes of address space, ever (0: no limit).
+    Between compiles the soft limit is that too: the next request's model arrives (ZeroMQ's I/O
+    thread allocates it) before the worker can read the limit it comes with."""
+    if memory_max > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_max, memory_max))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+@contextlib.contextmanager
+def _address_space(limit: int):
+    """The soft RLIMIT_AS lowered to ``limit`` (a compile's: compile_memory_bytes + scale x its
+    model, npud/compilers.py) for the block, then raised back to the hard limit."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if limit <= 0 or hard == resource.RLIM_INFINITY:
+        yield
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (min(limit, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
 
 
 def _error(exc: BaseException) -> dict:
@@ -63,8 +82,11 @@ def _error(exc: BaseException) -> dict:
         return {"code": "EINVAL", "message": f"compile error: {exc}", "node": exc.node or "",
                 "op": exc.op or ""}
     if isinstance(exc, MemoryError):
-        return {"code": "ENOMEM", "message": "the compiler ran out of memory (its RLIMIT_AS); "
-                                             "the model is too large for the configured limit",
+        soft, _hard = resource.getrlimit(resource.RLIMIT_AS)   # this compile's (_address_space)
+        limit = f"{soft >> 20} MiB" if soft != resource.RLIM_INFINITY else "none"
+        return {"code": "ENOMEM", "message": f"the compiler ran out of memory (its RLIMIT_AS, {limit}: "
+                                             "compile_memory_bytes + compile_memory_scale x the model's "
+                                             "size); the model is too large for the configured limit",
                 "node": "", "op": ""}
     return {"code": "EINVAL", "message": f"cannot compile this model: {type(exc).__name__}: {exc}",
             "node": "", "op": ""}
@@ -114,10 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="npud compiler worker (started by npud)")
     parser.add_argument("--endpoint", required=True)
     parser.add_argument("--name", required=True)
-    parser.add_argument("--memory-limit", type=int, default=0, help="RLIMIT_AS in bytes (0: none)")
+    parser.add_argument("--memory-limit", type=int, default=0,
+                        help="RLIMIT_AS in bytes of a compile whose request names none (0: none)")
+    parser.add_argument("--memory-max", type=int, default=0,
+                        help="the hard RLIMIT_AS: no request may raise a compile's past it (0: --memory-limit)")
     parser.add_argument("--test-mode", action="store_true", help="honour slow_s (npud --test-mode only)")
     args = parser.parse_args(argv)
-    _limit_resources(args.memory_limit)
+    _limit_resources(args.memory_max or args.memory_limit)
     # Before any thread starts (ZeroMQ's I/O thread, BLAS's) and before the compiler is imported:
     # Landlock confines only the calling thread and those it starts later.
     from npud import targets
@@ -132,10 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     sock.send(msgpack.packb({"op": "ready", "confinement": confinement}))
     # No watch on the daemon here: the lifeline it was started through (npud/lifeline.py)
     # ends this process when the daemon dies, busy or idle.
-    return _serve(sock, dropped, args.test_mode)
+    return _serve(sock, dropped, args.test_mode, args.memory_limit)
 
 
-def _serve(sock: zmq.Socket, dropped: zmq.Socket, test_mode: bool) -> int:
+def _serve(sock: zmq.Socket, dropped: zmq.Socket, test_mode: bool, memory_limit: int = 0) -> int:
     """Answer requests until the daemon says exit (0) or the connection drops (LOST_CONNECTION).
 
     A dropped connection means a request may be lost unseen: when a model does not fit the
@@ -157,11 +182,13 @@ def _serve(sock: zmq.Socket, dropped: zmq.Socket, test_mode: bool) -> int:
         if sock not in ready:
             continue
         # copy=False: the model is read where ZeroMQ received it, through memoryviews that keep
-        # their frames alive (a copy into bytes was ~70 ms of CPU for a 100 MB model)
+        # their frames alive (a copy into bytes was ~70 ms of CPU for a 100 MB model; a 2 GiB
+        # model must not be held twice)
         request = bulk.from_frames([frame.buffer for frame in sock.recv_multipart(copy=False)])
         if request.get("op") == "exit":
             return 0
-        reply = handle(request, test_mode)
+        with _address_space(int(request.get("memory_bytes") or memory_limit)):
+            reply = handle(request, test_mode)
         reply["id"] = request["id"]
         sock.send_multipart(bulk.to_frames(reply, "executable"), copy=False)
 

@@ -117,7 +117,7 @@ session that touch the same object take effect in the order they were sent;
 independent requests overlap.  Two requests *conflict* when both name:
 
 - the same handle: a buffer (`write`, `read`, `map`, `free`, `submit`'s
-  `bindings`, `run_model`'s `inputs` and `outputs`, the `model_buffer` of
+  `bindings`, `run_model`'s `inputs` and `outputs`, the `model_buffer` or `model_buffers` of
   `load` and `check`) or a loaded model (`run_model`, `report`, `unload`);
 - the same job id (`wait`, `wait_jobs`, `cancel`, `fence_export`, the `after`
   of `submit` and `run_model`);
@@ -263,7 +263,9 @@ Each `attach.fd` packet carries exactly one fd, and arrives before the reply to 
 
 ## Models and their data
 
-`load` and `check` take a model's bytes (inline in `model`, or in `model_buffer`): either
+`load` and `check` take a model's bytes (inline in `model`, in `model_buffer`, or, for a model
+larger than one buffer may be (`max_buffer_bytes`), split in order over `model_buffers`: the
+daemon hashes and compiles their concatenation, and the `npu` library splits by itself): either
 plain ONNX, self-contained, or a *model container* for models over protobuf's 2 GiB limit
 (layout in `npud/ipc_schema/model_container.py`: the magic `NPUDMDL\\0`, a version, the ModelProto's
 length, the ModelProto, then a data section; tensors kept out of the protobuf name

@@ -36,6 +36,7 @@ MAX_BUFFER_BYTES = 1 << 40  # absolute ceiling of one allocation; configured lim
 MAX_BINDINGS = 256
 DTYPES = ("float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool")
 MAX_RANK = 8
+MAX_MODEL_BUFFERS = 1024
 
 U32 = Int(0, 2**32 - 1)
 U64 = Int(0, 2**64 - 1)
@@ -217,7 +218,12 @@ MODEL_SOURCE = {
     "model": F(Bin(MAX_INLINE_BYTES, 1), "the ONNX model's bytes (inline form)", optional=True),
     "model_buffer": F(HANDLE, "a buffer holding the model's bytes (for models over max_inline_bytes)",
                       optional=True),
-    "model_size": F(U64, "bytes of the model in `model_buffer`", optional=True),
+    "model_buffers": F(Array(HANDLE, MAX_MODEL_BUFFERS, 1), "several buffers holding the model's bytes in order, "
+                       "for a model over one buffer's limit (max_buffer_bytes): each is used whole but the "
+                       "last, of which the first `model_size` minus the others' sizes bytes are. Distinct "
+                       "buffers of this session; `model_size`, their bytes in all, is required",
+                       optional=True, since=(1, 8)),
+    "model_size": F(U64, "bytes of the model in `model_buffer` (or in all `model_buffers`)", optional=True),
 }
 
 COMPILE_OPTIONS = Struct("compile_options", {
@@ -484,7 +490,8 @@ OPS: dict[str, Op] = {op.name: op for op in [
         "timeout_ms": F(TIMEOUT_MS, "how long to wait"),
     }, JOB_OUTCOME, errors=("ENOENT", "ETIMEDOUT")),
     _op("load", "Compile (or fetch from the compile cache) a model for a device and load it into "
-                "this session. Exactly one of `model`, `model_buffer` (+`model_size`) or `model_digest`.", {
+                "this session. Exactly one of `model`, `model_buffer` (+`model_size`), `model_buffers` "
+                "(+`model_size`) or `model_digest`.", {
         "device": F(DEVICE_INDEX, "device index"),
         **MODEL_SOURCE,
         "model_digest": F(Bin(32, 32), "load without sending the model: the `model_digest` an earlier load of "

@@ -107,3 +107,24 @@ def test_a_malformed_container_is_refused_clearly(damage, expect):
     packed = container_of(matmul_model(w), {"w"})
     with pytest.raises(CompileError, match=expect):
         compile_model(damage(packed), CONFIG)
+
+
+def test_a_containers_weights_are_read_where_they_arrived_not_copied():
+    """A model past 2 GiB must not be copied in the worker: the weights of a container become
+    arrays over its data section (the request's frame), not protobuf fields or new arrays."""
+    from npud.compiler_worker.passes.import_onnx import import_model
+
+    w = np.random.default_rng(3).standard_normal((64, 32)).astype(np.float32)
+    packed = bytearray(container_of(matmul_model(w), {"w"}))
+    graph = import_model(memoryview(packed), {})
+    const = graph.tensors["w"].const
+    np.testing.assert_array_equal(const, w)
+    assert np.shares_memory(const, np.frombuffer(packed, np.uint8))
+
+
+def test_a_container_weight_whose_size_contradicts_its_dims_is_refused():
+    w = np.ones((8, 4), np.float32)
+    model = matmul_model(w)
+    model.graph.initializer[0].dims[:] = [8, 5]
+    with pytest.raises(CompileError, match="initializer 'w' has dims \\[8, 5\\].*but its data is 128 bytes"):
+        compile_model(container_of(model, {"w"}), CONFIG)

@@ -234,7 +234,7 @@ def slow_limit(tmp_path_factory):
 
 @pytest.fixture
 def memory_limit(tmp_path_factory):
-    d = limited_daemon(tmp_path_factory, 'compile_memory_bytes = "300MiB"\n')
+    d = limited_daemon(tmp_path_factory, 'compile_memory_bytes = "300MiB"\ncompile_memory_scale = 0\n')
     yield d
     d.stop()
 

@@ -44,15 +44,14 @@ def import_model(model_bytes: bytes, options: dict) -> Graph:
     if len(model_bytes) == 0:
         raise CompileError("malformed model: empty input")
     model, container_data = external_data.parse(model_bytes)
-    # Before any tensor is decoded: onnx would open a named external file itself.
-    external_data.resolve(model, container_data)
+    opset = _default_opset(model)
+    # Before any tensor is decoded: onnx would open a named external file itself.  The main
+    # graph's weights in a container stay there (a model past 2 GiB is not copied), unless
+    # onnx's version converter must see them in the protobuf.
+    views = external_data.resolve(model, container_data, keep=opset is None or opset >= MIN_OPSET)
     g = model.graph
     if len(g.node) == 0 and len(g.output) == 0:
         raise CompileError("malformed model: the graph has no nodes and no outputs")
-    opset = None
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            opset = imp.version
     if opset is None:
         raise CompileError("malformed model: no opset import for the default ONNX domain")
     if upgrade.OLDEST_OPSET <= opset < MIN_OPSET:
@@ -65,7 +64,7 @@ def import_model(model_bytes: bytes, options: dict) -> Graph:
     check_names(g)
     tensors: dict[str, Tensor] = {}
     for init in g.initializer:
-        arr = _initializer(init)
+        arr = _initializer(init, views.get(init.name))
         tensors[init.name] = Tensor(init.name, tuple(arr.shape), arr.dtype, arr)
     overrides = dict((options or {}).get("input_shapes", {}) or {})
     inputs = []
@@ -277,10 +276,22 @@ def _override(vi, shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
-def _initializer(init: onnx.TensorProto) -> np.ndarray:
+def _default_opset(model: onnx.ModelProto) -> int | None:
+    """The model's opset of the default ONNX domain, None if it imports none."""
+    opset = None
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            opset = imp.version
+    return opset
+
+
+def _initializer(init: onnx.TensorProto, view: memoryview | None = None) -> np.ndarray:
     """An initializer's value; CompileError naming it when its type is unknown or its data does
-    not hold the number of values its dims declare."""
+    not hold the number of values its dims declare.  ``view``: its raw data, outside the
+    protobuf (a model container's data section): the array is a read-only view of it."""
     what = f"initializer {init.name!r}"
+    if view is not None:
+        return _view_array(init, view, what)
     dtype = _elem_type(init.data_type, what)
     want = 1
     for d in init.dims:
@@ -308,6 +319,21 @@ def _initializer(init: onnx.TensorProto) -> np.ndarray:
         return numpy_helper.to_array(init)
     except Exception as e:  # noqa: BLE001 -- onnx's own decoding errors, reported as the cause
         raise CompileError(f"malformed model: {what} cannot be decoded: {e}") from None
+
+
+def _view_array(init: onnx.TensorProto, view: memoryview, what: str) -> np.ndarray:
+    """``init``'s value from its raw bytes in ``view``, not copied where numpy can read them as
+    they are (little-endian numbers); else decoded by onnx as if inline."""
+    dtype = _elem_type(init.data_type, what)
+    if dtype.kind not in "fiub" or init.data_type in _PACKED_4BIT:
+        init.raw_data = bytes(view)
+        return _initializer(init)
+    dims = tuple(int(d) for d in init.dims)
+    want = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(view) != want:
+        raise CompileError(f"malformed model: {what} has dims {list(dims)} ({want} bytes of {dtype}) "
+                           f"but its data is {len(view)} bytes")
+    return np.frombuffer(view, dtype.newbyteorder("<")).reshape(dims)
 
 
 def check_names(g: onnx.GraphProto) -> None:
@@ -559,7 +585,13 @@ def infer(graph: Graph) -> None:
         return
     try:
         m = shape_inference.infer_shapes(to_model(graph), strict_mode=False, data_prop=True)
+    except MemoryError:
+        raise
     except Exception as e:
+        if "Failed to serialize proto" in str(e):
+            # to_model's proto is small (no weights): protobuf failed to allocate, under the
+            # worker's memory limit; say so (ENOMEM) rather than blame the model
+            raise MemoryError(str(e)) from None
         raise CompileError(f"shape inference failed: {str(e).splitlines()[0][:300]}") from None
     infos = list(m.graph.value_info) + list(m.graph.output)
     for vi in infos:
