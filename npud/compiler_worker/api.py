@@ -41,7 +41,10 @@ def compile_model(model_bytes: bytes, config: DeviceConfig, options: dict | None
     # The model's SHA-256 for META is hashed on another thread while the passes run (hashlib
     # releases the GIL): for a 100 MB model it was ~0.15-0.2 s of a cold compile, in series.
     with ThreadPoolExecutor(1) as hasher:
-        sha256 = hasher.submit(lambda: hashlib.sha256(model_bytes).hexdigest())
+        try:
+            sha256 = hasher.submit(hashlib.sha256, model_bytes)
+        except RuntimeError:   # no thread under a tight memory limit (RLIMIT_AS): hashed below instead
+            sha256 = None
         try:
             pipeline.run(ctx)
         except CompileError:
@@ -52,7 +55,7 @@ def compile_model(model_bytes: bytes, config: DeviceConfig, options: dict | None
             raise CompileError("out of memory while compiling") from None
     meta = {
         "model_name": options.get("name") or (ctx.graph.name if ctx.graph else ""),
-        "model_sha256": sha256.result(),
+        "model_sha256": (sha256.result() if sha256 else hashlib.sha256(model_bytes)).hexdigest(),
         "target": config.preset, "target_config": config.to_dict(),
         "opset": ctx.graph.opset,
         "options": {k: v for k, v in options.items()},
