@@ -11,23 +11,11 @@ import pytest
 from onnx import TensorProto, helper
 
 import npu
-from npu.local import LocalDaemon
-
-CONFIG = """
-[[devices]]
-name = "npu0"
-
-[[devices]]
-name = "cpu0"
-driver = "cpu"
-"""
-
+from daemons import npu_and_cpu
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    path = tmp_path_factory.mktemp("run_wait") / "npud.toml"
-    path.write_text(CONFIG)
-    d = LocalDaemon("--config", str(path), "--cache-dir", str(path.parent / "cache"), "--test-mode")
+    d = npu_and_cpu(tmp_path_factory.mktemp("run_wait"))
     yield d
     d.stop()
 

@@ -10,19 +10,9 @@ import pytest
 from onnx import TensorProto, helper
 
 import npu
-from npu.local import LocalDaemon
+from daemons import npu_and_cpu
 from npud.drivers import Binding, ProgramRejected, driver
 from npud.drivers.cpu import pack_program
-
-CONFIG = """
-[[devices]]
-name = "npu0"
-
-[[devices]]
-name = "cpu0"
-driver = "cpu"
-"""
-
 
 def topk_model() -> bytes:
     """Relu then TopK: TopK is a node npu-emu's target declines; onnxruntime runs both."""
@@ -38,9 +28,7 @@ def topk_model() -> bytes:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cpu") / "npud.toml"
-    path.write_text(CONFIG)
-    d = LocalDaemon("--config", str(path), "--cache-dir", str(path.parent / "cache"))
+    d = npu_and_cpu(tmp_path_factory.mktemp("cpu"))
     yield d
     d.stop()
 
@@ -108,9 +96,8 @@ def test_a_model_naming_an_external_file_is_refused_and_no_file_is_read(tmp_path
     (a client got a secret's bytes back as the model's output)."""
     secret = np.array([1.5, 2.5, 3.5, 4.5], np.float32)
     (tmp_path / "secret.bin").write_bytes(secret.tobytes())
-    (tmp_path / "npud.toml").write_text(CONFIG)
     monkeypatch.chdir(tmp_path)   # the daemon starts where the secret is
-    d = LocalDaemon("--config", "npud.toml", "--cache-dir", str(tmp_path / "cache"))
+    d = npu_and_cpu(tmp_path)
     try:
         with npu.connect(d.endpoint) as c:
             for location in ("secret.bin", str(tmp_path / "secret.bin")):

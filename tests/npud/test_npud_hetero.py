@@ -15,25 +15,14 @@ import npu
 from npu.local import LocalDaemon
 
 import hetero_models
+from daemons import npu_and_cpu
 
-CONFIG = """
-[limits]
-memory_quota = "8MiB"
-
-[[devices]]
-name = "npu0"
-
-[[devices]]
-name = "cpu0"
-driver = "cpu"
-"""
+LIMITS = '[limits]\nmemory_quota = "8MiB"\n'
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hetero") / "npud.toml"
-    path.write_text(CONFIG)
-    d = LocalDaemon("--config", str(path), "--cache-dir", str(path.parent / "cache"), "--test-mode")
+    d = npu_and_cpu(tmp_path_factory.mktemp("hetero"), config=LIMITS)
     yield d
     d.stop()
 
@@ -342,9 +331,7 @@ def test_a_run_after_the_models_failed_previous_run_fails_with_its_cause(daemon)
 
 
 def test_a_run_needs_room_for_every_partition_in_the_sessions_jobs_in_flight(tmp_path):
-    config = tmp_path / "npud.toml"
-    config.write_text(CONFIG.replace("[limits]\n", "[limits]\nmax_jobs_in_flight = 2\n"))
-    d = LocalDaemon("--config", str(config), "--cache-dir", str(tmp_path / "cache"))
+    d = npu_and_cpu(tmp_path, config=LIMITS + "max_jobs_in_flight = 2\n")
     model = hetero_models.topk_model()
     try:
         with npu.connect(d.endpoint) as c:
