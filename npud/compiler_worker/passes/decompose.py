@@ -41,39 +41,10 @@ def run(g) -> None:
         if n.domain not in ("", "ai.onnx"):
             new.append(n)
             continue
-        fn = {"Resize": _resize, "LRN": _lrn, "ConvTranspose": _conv_transpose_nd,
-              "LayerNormalization": _layernorm_stats, "Conv": _conv1d, "QLinearConv": _qconv1d,
-              "Pad": _pad_border, "LSTM": _recurrent, "GRU": _recurrent, "RNN": _recurrent,
-              "MaxPool": _pool3d, "AveragePool": _pool3d, "GlobalAveragePool": _global_pool,
-              "GlobalMaxPool": _global_pool, "InstanceNormalization": _instance_norm,
-              "GroupNormalization": _group_norm}.get(n.op)
+        fn = _DECOMPOSITIONS.get(n.op)
         out = fn(g, n) if fn else None
         new.extend([n] if out is None else out)
     g.nodes = new
-
-
-def _pool3d(g, n):
-    return conv3d.pool(g, n, _B)
-
-
-def _instance_norm(g, n):
-    return norms.instance_norm(g, n, _B)
-
-
-def _group_norm(g, n):
-    return norms.group_norm(g, n, _B)
-
-
-def _global_pool(g, n):
-    return conv3d.global_pool(g, n, _B)
-
-
-def _resize(g, n):
-    return resize.decompose(g, n, _B)
-
-
-def _recurrent(g, n):
-    return recurrent.unroll(g, n, _B)
 
 
 def _s(v):
@@ -324,3 +295,19 @@ def _pad_border(g, n):
         out = n.outputs[0] if j == len(todo) - 1 else b.t(shape)
         cur = b.op("Concat", parts, out, axis=ax)
     return b.nodes
+
+
+def _built(decompose):
+    """``decompose(g, n, _B)`` as a decomposition of node ``n`` (the modules that decompose a family
+    of their own -- 3-D pooling, norms, Resize, recurrent layers -- take this module's builder)."""
+    return lambda g, n: decompose(g, n, _B)
+
+
+_DECOMPOSITIONS = {
+    "Resize": _built(resize.decompose), "LRN": _lrn, "ConvTranspose": _conv_transpose_nd,
+    "LayerNormalization": _layernorm_stats, "Conv": _conv1d, "QLinearConv": _qconv1d, "Pad": _pad_border,
+    "LSTM": _built(recurrent.unroll), "GRU": _built(recurrent.unroll), "RNN": _built(recurrent.unroll),
+    "MaxPool": _built(conv3d.pool), "AveragePool": _built(conv3d.pool),
+    "GlobalAveragePool": _built(conv3d.global_pool), "GlobalMaxPool": _built(conv3d.global_pool),
+    "InstanceNormalization": _built(norms.instance_norm), "GroupNormalization": _built(norms.group_norm),
+}
