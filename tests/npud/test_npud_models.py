@@ -49,9 +49,12 @@ def reference(model: bytes, x: np.ndarray) -> np.ndarray:
 
 
 def check_runs(model: npu.Model, data: bytes, seed: int = 0) -> None:
+    """The model's output matches onnxruntime's: float sums may differ in order (docs/ISA.md), so
+    the absolute tolerance scales with the output's magnitude (a ResNet's logits reach ~1000)."""
     x = np.random.default_rng(seed).standard_normal(model.inputs[0].shape).astype(np.float32)
-    np.testing.assert_allclose(model.run(x)[model.outputs[0].name], reference(data, x),
-                               rtol=RTOL, atol=ATOL)
+    want = reference(data, x)
+    np.testing.assert_allclose(model.run(x)[model.outputs[0].name], want,
+                               rtol=RTOL, atol=ATOL * max(1.0, float(np.abs(want).max()) / 100))
 
 
 def children(pid: int, module: str) -> list[int]:

@@ -232,9 +232,13 @@ def test_sequencer_release_frees_all_but_the_kept_keys():
 
 
 def test_bye_does_not_wait_for_a_waiting_run_and_cancels_its_job(daemon):
-    with session_peer(daemon.endpoint) as peer:
+    # another session's slow job holds the device's core, so the run is still queued when bye
+    # arrives (a run already on the device finishes its segment first: a race under load)
+    with session_peer(daemon.endpoint) as other, session_peer(daemon.endpoint) as peer:
+        busy = transpose_run(other)
+        slow(other, 5_000)
+        other.send("run_model", busy, seq=800)
         run = transpose_run(peer)
-        slow(peer, 20_000)
         peer.send("run_model", {**run, "wait_ms": 60_000}, seq=900)
         peer.send("bye", seq=901)
         got = {r["seq"]: r for r in replies(peer, 2, timeout=10)}
