@@ -281,7 +281,8 @@ class DeviceHost:
         if not started:
             return {}
         return {"kernels": "; ".join(sorted({link.kernels for link in started})),
-                "compute_threads": max((n for link in started for n in link.threads.values()), default=1)}
+                "compute_threads": max((n for link in started for n in link.threads.values()), default=1),
+                "prepared_bytes": sum(core.proc.prepared_bytes for core in self.cores)}
 
     def usage_info(self, now: float) -> dict:
         return {"util_pct": self.usage.pct(now, self.busy_now(now), len(self.cores)),

@@ -55,6 +55,7 @@ class CoreProcess:
         self.link: DeviceLink | None = None          # its process's end of the device link
         self.imported: set[int] = set()              # buffer ids its process has mapped
         self.loaded: set[int] = set()                # program ids its process has loaded
+        self.prepared_bytes = 0                      # what its process keeps prepared for them (its last say)
         self.state = "down"
         self.restarts = 0
         self.nursery: trio.Nursery | None = None     # where its watcher runs (the host's runners')
@@ -101,6 +102,7 @@ class CoreProcess:
         self.link = DeviceLink(ours, self.process, self._exchange_timeout_s)
         self.imported.clear()
         self.loaded.clear()
+        self.prepared_bytes = 0
         self.state = "ok"
         self.watch()
         log.info("device %d (%s) core %d started as pid %d", self.device, self._label, self.index,
@@ -182,10 +184,12 @@ class CoreProcess:
             os.close(fd)
         if reply["ok"]:
             self.loaded.add(program)
+            self.prepared_bytes = int(reply.get("prepared_bytes", self.prepared_bytes))
         return reply
 
     async def unload_program(self, program: int) -> None:
         """Unload a program from its process if it loaded it."""
         if program in self.loaded:
             self.loaded.discard(program)
-            await self.link.call({"op": "unload_program", "program": program})
+            reply = await self.link.call({"op": "unload_program", "program": program})
+            self.prepared_bytes = int(reply.get("prepared_bytes", self.prepared_bytes))

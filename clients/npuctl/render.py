@@ -78,8 +78,10 @@ def device_kernels(device: dict) -> str:
     if "kernels" not in device:
         return f"{'kernels':>22}: (not reported: no device process has started, or npud is older than 1.6)"
     threads = device.get("compute_threads", 1)
+    prepared = f"; prepared weights {human_bytes(device['prepared_bytes'])}" if "prepared_bytes" in device else ""
     return (f"{'kernels':>22}: {device['kernels']}, {threads} compute thread{'s' if threads != 1 else ''} "
-            f"in each of {device.get('cores', 1)} device process{'es' if device.get('cores', 1) != 1 else ''}")
+            f"in each of {device.get('cores', 1)} device process{'es' if device.get('cores', 1) != 1 else ''}"
+            + prepared)
 
 
 def clients_table(clients: list[dict]) -> str:

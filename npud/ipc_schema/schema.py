@@ -141,6 +141,9 @@ DEVICE = Struct("device", {
     "compute_threads": F(U32, "the most threads any BLAS or OpenMP pool of its device processes uses: 1, "
                               "parallelism is across device processes (absent with `kernels`)",
                          optional=True, since=(1, 6)),
+    "prepared_bytes": F(U64, "memory its device processes hold for the loaded programs' prepared (e.g. "
+                             "pre-tiled) immutable weights, as they last reported it (absent with `kernels`)",
+                        optional=True, since=(1, 8)),
 })
 
 USER_USAGE = Struct("user_usage", {

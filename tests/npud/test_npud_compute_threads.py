@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
 import pytest
 
 import npu
@@ -88,3 +89,31 @@ def test_npuctl_devices_names_the_kernels(daemon, capsys):
     assert npuctl_main(["--endpoint", daemon.endpoint, "devices"]) == 0
     out = capsys.readouterr().out
     assert f"kernels: {kernels}, 1 compute thread in each of 4 device processes" in out
+
+
+def test_devices_report_the_prepared_weights_of_loaded_programs_and_their_release(daemon, capsys):
+    """A loaded model's immutable conv weights are kept pre-tiled by the device processes that ran
+    it (docs/ISA.md); `devices` and `npuctl devices` say how much, and an unload gives it back."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "compiler_worker"))
+    from compiler_testmodels import small_cnn
+
+    def prepared(client) -> int:
+        return client._request("devices", {})["devices"][0]["prepared_bytes"]
+
+    with npu.Client(daemon.endpoint) as client:
+        before = prepared(client)
+        model = client.load(small_cnn(seed=41))
+        x = np.random.default_rng(0).standard_normal(model.inputs[0].shape).astype(np.float32)
+        model.run(x)
+        held = prepared(client)
+        assert held > before
+        assert npuctl_main(["--endpoint", daemon.endpoint, "devices"]) == 0
+        assert "; prepared weights " in capsys.readouterr().out
+        model.unload()
+        for _ in range(100):   # the unload reaches the device processes after the call returns
+            if prepared(client) == before:
+                break
+            time.sleep(0.05)
+        assert prepared(client) == before
