@@ -36,7 +36,7 @@ from pathlib import Path
 import npu
 from npu.local import LocalDaemon
 
-from .common import Ratio, report
+from .common import Ratio, daemon_of_tree, report
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "compiler_worker"))
 
@@ -157,18 +157,10 @@ class Load:
 
 
 def _daemon(cache: str, tree: str | None = None) -> LocalDaemon:
-    """A private daemon of this tree, or of the checkout at ``tree``: started from inside that
-    tree, because ``python -m`` puts the working directory first on the path, before PYTHONPATH
-    (started from this tree, the other tree's daemon would run this tree's code)."""
+    """A private daemon of this tree, or of the checkout at ``tree``."""
     if tree is None:
         return LocalDaemon("--device", PRESET, "--cache-dir", cache)
-    here = os.getcwd()
-    os.chdir(tree)
-    try:
-        return LocalDaemon("--device", PRESET, "--cache-dir", cache,
-                           env={"PYTHONPATH": f"{tree}:{tree}/clients"})
-    finally:
-        os.chdir(here)
+    return daemon_of_tree(tree, "--device", PRESET, "--cache-dir", cache)
 
 
 def run(rounds: int = 3, against: str | None = None) -> list[Ratio]:

@@ -72,3 +72,12 @@ def ort_session(model: bytes):
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def daemon_of_tree(tree: str, *args: str):
+    """A private daemon running the checkout at ``tree`` (another commit's code, for comparisons):
+    started from inside that tree, because ``python -m`` puts the working directory first on the
+    path, before PYTHONPATH -- started from this tree, it would run this tree's code."""
+    from npu.local import LocalDaemon
+
+    return LocalDaemon(*args, cwd=tree, env={"PYTHONPATH": f"{tree}:{tree}/clients"})

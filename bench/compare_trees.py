@@ -15,12 +15,12 @@ import sys
 import npu
 from npu.local import LocalDaemon
 
-from .common import Ratio, compare, report
+from .common import Ratio, compare, daemon_of_tree, report
 
 
 def run(other_tree: str, n: int = 2000) -> list[Ratio]:
     ours = LocalDaemon()
-    theirs = LocalDaemon(env={"PYTHONPATH": f"{other_tree}:{other_tree}/clients"})
+    theirs = daemon_of_tree(other_tree)
     try:
         with npu.connect(ours.endpoint) as a, npu.connect(theirs.endpoint) as b:
             buffers = {a: a.alloc(65536).handle, b: b.alloc(65536).handle}

@@ -28,7 +28,8 @@ START_TIMEOUT_S = 30.0
 class LocalDaemon:
     """A daemon child process; ``stop()`` sends SIGTERM and waits for a clean exit."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, log_level: str = "warning"):
+    def __init__(self, *args: str, env: dict[str, str] | None = None, log_level: str = "warning",
+                 cwd: str | None = None):
         self.dir = tempfile.mkdtemp(prefix="npud-local-")
         self.endpoint = f"ipc://{self.dir}/npud.sock"
         notify_path = os.path.join(self.dir, "notify")
@@ -38,7 +39,7 @@ class LocalDaemon:
         child_env.pop("NPUD_ENDPOINT", None)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "npud.main", "--endpoint", self.endpoint, "--log-level", log_level,
-             *args], env=child_env)
+             *args], env=child_env, cwd=cwd)
         try:
             self._wait_ready(notify)
         except BaseException:
