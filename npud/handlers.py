@@ -575,6 +575,7 @@ async def load(daemon, call, args):
         model, cached, ms = await hetero.load(daemon, session, device, declined.data, digest, options, fallback,
                                               session.new_handle(), lambda: _quota(daemon, session),
                                               declined.error)
+        daemon.loader.presented(digest, session.uid)   # its next load may send the digest alone
     else:
         if session.closed:
             raise RequestError(ErrorCode.ENOTCONN, "the session closed")
@@ -629,8 +630,14 @@ async def _executable(daemon, session, device, args, options):
         if "model" in args or "model_buffer" in args or "model_buffers" in args:
             raise RequestError(ErrorCode.EINVAL, "give exactly one of model, model_buffer(s) or model_digest")
         digest = args["model_digest"]
-        return (*await daemon.loader.by_digest(digest, options, device.config, session.uid, device.target),
-                digest)
+        try:
+            return (*await daemon.loader.by_digest(digest, options, device.config, session.uid, device.target),
+                    digest)
+        except RequestError as exc:   # no whole-model executable: a kept partition plan may do
+            if daemon.loader.presented_by(digest, session.uid) and daemon.loader.partitioned(
+                    None, options, device.config, device.target, hetero.PARTITIONER, digest):
+                raise _Declined(exc, None, digest) from None
+            raise
     data, source = _model_source(session, args)
     if source is None:
         digest = (await trio.to_thread.run_sync(model_digest, data) if len(data) >= THREAD_THRESHOLD

@@ -244,6 +244,10 @@ class ModelLoader:
                 self._done(key, done)
         return exe, False, (time.perf_counter() - started) * 1e3
 
+    def presented_by(self, digest: bytes, uid: int) -> bool:
+        """Whether ``uid`` has sent the bytes behind ``digest`` (a digest alone proves nothing)."""
+        return uid >= 0 and uid in self._presented.users(digest)
+
     def presented(self, digest: bytes, uid: int) -> None:
         """Record that ``uid`` sent the bytes whose digest this is."""
         if uid >= 0:
@@ -254,7 +258,7 @@ class ModelLoader:
         """A cached executable for a model known only by its digest, for a user who has sent it."""
         started = time.perf_counter()
         exe = None
-        if uid >= 0 and uid in self._presented.users(digest):
+        if self.presented_by(digest, uid):
             exe = await self._lookup(cache_key(None, options, config, target.fingerprint(), digest))
         if exe is None:
             raise RequestError(ErrorCode.ENOENT, "no cached executable of that model digest for this user "

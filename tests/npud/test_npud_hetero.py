@@ -364,3 +364,19 @@ def test_the_trace_has_each_partitions_own_layers(daemon):
     layers = [ev for ev in chrome_trace(reply["events"], reply["models"], [], {})["traceEvents"]
               if ev.get("cat") == "layer" and ev["pid"] == 2]   # device 1's track
     assert layers and all(ev["args"]["op"] in {"TopK", "Constant"} for ev in layers)
+
+
+def test_a_heterogeneous_model_reloads_by_its_digest_alone(daemon):
+    """A client that loaded the model once sends 32 bytes the next time (protocol 1.3), as for a
+    one-device model: the daemon answers from its kept partition plan and compile cache.  It got
+    ENOENT and the bytes travelled again (review)."""
+    model = hetero_models.topk_model()
+    with npu.connect(daemon.endpoint) as c:
+        first = c._request("load", {"device": 0, "model": model})
+        c._request("unload", {"model": first["model"]})
+        again = c._request("load", {"device": 0, "model_digest": first["model_digest"]})
+        assert again["model_digest"] == first["model_digest"] and again["cached"]
+        report = c._request("report", {"model": again["model"]})
+        assert {r["device"] for r in report["placement"]} == {0, 1}
+        with pytest.raises(npu.NotFound):
+            c._request("load", {"device": 0, "model_digest": bytes(32)})
