@@ -12,8 +12,10 @@ what small tiles cost).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -155,6 +157,14 @@ def sub4(v):
     return list(v)[-4:]
 
 
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """A kernel's tiling decision: made by its ``plan_X`` in the tiling pass, read (never
+    recomputed) by its ``emit_X``.  ``sram`` is the working set the tiling pass checks against
+    the target's SRAM and the report shows."""
+    sram: int
+
+
 class Ctx:
     """What kernels may use while planning: the config, SRAM budget, tensors."""
 
@@ -197,6 +207,15 @@ def epi_slots(steps) -> int:
 
 
 # --- element-wise ---------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class EltwisePlan(Plan):
+    """Broadcasting element-wise: the op collapsed to ``cshape`` (each operand's ``opshapes``,
+    1 where it broadcasts), walked in ``block`` tiles."""
+    cshape: list
+    opshapes: list
+    block: list
+
+
 def plan_eltwise(op: LOp, cx: Ctx):
     out = cx.pt[op.outs[0]]
     nmain = op.p.get("nmain") or {"unary": 1, "select": 3}.get(op.kind, 2)
@@ -224,8 +243,7 @@ def plan_eltwise(op: LOp, cx: Ctx):
     # only smaller along its size-1 dims), so count them all
     bpe = ESIZE * (1 + len(opshapes) + epi_slots(steps))
     block = choose_block(cshape, bpe, cx.S - ALIGN * 8)
-    op.plan = {"cshape": cshape, "opshapes": opshapes, "block": block,
-               "sram": bpe * math.prod(block)}
+    op.plan = EltwisePlan(cshape=cshape, opshapes=opshapes, block=block, sram=bpe * math.prod(block))
 
 
 def _operand_slots(opshapes, block, esize: int) -> tuple[list[int], int]:
@@ -261,8 +279,8 @@ def _broadcast_tiles(op: LOp, em: Emitter, slots: list[int], opshapes, cshape, b
 
 def emit_eltwise(op: LOp, em: Emitter):
     pl = op.plan
-    cshape, block = pl["cshape"], pl["block"]
-    opshapes = pl["opshapes"]
+    cshape, block = pl.cshape, pl.block
+    opshapes = pl.opshapes
     slots, out_addr = _operand_slots(opshapes, block, ESIZE)
     ep_slot = out_addr + al(math.prod(block) * ESIZE)
     steps = op.p.get("epilogue", [])
@@ -284,17 +302,31 @@ def emit_eltwise(op: LOp, em: Emitter):
 
 
 # --- copies -------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class CopyPlan(Plan):
+    """Per strided copy: (src, src offset, src strides, dst, dst offset, dst strides, collapsed
+    shape, block)."""
+    copies: list
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChunkPlan(Plan):
+    """A dense tensor of ``n`` elements in ``chunk``-element pieces (fill, cvt)."""
+    chunk: int
+    n: int
+
+
 def plan_copy(op: LOp, cx: Ctx):
     plans = []
     for (src, soff, sst, dst, doff, dst_st, shape) in op.p["copies"]:
         cshape, (cs, cd) = collapse(shape, sst, dst_st)
         block = choose_block(cshape, ESIZE, cx.S - ALIGN)
         plans.append((src, soff, cs, dst, doff, cd, cshape, block))
-    op.plan = {"copies": plans, "sram": max((math.prod(p[7]) * ESIZE for p in plans), default=0)}
+    op.plan = CopyPlan(copies=plans, sram=max((math.prod(p[7]) * ESIZE for p in plans), default=0))
 
 
 def emit_copy(op: LOp, em: Emitter):
-    for (src, soff, cs, dst, doff, cd, cshape, block) in op.plan["copies"]:
+    for (src, soff, cs, dst, doff, cd, cshape, block) in op.plan.copies:
         for origin, size in tiles(cshape, block):
             so = soff + sum(o * s for o, s in zip(origin, cs))
             do = doff + sum(o * s for o, s in zip(origin, cd))
@@ -306,11 +338,11 @@ def emit_copy(op: LOp, em: Emitter):
 def plan_fill(op: LOp, cx: Ctx):
     n = cx.pt[op.outs[0]].numel
     chunk = min(n, (cx.S - ALIGN) // ESIZE)
-    op.plan = {"chunk": chunk, "n": n, "sram": chunk * ESIZE}
+    op.plan = ChunkPlan(chunk=chunk, n=n, sram=chunk * ESIZE)
 
 
 def emit_fill(op: LOp, em: Emitter):
-    chunk, n = op.plan["chunk"], op.plan["n"]
+    chunk, n = op.plan.chunk, op.plan.n
     em.vec("fill", T(0, (chunk,), em.pt[op.outs[0]].dtype), float(op.p["value"]))
     for o in range(0, n, chunk):
         c = min(chunk, n - o)
@@ -318,6 +350,20 @@ def emit_fill(op: LOp, em: Emitter):
 
 
 # --- matmul -----------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class MatmulPlan(Plan):
+    """Float GEMM: batch dims collapsed to ``B`` (2 of them; ``af``/``bf``: whether A/B are full
+    along each), ``m x k @ k x n``, tiled in ``blk`` (b0, b1, m, n, k); ``bias`` a const or None."""
+    B: list
+    af: list
+    bf: list
+    m: int
+    n: int
+    k: int
+    blk: dict
+    bias: str | None
+
+
 def plan_matmul(op: LOp, cx: Ctx):
     p = op.p
     sa, sb = list(p["a_shape"]), list(p["b_shape"])
@@ -380,13 +426,12 @@ def plan_matmul(op: LOp, cx: Ctx):
     bias = None
     if p.get("bias") is not None:
         bias = cx.add_const(op.node + ".bias", np.asarray(p["bias"], np.float32).reshape(n))
-    op.plan = {"B": B, "af": af, "bf": bf, "m": m, "n": n, "k": k, "blk": blk, "bias": bias,
-               "sram": size(blk)}
+    op.plan = MatmulPlan(B=B, af=af, bf=bf, m=m, n=n, k=k, blk=blk, bias=bias, sram=size(blk))
 
 
 def emit_matmul(op: LOp, em: Emitter):
     pl = op.plan
-    B, af, bf, m, n, k, blk = pl["B"], pl["af"], pl["bf"], pl["m"], pl["n"], pl["k"], pl["blk"]
+    B, af, bf, m, n, k, blk = pl.B, pl.af, pl.bf, pl.m, pl.n, pl.k, pl.blk
     a_name, b_name = op.ins[0], op.ins[1]
     A_shape = [B[0] if af[0] else 1, B[1] if af[1] else 1, m, k]
     W_shape = [B[0] if bf[0] else 1, B[1] if bf[1] else 1, k, n]
@@ -406,8 +451,8 @@ def emit_matmul(op: LOp, em: Emitter):
             s0, s1 = min(b0b, B[0] - b0), min(b1b, B[1] - b1)
             for n0 in range(0, n, nb):
                 ns = min(nb, n - n0)
-                if pl["bias"] and last_bias != n0:
-                    em.load(BIAS, pl["bias"], n0, (ns,), (1,))
+                if pl.bias and last_bias != n0:
+                    em.load(BIAS, pl.bias, n0, (ns,), (1,))
                     last_bias = n0
                 for m0 in range(0, m, mb):
                     ms = min(mb, m - m0)
@@ -425,7 +470,7 @@ def emit_matmul(op: LOp, em: Emitter):
                             em.load(W0, b_name, woff, wsh, wst)
                             last_w = key
                         em.mac("matmul", T(A0, ash), T(W0, wsh), T(O0, [s0, s1, ms, ns]),
-                               bias=BIAS if (pl["bias"] and k0 == 0) else None,
+                               bias=BIAS if (pl.bias and k0 == 0) else None,
                                accumulate=k0 > 0)
                     osh = [s0, s1, ms, ns]
                     ooff = b0 * ost[0] + b1 * ost[1] + m0 * ost[2] + n0
@@ -437,6 +482,24 @@ def emit_matmul(op: LOp, em: Emitter):
 # --- convolution ----------------------------------------------------------------------------
 def _band_rows(ohb, sh, dh, kh):
     return (ohb - 1) * sh + dh * (kh - 1) + 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvPlan(Plan):
+    """Convolution: ``cb`` output channels x ``kb`` input channels (``gb`` groups) x ``ohb``
+    output rows per tile; ``blocks`` the HWIO weight const per (output, input) channel block.
+    Int8 only: ``rs`` (a non-zero weight zero point: window sums needed), ``scale``, ``zw``,
+    ``ones`` consts."""
+    cb: int
+    kb: int
+    gb: int
+    ohb: int
+    blocks: dict
+    bias: str
+    rs: bool = False
+    scale: str | None = None
+    zw: str | None = None
+    ones: str | None = None
 
 
 def _subsampled(p, w) -> bool:
@@ -533,18 +596,18 @@ def plan_conv(op: LOp, cx: Ctx):
             + ohb * OW * cb * 4 * (1 + nres))
     if q is None:
         bias = cx.add_const(op.node + ".bias", p["bias"])
-        op.plan = {"cb": cb, "kb": kb, "gb": gb, "ohb": ohb, "blocks": blocks, "bias": bias,
-                   "sram": sram}
+        op.plan = ConvPlan(cb=cb, kb=kb, gb=gb, ohb=ohb, blocks=blocks, bias=bias, sram=sram)
         return
     b32 = np.asarray(p["bias"], np.int64)
     if np.any(np.abs(b32) >= 1 << 31):
         raise CompileError("int32 bias overflows", node=op.node, op=op.op)
-    op.plan = {"cb": cb, "kb": kb, "gb": gb, "ohb": ohb, "blocks": blocks, "rs": rs,
-               "bias": cx.add_const(op.node + ".bias32", b32.astype(np.int32), I32),
-               "scale": None if q["scale"] is None else cx.add_const(op.node + ".scale", q["scale"]),
-               "zw": cx.add_const(op.node + ".zw", np.asarray(q["w_zp"], np.int32), I32) if rs else None,
-               "ones": cx.add_const(op.node + ".ones", np.ones(KH * KW * kb, np.int8), I8) if rs else None,
-               "sram": sram + _qconv_extra(ohb, OW, cb, KH, KW, kb, rs)}
+    op.plan = ConvPlan(
+        cb=cb, kb=kb, gb=gb, ohb=ohb, blocks=blocks, rs=rs,
+        bias=cx.add_const(op.node + ".bias32", b32.astype(np.int32), I32),
+        scale=None if q["scale"] is None else cx.add_const(op.node + ".scale", q["scale"]),
+        zw=cx.add_const(op.node + ".zw", np.asarray(q["w_zp"], np.int32), I32) if rs else None,
+        ones=cx.add_const(op.node + ".ones", np.ones(KH * KW * kb, np.int8), I8) if rs else None,
+        sram=sram + _qconv_extra(ohb, OW, cb, KH, KW, kb, rs))
 
 
 def _xw_bytes(q) -> int:
@@ -587,7 +650,7 @@ def emit_conv(op: LOp, em: Emitter):
     sh, sw = p["stride"]
     dh, dw = p["dil"]
     pt_, pl_, pb_, pr_ = p["pads"]
-    cb, kb, ohb = pl["cb"], pl["kb"], pl["ohb"]
+    cb, kb, ohb = pl.cb, pl.kb, pl.ohb
     xst = cstrides(x.shape)
     if _subsampled(p, w):
         xst = (xst[0], xst[1] * sh, xst[2] * sw, 1)
@@ -612,17 +675,17 @@ def emit_conv(op: LOp, em: Emitter):
     else:
         xdt, adt, x_zp = F32, F32, 0
     # one K block, a requant and no weight zero point: qconv2d, conv + requant in one command
-    fused = q is not None and nk == 1 and pl["scale"] is not None and not pl["rs"]
+    fused = q is not None and nk == 1 and pl.scale is not None and not pl.rs
     residual, relu = _fused_conv_epilogue(steps) if q is None else (None, False)
     if residual is not None or relu:
         steps = []
     for co in range(0, Cout, cb):
         cs = min(cb, Cout - co)
-        em.load(BIAS, pl["bias"], co, (cs,), (1,))
-        if q is not None and pl["scale"]:
-            em.load(SC, pl["scale"], co, (cs,), (1,))
-        if q is not None and pl["rs"]:
-            em.load(ZW, pl["zw"], co, (cs,), (1,))
+        em.load(BIAS, pl.bias, co, (cs,), (1,))
+        if q is not None and pl.scale:
+            em.load(SC, pl.scale, co, (cs,), (1,))
+        if q is not None and pl.rs:
+            em.load(ZW, pl.zw, co, (cs,), (1,))
         if g == 1:
             ci_list = [(ci, min(kb, C - ci)) for ci in range(0, C, kb)]
             groups_here = 1
@@ -630,7 +693,7 @@ def emit_conv(op: LOp, em: Emitter):
             groups_here = cs // (Cout // g)
             ci_list = [((co // (Cout // g)) * cg, groups_here * cg)]
         if nk == 1:
-            wn = pl["blocks"][(co, ci_list[0][0] if g == 1 else 0)]
+            wn = pl.blocks[(co, ci_list[0][0] if g == 1 else 0)]
             W0 = em.window(wn, (KH, KW, cg if g > 1 else ci_list[0][1], cs))
         for n in range(N):
             for o0 in range(0, OH, ohb):
@@ -646,7 +709,7 @@ def emit_conv(op: LOp, em: Emitter):
                     em.load(O0, residual, ooff, tsh, ost)
                 for j, (ci, ks) in enumerate(ci_list):
                     if nk > 1:
-                        W0 = em.window(pl["blocks"][(co, ci)], (KH, KW, ks, cs))
+                        W0 = em.window(pl.blocks[(co, ci)], (KH, KW, ks, cs))
                     xs = (1, hi - lo, W, ks)
                     if hi > lo:
                         em.load(X0, p["x"], n * xst[0] + lo * xst[1] + ci, xs, xst)
@@ -668,8 +731,8 @@ def emit_conv(op: LOp, em: Emitter):
                            groups=groups_here if g > 1 else 1, x_zp=x_zp,
                            accumulate=j > 0 or residual is not None,
                            relu=relu and j == len(ci_list) - 1)
-                    if q is not None and pl["rs"]:   # window sums of (x - x_zp)
-                        em.load(ONES, pl["ones"], 0, (KH, KW, ks, 1), cstrides((KH, KW, ks, 1)))
+                    if q is not None and pl.rs:   # window sums of (x - x_zp)
+                        em.load(ONES, pl.ones, 0, (KH, KW, ks, 1), cstrides((KH, KW, ks, 1)))
                         em.mac("conv2d", xt, T(ONES, (KH, KW, ks, 1), I8),
                                T(RS, (1, o1 - o0, OW, 1), I32), stride=(sh, sw), pad=pads,
                                dilation=(dh, dw), x_zp=x_zp, accumulate=j > 0)
@@ -677,11 +740,11 @@ def emit_conv(op: LOp, em: Emitter):
                     em.store(Q8, op.outs[0], ooff, tsh, ost)
                     continue
                 if q is not None:
-                    if pl["rs"]:   # - w_zp[o] * sum over the window of (x - x_zp)
+                    if pl.rs:   # - w_zp[o] * sum over the window of (x - x_zp)
                         em.vec("vbinary", "MUL", T(RS, (1, o1 - o0, OW, 1), I32),
                                T(ZW, (1, 1, 1, cs), I32), T(TMP, tsh, I32))
                         em.vec("vbinary", "SUB", otile, T(TMP, tsh, I32), otile)
-                    if pl["scale"] is None:           # ConvInteger: the int32 accumulator
+                    if pl.scale is None:           # ConvInteger: the int32 accumulator
                         em.store(O0, op.outs[0], ooff, tsh, ost)
                     else:
                         em.vec("requant", otile, T(Q8, tsh, odt), scale_addr=SC, zp=q["y_zp"],
@@ -694,6 +757,13 @@ def emit_conv(op: LOp, em: Emitter):
 
 
 # --- pooling -----------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class PoolPlan(Plan):
+    """Pooling: ``cb`` channels x ``ohb`` output rows per tile (global pooling: 1 row)."""
+    cb: int
+    ohb: int
+
+
 def plan_pool(op: LOp, cx: Ctx):
     p = op.p
     x = cx.pt[op.ins[0]]
@@ -706,7 +776,7 @@ def plan_pool(op: LOp, cx: Ctx):
         cb = max(1, min(C, S // ((H * W + 1) * 4)))
         if H * W * 4 * 2 > S:
             raise CompileError(f"global pooling over {H}x{W} does not fit SRAM", node=op.node, op=op.op)
-        op.plan = {"cb": cb, "ohb": 1, "sram": (H * W + 1) * cb * 4}
+        op.plan = PoolPlan(cb=cb, ohb=1, sram=(H * W + 1) * cb * 4)
         return
     pt_, pl_, pb_, pr_ = p["pads"]
     eh, ew = p["extra"]
@@ -725,7 +795,7 @@ def plan_pool(op: LOp, cx: Ctx):
     if best is None:
         raise CompileError("pooling does not fit SRAM", node=op.node, op=op.op)
     cb, ohb = best
-    op.plan = {"cb": cb, "ohb": ohb, "sram": _band_rows(ohb, sh, 1, kh) * W * cb * 4 + ohb * OW * cb * 4}
+    op.plan = PoolPlan(cb=cb, ohb=ohb, sram=_band_rows(ohb, sh, 1, kh) * W * cb * 4 + ohb * OW * cb * 4)
 
 
 def emit_pool(op: LOp, em: Emitter):
@@ -737,7 +807,7 @@ def emit_pool(op: LOp, em: Emitter):
     sh, sw = p["stride"]
     pt_, pl_, pb_, pr_ = p["pads"]
     eh, ew = p["extra"]
-    cb, ohb = pl["cb"], pl["ohb"]
+    cb, ohb = pl.cb, pl.ohb
     xst = cstrides(x.shape)
     dt = x.dtype
 
@@ -769,6 +839,40 @@ def emit_pool(op: LOp, em: Emitter):
 
 
 # --- softmax / reduce / norm ------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class SoftmaxPlan(Plan):
+    """Softmax over the middle of ``[pre, ax, post]``, in ``preb x ax x postb`` tiles."""
+    pre: int
+    ax: int
+    post: int
+    preb: int
+    postb: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReducePlan(Plan):
+    """A reduction collapsed to 4-D ``cshape`` (``red``: which dims reduce), in ``block`` tiles."""
+    cshape: list
+    red: list
+    block: list
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerNormPlan(Plan):
+    """Layer normalisation in ``rb``-row tiles; ``gamma``/``beta`` consts (beta may be None)."""
+    rb: int
+    gamma: str
+    beta: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class InstanceNormPlan(Plan):
+    """Instance normalisation in ``cb``-channel planes; ``gamma``/``beta`` consts."""
+    cb: int
+    gamma: str
+    beta: str
+
+
 def plan_softmax(op: LOp, cx: Ctx):
     shape, axis = op.p["shape"], op.p["axis"]
     pre = math.prod(shape[:axis])
@@ -779,13 +883,12 @@ def plan_softmax(op: LOp, cx: Ctx):
         raise CompileError(f"softmax axis of {ax} elements does not fit SRAM", node=op.node, op=op.op)
     postb = min(post, S // (ax * 8))
     preb = max(1, min(pre, S // (ax * postb * 8))) if postb == post else 1
-    op.plan = {"pre": pre, "ax": ax, "post": post, "preb": preb, "postb": postb,
-               "sram": preb * ax * postb * 8}
+    op.plan = SoftmaxPlan(pre=pre, ax=ax, post=post, preb=preb, postb=postb, sram=preb * ax * postb * 8)
 
 
 def emit_softmax(op: LOp, em: Emitter):
     pl = op.plan
-    pre, ax, post, preb, postb = pl["pre"], pl["ax"], pl["post"], pl["preb"], pl["postb"]
+    pre, ax, post, preb, postb = pl.pre, pl.ax, pl.post, pl.preb, pl.postb
     st = (ax * post, post, 1)
     for p0 in range(0, pre, preb):
         ps = min(preb, pre - p0)
@@ -840,13 +943,13 @@ def plan_reduce(op: LOp, cx: Ctx):
             stop = True
     # emit_reduce's layout: the input block, then (aligned) its reduced output
     oblock = [1 if r else b for b, r in zip(block, red)]
-    op.plan = {"cshape": cshape, "red": red, "block": block,
-               "sram": al(math.prod(block) * 4) + math.prod(oblock) * 4}
+    op.plan = ReducePlan(cshape=cshape, red=red, block=block,
+                         sram=al(math.prod(block) * 4) + math.prod(oblock) * 4)
 
 
 def emit_reduce(op: LOp, em: Emitter):
     pl = op.plan
-    cshape, red, block = pl["cshape"], pl["red"], pl["block"]
+    cshape, red, block = pl.cshape, pl.red, pl.block
     ist = cstrides(cshape)
     oshape = [1 if r else s for s, r in zip(cshape, red)]
     ost = cstrides(oshape)
@@ -868,38 +971,39 @@ def plan_norm(op: LOp, cx: Ctx):
         if rb < 1:
             raise CompileError(f"normalising {d} elements does not fit SRAM", node=op.node, op=op.op)
         rb = min(rb, rows)
-        op.plan = {"rb": rb, "gamma": cx.add_const(op.node + ".gamma", p["gamma"]),
-                   "beta": None if p["beta"] is None else cx.add_const(op.node + ".beta", p["beta"]),
-                   "sram": rb * d * 8 + 2 * d * 4}
+        op.plan = LayerNormPlan(
+            rb=rb, gamma=cx.add_const(op.node + ".gamma", p["gamma"]),
+            beta=None if p["beta"] is None else cx.add_const(op.node + ".beta", p["beta"]),
+            sram=rb * d * 8 + 2 * d * 4)
     else:
         N, H, W, C = cx.pt[op.ins[0]].shape
         cb = min(C, S // ((H * W * 2 + 2) * 4))
         if cb < 1:
             raise CompileError("instance normalisation plane does not fit SRAM", node=op.node, op=op.op)
-        op.plan = {"cb": cb, "gamma": cx.add_const(op.node + ".gamma", p["gamma"]),
-                   "beta": cx.add_const(op.node + ".beta", p["beta"]),
-                   "sram": cb * (H * W * 2 + 2) * 4}
+        op.plan = InstanceNormPlan(cb=cb, gamma=cx.add_const(op.node + ".gamma", p["gamma"]),
+                                   beta=cx.add_const(op.node + ".beta", p["beta"]),
+                                   sram=cb * (H * W * 2 + 2) * 4)
 
 
 def emit_norm(op: LOp, em: Emitter):
     p, pl = op.p, op.plan
     if p["mode"] == "layer":
-        rows, d, rb = p["rows"], p["d"], pl["rb"]
+        rows, d, rb = p["rows"], p["d"], pl.rb
         G0, B0 = 0, al(d * 4)
         X0 = B0 + al(d * 4)
-        em.load(G0, pl["gamma"], 0, (d,), (1,))
-        if pl["beta"]:
-            em.load(B0, pl["beta"], 0, (d,), (1,))
+        em.load(G0, pl.gamma, 0, (d,), (1,))
+        if pl.beta:
+            em.load(B0, pl.beta, 0, (d,), (1,))
         for r0 in range(0, rows, rb):
             rs = min(rb, rows - r0)
             O0 = X0 + al(rs * d * 4)
             em.load(X0, op.ins[0], r0 * d, (rs, d), (d, 1))
             em.vec("norm", T(X0, (rs, d)), T(O0, (rs, d)), axes=(3,), eps=p["eps"], gamma=G0,
-                   beta=B0 if pl["beta"] else None)
+                   beta=B0 if pl.beta else None)
             em.store(O0, op.outs[0], r0 * d, (rs, d), (d, 1))
         return
     N, H, W, C = em.pt[op.ins[0]].shape
-    cb = pl["cb"]
+    cb = pl.cb
     st = cstrides((N, H, W, C))
     for n in range(N):
         for c0 in range(0, C, cb):
@@ -907,8 +1011,8 @@ def emit_norm(op: LOp, em: Emitter):
             G0, B0 = 0, al(cs * 4)
             X0 = B0 + al(cs * 4)
             O0 = X0 + al(H * W * cs * 4)
-            em.load(G0, pl["gamma"], c0, (cs,), (1,))
-            em.load(B0, pl["beta"], c0, (cs,), (1,))
+            em.load(G0, pl.gamma, c0, (cs,), (1,))
+            em.load(B0, pl.beta, c0, (cs,), (1,))
             sh = (1, H, W, cs)
             em.load(X0, op.ins[0], n * st[0] + c0, sh, st)
             em.vec("norm", T(X0, sh), T(O0, sh), axes=(1, 2), eps=p["eps"], gamma=G0, beta=B0)
@@ -931,15 +1035,15 @@ def plan_qelt(op: LOp, cx: Ctx):
     scale/zero-point operands (per-tensor or per-axis); planned like eltwise,
     with one extra 4-byte slot per element for the intermediate."""
     plan_eltwise(op, cx)
-    n = len(op.plan["opshapes"])
+    n = len(op.plan.opshapes)
     bpe = ESIZE * (n + 2)
-    op.plan["block"] = choose_block(op.plan["cshape"], bpe, cx.S - ALIGN * 8)
-    op.plan["sram"] = bpe * math.prod(op.plan["block"])
+    block = choose_block(op.plan.cshape, bpe, cx.S - ALIGN * 8)
+    op.plan = dataclasses.replace(op.plan, block=block, sram=bpe * math.prod(block))
 
 
 def emit_qelt(op: LOp, em: Emitter):
     pl = op.plan
-    cshape, block, opshapes = pl["cshape"], pl["block"], pl["opshapes"]
+    cshape, block, opshapes = pl.cshape, pl.block, pl.opshapes
     slots, O0 = _operand_slots(opshapes, block, ESIZE)
     E0 = O0 + al(math.prod(block) * ESIZE)
     out = em.pt[op.outs[0]]
@@ -968,14 +1072,14 @@ def plan_qbinary(op: LOp, cx: Ctx):
     """A fused QDQ binary: planned like eltwise, with 1-byte elements (the
     engine's float32 intermediates are not SRAM tiles)."""
     plan_eltwise(op, cx)
-    bpe = 1 + len(op.plan["opshapes"])
-    op.plan["block"] = choose_block(op.plan["cshape"], bpe, cx.S - ALIGN * 8)
-    op.plan["sram"] = bpe * math.prod(op.plan["block"]) + ALIGN * 3
+    bpe = 1 + len(op.plan.opshapes)
+    block = choose_block(op.plan.cshape, bpe, cx.S - ALIGN * 8)
+    op.plan = dataclasses.replace(op.plan, block=block, sram=bpe * math.prod(block) + ALIGN * 3)
 
 
 def emit_qbinary(op: LOp, em: Emitter):
     pl, q = op.plan, op.p["q"]
-    cshape, block, opshapes = pl["cshape"], pl["block"], pl["opshapes"]
+    cshape, block, opshapes = pl.cshape, pl.block, pl.opshapes
     slots, O0 = _operand_slots(opshapes, block, 1)
     ost = cstrides(cshape)
     odt = em.pt[op.outs[0]].dtype
@@ -989,12 +1093,12 @@ def emit_qbinary(op: LOp, em: Emitter):
 def plan_cvt(op: LOp, cx: Ctx):
     n = cx.pt[op.outs[0]].numel
     chunk = max(1, min(n, (cx.S - ALIGN * 4) // (ESIZE * 2)))
-    op.plan = {"chunk": chunk, "n": n, "sram": chunk * ESIZE * 2}
+    op.plan = ChunkPlan(chunk=chunk, n=n, sram=chunk * ESIZE * 2)
 
 
 def emit_cvt(op: LOp, em: Emitter):
     """Exact dtype conversion of a dense tensor (integer graph inputs/outputs)."""
-    chunk, n = op.plan["chunk"], op.plan["n"]
+    chunk, n = op.plan.chunk, op.plan.n
     src, dst = em.pt[op.ins[0]], em.pt[op.outs[0]]
     O0 = al(chunk * ESIZE)
     for o in range(0, n, chunk):
@@ -1004,19 +1108,25 @@ def emit_cvt(op: LOp, em: Emitter):
         em.store(O0, op.outs[0], o, (c,), (1,))
 
 
+@dataclass(frozen=True, kw_only=True)
+class DynqPlan(Plan):
+    """DynamicQuantizeLinear of all ``n`` elements in one tile (min/max need the whole tensor)."""
+    n: int
+
+
 def plan_dynq(op: LOp, cx: Ctx):
     n = cx.pt[op.ins[0]].numel
     need = al(n * 4) * 3 + ALIGN * 16
     if need > cx.S:
         raise CompileError(f"DynamicQuantizeLinear of {n} elements does not fit SRAM (the "
                            "whole tensor's min/max are needed at once)", node=op.node, op=op.op)
-    op.plan = {"n": n, "sram": need}
+    op.plan = DynqPlan(n=n, sram=need)
 
 
 def emit_dynq(op: LOp, em: Emitter):
     """ONNX DynamicQuantizeLinear (uint8): scale = (max(x,0) - min(x,0)) / 255,
     zp = saturate(round(-min(x,0) / scale)), y = saturate(round(x / scale) + zp)."""
-    n = op.plan["n"]
+    n = op.plan.n
     X, Y = 0, al(n * 4)
     S_ = Y + al(n * 4)                       # scalar slots, 64 bytes apart
     MX, MN, ZERO, K255, SC, ZP8, ZP32 = (S_ + ALIGN * i for i in range(7))
@@ -1043,6 +1153,24 @@ def emit_dynq(op: LOp, em: Emitter):
     em.store(X, y, 0, (1, 1, 1, n), (n, n, n, 1))
     em.store(SC, ys, 0, one, (1, 1, 1, 1))
     em.store(ZP8, yz, 0, one, (1, 1, 1, 1))
+
+
+@dataclass(frozen=True, kw_only=True)
+class QMatmulPlan(Plan):
+    """Int8 GEMM: ``bsz`` batches of ``m x k @ k x n`` in ``blk`` (m, n, k) tiles; ``rs``: a
+    non-zero weight zero point (row sums needed); ``w``, ``bias``, ``scale``, ``zw``, ``ones`` consts."""
+    m: int
+    n: int
+    k: int
+    bsz: int
+    batched_a: bool
+    blk: dict
+    rs: bool
+    w: str
+    bias: str
+    scale: str | None
+    zw: str | None
+    ones: str | None
 
 
 def _qmm_size(b, rs, xbytes=1):
@@ -1078,19 +1206,19 @@ def plan_qmatmul(op: LOp, cx: Ctx):
         if blk[key] == 1:
             raise CompileError("matmul tile does not fit SRAM", node=op.node, op=op.op)
         blk[key] = -(-blk[key] // 2)
-    op.plan = {
-        "m": m, "n": n, "k": k, "bsz": bsz, "batched_a": len(sa) == 3 and batched, "blk": blk, "rs": rs,
-        "w": cx.add_const(op.node + ".w8", w.reshape(bsz, k, n), I8),
-        "bias": cx.add_const(op.node + ".bias32", bias.astype(np.int32), I32),
-        "scale": None if q["scale"] is None else cx.add_const(op.node + ".scale", q["scale"]),
-        "zw": cx.add_const(op.node + ".zw", zw.astype(np.int32), I32) if rs else None,
-        "ones": cx.add_const(op.node + ".ones", np.ones(blk["k"], np.int8), I8) if rs else None,
-        "sram": _qmm_size(blk, rs)}
+    op.plan = QMatmulPlan(
+        m=m, n=n, k=k, bsz=bsz, batched_a=len(sa) == 3 and batched, blk=blk, rs=rs,
+        w=cx.add_const(op.node + ".w8", w.reshape(bsz, k, n), I8),
+        bias=cx.add_const(op.node + ".bias32", bias.astype(np.int32), I32),
+        scale=None if q["scale"] is None else cx.add_const(op.node + ".scale", q["scale"]),
+        zw=cx.add_const(op.node + ".zw", zw.astype(np.int32), I32) if rs else None,
+        ones=cx.add_const(op.node + ".ones", np.ones(blk["k"], np.int8), I8) if rs else None,
+        sram=_qmm_size(blk, rs))
 
 
 def emit_qmatmul(op: LOp, em: Emitter):
     pl, q = op.plan, op.p["q"]
-    m, n, k, bsz, blk = pl["m"], pl["n"], pl["k"], pl["bsz"], pl["blk"]
+    m, n, k, bsz, blk = pl.m, pl.n, pl.k, pl.bsz, pl.blk
     mb, nb, kb = blk["m"], blk["n"], blk["k"]
     xdt = em.pt[op.ins[0]].dtype
     odt = em.pt[op.outs[0]].dtype
@@ -1108,11 +1236,11 @@ def emit_qmatmul(op: LOp, em: Emitter):
     for b in range(bsz):
         for n0 in range(0, n, nb):
             ns = min(nb, n - n0)
-            em.load(BIAS, pl["bias"], b * n + n0, (ns,), (1,))
-            if pl["scale"]:
-                em.load(SC, pl["scale"], n0, (ns,), (1,))
-            if pl["rs"]:
-                em.load(ZW, pl["zw"], n0, (ns,), (1,))
+            em.load(BIAS, pl.bias, b * n + n0, (ns,), (1,))
+            if pl.scale:
+                em.load(SC, pl.scale, n0, (ns,), (1,))
+            if pl.rs:
+                em.load(ZW, pl.zw, n0, (ns,), (1,))
             for m0 in range(0, m, mb):
                 ms = min(mb, m - m0)
                 acc = T(ACC, (ms, ns), I32)
@@ -1120,17 +1248,17 @@ def emit_qmatmul(op: LOp, em: Emitter):
                     ks = min(kb, k - k0)
                     arow = (b * m + m0) if bsz > 1 else m0
                     em.load(A0, op.ins[0], arow * k + k0, (ms, ks), (k, 1))
-                    em.load(W0, pl["w"], b * k * n + k0 * n + n0, (ks, ns), (n, 1))
+                    em.load(W0, pl.w, b * k * n + k0 * n + n0, (ks, ns), (n, 1))
                     at = T(A0, (ms, ks), xdt)
                     em.mac("matmul", at, T(W0, (ks, ns), I8), acc,
                            bias=BIAS if k0 == 0 else None, accumulate=k0 > 0)
-                    if pl["rs"]:
+                    if pl.rs:
                         if last_ones != ks:
-                            em.load(ONES, pl["ones"], 0, (ks, 1), (1, 1))
+                            em.load(ONES, pl.ones, 0, (ks, 1), (1, 1))
                             last_ones = ks
                         em.mac("matmul", at, T(ONES, (ks, 1), I8), T(RS, (ms, 1), I32),
                                accumulate=k0 > 0)
-                if pl["rs"]:      # - zw[n] * sum_k a[m, k]
+                if pl.rs:      # - zw[n] * sum_k a[m, k]
                     em.vec("vbinary", "MUL", T(RS, (ms, 1), I32), T(ZW, (1, ns), I32),
                            T(TMP, (ms, ns), I32))
                     em.vec("vbinary", "SUB", acc, T(TMP, (ms, ns), I32), acc)
