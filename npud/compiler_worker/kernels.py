@@ -362,6 +362,33 @@ class MatmulPlan(Plan):
     k: int
     blk: dict
     bias: str | None
+    layout: "MatmulLayout"
+
+
+@dataclass(frozen=True)
+class MatmulLayout:
+    """SRAM addresses of one float GEMM tile's buffers: operands ``a`` and ``w``, output ``out``
+    (accumulated over K blocks), ``bias`` vector, epilogue operand ``epi``; ``sram`` their total."""
+    a: int
+    w: int
+    out: int
+    bias: int
+    epi: int
+    sram: int
+
+
+def matmul_layout(blk: dict, af, bf, nres: int) -> MatmulLayout:
+    """The one SRAM layout of a float GEMM tile of ``blk`` (b0, b1, m, n, k); ``af``/``bf``: whether
+    A/B are full along each batch dim (else broadcast: one slice); ``nres`` epilogue slots."""
+    ab = (blk["b0"] if af[0] else 1) * (blk["b1"] if af[1] else 1)
+    wb = (blk["b0"] if bf[0] else 1) * (blk["b1"] if bf[1] else 1)
+    ob = blk["b0"] * blk["b1"]
+    a_sz = al(ab * blk["m"] * blk["k"] * 4)
+    w_sz = al(wb * blk["k"] * blk["n"] * 4)
+    o_sz = al(ob * blk["m"] * blk["n"] * 4)
+    bias = a_sz + w_sz + o_sz
+    epi = bias + al(blk["n"] * 4)
+    return MatmulLayout(a=0, w=a_sz, out=a_sz + w_sz, bias=bias, epi=epi, sram=epi + o_sz * nres)
 
 
 def plan_matmul(op: LOp, cx: Ctx):
@@ -395,11 +422,7 @@ def plan_matmul(op: LOp, cx: Ctx):
     extra = epi_slots(steps)
 
     def size(b):
-        ab = (b["b0"] if af[0] else 1) * (b["b1"] if af[1] else 1)
-        wb = (b["b0"] if bf[0] else 1) * (b["b1"] if bf[1] else 1)
-        ob = b["b0"] * b["b1"]
-        return (al(ab * b["m"] * b["k"] * 4) + al(wb * b["k"] * b["n"] * 4)
-                + al(ob * b["m"] * b["n"] * 4) * (1 + extra) + al(b["n"] * 4))
+        return matmul_layout(b, af, bf, extra).sram
 
     budget = cx.S - ALIGN * 4
     cols = cx.config.mac_cols
@@ -426,7 +449,9 @@ def plan_matmul(op: LOp, cx: Ctx):
     bias = None
     if p.get("bias") is not None:
         bias = cx.add_const(op.node + ".bias", np.asarray(p["bias"], np.float32).reshape(n))
-    op.plan = MatmulPlan(B=B, af=af, bf=bf, m=m, n=n, k=k, blk=blk, bias=bias, sram=size(blk))
+    layout = matmul_layout(blk, af, bf, extra)
+    op.plan = MatmulPlan(B=B, af=af, bf=bf, m=m, n=n, k=k, blk=blk, bias=bias, layout=layout,
+                         sram=layout.sram)
 
 
 def emit_matmul(op: LOp, em: Emitter):
@@ -438,12 +463,8 @@ def emit_matmul(op: LOp, em: Emitter):
     O_shape = [B[0], B[1], m, n]
     ast, wst, ost = cstrides(A_shape), cstrides(W_shape), cstrides(O_shape)
     b0b, b1b, mb, nb, kb = blk["b0"], blk["b1"], blk["m"], blk["n"], blk["k"]
-    a_sz = al((b0b if af[0] else 1) * (b1b if af[1] else 1) * mb * kb * 4)
-    w_sz = al((b0b if bf[0] else 1) * (b1b if bf[1] else 1) * kb * nb * 4)
-    o_sz = al(b0b * b1b * mb * nb * 4)
-    A0, W0, O0 = 0, a_sz, a_sz + w_sz
-    BIAS = O0 + o_sz
-    EP = BIAS + al(nb * 4)
+    lay = pl.layout
+    A0, W0, O0, BIAS, EP = lay.a, lay.w, lay.out, lay.bias, lay.epi
     steps = op.p.get("epilogue", [])
     last_w = last_bias = None
     for b0 in range(0, B[0], b0b):
@@ -489,13 +510,16 @@ class ConvPlan(Plan):
     """Convolution: ``cb`` output channels x ``kb`` input channels (``gb`` groups) x ``ohb``
     output rows per tile; ``blocks`` the HWIO weight const per (output, input) channel block.
     Int8 only: ``rs`` (a non-zero weight zero point: window sums needed), ``scale``, ``zw``,
-    ``ones`` consts."""
+    ``ones`` consts.  ``geo`` and ``layout`` are the shapes and SRAM addresses the plan was made
+    for, so emission reuses them."""
     cb: int
     kb: int
     gb: int
     ohb: int
     blocks: dict
     bias: str
+    geo: "ConvGeometry"
+    layout: "ConvLayout"
     rs: bool = False
     scale: str | None = None
     zw: str | None = None
@@ -507,27 +531,114 @@ def _subsampled(p, w) -> bool:
             and tuple(p["stride"]) != (1, 1))
 
 
-def plan_conv(op: LOp, cx: Ctx):
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A convolution's shapes as its kernels tile it (NHWC activations, OIHW weights ``w``).  A
+    strided 1x1 convolution without padding is tiled as a stride-1 one over just the pixels it
+    reads (``H, W`` its output's, ``xst`` the input strides that skip the others: DMA gathers
+    them).  ``eb``: SRAM bytes per input/weight element; ``nres``: epilogue operand slots;
+    ``rs``: an int8 weight zero point that is not zero (window sums needed)."""
+    N: int
+    H: int
+    W: int
+    C: int
+    OH: int
+    OW: int
+    Cout: int
+    g: int
+    cg: int
+    KH: int
+    KW: int
+    sh: int
+    sw: int
+    dh: int
+    dw: int
+    xst: tuple
+    eb: int
+    nres: int
+    q: dict | None
+    rs: bool
+
+    def band_rows(self, ohb: int) -> int:
+        """Input rows a band of ``ohb`` output rows reads."""
+        return _band_rows(ohb, self.sh, self.dh, self.KH)
+
+
+def conv_geometry(op: LOp, pt: dict) -> ConvGeometry:
+    """The geometry of conv LOp ``op`` over the physical tensors ``pt``."""
     p = op.p
-    x = cx.pt[p["x"]]
+    x = pt[p["x"]]
     N, H, W, C = x.shape
-    out = cx.pt[op.outs[0]]
-    _, OH, OW, Cout = out.shape
+    _, OH, OW, Cout = pt[op.outs[0]].shape
     w = p["w"]                       # OIHW
-    g = p["group"]
-    cg = w.shape[1]
-    KH, KW = w.shape[2], w.shape[3]
     sh, sw = p["stride"]
     dh, dw = p["dil"]
-    cog = Cout // g
-    nres = epi_slots(p["epilogue"])
-    S = cx.S - ALIGN * 8
     q = p.get("q")
-    rs = q is not None and bool(np.any(np.asarray(q["w_zp"]) != 0))
-    eb = _xw_bytes(q)
+    xst = cstrides(x.shape)
     if _subsampled(p, w):
-        # a strided 1x1 convolution: DMA gathers only the pixels it reads
+        xst = (xst[0], xst[1] * sh, xst[2] * sw, 1)
         H, W, sh, sw = OH, OW, 1, 1
+    return ConvGeometry(N=N, H=H, W=W, C=C, OH=OH, OW=OW, Cout=Cout, g=p["group"], cg=w.shape[1],
+                        KH=w.shape[2], KW=w.shape[3], sh=sh, sw=sw, dh=dh, dw=dw, xst=xst,
+                        eb=_xw_bytes(q), nres=epi_slots(p["epilogue"]), q=q,
+                        rs=q is not None and bool(np.any(np.asarray(q["w_zp"]) != 0)))
+
+
+@dataclass(frozen=True)
+class ConvLayout:
+    """SRAM addresses of one convolution tile's buffers: bias, input band ``x``, output tile
+    ``out`` (the accumulator), epilogue operand ``epi``; int8 only: requantised output ``q8``,
+    ``scale``, ``zw`` (weight zero points), ``ones`` kernel, window sums ``rs`` and their
+    product ``tmp``.  ``sram``: the working set the plan reports and searches with (the buffers'
+    sizes; the alignment padding after the output tiles, under 64 bytes each, lies in the
+    margin every plan keeps below ``config.sram_bytes``)."""
+    bias: int
+    x: int
+    out: int
+    epi: int
+    sram: int
+    q8: int | None = None
+    scale: int | None = None
+    zw: int | None = None
+    ones: int | None = None
+    rs: int | None = None
+    tmp: int | None = None
+
+
+def conv_layout(geo: ConvGeometry, cb: int, kb: int, ohb: int) -> ConvLayout:
+    """The one SRAM layout of a convolution tile of ``cb`` output x ``kb`` input channels x
+    ``ohb`` output rows: what plan_conv sizes tiles by and emit_conv addresses."""
+    out_tile = ohb * geo.OW * cb * 4
+    x = al(cb * 4)                   # weights are read in place from a window: no SRAM
+    out = x + al(geo.band_rows(ohb) * geo.W * kb * geo.eb)
+    epi = out + al(out_tile)
+    sram = out + out_tile * (1 + geo.nres)
+    if geo.q is None:
+        return ConvLayout(bias=0, x=x, out=out, epi=epi, sram=sram)
+    q8 = epi + al(out_tile) * geo.nres
+    scale = q8 + al(ohb * geo.OW * cb)
+    zw = scale + al(cb * 4)
+    ones = zw + al(cb * 4)
+    rs = ones + al(geo.KH * geo.KW * kb)
+    tmp = rs + al(ohb * geo.OW * 4)
+    # the requantised tile, scale and zero-point vectors; window-sum buffers if the weight zero
+    # point is not zero
+    sram += al(ohb * geo.OW * cb) + 2 * al(cb * 4) + ALIGN * 2
+    if geo.rs:
+        sram += al(geo.KH * geo.KW * kb) + al(ohb * geo.OW * 4) + al(out_tile)
+    return ConvLayout(bias=0, x=x, out=out, epi=epi, sram=sram, q8=q8, scale=scale, zw=zw,
+                      ones=ones, rs=rs, tmp=tmp)
+
+
+def plan_conv(op: LOp, cx: Ctx):
+    p = op.p
+    geo = conv_geometry(op, cx.pt)
+    N, H, W, C, OH, OW, Cout = geo.N, geo.H, geo.W, geo.C, geo.OH, geo.OW, geo.Cout
+    w = p["w"]                       # OIHW
+    g, cg, KH, KW, sh, dh = geo.g, geo.cg, geo.KH, geo.KW, geo.sh, geo.dh
+    cog = Cout // g
+    S = cx.S - ALIGN * 8
+    q, rs, eb = geo.q, geo.rs, geo.eb
     cands = []
     if g == 1:
         cbs = sorted({max(1, -(-Cout // d)) for d in (1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128, 256, 512)},
@@ -542,17 +653,11 @@ def plan_conv(op: LOp, cx: Ctx):
             cands.append((gb * cog, gb * cg, gb))
     best = None
     for cb, kb, gb in cands:
-        rest = S - al(cb * 4)          # weights are read in place from a window: no SRAM
-        if rest <= 0:
-            continue
         ohb = 0
         lo, hi = 1, OH
         while lo <= hi:
             mid = (lo + hi) // 2
-            need = al(_band_rows(mid, sh, dh, KH) * W * kb * eb) + mid * OW * cb * 4 * (1 + nres) + ALIGN * 2
-            if q is not None:
-                need += _qconv_extra(mid, OW, cb, KH, KW, kb, rs)
-            if need <= rest:
+            if conv_layout(geo, cb, kb, mid).sram + ALIGN * 2 <= S:
                 ohb, lo = mid, mid + 1
             else:
                 hi = mid - 1
@@ -592,38 +697,28 @@ def plan_conv(op: LOp, cx: Ctx):
                                                 whwio[:, :, ci:ci + kb, co:ce], wdt)
         else:
             blocks[(co, 0)] = cx.add_const(f"{op.node}.w[{co}:{ce}]", whwio[:, :, :, co:ce], wdt)
-    sram = (al(cb * 4) + al(_band_rows(ohb, sh, dh, KH) * W * kb * eb)
-            + ohb * OW * cb * 4 * (1 + nres))
+    layout = conv_layout(geo, cb, kb, ohb)
     if q is None:
         bias = cx.add_const(op.node + ".bias", p["bias"])
-        op.plan = ConvPlan(cb=cb, kb=kb, gb=gb, ohb=ohb, blocks=blocks, bias=bias, sram=sram)
+        op.plan = ConvPlan(cb=cb, kb=kb, gb=gb, ohb=ohb, blocks=blocks, bias=bias, geo=geo,
+                           layout=layout, sram=layout.sram)
         return
     b32 = np.asarray(p["bias"], np.int64)
     if np.any(np.abs(b32) >= 1 << 31):
         raise CompileError("int32 bias overflows", node=op.node, op=op.op)
     op.plan = ConvPlan(
-        cb=cb, kb=kb, gb=gb, ohb=ohb, blocks=blocks, rs=rs,
+        cb=cb, kb=kb, gb=gb, ohb=ohb, blocks=blocks, rs=rs, geo=geo, layout=layout,
         bias=cx.add_const(op.node + ".bias32", b32.astype(np.int32), I32),
         scale=None if q["scale"] is None else cx.add_const(op.node + ".scale", q["scale"]),
         zw=cx.add_const(op.node + ".zw", np.asarray(q["w_zp"], np.int32), I32) if rs else None,
         ones=cx.add_const(op.node + ".ones", np.ones(KH * KW * kb, np.int8), I8) if rs else None,
-        sram=sram + _qconv_extra(ohb, OW, cb, KH, KW, kb, rs))
+        sram=layout.sram)
 
 
 def _xw_bytes(q) -> int:
     """SRAM bytes per input and weight element: float32, or int8/uint8 for a
     quantised convolution (whose accumulator is still 4 bytes)."""
     return 4 if q is None else 1
-
-
-def _qconv_extra(ohb, OW, cb, KH, KW, kb, rs) -> int:
-    """SRAM beyond the float plan for an int8 convolution: the requantised
-    output tile, scale/zero-point vectors, and the window sums for a non-zero
-    weight zero point (ones kernel, sums, product)."""
-    extra = al(ohb * OW * cb) + 2 * al(cb * 4) + ALIGN * 2
-    if rs:
-        extra += al(KH * KW * kb) + al(ohb * OW * 4) + al(ohb * OW * cb * 4)
-    return extra
 
 
 def _fused_conv_epilogue(steps) -> tuple[str | None, bool]:
@@ -642,36 +737,20 @@ def _fused_conv_epilogue(steps) -> tuple[str | None, bool]:
 
 def emit_conv(op: LOp, em: Emitter):
     p, pl = op.p, op.plan
-    x = em.pt[p["x"]]
-    N, H, W, C = x.shape
-    _, OH, OW, Cout = em.pt[op.outs[0]].shape
-    w = p["w"]
-    g, cg, KH, KW = p["group"], w.shape[1], w.shape[2], w.shape[3]
-    sh, sw = p["stride"]
-    dh, dw = p["dil"]
+    geo, lay = pl.geo, pl.layout
+    N, H, W, C, OH, OW, Cout = geo.N, geo.H, geo.W, geo.C, geo.OH, geo.OW, geo.Cout
+    g, cg, KH, KW, sh, sw, dh, dw = geo.g, geo.cg, geo.KH, geo.KW, geo.sh, geo.sw, geo.dh, geo.dw
     pt_, pl_, pb_, pr_ = p["pads"]
     cb, kb, ohb = pl.cb, pl.kb, pl.ohb
-    xst = cstrides(x.shape)
-    if _subsampled(p, w):
-        xst = (xst[0], xst[1] * sh, xst[2] * sw, 1)
-        H, W, sh, sw = OH, OW, 1, 1
+    xst = geo.xst
     ost = cstrides((N, OH, OW, Cout))
-    eb = _xw_bytes(p.get("q"))
-    BIAS = 0
-    X0 = BIAS + al(cb * 4)
-    O0 = X0 + al(_band_rows(ohb, sh, dh, KH) * W * kb * eb)
-    EP = O0 + al(ohb * OW * cb * 4)
+    BIAS, X0, O0, EP = lay.bias, lay.x, lay.out, lay.epi
     steps = p["epilogue"]
     nk = len(range(0, C, kb)) if g == 1 else 1
-    q = p.get("q")
+    q = geo.q
     if q is not None:     # int8: x int8/uint8 (x_zp), w int8, out int32 -> requant
-        xdt, odt, adt, x_zp = x.dtype, em.pt[op.outs[0]].dtype, I32, int(q["x_zp"])
-        Q8 = EP + al(ohb * OW * cb * 4) * epi_slots(steps)
-        SC = Q8 + al(ohb * OW * cb)
-        ZW = SC + al(cb * 4)
-        ONES = ZW + al(cb * 4)
-        RS = ONES + al(KH * KW * kb)
-        TMP = RS + al(ohb * OW * 4)
+        xdt, odt, adt, x_zp = em.pt[p["x"]].dtype, em.pt[op.outs[0]].dtype, I32, int(q["x_zp"])
+        Q8, SC, ZW, ONES, RS, TMP = lay.q8, lay.scale, lay.zw, lay.ones, lay.rs, lay.tmp
     else:
         xdt, adt, x_zp = F32, F32, 0
     # one K block, a requant and no weight zero point: qconv2d, conv + requant in one command
@@ -762,6 +841,25 @@ class PoolPlan(Plan):
     """Pooling: ``cb`` channels x ``ohb`` output rows per tile (global pooling: 1 row)."""
     cb: int
     ohb: int
+    layout: "PoolLayout"
+
+
+@dataclass(frozen=True)
+class PoolLayout:
+    """SRAM addresses of one pooling tile: the input band ``x`` and the output ``out``;
+    ``sram`` their (unpadded) total."""
+    x: int
+    out: int
+    sram: int
+
+
+def pool_layout(p: dict, H: int, W: int, OW: int, cb: int, ohb: int) -> PoolLayout:
+    """The one SRAM layout of a pooling tile of ``cb`` channels x ``ohb`` output rows (global
+    pooling: the whole ``H x W`` plane in, one pixel out)."""
+    if p["global"]:
+        return PoolLayout(x=0, out=al(H * W * cb * 4), sram=(H * W + 1) * cb * 4)
+    band = _band_rows(ohb, p["stride"][0], 1, p["kernel"][0]) * W * cb * 4
+    return PoolLayout(x=0, out=al(band), sram=band + ohb * OW * cb * 4)
 
 
 def plan_pool(op: LOp, cx: Ctx):
@@ -770,13 +868,13 @@ def plan_pool(op: LOp, cx: Ctx):
     N, H, W, C = x.shape
     _, OH, OW, _ = cx.pt[op.outs[0]].shape
     kh, kw = p["kernel"]
-    sh, sw = p["stride"]
     S = cx.S - ALIGN * 4
     if p["global"]:
         cb = max(1, min(C, S // ((H * W + 1) * 4)))
         if H * W * 4 * 2 > S:
             raise CompileError(f"global pooling over {H}x{W} does not fit SRAM", node=op.node, op=op.op)
-        op.plan = PoolPlan(cb=cb, ohb=1, sram=(H * W + 1) * cb * 4)
+        layout = pool_layout(p, H, W, OW, cb, 1)
+        op.plan = PoolPlan(cb=cb, ohb=1, layout=layout, sram=layout.sram)
         return
     pt_, pl_, pb_, pr_ = p["pads"]
     eh, ew = p["extra"]
@@ -786,8 +884,7 @@ def plan_pool(op: LOp, cx: Ctx):
     for cb in sorted({max(1, -(-C // d)) for d in (1, 2, 4, 8, 16, 32, 64, 128)}, reverse=True):
         for ohb in range(OH, 0, -1) if OH <= 64 else sorted({max(1, -(-OH // d)) for d in range(1, 257)},
                                                              reverse=True):
-            need = _band_rows(ohb, sh, 1, kh) * W * cb * 4 + ohb * OW * cb * 4 + ALIGN * 2
-            if need <= S:
+            if pool_layout(p, H, W, OW, cb, ohb).sram + ALIGN * 2 <= S:
                 best = (cb, ohb)
                 break
         if best:
@@ -795,7 +892,8 @@ def plan_pool(op: LOp, cx: Ctx):
     if best is None:
         raise CompileError("pooling does not fit SRAM", node=op.node, op=op.op)
     cb, ohb = best
-    op.plan = PoolPlan(cb=cb, ohb=ohb, sram=_band_rows(ohb, sh, 1, kh) * W * cb * 4 + ohb * OW * cb * 4)
+    layout = pool_layout(p, H, W, OW, cb, ohb)
+    op.plan = PoolPlan(cb=cb, ohb=ohb, layout=layout, sram=layout.sram)
 
 
 def emit_pool(op: LOp, em: Emitter):
@@ -814,8 +912,7 @@ def emit_pool(op: LOp, em: Emitter):
     def T(dtype, addr, shape):
         return mk_tile(addr, dtype, pad4(shape))
     ost = cstrides((N, OH, OW, C))
-    X0 = 0
-    O0 = al(_band_rows(ohb, sh, 1, kh) * W * cb * 4) if not p["global"] else al(H * W * cb * 4)
+    X0, O0 = pl.layout.x, pl.layout.out
     for n in range(N):
         for c0 in range(0, C, cb):
             cs = min(cb, C - c0)
@@ -1171,14 +1268,43 @@ class QMatmulPlan(Plan):
     scale: str | None
     zw: str | None
     ones: str | None
+    layout: "QMatmulLayout"
 
 
-def _qmm_size(b, rs, xbytes=1):
-    mb, nb, kb = b["m"], b["n"], b["k"]
-    size = (al(mb * kb * xbytes) + al(kb * nb) + al(mb * nb * 4) + al(mb * nb) + 3 * al(nb * 4))
-    if rs:
-        size += al(kb) + al(mb * 4) + al(mb * nb * 4)
-    return size
+@dataclass(frozen=True)
+class QMatmulLayout:
+    """SRAM addresses of one int8 GEMM tile's buffers: int8 operands ``a``, ``w``, int32
+    accumulator ``acc``, requantised output ``o8``, ``bias``/``scale``/``zw`` vectors; with a
+    non-zero weight zero point, the ``ones`` column, row sums ``rs`` and their product ``tmp``.
+    ``sram``: their total."""
+    a: int
+    w: int
+    acc: int
+    o8: int
+    bias: int
+    scale: int
+    zw: int
+    ones: int
+    rs: int
+    tmp: int
+    sram: int
+
+
+def qmatmul_layout(blk: dict, rs: bool) -> QMatmulLayout:
+    """The one SRAM layout of an int8 GEMM tile of ``blk`` (m, n, k); ``rs``: row sums needed."""
+    mb, nb, kb = blk["m"], blk["n"], blk["k"]
+    w = al(mb * kb)
+    acc = w + al(kb * nb)
+    o8 = acc + al(mb * nb * 4)
+    bias = o8 + al(mb * nb)
+    scale = bias + al(nb * 4)
+    zw = scale + al(nb * 4)
+    ones = zw + al(nb * 4)
+    rsum = ones + al(kb)
+    tmp = rsum + al(mb * 4)
+    sram = tmp + al(mb * nb * 4) if rs else ones
+    return QMatmulLayout(a=0, w=w, acc=acc, o8=o8, bias=bias, scale=scale, zw=zw, ones=ones, rs=rsum,
+                         tmp=tmp, sram=sram)
 
 
 def plan_qmatmul(op: LOp, cx: Ctx):
@@ -1201,11 +1327,12 @@ def plan_qmatmul(op: LOp, cx: Ctx):
     rs = bool(np.any(zw != 0))
     blk = {"m": m, "n": n, "k": k}
     budget = cx.S - ALIGN * 8
-    while _qmm_size(blk, rs) > budget:
+    while qmatmul_layout(blk, rs).sram > budget:
         key = max(("m", "n", "k"), key=lambda x: blk[x] * (2 if x == "k" else 1))
         if blk[key] == 1:
             raise CompileError("matmul tile does not fit SRAM", node=op.node, op=op.op)
         blk[key] = -(-blk[key] // 2)
+    layout = qmatmul_layout(blk, rs)
     op.plan = QMatmulPlan(
         m=m, n=n, k=k, bsz=bsz, batched_a=len(sa) == 3 and batched, blk=blk, rs=rs,
         w=cx.add_const(op.node + ".w8", w.reshape(bsz, k, n), I8),
@@ -1213,7 +1340,7 @@ def plan_qmatmul(op: LOp, cx: Ctx):
         scale=None if q["scale"] is None else cx.add_const(op.node + ".scale", q["scale"]),
         zw=cx.add_const(op.node + ".zw", zw.astype(np.int32), I32) if rs else None,
         ones=cx.add_const(op.node + ".ones", np.ones(blk["k"], np.int8), I8) if rs else None,
-        sram=_qmm_size(blk, rs))
+        layout=layout, sram=layout.sram)
 
 
 def emit_qmatmul(op: LOp, em: Emitter):
@@ -1222,16 +1349,9 @@ def emit_qmatmul(op: LOp, em: Emitter):
     mb, nb, kb = blk["m"], blk["n"], blk["k"]
     xdt = em.pt[op.ins[0]].dtype
     odt = em.pt[op.outs[0]].dtype
-    A0 = 0
-    W0 = A0 + al(mb * kb)
-    ACC = W0 + al(kb * nb)
-    O8 = ACC + al(mb * nb * 4)
-    BIAS = O8 + al(mb * nb)
-    SC = BIAS + al(nb * 4)
-    ZW = SC + al(nb * 4)
-    ONES = ZW + al(nb * 4)
-    RS = ONES + al(kb)
-    TMP = RS + al(mb * 4)
+    lay = pl.layout
+    A0, W0, ACC, O8, BIAS = lay.a, lay.w, lay.acc, lay.o8, lay.bias
+    SC, ZW, ONES, RS, TMP = lay.scale, lay.zw, lay.ones, lay.rs, lay.tmp
     last_ones = None
     for b in range(bsz):
         for n0 in range(0, n, nb):
