@@ -10,11 +10,11 @@ is looked up in place.
 
 from __future__ import annotations
 
-from .errors import CompileError
 from dataclasses import dataclass
 
-from .kernels import ALIGN, I32, Ctx, Emitter, Plan, T, al
-from .lowered import LOp
+from ..errors import CompileError
+from ..lowered import LOp
+from .base import ALIGN, I32, Ctx, Emitter, Plan, T, al
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,7 +64,3 @@ def emit_gather(op: LOp, em: Emitter):
                              outer_stride=rows * row * es)
             em.dma_bytes += os_ * cs * row * es
             em.store(data, out, (o0 * n + j0) * row, (os_, cs, row), (n * row, row, 1))
-
-
-PLAN_INDEX = {"gather": plan_gather}
-EMIT_INDEX = {"gather": emit_gather}
