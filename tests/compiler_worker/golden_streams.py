@@ -12,11 +12,9 @@ onnxruntime (some models are exported/quantised by them at run time)."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import sys
-import warnings
 
 import numpy as np
 from onnx import TensorProto, helper
@@ -62,20 +60,6 @@ def _misc() -> bytes:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString()
 
 
-def _torch_conv3d() -> bytes:
-    import torch
-
-    torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Conv3d(3, 4, 3, padding=1), torch.nn.ReLU(),
-                            torch.nn.MaxPool3d(2), torch.nn.Conv3d(4, 2, (1, 3, 3), stride=(1, 2, 2))).eval()
-    f = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(m, torch.randn(1, 3, 4, 12, 12), f, dynamo=False, opset_version=13,
-                          input_names=["x"], output_names=["y"])
-    return f.getvalue()
-
-
 def _small_qdq() -> bytes:
     import compiler_testmodels as tm
 
@@ -109,7 +93,7 @@ def models() -> dict:
         "small_cnn": tm.small_cnn, "mlp": tm.mlp, "transformer_block": tm.transformer_block,
         "small_cnn QDQ": _small_qdq,
         "resize cubic": _resize, "misc": _misc,
-        "conv3d": _torch_conv3d,
+        "torch video Conv3d": zoo.torch_video,
         "torch LSTM": lambda: zoo.torch_recurrent("LSTM", seq=6),
         "torch MLP dynamic": lambda: zoo.quantize(zoo.torch_mlp(), "dynamic"),
     }
