@@ -140,15 +140,38 @@ def conv_layout(geo: ConvGeometry, cb: int, kb: int, ohb: int) -> ConvLayout:
                       ones=ones, rs=rs, tmp=tmp)
 
 
+def conv_wall_seconds(geo: ConvGeometry, padded: bool, cb: int, kb: int, gb: int, ohb: int) -> float:
+    """Modeled emulator wall time (seconds) of the convolution tiled in ``cb`` output x ``kb``
+    input channels (``gb`` groups) x ``ohb`` rows: command overhead, im2col copies (redone per
+    output-channel block), GEMM at a rate that drops for narrow or shallow GEMMs, partial-sum
+    accumulation, DMA copies.  What tiling minimises; it models the host running the emulator,
+    not the device cycles of npud.emulator.timing that the report shows."""
+    N, H, W, C, OH, OW, Cout = geo.N, geo.H, geo.W, geo.C, geo.OH, geo.OW, geo.Cout
+    g, cg, KH, KW = geo.g, geo.cg, geo.KH, geo.KW
+    ncb = -(-Cout // cb)
+    nkb = -(-(C if g == 1 else g) // (kb if g == 1 else gb))
+    nb = -(-OH // ohb)
+    in_rows = min(nb * geo.band_rows(ohb), H + (nb - 1) * KH)
+    w_size = Cout * cg * KH * KW
+    dma = (ncb * N * in_rows * W * C + w_size * (1 if nkb == 1 else N * nb)) * geo.eb
+    cmds = ncb * N * nb * (2 * nkb + 3)
+    pointwise = KH == 1 and KW == 1 and not padded
+    im2col = 0 if pointwise else ncb * N * OH * OW * KH * KW * C
+    kk = KH * KW * (kb if g == 1 else cg)
+    eff = min(1.0, cb / 128) ** 0.5 * min(1.0, kk / 256) ** 0.5 if g == 1 else 0.5
+    flops = N * OH * OW * Cout * KH * KW * cg * 2
+    acc = (nkb - 1) * N * OH * OW * Cout if g == 1 else 0
+    return cmds * 6e-6 + im2col * 0.7e-9 + flops / (130e9 * eff) + acc * 1e-9 + dma * 0.15e-9
+
+
 def plan_conv(op: LOp, cx: Ctx):
     p = op.p
     geo = conv_geometry(op, cx.pt)
-    N, H, W, C, OH, OW, Cout = geo.N, geo.H, geo.W, geo.C, geo.OH, geo.OW, geo.Cout
+    C, OH, Cout, g, cg, KH, KW = geo.C, geo.OH, geo.Cout, geo.g, geo.cg, geo.KH, geo.KW
     w = p["w"]                       # OIHW
-    g, cg, KH, KW, sh, dh = geo.g, geo.cg, geo.KH, geo.KW, geo.sh, geo.dh
     cog = Cout // g
     S = cx.S - ALIGN * 8
-    q, rs, eb = geo.q, geo.rs, geo.eb
+    q, rs = geo.q, geo.rs
     cands = []
     if g == 1:
         cbs = sorted({max(1, -(-Cout // d)) for d in (1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128, 256, 512)},
@@ -173,22 +196,7 @@ def plan_conv(op: LOp, cx: Ctx):
                 hi = mid - 1
         if ohb == 0:
             continue
-        ncb = -(-Cout // cb)
-        nkb = -(-(C if g == 1 else g) // (kb if g == 1 else gb))
-        nb = -(-OH // ohb)
-        in_rows = min(nb * band_rows(ohb, sh, dh, KH), H + (nb - 1) * KH)
-        dma = (ncb * N * in_rows * W * C + w.size * (1 if nkb == 1 else N * nb)) * eb
-        cmds = ncb * N * nb * (2 * nkb + 3)
-        # modeled emulator wall time: command overhead, im2col copies (redone
-        # per output-channel block), GEMM at a rate that drops for narrow or
-        # shallow GEMMs, partial-sum accumulation, DMA copies
-        pointwise = KH == 1 and KW == 1 and not any(p["pads"])
-        im2col = 0 if pointwise else ncb * N * OH * OW * KH * KW * C
-        kk = KH * KW * (kb if g == 1 else cg)
-        eff = min(1.0, cb / 128) ** 0.5 * min(1.0, kk / 256) ** 0.5 if g == 1 else 0.5
-        flops = N * OH * OW * Cout * KH * KW * cg * 2
-        acc = (nkb - 1) * N * OH * OW * Cout if g == 1 else 0
-        score = cmds * 6e-6 + im2col * 0.7e-9 + flops / (130e9 * eff) + acc * 1e-9 + dma * 0.15e-9
+        score = conv_wall_seconds(geo, any(p["pads"]), cb, kb, gb, ohb)
         if best is None or score < best[0]:
             best = (score, cb, kb, gb, ohb)
     if best is None:
