@@ -161,7 +161,7 @@ def _unary(lw, n, func: str, x: str) -> None:
 
 # --- ops -----------------------------------------------------------------------------------
 def _gather(lw, n) -> None:
-    """Gather with run-time indices: one dma_gather per tile (kernels_index.py).  An index
+    """Gather with run-time indices: one dma_gather per tile (kernels/index.py).  An index
     outside the axis fails the job with EINVAL naming it."""
     x = n.inputs[0]
     ls = lw.shape(x)

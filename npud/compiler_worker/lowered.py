@@ -53,7 +53,7 @@ class LOp:
     ins: list
     outs: list
     p: dict = field(default_factory=dict)
-    plan: dict = field(default_factory=dict)
+    plan: object = None  # the kernel's typed plan (kernels.Plan), set by the tiling pass
 
 
 def cstrides(shape) -> tuple:

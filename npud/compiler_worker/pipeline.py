@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import time
 
-from .passes import (canonicalize, emit, fold, import_onnx, integers, layout, legalize, memory,
-                     patterns, tiling)
+from .passes import (canonicalize, emit, fold, health, import_onnx, integers, layout, legalize,
+                     memory, patterns, tiling)
 
 from .version import COMPILER_VERSION  # noqa: F401  (api.py imports it from here)
 
@@ -21,7 +21,14 @@ FRONT_END = [
     ("fold", fold.run),                  # constant folding with numpy
     ("integers", integers.run),          # CumSum -> MatMul by a triangle, run-time MatMulInteger zero points
     ("patterns", patterns.run),          # decomposed LayerNorm -> LayerNormalization
-    ("canonicalize", canonicalize.run),  # DQ-op-Q -> int8 ops, BN folding, Gemm -> MatMul, epilogues
+    # canonicalisation (passes/canonicalize.py), one rewrite per pass:
+    ("canonicalize.validate", canonicalize.validate),        # ONNX shape rules, every invalid node
+    ("canonicalize.params", canonicalize.params),            # constant parameter inputs -> attrs
+    ("canonicalize.quantized", canonicalize.quantized),      # DQ-op-Q -> int8 ops
+    ("canonicalize.decompose", canonicalize.decompositions), # Resize, LRN, ConvTranspose, RNNs...
+    ("canonicalize.gemm", canonicalize.gemm),                # Gemm -> MatMul (+ bias)
+    ("canonicalize.batchnorm", canonicalize.batchnorm),      # BN folding
+    ("canonicalize.epilogues", canonicalize.epilogues),      # bias/residual/activation fusion
 ]
 BACK_END = [
     ("legalize", legalize.run),          # support table; every unsupported node reported
@@ -31,6 +38,7 @@ BACK_END = [
     ("emit", emit.run),                  # command stream + per-op report
 ]
 PASSES = FRONT_END + BACK_END
+GRAPH_PASSES = {name for name, _ in FRONT_END}   # the back end lowers the graph into LOps
 
 
 class CompileContext:
@@ -42,14 +50,18 @@ class CompileContext:
         self.graph = None
         self.errors = []
         self.timings: dict[str, float] = {}
+        self.shapeless = None   # tensors the import left without a shape (passes/health.py)
 
 
 def run_stage(ctx: CompileContext, stage: list) -> CompileContext:
-    """Run one named stage's passes (``FRONT_END`` or ``BACK_END``) in order."""
+    """Run one named stage's passes (``FRONT_END`` or ``BACK_END``) in order, checking the
+    graph's health (passes/health.py) after each pass that rewrites the graph IR."""
     for name, fn in stage:
         t0 = time.perf_counter()
         fn(ctx)
         ctx.timings[name] = time.perf_counter() - t0
+        if name in GRAPH_PASSES:
+            ctx.shapeless = health.check(ctx.graph, name, ctx.shapeless)
     return ctx
 
 

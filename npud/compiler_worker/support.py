@@ -148,7 +148,7 @@ def _conv_2d(n, g):
 def _gather_const(n, g):
     t = g.tensors.get(n.input(1))
     if t is None or t.const is None:
-        return None      # run-time indices: dma_gather (kernels_index.py)
+        return None      # run-time indices: dma_gather (kernels/index.py)
     x = g.tensors.get(n.input(0))
     dim = x.shape[n.attrs.get("axis", 0) % len(x.shape)] if x is not None and x.shape else None
     idx = t.const.astype(np.int64)

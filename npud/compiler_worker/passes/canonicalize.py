@@ -1,4 +1,4 @@
-"""Pass 3: canonicalise.
+"""Pass 3: canonicalise, as the passes pipeline.FRONT_END lists (``validate`` ... ``epilogues``).
 
 * parameter inputs that are constant move into attributes (Reshape shape,
   Squeeze/Unsqueeze axes, Slice starts/ends/axes/steps, Clip bounds, Reduce
@@ -59,15 +59,43 @@ PARAMS = {
 }
 
 
-def run(ctx) -> None:
+# The canonicalisation passes, in the order pipeline.FRONT_END runs them.
+def validate(ctx) -> None:
+    """ONNX's per-op shape rules on the graph as imported: every rewrite after it may assume
+    nodes valid; every invalid node is reported at once."""
+    legalize.validate(ctx.graph)
+
+
+def params(ctx) -> None:
+    """Constant parameter inputs become attributes (one form for every opset)."""
+    normalise_params(ctx.graph)
+
+
+def quantized(ctx) -> None:
+    """Quantised graphs: DQ-op-Q islands -> int8 ops (passes/quantize.py)."""
+    quantize.run(ctx.graph)
+
+
+def decompositions(ctx) -> None:
+    """Ops the device runs as a few simpler ones (passes/decompose.py)."""
+    decompose.run(ctx.graph)
+
+
+def gemm(ctx) -> None:
+    """Gemm -> MatMul (+ bias)."""
+    lower_gemm(ctx.graph)
+
+
+def batchnorm(ctx) -> None:
+    """BatchNormalization folded into its Conv, else Mul + Add by constants; what the fold
+    leaves unread is pruned."""
+    fold_batchnorm(ctx.graph)
+    ctx.graph.prune()
+
+
+def epilogues(ctx) -> None:
+    """Bias, residual and activation nodes fused into their producer's epilogue."""
     g = ctx.graph
-    legalize.validate(g)   # every rewrite below may assume nodes valid by ONNX's shape rules
-    normalise_params(g)
-    quantize.run(g)
-    decompose.run(g)
-    lower_gemm(g)
-    fold_batchnorm(g)
-    g.prune()
     fuse_epilogues(g)
     g.toposort()      # a fused residual operand may come from a later node
     g.prune()

@@ -38,7 +38,7 @@ def build_report(ctx, spans) -> list[dict]:
         r = rows[key]
         r["macs"] += sum(c[1] for c in costs[s:e])
         r["cycles"] += sum(c[0] for c in costs[s:e])
-        r["sram_bytes"] = max(r["sram_bytes"], int(op.plan.get("sram", 0)))
+        r["sram_bytes"] = max(r["sram_bytes"], int(op.plan.sram))
         r["dma_bytes"] += dma
         r["commands"] += e - s
     return [rows[k] for k in order]

@@ -21,6 +21,6 @@ def run(ctx) -> None:
             if e.node is None:
                 raise CompileError(e.reason, node=op.node, op=op.op) from None
             raise
-        if op.plan.get("sram", 0) > ctx.config.sram_bytes:
-            raise CompileError(f"internal: tile plan needs {op.plan['sram']} bytes of SRAM",
+        if op.plan.sram > ctx.config.sram_bytes:
+            raise CompileError(f"internal: tile plan needs {op.plan.sram} bytes of SRAM",
                                node=op.node, op=op.op)

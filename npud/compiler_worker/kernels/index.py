@@ -10,9 +10,18 @@ is looked up in place.
 
 from __future__ import annotations
 
-from .errors import CompileError
-from .kernels import ALIGN, I32, Ctx, Emitter, T, al
-from .lowered import LOp
+from dataclasses import dataclass
+
+from ..errors import CompileError
+from ..lowered import LOp
+from .base import ALIGN, I32, Ctx, Emitter, Plan, T, al
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatherPlan(Plan):
+    """``chunk`` indices x ``outer_block`` outer slices per tile."""
+    chunk: int
+    outer_block: int
 
 
 def _gather_sram(ob: int, c: int, row: int, esize: int) -> int:
@@ -34,12 +43,12 @@ def plan_gather(op: LOp, cx: Ctx):
     ob = outer
     while ob > 1 and _gather_sram(ob, c, row, es) > budget:
         ob = -(-ob // 2)
-    op.plan = {"chunk": c, "outer_block": ob, "sram": _gather_sram(ob, c, row, es)}
+    op.plan = GatherPlan(chunk=c, outer_block=ob, sram=_gather_sram(ob, c, row, es))
 
 
 def emit_gather(op: LOp, em: Emitter):
     outer, rows, row, n = op.p["outer"], op.p["rows"], op.p["row"], op.p["n"]
-    c, ob = op.plan["chunk"], op.plan["outer_block"]
+    c, ob = op.plan.chunk, op.plan.outer_block
     table, idx, out = op.ins[0], op.ins[1], op.outs[0]
     dt = em.pt[table].dtype
     es = em.pt[table].esize
@@ -55,7 +64,3 @@ def emit_gather(op: LOp, em: Emitter):
                              outer_stride=rows * row * es)
             em.dma_bytes += os_ * cs * row * es
             em.store(data, out, (o0 * n + j0) * row, (os_, cs, row), (n * row, row, 1))
-
-
-PLAN_INDEX = {"gather": plan_gather}
-EMIT_INDEX = {"gather": emit_gather}
