@@ -648,6 +648,10 @@ async def _executable(daemon, session, device, args, options):
     else:
         with _held(daemon, source):
             digest = await trio.to_thread.run_sync(model_digest, _views(source))
+            if daemon.loader.partitioned(None, options, device.config, device.target, hetero.PARTITIONER, digest):
+                # a kept plan: the whole-model compile would only fail again (seconds, for a big model)
+                raise _Declined(RequestError(ErrorCode.EINVAL, "compile error: the target declines nodes of "
+                                                               "the model"), None, digest)
             try:
                 result = await daemon.loader.executable(
                     _views(source), options, device.config, digest, target=device.target,

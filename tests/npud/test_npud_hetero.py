@@ -380,3 +380,25 @@ def test_a_heterogeneous_model_reloads_by_its_digest_alone(daemon):
         assert {r["device"] for r in report["placement"]} == {0, 1}
         with pytest.raises(npu.NotFound):
             c._request("load", {"device": 0, "model_digest": bytes(32)})
+
+
+def test_a_heterogeneous_model_sent_in_a_buffer_reloads_without_the_whole_model_compile(daemon):
+    """A model too big to send inline comes in a buffer; its reload used to compile the whole model
+    again, only for the target to decline it again (seconds, for a big model) before the kept plan
+    was used.  A slow compile injected before the reload would hold it 20 s if it compiled."""
+    import time
+
+    model = hetero_models.topk_model()
+    with npu.connect(daemon.endpoint) as c:
+        staging = c.alloc(len(model))
+        staging.write(model)
+        args = {"device": 0, "model_buffer": staging.handle, "model_size": len(model)}
+        first = c._request("load", args, timeout=120)
+        c._request("unload", {"model": first["model"]})
+        c.inject_fault("slow_compile", slow_ms=20_000)
+        started = time.monotonic()
+        again = c._request("load", args, timeout=120)
+        assert time.monotonic() - started < 10    # generous: a whole-model compile would sleep 20 s
+        assert again["model_digest"] == first["model_digest"]
+        report = c._request("report", {"model": again["model"]})
+        assert {r["device"] for r in report["placement"]} == {0, 1}
