@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 
 # OpenBLAS's thread-count API under the names its builds export (numpy's wheels ship
 # scipy-openblas, whose symbols carry a prefix and a 64-bit-integer suffix).
@@ -68,10 +69,30 @@ def pin() -> dict[str, int]:
     for fn in _openblas("set"):
         fn.argtypes = [ctypes.c_int]
         fn(1)
-    for fn in _openmp("omp_set_num_threads"):
+    _one_openmp_thread()
+    return counts()
+
+
+def one_openmp_thread_here() -> None:
+    """One OpenMP thread for the calling thread, set once per thread (an OpenMP setting is per
+    thread): the kernels (oneDNN's primitives and GEMM) call it before they run, wherever they
+    run -- a device process's compute thread, or a test's or benchmark's own thread.  oneDNN
+    blocks a primitive for the thread count it is created under, and extra threads spin against
+    the other device processes."""
+    if not getattr(_here, "pinned", False):
+        _here.pinned = _one_openmp_thread()
+
+
+def _one_openmp_thread() -> bool:
+    """Every loaded OpenMP runtime at one thread for the calling thread; False if none is loaded."""
+    found = _openmp("omp_set_num_threads")
+    for fn in found:
         fn.argtypes = [ctypes.c_int]
         fn(1)
-    return counts()
+    return bool(found)
+
+
+_here = threading.local()
 
 
 def counts() -> dict[str, int]:

@@ -27,6 +27,8 @@ import threading
 
 import numpy as np
 
+from .. import threads
+
 ENV = "NPU_EMU_INT_GEMM"
 
 # |a - a_zp| <= 255 for 8-bit a and an in-range zero point, |b| <= 128: every
@@ -51,7 +53,7 @@ class OneDNN:
     with ``ONEDNN_MAX_CPU_ISA=AVX2_VNNI`` its s8s8 GEMM measured wrong for
     ``a_zp = 127``; one function is one thing to self-test."""
 
-    def __init__(self, lib: ctypes.CDLL, gomp: ctypes.CDLL | None):
+    def __init__(self, lib: ctypes.CDLL):
         self.lib = lib   # the library itself: the convolution primitive (onednn.py) binds more of it
         self.version = _version(lib)
         self.isa = _isa(lib)
@@ -62,8 +64,6 @@ class OneDNN:
                       ctypes.c_float, ctypes.c_void_p, _D, ctypes.c_void_p]
         self._fn = f
         self._co = np.zeros(1, np.int32)
-        self._gomp = gomp
-        self._local = threading.local()
 
     def __call__(self, a: np.ndarray, b: np.ndarray, c: np.ndarray, a_zp: int = 0,
                  co: np.ndarray | None = None) -> None:
@@ -94,10 +94,7 @@ class OneDNN:
         ldc = c.strides[0] // 4 if m > 1 else n
         if (n > 1 and c.strides[1] != 4) or ldc < n:
             raise ValueError("the int32 output needs unit column stride and rows >= N apart")
-        if self._gomp is not None and not getattr(self._local, "pinned", False):
-            # OpenMP's thread count is per calling thread: one, set once in each.
-            self._gomp.omp_set_num_threads(1)
-            self._local.pinned = True
+        threads.one_openmp_thread_here()
         status = self._fn(
             b"N", b"N", b"F" if co is None else b"R", m, n, k, 1.0, a.ctypes.data, lda, a_zp,
             b.ctypes.data, ldb, 0, 0.0, c.ctypes.data, ldc,
@@ -165,13 +162,7 @@ def _open() -> tuple[OneDNN | None, str]:
         except (OSError, AttributeError) as e:
             errors.append(f"{path}: {e}")
             continue
-        gomp = None
-        try:
-            gomp = ctypes.CDLL("libgomp.so.1")
-            gomp.omp_set_num_threads.argtypes = [ctypes.c_int]
-        except (OSError, AttributeError):
-            gomp = None
-        return OneDNN(lib, gomp), path
+        return OneDNN(lib), path
     return None, "libdnnl not found" + (f" ({'; '.join(errors)})" if errors else "")
 
 

@@ -42,6 +42,7 @@ import weakref
 
 import numpy as np
 
+from .. import threads
 from . import int_gemm
 
 ENV = "NPU_EMU_CONV"
@@ -321,7 +322,7 @@ class ConvPlan:
         lib.memory_set_data_handle(m[ARG_DST], out.ctypes.data)
         if bias is not None:
             lib.memory_set_data_handle(m[ARG_BIAS], bias.ctypes.data)
-        _threads()
+        threads.one_openmp_thread_here()
         lib.memory_set_data_handle(m[ARG_WEIGHTS], w.ctypes.data if self._blocked is None
                                    else self._blocked(w))
         _ok(lib.primitive_execute(self._prim, lib.stream, self._n, self._args), "execute")
@@ -365,7 +366,7 @@ class BoundConv:
             lib.memory_set_data_handle(m[ARG_BIAS], bias.ctypes.data)
         if scale is not None:
             lib.memory_set_data_handle(m[ARG_SCALE], scale.ctypes.data)
-        _threads()
+        threads.one_openmp_thread_here()
         _ok(lib.primitive_execute(self._plan._prim, lib.stream, len(m), self._args), "execute")
         _ok(lib.stream_wait(lib.stream), "stream_wait")
 
@@ -392,7 +393,7 @@ def sgemm(a: np.ndarray, b: np.ndarray, c: np.ndarray, accumulate: bool) -> bool
         return False
     m, k = a.shape
     n = b.shape[1]
-    _threads()
+    threads.one_openmp_thread_here()
     _ok(lib.sgemm(b"N", b"N", m, n, k, 1.0, a.ctypes.data, k, b.ctypes.data, n,
                   1.0 if accumulate else 0.0, c.ctypes.data, n), "sgemm")
     return True
@@ -532,18 +533,6 @@ _state: tuple | None = None    # (_Lib or None, description)
 _lock = threading.Lock()
 
 
-def _threads() -> None:
-    """One OpenMP thread for the calling thread (an OpenMP setting is per thread): each device
-    process is one modeled core, extra threads spin against other processes, and oneDNN blocks a
-    primitive for the thread count it is created under."""
-    if not getattr(_local, "omp", False):
-        try:
-            ctypes.CDLL("libgomp.so.1").omp_set_num_threads(1)
-        except (OSError, AttributeError):
-            pass
-        _local.omp = True
-
-
 def _load() -> tuple:
     global _state
     with _lock:
@@ -582,7 +571,7 @@ def plan(x_shape, w_shape, out_shape, stride, pad, dilation, *, bias: bool,
     if cache is None:
         cache = _local.plans = {}
     if key not in cache:
-        _threads()      # oneDNN blocks a primitive for the thread count it is created under
+        threads.one_openmp_thread_here()      # oneDNN blocks a primitive for the thread count it is created under
         cache[key] = _build(lib, key)
     return cache[key]
 
