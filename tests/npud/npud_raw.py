@@ -41,6 +41,15 @@ class RawPeer:
                 assert reply["seq"] == seq, reply
                 return reply
 
+    def replies(self, n: int, timeout: float = 30.0) -> list[dict]:
+        """The next ``n`` replies (events skipped), in the order they arrived (pipelined requests)."""
+        out = []
+        while len(out) < n:
+            reply = self.recv(timeout)
+            if "event" not in reply:
+                out.append(reply)
+        return out
+
     def hello(self, version=PROTOCOL_VERSION, name: str = "raw") -> dict:
         return self.request("hello", {"protocol": list(version), "client_name": name, "pid": os.getpid()})
 

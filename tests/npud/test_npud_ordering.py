@@ -29,16 +29,6 @@ def peer(daemon):
         yield p
 
 
-def replies(peer: RawPeer, n: int, timeout: float = 30.0) -> list[dict]:
-    """The next ``n`` replies (events skipped), in the order they arrived."""
-    out = []
-    while len(out) < n:
-        reply = peer.recv(timeout)
-        if "event" not in reply:
-            out.append(reply)
-    return out
-
-
 def alloc(peer: RawPeer, size: int) -> int:
     reply = peer.request("alloc", {"device": 0, "size": size})
     assert reply["ok"], reply
@@ -51,7 +41,7 @@ def test_pipelined_write_read_pairs_read_back_the_new_value(peer):
         value = i.to_bytes(4, "little")
         peer.send("write", seq=2 * i + 100, args={"handle": handle, "offset": 0, "data": value})
         peer.send("read", seq=2 * i + 101, args={"handle": handle, "offset": 0, "size": 4})
-    by_seq = {r["seq"]: r for r in replies(peer, 2 * PAIRS)}
+    by_seq = {r["seq"]: r for r in peer.replies(2 * PAIRS)}
     assert all(r["ok"] for r in by_seq.values()), [r for r in by_seq.values() if not r["ok"]][:3]
     stale = [i for i in range(PAIRS) if by_seq[2 * i + 101]["result"]["data"] != i.to_bytes(4, "little")]
     assert not stale, f"{len(stale)} of {PAIRS} reads saw an older value (first: pair {stale[0]})"
@@ -65,7 +55,7 @@ def test_large_writes_then_reads_and_free_keep_their_order(peer):
         peer.send("write", seq=1000 + 2 * i, args={"handle": handle, "offset": 0, "data": bytes([i + 1]) * BIG})
         peer.send("read", seq=1001 + 2 * i, args={"handle": handle, "offset": BIG - 8, "size": 8})
     peer.send("free", seq=2000, args={"handle": handle})
-    by_seq = {r["seq"]: r for r in replies(peer, 2 * n + 1)}
+    by_seq = {r["seq"]: r for r in peer.replies(2 * n + 1)}
     assert all(r["ok"] for r in by_seq.values()), [r for r in by_seq.values() if not r["ok"]][:3]
     for i in range(n):
         assert by_seq[1001 + 2 * i]["result"]["data"] == bytes([i + 1]) * 8, f"pair {i}"
@@ -78,7 +68,7 @@ def test_bye_waits_for_earlier_requests_and_hello_after_it_opens_a_new_session(p
     peer.send("bye", seq=11)
     peer.send("ping", seq=12)
     peer.send("hello", seq=13, args={"protocol": list(PROTOCOL_VERSION), "client_name": "again", "pid": 1})
-    by_seq = {r["seq"]: r for r in replies(peer, 4)}
+    by_seq = {r["seq"]: r for r in peer.replies(4)}
     assert by_seq[10]["ok"], by_seq[10]
     assert by_seq[11]["ok"], by_seq[11]
     assert error_of(by_seq[12])["code"] == "ENOTCONN", "ping was sent after bye"
@@ -92,7 +82,7 @@ def test_bye_does_not_wait_for_a_compile(peer):
     assert peer.request("inject_fault", {"device": 0, "kind": "slow_compile", "slow_ms": 1500})["ok"]
     peer.send("load", seq=20, args={"device": 0, "model": deep_mlp(layers=2, seed=4444)})
     peer.send("bye", seq=21)
-    first, second = replies(peer, 2)
+    first, second = peer.replies(2)
     assert first["seq"] == 21 and first["ok"], first
     assert second["seq"] == 20 and error_of(second)["code"] == "ENOTCONN", second
 
@@ -116,7 +106,7 @@ def test_ping_and_unrelated_read_overtake_a_slow_load(peer):
     peer.send("ping", seq=51)
     peer.send("read", seq=52, args={"handle": handle, "offset": 0, "size": 4})
     started = time.monotonic()
-    order = [r["seq"] for r in replies(peer, 3)]
+    order = [r["seq"] for r in peer.replies(3)]
     assert order.index(51) < order.index(50) and order.index(52) < order.index(50), order
     assert time.monotonic() - started > 1.0, "the load was not slow: the test proves nothing"
 
@@ -132,9 +122,9 @@ def test_wait_does_not_hold_up_a_write_of_another_buffer_nor_a_cancel_of_its_job
     peer.send("wait", seq=60, args={"job": job, "timeout_ms": 20_000})
     peer.send("write", seq=61, args={"handle": other, "offset": 0, "data": b"abcd"})
     peer.send("cancel", seq=62, args={"job": job})
-    first = replies(peer, 2)
+    first = peer.replies(2)
     assert sorted(r["seq"] for r in first) == [61, 62], first
-    wait = replies(peer, 1, timeout=10)[0]
+    wait = peer.replies(1, timeout=10)[0]
     assert wait["seq"] == 60 and wait["ok"] and wait["result"]["state"] in ("done", "failed"), wait
 
 
@@ -150,7 +140,7 @@ def test_requests_queued_behind_a_slow_one_count_against_the_connection_cap(peer
     for i in range(1100):
         peer.send("read", seq=3001 + i, args={"handle": handle, "offset": 0, "size": 8})
     peer.send("ping", seq=5000)
-    got = replies(peer, 1102)
+    got = peer.replies(1102)
     by_seq = {r["seq"]: r for r in got}
     refused = [r for r in got if not r["ok"]]
     assert by_seq[5000]["ok"] and [r["seq"] for r in got].index(5000) < [r["seq"] for r in got].index(3000)

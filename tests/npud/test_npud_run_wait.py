@@ -48,16 +48,6 @@ def output(peer: RawPeer, run: dict) -> tuple:
     return struct.unpack("<6f", reply["result"]["data"])
 
 
-def replies(peer: RawPeer, n: int, timeout: float = 30.0) -> list[dict]:
-    """The next ``n`` replies (events skipped), in the order they arrived."""
-    out = []
-    while len(out) < n:
-        reply = peer.recv(timeout)
-        if "event" not in reply:
-            out.append(reply)
-    return out
-
-
 def slow(peer: RawPeer, ms: int = 1500) -> None:
     """The session's next job sleeps ``ms`` per layer segment (the transpose has one)."""
     assert peer.request("inject_fault", {"device": 0, "kind": "slow", "slow_ms": ms})["ok"]
@@ -102,7 +92,7 @@ def test_a_cancel_sent_after_it_is_not_held_up_and_fails_the_run(peer):
     slow(peer, 5000)
     peer.send("run_model", {**run, "wait_ms": 60_000}, seq=500)
     peer.send("cancel", {"job": job}, seq=501)
-    first, second = replies(peer, 2)
+    first, second = peer.replies(2)
     assert first["seq"] == 501 and first["ok"], first   # answered while the run waits
     assert second["seq"] == 500 and second["result"]["job"] == job
     assert second["result"]["state"] == "failed" and second["result"]["error"]["code"] == "ECANCELED"
@@ -136,7 +126,7 @@ def test_a_write_of_its_input_sent_after_it_lands_once_the_run_is_done(peer):
     peer.send("run_model", {**run, "wait_ms": 20_000}, seq=600)
     peer.send("write", {"handle": run["inputs"][0], "offset": 0, "data": bytes(24)}, seq=601)
     peer.send("read", {"handle": run["outputs"][0], "offset": 0, "size": 24}, seq=602)
-    got = replies(peer, 3)
+    got = peer.replies(3)
     assert [r["seq"] for r in got] == [600, 601, 602] and all(r["ok"] for r in got), got
     assert got[0]["result"]["state"] == "done"
     assert struct.unpack("<6f", got[2]["result"]["data"]) == X_T
@@ -154,7 +144,7 @@ def test_a_pipelined_submit_and_other_buffers_are_not_held_up(peer):
     peer.send("submit", {"device": 0, "stream": add_stream(256), "bindings": bindings}, seq=701)
     peer.send("write", {"handle": other, "offset": 0, "data": b"x"}, seq=702)
     peer.send("run_model", second, seq=703)   # its model, not its buffers
-    got = replies(peer, 4)
+    got = peer.replies(4)
     assert [r["seq"] for r in got][-1] == 700, got
     assert all(r["ok"] for r in got), got
     by_seq = {r["seq"]: r for r in got}
@@ -172,7 +162,7 @@ def test_another_sessions_requests_are_not_held_up(daemon, peer):
         assert output(other, run2) in (X_T, (0.0,) * 6)
         assert other.request("ping")["ok"]
         assert not peer.sock.poll(0), "the other session was answered after the slow run"
-    assert replies(peer, 1)[0]["result"]["state"] == "done"
+    assert peer.replies(1)[0]["result"]["state"] == "done"
 
 
 @pytest.mark.parametrize("args, words", [
@@ -241,7 +231,7 @@ def test_bye_does_not_wait_for_a_waiting_run_and_cancels_its_job(daemon):
         run = transpose_run(peer)
         peer.send("run_model", {**run, "wait_ms": 60_000}, seq=900)
         peer.send("bye", seq=901)
-        got = {r["seq"]: r for r in replies(peer, 2, timeout=10)}
+        got = {r["seq"]: r for r in peer.replies(2, timeout=10)}
         assert got[901]["ok"], got
         assert got[900]["ok"] and got[900]["result"]["state"] == "failed", got[900]
         assert got[900]["result"]["error"]["code"] in ("ECANCELED", "ENOTCONN", "ESHUTDOWN")
