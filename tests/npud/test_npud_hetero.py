@@ -402,3 +402,11 @@ def test_a_heterogeneous_model_sent_in_a_buffer_reloads_without_the_whole_model_
         assert again["model_digest"] == first["model_digest"]
         report = c._request("report", {"model": again["model"]})
         assert {r["device"] for r in report["placement"]} == {0, 1}
+
+
+@pytest.mark.parametrize("fallback", ["gpu", "", 3, None])
+def test_a_load_naming_an_unknown_fallback_is_refused_naming_the_option(daemon, fallback):
+    with npu.connect(daemon.endpoint) as c:
+        with pytest.raises(npu.InvalidArgument, match="fallback"):
+            c._request("load", {"device": 0, "model": hetero_models.topk_model(), "options": {"fallback": fallback}})
+        assert c.devices()   # the session is still usable
