@@ -603,13 +603,19 @@ class _Declined(Exception):
         self.error, self.data, self.digest = error, data, digest
 
 
+def _raise_if_partitioned(daemon, options: dict, config, target, digest: bytes, data=None) -> None:
+    """_Declined when a kept partition plan says the target declines nodes of the model with this
+    digest: its whole-model compile would only fail again (seconds, for a big model), however the
+    model came (inline, in buffers, or by its digest alone; ``data`` None: the plan has it all)."""
+    if daemon.loader.partitioned(data, options, config, target, hetero.PARTITIONER, digest):
+        raise _Declined(RequestError(ErrorCode.EINVAL, "compile error: the target declines nodes of the model"),
+                        data, digest)
+
+
 async def _compile_or_declined(daemon, data, digest, **kwargs):
     """``loader.executable``, with a compile error (EINVAL) turned into ``_Declined`` -- at once for a
     model already partitioned (a kept plan)."""
-    loader = daemon.loader
-    if loader.partitioned(data, kwargs["options"], kwargs["config"], kwargs["target"], hetero.PARTITIONER, digest):
-        raise _Declined(RequestError(ErrorCode.EINVAL, "compile error: the target declines nodes of the model"),
-                        data, digest)
+    _raise_if_partitioned(daemon, kwargs["options"], kwargs["config"], kwargs["target"], digest, data)
     try:
         return await daemon.loader.executable(data, digest=digest, **kwargs)
     except RequestError as exc:
@@ -633,10 +639,9 @@ async def _executable(daemon, session, device, args, options):
         try:
             return (*await daemon.loader.by_digest(digest, options, device.config, session.uid, device.target),
                     digest)
-        except RequestError as exc:   # no whole-model executable: a kept partition plan may do
-            if daemon.loader.presented_by(digest, session.uid) and daemon.loader.partitioned(
-                    None, options, device.config, device.target, hetero.PARTITIONER, digest):
-                raise _Declined(exc, None, digest) from None
+        except RequestError:   # no whole-model executable: a kept partition plan may do
+            if daemon.loader.presented_by(digest, session.uid):
+                _raise_if_partitioned(daemon, options, device.config, device.target, digest)
             raise
     data, source = _model_source(session, args)
     if source is None:
@@ -648,10 +653,7 @@ async def _executable(daemon, session, device, args, options):
     else:
         with _held(daemon, source):
             digest = await trio.to_thread.run_sync(model_digest, _views(source))
-            if daemon.loader.partitioned(None, options, device.config, device.target, hetero.PARTITIONER, digest):
-                # a kept plan: the whole-model compile would only fail again (seconds, for a big model)
-                raise _Declined(RequestError(ErrorCode.EINVAL, "compile error: the target declines nodes of "
-                                                               "the model"), None, digest)
+            _raise_if_partitioned(daemon, options, device.config, device.target, digest)
             try:
                 result = await daemon.loader.executable(
                     _views(source), options, device.config, digest, target=device.target,
