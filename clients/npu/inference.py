@@ -196,7 +196,8 @@ class InferenceSession:
         self._finalizer = weakref.finalize(self, _release, self._client, self._owns_client, self._closing,
                                            self._models, self._executions)
         try:
-            options = {"input_shapes": {k: list(v) for k, v in input_shapes.items()}} if input_shapes else {}
+            options: dict[str, Any] = {"input_shapes": {k: list(v) for k, v in input_shapes.items()}} \
+                if input_shapes else {}
             first = self._client.load(self._source, self._device, **options)
         except BaseException:
             self.close()

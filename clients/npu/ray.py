@@ -35,7 +35,7 @@ from npud.ipc_schema.errors import ErrorCode
 from npud.ipc_schema.schema import PRIORITY_NAMES
 
 from .client import Client
-from .errors import ConnectionLost, MissedDeadline, NotFound, NpuError, PermissionDenied, error
+from .errors import ConnectionLost, MissedDeadline, NpuError, PermissionDenied, error
 from .model import model_bytes
 from .tensor_types import check_dtype
 
@@ -150,12 +150,7 @@ class NpuRunner:
         """The model, by its digest when this daemon has it compiled for this user already (another
         actor on the node, or this one before a reconnect: 32 bytes instead of the model), else
         by its bytes (compiled, or found in the node's compile cache)."""
-        try:
-            info = client._request("load", {"device": self.device, "options": self._options,
-                                            "model_digest": self.digest})
-            return client._model_class(client, self.device, info)
-        except NotFound:
-            return client.load(self._model, self.device, **self._options)
+        return client.load(self._model, self.device, model_digest=self.digest, **self._options)
 
     def _batch_dimension(self) -> int:
         dims = {t.shape[0] if t.shape else -1 for t in (*self.inputs, *self.outputs)}

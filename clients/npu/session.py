@@ -114,17 +114,19 @@ class ClientOps:
         result = yield Call("alloc", {"device": device, "size": nbytes})
         return self._buffer_class(self, result["handle"], result["size"], device)
 
-    def load(self, model: Any, device: int = 0, **options):
+    def load(self, model: Any, device: int = 0, *, model_digest: bytes | None = None, **options):
         """Compile (or fetch from the daemon's compile cache) and load an ONNX model.
 
         ``model`` is a path, bytes or an ``onnx.ModelProto``.  Options:
         ``input_shapes={name: shape}`` for symbolic dimensions (else 1 at first), ``name``.  A
         model with symbolic dimensions keeps its source (the path, or its bytes) so that runs of
-        other sizes can load a specialisation for them (shapes.py).
+        other sizes can load a specialisation for them (shapes.py).  ``model_digest``: the
+        model's digest (npud.ipc_schema.digest) if the caller has it: the load is tried by digest
+        first, and the bytes travel only if the daemon no longer holds it compiled.
         """
         if not isinstance(model, (str, os.PathLike)):
             model = model_bytes(model)   # serialised once: they are what a specialisation reloads
-        info = yield from self._load_op(model, device, options)
+        info = yield from self._load_op(model, device, options, model_digest)
         loaded = self._model_class(self, device, info)
         if any(t.symbolic for t in loaded.inputs):
             loaded._family = Specialisations(loaded, model, options, info.get("model_digest"))

@@ -102,7 +102,7 @@ def test_a_second_runner_on_a_node_loads_by_digest(node, reference, monkeypatch)
 
         def send_bytes(*args, **kwargs):
             raise AssertionError("the model's bytes were sent again")
-        monkeypatch.setattr(npu.Client, "load", send_bytes)
+        monkeypatch.setattr(npu.session.ClientOps, "_with_model", send_bytes)   # where a load sends bytes
         second = NpuRunner(tiny_cnn_batched(BATCH), endpoint=node.endpoint)
         try:
             assert second._session.model.cached
